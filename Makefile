@@ -1,0 +1,31 @@
+# One command each: `make run` (loopback demo), `make test` (whole suite), `make bench`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test bench system-deps clean
+
+$(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	sh scripts/link-system-python.sh $(PY)
+	touch $@
+
+# System packages for the kernel datapath (bcc, kernel headers, libxdp). Root only;
+# without root the BPF tests skip and say why.
+system-deps:
+	sh scripts/system-deps.sh
+
+run: $(STAMP)
+	$(VENV)/bin/stcp demo
+
+test: system-deps $(STAMP)
+	$(PY) -m pytest -q
+
+bench: system-deps $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

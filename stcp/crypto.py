@@ -1,0 +1,123 @@
+"""Key schedule and record protection (docs/PROTOCOL.md §Key schedule, §Record protection).
+
+Only library primitives: X25519, HKDF-SHA256, HMAC-SHA256 and the AEADs come
+from `cryptography` (OpenSSL). The nonce is the per-direction static IV XOR the
+record's 64-bit sequence number; a sender never reuses a sequence number under
+one key (Connection allocates them from a strictly increasing counter), so a
+nonce never repeats under a key.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from . import wire
+from .errors import AuthenticationFailure, HandshakeFailure
+
+HKDF_SALT = b"stcp v1"
+KEY_LEN = 32
+IV_LEN = 12
+# RFC 9001 §6.6 confidentiality limits, in records per key.
+CONFIDENTIALITY_LIMIT = {
+    wire.SUITE_AES_256_GCM: 1 << 23,
+    wire.SUITE_CHACHA20_POLY1305: 1 << 62,
+}
+_AEADS = {wire.SUITE_AES_256_GCM: AESGCM, wire.SUITE_CHACHA20_POLY1305: ChaCha20Poly1305}
+_SEQ = struct.Struct("!Q")
+
+
+def generate_keypair():
+    private = X25519PrivateKey.generate()
+    return private, private.public_key().public_bytes_raw()
+
+
+def shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
+    """X25519 with the all-zero result (a small-order peer key) rejected."""
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    except ValueError as exc:  # OpenSSL refuses small-order points itself
+        raise HandshakeFailure(f"peer public key rejected: {exc}") from None
+    if not any(secret):
+        raise HandshakeFailure("peer public key gives an all-zero shared secret")
+    return secret
+
+
+def transcript_hash(client_hello_record: bytes, server_hello_record: bytes) -> bytes:
+    """SHA-256 over the client hello record and the server hello up to its confirmation tag."""
+    covered = server_hello_record[:wire.HEADER_LEN] + wire.server_hello_transcript_part(
+        server_hello_record[wire.HEADER_LEN:])
+    return hashlib.sha256(client_hello_record + covered).digest()
+
+
+def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+    return HKDFExpand(hashes.SHA256(), length, b"stcp " + label + context).derive(secret)
+
+
+class HandshakeSecrets:
+    """Secrets derived once from the shared secret and the transcript hash."""
+
+    def __init__(self, shared: bytes, transcript: bytes):
+        prk = _extract(shared)
+        self.client_secret = _expand(prk, b"c2s", transcript, 32)
+        self.server_secret = _expand(prk, b"s2c", transcript, 32)
+        confirm_key = _expand(prk, b"confirm", transcript, 32)
+        self.confirm_tag = hmac.new(confirm_key, transcript, hashlib.sha256).digest()
+
+    def check_confirmation(self, tag: bytes) -> None:
+        if not hmac.compare_digest(self.confirm_tag, tag):
+            raise HandshakeFailure("server key confirmation tag does not verify")
+
+
+def _extract(shared: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869): HMAC-SHA256 keyed with the salt."""
+    return hmac.new(HKDF_SALT, shared, hashlib.sha256).digest()
+
+
+def next_secret(secret: bytes) -> bytes:
+    return _expand(secret, b"ku", b"", 32)
+
+
+class RecordKey:
+    """One direction's key for one key epoch."""
+
+    __slots__ = ("suite", "epoch", "secret", "aead", "iv_int", "key", "iv")
+
+    def __init__(self, suite: int, secret: bytes, epoch: int = 0):
+        if suite not in _AEADS:
+            raise HandshakeFailure(f"unsupported cipher suite 0x{suite:02x}")
+        self.suite = suite
+        self.epoch = epoch
+        self.secret = secret
+        self.key = _expand(secret, b"key", b"", KEY_LEN)
+        self.iv = _expand(secret, b"iv", b"", IV_LEN)
+        self.iv_int = int.from_bytes(self.iv, "big")
+        self.aead = _AEADS[suite](self.key)
+
+    def next(self) -> "RecordKey":
+        if self.epoch >= wire.MAX_EPOCH:
+            raise AuthenticationFailure("key epochs exhausted")
+        return RecordKey(self.suite, next_secret(self.secret), self.epoch + 1)
+
+    def nonce(self, seq: int) -> bytes:
+        return (self.iv_int ^ seq).to_bytes(IV_LEN, "big")
+
+    def seal(self, cid: int, seq: int, plaintext: bytes) -> bytes:
+        """Return the whole record: header (authenticated as AAD) and ciphertext."""
+        header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
+        return header + self.aead.encrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"), plaintext, header)
+
+    def open(self, record: bytes, seq: int) -> bytes:
+        """Decrypt a record whose header was already parsed; raise AuthenticationFailure."""
+        mv = memoryview(record)
+        try:
+            return self.aead.decrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"),
+                                     mv[wire.HEADER_LEN:], mv[:wire.HEADER_LEN])
+        except InvalidTag:
+            raise AuthenticationFailure("record failed authentication") from None

@@ -1,0 +1,78 @@
+"""Exceptions and the close codes carried in CLOSE frames (docs/PROTOCOL.md §Close codes)."""
+from __future__ import annotations
+
+import enum
+
+
+class CloseCode(enum.IntEnum):
+    NO_ERROR = 0x00
+    PROTOCOL_VIOLATION = 0x01   # a frame or record the state does not allow
+    MALFORMED_RECORD = 0x02     # invalid record formatting
+    AUTH_FAILURE = 0x03         # authentication / decryption failure
+    FLOW_CONTROL_ERROR = 0x04
+    HANDSHAKE_FAILED = 0x05
+    STATE_ERROR = 0x06          # unexpected state transition
+    INTERNAL_ERROR = 0x07
+    APPLICATION_ABORT = 0x08
+    KEY_UPDATE_ERROR = 0x09
+    # never sent on the wire, only reported locally
+    IDLE_TIMEOUT = 0x100
+    HANDSHAKE_TIMEOUT = 0x101
+
+
+class STCPError(Exception):
+    """Base class of every error STCP raises."""
+
+
+class MalformedRecord(STCPError):
+    code = CloseCode.MALFORMED_RECORD
+
+
+class ProtocolViolation(STCPError):
+    code = CloseCode.PROTOCOL_VIOLATION
+
+
+class AuthenticationFailure(STCPError):
+    code = CloseCode.AUTH_FAILURE
+
+
+class FlowControlError(STCPError):
+    code = CloseCode.FLOW_CONTROL_ERROR
+
+
+class HandshakeFailure(STCPError):
+    code = CloseCode.HANDSHAKE_FAILED
+
+
+class KeyUpdateError(STCPError):
+    code = CloseCode.KEY_UPDATE_ERROR
+
+
+class InvalidTransition(STCPError):
+    """A (state, event) pair that the transition table does not allow."""
+    code = CloseCode.STATE_ERROR
+
+
+class NotEncrypted(STCPError):
+    """Application data was offered or requested outside the ENCRYPTED state."""
+
+
+class ConnectionTerminated(STCPError, ConnectionError):
+    """The connection ended abnormally; `code` and `reason` say why."""
+
+    def __init__(self, code: int, reason: str = "", by_peer: bool = False):
+        self.code = code
+        self.reason = reason
+        self.by_peer = by_peer
+        try:
+            name = CloseCode(code).name
+        except ValueError:
+            name = f"code 0x{code:x}"
+        who = "peer terminated the connection" if by_peer else "connection terminated"
+        super().__init__(f"{who}: {name}" + (f" ({reason})" if reason else ""))
+
+
+class HandshakeTimeout(STCPError, TimeoutError):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(f"handshake timed out after {seconds:g} s")
