@@ -1,0 +1,221 @@
+"""Shared pieces of the benchmark peers: argument parsing, the tiny wire protocol the
+peers speak on top of each transport, statistics and the one-JSON-line client output.
+
+Every peer is a module `bench.peers.<name>` with two roles:
+
+    python -m bench.peers.<name> server --listen HOST:PORT [--cert C --key K]
+    python -m bench.peers.<name> client --connect HOST:PORT --test bulk|handshake|rtt ...
+
+The server prints one line `READY <port>` on stdout once it listens, then serves until
+killed. The client runs one test and prints exactly one JSON line on stdout.
+
+On each connection (or stream) the first byte names what the client wants:
+  b"S"  sink: then frames of u32 BE length + that many bytes; a zero length ends the
+        transfer and the server answers with the payload byte count (u64 BE).  Used by
+        the bulk test.  Framing rather than half-close because TLS over Python's ssl has
+        no half-close; every peer uses the same framing so the application work is equal.
+  b"E"  echo: everything after the mode byte is sent back until end of stream.
+Handshake-only connections send nothing and close right after the handshake.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+MODE_SINK = b"S"
+MODE_ECHO = b"E"
+COUNT_LEN = 8
+
+BULK_CHUNK = 256 * 1024      # application write size for bulk
+RTT_SIZE = 64                # echo message size
+RTT_WARMUP = 50
+
+
+# ----------------------------------------------------------------------------- args
+
+def split_hostport(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    host = host.strip("[]")
+    return host, int(port)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    sub = p.add_subparsers(dest="role", required=True)
+    s = sub.add_parser("server")
+    s.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks one)")
+    s.add_argument("--cert")
+    s.add_argument("--key")
+    c = sub.add_parser("client")
+    c.add_argument("--connect", required=True, help="HOST:PORT")
+    c.add_argument("--test", required=True, choices=["bulk", "handshake", "rtt"])
+    c.add_argument("--cafile", help="certificate to trust (the server's self-signed cert)")
+    c.add_argument("--bytes", type=int, default=256 * 1024 * 1024, help="bulk: bytes to send")
+    c.add_argument("--duration", type=float, default=10.0,
+                   help="bulk: stop sending after this many seconds even if --bytes is not reached")
+    c.add_argument("--count", type=int, default=300, help="handshake/rtt: iterations")
+    c.add_argument("--time-limit", type=float, default=60.0,
+                   help="handshake/rtt: stop early after this many seconds")
+    return p
+
+
+def announce_ready(port: int) -> None:
+    print(f"READY {port}", flush=True)
+
+
+# ----------------------------------------------------------------------------- stats
+
+def percentile(sorted_vals: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted sequence (q in 0..100)."""
+    if not sorted_vals:
+        return float("nan")
+    k = max(0, min(len(sorted_vals) - 1, math.ceil(q / 100.0 * len(sorted_vals)) - 1))
+    return sorted_vals[k]
+
+
+def latency_summary(samples_s: list[float]) -> dict:
+    v = sorted(samples_s)
+    us = lambda x: round(x * 1e6, 1)  # noqa: E731
+    return {
+        "n": len(v),
+        "p50_us": us(percentile(v, 50)),
+        "p99_us": us(percentile(v, 99)),
+        "min_us": us(v[0]) if v else None,
+        "max_us": us(v[-1]) if v else None,
+        "mean_us": us(statistics.fmean(v)) if v else None,
+    }
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def emit(result: dict) -> None:
+    """The client's single JSON line."""
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def payload(n: int = BULK_CHUNK) -> bytes:
+    # Not all zeros, so nothing along the way can get lucky with compression.
+    return (bytes(range(256)) * (n // 256 + 1))[:n]
+
+
+def frame(data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + data
+
+
+END_FRAME = bytes(4)
+FRAME_HDR = 4
+
+
+def bulk_result(sent: int, received: int, elapsed: float, cpu: float, **extra) -> dict:
+    return {
+        "test": "bulk",
+        "bytes_sent": sent,
+        "bytes_received_by_server": received,
+        "ok": received == sent,
+        "seconds": round(elapsed, 4),
+        "mb_per_s": round(received / elapsed / 1e6, 2) if elapsed > 0 else None,
+        "client_cpu_s": round(cpu, 3),
+        **extra,
+    }
+
+
+def handshake_result(samples: list[float], elapsed: float, cpu: float, errors: int, **extra) -> dict:
+    n = len(samples)
+    return {
+        "test": "handshake",
+        "ok": errors == 0 and n > 0,
+        "errors": errors,
+        "seconds": round(elapsed, 4),
+        "per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+        "latency": latency_summary(samples),
+        "client_cpu_s": round(cpu, 3),
+        **extra,
+    }
+
+
+def rtt_result(samples: list[float], cpu: float, mismatches: int, **extra) -> dict:
+    return {
+        "test": "rtt",
+        "ok": mismatches == 0 and len(samples) > 0,
+        "size": RTT_SIZE,
+        "mismatches": mismatches,
+        "latency": latency_summary(samples),
+        "client_cpu_s": round(cpu, 3),
+        **extra,
+    }
+
+
+def rtt_messages(count: int) -> list[bytes]:
+    """Distinct 64-byte messages, so a stale or misordered echo is caught."""
+    return [(i.to_bytes(8, "big") * (RTT_SIZE // 8)) for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- certs
+
+def make_self_signed(dirpath: str, name: str = "bench.stcp.test") -> tuple[str, str]:
+    """ECDSA P-256 self-signed certificate (the usual choice for TLS 1.3 / QUIC servers),
+    valid for `name`, localhost, 127.0.0.1 and ::1.  Clients verify the chain against this
+    certificate and check the name `SERVER_NAME` (not the address, which differs per run)."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost"),
+                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                    x509.IPAddress(ipaddress.ip_address("::1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = os.path.join(dirpath, "cert.pem")
+    key_path = os.path.join(dirpath, "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+SERVER_NAME = "bench.stcp.test"
+
+
+def run_main(server: Callable[[argparse.Namespace], None], client: Callable[[argparse.Namespace], None],
+             description: str, argv: list[str] | None = None) -> None:
+    args = parser(description).parse_args(argv)
+    try:
+        if args.role == "server":
+            server(args)
+        else:
+            client(args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        # Bounded: never outlive the run because of a stuck non-daemon thread.
+        sys.stdout.flush()

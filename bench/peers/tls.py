@@ -1,0 +1,169 @@
+"""TLS 1.3 over kernel TCP with Python's blocking `ssl` sockets.
+
+Server: one connection at a time (the benchmark's clients are sequential), so no thread
+start-up is charged to the handshake.  Full handshakes only: the client never resumes.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+from bench import common as C
+
+
+def server_context(args) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(args.cert, args.key)
+    # No session tickets: every handshake is a full one, as STCP's are.
+    ctx.num_tickets = 0
+    return ctx
+
+
+def client_context(args) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(args.cafile)
+    return ctx
+
+
+def recv_exact(s, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed early")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_into_exact(conn, buf: memoryview, n: int) -> None:
+    got = 0
+    while got < n:
+        k = conn.recv_into(buf[got:n])
+        if not k:
+            raise ConnectionError("peer closed early")
+        got += k
+
+
+def serve_one(conn) -> None:
+    mode = conn.recv(1)
+    if not mode:
+        return
+    if mode == C.MODE_SINK:
+        total = 0
+        buf = memoryview(bytearray(1 << 20))
+        hdr = memoryview(bytearray(C.FRAME_HDR))
+        while True:
+            recv_into_exact(conn, hdr, C.FRAME_HDR)
+            n = int.from_bytes(hdr, "big")
+            if n == 0:
+                break
+            while n:
+                k = conn.recv_into(buf[:min(n, len(buf))])
+                if not k:
+                    raise ConnectionError("peer closed early")
+                n -= k
+                total += k
+        conn.sendall(total.to_bytes(C.COUNT_LEN, "big"))
+        conn.recv(1)  # wait for the client to close
+    elif mode == C.MODE_ECHO:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            conn.sendall(data)
+
+
+def server(args) -> None:
+    ctx = server_context(args)
+    host, port = C.split_hostport(args.listen)
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ls = socket.socket(fam, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((host, port))
+    ls.listen(128)
+    C.announce_ready(ls.getsockname()[1])
+    while True:
+        raw, _ = ls.accept()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(30)
+        try:
+            with ctx.wrap_socket(raw, server_side=True) as conn:
+                serve_one(conn)
+        except (OSError, ssl.SSLError):
+            pass  # handshake-only clients close without a TLS close_notify
+        finally:
+            raw.close()
+
+
+def connect(args, ctx):
+    host, port = C.split_hostport(args.connect)
+    raw = socket.create_connection((host, port), timeout=30)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ctx.wrap_socket(raw, server_hostname=C.SERVER_NAME)
+
+
+def client(args) -> None:
+    ctx = client_context(args)
+    cpu0 = C.cpu_seconds()
+    if args.test == "bulk":
+        framed = C.frame(C.payload())
+        with connect(args, ctx) as s:
+            t0 = time.perf_counter()
+            deadline = t0 + args.duration
+            s.sendall(C.MODE_SINK)
+            sent = 0
+            while sent < args.bytes and time.perf_counter() < deadline:
+                n = min(C.BULK_CHUNK, args.bytes - sent)
+                if n == C.BULK_CHUNK:
+                    s.sendall(framed)
+                else:
+                    s.sendall(C.frame(C.payload(n)))
+                sent += n
+            s.sendall(C.END_FRAME)
+            got = int.from_bytes(recv_exact(s, C.COUNT_LEN), "big")
+            elapsed = time.perf_counter() - t0
+        C.emit(C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0))
+    elif args.test == "handshake":
+        samples, errors = [], 0
+        t_start = time.perf_counter()
+        for _ in range(args.count):
+            t0 = time.perf_counter()
+            try:
+                s = connect(args, ctx)
+                s.close()
+            except (OSError, ssl.SSLError):
+                errors += 1
+                continue
+            samples.append(time.perf_counter() - t0)
+            if time.perf_counter() - t_start > args.time_limit:
+                break
+        elapsed = time.perf_counter() - t_start
+        C.emit(C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors))
+    else:  # rtt
+        msgs = C.rtt_messages(args.count + C.RTT_WARMUP)
+        samples, bad = [], 0
+        with connect(args, ctx) as s:
+            s.sendall(C.MODE_ECHO)
+            t_start = time.perf_counter()
+            for i, m in enumerate(msgs):
+                t0 = time.perf_counter()
+                s.sendall(m)
+                back = recv_exact(s, len(m))
+                dt = time.perf_counter() - t0
+                bad += back != m
+                if i >= C.RTT_WARMUP:
+                    samples.append(dt)
+                if time.perf_counter() - t_start > args.time_limit:
+                    break
+        C.emit(C.rtt_result(samples, C.cpu_seconds() - cpu0, bad))
+
+
+def main(argv=None) -> None:
+    C.run_main(server, client, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
