@@ -1,0 +1,564 @@
+/*
+ * stcp._aead: STCP record protection in C (docs/PROTOCOL.md §Record protection).
+ *
+ * Record = header (length:u64 | cid:u64 | seq:u64, big-endian, 24 bytes)
+ *        || AEAD(key, nonce = iv XOR (0^32 || seq_be64), aad = header, plaintext) || tag(16)
+ * with length = len(ciphertext) + 16.  stcp/crypto.py RecordKey is the reference.
+ *
+ * The cipher is OpenSSL's EVP (AES-256-GCM or ChaCha20-Poly1305); no cryptography is
+ * done here beyond calling it.  Each RecordCipher keeps one EVP_CIPHER_CTX for sealing
+ * and one for opening, initialised once with the key; per record only the IV is set.
+ * Batch calls take every buffer first, then release the GIL for all the crypto.  A
+ * context is used by one thread at a time (a lock per context), so one RecordCipher may
+ * be shared between threads.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pythread.h>
+#include <string.h>
+#include <stdint.h>
+#include <openssl/evp.h>
+#include <openssl/crypto.h>
+#include <openssl/opensslv.h>
+
+#define HEADER_LEN 24
+#define TAG_LEN 16
+#define KEY_LEN 32
+#define IV_LEN 12
+#define SUITE_AES_256_GCM 1
+#define SUITE_CHACHA20_POLY1305 2
+/* EVP takes int lengths; stay well clear of INT_MAX. */
+#define MAX_PLAINTEXT ((Py_ssize_t)0x3FFFFFFF)
+/* Single records at least this long release the GIL (small ones cost less than the switch). */
+#define GIL_RELEASE_MIN 16384
+
+static PyObject *AuthError;
+
+typedef struct {
+    PyObject_HEAD
+    int suite;
+    unsigned char iv[IV_LEN];
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    PyThread_type_lock enc_lock;
+    PyThread_type_lock dec_lock;
+} RecordCipher;
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+static inline void put_be64(unsigned char *p, uint64_t v) {
+    for (int i = 7; i >= 0; i--) { p[i] = (unsigned char)v; v >>= 8; }
+}
+
+static inline uint64_t get_be64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+    return v;
+}
+
+static inline void make_nonce(const unsigned char *iv, uint64_t seq, unsigned char *nonce) {
+    unsigned char s[8];
+    put_be64(s, seq);
+    memcpy(nonce, iv, 4);
+    for (int i = 0; i < 8; i++) nonce[4 + i] = iv[4 + i] ^ s[i];
+}
+
+/* Take a context's lock; if another thread holds it, wait with the GIL released. */
+static void lock_ctx(PyThread_type_lock lock) {
+    if (!PyThread_acquire_lock(lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+}
+
+/* Seal one record into out (HEADER_LEN + ptlen + TAG_LEN bytes). No Python calls. 0 = ok. */
+static int seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint64_t seq,
+                    const unsigned char *pt, Py_ssize_t ptlen, unsigned char *out) {
+    unsigned char nonce[IV_LEN];
+    int outl = 0, finl = 0;
+    put_be64(out, (uint64_t)ptlen + TAG_LEN);
+    put_be64(out + 8, cid);
+    put_be64(out + 16, seq);
+    make_nonce(iv, seq, nonce);
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (EVP_EncryptUpdate(ctx, NULL, &outl, out, HEADER_LEN) != 1) return -1;
+    outl = 0;
+    if (ptlen > 0 && EVP_EncryptUpdate(ctx, out + HEADER_LEN, &outl, pt, (int)ptlen) != 1) return -1;
+    if (EVP_EncryptFinal_ex(ctx, out + HEADER_LEN + outl, &finl) != 1) return -1;
+    if ((Py_ssize_t)outl + finl != ptlen) return -1;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + HEADER_LEN + ptlen) != 1) return -1;
+    return 0;
+}
+
+/* Check a record's framing: 0 if well formed, else -1 with *why set. */
+static int check_record(const unsigned char *rec, Py_ssize_t len, const char **why) {
+    if (len < HEADER_LEN + TAG_LEN) {
+        *why = "record shorter than header and tag";
+        return -1;
+    }
+    if (len - HEADER_LEN > MAX_PLAINTEXT + TAG_LEN) {
+        *why = "record too large";
+        return -1;
+    }
+    if (get_be64(rec) != (uint64_t)(len - HEADER_LEN)) {
+        *why = "length field does not match the record's size";
+        return -1;
+    }
+    return 0;
+}
+
+/* Open one well-formed record into out (len - HEADER_LEN - TAG_LEN bytes).
+ * Returns 0 ok, 1 authentication failure, -1 library error. No Python calls. */
+static int open_one(EVP_CIPHER_CTX *ctx, const unsigned char *iv, const unsigned char *rec,
+                    Py_ssize_t len, uint64_t seq, unsigned char *out) {
+    unsigned char nonce[IV_LEN], tag[TAG_LEN];
+    Py_ssize_t ctlen = len - HEADER_LEN - TAG_LEN;
+    int outl = 0, finl = 0;
+    make_nonce(iv, seq, nonce);
+    memcpy(tag, rec + HEADER_LEN + ctlen, TAG_LEN);
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
+    if (EVP_DecryptUpdate(ctx, NULL, &outl, rec, HEADER_LEN) != 1) return -1;
+    outl = 0;
+    if (ctlen > 0 && EVP_DecryptUpdate(ctx, out, &outl, rec + HEADER_LEN, (int)ctlen) != 1) return -1;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag) != 1) return -1;
+    if (EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1) {
+        OPENSSL_cleanse(out, (size_t)ctlen);
+        return 1;
+    }
+    return 0;
+}
+
+static int get_u64(PyObject *o, const char *what, uint64_t *v) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be int, not %.100s", what, Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(o);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Format(PyExc_OverflowError, "%s must be in 0..2**64-1", what);
+        return -1;
+    }
+    *v = (uint64_t)x;
+    return 0;
+}
+
+/* Buffer of a plaintext/record argument: bytes-like, C-contiguous. */
+static int get_buffer(PyObject *o, Py_buffer *view, const char *what) {
+    if (PyObject_GetBuffer(o, view, PyBUF_SIMPLE) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a bytes-like object, not %.100s", what,
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *lib_error(const char *what) {
+    PyErr_Format(PyExc_RuntimeError, "OpenSSL failed in %s", what);
+    return NULL;
+}
+
+/* ---- type ---------------------------------------------------------------------- */
+
+static void RecordCipher_dealloc(RecordCipher *self) {
+    if (self->enc) EVP_CIPHER_CTX_free(self->enc);
+    if (self->dec) EVP_CIPHER_CTX_free(self->dec);
+    if (self->enc_lock) PyThread_free_lock(self->enc_lock);
+    if (self->dec_lock) PyThread_free_lock(self->dec_lock);
+    OPENSSL_cleanse(self->iv, IV_LEN);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int RecordCipher_init(RecordCipher *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"suite", "key", "iv", NULL};
+    int suite;
+    Py_buffer key = {0}, iv = {0};
+    const EVP_CIPHER *cipher;
+    int rc = -1;
+
+    if (self->enc) {
+        PyErr_SetString(PyExc_RuntimeError, "RecordCipher is already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iy*y*:RecordCipher", kwlist, &suite, &key, &iv))
+        return -1;
+    if (suite == SUITE_AES_256_GCM) cipher = EVP_aes_256_gcm();
+    else if (suite == SUITE_CHACHA20_POLY1305) cipher = EVP_chacha20_poly1305();
+    else {
+        PyErr_Format(PyExc_ValueError, "unsupported cipher suite 0x%02x", suite);
+        goto done;
+    }
+    if (key.len != KEY_LEN) {
+        PyErr_Format(PyExc_ValueError, "key must be %d bytes, got %zd", KEY_LEN, key.len);
+        goto done;
+    }
+    if (iv.len != IV_LEN) {
+        PyErr_Format(PyExc_ValueError, "iv must be %d bytes, got %zd", IV_LEN, iv.len);
+        goto done;
+    }
+    if (cipher == NULL) { lib_error("cipher lookup"); goto done; }
+    self->enc_lock = PyThread_allocate_lock();
+    self->dec_lock = PyThread_allocate_lock();
+    self->enc = EVP_CIPHER_CTX_new();
+    self->dec = EVP_CIPHER_CTX_new();
+    if (!self->enc_lock || !self->dec_lock || !self->enc || !self->dec) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* 12 bytes is both ciphers' default IV length; key set once here, IV per record. */
+    if (EVP_EncryptInit_ex(self->enc, cipher, NULL, (const unsigned char *)key.buf, NULL) != 1 ||
+        EVP_DecryptInit_ex(self->dec, cipher, NULL, (const unsigned char *)key.buf, NULL) != 1 ||
+        EVP_CIPHER_CTX_iv_length(self->enc) != IV_LEN) {
+        lib_error("key setup");
+        goto done;
+    }
+    memcpy(self->iv, iv.buf, IV_LEN);
+    self->suite = suite;
+    rc = 0;
+done:
+    if (rc != 0) {
+        if (self->enc) { EVP_CIPHER_CTX_free(self->enc); self->enc = NULL; }
+        if (self->dec) { EVP_CIPHER_CTX_free(self->dec); self->dec = NULL; }
+    }
+    if (key.obj) PyBuffer_Release(&key);
+    if (iv.obj) PyBuffer_Release(&iv);
+    return rc;
+}
+
+static int ready(RecordCipher *self) {
+    if (!self->enc) {
+        PyErr_SetString(PyExc_RuntimeError, "RecordCipher is not initialised");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *RecordCipher_seal(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t cid, seq;
+    Py_buffer pt;
+    PyObject *out;
+    int rc;
+
+    if (!ready(self)) return NULL;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "seal() takes 3 arguments (cid, seq, plaintext), got %zd", nargs);
+        return NULL;
+    }
+    if (get_u64(args[0], "cid", &cid) || get_u64(args[1], "seq", &seq)) return NULL;
+    if (get_buffer(args[2], &pt, "plaintext")) return NULL;
+    if (pt.len > MAX_PLAINTEXT) {
+        PyBuffer_Release(&pt);
+        PyErr_SetString(PyExc_ValueError, "plaintext too large");
+        return NULL;
+    }
+    out = PyBytes_FromStringAndSize(NULL, HEADER_LEN + pt.len + TAG_LEN);
+    if (!out) { PyBuffer_Release(&pt); return NULL; }
+    lock_ctx(self->enc_lock);
+    if (pt.len >= GIL_RELEASE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = seal_one(self->enc, self->iv, cid, seq, pt.buf, pt.len, (unsigned char *)PyBytes_AS_STRING(out));
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = seal_one(self->enc, self->iv, cid, seq, pt.buf, pt.len, (unsigned char *)PyBytes_AS_STRING(out));
+    }
+    PyThread_release_lock(self->enc_lock);
+    PyBuffer_Release(&pt);
+    if (rc) { Py_DECREF(out); return lib_error("seal"); }
+    return out;
+}
+
+static PyObject *RecordCipher_open(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_buffer rec;
+    PyObject *out;
+    const char *why = NULL;
+    uint64_t seq;
+    int rc;
+
+    if (!ready(self)) return NULL;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "open() takes 1 or 2 arguments (record[, seq]), got %zd", nargs);
+        return NULL;
+    }
+    if (get_buffer(args[0], &rec, "record")) return NULL;
+    if (check_record(rec.buf, rec.len, &why)) {
+        PyBuffer_Release(&rec);
+        PyErr_SetString(PyExc_ValueError, why);
+        return NULL;
+    }
+    seq = get_be64((const unsigned char *)rec.buf + 16);
+    if (nargs == 2 && args[1] != Py_None) {
+        /* the nonce's seq, when the caller has it apart from the header (RecordKey.open) */
+        if (get_u64(args[1], "seq", &seq)) { PyBuffer_Release(&rec); return NULL; }
+    }
+    out = PyBytes_FromStringAndSize(NULL, rec.len - HEADER_LEN - TAG_LEN);
+    if (!out) { PyBuffer_Release(&rec); return NULL; }
+    lock_ctx(self->dec_lock);
+    if (rec.len >= GIL_RELEASE_MIN) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = open_one(self->dec, self->iv, rec.buf, rec.len, seq, (unsigned char *)PyBytes_AS_STRING(out));
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = open_one(self->dec, self->iv, rec.buf, rec.len, seq, (unsigned char *)PyBytes_AS_STRING(out));
+    }
+    PyThread_release_lock(self->dec_lock);
+    PyBuffer_Release(&rec);
+    if (rc) {
+        Py_DECREF(out);
+        if (rc > 0) PyErr_SetString(AuthError, "record failed authentication");
+        else lib_error("open");
+        return NULL;
+    }
+    return out;
+}
+
+/* Buffers of every item of a list/tuple; returns count or -1. *views is PyMem-allocated. */
+static Py_ssize_t get_buffers(PyObject *seqobj, PyObject **fast, Py_buffer **views, const char *what) {
+    Py_ssize_t n, i;
+    *fast = PySequence_Fast(seqobj, "expected a list or tuple of bytes-like objects");
+    if (!*fast) return -1;
+    n = PySequence_Fast_GET_SIZE(*fast);
+    *views = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_buffer));
+    if (!*views) { Py_CLEAR(*fast); PyErr_NoMemory(); return -1; }
+    for (i = 0; i < n; i++) {
+        if (get_buffer(PySequence_Fast_GET_ITEM(*fast, i), &(*views)[i], what)) {
+            while (--i >= 0) PyBuffer_Release(&(*views)[i]);
+            PyMem_Free(*views);
+            *views = NULL;
+            Py_CLEAR(*fast);
+            return -1;
+        }
+    }
+    return n;
+}
+
+static void release_buffers(PyObject *fast, Py_buffer *views, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    Py_XDECREF(fast);
+}
+
+static int parse_batch_head(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                            const char *name, uint64_t *cid, uint64_t *first) {
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments, got %zd", name, want, nargs);
+        return -1;
+    }
+    if (get_u64(args[0], "cid", cid) || get_u64(args[1], "first_seq", first)) return -1;
+    return 0;
+}
+
+static int check_plaintexts(Py_buffer *views, Py_ssize_t n, uint64_t first, Py_ssize_t *total) {
+    Py_ssize_t t = 0;
+    if (n > 0 && (uint64_t)(n - 1) > UINT64_MAX - first) {
+        PyErr_SetString(PyExc_OverflowError, "sequence numbers would wrap past 2**64-1");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (views[i].len > MAX_PLAINTEXT) {
+            PyErr_SetString(PyExc_ValueError, "plaintext too large");
+            return -1;
+        }
+        if (t > PY_SSIZE_T_MAX - (views[i].len + HEADER_LEN + TAG_LEN)) {
+            PyErr_SetString(PyExc_OverflowError, "batch too large");
+            return -1;
+        }
+        t += views[i].len + HEADER_LEN + TAG_LEN;
+    }
+    *total = t;
+    return 0;
+}
+
+static PyObject *RecordCipher_seal_batch(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t cid, first;
+    PyObject *fast = NULL, *result = NULL;
+    Py_buffer *views = NULL;
+    unsigned char **outs = NULL;
+    Py_ssize_t n, i, total;
+    int rc = 0;
+
+    if (!ready(self)) return NULL;
+    if (parse_batch_head(args, nargs, 3, "seal_batch", &cid, &first)) return NULL;
+    n = get_buffers(args[2], &fast, &views, "plaintext");
+    if (n < 0) return NULL;
+    if (check_plaintexts(views, n, first, &total)) goto done;
+    result = PyList_New(n);
+    outs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(unsigned char *));
+    if (!result || !outs) { if (!outs) PyErr_NoMemory(); Py_CLEAR(result); goto done; }
+    for (i = 0; i < n; i++) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, HEADER_LEN + views[i].len + TAG_LEN);
+        if (!b) { Py_CLEAR(result); goto done; }
+        PyList_SET_ITEM(result, i, b);
+        outs[i] = (unsigned char *)PyBytes_AS_STRING(b);
+    }
+    lock_ctx(self->enc_lock);
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n && rc == 0; i++)
+        rc = seal_one(self->enc, self->iv, cid, first + (uint64_t)i, views[i].buf, views[i].len, outs[i]);
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->enc_lock);
+    if (rc) { Py_CLEAR(result); lib_error("seal_batch"); }
+done:
+    PyMem_Free(outs);
+    release_buffers(fast, views, n);
+    return result;
+}
+
+static PyObject *RecordCipher_seal_into(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t cid, first;
+    PyObject *fast = NULL, *result = NULL;
+    Py_buffer *views = NULL, out = {0};
+    Py_ssize_t n, i, total, pos = 0;
+    int rc = 0;
+
+    if (!ready(self)) return NULL;
+    if (parse_batch_head(args, nargs, 4, "seal_into", &cid, &first)) return NULL;
+    if (PyObject_GetBuffer(args[3], &out, PyBUF_WRITABLE) != 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "out must be a writable bytes-like object, not %.100s",
+                     Py_TYPE(args[3])->tp_name);
+        return NULL;
+    }
+    n = get_buffers(args[2], &fast, &views, "plaintext");
+    if (n < 0) { PyBuffer_Release(&out); return NULL; }
+    if (check_plaintexts(views, n, first, &total)) goto done;
+    if (total > out.len) {
+        PyErr_Format(PyExc_ValueError, "out holds %zd bytes, the records need %zd", out.len, total);
+        goto done;
+    }
+    lock_ctx(self->enc_lock);
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n && rc == 0; i++) {
+        rc = seal_one(self->enc, self->iv, cid, first + (uint64_t)i, views[i].buf, views[i].len,
+                      (unsigned char *)out.buf + pos);
+        pos += HEADER_LEN + views[i].len + TAG_LEN;
+    }
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->enc_lock);
+    if (rc) lib_error("seal_into");
+    else result = PyLong_FromSsize_t(total);
+done:
+    release_buffers(fast, views, n);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *RecordCipher_open_batch(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fast = NULL, *result = NULL;
+    Py_buffer *views = NULL;
+    unsigned char **outs = NULL;
+    signed char *status = NULL;   /* 0 ok, 1 auth failure/malformed, -1 library error */
+    Py_ssize_t n, i;
+    int liberr = 0;
+
+    if (!ready(self)) return NULL;
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError, "open_batch() takes 1 argument (records), got %zd", nargs);
+        return NULL;
+    }
+    n = get_buffers(args[0], &fast, &views, "record");
+    if (n < 0) return NULL;
+    result = PyList_New(n);
+    outs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(unsigned char *));
+    status = PyMem_Calloc(n ? (size_t)n : 1, 1);
+    if (!result || !outs || !status) {
+        if (result) PyErr_NoMemory();
+        Py_CLEAR(result);
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        const char *why;
+        if (check_record(views[i].buf, views[i].len, &why)) {
+            status[i] = 1;
+            Py_INCREF(Py_None);
+            PyList_SET_ITEM(result, i, Py_None);
+            continue;
+        }
+        PyObject *b = PyBytes_FromStringAndSize(NULL, views[i].len - HEADER_LEN - TAG_LEN);
+        if (!b) { Py_CLEAR(result); goto done; }
+        PyList_SET_ITEM(result, i, b);
+        outs[i] = (unsigned char *)PyBytes_AS_STRING(b);
+    }
+    lock_ctx(self->dec_lock);
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        if (status[i]) continue;
+        const unsigned char *r = views[i].buf;
+        status[i] = (signed char)open_one(self->dec, self->iv, r, views[i].len, get_be64(r + 16), outs[i]);
+    }
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->dec_lock);
+    for (i = 0; i < n; i++) {
+        if (status[i] < 0) liberr = 1;
+        if (status[i] != 0 && outs[i]) {
+            Py_INCREF(Py_None);
+            PyList_SetItem(result, i, Py_None);   /* drops the unused bytes */
+        }
+    }
+    if (liberr) { Py_CLEAR(result); lib_error("open_batch"); }
+done:
+    PyMem_Free(outs);
+    PyMem_Free(status);
+    release_buffers(fast, views, n);
+    return result;
+}
+
+static PyObject *RecordCipher_get_suite(RecordCipher *self, void *closure) {
+    return PyLong_FromLong(self->suite);
+}
+
+static PyMethodDef RecordCipher_methods[] = {
+    {"seal", (PyCFunction)(void (*)(void))RecordCipher_seal, METH_FASTCALL,
+     "seal(cid, seq, plaintext) -> bytes: the whole record (header + ciphertext + tag)."},
+    {"open", (PyCFunction)(void (*)(void))RecordCipher_open, METH_FASTCALL,
+     "open(record, seq=None) -> bytes: plaintext. The nonce's seq is the header's unless given.\n"
+     "Raises AuthError on tag failure, ValueError on a malformed record."},
+    {"seal_batch", (PyCFunction)(void (*)(void))RecordCipher_seal_batch, METH_FASTCALL,
+     "seal_batch(cid, first_seq, plaintexts) -> list[bytes]: records with seqs first_seq, first_seq+1, ..."},
+    {"seal_into", (PyCFunction)(void (*)(void))RecordCipher_seal_into, METH_FASTCALL,
+     "seal_into(cid, first_seq, plaintexts, out) -> int: records back to back into out; bytes written."},
+    {"open_batch", (PyCFunction)(void (*)(void))RecordCipher_open_batch, METH_FASTCALL,
+     "open_batch(records) -> list[bytes | None]: None where a record is malformed or fails authentication."},
+    {NULL}
+};
+
+static PyGetSetDef RecordCipher_getset[] = {
+    {"suite", (getter)RecordCipher_get_suite, NULL, "cipher suite number", NULL},
+    {NULL}
+};
+
+static PyTypeObject RecordCipherType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stcp._aead.RecordCipher",
+    .tp_basicsize = sizeof(RecordCipher),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RecordCipher(suite, key, iv): one direction's record protection for one key epoch.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)RecordCipher_init,
+    .tp_dealloc = (destructor)RecordCipher_dealloc,
+    .tp_methods = RecordCipher_methods,
+    .tp_getset = RecordCipher_getset,
+};
+
+static struct PyModuleDef aead_module = {
+    PyModuleDef_HEAD_INIT, "stcp._aead",
+    "STCP record protection in C over OpenSSL EVP (see stcp/crypto.py RecordKey).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__aead(void) {
+    PyObject *m;
+    if (PyType_Ready(&RecordCipherType) < 0) return NULL;
+    m = PyModule_Create(&aead_module);
+    if (!m) return NULL;
+    AuthError = PyErr_NewExceptionWithDoc("stcp._aead.AuthError",
+                                          "A record failed authentication.", PyExc_ValueError, NULL);
+    if (!AuthError || PyModule_AddObjectRef(m, "AuthError", AuthError) < 0 ||
+        PyModule_AddObjectRef(m, "RecordCipher", (PyObject *)&RecordCipherType) < 0 ||
+        PyModule_AddIntConstant(m, "HEADER_LEN", HEADER_LEN) < 0 ||
+        PyModule_AddIntConstant(m, "TAG_LEN", TAG_LEN) < 0 ||
+        PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
