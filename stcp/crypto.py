@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import struct
 
 from cryptography.exceptions import InvalidTag
@@ -20,6 +21,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from . import wire
 from .errors import AuthenticationFailure, HandshakeFailure
+
+# C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
+# pure-Python path below, which stays the reference and the fallback.
+_aead = None
+if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _aead
+    except ImportError:
+        _aead = None
+ACCELERATED = _aead is not None
 
 HKDF_SALT = b"stcp v1"
 KEY_LEN = 32
@@ -87,7 +98,7 @@ def next_secret(secret: bytes) -> bytes:
 class RecordKey:
     """One direction's key for one key epoch."""
 
-    __slots__ = ("suite", "epoch", "secret", "aead", "iv_int", "key", "iv")
+    __slots__ = ("suite", "epoch", "secret", "aead", "iv_int", "key", "iv", "fast")
 
     def __init__(self, suite: int, secret: bytes, epoch: int = 0):
         if suite not in _AEADS:
@@ -99,6 +110,8 @@ class RecordKey:
         self.iv = _expand(secret, b"iv", b"", IV_LEN)
         self.iv_int = int.from_bytes(self.iv, "big")
         self.aead = _AEADS[suite](self.key)
+        # stcp._aead.RecordCipher (seal/open and the batch calls) or None
+        self.fast = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
 
     def next(self) -> "RecordKey":
         if self.epoch >= wire.MAX_EPOCH:
@@ -110,11 +123,18 @@ class RecordKey:
 
     def seal(self, cid: int, seq: int, plaintext: bytes) -> bytes:
         """Return the whole record: header (authenticated as AAD) and ciphertext."""
+        if self.fast is not None:
+            return self.fast.seal(cid, seq, plaintext)
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
         return header + self.aead.encrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"), plaintext, header)
 
     def open(self, record: bytes, seq: int) -> bytes:
         """Decrypt a record whose header was already parsed; raise AuthenticationFailure."""
+        if self.fast is not None:
+            try:
+                return self.fast.open(record, seq)
+            except ValueError:  # _aead.AuthError, or a record too short or mis-framed
+                raise AuthenticationFailure("record failed authentication") from None
         mv = memoryview(record)
         try:
             return self.aead.decrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"),

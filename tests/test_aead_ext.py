@@ -1,0 +1,412 @@
+"""stcp._aead (C record protection) against the pure-Python reference in stcp.crypto.
+
+Same vectors through both paths, byte for byte; every malformed input to the C functions
+must raise, never crash (a short hypothesis fuzz at the end).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from stcp import crypto, wire
+from stcp.errors import AuthenticationFailure
+
+try:
+    from stcp import _aead
+except ImportError as exc:  # the package's build makes it; a missing one is a failure, not a skip
+    pytest.fail(f"stcp._aead is not built ({exc}); run 'make' or 'pip install -e .'", pytrace=False)
+
+SUITES = [wire.SUITE_AES_256_GCM, wire.SUITE_CHACHA20_POLY1305]
+SECRET = bytes(range(32))
+CID = 0x0123456789ABCDEF
+SEQS = [
+    0, 1, 2, 255, 256, 0xFFFFFFFF, 1 << 32, wire.PN_MASK,
+    wire.make_seq(1, 0), wire.make_seq(3, 42), wire.make_seq(0x8000, 12345),
+    wire.make_seq(wire.MAX_EPOCH, 1), wire.make_seq(wire.MAX_EPOCH, wire.PN_MASK),  # 2**64 - 1
+]
+SIZES = [0, 1, 15, 16, 17, 1400, wire.MAX_RECORD_PAYLOAD - wire.AEAD_TAG_LEN]
+
+# Records from the pure-Python path for RecordKey(suite, bytes(range(32)), epoch 0),
+# cid 0x0123456789abcdef, seq make_seq(3, 42), plaintext b"STCP test vector".
+PINNED = {
+    wire.SUITE_AES_256_GCM: "00000000000000200123456789abcdef000300000000002a"
+                            "6a36d3cad766a16de9a79c0a90ef3770d21bfca73533268407bf9dcd5ebee9a5",
+    wire.SUITE_CHACHA20_POLY1305: "00000000000000200123456789abcdef000300000000002a"
+                                  "d02e1b67d3b8ecff8a4b7f0b2900f6ae4ab7b0b03f9847e4e2504103d6a4ae81",
+}
+
+
+def pure_key(suite: int, secret: bytes = SECRET) -> crypto.RecordKey:
+    key = crypto.RecordKey(suite, secret)
+    key.fast = None          # force the pure-Python path
+    return key
+
+
+def cipher(suite: int, secret: bytes = SECRET) -> "_aead.RecordCipher":
+    key = pure_key(suite, secret)
+    return _aead.RecordCipher(suite, key.key, key.iv)
+
+
+def plaintext(n: int, salt: int = 0) -> bytes:
+    return bytes((i * 7 + salt) & 0xFF for i in range(n))
+
+
+@pytest.fixture(params=SUITES, ids=["aes-256-gcm", "chacha20-poly1305"])
+def suite(request):
+    return request.param
+
+
+# --- same records both ways ----------------------------------------------------------
+def test_pinned_vectors(suite):
+    pt = b"STCP test vector"
+    seq = wire.make_seq(3, 42)
+    key = pure_key(suite)
+    assert key.seal(CID, seq, pt).hex() == PINNED[suite]
+    assert cipher(suite).seal(CID, seq, pt).hex() == PINNED[suite]
+    # and straight from the construction, not through RecordKey
+    aead = (AESGCM if suite == wire.SUITE_AES_256_GCM else ChaCha20Poly1305)(key.key)
+    header = (len(pt) + 16).to_bytes(8, "big") + CID.to_bytes(8, "big") + seq.to_bytes(8, "big")
+    nonce = bytes(a ^ b for a, b in zip(key.iv, bytes(4) + seq.to_bytes(8, "big")))
+    assert (header + aead.encrypt(nonce, pt, header)).hex() == PINNED[suite]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_identical_records(suite, size):
+    py, c = pure_key(suite), cipher(suite)
+    for i, seq in enumerate(SEQS):
+        pt = plaintext(size, i)
+        rec = c.seal(CID, seq, pt)
+        assert rec == py.seal(CID, seq, pt), (size, hex(seq))
+        assert len(rec) == wire.HEADER_LEN + size + wire.AEAD_TAG_LEN
+        assert wire.parse_header(rec) == (size + 16, CID, seq)
+        assert c.open(rec) == pt
+        assert c.open(rec, seq) == pt
+        assert py.open(rec, seq) == pt
+
+
+def test_recordkey_uses_c_and_agrees(suite):
+    assert crypto.ACCELERATED
+    fast, py = crypto.RecordKey(suite, SECRET), pure_key(suite)
+    assert isinstance(fast.fast, _aead.RecordCipher)
+    for seq in SEQS:
+        pt = plaintext(1400, seq & 0xFF)
+        rec = fast.seal(7, seq, pt)
+        assert rec == py.seal(7, seq, pt)
+        assert fast.open(rec, seq) == pt and py.open(rec, seq) == pt
+        bad = bytearray(rec)
+        bad[-1] ^= 0x80
+        for k in (fast, py):
+            with pytest.raises(AuthenticationFailure):
+                k.open(bytes(bad), seq)
+            with pytest.raises(AuthenticationFailure):
+                k.open(rec, seq ^ 1)          # wrong nonce
+            with pytest.raises(AuthenticationFailure):
+                k.open(rec[:30], seq)         # shorter than header + tag
+    nxt = fast.next()
+    assert nxt.fast is not None and nxt.seal(1, 1, b"x") == pure_key(suite, nxt.secret).seal(1, 1, b"x")
+
+
+def test_pure_python_env_switch():
+    code = "from stcp import crypto; k = crypto.RecordKey(1, bytes(32)); print(crypto.ACCELERATED, k.fast)"
+    env = dict(os.environ, STCP_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "None"]
+    env["STCP_PURE_PYTHON"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[0] == "True"
+
+
+def test_wrong_key_or_suite_fails(suite):
+    rec = cipher(suite).seal(CID, 5, b"hello")
+    with pytest.raises(_aead.AuthError):
+        cipher(suite, bytes(32)).open(rec)
+    other = SUITES[1] if suite == SUITES[0] else SUITES[0]
+    with pytest.raises(_aead.AuthError):
+        cipher(other).open(rec)
+
+
+# --- batches -------------------------------------------------------------------------
+def test_seal_batch(suite):
+    py, c = pure_key(suite), cipher(suite)
+    first = wire.make_seq(2, wire.PN_MASK - 3)     # crosses into the next epoch's bits
+    pts = [plaintext(n, n) for n in (1400, 0, 1, 1400, 700, 1400, 33)]
+    recs = c.seal_batch(CID, first, pts)
+    assert recs == [py.seal(CID, first + i, p) for i, p in enumerate(pts)]
+    assert c.seal_batch(CID, 1, []) == []
+    assert c.seal_batch(CID, first, tuple(pts)) == recs
+    # memoryviews and bytearrays are plaintexts too
+    assert c.seal_batch(CID, first, [memoryview(p) for p in pts]) == recs
+    assert c.seal_batch(CID, first, [bytearray(p) for p in pts]) == recs
+
+
+def test_seal_batch_seq_wrap_raises(suite):
+    c = cipher(suite)
+    top = (1 << 64) - 1
+    assert len(c.seal_batch(CID, top, [b"a"])) == 1
+    with pytest.raises(OverflowError):
+        c.seal_batch(CID, top, [b"a", b"b"])
+
+
+def test_seal_into(suite):
+    c = cipher(suite)
+    pts = [plaintext(1400, i) for i in range(8)] + [plaintext(100)]
+    want = b"".join(c.seal_batch(CID, 100, pts))
+    out = bytearray(len(want) + 50)
+    out[len(want):] = b"\xAA" * 50
+    assert c.seal_into(CID, 100, pts, out) == len(want)
+    assert bytes(out[:len(want)]) == want
+    assert out[len(want):] == b"\xAA" * 50
+    # into a writable memoryview slice
+    buf = bytearray(len(want) + 10)
+    assert c.seal_into(CID, 100, pts, memoryview(buf)[10:]) == len(want)
+    assert bytes(buf[10:]) == want
+    with pytest.raises(ValueError):
+        c.seal_into(CID, 100, pts, bytearray(len(want) - 1))
+    with pytest.raises(TypeError):
+        c.seal_into(CID, 100, pts, bytes(len(want)))      # read-only
+    assert c.seal_into(CID, 100, [], bytearray()) == 0
+    # every record parses back from the GSO-style buffer
+    pos, seq = 0, 100
+    while pos < len(want):
+        length, cid, s = wire.parse_header(want[pos:pos + 24 + int.from_bytes(want[pos:pos + 8], "big")])
+        assert (cid, s) == (CID, seq)
+        assert c.open(want[pos:pos + 24 + length]) == pts[seq - 100]
+        pos, seq = pos + 24 + length, seq + 1
+
+
+def test_open_batch(suite):
+    py, c = pure_key(suite), cipher(suite)
+    pts = [plaintext(n, n) for n in (1400, 0, 50, 1400)]
+    recs = [py.seal(CID, wire.make_seq(1, 10 + i), p) for i, p in enumerate(pts)]
+    tampered = bytearray(recs[2])
+    tampered[30] ^= 1
+    wrong_len = bytearray(recs[0])
+    wrong_len[7] ^= 1
+    batch = [recs[0], bytes(tampered), b"", recs[1], bytes(wrong_len), b"\x00" * 39,
+             memoryview(recs[3]), bytearray(recs[2])]
+    assert c.open_batch(batch) == [pts[0], None, None, pts[1], None, None, pts[3], pts[2]]
+    assert c.open_batch([]) == []
+    assert c.open_batch(tuple(recs)) == pts
+
+
+# --- tampering -------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, 40])
+def test_every_bit_flip_fails(suite, size):
+    c = cipher(suite)
+    py = pure_key(suite)
+    seq = wire.make_seq(9, 77)
+    rec = c.seal(CID, seq, plaintext(size))
+    for pos in range(len(rec)):
+        for bit in (0x01, 0x80):
+            bad = bytearray(rec)
+            bad[pos] ^= bit
+            with pytest.raises(ValueError) as info:
+                c.open(bytes(bad))
+            if pos >= 8:   # flips outside the length field are authentication failures
+                assert isinstance(info.value, _aead.AuthError)
+            assert c.open_batch([bytes(bad)]) == [None]
+            if pos >= 8 and not 16 <= pos < 24:       # python path takes seq from the caller
+                with pytest.raises(AuthenticationFailure):
+                    py.open(bytes(bad), seq)
+
+
+def test_truncated_and_extended(suite):
+    c = cipher(suite)
+    rec = c.seal(CID, 3, plaintext(100))
+    for n in range(len(rec)):
+        with pytest.raises(ValueError):
+            c.open(rec[:n])
+    with pytest.raises(ValueError):
+        c.open(rec + b"\x00")
+    # consistent length field, but a record cut short of its tag
+    cut = (len(rec) - 24 - 1).to_bytes(8, "big") + rec[8:-1]
+    with pytest.raises(_aead.AuthError):
+        c.open(cut)
+
+
+# --- malformed arguments ---------------------------------------------------------------
+def test_constructor_rejects():
+    with pytest.raises(ValueError):
+        _aead.RecordCipher(3, bytes(32), bytes(12))
+    with pytest.raises(ValueError):
+        _aead.RecordCipher(0, bytes(32), bytes(12))
+    with pytest.raises(ValueError):
+        _aead.RecordCipher(1, bytes(31), bytes(12))
+    with pytest.raises(ValueError):
+        _aead.RecordCipher(1, bytes(32), bytes(16))
+    with pytest.raises(TypeError):
+        _aead.RecordCipher(1, "k" * 32, bytes(12))
+    with pytest.raises(TypeError):
+        _aead.RecordCipher("1", bytes(32), bytes(12))
+    with pytest.raises(TypeError):
+        _aead.RecordCipher(1, bytes(32))
+    with pytest.raises((OverflowError, TypeError)):
+        _aead.RecordCipher(1 << 70, bytes(32), bytes(12))
+    c = _aead.RecordCipher(1, bytes(32), bytes(12))
+    assert c.suite == 1
+    with pytest.raises(RuntimeError):
+        c.__init__(1, bytes(32), bytes(12))
+    raw = _aead.RecordCipher.__new__(_aead.RecordCipher)   # never initialised
+    for call in (lambda: raw.seal(1, 1, b""), lambda: raw.open(b"x" * 40),
+                 lambda: raw.seal_batch(1, 1, []), lambda: raw.open_batch([]),
+                 lambda: raw.seal_into(1, 1, [], bytearray())):
+        with pytest.raises(RuntimeError):
+            call()
+
+
+def test_bad_arguments_raise(suite):
+    c = cipher(suite)
+    rec = c.seal(1, 1, b"abc")
+    bad_calls = [
+        (TypeError, lambda: c.seal(1, 1, "text")),
+        (TypeError, lambda: c.seal(1, 1, None)),
+        (TypeError, lambda: c.seal(1, 1, 5)),
+        (TypeError, lambda: c.seal(1, 1)),
+        (TypeError, lambda: c.seal(1, 1, b"", b"")),
+        (TypeError, lambda: c.seal(1.0, 1, b"")),
+        (TypeError, lambda: c.seal(1, "1", b"")),
+        (OverflowError, lambda: c.seal(-1, 1, b"")),
+        (OverflowError, lambda: c.seal(1, 1 << 64, b"")),
+        (OverflowError, lambda: c.seal(1 << 200, 0, b"")),
+        (TypeError, lambda: c.open("x" * 64)),
+        (TypeError, lambda: c.open(None)),
+        (TypeError, lambda: c.open()),
+        (TypeError, lambda: c.open(rec, 1, 2)),
+        (OverflowError, lambda: c.open(rec, -1)),
+        (TypeError, lambda: c.open(memoryview(rec * 2)[::2])),    # not contiguous
+        (TypeError, lambda: c.seal_batch(1, 1, None)),
+        (TypeError, lambda: c.seal_batch(1, 1, [b"ok", "no"])),
+        (TypeError, lambda: c.seal_batch(1, 1, [b"ok", None])),
+        (TypeError, lambda: c.seal_batch(1, 1, 5)),
+        (TypeError, lambda: c.seal_batch(1, [b""])),
+        (OverflowError, lambda: c.seal_batch(-1, 1, [b""])),
+        (TypeError, lambda: c.seal_into(1, 1, [b""], None)),
+        (TypeError, lambda: c.seal_into(1, 1, [1], bytearray(100))),
+        (TypeError, lambda: c.open_batch([rec, 1])),
+        (TypeError, lambda: c.open_batch(None)),
+        (TypeError, lambda: c.open_batch([rec], 1)),
+    ]
+    for exc, call in bad_calls:
+        with pytest.raises(exc):
+            call()
+    # a generator is accepted as a sequence of records
+    assert c.open_batch(r for r in [rec]) == [b"abc"]
+
+
+def test_huge_sizes_rejected_without_touching_memory(suite):
+    c = cipher(suite)
+    big = mmap.mmap(-1, (1 << 30) + 64)      # lazily backed, never read
+    try:
+        view = memoryview(big)
+        with pytest.raises(ValueError):
+            c.seal(1, 1, view)
+        with pytest.raises(ValueError):
+            c.seal_batch(1, 1, [b"x", view])
+        with pytest.raises(ValueError):
+            c.seal_into(1, 1, [view], bytearray(10))
+        with pytest.raises(ValueError):
+            c.open(view)
+        assert c.open_batch([view]) == [None]
+        view.release()
+    finally:
+        big.close()
+    # a length field claiming 2**64-1 bytes
+    rec = bytearray(c.seal(1, 1, b"abc"))
+    rec[:8] = b"\xff" * 8
+    with pytest.raises(ValueError):
+        c.open(bytes(rec))
+
+
+def test_memoryview_inputs(suite):
+    c = cipher(suite)
+    pt = plaintext(300)
+    rec = c.seal(CID, 11, memoryview(pt)[10:290])
+    assert c.open(memoryview(bytearray(b"zz" + rec))[2:]) == pt[10:290]
+    assert c.seal(CID, 11, bytearray(pt[10:290])) == rec
+
+
+def test_threads_share_one_cipher(suite):
+    c, py = cipher(suite), pure_key(suite)
+    pts = [plaintext(1400, i) for i in range(64)]
+    want = {t: [py.seal(t, 1000 * t + i, p) for i, p in enumerate(pts)] for t in range(6)}
+    errors = []
+
+    def work(t):
+        for _ in range(20):
+            recs = c.seal_batch(t, 1000 * t, pts)
+            if recs != want[t] or c.open_batch(recs) != pts:
+                errors.append(t)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+
+
+# --- fuzz ------------------------------------------------------------------------------
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(suite=st.sampled_from(SUITES), data=st.binary(max_size=200))
+def test_fuzz_open_random_bytes(suite, data):
+    c = cipher(suite)
+    try:
+        c.open(data)
+        raise AssertionError("random bytes authenticated")
+    except ValueError:
+        pass
+    assert c.open_batch([data, data[:30]]) == [None, None]
+
+
+@FUZZ
+@given(suite=st.sampled_from(SUITES), pt=st.binary(max_size=1500),
+       cid=st.integers(0, (1 << 64) - 1), seq=st.integers(0, (1 << 64) - 1))
+def test_fuzz_roundtrip_matches_python(suite, pt, cid, seq):
+    c, py = cipher(suite), pure_key(suite)
+    rec = c.seal(cid, seq, pt)
+    assert rec == py.seal(cid, seq, pt)
+    assert c.open(rec) == pt
+
+
+@FUZZ
+@given(suite=st.sampled_from(SUITES), pt=st.binary(max_size=100),
+       edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(1, 255)), min_size=1, max_size=4),
+       cut=st.integers(-8, 8))
+def test_fuzz_mutated_records(suite, pt, edits, cut):
+    c = cipher(suite)
+    orig = c.seal(5, 6, pt)
+    rec = bytearray(orig)
+    for pos, x in edits:
+        rec[pos % len(rec)] ^= x
+    if cut < 0:
+        del rec[cut:]
+    else:
+        rec += bytes(cut)
+    assume(bytes(rec) != orig)      # two edits of one byte may cancel out
+    with pytest.raises(ValueError):
+        c.open(bytes(rec))
+    assert c.open_batch([bytes(rec)]) == [None]
+
+
+@FUZZ
+@given(args=st.lists(st.one_of(st.none(), st.integers(-(1 << 70), 1 << 70), st.binary(max_size=64),
+                               st.text(max_size=8), st.lists(st.binary(max_size=8), max_size=3),
+                               st.builds(bytearray, st.binary(max_size=64))), max_size=5),
+       method=st.sampled_from(["seal", "open", "seal_batch", "seal_into", "open_batch"]))
+def test_fuzz_arbitrary_arguments(args, method):
+    c = cipher(wire.SUITE_AES_256_GCM)
+    try:
+        getattr(c, method)(*args)
+    except (TypeError, ValueError, OverflowError):
+        pass
