@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* STCP wire constants for the kernel datapath.
+ *
+ * Mirrors stcp/wire.py (the record layer) and stcp/datapath/verdicts.py (the verdict
+ * enum). tests/test_constants.py parses this file and fails if any value here differs
+ * from the Python side, so change both together.
+ *
+ * Every STCP_* #define below with a plain integer value is a shared constant: the name
+ * without the STCP_ prefix is the constant's name in stcp/wire.py.
+ */
+#ifndef STCP_WIRE_H
+#define STCP_WIRE_H
+
+/* --- record layer (stcp/wire.py) ---------------------------------------- */
+#define STCP_HEADER_LEN            24    /* length:u64 | cid:u64 | seq:u64 */
+#define STCP_AEAD_TAG_LEN          16
+#define STCP_MAX_UDP_PAYLOAD       65507
+#define STCP_DEFAULT_MAX_DATAGRAM  1452
+#define STCP_EPOCH_SHIFT           48
+#define STCP_HANDSHAKE_SEQ         0
+#define STCP_HANDSHAKE_PAYLOAD_LEN 80
+#define STCP_HANDSHAKE_RECORD_LEN  104
+#define STCP_HS_CLIENT_HELLO       1
+#define STCP_HS_SERVER_HELLO       2
+#define STCP_HS_REJECT             3
+
+/* --- verdicts (stcp/datapath/verdicts.py) --------------------------------
+ * One per-CPU counter (packets, bytes) per verdict. Values are indexes into the
+ * stcp_counters array; append new verdicts before STCP_V_MAX, never renumber. */
+enum stcp_verdict {
+	STCP_V_PASS_NOT_STCP      = 0,  /* not UDP to the STCP port (ARP, ICMP, TCP, ...) */
+	STCP_V_PASS_HANDSHAKE     = 1,  /* well-formed client hello within its rate */
+	STCP_V_PASS_DATA          = 2,  /* well-formed data record for a live CID */
+	STCP_V_DROP_SHORT_HEADER  = 3,  /* UDP payload shorter than the 24-byte header */
+	STCP_V_DROP_BAD_LENGTH    = 4,  /* length field != UDP payload length - 24 */
+	STCP_V_DROP_TOO_SHORT     = 5,  /* data record payload below the AEAD tag size */
+	STCP_V_DROP_TOO_LONG      = 6,  /* data record payload above the configured max */
+	STCP_V_DROP_FRAGMENT      = 7,  /* IPv4/IPv6 fragment of an STCP datagram */
+	STCP_V_DROP_UNKNOWN_CID   = 8,  /* data record whose CID is not in stcp_cids */
+	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source's token bucket */
+	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not an 80-byte client hello with cid 0 */
+	STCP_V_DROP_BAD_UDP       = 11, /* UDP length field < 8 or past the end of the frame */
+	STCP_V_MAX                = 12,
+};
+
+/* --- map sizes (the loader may override them through -D cflags) --------- */
+#ifndef STCP_MAX_CIDS              /* capacity of the live-connection table */
+#define STCP_MAX_CIDS 65536
+#endif
+#ifndef STCP_HS_SOURCES            /* capacity of the per-source LRU of token buckets */
+#define STCP_HS_SOURCES 65536
+#endif
+
+/* Layout version of the maps below; the loader refuses to reuse another version. */
+#define STCP_MAP_ABI 1
+
+struct stcp_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Runtime configuration, element 0 of the stcp_config array; written by the loader
+ * before the program is attached. port 0 means "not configured": everything passes. */
+struct stcp_config {
+	__u32 abi;               /* STCP_MAP_ABI */
+	__u32 port;              /* UDP destination port of STCP, host order */
+	__u32 max_record_len;    /* largest accepted data record payload */
+	__u32 hs_rate;           /* client hellos per second per source address */
+	__u32 hs_burst;          /* token bucket depth, in hellos */
+	__u32 reserved;
+	__u64 hs_cost_ns;        /* 1e9 / hs_rate: credit one hello costs */
+	__u64 hs_cap_ns;         /* hs_cost_ns * hs_burst: a full bucket */
+};
+
+/* Source address key of the handshake rate limiter: IPv4 as ::ffff:a.b.c.d. */
+struct stcp_src {
+	__u8 addr[16];
+};
+
+/* Token bucket in nanoseconds of credit: a hello costs 1e9 / rate ns. */
+struct stcp_bucket {
+	__u64 credit_ns;
+	__u64 last_ns;
+};
+
+struct stcp_hdr {
+	__be64 length;
+	__be64 cid;   /* compared as raw wire bytes: the loader stores keys big-endian */
+	__be64 seq;
+};
+
+#endif /* STCP_WIRE_H */

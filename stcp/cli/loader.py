@@ -1,0 +1,124 @@
+"""stcp-loader: attach, inspect and detach the STCP XDP program.
+
+    stcp-loader attach IFACE [--mode native|generic|auto] [--port N] [--force] ...
+    stcp-loader status [IFACE] [--json]
+    stcp-loader detach IFACE
+
+`--netns NS` (before or after the command) works on an interface inside the network
+namespace NS (as `ip netns exec NS` would) while keeping the host's bpffs for the pins.
+Errors are one line on stderr and a non-zero exit: 1 for a refused operation (already
+attached, nothing to detach), 2 for bad usage or a setup problem.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .. import wire
+from ..datapath.verdicts import Verdict
+
+DEFAULT_PORT = getattr(wire, "DEFAULT_PORT", 4433)
+EXIT_REFUSED = 1
+EXIT_SETUP = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from ..datapath import xdp
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--netns", default=argparse.SUPPRESS,
+                        help="network namespace (name under /run/netns) holding the interface")
+    p = argparse.ArgumentParser(prog="stcp-loader", parents=[common],
+                                description="Attach, inspect and detach the STCP XDP program.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{attach,detach,status}")
+
+    a = sub.add_parser("attach", parents=[common], help="compile, attach and pin the XDP program, then exit")
+    a.add_argument("iface")
+    a.add_argument("--mode", choices=xdp.MODES, default="auto",
+                   help="native (driver), generic (skb), or auto: native, else generic (default)")
+    a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"STCP UDP port (default {DEFAULT_PORT})")
+    a.add_argument("--max-record-len", type=int, default=xdp.DEFAULT_MAX_RECORD_LEN,
+                   help=f"largest data record payload accepted (default {xdp.DEFAULT_MAX_RECORD_LEN})")
+    a.add_argument("--hs-rate", type=int, default=xdp.DEFAULT_HS_RATE,
+                   help=f"client hellos per second per source address (default {xdp.DEFAULT_HS_RATE})")
+    a.add_argument("--hs-burst", type=int, default=xdp.DEFAULT_HS_BURST,
+                   help=f"client hello burst per source address (default {xdp.DEFAULT_HS_BURST})")
+    a.add_argument("--max-cids", type=int, default=xdp.DEFAULT_MAX_CIDS,
+                   help=f"capacity of the live-connection table (default {xdp.DEFAULT_MAX_CIDS})")
+    a.add_argument("--force", action="store_true", help="replace an XDP program already attached")
+
+    d = sub.add_parser("detach", parents=[common], help="remove the XDP program and its pins")
+    d.add_argument("iface")
+
+    s = sub.add_parser("status", parents=[common], help="attachment, config and verdict counters")
+    s.add_argument("iface", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    return p
+
+
+def _fmt_status(st: dict) -> str:
+    if not st["attached"]:
+        extra = f" (stale pins at {st['pin_dir']})" if st.get("pinned") else ""
+        return f"{st['iface']}: no STCP XDP program attached{extra}"
+    c = st["config"]
+    lines = [
+        f"{st['iface']}: STCP XDP attached, {st['mode']} mode, prog id {st['prog_id']}",
+        f"  port {c['port']}, max record {c['max_record_len']} bytes, "
+        f"hellos {c['hs_rate']}/s burst {c['hs_burst']} per source, {st['live_cids']} live connection IDs",
+        f"  pins: {st['pin_dir']}" + ("" if st["pinned"] else " (not pinned in this mount namespace)"),
+        f"  {'verdict':<22}{'packets':>14}{'bytes':>16}",
+    ]
+    for v in Verdict:
+        cnt = st["counters"][v.key]
+        lines.append(f"  {v.key:<22}{cnt['packets']:>14}{cnt['bytes']:>16}")
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..datapath import xdp
+
+    if args.command == "attach":
+        st = xdp.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force,
+                        netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids)
+        print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
+              f"port {st['config']['port']}); maps pinned at {st['pin_dir']}")
+        return 0
+    if args.command == "detach":
+        r = xdp.detach(args.iface, netns=args.netns)
+        print(f"detached STCP XDP (prog id {r['prog_id']}, {r['mode']} mode) from {args.iface}; "
+              f"removed {r['pin_dir']}")
+        return 0
+    if args.command == "status":
+        sts = xdp.status(args.iface, netns=args.netns)
+        if args.json:
+            print(json.dumps({"interfaces": sts}, indent=2, sort_keys=True))
+        elif not sts:
+            print("no STCP XDP program attached to any interface" + (f" in netns {args.netns}" if args.netns else ""))
+        else:
+            print("\n".join(_fmt_status(s) for s in sts))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ..datapath.xdp import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
+
+    args = _parser().parse_args(argv)
+    args.netns = getattr(args, "netns", None)
+    try:
+        return _run(args)
+    except (XdpAlreadyAttached, XdpNotAttached) as e:
+        print(f"stcp-loader: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except XdpSetupError as e:
+        print(f"stcp-loader: {e}", file=sys.stderr)
+        return EXIT_SETUP
+    except OSError as e:
+        print(f"stcp-loader: {e}", file=sys.stderr)
+        return EXIT_SETUP
+
+
+if __name__ == "__main__":
+    sys.exit(main())

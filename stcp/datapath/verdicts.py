@@ -1,0 +1,38 @@
+"""Verdicts of the XDP program (bpf/stcp_xdp.c), mirrored from `enum stcp_verdict` in
+bpf/stcp_wire.h. tests/test_constants.py checks that both sides agree.
+
+Each verdict indexes one per-CPU (packets, bytes) counter in the program's
+`stcp_counters` map. Values are append-only: never renumber.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class Verdict(enum.IntEnum):
+    PASS_NOT_STCP = 0       # not UDP to the STCP port (ARP, ICMP, TCP, other ports, ...)
+    PASS_HANDSHAKE = 1      # well-formed client hello within its source's rate
+    PASS_DATA = 2           # well-formed data record for a live connection ID
+    DROP_SHORT_HEADER = 3   # UDP payload shorter than the 24-byte record header
+    DROP_BAD_LENGTH = 4     # length field != UDP payload length - 24
+    DROP_TOO_SHORT = 5      # data record payload below the AEAD tag size
+    DROP_TOO_LONG = 6       # data record payload above the configured maximum
+    DROP_FRAGMENT = 7       # IPv4/IPv6 fragment of an STCP datagram
+    DROP_UNKNOWN_CID = 8    # data record whose CID is not in the live-connection table
+    DROP_HS_RATE = 9        # client hello over its source address's token bucket
+    DROP_BAD_HANDSHAKE = 10  # seq 0 but not an 80-byte client hello with cid 0
+    DROP_BAD_UDP = 11       # UDP length field < 8 or past the end of the frame
+
+    @property
+    def key(self) -> str:
+        """The name used in counters(), status output and metrics: 'drop_unknown_cid'."""
+        return self.name.lower()
+
+    @property
+    def is_drop(self) -> bool:
+        return self.name.startswith("DROP_")
+
+
+VERDICT_MAX = len(Verdict)   # == STCP_V_MAX
+DROP_VERDICTS = tuple(v for v in Verdict if v.is_drop)
+PASS_VERDICTS = tuple(v for v in Verdict if not v.is_drop)
