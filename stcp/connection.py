@@ -1,0 +1,560 @@
+"""One STCP connection, sans-IO: datagrams and `now` in; datagrams, a timer and events out.
+
+No socket, thread or clock lives here (the style of h11 and aioquic). A datapath feeds
+`receive_datagram`, sends what `datagrams_to_send` returns, calls `handle_timer` when
+`get_timer` says so, and hands `next_event` results to the application.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Deque, List, Optional, Tuple
+
+from . import wire
+from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
+from .errors import (AuthenticationFailure, CloseCode, FlowControlError, HandshakeFailure, KeyUpdateError,
+                     MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
+from .handshake import ClientHandshake, Keys, server_respond
+from .recovery import MAX_ACK_DELAY, Recovery, SentPacket
+from .replay import ReceivedPackets
+from .state import Event, State, transition
+from .stream import RecvStream, SendStream
+
+
+@dataclass
+class Config:
+    suite: int = wire.SUITE_AES_256_GCM
+    accepted_suites: Tuple[int, ...] = (wire.SUITE_AES_256_GCM, wire.SUITE_CHACHA20_POLY1305)
+    max_datagram: int = wire.DEFAULT_MAX_DATAGRAM
+    handshake_timeout: float = 10.0
+    hello_retransmit: float = 0.2          # first client-hello retransmission; doubles each time
+    idle_timeout: float = 30.0
+    keepalive: Optional[float] = 10.0      # ping after this much silence; None disables
+    recv_window: int = 16 << 20
+    key_update_interval: int = 1 << 22     # records sealed under one key before updating it
+    cid_prefix_bits: int = 0               # top CID bits naming the owning worker (AF_XDP steering)
+    cid_prefix: int = 0
+
+    def __post_init__(self) -> None:
+        if not wire.HEADER_LEN + wire.AEAD_TAG_LEN + 64 <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
+            raise ValueError(f"max_datagram must be between 104 and {wire.MAX_UDP_PAYLOAD}")
+        limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))
+        if not 1 <= self.key_update_interval <= limit // 2:
+            raise ValueError(f"key_update_interval must be between 1 and {limit // 2}")
+
+    def new_cid(self) -> int:
+        while True:
+            bits = 64 - self.cid_prefix_bits
+            cid = int.from_bytes(os.urandom(8), "big") & ((1 << bits) - 1)
+            if self.cid_prefix_bits:
+                cid |= self.cid_prefix << bits
+            if cid:
+                return cid
+
+
+# --- events handed to the application -------------------------------------
+@dataclass
+class HandshakeCompleted:
+    suite: int
+    duration: float
+
+
+@dataclass
+class DataReceived:
+    data: bytes
+
+
+@dataclass
+class StreamFinished:
+    """The peer finished its sending direction; every byte it sent has been delivered."""
+
+
+@dataclass
+class KeyUpdated:
+    direction: str     # "send" or "recv"
+    epoch: int
+
+
+@dataclass
+class ConnectionClosed:
+    code: int
+    reason: str = ""
+    by_peer: bool = False
+    error: bool = False
+
+
+@dataclass
+class Stats:
+    records_sent: int = 0
+    records_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    stream_bytes_sent: int = 0
+    stream_bytes_received: int = 0
+    retransmitted_records: int = 0
+    duplicates_discarded: int = 0
+    auth_failures: int = 0
+    key_updates_sent: int = 0
+    key_updates_received: int = 0
+    rtt_samples: List[float] = field(default_factory=list)
+
+
+# Descriptions of what a sent packet carried, so loss and acks can act on them.
+_STREAM, _MAX_DATA, _PING, _CLOSE, _KEY_UPDATE = range(5)
+_DRAIN_PTOS = 3
+_MIN_STREAM_CHUNK = 64
+_ACK_BYTES = 23 + 16 * 8                  # an ACK frame with a few ranges
+
+
+class Connection:
+    def __init__(self, config: Config, is_client: bool, now: float):
+        self.config = config
+        self.is_client = is_client
+        self.state = State.INIT
+        self.local_cid = config.new_cid()
+        self.peer_cid = 0
+        self.suite = config.suite
+        self.events: Deque[object] = deque()
+        self.stats = Stats()
+        self.close_info: Optional[ConnectionClosed] = None
+        self._created = now
+        self._out: List[bytes] = []
+        self._keys: Optional[Keys] = None
+        self._recv_prev: Optional[RecordKey] = None
+        self._recv_next: Optional[RecordKey] = None
+        self._next_pn = 1
+        self._sealed_under_key = 0
+        self._epoch_first_pn = 1
+        self._key_update_allowed = False
+        self._key_update_frame_due = False
+        self._received = ReceivedPackets()
+        self._ack_eliciting_unacked = 0
+        self._ack_deadline: Optional[float] = None
+        self._recovery = Recovery(config.max_datagram)
+        self._send = SendStream()
+        self._recv = RecvStream(config.recv_window)
+        self._peer_max_data = wire.INITIAL_MAX_DATA
+        self._max_data_due = False
+        self._ping_due = False
+        self._probes_due = 0
+        self._close_frame: Optional[wire.CloseFrame] = None
+        self._draining_until: Optional[float] = None
+        self._last_activity = now
+        self._handshake_deadline = now + config.handshake_timeout
+        self._hello_next: Optional[float] = None
+        self._hello_interval = config.hello_retransmit
+        self._client_hs: Optional[ClientHandshake] = None
+        self._hello_record = b""       # client: the accepted server hello; server: the client hello
+        self._server_hello = b""
+
+    # --- construction ------------------------------------------------------
+    @classmethod
+    def client(cls, config: Config, now: float) -> "Connection":
+        conn = cls(config, True, now)
+        conn._client_hs = ClientHandshake(config.suite, conn.local_cid)
+        conn._set_state(Event.SEND_HELLO)
+        conn._out.append(conn._client_hs.hello_record)
+        conn._hello_next = now + conn._hello_interval
+        return conn
+
+    @classmethod
+    def server(cls, config: Config, hello_record: bytes, hello: wire.Hello, now: float) -> "Connection":
+        """Accept a client hello; raises handshake.Rejected if it cannot be served."""
+        conn = cls(config, False, now)
+        conn.suite = hello.suite
+        conn.peer_cid = hello.sender_cid
+        conn._server_hello, conn._keys = server_respond(hello_record, hello, conn.local_cid, config.accepted_suites)
+        conn._hello_record = hello_record
+        conn._set_state(Event.RECV_HELLO)
+        conn._out.append(conn._server_hello)
+        return conn
+
+    # --- application side --------------------------------------------------
+    def send(self, data: bytes) -> None:
+        self._require_encrypted("send data")
+        if self._close_frame is not None or self._draining_until is not None:
+            raise NotEncrypted("the connection is closing; no more data can be sent")
+        self._send.write(data)
+
+    def shutdown_write(self) -> None:
+        """Finish the sending direction (half-close); data already written is still delivered."""
+        self._require_encrypted("finish the stream")
+        self._send.finish()
+
+    def consume(self, n: int) -> None:
+        """The application has read n delivered bytes: flow-control credit may be returned."""
+        if self._recv.on_consumed(n) is not None:
+            self._max_data_due = True
+
+    def close(self, code: int = CloseCode.APPLICATION_ABORT, reason: str = "") -> None:
+        """End the connection now, telling the peer why (an abort, not a graceful close)."""
+        if self.state in (State.CLOSED, State.ERROR):
+            return
+        if self.state == State.ENCRYPTED:
+            self._close_frame = wire.CloseFrame(int(code), reason)
+            self._out.append(self._seal_frames([wire.encode_frame(self._close_frame)], [], True))
+        self._finish(Event.ABORT, ConnectionClosed(int(code), reason, by_peer=False, error=False))
+
+    @property
+    def send_buffered(self) -> int:
+        """Bytes written but not yet acknowledged by the peer."""
+        return self._send.unacked_bytes
+
+    @property
+    def send_finished_and_acked(self) -> bool:
+        return self._send.all_acked
+
+    @property
+    def is_closed(self) -> bool:
+        return self.state == State.CLOSED
+
+    @property
+    def rtt(self) -> float:
+        return self._recovery.rtt.smoothed
+
+    @property
+    def send_epoch(self) -> int:
+        return self._keys.send.epoch if self._keys else 0
+
+    @property
+    def recv_epoch(self) -> int:
+        return self._keys.recv.epoch if self._keys else 0
+
+    def next_event(self):
+        return self.events.popleft() if self.events else None
+
+    def _require_encrypted(self, what: str) -> None:
+        if self.state != State.ENCRYPTED:
+            raise NotEncrypted(f"cannot {what} in state {self.state.value}: application data flows only "
+                               f"in ENCRYPTED")
+
+    # --- state -------------------------------------------------------------
+    def _set_state(self, event: Event) -> None:
+        self.state = transition(self.state, event)
+
+    def _finish(self, event: Event, info: ConnectionClosed) -> None:
+        self._set_state(event)
+        if self.state == State.ERROR:
+            self._set_state(Event.TERMINATED)
+        self.close_info = info
+        self._recovery.forget_all()
+        self.events.append(info)
+
+    def _fail(self, exc: STCPError, now: float) -> None:
+        """Terminate on a fatal error: ERROR, tell the peer if we can, then CLOSED."""
+        if self.state in (State.CLOSED, State.ERROR):
+            return
+        code = int(getattr(exc, "code", CloseCode.INTERNAL_ERROR))
+        reason = str(exc)
+        if self._keys is not None and (self.state == State.ENCRYPTED or not self.is_client):
+            frame = wire.CloseFrame(code, reason)
+            self._out.append(self._seal_frames([wire.encode_frame(frame)], [], True))
+        self._finish(Event.FAILURE, ConnectionClosed(code, reason, by_peer=False, error=True))
+
+    # --- receive -----------------------------------------------------------
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """Process one UDP datagram addressed to this connection. Never raises for bad input."""
+        if self.state == State.CLOSED:
+            return
+        try:
+            _, cid, seq = wire.parse_header(data)
+            if seq == wire.HANDSHAKE_SEQ:
+                self._receive_handshake(data, now)
+            else:
+                self._receive_protected(data, cid, seq, now)
+        except STCPError as exc:
+            if isinstance(exc, AuthenticationFailure):
+                self.stats.auth_failures += 1
+            self._fail(exc, now)
+
+    def _receive_handshake(self, record: bytes, now: float) -> None:
+        hello = wire.decode_hello(record[wire.HEADER_LEN:])
+        if not self.is_client:
+            if hello.kind == wire.HS_CLIENT_HELLO and record == self._hello_record:
+                if self.state == State.KEY_EXCHANGE:    # our server hello was lost: same answer again
+                    self._out.append(self._server_hello)
+                else:
+                    self.stats.duplicates_discarded += 1
+                return
+            raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+        if self.state == State.KEY_EXCHANGE:
+            self._keys, self.peer_cid = self._client_hs.on_server_hello(record, hello)
+            self._hello_record = record
+            self._client_hs = None
+            self._hello_next = None
+            self._keys_confirmed(now)
+            self._ping_due = True     # gives the server its key confirmation even with no data to send
+        elif record == self._hello_record:
+            self.stats.duplicates_discarded += 1
+        else:
+            raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+
+    def _keys_confirmed(self, now: float) -> None:
+        self._set_state(Event.KEYS_CONFIRMED)
+        self._handshake_deadline = None
+        self._last_activity = now
+        if self._recv.initial_limit() is not None:
+            self._max_data_due = True
+        self.events.append(HandshakeCompleted(self.suite, now - self._created))
+
+    def _receive_protected(self, record: bytes, cid: int, seq: int, now: float) -> None:
+        keys = self._keys
+        if keys is None or (self.is_client and self.state != State.ENCRYPTED):
+            raise ProtocolViolation(f"protected record in state {self.state.value}")
+        if cid != self.local_cid:
+            raise MalformedRecord("record addressed to another connection ID")
+        if len(record) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+            raise MalformedRecord("record shorter than the authentication tag")
+        epoch, pn = seq >> wire.EPOCH_SHIFT, seq & wire.PN_MASK
+        if self._received.is_duplicate(pn):
+            self.stats.duplicates_discarded += 1
+            return
+        plaintext = self._open(record, seq, epoch)
+        self._received.add(pn)
+        self.stats.records_received += 1
+        self.stats.bytes_received += len(record)
+        self._last_activity = now
+        if self.state == State.KEY_EXCHANGE:
+            self._keys_confirmed(now)
+        ack_eliciting = False
+        for frame in wire.decode_frames(plaintext):
+            if isinstance(frame, wire.StreamFrame):
+                ack_eliciting = True
+                self._on_stream(frame)
+            elif isinstance(frame, wire.AckFrame):
+                self._on_ack(frame, now)
+            elif isinstance(frame, wire.MaxDataFrame):
+                ack_eliciting = True
+                self._peer_max_data = max(self._peer_max_data, frame.limit)
+            elif isinstance(frame, wire.PingFrame):
+                ack_eliciting = True
+            elif isinstance(frame, wire.KeyUpdateFrame):
+                ack_eliciting = True
+                if frame.epoch != epoch:
+                    raise KeyUpdateError(f"key update to epoch {frame.epoch} in a record of epoch {epoch}")
+            elif isinstance(frame, wire.CloseFrame):
+                self._on_close(frame)
+                return
+        if ack_eliciting:
+            self._ack_eliciting_unacked += 1
+            if self._ack_eliciting_unacked >= 2 or pn != self._received.largest:
+                self._ack_deadline = now                    # ack with the next flush
+            elif self._ack_deadline is None:
+                self._ack_deadline = now + MAX_ACK_DELAY
+        self._check_finished(now)
+
+    def _open(self, record: bytes, seq: int, epoch: int) -> bytes:
+        keys = self._keys
+        current = keys.recv
+        if epoch == current.epoch:
+            return current.open(record, seq)
+        if epoch == current.epoch + 1:
+            nxt = self._recv_next or current.next()
+            plaintext = nxt.open(record, seq)      # rotate only once a record authenticates
+            self._recv_prev, keys.recv, self._recv_next = current, nxt, None
+            self.stats.key_updates_received += 1
+            self.events.append(KeyUpdated("recv", nxt.epoch))
+            return plaintext
+        if self._recv_prev is not None and epoch == self._recv_prev.epoch:
+            return self._recv_prev.open(record, seq)
+        raise KeyUpdateError(f"record of key epoch {epoch} while receiving epoch {current.epoch}")
+
+    def _on_stream(self, frame: wire.StreamFrame) -> None:
+        if frame.offset + len(frame.data) >= 1 << 62:
+            raise FlowControlError("stream offset out of range")
+        data = self._recv.receive(frame.offset, frame.data, frame.fin)
+        if data:
+            self.stats.stream_bytes_received += len(data)
+            self.events.append(DataReceived(data))
+        if self._recv.finished and not self._recv.fin_delivered:
+            self._recv.fin_delivered = True
+            self.events.append(StreamFinished())
+
+    def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
+        if frame.ranges[0][1] >= self._next_pn:
+            raise ProtocolViolation(f"ack of packet {frame.ranges[0][1]} that was never sent")
+        acked, lost = self._recovery.on_ack(frame.ranges, frame.delay_us / 1e6, now)
+        send_epoch = self._keys.send.epoch
+        for p in acked:
+            if p.epoch == send_epoch:
+                self._key_update_allowed = True
+            for desc in p.frames:
+                if desc[0] == _STREAM:
+                    self._send.on_acked(desc[1], desc[2], desc[3])
+        if acked and self._recovery.rtt.has_sample:
+            self.stats.rtt_samples.append(self._recovery.rtt.latest)
+            if len(self.stats.rtt_samples) > 1024:
+                del self.stats.rtt_samples[:512]
+        self._on_lost(lost)
+
+    def _on_lost(self, lost: List[SentPacket]) -> None:
+        for p in lost:
+            for desc in p.frames:
+                kind = desc[0]
+                if kind == _STREAM:
+                    self._send.on_lost(desc[1], desc[2], desc[3])
+                elif kind == _MAX_DATA:
+                    self._max_data_due = True
+                elif kind == _KEY_UPDATE and desc[1] == self._keys.send.epoch:
+                    self._key_update_frame_due = True
+
+    def _on_close(self, frame: wire.CloseFrame) -> None:
+        clean = frame.code == CloseCode.NO_ERROR and self._recv.finished
+        if clean:
+            self._finish(Event.FINISHED, ConnectionClosed(frame.code, frame.reason, by_peer=True, error=False))
+            return
+        reason = frame.reason
+        if frame.code == CloseCode.NO_ERROR:
+            reason = reason or "peer closed before finishing its stream"
+        self._finish(Event.FAILURE, ConnectionClosed(frame.code, reason, by_peer=True, error=True))
+
+    def _check_finished(self, now: float) -> None:
+        """Both directions done: say goodbye and linger a little to re-ack a lost final ack."""
+        if self._draining_until is None and self.state == State.ENCRYPTED \
+                and self._send.all_acked and self._recv.finished:
+            self._close_frame = wire.CloseFrame(CloseCode.NO_ERROR, "")
+            self._draining_until = now + _DRAIN_PTOS * self._recovery.pto_interval()
+
+    # --- timers ------------------------------------------------------------
+    def get_timer(self) -> Optional[float]:
+        if self.state == State.CLOSED:
+            return None
+        candidates = [self._handshake_deadline, self._hello_next, self._ack_deadline, self._draining_until,
+                      self._recovery.timer() if self.state == State.ENCRYPTED else None]
+        if self.state == State.ENCRYPTED:
+            candidates.append(self._last_activity + self.config.idle_timeout)
+            if self.config.keepalive and not self._recovery.ack_eliciting_in_flight:
+                candidates.append(self._last_activity + self.config.keepalive)
+        return min((t for t in candidates if t is not None), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        if self.state == State.CLOSED:
+            return
+        if self._handshake_deadline is not None and now >= self._handshake_deadline:
+            seconds = self.config.handshake_timeout
+            self._finish(Event.TIMEOUT, ConnectionClosed(CloseCode.HANDSHAKE_TIMEOUT,
+                                                         f"handshake timed out after {seconds:g} s"))
+            return
+        if self.state == State.ENCRYPTED and now >= self._last_activity + self.config.idle_timeout:
+            self._finish(Event.TIMEOUT, ConnectionClosed(
+                CloseCode.IDLE_TIMEOUT, f"no record from the peer for {self.config.idle_timeout:g} s"))
+            return
+        if self._draining_until is not None and now >= self._draining_until:
+            self._finish(Event.FINISHED, ConnectionClosed(CloseCode.NO_ERROR))
+            return
+        if self._hello_next is not None and now >= self._hello_next:
+            self._out.append(self._client_hs.hello_record)
+            self._hello_interval *= 2
+            self._hello_next = now + self._hello_interval
+        if self.state != State.ENCRYPTED:
+            return
+        if self.config.keepalive and now >= self._last_activity + self.config.keepalive \
+                and not self._recovery.ack_eliciting_in_flight:
+            self._ping_due = True
+        timer = self._recovery.timer()
+        if timer is not None and now >= timer:
+            if self._recovery.loss_time is not None:
+                self._on_lost(self._recovery.detect_lost(now))
+            else:
+                self._on_pto()
+
+    def _on_pto(self) -> None:
+        self._recovery.on_pto()
+        self._probes_due = 2
+        oldest = next((p for p in self._recovery.sent.values() if p.ack_eliciting), None)
+        if oldest is not None:     # probe with the oldest unacknowledged data, not just a ping
+            for desc in oldest.frames:
+                if desc[0] == _STREAM:
+                    self._send.on_lost(desc[1], desc[2], desc[3])
+        if not self._send.pending():
+            self._ping_due = True
+
+    # --- send --------------------------------------------------------------
+    def datagrams_to_send(self, now: float) -> List[bytes]:
+        out, self._out = self._out, []
+        if self.state != State.ENCRYPTED:
+            return out
+        try:
+            self._build_packets(now, out)
+        except STCPError as exc:
+            self._fail(exc, now)
+            out.extend(self._out)
+            self._out = []
+        return out
+
+    def _build_packets(self, now: float, out: List[bytes]) -> None:
+        """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
+        max_payload = self.config.max_datagram - wire.HEADER_LEN - wire.AEAD_TAG_LEN
+        cc = self._recovery.cc
+        send = self._send
+        while True:
+            frames: List[bytes] = []
+            descs: list = []
+            if self._ack_deadline is not None and self._ack_deadline <= now:
+                frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES)))
+                self._ack_deadline = None
+                self._ack_eliciting_unacked = 0
+            if self._max_data_due:
+                self._max_data_due = False
+                frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
+                descs.append((_MAX_DATA,))
+            if self._key_update_frame_due:
+                self._key_update_frame_due = False
+                frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
+                descs.append((_KEY_UPDATE, self._keys.send.epoch))
+            if self._ping_due:
+                self._ping_due = False
+                frames.append(wire.encode_frame(wire.PingFrame()))
+                descs.append((_PING,))
+            if self._close_frame is not None and self._draining_until is not None:
+                frames.append(wire.encode_frame(self._close_frame))
+                descs.append((_CLOSE,))
+                self._close_frame = None
+            budget = max_payload - sum(len(f) for f in frames)
+            retransmit = False
+            if self._draining_until is None and (self._probes_due or cc.can_send(self.config.max_datagram)):
+                while budget >= wire.STREAM_FRAME_OVERHEAD + _MIN_STREAM_CHUNK or \
+                        (budget >= wire.STREAM_FRAME_OVERHEAD and send.wants_fin()):
+                    new_from = send.next_offset
+                    chunk = send.next_chunk(budget - wire.STREAM_FRAME_OVERHEAD, self._peer_max_data)
+                    if chunk is None:
+                        break
+                    offset, data, fin = chunk
+                    retransmit |= offset < new_from
+                    frames.append(wire.encode_stream(offset, data, fin))
+                    descs.append((_STREAM, offset, offset + len(data), fin))
+                    budget -= wire.STREAM_FRAME_OVERHEAD + len(data)
+                if self._probes_due and descs:
+                    self._probes_due -= 1
+            if not frames:
+                return
+            if retransmit:
+                self.stats.retransmitted_records += 1
+            out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0) -> bytes:
+        keys = self._keys
+        if self._sealed_under_key >= self.config.key_update_interval and self._key_update_allowed:
+            keys.send = keys.send.next()
+            self._sealed_under_key = 0
+            self._epoch_first_pn = self._next_pn
+            self._key_update_allowed = False
+            self.stats.key_updates_sent += 1
+            self.events.append(KeyUpdated("send", keys.send.epoch))
+            frames.append(wire.encode_frame(wire.KeyUpdateFrame(keys.send.epoch)))
+            descs.append((_KEY_UPDATE, keys.send.epoch))
+            ack_eliciting = True
+        if self._sealed_under_key >= CONFIDENTIALITY_LIMIT[self.suite]:
+            raise KeyUpdateError("key usage limit reached before the peer allowed a key update")
+        pn = self._next_pn
+        self._next_pn += 1
+        self._sealed_under_key += 1
+        record = keys.send.seal(self.peer_cid, wire.make_seq(keys.send.epoch, pn), b"".join(frames))
+        self.stats.records_sent += 1
+        self.stats.bytes_sent += len(record)
+        for d in descs:
+            if d[0] == _STREAM:
+                self.stats.stream_bytes_sent += d[2] - d[1]
+        self._recovery.on_sent(SentPacket(pn, now, len(record), ack_eliciting, descs, keys.send.epoch))
+        return record

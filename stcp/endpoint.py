@@ -1,0 +1,91 @@
+"""Server-side demultiplexing, sans-IO: one datagram and its source in, the connection it belongs to out.
+
+Data records are routed by the connection ID in their header; client hellos by (source
+address, client CID), so a retransmitted hello reaches the connection it already made and
+gets the same server hello back instead of a second connection. A datagram that names no
+connection is dropped and counted; one that names a connection is that connection's
+business alone, so a bad record can end only the connection it was aimed at.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Optional, Tuple
+
+from . import wire
+from .connection import Config, Connection
+from .errors import MalformedRecord
+from .handshake import Rejected, reject_record
+
+_CID_SEQ = struct.Struct("!8xQQ")
+
+
+@dataclass
+class EndpointStats:
+    dropped_short: int = 0            # shorter than a header
+    dropped_unknown_cid: int = 0
+    dropped_bad_hello: int = 0
+    dropped_over_capacity: int = 0
+    handshakes_rejected: int = 0
+
+
+class ServerEndpoint:
+    def __init__(self, config: Config, max_connections: int = 100_000):
+        self.config = config
+        self.max_connections = max_connections
+        self.connections: Dict[int, Connection] = {}
+        self.peer_addr: Dict[int, Hashable] = {}
+        self._by_hello: Dict[Tuple[Hashable, int], Connection] = {}
+        self.stats = EndpointStats()
+        self.rejects: List[Tuple[bytes, Hashable]] = []    # REJECT records waiting to be sent
+
+    def receive(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
+        """Route one datagram; return (connection or None, whether it is a new connection)."""
+        if len(data) < wire.HEADER_LEN:
+            self.stats.dropped_short += 1
+            return None, False
+        cid, seq = _CID_SEQ.unpack_from(data)
+        if seq == wire.HANDSHAKE_SEQ and cid == 0:
+            return self._receive_hello(data, addr, now)
+        conn = self.connections.get(cid)
+        if conn is None:
+            self.stats.dropped_unknown_cid += 1
+            return None, False
+        conn.receive_datagram(data, now)
+        return conn, False
+
+    def _receive_hello(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
+        try:
+            wire.parse_header(data)
+            hello = wire.decode_hello(data[wire.HEADER_LEN:])
+        except MalformedRecord:
+            self.stats.dropped_bad_hello += 1
+            return None, False
+        if hello.kind != wire.HS_CLIENT_HELLO:
+            self.stats.dropped_bad_hello += 1
+            return None, False
+        key = (addr, hello.sender_cid)
+        conn = self._by_hello.get(key)
+        if conn is not None:
+            conn.receive_datagram(data, now)
+            return conn, False
+        if len(self.connections) >= self.max_connections:
+            self.stats.dropped_over_capacity += 1
+            return None, False
+        try:
+            conn = Connection.server(self.config, data, hello, now)
+        except Rejected as exc:
+            self.stats.handshakes_rejected += 1
+            self.rejects.append((reject_record(hello.sender_cid, hello.suite, exc.reject_code), addr))
+            return None, False
+        if conn.local_cid in self.connections:    # 64-bit collision: let the client's retransmission retry
+            return None, False
+        self.connections[conn.local_cid] = conn
+        self.peer_addr[conn.local_cid] = addr
+        self._by_hello[key] = conn
+        return conn, True
+
+    def remove(self, conn: Connection) -> None:
+        self.connections.pop(conn.local_cid, None)
+        addr = self.peer_addr.pop(conn.local_cid, None)
+        self._by_hello.pop((addr, conn.peer_cid), None)

@@ -1,0 +1,68 @@
+"""Received packet numbers: duplicate (replay) detection and the ranges an ACK reports.
+
+Ranges are kept ascending as [low, high] pairs. Only the newest MAX_RANGES ranges are
+remembered; anything below the oldest remembered range counts as already seen, so a
+replayed or very late record is discarded instead of being processed twice.
+"""
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import List, Tuple
+
+MAX_RANGES = 256
+
+
+class ReceivedPackets:
+    __slots__ = ("ranges", "floor")
+
+    def __init__(self) -> None:
+        self.ranges: List[List[int]] = []
+        self.floor = 0   # every pn below this counts as seen
+
+    def is_duplicate(self, pn: int) -> bool:
+        if pn < self.floor:
+            return True
+        ranges = self.ranges
+        if not ranges or pn > ranges[-1][1]:
+            return False
+        i = bisect_right(ranges, [pn, float("inf")]) - 1
+        return i >= 0 and ranges[i][0] <= pn <= ranges[i][1]
+
+    def add(self, pn: int) -> None:
+        """Record pn, which the caller has checked is not a duplicate."""
+        ranges = self.ranges
+        if ranges:
+            last = ranges[-1]
+            if pn == last[1] + 1:          # the in-order fast path
+                last[1] = pn
+                return
+            if pn > last[1]:
+                ranges.append([pn, pn])
+                self._trim()
+                return
+        i = bisect_right(ranges, [pn, float("inf")])
+        joins_left = i > 0 and ranges[i - 1][1] + 1 == pn
+        joins_right = i < len(ranges) and ranges[i][0] - 1 == pn
+        if joins_left and joins_right:
+            ranges[i - 1][1] = ranges[i][1]
+            del ranges[i]
+        elif joins_left:
+            ranges[i - 1][1] = pn
+        elif joins_right:
+            ranges[i][0] = pn
+        else:
+            ranges.insert(i, [pn, pn])
+            self._trim()
+
+    def _trim(self) -> None:
+        if len(self.ranges) > MAX_RANGES:
+            dropped = self.ranges.pop(0)
+            self.floor = dropped[1] + 1
+
+    def ack_ranges(self, limit: int) -> Tuple[Tuple[int, int], ...]:
+        """The newest `limit` ranges, highest first, as an AckFrame wants them."""
+        return tuple((lo, hi) for lo, hi in reversed(self.ranges[-limit:]))
+
+    @property
+    def largest(self) -> int:
+        return self.ranges[-1][1] if self.ranges else -1
