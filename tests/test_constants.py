@@ -1,0 +1,91 @@
+"""Constants shared by C (bpf/stcp_wire.h) and Python must agree; no root needed."""
+from __future__ import annotations
+
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from stcp import wire
+from stcp.datapath import verdicts, xdp
+
+HEADER = Path(__file__).resolve().parent.parent / "bpf" / "stcp_wire.h"
+
+
+def _text() -> str:
+    # drop comments so commented-out values cannot match
+    src = HEADER.read_text()
+    src = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    return re.sub(r"//[^\n]*", "", src)
+
+
+def _defines() -> dict[str, int]:
+    out = {}
+    for name, value in re.findall(r"^\s*#define\s+(STCP_\w+)\s+(\(?[0-9xXa-fA-F]+\)?)\s*$", _text(), flags=re.M):
+        out[name] = int(value.strip("()"), 0)
+    return out
+
+
+def _enum() -> dict[str, int]:
+    m = re.search(r"enum\s+stcp_verdict\s*\{(.*?)\}", _text(), flags=re.S)
+    assert m, "enum stcp_verdict not found in bpf/stcp_wire.h"
+    out = {}
+    for name, value in re.findall(r"(STCP_V_\w+)\s*=\s*(\d+)", m.group(1)):
+        out[name] = int(value)
+    return out
+
+
+def test_header_parses():
+    d = _defines()
+    assert "STCP_HEADER_LEN" in d and len(d) >= 10
+
+
+@pytest.mark.parametrize("name", sorted(n for n in _defines() if hasattr(wire, n[len("STCP_"):])))
+def test_wire_constant_matches(name):
+    assert _defines()[name] == getattr(wire, name[len("STCP_"):]), f"{name} in bpf/stcp_wire.h != stcp.wire"
+
+
+def test_every_wire_mirror_exists():
+    """The constants the XDP program depends on are all mirrored (and so all checked)."""
+    needed = {"HEADER_LEN", "AEAD_TAG_LEN", "HANDSHAKE_PAYLOAD_LEN", "HANDSHAKE_RECORD_LEN", "HANDSHAKE_SEQ",
+              "HS_CLIENT_HELLO", "HS_SERVER_HELLO", "HS_REJECT", "DEFAULT_MAX_DATAGRAM", "MAX_UDP_PAYLOAD",
+              "EPOCH_SHIFT"}
+    missing = {n for n in needed if f"STCP_{n}" not in _defines()}
+    assert not missing, f"bpf/stcp_wire.h lacks STCP_{missing}"
+    # every STCP_* define is either a wire constant or a declared C-only one
+    c_only = {"STCP_MAX_CIDS", "STCP_HS_SOURCES", "STCP_MAP_ABI"}
+    unknown = {n for n in _defines() if n not in c_only and not hasattr(wire, n[len("STCP_"):])}
+    assert not unknown, f"defines with no stcp.wire counterpart: {unknown}"
+
+
+def test_map_abi_matches_loader():
+    assert _defines()["STCP_MAP_ABI"] == xdp.MAP_ABI
+    assert _defines()["STCP_MAX_CIDS"] == xdp.DEFAULT_MAX_CIDS
+    assert _defines()["STCP_HS_SOURCES"] == xdp.DEFAULT_HS_SOURCES
+
+
+def test_verdict_enum_matches_python():
+    c = _enum()
+    py = {f"STCP_V_{v.name}": int(v) for v in verdicts.Verdict}
+    py["STCP_V_MAX"] = verdicts.VERDICT_MAX
+    assert c == py
+
+
+def test_verdicts_dense_and_named():
+    values = sorted(int(v) for v in verdicts.Verdict)
+    assert values == list(range(len(values)))
+    for v in verdicts.Verdict:
+        assert v.name.startswith(("PASS_", "DROP_"))
+    assert {v.key for v in verdicts.PASS_VERDICTS} == {"pass_not_stcp", "pass_handshake", "pass_data"}
+
+
+def test_struct_layouts_match_c():
+    """struct stcp_config / stcp_counter as declared in C vs the struct formats in xdp.py."""
+    src = _text()
+    cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", src, flags=re.S).group(1)
+    fields = re.findall(r"__u(\d+)\s+\w+;", cfg)
+    fmt = "=" + "".join({"32": "I", "64": "Q"}[f] for f in fields)
+    assert struct.calcsize(fmt) == xdp._CONFIG.size and fmt == xdp._CONFIG.format
+    cnt = re.search(r"struct stcp_counter\s*\{(.*?)\};", src, flags=re.S).group(1)
+    assert re.findall(r"__u(\d+)\s+\w+;", cnt) == ["64", "64"] and xdp._COUNTER.size == 16
