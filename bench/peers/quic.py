@@ -85,6 +85,14 @@ async def connect(args):
     return _Conn(cm, proto)
 
 
+def available() -> str | None:
+    try:
+        import aioquic  # noqa: F401
+    except ImportError as e:
+        return f"aioquic is not installed ({e}); `pip install -e '.[bench]'`"
+    return None
+
+
 def main(argv=None) -> None:
     C.run_main(lambda a: streams.run_server(start_server, a),
                lambda a: streams.run_client(connect, a), __doc__, argv)

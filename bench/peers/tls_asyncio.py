@@ -64,6 +64,10 @@ async def connect(args):
     return _Conn(r, w)
 
 
+def available() -> str | None:
+    return None
+
+
 def main(argv=None) -> None:
     C.run_main(lambda a: streams.run_server(start_server, a),
                lambda a: streams.run_client(connect, a), __doc__, argv)

@@ -1,0 +1,581 @@
+"""`make bench`: STCP against TLS 1.3 over TCP and QUIC (aioquic), side by side, in one run.
+
+Topology: two network namespaces joined by a veth pair (MTU 1500, tests.netns.veth_pair);
+the server runs in one, pinned to CPU 0, the client in the other, pinned to CPU 1, and
+each namespace receives on its own CPU (bench.steering).  Every peer is a small server and
+client program (`python -m bench.peers.<name> server|client`); the client prints one JSON
+line per test.  Traffic only ever goes to the namespaces' own addresses (or to loopback
+with --loopback).
+
+    python -m bench.run                 # full run -> bench/results/RESULTS.md, results.json
+    python -m bench.run --quick         # smoke run -> bench/results/quick/
+    python -m bench.run --only tls,stcp # some peers only
+    python -m bench.run --loopback      # no namespaces (no root needed)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+# name -> label.  Order is the order of the run and of the table.
+PEERS = {
+    "tls": "TLS 1.3 / TCP, Python ssl, blocking",
+    "tls_asyncio": "TLS 1.3 / TCP, Python ssl, asyncio",
+    "quic": "QUIC, aioquic (asyncio)",
+    "stcp": "STCP socket datapath, asyncio API",
+    "stcp_blocking": "STCP socket datapath, blocking client",
+}
+ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
+TLS_PEERS = ("tls", "tls_asyncio")
+STCP_PEERS = ("stcp", "stcp_blocking")
+TESTS = ("bulk", "handshake", "rtt")
+PORTS = {name: 7400 + i for i, name in enumerate(PEERS)}
+
+TARGETS = {
+    "handshakes_vs_tls": 2.0,      # STCP handshakes/s >= 2x TLS 1.3
+    "bulk_vs_aioquic": 10.0,       # STCP bulk >= 10x aioquic
+    "rtt_p50_vs_tls": 1.2,         # STCP RTT p50 <= 1.2x TLS
+}
+
+
+@dataclass
+class Config:
+    bytes: int = 256 * 1024 * 1024
+    duration: float = 8.0
+    handshakes: int = 300
+    rtts: int = 2000
+    repeat: int = 3
+    time_limit: float = 30.0
+    budget: float = 540.0          # whole run, seconds; later tests are skipped past it
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(bytes=16 * 1024 * 1024, duration=2.0, handshakes=50, rtts=200, repeat=1,
+                   time_limit=10.0, budget=120.0)
+
+
+@dataclass
+class Side:
+    """Where one end runs: a namespace (or none, for loopback), an address, a CPU."""
+    ip: str
+    cpu: int | None
+    host: object | None = None     # tests.netns.Host
+    nice: int = 0                  # applied with nice(1); see --nice
+
+    def argv(self, args: list[str]) -> list[str]:
+        a = list(args)
+        if self.cpu is not None and shutil.which("taskset"):
+            a = ["taskset", "-c", str(self.cpu), *a]
+        if self.nice:
+            a = ["nice", "-n", str(self.nice), *a]
+        return self.host.cmd(*a) if self.host is not None else a
+
+
+@dataclass
+class PeerResult:
+    name: str
+    label: str
+    available: bool = True
+    reason: str | None = None
+    tests: dict = field(default_factory=dict)
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    return e
+
+
+# ----------------------------------------------------------------------------- facts
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def machine_facts() -> dict:
+    cpu_model = ""
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            cpu_model = line.split(":", 1)[1].strip()
+            break
+    versions = {}
+    for mod in ("cryptography", "aioquic"):
+        try:
+            from importlib.metadata import version
+            versions[mod] = version(mod)
+        except Exception:  # noqa: BLE001
+            versions[mod] = None
+    import ssl
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "kernel": platform.release(),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+        "versions": versions,
+        "git_commit": commit,
+        "loadavg_start": _read("/proc/loadavg"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def busy_seconds() -> float:
+    """CPU time spent by the whole machine (all CPUs, not idle/iowait), seconds."""
+    f = [int(x) for x in _read("/proc/stat").splitlines()[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def softnet() -> list[dict]:
+    """Per CPU: packets processed by the stack, and how many arrived there through RPS."""
+    rows = []
+    for line in _read("/proc/net/softnet_stat").splitlines():
+        f = [int(x, 16) for x in line.split()]
+        rows.append({"processed": f[0], "received_rps": f[9] if len(f) > 9 else None})
+    return rows
+
+
+def softnet_delta(a: list[dict], b: list[dict]) -> list[dict]:
+    return [{k: (y[k] - x[k]) if y[k] is not None and x[k] is not None else None for k in x}
+            for x, y in zip(a, b)]
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def cpu_ticks(pid: int) -> float | None:
+    """utime+stime of a process, in seconds."""
+    try:
+        fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- peers
+
+def peer_available(name: str) -> str | None:
+    code = (f"from bench.peers import {name} as p\n"
+            "r = p.available()\nprint('OK' if r is None else 'NO ' + r)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, cwd=REPO, env=env())
+    except subprocess.TimeoutExpired:
+        return "availability check timed out"
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        return f"availability check failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None if lines[-1] == "OK" else lines[-1][3:]
+
+
+@contextlib.contextmanager
+def server_proc(name: str, side: Side, port: int, cert: str, key: str, errpath: Path):
+    argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "server",
+                      "--listen", f"{side.ip}:{port}", "--cert", cert, "--key", key])
+    with open(errpath, "w") as err:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env())
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([p.stdout], [], [], 0.5)
+            if r:
+                line = p.stdout.readline()
+                if line.startswith("READY") or not line:
+                    break
+            if p.poll() is not None:
+                break
+        if not line.startswith("READY"):
+            raise RuntimeError(f"server did not start: {_tail(errpath)}")
+        yield p, int(line.split()[1])
+    finally:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = path.read_text().strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg: Config,
+               cafile: str, errpath: Path) -> dict:
+    count = cfg.handshakes if test == "handshake" else cfg.rtts
+    argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "client",
+                      "--connect", f"{server_ip}:{port}", "--test", test, "--cafile", cafile,
+                      "--bytes", str(cfg.bytes), "--duration", str(cfg.duration),
+                      "--count", str(count), "--time-limit", str(cfg.time_limit)])
+    timeout = (cfg.duration if test == "bulk" else cfg.time_limit) + 60
+    try:
+        with open(errpath, "a") as err:
+            out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
+                                 timeout=timeout, cwd=REPO, env=env())
+    except subprocess.TimeoutExpired:
+        return {"test": test, "ok": False, "error": f"client timed out after {timeout:.0f} s"}
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"test": test, "ok": False,
+            "error": f"client exit {out.returncode}: {_tail(errpath) or 'no output'}"}
+
+
+KEY = {"bulk": ("mb_per_s", True), "handshake": ("per_s", True), "rtt": ("p50_us", False)}
+
+
+def metric(run: dict, test: str) -> float | None:
+    k, _ = KEY[test]
+    v = run.get("latency", {}).get(k) if test == "rtt" else run.get(k)
+    return v if run.get("ok") else None
+
+
+def summarize(runs: list[dict], test: str) -> dict | None:
+    """The median run by the test's main figure (all runs stay in the JSON)."""
+    good = [r for r in runs if metric(r, test) is not None]
+    if not good:
+        return None
+    good.sort(key=lambda r: metric(r, test))
+    med = dict(good[(len(good) - 1) // 2] if not KEY[test][1] else good[len(good) // 2])
+    vals = [metric(r, test) for r in good]
+    med["runs"] = len(runs)
+    med["spread"] = [min(vals), max(vals)]
+    return med
+
+
+NAPI_PIDS: list[int] = []
+
+
+def kthreads_cpu() -> float:
+    return sum(cpu_ticks(p) or 0.0 for p in NAPI_PIDS)
+
+
+def bench_peer(name: str, srv: Side, cli: Side, cfg: Config, cert: str, key: str,
+               logdir: Path, t_end: float) -> PeerResult:
+    res = PeerResult(name, PEERS[name])
+    why = peer_available(name)
+    if why:
+        res.available, res.reason = False, why
+        log(f"[{name}] not available: {why}")
+        return res
+    errpath = logdir / f"{name}.server.log"
+    cerr = logdir / f"{name}.client.log"
+    try:
+        with server_proc(name, srv, PORTS[name], cert, key, errpath) as (proc, port):
+            for test in TESTS:
+                runs = []
+                for i in range(cfg.repeat):
+                    if time.monotonic() > t_end:
+                        runs.append({"test": test, "ok": False, "error": "skipped: run time budget spent"})
+                        break
+                    sn0 = softnet()
+                    c0, k0, ch0, b0 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+                    t0 = time.monotonic()
+                    r = run_client(name, cli, srv.ip, port, test, cfg, cert, cerr)
+                    c1, k1, ch1, b1 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+                    wall = time.monotonic() - t0
+                    r["wall_s"] = round(wall, 2)
+                    r["softnet_per_cpu"] = softnet_delta(sn0, softnet())
+                    if c0 is not None and c1 is not None:
+                        r["server_cpu_s"] = round(c1 - c0, 3)
+                        # Everything else the machine did meanwhile: softirq receive work
+                        # not charged to a process (RPS backlog) and other users' work.
+                        # The client's figure includes interpreter start-up.
+                        other = (b1 - b0) - (c1 - c0) - (k1 - k0) - (ch1 - ch0)
+                        r["napi_kthreads_cpu_s"] = round(k1 - k0, 3)
+                        r["cpu_outside_peers_s"] = round(max(0.0, other), 3)
+                        r["cpu_outside_peers_share"] = round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
+                    if test == "bulk" and r.get("ok") and r.get("bytes_received_by_server"):
+                        gb = r["bytes_received_by_server"] / 1e9
+                        r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
+                                             "server": round(r.get("server_cpu_s", 0) / gb, 2)}
+                    runs.append(r)
+                    log(f"[{name}] {test} #{i + 1}: " + brief(r, test))
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"server exited: {_tail(errpath)}")
+                res.tests[test] = {"runs": runs, "summary": summarize(runs, test)}
+    except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
+        res.reason = f"{type(e).__name__}: {e}"
+        log(f"[{name}] failed: {res.reason}")
+    return res
+
+
+def brief(r: dict, test: str) -> str:
+    if not r.get("ok"):
+        return f"FAILED {r.get('error') or r}"
+    if test == "bulk":
+        return f"{r['mb_per_s']} MB/s ({r['bytes_received_by_server'] / 2**20:.0f} MiB in {r['seconds']} s)"
+    lat = r["latency"]
+    if test == "handshake":
+        return f"{r['per_s']}/s p50 {lat['p50_us']} us p99 {lat['p99_us']} us"
+    return f"p50 {lat['p50_us']} us p99 {lat['p99_us']} us"
+
+
+# ----------------------------------------------------------------------------- ratios
+
+def figure(results: dict, name: str, test: str) -> float | None:
+    pr = results.get(name)
+    if not pr or not pr.available:
+        return None
+    s = (pr.tests.get(test) or {}).get("summary")
+    return metric(s, test) if s else None
+
+
+def best(results: dict, names, test: str) -> tuple[str | None, float | None]:
+    vals = [(n, figure(results, n, test)) for n in names]
+    vals = [(n, v) for n, v in vals if v is not None]
+    if not vals:
+        return None, None
+    higher = KEY[test][1]
+    return (max if higher else min)(vals, key=lambda nv: nv[1])
+
+
+def ratios(results: dict) -> list[dict]:
+    rows = []
+
+    def add(what, num, den, target, op, note=""):
+        (nn, nv), (dn, dv) = num, den
+        r = round(nv / dv, 3) if nv is not None and dv else None
+        met = None if r is None else (r >= target if op == ">=" else r <= target)
+        rows.append({"ratio": what, "stcp_peer": nn, "reference_peer": dn, "value": r,
+                     "target": f"{op} {target}" if target is not None else "", "met": met,
+                     "note": note})
+
+    add("STCP handshakes/s ÷ TLS 1.3 handshakes/s", best(results, STCP_PEERS, "handshake"),
+        best(results, TLS_PEERS, "handshake"), TARGETS["handshakes_vs_tls"], ">=",
+        "best STCP client vs best TLS client")
+    add("STCP bulk ÷ aioquic bulk", best(results, STCP_PEERS, "bulk"), best(results, ["quic"], "bulk"),
+        TARGETS["bulk_vs_aioquic"], ">=")
+    add("STCP RTT p50 ÷ TLS 1.3 RTT p50", best(results, STCP_PEERS, "rtt"),
+        best(results, TLS_PEERS, "rtt"), TARGETS["rtt_p50_vs_tls"], "<=",
+        "lowest STCP p50 vs lowest TLS p50")
+    # Same API on both sides, for reading the above.
+    for s, t, api in (("stcp", "tls_asyncio", "asyncio"), ("stcp_blocking", "tls", "blocking")):
+        for test, what in (("handshake", "handshakes/s"), ("bulk", "bulk"), ("rtt", "RTT p50")):
+            add(f"STCP {what} ÷ TLS {what} ({api} clients)", (s, figure(results, s, test)),
+                (t, figure(results, t, test)), None, "", "like for like, informational")
+    add("STCP bulk ÷ TLS 1.3 asyncio bulk (issue 4: ≥ 1.0 for the fastest datapath)",
+        best(results, STCP_PEERS, "bulk"), ("tls_asyncio", figure(results, "tls_asyncio", "bulk")),
+        None, "", "socket datapath only here")
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+def fmt(v, nd=1, scale=1.0):
+    return "–" if v is None else f"{v * scale:,.{nd}f}"
+
+
+def markdown(doc: dict) -> str:
+    m, cfg = doc["machine"], doc["config"]
+    out = ["# STCP benchmark results", ""]
+    out.append(f"Run {m['date']} at commit `{m['git_commit']}` by `make bench` (`python -m bench.run"
+               f"{' --quick' if doc['quick'] else ''}`). Generated file; do not edit.")
+    out.append("")
+    out.append(f"- Kernel {m['kernel']}; CPU: {m['cpu_model']} × {m['cpus']}; Python {m['python']}; "
+               f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; aioquic {m['versions'].get('aioquic')}")
+    out.append(f"- Topology: {doc['topology']}")
+    for side in doc.get("steering", []):
+        out.append(f"- Steering in `{side['namespace']}` ({side['role']}): {side['summary']}")
+    out.append(f"- Load average at start / end: {m['loadavg_start']} / {m.get('loadavg_end', '')} "
+               "(other work on the machine shows up here)")
+    out.append(f"- Workload: bulk = one connection, one way, {cfg['bytes'] // 2**20} MiB or {cfg['duration']} s "
+               f"whichever first, 256 KiB writes; handshakes = {cfg['handshakes']} sequential "
+               f"connect + full handshake + close; RTT = {cfg['rtts']} round trips of 64 bytes on one "
+               f"connection (after 50 warm-up). Each test {cfg['repeat']}×, the median run is shown.")
+    out.append("")
+    out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms | "
+               "RTT p50 / p99 µs |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for name, pr in doc["peers"].items():
+        if not pr["available"]:
+            out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | |")
+            continue
+        s = {t: (pr["tests"].get(t) or {}).get("summary") for t in TESTS}
+        b, h, r = s["bulk"], s["handshake"], s["rtt"]
+        cells = [pr["label"]]
+        cells.append(fmt(b and b.get("mb_per_s")))
+        cg = b and b.get("cpu_s_per_gb")
+        cells.append(f"{cg['client']:.2f} + {cg['server']:.2f}" if cg else "–")
+        cells.append(fmt(h and h.get("per_s")))
+        cells.append(f"{fmt(h['latency']['p50_us'], 2, 1e-3)} / {fmt(h['latency']['p99_us'], 2, 1e-3)}" if h else "–")
+        cells.append(f"{fmt(r['latency']['p50_us'])} / {fmt(r['latency']['p99_us'])}" if r else "–")
+        if pr.get("reason"):
+            cells[0] += f" (error: {pr['reason']})"
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| Ratio | Value | Target | Met | Peers compared |")
+    out.append("|---|---:|---|---|---|")
+    for r in doc["ratios"]:
+        met = "–" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        if r["value"] is None:
+            met = "not measured"
+        peers = f"{r['stcp_peer'] or '–'} vs {r['reference_peer'] or '–'}"
+        if r["note"]:
+            peers += f" ({r['note']})"
+        out.append(f"| {r['ratio']} | {fmt(r['value'], 2)} | {r['target'] or ''} | {met} | {peers} |")
+    out.append("")
+    out.append("Latency figures are measured by the client: handshake = from `connect` until the "
+               "handshake has completed and close has been started (waiting for a TLS close_notify "
+               "reply or QUIC's draining period happens in the background, inside the handshakes/s "
+               "time); RTT = write 64 bytes, read the 64-byte echo. Bulk MB/s = payload bytes the "
+               "server counted ÷ time from first write to the server's count arriving back "
+               "(1 MB = 10^6 bytes). Server CPU is read from /proc around each client run. Raw runs: "
+               "results.json.")
+    out.append("")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short smoke run")
+    p.add_argument("--only", action="append", default=[],
+                   help=f"peer(s) to run, comma-separated, repeatable: {', '.join(PEERS)} (alias aioquic)")
+    p.add_argument("--loopback", action="store_true",
+                   help="run on 127.0.0.1 without namespaces (no root needed, no RX steering)")
+    p.add_argument("--out", type=Path, help="results directory (default bench/results, "
+                   "bench/results/quick for --quick)")
+    p.add_argument("--steering", choices=["all", "napi", "rps", "none"], default="all",
+                   help="RX steering per namespace (default all: threaded NAPI + RPS)")
+    p.add_argument("--nice", type=int, default=-10,
+                   help="nice value for the peers and the pinned napi kthreads (default -10, "
+                        "so other work on a shared machine disturbs the figures less; 0 = off)")
+    p.add_argument("--repeat", type=int)
+    p.add_argument("--bytes", type=int)
+    p.add_argument("--duration", type=float)
+    p.add_argument("--handshakes", type=int)
+    p.add_argument("--rtts", type=int)
+    return p.parse_args(argv)
+
+
+def select_peers(only: list[str]) -> list[str]:
+    if not only:
+        return list(PEERS)
+    names = []
+    for item in only:
+        for n in item.split(","):
+            n = ALIASES.get(n.strip(), n.strip())
+            if n not in PEERS:
+                raise SystemExit(f"unknown peer {n!r}; known: {', '.join(PEERS)}")
+            if n not in names:
+                names.append(n)
+    return [n for n in PEERS if n in names]
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cfg = Config.quick() if args.quick else Config()
+    for k in ("repeat", "bytes", "duration", "handshakes", "rtts"):
+        if getattr(args, k) is not None:
+            setattr(cfg, k, getattr(args, k))
+    names = select_peers(args.only)
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    t_end = t_start + cfg.budget
+
+    sys.path.insert(0, str(REPO))
+    from bench.common import make_self_signed
+
+    ncpu = os.cpu_count() or 1
+    srv_cpu, cli_cpu = (0, 1) if ncpu >= 2 else (None, None)
+    machine = machine_facts()
+    results: dict[str, PeerResult] = {}
+    steering: list[dict] = []
+
+    with tempfile.TemporaryDirectory(prefix="stcp-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        cert, key = make_self_signed(tmp)
+        logdir = out / "logs"
+        logdir.mkdir(exist_ok=True)
+
+        with contextlib.ExitStack() as stack:
+            if args.loopback:
+                srv, cli = Side("127.0.0.1", srv_cpu, None, args.nice), Side("127.0.0.1", cli_cpu, None, args.nice)
+                topology = (f"loopback 127.0.0.1, no namespaces; server on CPU {srv_cpu}, "
+                            f"client on CPU {cli_cpu}, nice {args.nice}; no RX steering")
+            else:
+                from tests.netns import have_root_netns, veth_pair
+                why = have_root_netns()
+                if why:
+                    raise SystemExit(f"bench: {why} (use --loopback to run without namespaces)")
+                a, b = stack.enter_context(veth_pair(mtu=1500))
+                from bench.steering import steer
+                if srv_cpu is not None:
+                    for host, cpu, role in ((a, srv_cpu, "server"), (b, cli_cpu, "client")):
+                        rec = steer(host, cpu, args.steering)
+                        rec["role"] = role
+                        pinned = rec.get("napi_kthreads_pinned", {})
+                        NAPI_PIDS.extend(int(p) for p in (pinned.get("value") or {}))
+                        steering.append(rec)
+                        log(f"steering {host.ns} ({role}): {rec['summary']}")
+                srv, cli = Side(a.ip4, srv_cpu, a, args.nice), Side(b.ip4, cli_cpu, b, args.nice)
+                if args.nice:
+                    for pid in NAPI_PIDS:  # the receive kthreads get the same priority
+                        subprocess.run(["renice", "-n", str(args.nice), "-p", str(pid)],
+                                       capture_output=True)
+                topology = (f"veth pair MTU 1500 between namespaces {a.ns} (server {a.ip4}, "
+                            f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
+                            f"processes pinned with taskset, nice {args.nice}")
+            log(f"bench: {topology}")
+            for name in names:
+                results[name] = bench_peer(name, srv, cli, cfg, cert, key, logdir, t_end)
+
+    machine["loadavg_end"] = _read("/proc/loadavg")
+    doc = {
+        "quick": args.quick,
+        "machine": machine,
+        "topology": topology,
+        "steering": steering,
+        "config": cfg.__dict__,
+        "targets": TARGETS,
+        "peers": {n: {"label": r.label, "available": r.available, "reason": r.reason, "tests": r.tests}
+                  for n, r in results.items()},
+        "ratios": ratios(results),
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = markdown(doc)
+    (out / "RESULTS.md").write_text(md)
+    print(md)
+    log(f"bench: wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {doc['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
