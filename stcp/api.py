@@ -1,0 +1,511 @@
+"""The user API: asyncio streams (`open_connection`, `start_server`) and a blocking socket-like
+`connect`, shaped like their asyncio and `socket` namesakes.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import threading
+from typing import Awaitable, Callable, List, Optional, Tuple, Union
+
+from . import wire
+from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
+                         StreamFinished)
+from .datapath.socket import ClientDriver, Driver, ServerDriver
+from .endpoint import ServerEndpoint
+from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
+
+DEFAULT_PORT = 7443
+WRITE_HIGH_WATER = 4 << 20     # drain() waits while more than this is unacknowledged
+
+
+def make_config(cipher: Optional[str] = None, **overrides) -> Config:
+    if cipher is not None:
+        if cipher not in wire.SUITES:
+            raise ValueError(f"unknown cipher {cipher!r}; choose one of {', '.join(wire.SUITES)}")
+        overrides["suite"] = wire.SUITES[cipher]
+    return Config(**overrides)
+
+
+def _closed_error(info: ConnectionClosed) -> Optional[Exception]:
+    """The exception an application sees for how the connection ended, or None if it ended well."""
+    if not info.error and info.code in (CloseCode.NO_ERROR,):
+        return None
+    if info.code == CloseCode.HANDSHAKE_TIMEOUT:
+        return None    # reported by open_connection as HandshakeTimeout
+    return ConnectionTerminated(info.code, info.reason, by_peer=info.by_peer)
+
+
+class ConnectionHandle:
+    """Glue between one sans-IO Connection and its reader/writer."""
+
+    def __init__(self, driver: Driver, conn: Connection):
+        self.driver = driver
+        self.conn = conn
+        self.loop = driver.loop
+        self.reader = StreamReader(self)
+        self.writer = StreamWriter(self)
+        self.established = self.loop.create_future()
+        self.closed = self.loop.create_future()
+        self._drain_waiters: List[asyncio.Future] = []
+        driver.hooks[conn] = self
+
+    def process_events(self) -> None:
+        conn = self.conn
+        while (ev := conn.next_event()) is not None:
+            if isinstance(ev, DataReceived):
+                self.reader._feed(ev.data)
+            elif isinstance(ev, StreamFinished):
+                self.reader._feed_eof()
+            elif isinstance(ev, HandshakeCompleted):
+                if not self.established.done():
+                    self.established.set_result(ev)
+            elif isinstance(ev, ConnectionClosed):
+                self._on_closed(ev)
+        if self._drain_waiters and conn.send_buffered <= WRITE_HIGH_WATER:
+            self._wake_drainers(None)
+
+    def _on_closed(self, info: ConnectionClosed) -> None:
+        exc = _closed_error(info)
+        if not self.established.done():
+            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
+                self.established.set_exception(HandshakeTimeout(self.conn.config.handshake_timeout))
+            else:
+                self.established.set_exception(exc or ConnectionTerminated(info.code, info.reason, info.by_peer))
+            self.established.exception()       # retrieved: no "never retrieved" noise
+        if exc is not None:
+            self.reader._set_exception(exc)
+        else:
+            self.reader._feed_eof()
+        self._wake_drainers(exc)
+        if not self.closed.done():
+            self.closed.set_result(info)
+
+    def _wake_drainers(self, exc: Optional[Exception]) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                if exc is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(exc)
+
+    def touch(self) -> None:
+        self.driver.touch(self.conn)
+
+
+class StreamReader:
+    """Reads the peer's byte stream; reading returns flow-control credit to the peer."""
+
+    def __init__(self, handle: ConnectionHandle):
+        self._handle = handle
+        self._buffer = bytearray()
+        self._eof = False
+        self._exception: Optional[Exception] = None
+        self._waiter: Optional[asyncio.Future] = None
+
+    def _feed(self, data: bytes) -> None:
+        self._buffer += data
+        self._wake()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _set_exception(self, exc: Exception) -> None:
+        self._exception = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._waiter = None
+
+    def _consumed(self, n: int) -> None:
+        if n:
+            self._handle.conn.consume(n)
+            self._handle.touch()
+
+    async def _wait(self) -> None:
+        if self._exception is not None:
+            raise self._exception
+        self._waiter = self._handle.loop.create_future()
+        await self._waiter
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buffer
+
+    def exception(self) -> Optional[Exception]:
+        return self._exception
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all until EOF if n < 0); b"" at end of stream."""
+        if n == 0:
+            return b""
+        if n < 0:
+            chunks = []
+            while True:
+                chunk = await self.read(1 << 20)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        while not self._buffer and not self._eof:
+            await self._wait()
+        if not self._buffer and self._exception is not None:
+            raise self._exception
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        self._consumed(len(data))
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            if self._eof:
+                partial = bytes(self._buffer)
+                self._consumed(len(partial))
+                self._buffer.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait()
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        self._consumed(n)
+        return data
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        start = 0
+        while True:
+            i = self._buffer.find(separator, start)
+            if i >= 0:
+                return await self.readexactly(i + len(separator))
+            start = max(0, len(self._buffer) - len(separator) + 1)
+            if self._eof:
+                partial = bytes(self._buffer)
+                self._consumed(len(partial))
+                self._buffer.clear()
+                raise asyncio.IncompleteReadError(partial, None)
+            await self._wait()
+
+    async def readline(self) -> bytes:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            return exc.partial
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class StreamWriter:
+    def __init__(self, handle: ConnectionHandle):
+        self._handle = handle
+
+    @property
+    def connection(self) -> Connection:
+        return self._handle.conn
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._handle.conn.send(bytes(data))
+            self._handle.touch()
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Finish the sending direction; the peer reads EOF once it has every byte."""
+        conn = self._handle.conn
+        if not conn.is_closed and not conn._send.fin_requested:
+            conn.shutdown_write()
+            self._handle.touch()
+
+    async def drain(self) -> None:
+        handle = self._handle
+        if handle.closed.done():
+            exc = _closed_error(handle.closed.result())
+            if exc is not None:
+                raise exc
+            return
+        if handle.conn.send_buffered <= WRITE_HIGH_WATER:
+            return
+        fut = handle.loop.create_future()
+        handle._drain_waiters.append(fut)
+        await fut
+
+    def close(self) -> None:
+        """Finish writing and let the connection close once the peer has finished too."""
+        conn = self._handle.conn
+        if conn.is_closed:
+            return
+        self.write_eof()
+
+    def abort(self, reason: str = "") -> None:
+        """End the connection at once; unsent data is discarded and the peer told why."""
+        self._handle.conn.close(CloseCode.APPLICATION_ABORT, reason)
+        self._handle.touch()
+
+    def is_closing(self) -> bool:
+        conn = self._handle.conn
+        return conn.is_closed or conn._send.fin_requested
+
+    async def wait_closed(self) -> None:
+        info = await asyncio.shield(self._handle.closed)
+        exc = _closed_error(info)
+        if exc is not None:
+            raise exc
+
+    def get_extra_info(self, name: str, default=None):
+        conn = self._handle.conn
+        driver = self._handle.driver
+        if name == "peername":
+            addr = driver.peer_address(conn)
+            if addr is None:
+                try:
+                    addr = driver.sock.getpeername()
+                except OSError:
+                    addr = None
+            return addr
+        if name == "sockname":
+            return driver.sock.getsockname()
+        if name == "cipher":
+            return {v: k for k, v in wire.SUITES.items()}[conn.suite]
+        if name == "cid":
+            return conn.local_cid
+        if name == "connection":
+            return conn
+        return default
+
+
+# --- client -----------------------------------------------------------------
+def _resolve(host: str, port: int) -> Tuple[int, tuple]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise STCPError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Optional[Config] = None,
+                          cipher: Optional[str] = None) -> Tuple[StreamReader, StreamWriter]:
+    """Handshake with an STCP server; return (reader, writer) once the connection is ENCRYPTED."""
+    loop = asyncio.get_running_loop()
+    config = config or make_config(cipher)
+    family, sockaddr = _resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise STCPError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    conn = Connection.client(config, loop.time())
+    driver = ClientDriver(loop, sock, conn)
+    handle = ConnectionHandle(driver, conn)
+    driver.touch(conn)
+    try:
+        await handle.established
+    except HandshakeTimeout as exc:
+        if driver.icmp_errors:
+            exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
+                        f"listening on {host}:{port}?)",)
+        raise
+    except BaseException:
+        if not conn.is_closed:
+            conn.close(CloseCode.APPLICATION_ABORT, "cancelled")
+        driver.close()
+        raise
+    return handle.reader, handle.writer
+
+
+# --- server -----------------------------------------------------------------
+Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
+
+
+class Server:
+    def __init__(self, loop, driver: ServerDriver, handler: Handler, hooks=()):
+        self._loop = loop
+        self.driver = driver
+        self._handler = handler
+        self._tasks: set = set()
+        self._closed = loop.create_future()
+        self.hooks = list(hooks)
+
+    def _notify(self, name: str, *args) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, name, None)
+            if method is not None:
+                method(*args)
+
+    @property
+    def sockets(self) -> List[socket.socket]:
+        return [self.driver.sock]
+
+    @property
+    def endpoint(self) -> ServerEndpoint:
+        return self.driver.endpoint
+
+    def _on_new(self, conn: Connection) -> None:
+        handle = ConnectionHandle(self.driver, conn)
+        self._notify("connection_created", conn)
+        handle.established.add_done_callback(lambda fut: self._start(handle, fut))
+
+    def _on_ended(self, conn: Connection) -> None:
+        self._notify("connection_ended", conn)
+
+    def _start(self, handle: ConnectionHandle, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._notify("connection_established", handle.conn, fut.result().duration)
+        result = self._handler(handle.reader, handle.writer)
+        if asyncio.iscoroutine(result):
+            task = self._loop.create_task(self._run_handler(handle, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, handle: ConnectionHandle, coro) -> None:
+        try:
+            await coro
+        except (ConnectionTerminated, asyncio.IncompleteReadError):
+            pass                      # the connection ended; its close reason is already recorded
+        except Exception as exc:       # a handler bug ends its own connection, never the server
+            handle.conn.close(CloseCode.INTERNAL_ERROR, f"handler failed: {type(exc).__name__}")
+            handle.touch()
+
+    def close(self) -> None:
+        if not self._closed.done():
+            self.driver.close()
+            for task in self._tasks:
+                task.cancel()
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def serve_forever(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        self.close()
+        await self.wait_closed()
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
+    family, sockaddr = _resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                       config: Optional[Config] = None, cipher: Optional[str] = None,
+                       sock: Optional[socket.socket] = None, hooks=(),
+                       max_connections: int = 100_000) -> Server:
+    """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
+
+    Each of `hooks` may define connection_created(conn) (server hello sent),
+    connection_established(conn, handshake_seconds) and connection_ended(conn) (CLOSED;
+    conn.close_info says why). They run on the loop; the kernel datapath keeps its table of
+    live connection IDs in step through them, and metrics count through them.
+    """
+    loop = asyncio.get_running_loop()
+    config = config or make_config(cipher)
+    sock = sock or bind_udp(host, port)
+    endpoint = ServerEndpoint(config, max_connections=max_connections)
+    server = Server(loop, None, handler, hooks)
+    server.driver = ServerDriver(loop, sock, endpoint, server._on_new, server._on_ended)
+    return server
+
+
+# --- blocking API -------------------------------------------------------------
+class BlockingConnection:
+    """A socket-like STCP connection: sendall, recv, shutdown, close, context manager."""
+
+    def __init__(self, address: Tuple[str, int], timeout: Optional[float], config: Optional[Config]):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="stcp-connection", daemon=True)
+        self._thread.start()
+        self.timeout = timeout
+        host, port = address[0], address[1]
+        try:
+            self._reader, self._writer = self._call(open_connection(host, port, config=config), None)
+        except BaseException:
+            self._stop()
+            raise
+
+    def _call(self, coro, timeout):
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise socket.timeout("timed out") from None
+
+    def sendall(self, data: bytes) -> None:
+        async def send():
+            self._writer.write(data)
+            await self._writer.drain()
+        self._call(send(), self.timeout)
+
+    def recv(self, bufsize: int) -> bytes:
+        return self._call(self._reader.read(bufsize), self.timeout)
+
+    def shutdown(self, how: int = socket.SHUT_WR) -> None:
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            self._loop.call_soon_threadsafe(self._writer.write_eof)
+
+    def close(self) -> None:
+        """Finish sending, wait (up to the timeout) for the peer to finish, then release everything."""
+        if self._loop.is_closed():
+            return
+        async def finish():
+            self._writer.close()
+            conn = self._writer.connection
+            if not conn.is_closed:
+                try:
+                    await asyncio.wait_for(self._writer.wait_closed(), self.timeout or 10.0)
+                except (asyncio.TimeoutError, STCPError):
+                    self._writer.abort("closed by the application")
+        try:
+            self._call(finish(), None)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
+            config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
+    """Blocking client: `with stcp.connect(("127.0.0.1", 7443)) as c: c.sendall(b"hi")`."""
+    return BlockingConnection(address, timeout, config or make_config(cipher))

@@ -1,0 +1,271 @@
+"""The socket datapath: sans-IO connections driven over one UDP socket on an asyncio loop.
+
+Receive drains the socket in batches (recvmmsg through stcp._udpio when it is built),
+feeds each datagram to its connection, then flushes every connection that has something
+to say in one sendmmsg per batch. Each connection has at most one pending loop timer.
+Other datapaths reuse `Driver` with their own way of getting datagrams in and out.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Callable, Dict, Hashable, List, Optional, Protocol, Tuple
+
+from ..connection import Connection
+from ..endpoint import ServerEndpoint
+
+try:
+    from .. import _udpio
+except ImportError:       # the C helpers are optional; plain socket calls work everywhere
+    _udpio = None
+
+RECV_BATCH = 64
+RECV_ROUNDS = 16          # batches per readiness callback before yielding to the loop
+SOCKET_BUFFER = 8 << 20
+
+
+class ConnectionHooks(Protocol):
+    """What the API layer attaches to each connection (stcp.api.ConnectionHandle)."""
+
+    def process_events(self) -> None: ...
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Large buffers: a burst of a full congestion window must not overflow the socket."""
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):    # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            except OSError:
+                pass
+
+
+class Driver:
+    """Runs connections over one UDP socket. Subclasses route received datagrams."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket):
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        sock.setblocking(False)
+        tune_socket(sock)
+        self.hooks: Dict[Connection, ConnectionHooks] = {}
+        self._timers: Dict[Connection, Tuple[float, asyncio.TimerHandle]] = {}
+        self._dirty: Dict[Connection, None] = {}
+        self._flush_scheduled = False
+        self._backlog: List[Tuple[bytes, Hashable]] = []
+        self.icmp_errors = 0
+        self.closed = False
+        loop.add_reader(self.fd, self._on_readable)
+
+    # --- receive -----------------------------------------------------------
+    def _recv_batch(self) -> List[Tuple[bytes, Hashable]]:
+        if _udpio is not None:
+            try:
+                return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536)
+            except ConnectionRefusedError:
+                self.icmp_errors += 1
+                return []
+        batch = []
+        for _ in range(RECV_BATCH):
+            try:
+                batch.append(self.sock.recvfrom(65536))
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                self.icmp_errors += 1
+                break
+        return batch
+
+    def _on_readable(self) -> None:
+        for _ in range(RECV_ROUNDS):
+            try:
+                batch = self._recv_batch()
+            except OSError:
+                break
+            if not batch:
+                break
+            now = self.loop.time()
+            for data, addr in batch:
+                conn = self.route(data, addr, now)
+                if conn is not None:
+                    self._dirty[conn] = None
+            if len(batch) < RECV_BATCH:
+                break
+        self.flush()
+
+    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+        raise NotImplementedError
+
+    # --- send --------------------------------------------------------------
+    def peer_address(self, conn: Connection) -> Optional[Hashable]:
+        return None          # connected socket
+
+    def touch(self, conn: Connection) -> None:
+        """The application changed conn (wrote, read, closed): flush it soon, once per loop pass."""
+        self._dirty[conn] = None
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        now = self.loop.time()
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for conn in dirty:
+                self._service(conn, now)
+        self._send_backlog()
+
+    def _service(self, conn: Connection, now: float) -> None:
+        hooks = self.hooks.get(conn)
+        if hooks is not None:
+            hooks.process_events()
+        datagrams = conn.datagrams_to_send(now)
+        if datagrams:
+            addr = self.peer_address(conn)
+            self._backlog.extend((d, addr) for d in datagrams)
+        if hooks is not None:
+            hooks.process_events()
+        if conn.is_closed:
+            self._forget(conn)
+        else:
+            self._arm_timer(conn)
+
+    def _send_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog:
+            addr = backlog[0][1]
+            n = 1
+            while n < len(backlog) and n < 1024 and backlog[n][1] == addr:
+                n += 1
+            try:
+                sent = self._send_group([d for d, _ in backlog[:n]], addr)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    sent = n          # the datagrams are lost; recovery will resend what matters
+                else:
+                    raise
+            del backlog[:sent]
+            if sent < n:               # socket buffer full: wait until it drains
+                self.loop.add_writer(self.fd, self._on_writable)
+                return
+
+    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable]) -> int:
+        if _udpio is not None:
+            return _udpio.sendmmsg(self.fd, datagrams, addr)
+        sent = 0
+        for d in datagrams:
+            try:
+                if addr is None:
+                    self.sock.send(d)
+                else:
+                    self.sock.sendto(d, addr)
+            except (BlockingIOError, InterruptedError):
+                break
+            sent += 1
+        return sent
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.fd)
+        self._send_backlog()
+
+    # --- timers ------------------------------------------------------------
+    def _arm_timer(self, conn: Connection) -> None:
+        when = conn.get_timer()
+        current = self._timers.get(conn)
+        if when is None:
+            if current is not None:
+                current[1].cancel()
+                del self._timers[conn]
+            return
+        if current is not None:
+            if current[0] <= when:
+                return           # the earlier timer fires first and re-arms for the later deadline
+            current[1].cancel()
+        self._timers[conn] = (when, self.loop.call_at(when, self._on_timer, conn))
+
+    def _on_timer(self, conn: Connection) -> None:
+        self._timers.pop(conn, None)
+        now = self.loop.time()
+        when = conn.get_timer()
+        if when is not None and when <= now:
+            conn.handle_timer(now)
+        self._dirty[conn] = None
+        self.flush()
+
+    def _forget(self, conn: Connection) -> None:
+        entry = self._timers.pop(conn, None)
+        if entry is not None:
+            entry[1].cancel()
+        self.hooks.pop(conn, None)
+        self.connection_ended(conn)
+
+    def connection_ended(self, conn: Connection) -> None:
+        """Called once when a connection reaches CLOSED (subclasses drop routing state)."""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self.sock.close()
+
+
+class ClientDriver(Driver):
+    """One client connection over a connected UDP socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection):
+        super().__init__(loop, sock)
+        self.conn = conn
+
+    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+        self.conn.receive_datagram(data, now)
+        return self.conn
+
+    def connection_ended(self, conn: Connection) -> None:
+        self.loop.call_soon(self.close)
+
+
+class ServerDriver(Driver):
+    """Many server connections over one bound UDP socket, demultiplexed by ServerEndpoint."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: ServerEndpoint,
+                 on_new: Callable[[Connection], None],
+                 on_ended: Optional[Callable[[Connection], None]] = None):
+        super().__init__(loop, sock)
+        self.endpoint = endpoint
+        self._on_new = on_new
+        self._on_ended = on_ended
+
+    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+        conn, new = self.endpoint.receive(data, addr, now)
+        if self.endpoint.rejects:
+            self._backlog.extend(self.endpoint.rejects)
+            self.endpoint.rejects.clear()
+        if new:
+            self._on_new(conn)
+        return conn
+
+    def peer_address(self, conn: Connection) -> Optional[Hashable]:
+        return self.endpoint.peer_addr.get(conn.local_cid)
+
+    def connection_ended(self, conn: Connection) -> None:
+        self.endpoint.remove(conn)
+        if self._on_ended is not None:
+            self._on_ended(conn)
+
+    def close(self) -> None:
+        for conn in list(self.endpoint.connections.values()):
+            if not conn.is_closed:
+                conn.close(reason="server shutting down")
+                self._service(conn, self.loop.time())
+        self._send_backlog()
+        super().close()
