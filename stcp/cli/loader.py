@@ -84,6 +84,10 @@ def _run(args: argparse.Namespace) -> int:
                         netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids)
         print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
               f"port {st['config']['port']}); maps pinned at {st['pin_dir']}")
+        if st.get("private_pins"):
+            print("stcp-loader: note: /sys/fs/bpf was not mounted here (ip netns exec gives a private /sys), so "
+                  "the pins were made in a private bpffs and vanish on exit; the program stays attached and "
+                  "status/detach still find it; use --netns NS to pin in the host's bpffs", file=sys.stderr)
         return 0
     if args.command == "detach":
         r = xdp.detach(args.iface, netns=args.netns)

@@ -78,12 +78,18 @@ class XdpNotAttached(XdpSetupError):
 def bpf_source_dir() -> Path:
     """bpf/ of a source checkout or editable install, else the copy shipped in the package
     (stcp/bpf/, a symlink to ../bpf in the repository); $STCP_BPF_DIR overrides both."""
+    override = os.environ.get("STCP_BPF_DIR")
+    if override:
+        if (Path(override) / "stcp_xdp.c").is_file():
+            return Path(override).resolve()
+        raise XdpSetupError(f"STCP_BPF_DIR={override} has no stcp_xdp.c; point it at the repository's bpf/ "
+                            "directory or unset it")
     pkg = Path(__file__).resolve().parent.parent
-    candidates = [os.environ.get("STCP_BPF_DIR"), pkg / "bpf", pkg.parent / "bpf"]
+    candidates = [pkg / "bpf", pkg.parent / "bpf"]
     for c in candidates:
-        if c and (Path(c) / "stcp_xdp.c").is_file():
-            return Path(c).resolve()
-    raise XdpSetupError(f"bpf/stcp_xdp.c not found (looked in {', '.join(str(c) for c in candidates if c)}); "
+        if (c / "stcp_xdp.c").is_file():
+            return c.resolve()
+    raise XdpSetupError(f"bpf/stcp_xdp.c not found (looked in {', '.join(map(str, candidates))}); "
                         "set STCP_BPF_DIR to the repository's bpf/ directory")
 
 
@@ -108,10 +114,11 @@ def _mounted_fstype(path: str) -> Optional[str]:
     return fstype
 
 
-def ensure_bpffs(root: str = BPFFS) -> None:
-    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (as systemd would)."""
+def ensure_bpffs(root: str = BPFFS) -> bool:
+    """Mount bpffs at /sys/fs/bpf if nothing is mounted there (as systemd would); True if
+    this call mounted it."""
     if _mounted_fstype(root) == "bpf":
-        return
+        return False
     if not os.path.isdir(root):
         raise XdpSetupError(f"no bpffs: {root} does not exist (is sysfs mounted?); "
                             f"mount it with: mkdir -p {root} && mount -t bpf bpf {root}")
@@ -122,6 +129,20 @@ def ensure_bpffs(root: str = BPFFS) -> None:
         raise XdpSetupError(f"no bpffs at {root} and mounting it failed ({os.strerror(e)}); "
                             f"mount it with: mount -t bpf bpf {root}")
     log.info("mounted bpffs at %s", root)
+    return True
+
+
+def current_netns_name() -> Optional[str]:
+    """The `ip netns` name of this process's network namespace, None if it has none."""
+    try:
+        me = os.stat("/proc/self/ns/net")
+        for name in os.listdir("/run/netns"):
+            st = os.stat(f"/run/netns/{name}")
+            if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+                return name
+    except OSError:
+        pass
+    return None
 
 
 def _import_bcc():
@@ -536,6 +557,7 @@ class XdpDatapath:
         self._h = handles
         self._cids: set[int] = set()
         self._lock = threading.Lock()
+        self.private_pins = False         # pins live in a bpffs private to this process
         cfg = _read_config(handles)
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
@@ -558,7 +580,7 @@ class XdpDatapath:
         with _Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             check_toolchain()
-            ensure_bpffs()
+            mounted = ensure_bpffs()
             old_mode, old, state = _find_stcp(nl, ifindex)
             if old:
                 old.close()
@@ -595,7 +617,11 @@ class XdpDatapath:
             finally:
                 _release_bcc(b)
             log.info("attached STCP XDP prog %d to %s in %s mode", h.prog_id, iface, got)
-            return cls(iface, ifindex, got, h, True, netns, pins)
+            dp = cls(iface, ifindex, got, h, True, netns, pins)
+            # `ip netns exec` gives the process a private /sys: a bpffs mounted there (and
+            # our pins) goes away with the process. The program stays attached regardless.
+            dp.private_pins = mounted and netns is None and current_netns_name() is not None
+            return dp
 
     @staticmethod
     def _attach_prog(nl: _Netlink, ifindex: int, iface: str, fd: int, mode: str) -> str:
@@ -734,7 +760,9 @@ def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFA
     """Attach and leave the program running (the kernel keeps it); return its status."""
     dp = XdpDatapath.attach(iface, port, mode, max_record_len, force=force, netns=netns, **kw)
     try:
-        return _status_of(iface, dp.mode, dp._h, dp.pin_dir)
+        st = _status_of(iface, dp.mode, dp._h, dp.pin_dir)
+        st["private_pins"] = dp.private_pins
+        return st
     finally:
         dp._h.close()          # do not detach: the interface keeps the program
 
