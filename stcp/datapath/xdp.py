@@ -316,6 +316,31 @@ def possible_cpus() -> int:
 
 # --------------------------------------------------------------------------------------
 # netlink (pyroute2)
+def _off_loop(fn, *args, **kw):
+    """Call fn here, or in a helper thread when this thread runs an asyncio loop: pyroute2's
+    synchronous IPRoute drives an event loop of its own and refuses to run inside one
+    (`stcp serve` calls us from its loop). Blocks the caller either way."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn(*args, **kw)
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kw)
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, name="stcp-xdp-netlink", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class _Netlink:
     """An rtnetlink socket in this network namespace, or in the named one (ip netns)."""
 
@@ -575,6 +600,12 @@ class XdpDatapath:
                hs_sources: int = DEFAULT_HS_SOURCES) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it."""
+        return _off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
+                         max_cids, hs_sources)
+
+    @classmethod
+    def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
+                hs_sources) -> "XdpDatapath":
         _validate_limits(port, mode, max_record_len, hs_rate, hs_burst)
         require_root()
         with _Netlink(netns) as nl:
@@ -642,6 +673,10 @@ class XdpDatapath:
     @classmethod
     def open(cls, iface: str, *, netns: Optional[str] = None) -> "XdpDatapath":
         """The STCP program already attached to iface; XdpNotAttached if there is none."""
+        return _off_loop(cls._open, iface, netns)
+
+    @classmethod
+    def _open(cls, iface: str, netns: Optional[str]) -> "XdpDatapath":
         require_root()
         with _Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
@@ -700,6 +735,9 @@ class XdpDatapath:
 
     def is_attached(self) -> bool:
         """True while our program is still the one on the interface."""
+        return _off_loop(self._is_attached)
+
+    def _is_attached(self) -> bool:
         try:
             with _Netlink(self.netns) as nl:
                 return self._h.prog_id in nl.xdp_state(self.ifindex).values()
@@ -708,8 +746,13 @@ class XdpDatapath:
 
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
+        """Detach if we attached (and our program is still the one there), else forget the
+        CIDs we added. Idempotent."""
         if self._h.prog_fd < 0:
             return
+        _off_loop(self._close)
+
+    def _close(self) -> None:
         try:
             if self.attached:
                 try:
@@ -770,6 +813,10 @@ def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFA
 def detach(iface: str, netns: Optional[str] = None) -> dict:
     """Remove the STCP program from iface and its pins. XdpNotAttached if there is none
     (stale pins, if any, are removed all the same)."""
+    return _off_loop(_detach, iface, netns)
+
+
+def _detach(iface: str, netns: Optional[str]) -> dict:
     require_root()
     pins = pin_dir(iface, netns)
     with _Netlink(netns) as nl:
@@ -802,6 +849,10 @@ def _status_of(iface: str, mode: Optional[str], h: Optional[_Handles], pins: str
 
 def status(iface: Optional[str] = None, netns: Optional[str] = None) -> List[dict]:
     """Status of iface, or of every interface carrying an STCP program when iface is None."""
+    return _off_loop(_status, iface, netns)
+
+
+def _status(iface: Optional[str], netns: Optional[str]) -> List[dict]:
     require_root()
     out = []
     with _Netlink(netns) as nl:
