@@ -16,9 +16,10 @@ TIME_THRESHOLD = 9 / 8
 GRANULARITY = 0.001
 INITIAL_RTT = 0.1
 MAX_ACK_DELAY = 0.010
-# Backoff stops growing here: a long burst of losses is then probed once a second instead of
-# at ever longer intervals that would outlast the idle timeout.
-MAX_PTO_INTERVAL = 1.0
+# Backoff stops growing here (unless the RTT itself is longer): through a long burst of losses
+# the sender keeps probing four times a second instead of at ever longer intervals that
+# would outlast the idle timeout.
+MAX_PTO_INTERVAL = 0.25
 
 
 class SentPacket:

@@ -1,0 +1,278 @@
+"""End to end on loopback: real UDP sockets, the socket datapath, the asyncio and blocking APIs."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+import stcp
+from stcp.cli.main import echo_handler
+from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
+from tests.faults import Faults, FaultShim
+
+
+def run(coro, timeout: float = 120.0):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes:
+    reader, writer = await stcp.open_connection(host, port, config=config)
+
+    async def upload():
+        for i in range(0, len(data), 1 << 20):
+            writer.write(data[i:i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    up = asyncio.create_task(upload())
+    echoed = await reader.read()
+    await up
+    await writer.wait_closed()
+    return echoed
+
+
+def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
+    """`stcp serve` in its own process (its own CPU), on a free port."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proc = subprocess.Popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
+                             *extra], stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "serving on" in line, line
+    return proc, port
+
+
+def test_64_mib_each_way_sha256_intact():
+    proc, port = serve_subprocess()
+    try:
+        data = os.urandom(64 << 20)
+        echoed = run(echo_transfer("127.0.0.1", port, data))
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_ipv6_loopback_round_trip():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "::1", 0)
+        port = server.sockets[0].getsockname()[1]
+        data = os.urandom(300_000)
+        assert await echo_transfer("::1", port, data) == data
+        server.close()
+
+    run(main())
+
+
+def test_200_concurrent_connections():
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        payloads = [os.urandom(32_768 + i) for i in range(200)]
+        results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p) for p in payloads))
+        assert all(r == p for r, p in zip(results, payloads))
+        await asyncio.sleep(0.5)                    # drain periods end
+        assert len(server.endpoint.connections) == 0
+        server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("faults", [
+    Faults(loss=0.10, seed=3),
+    Faults(reorder=0.3, duplicate=0.1, seed=4),
+    Faults(burst_at=400, burst_len=50, seed=5),
+    Faults(loss=0.10, reorder=0.2, duplicate=0.05, burst_at=300, burst_len=50, seed=6),
+], ids=["loss10", "reorder+dup", "burst50", "everything"])
+def test_transfer_survives_a_hostile_network(faults):
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
+        data = os.urandom(2 << 20)
+        echoed = await echo_transfer("127.0.0.1", shim.port, data)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+        assert sum(faults.dropped.values()) > 0 or faults.duplicate or faults.reorder
+        shim.close()
+        server.close()
+
+    run(main(), timeout=150)
+
+
+def test_forced_key_updates_keep_the_stream_intact():
+    config = stcp.Config(key_update_interval=200)
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0, config=config)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await stcp.open_connection("127.0.0.1", port, config=config)
+        data = os.urandom(2 << 20)
+        writer.write(data)
+        writer.write_eof()
+        echoed = await reader.read()
+        await writer.wait_closed()
+        assert echoed == data
+        stats = writer.connection.stats
+        assert stats.key_updates_sent >= 3 and stats.key_updates_received >= 3
+        assert writer.connection.send_epoch >= 3
+        server.close()
+
+    run(main())
+
+
+def test_bit_flipped_record_ends_only_its_connection():
+    """A corrupted record kills the connection it was aimed at; another one carries on."""
+    target = {}
+
+    def flip(direction, index, data):
+        if direction == "up" and target.get("armed") and len(data) > 200:
+            target["armed"] = False
+            target["flipped"] = True
+            corrupted = bytearray(data)
+            corrupted[100] ^= 0x01
+            return bytes(corrupted)
+        return data
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        shim = await FaultShim.start(("127.0.0.1", port), Faults(mutate=flip))
+        victim_r, victim_w = await stcp.open_connection("127.0.0.1", shim.port)
+        survivor = asyncio.create_task(echo_transfer("127.0.0.1", port, os.urandom(4 << 20)))
+        target["armed"] = True
+        victim_w.write(os.urandom(100_000))
+        with pytest.raises(ConnectionTerminated) as info:
+            await victim_r.read()
+        assert target["flipped"]
+        assert info.value.code == CloseCode.AUTH_FAILURE and info.value.by_peer
+        assert len(await survivor) == 4 << 20
+        shim.close()
+        server.close()
+
+    run(main())
+
+
+def test_no_plaintext_on_the_wire():
+    marker = b"STCP-PLAINTEXT-MARKER-7f3a9c"
+    faults = Faults()
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
+        data = marker * 5000
+        assert await echo_transfer("127.0.0.1", shim.port, data) == data
+        shim.close()
+        server.close()
+
+    run(main())
+    assert len(faults.log) > 100
+    assert not any(marker[:12] in d for _, d in faults.log)
+
+
+def test_idle_timeout_frees_the_connection():
+    server_config = stcp.Config(idle_timeout=0.5, keepalive=None)
+    faults = Faults()
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0, config=server_config)
+        shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
+        reader, writer = await stcp.open_connection("127.0.0.1", shim.port)
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        assert len(server.endpoint.connections) == 1
+        conn = next(iter(server.endpoint.connections.values()))
+        faults.loss = 1.0                              # the client vanishes
+        for _ in range(40):
+            await asyncio.sleep(0.1)
+            if not server.endpoint.connections:
+                break
+        assert not server.endpoint.connections
+        assert conn.close_info.code == CloseCode.IDLE_TIMEOUT
+        writer.abort()
+        shim.close()
+        server.close()
+
+    run(main())
+
+
+def test_hello_retransmitted_after_the_first_is_lost():
+    faults = Faults(mutate=lambda direction, index, data: None if (direction, index) == ("up", 0) else data)
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
+        reader, writer = await stcp.open_connection("127.0.0.1", shim.port)
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        assert faults.dropped["up"] == 1
+        hellos = [d for direction, d in faults.log if direction == "up" and d[16:24] == bytes(8)]
+        assert len(hellos) == 2 and hellos[0] == hellos[1]
+        assert len(server.endpoint.connections) == 1
+        writer.abort()
+        shim.close()
+        server.close()
+
+    run(main())
+
+
+def test_handshake_timeout_against_a_silent_server():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+
+    async def main():
+        with pytest.raises(HandshakeTimeout, match=r"handshake timed out after 0.5 s"):
+            await stcp.open_connection("127.0.0.1", port, config=stcp.Config(handshake_timeout=0.5))
+
+    try:
+        run(main())
+        assert len(silent.recv(2048)) == 104        # it did hear a client hello
+    finally:
+        silent.close()
+
+
+def test_data_is_refused_outside_encrypted():
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await stcp.open_connection("127.0.0.1", port)
+        writer.abort("done")
+        with pytest.raises(NotEncrypted):
+            writer.write(b"too late")
+        server.close()
+
+    run(main())
+
+
+def test_blocking_api_round_trip():
+    async def start():
+        return await stcp.start_server(echo_handler, "127.0.0.1", 0)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    port = server.sockets[0].getsockname()[1]
+    import threading
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        data = os.urandom(500_000)
+        with stcp.connect(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            received = bytearray()
+            while chunk := conn.recv(65536):
+                received += chunk
+        assert bytes(received) == data
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
