@@ -368,7 +368,7 @@ def ratios(results: dict) -> list[dict]:
     def add(what, num, den, target, op, note=""):
         (nn, nv), (dn, dv) = num, den
         r = round(nv / dv, 3) if nv is not None and dv else None
-        met = None if r is None else (r >= target if op == ">=" else r <= target)
+        met = None if r is None or target is None else (r >= target if op == ">=" else r <= target)
         rows.append({"ratio": what, "stcp_peer": nn, "reference_peer": dn, "value": r,
                      "target": f"{op} {target}" if target is not None else "", "met": met,
                      "note": note})
@@ -417,11 +417,11 @@ def markdown(doc: dict) -> str:
                f"connection (after 50 warm-up). Each test {cfg['repeat']}×, the median run is shown.")
     out.append("")
     out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms | "
-               "RTT p50 / p99 µs |")
-    out.append("|---|---:|---:|---:|---:|---:|")
+               "RTT p50 / p99 µs | CPU outside peers |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|")
     for name, pr in doc["peers"].items():
         if not pr["available"]:
-            out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | |")
+            out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | | |")
             continue
         s = {t: (pr["tests"].get(t) or {}).get("summary") for t in TESTS}
         b, h, r = s["bulk"], s["handshake"], s["rtt"]
@@ -432,6 +432,10 @@ def markdown(doc: dict) -> str:
         cells.append(fmt(h and h.get("per_s")))
         cells.append(f"{fmt(h['latency']['p50_us'], 2, 1e-3)} / {fmt(h['latency']['p99_us'], 2, 1e-3)}" if h else "–")
         cells.append(f"{fmt(r['latency']['p50_us'])} / {fmt(r['latency']['p99_us'])}" if r else "–")
+        shares = [r.get("cpu_outside_peers_share") for t in TESTS
+                  for r in (pr["tests"].get(t) or {}).get("runs", [])]
+        shares = [x for x in shares if x is not None]
+        cells.append(f"{100 * max(shares):.0f} %" if shares else "–")
         if pr.get("reason"):
             cells[0] += f" (error: {pr['reason']})"
         out.append("| " + " | ".join(cells) + " |")
@@ -448,12 +452,17 @@ def markdown(doc: dict) -> str:
         out.append(f"| {r['ratio']} | {fmt(r['value'], 2)} | {r['target'] or ''} | {met} | {peers} |")
     out.append("")
     out.append("Latency figures are measured by the client: handshake = from `connect` until the "
-               "handshake has completed and close has been started (waiting for a TLS close_notify "
-               "reply or QUIC's draining period happens in the background, inside the handshakes/s "
-               "time); RTT = write 64 bytes, read the 64-byte echo. Bulk MB/s = payload bytes the "
+               "handshake has completed and close has been started (asyncio clients: waiting for the "
+               "close to finish, a TLS close_notify reply or QUIC's draining period, runs in the "
+               "background, inside the handshakes/s time; blocking clients: `close()` as the API does "
+               "it, immediate for ssl, waiting for the peer to finish for `stcp.connect`); RTT = "
+               "write 64 bytes, read the 64-byte echo. Bulk MB/s = payload bytes the "
                "server counted ÷ time from first write to the server's count arriving back "
-               "(1 MB = 10^6 bytes). Server CPU is read from /proc around each client run. Raw runs: "
-               "results.json.")
+               "(1 MB = 10^6 bytes). Server CPU is read from /proc around each client run. "
+               "CPU outside peers = the largest share, over that peer's runs, of all CPUs' time not "
+               "spent in the server, the client or the pinned napi kthreads: receive softirq work "
+               "not charged to a process plus anything else running on the machine; a high figure "
+               "means the run was disturbed. Raw runs: results.json.")
     out.append("")
     return "\n".join(out)
 
@@ -555,9 +564,18 @@ def main(argv=None) -> int:
             log(f"bench: {topology}")
             for name in names:
                 results[name] = bench_peer(name, srv, cli, cfg, cert, key, logdir, t_end)
+                write(out, document(args, machine, topology, steering, cfg, results, t_start), md=False)
 
     machine["loadavg_end"] = _read("/proc/loadavg")
-    doc = {
+    doc = document(args, machine, topology, steering, cfg, results, t_start)
+    write(out, doc)
+    print(markdown(doc))
+    log(f"bench: wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {doc['elapsed_s']} s")
+    return 0
+
+
+def document(args, machine, topology, steering, cfg, results, t_start) -> dict:
+    return {
         "quick": args.quick,
         "machine": machine,
         "topology": topology,
@@ -569,12 +587,13 @@ def main(argv=None) -> int:
         "ratios": ratios(results),
         "elapsed_s": round(time.monotonic() - t_start, 1),
     }
+
+
+def write(out: Path, doc: dict, md: bool = True) -> None:
+    """results.json after every peer (a crash keeps what was measured), RESULTS.md at the end."""
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = markdown(doc)
-    (out / "RESULTS.md").write_text(md)
-    print(md)
-    log(f"bench: wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {doc['elapsed_s']} s")
-    return 0
+    if md:
+        (out / "RESULTS.md").write_text(markdown(doc))
 
 
 if __name__ == "__main__":
