@@ -197,10 +197,15 @@ async def connect(args) -> int:
             out.write(data)
 
     up = asyncio.create_task(upload())
-    await download()
-    if not up.done():              # the server finished first: stop reading stdin, finish ours
-        up.cancel()
-        writer.write_eof()
+    try:
+        await download()           # raises the connection's own reason if it ends badly
+    finally:
+        if not up.done():          # the server finished first: stop reading stdin
+            up.cancel()
+        (upload_error,) = await asyncio.gather(up, return_exceptions=True)
+    if isinstance(upload_error, Exception):
+        raise upload_error
+    writer.write_eof()
     await writer.wait_closed()
     return 0
 

@@ -1,0 +1,157 @@
+"""The `stcp` command as a user runs it: subprocesses, files, exit codes and one-line errors."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+STCP = [sys.executable, "-m", "stcp.cli.main"]
+
+
+def free_port(kind=socket.SOCK_DGRAM) -> int:
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture
+def server():
+    """An echo `stcp serve` on a free loopback port; yields the port."""
+    procs = []
+
+    def start(*extra: str) -> int:
+        port = free_port()
+        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", *extra],
+                                stderr=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stderr.readline()
+        assert "serving on" in line, line
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        assert proc.wait(10) == 0          # SIGTERM is a clean shutdown
+
+
+def connect(port: int, stdin: bytes, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*STCP, "connect", f"127.0.0.1:{port}", *extra], input=stdin,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_537, 3 << 20])
+def test_connect_echo_is_byte_identical(server, size, tmp_path):
+    port = server()
+    data = os.urandom(size)
+    (tmp_path / "in").write_bytes(data)
+    with open(tmp_path / "in", "rb") as fin, open(tmp_path / "out", "wb") as fout:
+        rc = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], stdin=fin, stdout=fout,
+                            stderr=subprocess.PIPE, timeout=60).returncode
+    assert rc == 0
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_forward_relays_to_a_tcp_backend(server):
+    backend = socket.socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen()
+    port = server("--forward", f"127.0.0.1:{backend.getsockname()[1]}")
+    proc = subprocess.Popen([*STCP, "connect", f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.write(b"request through the tunnel")
+    proc.stdin.close()                              # half-close reaches the backend as EOF
+    backend.settimeout(20)
+    conn, _ = backend.accept()
+    received = b""
+    while chunk := conn.recv(4096):
+        received += chunk
+    assert received == b"request through the tunnel"
+    conn.sendall(b"answer from the backend")
+    conn.close()
+    assert proc.stdout.read() == b"answer from the backend"
+    assert proc.wait(20) == 0
+    backend.close()
+
+
+def test_tunnel_carries_tcp_clients_over_stcp(server):
+    stcp_port = server()
+    tcp_port = free_port(socket.SOCK_STREAM)
+    tunnel = subprocess.Popen([*STCP, "tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to",
+                               f"127.0.0.1:{stcp_port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "tunnel from" in tunnel.stderr.readline()
+        for _ in range(2):                      # two clients, each over its own STCP connection
+            data = os.urandom(200_000)
+            with socket.create_connection(("127.0.0.1", tcp_port), timeout=20) as c:
+                c.sendall(data)
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := c.recv(65536):
+                    got += chunk
+            assert got == data
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+
+
+def test_silent_server_gives_handshake_timeout():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    try:
+        t0 = time.monotonic()
+        r = connect(silent.getsockname()[1], b"", "--handshake-timeout", "1")
+        assert r.returncode == 1
+        assert r.stderr.decode().strip() == "stcp: handshake timed out after 1 s"
+        assert time.monotonic() - t0 < 10
+    finally:
+        silent.close()
+
+
+def test_unreachable_port_says_timed_out_and_why():
+    r = connect(free_port(), b"", "--handshake-timeout", "1")
+    assert r.returncode == 1
+    err = r.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stcp: handshake timed out after 1 s")
+
+
+def test_port_in_use(server):
+    port = server()
+    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True,
+                       timeout=20)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"stcp: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize("address,message", [
+    ("127.0.0.1:99999", "port must be a number from 0 to 65535"),
+    ("no-such-host.invalid:7443", "cannot resolve 'no-such-host.invalid'"),
+    (":7443", "missing host"),
+])
+def test_bad_address(address, message):
+    r = subprocess.run([*STCP, "connect", address], capture_output=True, text=True, timeout=20, input="")
+    assert r.returncode in (1, 2)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_peer_termination_reason_reaches_the_user(server):
+    closed_port = free_port(socket.SOCK_STREAM)          # nothing listens there
+    port = server("--forward", f"127.0.0.1:{closed_port}")
+    r = connect(port, b"hello")
+    assert r.returncode == 1
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "peer terminated the connection: APPLICATION_ABORT" in lines[0]
+    assert f"backend 127.0.0.1:{closed_port} unreachable" in lines[0]
+
+
+def test_demo_runs():
+    r = subprocess.run([*STCP, "demo", "--mib", "2"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "SHA-256 matches" in r.stdout
