@@ -416,7 +416,7 @@ def markdown(doc: dict) -> str:
                f"connect + full handshake + close; RTT = {cfg['rtts']} round trips of 64 bytes on one "
                f"connection (after 50 warm-up). Each test {cfg['repeat']}×, the median run is shown.")
     out.append("")
-    out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms | "
+    out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms (p50 until open) | "
                "RTT p50 / p99 µs | CPU outside peers |")
     out.append("|---|---:|---:|---:|---:|---:|---:|")
     for name, pr in doc["peers"].items():
@@ -430,7 +430,12 @@ def markdown(doc: dict) -> str:
         cg = b and b.get("cpu_s_per_gb")
         cells.append(f"{cg['client']:.2f} + {cg['server']:.2f}" if cg else "–")
         cells.append(fmt(h and h.get("per_s")))
-        cells.append(f"{fmt(h['latency']['p50_us'], 2, 1e-3)} / {fmt(h['latency']['p99_us'], 2, 1e-3)}" if h else "–")
+        if h:
+            cl = h.get("connect_latency") or {}
+            cells.append(f"{fmt(h['latency']['p50_us'], 2, 1e-3)} / {fmt(h['latency']['p99_us'], 2, 1e-3)}"
+                         f" ({fmt(cl.get('p50_us'), 2, 1e-3)})")
+        else:
+            cells.append("–")
         cells.append(f"{fmt(r['latency']['p50_us'])} / {fmt(r['latency']['p99_us'])}" if r else "–")
         shares = [r.get("cpu_outside_peers_share") for t in TESTS
                   for r in (pr["tests"].get(t) or {}).get("runs", [])]
@@ -456,7 +461,8 @@ def markdown(doc: dict) -> str:
                "close to finish, a TLS close_notify reply or QUIC's draining period, runs in the "
                "background, inside the handshakes/s time; blocking clients: `close()` as the API does "
                "it, immediate for ssl, waiting for the peer to finish for `stcp.connect`); RTT = "
-               "write 64 bytes, read the 64-byte echo. Bulk MB/s = payload bytes the "
+               "write 64 bytes, read the 64-byte echo. "
+               "In brackets: p50 of connect + handshake alone, before close. Bulk MB/s = payload bytes the "
                "server counted ÷ time from first write to the server's count arriving back "
                "(1 MB = 10^6 bytes). Server CPU is read from /proc around each client run. "
                "CPU outside peers = the largest share, over that peer's runs, of all CPUs' time not "

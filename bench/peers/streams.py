@@ -92,17 +92,19 @@ async def client(args, connect) -> dict:
         # Latency: connect + handshake complete + close started.  Waiting for the close to
         # finish (a close_notify round trip for TLS, the draining period for QUIC) runs in
         # the background, untimed per connection but inside the elapsed time of the loop.
-        samples, errors, closing = [], 0, []
+        samples, to_open, errors, closing = [], [], 0, []
         t_start = time.perf_counter()
         for _ in range(args.count):
             t0 = time.perf_counter()
             try:
                 conn = await asyncio.wait_for(connect(args), 10)
+                t1 = time.perf_counter()
                 await asyncio.wait_for(conn.close(), 10)
             except Exception:  # OSError, timeouts, each transport's own handshake errors
                 errors += 1
                 continue
             samples.append(time.perf_counter() - t0)
+            to_open.append(t1 - t0)
             closing.append(asyncio.ensure_future(asyncio.wait_for(conn.wait_closed(), 10)))
             if time.perf_counter() - t_start > args.time_limit:
                 break
@@ -110,7 +112,8 @@ async def client(args, connect) -> dict:
             if isinstance(r, asyncio.TimeoutError):
                 errors += 1
         elapsed = time.perf_counter() - t_start
-        return C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors)
+        return C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors,
+                                  connect_latency=C.latency_summary(to_open))
     # rtt
     msgs = C.rtt_messages(args.count + C.RTT_WARMUP)
     samples, bad = [], 0

@@ -133,21 +133,24 @@ def blocking_client(args, connect) -> None:
             elapsed = time.perf_counter() - t0
         C.emit(C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0))
     elif args.test == "handshake":
-        samples, errors = [], 0
+        samples, to_open, errors = [], [], 0
         t_start = time.perf_counter()
         for _ in range(args.count):
             t0 = time.perf_counter()
             try:
                 s = connect()
+                t1 = time.perf_counter()
                 s.close()
             except Exception:  # OSError (ssl.SSLError too) or the transport's own errors
                 errors += 1
                 continue
             samples.append(time.perf_counter() - t0)
+            to_open.append(t1 - t0)
             if time.perf_counter() - t_start > args.time_limit:
                 break
         elapsed = time.perf_counter() - t_start
-        C.emit(C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors))
+        C.emit(C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors,
+                                  connect_latency=C.latency_summary(to_open)))
     else:  # rtt
         msgs = C.rtt_messages(args.count + C.RTT_WARMUP)
         samples, bad = [], 0
