@@ -209,6 +209,16 @@ SERVER_NAME = "bench.stcp.test"
 def run_main(server: Callable[[argparse.Namespace], None], client: Callable[[argparse.Namespace], None],
              description: str, argv: list[str] | None = None) -> None:
     args = parser(description).parse_args(argv)
+    # BENCH_PROFILE=DIR: run under cProfile and leave DIR/<module>.<role>[.<test>].prof and a
+    # .txt of the top functions (bench.run --profile sets it).
+    prof_dir = os.environ.get("BENCH_PROFILE")
+    prof = None
+    if prof_dir:
+        import cProfile
+        import signal
+        prof = cProfile.Profile()
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        prof.enable()
     try:
         if args.role == "server":
             server(args)
@@ -217,5 +227,22 @@ def run_main(server: Callable[[argparse.Namespace], None], client: Callable[[arg
     except KeyboardInterrupt:
         pass
     finally:
-        # Bounded: never outlive the run because of a stuck non-daemon thread.
+        if prof is not None:
+            prof.disable()
+            _dump_profile(prof, prof_dir, args)
         sys.stdout.flush()
+
+
+def _dump_profile(prof, prof_dir: str, args) -> None:
+    import io
+    import pstats
+    mod = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    name = f"{mod}.{args.role}" + (f".{args.test}" if args.role == "client" else "")
+    base = os.path.join(prof_dir, name)
+    prof.dump_stats(base + ".prof")
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(30)
+    st.sort_stats("cumulative").print_stats(30)
+    with open(base + ".txt", "w") as f:
+        f.write(buf.getvalue())

@@ -100,8 +100,13 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
+PROFILE_DIR: Path | None = None
+
+
 def env() -> dict:
     e = dict(os.environ)
+    if PROFILE_DIR is not None:
+        e["BENCH_PROFILE"] = str(PROFILE_DIR)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("PYTHONUNBUFFERED", "1")
     return e
@@ -490,6 +495,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--nice", type=int, default=-10,
                    help="nice value for the peers and the pinned napi kthreads (default -10, "
                         "so other work on a shared machine disturbs the figures less; 0 = off)")
+    p.add_argument("--profile", action="store_true",
+                   help="run every peer under cProfile; .prof and top-function .txt files land in "
+                        "<out>/profiles/ (figures are slower under the profiler)")
     p.add_argument("--repeat", type=int)
     p.add_argument("--bytes", type=int)
     p.add_argument("--duration", type=float)
@@ -523,6 +531,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     t_end = t_start + cfg.budget
+    if args.profile:
+        global PROFILE_DIR
+        PROFILE_DIR = out / "profiles"
+        PROFILE_DIR.mkdir(exist_ok=True)
 
     sys.path.insert(0, str(REPO))
     from bench.common import make_self_signed
