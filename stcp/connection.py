@@ -237,9 +237,14 @@ class Connection:
         self._set_state(event)
         if self.state == State.ERROR:
             self._set_state(Event.TERMINATED)
-        self.close_info = info
         self._recovery.forget_all()
-        self.events.append(info)
+        self._report_closed(info)
+
+    def _report_closed(self, info: ConnectionClosed) -> None:
+        """Tell the application once; a clean close is reported when draining starts."""
+        if self.close_info is None:
+            self.close_info = info
+            self.events.append(info)
 
     def _fail(self, exc: STCPError, now: float) -> None:
         """Terminate on a fatal error: ERROR, tell the peer if we can, then CLOSED."""
@@ -338,7 +343,7 @@ class Connection:
                 return
         if ack_eliciting:
             self._ack_eliciting_unacked += 1
-            if self._ack_eliciting_unacked >= 2 or pn != self._received.largest:
+            if self._ack_eliciting_unacked >= 2 or pn != self._received.largest or self._recv.fin_delivered:
                 self._ack_deadline = now                    # ack with the next flush
             elif self._ack_deadline is None:
                 self._ack_deadline = now + MAX_ACK_DELAY
@@ -415,6 +420,7 @@ class Connection:
                 and self._send.all_acked and self._recv.finished:
             self._close_frame = wire.CloseFrame(CloseCode.NO_ERROR, "")
             self._draining_until = now + _DRAIN_PTOS * self._recovery.pto_interval()
+            self._report_closed(ConnectionClosed(CloseCode.NO_ERROR))
 
     # --- timers ------------------------------------------------------------
     def get_timer(self) -> Optional[float]:
