@@ -31,6 +31,7 @@ BPF_PERCPU_ARRAY(stcp_counters, struct stcp_counter, STCP_V_MAX);
 BPF_HASH(stcp_cids, __u64, __u8, STCP_MAX_CIDS);
 BPF_TABLE("lru_hash", struct stcp_src, struct stcp_bucket, stcp_hs_bucket, STCP_HS_SOURCES);
 BPF_ARRAY(stcp_config, struct stcp_config, 1);
+BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
 
 struct hdr_cursor {
 	void *pos;
@@ -176,6 +177,26 @@ static __always_inline int parse_ipv6(struct hdr_cursor *nh, void *data_end, str
 	return 0;
 }
 
+/* The CID prefilter slot of a CID as loaded from the packet (wire byte order): fold the
+ * halves, so that the structured top bits of a CID (its worker) mix with random ones.
+ * stcp/datapath/xdp.py computes the same function. */
+static __always_inline __u32 cid_slot(__u64 raw)
+{
+	return ((__u32)raw ^ (__u32)(raw >> 32)) & (STCP_CID_FILTER_SLOTS - 1);
+}
+
+/* 1 if the prefilter says the CID may be live, 0 if it certainly is not. */
+static __always_inline int cid_maybe_live(__u64 raw)
+{
+	__u32 slot = cid_slot(raw);
+	__u32 word = slot >> 3;
+	__u64 *w = stcp_cid_filter.lookup(&word);
+
+	if (!w)
+		return 0;
+	return ((*w >> ((slot & 7) * 8)) & 0xff) != 0;
+}
+
 /* Token bucket per source address; 1 = within rate. Updates race benignly across CPUs
  * (a few extra hellos may pass under a multi-queue flood from one source). */
 static __always_inline int hello_allowed(struct stcp_config *cfg, struct stcp_src *src)
@@ -271,7 +292,7 @@ int stcp_xdp(struct xdp_md *ctx)
 	if (length > cfg->max_record_len)
 		return count(ctx, STCP_V_DROP_TOO_LONG, XDP_DROP);
 	cid = hdr->cid;                 /* wire byte order, as the loader stores keys */
-	if (!stcp_cids.lookup(&cid))
+	if (!cid_maybe_live(cid) || !stcp_cids.lookup(&cid))
 		return count(ctx, STCP_V_DROP_UNKNOWN_CID, XDP_DROP);
 	return count(ctx, STCP_V_PASS_DATA, XDP_PASS);
 }

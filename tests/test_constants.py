@@ -54,7 +54,7 @@ def test_every_wire_mirror_exists():
     missing = {n for n in needed if f"STCP_{n}" not in _defines()}
     assert not missing, f"bpf/stcp_wire.h lacks STCP_{missing}"
     # every STCP_* define is either a wire constant or a declared C-only one
-    c_only = {"STCP_MAX_CIDS", "STCP_HS_SOURCES", "STCP_MAP_ABI"}
+    c_only = {"STCP_MAX_CIDS", "STCP_HS_SOURCES", "STCP_MAP_ABI", "STCP_CID_FILTER_WORDS"}
     unknown = {n for n in _defines() if n not in c_only and not hasattr(wire, n[len("STCP_"):])}
     assert not unknown, f"defines with no stcp.wire counterpart: {unknown}"
 
@@ -63,6 +63,18 @@ def test_map_abi_matches_loader():
     assert _defines()["STCP_MAP_ABI"] == xdp.MAP_ABI
     assert _defines()["STCP_MAX_CIDS"] == xdp.DEFAULT_MAX_CIDS
     assert _defines()["STCP_HS_SOURCES"] == xdp.DEFAULT_HS_SOURCES
+    assert _defines()["STCP_CID_FILTER_WORDS"] == xdp.CID_FILTER_WORDS
+
+
+def test_cid_filter_slot_matches_c():
+    """cid_slot() in bpf/stcp_xdp.c folds the wire-order u64; xdp.cid_filter_slot mirrors it."""
+    src = (HEADER.parent / "stcp_xdp.c").read_text()
+    assert "((__u32)raw ^ (__u32)(raw >> 32)) & (STCP_CID_FILTER_SLOTS - 1)" in src
+    cid = 0x0102030405060708
+    raw = int.from_bytes(cid.to_bytes(8, "big"), "little")
+    assert xdp.cid_filter_slot(cid) == ((raw & 0xFFFFFFFF) ^ (raw >> 32)) % xdp.CID_FILTER_SLOTS
+    # the top byte of a CID (its worker) changes the slot
+    assert xdp.cid_filter_slot(cid) != xdp.cid_filter_slot(cid ^ (0xFF << 56))
 
 
 def test_verdict_enum_matches_python():

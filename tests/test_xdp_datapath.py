@@ -346,6 +346,35 @@ def test_cid_table_add_remove(env, fam):
     assert env.drain() == []
 
 
+def _colliding_cid(cid: int) -> int:
+    """Another CID in the same prefilter slot (flip the same bit in both folded halves)."""
+    from stcp.datapath.xdp import cid_filter_slot
+    other = cid ^ ((1 << 7) | (1 << 39))       # wire bytes 7 and 3: same bit of each 32-bit half
+    assert other != cid and cid_filter_slot(other) == cid_filter_slot(cid)
+    return other
+
+
+@pytest.mark.root
+def test_cid_prefilter_counts_shared_slots(env):
+    """Two live CIDs sharing a prefilter slot: removing one keeps the other passing."""
+    a_cid = int.from_bytes(os.urandom(8), "big")
+    b_cid = _colliding_cid(a_cid)
+    base = env.dp.filter_count(a_cid)
+    env.dp.add_cid(a_cid)
+    env.dp.add_cid(a_cid)                       # idempotent: counted once
+    env.dp.add_cid(b_cid)
+    assert env.dp.filter_count(a_cid) == base + 2
+    env.dp.remove_cid(a_cid)
+    env.dp.remove_cid(a_cid)
+    assert env.dp.filter_count(b_cid) == base + 1
+    expect_verdicts(env, lambda: (env.send(4, data_record(b_cid)), env.send(4, data_record(a_cid))),
+                    {"pass_data": 1, "drop_unknown_cid": 1})
+    assert [g[0] for g in env.recv_wait(1)] == [data_record(b_cid)]
+    env.dp.remove_cid(b_cid)
+    assert env.dp.filter_count(b_cid) == base
+    expect_verdicts(env, lambda: env.send(4, data_record(b_cid)), {"drop_unknown_cid": 1})
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_hello_flood_is_rate_limited_per_source(env, fam):

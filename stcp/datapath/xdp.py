@@ -40,13 +40,15 @@ DEFAULT_HS_RATE = 20          # client hellos per second per source address
 DEFAULT_HS_BURST = 40
 DEFAULT_MAX_CIDS = 65536
 DEFAULT_HS_SOURCES = 65536
-MAP_ABI = 1                   # STCP_MAP_ABI in bpf/stcp_wire.h
+CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
+CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
+MAP_ABI = 2                   # STCP_MAP_ABI in bpf/stcp_wire.h
 
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = BPFFS + "/stcp"
 PROG_NAME = "stcp_xdp"
 MAP_NAMES = {"counters": "stcp_counters", "cids": "stcp_cids",
-             "hs_bucket": "stcp_hs_bucket", "config": "stcp_config"}
+             "hs_bucket": "stcp_hs_bucket", "config": "stcp_config", "cid_filter": "stcp_cid_filter"}
 MODES = ("native", "generic", "auto")
 
 # linux/if_link.h
@@ -59,6 +61,14 @@ _NETLINK_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offlo
 _CONFIG = struct.Struct("=IIIIIIQQ")     # struct stcp_config
 _COUNTER = struct.Struct("=QQ")          # struct stcp_counter
 _CID = struct.Struct("!Q")               # CIDs are stored as their wire bytes
+_WORD = struct.Struct("=Q")
+BPF_NOEXIST = 1
+
+
+def cid_filter_slot(cid: int) -> int:
+    """cid_slot() of bpf/stcp_xdp.c: the prefilter slot of a CID."""
+    raw = _WORD.unpack(_CID.pack(cid))[0]          # the u64 the program loads from the packet
+    return ((raw & 0xFFFFFFFF) ^ (raw >> 32)) & (CID_FILTER_SLOTS - 1)
 
 
 class XdpSetupError(STCPError):
@@ -279,10 +289,15 @@ def _map_lookup(fd: int, key: bytes, value_size: int) -> Optional[bytes]:
     return v.raw
 
 
-def _map_update(fd: int, key: bytes, value: bytes) -> None:
+def _map_update(fd: int, key: bytes, value: bytes, flags: int = 0) -> bool:
+    """False if flags=BPF_NOEXIST and the key exists."""
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value, len(value))
-    _check(_Libbpf.lib().bpf_map_update_elem(fd, k, v, 0), "BPF map update")
+    rc = _Libbpf.lib().bpf_map_update_elem(fd, k, v, flags)
+    if rc < 0 and flags & BPF_NOEXIST and (-rc == errno.EEXIST or ctypes.get_errno() == errno.EEXIST):
+        return False
+    _check(rc, "BPF map update")
+    return True
 
 
 def _map_delete(fd: int, key: bytes) -> bool:
@@ -683,6 +698,11 @@ class XdpDatapath:
             mode, h, state = _find_stcp(nl, ifindex)
             if not h:
                 raise XdpNotAttached(f"no STCP XDP program attached to {iface}")
+            abi = _read_config(h)["abi"]
+            if abi != MAP_ABI:
+                h.close()
+                raise XdpSetupError(f"the STCP XDP program on {iface} has map layout {abi}, this stcp needs "
+                                    f"{MAP_ABI}; re-attach it (stcp-loader attach {iface} --force)")
             return cls(iface, ifindex, mode, h, False, netns, pin_dir(iface, netns))
 
     @classmethod
@@ -711,19 +731,43 @@ class XdpDatapath:
         return dp
 
     # -- the live-connection table -----------------------------------------------------
+    # A CID lives in the stcp_cids hash and counts in its prefilter slot. Invariant: a CID
+    # in the hash has a slot count >= 1 (the filter is raised before the insert and
+    # lowered after the delete), so the filter never hides a live connection.
     def add_cid(self, cid: int) -> None:
         """Let data records for this connection ID through (cid as parsed from the wire)."""
         with self._lock:
-            _map_update(self._h.maps["cids"], _CID.pack(cid), b"\x01")
+            self._filter_adjust(cid, +1)
+            if not _map_update(self._h.maps["cids"], _CID.pack(cid), b"\x01", BPF_NOEXIST):
+                self._filter_adjust(cid, -1)          # already live: counted once only
             self._cids.add(cid)
 
     def remove_cid(self, cid: int) -> None:
         with self._lock:
-            _map_delete(self._h.maps["cids"], _CID.pack(cid))
+            if _map_delete(self._h.maps["cids"], _CID.pack(cid)):
+                self._filter_adjust(cid, -1)
             self._cids.discard(cid)
+
+    def _filter_adjust(self, cid: int, delta: int) -> None:
+        slot = cid_filter_slot(cid)
+        key = struct.pack("=I", slot >> 3)
+        fd = self._h.maps["cid_filter"]
+        word = _WORD.unpack(_map_lookup(fd, key, 8) or bytes(8))[0]
+        shift = (slot & 7) * 8
+        count = (word >> shift) & 0xFF
+        if count == 0xFF:
+            return                                    # saturated: sticky, the hash decides
+        count = max(0, count + delta)
+        _map_update(fd, key, _WORD.pack((word & ~(0xFF << shift)) | (count << shift)))
 
     def has_cid(self, cid: int) -> bool:
         return _map_lookup(self._h.maps["cids"], _CID.pack(cid), 1) is not None
+
+    def filter_count(self, cid: int) -> int:
+        """The prefilter count of cid's slot (tests and diagnostics)."""
+        slot = cid_filter_slot(cid)
+        raw = _map_lookup(self._h.maps["cid_filter"], struct.pack("=I", slot >> 3), 8) or bytes(8)
+        return (_WORD.unpack(raw)[0] >> ((slot & 7) * 8)) & 0xFF
 
     def cids(self) -> List[int]:
         return [_CID.unpack(k)[0] for k in _map_keys(self._h.maps["cids"], 8, DEFAULT_MAX_CIDS * 4)]
