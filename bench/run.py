@@ -287,54 +287,78 @@ def kthreads_cpu() -> float:
     return sum(cpu_ticks(p) or 0.0 for p in NAPI_PIDS)
 
 
-def bench_peer(name: str, srv: Side, cli: Side, cfg: Config, cert: str, key: str,
-               logdir: Path, t_end: float) -> PeerResult:
-    res = PeerResult(name, PEERS[name])
-    why = peer_available(name)
-    if why:
-        res.available, res.reason = False, why
-        log(f"[{name}] not available: {why}")
-        return res
-    errpath = logdir / f"{name}.server.log"
-    cerr = logdir / f"{name}.client.log"
-    try:
-        with server_proc(name, srv, PORTS[name], cert, key, errpath) as (proc, port):
+def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Config,
+            cert: str, cerr: Path) -> dict:
+    """One client run against a live server, with CPU accounting around it."""
+    sn0 = softnet()
+    c0, k0, ch0, b0 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+    t0 = time.monotonic()
+    r = run_client(name, cli, srv.ip, port, test, cfg, cert, cerr)
+    c1, k1, ch1, b1 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+    wall = time.monotonic() - t0
+    r["wall_s"] = round(wall, 2)
+    r["softnet_per_cpu"] = softnet_delta(sn0, softnet())
+    if c0 is not None and c1 is not None:
+        r["server_cpu_s"] = round(c1 - c0, 3)
+        # Everything else the machine did meanwhile: softirq receive work not charged to a
+        # process (RPS backlog) and other users' work.  The client's figure includes
+        # interpreter start-up.
+        other = (b1 - b0) - (c1 - c0) - (k1 - k0) - (ch1 - ch0)
+        r["napi_kthreads_cpu_s"] = round(k1 - k0, 3)
+        r["cpu_outside_peers_s"] = round(max(0.0, other), 3)
+        r["cpu_outside_peers_share"] = round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
+    if test == "bulk" and r.get("ok") and r.get("bytes_received_by_server"):
+        gb = r["bytes_received_by_server"] / 1e9
+        r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
+                             "server": round(r.get("server_cpu_s", 0) / gb, 2)}
+    return r
+
+
+def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, key: str,
+                logdir: Path, t_end: float, on_progress=lambda results: None) -> dict:
+    """All peers' servers run at once (idle ones cost nothing); the client runs go round
+    robin (repetition, then test, then peer), so anything else happening on the machine
+    spreads over every peer instead of landing on one."""
+    results = {n: PeerResult(n, PEERS[n]) for n in names}
+    runs: dict[str, dict[str, list]] = {n: {t: [] for t in TESTS} for n in names}
+    live = {}
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            res = results[name]
+            why = peer_available(name)
+            if why:
+                res.available, res.reason = False, why
+                log(f"[{name}] not available: {why}")
+                continue
+            errpath = logdir / f"{name}.server.log"
+            try:
+                proc, port = stack.enter_context(server_proc(name, srv, PORTS[name], cert, key, errpath))
+            except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
+                res.reason = f"{type(e).__name__}: {e}"
+                log(f"[{name}] failed: {res.reason}")
+                continue
+            live[name] = (proc, port, errpath)
+        for i in range(cfg.repeat):
             for test in TESTS:
-                runs = []
-                for i in range(cfg.repeat):
+                for name in list(live):
+                    proc, port, errpath = live[name]
                     if time.monotonic() > t_end:
-                        runs.append({"test": test, "ok": False, "error": "skipped: run time budget spent"})
-                        break
-                    sn0 = softnet()
-                    c0, k0, ch0, b0 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
-                    t0 = time.monotonic()
-                    r = run_client(name, cli, srv.ip, port, test, cfg, cert, cerr)
-                    c1, k1, ch1, b1 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
-                    wall = time.monotonic() - t0
-                    r["wall_s"] = round(wall, 2)
-                    r["softnet_per_cpu"] = softnet_delta(sn0, softnet())
-                    if c0 is not None and c1 is not None:
-                        r["server_cpu_s"] = round(c1 - c0, 3)
-                        # Everything else the machine did meanwhile: softirq receive work
-                        # not charged to a process (RPS backlog) and other users' work.
-                        # The client's figure includes interpreter start-up.
-                        other = (b1 - b0) - (c1 - c0) - (k1 - k0) - (ch1 - ch0)
-                        r["napi_kthreads_cpu_s"] = round(k1 - k0, 3)
-                        r["cpu_outside_peers_s"] = round(max(0.0, other), 3)
-                        r["cpu_outside_peers_share"] = round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
-                    if test == "bulk" and r.get("ok") and r.get("bytes_received_by_server"):
-                        gb = r["bytes_received_by_server"] / 1e9
-                        r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
-                                             "server": round(r.get("server_cpu_s", 0) / gb, 2)}
-                    runs.append(r)
+                        runs[name][test].append({"test": test, "ok": False,
+                                                 "error": "skipped: run time budget spent"})
+                        continue
+                    r = measure(name, proc, port, srv, cli, test, cfg, cert,
+                                logdir / f"{name}.client.log")
+                    runs[name][test].append(r)
                     log(f"[{name}] {test} #{i + 1}: " + brief(r, test))
                     if proc.poll() is not None:
-                        raise RuntimeError(f"server exited: {_tail(errpath)}")
-                res.tests[test] = {"runs": runs, "summary": summarize(runs, test)}
-    except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
-        res.reason = f"{type(e).__name__}: {e}"
-        log(f"[{name}] failed: {res.reason}")
-    return res
+                        results[name].reason = f"server exited: {_tail(errpath)}"
+                        log(f"[{name}] failed: {results[name].reason}")
+                        del live[name]
+            for name in names:
+                results[name].tests = {t: {"runs": runs[name][t], "summary": summarize(runs[name][t], t)}
+                                       for t in TESTS if runs[name][t]}
+            on_progress(results)
+    return results
 
 
 def brief(r: dict, test: str) -> str:
@@ -419,7 +443,8 @@ def markdown(doc: dict) -> str:
     out.append(f"- Workload: bulk = one connection, one way, {cfg['bytes'] // 2**20} MiB or {cfg['duration']} s "
                f"whichever first, 256 KiB writes; handshakes = {cfg['handshakes']} sequential "
                f"connect + full handshake + close; RTT = {cfg['rtts']} round trips of 64 bytes on one "
-               f"connection (after 50 warm-up). Each test {cfg['repeat']}×, the median run is shown.")
+               f"connection (after 50 warm-up). Each test {cfg['repeat']}×, peers taking turns "
+               f"(round robin), the median run is shown.")
     out.append("")
     out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms (p50 until open) | "
                "RTT p50 / p99 µs | CPU outside peers |")
@@ -580,9 +605,9 @@ def main(argv=None) -> int:
                             f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
                             f"processes pinned with taskset, nice {args.nice}")
             log(f"bench: {topology}")
-            for name in names:
-                results[name] = bench_peer(name, srv, cli, cfg, cert, key, logdir, t_end)
-                write(out, document(args, machine, topology, steering, cfg, results, t_start), md=False)
+            results = bench_peers(
+                names, srv, cli, cfg, cert, key, logdir, t_end,
+                lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False))
 
     machine["loadavg_end"] = _read("/proc/loadavg")
     doc = document(args, machine, topology, steering, cfg, results, t_start)
