@@ -3,6 +3,7 @@
     stcp-loader attach IFACE [--mode native|generic|auto] [--port N] [--force] ...
     stcp-loader status [IFACE] [--json]
     stcp-loader detach IFACE
+    stcp-loader metrics [IFACE...] [--listen HOST:PORT] [--once]
 
 `--netns NS` (before or after the command) works on an interface inside the network
 namespace NS (as `ip netns exec NS` would) while keeping the host's bpffs for the pins.
@@ -32,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="network namespace (name under /run/netns) holding the interface")
     p = argparse.ArgumentParser(prog="stcp-loader", parents=[common],
                                 description="Attach, inspect and detach the STCP XDP program.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{attach,detach,status}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{attach,detach,status,metrics}")
 
     a = sub.add_parser("attach", parents=[common], help="compile, attach and pin the XDP program, then exit")
     a.add_argument("iface")
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", parents=[common], help="attachment, config and verdict counters")
     s.add_argument("iface", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    m = sub.add_parser("metrics", parents=[common], help="serve the verdict counters to Prometheus (stcp.metrics)")
+    m.add_argument("ifaces", nargs="*", metavar="IFACE",
+                   help="interfaces to export (default: every one found under /sys/fs/bpf/stcp/ or attached)")
+    m.add_argument("--listen", default="127.0.0.1:9401", help="HOST:PORT of /metrics (default 127.0.0.1:9401)")
+    m.add_argument("--once", action="store_true", help="print the metrics to stdout once and exit")
     return p
 
 
@@ -103,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             print("\n".join(_fmt_status(s) for s in sts))
         return 0
+    if args.command == "metrics":
+        from ..metrics import run_loader_metrics
+        return run_loader_metrics(args.ifaces, args.listen, netns=args.netns, once=args.once)
     raise AssertionError(args.command)
 
 

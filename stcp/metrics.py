@@ -1,0 +1,619 @@
+"""Prometheus metrics: the server's counters and the kernel datapath's, read at scrape time.
+
+    metrics = serve_metrics(server, "127.0.0.1:9400", datapath="socket", cipher="aes-256-gcm")
+    ...
+    metrics.close()
+
+Two collectors, both custom prometheus-client collectors that compute everything when
+Prometheus scrapes (no polling thread, nothing sampled in between):
+
+- `ServerMetrics` is a hook object for `stcp.start_server(..., hooks=[...])` (or
+  `server.hooks.append`). The hooks run on the event loop and only move a few integers
+  under a lock; the totals of ended connections live here, and the live connections'
+  `Connection.stats` are summed at scrape time, so every counter is exact and monotonic.
+- `XdpCollector` reads the per-CPU verdict counters of the STCP XDP program through the
+  same kernel lookups as `stcp-loader status` (interface -> XDP program id -> its maps),
+  so the two always agree. `stcp-loader metrics --listen ADDR [IFACE...]` serves it alone.
+
+Naming follows Prometheus conventions: `stcp_` prefix, base units (seconds, bytes),
+counters end in `_total`, labels take values from small fixed sets (never a connection ID
+or an address). docs/OPERATIONS.md explains every metric.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from .errors import CloseCode
+
+log = logging.getLogger("stcp.metrics")
+
+DEFAULT_SERVER_LISTEN = "127.0.0.1:9400"
+DEFAULT_LOADER_LISTEN = "127.0.0.1:9401"
+
+# --------------------------------------------------------------------------------------
+# fixed label sets
+CLOSE_REASONS: Tuple[str, ...] = (
+    "normal",               # both directions finished (CLOSE with NO_ERROR after the stream ended)
+    "peer_close",           # the peer aborted, or closed before finishing its stream
+    "local_abort",          # this side aborted (application abort, server shutdown)
+    "idle_timeout",
+    "handshake_timeout",
+    "protocol_violation",
+    "malformed_record",
+    "auth_failure",
+    "flow_control_error",
+    "handshake_failed",
+    "state_error",
+    "internal_error",
+    "key_update_error",
+    "other",                # a close code this version does not know
+)
+HANDSHAKE_FAIL_REASONS: Tuple[str, ...] = ("rejected",) + tuple(r for r in CLOSE_REASONS if r != "normal")
+
+ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
+    "short": "dropped_short",
+    "unknown_cid": "dropped_unknown_cid",
+    "bad_hello": "dropped_bad_hello",
+    "over_capacity": "dropped_over_capacity",
+}
+
+# Connection.stats fields summed over ended + live connections
+_STAT_FIELDS: Tuple[str, ...] = (
+    "records_sent", "records_received", "bytes_sent", "bytes_received",
+    "stream_bytes_sent", "stream_bytes_received", "retransmitted_records",
+    "duplicates_discarded", "auth_failures", "key_updates_sent", "key_updates_received",
+)
+
+HANDSHAKE_BUCKETS: Tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RTT_BUCKETS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                  0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+# The AF_XDP worker pool does not exist yet. These are the names (and label sets) its
+# metrics must use; dashboards/stcp.json already has panels for them, and
+# tests/test_metrics.py allows exactly these names to be missing from the exporter.
+WORKER_METRICS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
+    "stcp_worker_records_total": ("counter", ("worker", "direction"),
+                                  "Records each crypto worker sealed (tx) or opened (rx)."),
+    "stcp_worker_backlog_records": ("gauge", ("worker",),
+                                    "Records waiting in a worker's AF_XDP RX ring and input queue."),
+    "stcp_worker_restarts_total": ("counter", ("worker",),
+                                   "Times the supervisor restarted a crypto worker process."),
+}
+
+
+def close_reason(info) -> str:
+    """Map a ConnectionClosed (code, by_peer, error) to one of CLOSE_REASONS."""
+    if info is None:
+        return "other"
+    code = info.code
+    if code == CloseCode.NO_ERROR:
+        return "peer_close" if info.error else "normal"
+    if code == CloseCode.APPLICATION_ABORT:
+        return "peer_close" if info.by_peer else "local_abort"
+    try:
+        name = CloseCode(code).name.lower()
+    except ValueError:
+        return "other"
+    return name if name in CLOSE_REASONS else "other"
+
+
+class _Histogram:
+    """Bucket counts, for a HistogramMetricFamily built at scrape time."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def copy(self) -> "_Histogram":
+        h = _Histogram(self.bounds)
+        h.counts = list(self.counts)
+        h.sum = self.sum
+        return h
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets, acc = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            acc += n
+            buckets.append((floatToGoString(bound), acc))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+        return __version__
+    except Exception:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------
+class ServerMetrics(Collector):
+    """Server hook + collector. All hook methods run on the event loop; collect() runs on
+    the exporter's HTTP thread and takes a consistent snapshot under one lock.
+
+    Invariants an operator (and the tests) can rely on:
+      stcp_connections_opened_total - sum(stcp_connections_closed_total) == stcp_connections_active
+      stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
+    """
+
+    def __init__(self, endpoint=None, datapath: str = "socket", cipher: str = "aes-256-gcm",
+                 version: Optional[str] = None):
+        self.endpoint = endpoint
+        self.build = {"version": version or _version(), "datapath": datapath, "cipher": cipher}
+        self._lock = threading.Lock()
+        self._live: Dict[object, bool] = {}          # Connection -> handshake completed
+        self._ended = dict.fromkeys(_STAT_FIELDS, 0)
+        self._created = 0
+        self._completed = 0
+        self._closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._hs_failed = dict.fromkeys(HANDSHAKE_FAIL_REASONS, 0)
+        self._hs_hist = _Histogram(HANDSHAKE_BUCKETS)
+        self._rtt_hist = _Histogram(RTT_BUCKETS)
+        self.http: Optional[MetricsHTTPServer] = None
+        self.registry: Optional[CollectorRegistry] = None
+
+    # -- hooks (event loop) ------------------------------------------------------------
+    def adopt(self, connections: Iterable) -> None:
+        """Count connections that existed before this hook was installed as opened now."""
+        with self._lock:
+            for conn in connections:
+                if conn not in self._live and not conn.is_closed:
+                    self._created += 1
+                    est = getattr(conn.state, "name", "") == "ENCRYPTED"
+                    self._completed += est
+                    self._live[conn] = est
+
+    def connection_created(self, conn) -> None:
+        with self._lock:
+            if conn not in self._live:
+                self._created += 1
+                self._live[conn] = False
+
+    def connection_established(self, conn, handshake_seconds: float) -> None:
+        with self._lock:
+            if self._live.get(conn) is True:
+                return
+            if conn not in self._live:           # created before we were installed
+                self._created += 1
+            self._live[conn] = True
+            self._completed += 1
+            self._hs_hist.observe(max(0.0, float(handshake_seconds)))
+
+    def connection_ended(self, conn) -> None:
+        with self._lock:
+            if conn not in self._live:
+                return                            # ended twice, or never seen
+            established = self._live.pop(conn)
+            st = conn.stats
+            for f in _STAT_FIELDS:
+                self._ended[f] += getattr(st, f)
+            for sample in st.rtt_samples:
+                self._rtt_hist.observe(sample)
+            reason = close_reason(conn.close_info)
+            self._closed[reason] += 1
+            if not established:
+                self._hs_failed[reason if reason in self._hs_failed else "other"] += 1
+
+    # -- scrape (HTTP thread) ----------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Every value collect() exports, as plain numbers (also handy in tests and logs)."""
+        with self._lock:
+            live = list(self._live.items())
+            sums = dict(self._ended)
+            created, completed = self._created, self._completed
+            closed, hs_failed = dict(self._closed), dict(self._hs_failed)
+            hs_hist, rtt_hist = self._hs_hist.copy(), self._rtt_hist.copy()
+        # Live connections are read outside the lock: their counters only grow, and a
+        # connection that ends meanwhile adds its final values to the next snapshot's totals.
+        in_progress = 0
+        for conn, established in live:
+            st = conn.stats
+            for f in _STAT_FIELDS:
+                sums[f] += getattr(st, f)
+            in_progress += not established
+        drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
+        rejected = 0
+        ep = self.endpoint
+        if ep is not None:
+            for label, field in ENDPOINT_DROP_REASONS.items():
+                drops[label] = getattr(ep.stats, field, 0)
+            rejected = ep.stats.handshakes_rejected
+        hs_failed["rejected"] = rejected
+        return {"stats": sums, "active": len(live), "in_progress": in_progress,
+                "opened": created, "closed": closed, "hs_started": created + rejected,
+                "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
+                "rtt_hist": rtt_hist, "drops": drops}
+
+    def collect(self) -> Iterator:
+        s = self.snapshot()
+        st = s["stats"]
+
+        info = GaugeMetricFamily("stcp_build_info", "STCP build and configuration; the value is always 1.",
+                                 labels=["version", "datapath", "cipher"])
+        info.add_metric([self.build["version"], self.build["datapath"], self.build["cipher"]], 1)
+        yield info
+
+        # handshakes
+        yield CounterMetricFamily("stcp_handshakes_started", "Client hellos the server answered: with a server "
+                                  "hello (a connection was created) or with a REJECT.", value=s["hs_started"])
+        yield CounterMetricFamily("stcp_handshakes_completed", "Handshakes that reached ENCRYPTED (the client's "
+                                  "first record authenticated under the new keys).", value=s["hs_completed"])
+        f = CounterMetricFamily("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
+                                "(rejected: bad version or cipher suite; otherwise the close reason).",
+                                labels=["reason"])
+        for r in HANDSHAKE_FAIL_REASONS:
+            f.add_metric([r], s["hs_failed"][r])
+        yield f
+        yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
+                                "completed yet.", value=s["in_progress"])
+        yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
+                                  "as seen by the server.")
+
+        # connections
+        yield GaugeMetricFamily("stcp_connections_active", "Connections in the server's table (handshaking "
+                                "or established).", value=s["active"])
+        yield CounterMetricFamily("stcp_connections_opened", "Connections created (a server hello was sent).",
+                                  value=s["opened"])
+        c = CounterMetricFamily("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
+                                labels=["reason"])
+        for r in CLOSE_REASONS:
+            c.add_metric([r], s["closed"][r])
+        yield c
+
+        # records and bytes
+        rec = CounterMetricFamily("stcp_records", "Protected records: sealed and sent (tx), received and "
+                                  "authenticated (rx).", labels=["direction"])
+        rec.add_metric(["tx"], st["records_sent"])
+        rec.add_metric(["rx"], st["records_received"])
+        yield rec
+        rb = CounterMetricFamily("stcp_record_bytes", "Bytes of those records on the wire (UDP payload: "
+                                 "header, ciphertext and tag).", labels=["direction"])
+        rb.add_metric(["tx"], st["bytes_sent"])
+        rb.add_metric(["rx"], st["bytes_received"])
+        yield rb
+        sb = CounterMetricFamily("stcp_stream_bytes", "Application stream bytes: carried in sealed records (tx; "
+                                 "retransmitted bytes count again), delivered in order to the application (rx).", labels=["direction"])
+        sb.add_metric(["tx"], st["stream_bytes_sent"])
+        sb.add_metric(["rx"], st["stream_bytes_received"])
+        yield sb
+        yield CounterMetricFamily("stcp_retransmitted_records", "Records that carried retransmitted stream data.",
+                                  value=st["retransmitted_records"])
+        yield CounterMetricFamily("stcp_replays_discarded", "Duplicate records (already accepted sequence "
+                                  "numbers, repeated hellos) discarded without ending the connection.",
+                                  value=st["duplicates_discarded"])
+        yield CounterMetricFamily("stcp_auth_failures", "Records addressed to a connection that failed "
+                                  "authentication or decryption (each ends its connection).",
+                                  value=st["auth_failures"])
+        ku = CounterMetricFamily("stcp_key_updates", "Key updates: sending key rotated (tx), peer's rotation "
+                                 "accepted (rx).", labels=["direction"])
+        ku.add_metric(["tx"], st["key_updates_sent"])
+        ku.add_metric(["rx"], st["key_updates_received"])
+        yield ku
+        yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
+                                   "1024 of each), observed when the connection ends.")
+
+        # endpoint
+        d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
+                                "before any connection saw them, by reason.", labels=["reason"])
+        for r in ENDPOINT_DROP_REASONS:
+            d.add_metric([r], s["drops"][r])
+        yield d
+
+    def close(self) -> None:
+        """Stop the HTTP exporter started by serve_metrics (the hook stays harmless)."""
+        if self.http is not None:
+            self.http.close()
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        return self.http.address if self.http else None
+
+
+# --------------------------------------------------------------------------------------
+# the kernel datapath
+def _proc_bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
+    """One interface's STCP XDP state, found the way `stcp-loader status` finds it.
+
+    {"attached": False} or {"attached": True, "mode", "per_cpu": {verdict: [(packets,
+    bytes), ...one per possible CPU]}, "live_cids", "run_time_ns", "run_cnt"}.
+    Raises XdpSetupError / OSError when the interface cannot be inspected.
+    """
+    from .datapath import xdp
+    from .datapath.verdicts import Verdict
+
+    with xdp._Netlink(netns) as nl:
+        idx = nl.ifindex(iface)
+        mode, h, _state = xdp._find_stcp(nl, idx)
+    if h is None:
+        return {"attached": False}
+    try:
+        ncpu = xdp.possible_cpus()
+        stride = (xdp._COUNTER.size + 7) & ~7
+        per_cpu: Dict[str, List[Tuple[int, int]]] = {}
+        for v in Verdict:
+            raw = xdp._map_lookup(h.maps["counters"], int(v).to_bytes(4, sys.byteorder), stride * ncpu)
+            per_cpu[v.key] = ([xdp._COUNTER.unpack_from(raw, cpu * stride) for cpu in range(ncpu)]
+                              if raw else [(0, 0)] * ncpu)
+        info = xdp.prog_info(h.prog_fd)
+        return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": per_cpu,
+                "live_cids": xdp._count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+    finally:
+        h.close()
+
+
+def _unquote_pin(name: str) -> str:
+    return name.replace("%", ".")                 # xdp.pin_dir() turns '.' into '%'
+
+
+def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None) -> List[Tuple[str, Optional[str]]]:
+    """(iface, netns) of every STCP program: pinned under /sys/fs/bpf/stcp/ (including
+    .../netns/NS/IFACE) and, by netlink, attached in this (or the given) namespace."""
+    from .datapath import xdp
+    root = pin_root or xdp.PIN_ROOT
+    found: List[Tuple[str, Optional[str]]] = []
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        entries = []
+    for name in entries:
+        if name == "netns":
+            try:
+                namespaces = sorted(os.listdir(os.path.join(root, name)))
+            except OSError:
+                continue
+            for ns in namespaces:
+                ns_name = _unquote_pin(ns)
+                if netns is not None and ns_name != netns:
+                    continue
+                try:
+                    ifaces = sorted(os.listdir(os.path.join(root, name, ns)))
+                except OSError:
+                    continue
+                found.extend((_unquote_pin(i), ns_name) for i in ifaces)
+        elif netns is None:
+            found.append((_unquote_pin(name), None))
+    try:
+        with xdp._Netlink(netns) as nl:
+            for name, idx in nl.links():
+                _mode, h, _state = xdp._find_stcp(nl, idx)
+                if h is not None:
+                    h.close()
+                    found.append((name, netns))
+    except Exception as e:  # noqa: BLE001 - discovery is best effort; pins were still found
+        log.debug("netlink discovery failed: %s", e)
+    out: List[Tuple[str, Optional[str]]] = []
+    for t in found:
+        if t not in out:
+            out.append(t)
+    return out
+
+
+Target = Tuple[str, Optional[str]]
+
+
+class XdpCollector(Collector):
+    """Verdict counters, attach mode and run time of STCP XDP programs, read at scrape time.
+
+    targets: (iface, netns or None) pairs, or plain interface names; with none, every
+    STCP program found by discover_targets() at each scrape. `reader` replaces read_xdp
+    (tests feed it fixed data).
+    """
+
+    def __init__(self, targets: Sequence = (), *, netns: Optional[str] = None,
+                 reader: Optional[Callable[[str, Optional[str]], dict]] = None,
+                 discover: Optional[Callable[[], List[Target]]] = None):
+        self.targets: List[Target] = [(t, netns) if isinstance(t, str) else (t[0], t[1]) for t in targets]
+        self.netns = netns
+        self._read = reader or read_xdp
+        self._discover = discover or (lambda: discover_targets(netns))
+        self._errors = 0
+        self._warned: set = set()
+        self._lock = threading.Lock()
+
+    def read_all(self) -> List[Tuple[Target, dict]]:
+        targets = self.targets or self._discover()
+        out = []
+        for iface, ns in targets:
+            try:
+                snap = self._read(iface, ns)
+            except Exception as e:  # noqa: BLE001 - one broken interface must not hide the others
+                with self._lock:
+                    self._errors += 1
+                    first = (iface, ns, str(e)) not in self._warned
+                    self._warned.add((iface, ns, str(e)))
+                log.log(logging.WARNING if first else logging.DEBUG, "reading the STCP XDP counters of %s%s "
+                        "failed: %s", iface, f" (netns {ns})" if ns else "", e)
+                snap = {"attached": False, "error": str(e)}
+            out.append(((iface, ns), snap))
+        return out
+
+    def collect(self) -> Iterator:
+        from .datapath.verdicts import Verdict
+
+        rows = self.read_all()
+        bpf_stats = _proc_bpf_stats_enabled()
+        base = ["iface", "netns"]
+        attached = GaugeMetricFamily("stcp_xdp_attached", "1 if the STCP XDP program is attached to the "
+                                     "interface, in the given mode (native, generic, offload); 0 with "
+                                     "mode=\"none\" if it is not (stale pins, detached).", labels=base + ["mode"])
+        packets = CounterMetricFamily("stcp_xdp_packets", "Frames the STCP XDP program handled, by verdict "
+                                      "(pass_* go up the stack, drop_* are dropped in the driver).",
+                                      labels=base + ["verdict"])
+        nbytes = CounterMetricFamily("stcp_xdp_bytes", "Bytes of those frames (from the Ethernet header), "
+                                     "by verdict.", labels=base + ["verdict"])
+        cpu_packets = CounterMetricFamily("stcp_xdp_cpu_packets", "Frames by verdict and by the CPU that ran "
+                                          "the XDP program (the RX queue's CPU).", labels=base + ["cpu", "verdict"])
+        cids = GaugeMetricFamily("stcp_xdp_live_cids", "Entries in the XDP live-connection-ID table.",
+                                 labels=base)
+        run_s = CounterMetricFamily("stcp_xdp_run_seconds", "Time spent running the XDP program (kernel BPF "
+                                    "statistics; only while sysctl kernel.bpf_stats_enabled=1).", labels=base)
+        runs = CounterMetricFamily("stcp_xdp_runs", "Runs of the XDP program counted by kernel BPF statistics "
+                                   "(only while sysctl kernel.bpf_stats_enabled=1).", labels=base)
+        for (iface, ns), snap in rows:
+            lb = [iface, ns or ""]
+            if not snap.get("attached"):
+                attached.add_metric(lb + ["none"], 0)
+                continue
+            attached.add_metric(lb + [snap["mode"]], 1)
+            per_cpu = snap["per_cpu"]
+            for v in Verdict:
+                vals = per_cpu.get(v.key, [])
+                packets.add_metric(lb + [v.key], sum(p for p, _b in vals))
+                nbytes.add_metric(lb + [v.key], sum(b for _p, b in vals))
+                for cpu, (p, _b) in enumerate(vals):
+                    cpu_packets.add_metric(lb + [str(cpu), v.key], p)
+            cids.add_metric(lb, snap["live_cids"])
+            if bpf_stats or snap.get("run_cnt"):
+                run_s.add_metric(lb, snap.get("run_time_ns", 0) / 1e9)
+                runs.add_metric(lb, snap.get("run_cnt", 0))
+        yield attached
+        yield packets
+        yield nbytes
+        yield cpu_packets
+        yield cids
+        yield GaugeMetricFamily("stcp_xdp_bpf_stats_enabled", "1 if kernel BPF run-time statistics are on "
+                                "(sysctl kernel.bpf_stats_enabled).", value=int(bpf_stats))
+        if run_s.samples:
+            yield run_s
+            yield runs
+        with self._lock:
+            errors = self._errors
+        yield CounterMetricFamily("stcp_xdp_read_errors", "Scrapes in which an interface's XDP state could "
+                                  "not be read (see the exporter's log).", value=errors)
+
+
+# --------------------------------------------------------------------------------------
+# the HTTP exporter
+def parse_listen(listen: str) -> Tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT' or ':PORT' (all addresses) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics address {listen!r} is not HOST:PORT (e.g. 127.0.0.1:9400)")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or "0.0.0.0", int(port)
+
+
+class MetricsHTTPServer:
+    """prometheus_client's threaded HTTP exporter for one registry, closable."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str):
+        from prometheus_client import start_http_server
+
+        host, port = parse_listen(listen)
+        try:
+            started = start_http_server(port, addr=host, registry=registry)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot serve metrics on {listen}: {e.strerror or e}") from None
+        if not started:       # prometheus-client < 0.17 returns nothing
+            raise RuntimeError("prometheus-client >= 0.17 is needed (start_http_server must return the server)")
+        self.httpd, self.thread = started
+        addr = self.httpd.server_address
+        self.address: Tuple[str, int] = (addr[0], addr[1])
+
+    @property
+    def url(self) -> str:
+        host = self.address[0]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.address[1]}/metrics"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+def _process_collectors(registry: CollectorRegistry) -> None:
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
+def serve_metrics(server, listen: str, datapath: str, cipher: str, iface: Optional[str] = None, *,
+                  netns: Optional[str] = None) -> ServerMetrics:
+    """Export `server`'s metrics on http://LISTEN/metrics; call on the server's event loop.
+
+    Installs a ServerMetrics hook on server.hooks, registers it (plus an XdpCollector for
+    `iface` when given, and the process collectors) on a dedicated CollectorRegistry and
+    starts prometheus_client's HTTP exporter. Returns the ServerMetrics; close() it on
+    shutdown to stop the exporter.
+    """
+    endpoint = getattr(server, "endpoint", None)
+    metrics = ServerMetrics(endpoint, datapath=datapath, cipher=cipher)
+    if endpoint is not None:
+        metrics.adopt(list(endpoint.connections.values()))
+    registry = CollectorRegistry()
+    registry.register(metrics)
+    if iface:
+        registry.register(XdpCollector([(iface, netns)]))
+    _process_collectors(registry)
+    metrics.registry = registry
+    metrics.http = MetricsHTTPServer(registry, listen)
+    server.hooks.append(metrics)
+    log.info("serving metrics on %s", metrics.http.url)
+    return metrics
+
+
+def loader_registry(ifaces: Sequence[str] = (), netns: Optional[str] = None) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(XdpCollector(list(ifaces), netns=netns))
+    _process_collectors(registry)
+    return registry
+
+
+def run_loader_metrics(ifaces: Sequence[str], listen: str, netns: Optional[str] = None,
+                       once: bool = False) -> int:
+    """`stcp-loader metrics`: serve the datapath counters until SIGINT/SIGTERM (or print them
+    once, for a node_exporter textfile collector)."""
+    from .datapath import xdp
+    try:
+        parse_listen(listen)
+    except ValueError as e:
+        raise xdp.XdpSetupError(str(e)) from None
+    xdp.require_root()
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="stcp-loader: %(message)s")
+    registry = loader_registry(ifaces, netns)
+    if once:
+        sys.stdout.write(generate_latest(registry).decode())
+        sys.stdout.flush()
+        return 0
+    http = MetricsHTTPServer(registry, listen)
+    stop = threading.Event()
+
+    def _stop(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    what = ", ".join(ifaces) if ifaces else "every STCP XDP interface"
+    print(f"serving datapath metrics of {what} on {http.url}", flush=True)
+    try:
+        while not stop.wait(3600):
+            pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        http.close()
+    return 0
