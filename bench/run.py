@@ -361,6 +361,10 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
     return results
 
 
+def _sigterm(*_):
+    raise KeyboardInterrupt  # so the namespaces and servers are cleaned up on the way out
+
+
 def brief(r: dict, test: str) -> str:
     if not r.get("ok"):
         return f"FAILED {r.get('error') or r}"
@@ -456,7 +460,7 @@ def markdown(doc: dict) -> str:
         s = {t: (pr["tests"].get(t) or {}).get("summary") for t in TESTS}
         b, h, r = s["bulk"], s["handshake"], s["rtt"]
         cells = [pr["label"]]
-        cells.append(fmt(b and b.get("mb_per_s")))
+        cells.append(fmt(b and b.get("mb_per_s")) + (f" ({b['cipher']})" if b and b.get("cipher") else ""))
         cg = b and b.get("cpu_s_per_gb")
         cells.append(f"{cg['client']:.2f} + {cg['server']:.2f}" if cg else "–")
         cells.append(fmt(h and h.get("per_s")))
@@ -547,6 +551,8 @@ def select_peers(only: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    import signal
+    signal.signal(signal.SIGTERM, _sigterm)
     cfg = Config.quick() if args.quick else Config()
     for k in ("repeat", "bytes", "duration", "handshakes", "rtts"):
         if getattr(args, k) is not None:

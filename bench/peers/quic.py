@@ -54,6 +54,10 @@ class _Conn:
     def __init__(self, cm, proto):
         self.cm, self.proto = cm, proto
 
+    def cipher(self):
+        from aioquic.tls import CipherSuite
+        return CipherSuite(self.proto._quic.tls.key_schedule.cipher_suite).name
+
     async def stream(self):
         return await self.proto.create_stream()
 

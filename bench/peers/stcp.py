@@ -41,6 +41,9 @@ class _Conn:
     def __init__(self, reader, writer):
         self.reader, self.writer = reader, writer
 
+    def cipher(self):
+        return self.writer.get_extra_info("cipher")
+
     async def stream(self):
         return self.reader, self.writer
 

@@ -8,6 +8,7 @@ A transport adapter provides:
     Conn.drain(writer) -> awaitable                   # backpressure after writes
     Conn.close() -> awaitable                         # start closing (returns promptly)
     Conn.wait_closed() -> awaitable                   # until the close has completed
+    Conn.cipher() -> str                              # negotiated AEAD, for the record
 
 asyncio TLS, aioquic and STCP all fit this shape; the server handler and client tests are
 then identical across them, so differences come from the transports alone.
@@ -66,6 +67,13 @@ async def handle(reader, writer, drain=None) -> None:
             pass
 
 
+def _cipher(conn) -> str | None:
+    try:
+        return str(conn.cipher())
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
 async def client(args, connect) -> dict:
     cpu0 = C.cpu_seconds()
     if args.test == "bulk":
@@ -85,9 +93,10 @@ async def client(args, connect) -> dict:
         await conn.drain(writer)
         got = int.from_bytes(await reader.readexactly(C.COUNT_LEN), "big")
         elapsed = time.perf_counter() - t0
+        cipher = _cipher(conn)
         await conn.close()
         await conn.wait_closed()
-        return C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0)
+        return C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher)
     if args.test == "handshake":
         # Latency: connect + handshake complete + close started.  Waiting for the close to
         # finish (a close_notify round trip for TLS, the draining period for QUIC) runs in

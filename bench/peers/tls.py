@@ -110,6 +110,15 @@ def client(args) -> None:
     blocking_client(args, lambda: connect(args, ctx))
 
 
+def _cipher(s) -> str | None:
+    try:
+        if hasattr(s, "cipher"):          # ssl.SSLSocket
+            return s.cipher()[0]
+        return str(s._writer.get_extra_info("cipher"))   # stcp.connect's object
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
 def blocking_client(args, connect) -> None:
     """The three tests against a blocking socket-like API: `connect()` returns an object
     with sendall, recv and close, usable as a context manager, once the handshake is done."""
@@ -131,7 +140,8 @@ def blocking_client(args, connect) -> None:
             s.sendall(C.END_FRAME)
             got = int.from_bytes(recv_exact(s, C.COUNT_LEN), "big")
             elapsed = time.perf_counter() - t0
-        C.emit(C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0))
+            cipher = _cipher(s)
+        C.emit(C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher))
     elif args.test == "handshake":
         samples, to_open, errors = [], [], 0
         t_start = time.perf_counter()

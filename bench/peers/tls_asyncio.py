@@ -25,6 +25,9 @@ class _Conn:
         self.reader, self.writer = reader, writer
         tune(writer)
 
+    def cipher(self):
+        return self.writer.get_extra_info("cipher")[0]
+
     async def stream(self):
         return self.reader, self.writer
 
