@@ -155,3 +155,25 @@ def test_demo_runs():
     r = subprocess.run([*STCP, "demo", "--mib", "2"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "SHA-256 matches" in r.stdout
+
+
+def test_serve_exposes_metrics(server):
+    import urllib.request
+    metrics_port = free_port(socket.SOCK_STREAM)
+    port = server("--metrics", f"127.0.0.1:{metrics_port}")
+    assert connect(port, b"count me").stdout == b"count me"
+    body = ""
+    for _ in range(50):                  # the server's connection ends just after the client's
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        if 'stcp_connections_closed_total{reason="normal"} 1.0' in body:
+            break
+        time.sleep(0.1)
+    assert 'stcp_connections_closed_total{reason="normal"} 1.0' in body
+    assert "stcp_build_info" in body
+
+
+def test_bad_metrics_address_is_a_usage_error():
+    r = subprocess.run([*STCP, "serve", "--listen", "127.0.0.1:0", "--metrics", "nonsense"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.returncode == 2
+    assert r.stderr.startswith("stcp: bad --metrics address")

@@ -117,6 +117,13 @@ async def serve(args) -> int:
     handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
     hooks = []
     xdp = None
+    metrics = None
+    if args.metrics:
+        from ..metrics import parse_listen, serve_metrics
+        try:
+            parse_listen(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"bad --metrics address: {exc}") from None
     if args.datapath == "afxdp":
         raise STCPError("the afxdp datapath is not available in this build; use --datapath socket or xdp")
     if args.datapath == "xdp":
@@ -130,8 +137,8 @@ async def serve(args) -> int:
     try:
         server = await start_server(handler, host, port, config=config, hooks=hooks)
         if args.metrics:
-            from ..metrics import serve_metrics
-            serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm", iface=args.iface)
+            metrics = serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm",
+                                    iface=args.iface)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
@@ -141,6 +148,8 @@ async def serve(args) -> int:
             loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
+        if metrics is not None:
+            metrics.close()
         if xdp is not None:
             xdp.close()
     return 0
