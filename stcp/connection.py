@@ -94,6 +94,7 @@ class Stats:
     stream_bytes_received: int = 0
     retransmitted_records: int = 0
     duplicates_discarded: int = 0
+    stale_epoch_discarded: int = 0
     auth_failures: int = 0
     key_updates_sent: int = 0
     key_updates_received: int = 0
@@ -316,6 +317,9 @@ class Connection:
             self.stats.duplicates_discarded += 1
             return
         plaintext = self._open(record, seq, epoch)
+        if plaintext is None:
+            self.stats.stale_epoch_discarded += 1
+            return
         self._received.add(pn)
         self.stats.records_received += 1
         self.stats.bytes_received += len(record)
@@ -349,7 +353,7 @@ class Connection:
                 self._ack_deadline = now + MAX_ACK_DELAY
         self._check_finished(now)
 
-    def _open(self, record: bytes, seq: int, epoch: int) -> bytes:
+    def _open(self, record: bytes, seq: int, epoch: int) -> Optional[bytes]:
         keys = self._keys
         current = keys.recv
         if epoch == current.epoch:
@@ -363,6 +367,8 @@ class Connection:
             return plaintext
         if self._recv_prev is not None and epoch == self._recv_prev.epoch:
             return self._recv_prev.open(record, seq)
+        if epoch < current.epoch:
+            return None          # a straggler from a retired key: nothing can check it, drop it
         raise KeyUpdateError(f"record of key epoch {epoch} while receiving epoch {current.epoch}")
 
     def _on_stream(self, frame: wire.StreamFrame) -> None:
@@ -495,6 +501,7 @@ class Connection:
         cc = self._recovery.cc
         send = self._send
         while True:
+            self._maybe_update_send_key()
             frames: List[bytes] = []
             descs: list = []
             if self._ack_deadline is not None and self._ack_deadline <= now:
@@ -539,20 +546,25 @@ class Connection:
                 self.stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))
 
-    def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0) -> bytes:
-        keys = self._keys
-        if self._sealed_under_key >= self.config.key_update_interval and self._key_update_allowed:
+    def _maybe_update_send_key(self) -> None:
+        """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame
+        fits the record and names the epoch the record is sealed under."""
+        if self._sealed_under_key < self.config.key_update_interval:
+            return
+        if self._key_update_allowed:
+            keys = self._keys
             keys.send = keys.send.next()
             self._sealed_under_key = 0
             self._epoch_first_pn = self._next_pn
             self._key_update_allowed = False
+            self._key_update_frame_due = True
             self.stats.key_updates_sent += 1
             self.events.append(KeyUpdated("send", keys.send.epoch))
-            frames.append(wire.encode_frame(wire.KeyUpdateFrame(keys.send.epoch)))
-            descs.append((_KEY_UPDATE, keys.send.epoch))
-            ack_eliciting = True
-        if self._sealed_under_key >= CONFIDENTIALITY_LIMIT[self.suite]:
+        elif self._sealed_under_key >= CONFIDENTIALITY_LIMIT[self.suite]:
             raise KeyUpdateError("key usage limit reached before the peer allowed a key update")
+
+    def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0) -> bytes:
+        keys = self._keys
         pn = self._next_pn
         self._next_pn += 1
         self._sealed_under_key += 1
