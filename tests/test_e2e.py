@@ -276,3 +276,24 @@ def test_blocking_api_round_trip():
         loop.call_soon_threadsafe(server.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_stray_datagrams_cannot_end_a_client_connection():
+    """Garbage from the server's address that names no CID of ours is dropped, not fatal."""
+    def inject(direction, index, data):
+        if direction == "down" and index == 3:
+            return b"\x00" * 10                       # short: names no connection
+        if direction == "down" and index == 4:
+            return data[:8] + (12345).to_bytes(8, "big") + data[16:]   # another CID
+        return data
+
+    async def main():
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]),
+                                     Faults(mutate=inject))
+        data = os.urandom(200_000)
+        assert await echo_transfer("127.0.0.1", shim.port, data) == data
+        shim.close()
+        server.close()
+
+    run(main())

@@ -12,6 +12,7 @@ import errno
 import socket
 from typing import Callable, Dict, Hashable, List, Optional, Protocol, Tuple
 
+from .. import wire
 from ..connection import Connection
 from ..endpoint import ServerEndpoint
 
@@ -225,8 +226,14 @@ class ClientDriver(Driver):
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection):
         super().__init__(loop, sock)
         self.conn = conn
+        self.dropped = 0
 
     def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+        # Only records naming our CID reach the connection: stray or spoofed datagrams that
+        # name nothing must not be able to end it, just as the server endpoint drops them.
+        if len(data) < wire.HEADER_LEN or int.from_bytes(data[8:16], "big") != self.conn.local_cid:
+            self.dropped += 1
+            return None
         self.conn.receive_datagram(data, now)
         return self.conn
 
