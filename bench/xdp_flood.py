@@ -1,0 +1,432 @@
+"""A flood of invalid STCP datagrams against `stcp serve`, with and without the XDP program,
+while one honest connection transfers data.
+
+    .venv/bin/python -m bench.xdp_flood              # -> bench/results/xdp_flood.json, XDP_FLOOD.md
+    .venv/bin/python -m bench.xdp_flood --quick      # shorter, smaller (smoke run)
+
+Topology (root; tests.netns.veth_pair, traffic only to the namespaces' own addresses):
+namespace a runs `stcp serve` (echo) pinned to CPU 0 and receives on CPU 0 (threaded NAPI
++ RPS, bench.steering); namespace b runs the flooder (bench/flood.c: sendmmsg, bounded by
+count and time, nice 19) and the honest `stcp connect` client (nice 0), both on CPU 1.
+With two CPUs the flooder and the honest client share CPU 1; nice keeps the client
+ahead, and the client's goodput is measured from its first to its last echoed byte.
+
+Scenarios: baseline (no flood), flood without XDP, flood with XDP (native), and
+baseline with XDP. Reported per scenario: flood datagrams/s sent, datagrams/s reaching
+user space (the namespace's UDP InDatagrams: queued to a socket) and dropped at the
+socket (RcvbufErrors), server process CPU and CPU 0 busy, honest goodput, and with XDP
+the verdict counters and the program's run time per packet from the kernel's BPF
+statistics (kernel.bpf_stats_enabled, `bpftool prog show` run_time_ns / run_cnt).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+PORT = 7550
+SERVER_CPU, CLIENT_CPU = 0, 1
+
+TARGETS = {"goodput_ratio_with_xdp": 0.80, "xdp_ns_per_packet": 50.0}
+
+
+def log(*a) -> None:
+    print("xdp_flood:", *a, file=sys.stderr, flush=True)
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def build_flood(outdir: Path) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit("xdp_flood: needs a C compiler (cc) for bench/flood.c")
+    exe = outdir / "stcp-flood"
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(REPO / "bench" / "flood.c")], check=True)
+    return exe
+
+
+def pinned(cpu: int, argv: list[str], nice: int = 0) -> list[str]:
+    out = list(argv)
+    if shutil.which("taskset") and cpu < (os.cpu_count() or 1):
+        out = ["taskset", "-c", str(cpu), *out]
+    if nice:
+        out = ["nice", "-n", str(nice), *out]
+    return out
+
+
+def udp_snmp(host) -> dict:
+    """The namespace's UDP MIB counters (/proc/net/snmp is per network namespace)."""
+    text = host.run("cat", "/proc/net/snmp").stdout
+    rows = [ln.split() for ln in text.splitlines() if ln.startswith("Udp:")]
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:])} if len(rows) >= 2 else {}
+
+
+def cpu_jiffies(cpu: int) -> tuple[int, int]:
+    for ln in _read("/proc/stat").splitlines():
+        if ln.startswith(f"cpu{cpu} "):
+            f = [int(x) for x in ln.split()[1:]]
+            idle = f[3] + f[4]
+            return sum(f[:8]) - idle, sum(f[:8])
+    return 0, 1
+
+
+def proc_cpu(pid: int) -> float:
+    try:
+        f = _read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def bpf_prog_stats(prog_id: int) -> dict:
+    r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True, text=True)
+    if r.returncode == 0:
+        j = json.loads(r.stdout)
+        return {"run_time_ns": j.get("run_time_ns", 0), "run_cnt": j.get("run_cnt", 0), "via": "bpftool"}
+    from stcp.datapath import xdp
+    fd = xdp._prog_fd_by_id(prog_id)
+    try:
+        i = xdp.prog_info(fd)
+        return {"run_time_ns": i["run_time_ns"], "run_cnt": i["run_cnt"], "via": "bpf_obj_get_info_by_fd"}
+    finally:
+        os.close(fd)
+
+
+def loader_status(ns: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "stcp.cli.loader", "--netns", ns, "status", "veth0", "--json"],
+                       capture_output=True, text=True, env=env(), cwd=REPO)
+    return json.loads(r.stdout)["interfaces"][0] if r.returncode == 0 else {}
+
+
+def wait_line(proc: subprocess.Popen, needle: str, timeout: float) -> None:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([proc.stderr], [], [], 0.2)[0]:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if needle.encode() in buf:
+                return
+        if proc.poll() is not None:
+            break
+    raise RuntimeError(f"server did not start: {buf.decode(errors='replace')[-800:]}")
+
+
+def honest_transfer(b, addr: str, data_path: Path, size: int, digest: str, timeout: float) -> dict:
+    """`stcp connect` echo of the file; goodput from the first to the last echoed byte."""
+    argv = pinned(CLIENT_CPU, [sys.executable, "-m", "stcp.cli.main", "connect", addr])
+    t0 = time.monotonic()
+    with open(data_path, "rb") as f:
+        p = subprocess.Popen(b.cmd(*argv), stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=env(), cwd=REPO)
+    h = hashlib.sha256()
+    got = 0
+    first = last = None
+    deadline = t0 + timeout
+    fd = p.stdout.fileno()
+    while time.monotonic() < deadline:
+        if not select.select([fd], [], [], 0.5)[0]:
+            if p.poll() is not None:
+                break
+            continue
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        now = time.monotonic()
+        first = first or now
+        last = now
+        got += len(chunk)
+        h.update(chunk)
+    timed_out = got < size and time.monotonic() >= deadline
+    if p.poll() is None:
+        p.kill()
+    p.wait()
+    err = p.stderr.read().decode(errors="replace").strip()
+    span = (last - first) if first and last and last > first else None
+    return {
+        "bytes": size, "echoed": got, "completed": got == size,
+        "intact": got == size and h.hexdigest() == digest,
+        "timed_out": timed_out, "wall_s": round(time.monotonic() - t0, 3),
+        "transfer_s": round(span, 3) if span else None,
+        "goodput_mib_s": round(got / span / (1 << 20), 2) if span else 0.0,
+        "rc": p.returncode, "stderr": err[-300:] if err else "",
+    }
+
+
+def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.Namespace,
+             data_path: Path, digest: str, mode: str = "native") -> dict:
+    from tests.netns import veth_pair
+    log(f"scenario {name}: xdp={xdp} ({mode}) flood={flood}")
+    res: dict = {"name": name, "xdp": xdp, "flood": flood}
+    with veth_pair() as (a, b):
+        addr = f"{a.ip4}:{PORT}"
+        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr]
+        if xdp:
+            argv += ["--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode]
+        server = subprocess.Popen(a.cmd(*pinned(SERVER_CPU, argv)), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(), cwd=REPO)
+        flooder = None
+        stats_old = None
+        try:
+            wait_line(server, "serving on", 90)
+            res["steering"] = _steer(a, b)
+            prog_id = None
+            if xdp:
+                st = loader_status(a.ns)
+                prog_id = st.get("prog_id")
+                res["xdp_mode"] = st.get("mode")
+                stats_old = _read("/proc/sys/kernel/bpf_stats_enabled").strip() or "0"
+                Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+            c0 = {"snmp": udp_snmp(a), "cpu0": cpu_jiffies(SERVER_CPU), "srv": proc_cpu(server.pid),
+                  "t": time.monotonic(), "bpf": bpf_prog_stats(prog_id) if prog_id else None,
+                  "xdp": loader_status(a.ns).get("counters") if xdp else None}
+            if flood:
+                fargv = pinned(CLIENT_CPU, [str(flood_exe), a.ip4, str(PORT), "--seconds", str(cfg.flood_seconds),
+                                            "--count", str(cfg.flood_count), "--kind", cfg.kind,
+                                            "--rate", str(cfg.flood_pps)], nice=19)
+                flooder = subprocess.Popen(b.cmd(*fargv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                time.sleep(0.5)
+                c0.update(snmp=udp_snmp(a), cpu0=cpu_jiffies(SERVER_CPU), srv=proc_cpu(server.pid),
+                          t=time.monotonic(), bpf=bpf_prog_stats(prog_id) if prog_id else None,
+                          xdp=loader_status(a.ns).get("counters") if xdp else None)
+            res["honest"] = honest_transfer(b, addr, data_path, cfg.bytes, digest, cfg.transfer_timeout)
+            # measure the flood for at least min_window seconds
+            while flood and time.monotonic() - c0["t"] < cfg.min_window and flooder.poll() is None:
+                time.sleep(0.1)
+            c1 = {"snmp": udp_snmp(a), "cpu0": cpu_jiffies(SERVER_CPU), "srv": proc_cpu(server.pid),
+                  "t": time.monotonic(), "bpf": bpf_prog_stats(prog_id) if prog_id else None,
+                  "xdp": loader_status(a.ns).get("counters") if xdp else None}
+            if flooder:
+                if flooder.poll() is None:
+                    flooder.send_signal(signal.SIGTERM)
+                out, err = flooder.communicate(timeout=10)
+                try:
+                    res["flood_sender"] = json.loads(out.strip().splitlines()[-1])
+                except (ValueError, IndexError):
+                    res["flood_sender"] = {"error": (err or out)[-300:]}
+            dt = c1["t"] - c0["t"]
+            ds = {k: c1["snmp"].get(k, 0) - c0["snmp"].get(k, 0) for k in c1["snmp"]}
+            busy = c1["cpu0"][0] - c0["cpu0"][0]
+            total = c1["cpu0"][1] - c0["cpu0"][1]
+            res["window_s"] = round(dt, 3)
+            res["user_space"] = {
+                "datagrams_per_s": round(ds.get("InDatagrams", 0) / dt, 1),
+                "socket_drops_per_s": round(ds.get("RcvbufErrors", 0) / dt, 1),
+                "no_port_per_s": round(ds.get("NoPorts", 0) / dt, 1),
+            }
+            res["server_cpu"] = {"process_pct": round(100 * (c1["srv"] - c0["srv"]) / dt, 1),
+                                 "cpu0_busy_pct": round(100 * busy / max(total, 1), 1)}
+            if xdp and c0["xdp"] and c1["xdp"]:
+                res["xdp_verdicts_per_s"] = {k: round((c1["xdp"][k]["packets"] - c0["xdp"][k]["packets"]) / dt, 1)
+                                             for k in c1["xdp"] if c1["xdp"][k]["packets"] - c0["xdp"][k]["packets"]}
+            if c0["bpf"] and c1["bpf"]:
+                cnt = c1["bpf"]["run_cnt"] - c0["bpf"]["run_cnt"]
+                ns = c1["bpf"]["run_time_ns"] - c0["bpf"]["run_time_ns"]
+                res["bpf"] = {"run_cnt": cnt, "run_time_ns": ns, "ns_per_packet": round(ns / cnt, 1) if cnt else None,
+                              "via": c1["bpf"]["via"]}
+            if flood and res.get("flood_sender", {}).get("sent"):
+                arrived = ds.get("InDatagrams", 0) + ds.get("RcvbufErrors", 0)
+                res["user_space"]["share_of_flood_reaching_socket"] = round(
+                    arrived / max(res["flood_sender"]["sent"], 1), 4)
+        finally:
+            if flooder and flooder.poll() is None:
+                flooder.kill()
+                flooder.wait()
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            if stats_old is not None:
+                Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_old)
+    log(f"  {json.dumps({k: res.get(k) for k in ('user_space', 'server_cpu', 'bpf')})}")
+    log(f"  honest: {res['honest']['goodput_mib_s']} MiB/s intact={res['honest']['intact']}")
+    return res
+
+
+def _median_run(rs: list) -> dict:
+    """The run with the median honest goodput, plus every run's goodput and flood figures."""
+    srt = sorted(rs, key=lambda r: r["honest"]["goodput_mib_s"])
+    med = dict(srt[len(srt) // 2])
+    med["runs"] = len(rs)
+    med["all_goodput_mib_s"] = [r["honest"]["goodput_mib_s"] for r in rs]
+    med["all_user_space_per_s"] = [r.get("user_space", {}).get("datagrams_per_s") for r in rs]
+    med["all_ns_per_packet"] = [(r.get("bpf") or {}).get("ns_per_packet") for r in rs]
+    med["all_runs"] = [r["honest"] for r in rs]
+    return med
+
+
+def _steer(a, b) -> list:
+    try:
+        from bench.steering import steer
+    except Exception as e:  # noqa: BLE001
+        return [{"error": f"bench.steering unavailable: {e}"}]
+    return [steer(a, SERVER_CPU), steer(b, CLIENT_CPU)]
+
+
+def _flags(r: dict) -> str:
+    runs = r.get("all_runs", [r["honest"]])
+    out = ""
+    timed = sum(1 for h in runs if not h.get("completed", h["intact"]))
+    corrupt = sum(1 for h in runs if h.get("completed") and not h["intact"])
+    if timed:
+        out += f" ({timed}/{len(runs)} timed out)"
+    if corrupt:
+        out += f" ({corrupt}/{len(runs)} CORRUPTED)"
+    return out
+
+
+def markdown(doc: dict) -> str:
+    by = {r["name"]: r for r in doc["scenarios"]}
+    out = ["# XDP flood benchmark", "",
+           f"{doc['facts']['date']} · kernel {doc['facts']['kernel']} · {doc['facts']['cpus']} CPUs · "
+           f"flood kind `{doc['config']['kind']}`"
+           f"{' at ' + format(doc['config']['flood_pps'], ',') + ' datagrams/s offered' if doc['config']['flood_pps'] else ' at full sender speed'} · honest transfer {doc['config']['bytes'] >> 20} MiB echoed · "
+           f"XDP modes {', '.join(doc['config']['modes'])}", "",
+           "| scenario | flood sent /s | reaching user space /s | dropped at socket /s | server process CPU | "
+           "CPU 0 busy | honest goodput MiB/s | XDP ns/packet |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in doc["scenarios"]:
+        fs = r.get("flood_sender", {}).get("pps")
+        us = r.get("user_space", {})
+        out.append(f"| {r['name']} | {fs:,.0f} | " if fs else f"| {r['name']} | – | ")
+        out[-1] += (f"{us.get('datagrams_per_s', 0):,.0f} | {us.get('socket_drops_per_s', 0):,.0f} | "
+                    f"{r.get('server_cpu', {}).get('process_pct', '–')} % | {r.get('server_cpu', {}).get('cpu0_busy_pct', '–')} % | "
+                    f"{r['honest']['goodput_mib_s']}{_flags(r)} | "
+                    f"{(r.get('bpf') or {}).get('ns_per_packet') or '–'} |")
+    out += ["", "Every run (goodput MiB/s · datagrams/s reaching user space · XDP ns/packet):", ""]
+    for r in doc["scenarios"]:
+        out.append(f"- {r['name']}: {r.get('all_goodput_mib_s')} · {r.get('all_user_space_per_s')} · "
+                   f"{r.get('all_ns_per_packet')}")
+    out += ["", "## Against the targets", ""]
+    for t in doc["verdict"]:
+        out.append(f"- {t['what']}: **{t['value']}** (target {t['target']}) → {'met' if t['met'] else 'NOT met'}")
+    out += ["", "Notes:",
+            "- *reaching user space* is the namespace's UDP `InDatagrams` (queued to a socket); "
+            "*dropped at socket* is `RcvbufErrors` (reached the socket layer, buffer full).",
+            "- Goodput is measured by the `stcp connect` client from its first to its last echoed byte "
+            "(the upload and the echo share the path).",
+            "- The flooder (nice 19) and the honest client share CPU 1; the server and its receive path "
+            "(threaded NAPI, RPS) have CPU 0. The host is shared with other work; figures swing.",
+            "- XDP ns/packet: kernel BPF statistics (`kernel.bpf_stats_enabled=1`) over the flood window, "
+            "`run_time_ns / run_cnt`.", ""]
+    return "\n".join(out)
+
+
+def verdicts(doc: dict) -> list:
+    by = {r["name"]: r for r in doc["scenarios"]}
+    out = []
+    base = by.get("baseline", {}).get("honest", {}).get("goodput_mib_s")
+    for mode in doc["config"]["modes"]:
+        fx = by.get(f"flood+xdp-{mode}", {}).get("honest", {}).get("goodput_mib_s")
+        if base and fx is not None:
+            ratio = round(fx / base, 3)
+            out.append({"what": f"honest goodput under flood with XDP ({mode}) ÷ no-flood goodput", "value": ratio,
+                        "target": f">= {TARGETS['goodput_ratio_with_xdp']}",
+                        "met": ratio >= TARGETS["goodput_ratio_with_xdp"]})
+    f = by.get("flood", {}).get("honest", {}).get("goodput_mib_s")
+    if base and f is not None:
+        out.append({"what": "honest goodput under flood without XDP ÷ no-flood goodput (informational)",
+                    "value": round(f / base, 3), "target": "–", "met": True})
+    for mode in doc["config"]["modes"]:
+        ns = (by.get(f"flood+xdp-{mode}", {}).get("bpf") or {}).get("ns_per_packet")
+        if ns is not None:
+            out.append({"what": f"XDP run time per packet under the flood ({mode}), ns", "value": ns,
+                        "target": f"<= {TARGETS['xdp_ns_per_packet']}", "met": ns <= TARGETS["xdp_ns_per_packet"]})
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.xdp_flood", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller transfer, shorter flood")
+    p.add_argument("--mib", type=int, default=None, help="honest transfer size (MiB, echoed)")
+    p.add_argument("--kind", default="unknown-cid", choices=["unknown-cid", "bad-length", "hello"])
+    p.add_argument("--flood-pps", type=int, default=0,
+                   help="offered flood rate in datagrams/s (default 0: as fast as the sender can)")
+    p.add_argument("--modes", default="native,generic", help="XDP modes to measure (default native,generic)")
+    p.add_argument("--only", default="", help="comma-separated scenarios: baseline, flood, flood+xdp-MODE, "
+                   "baseline+xdp-MODE")
+    p.add_argument("--repeat", type=int, default=None, help="runs per scenario, interleaved (default 3; 1 with --quick)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        log("needs root (network namespaces, XDP); skipping")
+        return 0
+    args.bytes = (args.mib or (8 if args.quick else 32)) << 20
+    args.flood_seconds = 20 if args.quick else 60
+    args.flood_count = 200_000_000
+    args.min_window = 2.0 if args.quick else 4.0
+    args.transfer_timeout = 15 if args.quick else 45
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO))
+    from stcp.datapath.xdp import XdpSetupError, check_toolchain
+    try:
+        check_toolchain()
+    except XdpSetupError as e:
+        log(f"XDP unavailable, skipping: {e}")
+        return 0
+    modes = [m for m in args.modes.split(",") if m]
+    names = ["baseline", "flood", *[f"flood+xdp-{m}" for m in modes], *[f"baseline+xdp-{m}" for m in modes]]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    with tempfile.TemporaryDirectory(prefix="stcp-xdp-flood-") as tmp:
+        exe = build_flood(Path(tmp))
+        data = Path(tmp) / "data"
+        blob = os.urandom(args.bytes)
+        data.write_bytes(blob)
+        digest = hashlib.sha256(blob).hexdigest()
+        t0 = time.monotonic()
+        runs: dict = {n: [] for n in names}
+        for i in range(args.repeat or (1 if args.quick else 3)):
+            for n in names:
+                runs[n].append(scenario(n, exe, xdp="xdp" in n, flood=n.startswith("flood"), cfg=args,
+                                        data_path=data, digest=digest, mode=n.rsplit("-", 1)[-1]))
+        scen = [_median_run(rs) for rs in runs.values()]
+    doc = {
+        "facts": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _read("/proc/loadavg").strip(),
+                  "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                               capture_output=True, text=True).stdout.strip()},
+        "config": {"bytes": args.bytes, "kind": args.kind, "modes": modes, "flood_pps": args.flood_pps, "flood_seconds_max": args.flood_seconds,
+                   "repeat": args.repeat or (1 if args.quick else 3),
+                   "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU},
+        "scenarios": scen,
+        "elapsed_s": round(time.monotonic() - t0, 1),
+    }
+    doc["verdict"] = verdicts(doc)
+    (out / "xdp_flood.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "XDP_FLOOD.md").write_text(markdown(doc))
+    log(f"wrote {out / 'XDP_FLOOD.md'} and {out / 'xdp_flood.json'}")
+    print(markdown(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
