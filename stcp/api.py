@@ -212,8 +212,9 @@ class StreamWriter:
 
     def write(self, data: bytes) -> None:
         if data:
-            self._handle.conn.send(bytes(data))
-            self._handle.touch()
+            handle = self._handle
+            handle.conn.send(bytes(data))
+            handle.driver.flush_now(handle.conn)
 
     def writelines(self, lines) -> None:
         for line in lines:

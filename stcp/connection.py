@@ -504,7 +504,7 @@ class Connection:
             self._maybe_update_send_key()
             frames: List[bytes] = []
             descs: list = []
-            if self._ack_deadline is not None and self._ack_deadline <= now:
+            if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES)))
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
@@ -545,6 +545,10 @@ class Connection:
             if retransmit:
                 self.stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _ack_can_ride(self) -> bool:
+        """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
+        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._send.pending()
 
     def _maybe_update_send_key(self) -> None:
         """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame

@@ -112,6 +112,13 @@ class Driver:
             self._flush_scheduled = True
             self.loop.call_soon(self.flush)
 
+    def flush_now(self, conn: Connection) -> None:
+        """Send what conn has to say right away (the application just wrote): as asyncio's own
+        transports do, a write goes out without waiting for the next loop pass."""
+        self._dirty.pop(conn, None)
+        self._service(conn, self.loop.time())
+        self._send_backlog()
+
     def flush(self) -> None:
         self._flush_scheduled = False
         now = self.loop.time()
