@@ -14,10 +14,8 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from . import wire
 from .errors import AuthenticationFailure, HandshakeFailure
@@ -68,7 +66,18 @@ def transcript_hash(client_hello_record: bytes, server_hello_record: bytes) -> b
 
 
 def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
-    return HKDFExpand(hashes.SHA256(), length, b"stcp " + label + context).derive(secret)
+    """HKDF-Expand (RFC 5869) with info = "stcp " || label || context, over OpenSSL's HMAC.
+
+    hmac.digest is a one-shot C call; cryptography's HKDFExpand object costs several times
+    more, and a handshake derives eight of these (tests/test_crypto.py checks the result
+    against cryptography's HKDF)."""
+    info = b"stcp " + label + context
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.digest(secret, block + info + bytes([counter]), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
 
 
 class HandshakeSecrets:
@@ -88,7 +97,7 @@ class HandshakeSecrets:
 
 def _extract(shared: bytes) -> bytes:
     """HKDF-Extract (RFC 5869): HMAC-SHA256 keyed with the salt."""
-    return hmac.new(HKDF_SALT, shared, hashlib.sha256).digest()
+    return hmac.digest(HKDF_SALT, shared, "sha256")
 
 
 def next_secret(secret: bytes) -> bytes:
