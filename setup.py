@@ -2,14 +2,37 @@
 
 stcp._aead links OpenSSL's libcrypto (Debian: libssl-dev, installed by
 scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO).
+stcp._xsk (AF_XDP receive for `--datapath afxdp`) links libxdp and libbpf (Debian:
+libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
+warning and everything else (the socket and xdp datapaths) still works.
 `pip install -e .` builds them in place.
 """
+import sys
+
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
           "-Wno-cast-function-type"]
+OPTIONAL = {"stcp._xsk"}
+
+
+class optional_build_ext(build_ext):
+    """Builds every extension; a failure of an OPTIONAL one is a warning, not an error."""
+
+    def build_extension(self, ext):
+        if ext.name not in OPTIONAL:
+            return super().build_extension(ext)
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # CompileError, LinkError, DistutilsExecError
+            print(f"WARNING: not building {ext.name} ({exc}); the afxdp datapath will be unavailable. "
+                  "Install libxdp-dev and libbpf-dev ('sudo make system-deps') and reinstall to get it.",
+                  file=sys.stderr)
+
 
 setup(
+    cmdclass={"build_ext": optional_build_ext},
     ext_modules=[
         Extension(
             "stcp._aead",
@@ -18,5 +41,7 @@ setup(
             extra_compile_args=CFLAGS,
         ),
         Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], extra_compile_args=CFLAGS),
+        Extension("stcp._xsk", sources=["stcp/_ext/xsk.c"], libraries=["xdp", "bpf"],
+                  extra_compile_args=CFLAGS),
     ],
 )

@@ -1,0 +1,545 @@
+/*
+ * stcp._xsk: the receive side of the AF_XDP datapath (libxdp's xsk API).
+ *
+ * One XskSocket owns one UMEM (an anonymous mapping cut into fixed-size frames) and one
+ * AF_XDP socket bound to (interface, RX queue) with its four rings: fill and completion
+ * (the UMEM's), RX and TX.  The socket is created with XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD:
+ * the XDP program is bcc's (bpf/stcp_xdp.c compiled with -DSTCP_AFXDP), and the caller puts
+ * fd() into that program's XSKMAP under the queue id.  Binding asks for nothing in
+ * particular, so the kernel uses zero-copy when the driver offers it and copy mode
+ * otherwise (veth); `zerocopy` says which one it got.
+ *
+ * recv() takes up to max_n frames off the RX ring, parses Ethernet (one optional VLAN tag),
+ * IPv4 or IPv6 (hop-by-hop, routing and destination options walked, fragments refused)
+ * and UDP, each read bounds-checked against the descriptor's length, copies the UDP payload
+ * out and gives the frames straight back to the fill ring.  The UDP checksum is not
+ * checked: on veth it is often still partial (checksum offload), and the records carry an
+ * AEAD tag.  parse_frame() runs the same parser on a bytes object (tests fuzz it).
+ *
+ * Transmit is not done here: replies leave through a kernel UDP socket (see
+ * docs/OPERATIONS.md).  The TX ring and the completion ring exist, unused, so that the
+ * socket layout is the one a transmit path will need.
+ *
+ * The GIL is released around the system calls (fill-ring wakeup, poll).  A socket is used
+ * from one thread at a time; close() while another thread is inside poll() raises.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <stdint.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <linux/if_xdp.h>
+
+#include <xdp/xsk.h>
+
+#ifndef SOL_XDP
+#define SOL_XDP 283
+#endif
+
+#define MAX_RECV_BATCH 1024
+#define ETH_HLEN_ 14
+#define ETH_P_IP_ 0x0800
+#define ETH_P_IPV6_ 0x86DD
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+#define IPPROTO_UDP_ 17
+#define IPV6_EXT_MAX 6
+
+/* ----------------------------------------------------------------------------------- */
+/* frame parsing: every read checked against len                                       */
+
+struct parsed {
+    const uint8_t *payload;
+    uint32_t payload_len;
+    int family;                     /* 4 or 6 */
+    uint8_t src[16];                /* 4 or 16 bytes used */
+    uint16_t sport;                 /* host order */
+};
+
+static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+
+/* 0 on success, else a static reason. */
+static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
+    size_t off = ETH_HLEN_;
+    uint16_t proto;
+    const uint8_t *udp;
+    size_t l4;
+
+    if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
+    proto = rd16(f + 12);
+    if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
+        if (len < off + 4) return "truncated VLAN tag";
+        proto = rd16(f + off + 2);
+        off += 4;
+    }
+    if (proto == ETH_P_IP_) {
+        const uint8_t *ip = f + off;
+        size_t ihl, tot;
+        if (len < off + 20) return "truncated IPv4 header";
+        if ((ip[0] >> 4) != 4) return "IPv4 header with another version";
+        ihl = (size_t)(ip[0] & 0x0F) * 4;
+        if (ihl < 20) return "IPv4 header length below 20";
+        if (len < off + ihl) return "truncated IPv4 options";
+        tot = rd16(ip + 2);
+        if (tot < ihl || len < off + tot) return "IPv4 total length outside the frame";
+        if (ip[9] != IPPROTO_UDP_) return "not UDP";
+        if (rd16(ip + 6) & 0x3FFF) return "IPv4 fragment";
+        out->family = 4;
+        memcpy(out->src, ip + 12, 4);
+        l4 = off + ihl;
+        len = off + tot;            /* Ethernet padding beyond the IP packet is not ours */
+    } else if (proto == ETH_P_IPV6_) {
+        const uint8_t *ip = f + off;
+        uint8_t next;
+        size_t plen;
+        int i;
+        if (len < off + 40) return "truncated IPv6 header";
+        if ((ip[0] >> 4) != 6) return "IPv6 header with another version";
+        plen = rd16(ip + 4);
+        if (len < off + 40 + plen) return "IPv6 payload length outside the frame";
+        len = off + 40 + plen;
+        out->family = 6;
+        memcpy(out->src, ip + 8, 16);
+        next = ip[6];
+        l4 = off + 40;
+        for (i = 0; i < IPV6_EXT_MAX && next != IPPROTO_UDP_; i++) {
+            if (next == 0 || next == 43 || next == 60) {     /* hop-by-hop, routing, dst opts */
+                if (len < l4 + 2) return "truncated IPv6 extension header";
+                next = f[l4];
+                l4 += ((size_t)f[l4 + 1] + 1) * 8;
+                if (l4 > len) return "IPv6 extension header outside the frame";
+            } else if (next == 44) {
+                return "IPv6 fragment";
+            } else {
+                return "not UDP";
+            }
+        }
+        if (next != IPPROTO_UDP_) return "not UDP";
+    } else {
+        return "neither IPv4 nor IPv6";
+    }
+    if (len < l4 + 8) return "truncated UDP header";
+    udp = f + l4;
+    {
+        size_t ulen = rd16(udp + 4);
+        if (ulen < 8) return "UDP length below 8";
+        if (l4 + ulen > len) return "UDP length outside the packet";
+        out->sport = rd16(udp);
+        out->payload = udp + 8;
+        out->payload_len = (uint32_t)(ulen - 8);
+    }
+    return NULL;
+}
+
+/* (host, port) for IPv4; (host, port, 0, scope_id) for IPv6, or for IPv4 as ::ffff:a.b.c.d
+ * when v4mapped (what an AF_INET6 socket would have reported). */
+static PyObject *make_addr(const struct parsed *p, int v4mapped, unsigned int ifindex) {
+    char host[INET6_ADDRSTRLEN];
+    if (p->family == 4) {
+        if (!v4mapped) {
+            if (!inet_ntop(AF_INET, p->src, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
+            return Py_BuildValue("(si)", host, (int)p->sport);
+        } else {
+            uint8_t m[16] = {0};
+            m[10] = m[11] = 0xff;
+            memcpy(m + 12, p->src, 4);
+            if (!inet_ntop(AF_INET6, m, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
+            return Py_BuildValue("(siII)", host, (int)p->sport, 0u, 0u);
+        }
+    }
+    if (!inet_ntop(AF_INET6, p->src, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
+    /* link-local sources need the interface to be answered */
+    unsigned int scope = (p->src[0] == 0xfe && (p->src[1] & 0xc0) == 0x80) ? ifindex : 0;
+    return Py_BuildValue("(siII)", host, (int)p->sport, 0u, scope);
+}
+
+/* ----------------------------------------------------------------------------------- */
+typedef struct {
+    PyObject_HEAD
+    struct xsk_umem *umem;
+    struct xsk_socket *xsk;
+    struct xsk_ring_prod fq, tx;
+    struct xsk_ring_cons cq, rx;
+    void *area;
+    size_t area_size;
+    uint32_t frame_size, frame_count;
+    uint32_t ifindex, queue_id;
+    int fd;
+    int zerocopy;
+    int busy;                        /* a thread is inside a GIL-free section */
+    uint64_t *free_frames;           /* frames not on the fill ring */
+    uint32_t n_free;
+    unsigned long long rx_frames, rx_bytes, rx_malformed, wakeups;
+    char ifname[IF_NAMESIZE];
+} XskSocket;
+
+static int xsk_closed(XskSocket *self) {
+    if (!self->xsk) {
+        PyErr_SetString(PyExc_ValueError, "AF_XDP socket is closed");
+        return 1;
+    }
+    return 0;
+}
+
+/* Move free frames onto the fill ring; returns how many went. */
+static uint32_t refill(XskSocket *self) {
+    uint32_t idx = 0, n, i;
+    if (!self->n_free) return 0;
+    n = xsk_prod_nb_free(&self->fq, self->n_free);
+    if (n > self->n_free) n = self->n_free;
+    if (!n) return 0;
+    n = xsk_ring_prod__reserve(&self->fq, n, &idx);
+    for (i = 0; i < n; i++)
+        *xsk_ring_prod__fill_addr(&self->fq, idx + i) = self->free_frames[--self->n_free];
+    xsk_ring_prod__submit(&self->fq, n);
+    return n;
+}
+
+static void release_all(XskSocket *self) {
+    if (self->xsk) { xsk_socket__delete(self->xsk); self->xsk = NULL; }
+    if (self->umem) { xsk_umem__delete(self->umem); self->umem = NULL; }
+    if (self->area) { munmap(self->area, self->area_size); self->area = NULL; }
+    PyMem_Free(self->free_frames);
+    self->free_frames = NULL;
+    self->n_free = 0;
+    self->fd = -1;
+}
+
+static void Xsk_dealloc(XskSocket *self) {
+    release_all(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int pow2(uint32_t v) { return v && !(v & (v - 1)); }
+
+static int Xsk_init(XskSocket *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ifname", "queue_id", "frame_count", "frame_size", "ring_size", "zerocopy", NULL};
+    const char *ifname;
+    unsigned int queue_id, frame_count = 4096, frame_size = XSK_UMEM__DEFAULT_FRAME_SIZE, ring_size = 2048;
+    int zc = -1;                      /* -1: whatever the driver offers, 0: copy, 1: zero-copy or fail */
+    PyObject *zcobj = Py_None;
+    struct xsk_umem_config ucfg;
+    struct xsk_socket_config scfg;
+    struct xdp_options opts;
+    socklen_t optlen = sizeof(opts);
+    int err;
+    uint32_t i;
+
+    if (self->xsk) { PyErr_SetString(PyExc_RuntimeError, "XskSocket already initialised"); return -1; }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sI|IIIO:XskSocket", kwlist, &ifname, &queue_id, &frame_count,
+                                     &frame_size, &ring_size, &zcobj))
+        return -1;
+    if (zcobj != Py_None) {
+        zc = PyObject_IsTrue(zcobj);
+        if (zc < 0) return -1;
+    }
+    if (strlen(ifname) == 0 || strlen(ifname) >= IF_NAMESIZE) {
+        PyErr_Format(PyExc_ValueError, "bad interface name %R", PyTuple_GET_ITEM(args, 0));
+        return -1;
+    }
+    if (frame_size != 2048 && frame_size != 4096) {
+        PyErr_SetString(PyExc_ValueError, "frame_size must be 2048 or 4096");
+        return -1;
+    }
+    if (!pow2(ring_size) || ring_size < 64 || ring_size > 16384) {
+        PyErr_SetString(PyExc_ValueError, "ring_size must be a power of two in 64..16384");
+        return -1;
+    }
+    if (frame_count < ring_size || frame_count > (1u << 18)) {
+        PyErr_SetString(PyExc_ValueError, "frame_count must be in ring_size..262144");
+        return -1;
+    }
+    self->ifindex = if_nametoindex(ifname);
+    if (!self->ifindex) {
+        PyErr_Format(PyExc_OSError, "interface '%s' not found in this network namespace", ifname);
+        return -1;
+    }
+    snprintf(self->ifname, sizeof(self->ifname), "%s", ifname);
+    self->queue_id = queue_id;
+    self->frame_size = frame_size;
+    self->frame_count = frame_count;
+    self->area_size = (size_t)frame_size * frame_count;
+    self->fd = -1;
+    self->area = mmap(NULL, self->area_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (self->area == MAP_FAILED) {
+        self->area = NULL;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    self->free_frames = PyMem_Malloc(sizeof(uint64_t) * frame_count);
+    if (!self->free_frames) { release_all(self); PyErr_NoMemory(); return -1; }
+    for (i = 0; i < frame_count; i++)
+        self->free_frames[i] = (uint64_t)(frame_count - 1 - i) * frame_size;
+    self->n_free = frame_count;
+
+    memset(&ucfg, 0, sizeof(ucfg));
+    ucfg.fill_size = ring_size;
+    ucfg.comp_size = ring_size;
+    ucfg.frame_size = frame_size;
+    ucfg.frame_headroom = 0;
+    err = xsk_umem__create(&self->umem, self->area, self->area_size, &self->fq, &self->cq, &ucfg);
+    if (err) {
+        self->umem = NULL;
+        release_all(self);
+        errno = -err;
+        PyErr_Format(PyExc_OSError, "AF_XDP UMEM: %s", strerror(-err));
+        return -1;
+    }
+    memset(&scfg, 0, sizeof(scfg));
+    scfg.rx_size = ring_size;
+    scfg.tx_size = ring_size;
+    scfg.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD;
+    scfg.bind_flags = XDP_USE_NEED_WAKEUP | (zc == 0 ? XDP_COPY : zc == 1 ? XDP_ZEROCOPY : 0);
+    Py_BEGIN_ALLOW_THREADS
+    err = xsk_socket__create(&self->xsk, ifname, queue_id, self->umem, &self->rx, &self->tx, &scfg);
+    Py_END_ALLOW_THREADS
+    if (err) {
+        self->xsk = NULL;
+        release_all(self);
+        PyErr_Format(PyExc_OSError, "AF_XDP socket on %s queue %u: %s", ifname, queue_id, strerror(-err));
+        return -1;
+    }
+    self->fd = xsk_socket__fd(self->xsk);
+    memset(&opts, 0, sizeof(opts));
+    if (getsockopt(self->fd, SOL_XDP, XDP_OPTIONS, &opts, &optlen) == 0)
+        self->zerocopy = (opts.flags & XDP_OPTIONS_ZEROCOPY) != 0;
+    refill(self);
+    return 0;
+}
+
+static PyObject *Xsk_fileno(XskSocket *self, PyObject *noargs) {
+    if (xsk_closed(self)) return NULL;
+    return PyLong_FromLong(self->fd);
+}
+
+/* Kick the kernel when the fill ring asks for it (zero-copy drivers; copy mode too when
+ * the ring ran dry). */
+static void wakeup_fill(XskSocket *self) {
+    if (xsk_ring_prod__needs_wakeup(&self->fq)) {
+        self->wakeups++;
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        recvfrom(self->fd, NULL, 0, MSG_DONTWAIT, NULL, NULL);
+        Py_END_ALLOW_THREADS
+        self->busy--;
+    }
+}
+
+static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"max_n", "v4mapped", NULL};
+    int max_n = 64, v4mapped = 0;
+    uint32_t idx = 0, n, i;
+    PyObject *result, *last_addr = NULL;
+    struct parsed last_p;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ip:recv", kwlist, &max_n, &v4mapped)) return NULL;
+    if (xsk_closed(self)) return NULL;
+    if (max_n < 1 || max_n > MAX_RECV_BATCH) {
+        PyErr_Format(PyExc_ValueError, "max_n must be in 1..%d", MAX_RECV_BATCH);
+        return NULL;
+    }
+    result = PyList_New(0);
+    if (!result) return NULL;
+    n = xsk_ring_cons__peek(&self->rx, (uint32_t)max_n, &idx);
+    memset(&last_p, 0, sizeof(last_p));
+    for (i = 0; i < n; i++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + i);
+        uint64_t base = xsk_umem__extract_addr(d->addr);
+        uint64_t addr = xsk_umem__add_offset_to_addr(d->addr);
+        struct parsed p;
+        const char *why;
+        PyObject *payload, *a, *item;
+
+        /* give the frame back whatever happens to it below */
+        if (self->n_free < self->frame_count)
+            self->free_frames[self->n_free++] = base - (base % self->frame_size);
+        if (addr >= self->area_size || d->len > self->area_size - addr) {
+            self->rx_malformed++;
+            continue;
+        }
+        memset(&p, 0, sizeof(p));
+        why = parse_frame_raw((const uint8_t *)self->area + addr, d->len, &p);
+        if (why) {
+            self->rx_malformed++;
+            continue;
+        }
+        self->rx_frames++;
+        self->rx_bytes += p.payload_len;
+        if (result == NULL) continue;          /* an earlier allocation failed: just drain */
+        if (last_addr && p.family == last_p.family && p.sport == last_p.sport &&
+            memcmp(p.src, last_p.src, p.family == 4 ? 4 : 16) == 0) {
+            a = Py_NewRef(last_addr);
+        } else {
+            a = make_addr(&p, v4mapped, self->ifindex);
+            if (!a) { Py_CLEAR(result); continue; }
+            Py_XSETREF(last_addr, Py_NewRef(a));
+            last_p = p;
+        }
+        payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
+        if (!payload) { Py_DECREF(a); Py_CLEAR(result); continue; }
+        item = PyTuple_Pack(2, payload, a);
+        Py_DECREF(payload);
+        Py_DECREF(a);
+        if (!item || PyList_Append(result, item) < 0) Py_CLEAR(result);
+        Py_XDECREF(item);
+    }
+    if (n) xsk_ring_cons__release(&self->rx, n);
+    Py_XDECREF(last_addr);
+    refill(self);
+    wakeup_fill(self);
+    return result;
+}
+
+static PyObject *Xsk_poll(XskSocket *self, PyObject *args) {
+    int timeout_ms = 0, rc;
+    struct pollfd pfd;
+    if (!PyArg_ParseTuple(args, "|i:poll", &timeout_ms)) return NULL;
+    if (xsk_closed(self)) return NULL;
+    if (timeout_ms < -1 || timeout_ms > 60000) {
+        PyErr_SetString(PyExc_ValueError, "timeout_ms must be in -1..60000");
+        return NULL;
+    }
+    if (timeout_ms < 0) timeout_ms = 60000;          /* bounded: never wait forever */
+    pfd.fd = self->fd;
+    pfd.events = POLLIN;
+    pfd.revents = 0;
+    self->busy++;
+    Py_BEGIN_ALLOW_THREADS
+    rc = poll(&pfd, 1, timeout_ms);
+    Py_END_ALLOW_THREADS
+    self->busy--;
+    if (rc < 0) {
+        if (errno == EINTR) { if (PyErr_CheckSignals()) return NULL; Py_RETURN_FALSE; }
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBool_FromLong(rc > 0 && (pfd.revents & POLLIN));
+}
+
+static PyObject *Xsk_stats(XskSocket *self, PyObject *noargs) {
+    struct xdp_statistics st;
+    socklen_t len = sizeof(st);
+    if (xsk_closed(self)) return NULL;
+    memset(&st, 0, sizeof(st));
+    if (getsockopt(self->fd, SOL_XDP, XDP_STATISTICS, &st, &len) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return Py_BuildValue("{sKsKsKsKsKsKsKsK}",
+                         "rx_frames", self->rx_frames, "rx_bytes", self->rx_bytes,
+                         "rx_malformed", self->rx_malformed, "fill_wakeups", self->wakeups,
+                         "rx_dropped", (unsigned long long)st.rx_dropped,
+                         "rx_invalid_descs", (unsigned long long)st.rx_invalid_descs,
+                         "rx_ring_full", (unsigned long long)st.rx_ring_full,
+                         "rx_fill_ring_empty_descs", (unsigned long long)st.rx_fill_ring_empty_descs);
+}
+
+static PyObject *Xsk_close(XskSocket *self, PyObject *noargs) {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "AF_XDP socket is in use by another thread");
+        return NULL;
+    }
+    release_all(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Xsk_enter(XskSocket *self, PyObject *noargs) { return Py_NewRef(self); }
+
+static PyObject *Xsk_exit(XskSocket *self, PyObject *args) { return Xsk_close(self, NULL); }
+
+static PyObject *Xsk_get_zerocopy(XskSocket *self, void *c) { return PyBool_FromLong(self->zerocopy); }
+static PyObject *Xsk_get_queue(XskSocket *self, void *c) { return PyLong_FromUnsignedLong(self->queue_id); }
+static PyObject *Xsk_get_ifindex(XskSocket *self, void *c) { return PyLong_FromUnsignedLong(self->ifindex); }
+static PyObject *Xsk_get_closed(XskSocket *self, void *c) { return PyBool_FromLong(self->xsk == NULL); }
+static PyObject *Xsk_get_ifname(XskSocket *self, void *c) { return PyUnicode_FromString(self->ifname); }
+
+static PyMethodDef Xsk_methods[] = {
+    {"fileno", (PyCFunction)Xsk_fileno, METH_NOARGS, "fileno() -> the AF_XDP socket's fd (for XSKMAP and add_reader)"},
+    {"fd", (PyCFunction)Xsk_fileno, METH_NOARGS, "fd() -> the AF_XDP socket's fd (same as fileno())"},
+    {"recv", (PyCFunction)(void (*)(void))Xsk_recv, METH_VARARGS | METH_KEYWORDS,
+     "recv(max_n=64, v4mapped=False) -> list[(payload, addr)]: up to max_n UDP payloads waiting on the RX ring"},
+    {"poll", (PyCFunction)Xsk_poll, METH_VARARGS, "poll(timeout_ms=0) -> bool: frames are waiting"},
+    {"stats", (PyCFunction)Xsk_stats, METH_NOARGS, "stats() -> dict of user-space and kernel (XDP_STATISTICS) counters"},
+    {"close", (PyCFunction)Xsk_close, METH_NOARGS, "close(): delete the socket and its UMEM (idempotent)"},
+    {"__enter__", (PyCFunction)Xsk_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)Xsk_exit, METH_VARARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Xsk_getset[] = {
+    {"zerocopy", (getter)Xsk_get_zerocopy, NULL, "True if the kernel bound it in zero-copy mode", NULL},
+    {"queue_id", (getter)Xsk_get_queue, NULL, "the RX queue it is bound to", NULL},
+    {"ifindex", (getter)Xsk_get_ifindex, NULL, "the interface index", NULL},
+    {"ifname", (getter)Xsk_get_ifname, NULL, "the interface name", NULL},
+    {"closed", (getter)Xsk_get_closed, NULL, "True after close()", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject XskSocketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "stcp._xsk.XskSocket",
+    .tp_basicsize = sizeof(XskSocket),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "XskSocket(ifname, queue_id, frame_count=4096, frame_size=4096, ring_size=2048, zerocopy=None)\n\n"
+              "An AF_XDP socket and its UMEM bound to one RX queue (no XDP program loaded).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Xsk_init,
+    .tp_dealloc = (destructor)Xsk_dealloc,
+    .tp_methods = Xsk_methods,
+    .tp_getset = Xsk_getset,
+};
+
+/* parse_frame(frame, v4mapped=False, ifindex=0) -> (payload, addr); ValueError if malformed */
+static PyObject *xsk_parse_frame(PyObject *mod, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"frame", "v4mapped", "ifindex", NULL};
+    Py_buffer buf;
+    int v4mapped = 0;
+    unsigned int ifindex = 0;
+    struct parsed p;
+    const char *why;
+    PyObject *payload, *a, *res;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*|pI:parse_frame", kwlist, &buf, &v4mapped, &ifindex))
+        return NULL;
+    memset(&p, 0, sizeof(p));
+    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
+    if (why) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
+        return NULL;
+    }
+    payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
+    PyBuffer_Release(&buf);
+    if (!payload) return NULL;
+    a = make_addr(&p, v4mapped, ifindex);
+    if (!a) { Py_DECREF(payload); return NULL; }
+    res = PyTuple_Pack(2, payload, a);
+    Py_DECREF(payload);
+    Py_DECREF(a);
+    return res;
+}
+
+static PyMethodDef xsk_functions[] = {
+    {"parse_frame", (PyCFunction)(void (*)(void))xsk_parse_frame, METH_VARARGS | METH_KEYWORDS,
+     "parse_frame(frame, v4mapped=False, ifindex=0) -> (udp_payload, addr); ValueError if malformed"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef xsk_module = {
+    PyModuleDef_HEAD_INIT, "stcp._xsk", "AF_XDP receive (libxdp): UMEM, rings, batch receive.", -1,
+    xsk_functions,
+};
+
+PyMODINIT_FUNC PyInit__xsk(void) {
+    PyObject *m;
+    if (PyType_Ready(&XskSocketType) < 0) return NULL;
+    m = PyModule_Create(&xsk_module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "XskSocket", (PyObject *)&XskSocketType) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_RECV_BATCH", MAX_RECV_BATCH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,46 @@
+"""AF_XDP receive in C (stcp/_ext/xsk.c, libxdp): UMEM, fill/completion/RX/TX rings.
+
+Built only where libxdp-dev and libbpf-dev are installed (setup.py skips it otherwise).
+The socket is created with libxdp's "inhibit program load" flag: put fd() into the
+XSKMAP of the XDP program (bpf/stcp_xdp.c with -DSTCP_AFXDP) under queue_id.
+Addresses look like the socket module's: (host, port) for IPv4, (host, port, flowinfo,
+scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
+The GIL is released around system calls; use one socket from one thread at a time.
+"""
+from typing import Dict, List, Optional, Tuple, Union
+
+from _typeshed import ReadableBuffer
+
+Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
+
+MAX_RECV_BATCH: int
+
+class XskSocket:
+    zerocopy: bool
+    queue_id: int
+    ifindex: int
+    ifname: str
+    closed: bool
+    def __init__(self, ifname: str, queue_id: int, frame_count: int = 4096, frame_size: int = 4096,
+                 ring_size: int = 2048, zerocopy: Optional[bool] = None) -> None:
+        """OSError if the interface or queue does not exist, or AF_XDP cannot bind there.
+        zerocopy=None takes what the driver offers; False forces copy mode; True fails
+        unless the driver does zero-copy."""
+    def fileno(self) -> int: ...
+    def fd(self) -> int: ...
+    def recv(self, max_n: int = 64, v4mapped: bool = False) -> List[Tuple[bytes, Address]]:
+        """Up to max_n UDP payloads waiting on the RX ring ([] if none); frames that do not
+        parse as Ethernet/IPv4|IPv6/UDP are counted (stats()['rx_malformed']) and skipped.
+        The frames go back to the fill ring before it returns."""
+    def poll(self, timeout_ms: int = 0) -> bool:
+        """True when frames are waiting; waits at most timeout_ms (-1: 60 s)."""
+    def stats(self) -> Dict[str, int]:
+        """rx_frames, rx_bytes, rx_malformed, fill_wakeups (user space) and the kernel's
+        XDP_STATISTICS: rx_dropped, rx_invalid_descs, rx_ring_full, rx_fill_ring_empty_descs."""
+    def close(self) -> None: ...
+    def __enter__(self) -> "XskSocket": ...
+    def __exit__(self, *exc: object) -> None: ...
+
+def parse_frame(frame: ReadableBuffer, v4mapped: bool = False, ifindex: int = 0) -> Tuple[bytes, Address]:
+    """The parser recv() uses, on one Ethernet frame: (UDP payload, source address);
+    ValueError saying what is wrong when the frame is malformed or not UDP."""
