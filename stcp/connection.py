@@ -498,53 +498,64 @@ class Connection:
     def _build_packets(self, now: float, out: List[bytes]) -> None:
         """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
         max_payload = self.config.max_datagram - wire.HEADER_LEN - wire.AEAD_TAG_LEN
+        overhead = wire.STREAM_FRAME_OVERHEAD
         cc = self._recovery.cc
         send = self._send
+        stats = self.stats
         while True:
-            self._maybe_update_send_key()
+            if self._sealed_under_key >= self.config.key_update_interval:
+                self._maybe_update_send_key()
             frames: List[bytes] = []
             descs: list = []
             if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES)))
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
-            if self._max_data_due:
-                self._max_data_due = False
-                frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
-                descs.append((_MAX_DATA,))
-            if self._key_update_frame_due:
-                self._key_update_frame_due = False
-                frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
-                descs.append((_KEY_UPDATE, self._keys.send.epoch))
-            if self._ping_due:
-                self._ping_due = False
-                frames.append(wire.encode_frame(wire.PingFrame()))
-                descs.append((_PING,))
-            if self._close_frame is not None and self._draining_until is not None:
-                frames.append(wire.encode_frame(self._close_frame))
-                descs.append((_CLOSE,))
-                self._close_frame = None
-            budget = max_payload - sum(len(f) for f in frames)
+            if self._max_data_due or self._key_update_frame_due or self._ping_due or \
+                    (self._close_frame is not None and self._draining_until is not None):
+                self._add_control_frames(frames, descs)
+            budget = max_payload
+            for f in frames:
+                budget -= len(f)
             retransmit = False
             if self._draining_until is None and (self._probes_due or cc.can_send(self.config.max_datagram)):
-                while budget >= wire.STREAM_FRAME_OVERHEAD + _MIN_STREAM_CHUNK or \
-                        (budget >= wire.STREAM_FRAME_OVERHEAD and send.wants_fin()):
+                while budget >= overhead + _MIN_STREAM_CHUNK or (budget >= overhead and send.wants_fin()):
                     new_from = send.next_offset
-                    chunk = send.next_chunk(budget - wire.STREAM_FRAME_OVERHEAD, self._peer_max_data)
+                    chunk = send.next_chunk(budget - overhead, self._peer_max_data)
                     if chunk is None:
                         break
                     offset, data, fin = chunk
+                    n = len(data)
                     retransmit |= offset < new_from
                     frames.append(wire.encode_stream(offset, data, fin))
-                    descs.append((_STREAM, offset, offset + len(data), fin))
-                    budget -= wire.STREAM_FRAME_OVERHEAD + len(data)
+                    descs.append((_STREAM, offset, offset + n, fin))
+                    budget -= overhead + n
+                    stats.stream_bytes_sent += n
                 if self._probes_due and descs:
                     self._probes_due -= 1
             if not frames:
                 return
             if retransmit:
-                self.stats.retransmitted_records += 1
+                stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _add_control_frames(self, frames: List[bytes], descs: list) -> None:
+        if self._max_data_due:
+            self._max_data_due = False
+            frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
+            descs.append((_MAX_DATA,))
+        if self._key_update_frame_due:
+            self._key_update_frame_due = False
+            frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
+            descs.append((_KEY_UPDATE, self._keys.send.epoch))
+        if self._ping_due:
+            self._ping_due = False
+            frames.append(wire.encode_frame(wire.PingFrame()))
+            descs.append((_PING,))
+        if self._close_frame is not None and self._draining_until is not None:
+            frames.append(wire.encode_frame(self._close_frame))
+            descs.append((_CLOSE,))
+            self._close_frame = None
 
     def _ack_can_ride(self) -> bool:
         """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
@@ -575,8 +586,5 @@ class Connection:
         record = keys.send.seal(self.peer_cid, wire.make_seq(keys.send.epoch, pn), b"".join(frames))
         self.stats.records_sent += 1
         self.stats.bytes_sent += len(record)
-        for d in descs:
-            if d[0] == _STREAM:
-                self.stats.stream_bytes_sent += d[2] - d[1]
         self._recovery.on_sent(SentPacket(pn, now, len(record), ack_eliciting, descs, keys.send.epoch))
         return record

@@ -96,7 +96,7 @@ def parse_header(datagram: bytes) -> Tuple[int, int, int]:
 
 
 # --- handshake payloads ----------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Hello:
     kind: int          # HS_CLIENT_HELLO, HS_SERVER_HELLO or HS_REJECT
     version: int
@@ -137,42 +137,42 @@ def server_hello_transcript_part(payload: bytes) -> bytes:
 
 
 # --- frames ----------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamFrame:
     offset: int
     data: bytes
     fin: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AckFrame:
     # ranges of packet numbers, highest first, each (low, high) inclusive
     ranges: Tuple[Tuple[int, int], ...]
     delay_us: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MaxDataFrame:
     limit: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PingFrame:
     pass
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CloseFrame:
     code: int
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class KeyUpdateFrame:
     epoch: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PaddingFrame:
     length: int
 
