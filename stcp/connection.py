@@ -215,6 +215,10 @@ class Connection:
         return self._recovery.rtt.smoothed
 
     @property
+    def min_rtt(self) -> float:
+        return self._recovery.rtt.min_rtt
+
+    @property
     def send_epoch(self) -> int:
         return self._keys.send.epoch if self._keys else 0
 
