@@ -33,6 +33,16 @@ BPF_TABLE("lru_hash", struct stcp_src, struct stcp_bucket, stcp_hs_bucket, STCP_
 BPF_ARRAY(stcp_config, struct stcp_config, 1);
 BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
 
+#ifdef STCP_AFXDP
+/* The afxdp datapath (stcp/datapath/afxdp.py) compiles with -DSTCP_AFXDP: records that pass
+ * every check below go to the AF_XDP socket of the RX queue they arrived on; where that
+ * queue has no socket, the redirect falls back to XDP_PASS (the kernel UDP socket). */
+#ifndef STCP_XSK_MAX
+#define STCP_XSK_MAX 64
+#endif
+BPF_XSKMAP(stcp_xsks, STCP_XSK_MAX);
+#endif
+
 struct hdr_cursor {
 	void *pos;
 };
@@ -70,6 +80,17 @@ static __always_inline int count(struct xdp_md *ctx, __u32 verdict, int action)
 		c->bytes += ctx->data_end - ctx->data;
 	}
 	return action;
+}
+
+/* Where a record that passed every check goes: the stack (XDP_PASS), or with -DSTCP_AFXDP
+ * the AF_XDP socket of its RX queue. */
+static __always_inline int deliver(struct xdp_md *ctx)
+{
+#ifdef STCP_AFXDP
+	return stcp_xsks.redirect_map(ctx->rx_queue_index, XDP_PASS);
+#else
+	return XDP_PASS;
+#endif
 }
 
 /* Ethernet plus at most one 802.1Q / 802.1ad tag; returns the inner EtherType (network
@@ -284,7 +305,7 @@ int stcp_xdp(struct xdp_md *ctx)
 			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
 		if (!hello_allowed(cfg, &info.src))
 			return count(ctx, STCP_V_DROP_HS_RATE, XDP_DROP);
-		return count(ctx, STCP_V_PASS_HANDSHAKE, XDP_PASS);
+		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
 	}
 
 	if (length < STCP_AEAD_TAG_LEN)
@@ -294,6 +315,6 @@ int stcp_xdp(struct xdp_md *ctx)
 	cid = hdr->cid;                 /* wire byte order, as the loader stores keys */
 	if (!cid_maybe_live(cid) || !stcp_cids.lookup(&cid))
 		return count(ctx, STCP_V_DROP_UNKNOWN_CID, XDP_DROP);
-	return count(ctx, STCP_V_PASS_DATA, XDP_PASS);
+	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
 }
 

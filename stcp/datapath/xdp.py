@@ -43,6 +43,7 @@ DEFAULT_HS_SOURCES = 65536
 CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
 CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
 MAP_ABI = 2                   # STCP_MAP_ABI in bpf/stcp_wire.h
+XSK_MAX = 64                  # entries (RX queues) of stcp_xsks, the XSKMAP of the afxdp variant
 
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = BPFFS + "/stcp"
@@ -556,10 +557,12 @@ def _validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs
         raise XdpSetupError("handshake rate must be >= 1 per second and burst >= 0")
 
 
-def _compile(max_cids: int, hs_sources: int):
+def _compile(max_cids: int, hs_sources: int, afxdp: bool = False):
     BPF = _import_bcc()
     src = bpf_source_dir()
     cflags = [f"-I{src}", f"-DSTCP_MAX_CIDS={max_cids}", f"-DSTCP_HS_SOURCES={hs_sources}"]
+    if afxdp:
+        cflags += ["-DSTCP_AFXDP", f"-DSTCP_XSK_MAX={XSK_MAX}"]
     try:
         b = BPF(src_file=str(src / "stcp_xdp.c").encode(), cflags=cflags)
         fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
@@ -612,15 +615,17 @@ class XdpDatapath:
     def attach(cls, iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
-               hs_sources: int = DEFAULT_HS_SOURCES) -> "XdpDatapath":
+               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
-        other XDP program) is attached there, unless force=True, which replaces it."""
+        other XDP program) is attached there, unless force=True, which replaces it.
+        afxdp=True compiles the variant that redirects good records to its stcp_xsks
+        XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map)."""
         return _off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                         max_cids, hs_sources)
+                         max_cids, hs_sources, afxdp)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources) -> "XdpDatapath":
+                hs_sources, afxdp=False) -> "XdpDatapath":
         _validate_limits(port, mode, max_record_len, hs_rate, hs_burst)
         require_root()
         with _Netlink(netns) as nl:
@@ -639,7 +644,7 @@ class XdpDatapath:
                 raise XdpAlreadyAttached(f"{iface} already has another XDP program ({desc}); "
                                          f"use --force to replace it, or remove it first")
             pins = pin_dir(iface, netns)
-            b, fn = _compile(max_cids, hs_sources)
+            b, fn = _compile(max_cids, hs_sources, afxdp)
             h = None
             try:
                 pid = prog_info(fn.fd)["id"]
