@@ -124,8 +124,16 @@ async def serve(args) -> int:
             parse_listen(args.metrics)
         except ValueError as exc:
             raise UsageError(f"bad --metrics address: {exc}") from None
+    afxdp = server = None
     if args.datapath == "afxdp":
-        raise STCPError("the afxdp datapath is not available in this build; use --datapath socket or xdp")
+        if not args.iface:
+            raise UsageError("--datapath afxdp needs --iface IFACE")
+        from ..datapath.afxdp import AfxdpDatapath
+        xdp = afxdp = AfxdpDatapath.open(args.iface, port, mode=args.xdp_mode,
+                                         max_record_len=config.max_datagram - wire.HEADER_LEN)
+        hooks.append(_XdpHooks(afxdp))
+        print(f"stcp: AF_XDP on {args.iface}: {len(afxdp.xsks)} RX queue(s), XDP {afxdp.mode} mode, "
+              f"{'zero-copy' if afxdp.zerocopy else 'copy'} mode; replies through the UDP socket", file=sys.stderr)
     if args.datapath == "xdp":
         if not args.iface:
             raise UsageError("--datapath xdp needs --iface IFACE")
@@ -135,7 +143,10 @@ async def serve(args) -> int:
         hooks.append(_XdpHooks(xdp))
         print(f"stcp: XDP program on {args.iface} ({xdp.mode} mode)", file=sys.stderr)
     try:
-        server = await start_server(handler, host, port, config=config, hooks=hooks)
+        if afxdp is not None:
+            server = await afxdp.start_server(handler, host, port, config=config, hooks=hooks)
+        else:
+            server = await start_server(handler, host, port, config=config, hooks=hooks)
         if args.metrics:
             metrics = serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm",
                                     iface=args.iface)
@@ -150,6 +161,11 @@ async def serve(args) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+        if afxdp is not None and server is not None:
+            st = afxdp.stats()
+            print(f"stcp: AF_XDP: {server.driver.rx_xsk} datagrams received through AF_XDP, "
+                  f"{server.driver.rx_socket} through the UDP socket; kernel dropped {st.get('rx_dropped', 0)}, "
+                  f"fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}", file=sys.stderr, flush=True)
         if xdp is not None:
             xdp.close()
     return 0
@@ -315,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
     s.add_argument("--forward", metavar="HOST:PORT", help="relay each stream to this TCP backend")
     s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
-    s.add_argument("--iface", help="interface for the xdp datapath")
+    s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
     s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     common(s)
