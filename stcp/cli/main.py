@@ -163,8 +163,9 @@ async def serve(args) -> int:
             metrics.close()
         if afxdp is not None and server is not None:
             st = afxdp.stats()
-            print(f"stcp: AF_XDP: {server.driver.rx_xsk} datagrams received through AF_XDP, "
-                  f"{server.driver.rx_socket} through the UDP socket; kernel dropped {st.get('rx_dropped', 0)}, "
+            d = server.driver
+            print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups), "
+                  f"{d.rx_socket} through the UDP socket; kernel dropped {st.get('rx_dropped', 0)}, "
                   f"fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}", file=sys.stderr, flush=True)
         if xdp is not None:
             xdp.close()

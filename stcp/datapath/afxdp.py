@@ -37,6 +37,9 @@ log = logging.getLogger("stcp.datapath.afxdp")
 
 XSKMAP_NAME = "stcp_xsks"
 BPF_MAP_TYPE_XSKMAP = 17
+# Rings of 4096 (RX and fill) and 8192 4-KiB frames (32 MiB of UMEM per queue): a burst of
+# a full congestion window must fit, as SOCKET_BUFFER lets it fit in the UDP socket.
+XSK_DEFAULTS = {"ring_size": 4096, "frame_count": 8192}
 FALLBACK = "use --datapath xdp (kernel UDP socket behind the XDP filter) or --datapath socket"
 
 
@@ -104,7 +107,7 @@ class AfxdpDatapath:
             n = queues or rx_queue_count(iface)
             for q in range(n):
                 try:
-                    x = xsk_mod.XskSocket(iface, q, **xsk_kw)
+                    x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
                 except OSError as e:
                     raise AfxdpSetupError(f"cannot create an AF_XDP socket on {iface} queue {q} ({e}); "
                                           f"{FALLBACK}") from None
@@ -194,6 +197,7 @@ class AfxdpServerDriver(ServerDriver):
         # addresses as the UDP socket would report them, so replies go where they should
         self._v4mapped = sock.family == socket.AF_INET6
         self.rx_xsk = 0
+        self.rx_xsk_wakeups = 0           # readiness callbacks on the AF_XDP sockets
         self.rx_socket = 0
         for x in self.xsks:
             loop.add_reader(x.fileno(), self._on_xsk_readable, x)
@@ -204,6 +208,7 @@ class AfxdpServerDriver(ServerDriver):
         return batch
 
     def _on_xsk_readable(self, xsk) -> None:
+        self.rx_xsk_wakeups += 1
         for _ in range(RECV_ROUNDS):
             try:
                 batch = xsk.recv(RECV_BATCH, self._v4mapped)
