@@ -94,9 +94,11 @@ class Driver:
                 conn = self.route(data, addr, now)
                 if conn is not None:
                     self._dirty[conn] = None
+            # Answer (acks, window updates) after every batch, not once per readiness callback:
+            # a sender waiting on acks should not wait for the whole backlog to be read.
+            self.flush()
             if len(batch) < RECV_BATCH:
                 break
-        self.flush()
 
     def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
         raise NotImplementedError
