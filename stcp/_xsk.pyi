@@ -7,7 +7,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from _typeshed import ReadableBuffer
 
@@ -32,10 +32,16 @@ class XskSocket:
         """Up to max_n UDP payloads waiting on the RX ring ([] if none); frames that do not
         parse as Ethernet/IPv4|IPv6/UDP are counted (stats()['rx_malformed']) and skipped.
         The frames go back to the fill ring before it returns."""
+    def send(self, frames: Sequence[ReadableBuffer]) -> int:
+        """Queue whole Ethernet frames (14..frame_size bytes each; headers and checksums are
+        the caller's) on the TX ring and kick the kernel until it took them; returns how many
+        were queued (fewer when free frames or ring slots run out). ValueError/TypeError on a
+        bad frame, before anything is queued. Experimental: the afxdp datapath replies
+        through a kernel UDP socket."""
     def poll(self, timeout_ms: int = 0) -> bool:
         """True when frames are waiting; waits at most timeout_ms (-1: 60 s)."""
     def stats(self) -> Dict[str, int]:
-        """rx_frames, rx_bytes, rx_malformed, fill_wakeups (user space) and the kernel's
+        """tx_frames, tx_kicks, rx_frames, rx_bytes, rx_malformed, fill_wakeups (user space) and the kernel's
         XDP_STATISTICS: rx_dropped, rx_invalid_descs, rx_ring_full, rx_fill_ring_empty_descs."""
     def close(self) -> None: ...
     def __enter__(self) -> "XskSocket": ...

@@ -16,11 +16,13 @@
  * checked: on veth it is often still partial (checksum offload), and the records carry an
  * AEAD tag.  parse_frame() runs the same parser on a bytes object (tests fuzz it).
  *
- * Transmit is not done here: replies leave through a kernel UDP socket (see
- * docs/OPERATIONS.md).  The TX ring and the completion ring exist, unused, so that the
- * socket layout is the one a transmit path will need.
+ * send() puts whole Ethernet frames (built by the caller) on the TX ring and kicks the
+ * kernel; copy mode transmits 32 frames per kick, so it kicks until the ring is consumed.
+ * It works on veth (tests/test_afxdp.py), but the datapath does not use it yet: replies
+ * leave through a kernel UDP socket, which resolves neighbours and fills in checksums
+ * (see docs/OPERATIONS.md, "The AF_XDP datapath").
  *
- * The GIL is released around the system calls (fill-ring wakeup, poll).  A socket is used
+ * The GIL is released around the system calls (fill-ring wakeup, TX kick, poll).  A socket is used
  * from one thread at a time; close() while another thread is inside poll() raises.
  */
 #define PY_SSIZE_T_CLEAN
@@ -174,7 +176,7 @@ typedef struct {
     int busy;                        /* a thread is inside a GIL-free section */
     uint64_t *free_frames;           /* frames not on the fill ring */
     uint32_t n_free;
-    unsigned long long rx_frames, rx_bytes, rx_malformed, wakeups;
+    unsigned long long rx_frames, rx_bytes, rx_malformed, wakeups, tx_frames, tx_kicks;
     char ifname[IF_NAMESIZE];
 } XskSocket;
 
@@ -395,6 +397,93 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
     return result;
 }
 
+/* Completed TX frames back to the free stack. */
+static void reclaim(XskSocket *self) {
+    uint32_t idx = 0, n, i;
+    n = xsk_ring_cons__peek(&self->cq, self->frame_count, &idx);
+    for (i = 0; i < n; i++) {
+        uint64_t a = *xsk_ring_cons__comp_addr(&self->cq, idx + i);
+        if (self->n_free < self->frame_count && a < self->area_size)
+            self->free_frames[self->n_free++] = a - (a % self->frame_size);
+    }
+    if (n) xsk_ring_cons__release(&self->cq, n);
+}
+
+/* send(frames) -> int: whole Ethernet frames onto the TX ring, then kick the kernel until
+ * it has taken them (experimental: the datapath replies through a UDP socket). Returns how
+ * many were queued; fewer when free frames or TX ring slots run out. The caller builds the
+ * headers and checksums. send([]) just kicks and reclaims completed frames. */
+static PyObject *Xsk_send(XskSocket *self, PyObject *arg) {
+    PyObject *seq;
+    Py_ssize_t count, k;
+    uint32_t n, idx = 0, i;
+    int rc = 0, err = 0;
+
+    if (xsk_closed(self)) return NULL;
+    seq = PySequence_Fast(arg, "send() takes a sequence of bytes-like frames");
+    if (!seq) return NULL;
+    count = PySequence_Fast_GET_SIZE(seq);
+    for (k = 0; k < count; k++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, k), &b, PyBUF_SIMPLE) < 0) { Py_DECREF(seq); return NULL; }
+        if (b.len < ETH_HLEN_ || (size_t)b.len > self->frame_size) {
+            PyBuffer_Release(&b);
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "frame %zd: length must be in %d..%u", k, ETH_HLEN_, self->frame_size);
+            return NULL;
+        }
+        PyBuffer_Release(&b);
+    }
+    reclaim(self);
+    n = (uint32_t)(count > MAX_RECV_BATCH ? MAX_RECV_BATCH : count);
+    if (n > self->n_free) n = self->n_free;
+    if (n) n = xsk_ring_prod__reserve(&self->tx, n, &idx);
+    for (i = 0; i < n; i++) {
+        Py_buffer b;
+        struct xdp_desc *d = xsk_ring_prod__tx_desc(&self->tx, idx + i);
+        uint64_t a = self->free_frames[--self->n_free];
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_SIMPLE) < 0) {
+            /* cannot happen after the check above, but keep the ring consistent */
+            PyErr_Clear();
+            b.len = 0;
+            b.buf = NULL;
+        }
+        if (b.buf && (size_t)b.len <= self->frame_size) memcpy((char *)self->area + a, b.buf, (size_t)b.len);
+        d->addr = a;
+        d->len = b.buf ? (uint32_t)b.len : 0;
+        if (b.buf) PyBuffer_Release(&b);
+    }
+    Py_DECREF(seq);
+    if (n) {
+        xsk_ring_prod__submit(&self->tx, n);
+        self->tx_frames += n;
+    }
+    /* Copy mode transmits at most 32 frames per kick (TX_BATCH_SIZE in net/xdp/xsk.c): kick
+     * until the kernel has consumed the ring, a bounded number of times. */
+    {
+        uint32_t kicks = 0, max_kicks = self->tx.size / 32 + 2;
+        while (kicks < max_kicks &&
+               __atomic_load_n(self->tx.consumer, __ATOMIC_ACQUIRE) != *self->tx.producer) {
+            kicks++;
+            self->tx_kicks++;
+            self->busy++;
+            Py_BEGIN_ALLOW_THREADS
+            rc = sendto(self->fd, NULL, 0, MSG_DONTWAIT, NULL, 0);
+            err = errno;
+            Py_END_ALLOW_THREADS
+            self->busy--;
+            if (rc < 0 && err != EAGAIN && err != EBUSY && err != ENOBUFS) {
+                if (err == ENETDOWN) break;
+                errno = err;
+                return PyErr_SetFromErrno(PyExc_OSError);
+            }
+            if (rc < 0 && err != EAGAIN && err != EBUSY) break;
+        }
+    }
+    reclaim(self);
+    return PyLong_FromUnsignedLong(n);
+}
+
 static PyObject *Xsk_poll(XskSocket *self, PyObject *args) {
     int timeout_ms = 0, rc;
     struct pollfd pfd;
@@ -426,7 +515,8 @@ static PyObject *Xsk_stats(XskSocket *self, PyObject *noargs) {
     if (xsk_closed(self)) return NULL;
     memset(&st, 0, sizeof(st));
     if (getsockopt(self->fd, SOL_XDP, XDP_STATISTICS, &st, &len) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}",
+                         "tx_frames", self->tx_frames, "tx_kicks", self->tx_kicks,
                          "rx_frames", self->rx_frames, "rx_bytes", self->rx_bytes,
                          "rx_malformed", self->rx_malformed, "fill_wakeups", self->wakeups,
                          "rx_dropped", (unsigned long long)st.rx_dropped,
@@ -459,6 +549,8 @@ static PyMethodDef Xsk_methods[] = {
     {"fd", (PyCFunction)Xsk_fileno, METH_NOARGS, "fd() -> the AF_XDP socket's fd (same as fileno())"},
     {"recv", (PyCFunction)(void (*)(void))Xsk_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(max_n=64, v4mapped=False) -> list[(payload, addr)]: up to max_n UDP payloads waiting on the RX ring"},
+    {"send", (PyCFunction)Xsk_send, METH_O,
+     "send(frames) -> int: queue whole Ethernet frames on the TX ring and kick the kernel (experimental)"},
     {"poll", (PyCFunction)Xsk_poll, METH_VARARGS, "poll(timeout_ms=0) -> bool: frames are waiting"},
     {"stats", (PyCFunction)Xsk_stats, METH_NOARGS, "stats() -> dict of user-space and kernel (XDP_STATISTICS) counters"},
     {"close", (PyCFunction)Xsk_close, METH_NOARGS, "close(): delete the socket and its UMEM (idempotent)"},
@@ -527,7 +619,7 @@ static PyMethodDef xsk_functions[] = {
 };
 
 static struct PyModuleDef xsk_module = {
-    PyModuleDef_HEAD_INIT, "stcp._xsk", "AF_XDP receive (libxdp): UMEM, rings, batch receive.", -1,
+    PyModuleDef_HEAD_INIT, "stcp._xsk", "AF_XDP (libxdp): UMEM, rings, batch receive, experimental batch send.", -1,
     xsk_functions,
 };
 
