@@ -226,7 +226,7 @@ class StreamWriter:
     def write_eof(self) -> None:
         """Finish the sending direction; the peer reads EOF once it has every byte."""
         conn = self._handle.conn
-        if not conn.is_closed and not conn._send.fin_requested:
+        if not conn.is_closed and not conn.write_finished:
             conn.shutdown_write()
             self._handle.touch()
 
@@ -257,7 +257,7 @@ class StreamWriter:
 
     def is_closing(self) -> bool:
         conn = self._handle.conn
-        return conn.is_closed or conn._send.fin_requested
+        return conn.is_closed or conn.write_finished
 
     async def wait_closed(self) -> None:
         info = await asyncio.shield(self._handle.closed)

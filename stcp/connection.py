@@ -203,8 +203,9 @@ class Connection:
         return self._send.unacked_bytes
 
     @property
-    def send_finished_and_acked(self) -> bool:
-        return self._send.all_acked
+    def write_finished(self) -> bool:
+        """The application has finished the sending direction (shutdown_write)."""
+        return self._send.fin_requested
 
     @property
     def is_closed(self) -> bool:
