@@ -185,7 +185,7 @@ def test_not_root_is_one_line(tmp_path):
         pytest.skip("needs setpriv (util-linux) to drop privileges")
     r = run("status", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
             env={"HOME": str(tmp_path)})
-    if "Permission denied" in r.stderr and "stcp-loader" not in r.stderr:
+    if r.returncode in (126, 127) or ("Permission denied" in r.stderr and "needs root" not in r.stderr):
         pytest.skip("the venv is not readable by an unprivileged user here")
     assert r.returncode == 2
     assert "needs root" in one_line_error(r)
