@@ -27,6 +27,7 @@ test: system-deps $(STAMP)
 
 bench: system-deps $(STAMP)
 	$(PY) -m bench.run
+	$(PY) -m bench.xdp_flood
 
 clean:
 	rm -rf $(VENV) build *.egg-info
