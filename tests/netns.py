@@ -47,8 +47,9 @@ class Host:
 
 
 @contextlib.contextmanager
-def veth_pair(mtu: int = 1500, tag: str | None = None) -> Iterator[tuple[Host, Host]]:
-    """Two namespaces `a` (10.77.x.1, fd77::1) and `b` (.2, ::2) joined by one veth pair."""
+def veth_pair(mtu: int = 1500, tag: str | None = None, queues: int = 1) -> Iterator[tuple[Host, Host]]:
+    """Two namespaces `a` (10.77.x.1, fd77::1) and `b` (.2, ::2) joined by one veth pair
+    (with `queues` RX and TX queues on each end)."""
     tag = tag or uuid.uuid4().hex[:6]
     octet = int(tag[:2], 16) % 250 + 1
     a = Host(f"stcp-a-{tag}", "veth0", f"10.77.{octet}.1", f"fd77:{octet:x}::1")
@@ -57,7 +58,8 @@ def veth_pair(mtu: int = 1500, tag: str | None = None) -> Iterator[tuple[Host, H
     try:
         for h in (a, b):
             sh("ip", "netns", "add", h.ns)
-        sh("ip", "link", "add", tmp_a, "mtu", str(mtu), "type", "veth", "peer", "name", tmp_b, "mtu", str(mtu))
+        q = ["numtxqueues", str(queues), "numrxqueues", str(queues)] if queues != 1 else []
+        sh("ip", "link", "add", tmp_a, "mtu", str(mtu), *q, "type", "veth", "peer", "name", tmp_b, "mtu", str(mtu), *q)
         for tmp, h in ((tmp_a, a), (tmp_b, b)):
             sh("ip", "link", "set", tmp, "netns", h.ns)
             h.run("ip", "link", "set", tmp, "name", h.ifname)

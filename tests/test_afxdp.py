@@ -232,7 +232,7 @@ def test_transfer_through_afxdp(fam, mode):
         finally:
             err = _stop(server)
         assert server.returncode == 0, err
-        m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups\), (\d+) through the UDP socket", err)
+        m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups[^)]*\), (\d+) through the UDP socket", err)
         assert m, err
         via_xsk, via_sock = int(m.group(1)), int(m.group(3))
         assert via_xsk >= SIZE // 1500, err            # the whole upload came through AF_XDP
@@ -364,3 +364,114 @@ def test_xsk_transmit_on_veth(fam):
                 assert x.stats()["tx_frames"] == n
         finally:
             rx.close()
+
+
+# ---------------------------------------------------------------------------------------
+# worker processes (--workers N): a worker owns whole RX queues
+WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received through AF_XDP .*?, (\d+) through the "
+                       r"UDP socket; (\d+) connections, (\d+) datagrams for unknown ones")
+
+
+def _serve_workers(a, n: int) -> tuple:
+    server = _serve(a, f"{a.ip4}:{PORT}", "native", "--workers", str(n))
+    lines = _wait_lines(server, f"afxdp datapath, {n} workers", timeout=90)
+    pids = {int(m.group(1)): int(m.group(2)) for m in
+            (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+    assert len(pids) == n, lines
+    return server, pids
+
+
+def _clients(b, addr: str, count: int, *extra: str) -> list:
+    return [subprocess.Popen(b.cmd(sys.executable, "-m", "stcp.cli.main", "connect", addr, *extra),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(count)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.root
+def test_workers_share_the_connections():
+    """12 connections over a 2-queue veth, 2 workers: every transfer intact, each connection
+    counted by exactly one worker, both workers used, nothing through the UDP sockets; on
+    SIGTERM the workers exit, the program is detached."""
+    require_afxdp()
+    n_clients, size = 12, 1 << 20
+    with veth_pair(queues=2) as (a, b):
+        server, pids = _serve_workers(a, 2)
+        try:
+            datas = [os.urandom(size) for _ in range(n_clients)]
+            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients)
+            for p, d in zip(procs, datas):
+                p.stdin.write(d)
+                p.stdin.close()
+            for p, d in zip(procs, datas):
+                out = p.stdout.read()
+                p.wait(timeout=120)
+                assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
+                assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+        finally:
+            err = _stop(server)
+        assert server.returncode == 0, err
+        per = {int(m.group(1)): m.groups()[1:] for m in WORKER_RE.finditer(err)}
+        assert set(per) == {0, 1}, err
+        conns = {w: int(v[2]) for w, v in per.items()}
+        assert sum(conns.values()) == n_clients, err           # each connection in one worker only
+        assert all(conns.values()), f"one worker got every connection: {conns}"
+        assert all(int(v[1]) == 0 for v in per.values()), err   # nothing through the UDP sockets
+        assert all(int(v[3]) <= 16 for v in per.values()), err  # late records after a close only
+        assert all(_gone(p) for p in pids.values())
+        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+        print(f"connections per worker: {conns}")
+
+
+@pytest.mark.root
+def test_killed_worker_is_replaced():
+    """SIGKILL one worker mid-transfer: the supervisor reports and replaces it; the other
+    worker's transfers complete intact; the dead worker's clients end with an error."""
+    require_afxdp()
+    n_clients, half = 12, 1 << 20
+    with veth_pair(queues=2) as (a, b):
+        server, pids = _serve_workers(a, 2)
+        try:
+            datas = [os.urandom(2 * half) for _ in range(n_clients)]
+            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "3")
+            for p, d in zip(procs, datas):
+                p.stdin.write(d[:half])
+                p.stdin.flush()
+            time.sleep(2)                       # every connection established and mid-transfer
+            os.kill(pids[1], signal.SIGKILL)
+            lines = _wait_lines(server, "[worker 1] serving on", timeout=60)
+            assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
+            ok = failed = 0
+            for p, d in zip(procs, datas):
+                try:
+                    p.stdin.write(d[half:])
+                    p.stdin.close()
+                except BrokenPipeError:
+                    pass
+            for p, d in zip(procs, datas):
+                out = p.stdout.read()
+                p.wait(timeout=120)
+                if p.returncode == 0:
+                    assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+                    ok += 1
+                else:
+                    errl = [ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+                    assert errl and errl[-1].startswith("stcp: "), errl
+                    failed += 1
+            assert ok >= 1 and failed >= 1, (ok, failed)
+        finally:
+            err = _stop(server)
+        assert server.returncode == 0, err
+        per = {int(m.group(1)): int(m.group(4)) for m in WORKER_RE.finditer(err)}
+        assert per.get(0) == ok, (per, ok, err)      # exactly worker 0's connections completed
+        assert _gone(pids[0])
+        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+        print(f"after killing worker 1: {ok} transfers completed, {failed} ended with an error")

@@ -128,9 +128,28 @@ async def serve(args) -> int:
     if args.datapath == "afxdp":
         if not args.iface:
             raise UsageError("--datapath afxdp needs --iface IFACE")
-        from ..datapath.afxdp import AfxdpDatapath
-        xdp = afxdp = AfxdpDatapath.open(args.iface, port, mode=args.xdp_mode,
-                                         max_record_len=config.max_datagram - wire.HEADER_LEN)
+        from ..datapath import afxdp as afxdp_mod
+        if args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        if args.workers > 1 and args.afxdp_worker is None:
+            if args.metrics:
+                raise UsageError("--metrics with --workers > 1 is not supported yet")
+            sup = afxdp_mod.Supervisor(args.argv, args.iface, port, args.workers, mode=args.xdp_mode,
+                                       max_record_len=config.max_datagram - wire.HEADER_LEN)
+            sup.setup()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, sup.stop)
+            return await sup.run()
+        if args.afxdp_worker is not None:
+            afxdp_mod.die_with_parent()
+            w, _, n = args.afxdp_worker.partition("/")
+            if not (w.isdigit() and n.isdigit() and int(w) < int(n)):
+                raise UsageError(f"bad --afxdp-worker {args.afxdp_worker!r}: expected W/N")
+            xdp = afxdp = afxdp_mod.AfxdpDatapath.join(args.iface, port, int(w), int(n))
+        else:
+            xdp = afxdp = afxdp_mod.AfxdpDatapath.open(args.iface, port, mode=args.xdp_mode,
+                                                       max_record_len=config.max_datagram - wire.HEADER_LEN)
         hooks.append(_XdpHooks(afxdp))
         print(f"stcp: AF_XDP on {args.iface}: {len(afxdp.xsks)} RX queue(s), XDP {afxdp.mode} mode, "
               f"{'zero-copy' if afxdp.zerocopy else 'copy'} mode; replies through the UDP socket", file=sys.stderr)
@@ -164,8 +183,10 @@ async def serve(args) -> int:
         if afxdp is not None and server is not None:
             st = afxdp.stats()
             d = server.driver
-            print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups), "
-                  f"{d.rx_socket} through the UDP socket; kernel dropped {st.get('rx_dropped', 0)}, "
+            per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))
+            print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups; {per_q}), "
+                  f"{d.rx_socket} through the UDP socket; {d.connections_accepted} connections, "
+                  f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped {st.get('rx_dropped', 0)}, "
                   f"fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}", file=sys.stderr, flush=True)
         if xdp is not None:
             xdp.close()
@@ -334,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
     s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
     s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
+    s.add_argument("--afxdp-worker", help=argparse.SUPPRESS)      # W/N, set by the supervisor
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     common(s)
 
@@ -358,6 +382,7 @@ COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo}
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return asyncio.run(COMMANDS[args.command](args))
     except UsageError as exc:

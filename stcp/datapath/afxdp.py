@@ -12,20 +12,30 @@ Transmit: through the UDP socket bound to the server's port (Driver._send_group,
 sendmmsg). AF_XDP transmit on veth is unproven here (see docs/OPERATIONS.md, "AF_XDP
 datapath"), and the kernel builds the headers and checksums.
 
-Not yet: one worker process per RX queue with CID-steered redirect, worker restart.
-Everything here runs in the server's one process.
+Workers (`--workers N`, N > 1): a supervisor attaches the program and runs N worker
+processes (`stcp serve ... --afxdp-worker W/N`); worker W owns the AF_XDP sockets of the RX
+queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). The XDP program
+can only hand a frame to the socket of the queue it arrived on, so a connection belongs to
+the worker of the queue its flow hashes to (RSS on a NIC, the peer's TX queue on veth); the
+connection-ID bits are not used for steering yet. A worker that dies is reported and
+replaced; its connections are lost (their peers time out), the other workers' carry on.
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import glob
 import logging
 import os
+import signal
 import socket
 import struct
-from typing import Callable, Dict, List, Optional
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..connection import Connection
 from ..endpoint import ServerEndpoint
@@ -68,10 +78,15 @@ class AfxdpDatapath:
     """The afxdp variant of the XDP program on one interface, and an AF_XDP socket per RX
     queue in its XSKMAP. close() closes the sockets and detaches the program."""
 
-    def __init__(self, xdp: XdpDatapath, xsks: list, xskmap_fd: int):
+    def __init__(self, xdp: XdpDatapath, xsks: list, xskmap_fd: int, worker: Optional[str] = None):
         self.xdp = xdp
         self.xsks = xsks
         self._xskmap_fd = xskmap_fd
+        self.worker = worker              # "W/N" in a worker process, None when serving alone
+        self._lock_fd = -1
+        if worker is not None:
+            # workers share the kernel's CID prefilter words (read-modify-write): serialise
+            self._lock_fd = os.open(f"/run/stcp-afxdp-{xdp.prog_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
 
     @property
     def iface(self) -> str:
@@ -124,12 +139,59 @@ class AfxdpDatapath:
                  "zero-copy" if all(x.zerocopy for x in xsks) else "copy")
         return cls(xdp, xsks, mfd)
 
+    @classmethod
+    def join(cls, iface: str, port: int, worker: int, nworkers: int, **xsk_kw) -> "AfxdpDatapath":
+        """In worker process `worker` of `nworkers`: the program the supervisor attached, and
+        AF_XDP sockets for this worker's RX queues (q % nworkers == worker)."""
+        xsk_mod = load_xsk()
+        try:
+            xdp = XdpDatapath.open(iface)
+        except XdpSetupError as e:
+            raise AfxdpSetupError(f"worker {worker}: {e}") from None
+        xsks: list = []
+        mfd = -1
+        try:
+            if xdp.port != port:
+                raise AfxdpSetupError(f"worker {worker}: the program on {iface} serves port {xdp.port}, not {port}")
+            mfd = _find_xskmap(xdp)
+            for q in range(rx_queue_count(iface)):
+                if q % nworkers != worker:
+                    continue
+                try:
+                    x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
+                except OSError as e:
+                    raise AfxdpSetupError(f"worker {worker}: cannot create an AF_XDP socket on {iface} queue {q} "
+                                          f"({e})") from None
+                xsks.append(x)
+                _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
+        except BaseException:
+            for x in xsks:
+                x.close()
+            if mfd >= 0:
+                os.close(mfd)
+            xdp.close()
+            raise
+        return cls(xdp, xsks, mfd, worker=f"{worker}/{nworkers}")
+
     # the live-connection table, as XdpDatapath (the cli's hooks call these)
+    @contextlib.contextmanager
+    def _cid_lock(self):
+        if self._lock_fd < 0:
+            yield
+            return
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
     def add_cid(self, cid: int) -> None:
-        self.xdp.add_cid(cid)
+        with self._cid_lock():
+            self.xdp.add_cid(cid)
 
     def remove_cid(self, cid: int) -> None:
-        self.xdp.remove_cid(cid)
+        with self._cid_lock():
+            self.xdp.remove_cid(cid)
 
     def counters(self):
         return self.xdp.counters()
@@ -149,7 +211,7 @@ class AfxdpDatapath:
         from ..api import Server, bind_udp, make_config
         loop = asyncio.get_running_loop()
         config = config or make_config(None)
-        sock = bind_udp(host, port)
+        sock = bind_udp(host, port) if self.worker is None else _bind_reuseport(host, port)
         endpoint = ServerEndpoint(config, max_connections=max_connections)
         server = Server(loop, None, handler, hooks)
         server.driver = AfxdpServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, self.xsks)
@@ -164,7 +226,11 @@ class AfxdpDatapath:
         if self._xskmap_fd >= 0:
             os.close(self._xskmap_fd)
             self._xskmap_fd = -1
-        self.xdp.close()
+        with self._cid_lock():
+            self.xdp.close()              # a worker's: removes only the CIDs it added
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def __enter__(self) -> "AfxdpDatapath":
         return self
@@ -192,12 +258,19 @@ class AfxdpServerDriver(ServerDriver):
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: ServerEndpoint,
                  on_new: Callable[[Connection], None], on_ended: Optional[Callable[[Connection], None]],
                  xsks: List):
-        super().__init__(loop, sock, endpoint, on_new, on_ended)
+        self.connections_accepted = 0
+
+        def counted_new(conn: Connection) -> None:
+            self.connections_accepted += 1
+            on_new(conn)
+
+        super().__init__(loop, sock, endpoint, counted_new, on_ended)
         self.xsks = list(xsks)
         # addresses as the UDP socket would report them, so replies go where they should
         self._v4mapped = sock.family == socket.AF_INET6
         self.rx_xsk = 0
         self.rx_xsk_wakeups = 0           # readiness callbacks on the AF_XDP sockets
+        self.rx_per_queue: Dict[int, int] = {x.queue_id: 0 for x in self.xsks}
         self.rx_socket = 0
         for x in self.xsks:
             loop.add_reader(x.fileno(), self._on_xsk_readable, x)
@@ -217,6 +290,7 @@ class AfxdpServerDriver(ServerDriver):
             if not batch:
                 break
             self.rx_xsk += len(batch)
+            self.rx_per_queue[xsk.queue_id] += len(batch)
             now = self.loop.time()
             for data, addr in batch:
                 conn = self.route(data, addr, now)
@@ -235,3 +309,161 @@ class AfxdpServerDriver(ServerDriver):
         super().close()
         log.info("AF_XDP driver: %d datagrams through AF_XDP, %d through the UDP socket",
                  self.rx_xsk, self.rx_socket)
+
+
+def _bind_reuseport(host: str, port: int) -> socket.socket:
+    """api.bind_udp with SO_REUSEPORT: every worker sends from the server's port."""
+    from ..api import _resolve
+    from ..errors import STCPError
+    family, sockaddr = _resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def die_with_parent() -> None:
+    """A worker gets SIGTERM when its supervisor goes away (PR_SET_PDEATHSIG)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# the supervisor of `stcp serve --datapath afxdp --workers N`
+MAX_RESTARTS = 5                 # per worker within RESTART_WINDOW seconds, then give up
+RESTART_WINDOW = 60.0
+
+
+class Supervisor:
+    """Attaches the afxdp program, runs the workers, replaces the ones that die, and on
+    stop() terminates them and detaches. Worker stderr is relayed line by line."""
+
+    def __init__(self, argv: Sequence[str], iface: str, port: int, nworkers: int, mode: str = "auto",
+                 max_record_len: Optional[int] = None, out=None):
+        self.argv = list(argv)
+        self.iface = iface
+        self.port = port
+        self.n = nworkers
+        self.mode = mode
+        self.max_record_len = max_record_len
+        self.out = out or sys.stderr
+        self.xdp: Optional[XdpDatapath] = None
+        self.procs: Dict[int, asyncio.subprocess.Process] = {}
+        self.restarts: Dict[int, List[float]] = {w: [] for w in range(nworkers)}
+        self.ready: Dict[int, asyncio.Event] = {}
+        self._stopping = False
+        self._stop = asyncio.Event()
+        self.failed: Optional[str] = None
+
+    def say(self, text: str) -> None:
+        print(f"stcp: {text}", file=self.out, flush=True)
+
+    def setup(self) -> None:
+        if os.geteuid() != 0:
+            raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
+                                  f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
+        load_xsk()
+        queues = rx_queue_count(self.iface)
+        if self.n > queues:
+            raise AfxdpSetupError(f"--workers {self.n} exceeds the {queues} RX queue(s) of {self.iface} (a worker "
+                                  f"owns whole queues); use --workers {queues} or fewer")
+        kw = {} if self.max_record_len is None else {"max_record_len": self.max_record_len}
+        try:
+            self.xdp = XdpDatapath.attach(self.iface, self.port, self.mode, afxdp=True, **kw)
+        except XdpAlreadyAttached as e:
+            raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
+                                  f"or {FALLBACK}") from None
+        except XdpSetupError as e:
+            raise AfxdpSetupError(f"XDP attach for AF_XDP failed: {e}; {FALLBACK}") from None
+        self.say(f"AF_XDP supervisor on {self.iface}: {self.n} workers over {queues} RX queue(s), "
+                 f"XDP {self.xdp.mode} mode")
+
+    async def _spawn(self, w: int) -> None:
+        self.ready[w] = asyncio.Event()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "stcp.cli.main", *self.argv, "--afxdp-worker", f"{w}/{self.n}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        self.procs[w] = proc
+        self.say(f"worker {w} started (pid {proc.pid})")
+        asyncio.get_running_loop().create_task(self._relay(w, proc))
+
+    async def _relay(self, w: int, proc) -> None:
+        while True:
+            line = await proc.stderr.readline()
+            if not line:
+                break
+            text = line.decode(errors="replace").rstrip()
+            if text.startswith("stcp: "):
+                text = text[6:]
+            if "serving on" in text:
+                self.ready[w].set()
+            print(f"stcp: [worker {w}] {text}", file=self.out, flush=True)
+
+    async def run(self, ready_timeout: float = 60.0) -> int:
+        try:
+            for w in range(self.n):
+                await self._spawn(w)
+            try:
+                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), ready_timeout)
+            except asyncio.TimeoutError:
+                self.failed = "the workers did not start (see their lines above)"
+            if self.failed is None and not self._stop.is_set():
+                self.say(f"serving on port {self.port} (afxdp datapath, {self.n} workers)")
+                watchers = [asyncio.ensure_future(self._watch(w)) for w in range(self.n)]
+                await self._stop.wait()
+                for t in watchers:
+                    t.cancel()
+        finally:
+            await self._terminate()
+        if self.failed:
+            raise AfxdpSetupError(self.failed)
+        return 0
+
+    async def _watch(self, w: int) -> None:
+        while not self._stopping:
+            proc = self.procs[w]
+            rc = await proc.wait()
+            if self._stopping:
+                return
+            how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+            now = time.monotonic()
+            recent = [t for t in self.restarts[w] if now - t < RESTART_WINDOW] + [now]
+            self.restarts[w] = recent
+            if len(recent) > MAX_RESTARTS:
+                self.failed = (f"worker {w} died {len(recent)} times within {RESTART_WINDOW:.0f} s ({how}); "
+                               "giving up")
+                self._stop.set()
+                return
+            self.say(f"worker {w} (pid {proc.pid}) died ({how}); its connections are lost; restarting it")
+            await self._spawn(w)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _terminate(self) -> None:
+        self._stopping = True
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        for w, proc in self.procs.items():
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                self.say(f"worker {w} ignored SIGTERM; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        await asyncio.sleep(0.1)          # let the relays print the workers' last lines
+        if self.xdp is not None:
+            self.xdp.close()
+            self.xdp = None
