@@ -439,16 +439,29 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
 
 # --- blocking API -------------------------------------------------------------
 class BlockingConnection:
-    """A socket-like STCP connection: sendall, recv, shutdown, close, context manager."""
+    """A socket-like STCP connection: sendall, recv, shutdown, close, context manager.
+
+    The connection lives on a private event loop thread. Received bytes are pumped into an
+    inbox guarded by a condition variable, so recv() costs one thread wake-up, not a round
+    trip through the loop; the pump stops reading (and so stops returning flow-control
+    credit) while the inbox holds more than INBOX_LIMIT unread bytes.
+    """
+
+    INBOX_LIMIT = 4 << 20
 
     def __init__(self, address: Tuple[str, int], timeout: Optional[float], config: Optional[Config]):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="stcp-connection", daemon=True)
         self._thread.start()
         self.timeout = timeout
+        self._cond = threading.Condition()
+        self._inbox = bytearray()
+        self._eof = False
+        self._error: Optional[BaseException] = None
         host, port = address[0], address[1]
         try:
             self._reader, self._writer = self._call(open_connection(host, port, config=config), None)
+            self._room = self._call(self._start_pump(), None)
         except BaseException:
             self._stop()
             raise
@@ -461,14 +474,65 @@ class BlockingConnection:
             fut.cancel()
             raise socket.timeout("timed out") from None
 
+    async def _start_pump(self) -> asyncio.Event:
+        room = asyncio.Event()
+        room.set()
+        self._pump_task = asyncio.get_running_loop().create_task(self._pump(room))
+        return room
+
+    async def _pump(self, room: asyncio.Event) -> None:
+        try:
+            while True:
+                await room.wait()
+                data = await self._reader.read(1 << 20)
+                with self._cond:
+                    if data:
+                        self._inbox += data
+                        if len(self._inbox) > self.INBOX_LIMIT:
+                            room.clear()
+                    else:
+                        self._eof = True
+                    self._cond.notify_all()
+                if not data:
+                    return
+        except BaseException as exc:     # the connection's end (or cancellation) reaches recv()
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
     def sendall(self, data: bytes) -> None:
-        async def send():
+        """Queue data for sending; waits only while more than the write limit is unacknowledged."""
+        with self._cond:
+            if self._error is not None and not isinstance(self._error, asyncio.CancelledError):
+                raise self._error
+        # call_soon keeps writes and shutdown() in the order the application made them
+        self._loop.call_soon_threadsafe(self._write, data)
+        if self._writer.connection.send_buffered + len(data) > WRITE_HIGH_WATER:
+            self._call(self._writer.drain(), self.timeout)
+
+    def _write(self, data: bytes) -> None:
+        try:
             self._writer.write(data)
-            await self._writer.drain()
-        self._call(send(), self.timeout)
+        except STCPError as exc:          # reported by the next sendall() or recv()
+            with self._cond:
+                self._error = self._error or exc
+                self._cond.notify_all()
 
     def recv(self, bufsize: int) -> bytes:
-        return self._call(self._reader.read(bufsize), self.timeout)
+        """Up to bufsize bytes; b"" once the peer has finished and everything was read."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._inbox or self._eof or self._error is not None,
+                                       self.timeout):
+                raise socket.timeout("timed out")
+            if self._inbox:
+                data = bytes(self._inbox[:bufsize])
+                del self._inbox[:bufsize]
+                if len(self._inbox) <= self.INBOX_LIMIT and not self._room.is_set():
+                    self._loop.call_soon_threadsafe(self._room.set)
+                return data
+            if self._eof:
+                return b""
+            raise self._error
 
     def shutdown(self, how: int = socket.SHUT_WR) -> None:
         if how in (socket.SHUT_WR, socket.SHUT_RDWR):
@@ -479,6 +543,7 @@ class BlockingConnection:
         if self._loop.is_closed():
             return
         async def finish():
+            self._pump_task.cancel()
             self._writer.close()
             conn = self._writer.connection
             if not conn.is_closed:

@@ -297,3 +297,29 @@ def test_stray_datagrams_cannot_end_a_client_connection():
         server.close()
 
     run(main())
+
+
+def test_blocking_api_surfaces_a_peer_abort():
+    """recv() on a connection the peer terminated raises the peer's reason, not a hang."""
+    async def start():
+        async def abort_at_once(reader, writer):
+            await reader.readexactly(5)
+            writer.abort("no thanks")
+        return await stcp.start_server(abort_at_once, "127.0.0.1", 0)
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    port = server.sockets[0].getsockname()[1]
+    import threading
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"hello")
+        with pytest.raises(ConnectionTerminated, match="no thanks"):
+            conn.recv(100)
+        conn.close()
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
