@@ -118,14 +118,20 @@ class RecordKey:
         self.key = _expand(secret, b"key", b"", KEY_LEN)
         self.iv = _expand(secret, b"iv", b"", IV_LEN)
         self.iv_int = int.from_bytes(self.iv, "big")
-        self.aead = _AEADS[suite](self.key)
-        # stcp._aead.RecordCipher (seal/open and the batch calls) or None
+        # stcp._aead.RecordCipher (seal/open and the batch calls) or None; the pure-Python
+        # AEAD object is made only when it is used
         self.fast = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
+        self.aead = None if self.fast is not None else _AEADS[suite](self.key)
 
     def next(self) -> "RecordKey":
         if self.epoch >= wire.MAX_EPOCH:
             raise AuthenticationFailure("key epochs exhausted")
         return RecordKey(self.suite, next_secret(self.secret), self.epoch + 1)
+
+    def _pure_aead(self):
+        if self.aead is None:
+            self.aead = _AEADS[self.suite](self.key)
+        return self.aead
 
     def nonce(self, seq: int) -> bytes:
         return (self.iv_int ^ seq).to_bytes(IV_LEN, "big")
@@ -135,7 +141,7 @@ class RecordKey:
         if self.fast is not None:
             return self.fast.seal(cid, seq, plaintext)
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
-        return header + self.aead.encrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"), plaintext, header)
+        return header + self._pure_aead().encrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"), plaintext, header)
 
     def open(self, record: bytes, seq: int) -> bytes:
         """Decrypt a record whose header was already parsed; raise AuthenticationFailure."""
@@ -146,7 +152,7 @@ class RecordKey:
                 raise AuthenticationFailure("record failed authentication") from None
         mv = memoryview(record)
         try:
-            return self.aead.decrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"),
+            return self._pure_aead().decrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"),
                                      mv[wire.HEADER_LEN:], mv[:wire.HEADER_LEN])
         except InvalidTag:
             raise AuthenticationFailure("record failed authentication") from None
