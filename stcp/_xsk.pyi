@@ -7,7 +7,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, overload
 
 from _typeshed import ReadableBuffer
 
@@ -28,10 +28,20 @@ class XskSocket:
         unless the driver does zero-copy."""
     def fileno(self) -> int: ...
     def fd(self) -> int: ...
-    def recv(self, max_n: int = 64, v4mapped: bool = False) -> List[Tuple[bytes, Address]]:
+    @overload
+    def recv(self, max_n: int = 64, v4mapped: bool = False,
+             templates: Literal[False] = ...) -> List[Tuple[bytes, Address]]: ...
+    @overload
+    def recv(self, max_n: int, v4mapped: bool, templates: Literal[True]) -> List[Tuple[bytes, Address, bytes]]:
         """Up to max_n UDP payloads waiting on the RX ring ([] if none); frames that do not
         parse as Ethernet/IPv4|IPv6/UDP are counted (stats()['rx_malformed']) and skipped.
-        The frames go back to the fill ring before it returns."""
+        The frames go back to the fill ring before it returns. With templates, each item
+        also carries the headers of a reply (see reply_template), for send_udp()."""
+    def send_udp(self, datagrams: Sequence[ReadableBuffer], template: ReadableBuffer) -> int:
+        """UDP datagrams behind a reply template, lengths and IPv4/UDP checksums computed in
+        C, on the TX ring; returns how many were queued (fewer when frames or ring slots run
+        out: send the rest another way). ValueError for a bad template or a datagram too
+        long for a frame, before anything is queued."""
     def send(self, frames: Sequence[ReadableBuffer]) -> int:
         """Queue whole Ethernet frames (14..frame_size bytes each; headers and checksums are
         the caller's) on the TX ring and kick the kernel until it took them; returns how many
@@ -50,3 +60,11 @@ class XskSocket:
 def parse_frame(frame: ReadableBuffer, v4mapped: bool = False, ifindex: int = 0) -> Tuple[bytes, Address]:
     """The parser recv() uses, on one Ethernet frame: (UDP payload, source address);
     ValueError saying what is wrong when the frame is malformed or not UDP."""
+
+def reply_template(frame: ReadableBuffer) -> bytes:
+    """The Ethernet/IP/UDP headers of a reply to frame: MACs, addresses and ports swapped,
+    VLAN tag kept, IPv4 without options (DF, TTL 64) or IPv6 (hop limit 64); lengths and
+    checksums zero until udp_frame()/send_udp() fill them. ValueError if malformed."""
+
+def udp_frame(template: ReadableBuffer, payload: ReadableBuffer) -> bytes:
+    """The frame send_udp() would transmit for payload (tests check its checksums)."""

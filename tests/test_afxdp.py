@@ -130,6 +130,61 @@ def test_parse_fuzz_never_crashes():
     assert ok and bad
 
 
+def _verify_udp_frame(frame: bytes) -> None:
+    """IPv4 header checksum and UDP checksum (pseudo-header) verify to zero."""
+    import socket
+    off = 18 if frame[12:14] == b"\x81\x00" else 14
+    if frame[off] >> 4 == 4:
+        assert _csum(frame[off:off + 20]) == 0
+        u = frame[off + 20:]
+        ph = frame[off + 12:off + 20] + struct.pack("!BBH", 0, 17, len(u))
+    else:
+        u = frame[off + 40:]
+        ph = frame[off + 8:off + 40] + struct.pack("!I3xB", len(u), 17)
+    assert struct.unpack("!H", u[4:6])[0] == len(u)
+    assert _csum(ph + u) == 0
+
+
+@needs_xsk
+@pytest.mark.parametrize("frame", [
+    eth(0x0800) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"hello"), options=bytes(4)),
+    eth(0x0800, vlan=7) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"x")),
+    eth(0x86DD) + ipv6("fd00::7", "fd00::8", udp(6000, PORT, b"hello6")),
+])
+def test_reply_template_and_frame(frame):
+    """A reply built from a received frame: MACs, addresses and ports swapped, lengths and
+    checksums right for every payload size (odd ones too)."""
+    t = _xsk.reply_template(frame)
+    payload_in, src = _xsk.parse_frame(frame)
+    for n in (0, 1, 2, 17, 1000, 1452):
+        pl = os.urandom(n)
+        r = _xsk.udp_frame(t, pl)
+        _verify_udp_frame(r)
+        assert r[:6] == frame[6:12] and r[6:12] == frame[:6]
+        got, dst = _xsk.parse_frame(r)
+        assert got == pl and dst[1] == PORT
+        back = _xsk.reply_template(r)           # a reply to the reply goes back to the sender
+        assert _xsk.parse_frame(_xsk.udp_frame(back, b"z"))[1][:2] == src[:2]
+
+
+@needs_xsk
+def test_udp_frame_rejects_bad_templates():
+    rng = random.Random(7)
+    good = _xsk.reply_template(eth(0x0800) + ipv4("10.0.0.1", "10.0.0.2", udp(1, PORT, b"a")))
+    for bad in (b"", b"x" * 13, good[:-1], good + b"\0", bytes(100), b"\0" * 42):
+        with pytest.raises(ValueError):
+            _xsk.udp_frame(bad, b"payload")
+    for _ in range(5000):                          # bit flips: a frame or ValueError, never a crash
+        t = bytearray(good)
+        t[rng.randrange(len(t))] ^= 1 << rng.randrange(8)
+        try:
+            _xsk.udp_frame(bytes(t), os.urandom(rng.randrange(64)))
+        except ValueError:
+            pass
+    with pytest.raises(ValueError):
+        _xsk.udp_frame(good, bytes(70000))
+
+
 @needs_xsk
 def test_xsk_arguments_checked():
     with pytest.raises((TypeError, ValueError, OverflowError)):
@@ -206,13 +261,15 @@ def _stop(proc: subprocess.Popen) -> str:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("fam,mode", [(4, "native"), (6, "native"), (4, "generic"), (6, "generic")])
-def test_transfer_through_afxdp(fam, mode):
+@pytest.mark.parametrize("fam,mode,tx", [(4, "native", "socket"), (6, "native", "socket"), (4, "generic", "socket"),
+                                         (6, "generic", "socket"), (4, "native", "afxdp"), (6, "native", "afxdp"),
+                                         (6, "generic", "afxdp")])
+def test_transfer_through_afxdp(fam, mode, tx):
     require_afxdp()
     with veth_pair() as (a, b):
         host = a.ip4 if fam == 4 else a.ip6
         addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
-        server = _serve(a, addr, mode)
+        server = _serve(a, addr, mode, "--afxdp-tx", tx)
         try:
             lines = _wait_lines(server, "serving on", timeout=60)
             assert any("AF_XDP on" in ln and f"XDP {mode} mode" in ln for ln in lines), lines
@@ -232,18 +289,24 @@ def test_transfer_through_afxdp(fam, mode):
         finally:
             err = _stop(server)
         assert server.returncode == 0, err
-        m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups[^)]*\), (\d+) through the UDP socket", err)
+        m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups[^)]*\), (\d+) through the "
+                      r"UDP socket; sent (\d+) through AF_XDP, (\d+) through the UDP socket", err)
         assert m, err
         via_xsk, via_sock = int(m.group(1)), int(m.group(3))
+        tx_xsk, tx_sock = int(m.group(4)), int(m.group(5))
         assert via_xsk >= SIZE // 1500, err            # the whole upload came through AF_XDP
         assert via_sock == 0, err
+        if tx == "afxdp":                              # the echo went out on the TX ring
+            assert tx_xsk >= SIZE // 1500 and tx_sock <= tx_xsk // 10, err
+        else:
+            assert tx_xsk == 0 and tx_sock >= SIZE // 1500, err
         # clean shutdown: no XDP program, no pins, no process
         link = a.run("ip", "-d", "link", "show", a.ifname).stdout
         assert "prog/xdp" not in link, link
         assert not a.run("sh", "-c", "ls /sys/fs/bpf/stcp 2>/dev/null", check=False).stdout.strip()
         assert not os.path.exists("/sys/fs/bpf/stcp/veth0")
-        print(f"{SIZE >> 20} MiB echoed over IPv{fam} through AF_XDP ({mode}) in {took:.2f}s; "
-              f"{via_xsk} datagrams via AF_XDP")
+        print(f"{SIZE >> 20} MiB echoed over IPv{fam} through AF_XDP ({mode}, replies via {tx}) in {took:.2f}s; "
+              f"{via_xsk} datagrams in via AF_XDP, {tx_xsk} out via AF_XDP, {tx_sock} out via the socket")
 
 
 @pytest.mark.root
@@ -368,8 +431,9 @@ def test_xsk_transmit_on_veth(fam):
 
 # ---------------------------------------------------------------------------------------
 # worker processes (--workers N): a worker owns whole RX queues
-WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received through AF_XDP .*?, (\d+) through the "
-                       r"UDP socket; (\d+) connections, (\d+) datagrams for unknown ones")
+WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received through AF_XDP \([^)]*\), (\d+) "
+                       r"through the UDP socket; sent \d+ through AF_XDP, \d+ through the UDP socket; "
+                       r"(\d+) connections, (\d+) datagrams for unknown ones")
 
 
 def _serve_workers(a, n: int) -> tuple:

@@ -60,7 +60,10 @@ struct parsed {
     uint32_t payload_len;
     int family;                     /* 4 or 6 */
     uint8_t src[16];                /* 4 or 16 bytes used */
-    uint16_t sport;                 /* host order */
+    uint8_t dst[16];
+    uint16_t sport, dport;          /* host order */
+    const uint8_t *eth;             /* the frame: MAC addresses */
+    int vlan_tci;                   /* -1: untagged */
 };
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
@@ -73,9 +76,12 @@ static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *
     size_t l4;
 
     if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
+    out->eth = f;
+    out->vlan_tci = -1;
     proto = rd16(f + 12);
     if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
         if (len < off + 4) return "truncated VLAN tag";
+        out->vlan_tci = rd16(f + off);
         proto = rd16(f + off + 2);
         off += 4;
     }
@@ -93,6 +99,7 @@ static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *
         if (rd16(ip + 6) & 0x3FFF) return "IPv4 fragment";
         out->family = 4;
         memcpy(out->src, ip + 12, 4);
+        memcpy(out->dst, ip + 16, 4);
         l4 = off + ihl;
         len = off + tot;            /* Ethernet padding beyond the IP packet is not ours */
     } else if (proto == ETH_P_IPV6_) {
@@ -107,6 +114,7 @@ static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *
         len = off + 40 + plen;
         out->family = 6;
         memcpy(out->src, ip + 8, 16);
+        memcpy(out->dst, ip + 24, 16);
         next = ip[6];
         l4 = off + 40;
         for (i = 0; i < IPV6_EXT_MAX && next != IPPROTO_UDP_; i++) {
@@ -132,6 +140,7 @@ static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *
         if (ulen < 8) return "UDP length below 8";
         if (l4 + ulen > len) return "UDP length outside the packet";
         out->sport = rd16(udp);
+        out->dport = rd16(udp + 2);
         out->payload = udp + 8;
         out->payload_len = (uint32_t)(ulen - 8);
     }
@@ -158,6 +167,114 @@ static PyObject *make_addr(const struct parsed *p, int v4mapped, unsigned int if
     /* link-local sources need the interface to be answered */
     unsigned int scope = (p->src[0] == 0xfe && (p->src[1] & 0xc0) == 0x80) ? ifindex : 0;
     return Py_BuildValue("(siII)", host, (int)p->sport, 0u, scope);
+}
+
+/* The headers of a reply to p: Ethernet (MACs swapped, VLAN tag kept), IPv4 (no options,
+ * DF, TTL 64) or IPv6 (hop limit 64), UDP (ports swapped); lengths and checksums are
+ * filled per datagram by send_udp(). */
+static PyObject *reply_template(const struct parsed *p) {
+    uint8_t t[18 + 40 + 8];
+    size_t n = 0;
+    memcpy(t, p->eth + 6, 6);                   /* to the sender's MAC */
+    memcpy(t + 6, p->eth, 6);                   /* from ours */
+    n = 12;
+    if (p->vlan_tci >= 0) {
+        t[n++] = 0x81; t[n++] = 0x00;
+        t[n++] = (uint8_t)(p->vlan_tci >> 8); t[n++] = (uint8_t)p->vlan_tci;
+    }
+    if (p->family == 4) {
+        t[n++] = 0x08; t[n++] = 0x00;
+        memset(t + n, 0, 20);
+        t[n] = 0x45;
+        t[n + 6] = 0x40;                        /* DF */
+        t[n + 8] = 64;
+        t[n + 9] = IPPROTO_UDP_;
+        memcpy(t + n + 12, p->dst, 4);
+        memcpy(t + n + 16, p->src, 4);
+        n += 20;
+    } else {
+        t[n++] = 0x86; t[n++] = 0xDD;
+        memset(t + n, 0, 40);
+        t[n] = 0x60;
+        t[n + 6] = IPPROTO_UDP_;
+        t[n + 7] = 64;
+        memcpy(t + n + 8, p->dst, 16);
+        memcpy(t + n + 24, p->src, 16);
+        n += 40;
+    }
+    t[n] = (uint8_t)(p->dport >> 8); t[n + 1] = (uint8_t)p->dport;
+    t[n + 2] = (uint8_t)(p->sport >> 8); t[n + 3] = (uint8_t)p->sport;
+    memset(t + n + 4, 0, 4);
+    n += 8;
+    return PyBytes_FromStringAndSize((const char *)t, (Py_ssize_t)n);
+}
+
+static uint32_t csum_add(uint32_t sum, const uint8_t *b, size_t len) {
+    size_t i;
+    for (i = 0; i + 1 < len; i += 2) sum += (uint32_t)((b[i] << 8) | b[i + 1]);
+    if (len & 1) sum += (uint32_t)(b[len - 1] << 8);
+    return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum) {
+    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* Checks a template (from reply_template, or from anyone): returns the offsets of the IP
+ * and UDP headers and the family, or NULL with a reason. */
+static const char *check_template(const uint8_t *t, size_t len, size_t *ip_off, size_t *udp_off, int *family) {
+    size_t off = 12;
+    uint16_t proto;
+    if (len < 14) return "template shorter than an Ethernet header";
+    proto = rd16(t + 12);
+    if (proto == ETH_P_8021Q_) {
+        if (len < 18) return "truncated VLAN tag";
+        proto = rd16(t + 16);
+        off = 16;
+    }
+    off += 2;
+    if (proto == ETH_P_IP_) {
+        if (len != off + 20 + 8 || t[off] != 0x45 || t[off + 9] != IPPROTO_UDP_) return "not an IPv4/UDP template";
+        *family = 4;
+        *udp_off = off + 20;
+    } else if (proto == ETH_P_IPV6_) {
+        if (len != off + 40 + 8 || (t[off] >> 4) != 6 || t[off + 6] != IPPROTO_UDP_) return "not an IPv6/UDP template";
+        *family = 6;
+        *udp_off = off + 40;
+    } else {
+        return "template is neither IPv4 nor IPv6";
+    }
+    *ip_off = off;
+    return NULL;
+}
+
+/* f holds the payload at f + hdr_len; write the template's headers in front of it with
+ * lengths and checksums (IPv4 header, UDP over the pseudo-header) filled in. */
+static void fill_udp(uint8_t *f, const uint8_t *tmpl, size_t hdr_len, size_t ip_off, size_t udp_off, int family,
+                     size_t plen) {
+    size_t ulen = 8 + plen;
+    uint32_t sum;
+    uint16_t c;
+    memcpy(f, tmpl, hdr_len);
+    f[udp_off + 4] = (uint8_t)(ulen >> 8); f[udp_off + 5] = (uint8_t)ulen;
+    if (family == 4) {
+        size_t tot = 20 + ulen;
+        f[ip_off + 2] = (uint8_t)(tot >> 8); f[ip_off + 3] = (uint8_t)tot;
+        f[ip_off + 10] = f[ip_off + 11] = 0;
+        c = csum_fold(csum_add(0, f + ip_off, 20));
+        f[ip_off + 10] = (uint8_t)(c >> 8); f[ip_off + 11] = (uint8_t)c;
+        sum = csum_add(0, f + ip_off + 12, 8);
+    } else {
+        f[ip_off + 4] = (uint8_t)(ulen >> 8); f[ip_off + 5] = (uint8_t)ulen;
+        sum = csum_add(0, f + ip_off + 8, 32);
+    }
+    sum += IPPROTO_UDP_ + (uint32_t)ulen;
+    f[udp_off + 6] = f[udp_off + 7] = 0;
+    sum = csum_add(sum, f + udp_off, ulen);
+    c = csum_fold(sum);
+    if (c == 0) c = 0xFFFF;
+    f[udp_off + 6] = (uint8_t)(c >> 8); f[udp_off + 7] = (uint8_t)c;
 }
 
 /* ----------------------------------------------------------------------------------- */
@@ -333,13 +450,13 @@ static void wakeup_fill(XskSocket *self) {
 }
 
 static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"max_n", "v4mapped", NULL};
-    int max_n = 64, v4mapped = 0;
+    static char *kwlist[] = {"max_n", "v4mapped", "templates", NULL};
+    int max_n = 64, v4mapped = 0, templates = 0;
     uint32_t idx = 0, n, i;
-    PyObject *result, *last_addr = NULL;
+    PyObject *result, *last_addr = NULL, *last_tmpl = NULL;
     struct parsed last_p;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ip:recv", kwlist, &max_n, &v4mapped)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ipp:recv", kwlist, &max_n, &v4mapped, &templates)) return NULL;
     if (xsk_closed(self)) return NULL;
     if (max_n < 1 || max_n > MAX_RECV_BATCH) {
         PyErr_Format(PyExc_ValueError, "max_n must be in 1..%d", MAX_RECV_BATCH);
@@ -373,18 +490,24 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
         self->rx_frames++;
         self->rx_bytes += p.payload_len;
         if (result == NULL) continue;          /* an earlier allocation failed: just drain */
-        if (last_addr && p.family == last_p.family && p.sport == last_p.sport &&
-            memcmp(p.src, last_p.src, p.family == 4 ? 4 : 16) == 0) {
+        if (last_addr && p.family == last_p.family && p.sport == last_p.sport && p.dport == last_p.dport &&
+            memcmp(p.src, last_p.src, 16) == 0 && memcmp(p.dst, last_p.dst, 16) == 0 &&
+            p.vlan_tci == last_p.vlan_tci && memcmp(p.eth, last_p.eth, 12) == 0) {
             a = Py_NewRef(last_addr);
         } else {
             a = make_addr(&p, v4mapped, self->ifindex);
             if (!a) { Py_CLEAR(result); continue; }
             Py_XSETREF(last_addr, Py_NewRef(a));
+            if (templates) {
+                PyObject *t = reply_template(&p);
+                if (!t) { Py_DECREF(a); Py_CLEAR(result); continue; }
+                Py_XSETREF(last_tmpl, t);
+            }
             last_p = p;
         }
         payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
         if (!payload) { Py_DECREF(a); Py_CLEAR(result); continue; }
-        item = PyTuple_Pack(2, payload, a);
+        item = templates ? PyTuple_Pack(3, payload, a, last_tmpl) : PyTuple_Pack(2, payload, a);
         Py_DECREF(payload);
         Py_DECREF(a);
         if (!item || PyList_Append(result, item) < 0) Py_CLEAR(result);
@@ -392,6 +515,7 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
     }
     if (n) xsk_ring_cons__release(&self->rx, n);
     Py_XDECREF(last_addr);
+    Py_XDECREF(last_tmpl);
     refill(self);
     wakeup_fill(self);
     return result;
@@ -409,6 +533,101 @@ static void reclaim(XskSocket *self) {
     if (n) xsk_ring_cons__release(&self->cq, n);
 }
 
+/* Copy mode transmits at most 32 frames per kick (TX_BATCH_SIZE in net/xdp/xsk.c): kick
+ * until the kernel has consumed the ring, a bounded number of times; then reclaim the
+ * completed frames. -1 with an exception set on a real error. */
+static int kick_tx(XskSocket *self) {
+    uint32_t kicks = 0, max_kicks = self->tx.size / 32 + 2;
+    int rc, err;
+    while (kicks < max_kicks && __atomic_load_n(self->tx.consumer, __ATOMIC_ACQUIRE) != *self->tx.producer) {
+        kicks++;
+        self->tx_kicks++;
+        self->busy++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sendto(self->fd, NULL, 0, MSG_DONTWAIT, NULL, 0);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        self->busy--;
+        if (rc < 0 && err != EAGAIN && err != EBUSY) {
+            if (err == ENOBUFS || err == ENETDOWN) break;
+            errno = err;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+    }
+    reclaim(self);
+    return 0;
+}
+
+/* send_udp(datagrams, template) -> int: each datagram behind a copy of the template's
+ * headers (from recv(templates=True)), with IP/UDP lengths and checksums computed here. */
+static PyObject *Xsk_send_udp(XskSocket *self, PyObject *args) {
+    PyObject *seq;
+    Py_buffer tb;
+    Py_ssize_t count, k;
+    size_t ip_off, udp_off, hdr_len;
+    int family;
+    const char *why;
+    uint8_t tmpl[18 + 40 + 8];
+    uint32_t n, idx = 0, i;
+
+    if (xsk_closed(self)) return NULL;
+    if (!PyArg_ParseTuple(args, "Oy*:send_udp", &seq, &tb)) return NULL;
+    if (tb.len > (Py_ssize_t)sizeof(tmpl)) {
+        PyBuffer_Release(&tb);
+        PyErr_SetString(PyExc_ValueError, "template too long");
+        return NULL;
+    }
+    memcpy(tmpl, tb.buf, (size_t)tb.len);
+    hdr_len = (size_t)tb.len;
+    PyBuffer_Release(&tb);
+    why = check_template(tmpl, hdr_len, &ip_off, &udp_off, &family);
+    if (why) { PyErr_Format(PyExc_ValueError, "bad template: %s", why); return NULL; }
+    seq = PySequence_Fast(seq, "send_udp() takes a sequence of bytes-like datagrams");
+    if (!seq) return NULL;
+    count = PySequence_Fast_GET_SIZE(seq);
+    for (k = 0; k < count; k++) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, k), &b, PyBUF_SIMPLE) < 0) { Py_DECREF(seq); return NULL; }
+        if ((size_t)b.len + hdr_len > self->frame_size || b.len > 65507) {
+            PyBuffer_Release(&b);
+            Py_DECREF(seq);
+            PyErr_Format(PyExc_ValueError, "datagram %zd: too long for a %u-byte frame", k, self->frame_size);
+            return NULL;
+        }
+        PyBuffer_Release(&b);
+    }
+    reclaim(self);
+    n = (uint32_t)(count > MAX_RECV_BATCH ? MAX_RECV_BATCH : count);
+    if (n > self->n_free) n = self->n_free;
+    if (n) n = xsk_ring_prod__reserve(&self->tx, n, &idx);
+    for (i = 0; i < n; i++) {
+        Py_buffer b;
+        struct xdp_desc *d = xsk_ring_prod__tx_desc(&self->tx, idx + i);
+        uint64_t a = self->free_frames[--self->n_free];
+        uint8_t *f = (uint8_t *)self->area + a;
+        size_t plen = 0;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &b, PyBUF_SIMPLE) == 0) {
+            plen = (size_t)b.len;
+            if (plen + hdr_len <= self->frame_size) memcpy(f + hdr_len, b.buf, plen);
+            else plen = 0;
+            PyBuffer_Release(&b);
+        } else {
+            PyErr_Clear();
+        }
+        fill_udp(f, tmpl, hdr_len, ip_off, udp_off, family, plen);
+        d->addr = a;
+        d->len = (uint32_t)(hdr_len + plen);
+    }
+    Py_DECREF(seq);
+    if (n) {
+        xsk_ring_prod__submit(&self->tx, n);
+        self->tx_frames += n;
+    }
+    if (kick_tx(self) < 0) return NULL;
+    return PyLong_FromUnsignedLong(n);
+}
+
 /* send(frames) -> int: whole Ethernet frames onto the TX ring, then kick the kernel until
  * it has taken them (experimental: the datapath replies through a UDP socket). Returns how
  * many were queued; fewer when free frames or TX ring slots run out. The caller builds the
@@ -417,7 +636,6 @@ static PyObject *Xsk_send(XskSocket *self, PyObject *arg) {
     PyObject *seq;
     Py_ssize_t count, k;
     uint32_t n, idx = 0, i;
-    int rc = 0, err = 0;
 
     if (xsk_closed(self)) return NULL;
     seq = PySequence_Fast(arg, "send() takes a sequence of bytes-like frames");
@@ -458,29 +676,7 @@ static PyObject *Xsk_send(XskSocket *self, PyObject *arg) {
         xsk_ring_prod__submit(&self->tx, n);
         self->tx_frames += n;
     }
-    /* Copy mode transmits at most 32 frames per kick (TX_BATCH_SIZE in net/xdp/xsk.c): kick
-     * until the kernel has consumed the ring, a bounded number of times. */
-    {
-        uint32_t kicks = 0, max_kicks = self->tx.size / 32 + 2;
-        while (kicks < max_kicks &&
-               __atomic_load_n(self->tx.consumer, __ATOMIC_ACQUIRE) != *self->tx.producer) {
-            kicks++;
-            self->tx_kicks++;
-            self->busy++;
-            Py_BEGIN_ALLOW_THREADS
-            rc = sendto(self->fd, NULL, 0, MSG_DONTWAIT, NULL, 0);
-            err = errno;
-            Py_END_ALLOW_THREADS
-            self->busy--;
-            if (rc < 0 && err != EAGAIN && err != EBUSY && err != ENOBUFS) {
-                if (err == ENETDOWN) break;
-                errno = err;
-                return PyErr_SetFromErrno(PyExc_OSError);
-            }
-            if (rc < 0 && err != EAGAIN && err != EBUSY) break;
-        }
-    }
-    reclaim(self);
+    if (kick_tx(self) < 0) return NULL;
     return PyLong_FromUnsignedLong(n);
 }
 
@@ -551,6 +747,8 @@ static PyMethodDef Xsk_methods[] = {
      "recv(max_n=64, v4mapped=False) -> list[(payload, addr)]: up to max_n UDP payloads waiting on the RX ring"},
     {"send", (PyCFunction)Xsk_send, METH_O,
      "send(frames) -> int: queue whole Ethernet frames on the TX ring and kick the kernel (experimental)"},
+    {"send_udp", (PyCFunction)Xsk_send_udp, METH_VARARGS,
+     "send_udp(datagrams, template) -> int: UDP datagrams behind a reply template from recv(templates=True)"},
     {"poll", (PyCFunction)Xsk_poll, METH_VARARGS, "poll(timeout_ms=0) -> bool: frames are waiting"},
     {"stats", (PyCFunction)Xsk_stats, METH_NOARGS, "stats() -> dict of user-space and kernel (XDP_STATISTICS) counters"},
     {"close", (PyCFunction)Xsk_close, METH_NOARGS, "close(): delete the socket and its UMEM (idempotent)"},
@@ -612,7 +810,54 @@ static PyObject *xsk_parse_frame(PyObject *mod, PyObject *args, PyObject *kw) {
     return res;
 }
 
+/* udp_frame(template, payload) -> bytes: what send_udp() puts on the wire */
+static PyObject *xsk_udp_frame(PyObject *mod, PyObject *args) {
+    Py_buffer tb, pb;
+    size_t ip_off, udp_off;
+    int family;
+    const char *why;
+    PyObject *out;
+    if (!PyArg_ParseTuple(args, "y*y*:udp_frame", &tb, &pb)) return NULL;
+    why = tb.len > 66 ? "template too long" : check_template(tb.buf, (size_t)tb.len, &ip_off, &udp_off, &family);
+    if (why || pb.len > 65507) {
+        PyErr_Format(PyExc_ValueError, "bad template: %s", why ? why : "payload too long");
+        PyBuffer_Release(&tb); PyBuffer_Release(&pb);
+        return NULL;
+    }
+    out = PyBytes_FromStringAndSize(NULL, tb.len + pb.len);
+    if (out) {
+        uint8_t *f = (uint8_t *)PyBytes_AS_STRING(out);
+        memcpy(f + tb.len, pb.buf, (size_t)pb.len);
+        fill_udp(f, tb.buf, (size_t)tb.len, ip_off, udp_off, family, (size_t)pb.len);
+    }
+    PyBuffer_Release(&tb); PyBuffer_Release(&pb);
+    return out;
+}
+
+/* reply_template(frame) -> bytes: the headers of a reply to this frame (ValueError if malformed) */
+static PyObject *xsk_reply_template(PyObject *mod, PyObject *arg) {
+    Py_buffer buf;
+    struct parsed p;
+    const char *why;
+    PyObject *t;
+    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    memset(&p, 0, sizeof(p));
+    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
+    if (why) {
+        PyBuffer_Release(&buf);
+        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
+        return NULL;
+    }
+    t = reply_template(&p);
+    PyBuffer_Release(&buf);
+    return t;
+}
+
 static PyMethodDef xsk_functions[] = {
+    {"udp_frame", (PyCFunction)xsk_udp_frame, METH_VARARGS,
+     "udp_frame(template, payload) -> bytes: the frame send_udp() would transmit"},
+    {"reply_template", (PyCFunction)xsk_reply_template, METH_O,
+     "reply_template(frame) -> bytes: Ethernet/IP/UDP headers of a reply to frame"},
     {"parse_frame", (PyCFunction)(void (*)(void))xsk_parse_frame, METH_VARARGS | METH_KEYWORDS,
      "parse_frame(frame, v4mapped=False, ifindex=0) -> (udp_payload, addr); ValueError if malformed"},
     {NULL, NULL, 0, NULL},

@@ -152,7 +152,8 @@ async def serve(args) -> int:
                                                        max_record_len=config.max_datagram - wire.HEADER_LEN)
         hooks.append(_XdpHooks(afxdp))
         print(f"stcp: AF_XDP on {args.iface}: {len(afxdp.xsks)} RX queue(s), XDP {afxdp.mode} mode, "
-              f"{'zero-copy' if afxdp.zerocopy else 'copy'} mode; replies through the UDP socket", file=sys.stderr)
+              f"{'zero-copy' if afxdp.zerocopy else 'copy'} mode; replies through "
+              f"{'the AF_XDP sockets' if args.afxdp_tx == 'afxdp' else 'the UDP socket'}", file=sys.stderr)
     if args.datapath == "xdp":
         if not args.iface:
             raise UsageError("--datapath xdp needs --iface IFACE")
@@ -163,7 +164,7 @@ async def serve(args) -> int:
         print(f"stcp: XDP program on {args.iface} ({xdp.mode} mode)", file=sys.stderr)
     try:
         if afxdp is not None:
-            server = await afxdp.start_server(handler, host, port, config=config, hooks=hooks)
+            server = await afxdp.start_server(handler, host, port, config=config, hooks=hooks, tx=args.afxdp_tx)
         else:
             server = await start_server(handler, host, port, config=config, hooks=hooks)
         if args.metrics:
@@ -185,7 +186,8 @@ async def serve(args) -> int:
             d = server.driver
             per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))
             print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups; {per_q}), "
-                  f"{d.rx_socket} through the UDP socket; {d.connections_accepted} connections, "
+                  f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
+                  f"UDP socket; {d.connections_accepted} connections, "
                   f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped {st.get('rx_dropped', 0)}, "
                   f"fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}", file=sys.stderr, flush=True)
         if xdp is not None:
@@ -357,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
+    s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
+                   help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--afxdp-worker", help=argparse.SUPPRESS)      # W/N, set by the supervisor
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     common(s)

@@ -206,15 +206,16 @@ class AfxdpDatapath:
         return out
 
     async def start_server(self, handler, host: str, port: int, *, config=None, hooks=(),
-                           max_connections: int = 100_000):
-        """api.start_server, with the AF_XDP receive path."""
+                           max_connections: int = 100_000, tx: str = "socket"):
+        """api.start_server, with the AF_XDP receive path; tx="afxdp" sends replies on the
+        AF_XDP socket the peer's records arrive on (the UDP socket otherwise)."""
         from ..api import Server, bind_udp, make_config
         loop = asyncio.get_running_loop()
         config = config or make_config(None)
         sock = bind_udp(host, port) if self.worker is None else _bind_reuseport(host, port)
         endpoint = ServerEndpoint(config, max_connections=max_connections)
         server = Server(loop, None, handler, hooks)
-        server.driver = AfxdpServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, self.xsks)
+        server.driver = AfxdpServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, self.xsks, tx=tx)
         return server
 
     def close(self) -> None:
@@ -257,7 +258,7 @@ class AfxdpServerDriver(ServerDriver):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: ServerEndpoint,
                  on_new: Callable[[Connection], None], on_ended: Optional[Callable[[Connection], None]],
-                 xsks: List):
+                 xsks: List, tx: str = "socket"):
         self.connections_accepted = 0
 
         def counted_new(conn: Connection) -> None:
@@ -271,6 +272,13 @@ class AfxdpServerDriver(ServerDriver):
         self.rx_xsk = 0
         self.rx_xsk_wakeups = 0           # readiness callbacks on the AF_XDP sockets
         self.rx_per_queue: Dict[int, int] = {x.queue_id: 0 for x in self.xsks}
+        if tx not in ("socket", "afxdp"):
+            raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
+        self.tx_afxdp = tx == "afxdp"
+        self.tx_xsk = 0                   # datagrams sent on an AF_XDP TX ring
+        self.tx_socket = 0                # ... and through the UDP socket
+        # peer address -> (the AF_XDP socket it arrived on, headers of a reply to it)
+        self._routes: Dict[object, tuple] = {}
         self.rx_socket = 0
         for x in self.xsks:
             loop.add_reader(x.fileno(), self._on_xsk_readable, x)
@@ -284,7 +292,7 @@ class AfxdpServerDriver(ServerDriver):
         self.rx_xsk_wakeups += 1
         for _ in range(RECV_ROUNDS):
             try:
-                batch = xsk.recv(RECV_BATCH, self._v4mapped)
+                batch = xsk.recv(RECV_BATCH, self._v4mapped, self.tx_afxdp)
             except (OSError, ValueError):
                 break
             if not batch:
@@ -292,13 +300,42 @@ class AfxdpServerDriver(ServerDriver):
             self.rx_xsk += len(batch)
             self.rx_per_queue[xsk.queue_id] += len(batch)
             now = self.loop.time()
-            for data, addr in batch:
-                conn = self.route(data, addr, now)
-                if conn is not None:
-                    self._dirty[conn] = None
+            if self.tx_afxdp:
+                routes = self._routes
+                for data, addr, tmpl in batch:
+                    conn = self.route(data, addr, now)
+                    if conn is not None:
+                        self._dirty[conn] = None
+                        routes[addr] = (xsk, tmpl)
+            else:
+                for data, addr in batch:
+                    conn = self.route(data, addr, now)
+                    if conn is not None:
+                        self._dirty[conn] = None
             if len(batch) < RECV_BATCH:
                 break
         self.flush()
+
+    def _send_group(self, datagrams, addr) -> int:
+        route = self._routes.get(addr) if self.tx_afxdp else None
+        n = 0
+        if route is not None and not route[0].closed:
+            try:
+                n = route[0].send_udp(datagrams, route[1])
+            except (OSError, ValueError):   # a datagram too long for a frame: the socket takes it
+                n = 0
+            self.tx_xsk += n
+            if n == len(datagrams):
+                return n
+            datagrams = datagrams[n:]
+        sent = super()._send_group(datagrams, addr)
+        self.tx_socket += sent
+        return n + sent
+
+    def connection_ended(self, conn: Connection) -> None:
+        addr = self.endpoint.peer_addr.get(conn.local_cid)
+        super().connection_ended(conn)
+        self._routes.pop(addr, None)
 
     def close(self) -> None:
         if self.closed:
