@@ -326,6 +326,15 @@ def test_setup_failures_are_one_line():
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
             assert r.returncode == 1 and len(lines) == 1, r.stderr
             assert "needs root" in lines[0] and "--datapath socket" in lines[0], lines
+        # stcp._xsk missing (built without libxdp-dev): one line, nothing attached
+        code = ("import sys; sys.modules['stcp._xsk'] = None\n"
+                "from stcp.cli.main import main\n"
+                f"sys.exit(main(['serve', '--listen', '{a.ip4}:{PORT}', '--datapath', 'afxdp', '--iface', 'veth0']))")
+        r = a.run(sys.executable, "-c", code, check=False, timeout=60)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert "stcp._xsk" in lines[0] and "--datapath xdp" in lines[0], lines
+        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
         # an interface that already carries an XDP program: refused, left alone
         server = _serve(a, f"{a.ip4}:{PORT}")
         try:
