@@ -40,10 +40,11 @@ PEERS = {
     "quic": "QUIC, aioquic (asyncio)",
     "stcp": "STCP socket datapath, asyncio API",
     "stcp_blocking": "STCP socket datapath, blocking client",
+    "stcp_afxdp": "STCP AF_XDP datapath, asyncio API",
 }
 ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
 TLS_PEERS = ("tls", "tls_asyncio")
-STCP_PEERS = ("stcp", "stcp_blocking")
+STCP_PEERS = ("stcp", "stcp_blocking", "stcp_afxdp")
 TESTS = ("bulk", "handshake", "rtt")
 PORTS = {name: 7400 + i for i, name in enumerate(PEERS)}
 
@@ -421,7 +422,7 @@ def ratios(results: dict) -> list[dict]:
                 (t, figure(results, t, test)), None, "", "like for like, informational")
     add("STCP bulk ÷ TLS 1.3 asyncio bulk (issue 4: ≥ 1.0 for the fastest datapath)",
         best(results, STCP_PEERS, "bulk"), ("tls_asyncio", figure(results, "tls_asyncio", "bulk")),
-        None, "", "socket datapath only here")
+        None, "", "fastest of the socket and AF_XDP datapaths")
     return rows
 
 

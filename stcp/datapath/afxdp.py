@@ -102,12 +102,17 @@ class AfxdpDatapath:
 
     @classmethod
     def open(cls, iface: str, port: int, mode: str = "auto", max_record_len: Optional[int] = None,
-             queues: Optional[int] = None, **xsk_kw) -> "AfxdpDatapath":
+             queues: Optional[int] = None, xdp_kw: Optional[dict] = None, **xsk_kw) -> "AfxdpDatapath":
+        """Attach the afxdp program variant to iface and open an AF_XDP socket per RX queue
+        (or the first `queues`). xdp_kw goes to XdpDatapath.attach (hs_rate, hs_burst,
+        max_cids, ...); xsk_kw to stcp._xsk.XskSocket."""
         if os.geteuid() != 0:
             raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
                                   f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
         xsk_mod = load_xsk()
-        kw = {} if max_record_len is None else {"max_record_len": max_record_len}
+        kw = dict(xdp_kw or {})
+        if max_record_len is not None:
+            kw["max_record_len"] = max_record_len
         try:
             xdp = XdpDatapath.attach(iface, port, mode, afxdp=True, **kw)
         except XdpAlreadyAttached as e:
