@@ -210,11 +210,21 @@ class _XdpHooks:
 
 # --- connect -----------------------------------------------------------------
 def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-    """Read stdin in a thread: it may be a file, a pipe or a terminal."""
-    stdin = sys.stdin.buffer
+    """Read stdin in a thread: it may be a file, a pipe or a terminal.
+
+    os.read on the raw descriptor, not sys.stdin.buffer: a daemon thread blocked inside the
+    buffered reader holds its lock, and the interpreter aborts at exit (SIGABRT) when the
+    connection ends before stdin does."""
+    fd = sys.stdin.fileno()
     while True:
-        data = stdin.read1(CHUNK) if hasattr(stdin, "read1") else stdin.read(CHUNK)
-        loop.call_soon_threadsafe(queue.put_nowait, data)
+        try:
+            data = os.read(fd, CHUNK)
+        except OSError:
+            data = b""
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, data)
+        except RuntimeError:       # the loop is gone: the command is exiting
+            return
         if not data:
             return
 
