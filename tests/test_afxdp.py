@@ -540,6 +540,14 @@ def test_killed_worker_is_replaced():
                     assert errl and errl[-1].startswith("stcp: "), errl
                     failed += 1
             assert ok >= 1 and failed >= 1, (ok, failed)
+            # the dead worker's connection IDs were taken out of the kernel table, the
+            # others' left it as their connections ended
+            assert any("removed worker 1's" in ln for ln in lines), lines
+            from tests.test_xdp_transfer import _status
+            deadline = time.monotonic() + 15
+            while _status(a.ns)["live_cids"] and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _status(a.ns)["live_cids"] == 0, "connection IDs left in the kernel table"
         finally:
             err = _stop(server)
         assert server.returncode == 0, err

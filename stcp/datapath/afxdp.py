@@ -84,9 +84,11 @@ class AfxdpDatapath:
         self._xskmap_fd = xskmap_fd
         self.worker = worker              # "W/N" in a worker process, None when serving alone
         self._lock_fd = -1
+        self._tag = 1
         if worker is not None:
             # workers share the kernel's CID prefilter words (read-modify-write): serialise
-            self._lock_fd = os.open(f"/run/stcp-afxdp-{xdp.prog_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_fd = cid_lock_fd(xdp.prog_id)
+            self._tag = worker_tag(int(worker.split("/")[0]))
 
     @property
     def iface(self) -> str:
@@ -192,7 +194,7 @@ class AfxdpDatapath:
 
     def add_cid(self, cid: int) -> None:
         with self._cid_lock():
-            self.xdp.add_cid(cid)
+            self.xdp.add_cid(cid, self._tag)
 
     def remove_cid(self, cid: int) -> None:
         with self._cid_lock():
@@ -353,6 +355,16 @@ class AfxdpServerDriver(ServerDriver):
                  self.rx_xsk, self.rx_socket)
 
 
+def cid_lock_fd(prog_id: int) -> int:
+    """The lock file the workers (and the supervisor) hold while changing the CID table."""
+    return os.open(f"/run/stcp-afxdp-{prog_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def worker_tag(w: int) -> int:
+    """The value worker w stores with its CIDs in the kernel table (1 is the unworked default)."""
+    return 2 + w % 254
+
+
 def _bind_reuseport(host: str, port: int) -> socket.socket:
     """api.bind_udp with SO_REUSEPORT: every worker sends from the server's port."""
     from ..api import _resolve
@@ -486,13 +498,31 @@ class Supervisor:
                 self._stop.set()
                 return
             self.say(f"worker {w} (pid {proc.pid}) died ({how}); its connections are lost; restarting it")
+            self._forget_cids(w)
             await self._spawn(w)
+
+    def _forget_cids(self, w: int) -> None:
+        """Remove a dead worker's connection IDs from the kernel table (its CIDs carry its tag)."""
+        if self.xdp is None:
+            return
+        fd = cid_lock_fd(self.xdp.prog_id)
+        cids: List[int] = []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            cids = self.xdp.cids_tagged(worker_tag(w))
+            for cid in cids:
+                self.xdp.remove_cid(cid)
+        finally:
+            os.close(fd)                  # releases the lock
+        if cids:
+            self.say(f"removed worker {w}'s {len(cids)} connection ID(s) from the kernel table")
 
     def stop(self) -> None:
         self._stop.set()
 
     async def _terminate(self) -> None:
         self._stopping = True
+        prog_id = self.xdp.prog_id if self.xdp is not None else 0
         for proc in self.procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -509,3 +539,5 @@ class Supervisor:
         if self.xdp is not None:
             self.xdp.close()
             self.xdp = None
+            with contextlib.suppress(OSError):
+                os.unlink(f"/run/stcp-afxdp-{prog_id}.lock")

@@ -739,11 +739,13 @@ class XdpDatapath:
     # A CID lives in the stcp_cids hash and counts in its prefilter slot. Invariant: a CID
     # in the hash has a slot count >= 1 (the filter is raised before the insert and
     # lowered after the delete), so the filter never hides a live connection.
-    def add_cid(self, cid: int) -> None:
-        """Let data records for this connection ID through (cid as parsed from the wire)."""
+    def add_cid(self, cid: int, tag: int = 1) -> None:
+        """Let data records for this connection ID through (cid as parsed from the wire).
+        tag (1-255) is the entry's value, which the program ignores: the afxdp supervisor
+        tags each worker's CIDs so it can remove a dead worker's (cids_tagged)."""
         with self._lock:
             self._filter_adjust(cid, +1)
-            if not _map_update(self._h.maps["cids"], _CID.pack(cid), b"\x01", BPF_NOEXIST):
+            if not _map_update(self._h.maps["cids"], _CID.pack(cid), bytes([tag]), BPF_NOEXIST):
                 self._filter_adjust(cid, -1)          # already live: counted once only
             self._cids.add(cid)
 
@@ -773,6 +775,16 @@ class XdpDatapath:
         slot = cid_filter_slot(cid)
         raw = _map_lookup(self._h.maps["cid_filter"], struct.pack("=I", slot >> 3), 8) or bytes(8)
         return (_WORD.unpack(raw)[0] >> ((slot & 7) * 8)) & 0xFF
+
+    def cids_tagged(self, tag: int) -> List[int]:
+        """The live CIDs whose entry carries tag (see add_cid)."""
+        out = []
+        fd = self._h.maps["cids"]
+        for k in _map_keys(fd, 8, DEFAULT_MAX_CIDS * 4):
+            v = _map_lookup(fd, k, 1)
+            if v is not None and v[0] == tag:
+                out.append(_CID.unpack(k)[0])
+        return out
 
     def cids(self) -> List[int]:
         return [_CID.unpack(k)[0] for k in _map_keys(self._h.maps["cids"], 8, DEFAULT_MAX_CIDS * 4)]
