@@ -326,6 +326,13 @@ def test_setup_failures_are_one_line():
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
             assert r.returncode == 1 and len(lines) == 1, r.stderr
             assert "needs root" in lines[0] and "--datapath socket" in lines[0], lines
+        # more workers than RX queues (veth0 has one), or none
+        r = a.run(*base, "--iface", a.ifname, "--workers", "2", check=False, timeout=60)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and "RX queue" in lines[0], r.stderr
+        r = a.run(*base, "--iface", a.ifname, "--workers", "0", check=False, timeout=60)
+        assert r.returncode == 2 and "--workers" in r.stderr, r.stderr
+        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
         # stcp._xsk missing (built without libxdp-dev): one line, nothing attached
         code = ("import sys; sys.modules['stcp._xsk'] = None\n"
                 "from stcp.cli.main import main\n"
