@@ -437,13 +437,17 @@ class Connection:
     def get_timer(self) -> Optional[float]:
         if self.state == State.CLOSED:
             return None
-        candidates = [self._handshake_deadline, self._hello_next, self._ack_deadline, self._draining_until,
-                      self._recovery.timer() if self.state == State.ENCRYPTED else None]
-        if self.state == State.ENCRYPTED:
-            candidates.append(self._last_activity + self.config.idle_timeout)
-            if self.config.keepalive and not self._recovery.ack_eliciting_in_flight:
-                candidates.append(self._last_activity + self.config.keepalive)
-        return min((t for t in candidates if t is not None), default=None)
+        if self.state != State.ENCRYPTED:
+            candidates = (self._handshake_deadline, self._hello_next)
+            return min((t for t in candidates if t is not None), default=None)
+        # ENCRYPTED: the idle deadline always exists; the rest only sometimes
+        when = self._last_activity + self.config.idle_timeout
+        if self.config.keepalive and not self._recovery.ack_eliciting_in_flight:
+            when = min(when, self._last_activity + self.config.keepalive)
+        for t in (self._ack_deadline, self._draining_until, self._recovery.timer()):
+            if t is not None and t < when:
+                when = t
+        return when
 
     def handle_timer(self, now: float) -> None:
         if self.state == State.CLOSED:
