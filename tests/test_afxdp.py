@@ -467,6 +467,21 @@ def _clients(b, addr: str, count: int, *extra: str) -> list:
             for _ in range(count)]
 
 
+def _read_all(procs: list) -> tuple:
+    """Read every client's stdout in its own thread, from the start: a client blocked on a
+    full stdout pipe stops its event loop and hears nothing (then times out)."""
+    import threading
+    outs: list = [None] * len(procs)
+
+    def drain(i, p):
+        outs[i] = p.stdout.read()
+
+    threads = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    return outs, threads
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -488,11 +503,13 @@ def test_workers_share_the_connections():
         try:
             datas = [os.urandom(size) for _ in range(n_clients)]
             procs = _clients(b, f"{a.ip4}:{PORT}", n_clients)
+            outs = _read_all(procs)
             for p, d in zip(procs, datas):
                 p.stdin.write(d)
                 p.stdin.close()
-            for p, d in zip(procs, datas):
-                out = p.stdout.read()
+            for t in outs[1]:
+                t.join(timeout=120)
+            for p, d, out in zip(procs, datas, outs[0]):
                 p.wait(timeout=120)
                 assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
                 assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
@@ -521,23 +538,33 @@ def test_killed_worker_is_replaced():
         server, pids = _serve_workers(a, 2)
         try:
             datas = [os.urandom(2 * half) for _ in range(n_clients)]
-            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "3")
+            # idle timeout: long enough for a busy machine, short enough that the dead
+            # worker's clients give up within the test
+            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "8")
+            outs, readers = _read_all(procs)
+            import threading
             for p, d in zip(procs, datas):
                 p.stdin.write(d[:half])
                 p.stdin.flush()
             time.sleep(2)                       # every connection established and mid-transfer
             os.kill(pids[1], signal.SIGKILL)
+            ok = failed = 0
+
+            def feed(p, rest):                  # a stalled client must not hold up the others
+                try:
+                    p.stdin.write(rest)
+                    p.stdin.close()
+                except (BrokenPipeError, ValueError):
+                    pass
+
+            feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True) for p, d in zip(procs, datas)]
+            for t in feeders:                   # the rest at once: no connection sits idle
+                t.start()
             lines = _wait_lines(server, "[worker 1] serving on", timeout=60)
             assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
-            ok = failed = 0
-            for p, d in zip(procs, datas):
-                try:
-                    p.stdin.write(d[half:])
-                    p.stdin.close()
-                except BrokenPipeError:
-                    pass
-            for p, d in zip(procs, datas):
-                out = p.stdout.read()
+            for t in readers + feeders:
+                t.join(timeout=120)
+            for p, d, out in zip(procs, datas, outs):
                 p.wait(timeout=120)
                 if p.returncode == 0:
                     assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
