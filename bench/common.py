@@ -27,7 +27,6 @@ import os
 import resource
 import statistics
 import sys
-import time
 from typing import Callable, Sequence
 
 MODE_SINK = b"S"

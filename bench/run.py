@@ -22,7 +22,6 @@ import platform
 import resource
 import select
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile

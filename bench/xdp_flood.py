@@ -289,7 +289,6 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     overhead: BPF_PROG_TEST_RUN (libbpf bpf_prog_test_run_opts) repeats it in the kernel on
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
-    import struct as st
     from bcc import BPF
     from stcp.datapath import xdp
     from tests.test_xdp_datapath import data_record, hello, udp_frame
@@ -378,7 +377,6 @@ def _flags(r: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
-    by = {r["name"]: r for r in doc["scenarios"]}
     out = ["# XDP flood benchmark", "",
            f"{doc['facts']['date']} · kernel {doc['facts']['kernel']} · {doc['facts']['cpus']} CPUs · "
            f"flood kind `{doc['config']['kind']}`"

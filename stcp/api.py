@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import threading
 from typing import Awaitable, Callable, List, Optional, Tuple, Union
@@ -404,9 +403,13 @@ class Server:
         await self.wait_closed()
 
 
-def bind_udp(host: str, port: int) -> socket.socket:
+def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A UDP socket bound to host:port (dual-stack for IPv6); reuse_port lets several worker
+    processes send from the same port."""
     family, sockaddr = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:

@@ -13,7 +13,7 @@ from typing import Deque, List, Optional, Tuple
 
 from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
-from .errors import (AuthenticationFailure, CloseCode, FlowControlError, HandshakeFailure, KeyUpdateError,
+from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
                      MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
 from .handshake import ClientHandshake, Keys, server_respond
 from .recovery import MAX_ACK_DELAY, Recovery, SentPacket

@@ -132,7 +132,6 @@ def test_parse_fuzz_never_crashes():
 
 def _verify_udp_frame(frame: bytes) -> None:
     """IPv4 header checksum and UDP checksum (pseudo-header) verify to zero."""
-    import socket
     off = 18 if frame[12:14] == b"\x81\x00" else 14
     if frame[off] >> 4 == 4:
         assert _csum(frame[off:off + 20]) == 0

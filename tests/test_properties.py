@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 from unittest import mock
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

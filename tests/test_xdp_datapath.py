@@ -11,7 +11,6 @@ Needs root, bcc and kernel headers; skips with the reason otherwise.
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import os
 import select

@@ -219,7 +219,7 @@ class AfxdpDatapath:
         from ..api import Server, bind_udp, make_config
         loop = asyncio.get_running_loop()
         config = config or make_config(None)
-        sock = bind_udp(host, port) if self.worker is None else _bind_reuseport(host, port)
+        sock = bind_udp(host, port, reuse_port=self.worker is not None)
         endpoint = ServerEndpoint(config, max_connections=max_connections)
         server = Server(loop, None, handler, hooks)
         server.driver = AfxdpServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, self.xsks, tx=tx)
@@ -363,23 +363,6 @@ def cid_lock_fd(prog_id: int) -> int:
 def worker_tag(w: int) -> int:
     """The value worker w stores with its CIDs in the kernel table (1 is the unworked default)."""
     return 2 + w % 254
-
-
-def _bind_reuseport(host: str, port: int) -> socket.socket:
-    """api.bind_udp with SO_REUSEPORT: every worker sends from the server's port."""
-    from ..api import _resolve
-    from ..errors import STCPError
-    family, sockaddr = _resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
 
 
 def die_with_parent() -> None:

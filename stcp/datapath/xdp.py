@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..errors import STCPError
 from ..wire import DEFAULT_MAX_DATAGRAM, HEADER_LEN
-from .verdicts import VERDICT_MAX, Verdict
+from .verdicts import Verdict
 
 log = logging.getLogger("stcp.datapath.xdp")
 
