@@ -126,7 +126,6 @@ class Connection:
         self._recv_next: Optional[RecordKey] = None
         self._next_pn = 1
         self._sealed_under_key = 0
-        self._epoch_first_pn = 1
         self._key_update_allowed = False
         self._key_update_frame_due = False
         self._received = ReceivedPackets()
@@ -579,7 +578,6 @@ class Connection:
             keys = self._keys
             keys.send = keys.send.next()
             self._sealed_under_key = 0
-            self._epoch_first_pn = self._next_pn
             self._key_update_allowed = False
             self._key_update_frame_due = True
             self.stats.key_updates_sent += 1

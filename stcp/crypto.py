@@ -141,7 +141,7 @@ class RecordKey:
         if self.fast is not None:
             return self.fast.seal(cid, seq, plaintext)
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
-        return header + self._pure_aead().encrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"), plaintext, header)
+        return header + self._pure_aead().encrypt(self.nonce(seq), plaintext, header)
 
     def open(self, record: bytes, seq: int) -> bytes:
         """Decrypt a record whose header was already parsed; raise AuthenticationFailure."""
@@ -152,7 +152,6 @@ class RecordKey:
                 raise AuthenticationFailure("record failed authentication") from None
         mv = memoryview(record)
         try:
-            return self._pure_aead().decrypt((self.iv_int ^ seq).to_bytes(IV_LEN, "big"),
-                                     mv[wire.HEADER_LEN:], mv[:wire.HEADER_LEN])
+            return self._pure_aead().decrypt(self.nonce(seq), mv[wire.HEADER_LEN:], mv[:wire.HEADER_LEN])
         except InvalidTag:
             raise AuthenticationFailure("record failed authentication") from None
