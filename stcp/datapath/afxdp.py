@@ -122,26 +122,9 @@ class AfxdpDatapath:
                                   f"or {FALLBACK}") from None
         except XdpSetupError as e:
             raise AfxdpSetupError(f"XDP attach for AF_XDP failed: {e}; {FALLBACK}") from None
-        xsks: list = []
-        mfd = -1
-        try:
-            mfd = _find_xskmap(xdp)
-            n = queues or rx_queue_count(iface)
-            for q in range(n):
-                try:
-                    x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
-                except OSError as e:
-                    raise AfxdpSetupError(f"cannot create an AF_XDP socket on {iface} queue {q} ({e}); "
-                                          f"{FALLBACK}") from None
-                xsks.append(x)
-                _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
-        except BaseException:
-            for x in xsks:
-                x.close()
-            if mfd >= 0:
-                os.close(mfd)
-            xdp.close()
-            raise
+        xsks, mfd = _open_sockets(xsk_mod, xdp, iface, range(queues or rx_queue_count(iface)),
+                                  lambda q, e: f"cannot create an AF_XDP socket on {iface} queue {q} ({e}); "
+                                               f"{FALLBACK}", xsk_kw)
         log.info("AF_XDP on %s: %d queue(s), %s mode, %s", iface, len(xsks), xdp.mode,
                  "zero-copy" if all(x.zerocopy for x in xsks) else "copy")
         return cls(xdp, xsks, mfd)
@@ -155,29 +138,13 @@ class AfxdpDatapath:
             xdp = XdpDatapath.open(iface)
         except XdpSetupError as e:
             raise AfxdpSetupError(f"worker {worker}: {e}") from None
-        xsks: list = []
-        mfd = -1
-        try:
-            if xdp.port != port:
-                raise AfxdpSetupError(f"worker {worker}: the program on {iface} serves port {xdp.port}, not {port}")
-            mfd = _find_xskmap(xdp)
-            for q in range(rx_queue_count(iface)):
-                if q % nworkers != worker:
-                    continue
-                try:
-                    x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
-                except OSError as e:
-                    raise AfxdpSetupError(f"worker {worker}: cannot create an AF_XDP socket on {iface} queue {q} "
-                                          f"({e})") from None
-                xsks.append(x)
-                _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
-        except BaseException:
-            for x in xsks:
-                x.close()
-            if mfd >= 0:
-                os.close(mfd)
+        if xdp.port != port:
             xdp.close()
-            raise
+            raise AfxdpSetupError(f"worker {worker}: the program on {iface} serves port {xdp.port}, not {port}")
+        own = [q for q in range(rx_queue_count(iface)) if q % nworkers == worker]
+        xsks, mfd = _open_sockets(xsk_mod, xdp, iface, own,
+                                  lambda q, e: f"worker {worker}: cannot create an AF_XDP socket on {iface} "
+                                               f"queue {q} ({e})", xsk_kw)
         return cls(xdp, xsks, mfd, worker=f"{worker}/{nworkers}")
 
     # the live-connection table, as XdpDatapath (the cli's hooks call these)
@@ -363,6 +330,31 @@ def cid_lock_fd(prog_id: int) -> int:
 def worker_tag(w: int) -> int:
     """The value worker w stores with its CIDs in the kernel table (1 is the unworked default)."""
     return 2 + w % 254
+
+
+
+def _open_sockets(xsk_mod, xdp: XdpDatapath, iface: str, queues, describe_failure, xsk_kw: dict):
+    """One AF_XDP socket per queue, each put into the program's XSKMAP; on any failure
+    everything opened so far (and the XDP handle) is released. Returns (sockets, map fd)."""
+    xsks: list = []
+    mfd = -1
+    try:
+        mfd = _find_xskmap(xdp)
+        for q in queues:
+            try:
+                x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
+            except OSError as e:
+                raise AfxdpSetupError(describe_failure(q, e)) from None
+            xsks.append(x)
+            _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
+    except BaseException:
+        for x in xsks:
+            x.close()
+        if mfd >= 0:
+            os.close(mfd)
+        xdp.close()
+        raise
+    return xsks, mfd
 
 
 def die_with_parent() -> None:
