@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -72,3 +74,27 @@ def veth_pair(mtu: int = 1500, tag: str | None = None, queues: int = 1) -> Itera
     finally:
         for h in (a, b):
             sh("ip", "netns", "del", h.ns, check=False)
+
+
+def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) -> list:
+    """proc's stderr lines up to and including the first that contains needle; on timeout or
+    exit, an AssertionError quoting what it said so far."""
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    fd = proc.stderr.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for ln in lines:
+                seen.append(ln.decode(errors="replace"))
+                if needle in seen[-1]:
+                    return seen
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")

@@ -14,7 +14,6 @@ import hashlib
 import os
 import random
 import re
-import select
 import shutil
 import signal
 import struct
@@ -24,7 +23,7 @@ import time
 
 import pytest
 
-from tests.netns import veth_pair
+from tests.netns import veth_pair, wait_for_stderr_line
 from tests.test_xdp_datapath import require_xdp
 
 PORT = 4479
@@ -217,29 +216,6 @@ def require_afxdp() -> None:
                     "'pip install -e .')")
 
 
-def _wait_lines(proc: subprocess.Popen, needle: str, timeout: float) -> list:
-    """proc's stderr lines up to and including the first that contains needle."""
-    seen: list = []
-    deadline = time.monotonic() + timeout
-    fd = proc.stderr.fileno()
-    buf = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                seen.append(ln.decode(errors="replace"))
-                if needle in seen[-1]:
-                    return seen
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")
-
-
 def _serve(host_ns, addr: str, mode: str = "native", *extra: str) -> subprocess.Popen:
     return host_ns.popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--datapath", "afxdp",
                           "--iface", host_ns.ifname, "--xdp-mode", mode, *extra],
@@ -270,7 +246,7 @@ def test_transfer_through_afxdp(fam, mode, tx):
         addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
         server = _serve(a, addr, mode, "--afxdp-tx", tx)
         try:
-            lines = _wait_lines(server, "serving on", timeout=60)
+            lines = wait_for_stderr_line(server, "serving on", timeout=60)
             assert any("AF_XDP on" in ln and f"XDP {mode} mode" in ln for ln in lines), lines
             data = os.urandom(SIZE)
             t0 = time.monotonic()
@@ -344,7 +320,7 @@ def test_setup_failures_are_one_line():
         # an interface that already carries an XDP program: refused, left alone
         server = _serve(a, f"{a.ip4}:{PORT}")
         try:
-            _wait_lines(server, "serving on", timeout=60)
+            wait_for_stderr_line(server, "serving on", timeout=60)
             r = a.run(*base, "--iface", a.ifname, check=False, timeout=60)
             lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
             assert r.returncode == 1 and len(lines) == 1 and "already" in lines[0], r.stderr
@@ -453,7 +429,7 @@ WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received throu
 
 def _serve_workers(a, n: int) -> tuple:
     server = _serve(a, f"{a.ip4}:{PORT}", "native", "--workers", str(n))
-    lines = _wait_lines(server, f"afxdp datapath, {n} workers", timeout=90)
+    lines = wait_for_stderr_line(server, f"afxdp datapath, {n} workers", timeout=90)
     pids = {int(m.group(1)): int(m.group(2)) for m in
             (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
     assert len(pids) == n, lines
@@ -559,7 +535,7 @@ def test_killed_worker_is_replaced():
             feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True) for p, d in zip(procs, datas)]
             for t in feeders:                   # the rest at once: no connection sits idle
                 t.start()
-            lines = _wait_lines(server, "[worker 1] serving on", timeout=60)
+            lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)
             assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
             for t in readers + feeders:
                 t.join(timeout=120)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -253,29 +255,31 @@ def test_data_is_refused_outside_encrypted():
     run(main())
 
 
-def test_blocking_api_round_trip():
-    async def start():
-        return await stcp.start_server(echo_handler, "127.0.0.1", 0)
-
+@contextlib.contextmanager
+def server_on_a_thread(handler):
+    """An STCP server on its own event-loop thread, for the blocking API; yields its port."""
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start())
-    port = server.sockets[0].getsockname()[1]
-    import threading
+    server = loop.run_until_complete(stcp.start_server(handler, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        data = os.urandom(500_000)
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_blocking_api_round_trip():
+    data = os.urandom(500_000)
+    with server_on_a_thread(echo_handler) as port:
         with stcp.connect(("127.0.0.1", port), timeout=30) as conn:
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             received = bytearray()
             while chunk := conn.recv(65536):
                 received += chunk
-        assert bytes(received) == data
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+    assert bytes(received) == data
 
 
 def test_stray_datagrams_cannot_end_a_client_connection():
@@ -301,25 +305,13 @@ def test_stray_datagrams_cannot_end_a_client_connection():
 
 def test_blocking_api_surfaces_a_peer_abort():
     """recv() on a connection the peer terminated raises the peer's reason, not a hang."""
-    async def start():
-        async def abort_at_once(reader, writer):
-            await reader.readexactly(5)
-            writer.abort("no thanks")
-        return await stcp.start_server(abort_at_once, "127.0.0.1", 0)
+    async def abort_at_once(reader, writer):
+        await reader.readexactly(5)
+        writer.abort("no thanks")
 
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(start())
-    port = server.sockets[0].getsockname()[1]
-    import threading
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with server_on_a_thread(abort_at_once) as port:
         conn = stcp.connect(("127.0.0.1", port), timeout=10)
         conn.sendall(b"hello")
         with pytest.raises(ConnectionTerminated, match="no thanks"):
             conn.recv(100)
         conn.close()
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from tests.netns import veth_pair
+from tests.netns import veth_pair, wait_for_stderr_line
 from tests.test_xdp_datapath import require_xdp
 from tests.test_xdp_loader import run as loader
 
@@ -28,29 +27,6 @@ def _core_or_skip() -> None:
         import stcp.cli.main  # noqa: F401
     except ImportError:
         pytest.skip("protocol core not available yet")
-
-
-def _wait_line(proc: subprocess.Popen, needle: str, timeout: float) -> str:
-    """Read proc's stderr until a line contains needle; the lines so far on failure."""
-    seen = []
-    deadline = time.monotonic() + timeout
-    fd = proc.stderr.fileno()
-    buf = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                seen.append(ln.decode(errors="replace"))
-                if needle in seen[-1]:
-                    return seen[-1]
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")
 
 
 def _status(ns: str) -> dict:
@@ -71,7 +47,7 @@ def test_transfer_with_xdp_attached(fam, mode):
                           "--iface", a.ifname, "--xdp-mode", mode],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            _wait_line(server, "serving on", timeout=60)
+            wait_for_stderr_line(server, "serving on", timeout=60)
             st = _status(a.ns)
             assert st["attached"] and st["mode"] == mode and st["config"]["port"] == PORT
             base = {k: v["packets"] for k, v in st["counters"].items()}
