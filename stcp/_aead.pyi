@@ -9,6 +9,9 @@ from _typeshed import ReadableBuffer, WriteableBuffer
 
 HEADER_LEN: int
 TAG_LEN: int
+FRAME_STREAM: int
+STREAM_FLAG_FIN: int
+STREAM_FRAME_OVERHEAD: int
 OPENSSL_VERSION: str
 
 class AuthError(ValueError):
@@ -33,5 +36,10 @@ class RecordCipher:
     def seal_into(self, cid: int, first_seq: int, plaintexts: Sequence[ReadableBuffer],
                   out: WriteableBuffer) -> int:
         """Records laid back to back from out[0]; returns bytes written; ValueError if out is too small."""
+    def seal_stream(self, cid: int, first_seq: int, data: ReadableBuffer, stream_offset: int, chunk: int,
+                    fin: bool) -> bytes:
+        """data cut into records of one STREAM frame of `chunk` bytes each (the last may be shorter and
+        carries FIN if fin), sealed back to back with seqs first_seq, first_seq + 1, ...; at most 4096
+        records. ValueError on empty data or chunk outside 1..65535."""
     def open_batch(self, records: Sequence[ReadableBuffer]) -> list[Union[bytes, None]]:
         """Plaintexts, None where a record is malformed or fails authentication (seq from each header)."""

@@ -30,5 +30,9 @@ def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
              gro: Literal[False] = ...) -> list[Tuple[bytes, Optional[Address]]]: ...
 @overload
 def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
-             gro: Literal[True]) -> list[Tuple[bytes, Optional[Address], int]]:
+             gro: Literal[True], split: Literal[False] = ...) -> list[Tuple[bytes, Optional[Address], int]]:
     """Up to max_n waiting datagrams, [] if none; with gro, each item carries its segment size."""
+@overload
+def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
+             gro: Literal[True], split: Literal[True]) -> list[Tuple[bytes, Optional[Address]]]:
+    """Coalesced (GRO) buffers cut back into the datagrams they were made of."""

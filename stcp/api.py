@@ -423,8 +423,12 @@ def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
 async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
                        config: Optional[Config] = None, cipher: Optional[str] = None,
                        sock: Optional[socket.socket] = None, hooks=(),
-                       max_connections: int = 100_000) -> Server:
+                       max_connections: int = 100_000, gro: bool = True) -> Server:
     """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
+
+    gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
+    generic (skb) mode guards the port: generic XDP runs after GRO and would drop the
+    coalesced datagrams as malformed records (`stcp serve --datapath xdp` does this itself).
 
     Each of `hooks` may define connection_created(conn) (server hello sent),
     connection_established(conn, handshake_seconds) and connection_ended(conn) (CLOSED;
@@ -436,7 +440,7 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
     sock = sock or bind_udp(host, port)
     endpoint = ServerEndpoint(config, max_connections=max_connections)
     server = Server(loop, None, handler, hooks)
-    server.driver = ServerDriver(loop, sock, endpoint, server._on_new, server._on_ended)
+    server.driver = ServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, gro=gro)
     return server
 
 

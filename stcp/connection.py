@@ -106,6 +106,12 @@ _STREAM, _MAX_DATA, _PING, _CLOSE, _KEY_UPDATE = range(5)
 _DRAIN_PTOS = 3
 _MIN_STREAM_CHUNK = 64
 _ACK_BYTES = 23 + 16 * 8                  # an ACK frame with a few ranges
+# A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
+# the whole buffer must fit one UDP datagram's length.
+_MAX_RUN_RECORDS = 64
+_MAX_RUN_BYTES = 65000
+_HEADER = wire.HEADER_STRUCT
+_STREAM_HDR = wire.STREAM_HEADER_STRUCT
 
 
 class Connection:
@@ -144,6 +150,8 @@ class Connection:
         self._handshake_deadline = now + config.handshake_timeout
         self._hello_next: Optional[float] = None
         self._hello_interval = config.hello_retransmit
+        self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
+        self._rx_chunks: List[bytes] = []
         self._client_hs: Optional[ClientHandshake] = None
         self._hello_record = b""       # client: the accepted server hello; server: the client hello
         self._server_hello = b""
@@ -265,6 +273,57 @@ class Connection:
     # --- receive -----------------------------------------------------------
     def receive_datagram(self, data: bytes, now: float) -> None:
         """Process one UDP datagram addressed to this connection. Never raises for bad input."""
+        self._receive_one(data, now)
+        self._finish_rx_event()
+
+    def receive_datagrams(self, datagrams: List[bytes], now: float) -> None:
+        """Process datagrams addressed to this connection, in order: the same outcome as
+        receive_datagram on each, with the crypto of a run of in-order records done in one
+        C call and their data delivered as one DataReceived."""
+        keys = self._keys
+        if self.state != State.ENCRYPTED or len(datagrams) < 2:
+            for data in datagrams:
+                self._receive_one(data, now)
+            self._finish_rx_event()
+            return
+        run: List[bytes] = []        # records opened together: current epoch, ascending new pns
+        pns: List[int] = []
+        min_len = wire.HEADER_LEN + wire.AEAD_TAG_LEN
+        for data in datagrams:
+            if self.state == State.CLOSED:
+                break
+            n = len(data)
+            if n >= min_len:
+                length, cid, seq = _HEADER.unpack_from(data)
+                pn = seq & wire.PN_MASK
+                if length == n - wire.HEADER_LEN and cid == self.local_cid and seq \
+                        and seq >> wire.EPOCH_SHIFT == keys.recv.epoch and (not pns or pn > pns[-1]) \
+                        and not self._received.is_duplicate(pn):
+                    run.append(data)
+                    pns.append(pn)
+                    continue
+            # anything unusual takes the one-record path, after the run before it
+            self._receive_run(run, pns, now)
+            run, pns = [], []
+            self._receive_one(data, now)
+        self._receive_run(run, pns, now)
+        self._finish_rx_event()
+
+    def _receive_run(self, run: List[bytes], pns: List[int], now: float) -> None:
+        if not run or self.state == State.CLOSED:
+            return
+        key = self._keys.recv
+        for record, pn, plaintext in zip(run, pns, key.open_batch(run)):
+            if self.state == State.CLOSED:
+                return
+            try:
+                if plaintext is None:
+                    raise AuthenticationFailure("record failed authentication")
+                self._accept(plaintext, pn, key.epoch, len(record), now)
+            except STCPError as exc:
+                self._on_receive_error(exc, now)
+
+    def _receive_one(self, data: bytes, now: float) -> None:
         if self.state == State.CLOSED:
             return
         try:
@@ -274,9 +333,12 @@ class Connection:
             else:
                 self._receive_protected(data, cid, seq, now)
         except STCPError as exc:
-            if isinstance(exc, AuthenticationFailure):
-                self.stats.auth_failures += 1
-            self._fail(exc, now)
+            self._on_receive_error(exc, now)
+
+    def _on_receive_error(self, exc: STCPError, now: float) -> None:
+        if isinstance(exc, AuthenticationFailure):
+            self.stats.auth_failures += 1
+        self._fail(exc, now)
 
     def _receive_handshake(self, record: bytes, now: float) -> None:
         hello = wire.decode_hello(record[wire.HEADER_LEN:])
@@ -324,12 +386,25 @@ class Connection:
         if plaintext is None:
             self.stats.stale_epoch_discarded += 1
             return
+        self._accept(plaintext, pn, epoch, len(record), now)
+
+    def _accept(self, plaintext: bytes, pn: int, epoch: int, record_len: int, now: float) -> None:
+        """Act on the frames of an authenticated record that is not a duplicate."""
         self._received.add(pn)
         self.stats.records_received += 1
-        self.stats.bytes_received += len(record)
+        self.stats.bytes_received += record_len
         self._last_activity = now
         if self.state == State.KEY_EXCHANGE:
             self._keys_confirmed(now)
+        if len(plaintext) >= wire.STREAM_FRAME_OVERHEAD and plaintext[0] == wire.FRAME_STREAM:
+            # the bulk case, a record holding one STREAM frame and nothing else, without
+            # building frame objects
+            _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext)
+            if length == len(plaintext) - wire.STREAM_FRAME_OVERHEAD and flags <= wire.STREAM_FLAG_FIN:
+                self._on_stream_data(offset, plaintext[wire.STREAM_FRAME_OVERHEAD:], flags == wire.STREAM_FLAG_FIN)
+                self._ack_eliciting_received(pn, now)
+                self._check_finished(now)
+                return
         ack_eliciting = False
         for frame in wire.decode_frames(plaintext):
             if isinstance(frame, wire.StreamFrame):
@@ -350,12 +425,15 @@ class Connection:
                 self._on_close(frame)
                 return
         if ack_eliciting:
-            self._ack_eliciting_unacked += 1
-            if self._ack_eliciting_unacked >= 2 or pn != self._received.largest or self._recv.fin_delivered:
-                self._ack_deadline = now                    # ack with the next flush
-            elif self._ack_deadline is None:
-                self._ack_deadline = now + MAX_ACK_DELAY
+            self._ack_eliciting_received(pn, now)
         self._check_finished(now)
+
+    def _ack_eliciting_received(self, pn: int, now: float) -> None:
+        self._ack_eliciting_unacked += 1
+        if self._ack_eliciting_unacked >= 2 or pn != self._received.largest or self._recv.fin_delivered:
+            self._ack_deadline = now                    # ack with the next flush
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + MAX_ACK_DELAY
 
     def _open(self, record: bytes, seq: int, epoch: int) -> Optional[bytes]:
         keys = self._keys
@@ -376,27 +454,56 @@ class Connection:
         raise KeyUpdateError(f"record of key epoch {epoch} while receiving epoch {current.epoch}")
 
     def _on_stream(self, frame: wire.StreamFrame) -> None:
-        if frame.offset + len(frame.data) >= 1 << 62:
+        self._on_stream_data(frame.offset, frame.data, frame.fin)
+
+    def _on_stream_data(self, offset: int, data: bytes, fin: bool) -> None:
+        if offset + len(data) >= 1 << 62:
             raise FlowControlError("stream offset out of range")
-        data = self._recv.receive(frame.offset, frame.data, frame.fin)
+        data = self._recv.receive(offset, data, fin)
         if data:
             self.stats.stream_bytes_received += len(data)
-            self.events.append(DataReceived(data))
+            events = self.events
+            if events and events[-1] is self._rx_event:      # nothing else happened since: extend it
+                self._rx_chunks.append(data)
+            else:
+                self._finish_rx_event()
+                self._rx_event = DataReceived(data)
+                self._rx_chunks = [data]
+                events.append(self._rx_event)
         if self._recv.finished and not self._recv.fin_delivered:
             self._recv.fin_delivered = True
             self.events.append(StreamFinished())
+
+    def _finish_rx_event(self) -> None:
+        """Join the data of the DataReceived built up during one receive call."""
+        if self._rx_event is not None:
+            if len(self._rx_chunks) > 1:
+                self._rx_event.data = b"".join(self._rx_chunks)
+            self._rx_event = None
+            self._rx_chunks = []
 
     def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
         if frame.ranges[0][1] >= self._next_pn:
             raise ProtocolViolation(f"ack of packet {frame.ranges[0][1]} that was never sent")
         acked, lost = self._recovery.on_ack(frame.ranges, frame.delay_us / 1e6, now)
         send_epoch = self._keys.send.epoch
+        on_acked = self._send.on_acked
+        start = end = -1                  # adjacent acknowledged stream ranges, merged
         for p in acked:
             if p.epoch == send_epoch:
                 self._key_update_allowed = True
             for desc in p.frames:
                 if desc[0] == _STREAM:
-                    self._send.on_acked(desc[1], desc[2], desc[3])
+                    if desc[3]:
+                        on_acked(desc[1], desc[2], True)
+                    elif desc[1] == end:
+                        end = desc[2]
+                    else:
+                        if end > start:
+                            on_acked(start, end, False)
+                        start, end = desc[1], desc[2]
+        if end > start:
+            on_acked(start, end, False)
         if acked and self._recovery.rtt.has_sample:
             self.stats.rtt_samples.append(self._recovery.rtt.latest)
             if len(self.stats.rtt_samples) > 1024:
@@ -492,16 +599,28 @@ class Connection:
 
     # --- send --------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> List[bytes]:
-        out, self._out = self._out, []
-        if self.state != State.ENCRYPTED:
-            return out
-        try:
-            self._build_packets(now, out)
-        except STCPError as exc:
-            self._fail(exc, now)
-            out.extend(self._out)
-            self._out = []
+        """Every datagram due now, one record each."""
+        out: List[bytes] = []
+        for buf, size in self.datagram_batches(now):
+            if size >= len(buf):
+                out.append(buf)
+            else:
+                out.extend(buf[i:i + size] for i in range(0, len(buf), size))
         return out
+
+    def datagram_batches(self, now: float) -> List[Tuple[bytes, int]]:
+        """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records
+        of `segment size` bytes back to back (the last may be shorter), ready for one UDP GSO
+        send; a single record comes as (record, len(record))."""
+        out, self._out = self._out, []
+        if self.state == State.ENCRYPTED:
+            try:
+                self._build_packets(now, out)
+            except STCPError as exc:
+                self._fail(exc, now)
+                out.extend(self._out)
+                self._out = []
+        return [item if type(item) is tuple else (item, len(item)) for item in out]
 
     def _build_packets(self, now: float, out: List[bytes]) -> None:
         """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
@@ -513,6 +632,10 @@ class Connection:
         while True:
             if self._sealed_under_key >= self.config.key_update_interval:
                 self._maybe_update_send_key()
+            if self._ack_deadline is None and not (self._max_data_due or self._key_update_frame_due
+                                                   or self._ping_due or self._draining_until is not None) \
+                    and self._send_stream_run(now, out):
+                continue
             frames: List[bytes] = []
             descs: list = []
             if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
@@ -546,6 +669,48 @@ class Connection:
             if retransmit:
                 stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _send_stream_run(self, now: float, out: list) -> bool:
+        """Bulk data: as many full records of new stream data as the congestion window, the
+        peer's flow-control limit and the key allow, sealed in one call into one GSO buffer.
+        False (nothing sent) when fewer than two such records can go: the general path then
+        builds the next record."""
+        send = self._send
+        if send.retransmit or self._probes_due:
+            return False
+        size = self.config.max_datagram
+        chunk = size - wire.HEADER_LEN - wire.AEAD_TAG_LEN - wire.STREAM_FRAME_OVERHEAD
+        cc = self._recovery.cc
+        start = send.next_offset
+        n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_RECORDS, _MAX_RUN_BYTES // size,
+                self.config.key_update_interval - self._sealed_under_key,
+                (min(send.end, self._peer_max_data) - start) // chunk)
+        if n < 2:
+            return False
+        stop = start + n * chunk
+        fin = send.fin_requested and stop == send.end
+        key = self._keys.send
+        pn = self._next_pn
+        with memoryview(send.buf) as mv:
+            buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), mv[start - send.buf_base:
+                                                                                 stop - send.buf_base],
+                                  start, chunk, fin)
+        send.next_offset = stop
+        if fin:
+            send.fin_sent = True
+        self._next_pn = pn + n
+        self._sealed_under_key += n
+        stats = self.stats
+        stats.records_sent += n
+        stats.bytes_sent += len(buf)
+        stats.stream_bytes_sent += n * chunk
+        epoch = key.epoch
+        self._recovery.on_sent_run([
+            SentPacket(pn + i, now, size, True, [(_STREAM, start + i * chunk, start + (i + 1) * chunk,
+                                                  fin and i == n - 1)], epoch)
+            for i in range(n)])
+        out.append((buf, size))
+        return True
 
     def _add_control_frames(self, frames: List[bytes], descs: list) -> None:
         if self._max_data_due:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from . import wire
-from .errors import AuthenticationFailure, HandshakeFailure
+from .errors import AuthenticationFailure, HandshakeFailure, MalformedRecord
 
 # C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
 # pure-Python path below, which stays the reference and the fallback.
@@ -142,6 +142,37 @@ class RecordKey:
             return self.fast.seal(cid, seq, plaintext)
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
         return header + self._pure_aead().encrypt(self.nonce(seq), plaintext, header)
+
+    def seal_stream(self, cid: int, first_seq: int, data, stream_offset: int, chunk: int, fin: bool) -> bytes:
+        """`data` cut into records of one STREAM frame of `chunk` bytes each (the last may be
+        shorter and carries FIN if `fin`), sealed back to back with seqs first_seq, first_seq + 1, ...
+
+        All records but the last have one size, so the result can go to the kernel as one UDP
+        GSO buffer. The C path does the whole run in one call; this loop is its reference."""
+        if self.fast is not None:
+            return self.fast.seal_stream(cid, first_seq, data, stream_offset, chunk, fin)
+        if not 1 <= chunk <= 0xFFFF or not len(data):
+            raise ValueError("chunk must be between 1 and 65535 bytes and data must not be empty")
+        out = []
+        mv = memoryview(data)
+        for i, start in enumerate(range(0, len(mv), chunk)):
+            piece = mv[start:start + chunk]
+            last = start + chunk >= len(mv)
+            frame = wire.encode_stream(stream_offset + start, bytes(piece), fin and last)
+            out.append(self.seal(cid, first_seq + i, frame))
+        return b"".join(out)
+
+    def open_batch(self, records) -> list:
+        """Plaintexts of whole records (seq from each header), None where one fails authentication."""
+        if self.fast is not None:
+            return self.fast.open_batch(records)
+        out = []
+        for record in records:
+            try:
+                out.append(self.open(record, wire.parse_header(record)[2]))
+            except (AuthenticationFailure, MalformedRecord):
+                out.append(None)
+        return out
 
     def open(self, record: bytes, seq: int) -> bytes:
         """Decrypt a record whose header was already parsed; raise AuthenticationFailure."""

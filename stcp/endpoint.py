@@ -54,6 +54,45 @@ class ServerEndpoint:
         conn.receive_datagram(data, now)
         return conn, False
 
+    def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
+        """Route datagrams [(data, source)], each connection getting its own in one
+        receive_datagrams call, in arrival order; return (connections that got any, new ones)."""
+        pending: Dict[Connection, List[bytes]] = {}
+        touched: Dict[Connection, None] = {}
+        new: List[Connection] = []
+        connections = self.connections
+        for data, addr in batch:
+            if len(data) < wire.HEADER_LEN:
+                self.stats.dropped_short += 1
+                continue
+            cid, seq = _CID_SEQ.unpack_from(data)
+            if seq == wire.HANDSHAKE_SEQ and cid == 0:
+                self._deliver(pending, now)       # what came before the hello is handled before it
+                pending = {}
+                conn, is_new = self._receive_hello(data, addr, now)
+                if conn is not None:
+                    touched[conn] = None
+                    if is_new:
+                        new.append(conn)
+                continue
+            conn = connections.get(cid)
+            if conn is None:
+                self.stats.dropped_unknown_cid += 1
+                continue
+            records = pending.get(conn)
+            if records is None:
+                pending[conn] = [data]
+                touched[conn] = None
+            else:
+                records.append(data)
+        self._deliver(pending, now)
+        return list(touched), new
+
+    @staticmethod
+    def _deliver(pending: Dict[Connection, List[bytes]], now: float) -> None:
+        for conn, records in pending.items():
+            conn.receive_datagrams(records, now)
+
     def _receive_hello(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
         try:
             wire.parse_header(data)

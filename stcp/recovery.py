@@ -75,6 +75,15 @@ class Recovery:
             self.last_ack_eliciting_sent = pkt.time_sent
             self.cc.on_sent(pkt.size)
 
+    def on_sent_run(self, pkts: List[SentPacket]) -> None:
+        """Ack-eliciting packets of one size, sent together (a bulk run)."""
+        sent = self.sent
+        for p in pkts:
+            sent[p.pn] = p
+        self.ack_eliciting_in_flight += len(pkts)
+        self.last_ack_eliciting_sent = pkts[-1].time_sent
+        self.cc.on_sent(pkts[0].size * len(pkts))
+
     def pto_interval(self) -> float:
         rtt = self.rtt
         base = rtt.smoothed + max(4 * rtt.rttvar, GRANULARITY) + MAX_ACK_DELAY
@@ -95,14 +104,13 @@ class Recovery:
         largest = ranges[0][1]
         if sent:
             pns = list(sent)          # ascending: packet numbers are allocated in order
-            for low, high in ranges:
+            for low, high in reversed(ranges):     # ascending, so `acked` comes out in pn order
                 i = bisect_left(pns, low)
                 while i < len(pns) and pns[i] <= high:
                     acked.append(sent.pop(pns[i]))
                     i += 1
         if not acked:
             return [], []
-        acked.sort(key=lambda p: p.pn)
         newest = acked[-1]
         if largest > self.largest_acked:
             self.largest_acked = largest

@@ -60,9 +60,11 @@ INITIAL_MAX_DATA = 1 << 20        # flow-control credit each side has before any
 MAX_ACK_RANGES = 64
 MAX_REASON_LEN = 512
 
-_HEADER = struct.Struct("!QQQ")
+HEADER_STRUCT = struct.Struct("!QQQ")           # length, cid, seq
+_HEADER = HEADER_STRUCT
 _HELLO = struct.Struct("!BBBB4xQ32s")          # type, version, suite, flags, pad, cid, pubkey
-_STREAM_HDR = struct.Struct("!BBQH")           # type, flags, offset, length
+STREAM_HEADER_STRUCT = struct.Struct("!BBQH")  # type, flags, offset, length
+_STREAM_HDR = STREAM_HEADER_STRUCT
 _ACK_HDR = struct.Struct("!BQIHQ")             # type, largest, delay_us, range_count, first_range
 _ACK_RANGE = struct.Struct("!QQ")              # gap, length
 _MAX_DATA = struct.Struct("!BQ")

@@ -503,6 +503,102 @@ done:
     return result;
 }
 
+/* STREAM frame layout (docs/PROTOCOL.md §Frames; stcp/wire.py is the reference). */
+#define FRAME_STREAM 0x03
+#define STREAM_FLAG_FIN 0x01
+#define STREAM_FRAME_OVERHEAD 12     /* type:u8 | flags:u8 | offset:u64 | length:u16 */
+#define MAX_RUN_RECORDS 4096
+
+static inline void put_stream_frame(unsigned char *p, int fin, uint64_t offset, Py_ssize_t len) {
+    p[0] = FRAME_STREAM;
+    p[1] = fin ? STREAM_FLAG_FIN : 0;
+    put_be64(p + 2, offset);
+    p[10] = (unsigned char)(len >> 8);
+    p[11] = (unsigned char)len;
+}
+
+/* The bulk-send hot path: stream bytes cut into records of one STREAM frame each, sealed
+ * back to back into one buffer that a UDP GSO send can hand to the kernel whole. Every
+ * record but the last carries exactly `chunk` bytes, so every record but the last has the
+ * same size (what GSO needs). The plaintext of each record is built in a scratch buffer,
+ * so the caller's data is read once and never modified. */
+static PyObject *RecordCipher_seal_stream(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t cid, first, offset;
+    Py_ssize_t chunk, n, total, i;
+    int fin, rc = 0;
+    Py_buffer data = {0};
+    PyObject *out = NULL;
+    unsigned char *scratch = NULL;
+
+    if (!ready(self)) return NULL;
+    if (nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "seal_stream() takes 6 arguments (cid, first_seq, data, "
+                     "stream_offset, chunk, fin), got %zd", nargs);
+        return NULL;
+    }
+    if (get_u64(args[0], "cid", &cid) || get_u64(args[1], "first_seq", &first) ||
+        get_u64(args[3], "stream_offset", &offset))
+        return NULL;
+    chunk = PyLong_AsSsize_t(args[4]);
+    if (chunk == -1 && PyErr_Occurred()) return NULL;
+    fin = PyObject_IsTrue(args[5]);
+    if (fin < 0) return NULL;
+    if (chunk < 1 || chunk > 0xFFFF) {
+        PyErr_SetString(PyExc_ValueError, "chunk must be between 1 and 65535 bytes");
+        return NULL;
+    }
+    if (get_buffer(args[2], &data, "data")) return NULL;
+    if (data.len < 1) {
+        PyErr_SetString(PyExc_ValueError, "data must not be empty");
+        goto done;
+    }
+    n = (data.len + chunk - 1) / chunk;
+    if (n > MAX_RUN_RECORDS) {
+        PyErr_Format(PyExc_ValueError, "data makes %zd records, at most %d per call", n, MAX_RUN_RECORDS);
+        goto done;
+    }
+    if ((uint64_t)(n - 1) > UINT64_MAX - first) {
+        PyErr_SetString(PyExc_OverflowError, "sequence numbers would wrap past 2**64-1");
+        goto done;
+    }
+    if ((uint64_t)data.len > UINT64_MAX - offset) {
+        PyErr_SetString(PyExc_OverflowError, "stream offset would wrap past 2**64-1");
+        goto done;
+    }
+    total = data.len + n * (HEADER_LEN + STREAM_FRAME_OVERHEAD + TAG_LEN);
+    out = PyBytes_FromStringAndSize(NULL, total);
+    scratch = PyMem_Malloc((size_t)chunk + STREAM_FRAME_OVERHEAD);
+    if (!out || !scratch) {
+        if (out) PyErr_NoMemory();
+        Py_CLEAR(out);
+        goto done;
+    }
+    lock_ctx(self->enc_lock);
+    Py_BEGIN_ALLOW_THREADS
+    {
+        unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+        const unsigned char *src = data.buf;
+        for (i = 0; i < n && rc == 0; i++) {
+            Py_ssize_t len = (i == n - 1) ? data.len - i * chunk : chunk;
+            put_stream_frame(scratch, fin && i == n - 1, offset + (uint64_t)(i * chunk), len);
+            memcpy(scratch + STREAM_FRAME_OVERHEAD, src + i * chunk, (size_t)len);
+            rc = seal_one(self->enc, self->iv, cid, first + (uint64_t)i, scratch,
+                          len + STREAM_FRAME_OVERHEAD, dst);
+            dst += HEADER_LEN + STREAM_FRAME_OVERHEAD + len + TAG_LEN;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->enc_lock);
+    if (rc) { Py_CLEAR(out); lib_error("seal_stream"); }
+done:
+    if (scratch) {
+        OPENSSL_cleanse(scratch, (size_t)chunk + STREAM_FRAME_OVERHEAD);
+        PyMem_Free(scratch);
+    }
+    PyBuffer_Release(&data);
+    return out;
+}
+
 static PyObject *RecordCipher_get_suite(RecordCipher *self, void *closure) {
     return PyLong_FromLong(self->suite);
 }
@@ -517,6 +613,10 @@ static PyMethodDef RecordCipher_methods[] = {
      "seal_batch(cid, first_seq, plaintexts) -> list[bytes]: records with seqs first_seq, first_seq+1, ..."},
     {"seal_into", (PyCFunction)(void (*)(void))RecordCipher_seal_into, METH_FASTCALL,
      "seal_into(cid, first_seq, plaintexts, out) -> int: records back to back into out; bytes written."},
+    {"seal_stream", (PyCFunction)(void (*)(void))RecordCipher_seal_stream, METH_FASTCALL,
+     "seal_stream(cid, first_seq, data, stream_offset, chunk, fin) -> bytes: data cut into records of\n"
+     "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
+     "sealed back to back with seqs first_seq, first_seq+1, ..."},
     {"open_batch", (PyCFunction)(void (*)(void))RecordCipher_open_batch, METH_FASTCALL,
      "open_batch(records) -> list[bytes | None]: None where a record is malformed or fails authentication."},
     {NULL}
@@ -556,6 +656,9 @@ PyMODINIT_FUNC PyInit__aead(void) {
         PyModule_AddObjectRef(m, "RecordCipher", (PyObject *)&RecordCipherType) < 0 ||
         PyModule_AddIntConstant(m, "HEADER_LEN", HEADER_LEN) < 0 ||
         PyModule_AddIntConstant(m, "TAG_LEN", TAG_LEN) < 0 ||
+        PyModule_AddIntConstant(m, "FRAME_STREAM", FRAME_STREAM) < 0 ||
+        PyModule_AddIntConstant(m, "STREAM_FLAG_FIN", STREAM_FLAG_FIN) < 0 ||
+        PyModule_AddIntConstant(m, "STREAM_FRAME_OVERHEAD", STREAM_FRAME_OVERHEAD) < 0 ||
         PyModule_AddStringConstant(m, "OPENSSL_VERSION", OpenSSL_version(OPENSSL_VERSION)) < 0) {
         Py_DECREF(m);
         return NULL;

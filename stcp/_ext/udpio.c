@@ -210,20 +210,42 @@ done:
     return result;
 }
 
-/* recvmmsg(fd, max_n, bufsize, gro=False) -> list[(bytes, addr)] or list[(bytes, addr, segment_size)] */
+/* Append (segment, addr) for each gso_size piece of a coalesced buffer; -1 on error. */
+static int append_segments(PyObject *list, const char *buf, Py_ssize_t len, Py_ssize_t seg, PyObject *addr) {
+    Py_ssize_t off = 0;
+    do {                                   /* an empty datagram is still one item */
+        Py_ssize_t n = len - off < seg ? len - off : seg;
+        PyObject *payload = PyBytes_FromStringAndSize(buf + off, n);
+        PyObject *item = payload ? PyTuple_Pack(2, payload, addr) : NULL;
+        Py_XDECREF(payload);
+        if (!item || PyList_Append(list, item) < 0) { Py_XDECREF(item); return -1; }
+        Py_DECREF(item);
+        off += n;
+    } while (off < len);
+    return 0;
+}
+
+/* recvmmsg(fd, max_n, bufsize, gro=False, split=False) -> list[(bytes, addr)], or with gro and
+ * not split list[(bytes, addr, segment_size)]; gro and split cut each coalesced buffer into
+ * the datagrams it was made of, so callers see what arrived without GRO. */
 static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "max_n", "bufsize", "gro", NULL};
+    static char *kwlist[] = {"fd", "max_n", "bufsize", "gro", "split", NULL};
     PyObject *fdobj, *result = NULL, *last_addr = NULL;
     Py_ssize_t max_n, bufsize;
-    int gro = 0, fd, r = -1, err = 0, i;
+    int gro = 0, split = 0, fd, r = -1, err = 0, i;
     char *data = NULL, *cmsgbuf = NULL;
     struct mmsghdr *msgs = NULL;
     struct iovec *iovs = NULL;
     struct sockaddr_storage *addrs = NULL;
     const size_t cmsg_space = CMSG_SPACE(sizeof(int));
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onn|p:recvmmsg", kwlist, &fdobj, &max_n, &bufsize, &gro))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onn|pp:recvmmsg", kwlist, &fdobj, &max_n, &bufsize,
+                                     &gro, &split))
         return NULL;
+    if (split && !gro) {
+        PyErr_SetString(PyExc_ValueError, "split needs gro=True");
+        return NULL;
+    }
     if ((fd = get_fd(fdobj)) < 0) return NULL;
     if (max_n < 1 || max_n > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "max_n must be 1-%d", MAX_BATCH);
@@ -269,7 +291,7 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
         }
         goto done;
     }
-    result = PyList_New(r);
+    result = PyList_New(split ? 0 : r);
     if (!result) goto done;
     for (i = 0; i < r; i++) {
         struct msghdr *h = &msgs[i].msg_hdr;
@@ -285,10 +307,8 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
             if (!addr) { Py_CLEAR(result); goto done; }
             Py_XSETREF(last_addr, Py_NewRef(addr));
         }
-        payload = PyBytes_FromStringAndSize(iovs[i].iov_base, len);
-        if (!payload) { Py_DECREF(addr); Py_CLEAR(result); goto done; }
+        int seg = (int)len;
         if (gro) {
-            int seg = (int)len;
             struct cmsghdr *cm;
             for (cm = CMSG_FIRSTHDR(h); cm; cm = CMSG_NXTHDR(h, cm)) {
                 if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO &&
@@ -297,6 +317,17 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
                     break;
                 }
             }
+            if (seg < 1) seg = (int)(len > 0 ? len : 1);
+        }
+        if (split) {
+            int rc = append_segments(result, iovs[i].iov_base, len, seg, addr);
+            Py_DECREF(addr);
+            if (rc < 0) { Py_CLEAR(result); goto done; }
+            continue;
+        }
+        payload = PyBytes_FromStringAndSize(iovs[i].iov_base, len);
+        if (!payload) { Py_DECREF(addr); Py_CLEAR(result); goto done; }
+        if (gro) {
             item = Py_BuildValue("(NNi)", payload, addr, seg);
         } else {
             item = PyTuple_Pack(2, payload, addr);
@@ -324,9 +355,10 @@ static PyMethodDef udpio_methods[] = {
      "error). With segment_size, a datagram longer than it is one UDP GSO buffer the kernel\n"
      "splits into segment_size pieces. Raises OSError if the first datagram fails."},
     {"recvmmsg", (PyCFunction)(void (*)(void))udpio_recvmmsg, METH_VARARGS | METH_KEYWORDS,
-     "recvmmsg(fd, max_n, bufsize, gro=False) -> list[(bytes, addr)]\n\n"
+     "recvmmsg(fd, max_n, bufsize, gro=False, split=False) -> list[(bytes, addr)]\n\n"
      "Receive up to max_n datagrams waiting on the socket, without blocking ([] if none).\n"
-     "With gro=True (socket has UDP_GRO set) items are (bytes, addr, segment_size)."},
+     "With gro=True (socket has UDP_GRO set) items are (bytes, addr, segment_size);\n"
+     "with gro=True and split=True each coalesced buffer comes back cut into its datagrams."},
     {NULL}
 };
 

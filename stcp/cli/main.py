@@ -166,7 +166,9 @@ async def serve(args) -> int:
         if afxdp is not None:
             server = await afxdp.start_server(handler, host, port, config=config, hooks=hooks, tx=args.afxdp_tx)
         else:
-            server = await start_server(handler, host, port, config=config, hooks=hooks)
+            # generic-mode XDP runs after GRO and must see single records
+            server = await start_server(handler, host, port, config=config, hooks=hooks,
+                                        gro=xdp is None or xdp.mode != "generic")
         if args.metrics:
             metrics = serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm",
                                     iface=args.iface)

@@ -249,6 +249,8 @@ class AfxdpServerDriver(ServerDriver):
         if tx not in ("socket", "afxdp"):
             raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
         self.tx_afxdp = tx == "afxdp"
+        if self.tx_afxdp:
+            self.gso = False              # the TX ring takes whole datagrams, not GSO buffers
         self.tx_xsk = 0                   # datagrams sent on an AF_XDP TX ring
         self.tx_socket = 0                # ... and through the UDP socket
         # peer address -> (the AF_XDP socket it arrived on, headers of a reply to it)
@@ -275,22 +277,19 @@ class AfxdpServerDriver(ServerDriver):
             self.rx_per_queue[xsk.queue_id] += len(batch)
             now = self.loop.time()
             if self.tx_afxdp:
-                routes = self._routes
-                for data, addr, tmpl in batch:
-                    conn = self.route(data, addr, now)
-                    if conn is not None:
-                        self._dirty[conn] = None
-                        routes[addr] = (xsk, tmpl)
-            else:
-                for data, addr in batch:
-                    conn = self.route(data, addr, now)
-                    if conn is not None:
-                        self._dirty[conn] = None
+                templates = {addr: tmpl for _, addr, tmpl in batch}
+                batch = [(data, addr) for data, addr, _ in batch]
+            for conn in self.route_batch(batch, now):
+                self._dirty[conn] = None
+                if self.tx_afxdp:      # replies leave where the connection's records arrive
+                    addr = self.endpoint.peer_addr.get(conn.local_cid)
+                    if addr in templates:
+                        self._routes[addr] = (xsk, templates[addr])
             if len(batch) < RECV_BATCH:
                 break
         self.flush()
 
-    def _send_group(self, datagrams, addr) -> int:
+    def _send_group(self, datagrams, addr, segment_size: int = 0) -> int:
         route = self._routes.get(addr) if self.tx_afxdp else None
         n = 0
         if route is not None and not route[0].closed:
@@ -302,7 +301,7 @@ class AfxdpServerDriver(ServerDriver):
             if n == len(datagrams):
                 return n
             datagrams = datagrams[n:]
-        sent = super()._send_group(datagrams, addr)
+        sent = super()._send_group(datagrams, addr, segment_size)
         self.tx_socket += sent
         return n + sent
 

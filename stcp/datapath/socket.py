@@ -1,16 +1,18 @@
 """The socket datapath: sans-IO connections driven over one UDP socket on an asyncio loop.
 
-Receive drains the socket in batches (recvmmsg through stcp._udpio when it is built),
-feeds each datagram to its connection, then flushes every connection that has something
-to say in one sendmmsg per batch. Each connection has at most one pending loop timer.
-Other datapaths reuse `Driver` with their own way of getting datagrams in and out.
+Receive drains the socket in batches (recvmmsg through stcp._udpio when it is built, with
+UDP GRO where the kernel offers it), hands each connection its datagrams of the batch in one
+call, then flushes every connection that has something to say. Sends go out with sendmmsg;
+a run of equal-sized bulk records is one UDP GSO buffer, cut into datagrams by the kernel
+(or the NIC). Each connection has at most one pending loop timer. Other datapaths reuse
+`Driver` with their own way of getting datagrams in and out.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import socket
-from typing import Callable, Dict, Hashable, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
 
 from .. import wire
 from ..connection import Connection
@@ -44,20 +46,40 @@ def tune_socket(sock: socket.socket) -> None:
                 pass
 
 
-class Driver:
-    """Runs connections over one UDP socket. Subclasses route received datagrams."""
+def enable_gro(sock: socket.socket) -> bool:
+    """Ask the kernel to coalesce a flow's datagrams (UDP_GRO); False where it cannot."""
+    if _udpio is None:
+        return False
+    try:
+        sock.setsockopt(_udpio.SOL_UDP, _udpio.UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket):
+
+class Driver:
+    """Runs connections over one UDP socket. Subclasses route received datagrams.
+
+    gro: receive through UDP GRO. Leave it off where an XDP program in generic (skb) mode
+    checks this socket's traffic: generic XDP runs after GRO and would see coalesced
+    datagrams, which are not single records."""
+
+    gso = True     # send bulk runs as UDP GSO buffers (turned off if the kernel refuses)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, gro: bool = False):
         self.loop = loop
         self.sock = sock
         self.fd = sock.fileno()
         sock.setblocking(False)
         tune_socket(sock)
+        self.gro = gro and enable_gro(sock)
+        self.gso = self.gso and _udpio is not None
         self.hooks: Dict[Connection, ConnectionHooks] = {}
         self._timers: Dict[Connection, Tuple[float, asyncio.TimerHandle]] = {}
         self._dirty: Dict[Connection, None] = {}
         self._flush_scheduled = False
-        self._backlog: List[Tuple[bytes, Hashable]] = []
+        # (buffer, address, segment size): segment size 0 for a single datagram
+        self._backlog: List[Tuple[bytes, Hashable, int]] = []
         self.icmp_errors = 0
         self.closed = False
         loop.add_reader(self.fd, self._on_readable)
@@ -66,6 +88,8 @@ class Driver:
     def _recv_batch(self) -> List[Tuple[bytes, Hashable]]:
         if _udpio is not None:
             try:
+                if self.gro:
+                    return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, True, True)
                 return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536)
             except ConnectionRefusedError:
                 self.icmp_errors += 1
@@ -90,17 +114,16 @@ class Driver:
             if not batch:
                 break
             now = self.loop.time()
-            for data, addr in batch:
-                conn = self.route(data, addr, now)
-                if conn is not None:
-                    self._dirty[conn] = None
+            for conn in self.route_batch(batch, now):
+                self._dirty[conn] = None
             # Answer (acks, window updates) after every batch, not once per readiness callback:
             # a sender waiting on acks should not wait for the whole backlog to be read.
             self.flush()
-            if len(batch) < RECV_BATCH:
+            if len(batch) < RECV_BATCH and not self.gro:
                 break
 
-    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+    def route_batch(self, batch: List[Tuple[bytes, Hashable]], now: float) -> Iterable[Connection]:
+        """Hand each received datagram to its connection; return the connections that got any."""
         raise NotImplementedError
 
     # --- send --------------------------------------------------------------
@@ -134,10 +157,17 @@ class Driver:
         hooks = self.hooks.get(conn)
         if hooks is not None:
             hooks.process_events()
-        datagrams = conn.datagrams_to_send(now)
-        if datagrams:
+        batches = conn.datagram_batches(now)
+        if batches:
             addr = self.peer_address(conn)
-            self._backlog.extend((d, addr) for d in datagrams)
+            backlog = self._backlog
+            for buf, size in batches:
+                if size >= len(buf):
+                    backlog.append((buf, addr, 0))
+                elif self.gso:
+                    backlog.append((buf, addr, size))
+                else:
+                    backlog.extend((buf[i:i + size], addr, 0) for i in range(0, len(buf), size))
         if hooks is not None:
             hooks.process_events()
         if conn.is_closed:
@@ -148,15 +178,30 @@ class Driver:
     def _send_backlog(self) -> None:
         backlog = self._backlog
         while backlog:
-            addr = backlog[0][1]
-            n = 1
-            while n < len(backlog) and n < 1024 and backlog[n][1] == addr:
+            # one sendmmsg per stretch to one address whose GSO buffers share a segment size
+            # (single datagrams no longer than it ride along unsegmented)
+            addr, seg, longest, n = backlog[0][1], 0, 0, 0
+            while n < len(backlog) and n < 1024:
+                buf, a, size = backlog[n]
+                if a != addr:
+                    break
+                if size:
+                    if (seg and size != seg) or longest > size:
+                        break
+                    seg = size
+                else:
+                    if seg and len(buf) > seg:
+                        break
+                    longest = max(longest, len(buf))
                 n += 1
             try:
-                sent = self._send_group([d for d, _ in backlog[:n]], addr)
+                sent = self._send_group([d for d, _, _ in backlog[:n]], addr, seg)
             except OSError as exc:
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     sent = n          # the datagrams are lost; recovery will resend what matters
+                elif seg and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                    self._stop_gso()  # e.g. a device without checksum offload: send them one by one
+                    continue
                 else:
                     raise
             del backlog[:sent]
@@ -164,9 +209,20 @@ class Driver:
                 self.loop.add_writer(self.fd, self._on_writable)
                 return
 
-    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable]) -> int:
+    def _stop_gso(self) -> None:
+        self.gso = False
+        split: List[Tuple[bytes, Hashable, int]] = []
+        for buf, addr, size in self._backlog:
+            if size:
+                split.extend((buf[i:i + size], addr, 0) for i in range(0, len(buf), size))
+            else:
+                split.append((buf, addr, 0))
+        self._backlog[:] = split
+
+    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
+        """Send datagrams (GSO buffers when segment_size is set); return how many went."""
         if _udpio is not None:
-            return _udpio.sendmmsg(self.fd, datagrams, addr)
+            return _udpio.sendmmsg(self.fd, datagrams, addr, segment_size)
         sent = 0
         for d in datagrams:
             try:
@@ -232,19 +288,23 @@ class Driver:
 class ClientDriver(Driver):
     """One client connection over a connected UDP socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection):
-        super().__init__(loop, sock)
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: Connection,
+                 gro: bool = True):
+        super().__init__(loop, sock, gro)
         self.conn = conn
         self.dropped = 0
+        self._cid = conn.local_cid.to_bytes(8, "big")
 
-    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
+    def route_batch(self, batch, now: float) -> Iterable[Connection]:
         # Only records naming our CID reach the connection: stray or spoofed datagrams that
         # name nothing must not be able to end it, just as the server endpoint drops them.
-        if len(data) < wire.HEADER_LEN or int.from_bytes(data[8:16], "big") != self.conn.local_cid:
-            self.dropped += 1
-            return None
-        self.conn.receive_datagram(data, now)
-        return self.conn
+        cid = self._cid
+        mine = [data for data, _ in batch if data[8:16] == cid]
+        self.dropped += len(batch) - len(mine)
+        if not mine:
+            return ()
+        self.conn.receive_datagrams(mine, now)
+        return (self.conn,)
 
     def connection_ended(self, conn: Connection) -> None:
         self.loop.call_soon(self.close)
@@ -255,20 +315,20 @@ class ServerDriver(Driver):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: ServerEndpoint,
                  on_new: Callable[[Connection], None],
-                 on_ended: Optional[Callable[[Connection], None]] = None):
-        super().__init__(loop, sock)
+                 on_ended: Optional[Callable[[Connection], None]] = None, gro: bool = False):
+        super().__init__(loop, sock, gro)
         self.endpoint = endpoint
         self._on_new = on_new
         self._on_ended = on_ended
 
-    def route(self, data: bytes, addr: Hashable, now: float) -> Optional[Connection]:
-        conn, new = self.endpoint.receive(data, addr, now)
+    def route_batch(self, batch, now: float) -> Iterable[Connection]:
+        touched, new = self.endpoint.receive_batch(batch, now)
         if self.endpoint.rejects:
-            self._backlog.extend(self.endpoint.rejects)
+            self._backlog.extend((d, addr, 0) for d, addr in self.endpoint.rejects)
             self.endpoint.rejects.clear()
-        if new:
+        for conn in new:
             self._on_new(conn)
-        return conn
+        return touched
 
     def peer_address(self, conn: Connection) -> Optional[Hashable]:
         return self.endpoint.peer_addr.get(conn.local_cid)
