@@ -54,6 +54,16 @@ class ReceivedPackets:
             ranges.insert(i, [pn, pn])
             self._trim()
 
+    def add_ascending(self, pns: List[int]) -> None:
+        """Record ascending new pns (checked by the caller); a consecutive run extends the
+        newest range in one step."""
+        ranges = self.ranges
+        if ranges and pns[0] == ranges[-1][1] + 1 and pns[-1] - pns[0] == len(pns) - 1:
+            ranges[-1][1] = pns[-1]
+            return
+        for pn in pns:
+            self.add(pn)
+
     def _trim(self) -> None:
         if len(self.ranges) > MAX_RANGES:
             dropped = self.ranges.pop(0)

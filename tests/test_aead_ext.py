@@ -403,10 +403,100 @@ def test_fuzz_mutated_records(suite, pt, edits, cut):
 @given(args=st.lists(st.one_of(st.none(), st.integers(-(1 << 70), 1 << 70), st.binary(max_size=64),
                                st.text(max_size=8), st.lists(st.binary(max_size=8), max_size=3),
                                st.builds(bytearray, st.binary(max_size=64))), max_size=5),
-       method=st.sampled_from(["seal", "open", "seal_batch", "seal_into", "open_batch"]))
+       method=st.sampled_from(["seal", "open", "seal_batch", "seal_into", "open_batch", "seal_stream",
+                               "open_stream_runs"]))
 def test_fuzz_arbitrary_arguments(args, method):
     c = cipher(wire.SUITE_AES_256_GCM)
     try:
         getattr(c, method)(*args)
     except (TypeError, ValueError, OverflowError):
         pass
+
+
+# --- the bulk hot path: seal_stream and open_stream_runs -------------------------------
+def test_stream_constants_match_wire():
+    assert _aead.FRAME_STREAM == wire.FRAME_STREAM
+    assert _aead.STREAM_FLAG_FIN == wire.STREAM_FLAG_FIN
+    assert _aead.STREAM_FRAME_OVERHEAD == wire.STREAM_FRAME_OVERHEAD
+
+
+@pytest.mark.parametrize("size,chunk,fin", [(1, 1, False), (3000, 1400, True), (2800, 1400, False),
+                                            (5, 1400, True), (70_000, 65535, True)])
+def test_seal_stream_is_the_records_seal_would_make(suite, size, chunk, fin):
+    """seal_stream == one seal per chunk of a STREAM frame, C and pure Python alike."""
+    fast, py = crypto.RecordKey(suite, SECRET), pure_key(suite)
+    data = plaintext(size, 3)
+    first = wire.make_seq(2, 40)
+    expect = b"".join(
+        py.seal(CID, first + i, wire.encode_stream(1000 + start, data[start:start + chunk],
+                                                    fin and start + chunk >= size))
+        for i, start in enumerate(range(0, size, chunk)))
+    assert fast.seal_stream(CID, first, data, 1000, chunk, fin) == expect
+    assert py.seal_stream(CID, first, memoryview(data), 1000, chunk, fin) == expect
+
+
+def _stream_records(key, offsets, chunk=100, first=1):
+    """One STREAM-frame record per (offset, fin) with `chunk` bytes, consecutive seqs."""
+    return [key.seal(CID, first + i, wire.encode_stream(off, plaintext(chunk, off & 0xFF), fin))
+            for i, (off, fin) in enumerate(offsets)]
+
+
+def test_open_stream_runs_joins_contiguous_stretches(suite):
+    fast, py = crypto.RecordKey(suite, SECRET), pure_key(suite)
+    recs = _stream_records(fast, [(0, False), (100, False), (200, False),      # one stretch
+                                  (500, False), (600, False),                  # a gap: a second one
+                                  (700, True),                                 # FIN: general path
+                                  (800, False)])
+    ack = fast.seal(CID, 50, wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10))
+    bad = bytearray(recs[1])
+    bad[-1] ^= 1
+    recs += [ack, bytes(bad), recs[2][:30]]
+    for key in (fast, py):
+        out = key.open_stream_runs(recs, 1 << 20)
+        assert out[0] == (0, 3, plaintext(100, 0) + plaintext(100, 100) + plaintext(100, 200))
+        assert out[1] == (500, 2, plaintext(100, 500 & 0xFF) + plaintext(100, 600 & 0xFF))
+        assert out[2] == wire.encode_stream(700, plaintext(100, 700 & 0xFF), True)
+        assert out[3] == (800, 1, plaintext(100, 800 & 0xFF))
+        assert out[4] == wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10)
+        assert out[5:] == [None, None]
+        # the flow-control limit ends a stretch: the record crossing it goes the general way
+        out = key.open_stream_runs(recs[:3], 250)
+        assert out[0] == (0, 2, plaintext(100, 0) + plaintext(100, 100))
+        assert out[1] == wire.encode_stream(200, plaintext(100, 200), False)
+        assert key.open_stream_runs([], 0) == []
+
+
+@FUZZ
+@given(offsets=st.lists(st.tuples(st.integers(0, 2000), st.booleans()), max_size=12),
+       flips=st.lists(st.integers(0, 11), max_size=3), limit=st.integers(0, 3000))
+def test_fuzz_open_stream_runs_c_equals_python(offsets, flips, limit):
+    fast, py = crypto.RecordKey(wire.SUITE_AES_256_GCM, SECRET), pure_key(wire.SUITE_AES_256_GCM)
+    recs = _stream_records(fast, offsets, chunk=50)
+    for i in flips:
+        if i < len(recs):
+            bad = bytearray(recs[i])
+            bad[len(bad) // 2] ^= 0x10
+            recs[i] = bytes(bad)
+    assert fast.open_stream_runs(recs, limit) == py.open_stream_runs(recs, limit)
+
+
+def test_seal_stream_and_open_stream_runs_reject_bad_arguments(suite):
+    c = cipher(suite)
+    for args in [(1, 1, b"", 0, 10, False),            # nothing to send
+                 (1, 1, b"x", 0, 0, False),            # empty chunks
+                 (1, 1, b"x", 0, 65536, False),        # a chunk larger than a frame can say
+                 (1, 1, bytes(4097), 0, 1, False)]:    # more records than one call makes
+        with pytest.raises(ValueError):
+            c.seal_stream(*args)
+    with pytest.raises(OverflowError):
+        c.seal_stream(1, (1 << 64) - 1, b"xy", 0, 1, False)        # seqs would wrap
+    with pytest.raises(OverflowError):
+        c.seal_stream(1, 1, b"xy", (1 << 64) - 1, 1, False)        # offsets would wrap
+    with pytest.raises(TypeError):
+        c.seal_stream(1, 1, "text", 0, 1, False)
+    with pytest.raises(TypeError):
+        c.open_stream_runs([b"x"], 0, 0)
+    with pytest.raises(TypeError):
+        c.open_stream_runs(["text"], 0)
+    with pytest.raises(OverflowError):
+        c.open_stream_runs([], -1)

@@ -599,6 +599,116 @@ done:
     return out;
 }
 
+/* Is this plaintext one STREAM frame without FIN and nothing else, ending at or below
+ * `limit` and below 2^62?  Sets *offset and *len when it is. */
+static int simple_stream(const unsigned char *pt, Py_ssize_t ptlen, uint64_t limit,
+                         uint64_t *offset, Py_ssize_t *len) {
+    if (ptlen < STREAM_FRAME_OVERHEAD || pt[0] != FRAME_STREAM || pt[1] != 0) return 0;
+    *len = ((Py_ssize_t)pt[10] << 8) | pt[11];
+    *offset = get_be64(pt + 2);
+    if (*len != ptlen - STREAM_FRAME_OVERHEAD) return 0;
+    if (*offset > limit || (uint64_t)*len > limit - *offset) return 0;
+    return *offset + (uint64_t)*len < ((uint64_t)1 << 62);
+}
+
+/* The bulk-receive hot path: open a run of records (in the order given) and join each
+ * stretch of consecutive records that are plain stream data (one STREAM frame without FIN,
+ * each starting where the previous one ended, ending at or below `limit`) into one bytes
+ * object. Returns a list with, in record order, (offset, count, data) for each stretch and
+ * the plaintext (None where malformed or not authentic) for every other record. */
+static PyObject *RecordCipher_open_stream_runs(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *fast = NULL, *result = NULL;
+    Py_buffer *views = NULL;
+    Py_ssize_t n = 0, i, total = 0;
+    Py_ssize_t *pos = NULL;
+    signed char *status = NULL;
+    unsigned char *plain = NULL;
+    uint64_t limit;
+    int liberr = 0;
+
+    if (!ready(self)) return NULL;
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "open_stream_runs() takes 2 arguments (records, limit), got %zd", nargs);
+        return NULL;
+    }
+    if (get_u64(args[1], "limit", &limit)) return NULL;
+    n = get_buffers(args[0], &fast, &views, "record");
+    if (n < 0) return NULL;
+    pos = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_ssize_t));
+    status = PyMem_Calloc(n ? (size_t)n : 1, 1);
+    if (!pos || !status) { PyErr_NoMemory(); goto done; }
+    for (i = 0; i < n; i++) {
+        const char *why;
+        pos[i] = total;
+        if (check_record(views[i].buf, views[i].len, &why)) { status[i] = 1; continue; }
+        total += views[i].len - HEADER_LEN - TAG_LEN;
+    }
+    plain = PyMem_Malloc(total ? (size_t)total : 1);
+    if (!plain) { PyErr_NoMemory(); goto done; }
+    lock_ctx(self->dec_lock);
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < n; i++) {
+        if (status[i]) continue;
+        const unsigned char *r = views[i].buf;
+        status[i] = (signed char)open_one(self->dec, self->iv, r, views[i].len, get_be64(r + 16), plain + pos[i]);
+    }
+    Py_END_ALLOW_THREADS
+    PyThread_release_lock(self->dec_lock);
+    for (i = 0; i < n; i++)
+        if (status[i] < 0) liberr = 1;
+    if (liberr) { lib_error("open_stream_runs"); goto done; }
+    result = PyList_New(0);
+    if (!result) goto done;
+    for (i = 0; i < n;) {
+        Py_ssize_t ptlen = views[i].len - HEADER_LEN - TAG_LEN, len, j, datalen;
+        uint64_t start, off;
+        PyObject *item;
+        if (status[i] || !simple_stream(plain + pos[i], ptlen, limit, &start, &len)) {
+            item = status[i] ? Py_NewRef(Py_None)
+                             : PyBytes_FromStringAndSize((const char *)plain + pos[i], ptlen);
+            if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); Py_CLEAR(result); goto done; }
+            Py_DECREF(item);
+            i++;
+            continue;
+        }
+        datalen = len;
+        off = start + (uint64_t)len;
+        for (j = i + 1; j < n; j++) {
+            uint64_t o;
+            Py_ssize_t l;
+            if (status[j] || !simple_stream(plain + pos[j], views[j].len - HEADER_LEN - TAG_LEN, limit, &o, &l)
+                || o != off)
+                break;
+            off += (uint64_t)l;
+            datalen += l;
+        }
+        PyObject *data = PyBytes_FromStringAndSize(NULL, datalen);
+        if (!data) { Py_CLEAR(result); goto done; }
+        {
+            unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(data);
+            for (Py_ssize_t k = i; k < j; k++) {
+                Py_ssize_t l = views[k].len - HEADER_LEN - TAG_LEN - STREAM_FRAME_OVERHEAD;
+                memcpy(dst, plain + pos[k] + STREAM_FRAME_OVERHEAD, (size_t)l);
+                dst += l;
+            }
+        }
+        item = Py_BuildValue("(KnN)", (unsigned long long)start, j - i, data);
+        if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); Py_CLEAR(result); goto done; }
+        Py_DECREF(item);
+        i = j;
+    }
+done:
+    if (plain) {
+        OPENSSL_cleanse(plain, (size_t)(total ? total : 1));
+        PyMem_Free(plain);
+    }
+    PyMem_Free(pos);
+    PyMem_Free(status);
+    if (views) release_buffers(fast, views, n);
+    else Py_XDECREF(fast);
+    return result;
+}
+
 static PyObject *RecordCipher_get_suite(RecordCipher *self, void *closure) {
     return PyLong_FromLong(self->suite);
 }
@@ -617,6 +727,10 @@ static PyMethodDef RecordCipher_methods[] = {
      "seal_stream(cid, first_seq, data, stream_offset, chunk, fin) -> bytes: data cut into records of\n"
      "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
      "sealed back to back with seqs first_seq, first_seq+1, ..."},
+    {"open_stream_runs", (PyCFunction)(void (*)(void))RecordCipher_open_stream_runs, METH_FASTCALL,
+     "open_stream_runs(records, limit) -> list: in record order, (offset, count, data) for each stretch of\n"
+     "records that are each one STREAM frame without FIN, contiguous, ending at or below `limit` (data\n"
+     "joined), and the plaintext (None where malformed or not authentic) of every other record."},
     {"open_batch", (PyCFunction)(void (*)(void))RecordCipher_open_batch, METH_FASTCALL,
      "open_batch(records) -> list[bytes | None]: None where a record is malformed or fails authentication."},
     {NULL}
