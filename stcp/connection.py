@@ -567,7 +567,10 @@ class Connection:
         when = self._last_activity + self.config.idle_timeout
         if self.config.keepalive and not self._recovery.ack_eliciting_in_flight:
             when = min(when, self._last_activity + self.config.keepalive)
-        for t in (self._ack_deadline, self._draining_until, self._recovery.timer()):
+        # draining: nothing is probed (a lost CLOSE costs nothing, the peer finishes on its own
+        # once it has our acks); only the peer's retransmissions are answered
+        recovery_timer = self._recovery.timer() if self._draining_until is None else None
+        for t in (self._ack_deadline, self._draining_until, recovery_timer):
             if t is not None and t < when:
                 when = t
         return when
@@ -596,7 +599,7 @@ class Connection:
         if self.config.keepalive and now >= self._last_activity + self.config.keepalive \
                 and not self._recovery.ack_eliciting_in_flight:
             self._ping_due = True
-        timer = self._recovery.timer()
+        timer = self._recovery.timer() if self._draining_until is None else None
         if timer is not None and now >= timer:
             if self._recovery.loss_time is not None:
                 self._on_lost(self._recovery.detect_lost(now))
