@@ -225,3 +225,23 @@ def test_fuzz_arguments(pair, args, fn):
         getattr(_udpio, fn)(*args)
     except (TypeError, ValueError, OverflowError, OSError):
         pass
+
+
+def test_gro_split_returns_the_datagrams_sent(pair):
+    """recvmmsg(gro=True, split=True) -- what the socket datapath reads -- gives back each
+    datagram of a GSO buffer, the short last one included, plus a datagram sent alone."""
+    a, b = pair
+    if not gso_works(a, b.getsockname()):
+        pytest.skip("kernel without UDP GSO")
+    recv_all(b, 2, timeout=0.5)
+    b.setsockopt(_udpio.SOL_UDP, _udpio.UDP_GRO, 1)
+    sent = [bytes([i]) * 1000 for i in range(7)] + [b"tail"]
+    assert _udpio.sendmmsg(a, [b"".join(sent), b"alone"], b.getsockname(), segment_size=1000) == 2
+    got, deadline = [], time.monotonic() + 2
+    while len(got) < len(sent) + 1 and time.monotonic() < deadline:
+        for item in _udpio.recvmmsg(b, 16, 65535, True, True):
+            assert len(item) == 2 and item[1] == a.getsockname()
+            got.append(item[0])
+    assert got == sent + [b"alone"]
+    with pytest.raises(ValueError):
+        _udpio.recvmmsg(b, 16, 65535, False, True)       # split without gro means nothing

@@ -302,7 +302,10 @@ class AfxdpServerDriver(ServerDriver):
                 return n
             datagrams = datagrams[n:]
         sent = super()._send_group(datagrams, addr, segment_size)
-        self.tx_socket += sent
+        if segment_size:        # count datagrams, not GSO buffers
+            self.tx_socket += sum(-(-len(d) // segment_size) for d in datagrams[:sent])
+        else:
+            self.tx_socket += sent
         return n + sent
 
     def connection_ended(self, conn: Connection) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
 
@@ -64,7 +65,10 @@ class Driver:
     checks this socket's traffic: generic XDP runs after GRO and would see coalesced
     datagrams, which are not single records."""
 
-    gso = True     # send bulk runs as UDP GSO buffers (turned off if the kernel refuses)
+    # Send bulk runs as UDP GSO buffers (turned off if the kernel refuses). STCP_GSO=0 turns it
+    # off: an XDP program in generic mode on the peer's side of a veth pair sees a GSO buffer
+    # from this host as one datagram, not as the records it holds.
+    gso = os.environ.get("STCP_GSO", "1") != "0"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, gro: bool = False):
         self.loop = loop
