@@ -49,6 +49,9 @@ STCP_PEERS = ("stcp", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 # Servers that report their receive counters per worker on SIGUSR1 (bench.common.stats_on_sigusr1);
 # the others would die of that signal.
 STATS_PEERS = ("stcp_afxdp", "stcp_afxdp2")
+# Servers that attach an XDP program: an interface holds one, so each of these gets its own
+# veth pair (same MTU, queues and steering) between the same two namespaces.
+XDP_PEERS = ("stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 TESTS = ("bulk", "bulk8", "handshake", "rtt")
 BULK_TESTS = ("bulk", "bulk8")
 PORTS = {name: 7400 + i for i, name in enumerate(PEERS)}
@@ -404,8 +407,29 @@ def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Co
     return r
 
 
+def extra_pair(a, b, i: int, mtu: int, queues: int):
+    """Another veth pair, veth<i>, between the namespaces of a and b (tests.netns.veth_pair's),
+    addressed 10.<77+i>.<x>.1 / .2; it goes away with the namespaces."""
+    from tests.netns import Host, sh
+    x = a.ip4.split(".")[2]
+    ha = Host(a.ns, f"veth{i}", f"10.{77 + i}.{x}.1", "")
+    hb = Host(b.ns, f"veth{i}", f"10.{77 + i}.{x}.2", "")
+    tag = a.ns.rsplit("-", 1)[-1]
+    tmp_a, tmp_b = f"xa{tag}{i}", f"xb{tag}{i}"
+    q = ["numtxqueues", str(queues), "numrxqueues", str(queues)] if queues != 1 else []
+    sh("ip", "link", "add", tmp_a, "mtu", str(mtu), *q, "type", "veth", "peer", "name", tmp_b, "mtu", str(mtu), *q)
+    for tmp, h in ((tmp_a, ha), (tmp_b, hb)):
+        sh("ip", "link", "set", tmp, "netns", h.ns)
+        h.run("ip", "link", "set", tmp, "name", h.ifname)
+        h.run("ip", "addr", "add", f"{h.ip4}/24", "dev", h.ifname)
+        h.run("ip", "link", "set", h.ifname, "up")
+        h.mac = h.run("cat", f"/sys/class/net/{h.ifname}/address").stdout.strip()
+    return ha, hb
+
+
 def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, key: str,
-                logdir: Path, t_end: float, on_progress=lambda results: None) -> dict:
+                logdir: Path, t_end: float, on_progress=lambda results: None,
+                sides: dict | None = None) -> dict:
     """All peers' servers run at once (idle ones cost nothing); the client runs go round
     robin (repetition, then test, then peer), so anything else happening on the machine
     spreads over every peer instead of landing on one."""
@@ -421,27 +445,29 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
                 log(f"[{name}] not available: {why}")
                 continue
             errpath = logdir / f"{name}.server.log"
+            psrv, pcli = (sides or {}).get(name, (srv, cli))
             stats_dir = None
             if name in STATS_PEERS:
                 stats_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"stcp-bench-{name}-")))
                 os.chmod(stats_dir, 0o777)
             try:
-                proc, port = stack.enter_context(server_proc(name, srv, PORTS[name], cert, key, errpath,
+                proc, port = stack.enter_context(server_proc(name, psrv, PORTS[name], cert, key, errpath,
                                                              stats_dir))
             except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
                 res.reason = f"{type(e).__name__}: {e}"
                 log(f"[{name}] failed: {res.reason}")
                 continue
-            live[name] = (proc, port, errpath, ServerStats(proc, stats_dir) if stats_dir else None)
+            live[name] = (proc, port, errpath, ServerStats(proc, stats_dir) if stats_dir else None,
+                          psrv, pcli)
         for i in range(cfg.repeat):
             for test in TESTS:
                 for name in list(live):
-                    proc, port, errpath, stats = live[name]
+                    proc, port, errpath, stats, psrv, pcli = live[name]
                     if time.monotonic() > t_end:
                         runs[name][test].append({"test": test, "ok": False,
                                                  "error": "skipped: run time budget spent"})
                         continue
-                    r = measure(name, proc, port, srv, cli, test, cfg, cert,
+                    r = measure(name, proc, port, psrv, pcli, test, cfg, cert,
                                 logdir / f"{name}.client.log", stats)
                     runs[name][test].append(r)
                     log(f"[{name}] {test} #{i + 1}: " + brief(r, test))
@@ -572,7 +598,7 @@ def markdown(doc: dict) -> str:
                f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; aioquic {m['versions'].get('aioquic')}")
     out.append(f"- Topology: {doc['topology']}")
     for side in doc.get("steering", []):
-        out.append(f"- Steering in `{side['namespace']}` ({side['role']}): {side['summary']}")
+        out.append(f"- Steering in `{side['namespace']}` {side.get('device', '')} ({side['role']}): {side['summary']}")
     out.append(f"- Load average at start / end: {m['loadavg_start']} / {m.get('loadavg_end', '')} "
                "(other work on the machine shows up here)")
     out.append(f"- Workload: bulk = one connection, one way, {cfg['bytes'] // 2**20} MiB or {cfg['duration']} s "
@@ -726,6 +752,7 @@ def main(argv=None) -> int:
         logdir.mkdir(exist_ok=True)
 
         with contextlib.ExitStack() as stack:
+            sides: dict = {}
             if args.loopback:
                 srv, cli = Side("127.0.0.1", srv_cpu, None, args.nice), Side("127.0.0.1", cli_cpu, None, args.nice)
                 topology = (f"loopback 127.0.0.1, no namespaces; server on CPU {srv_cpu}, "
@@ -736,16 +763,22 @@ def main(argv=None) -> int:
                 if why:
                     raise SystemExit(f"bench: {why} (use --loopback to run without namespaces)")
                 a, b = stack.enter_context(veth_pair(mtu=1500, queues=args.queues))
+                pairs = {None: (a, b)}
+                for i, name in enumerate([n for n in names if n in XDP_PEERS], start=1):
+                    pairs[name] = extra_pair(a, b, i, 1500, args.queues)
                 from bench.steering import steer
                 if srv_cpu is not None:
-                    for host, cpu, role in ((a, srv_cpu, "server"), (b, cli_cpu, "client")):
-                        rec = steer(host, cpu, args.steering)
-                        rec["role"] = role
-                        pinned = rec.get("napi_kthreads_pinned", {})
-                        NAPI_PIDS.extend(int(p) for p in (pinned.get("value") or {}))
-                        steering.append(rec)
-                        log(f"steering {host.ns} ({role}): {rec['summary']}")
+                    for pa, pb in pairs.values():
+                        for host, cpu, role in ((pa, srv_cpu, "server"), (pb, cli_cpu, "client")):
+                            rec = steer(host, cpu, args.steering)
+                            rec["role"] = role
+                            pinned = rec.get("napi_kthreads_pinned", {})
+                            NAPI_PIDS.extend(int(p) for p in (pinned.get("value") or {}))
+                            steering.append(rec)
+                            log(f"steering {host.ns} {host.ifname} ({role}): {rec['summary']}")
                 srv, cli = Side(a.ip4, srv_cpu, a, args.nice), Side(b.ip4, cli_cpu, b, args.nice)
+                sides = {n: (Side(pa.ip4, srv_cpu, pa, args.nice), Side(pb.ip4, cli_cpu, pb, args.nice))
+                         for n, (pa, pb) in pairs.items() if n is not None}
                 if args.nice:
                     for pid in NAPI_PIDS:  # the receive kthreads get the same priority
                         subprocess.run(["renice", "-n", str(args.nice), "-p", str(pid)],
@@ -753,10 +786,15 @@ def main(argv=None) -> int:
                 topology = (f"veth pair MTU 1500, {args.queues} RX/TX queue(s) per end, between namespaces {a.ns} (server {a.ip4}, "
                             f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
                             f"processes pinned with taskset, nice {args.nice}")
+                if sides:
+                    topology += ("; " + ", ".join(f"{n} on its own identical pair {pa.ifname} ({pa.ip4})"
+                                                  for n, (pa, _) in pairs.items() if n is not None)
+                                 + " between the same namespaces, since an interface holds one XDP program")
             log(f"bench: {topology}")
             results = bench_peers(
                 names, srv, cli, cfg, cert, key, logdir, t_end,
-                lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False))
+                lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False),
+                sides)
 
     machine["loadavg_end"] = _read("/proc/loadavg")
     doc = document(args, machine, topology, steering, cfg, results, t_start)
