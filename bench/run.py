@@ -597,8 +597,11 @@ def markdown(doc: dict) -> str:
     out.append(f"- Kernel {m['kernel']}; CPU: {m['cpu_model']} × {m['cpus']}; Python {m['python']}; "
                f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; aioquic {m['versions'].get('aioquic')}")
     out.append(f"- Topology: {doc['topology']}")
+    groups: dict = {}              # the same steering on several veth pairs: one line
     for side in doc.get("steering", []):
-        out.append(f"- Steering in `{side['namespace']}` {side.get('device', '')} ({side['role']}): {side['summary']}")
+        groups.setdefault((side["namespace"], side["role"], side["summary"]), []).append(side.get("device", "?"))
+    for (ns, role, summary), devs in groups.items():
+        out.append(f"- Steering in `{ns}` ({role}; {', '.join(devs)}, each): {summary}")
     out.append(f"- Load average at start / end: {m['loadavg_start']} / {m.get('loadavg_end', '')} "
                "(other work on the machine shows up here)")
     out.append(f"- Workload: bulk = one connection, one way, {cfg['bytes'] // 2**20} MiB or {cfg['duration']} s "
