@@ -259,7 +259,8 @@ def run_main(server: Callable[[argparse.Namespace], None], client: Callable[[arg
 def _dump_profile(prof, prof_dir: str, args) -> None:
     import io
     import pstats
-    mod = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    # BENCH_PROFILE_NAME: a process that is not the peer module itself (a worker of one)
+    mod = os.environ.get("BENCH_PROFILE_NAME") or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     name = f"{mod}.{args.role}" + (f".{args.test}" if args.role == "client" else "")
     base = os.path.join(prof_dir, name)
     prof.dump_stats(base + ".prof")

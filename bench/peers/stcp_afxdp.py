@@ -139,7 +139,8 @@ def run_supervisor(args, nworkers: int) -> None:
     signal.signal(signal.SIGINT, stop)
     try:
         for w in range(nworkers):
-            env = dict(os.environ, **{WORKER_ENV: f"{w}/{nworkers}"})
+            env = dict(os.environ, **{WORKER_ENV: f"{w}/{nworkers}",
+                                      "BENCH_PROFILE_NAME": f"{os.path.splitext(os.path.basename(sys.argv[0]))[0]}-worker{w}"})
             procs.append(subprocess.Popen([sys.executable, "-m", "bench.peers.stcp_afxdp", *sys.argv[1:]],
                                           stdout=subprocess.PIPE, text=True, env=env))
         for w, p in enumerate(procs):
