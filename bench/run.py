@@ -22,6 +22,7 @@ import platform
 import resource
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -326,26 +327,30 @@ def kthreads_cpu() -> float:
 
 class ServerStats:
     """Asks a STATS_PEERS server for its counters: SIGUSR1, then every worker process writes
-    <dir>/<id>.json (bench.common.stats_on_sigusr1) with the signal's sequence number."""
+    <dir>/<id>.json (bench.common.stats_on_sigusr1) with its own count of such signals;
+    a snapshot is complete once every file's count has moved on since the last one."""
 
     def __init__(self, proc, path: Path):
-        self.proc, self.path, self.seq = proc, path, 0
+        self.proc, self.path = proc, path
+        self.seen: dict[str, int] = {}
 
     def snapshot(self, timeout: float = 3.0) -> dict | None:
-        self.seq += 1
         try:
-            self.proc.send_signal(__import__("signal").SIGUSR1)
+            self.proc.send_signal(signal.SIGUSR1)
         except ProcessLookupError:
             return None
         deadline = time.monotonic() + timeout
+        docs: dict = {}
         while time.monotonic() < deadline:
             docs = {}
             for f in self.path.glob("*.json"):
                 with contextlib.suppress(OSError, ValueError):
                     docs[f.stem] = json.loads(f.read_text())
-            if docs and all(d.get("seq") == self.seq for d in docs.values()):
+            if docs and all(d.get("seq", 0) > self.seen.get(k, 0) for k, d in docs.items()):
+                self.seen = {k: d["seq"] for k, d in docs.items()}
                 return docs
             time.sleep(0.02)
+        self.seen = {k: d.get("seq", 0) for k, d in docs.items()}
         return None
 
 
@@ -723,7 +728,6 @@ def select_peers(only: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import signal
     signal.signal(signal.SIGTERM, _sigterm)
     cfg = Config.quick() if args.quick else Config()
     for k in ("repeat", "bytes", "duration", "handshakes", "rtts"):
