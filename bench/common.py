@@ -4,7 +4,7 @@ peers speak on top of each transport, statistics and the one-JSON-line client ou
 Every peer is a module `bench.peers.<name>` with two roles:
 
     python -m bench.peers.<name> server --listen HOST:PORT [--cert C --key K]
-    python -m bench.peers.<name> client --connect HOST:PORT --test bulk|handshake|rtt ...
+    python -m bench.peers.<name> client --connect HOST:PORT --test bulk|bulk8|handshake|rtt ...
 
 The server prints one line `READY <port>` on stdout once it listens, then serves until
 killed. The client runs one test and prints exactly one JSON line on stdout.
@@ -12,7 +12,7 @@ killed. The client runs one test and prints exactly one JSON line on stdout.
 On each connection (or stream) the first byte names what the client wants:
   b"S"  sink: then frames of u32 BE length + that many bytes; a zero length ends the
         transfer and the server answers with the payload byte count (u64 BE).  Used by
-        the bulk test.  Framing rather than half-close because TLS over Python's ssl has
+        the bulk tests.  Framing rather than half-close because TLS over Python's ssl has
         no half-close; every peer uses the same framing so the application work is equal.
   b"E"  echo: everything after the mode byte is sent back until end of stream.
 Handshake-only connections send nothing and close right after the handshake.
@@ -55,11 +55,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     s.add_argument("--key")
     c = sub.add_parser("client")
     c.add_argument("--connect", required=True, help="HOST:PORT")
-    c.add_argument("--test", required=True, choices=["bulk", "handshake", "rtt"])
+    c.add_argument("--test", required=True, choices=["bulk", "bulk8", "handshake", "rtt"])
     c.add_argument("--cafile", help="certificate to trust (the server's self-signed cert)")
     c.add_argument("--bytes", type=int, default=256 * 1024 * 1024, help="bulk: bytes to send")
     c.add_argument("--duration", type=float, default=10.0,
                    help="bulk: stop sending after this many seconds even if --bytes is not reached")
+    c.add_argument("--connections", type=int, default=8,
+                   help="bulk8: concurrent connections sharing --bytes and --duration")
     c.add_argument("--count", type=int, default=300, help="handshake/rtt: iterations")
     c.add_argument("--time-limit", type=float, default=60.0,
                    help="handshake/rtt: stop early after this many seconds")
@@ -128,6 +130,28 @@ def bulk_result(sent: int, received: int, elapsed: float, cpu: float, **extra) -
         "client_cpu_s": round(cpu, 3),
         **extra,
     }
+
+
+def shares(total: int, n: int) -> list[int]:
+    """total bytes split over n connections as evenly as possible."""
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]
+
+
+def bulk8_result(per_conn: list[tuple[int, int, float]], elapsed: float, cpu: float, **extra) -> dict:
+    """per_conn: (sent, received by the server, seconds until its count came back) per
+    connection; the aggregate MB/s is all bytes over the time until the last count."""
+    sent = sum(p[0] for p in per_conn)
+    received = sum(p[1] for p in per_conn)
+    rates = [round(p[1] / p[2] / 1e6, 2) for p in per_conn if p[2] > 0]
+    r = bulk_result(sent, received, elapsed, cpu, **extra)
+    r.update({
+        "test": "bulk8",
+        "ok": all(p[0] == p[1] for p in per_conn),
+        "connections": len(per_conn),
+        "per_connection_mb_per_s": rates,
+        "per_connection_bytes": [p[1] for p in per_conn],
+    })
+    return r
 
 
 def handshake_result(samples: list[float], elapsed: float, cpu: float, errors: int, **extra) -> dict:
@@ -235,7 +259,8 @@ def run_main(server: Callable[[argparse.Namespace], None], client: Callable[[arg
 def _dump_profile(prof, prof_dir: str, args) -> None:
     import io
     import pstats
-    mod = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    # BENCH_PROFILE_NAME: a process that is not the peer module itself (a worker of one)
+    mod = os.environ.get("BENCH_PROFILE_NAME") or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     name = f"{mod}.{args.role}" + (f".{args.test}" if args.role == "client" else "")
     base = os.path.join(prof_dir, name)
     prof.dump_stats(base + ".prof")
@@ -245,3 +270,28 @@ def _dump_profile(prof, prof_dir: str, args) -> None:
     st.sort_stats("cumulative").print_stats(30)
     with open(base + ".txt", "w") as f:
         f.write(buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- server counters
+
+def stats_on_sigusr1(loop, provider: Callable[[], dict], name: str = "0") -> None:
+    """With BENCH_STATS=DIR (bench.run sets it for the servers in its STATS_PEERS), each
+    SIGUSR1 makes this process write DIR/<name>.json: provider()'s counters, this process's
+    CPU seconds and the signal's sequence number, so bench.run can take the counters before
+    and after each client run.  Installed before READY: SIGUSR1 would otherwise kill."""
+    path = os.environ.get("BENCH_STATS")
+    if not path:
+        return
+    import signal
+    seq = 0
+
+    def dump() -> None:
+        nonlocal seq
+        seq += 1
+        doc = dict(provider(), seq=seq, cpu_s=cpu_seconds(), pid=os.getpid())
+        tmp = os.path.join(path, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, os.path.join(path, f"{name}.json"))
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)

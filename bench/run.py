@@ -22,6 +22,7 @@ import platform
 import resource
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,18 +40,30 @@ PEERS = {
     "quic": "QUIC, aioquic (asyncio)",
     "stcp": "STCP socket datapath, asyncio API",
     "stcp_blocking": "STCP socket datapath, blocking client",
+    "stcp_xdp": "STCP XDP datapath (socket server behind the XDP filter), asyncio API",
     "stcp_afxdp": "STCP AF_XDP datapath, asyncio API",
+    "stcp_afxdp2": "STCP AF_XDP datapath, 2 worker processes, asyncio API",
 }
 ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
 TLS_PEERS = ("tls", "tls_asyncio")
-STCP_PEERS = ("stcp", "stcp_blocking", "stcp_afxdp")
-TESTS = ("bulk", "handshake", "rtt")
+STCP_PEERS = ("stcp", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
+# Servers that report their receive counters per worker on SIGUSR1 (bench.common.stats_on_sigusr1);
+# the others would die of that signal.
+STATS_PEERS = ("stcp_afxdp", "stcp_afxdp2")
+# Servers that attach an XDP program: an interface holds one, so each of these gets its own
+# veth pair (same MTU, queues and steering) between the same two namespaces.
+XDP_PEERS = ("stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
+TESTS = ("bulk", "bulk8", "handshake", "rtt")
+BULK_TESTS = ("bulk", "bulk8")
 PORTS = {name: 7400 + i for i, name in enumerate(PEERS)}
 
 TARGETS = {
     "handshakes_vs_tls": 2.0,      # STCP handshakes/s >= 2x TLS 1.3
     "bulk_vs_aioquic": 10.0,       # STCP bulk >= 10x aioquic
     "rtt_p50_vs_tls": 1.2,         # STCP RTT p50 <= 1.2x TLS
+    # issue 4: the fastest STCP datapath, for one connection (bulk) and eight (bulk8)
+    "issue4_bulk_vs_tls_asyncio": 1.0,
+    "issue4_bulk_vs_aioquic": 30.0,
 }
 
 
@@ -60,6 +73,7 @@ class Config:
     duration: float = 8.0
     handshakes: int = 300
     rtts: int = 2000
+    connections: int = 8           # bulk8
     repeat: int = 3
     time_limit: float = 30.0
     budget: float = 540.0          # whole run, seconds; later tests are skipped past it
@@ -184,6 +198,25 @@ def cpu_ticks(pid: int) -> float | None:
         return None
 
 
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            for c in _read(str(task / "children")).split():
+                out.append(int(c))
+                todo.append(int(c))
+    return out
+
+
+def tree_cpu(pid: int) -> float | None:
+    """utime+stime of a process and its live descendants (a server's worker processes)."""
+    own = cpu_ticks(pid)
+    if own is None:
+        return None
+    return own + sum(cpu_ticks(c) or 0.0 for c in descendants(pid))
+
+
 # ----------------------------------------------------------------------------- peers
 
 def peer_available(name: str) -> str | None:
@@ -201,11 +234,15 @@ def peer_available(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def server_proc(name: str, side: Side, port: int, cert: str, key: str, errpath: Path):
+def server_proc(name: str, side: Side, port: int, cert: str, key: str, errpath: Path,
+                stats_dir: Path | None = None):
     argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "server",
                       "--listen", f"{side.ip}:{port}", "--cert", cert, "--key", key])
+    e = env()
+    if stats_dir is not None:
+        e["BENCH_STATS"] = str(stats_dir)
     with open(errpath, "w") as err:
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=env())
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=e)
     try:
         deadline = time.monotonic() + 30
         line = ""
@@ -243,8 +280,9 @@ def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg:
     argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "client",
                       "--connect", f"{server_ip}:{port}", "--test", test, "--cafile", cafile,
                       "--bytes", str(cfg.bytes), "--duration", str(cfg.duration),
-                      "--count", str(count), "--time-limit", str(cfg.time_limit)])
-    timeout = (cfg.duration if test == "bulk" else cfg.time_limit) + 60
+                      "--count", str(count), "--time-limit", str(cfg.time_limit),
+                      "--connections", str(cfg.connections)])
+    timeout = (cfg.duration if test in BULK_TESTS else cfg.time_limit) + 60
     try:
         with open(errpath, "a") as err:
             out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -258,7 +296,7 @@ def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg:
             "error": f"client exit {out.returncode}: {_tail(errpath) or 'no output'}"}
 
 
-KEY = {"bulk": ("mb_per_s", True), "handshake": ("per_s", True), "rtt": ("p50_us", False)}
+KEY = {"bulk": ("mb_per_s", True), "bulk8": ("mb_per_s", True), "handshake": ("per_s", True), "rtt": ("p50_us", False)}
 
 
 def metric(run: dict, test: str) -> float | None:
@@ -287,15 +325,75 @@ def kthreads_cpu() -> float:
     return sum(cpu_ticks(p) or 0.0 for p in NAPI_PIDS)
 
 
+class ServerStats:
+    """Asks a STATS_PEERS server for its counters: SIGUSR1, then every worker process writes
+    <dir>/<id>.json (bench.common.stats_on_sigusr1) with its own count of such signals;
+    a snapshot is complete once every file's count has moved on since the last one."""
+
+    def __init__(self, proc, path: Path):
+        self.proc, self.path = proc, path
+        self.seen: dict[str, int] = {}
+
+    def snapshot(self, timeout: float = 3.0) -> dict | None:
+        try:
+            self.proc.send_signal(signal.SIGUSR1)
+        except ProcessLookupError:
+            return None
+        deadline = time.monotonic() + timeout
+        docs: dict = {}
+        while time.monotonic() < deadline:
+            docs = {}
+            for f in self.path.glob("*.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    docs[f.stem] = json.loads(f.read_text())
+            if docs and all(d.get("seq", 0) > self.seen.get(k, 0) for k, d in docs.items()):
+                self.seen = {k: d["seq"] for k, d in docs.items()}
+                return docs
+            time.sleep(0.02)
+        self.seen = {k: d.get("seq", 0) for k, d in docs.items()}
+        return None
+
+
+def worker_deltas(a: dict | None, b: dict | None, seconds: float | None) -> list[dict] | None:
+    """Per worker: records received (AF_XDP and UDP socket), per RX queue, CPU, over one run."""
+    if not a or not b or not seconds:
+        return None
+    rows = []
+    for wid in sorted(b, key=lambda k: b[k].get("worker", 0)):
+        x, y = a.get(wid), b[wid]
+        if x is None:
+            continue
+        rx = (y["rx_xsk"] - x["rx_xsk"]) + (y["rx_socket"] - x["rx_socket"])
+        cpu = round(y["cpu_s"] - x["cpu_s"], 3)
+        rows.append({
+            "worker": y.get("worker", 0),
+            "queues": y.get("queues"),
+            "records_received": rx,
+            "records_per_s": round(rx / seconds, 1),
+            "records_per_cpu_s": round(rx / cpu, 1) if cpu > 0 else None,
+            "rx_xsk": y["rx_xsk"] - x["rx_xsk"],
+            "rx_socket": y["rx_socket"] - x["rx_socket"],
+            "rx_per_queue": {q: n - x["rx_per_queue"].get(q, 0) for q, n in y["rx_per_queue"].items()},
+            "connections_accepted": y["connections_accepted"] - x["connections_accepted"],
+            "cpu_s": cpu,
+        })
+    return rows
+
+
 def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Config,
-            cert: str, cerr: Path) -> dict:
+            cert: str, cerr: Path, stats: ServerStats | None = None) -> dict:
     """One client run against a live server, with CPU accounting around it."""
+    st0 = stats.snapshot() if stats else None
     sn0 = softnet()
-    c0, k0, ch0, b0 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+    c0, k0, ch0, b0 = tree_cpu(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
     t0 = time.monotonic()
     r = run_client(name, cli, srv.ip, port, test, cfg, cert, cerr)
-    c1, k1, ch1, b1 = cpu_ticks(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
+    c1, k1, ch1, b1 = tree_cpu(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
     wall = time.monotonic() - t0
+    if stats:
+        # records/s over the transfer for the bulk tests, over the client's run otherwise
+        secs = r.get("seconds") if test in BULK_TESTS else wall
+        r["server_workers"] = worker_deltas(st0, stats.snapshot(), secs)
     r["wall_s"] = round(wall, 2)
     r["softnet_per_cpu"] = softnet_delta(sn0, softnet())
     if c0 is not None and c1 is not None:
@@ -307,15 +405,36 @@ def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Co
         r["napi_kthreads_cpu_s"] = round(k1 - k0, 3)
         r["cpu_outside_peers_s"] = round(max(0.0, other), 3)
         r["cpu_outside_peers_share"] = round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
-    if test == "bulk" and r.get("ok") and r.get("bytes_received_by_server"):
+    if test in BULK_TESTS and r.get("ok") and r.get("bytes_received_by_server"):
         gb = r["bytes_received_by_server"] / 1e9
         r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
                              "server": round(r.get("server_cpu_s", 0) / gb, 2)}
     return r
 
 
+def extra_pair(a, b, i: int, mtu: int, queues: int):
+    """Another veth pair, veth<i>, between the namespaces of a and b (tests.netns.veth_pair's),
+    addressed 10.<77+i>.<x>.1 / .2; it goes away with the namespaces."""
+    from tests.netns import Host, sh
+    x = a.ip4.split(".")[2]
+    ha = Host(a.ns, f"veth{i}", f"10.{77 + i}.{x}.1", "")
+    hb = Host(b.ns, f"veth{i}", f"10.{77 + i}.{x}.2", "")
+    tag = a.ns.rsplit("-", 1)[-1]
+    tmp_a, tmp_b = f"xa{tag}{i}", f"xb{tag}{i}"
+    q = ["numtxqueues", str(queues), "numrxqueues", str(queues)] if queues != 1 else []
+    sh("ip", "link", "add", tmp_a, "mtu", str(mtu), *q, "type", "veth", "peer", "name", tmp_b, "mtu", str(mtu), *q)
+    for tmp, h in ((tmp_a, ha), (tmp_b, hb)):
+        sh("ip", "link", "set", tmp, "netns", h.ns)
+        h.run("ip", "link", "set", tmp, "name", h.ifname)
+        h.run("ip", "addr", "add", f"{h.ip4}/24", "dev", h.ifname)
+        h.run("ip", "link", "set", h.ifname, "up")
+        h.mac = h.run("cat", f"/sys/class/net/{h.ifname}/address").stdout.strip()
+    return ha, hb
+
+
 def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, key: str,
-                logdir: Path, t_end: float, on_progress=lambda results: None) -> dict:
+                logdir: Path, t_end: float, on_progress=lambda results: None,
+                sides: dict | None = None) -> dict:
     """All peers' servers run at once (idle ones cost nothing); the client runs go round
     robin (repetition, then test, then peer), so anything else happening on the machine
     spreads over every peer instead of landing on one."""
@@ -331,23 +450,30 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
                 log(f"[{name}] not available: {why}")
                 continue
             errpath = logdir / f"{name}.server.log"
+            psrv, pcli = (sides or {}).get(name, (srv, cli))
+            stats_dir = None
+            if name in STATS_PEERS:
+                stats_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"stcp-bench-{name}-")))
+                os.chmod(stats_dir, 0o777)
             try:
-                proc, port = stack.enter_context(server_proc(name, srv, PORTS[name], cert, key, errpath))
+                proc, port = stack.enter_context(server_proc(name, psrv, PORTS[name], cert, key, errpath,
+                                                             stats_dir))
             except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
                 res.reason = f"{type(e).__name__}: {e}"
                 log(f"[{name}] failed: {res.reason}")
                 continue
-            live[name] = (proc, port, errpath)
+            live[name] = (proc, port, errpath, ServerStats(proc, stats_dir) if stats_dir else None,
+                          psrv, pcli)
         for i in range(cfg.repeat):
             for test in TESTS:
                 for name in list(live):
-                    proc, port, errpath = live[name]
+                    proc, port, errpath, stats, psrv, pcli = live[name]
                     if time.monotonic() > t_end:
                         runs[name][test].append({"test": test, "ok": False,
                                                  "error": "skipped: run time budget spent"})
                         continue
-                    r = measure(name, proc, port, srv, cli, test, cfg, cert,
-                                logdir / f"{name}.client.log")
+                    r = measure(name, proc, port, psrv, pcli, test, cfg, cert,
+                                logdir / f"{name}.client.log", stats)
                     runs[name][test].append(r)
                     log(f"[{name}] {test} #{i + 1}: " + brief(r, test))
                     if proc.poll() is not None:
@@ -368,8 +494,13 @@ def _sigterm(*_):
 def brief(r: dict, test: str) -> str:
     if not r.get("ok"):
         return f"FAILED {r.get('error') or r}"
-    if test == "bulk":
-        return f"{r['mb_per_s']} MB/s ({r['bytes_received_by_server'] / 2**20:.0f} MiB in {r['seconds']} s)"
+    if test in BULK_TESTS:
+        extra = ""
+        if test == "bulk8":
+            pc = r.get("per_connection_mb_per_s") or [0]
+            extra = f", {r['connections']} connections, {min(pc)}-{max(pc)} MB/s each"
+        return (f"{r['mb_per_s']} MB/s ({r['bytes_received_by_server'] / 2**20:.0f} MiB in {r['seconds']} s"
+                f"{extra})")
     lat = r["latency"]
     if test == "handshake":
         return f"{r['per_s']}/s p50 {lat['p50_us']} us p99 {lat['p99_us']} us"
@@ -419,9 +550,16 @@ def ratios(results: dict) -> list[dict]:
         for test, what in (("handshake", "handshakes/s"), ("bulk", "bulk"), ("rtt", "RTT p50")):
             add(f"STCP {what} ÷ TLS {what} ({api} clients)", (s, figure(results, s, test)),
                 (t, figure(results, t, test)), None, "", "like for like, informational")
-    add("STCP bulk ÷ TLS 1.3 asyncio bulk (issue 4: ≥ 1.0 for the fastest datapath)",
-        best(results, STCP_PEERS, "bulk"), ("tls_asyncio", figure(results, "tls_asyncio", "bulk")),
-        None, "", "fastest of the socket and AF_XDP datapaths")
+    # issue 4: the fastest STCP datapath measured in this run (socket, xdp, afxdp, afxdp
+    # with workers; either client API), one connection and eight.
+    for test, what in (("bulk", "bulk"), ("bulk8", "8-connection bulk")):
+        fastest = best(results, STCP_PEERS, test)
+        add(f"Fastest STCP datapath {what} ÷ TLS 1.3 asyncio {what} (issue 4)", fastest,
+            ("tls_asyncio", figure(results, "tls_asyncio", test)), TARGETS["issue4_bulk_vs_tls_asyncio"], ">=",
+            "fastest of all STCP peers measured")
+        add(f"Fastest STCP datapath {what} ÷ aioquic {what} (issue 4)", fastest,
+            ("quic", figure(results, "quic", test)), TARGETS["issue4_bulk_vs_aioquic"], ">=",
+            "fastest of all STCP peers measured")
     return rows
 
 
@@ -429,6 +567,30 @@ def ratios(results: dict) -> list[dict]:
 
 def fmt(v, nd=1, scale=1.0):
     return "–" if v is None else f"{v * scale:,.{nd}f}"
+
+
+def worker_table(doc: dict) -> list[str]:
+    """Records/s per worker of the servers that report counters (STATS_PEERS), from the
+    median run of each bulk test."""
+    rows = []
+    for name, pr in doc["peers"].items():
+        if not pr["available"]:
+            continue
+        for test in BULK_TESTS:
+            s = (pr["tests"].get(test) or {}).get("summary") or {}
+            for w in s.get("server_workers") or []:
+                q = ", ".join(f"{k}: {v:,}" for k, v in sorted(w["rx_per_queue"].items()))
+                rows.append(f"| {name} | {test} | {w['worker']} | {fmt(w['records_per_s'], 0)} | "
+                            f"{fmt(w['records_per_cpu_s'], 0)} | {w['cpu_s']:.2f} | {w['rx_xsk']:,} / {w['rx_socket']:,} | "
+                            f"{q} | {w['connections_accepted']} |")
+    if not rows:
+        return []
+    return ["", "Records received per worker (the server's own counters, taken before and after the median "
+            "run; one record per datagram): records/s over the transfer time, records per CPU-second of that "
+            "worker process. All workers share the server's CPU.", "",
+            "| Peer | Test | Worker | Records/s | Records per CPU-s | CPU s | via AF_XDP / UDP socket | "
+            "Per RX queue | Connections |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|", *rows]
 
 
 def markdown(doc: dict) -> str:
@@ -440,28 +602,39 @@ def markdown(doc: dict) -> str:
     out.append(f"- Kernel {m['kernel']}; CPU: {m['cpu_model']} × {m['cpus']}; Python {m['python']}; "
                f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; aioquic {m['versions'].get('aioquic')}")
     out.append(f"- Topology: {doc['topology']}")
+    groups: dict = {}              # the same steering on several veth pairs: one line
     for side in doc.get("steering", []):
-        out.append(f"- Steering in `{side['namespace']}` ({side['role']}): {side['summary']}")
+        groups.setdefault((side["namespace"], side["role"], side["summary"]), []).append(side.get("device", "?"))
+    for (ns, role, summary), devs in groups.items():
+        out.append(f"- Steering in `{ns}` ({role}; {', '.join(devs)}, each): {summary}")
     out.append(f"- Load average at start / end: {m['loadavg_start']} / {m.get('loadavg_end', '')} "
                "(other work on the machine shows up here)")
     out.append(f"- Workload: bulk = one connection, one way, {cfg['bytes'] // 2**20} MiB or {cfg['duration']} s "
-               f"whichever first, 256 KiB writes; handshakes = {cfg['handshakes']} sequential "
+               f"whichever first, 256 KiB writes; bulk ×{cfg.get('connections', 8)} = the same total bytes and "
+               f"time limit shared by {cfg.get('connections', 8)} concurrent connections from one client process "
+               f"(aggregate MB/s); handshakes = {cfg['handshakes']} sequential "
                f"connect + full handshake + close; RTT = {cfg['rtts']} round trips of 64 bytes on one "
                f"connection (after 50 warm-up). Each test {cfg['repeat']}×, peers taking turns "
                f"(round robin), the median run is shown.")
     out.append("")
-    out.append("| Peer | Bulk MB/s | CPU s/GB client + server | Handshakes/s | Handshake p50 / p99 ms (p50 until open) | "
+    n8 = cfg.get("connections", 8)
+    out.append(f"| Peer | Bulk MB/s | CPU s/GB client + server | Bulk ×{n8} MB/s (per connection min–max) | "
+               f"CPU s/GB ×{n8} client + server | Handshakes/s | Handshake p50 / p99 ms (p50 until open) | "
                "RTT p50 / p99 µs | CPU outside peers |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, pr in doc["peers"].items():
         if not pr["available"]:
-            out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | | |")
+            out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | | | | |")
             continue
         s = {t: (pr["tests"].get(t) or {}).get("summary") for t in TESTS}
-        b, h, r = s["bulk"], s["handshake"], s["rtt"]
+        b, b8, h, r = s["bulk"], s["bulk8"], s["handshake"], s["rtt"]
         cells = [pr["label"]]
         cells.append(fmt(b and b.get("mb_per_s")) + (f" ({b['cipher']})" if b and b.get("cipher") else ""))
         cg = b and b.get("cpu_s_per_gb")
+        cells.append(f"{cg['client']:.2f} + {cg['server']:.2f}" if cg else "–")
+        pc = (b8 or {}).get("per_connection_mb_per_s")
+        cells.append(fmt(b8 and b8.get("mb_per_s")) + (f" ({min(pc):,.1f}–{max(pc):,.1f})" if pc else ""))
+        cg = b8 and b8.get("cpu_s_per_gb")
         cells.append(f"{cg['client']:.2f} + {cg['server']:.2f}" if cg else "–")
         cells.append(fmt(h and h.get("per_s")))
         if h:
@@ -478,6 +651,7 @@ def markdown(doc: dict) -> str:
         if pr.get("reason"):
             cells[0] += f" (error: {pr['reason']})"
         out.append("| " + " | ".join(cells) + " |")
+    out.extend(worker_table(doc))
     out.append("")
     out.append("| Ratio | Value | Target | Met | Peers compared |")
     out.append("|---|---:|---|---|---|")
@@ -527,6 +701,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="run every peer under cProfile; .prof and top-function .txt files land in "
                         "<out>/profiles/ (figures are slower under the profiler)")
+    p.add_argument("--queues", type=int, default=2,
+                   help="RX/TX queues of each veth end (default 2, so stcp_afxdp2's two workers "
+                        "each own one; a single flow uses one queue either way)")
     p.add_argument("--repeat", type=int)
     p.add_argument("--bytes", type=int)
     p.add_argument("--duration", type=float)
@@ -551,7 +728,6 @@ def select_peers(only: list[str]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import signal
     signal.signal(signal.SIGTERM, _sigterm)
     cfg = Config.quick() if args.quick else Config()
     for k in ("repeat", "bytes", "duration", "handshakes", "rtts"):
@@ -583,6 +759,7 @@ def main(argv=None) -> int:
         logdir.mkdir(exist_ok=True)
 
         with contextlib.ExitStack() as stack:
+            sides: dict = {}
             if args.loopback:
                 srv, cli = Side("127.0.0.1", srv_cpu, None, args.nice), Side("127.0.0.1", cli_cpu, None, args.nice)
                 topology = (f"loopback 127.0.0.1, no namespaces; server on CPU {srv_cpu}, "
@@ -592,28 +769,39 @@ def main(argv=None) -> int:
                 why = have_root_netns()
                 if why:
                     raise SystemExit(f"bench: {why} (use --loopback to run without namespaces)")
-                a, b = stack.enter_context(veth_pair(mtu=1500))
+                a, b = stack.enter_context(veth_pair(mtu=1500, queues=args.queues))
+                pairs = {None: (a, b)}
+                for i, name in enumerate([n for n in names if n in XDP_PEERS], start=1):
+                    pairs[name] = extra_pair(a, b, i, 1500, args.queues)
                 from bench.steering import steer
                 if srv_cpu is not None:
-                    for host, cpu, role in ((a, srv_cpu, "server"), (b, cli_cpu, "client")):
-                        rec = steer(host, cpu, args.steering)
-                        rec["role"] = role
-                        pinned = rec.get("napi_kthreads_pinned", {})
-                        NAPI_PIDS.extend(int(p) for p in (pinned.get("value") or {}))
-                        steering.append(rec)
-                        log(f"steering {host.ns} ({role}): {rec['summary']}")
+                    for pa, pb in pairs.values():
+                        for host, cpu, role in ((pa, srv_cpu, "server"), (pb, cli_cpu, "client")):
+                            rec = steer(host, cpu, args.steering)
+                            rec["role"] = role
+                            pinned = rec.get("napi_kthreads_pinned", {})
+                            NAPI_PIDS.extend(int(p) for p in (pinned.get("value") or {}))
+                            steering.append(rec)
+                            log(f"steering {host.ns} {host.ifname} ({role}): {rec['summary']}")
                 srv, cli = Side(a.ip4, srv_cpu, a, args.nice), Side(b.ip4, cli_cpu, b, args.nice)
+                sides = {n: (Side(pa.ip4, srv_cpu, pa, args.nice), Side(pb.ip4, cli_cpu, pb, args.nice))
+                         for n, (pa, pb) in pairs.items() if n is not None}
                 if args.nice:
                     for pid in NAPI_PIDS:  # the receive kthreads get the same priority
                         subprocess.run(["renice", "-n", str(args.nice), "-p", str(pid)],
                                        capture_output=True)
-                topology = (f"veth pair MTU 1500 between namespaces {a.ns} (server {a.ip4}, "
+                topology = (f"veth pair MTU 1500, {args.queues} RX/TX queue(s) per end, between namespaces {a.ns} (server {a.ip4}, "
                             f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
                             f"processes pinned with taskset, nice {args.nice}")
+                if sides:
+                    topology += ("; " + ", ".join(f"{n} on its own identical pair {pa.ifname} ({pa.ip4})"
+                                                  for n, (pa, _) in pairs.items() if n is not None)
+                                 + " between the same namespaces, since an interface holds one XDP program")
             log(f"bench: {topology}")
             results = bench_peers(
                 names, srv, cli, cfg, cert, key, logdir, t_end,
-                lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False))
+                lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False),
+                sides)
 
     machine["loadavg_end"] = _read("/proc/loadavg")
     doc = document(args, machine, topology, steering, cfg, results, t_start)

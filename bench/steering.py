@@ -13,7 +13,7 @@ handed over inside the sender's xmit), which hides receive cost.  Two knobs fix 
   otherwise the packet goes through netif_rx (backlog, where RPS applies) and the NAPI
   kthread idles.  rx-udp-gro-forwarding is switched on for that; it only aggregates UDP
   that is *forwarded* (no local socket), so local UDP delivery is unchanged.
-* RPS on the rx queue (`queues/rx-0/rps_cpus`), as a second line: whatever is still
+* RPS on every rx queue (`queues/rx-N/rps_cpus`), as a second line: whatever is still
   received in softirq context elsewhere is steered to the namespace's CPU.
 
 Each step is attempted and recorded (ok / error text); nothing here is fatal, the result
@@ -76,8 +76,9 @@ def steer(host, cpu: int, mode: str = "all") -> dict:
     if mode in ("all", "rps"):
         def rps():
             mask = format(1 << cpu, "x")
-            host.run("sh", "-c", f"echo {mask} > {sysdir}/queues/rx-0/rps_cpus")
-            return host.run("cat", f"{sysdir}/queues/rx-0/rps_cpus").stdout.strip()
+            host.run("sh", "-c", f"for q in {sysdir}/queues/rx-*; do echo {mask} > $q/rps_cpus; done")
+            return host.run("sh", "-c", f"for q in {sysdir}/queues/rx-*; do echo ${{q##*/}}=$(cat $q/rps_cpus); done"
+                            ).stdout.split()
 
         _step(rec, "rps_cpus", rps)
     rec["summary"] = describe(rec)
@@ -113,11 +114,19 @@ def _napi(host, cpu: int, rec: dict, sysdir: str) -> None:
         _step(rec, "napi_kthreads_pinned", pin)
 
 
+def _queues(rec: dict) -> str:
+    v = (rec.get("rps_cpus") or {}).get("value")
+    return ", ".join(x.split("=")[0] for x in v) if isinstance(v, list) else "rx-*"
+
+
 def describe(rec: dict) -> str:
+    pinned = (rec.get("napi_kthreads_pinned") or {}).get("value") or {}
+    napi = (f"{len(pinned)} napi kthreads (one per queue) pinned to CPU {rec['cpu']}" if len(pinned) > 1
+            else f"napi kthread pinned to CPU {rec['cpu']}")
     parts = []
     for key, label in (("gro", "GRO + rx-udp-gro-forwarding on"), ("threaded_napi", "threaded NAPI"),
-                       ("napi_kthreads_pinned", f"napi kthread pinned to CPU {rec['cpu']}"),
-                       ("rps_cpus", f"RPS rx-0 -> CPU {rec['cpu']}")):
+                       ("napi_kthreads_pinned", napi),
+                       ("rps_cpus", f"RPS {_queues(rec)} -> CPU {rec['cpu']}")):
         st = rec.get(key)
         if st is None:
             continue

@@ -74,6 +74,21 @@ def _cipher(conn) -> str | None:
         return None
 
 
+async def _sink(conn, writer, reader, share: int, deadline: float, framed: bytes) -> tuple[int, int]:
+    """Send `share` bytes (or until `deadline`) as sink frames after the mode byte; return
+    (sent, the server's count)."""
+    sent = 0
+    while sent < share and time.perf_counter() < deadline:
+        n = min(C.BULK_CHUNK, share - sent)
+        writer.write(framed if n == C.BULK_CHUNK else C.frame(C.payload(n)))
+        await conn.drain(writer)
+        sent += n
+    writer.write(C.END_FRAME)
+    await conn.drain(writer)
+    got = int.from_bytes(await reader.readexactly(C.COUNT_LEN), "big")
+    return sent, got
+
+
 async def client(args, connect) -> dict:
     cpu0 = C.cpu_seconds()
     if args.test == "bulk":
@@ -81,22 +96,41 @@ async def client(args, connect) -> dict:
         conn = await connect(args)
         reader, writer = await conn.stream()
         t0 = time.perf_counter()
-        deadline = t0 + args.duration
         writer.write(C.MODE_SINK)
-        sent = 0
-        while sent < args.bytes and time.perf_counter() < deadline:
-            n = min(C.BULK_CHUNK, args.bytes - sent)
-            writer.write(framed if n == C.BULK_CHUNK else C.frame(C.payload(n)))
-            await conn.drain(writer)
-            sent += n
-        writer.write(C.END_FRAME)
-        await conn.drain(writer)
-        got = int.from_bytes(await reader.readexactly(C.COUNT_LEN), "big")
+        sent, got = await _sink(conn, writer, reader, args.bytes, t0 + args.duration, framed)
         elapsed = time.perf_counter() - t0
         cipher = _cipher(conn)
         await conn.close()
         await conn.wait_closed()
         return C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher)
+    if args.test == "bulk8":
+        # N connections from this one process, each opened (handshake and mode byte) before
+        # the clock starts, then all sending their share of --bytes at once until the
+        # shared --duration deadline; MB/s = all bytes ÷ time until the last count is back.
+        framed = C.frame(C.payload())
+        conns = []
+        for _ in range(args.connections):
+            conn = await connect(args)
+            reader, writer = await conn.stream()
+            writer.write(C.MODE_SINK)
+            await conn.drain(writer)
+            conns.append((conn, reader, writer))
+        t0 = time.perf_counter()
+        deadline = t0 + args.duration
+
+        async def one(c, share):
+            conn, reader, writer = c
+            sent, got = await _sink(conn, writer, reader, share, deadline, framed)
+            return sent, got, time.perf_counter() - t0
+
+        per_conn = await asyncio.gather(*(one(c, share) for c, share in
+                                          zip(conns, C.shares(args.bytes, args.connections))))
+        elapsed = time.perf_counter() - t0
+        cipher = _cipher(conns[0][0])
+        for conn, _, _ in conns:
+            await conn.close()
+        await asyncio.gather(*(conn.wait_closed() for conn, _, _ in conns), return_exceptions=True)
+        return C.bulk8_result(list(per_conn), elapsed, C.cpu_seconds() - cpu0, cipher=cipher)
     if args.test == "handshake":
         # Latency: connect + handshake complete + close started.  Waiting for the close to
         # finish (a close_notify round trip for TLS, the draining period for QUIC) runs in

@@ -1,12 +1,15 @@
 """TLS 1.3 over kernel TCP with Python's blocking `ssl` sockets.
 
-Server: one connection at a time (the benchmark's clients are sequential), so no thread
-start-up is charged to the handshake.  Full handshakes only: the client never resumes.
+Server: handshakes one at a time in the accept loop (the handshake and RTT tests are
+sequential), so no thread start-up is charged to a handshake; a connection that asks for
+the sink (the bulk tests) is then served in a thread of its own, so bulk8's connections
+run concurrently.  Full handshakes only: the client never resumes.
 """
 from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 
 from bench import common as C
@@ -47,33 +50,49 @@ def recv_into_exact(conn, buf: memoryview, n: int) -> None:
         got += k
 
 
-def serve_one(conn) -> None:
-    mode = conn.recv(1)
-    if not mode:
-        return
-    if mode == C.MODE_SINK:
-        total = 0
-        buf = memoryview(bytearray(1 << 20))
-        hdr = memoryview(bytearray(C.FRAME_HDR))
-        while True:
-            recv_into_exact(conn, hdr, C.FRAME_HDR)
-            n = int.from_bytes(hdr, "big")
-            if n == 0:
-                break
-            while n:
-                k = conn.recv_into(buf[:min(n, len(buf))])
-                if not k:
-                    raise ConnectionError("peer closed early")
-                n -= k
-                total += k
-        conn.sendall(total.to_bytes(C.COUNT_LEN, "big"))
-        conn.recv(1)  # wait for the client to close
-    elif mode == C.MODE_ECHO:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                break
-            conn.sendall(data)
+def serve_sink(conn) -> None:
+    total = 0
+    buf = memoryview(bytearray(1 << 20))
+    hdr = memoryview(bytearray(C.FRAME_HDR))
+    while True:
+        recv_into_exact(conn, hdr, C.FRAME_HDR)
+        n = int.from_bytes(hdr, "big")
+        if n == 0:
+            break
+        while n:
+            k = conn.recv_into(buf[:min(n, len(buf))])
+            if not k:
+                raise ConnectionError("peer closed early")
+            n -= k
+            total += k
+    conn.sendall(total.to_bytes(C.COUNT_LEN, "big"))
+    conn.recv(1)  # wait for the client to close
+
+
+def serve_echo(conn) -> None:
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            break
+        conn.sendall(data)
+
+
+def _close(raw, conn=None) -> None:
+    for s in (conn, raw):
+        if s is not None:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def _sink_thread(raw, conn) -> None:
+    try:
+        serve_sink(conn)
+    except (OSError, ssl.SSLError):
+        pass
+    finally:
+        _close(raw, conn)
 
 
 def server(args) -> None:
@@ -89,13 +108,18 @@ def server(args) -> None:
         raw, _ = ls.accept()
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(30)
+        conn = None
         try:
-            with ctx.wrap_socket(raw, server_side=True) as conn:
-                serve_one(conn)
+            conn = ctx.wrap_socket(raw, server_side=True)
+            mode = conn.recv(1)
+            if mode == C.MODE_SINK:
+                threading.Thread(target=_sink_thread, args=(raw, conn), daemon=True).start()
+                continue
+            if mode == C.MODE_ECHO:
+                serve_echo(conn)
         except (OSError, ssl.SSLError):
             pass  # handshake-only clients close without a TLS close_notify
-        finally:
-            raw.close()
+        _close(raw, conn)
 
 
 def connect(args, ctx):
@@ -119,6 +143,17 @@ def _cipher(s) -> str | None:
         return None
 
 
+def _sink(s, share: int, deadline: float, framed: bytes) -> tuple[int, int]:
+    """Sink frames (after the mode byte) on a blocking socket-like object: (sent, count)."""
+    sent = 0
+    while sent < share and time.perf_counter() < deadline:
+        n = min(C.BULK_CHUNK, share - sent)
+        s.sendall(framed if n == C.BULK_CHUNK else C.frame(C.payload(n)))
+        sent += n
+    s.sendall(C.END_FRAME)
+    return sent, int.from_bytes(recv_exact(s, C.COUNT_LEN), "big")
+
+
 def blocking_client(args, connect) -> None:
     """The three tests against a blocking socket-like API: `connect()` returns an object
     with sendall, recv and close, usable as a context manager, once the handshake is done."""
@@ -127,21 +162,49 @@ def blocking_client(args, connect) -> None:
         framed = C.frame(C.payload())
         with connect() as s:
             t0 = time.perf_counter()
-            deadline = t0 + args.duration
             s.sendall(C.MODE_SINK)
-            sent = 0
-            while sent < args.bytes and time.perf_counter() < deadline:
-                n = min(C.BULK_CHUNK, args.bytes - sent)
-                if n == C.BULK_CHUNK:
-                    s.sendall(framed)
-                else:
-                    s.sendall(C.frame(C.payload(n)))
-                sent += n
-            s.sendall(C.END_FRAME)
-            got = int.from_bytes(recv_exact(s, C.COUNT_LEN), "big")
+            sent, got = _sink(s, args.bytes, t0 + args.duration, framed)
             elapsed = time.perf_counter() - t0
             cipher = _cipher(s)
         C.emit(C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher))
+    elif args.test == "bulk8":
+        # As streams.client's bulk8, one thread per connection: all connections are opened
+        # (handshake and mode byte) first, then send their shares at once.
+        framed = C.frame(C.payload())
+        socks = []
+        try:
+            for _ in range(args.connections):
+                s = connect()
+                socks.append(s)
+                s.sendall(C.MODE_SINK)
+            per_conn: list = [None] * len(socks)
+            errors: list = []
+            t0 = time.perf_counter()
+            deadline = t0 + args.duration
+
+            def one(i, s, share):
+                try:
+                    sent, got = _sink(s, share, deadline, framed)
+                    per_conn[i] = (sent, got, time.perf_counter() - t0)
+                except Exception as e:  # noqa: BLE001 - reported in the result
+                    errors.append(repr(e))
+                    per_conn[i] = (share, 0, time.perf_counter() - t0)
+
+            threads = [threading.Thread(target=one, args=(i, s, share))
+                       for i, (s, share) in enumerate(zip(socks, C.shares(args.bytes, len(socks))))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            elapsed = time.perf_counter() - t0
+            cipher = _cipher(socks[0])
+        finally:
+            for s in socks:
+                s.close()
+        res = C.bulk8_result(per_conn, elapsed, C.cpu_seconds() - cpu0, cipher=cipher)
+        if errors:
+            res.update(ok=False, error="; ".join(errors[:3]))
+        C.emit(res)
     elif args.test == "handshake":
         samples, to_open, errors = [], [], 0
         t_start = time.perf_counter()
