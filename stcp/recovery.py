@@ -67,9 +67,11 @@ class Recovery:
         self.loss_time: Optional[float] = None
         self.last_ack_eliciting_sent: Optional[float] = None
         self.ack_eliciting_in_flight = 0
+        self.largest_sent = -1
 
     def on_sent(self, pkt: SentPacket) -> None:
         self.sent[pkt.pn] = pkt
+        self.largest_sent = pkt.pn
         if pkt.ack_eliciting:
             self.ack_eliciting_in_flight += 1
             self.last_ack_eliciting_sent = pkt.time_sent
@@ -80,6 +82,7 @@ class Recovery:
         sent = self.sent
         for p in pkts:
             sent[p.pn] = p
+        self.largest_sent = pkts[-1].pn
         self.ack_eliciting_in_flight += len(pkts)
         self.last_ack_eliciting_sent = pkts[-1].time_sent
         self.cc.on_sent(pkts[0].size * len(pkts))
@@ -116,6 +119,7 @@ class Recovery:
             self.largest_acked = largest
             if newest.pn == largest and newest.ack_eliciting:
                 self.rtt.update(now - newest.time_sent, ack_delay)
+                self.cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
         for p in acked:
             if p.ack_eliciting:
                 self.ack_eliciting_in_flight -= 1

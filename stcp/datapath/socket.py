@@ -26,7 +26,7 @@ except ImportError:       # the C helpers are optional; plain socket calls work 
 
 RECV_BATCH = 64
 RECV_ROUNDS = 16          # batches per readiness callback before yielding to the loop
-SOCKET_BUFFER = 8 << 20
+SOCKET_BUFFER = 32 << 20
 
 
 class ConnectionHooks(Protocol):
