@@ -14,11 +14,24 @@ datapath"), and the kernel builds the headers and checksums.
 
 Workers (`--workers N`, N > 1): a supervisor attaches the program and runs N worker
 processes (`stcp serve ... --afxdp-worker W/N`); worker W owns the AF_XDP sockets of the RX
-queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). The XDP program
-can only hand a frame to the socket of the queue it arrived on, so a connection belongs to
-the worker of the queue its flow hashes to (RSS on a NIC, the peer's TX queue on veth); the
-connection-ID bits are not used for steering yet. A worker that dies is reported and
-replaced; its connections are lost (their peers time out), the other workers' carry on.
+queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). A worker that
+dies is reported and replaced; its connections are lost (their peers time out), the other
+workers' carry on.
+
+Steering by connection ID: every server CID carries its worker's number in the top
+wire.CID_WORKER_BITS (8) bits, the other 56 random (docs/PROTOCOL.md 3.1.1); serving alone
+is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
+frame only into the AF_XDP socket bound to the queue it arrived on, so the program cannot
+move a record to its worker; it checks instead. A client hello goes to its arrival
+queue's socket, and that queue's worker creates the connection and names itself in the
+CID. A data record for a live CID goes to its arrival queue's socket if the CID's worker
+owns that queue, and is dropped and counted as drop_wrong_worker otherwise. So a
+connection is owned by the worker of the queue its flow hashes to (RSS on a NIC, the
+peer's TX queue on veth), all its records reach that worker and no other, and the workers
+share no connection state. Limit: a flow whose RX queue changes mid-connection (RSS
+indirection table rewritten, queue count changed, the peer's port or address changed)
+has its records dropped from then on, counted as drop_wrong_worker, until its idle timeout
+ends it.
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
