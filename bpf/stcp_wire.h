@@ -23,6 +23,9 @@
 #define STCP_HS_CLIENT_HELLO       1
 #define STCP_HS_SERVER_HELLO       2
 #define STCP_HS_REJECT             3
+/* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, random below. */
+#define STCP_CID_WORKER_BITS       8
+#define STCP_CID_WORKER_SHIFT      56    /* 64 - STCP_CID_WORKER_BITS */
 
 /* --- verdicts (stcp/datapath/verdicts.py) --------------------------------
  * One per-CPU counter (packets, bytes) per verdict. Values are indexes into the
@@ -40,7 +43,8 @@ enum stcp_verdict {
 	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source's token bucket */
 	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not an 80-byte client hello with cid 0 */
 	STCP_V_DROP_BAD_UDP       = 11, /* UDP length field < 8 or past the end of the frame */
-	STCP_V_MAX                = 12,
+	STCP_V_DROP_WRONG_WORKER  = 12, /* afxdp: live CID of another worker on this RX queue */
+	STCP_V_MAX                = 13,
 };
 
 /* --- map sizes (the loader may override them through -D cflags) --------- */
@@ -61,8 +65,9 @@ enum stcp_verdict {
 #endif
 #define STCP_CID_FILTER_SLOTS (STCP_CID_FILTER_WORDS * 8)
 
-/* Layout version of the maps below; the loader refuses to reuse another version. */
-#define STCP_MAP_ABI 2
+/* Layout version of the maps below; the loader refuses to reuse another version.
+ * 3: stcp_config.nworkers (was reserved) and verdict STCP_V_DROP_WRONG_WORKER. */
+#define STCP_MAP_ABI 3
 
 struct stcp_counter {
 	__u64 packets;
@@ -77,7 +82,8 @@ struct stcp_config {
 	__u32 max_record_len;    /* largest accepted data record payload */
 	__u32 hs_rate;           /* client hellos per second per source address */
 	__u32 hs_burst;          /* token bucket depth, in hellos */
-	__u32 reserved;
+	__u32 nworkers;          /* afxdp: workers over the RX queues (queue q -> worker
+	                          * q % nworkers); 0: no CID steering */
 	__u64 hs_cost_ns;        /* 1e9 / hs_rate: credit one hello costs */
 	__u64 hs_cap_ns;         /* hs_cost_ns * hs_burst: a full bucket */
 };

@@ -36,7 +36,10 @@ BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
 #ifdef STCP_AFXDP
 /* The afxdp datapath (stcp/datapath/afxdp.py) compiles with -DSTCP_AFXDP: records that pass
  * every check below go to the AF_XDP socket of the RX queue they arrived on; where that
- * queue has no socket, the redirect falls back to XDP_PASS (the kernel UDP socket). */
+ * queue has no socket, the redirect falls back to XDP_PASS (the kernel UDP socket).
+ * The kernel accepts a redirect only into a socket bound to the arrival (device, queue)
+ * (xsk_rcv_check), so steering cannot move a record to another queue: it can only check
+ * that the record's worker owns the arrival queue, see steer(). */
 #ifndef STCP_XSK_MAX
 #define STCP_XSK_MAX 64
 #endif
@@ -92,6 +95,33 @@ static __always_inline int deliver(struct xdp_md *ctx)
 	return XDP_PASS;
 #endif
 }
+
+#ifdef STCP_AFXDP
+/* CID steering for a data record whose CID is live. With cfg->nworkers = N > 0, worker W
+ * owns the RX queues q with q % N == W and the connections whose CID carries W in its top
+ * STCP_CID_WORKER_BITS (it chose that CID when the client hello reached one of its
+ * queues). A record whose CID names the worker of its arrival queue goes to that queue's
+ * socket. Any other is dropped and counted (STCP_V_DROP_WRONG_WORKER): its flow now hashes
+ * to another worker's queue (RSS changed, the peer moved) or it is forged with a CID seen
+ * on the path. Passing it instead would hand it to the kernel UDP socket, and through
+ * SO_REUSEPORT to a worker chosen by address hash that, as a rule, does not know the CID:
+ * user-space work for a record that ends as unknown_cid there. Dropping is the honest
+ * outcome, and the counter says why. */
+static __always_inline int steer(struct xdp_md *ctx, struct stcp_config *cfg, __u64 raw_cid)
+{
+	__u32 nworkers = cfg->nworkers;
+	__u32 worker, owner;
+
+	if (nworkers == 0)              /* not configured: every queue takes every record */
+		return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+	/* raw_cid is in wire (big-endian) order; its top bits are the worker */
+	worker = (__u32)(__builtin_bswap64(raw_cid) >> STCP_CID_WORKER_SHIFT);
+	owner = ctx->rx_queue_index % nworkers;
+	if (worker != owner)
+		return count(ctx, STCP_V_DROP_WRONG_WORKER, XDP_DROP);
+	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+}
+#endif
 
 /* Ethernet plus at most one 802.1Q / 802.1ad tag; returns the inner EtherType (network
  * order) or -1 when the frame is too short. */
@@ -305,6 +335,8 @@ int stcp_xdp(struct xdp_md *ctx)
 			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
 		if (!hello_allowed(cfg, &info.src))
 			return count(ctx, STCP_V_DROP_HS_RATE, XDP_DROP);
+		/* afxdp: to the arrival queue's socket; that queue's worker will own the
+		 * connection and name itself in the CID it picks */
 		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
 	}
 
@@ -315,6 +347,12 @@ int stcp_xdp(struct xdp_md *ctx)
 	cid = hdr->cid;                 /* wire byte order, as the loader stores keys */
 	if (!cid_maybe_live(cid) || !stcp_cids.lookup(&cid))
 		return count(ctx, STCP_V_DROP_UNKNOWN_CID, XDP_DROP);
+#ifdef STCP_AFXDP
+	/* after the table: a random-CID flood stays unknown_cid; wrong_worker means a live
+	 * connection's record came in on a queue its worker does not own */
+	return steer(ctx, cfg, cid);
+#else
 	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+#endif
 }
 

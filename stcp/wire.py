@@ -25,6 +25,12 @@ PN_MASK = (1 << EPOCH_SHIFT) - 1
 MAX_EPOCH = 0xFFFF
 HANDSHAKE_SEQ = 0                 # seq 0 is reserved for handshake records
 
+# cid = worker (top CID_WORKER_BITS bits) | random (the rest), for servers that steer by
+# CID (the afxdp datapath, PROTOCOL.md section 3.1); a plain endpoint's CIDs are all random
+CID_WORKER_BITS = 8
+CID_WORKER_SHIFT = 64 - CID_WORKER_BITS
+MAX_CID_WORKERS = 1 << CID_WORKER_BITS
+
 # --- handshake records (plaintext, fixed size, seq 0) ----------------------
 HANDSHAKE_PAYLOAD_LEN = 80
 HANDSHAKE_RECORD_LEN = HEADER_LEN + HANDSHAKE_PAYLOAD_LEN

@@ -50,7 +50,7 @@ def test_every_wire_mirror_exists():
     """The constants the XDP program depends on are all mirrored (and so all checked)."""
     needed = {"HEADER_LEN", "AEAD_TAG_LEN", "HANDSHAKE_PAYLOAD_LEN", "HANDSHAKE_RECORD_LEN", "HANDSHAKE_SEQ",
               "HS_CLIENT_HELLO", "HS_SERVER_HELLO", "HS_REJECT", "DEFAULT_MAX_DATAGRAM", "MAX_UDP_PAYLOAD",
-              "EPOCH_SHIFT"}
+              "EPOCH_SHIFT", "CID_WORKER_BITS", "CID_WORKER_SHIFT"}
     missing = {n for n in needed if f"STCP_{n}" not in _defines()}
     assert not missing, f"bpf/stcp_wire.h lacks STCP_{missing}"
     # every STCP_* define is either a wire constant or a declared C-only one
@@ -101,3 +101,21 @@ def test_struct_layouts_match_c():
     assert struct.calcsize(fmt) == xdp._CONFIG.size and fmt == xdp._CONFIG.format
     cnt = re.search(r"struct stcp_counter\s*\{(.*?)\};", src, flags=re.S).group(1)
     assert re.findall(r"__u(\d+)\s+\w+;", cnt) == ["64", "64"] and xdp._COUNTER.size == 16
+
+
+def test_cid_worker_bits():
+    """The CID structure of PROTOCOL.md section 3.1: worker in the top bits, the rest random,
+    enough random bits against off-path guessing, and room for every RX queue's worker."""
+    assert wire.CID_WORKER_SHIFT == 64 - wire.CID_WORKER_BITS
+    assert wire.MAX_CID_WORKERS == 1 << wire.CID_WORKER_BITS >= xdp.XSK_MAX
+    assert 64 - wire.CID_WORKER_BITS >= 56
+    src = (HEADER.parent / "stcp_xdp.c").read_text()
+    assert "__builtin_bswap64(raw_cid) >> STCP_CID_WORKER_SHIFT" in src
+    doc = (HEADER.parent.parent / "docs" / "PROTOCOL.md").read_text()
+    assert f"top {wire.CID_WORKER_BITS} bits" in doc
+
+
+def test_steering_verdict_and_config_field():
+    assert verdicts.Verdict.DROP_WRONG_WORKER.key == "drop_wrong_worker"
+    cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", _text(), flags=re.S).group(1)
+    assert re.search(r"__u32\s+nworkers;", cfg), "struct stcp_config lacks nworkers"

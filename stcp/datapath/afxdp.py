@@ -14,11 +14,24 @@ datapath"), and the kernel builds the headers and checksums.
 
 Workers (`--workers N`, N > 1): a supervisor attaches the program and runs N worker
 processes (`stcp serve ... --afxdp-worker W/N`); worker W owns the AF_XDP sockets of the RX
-queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). The XDP program
-can only hand a frame to the socket of the queue it arrived on, so a connection belongs to
-the worker of the queue its flow hashes to (RSS on a NIC, the peer's TX queue on veth); the
-connection-ID bits are not used for steering yet. A worker that dies is reported and
-replaced; its connections are lost (their peers time out), the other workers' carry on.
+queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). A worker that
+dies is reported and replaced; its connections are lost (their peers time out), the other
+workers' carry on.
+
+Steering by connection ID: every server CID carries its worker's number in the top
+wire.CID_WORKER_BITS (8) bits, the other 56 random (docs/PROTOCOL.md 3.1.1); serving alone
+is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
+frame only into the AF_XDP socket bound to the queue it arrived on, so the program cannot
+move a record to its worker; it checks instead. A client hello goes to its arrival
+queue's socket, and that queue's worker creates the connection and names itself in the
+CID. A data record for a live CID goes to its arrival queue's socket if the CID's worker
+owns that queue, and is dropped and counted as drop_wrong_worker otherwise. So a
+connection is owned by the worker of the queue its flow hashes to (RSS on a NIC, the
+peer's TX queue on veth), all its records reach that worker and no other, and the workers
+share no connection state. Limit: a flow whose RX queue changes mid-connection (RSS
+indirection table rewritten, queue count changed, the peer's port or address changed)
+has its records dropped from then on, counted as drop_wrong_worker, until its idle timeout
+ends it.
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
@@ -26,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import glob
 import logging
@@ -39,6 +53,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..connection import Connection
 from ..endpoint import ServerEndpoint
+from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
 from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver
 from .xdp import (XSK_MAX, XdpAlreadyAttached, XdpDatapath, XdpSetupError, _map_fd_by_id, _map_update,
                   map_info, prog_info)
@@ -83,12 +98,15 @@ class AfxdpDatapath:
         self.xsks = xsks
         self._xskmap_fd = xskmap_fd
         self.worker = worker              # "W/N" in a worker process, None when serving alone
+        # the worker number the server's CIDs carry (wire.CID_WORKER_BITS); serving alone is
+        # worker 0 of 1
+        self.worker_index = 0 if worker is None else int(worker.split("/")[0])
         self._lock_fd = -1
         self._tag = 1
         if worker is not None:
             # workers share the kernel's CID prefilter words (read-modify-write): serialise
             self._lock_fd = cid_lock_fd(xdp.prog_id)
-            self._tag = worker_tag(int(worker.split("/")[0]))
+            self._tag = worker_tag(self.worker_index)
 
     @property
     def iface(self) -> str:
@@ -116,7 +134,7 @@ class AfxdpDatapath:
         if max_record_len is not None:
             kw["max_record_len"] = max_record_len
         try:
-            xdp = XdpDatapath.attach(iface, port, mode, afxdp=True, **kw)
+            xdp = XdpDatapath.attach(iface, port, mode, afxdp=True, nworkers=1, **kw)
         except XdpAlreadyAttached as e:
             raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
                                   f"or {FALLBACK}") from None
@@ -141,6 +159,10 @@ class AfxdpDatapath:
         if xdp.port != port:
             xdp.close()
             raise AfxdpSetupError(f"worker {worker}: the program on {iface} serves port {xdp.port}, not {port}")
+        if xdp.config.get("nworkers") != nworkers:
+            xdp.close()
+            raise AfxdpSetupError(f"worker {worker}: the program on {iface} steers over "
+                                  f"{xdp.config.get('nworkers')} worker(s), not {nworkers}")
         own = [q for q in range(rx_queue_count(iface)) if q % nworkers == worker]
         xsks, mfd = _open_sockets(xsk_mod, xdp, iface, own,
                                   lambda q, e: f"worker {worker}: cannot create an AF_XDP socket on {iface} "
@@ -185,7 +207,10 @@ class AfxdpDatapath:
         AF_XDP socket the peer's records arrive on (the UDP socket otherwise)."""
         from ..api import Server, bind_udp, make_config
         loop = asyncio.get_running_loop()
-        config = config or make_config(None)
+        # every CID this server picks names this worker in its top bits: the XDP program
+        # delivers a connection's records only on the queues of the worker named there
+        config = dataclasses.replace(config or make_config(None), cid_prefix_bits=CID_WORKER_BITS,
+                                     cid_prefix=self.worker_index)
         sock = bind_udp(host, port, reuse_port=self.worker is not None)
         endpoint = ServerEndpoint(config, max_connections=max_connections)
         server = Server(loop, None, handler, hooks)
@@ -404,12 +429,14 @@ class Supervisor:
                                   f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
         load_xsk()
         queues = rx_queue_count(self.iface)
+        if self.n > MAX_CID_WORKERS:
+            raise AfxdpSetupError(f"--workers {self.n}: a connection ID names at most {MAX_CID_WORKERS} workers")
         if self.n > queues:
             raise AfxdpSetupError(f"--workers {self.n} exceeds the {queues} RX queue(s) of {self.iface} (a worker "
                                   f"owns whole queues); use --workers {queues} or fewer")
         kw = {} if self.max_record_len is None else {"max_record_len": self.max_record_len}
         try:
-            self.xdp = XdpDatapath.attach(self.iface, self.port, self.mode, afxdp=True, **kw)
+            self.xdp = XdpDatapath.attach(self.iface, self.port, self.mode, afxdp=True, nworkers=self.n, **kw)
         except XdpAlreadyAttached as e:
             raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
                                   f"or {FALLBACK}") from None

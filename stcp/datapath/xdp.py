@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..errors import STCPError
-from ..wire import DEFAULT_MAX_DATAGRAM, HEADER_LEN
+from ..wire import DEFAULT_MAX_DATAGRAM, HEADER_LEN, MAX_CID_WORKERS
 from .verdicts import Verdict
 
 log = logging.getLogger("stcp.datapath.xdp")
@@ -42,7 +42,7 @@ DEFAULT_MAX_CIDS = 65536
 DEFAULT_HS_SOURCES = 65536
 CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
 CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
-MAP_ABI = 2                   # STCP_MAP_ABI in bpf/stcp_wire.h
+MAP_ABI = 3                   # STCP_MAP_ABI in bpf/stcp_wire.h
 XSK_MAX = 64                  # entries (RX queues) of stcp_xsks, the XSKMAP of the afxdp variant
 
 BPFFS = "/sys/fs/bpf"
@@ -506,13 +506,17 @@ def _open_prog(prog_id: int) -> Optional[_Handles]:
 
 def _read_config(h: _Handles) -> dict:
     raw = _map_lookup(h.maps["config"], struct.pack("=I", 0), _CONFIG.size)
-    abi, port, max_len, rate, burst, _r, cost, cap = _CONFIG.unpack(raw or bytes(_CONFIG.size))
-    return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst}
+    abi, port, max_len, rate, burst, nworkers, cost, cap = _CONFIG.unpack(raw or bytes(_CONFIG.size))
+    return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst,
+            "nworkers": nworkers}
 
 
-def _write_config(h: _Handles, port: int, max_record_len: int, hs_rate: int, hs_burst: int) -> None:
+def _write_config(h: _Handles, port: int, max_record_len: int, hs_rate: int, hs_burst: int,
+                  nworkers: int = 0) -> None:
+    """nworkers: the afxdp variant steers data records by their CID's worker bits over that
+    many workers (0: no steering; the plain xdp variant ignores it)."""
     cost = 1_000_000_000 // hs_rate
-    value = _CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, 0, cost, cost * hs_burst)
+    value = _CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst)
     _map_update(h.maps["config"], struct.pack("=I", 0), value)
 
 
@@ -615,18 +619,21 @@ class XdpDatapath:
     def attach(cls, iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
-               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False) -> "XdpDatapath":
+               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it.
         afxdp=True compiles the variant that redirects good records to its stcp_xsks
-        XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map)."""
+        XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
+        steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
         return _off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                         max_cids, hs_sources, afxdp)
+                         max_cids, hs_sources, afxdp, nworkers)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False) -> "XdpDatapath":
+                hs_sources, afxdp=False, nworkers=0) -> "XdpDatapath":
         _validate_limits(port, mode, max_record_len, hs_rate, hs_burst)
+        if not 0 <= nworkers <= MAX_CID_WORKERS:
+            raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
         require_root()
         with _Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
@@ -651,7 +658,7 @@ class XdpDatapath:
                 h = _open_prog(pid)
                 if h is None:
                     raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-                _write_config(h, port, max_record_len, hs_rate, hs_burst)
+                _write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers)
                 _remove_pins(pins)              # stale pins of a program that is gone
                 os.makedirs(pins, exist_ok=True)
                 _pin(h.prog_fd, f"{pins}/prog")
