@@ -52,6 +52,7 @@ class NewReno:
         self.bytes_in_flight += size
 
     def on_acked(self, size: int, time_sent: float) -> None:
+        """`size` bytes of packets sent at `time_sent` were acknowledged (one packet or a run)."""
         self.bytes_in_flight -= size
         if time_sent <= self.recovery_start:
             return
@@ -59,7 +60,7 @@ class NewReno:
             self.cwnd += size if self._css_baseline == INF else size // CSS_GROWTH_DIVISOR
         else:
             self._acked_in_ca += size
-            if self._acked_in_ca >= self.cwnd:
+            while self._acked_in_ca >= self.cwnd:      # one datagram more per window acknowledged
                 self._acked_in_ca -= self.cwnd
                 self.cwnd += self.max_datagram
 

@@ -16,7 +16,8 @@ from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
 from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
                      MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
 from .handshake import ClientHandshake, Keys, server_respond
-from .recovery import MAX_ACK_DELAY, Recovery, SentPacket
+from .recovery import (CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_ACK_DELAY, MAX_DATA as _MAX_DATA,
+                       PING as _PING, STREAM as _STREAM, Group, Recovery, SentPacket, SentRun)
 from .replay import ReceivedPackets
 from .state import Event, State, transition
 from .stream import RecvStream, SendStream
@@ -101,8 +102,6 @@ class Stats:
     rtt_samples: List[float] = field(default_factory=list)
 
 
-# Descriptions of what a sent packet carried, so loss and acks can act on them.
-_STREAM, _MAX_DATA, _PING, _CLOSE, _KEY_UPDATE = range(5)
 _DRAIN_PTOS = 3
 _MIN_STREAM_CHUNK = 64
 _ACK_BYTES = 23 + 16 * 8                  # an ACK frame with a few ranges
@@ -506,10 +505,10 @@ class Connection:
         send_epoch = self._keys.send.epoch
         on_acked = self._send.on_acked
         start = end = -1                  # adjacent acknowledged stream ranges, merged
-        for p in acked:
+        for first, last, p in acked:
             if p.epoch == send_epoch:
                 self._key_update_allowed = True
-            for desc in p.frames:
+            for desc in p.frames_between(first, last):
                 if desc[0] == _STREAM:
                     if desc[3]:
                         on_acked(desc[1], desc[2], True)
@@ -527,9 +526,9 @@ class Connection:
                 del self.stats.rtt_samples[:512]
         self._on_lost(lost)
 
-    def _on_lost(self, lost: List[SentPacket]) -> None:
-        for p in lost:
-            for desc in p.frames:
+    def _on_lost(self, lost: List[Group]) -> None:
+        for first, last, p in lost:
+            for desc in p.frames_between(first, last):
                 kind = desc[0]
                 if kind == _STREAM:
                     self._send.on_lost(desc[1], desc[2], desc[3])
@@ -609,9 +608,9 @@ class Connection:
     def _on_pto(self) -> None:
         self._recovery.on_pto()
         self._probes_due = 2
-        oldest = next((p for p in self._recovery.sent.values() if p.ack_eliciting), None)
+        oldest = self._recovery.oldest_ack_eliciting()
         if oldest is not None:     # probe with the oldest unacknowledged data, not just a ping
-            for desc in oldest.frames:
+            for desc in oldest[2].frames_between(oldest[0], oldest[1]):
                 if desc[0] == _STREAM:
                     self._send.on_lost(desc[1], desc[2], desc[3])
         if not self._send.pending():
@@ -724,11 +723,7 @@ class Connection:
         stats.records_sent += n
         stats.bytes_sent += len(buf)
         stats.stream_bytes_sent += n * chunk
-        epoch = key.epoch
-        self._recovery.on_sent_run([
-            SentPacket(pn + i, now, size, True, [(_STREAM, start + i * chunk, start + (i + 1) * chunk,
-                                                  fin and i == n - 1)], epoch)
-            for i in range(n)])
+        self._recovery.on_sent_run(SentRun(pn, now, size, key.epoch, n, start, chunk, fin))
         out.append((buf, size))
         return True
 

@@ -6,8 +6,9 @@ fires when nothing is acknowledged for too long.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from bisect import bisect_left, bisect_right
+from itertools import repeat
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .congestion import PERSISTENT_CONGESTION_THRESHOLD, NewReno
 
@@ -22,6 +23,13 @@ MAX_ACK_DELAY = 0.010
 MAX_PTO_INTERVAL = 0.25
 
 
+# What a sent packet carried, so loss and acks can act on it (descriptions in `frames`).
+STREAM, MAX_DATA, PING, CLOSE, KEY_UPDATE = range(5)
+
+# A group of acknowledged or lost packets: (first pn, last pn, the packet object they share).
+Group = Tuple[int, int, "SentPacket"]
+
+
 class SentPacket:
     __slots__ = ("pn", "time_sent", "size", "ack_eliciting", "frames", "epoch")
 
@@ -30,8 +38,50 @@ class SentPacket:
         self.time_sent = time_sent
         self.size = size
         self.ack_eliciting = ack_eliciting
-        self.frames = frames      # retransmittable descriptions, see Connection
+        self.frames = frames      # retransmittable descriptions: (kind, ...) with kinds above
         self.epoch = epoch
+
+    def frames_between(self, first: int, last: int) -> list:
+        """Descriptions of what packets first..last of this object carried."""
+        return self.frames
+
+
+class SentRun(SentPacket):
+    """One bulk run (Connection._send_stream_run): `count` ack-eliciting records of `size`
+    bytes with consecutive pns from `pn`, record i carrying stream bytes
+    [offset + i*chunk, offset + (i+1)*chunk), the last one FIN if `fin`. The one object
+    stands in the slot of each of its pns, so a run costs one object, not one per record."""
+    __slots__ = ("count", "offset", "chunk", "fin")
+
+    def __init__(self, pn: int, time_sent: float, size: int, epoch: int, count: int, offset: int, chunk: int,
+                 fin: bool):
+        super().__init__(pn, time_sent, size, True, [], epoch)
+        self.count = count
+        self.offset = offset
+        self.chunk = chunk
+        self.fin = fin
+
+    def frames_between(self, first: int, last: int) -> list:
+        start = self.offset + (first - self.pn) * self.chunk
+        end = self.offset + (last + 1 - self.pn) * self.chunk
+        return [(STREAM, start, end, self.fin and last == self.pn + self.count - 1)]
+
+
+def _groups(pns: List[int], packets: List[SentPacket]) -> List[Group]:
+    """Consecutive pns that share one packet object (a run) as one group, in order."""
+    out: List[Group] = []
+    prev = None
+    first = last = 0
+    for pn, p in zip(pns, packets):
+        if p is prev and pn == last + 1:
+            last = pn
+            continue
+        if prev is not None:
+            out.append((first, last, prev))
+        prev, first, last = p, pn, pn
+    if prev is not None:
+        out.append((first, last, prev))
+    return out
 
 
 class RttEstimator:
@@ -77,15 +127,12 @@ class Recovery:
             self.last_ack_eliciting_sent = pkt.time_sent
             self.cc.on_sent(pkt.size)
 
-    def on_sent_run(self, pkts: List[SentPacket]) -> None:
-        """Ack-eliciting packets of one size, sent together (a bulk run)."""
-        sent = self.sent
-        for p in pkts:
-            sent[p.pn] = p
-        self.largest_sent = pkts[-1].pn
-        self.ack_eliciting_in_flight += len(pkts)
-        self.last_ack_eliciting_sent = pkts[-1].time_sent
-        self.cc.on_sent(pkts[0].size * len(pkts))
+    def on_sent_run(self, run: SentRun) -> None:
+        self.sent.update(zip(range(run.pn, run.pn + run.count), repeat(run)))
+        self.largest_sent = run.pn + run.count - 1
+        self.ack_eliciting_in_flight += run.count
+        self.last_ack_eliciting_sent = run.time_sent
+        self.cc.on_sent(run.size * run.count)
 
     def pto_interval(self) -> float:
         rtt = self.rtt
@@ -100,76 +147,80 @@ class Recovery:
         return self.last_ack_eliciting_sent + self.pto_interval()
 
     def on_ack(self, ranges: Sequence[Tuple[int, int]], ack_delay: float, now: float
-               ) -> Tuple[List[SentPacket], List[SentPacket]]:
-        """Process an ACK frame; return (newly acked, newly lost) packets."""
+               ) -> Tuple[List[Group], List[Group]]:
+        """Process an ACK frame; return (newly acked, newly lost) packets as groups in pn order."""
         sent = self.sent
-        acked: List[SentPacket] = []
         largest = ranges[0][1]
+        acked_pns: List[int] = []
         if sent:
             pns = list(sent)          # ascending: packet numbers are allocated in order
-            for low, high in reversed(ranges):     # ascending, so `acked` comes out in pn order
-                i = bisect_left(pns, low)
-                while i < len(pns) and pns[i] <= high:
-                    acked.append(sent.pop(pns[i]))
-                    i += 1
-        if not acked:
+            for low, high in reversed(ranges):     # ascending, so the groups come out in pn order
+                acked_pns += pns[bisect_left(pns, low):bisect_right(pns, high)]
+        if not acked_pns:
             return [], []
-        newest = acked[-1]
+        acked = _groups(acked_pns, list(map(sent.pop, acked_pns)))
+        newest = acked[-1][2]
         if largest > self.largest_acked:
             self.largest_acked = largest
-            if newest.pn == largest and newest.ack_eliciting:
+            if acked_pns[-1] == largest and newest.ack_eliciting:
                 self.rtt.update(now - newest.time_sent, ack_delay)
                 self.cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
-        for p in acked:
+        cc = self.cc
+        for first, last, p in acked:
             if p.ack_eliciting:
-                self.ack_eliciting_in_flight -= 1
-                self.cc.on_acked(p.size, p.time_sent)
+                n = last - first + 1
+                self.ack_eliciting_in_flight -= n
+                cc.on_acked(p.size * n, p.time_sent)
         self.pto_count = 0
         lost = self.detect_lost(now)
         return acked, lost
 
-    def detect_lost(self, now: float) -> List[SentPacket]:
+    def detect_lost(self, now: float) -> List[Group]:
         self.loss_time = None
         rtt = self.rtt
         loss_delay = max(TIME_THRESHOLD * max(rtt.latest, rtt.smoothed), GRANULARITY)
-        lost: List[SentPacket] = []
+        lost_pns: List[int] = []
         largest = self.largest_acked
         for pn, p in self.sent.items():
             if pn > largest:
                 break
             if largest - pn >= PACKET_THRESHOLD or p.time_sent + loss_delay <= now:
-                lost.append(p)
+                lost_pns.append(pn)
             elif self.loss_time is None:
                 self.loss_time = p.time_sent + loss_delay
-        if lost:
-            for p in lost:
-                del self.sent[p.pn]
-                if p.ack_eliciting:
-                    self.ack_eliciting_in_flight -= 1
-                    self.cc.on_lost(p.size, p.time_sent, now)
-            self._check_persistent_congestion(lost)
+        if not lost_pns:
+            return []
+        lost = _groups(lost_pns, list(map(self.sent.pop, lost_pns)))
+        for first, last, p in lost:
+            if p.ack_eliciting:
+                n = last - first + 1
+                self.ack_eliciting_in_flight -= n
+                self.cc.on_lost(p.size * n, p.time_sent, now)
+        self._check_persistent_congestion(lost)
         return lost
 
-    def _check_persistent_congestion(self, lost: List[SentPacket]) -> None:
+    def _check_persistent_congestion(self, lost: List[Group]) -> None:
         if not self.rtt.has_sample:
             return
-        eliciting = [p for p in lost if p.ack_eliciting]
-        if len(eliciting) < 2:
+        eliciting = [p for _, _, p in lost if p.ack_eliciting]
+        if sum(last - first + 1 for first, last, p in lost if p.ack_eliciting) < 2:
             return
         duration = (self.rtt.smoothed + max(4 * self.rtt.rttvar, GRANULARITY) + MAX_ACK_DELAY) \
             * PERSISTENT_CONGESTION_THRESHOLD
         if eliciting[-1].time_sent - eliciting[0].time_sent >= duration:
             self.cc.on_persistent_congestion()
 
+    def oldest_ack_eliciting(self) -> Optional[Group]:
+        """The oldest ack-eliciting packet still in flight, as a one-packet group."""
+        return next(((pn, pn, p) for pn, p in self.sent.items() if p.ack_eliciting), None)
+
     def on_pto(self) -> None:
         self.pto_count += 1
 
-    def forget_all(self, on_each: Callable[[SentPacket], None] | None = None) -> None:
+    def forget_all(self) -> None:
         for p in self.sent.values():
             if p.ack_eliciting:
                 self.cc.on_forgotten(p.size)
-            if on_each:
-                on_each(p)
         self.sent.clear()
         self.ack_eliciting_in_flight = 0
         self.loss_time = None
