@@ -109,7 +109,6 @@ _ACK_BYTES = 23 + 16 * 8                  # an ACK frame with a few ranges
 # the whole buffer must fit one UDP datagram's length.
 _MAX_RUN_RECORDS = 64
 _MAX_RUN_BYTES = 65000
-_HEADER = wire.HEADER_STRUCT
 _STREAM_HDR = wire.STREAM_HEADER_STRUCT
 
 
@@ -276,68 +275,43 @@ class Connection:
         self._finish_rx_event()
 
     def receive_datagrams(self, datagrams: List[bytes], now: float) -> None:
-        """Process datagrams addressed to this connection, in order: the same outcome as
-        receive_datagram on each, with the crypto of a run of in-order records done in one
-        C call and their data delivered as one DataReceived."""
-        keys = self._keys
+        """Process datagrams addressed to this connection, in order, as receive_datagram on
+        each would: replays are discarded, a bad record ends the connection after the good ones
+        before it. The crypto of new records happens in one C call (RecordKey.open_records)
+        and a stretch of in-order stream records is taken as one piece of data."""
         if self.state != State.ENCRYPTED or len(datagrams) < 2:
             for data in datagrams:
                 self._receive_one(data, now)
             self._finish_rx_event()
             return
-        run: List[bytes] = []        # records opened together: current epoch, ascending new pns
-        pns: List[int] = []
-        min_len = wire.HEADER_LEN + wire.AEAD_TAG_LEN
-        for data in datagrams:
+        key = self._keys.recv
+        epoch = key.epoch
+        received = self._received
+        for item in key.open_records(datagrams, self.local_cid, epoch, received.largest, self._recv.max_data):
             if self.state == State.CLOSED:
                 break
-            n = len(data)
-            if n >= min_len:
-                length, cid, seq = _HEADER.unpack_from(data)
-                pn = seq & wire.PN_MASK
-                if length == n - wire.HEADER_LEN and cid == self.local_cid and seq \
-                        and seq >> wire.EPOCH_SHIFT == keys.recv.epoch and (not pns or pn > pns[-1]) \
-                        and not self._received.is_duplicate(pn):
-                    run.append(data)
-                    pns.append(pn)
-                    continue
-            # anything unusual takes the one-record path, after the run before it
-            self._receive_run(run, pns, now)
-            run, pns = [], []
-            self._receive_one(data, now)
-        self._receive_run(run, pns, now)
-        self._finish_rx_event()
-
-    def _receive_run(self, run: List[bytes], pns: List[int], now: float) -> None:
-        if not run or self.state == State.CLOSED:
-            return
-        key = self._keys.recv
-        i = 0
-        for item in key.open_stream_runs(run, self._recv.max_data):
-            if self.state == State.CLOSED:
-                return
+            if type(item) is not tuple:
+                self._receive_one(item, now)
+                continue
             try:
-                if type(item) is tuple:
-                    # records of contiguous stream data, opened and joined in C: accounted for
-                    # as _accept would one by one
-                    offset, count, data = item
-                    self._received.add_ascending(pns[i:i + count])
-                    stats = self.stats
-                    stats.records_received += count
-                    stats.bytes_received += sum(map(len, run[i:i + count]))
-                    self._last_activity = now
-                    i += count
-                    self._on_stream_data(offset, data, False)
-                    self._ack_eliciting_unacked += count - 1
-                    self._ack_eliciting_received(pns[i - 1], now)
-                    self._check_finished(now)
-                else:
-                    i += 1
-                    if item is None:
-                        raise AuthenticationFailure("record failed authentication")
-                    self._accept(item, pns[i - 1], key.epoch, len(run[i - 1]), now)
+                if len(item) == 3:
+                    plaintext, pn, record_len = item
+                    self._accept(plaintext, pn, epoch, record_len, now)
+                    continue
+                # records of contiguous stream data: accounted for as _accept would one by one
+                offset, count, data, first_pn, record_bytes = item
+                received.add_consecutive(first_pn, first_pn + count - 1)
+                stats = self.stats
+                stats.records_received += count
+                stats.bytes_received += record_bytes
+                self._last_activity = now
+                self._on_stream_data(offset, data, False)
+                self._ack_eliciting_unacked += count - 1
+                self._ack_eliciting_received(first_pn + count - 1, now)
+                self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
+        self._finish_rx_event()
 
     def _receive_one(self, data: bytes, now: float) -> None:
         if self.state == State.CLOSED:

@@ -174,36 +174,60 @@ class RecordKey:
                 out.append(None)
         return out
 
-    def open_stream_runs(self, records, limit: int) -> list:
-        """Open records in order; in record order, (offset, count, data) for each stretch of
-        records whose plaintexts are each one STREAM frame without FIN, each starting where the
-        previous ended and ending at or below `limit` (their data joined), and the plaintext
-        (None where malformed or not authentic) of every other record."""
+    def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int) -> list:
+        """One connection's datagrams of a receive batch, in order. A record is new when its
+        header is well formed for `cid` in this key's `epoch` and its pn is above `largest_pn`
+        and above every pn before it in `datagrams` (so it cannot be a replay). New records are
+        opened; each stretch of new authentic records with consecutive pns whose plaintexts
+        are plain in-order stream data (one STREAM frame without FIN, each starting where the
+        previous ended, ending at or below `limit`, below 2^62) is joined. In datagram order:
+        (offset, count, data, first_pn, record_bytes) for a stretch, (plaintext, pn,
+        record_len) for any other new authentic record, the datagram itself for the rest."""
         if self.fast is not None:
-            return self.fast.open_stream_runs(records, limit)
+            return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit)
+        high = max(largest_pn, 0)
+        opened = []                  # (datagram, pn, plaintext or None)
+        for d in datagrams:
+            pn, pt = 0, None
+            if len(d) >= wire.HEADER_LEN:
+                length, rcid, seq = wire.HEADER_STRUCT.unpack_from(d)
+                if rcid == cid and seq:
+                    pn = seq & wire.PN_MASK
+                    new = pn > high
+                    high = max(high, pn)
+                    if new and seq >> wire.EPOCH_SHIFT == epoch and length == len(d) - wire.HEADER_LEN \
+                            and len(d) >= wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+                        try:
+                            pt = self.open(d, seq)
+                        except AuthenticationFailure:
+                            pt = None
+            opened.append((d, pn, pt))
         out: list = []
         overhead = wire.STREAM_FRAME_OVERHEAD
-        stretch: list = []          # [offset, count, pieces, end]
-        for pt in self.open_batch(records):
+        stretch = None               # [offset, count, pieces, first_pn, record_bytes, next_offset, last_pn]
+        for d, pn, pt in opened:
             simple = False
             if pt is not None and len(pt) >= overhead:
                 ftype, flags, off, length = wire.STREAM_HEADER_STRUCT.unpack_from(pt)
                 simple = ftype == wire.FRAME_STREAM and not flags and length == len(pt) - overhead \
                     and off + length <= limit and off + length < 1 << 62
-            if simple and stretch and stretch[3] == off:
+            if simple and stretch is not None and stretch[5] == off and stretch[6] + 1 == pn:
                 stretch[1] += 1
                 stretch[2].append(pt[overhead:])
-                stretch[3] = off + length
+                stretch[4] += len(d)
+                stretch[5], stretch[6] = off + length, pn
                 continue
-            if stretch:
-                out.append((stretch[0], stretch[1], b"".join(stretch[2])))
-                stretch = []
+            if stretch is not None:
+                out.append((stretch[0], stretch[1], b"".join(stretch[2]), stretch[3], stretch[4]))
+                stretch = None
             if simple:
-                stretch = [off, 1, [pt[overhead:]], off + length]
+                stretch = [off, 1, [pt[overhead:]], pn, len(d), off + length, pn]
+            elif pt is not None:
+                out.append((pt, pn, len(d)))
             else:
-                out.append(pt)
-        if stretch:
-            out.append((stretch[0], stretch[1], b"".join(stretch[2])))
+                out.append(d)
+        if stretch is not None:
+            out.append((stretch[0], stretch[1], b"".join(stretch[2]), stretch[3], stretch[4]))
         return out
 
     def open(self, record: bytes, seq: int) -> bytes:

@@ -54,15 +54,14 @@ class ReceivedPackets:
             ranges.insert(i, [pn, pn])
             self._trim()
 
-    def add_ascending(self, pns: List[int]) -> None:
-        """Record ascending new pns (checked by the caller); a consecutive run extends the
-        newest range in one step."""
+    def add_consecutive(self, first: int, last: int) -> None:
+        """Record new pns first..last (checked by the caller: all above `largest`)."""
         ranges = self.ranges
-        if ranges and pns[0] == ranges[-1][1] + 1 and pns[-1] - pns[0] == len(pns) - 1:
-            ranges[-1][1] = pns[-1]
-            return
-        for pn in pns:
-            self.add(pn)
+        if ranges and first == ranges[-1][1] + 1:
+            ranges[-1][1] = last
+        else:
+            ranges.append([first, last])
+            self._trim()
 
     def _trim(self) -> None:
         if len(self.ranges) > MAX_RANGES:

@@ -404,7 +404,7 @@ def test_fuzz_mutated_records(suite, pt, edits, cut):
                                st.text(max_size=8), st.lists(st.binary(max_size=8), max_size=3),
                                st.builds(bytearray, st.binary(max_size=64))), max_size=5),
        method=st.sampled_from(["seal", "open", "seal_batch", "seal_into", "open_batch", "seal_stream",
-                               "open_stream_runs"]))
+                               "open_records"]))
 def test_fuzz_arbitrary_arguments(args, method):
     c = cipher(wire.SUITE_AES_256_GCM)
     try:
@@ -435,52 +435,65 @@ def test_seal_stream_is_the_records_seal_would_make(suite, size, chunk, fin):
     assert py.seal_stream(CID, first, memoryview(data), 1000, chunk, fin) == expect
 
 
-def _stream_records(key, offsets, chunk=100, first=1):
-    """One STREAM-frame record per (offset, fin) with `chunk` bytes, consecutive seqs."""
-    return [key.seal(CID, first + i, wire.encode_stream(off, plaintext(chunk, off & 0xFF), fin))
+def _stream_records(key, offsets, chunk=100, first=1, cid=CID):
+    """One STREAM-frame record per (offset, fin) with `chunk` bytes, consecutive pns."""
+    return [key.seal(cid, first + i, wire.encode_stream(off, plaintext(chunk, off & 0xFF), fin))
             for i, (off, fin) in enumerate(offsets)]
 
 
-def test_open_stream_runs_joins_contiguous_stretches(suite):
+def test_open_records_sorts_a_batch(suite):
     fast, py = crypto.RecordKey(suite, SECRET), pure_key(suite)
-    recs = _stream_records(fast, [(0, False), (100, False), (200, False),      # one stretch
+    recs = _stream_records(fast, [(0, False), (100, False), (200, False),      # one stretch, pns 1-3
                                   (500, False), (600, False),                  # a gap: a second one
-                                  (700, True),                                 # FIN: general path
-                                  (800, False)])
-    ack = fast.seal(CID, 50, wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10))
-    bad = bytearray(recs[1])
+                                  (700, True),                                 # FIN: plaintext
+                                  (800, False)])                               # pn 7
+    ack = fast.seal(CID, 8, wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10))
+    bad = bytearray(fast.seal(CID, 9, wire.encode_stream(910, b"y")))
     bad[-1] ^= 1
-    recs += [ack, bytes(bad), recs[2][:30]]
+    replay = recs[1]                                     # pn 2 again
+    other_epoch = fast.next().seal(CID, wire.make_seq(1, 10), wire.encode_stream(911, b"w"))
+    other_cid = fast.seal(CID + 1, 11, wire.encode_stream(911, b"v"))
+    skipped = fast.seal(CID, 13, wire.encode_stream(911, b"u"))                # pn 12 never came
+    batch = recs + [ack, bytes(bad), replay, recs[2][:30], other_epoch, other_cid, skipped]
     for key in (fast, py):
-        out = key.open_stream_runs(recs, 1 << 20)
-        assert out[0] == (0, 3, plaintext(100, 0) + plaintext(100, 100) + plaintext(100, 200))
-        assert out[1] == (500, 2, plaintext(100, 500 & 0xFF) + plaintext(100, 600 & 0xFF))
-        assert out[2] == wire.encode_stream(700, plaintext(100, 700 & 0xFF), True)
-        assert out[3] == (800, 1, plaintext(100, 800 & 0xFF))
-        assert out[4] == wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10)
-        assert out[5:] == [None, None]
-        # the flow-control limit ends a stretch: the record crossing it goes the general way
-        out = key.open_stream_runs(recs[:3], 250)
-        assert out[0] == (0, 2, plaintext(100, 0) + plaintext(100, 100))
-        assert out[1] == wire.encode_stream(200, plaintext(100, 200), False)
-        assert key.open_stream_runs([], 0) == []
+        out = key.open_records(batch, CID, 0, 0, 1 << 20)
+        assert out[0] == (0, 3, plaintext(100, 0) + plaintext(100, 100) + plaintext(100, 200), 1,
+                          sum(map(len, recs[:3])))
+        assert out[1] == (500, 2, plaintext(100, 500 & 0xFF) + plaintext(100, 600 & 0xFF), 4,
+                          sum(map(len, recs[3:5])))
+        assert out[2] == (wire.encode_stream(700, plaintext(100, 700 & 0xFF), True), 6, len(recs[5]))
+        assert out[3] == (800, 1, plaintext(100, 800 & 0xFF), 7, len(recs[6]))
+        assert out[4] == (wire.encode_ack([(1, 9)]) + wire.encode_stream(900, b"z" * 10), 8, len(ack))
+        # not authentic, a replay, a truncated record (its pn is not above 9), another epoch,
+        # another connection: each comes back as it arrived, for the one-record path
+        assert out[5:10] == [bytes(bad), replay, recs[2][:30], other_epoch, other_cid]
+        assert out[10] == (911, 1, b"u", 13, len(skipped))
+        # what was received before: pns at or below largest_pn are never new
+        assert key.open_records(recs[:3], CID, 0, 2, 1 << 20) == recs[:2] + [(200, 1, plaintext(100, 200), 3,
+                                                                             len(recs[2]))]
+        # the flow-control limit ends a stretch: the record crossing it is plaintext, judged alone
+        out = key.open_records(recs[:3], CID, 0, -1, 250)
+        assert out[0][:2] == (0, 2) and out[1] == (wire.encode_stream(200, plaintext(100, 200)), 3, len(recs[2]))
+        assert key.open_records([], CID, 0, -1, 0) == []
 
 
 @FUZZ
 @given(offsets=st.lists(st.tuples(st.integers(0, 2000), st.booleans()), max_size=12),
-       flips=st.lists(st.integers(0, 11), max_size=3), limit=st.integers(0, 3000))
-def test_fuzz_open_stream_runs_c_equals_python(offsets, flips, limit):
+       order=st.permutations(range(12)), flips=st.lists(st.integers(0, 11), max_size=3),
+       largest=st.integers(-1, 8), limit=st.integers(0, 3000))
+def test_fuzz_open_records_c_equals_python(offsets, order, flips, largest, limit):
     fast, py = crypto.RecordKey(wire.SUITE_AES_256_GCM, SECRET), pure_key(wire.SUITE_AES_256_GCM)
     recs = _stream_records(fast, offsets, chunk=50)
+    recs = [recs[i] for i in order if i < len(recs)]
     for i in flips:
         if i < len(recs):
             bad = bytearray(recs[i])
             bad[len(bad) // 2] ^= 0x10
             recs[i] = bytes(bad)
-    assert fast.open_stream_runs(recs, limit) == py.open_stream_runs(recs, limit)
+    assert fast.open_records(recs, CID, 0, largest, limit) == py.open_records(recs, CID, 0, largest, limit)
 
 
-def test_seal_stream_and_open_stream_runs_reject_bad_arguments(suite):
+def test_seal_stream_and_open_records_reject_bad_arguments(suite):
     c = cipher(suite)
     for args in [(1, 1, b"", 0, 10, False),            # nothing to send
                  (1, 1, b"x", 0, 0, False),            # empty chunks
@@ -495,8 +508,10 @@ def test_seal_stream_and_open_stream_runs_reject_bad_arguments(suite):
     with pytest.raises(TypeError):
         c.seal_stream(1, 1, "text", 0, 1, False)
     with pytest.raises(TypeError):
-        c.open_stream_runs([b"x"], 0, 0)
+        c.open_records([b"x"], 0, 0, 0)
     with pytest.raises(TypeError):
-        c.open_stream_runs(["text"], 0)
+        c.open_records(["text"], 0, 0, 0, 0)
     with pytest.raises(OverflowError):
-        c.open_stream_runs([], -1)
+        c.open_records([], -1, 0, 0, 0)
+    with pytest.raises(ValueError):
+        c.open_records([], 0, 0, -2, 0)

@@ -611,99 +611,135 @@ static int simple_stream(const unsigned char *pt, Py_ssize_t ptlen, uint64_t lim
     return *offset + (uint64_t)*len < ((uint64_t)1 << 62);
 }
 
-/* The bulk-receive hot path: open a run of records (in the order given) and join each
- * stretch of consecutive records that are plain stream data (one STREAM frame without FIN,
- * each starting where the previous one ended, ending at or below `limit`) into one bytes
- * object. Returns a list with, in record order, (offset, count, data) for each stretch and
- * the plaintext (None where malformed or not authentic) for every other record. */
-static PyObject *RecordCipher_open_stream_runs(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
+/* The bulk-receive hot path, for one connection's datagrams of a receive batch, in order.
+ * A record is "new" when its header is well formed for this connection (length field,
+ * cid, seq != 0, current epoch) and its pn is above every pn seen so far (`largest_pn`,
+ * then every record before it in the call), so it cannot be a replay. New records are
+ * opened; each stretch of new authentic records with consecutive pns whose plaintexts are
+ * plain in-order stream data (one STREAM frame without FIN, each starting where the
+ * previous ended, ending at or below `limit`, below 2^62) is joined. Returns a list, in
+ * datagram order, of
+ *   (offset, count, data, first_pn, record_bytes)  a stretch;
+ *   (plaintext, pn, record_len)                    any other new authentic record;
+ *   the datagram itself                            everything else, for the general path.
+ */
+typedef struct {
+    const unsigned char *buf;
+    Py_ssize_t len;
+    uint64_t pn;
+    Py_ssize_t pos;        /* plaintext offset in the scratch buffer */
+    signed char state;     /* 0 new + opened, 1 not new / malformed / not authentic, -1 lib error */
+} rx_record;
+
+static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *fast = NULL, *result = NULL;
     Py_buffer *views = NULL;
-    Py_ssize_t n = 0, i, total = 0;
-    Py_ssize_t *pos = NULL;
-    signed char *status = NULL;
+    rx_record *recs = NULL;
     unsigned char *plain = NULL;
-    uint64_t limit;
+    Py_ssize_t n = 0, i, total = 0;
+    uint64_t cid, epoch, high, limit;
     int liberr = 0;
 
     if (!ready(self)) return NULL;
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "open_stream_runs() takes 2 arguments (records, limit), got %zd", nargs);
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "open_records() takes 5 arguments (datagrams, cid, epoch, largest_pn, "
+                     "limit), got %zd", nargs);
         return NULL;
     }
-    if (get_u64(args[1], "limit", &limit)) return NULL;
-    n = get_buffers(args[0], &fast, &views, "record");
+    if (get_u64(args[1], "cid", &cid) || get_u64(args[2], "epoch", &epoch) || get_u64(args[4], "limit", &limit))
+        return NULL;
+    {   /* largest_pn may be -1: nothing received yet */
+        long long lp = PyLong_AsLongLong(args[3]);
+        if (lp == -1 && PyErr_Occurred()) return NULL;
+        if (lp < -1) { PyErr_SetString(PyExc_ValueError, "largest_pn must be -1 or more"); return NULL; }
+        high = lp < 0 ? 0 : (uint64_t)lp;     /* pn 0 is never a data record's, so 0 works as "none" */
+    }
+    n = get_buffers(args[0], &fast, &views, "datagram");
     if (n < 0) return NULL;
-    pos = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Py_ssize_t));
-    status = PyMem_Calloc(n ? (size_t)n : 1, 1);
-    if (!pos || !status) { PyErr_NoMemory(); goto done; }
+    recs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(rx_record));
+    if (!recs) { PyErr_NoMemory(); goto done; }
     for (i = 0; i < n; i++) {
+        const unsigned char *r = views[i].buf;
         const char *why;
-        pos[i] = total;
-        if (check_record(views[i].buf, views[i].len, &why)) { status[i] = 1; continue; }
-        total += views[i].len - HEADER_LEN - TAG_LEN;
+        rx_record *x = &recs[i];
+        x->buf = r;
+        x->len = views[i].len;
+        x->state = 1;
+        if (x->len < HEADER_LEN) continue;
+        uint64_t seq = get_be64(r + 16);
+        if (get_be64(r + 8) != cid || seq == 0) continue;
+        x->pn = seq & (((uint64_t)1 << 48) - 1);
+        int is_new = x->pn > high;
+        if (x->pn > high) high = x->pn;        /* later records at or below it take the general path */
+        if (!is_new || (seq >> 48) != epoch || check_record(r, x->len, &why)) continue;
+        x->state = 0;
+        x->pos = total;
+        total += x->len - HEADER_LEN - TAG_LEN;
     }
     plain = PyMem_Malloc(total ? (size_t)total : 1);
     if (!plain) { PyErr_NoMemory(); goto done; }
     lock_ctx(self->dec_lock);
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
-        if (status[i]) continue;
-        const unsigned char *r = views[i].buf;
-        status[i] = (signed char)open_one(self->dec, self->iv, r, views[i].len, get_be64(r + 16), plain + pos[i]);
+        rx_record *x = &recs[i];
+        if (x->state == 0)
+            x->state = (signed char)open_one(self->dec, self->iv, x->buf, x->len, get_be64(x->buf + 16), plain + x->pos);
     }
     Py_END_ALLOW_THREADS
     PyThread_release_lock(self->dec_lock);
     for (i = 0; i < n; i++)
-        if (status[i] < 0) liberr = 1;
-    if (liberr) { lib_error("open_stream_runs"); goto done; }
+        if (recs[i].state < 0) liberr = 1;
+    if (liberr) { lib_error("open_records"); goto done; }
     result = PyList_New(0);
     if (!result) goto done;
     for (i = 0; i < n;) {
-        Py_ssize_t ptlen = views[i].len - HEADER_LEN - TAG_LEN, len, j, datalen;
+        rx_record *x = &recs[i];
+        Py_ssize_t ptlen = x->len - HEADER_LEN - TAG_LEN, len, j, datalen, bytes;
         uint64_t start, off;
         PyObject *item;
-        if (status[i] || !simple_stream(plain + pos[i], ptlen, limit, &start, &len)) {
-            item = status[i] ? Py_NewRef(Py_None)
-                             : PyBytes_FromStringAndSize((const char *)plain + pos[i], ptlen);
-            if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); Py_CLEAR(result); goto done; }
-            Py_DECREF(item);
-            i++;
-            continue;
-        }
-        datalen = len;
-        off = start + (uint64_t)len;
-        for (j = i + 1; j < n; j++) {
-            uint64_t o;
-            Py_ssize_t l;
-            if (status[j] || !simple_stream(plain + pos[j], views[j].len - HEADER_LEN - TAG_LEN, limit, &o, &l)
-                || o != off)
-                break;
-            off += (uint64_t)l;
-            datalen += l;
-        }
-        PyObject *data = PyBytes_FromStringAndSize(NULL, datalen);
-        if (!data) { Py_CLEAR(result); goto done; }
-        {
+        if (x->state != 0) {
+            item = Py_NewRef(PySequence_Fast_GET_ITEM(fast, i));
+        } else if (!simple_stream(plain + x->pos, ptlen, limit, &start, &len)) {
+            item = Py_BuildValue("(y#Kn)", (const char *)plain + x->pos, ptlen, (unsigned long long)x->pn, x->len);
+        } else {
+            datalen = len;
+            bytes = x->len;
+            off = start + (uint64_t)len;
+            for (j = i + 1; j < n; j++) {
+                rx_record *y = &recs[j];
+                uint64_t o;
+                Py_ssize_t l;
+                if (y->state != 0 || y->pn != recs[j - 1].pn + 1 ||
+                    !simple_stream(plain + y->pos, y->len - HEADER_LEN - TAG_LEN, limit, &o, &l) || o != off)
+                    break;
+                off += (uint64_t)l;
+                datalen += l;
+                bytes += y->len;
+            }
+            PyObject *data = PyBytes_FromStringAndSize(NULL, datalen);
+            if (!data) { Py_CLEAR(result); goto done; }
             unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(data);
             for (Py_ssize_t k = i; k < j; k++) {
-                Py_ssize_t l = views[k].len - HEADER_LEN - TAG_LEN - STREAM_FRAME_OVERHEAD;
-                memcpy(dst, plain + pos[k] + STREAM_FRAME_OVERHEAD, (size_t)l);
+                Py_ssize_t l = recs[k].len - HEADER_LEN - TAG_LEN - STREAM_FRAME_OVERHEAD;
+                memcpy(dst, plain + recs[k].pos + STREAM_FRAME_OVERHEAD, (size_t)l);
                 dst += l;
             }
+            item = Py_BuildValue("(KnNKn)", (unsigned long long)start, j - i, data, (unsigned long long)x->pn, bytes);
+            if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); Py_CLEAR(result); goto done; }
+            Py_DECREF(item);
+            i = j;
+            continue;
         }
-        item = Py_BuildValue("(KnN)", (unsigned long long)start, j - i, data);
         if (!item || PyList_Append(result, item) < 0) { Py_XDECREF(item); Py_CLEAR(result); goto done; }
         Py_DECREF(item);
-        i = j;
+        i++;
     }
 done:
     if (plain) {
         OPENSSL_cleanse(plain, (size_t)(total ? total : 1));
         PyMem_Free(plain);
     }
-    PyMem_Free(pos);
-    PyMem_Free(status);
+    PyMem_Free(recs);
     if (views) release_buffers(fast, views, n);
     else Py_XDECREF(fast);
     return result;
@@ -727,10 +763,11 @@ static PyMethodDef RecordCipher_methods[] = {
      "seal_stream(cid, first_seq, data, stream_offset, chunk, fin) -> bytes: data cut into records of\n"
      "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
      "sealed back to back with seqs first_seq, first_seq+1, ..."},
-    {"open_stream_runs", (PyCFunction)(void (*)(void))RecordCipher_open_stream_runs, METH_FASTCALL,
-     "open_stream_runs(records, limit) -> list: in record order, (offset, count, data) for each stretch of\n"
-     "records that are each one STREAM frame without FIN, contiguous, ending at or below `limit` (data\n"
-     "joined), and the plaintext (None where malformed or not authentic) of every other record."},
+    {"open_records", (PyCFunction)(void (*)(void))RecordCipher_open_records, METH_FASTCALL,
+     "open_records(datagrams, cid, epoch, largest_pn, limit) -> list: in datagram order,\n"
+     "(offset, count, data, first_pn, record_bytes) for each stretch of new records of plain in-order\n"
+     "stream data, (plaintext, pn, record_len) for other new authentic records, and the datagram itself\n"
+     "for everything else (not new, other epoch or connection, malformed, not authentic)."},
     {"open_batch", (PyCFunction)(void (*)(void))RecordCipher_open_batch, METH_FASTCALL,
      "open_batch(records) -> list[bytes | None]: None where a record is malformed or fails authentication."},
     {NULL}
