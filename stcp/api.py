@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from typing import Awaitable, Callable, List, Optional, Tuple, Union
+from collections import deque
+from typing import Awaitable, Callable, Deque, List, Optional, Tuple, Union
 
 from . import wire
 from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
@@ -94,18 +95,68 @@ class ConnectionHandle:
         self.driver.touch(self.conn)
 
 
+class _ChunkBuffer:
+    """Received bytes as the chunks they arrived in: a read that wants a whole chunk gets that
+    very object, so bulk data is not copied again between the connection and the reader."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self) -> None:
+        self.chunks: Deque[bytes] = deque()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def take(self, n: int) -> bytes:
+        """The first min(n, size) bytes, removed."""
+        chunks = self.chunks
+        first = chunks[0]
+        if len(first) >= n:
+            if len(first) == n:
+                chunks.popleft()
+            else:
+                chunks[0] = first[n:]
+                first = first[:n]
+            self.size -= len(first)
+            return first
+        out = []
+        want = n
+        while chunks and want:
+            c = chunks.popleft()
+            if len(c) > want:
+                chunks.appendleft(c[want:])
+                c = c[:want]
+            out.append(c)
+            want -= len(c)
+        data = b"".join(out)
+        self.size -= len(data)
+        return data
+
+    def find(self, sep: bytes, start: int) -> int:
+        if len(self.chunks) > 1:          # a separator may span chunks: search one piece
+            joined = b"".join(self.chunks)
+            self.chunks.clear()
+            self.chunks.append(joined)
+        return self.chunks[0].find(sep, start) if self.chunks else -1
+
+
 class StreamReader:
     """Reads the peer's byte stream; reading returns flow-control credit to the peer."""
 
     def __init__(self, handle: ConnectionHandle):
         self._handle = handle
-        self._buffer = bytearray()
+        self._buffer = _ChunkBuffer()
         self._eof = False
         self._exception: Optional[Exception] = None
         self._waiter: Optional[asyncio.Future] = None
 
     def _feed(self, data: bytes) -> None:
-        self._buffer += data
+        self._buffer.append(data)
         self._wake()
 
     def _feed_eof(self) -> None:
@@ -153,22 +204,27 @@ class StreamReader:
             await self._wait()
         if not self._buffer and self._exception is not None:
             raise self._exception
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        if not self._buffer:
+            return b""
+        data = self._buffer.take(n)
         self._consumed(len(data))
         return data
 
     async def readexactly(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
         while len(self._buffer) < n:
             if self._eof:
-                partial = bytes(self._buffer)
-                self._consumed(len(partial))
-                self._buffer.clear()
+                partial = self._take_all()
                 raise asyncio.IncompleteReadError(partial, n)
             await self._wait()
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+        data = self._buffer.take(n)
         self._consumed(n)
+        return data
+
+    def _take_all(self) -> bytes:
+        data = self._buffer.take(len(self._buffer)) if self._buffer else b""
+        self._consumed(len(data))
         return data
 
     async def readuntil(self, separator: bytes = b"\n") -> bytes:
@@ -179,10 +235,7 @@ class StreamReader:
                 return await self.readexactly(i + len(separator))
             start = max(0, len(self._buffer) - len(separator) + 1)
             if self._eof:
-                partial = bytes(self._buffer)
-                self._consumed(len(partial))
-                self._buffer.clear()
-                raise asyncio.IncompleteReadError(partial, None)
+                raise asyncio.IncompleteReadError(self._take_all(), None)
             await self._wait()
 
     async def readline(self) -> bytes:
