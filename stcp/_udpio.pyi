@@ -36,3 +36,9 @@ def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
 def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
              gro: Literal[True], split: Literal[True]) -> list[Tuple[bytes, Optional[Address]]]:
     """Coalesced (GRO) buffers cut back into the datagrams they were made of."""
+
+def group_by_cid(batch: Sequence[Tuple[ReadableBuffer, Optional[Address]]]
+                 ) -> list[Tuple[int, Optional[Address], list[ReadableBuffer]]]:
+    """Consecutive datagrams from one address whose header names one nonzero connection ID
+    with a nonzero seq (data records), grouped; every other datagram (short, cid 0, seq 0)
+    alone with cid -1."""

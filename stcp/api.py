@@ -96,52 +96,57 @@ class ConnectionHandle:
 
 
 class _ChunkBuffer:
-    """Received bytes as the chunks they arrived in: a read that wants a whole chunk gets that
-    very object, so bulk data is not copied again between the connection and the reader."""
+    """Received bytes as the chunks they arrived in. A read takes from the first chunk only
+    (copying nothing when it wants the whole chunk); readexactly joins what it needs."""
 
-    __slots__ = ("chunks", "size")
+    __slots__ = ("chunks", "size", "head")
 
     def __init__(self) -> None:
         self.chunks: Deque[bytes] = deque()
         self.size = 0
+        self.head = 0            # bytes of chunks[0] already taken
 
     def __len__(self) -> int:
         return self.size
 
     def append(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.size += len(data)
+        if data:
+            self.chunks.append(data)
+            self.size += len(data)
 
-    def take(self, n: int) -> bytes:
-        """The first min(n, size) bytes, removed."""
-        chunks = self.chunks
-        first = chunks[0]
-        if len(first) >= n:
-            if len(first) == n:
-                chunks.popleft()
-            else:
-                chunks[0] = first[n:]
-                first = first[:n]
+    def take_some(self, n: int) -> bytes:
+        """Up to n bytes from the first chunk, removed (at least one byte if any is buffered)."""
+        first, head = self.chunks[0], self.head
+        if head == 0 and len(first) <= n:
+            self.chunks.popleft()
             self.size -= len(first)
             return first
-        out = []
-        want = n
-        while chunks and want:
-            c = chunks.popleft()
-            if len(c) > want:
-                chunks.appendleft(c[want:])
-                c = c[:want]
-            out.append(c)
-            want -= len(c)
-        data = b"".join(out)
+        data = first[head:head + n]
+        self.head = head + len(data)
+        if self.head == len(first):
+            self.chunks.popleft()
+            self.head = 0
         self.size -= len(data)
         return data
 
+    def take(self, n: int) -> bytes:
+        """Exactly min(n, size) bytes, removed."""
+        piece = self.take_some(n)
+        if len(piece) == n or not self.size:
+            return piece
+        out = [piece]
+        want = n - len(piece)
+        while want and self.size:
+            piece = self.take_some(want)
+            out.append(piece)
+            want -= len(piece)
+        return b"".join(out)
+
     def find(self, sep: bytes, start: int) -> int:
-        if len(self.chunks) > 1:          # a separator may span chunks: search one piece
-            joined = b"".join(self.chunks)
-            self.chunks.clear()
+        if len(self.chunks) > 1 or self.head:     # a separator may span chunks: search one piece
+            joined = self.take(self.size)
             self.chunks.append(joined)
+            self.size = len(joined)
         return self.chunks[0].find(sep, start) if self.chunks else -1
 
 
@@ -190,7 +195,8 @@ class StreamReader:
         return self._exception
 
     async def read(self, n: int = -1) -> bytes:
-        """Up to n bytes (all until EOF if n < 0); b"" at end of stream."""
+        """Up to n bytes (all until EOF if n < 0); b"" at end of stream. Like a socket recv it may
+        return less than is buffered: one received piece at a time, uncopied where it fits."""
         if n == 0:
             return b""
         if n < 0:
@@ -206,7 +212,7 @@ class StreamReader:
             raise self._exception
         if not self._buffer:
             return b""
-        data = self._buffer.take(n)
+        data = self._buffer.take_some(n)
         self._consumed(len(data))
         return data
 

@@ -20,6 +20,29 @@ from .handshake import Rejected, reject_record
 _CID_SEQ = struct.Struct("!8xQQ")
 
 
+def _group_by_cid(batch) -> list:
+    """stcp._udpio.group_by_cid in Python, for builds without the C extension."""
+    groups: list = []
+    for data, addr in batch:
+        cid = seq = 0
+        if len(data) >= wire.HEADER_LEN:
+            cid, seq = _CID_SEQ.unpack_from(data)
+        if cid and seq:
+            if groups and groups[-1][0] == cid and groups[-1][1] == addr:
+                groups[-1][2].append(data)
+            else:
+                groups.append((cid, addr, [data]))
+        else:
+            groups.append((-1, addr, [data]))
+    return groups
+
+
+try:
+    from ._udpio import group_by_cid
+except ImportError:
+    group_by_cid = _group_by_cid
+
+
 @dataclass
 class EndpointStats:
     dropped_short: int = 0            # shorter than a header
@@ -61,7 +84,20 @@ class ServerEndpoint:
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
         connections = self.connections
-        for data, addr in batch:
+        for cid, addr, datagrams in group_by_cid(batch):
+            if cid > 0:
+                conn = connections.get(cid)
+                if conn is None:
+                    self.stats.dropped_unknown_cid += len(datagrams)
+                    continue
+                records = pending.get(conn)
+                if records is None:
+                    pending[conn] = datagrams
+                    touched[conn] = None
+                else:
+                    records += datagrams
+                continue
+            data = datagrams[0]                  # anything but a data record comes alone
             if len(data) < wire.HEADER_LEN:
                 self.stats.dropped_short += 1
                 continue
@@ -79,12 +115,8 @@ class ServerEndpoint:
             if conn is None:
                 self.stats.dropped_unknown_cid += 1
                 continue
-            records = pending.get(conn)
-            if records is None:
-                pending[conn] = [data]
-                touched[conn] = None
-            else:
-                records.append(data)
+            pending.setdefault(conn, []).append(data)
+            touched[conn] = None
         self._deliver(pending, now)
         return list(touched), new
 

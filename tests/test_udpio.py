@@ -9,6 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stcp import endpoint
+
 try:
     from stcp import _aead, _udpio
 except ImportError as exc:
@@ -245,3 +247,32 @@ def test_gro_split_returns_the_datagrams_sent(pair):
     assert got == sent + [b"alone"]
     with pytest.raises(ValueError):
         _udpio.recvmmsg(b, 16, 65535, False, True)       # split without gro means nothing
+
+
+def _hdr(cid: int, seq: int, body: bytes = b"") -> bytes:
+    return (16 + len(body)).to_bytes(8, "big") + cid.to_bytes(8, "big") + seq.to_bytes(8, "big") + body
+
+
+def test_group_by_cid_groups_consecutive_records_of_one_connection():
+    a, b = ("10.0.0.1", 1), ("10.0.0.2", 2)
+    batch = [(_hdr(5, 1), a), (_hdr(5, 2), a), (_hdr(5, 3), b),          # same cid, another address
+             (_hdr(6, 1), b), (_hdr(0, 0), b), (b"short", b),            # a hello, a runt
+             (_hdr(6, 2), b), (_hdr(6, 3), ("10.0.0.2", 2)),              # equal address, new object
+             (_hdr(7, 0), a), (_hdr(0, 9), a)]                            # seq 0 / cid 0: alone
+    want = [(5, a, [batch[0][0], batch[1][0]]), (5, b, [batch[2][0]]), (6, b, [batch[3][0]]),
+            (-1, b, [batch[4][0]]), (-1, b, [b"short"]), (6, b, [batch[6][0], batch[7][0]]),
+            (-1, a, [batch[8][0]]), (-1, a, [batch[9][0]])]
+    assert _udpio.group_by_cid(batch) == want
+    assert endpoint._group_by_cid(batch) == want
+    assert _udpio.group_by_cid([]) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.binary(max_size=30),
+                                    st.builds(_hdr, st.integers(0, 3), st.integers(0, 2), st.binary(max_size=4))),
+                          st.sampled_from([("h", 1), ("h", 2)])), max_size=20))
+def test_fuzz_group_by_cid_c_equals_python(batch):
+    assert _udpio.group_by_cid(batch) == endpoint._group_by_cid(batch)
+    for bad in ([1], [(b"x",)], [("text", None)], None):
+        with pytest.raises(TypeError):
+            _udpio.group_by_cid(bad)

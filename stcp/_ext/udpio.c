@@ -347,7 +347,79 @@ done:
     return result;
 }
 
+/* group_by_cid([(datagram, addr), ...]) -> [(cid, addr, [datagram, ...]), ...]
+ *
+ * The receive side's demultiplexing pass: consecutive datagrams from one address whose
+ * STCP header (length:u64 | cid:u64 | seq:u64) names the same nonzero cid with a nonzero
+ * seq (data records) form one group, so a server looks each connection up once per group,
+ * not once per record. Every other datagram (shorter than a header, cid 0, seq 0: client
+ * hellos) is a group of its own with cid -1, for the caller's per-datagram path. Only the
+ * header bytes are read; nothing is checked beyond them. */
+static PyObject *udpio_group_by_cid(PyObject *module, PyObject *batch) {
+    PyObject *fast = PySequence_Fast(batch, "group_by_cid() takes a list of (datagram, addr) tuples");
+    PyObject *result = NULL, *cur_list = NULL, *cur_addr = NULL;
+    unsigned long long cur_cid = 0;
+    Py_ssize_t n, i;
+
+    if (!fast) return NULL;
+    n = PySequence_Fast_GET_SIZE(fast);
+    result = PyList_New(0);
+    if (!result) goto fail;
+    for (i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i), *data, *addr;
+        unsigned long long cid = 0, seq = 0;
+        Py_buffer view;
+        int data_record = 0;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
+            PyErr_SetString(PyExc_TypeError, "group_by_cid() items must be (datagram, addr) tuples");
+            goto fail;
+        }
+        data = PyTuple_GET_ITEM(item, 0);
+        addr = PyTuple_GET_ITEM(item, 1);
+        if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) != 0) goto fail;
+        if (view.len >= 24) {
+            const unsigned char *p = view.buf;
+            for (int k = 8; k < 16; k++) cid = (cid << 8) | p[k];
+            for (int k = 16; k < 24; k++) seq = (seq << 8) | p[k];
+            data_record = cid != 0 && seq != 0;
+        }
+        PyBuffer_Release(&view);
+        if (data_record && cur_list && cid == cur_cid) {
+            int same = addr == cur_addr;
+            if (!same) {
+                same = PyObject_RichCompareBool(addr, cur_addr, Py_EQ);
+                if (same < 0) goto fail;
+            }
+            if (same) {
+                if (PyList_Append(cur_list, data) < 0) goto fail;
+                continue;
+            }
+        }
+        PyObject *list = PyList_New(1);
+        if (!list) goto fail;
+        PyList_SET_ITEM(list, 0, Py_NewRef(data));
+        PyObject *key = data_record ? PyLong_FromUnsignedLongLong(cid) : PyLong_FromLong(-1);
+        PyObject *group = key ? PyTuple_Pack(3, key, addr, list) : NULL;
+        Py_XDECREF(key);
+        if (!group || PyList_Append(result, group) < 0) { Py_XDECREF(group); Py_DECREF(list); goto fail; }
+        Py_DECREF(group);
+        cur_list = data_record ? list : NULL;      /* borrowed: the group in result holds it */
+        Py_DECREF(list);
+        cur_addr = addr;
+        cur_cid = cid;
+    }
+    Py_DECREF(fast);
+    return result;
+fail:
+    Py_XDECREF(result);
+    Py_DECREF(fast);
+    return NULL;
+}
+
 static PyMethodDef udpio_methods[] = {
+    {"group_by_cid", (PyCFunction)udpio_group_by_cid, METH_O,
+     "group_by_cid(batch) -> list[(cid, addr, datagrams)]: consecutive data records from one address\n"
+     "naming one connection ID grouped; any other datagram alone, with cid -1."},
     {"sendmmsg", (PyCFunction)(void (*)(void))udpio_sendmmsg, METH_VARARGS | METH_KEYWORDS,
      "sendmmsg(fd, datagrams, addr=None, segment_size=0) -> int\n\n"
      "Send each datagram (to addr, or to the connected peer if None) in as few system calls as\n"
