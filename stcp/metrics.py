@@ -677,7 +677,7 @@ class WorkerPoolCollector(Collector):
         self._meta: Dict[str, Tuple[str, str]] = {}            # family -> (type, help), in first-seen order
         self._pid: Dict[int, Optional[int]] = {}
         self._last: Dict[int, Dict[_SampleKey, float]] = {}    # monotonic samples of the current process
-        self._gauges: Dict[int, Dict[_SampleKey, float]] = {}  # gauges of the current process, last read
+        self._gauges: Dict[int, Dict[_SampleKey, float]] = {}  # gauges of the current process, last answer
         self._base: Dict[int, Dict[_SampleKey, float]] = {}    # carried from the slot's dead processes
         self._order: Dict[_SampleKey, int] = {}                # exposition order (histogram buckets)
         self.read_errors: Dict[int, int] = {}
@@ -750,8 +750,7 @@ class WorkerPoolCollector(Collector):
                         ok = True
                     except Exception as e:  # noqa: BLE001 - a garbled answer counts as no answer
                         log.warning("worker %d served unparsable metrics: %s", s.worker, e)
-                if not ok:
-                    self._gauges[s.worker] = {}        # gauges only from workers that answered
+                if not ok:                             # (its last gauges stay for _fold)
                     if s.alive:
                         self.read_errors[s.worker] = self.read_errors.get(s.worker, 0) + 1
                 up[s.worker] = int(ok)
@@ -768,7 +767,8 @@ class WorkerPoolCollector(Collector):
                 per: Dict[_SampleKey, float] = dict(self._base.get(w, {}))
                 for k, v in self._last.get(w, {}).items():
                     per[k] = per.get(k, 0.0) + v
-                per.update(self._gauges.get(w, {}))
+                if up.get(w):                          # gauges only from workers that answered
+                    per.update(self._gauges.get(w, {}))
                 for (fam, sample, labels), v in sorted(per.items(), key=lambda kv: self._order[kv[0]]):
                     if fam.startswith("stcp_worker_"):
                         add(fam, sample, {"worker": str(w), **dict(labels)}, v)

@@ -44,7 +44,7 @@ Key = Tuple[str, FrozenSet[Tuple[str, str]]]
 # Label names the exporters may use: small fixed value sets only (python_info's come from
 # prometheus_client's PlatformCollector). Never an address or a connection ID.
 ALLOWED_LABELS = {"reason", "direction", "le", "version", "datapath", "cipher", "iface", "netns", "mode",
-                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel"}
+                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path"}
 
 
 # ---------------------------------------------------------------------------------------
