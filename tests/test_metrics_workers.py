@@ -100,6 +100,24 @@ def pool_exporter(pool: FakePool, xdp: bool = True):
                               xdp=fake_xdp_collector() if xdp else None)
 
 
+async def fake_pool_with_traffic(directory: str, xdp: bool = False):
+    """A 2-worker fake pool and its supervisor exporter, with a transfer through each worker
+    (for the dashboard tests in tests/test_metrics.py). Returns (exporter, pool); close both."""
+    pool = FakePool(directory, 2)
+    for w in range(2):
+        await pool.spawn(w)
+    for w in range(2):
+        await transfer(pool.workers[w].port, os.urandom(3000 * (w + 1)))
+        await quiet(pool.workers[w].server)
+    return pool_exporter(pool, xdp=xdp), pool
+
+
+def close_pool(exporter, pool: FakePool) -> None:
+    exporter.close()
+    for fw in pool.workers.values():
+        fw.stop()
+
+
 def test_pool_sums_relabels_and_carries_across_a_restart():
     asyncio.run(_pool())
 
@@ -142,11 +160,17 @@ async def _pool():
             assert s1.get("stcp_stream_bytes_total", direction="rx") == sum(map(sum, sizes.values()))
             # every received datagram is a hello, an authenticated record, or one the endpoint
             # dropped (a straggler after the close) or discarded as a replay
-            assert s1.sum("stcp_worker_records_received_total") == \
-                s1.get("stcp_records_total", direction="rx") + s1.get("stcp_handshakes_started_total") + \
+            # (or, a few per connection, one that reached a connection already CLOSED)
+            rx = s1.sum("stcp_worker_records_received_total")
+            explained = s1.get("stcp_records_total", direction="rx") + s1.get("stcp_handshakes_started_total") + \
                 s1.sum("stcp_endpoint_dropped_datagrams_total") + s1.get("stcp_replays_discarded_total")
-            assert s1.sum("stcp_worker_records_sent_total") == \
-                s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
+            assert explained <= rx <= explained + 2 * 3, (rx, explained)
+            # sent: a server hello per connection and the sealed records, plus a few per connection
+            # the driver sends but no record counter sees (e.g. a server hello sent again for a
+            # repeated client hello)
+            tx = s1.sum("stcp_worker_records_sent_total")
+            floor = s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
+            assert floor <= tx <= floor + 2 * 3, (tx, floor)
 
             # worker 1 holds a live connection, is scraped, and dies
             r, wr = await asyncio.wait_for(stcp.open_connection("127.0.0.1", pool.workers[1].port), 10)
@@ -293,9 +317,15 @@ def test_real_pool_counts_per_worker_and_survives_a_kill():
             rx = s1.sum("stcp_worker_records_received_total")
             explained = (s1.get("stcp_records_total", direction="rx") + s1.get("stcp_handshakes_started_total")
                          + s1.sum("stcp_endpoint_dropped_datagrams_total") + s1.get("stcp_replays_discarded_total"))
-            assert rx == explained, (rx, explained)
-            assert s1.sum("stcp_worker_records_sent_total") == \
-                s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
+            # (a datagram that reaches a connection already CLOSED, or under a key epoch it has
+            # dropped, is counted by neither: a few per connection at most)
+            assert explained <= rx <= explained + 2 * n_clients, (rx, explained)
+            # sent: a server hello per connection and the sealed records, plus a few per connection
+            # the driver sends but no record counter sees (e.g. a server hello sent again for a
+            # repeated client hello)
+            tx = s1.sum("stcp_worker_records_sent_total")
+            floor = s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
+            assert floor <= tx <= floor + 2 * n_clients, (tx, floor)
             assert s1.get("stcp_xdp_packets_total", iface=a.ifname, netns="", verdict="pass_data") >= \
                 s1.get("stcp_worker_records_received_total", worker="0", path="afxdp")
 
