@@ -644,7 +644,7 @@ class WorkerSlot(NamedTuple):
     worker: int                   # 0..N-1
     pid: Optional[int]            # the current process in this slot (None before the first start)
     alive: bool                   # running (not exited)
-    path: Optional[str]           # its UnixExporter socket
+    path: Optional[str]           # its UnixExporter socket (None until the process serves)
     restarts: int                 # replacements so far
 
 
@@ -751,7 +751,7 @@ class WorkerPoolCollector(Collector):
                     except Exception as e:  # noqa: BLE001 - a garbled answer counts as no answer
                         log.warning("worker %d served unparsable metrics: %s", s.worker, e)
                 if not ok:                             # (its last gauges stay for _fold)
-                    if s.alive:
+                    if s.alive and s.path:             # running and said it serves, but no answer
                         self.read_errors[s.worker] = self.read_errors.get(s.worker, 0) + 1
                 up[s.worker] = int(ok)
             workers = sorted(set(self._pid) | {s.worker for s in slots})

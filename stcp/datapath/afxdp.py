@@ -512,7 +512,8 @@ class Supervisor:
         for w in range(self.n):
             proc = self.procs.get(w)
             pid = proc.pid if proc is not None else None
-            path = worker_socket_path(self.metrics_dir, w, pid) if self.metrics_dir and pid else None
+            ready = w in self.ready and self.ready[w].is_set()     # its exporter is up once it serves
+            path = worker_socket_path(self.metrics_dir, w, pid) if self.metrics_dir and pid and ready else None
             out.append(WorkerSlot(w, pid, proc is not None and proc.returncode is None, path,
                                   self.restart_count[w]))
         return out
