@@ -4,8 +4,8 @@
     ...
     metrics.close()
 
-Two collectors, both custom prometheus-client collectors that compute everything when
-Prometheus scrapes (no polling thread, nothing sampled in between):
+Custom prometheus-client collectors that compute everything when Prometheus
+scrapes (no polling thread, nothing sampled in between):
 
 - `ServerMetrics` is a hook object for `stcp.start_server(..., hooks=[...])` (or
   `server.hooks.append`). The hooks run on the event loop and only move a few integers
@@ -14,6 +14,10 @@ Prometheus scrapes (no polling thread, nothing sampled in between):
 - `XdpCollector` reads the per-CPU verdict counters of the STCP XDP program through the
   same kernel lookups as `stcp-loader status` (interface -> XDP program id -> its maps),
   so the two always agree. `stcp-loader metrics --listen ADDR [IFACE...]` serves it alone.
+- With AF_XDP workers (`stcp serve --datapath afxdp --workers N --metrics ADDR`) each worker
+  serves a ServerMetrics and a `WorkerCollector` on a unix socket (`serve_worker_metrics`),
+  and the supervisor's `WorkerPoolCollector` reads them all at scrape time, labels the
+  `stcp_worker_*` series by worker and sums the rest (`serve_pool_metrics`).
 
 Naming follows Prometheus conventions: `stcp_` prefix, base units (seconds, bytes),
 counters end in `_total`, labels take values from small fixed sets (never a connection ID

@@ -19,6 +19,8 @@ can only hand a frame to the socket of the queue it arrived on, so a connection 
 the worker of the queue its flow hashes to (RSS on a NIC, the peer's TX queue on veth); the
 connection-ID bits are not used for steering yet. A worker that dies is reported and
 replaced; its connections are lost (their peers time out), the other workers' carry on.
+With --metrics the supervisor serves /metrics and reads each worker's counters from a unix
+socket in Supervisor.metrics_dir at scrape time (stcp.metrics.WorkerPoolCollector).
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
