@@ -125,6 +125,7 @@ async def serve(args) -> int:
         except ValueError as exc:
             raise UsageError(f"bad --metrics address: {exc}") from None
     afxdp = server = None
+    worker: Optional[int] = None
     if args.datapath == "afxdp":
         if not args.iface:
             raise UsageError("--datapath afxdp needs --iface IFACE")
@@ -132,21 +133,14 @@ async def serve(args) -> int:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         if args.workers > 1 and args.afxdp_worker is None:
-            if args.metrics:
-                raise UsageError("--metrics with --workers > 1 is not supported yet")
-            sup = afxdp_mod.Supervisor(args.argv, args.iface, port, args.workers, mode=args.xdp_mode,
-                                       max_record_len=config.max_datagram - wire.HEADER_LEN)
-            sup.setup()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, sup.stop)
-            return await sup.run()
+            return await _supervise(args, afxdp_mod, port, config)
         if args.afxdp_worker is not None:
             afxdp_mod.die_with_parent()
             w, _, n = args.afxdp_worker.partition("/")
             if not (w.isdigit() and n.isdigit() and int(w) < int(n)):
                 raise UsageError(f"bad --afxdp-worker {args.afxdp_worker!r}: expected W/N")
             xdp = afxdp = afxdp_mod.AfxdpDatapath.join(args.iface, port, int(w), int(n))
+            worker = int(w)
         else:
             xdp = afxdp = afxdp_mod.AfxdpDatapath.open(args.iface, port, mode=args.xdp_mode,
                                                        max_record_len=config.max_datagram - wire.HEADER_LEN)
@@ -169,7 +163,12 @@ async def serve(args) -> int:
             # generic-mode XDP runs after GRO and must see single records
             server = await start_server(handler, host, port, config=config, hooks=hooks,
                                         gro=xdp is None or xdp.mode != "generic")
-        if args.metrics:
+        if worker is not None:
+            if args.afxdp_metrics:        # the supervisor serves --metrics; it reads ours here
+                from ..metrics import serve_worker_metrics
+                metrics = serve_worker_metrics(server, args.afxdp_metrics, worker, args.datapath,
+                                               args.cipher or "aes-256-gcm")
+        elif args.metrics:
             metrics = serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm",
                                     iface=args.iface)
         bound = server.sockets[0].getsockname()
@@ -195,6 +194,36 @@ async def serve(args) -> int:
         if xdp is not None:
             xdp.close()
     return 0
+
+
+async def _supervise(args, afxdp_mod, port: int, config) -> int:
+    """`serve --datapath afxdp --workers N`: the supervisor (and, with --metrics, its exporter:
+    the workers' counters read from each worker's unix socket at scrape time, plus the XDP
+    program's once)."""
+    import shutil
+    import tempfile
+    metrics_dir = pool = None
+    if args.metrics:
+        metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-", dir="/run" if os.path.isdir("/run") else None)
+    sup = afxdp_mod.Supervisor(args.argv, args.iface, port, args.workers, mode=args.xdp_mode,
+                               max_record_len=config.max_datagram - wire.HEADER_LEN, metrics_dir=metrics_dir)
+    try:
+        if args.metrics:
+            from ..metrics import serve_pool_metrics
+            pool = serve_pool_metrics(sup.worker_slots, args.metrics, "afxdp", args.cipher or "aes-256-gcm",
+                                      iface=args.iface)
+        sup.setup()
+        if pool is not None:
+            sup.say(f"metrics of {args.workers} workers and the XDP program on {pool.http.url}")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, sup.stop)
+        return await sup.run()
+    finally:
+        if pool is not None:
+            pool.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 class _XdpHooks:
@@ -374,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--afxdp-worker", help=argparse.SUPPRESS)      # W/N, set by the supervisor
+    s.add_argument("--afxdp-metrics", help=argparse.SUPPRESS)     # DIR for the worker's metrics socket
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     common(s)
 

@@ -32,6 +32,8 @@ share no connection state. Limit: a flow whose RX queue changes mid-connection (
 indirection table rewritten, queue count changed, the peer's port or address changed)
 has its records dropped from then on, counted as drop_wrong_worker, until its idle timeout
 ends it.
+With --metrics the supervisor serves /metrics and reads each worker's counters from a unix
+socket in Supervisor.metrics_dir at scrape time (stcp.metrics.WorkerPoolCollector).
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
@@ -404,7 +406,7 @@ class Supervisor:
     stop() terminates them and detaches. Worker stderr is relayed line by line."""
 
     def __init__(self, argv: Sequence[str], iface: str, port: int, nworkers: int, mode: str = "auto",
-                 max_record_len: Optional[int] = None, out=None):
+                 max_record_len: Optional[int] = None, out=None, metrics_dir: Optional[str] = None):
         self.argv = list(argv)
         self.iface = iface
         self.port = port
@@ -415,6 +417,9 @@ class Supervisor:
         self.xdp: Optional[XdpDatapath] = None
         self.procs: Dict[int, asyncio.subprocess.Process] = {}
         self.restarts: Dict[int, List[float]] = {w: [] for w in range(nworkers)}
+        self.restart_count: Dict[int, int] = {w: 0 for w in range(nworkers)}
+        # workers serve their metrics on unix sockets here (stcp.metrics.serve_worker_metrics)
+        self.metrics_dir = metrics_dir
         self.ready: Dict[int, asyncio.Event] = {}
         self._stopping = False
         self._stop = asyncio.Event()
@@ -447,8 +452,9 @@ class Supervisor:
 
     async def _spawn(self, w: int) -> None:
         self.ready[w] = asyncio.Event()
+        extra = ["--afxdp-metrics", self.metrics_dir] if self.metrics_dir else []
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "stcp.cli.main", *self.argv, "--afxdp-worker", f"{w}/{self.n}",
+            sys.executable, "-m", "stcp.cli.main", *self.argv, "--afxdp-worker", f"{w}/{self.n}", *extra,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self.procs[w] = proc
         self.say(f"worker {w} started (pid {proc.pid})")
@@ -503,6 +509,11 @@ class Supervisor:
                 return
             self.say(f"worker {w} (pid {proc.pid}) died ({how}); its connections are lost; restarting it")
             self._forget_cids(w)
+            if self.metrics_dir:
+                from ..metrics import worker_socket_path
+                with contextlib.suppress(OSError):
+                    os.unlink(worker_socket_path(self.metrics_dir, w, proc.pid))
+            self.restart_count[w] += 1
             await self._spawn(w)
 
     def _forget_cids(self, w: int) -> None:
@@ -523,6 +534,20 @@ class Supervisor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def worker_slots(self) -> list:
+        """A stcp.metrics.WorkerSlot per worker, for the supervisor's metrics (called from the
+        exporter's thread: it only reads)."""
+        from ..metrics import WorkerSlot, worker_socket_path
+        out = []
+        for w in range(self.n):
+            proc = self.procs.get(w)
+            pid = proc.pid if proc is not None else None
+            ready = w in self.ready and self.ready[w].is_set()     # its exporter is up once it serves
+            path = worker_socket_path(self.metrics_dir, w, pid) if self.metrics_dir and pid and ready else None
+            out.append(WorkerSlot(w, pid, proc is not None and proc.returncode is None, path,
+                                  self.restart_count[w]))
+        return out
 
     async def _terminate(self) -> None:
         self._stopping = True
