@@ -120,7 +120,7 @@ def run_supervisor(args, nworkers: int) -> None:
         raise RuntimeError(f"{nworkers} workers need {nworkers} RX queues; {iface} has {queues} "
                            "(bench.run --queues)")
     afxdp.load_xsk()
-    xdp = XdpDatapath.attach(iface, port, "native", afxdp=True, **XDP_LIMITS)
+    xdp = XdpDatapath.attach(iface, port, "native", afxdp=True, nworkers=nworkers, **XDP_LIMITS)
     procs: list[subprocess.Popen] = []
 
     def forward(sig, _frame):
