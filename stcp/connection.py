@@ -684,10 +684,7 @@ class Connection:
         fin = send.fin_requested and stop == send.end
         key = self._keys.send
         pn = self._next_pn
-        with memoryview(send.buf) as mv:
-            buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), mv[start - send.buf_base:
-                                                                                 stop - send.buf_base],
-                                  start, chunk, fin)
+        buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), send.view(start, stop), start, chunk, fin)
         send.next_offset = stop
         if fin:
             send.fin_sent = True

@@ -6,18 +6,20 @@ bytes to the application strictly in order, whatever order records arrive in.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Dict, List, Optional, Tuple
 
 from .errors import FlowControlError, ProtocolViolation
 from .wire import INITIAL_MAX_DATA
 
-_TRIM_AT = 1 << 20    # drop acknowledged bytes from the front in chunks, not per ack
-
-
 class SendStream:
+    """The application's writes are kept as the bytes objects they were written as (no copy);
+    a chunk is dropped once every byte of it is acknowledged."""
+
     def __init__(self) -> None:
-        self.buf = bytearray()
-        self.buf_base = 0          # stream offset of buf[0]
+        self._chunks: List[bytes] = []
+        self._starts: List[int] = []   # stream offset of each chunk
+        self._end = 0
         self.acked_to = 0          # every byte below is acknowledged
         self.acked_above: List[Tuple[int, int]] = []   # acknowledged [start, end) above acked_to
         self.next_offset = 0       # first byte never sent
@@ -29,7 +31,7 @@ class SendStream:
 
     @property
     def end(self) -> int:
-        return self.buf_base + len(self.buf)
+        return self._end
 
     @property
     def unacked_bytes(self) -> int:
@@ -38,7 +40,10 @@ class SendStream:
     def write(self, data: bytes) -> None:
         if self.fin_requested:
             raise ProtocolViolation("write after the sending direction was finished")
-        self.buf += data
+        if data:
+            self._chunks.append(bytes(data))
+            self._starts.append(self._end)
+            self._end += len(data)
 
     def finish(self) -> None:
         self.fin_requested = True
@@ -85,9 +90,22 @@ class SendStream:
             return self.end, b"", True
         return None
 
+    def view(self, start: int, stop: int):
+        """Bytes [start, stop) of the stream (not yet acknowledged): a memoryview when they lie
+        in one written chunk, else a joined copy."""
+        i = bisect_right(self._starts, start) - 1
+        chunk, base = self._chunks[i], self._starts[i]
+        if stop <= base + len(chunk):
+            return memoryview(chunk)[start - base:stop - base]
+        pieces = [memoryview(chunk)[start - base:]]
+        while base + len(chunk) < stop:
+            i += 1
+            chunk, base = self._chunks[i], self._starts[i]
+            pieces.append(memoryview(chunk)[:stop - base])
+        return b"".join(pieces)
+
     def _slice(self, start: int, stop: int) -> bytes:
-        base = self.buf_base
-        return bytes(self.buf[start - base:stop - base])
+        return bytes(self.view(start, stop))
 
     def on_acked(self, start: int, end: int, fin: bool) -> None:
         if fin:
@@ -101,9 +119,12 @@ class SendStream:
         above = self.acked_above
         while above and above[0][0] <= self.acked_to:
             self.acked_to = max(self.acked_to, above.pop(0)[1])
-        if self.acked_to - self.buf_base >= _TRIM_AT or self.acked_to == self.end:
-            del self.buf[:self.acked_to - self.buf_base]
-            self.buf_base = self.acked_to
+        chunks, starts = self._chunks, self._starts
+        n = 0
+        while n < len(chunks) and starts[n] + len(chunks[n]) <= self.acked_to:
+            n += 1
+        if n:
+            del chunks[:n], starts[:n]
 
     def _add_acked_above(self, start: int, end: int) -> None:
         above = self.acked_above
