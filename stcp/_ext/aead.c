@@ -72,11 +72,15 @@ static void lock_ctx(PyThread_type_lock lock) {
     }
 }
 
-/* Seal one record into out (HEADER_LEN + ptlen + TAG_LEN bytes). No Python calls. 0 = ok. */
-static int seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint64_t seq,
-                    const unsigned char *pt, Py_ssize_t ptlen, unsigned char *out) {
+/* Seal one record whose plaintext is a || b into out (HEADER_LEN + alen + blen + TAG_LEN
+ * bytes): two pieces, so a frame header and the data it frames need not be copied together
+ * first. No Python calls. 0 = ok. */
+static int seal_two(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint64_t seq,
+                    const unsigned char *a, Py_ssize_t alen, const unsigned char *b, Py_ssize_t blen,
+                    unsigned char *out) {
     unsigned char nonce[IV_LEN];
-    int outl = 0, finl = 0;
+    Py_ssize_t ptlen = alen + blen;
+    int outl = 0, outl2 = 0, finl = 0;
     put_be64(out, (uint64_t)ptlen + TAG_LEN);
     put_be64(out + 8, cid);
     put_be64(out + 16, seq);
@@ -84,11 +88,18 @@ static int seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, 
     if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) return -1;
     if (EVP_EncryptUpdate(ctx, NULL, &outl, out, HEADER_LEN) != 1) return -1;
     outl = 0;
-    if (ptlen > 0 && EVP_EncryptUpdate(ctx, out + HEADER_LEN, &outl, pt, (int)ptlen) != 1) return -1;
-    if (EVP_EncryptFinal_ex(ctx, out + HEADER_LEN + outl, &finl) != 1) return -1;
-    if ((Py_ssize_t)outl + finl != ptlen) return -1;
+    if (alen > 0 && EVP_EncryptUpdate(ctx, out + HEADER_LEN, &outl, a, (int)alen) != 1) return -1;
+    if (blen > 0 && EVP_EncryptUpdate(ctx, out + HEADER_LEN + outl, &outl2, b, (int)blen) != 1) return -1;
+    if (EVP_EncryptFinal_ex(ctx, out + HEADER_LEN + outl + outl2, &finl) != 1) return -1;
+    if ((Py_ssize_t)outl + outl2 + finl != ptlen) return -1;
     if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + HEADER_LEN + ptlen) != 1) return -1;
     return 0;
+}
+
+/* Seal one record into out (HEADER_LEN + ptlen + TAG_LEN bytes). No Python calls. 0 = ok. */
+static int seal_one(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint64_t seq,
+                    const unsigned char *pt, Py_ssize_t ptlen, unsigned char *out) {
+    return seal_two(ctx, iv, cid, seq, pt, ptlen, NULL, 0, out);
 }
 
 /* Check a record's framing: 0 if well formed, else -1 with *why set. */
@@ -520,15 +531,14 @@ static inline void put_stream_frame(unsigned char *p, int fin, uint64_t offset, 
 /* The bulk-send hot path: stream bytes cut into records of one STREAM frame each, sealed
  * back to back into one buffer that a UDP GSO send can hand to the kernel whole. Every
  * record but the last carries exactly `chunk` bytes, so every record but the last has the
- * same size (what GSO needs). The plaintext of each record is built in a scratch buffer,
- * so the caller's data is read once and never modified. */
+ * same size (what GSO needs). The caller's data is read once, straight into the cipher,
+ * and never modified. */
 static PyObject *RecordCipher_seal_stream(RecordCipher *self, PyObject *const *args, Py_ssize_t nargs) {
     uint64_t cid, first, offset;
     Py_ssize_t chunk, n, total, i;
     int fin, rc = 0;
     Py_buffer data = {0};
     PyObject *out = NULL;
-    unsigned char *scratch = NULL;
 
     if (!ready(self)) return NULL;
     if (nargs != 6) {
@@ -567,12 +577,7 @@ static PyObject *RecordCipher_seal_stream(RecordCipher *self, PyObject *const *a
     }
     total = data.len + n * (HEADER_LEN + STREAM_FRAME_OVERHEAD + TAG_LEN);
     out = PyBytes_FromStringAndSize(NULL, total);
-    scratch = PyMem_Malloc((size_t)chunk + STREAM_FRAME_OVERHEAD);
-    if (!out || !scratch) {
-        if (out) PyErr_NoMemory();
-        Py_CLEAR(out);
-        goto done;
-    }
+    if (!out) goto done;
     lock_ctx(self->enc_lock);
     Py_BEGIN_ALLOW_THREADS
     {
@@ -580,10 +585,10 @@ static PyObject *RecordCipher_seal_stream(RecordCipher *self, PyObject *const *a
         const unsigned char *src = data.buf;
         for (i = 0; i < n && rc == 0; i++) {
             Py_ssize_t len = (i == n - 1) ? data.len - i * chunk : chunk;
-            put_stream_frame(scratch, fin && i == n - 1, offset + (uint64_t)(i * chunk), len);
-            memcpy(scratch + STREAM_FRAME_OVERHEAD, src + i * chunk, (size_t)len);
-            rc = seal_one(self->enc, self->iv, cid, first + (uint64_t)i, scratch,
-                          len + STREAM_FRAME_OVERHEAD, dst);
+            unsigned char frame[STREAM_FRAME_OVERHEAD];
+            put_stream_frame(frame, fin && i == n - 1, offset + (uint64_t)(i * chunk), len);
+            rc = seal_two(self->enc, self->iv, cid, first + (uint64_t)i, frame, STREAM_FRAME_OVERHEAD,
+                          src + i * chunk, len, dst);
             dst += HEADER_LEN + STREAM_FRAME_OVERHEAD + len + TAG_LEN;
         }
     }
@@ -591,10 +596,6 @@ static PyObject *RecordCipher_seal_stream(RecordCipher *self, PyObject *const *a
     PyThread_release_lock(self->enc_lock);
     if (rc) { Py_CLEAR(out); lib_error("seal_stream"); }
 done:
-    if (scratch) {
-        OPENSSL_cleanse(scratch, (size_t)chunk + STREAM_FRAME_OVERHEAD);
-        PyMem_Free(scratch);
-    }
     PyBuffer_Release(&data);
     return out;
 }
