@@ -37,10 +37,12 @@ setup(
         Extension(
             "stcp._aead",
             sources=["stcp/_ext/aead.c"],
+            depends=["stcp/_ext/scratch.h"],
             libraries=["crypto"],
             extra_compile_args=CFLAGS,
         ),
-        Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], extra_compile_args=CFLAGS),
+        Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
+                  extra_compile_args=CFLAGS),
         Extension("stcp._xsk", sources=["stcp/_ext/xsk.c"], libraries=["xdp", "bpf"],
                   extra_compile_args=CFLAGS),
     ],

@@ -14,6 +14,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "scratch.h"
 #include <pythread.h>
 #include <string.h>
 #include <stdint.h>
@@ -33,6 +34,7 @@
 #define GIL_RELEASE_MIN 16384
 
 static PyObject *AuthError;
+static scratch_t plaintexts;     /* open_records' plaintexts, kept between calls */
 
 typedef struct {
     PyObject_HEAD
@@ -639,7 +641,7 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
     unsigned char *plain = NULL;
     Py_ssize_t n = 0, i, total = 0;
     uint64_t cid, epoch, high, limit;
-    int liberr = 0;
+    int liberr = 0, shared = 0;
 
     if (!ready(self)) return NULL;
     if (nargs != 5) {
@@ -677,7 +679,7 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
         x->pos = total;
         total += x->len - HEADER_LEN - TAG_LEN;
     }
-    plain = PyMem_Malloc(total ? (size_t)total : 1);
+    plain = scratch_get(&plaintexts, (size_t)total, &shared);
     if (!plain) { PyErr_NoMemory(); goto done; }
     lock_ctx(self->dec_lock);
     Py_BEGIN_ALLOW_THREADS
@@ -736,10 +738,7 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
         i++;
     }
 done:
-    if (plain) {
-        OPENSSL_cleanse(plain, (size_t)(total ? total : 1));
-        PyMem_Free(plain);
-    }
+    if (plain) scratch_put(&plaintexts, plain, shared);   /* plaintext the caller gets anyway: no cleanse */
     PyMem_Free(recs);
     if (views) release_buffers(fast, views, n);
     else Py_XDECREF(fast);
@@ -800,6 +799,7 @@ static struct PyModuleDef aead_module = {
 PyMODINIT_FUNC PyInit__aead(void) {
     PyObject *m;
     if (PyType_Ready(&RecordCipherType) < 0) return NULL;
+    if (scratch_init(&plaintexts) < 0) return PyErr_NoMemory();
     m = PyModule_Create(&aead_module);
     if (!m) return NULL;
     AuthError = PyErr_NewExceptionWithDoc("stcp._aead.AuthError",

@@ -9,6 +9,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "scratch.h"
 #include <errno.h>
 #include <string.h>
 #include <sys/types.h>
@@ -210,6 +211,8 @@ done:
     return result;
 }
 
+static scratch_t recv_area;      /* recvmmsg's receive buffers, kept between calls */
+
 /* Append (segment, addr) for each gso_size piece of a coalesced buffer; -1 on error. */
 static int append_segments(PyObject *list, const char *buf, Py_ssize_t len, Py_ssize_t seg, PyObject *addr) {
     Py_ssize_t off = 0;
@@ -232,7 +235,7 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
     static char *kwlist[] = {"fd", "max_n", "bufsize", "gro", "split", NULL};
     PyObject *fdobj, *result = NULL, *last_addr = NULL;
     Py_ssize_t max_n, bufsize;
-    int gro = 0, split = 0, fd, r = -1, err = 0, i;
+    int gro = 0, split = 0, fd, r = -1, err = 0, i, shared = 0;
     char *data = NULL, *cmsgbuf = NULL;
     struct mmsghdr *msgs = NULL;
     struct iovec *iovs = NULL;
@@ -256,7 +259,7 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
                      MAX_BUFSIZE, MAX_RECV_MEMORY);
         return NULL;
     }
-    data = PyMem_RawMalloc((size_t)(max_n * bufsize));
+    data = (char *)scratch_get(&recv_area, (size_t)(max_n * bufsize), &shared);
     msgs = PyMem_Calloc((size_t)max_n, sizeof(struct mmsghdr));
     iovs = PyMem_Calloc((size_t)max_n, sizeof(struct iovec));
     addrs = PyMem_Calloc((size_t)max_n, sizeof(struct sockaddr_storage));
@@ -339,7 +342,7 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
     }
 done:
     Py_XDECREF(last_addr);
-    PyMem_RawFree(data);
+    if (data) scratch_put(&recv_area, (unsigned char *)data, shared);
     PyMem_Free(msgs);
     PyMem_Free(iovs);
     PyMem_Free(addrs);
@@ -440,7 +443,9 @@ static struct PyModuleDef udpio_module = {
 };
 
 PyMODINIT_FUNC PyInit__udpio(void) {
-    PyObject *m = PyModule_Create(&udpio_module);
+    PyObject *m;
+    if (scratch_init(&recv_area) < 0) return PyErr_NoMemory();
+    m = PyModule_Create(&udpio_module);
     if (!m) return NULL;
     if (PyModule_AddIntConstant(m, "MAX_BATCH", MAX_BATCH) < 0 ||
         PyModule_AddIntConstant(m, "UDP_SEGMENT", UDP_SEGMENT) < 0 ||
