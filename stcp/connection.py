@@ -274,13 +274,14 @@ class Connection:
         self._receive_one(data, now)
         self._finish_rx_event()
 
-    def receive_datagrams(self, datagrams: List[bytes], now: float) -> None:
-        """Process datagrams addressed to this connection, in order, as receive_datagram on
+    def receive_datagrams(self, datagrams: list, now: float) -> None:
+        """Process datagrams addressed to this connection (an entry may be a (buffer,
+        segment_size) pair from UDP GRO: wire.expand_datagrams), in order, as receive_datagram on
         each would: replays are discarded, a bad record ends the connection after the good ones
         before it. The crypto of new records happens in one C call (RecordKey.open_records)
         and a stretch of in-order stream records is taken as one piece of data."""
-        if self.state != State.ENCRYPTED or len(datagrams) < 2:
-            for data in datagrams:
+        if self.state != State.ENCRYPTED:
+            for data in wire.expand_datagrams(datagrams):
                 self._receive_one(data, now)
             self._finish_rx_event()
             return

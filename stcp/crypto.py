@@ -175,7 +175,8 @@ class RecordKey:
         return out
 
     def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int) -> list:
-        """One connection's datagrams of a receive batch, in order. A record is new when its
+        """One connection's datagrams of a receive batch, in order (an entry may be a (buffer,
+        segment_size) pair: wire.expand_datagrams). A record is new when its
         header is well formed for `cid` in this key's `epoch` and its pn is above `largest_pn`
         and above every pn before it in `datagrams` (so it cannot be a replay). New records are
         opened; each stretch of new authentic records with consecutive pns whose plaintexts
@@ -185,6 +186,7 @@ class RecordKey:
         record_len) for any other new authentic record, the datagram itself for the rest."""
         if self.fast is not None:
             return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit)
+        datagrams = wire.expand_datagrams(datagrams)
         high = max(largest_pn, 0)
         opened = []                  # (datagram, pn, plaintext or None)
         for d in datagrams:

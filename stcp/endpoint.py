@@ -20,20 +20,38 @@ from .handshake import Rejected, reject_record
 _CID_SEQ = struct.Struct("!8xQQ")
 
 
+def _data_record_cid(data) -> int:
+    """The cid of a datagram that is a data record by its header, else 0."""
+    if len(data) >= wire.HEADER_LEN:
+        cid, seq = _CID_SEQ.unpack_from(data)
+        if cid and seq:
+            return cid
+    return 0
+
+
 def _group_by_cid(batch) -> list:
     """stcp._udpio.group_by_cid in Python, for builds without the C extension."""
     groups: list = []
-    for data, addr in batch:
-        cid = seq = 0
-        if len(data) >= wire.HEADER_LEN:
-            cid, seq = _CID_SEQ.unpack_from(data)
-        if cid and seq:
-            if groups and groups[-1][0] == cid and groups[-1][1] == addr:
-                groups[-1][2].append(data)
-            else:
-                groups.append((cid, addr, [data]))
+
+    def add(unit, addr, cid: int) -> None:
+        if cid and groups and groups[-1][0] == cid and groups[-1][1] == addr:
+            groups[-1][2].append(unit)
         else:
-            groups.append((-1, addr, [data]))
+            groups.append((cid or -1, addr, [unit]))
+
+    for item in batch:
+        data, addr = item[0], item[1]
+        size = item[2] if len(item) == 3 else 0
+        if size <= 0 or size >= len(data):
+            add(data, addr, _data_record_cid(data))
+            continue
+        pieces = [data[i:i + size] for i in range(0, len(data), size)]
+        cids = {_data_record_cid(p) for p in pieces}
+        if len(cids) == 1 and 0 not in cids:           # one connection's records: kept whole
+            add((data, size), addr, cids.pop())
+        else:
+            for p in pieces:
+                add(p, addr, _data_record_cid(p))
     return groups
 
 
@@ -78,7 +96,8 @@ class ServerEndpoint:
         return conn, False
 
     def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
-        """Route datagrams [(data, source)], each connection getting its own in one
+        """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
+        each connection getting its own in one
         receive_datagrams call, in arrival order; return (connections that got any, new ones)."""
         pending: Dict[Connection, List[bytes]] = {}
         touched: Dict[Connection, None] = {}
@@ -88,7 +107,7 @@ class ServerEndpoint:
             if cid > 0:
                 conn = connections.get(cid)
                 if conn is None:
-                    self.stats.dropped_unknown_cid += len(datagrams)
+                    self.stats.dropped_unknown_cid += wire.count_datagrams(datagrams)
                     continue
                 records = pending.get(conn)
                 if records is None:

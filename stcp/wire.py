@@ -80,6 +80,24 @@ _KEY_UPDATE = struct.Struct("!BH")
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
 
 
+def expand_datagrams(entries) -> List[bytes]:
+    """A receive batch's entries as datagrams: an entry is a datagram, or a (buffer,
+    segment_size) pair standing for datagrams of that size back to back (UDP GRO; the last
+    may be shorter)."""
+    out: List[bytes] = []
+    for e in entries:
+        if type(e) is tuple:
+            buf, size = e
+            out.extend(buf[i:i + size] for i in range(0, len(buf), size))
+        else:
+            out.append(e)
+    return out
+
+
+def count_datagrams(entries) -> int:
+    return sum(-(-len(e[0]) // e[1]) if type(e) is tuple else 1 for e in entries)
+
+
 def make_seq(epoch: int, pn: int) -> int:
     return (epoch << EPOCH_SHIFT) | pn
 

@@ -229,26 +229,6 @@ def test_fuzz_arguments(pair, args, fn):
         pass
 
 
-def test_gro_split_returns_the_datagrams_sent(pair):
-    """recvmmsg(gro=True, split=True) -- what the socket datapath reads -- gives back each
-    datagram of a GSO buffer, the short last one included, plus a datagram sent alone."""
-    a, b = pair
-    if not gso_works(a, b.getsockname()):
-        pytest.skip("kernel without UDP GSO")
-    recv_all(b, 2, timeout=0.5)
-    b.setsockopt(_udpio.SOL_UDP, _udpio.UDP_GRO, 1)
-    sent = [bytes([i]) * 1000 for i in range(7)] + [b"tail"]
-    assert _udpio.sendmmsg(a, [b"".join(sent), b"alone"], b.getsockname(), segment_size=1000) == 2
-    got, deadline = [], time.monotonic() + 2
-    while len(got) < len(sent) + 1 and time.monotonic() < deadline:
-        for item in _udpio.recvmmsg(b, 16, 65535, True, True):
-            assert len(item) == 2 and item[1] == a.getsockname()
-            got.append(item[0])
-    assert got == sent + [b"alone"]
-    with pytest.raises(ValueError):
-        _udpio.recvmmsg(b, 16, 65535, False, True)       # split without gro means nothing
-
-
 def _hdr(cid: int, seq: int, body: bytes = b"") -> bytes:
     return (16 + len(body)).to_bytes(8, "big") + cid.to_bytes(8, "big") + seq.to_bytes(8, "big") + body
 
@@ -267,10 +247,32 @@ def test_group_by_cid_groups_consecutive_records_of_one_connection():
     assert _udpio.group_by_cid([]) == []
 
 
+def test_group_by_cid_keeps_a_one_connection_gro_buffer_whole():
+    """recvmmsg(gro=True) gives (buffer, addr, segment_size): one connection's records stay a
+    (buffer, size) pair, uncopied; a buffer that mixes connections or holds a hello is cut."""
+    a = ("10.0.0.1", 1)
+    recs = [_hdr(5, i, bytes(10)) for i in range(1, 5)]            # 34 bytes each
+    whole = b"".join(recs) + _hdr(5, 9)[:30]                       # a shorter last one
+    mixed = recs[0] + _hdr(6, 1, bytes(10)) + _hdr(0, 0, bytes(10))
+    batch = [(whole, a, 34), (recs[0], a, 34), (mixed, a, 34), (recs[1] + recs[2], a, 99)]
+    want = [(5, a, [(whole, 34), recs[0], mixed[:34]]),             # the same connection goes on
+            (6, a, [mixed[34:68]]), (-1, a, [mixed[68:]]),
+            (5, a, [recs[1] + recs[2]])]                             # segment size >= length: one datagram
+    for fn in (_udpio.group_by_cid, endpoint._group_by_cid):
+        got = fn(batch)
+        assert got == want
+    assert _udpio.group_by_cid(batch)[0][2][0][0] is whole          # not copied
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.one_of(st.binary(max_size=30),
-                                    st.builds(_hdr, st.integers(0, 3), st.integers(0, 2), st.binary(max_size=4))),
-                          st.sampled_from([("h", 1), ("h", 2)])), max_size=20))
+@given(st.lists(st.one_of(
+    st.tuples(st.one_of(st.binary(max_size=30),
+                        st.builds(_hdr, st.integers(0, 3), st.integers(0, 2), st.binary(max_size=4))),
+              st.sampled_from([("h", 1), ("h", 2)])),
+    st.tuples(st.builds(lambda rs: b"".join(rs),
+                        st.lists(st.builds(_hdr, st.integers(0, 2), st.integers(0, 2), st.just(b"xy")),
+                                 min_size=1, max_size=4)),
+              st.sampled_from([("h", 1), ("h", 2)]), st.sampled_from([26, 13, 100]))), max_size=20))
 def test_fuzz_group_by_cid_c_equals_python(batch):
     assert _udpio.group_by_cid(batch) == endpoint._group_by_cid(batch)
     for bad in ([1], [(b"x",)], [("text", None)], None):

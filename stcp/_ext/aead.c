@@ -628,6 +628,7 @@ static int simple_stream(const unsigned char *pt, Py_ssize_t ptlen, uint64_t lim
  */
 typedef struct {
     const unsigned char *buf;
+    Py_ssize_t item;       /* index of the datagrams entry it came from */
     Py_ssize_t len;
     uint64_t pn;
     Py_ssize_t pos;        /* plaintext offset in the scratch buffer */
@@ -639,7 +640,8 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
     Py_buffer *views = NULL;
     rx_record *recs = NULL;
     unsigned char *plain = NULL;
-    Py_ssize_t n = 0, i, total = 0;
+    Py_ssize_t m = 0, nviews = 0, n = 0, i, total = 0;
+    Py_ssize_t *segs = NULL;
     uint64_t cid, epoch, high, limit;
     int liberr = 0, shared = 0;
 
@@ -657,16 +659,45 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
         if (lp < -1) { PyErr_SetString(PyExc_ValueError, "largest_pn must be -1 or more"); return NULL; }
         high = lp < 0 ? 0 : (uint64_t)lp;     /* pn 0 is never a data record's, so 0 works as "none" */
     }
-    n = get_buffers(args[0], &fast, &views, "datagram");
-    if (n < 0) return NULL;
+    /* each entry is a datagram, or a (buffer, segment_size) pair of datagrams back to back */
+    fast = PySequence_Fast(args[0], "open_records() takes a list of datagrams");
+    if (!fast) return NULL;
+    m = PySequence_Fast_GET_SIZE(fast);
+    views = PyMem_Calloc(m ? (size_t)m : 1, sizeof(Py_buffer));
+    segs = PyMem_Calloc(m ? (size_t)m : 1, sizeof(Py_ssize_t));
+    if (!views || !segs) { PyErr_NoMemory(); goto done; }
+    for (nviews = 0; nviews < m; nviews++) {
+        PyObject *entry = PySequence_Fast_GET_ITEM(fast, nviews);
+        if (PyTuple_Check(entry)) {
+            if (PyTuple_GET_SIZE(entry) != 2) {
+                PyErr_SetString(PyExc_TypeError, "open_records() pairs must be (buffer, segment_size)");
+                goto done;
+            }
+            segs[nviews] = PyLong_AsSsize_t(PyTuple_GET_ITEM(entry, 1));
+            if (segs[nviews] == -1 && PyErr_Occurred()) goto done;
+            if (segs[nviews] < 1) { PyErr_SetString(PyExc_ValueError, "segment_size must be positive"); goto done; }
+            entry = PyTuple_GET_ITEM(entry, 0);
+        }
+        if (get_buffer(entry, &views[nviews], "datagram")) goto done;
+        n += segs[nviews] ? (views[nviews].len + segs[nviews] - 1) / segs[nviews] : 1;
+    }
     recs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(rx_record));
     if (!recs) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t e = 0, k = 0; e < m; e++) {
+        Py_ssize_t seg = segs[e] ? segs[e] : (views[e].len ? views[e].len : 1);
+        Py_ssize_t off = 0;
+        do {
+            recs[k].buf = (const unsigned char *)views[e].buf + off;
+            recs[k].len = views[e].len - off < seg ? views[e].len - off : seg;
+            recs[k].item = e;
+            k++;
+            off += seg;
+        } while (off < views[e].len);
+    }
     for (i = 0; i < n; i++) {
-        const unsigned char *r = views[i].buf;
+        const unsigned char *r = recs[i].buf;
         const char *why;
         rx_record *x = &recs[i];
-        x->buf = r;
-        x->len = views[i].len;
         x->state = 1;
         if (x->len < HEADER_LEN) continue;
         uint64_t seq = get_be64(r + 16);
@@ -701,7 +732,8 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
         uint64_t start, off;
         PyObject *item;
         if (x->state != 0) {
-            item = Py_NewRef(PySequence_Fast_GET_ITEM(fast, i));
+            item = segs[x->item] ? PyBytes_FromStringAndSize((const char *)x->buf, x->len)
+                                 : Py_NewRef(PySequence_Fast_GET_ITEM(fast, x->item));
         } else if (!simple_stream(plain + x->pos, ptlen, limit, &start, &len)) {
             item = Py_BuildValue("(y#Kn)", (const char *)plain + x->pos, ptlen, (unsigned long long)x->pn, x->len);
         } else {
@@ -740,8 +772,12 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
 done:
     if (plain) scratch_put(&plaintexts, plain, shared);   /* plaintext the caller gets anyway: no cleanse */
     PyMem_Free(recs);
-    if (views) release_buffers(fast, views, n);
-    else Py_XDECREF(fast);
+    if (views) {
+        for (i = 0; i < nviews; i++) PyBuffer_Release(&views[i]);
+        PyMem_Free(views);
+    }
+    PyMem_Free(segs);
+    Py_XDECREF(fast);
     return result;
 }
 
@@ -764,7 +800,8 @@ static PyMethodDef RecordCipher_methods[] = {
      "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
      "sealed back to back with seqs first_seq, first_seq+1, ..."},
     {"open_records", (PyCFunction)(void (*)(void))RecordCipher_open_records, METH_FASTCALL,
-     "open_records(datagrams, cid, epoch, largest_pn, limit) -> list: in datagram order,\n"
+     "open_records(datagrams, cid, epoch, largest_pn, limit) -> list: in datagram order (an entry may\n"
+     "be a (buffer, segment_size) pair standing for the datagrams back to back in it),\n"
      "(offset, count, data, first_pn, record_bytes) for each stretch of new records of plain in-order\n"
      "stream data, (plaintext, pn, record_len) for other new authentic records, and the datagram itself\n"
      "for everything else (not new, other epoch or connection, malformed, not authentic)."},

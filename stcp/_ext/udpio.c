@@ -213,42 +213,20 @@ done:
 
 static scratch_t recv_area;      /* recvmmsg's receive buffers, kept between calls */
 
-/* Append (segment, addr) for each gso_size piece of a coalesced buffer; -1 on error. */
-static int append_segments(PyObject *list, const char *buf, Py_ssize_t len, Py_ssize_t seg, PyObject *addr) {
-    Py_ssize_t off = 0;
-    do {                                   /* an empty datagram is still one item */
-        Py_ssize_t n = len - off < seg ? len - off : seg;
-        PyObject *payload = PyBytes_FromStringAndSize(buf + off, n);
-        PyObject *item = payload ? PyTuple_Pack(2, payload, addr) : NULL;
-        Py_XDECREF(payload);
-        if (!item || PyList_Append(list, item) < 0) { Py_XDECREF(item); return -1; }
-        Py_DECREF(item);
-        off += n;
-    } while (off < len);
-    return 0;
-}
-
-/* recvmmsg(fd, max_n, bufsize, gro=False, split=False) -> list[(bytes, addr)], or with gro and
- * not split list[(bytes, addr, segment_size)]; gro and split cut each coalesced buffer into
- * the datagrams it was made of, so callers see what arrived without GRO. */
+/* recvmmsg(fd, max_n, bufsize, gro=False) -> list[(bytes, addr)] or list[(bytes, addr, segment_size)] */
 static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"fd", "max_n", "bufsize", "gro", "split", NULL};
+    static char *kwlist[] = {"fd", "max_n", "bufsize", "gro", NULL};
     PyObject *fdobj, *result = NULL, *last_addr = NULL;
     Py_ssize_t max_n, bufsize;
-    int gro = 0, split = 0, fd, r = -1, err = 0, i, shared = 0;
+    int gro = 0, fd, r = -1, err = 0, i, shared = 0;
     char *data = NULL, *cmsgbuf = NULL;
     struct mmsghdr *msgs = NULL;
     struct iovec *iovs = NULL;
     struct sockaddr_storage *addrs = NULL;
     const size_t cmsg_space = CMSG_SPACE(sizeof(int));
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onn|pp:recvmmsg", kwlist, &fdobj, &max_n, &bufsize,
-                                     &gro, &split))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Onn|p:recvmmsg", kwlist, &fdobj, &max_n, &bufsize, &gro))
         return NULL;
-    if (split && !gro) {
-        PyErr_SetString(PyExc_ValueError, "split needs gro=True");
-        return NULL;
-    }
     if ((fd = get_fd(fdobj)) < 0) return NULL;
     if (max_n < 1 || max_n > MAX_BATCH) {
         PyErr_Format(PyExc_ValueError, "max_n must be 1-%d", MAX_BATCH);
@@ -294,7 +272,7 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
         }
         goto done;
     }
-    result = PyList_New(split ? 0 : r);
+    result = PyList_New(r);
     if (!result) goto done;
     for (i = 0; i < r; i++) {
         struct msghdr *h = &msgs[i].msg_hdr;
@@ -310,8 +288,10 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
             if (!addr) { Py_CLEAR(result); goto done; }
             Py_XSETREF(last_addr, Py_NewRef(addr));
         }
-        int seg = (int)len;
+        payload = PyBytes_FromStringAndSize(iovs[i].iov_base, len);
+        if (!payload) { Py_DECREF(addr); Py_CLEAR(result); goto done; }
         if (gro) {
+            int seg = (int)len;
             struct cmsghdr *cm;
             for (cm = CMSG_FIRSTHDR(h); cm; cm = CMSG_NXTHDR(h, cm)) {
                 if (cm->cmsg_level == SOL_UDP && cm->cmsg_type == UDP_GRO &&
@@ -320,17 +300,6 @@ static PyObject *udpio_recvmmsg(PyObject *module, PyObject *args, PyObject *kwds
                     break;
                 }
             }
-            if (seg < 1) seg = (int)(len > 0 ? len : 1);
-        }
-        if (split) {
-            int rc = append_segments(result, iovs[i].iov_base, len, seg, addr);
-            Py_DECREF(addr);
-            if (rc < 0) { Py_CLEAR(result); goto done; }
-            continue;
-        }
-        payload = PyBytes_FromStringAndSize(iovs[i].iov_base, len);
-        if (!payload) { Py_DECREF(addr); Py_CLEAR(result); goto done; }
-        if (gro) {
             item = Py_BuildValue("(NNi)", payload, addr, seg);
         } else {
             item = PyTuple_Pack(2, payload, addr);
@@ -350,71 +319,120 @@ done:
     return result;
 }
 
-/* group_by_cid([(datagram, addr), ...]) -> [(cid, addr, [datagram, ...]), ...]
+/* Header fields of a datagram that may be an STCP data record: 1 (and *cid) if it is one by
+ * its header (at least 24 bytes, cid != 0, seq != 0), else 0. */
+static int data_record_cid(const unsigned char *p, Py_ssize_t len, unsigned long long *cid) {
+    unsigned long long c = 0, seq = 0;
+    if (len < 24) return 0;
+    for (int k = 8; k < 16; k++) c = (c << 8) | p[k];
+    for (int k = 16; k < 24; k++) seq = (seq << 8) | p[k];
+    *cid = c;
+    return c != 0 && seq != 0;
+}
+
+typedef struct {
+    PyObject *result;
+    PyObject *list;            /* the open group's datagram list (borrowed), or NULL */
+    PyObject *addr;            /* its address (borrowed) */
+    unsigned long long cid;
+} grouping;
+
+/* Add one unit (a datagram, or a (buffer, segment_size) pair of data records of one cid) to
+ * the open group if it continues it, else as a new group. 0 ok, -1 error. */
+static int group_add(grouping *g, PyObject *unit, PyObject *addr, int data_record, unsigned long long cid) {
+    if (data_record && g->list && cid == g->cid) {
+        int same = addr == g->addr;
+        if (!same) {
+            same = PyObject_RichCompareBool(addr, g->addr, Py_EQ);
+            if (same < 0) return -1;
+        }
+        if (same) return PyList_Append(g->list, unit);
+    }
+    PyObject *list = PyList_New(1);
+    if (!list) return -1;
+    PyList_SET_ITEM(list, 0, Py_NewRef(unit));
+    PyObject *key = data_record ? PyLong_FromUnsignedLongLong(cid) : PyLong_FromLong(-1);
+    PyObject *group = key ? PyTuple_Pack(3, key, addr, list) : NULL;
+    Py_XDECREF(key);
+    if (!group || PyList_Append(g->result, group) < 0) { Py_XDECREF(group); Py_DECREF(list); return -1; }
+    Py_DECREF(group);
+    g->list = data_record ? list : NULL;       /* borrowed: the group in result holds it */
+    Py_DECREF(list);
+    g->addr = addr;
+    g->cid = cid;
+    return 0;
+}
+
+/* group_by_cid(batch) -> [(cid, addr, [datagram or (buffer, segment_size), ...]), ...]
  *
- * The receive side's demultiplexing pass: consecutive datagrams from one address whose
+ * The receive side's demultiplexing pass, over what recvmmsg returned: (datagram, addr), or
+ * with GRO (buffer, addr, segment_size). Consecutive data records from one address whose
  * STCP header (length:u64 | cid:u64 | seq:u64) names the same nonzero cid with a nonzero
- * seq (data records) form one group, so a server looks each connection up once per group,
- * not once per record. Every other datagram (shorter than a header, cid 0, seq 0: client
- * hellos) is a group of its own with cid -1, for the caller's per-datagram path. Only the
- * header bytes are read; nothing is checked beyond them. */
+ * seq form one group, so a server looks each connection up once per group, not once per
+ * record. A coalesced buffer whose records all name one cid stays whole, as a (buffer,
+ * segment_size) pair: its records are never copied out. Every other datagram (shorter than
+ * a header, cid 0, seq 0: client hellos; or a piece of a mixed buffer, copied out) is a
+ * group of its own with cid -1, for the caller's per-datagram path. Only header bytes are
+ * read; nothing is checked beyond them. */
 static PyObject *udpio_group_by_cid(PyObject *module, PyObject *batch) {
     PyObject *fast = PySequence_Fast(batch, "group_by_cid() takes a list of (datagram, addr) tuples");
-    PyObject *result = NULL, *cur_list = NULL, *cur_addr = NULL;
-    unsigned long long cur_cid = 0;
+    grouping g = {NULL, NULL, NULL, 0};
     Py_ssize_t n, i;
 
     if (!fast) return NULL;
     n = PySequence_Fast_GET_SIZE(fast);
-    result = PyList_New(0);
-    if (!result) goto fail;
+    g.result = PyList_New(0);
+    if (!g.result) goto fail;
     for (i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(fast, i), *data, *addr;
-        unsigned long long cid = 0, seq = 0;
+        Py_ssize_t seg = 0;
+        unsigned long long cid = 0;
         Py_buffer view;
-        int data_record = 0;
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2) {
-            PyErr_SetString(PyExc_TypeError, "group_by_cid() items must be (datagram, addr) tuples");
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 2 || PyTuple_GET_SIZE(item) > 3) {
+            PyErr_SetString(PyExc_TypeError, "group_by_cid() items must be (datagram, addr) or "
+                            "(buffer, addr, segment_size) tuples");
             goto fail;
         }
         data = PyTuple_GET_ITEM(item, 0);
         addr = PyTuple_GET_ITEM(item, 1);
+        if (PyTuple_GET_SIZE(item) == 3) {
+            seg = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 2));
+            if (seg == -1 && PyErr_Occurred()) goto fail;
+        }
         if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) != 0) goto fail;
-        if (view.len >= 24) {
-            const unsigned char *p = view.buf;
-            for (int k = 8; k < 16; k++) cid = (cid << 8) | p[k];
-            for (int k = 16; k < 24; k++) seq = (seq << 8) | p[k];
-            data_record = cid != 0 && seq != 0;
+        const unsigned char *p = view.buf;
+        int rc = 0;
+        if (seg <= 0 || seg >= view.len) {                  /* one datagram */
+            int dr = data_record_cid(p, view.len, &cid);
+            rc = group_add(&g, data, addr, dr, cid);
+        } else {
+            unsigned long long first = 0, c = 0;
+            int whole = data_record_cid(p, seg, &first);
+            for (Py_ssize_t off = seg; whole && off < view.len; off += seg) {
+                Py_ssize_t len = view.len - off < seg ? view.len - off : seg;
+                whole = data_record_cid(p + off, len, &c) && c == first;
+            }
+            if (whole) {
+                PyObject *pair = Py_BuildValue("(On)", data, seg);
+                rc = pair ? group_add(&g, pair, addr, 1, first) : -1;
+                Py_XDECREF(pair);
+            } else {
+                for (Py_ssize_t off = 0; rc == 0 && off < view.len; off += seg) {
+                    Py_ssize_t len = view.len - off < seg ? view.len - off : seg;
+                    PyObject *piece = PyBytes_FromStringAndSize((const char *)p + off, len);
+                    int dr = data_record_cid(p + off, len, &c);
+                    rc = piece ? group_add(&g, piece, addr, dr, c) : -1;
+                    Py_XDECREF(piece);
+                }
+            }
         }
         PyBuffer_Release(&view);
-        if (data_record && cur_list && cid == cur_cid) {
-            int same = addr == cur_addr;
-            if (!same) {
-                same = PyObject_RichCompareBool(addr, cur_addr, Py_EQ);
-                if (same < 0) goto fail;
-            }
-            if (same) {
-                if (PyList_Append(cur_list, data) < 0) goto fail;
-                continue;
-            }
-        }
-        PyObject *list = PyList_New(1);
-        if (!list) goto fail;
-        PyList_SET_ITEM(list, 0, Py_NewRef(data));
-        PyObject *key = data_record ? PyLong_FromUnsignedLongLong(cid) : PyLong_FromLong(-1);
-        PyObject *group = key ? PyTuple_Pack(3, key, addr, list) : NULL;
-        Py_XDECREF(key);
-        if (!group || PyList_Append(result, group) < 0) { Py_XDECREF(group); Py_DECREF(list); goto fail; }
-        Py_DECREF(group);
-        cur_list = data_record ? list : NULL;      /* borrowed: the group in result holds it */
-        Py_DECREF(list);
-        cur_addr = addr;
-        cur_cid = cid;
+        if (rc < 0) goto fail;
     }
     Py_DECREF(fast);
-    return result;
+    return g.result;
 fail:
-    Py_XDECREF(result);
+    Py_XDECREF(g.result);
     Py_DECREF(fast);
     return NULL;
 }
@@ -422,7 +440,8 @@ fail:
 static PyMethodDef udpio_methods[] = {
     {"group_by_cid", (PyCFunction)udpio_group_by_cid, METH_O,
      "group_by_cid(batch) -> list[(cid, addr, datagrams)]: consecutive data records from one address\n"
-     "naming one connection ID grouped; any other datagram alone, with cid -1."},
+     "naming one connection ID grouped (a GRO buffer of one cid's records kept whole as a\n"
+     "(buffer, segment_size) pair); any other datagram alone, with cid -1."},
     {"sendmmsg", (PyCFunction)(void (*)(void))udpio_sendmmsg, METH_VARARGS | METH_KEYWORDS,
      "sendmmsg(fd, datagrams, addr=None, segment_size=0) -> int\n\n"
      "Send each datagram (to addr, or to the connected peer if None) in as few system calls as\n"
@@ -430,10 +449,9 @@ static PyMethodDef udpio_methods[] = {
      "error). With segment_size, a datagram longer than it is one UDP GSO buffer the kernel\n"
      "splits into segment_size pieces. Raises OSError if the first datagram fails."},
     {"recvmmsg", (PyCFunction)(void (*)(void))udpio_recvmmsg, METH_VARARGS | METH_KEYWORDS,
-     "recvmmsg(fd, max_n, bufsize, gro=False, split=False) -> list[(bytes, addr)]\n\n"
+     "recvmmsg(fd, max_n, bufsize, gro=False) -> list[(bytes, addr)]\n\n"
      "Receive up to max_n datagrams waiting on the socket, without blocking ([] if none).\n"
-     "With gro=True (socket has UDP_GRO set) items are (bytes, addr, segment_size);\n"
-     "with gro=True and split=True each coalesced buffer comes back cut into its datagrams."},
+     "With gro=True (socket has UDP_GRO set) items are (bytes, addr, segment_size)."},
     {NULL}
 };
 

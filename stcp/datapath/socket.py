@@ -17,7 +17,7 @@ from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol,
 
 from .. import wire
 from ..connection import Connection
-from ..endpoint import ServerEndpoint
+from ..endpoint import ServerEndpoint, group_by_cid
 
 try:
     from .. import _udpio
@@ -93,7 +93,7 @@ class Driver:
         if _udpio is not None:
             try:
                 if self.gro:
-                    return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, True, True)
+                    return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, True)
                 return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536)
             except ConnectionRefusedError:
                 self.icmp_errors += 1
@@ -123,11 +123,12 @@ class Driver:
             # Answer (acks, window updates) after every batch, not once per readiness callback:
             # a sender waiting on acks should not wait for the whole backlog to be read.
             self.flush()
-            if len(batch) < RECV_BATCH and not self.gro:
+            if len(batch) < RECV_BATCH:
                 break
 
-    def route_batch(self, batch: List[Tuple[bytes, Hashable]], now: float) -> Iterable[Connection]:
-        """Hand each received datagram to its connection; return the connections that got any."""
+    def route_batch(self, batch: list, now: float) -> Iterable[Connection]:
+        """Hand each received datagram to its connection; return the connections that got any.
+        Entries are (datagram, source), or with GRO (buffer, source, segment_size)."""
         raise NotImplementedError
 
     # --- send --------------------------------------------------------------
@@ -302,9 +303,12 @@ class ClientDriver(Driver):
     def route_batch(self, batch, now: float) -> Iterable[Connection]:
         # Only records naming our CID reach the connection: stray or spoofed datagrams that
         # name nothing must not be able to end it, just as the server endpoint drops them.
-        cid = self._cid
-        mine = [data for data, _ in batch if data[8:16] == cid]
-        self.dropped += len(batch) - len(mine)
+        mine: list = []
+        for cid, _, entries in group_by_cid(batch):
+            if cid == self.conn.local_cid or (cid == -1 and entries[0][8:16] == self._cid):
+                mine += entries           # our data records, or a handshake record naming us
+            else:
+                self.dropped += wire.count_datagrams(entries)
         if not mine:
             return ()
         self.conn.receive_datagrams(mine, now)
