@@ -46,9 +46,11 @@ def log(*a) -> None:
     print("xdp_flood:", *a, file=sys.stderr, flush=True)
 
 
-def env() -> dict:
+def env(gso: bool = True) -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    if not gso:
+        e["STCP_GSO"] = "0"
     return e
 
 
@@ -144,13 +146,16 @@ def wait_line(proc: subprocess.Popen, needle: str, timeout: float) -> None:
     raise RuntimeError(f"server did not start: {buf.decode(errors='replace')[-800:]}")
 
 
-def honest_transfer(b, addr: str, data_path: Path, size: int, digest: str, timeout: float) -> dict:
-    """`stcp connect` echo of the file; goodput from the first to the last echoed byte."""
+def honest_transfer(b, addr: str, data_path: Path, size: int, digest: str, timeout: float,
+                    gso: bool = True) -> dict:
+    """`stcp connect` echo of the file; goodput from the first to the last echoed byte. gso=False
+    when the server's XDP runs in generic mode, which would see a same-host GSO buffer as one
+    datagram (docs/OPERATIONS.md section 6)."""
     argv = pinned(CLIENT_CPU, [sys.executable, "-m", "stcp.cli.main", "connect", addr])
     t0 = time.monotonic()
     with open(data_path, "rb") as f:
         p = subprocess.Popen(b.cmd(*argv), stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=env(), cwd=REPO)
+                             env=env(gso), cwd=REPO)
     h = hashlib.sha256()
     got = 0
     first = last = None
@@ -223,7 +228,8 @@ def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.N
                           la=link_drops(a), lb=link_drops(b),
                           t=time.monotonic(), bpf=bpf_prog_stats(prog_id) if prog_id else None,
                           xdp=loader_status(a.ns).get("counters") if xdp else None)
-            res["honest"] = honest_transfer(b, addr, data_path, cfg.bytes, digest, cfg.transfer_timeout)
+            res["honest"] = honest_transfer(b, addr, data_path, cfg.bytes, digest, cfg.transfer_timeout,
+                                            gso=res.get("xdp_mode") != "generic")
             # measure the flood for at least min_window seconds
             while flood and time.monotonic() - c0["t"] < cfg.min_window and flooder.poll() is None:
                 time.sleep(0.1)

@@ -104,7 +104,6 @@ class Stats:
 
 _DRAIN_PTOS = 3
 _MIN_STREAM_CHUNK = 64
-_ACK_BYTES = 23 + 16 * 8                  # an ACK frame with a few ranges
 # A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
 # the whole buffer must fit one UDP datagram's length.
 _MAX_RUN_RECORDS = 64

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from . import wire
-from .errors import AuthenticationFailure, HandshakeFailure, MalformedRecord
+from .errors import AuthenticationFailure, HandshakeFailure
 
 # C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
 # pure-Python path below, which stays the reference and the fallback.
@@ -161,18 +161,6 @@ class RecordKey:
             frame = wire.encode_stream(stream_offset + start, bytes(piece), fin and last)
             out.append(self.seal(cid, first_seq + i, frame))
         return b"".join(out)
-
-    def open_batch(self, records) -> list:
-        """Plaintexts of whole records (seq from each header), None where one fails authentication."""
-        if self.fast is not None:
-            return self.fast.open_batch(records)
-        out = []
-        for record in records:
-            try:
-                out.append(self.open(record, wire.parse_header(record)[2]))
-            except (AuthenticationFailure, MalformedRecord):
-                out.append(None)
-        return out
 
     def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int) -> list:
         """One connection's datagrams of a receive batch, in order (an entry may be a (buffer,

@@ -24,8 +24,6 @@ import hashlib
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 
 import pytest

@@ -15,7 +15,7 @@ from typing import Callable, List
 import pytest
 
 from stcp import wire
-from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, KeyUpdated, StreamFinished
+from stcp.connection import Config, Connection, ConnectionClosed, DataReceived
 from stcp.endpoint import ServerEndpoint
 from stcp.state import State
 

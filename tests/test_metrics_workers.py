@@ -17,8 +17,6 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from typing import Dict, List
@@ -28,7 +26,7 @@ import pytest
 import stcp
 from stcp.metrics import WORKER_METRICS, WorkerSlot, serve_pool_metrics, serve_worker_metrics
 from tests.test_metrics import (Scrape, ascrape, check_invariants, echo, fake_xdp_collector, promtool_check,
-                                quiet, scrape, transfer, wait_for)
+                                quiet, scrape, transfer)
 
 PORT = 4481
 
