@@ -521,7 +521,7 @@ class BlockingConnection:
         self._thread.start()
         self.timeout = timeout
         self._cond = threading.Condition()
-        self._inbox = bytearray()
+        self._inbox = _ChunkBuffer()       # shared with the loop thread under _cond
         self._eof = False
         self._error: Optional[BaseException] = None
         host, port = address[0], address[1]
@@ -553,7 +553,7 @@ class BlockingConnection:
                 data = await self._reader.read(1 << 20)
                 with self._cond:
                     if data:
-                        self._inbox += data
+                        self._inbox.append(data)
                         if len(self._inbox) > self.INBOX_LIMIT:
                             room.clear()
                     else:
@@ -591,8 +591,7 @@ class BlockingConnection:
                                        self.timeout):
                 raise socket.timeout("timed out")
             if self._inbox:
-                data = bytes(self._inbox[:bufsize])
-                del self._inbox[:bufsize]
+                data = self._inbox.take_some(bufsize)
                 if len(self._inbox) <= self.INBOX_LIMIT and not self._room.is_set():
                     self._loop.call_soon_threadsafe(self._room.set)
                 return data
