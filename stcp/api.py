@@ -178,8 +178,8 @@ class StreamReader:
         self._waiter = None
 
     def _consumed(self, n: int) -> None:
-        if n:
-            self._handle.conn.consume(n)
+        # a loop pass to flush only when reading made a window update due, not on every read
+        if n and self._handle.conn.consume(n):
             self._handle.touch()
 
     async def _wait(self) -> None:

@@ -187,10 +187,13 @@ class Connection:
         self._require_encrypted("finish the stream")
         self._send.finish()
 
-    def consume(self, n: int) -> None:
-        """The application has read n delivered bytes: flow-control credit may be returned."""
+    def consume(self, n: int) -> bool:
+        """The application has read n delivered bytes: flow-control credit may be returned.
+        True when it is due now (the connection has a MAX_DATA to send)."""
         if self._recv.on_consumed(n) is not None:
             self._max_data_due = True
+            return True
+        return False
 
     def close(self, code: int = CloseCode.APPLICATION_ABORT, reason: str = "") -> None:
         """End the connection now, telling the peer why (an abort, not a graceful close)."""
