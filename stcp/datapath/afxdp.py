@@ -1,16 +1,18 @@
-"""The AF_XDP datapath (first slice): good records arrive through AF_XDP sockets, replies
-leave through the kernel UDP socket.
+"""The AF_XDP datapath: good records arrive through AF_XDP sockets, one per RX queue.
 
 Receive: the XDP program is compiled with -DSTCP_AFXDP (bpf/stcp_xdp.c), so every record
 that passes all of its checks is redirected to the stcp_xsks XSKMAP entry of the RX queue
-it arrived on. One stcp._xsk.XskSocket per RX queue sits in that map; the loop reads each
-with add_reader and feeds the batches to the ServerEndpoint as the socket datapath does.
+it arrived on (see "Steering" below). One stcp._xsk.XskSocket per RX queue sits in that
+map; the loop reads each with add_reader and hands the batches to the ServerEndpoint, so
+they take the same C receive path as the socket datapath's (group_by_cid, open_records).
 A queue without a socket falls back to XDP_PASS, i.e. to the UDP socket, which the driver
 keeps reading too (and counts: `rx_socket`).
 
-Transmit: through the UDP socket bound to the server's port (Driver._send_group,
-sendmmsg). AF_XDP transmit on veth is unproven here (see docs/OPERATIONS.md, "AF_XDP
-datapath"), and the kernel builds the headers and checksums.
+Transmit: by default through the UDP socket bound to the server's port (Driver._send_group:
+sendmmsg, bulk runs as GSO buffers), the kernel building headers and checksums. With
+tx="afxdp" (`--afxdp-tx afxdp`) replies go out on the TX ring of the AF_XDP socket the
+peer's records arrive on, headers built in C from the received frame; see
+docs/OPERATIONS.md, "The AF_XDP datapath", for why that stays opt-in.
 
 Workers (`--workers N`, N > 1): a supervisor attaches the program and runs N worker
 processes (`stcp serve ... --afxdp-worker W/N`); worker W owns the AF_XDP sockets of the RX
@@ -32,6 +34,7 @@ share no connection state. Limit: a flow whose RX queue changes mid-connection (
 indirection table rewritten, queue count changed, the peer's port or address changed)
 has its records dropped from then on, counted as drop_wrong_worker, until its idle timeout
 ends it.
+
 With --metrics the supervisor serves /metrics and reads each worker's counters from a unix
 socket in Supervisor.metrics_dir at scrape time (stcp.metrics.WorkerPoolCollector).
 
@@ -255,7 +258,7 @@ def _find_xskmap(xdp: XdpDatapath) -> int:
 
 class AfxdpServerDriver(ServerDriver):
     """ServerDriver whose datagrams arrive through AF_XDP sockets (and, for queues without
-    one, the UDP socket); everything leaves through the UDP socket."""
+    one, the UDP socket); replies leave through the UDP socket, or with tx="afxdp" the TX ring."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, endpoint: ServerEndpoint,
                  on_new: Callable[[Connection], None], on_ended: Optional[Callable[[Connection], None]],
