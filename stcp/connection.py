@@ -596,13 +596,7 @@ class Connection:
     # --- send --------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> List[bytes]:
         """Every datagram due now, one record each."""
-        out: List[bytes] = []
-        for buf, size in self.datagram_batches(now):
-            if size >= len(buf):
-                out.append(buf)
-            else:
-                out.extend(buf[i:i + size] for i in range(0, len(buf), size))
-        return out
+        return wire.expand_datagrams(self.datagram_batches(now))
 
     def datagram_batches(self, now: float) -> List[Tuple[bytes, int]]:
         """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records

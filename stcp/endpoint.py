@@ -116,26 +116,15 @@ class ServerEndpoint:
                 else:
                     records += datagrams
                 continue
-            data = datagrams[0]                  # anything but a data record comes alone
-            if len(data) < wire.HEADER_LEN:
-                self.stats.dropped_short += 1
-                continue
-            cid, seq = _CID_SEQ.unpack_from(data)
-            if seq == wire.HANDSHAKE_SEQ and cid == 0:
-                self._deliver(pending, now)       # what came before the hello is handled before it
-                pending = {}
-                conn, is_new = self._receive_hello(data, addr, now)
-                if conn is not None:
-                    touched[conn] = None
-                    if is_new:
-                        new.append(conn)
-                continue
-            conn = connections.get(cid)
-            if conn is None:
-                self.stats.dropped_unknown_cid += 1
-                continue
-            pending.setdefault(conn, []).append(data)
-            touched[conn] = None
+            # anything but a data record comes alone (hellos, runts): the one-datagram path,
+            # after what came before it
+            self._deliver(pending, now)
+            pending = {}
+            conn, is_new = self.receive(datagrams[0], addr, now)
+            if conn is not None:
+                touched[conn] = None
+                if is_new:
+                    new.append(conn)
         self._deliver(pending, now)
         return list(touched), new
 

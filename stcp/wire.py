@@ -81,9 +81,9 @@ STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
 
 
 def expand_datagrams(entries) -> List[bytes]:
-    """A receive batch's entries as datagrams: an entry is a datagram, or a (buffer,
-    segment_size) pair standing for datagrams of that size back to back (UDP GRO; the last
-    may be shorter)."""
+    """A batch's entries as datagrams: an entry is a datagram, or a (buffer, segment_size)
+    pair standing for datagrams of that size back to back (UDP GRO on receive, a GSO run on
+    send; the last may be shorter)."""
     out: List[bytes] = []
     for e in entries:
         if type(e) is tuple:

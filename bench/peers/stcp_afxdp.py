@@ -171,19 +171,26 @@ def run_supervisor(args, nworkers: int) -> None:
             os.unlink(f"/run/stcp-afxdp-{prog_id}.lock")
 
 
-def available() -> str | None:
+def kernel_datapath_available(afxdp: bool) -> str | None:
+    """None when the XDP (afxdp=False) or AF_XDP datapath can run here, otherwise why not."""
     why = socket_peer.available()
     if why:
         return why
+    what = "AF_XDP" if afxdp else "XDP"
     if os.geteuid() != 0:
-        return "needs root (XDP and AF_XDP)"
+        return f"needs root ({'XDP and AF_XDP' if afxdp else 'XDP'})"
     try:
-        from stcp import _xsk  # noqa: F401
+        if afxdp:
+            from stcp import _xsk  # noqa: F401
         from stcp.datapath import xdp
         xdp.check_toolchain()
     except Exception as e:  # noqa: BLE001
-        return f"AF_XDP datapath unavailable: {e}"
+        return f"{what} datapath unavailable: {e}"
     return None
+
+
+def available() -> str | None:
+    return kernel_datapath_available(afxdp=True)
 
 
 def main(argv=None, workers: int = 1) -> None:

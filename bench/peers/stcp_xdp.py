@@ -9,13 +9,12 @@ handshakes all come from one client). Root, bcc; not available on loopback.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 
 from bench import common as C
 from bench.peers import stcp as socket_peer
 from bench.peers import streams
-from bench.peers.stcp_afxdp import XDP_LIMITS, _CidHooks, iface_of
+from bench.peers.stcp_afxdp import XDP_LIMITS, _CidHooks, iface_of, kernel_datapath_available
 
 
 def run_server(args) -> None:
@@ -47,17 +46,7 @@ def run_server(args) -> None:
 
 
 def available() -> str | None:
-    why = socket_peer.available()
-    if why:
-        return why
-    if os.geteuid() != 0:
-        return "needs root (XDP)"
-    try:
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
-    except Exception as e:  # noqa: BLE001
-        return f"XDP datapath unavailable: {e}"
-    return None
+    return kernel_datapath_available(afxdp=False)
 
 
 def main(argv=None) -> None:

@@ -56,6 +56,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .. import wire
 from ..connection import Connection
 from ..endpoint import ServerEndpoint
 from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
@@ -332,10 +333,9 @@ class AfxdpServerDriver(ServerDriver):
                 return n
             datagrams = datagrams[n:]
         sent = super()._send_group(datagrams, addr, segment_size)
-        if segment_size:        # count datagrams, not GSO buffers
-            self.tx_socket += sum(-(-len(d) // segment_size) for d in datagrams[:sent])
-        else:
-            self.tx_socket += sent
+        # count datagrams, not GSO buffers
+        self.tx_socket += wire.count_datagrams([(d, segment_size) for d in datagrams[:sent]]) \
+            if segment_size else sent
         return n + sent
 
     def connection_ended(self, conn: Connection) -> None:

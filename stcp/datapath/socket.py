@@ -166,13 +166,9 @@ class Driver:
         if batches:
             addr = self.peer_address(conn)
             backlog = self._backlog
-            for buf, size in batches:
-                if size >= len(buf):
-                    backlog.append((buf, addr, 0))
-                elif self.gso:
-                    backlog.append((buf, addr, size))
-                else:
-                    backlog.extend((buf[i:i + size], addr, 0) for i in range(0, len(buf), size))
+            if not self.gso:
+                batches = [(d, len(d)) for d in wire.expand_datagrams(batches)]
+            backlog.extend((buf, addr, size if size < len(buf) else 0) for buf, size in batches)
         if hooks is not None:
             hooks.process_events()
         if conn.is_closed:
@@ -216,13 +212,8 @@ class Driver:
 
     def _stop_gso(self) -> None:
         self.gso = False
-        split: List[Tuple[bytes, Hashable, int]] = []
-        for buf, addr, size in self._backlog:
-            if size:
-                split.extend((buf[i:i + size], addr, 0) for i in range(0, len(buf), size))
-            else:
-                split.append((buf, addr, 0))
-        self._backlog[:] = split
+        self._backlog[:] = [(d, addr, 0) for buf, addr, size in self._backlog
+                            for d in wire.expand_datagrams([(buf, size) if size else buf])]
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         """Send datagrams (GSO buffers when segment_size is set); return how many went."""
