@@ -22,7 +22,11 @@ system-deps:
 run: $(STAMP)
 	$(VENV)/bin/stcp demo
 
+# A venv built before `make system-deps` lacks stcp._xsk: rebuild once the headers exist.
 test: system-deps $(STAMP)
+	@if [ -e /usr/include/xdp/xsk.h ] && ! $(PY) -c 'import stcp._xsk' 2>/dev/null; then \
+		echo "rebuilding the C extensions: the libxdp headers are installed now"; \
+		$(PY) -m pip install -q --no-deps -e .; fi
 	$(PY) -m pytest -q
 
 bench: system-deps $(STAMP)

@@ -18,18 +18,27 @@ OPTIONAL = {"stcp._xsk"}
 
 
 class optional_build_ext(build_ext):
-    """Builds every extension; a failure of an OPTIONAL one is a warning, not an error."""
+    """Builds every extension; a failure of an OPTIONAL one is a warning, not an error.
 
-    def build_extension(self, ext):
-        if ext.name not in OPTIONAL:
-            return super().build_extension(ext)
-        try:
-            super().build_extension(ext)
-        except Exception as exc:  # CompileError, LinkError, DistutilsExecError
-            print(f"WARNING: not building {ext.name} ({exc}); the afxdp datapath will be unavailable. "
-                  "Install libxdp-dev and libbpf-dev ('sudo make system-deps') and reinstall to get it.",
-                  file=sys.stderr)
+    A skipped extension is also dropped from `self.extensions`: setuptools lists the
+    outputs to install (and an editable install copies them into the source tree) from
+    that list after the build, and a listed `.so` that was never built fails the whole
+    install.
+    """
 
+    def build_extensions(self):
+        self.check_extensions_list(self.extensions)
+        for ext in list(self.extensions):
+            if ext.name not in OPTIONAL:
+                self.build_extension(ext)
+                continue
+            try:
+                self.build_extension(ext)
+            except Exception as exc:  # CompileError, LinkError, DistutilsExecError
+                self.extensions.remove(ext)
+                print(f"WARNING: not building {ext.name} ({exc}); the afxdp datapath will be "
+                      "unavailable. Install libxdp-dev and libbpf-dev ('sudo make system-deps') "
+                      "and reinstall to get it.", file=sys.stderr)
 
 setup(
     cmdclass={"build_ext": optional_build_ext},
