@@ -62,13 +62,14 @@ def test_make_run_without_xdp_headers(tmp_path):
                          text=True, timeout=900)
     assert run.returncode == 0, f"make run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     py = clone / ".venv" / "bin" / "python"
-    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio"]).returncode == 0
+    # (cwd=clone: `python -c` imports from its working directory first)
+    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio"], cwd=clone).returncode == 0
     # Without the extension the afxdp datapath refuses with what to install, in one line.
-    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], capture_output=True)
+    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], cwd=clone, capture_output=True)
     assert probe.returncode != 0
     cli = subprocess.run([str(clone / ".venv" / "bin" / "stcp"), "serve", "--datapath", "afxdp",
                           "--iface", "lo", "--listen", "127.0.0.1:17443"],
-                         capture_output=True, text=True, timeout=60)
+                         cwd=clone, capture_output=True, text=True, timeout=60)
     assert cli.returncode != 0
     assert "libxdp-dev" in cli.stderr and "Traceback" not in cli.stderr
     assert len(cli.stderr.strip().splitlines()) == 1
