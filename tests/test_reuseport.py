@@ -365,3 +365,18 @@ def test_classify():
     assert classify(struct.pack("!QQQ", 0, 0, 1)) == (ReuseportVerdict.PASS_WORKER, 0)
     r = record(0xAB)
     assert r[8] == 0xAB and classify(r) == (ReuseportVerdict.PASS_WORKER, 0xAB)
+
+
+@pytest.mark.root
+def test_bench_measures_what_it_says(steering, tmp_path):
+    """bench.reuseport_steer, tiny: each scenario's datagrams went through the path it names."""
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "bench.reuseport_steer", "--seconds", "0.4", "--rounds", "2",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    s, c = doc["summary"], doc["counters"]
+    assert s["hash"]["prog_runs"] == 0 and s["empty"]["prog_runs"] == s["empty"]["datagrams"] > 0
+    assert c["pass_worker"][0] == s["steer"]["datagrams"] == s["steer"]["prog_runs"] > 0
+    assert c["pass_hello"][0] == s["hello"]["datagrams"] == s["hello"]["prog_runs"] > 0
+    assert c["drop_no_worker"][0] == s["drop"]["datagrams"] == s["drop"]["prog_runs"] > 0

@@ -258,6 +258,14 @@ class ReuseportSteering:
                                  "supervisor, in that order")
         return cls(sockarray_fd, counters_fd, prog_fd)
 
+    @property
+    def prog_id(self) -> int:
+        """The program's id, as bpftool shows it (bpftool prog show id N)."""
+        info = _info(self.prog_fd, _ProgInfo())
+        if info is None:
+            raise ReuseportError("the steering program's fd is closed")
+        return info.id
+
     def fds(self) -> Tuple[int, int, int]:
         """(socket map, counters, program): what a worker needs, for pass_fds and from_fds()."""
         return self.sockarray_fd, self.counters_fd, self.prog_fd
