@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from ..errors import STCPError
-from ..wire import CID_WORKER_SHIFT, HEADER_LEN, HANDSHAKE_SEQ, MAX_CID_WORKERS
+from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
+from .verdicts import Verdict
 
 PROG_NAME = "stcp_reuseport"
 SOURCE = "stcp_reuseport.c"
@@ -87,13 +88,9 @@ class ReuseportVerdict(enum.IntEnum):
     DROP_NO_WORKER = 3       # no socket at the CID's worker key (worker dead or restarting)
     DROP_WRONG_GROUP = 4     # the key's socket belongs to another reuseport group
 
-    @property
-    def key(self) -> str:
-        return self.name.lower()
-
-    @property
-    def is_drop(self) -> bool:
-        return self.name.startswith("DROP_")
+    # named as the XDP verdicts are ('pass_worker', is_drop); properties are not members
+    key = Verdict.key
+    is_drop = Verdict.is_drop
 
 
 VERDICT_MAX = len(ReuseportVerdict)      # == STCP_RP_MAX
