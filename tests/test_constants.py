@@ -119,3 +119,30 @@ def test_steering_verdict_and_config_field():
     assert verdicts.Verdict.DROP_WRONG_WORKER.key == "drop_wrong_worker"
     cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", _text(), flags=re.S).group(1)
     assert re.search(r"__u32\s+nworkers;", cfg), "struct stcp_config lacks nworkers"
+
+
+def test_reuseport_verdicts_match_python():
+    """enum stcp_rp_verdict in bpf/stcp_reuseport.c vs ReuseportVerdict; the program takes
+    the wire constants from bpf/stcp_wire.h rather than its own copies."""
+    from stcp.datapath import reuseport
+    src = (HEADER.parent / "stcp_reuseport.c").read_text()
+    body = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    m = re.search(r"enum\s+stcp_rp_verdict\s*\{(.*?)\}", body, flags=re.S)
+    assert m, "enum stcp_rp_verdict not found in bpf/stcp_reuseport.c"
+    c = {name: int(value) for name, value in re.findall(r"(STCP_RP_\w+)\s*=\s*(\d+)", m.group(1))}
+    py = {f"STCP_RP_{v.name}": int(v) for v in reuseport.ReuseportVerdict}
+    py["STCP_RP_MAX"] = reuseport.VERDICT_MAX
+    assert c == py
+    assert sorted(int(v) for v in reuseport.ReuseportVerdict) == list(range(reuseport.VERDICT_MAX))
+    assert '#include "stcp_wire.h"' in body and "STCP_CID_WORKER_SHIFT" in body and "STCP_HEADER_LEN" in body
+    assert not re.search(r"#define\s+STCP_(?!RP_|ENOENT)", body), "wire constants belong in stcp_wire.h"
+
+
+def test_reuseport_socket_options_match_kernel_headers():
+    from stcp.datapath import reuseport
+    header = Path("/usr/include/asm-generic/socket.h")
+    if not header.is_file():
+        pytest.skip(f"{header} not installed (linux-libc-dev)")
+    defs = dict(re.findall(r"#define\s+(SO_\w+)\s+(\d+)", header.read_text()))
+    for name in ("SO_ATTACH_REUSEPORT_EBPF", "SO_DETACH_REUSEPORT_BPF", "SO_COOKIE"):
+        assert int(defs[name]) == getattr(reuseport, name), name
