@@ -131,24 +131,28 @@ def gso_works(sock, dest) -> bool:
 
 
 def test_gso_send_and_gro_receive_of_sealed_records(pair):
-    """The socket datapath's pipeline: seal_into one buffer, one GSO send, GRO receive, open_batch."""
+    """The socket datapath's bulk pipeline: seal_stream into one buffer, one GSO send, GRO
+    receive, group_by_cid, open_records: the data arrives whole, as one stretch."""
     a, b = pair
     if not gso_works(a, b.getsockname()):
         pytest.skip("kernel without UDP GSO")
     recv_all(b, 2, timeout=0.5)   # drain the probe
     b.setsockopt(_udpio.SOL_UDP, _udpio.UDP_GRO, 1)
     c = _aead.RecordCipher(1, bytes(range(32)), bytes(12))
-    pts = [bytes([i]) * 1000 for i in range(10)]
-    seg = 1000 + 40
-    out = bytearray(seg * len(pts))
-    assert c.seal_into(77, 500, pts, out) == len(out)
+    data = bytes(range(256)) * 40
+    chunk = 1000
+    seg = _aead.HEADER_LEN + _aead.STREAM_FRAME_OVERHEAD + chunk + _aead.TAG_LEN
+    out = c.seal_stream(77, 500, data, 0, chunk, False)
     assert _udpio.sendmmsg(a, [out], b.getsockname(), segment_size=seg) == 1
-    records, deadline = [], time.monotonic() + 2
-    while len(records) < len(pts) and time.monotonic() < deadline:
-        for data, addr, size in _udpio.recvmmsg(b, 16, 65535, gro=True):
-            assert addr == a.getsockname() and size == seg
-            records.extend(data[i:i + size] for i in range(0, len(data), size))
-    assert c.open_batch(records) == pts
+    batch, deadline = [], time.monotonic() + 2
+    while sum(len(d) for d, _, _ in batch) < len(out) and time.monotonic() < deadline:
+        for item in _udpio.recvmmsg(b, 16, 65535, gro=True):
+            assert item[1] == a.getsockname() and item[2] == seg
+            batch.append(item)
+    groups = endpoint.group_by_cid(batch)
+    assert [(cid, addr) for cid, addr, _ in groups] == [(77, a.getsockname())]
+    got = c.open_records(groups[0][2], 77, 0, -1, 1 << 62)
+    assert got == [(0, (len(data) + chunk - 1) // chunk, data, 500, len(out))]
 
 
 def test_gso_without_gro_arrives_split(pair):
