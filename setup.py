@@ -12,8 +12,10 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# -fvisibility=hidden: a module built from several files shares functions between them,
+# and only PyInit_* (which Python marks visible itself) leaves the shared object.
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
-          "-Wno-cast-function-type"]
+          "-Wno-cast-function-type", "-fvisibility=hidden"]
 OPTIONAL = {"stcp._xsk"}
 
 
@@ -45,8 +47,8 @@ setup(
     ext_modules=[
         Extension(
             "stcp._aead",
-            sources=["stcp/_ext/aead.c"],
-            depends=["stcp/_ext/scratch.h"],
+            sources=["stcp/_ext/aead.c", "stcp/_ext/aead_send.c", "stcp/_ext/aead_receive.c"],
+            depends=["stcp/_ext/aead.h", "stcp/_ext/record.h", "stcp/_ext/scratch.h"],
             libraries=["crypto"],
             extra_compile_args=CFLAGS,
         ),
