@@ -1,7 +1,8 @@
 """C extensions of the stcp package; everything else is declared in pyproject.toml.
 
 stcp._aead links OpenSSL's libcrypto (Debian: libssl-dev, installed by
-scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO).
+scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO);
+stcp._demux (a receive batch grouped by connection ID) is plain C.
 stcp._xsk (AF_XDP receive for `--datapath afxdp`) links libxdp and libbpf (Debian:
 libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
 warning and everything else (the socket and xdp datapaths) still works.
@@ -53,6 +54,8 @@ setup(
             extra_compile_args=CFLAGS,
         ),
         Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
+                  extra_compile_args=CFLAGS),
+        Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
                   extra_compile_args=CFLAGS),
         Extension("stcp._xsk", sources=["stcp/_ext/xsk.c"], libraries=["xdp", "bpf"],
                   extra_compile_args=CFLAGS),
