@@ -1,4 +1,5 @@
-"""AF_XDP receive in C (stcp/_ext/xsk.c, libxdp): UMEM, fill/completion/RX/TX rings.
+"""AF_XDP in C (stcp/_ext/xsk.c, libxdp): UMEM, fill/completion/RX/TX rings, batch receive
+and transmit; frames parsed and reply headers built in stcp/_ext/xsk_frame.c.
 
 Built only where libxdp-dev and libbpf-dev are installed (setup.py skips it otherwise).
 The socket is created with libxdp's "inhibit program load" flag: put fd() into the
@@ -46,8 +47,8 @@ class XskSocket:
         """Queue whole Ethernet frames (14..frame_size bytes each; headers and checksums are
         the caller's) on the TX ring and kick the kernel until it took them; returns how many
         were queued (fewer when free frames or ring slots run out). ValueError/TypeError on a
-        bad frame, before anything is queued. Experimental: the afxdp datapath replies
-        through a kernel UDP socket."""
+        bad frame, before anything is queued. The afxdp datapath itself sends replies with
+        send_udp (`--afxdp-tx afxdp`)."""
     def poll(self, timeout_ms: int = 0) -> bool:
         """True when frames are waiting; waits at most timeout_ms (-1: 60 s)."""
     def stats(self) -> Dict[str, int]:
