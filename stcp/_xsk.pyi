@@ -64,8 +64,9 @@ def parse_frame(frame: ReadableBuffer, v4mapped: bool = False, ifindex: int = 0)
 
 def reply_template(frame: ReadableBuffer) -> bytes:
     """The Ethernet/IP/UDP headers of a reply to frame: MACs, addresses and ports swapped,
-    VLAN tag kept, IPv4 without options (DF, TTL 64) or IPv6 (hop limit 64); lengths and
-    checksums zero until udp_frame()/send_udp() fill them. ValueError if malformed."""
+    the VLAN tag kept as it arrived (802.1Q or 802.1ad, same TCI), IPv4 without options
+    (DF, TTL 64) or IPv6 (hop limit 64); lengths and checksums zero until
+    udp_frame()/send_udp() fill them. ValueError if malformed."""
 
 def udp_frame(template: ReadableBuffer, payload: ReadableBuffer) -> bytes:
     """The frame send_udp() would transmit for payload (tests check its checksums)."""

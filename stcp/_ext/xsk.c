@@ -263,7 +263,8 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
         if (result == NULL) continue;          /* an earlier allocation failed: just drain */
         if (last_addr && p.family == last_p.family && p.sport == last_p.sport && p.dport == last_p.dport &&
             memcmp(p.src, last_p.src, 16) == 0 && memcmp(p.dst, last_p.dst, 16) == 0 &&
-            p.vlan_tci == last_p.vlan_tci && memcmp(p.eth, last_p.eth, 12) == 0) {
+            p.vlan_tci == last_p.vlan_tci && p.vlan_proto == last_p.vlan_proto &&
+            memcmp(p.eth, last_p.eth, 12) == 0) {
             a = Py_NewRef(last_addr);
         } else {
             a = make_addr(&p, v4mapped, self->ifindex);

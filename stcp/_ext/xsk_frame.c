@@ -29,10 +29,12 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
     if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
     out->eth = f;
     out->vlan_tci = -1;
+    out->vlan_proto = 0;
     proto = rd16(f + 12);
     if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
         if (len < off + 4) return "truncated VLAN tag";
         out->vlan_tci = rd16(f + off);
+        out->vlan_proto = proto;
         proto = rd16(f + off + 2);
         off += 4;
     }
@@ -120,17 +122,18 @@ PyObject *make_addr(const struct parsed *p, int v4mapped, unsigned int ifindex) 
     return Py_BuildValue("(siII)", host, (int)p->sport, 0u, scope);
 }
 
-/* The headers of a reply to p: Ethernet (MACs swapped, VLAN tag kept), IPv4 (no options,
+/* The headers of a reply to p: Ethernet (MACs swapped, VLAN tag kept as it arrived:
+ * 802.1Q or 802.1ad, the same TCI), IPv4 (no options,
  * DF, TTL 64) or IPv6 (hop limit 64), UDP (ports swapped); lengths and checksums are
  * filled per datagram by send_udp(). */
 PyObject *reply_template(const struct parsed *p) {
-    uint8_t t[18 + 40 + 8];
+    uint8_t t[TEMPLATE_MAX];
     size_t n = 0;
     memcpy(t, p->eth + 6, 6);                   /* to the sender's MAC */
     memcpy(t + 6, p->eth, 6);                   /* from ours */
     n = 12;
     if (p->vlan_tci >= 0) {
-        t[n++] = 0x81; t[n++] = 0x00;
+        t[n++] = (uint8_t)(p->vlan_proto >> 8); t[n++] = (uint8_t)p->vlan_proto;
         t[n++] = (uint8_t)(p->vlan_tci >> 8); t[n++] = (uint8_t)p->vlan_tci;
     }
     if (p->family == 4) {
@@ -179,7 +182,7 @@ const char *check_template(const uint8_t *t, size_t len, size_t *ip_off, size_t 
     uint16_t proto;
     if (len < 14) return "template shorter than an Ethernet header";
     proto = rd16(t + 12);
-    if (proto == ETH_P_8021Q_) {
+    if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
         if (len < 18) return "truncated VLAN tag";
         proto = rd16(t + 16);
         off = 16;

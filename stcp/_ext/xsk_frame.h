@@ -28,6 +28,7 @@ struct parsed {
     uint16_t sport, dport;          /* host order */
     const uint8_t *eth;             /* the frame: MAC addresses */
     int vlan_tci;                   /* -1: untagged */
+    uint16_t vlan_proto;            /* the tag's protocol, 802.1Q or 802.1ad, written back in replies */
 };
 
 /* Parse an Ethernet frame down to its UDP payload, every read checked against len:
