@@ -85,12 +85,18 @@ int open_record(EVP_CIPHER_CTX *ctx, const unsigned char *iv, const unsigned cha
 
 /* ---- type ---------------------------------------------------------------------- */
 
-static void RecordCipher_dealloc(RecordCipher *self) {
-    if (self->enc) EVP_CIPHER_CTX_free(self->enc);
-    if (self->dec) EVP_CIPHER_CTX_free(self->dec);
-    if (self->enc_lock) PyThread_free_lock(self->enc_lock);
-    if (self->dec_lock) PyThread_free_lock(self->dec_lock);
+/* Free what RecordCipher_init allocated: afterwards the object reads as never initialised,
+ * so an __init__ that failed half way and is called again starts from nothing. */
+static void release(RecordCipher *self) {
+    if (self->enc) { EVP_CIPHER_CTX_free(self->enc); self->enc = NULL; }
+    if (self->dec) { EVP_CIPHER_CTX_free(self->dec); self->dec = NULL; }
+    if (self->enc_lock) { PyThread_free_lock(self->enc_lock); self->enc_lock = NULL; }
+    if (self->dec_lock) { PyThread_free_lock(self->dec_lock); self->dec_lock = NULL; }
     OPENSSL_cleanse(self->iv, IV_LEN);
+}
+
+static void RecordCipher_dealloc(RecordCipher *self) {
+    release(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -101,7 +107,7 @@ static int RecordCipher_init(RecordCipher *self, PyObject *args, PyObject *kwds)
     const EVP_CIPHER *cipher;
     int rc = -1;
 
-    if (self->enc) {
+    if (self->enc) {      /* re-keying would race a thread inside a bulk call: one key per object */
         PyErr_SetString(PyExc_RuntimeError, "RecordCipher is already initialised");
         return -1;
     }
@@ -141,10 +147,7 @@ static int RecordCipher_init(RecordCipher *self, PyObject *args, PyObject *kwds)
     self->suite = suite;
     rc = 0;
 done:
-    if (rc != 0) {
-        if (self->enc) { EVP_CIPHER_CTX_free(self->enc); self->enc = NULL; }
-        if (self->dec) { EVP_CIPHER_CTX_free(self->dec); self->dec = NULL; }
-    }
+    if (rc != 0) release(self);
     if (key.obj) PyBuffer_Release(&key);
     if (iv.obj) PyBuffer_Release(&iv);
     return rc;
