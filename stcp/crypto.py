@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from . import wire
-from .errors import AuthenticationFailure, HandshakeFailure
+from .errors import AuthenticationFailure, HandshakeFailure, KeyUpdateError
 
 # C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
 # pure-Python path below, which stays the reference and the fallback.
@@ -124,8 +124,8 @@ class RecordKey:
         self.aead = None if self.fast is not None else _AEADS[suite](self.key)
 
     def next(self) -> "RecordKey":
-        if self.epoch >= wire.MAX_EPOCH:
-            raise AuthenticationFailure("key epochs exhausted")
+        if self.epoch >= wire.MAX_EPOCH:      # the epoch is 16 bits of the seq: no key after the last
+            raise KeyUpdateError("key epochs exhausted")
         return RecordKey(self.suite, next_secret(self.secret), self.epoch + 1)
 
     def _pure_aead(self):

@@ -6,8 +6,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-from stcp import crypto
-from stcp.errors import HandshakeFailure
+from stcp import crypto, wire
+from stcp.errors import CloseCode, HandshakeFailure, KeyUpdateError
 
 
 @pytest.mark.parametrize("length", [1, 12, 32, 33, 64, 100])
@@ -30,3 +30,13 @@ def test_extract_then_expand_is_rfc5869_hkdf():
 def test_small_order_public_keys_are_rejected(peer):
     with pytest.raises(HandshakeFailure):
         crypto.shared_secret(X25519PrivateKey.generate(), peer)
+
+
+def test_running_out_of_key_epochs_is_a_key_update_error():
+    """The epoch is 16 bits of the seq: past wire.MAX_EPOCH there is no next key, and that is
+    a key-update failure (close code KEY_UPDATE_ERROR), not a forged record."""
+    last = crypto.RecordKey(wire.SUITE_AES_256_GCM, bytes(32), wire.MAX_EPOCH)
+    with pytest.raises(KeyUpdateError, match="epochs exhausted") as info:
+        last.next()
+    assert info.value.code == CloseCode.KEY_UPDATE_ERROR
+    assert crypto.RecordKey(wire.SUITE_AES_256_GCM, bytes(32), wire.MAX_EPOCH - 1).next().epoch == wire.MAX_EPOCH
