@@ -385,8 +385,8 @@ def _udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes, f
 @pytest.mark.root
 @pytest.mark.parametrize("fam", [4, 6])
 def test_xsk_transmit_on_veth(fam):
-    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (the design page
-    doubted it); bad frames raise. The datapath itself still replies through a UDP socket."""
+    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (it was expected
+    not to); bad frames raise. (The datapath sends its replies with send_udp when asked to.)"""
     require_afxdp()
     import socket
     from tests.test_xdp_datapath import in_ns, ns_socket
