@@ -1,9 +1,10 @@
-"""STCP record protection in C (stcp/_ext/aead.c, OpenSSL EVP).
+"""STCP record protection in C (stcp/_ext/aead.c; the bulk calls in aead_send.c and
+aead_receive.c; OpenSSL EVP).
 
 Record = header (length:u64 | cid:u64 | seq:u64, big-endian) + ciphertext + 16-byte tag;
 nonce = iv XOR (0^32 || seq_be64); AAD = the header. stcp.crypto.RecordKey is the reference.
 """
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union, final
 
 from _typeshed import ReadableBuffer
 
@@ -17,6 +18,7 @@ OPENSSL_VERSION: str
 class AuthError(ValueError):
     """A record failed authentication."""
 
+@final
 class RecordCipher:
     """One direction's record protection for one key epoch; thread-safe, releases the GIL for bulk calls."""
 

@@ -8,7 +8,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
 
 from _typeshed import ReadableBuffer
 
@@ -16,6 +16,7 @@ Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 MAX_RECV_BATCH: int
 
+@final
 class XskSocket:
     zerocopy: bool
     queue_id: int
