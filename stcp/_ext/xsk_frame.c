@@ -231,6 +231,18 @@ void fill_udp(uint8_t *f, const uint8_t *tmpl, size_t hdr_len, size_t ip_off, si
     f[udp_off + 6] = (uint8_t)(c >> 8); f[udp_off + 7] = (uint8_t)c;
 }
 
+/* Parse a frame handed in as a buffer: 0, or -1 with ValueError saying what is wrong. */
+static int parse_buffer(const Py_buffer *buf, struct parsed *p) {
+    const char *why;
+    memset(p, 0, sizeof(*p));
+    why = parse_frame_raw((const uint8_t *)buf->buf, (size_t)buf->len, p);
+    if (why) {
+        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
+        return -1;
+    }
+    return 0;
+}
+
 /* parse_frame(frame, v4mapped=False, ifindex=0) -> (payload, addr); ValueError if malformed */
 static PyObject *xsk_parse_frame(PyObject *mod, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"frame", "v4mapped", "ifindex", NULL};
@@ -238,16 +250,12 @@ static PyObject *xsk_parse_frame(PyObject *mod, PyObject *args, PyObject *kw) {
     int v4mapped = 0;
     unsigned int ifindex = 0;
     struct parsed p;
-    const char *why;
     PyObject *payload, *a, *res;
 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "y*|pI:parse_frame", kwlist, &buf, &v4mapped, &ifindex))
         return NULL;
-    memset(&p, 0, sizeof(p));
-    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
-    if (why) {
+    if (parse_buffer(&buf, &p) < 0) {
         PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
         return NULL;
     }
     payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
@@ -289,17 +297,9 @@ static PyObject *xsk_udp_frame(PyObject *mod, PyObject *args) {
 static PyObject *xsk_reply_template(PyObject *mod, PyObject *arg) {
     Py_buffer buf;
     struct parsed p;
-    const char *why;
     PyObject *t;
     if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
-    memset(&p, 0, sizeof(p));
-    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
-    if (why) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
-        return NULL;
-    }
-    t = reply_template(&p);
+    t = parse_buffer(&buf, &p) < 0 ? NULL : reply_template(&p);
     PyBuffer_Release(&buf);
     return t;
 }
