@@ -1,10 +1,8 @@
 /*
  * stcp._aead, the bulk send: RecordCipher.seal_stream (stcp/crypto.py
  * RecordKey.seal_stream is the reference; tests/test_aead_ext.py checks they agree).
- *
- * Stream bytes are cut into records of one STREAM frame each and sealed back to back into
- * one buffer that a UDP GSO send hands to the kernel whole.  Every argument is checked and
- * the output allocated first; then the GIL is released for all the crypto of the run.
+ * Every argument is checked and the output allocated first; then the GIL is released for
+ * all the crypto of the run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
