@@ -20,7 +20,7 @@ from typing import List, Optional
 from .. import wire
 from ..datapath.verdicts import Verdict
 
-DEFAULT_PORT = getattr(wire, "DEFAULT_PORT", 4433)
+DEFAULT_PORT = wire.DEFAULT_PORT          # the port `stcp serve` listens on by default
 EXIT_REFUSED = 1
 EXIT_SETUP = 2
 
