@@ -9,7 +9,8 @@ verdict, move that verdict's counter by exactly one, and return the matching XDP
   fragments of other protocols pass.
 - Hello buckets: IPv6 sources share one per /64 (hs_prefix6), IPv4 one per /32
   (hs_prefix4); a global bucket bounds all sources together (drop_hs_global).
-Then end to end in two namespaces: a CLIENT_HELLO behind 7 destination-options headers,
+Then end to end in two namespaces, the program attached by `stcp-loader attach` with the
+new limits (which `status` shows): a CLIENT_HELLO behind 7 destination-options headers,
 sent as a raw frame, is dropped and counted in the kernel and never reaches the socket,
 where the same hello behind 6 does; two addresses of one /64 share a bucket.
 
@@ -17,6 +18,7 @@ Needs root, bcc and kernel headers; skips with the reason otherwise.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -24,6 +26,7 @@ import pytest
 from tests import xdp_frames as F
 from tests.test_xdp_datapath import Env, data_record, expect_verdicts, hello, require_xdp
 from tests.netns import veth_pair
+from tests.test_xdp_loader import run as loader
 from tests.xdp_testrun import PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
 
 KNOWN_CID = 0x1122334455667788
@@ -301,19 +304,38 @@ def test_loader_writes_and_reads_the_hello_fields(prog):
 
 
 # ---------------------------------------------------------------------------------------
-# end to end: two namespaces, the program attached to a's veth
+# end to end: two namespaces, the program attached to a's veth by stcp-loader
 @pytest.fixture(scope="module", params=["native", "generic"])
 def env(request):
     require_xdp()
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
-        dp = XdpDatapath.attach(a.ifname, PORT, request.param, netns=a.ns, hs_rate=1, hs_burst=3)
+        r = loader("--netns", a.ns, "attach", a.ifname, "--mode", request.param, "--port", str(PORT),
+                   "--hs-rate", "1", "--hs-burst", "3", "--hs-prefix4", "30", "--hs-prefix6", "64",
+                   "--hs-global-rate", "900", "--hs-global-burst", "1800")
+        assert r.returncode == 0, r.stderr
+        dp = XdpDatapath.open(a.ifname, netns=a.ns)
         e = Env(a, b, dp, request.param)
         try:
             yield e
         finally:
             e.close()
             dp.close()
+            loader("--netns", a.ns, "detach", a.ifname)
+
+
+@pytest.mark.root
+def test_loader_sets_and_shows_the_hello_limits(env):
+    st = json.loads(loader("--netns", env.a.ns, "status", env.a.ifname, "--json").stdout)["interfaces"][0]
+    assert {k: st["config"][k] for k in ("hs_rate", "hs_burst", "hs_prefix4", "hs_prefix6", "hs_global_rate",
+                                         "hs_global_burst")} == \
+        {"hs_rate": 1, "hs_burst": 3, "hs_prefix4": 30, "hs_prefix6": 64, "hs_global_rate": 900,
+         "hs_global_burst": 1800}
+    assert {"drop_unparsed", "drop_hs_global"} <= set(st["counters"])
+    text = loader("--netns", env.a.ns, "status", env.a.ifname).stdout
+    assert "per IPv4 /30 and IPv6 /64, 900/s burst 1800 in all" in text, text
+    r = loader("--netns", env.a.ns, "attach", env.a.ifname, "--hs-prefix6", "129", "--force")
+    assert r.returncode == 2 and "0..128" in r.stderr, r.stderr
 
 
 @pytest.mark.root
