@@ -234,7 +234,6 @@ static __always_inline int parse_ipv6(struct hdr_cursor *nh, void *data_end, str
 		return PARSE_UNPARSED;
 	nh->pos = ip6h + 1;
 	nexthdr = ip6h->nexthdr;
-	__builtin_memcpy(info->src.addr, &ip6h->saddr, sizeof(info->src.addr));
 
 #pragma unroll
 	for (i = 0; i < IPV6_EXT_MAX; i++) {
@@ -266,7 +265,10 @@ static __always_inline int parse_ipv6(struct hdr_cursor *nh, void *data_end, str
 	}
 	if (ipv6_walkable(nexthdr))
 		return PARSE_UNPARSED;          /* the chain goes on past IPV6_EXT_MAX */
-	return nexthdr == IPPROTO_UDP ? PARSE_UDP : PARSE_NOT_UDP;
+	if (nexthdr != IPPROTO_UDP)
+		return PARSE_NOT_UDP;
+	__builtin_memcpy(info->src.addr, &ip6h->saddr, sizeof(info->src.addr));
+	return PARSE_UDP;
 }
 
 /* The CID prefilter slot of a CID as loaded from the packet (wire byte order): fold the

@@ -216,14 +216,6 @@ def _fit(frame: bytes) -> bytes:
     return (frame + bytes(MIN_FRAME))[:max(MIN_FRAME, min(len(frame), MAX_FRAME))]
 
 
-@pytest.mark.root
-@FUZZ
-@given(frame=built_frames(), setup=settings_st)
-def test_built_frames_match_the_model(harness, frame, setup):
-    cfg, state = harness.setup(*setup)
-    harness.check(frame, cfg, state)
-
-
 # ---------------------------------------------------------------------------------------
 # the corpus, mutated
 S_SEED = st.sampled_from(sorted(SEEDS))
@@ -258,11 +250,12 @@ def mutated_frames(draw) -> bytes:
 
 
 @pytest.mark.root
+@pytest.mark.parametrize("frames", [built_frames(), mutated_frames()], ids=["built", "mutated"])
 @FUZZ
-@given(frame=mutated_frames(), setup=settings_st)
-def test_mutated_corpus_matches_the_model(harness, frame, setup):
+@given(data=st.data(), setup=settings_st)
+def test_frames_match_the_model(harness, frames, data, setup):
     cfg, state = harness.setup(*setup)
-    harness.check(frame, cfg, state)
+    harness.check(data.draw(frames, label="frame"), cfg, state)
 
 
 # ---------------------------------------------------------------------------------------
