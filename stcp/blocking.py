@@ -135,9 +135,9 @@ class BlockingConnection:
                     if self._polling:
                         self._nudge()
                 return data
-            if self._eof or bufsize <= 0:
-                return b""
-            raise self._error
+            if self._error is not None and not self._eof and bufsize > 0:
+                raise self._error
+            return b""
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
         """As recv, into buffer (at most nbytes, or len(buffer) if 0); returns the count."""
@@ -266,9 +266,10 @@ class BlockingConnection:
                     pass
             else:
                 readable = True
-        timer = conn.get_timer()
-        if timer is not None and timer <= now:
-            conn.handle_timer(now)
+        if wake is not None and now >= wake:        # else a datagram came first: no timer is due
+            timer = conn.get_timer()
+            if timer is not None and timer <= now:
+                conn.handle_timer(now)
         if readable:
             self._receive(now)
         else:
@@ -316,6 +317,13 @@ class BlockingConnection:
         conn = self._conn
         batches = conn.datagram_batches(now)
         outbox = self._outbox
+        if len(batches) == 1 and not outbox.entries and batches[0][1] >= len(batches[0][0]):
+            # the small-message case, one record: straight out, without the Outbox's grouping
+            try:
+                if send_datagrams(self._sock, [batches[0][0]], None):
+                    batches = []
+            except OSError:
+                pass              # the Outbox knows which errors lose a datagram and which fail
         if batches:
             outbox.add(batches, None)
         if outbox.entries:
@@ -323,17 +331,16 @@ class BlockingConnection:
         events = conn.events
         while events:
             ev = events.popleft()
-            kind = type(ev)
-            if kind is DataReceived:
+            if isinstance(ev, DataReceived):
                 if self._discard:
                     conn.consume(len(ev.data))
                 else:
                     self._inbox.append(ev.data)
-            elif kind is StreamFinished:
+            elif isinstance(ev, StreamFinished):
                 self._eof = True
-            elif kind is HandshakeCompleted:
+            elif isinstance(ev, HandshakeCompleted):
                 self._established = True
-            elif kind is ConnectionClosed:
+            elif isinstance(ev, ConnectionClosed):
                 self._on_closed(ev)
 
     def _on_closed(self, info: ConnectionClosed) -> None:
