@@ -263,6 +263,8 @@ def _dump_profile(prof, prof_dir: str, args) -> None:
     # BENCH_PROFILE_NAME: a process that is not the peer module itself (a worker of one)
     mod = os.environ.get("BENCH_PROFILE_NAME") or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     name = f"{mod}.{args.role}" + (f".{args.test}" if args.role == "client" else "")
+    if args.role == "client" and args.test == "rtt" and args.size != RTT_SIZE:
+        name += str(args.size)                # one profile per message size
     base = os.path.join(prof_dir, name)
     prof.dump_stats(base + ".prof")
     buf = io.StringIO()
