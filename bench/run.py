@@ -683,7 +683,7 @@ def markdown(doc: dict) -> str:
                "handshake has completed and close has been started (asyncio clients: waiting for the "
                "close to finish, a TLS close_notify reply or QUIC's draining period, runs in the "
                "background, inside the handshakes/s time; blocking clients: `close()` as the API does "
-               "it, immediate for ssl, waiting for the peer to finish for `stcp.connect`); RTT = "
+               "it, immediate for ssl, for `stcp.connect` until the server has acknowledged the client's end); RTT = "
                "write a message (64 bytes, 1 KB, 16 KB), read its echo whole. "
                "In brackets: p50 of connect + handshake alone, before close. Bulk MB/s = payload bytes the "
                "server counted ÷ time from first write to the server's count arriving back "

@@ -32,7 +32,7 @@ from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enab
                               recv_batch, send_datagrams, tune_socket)
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 
-CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer to finish when no timeout is set
+CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -159,8 +159,10 @@ class BlockingConnection:
                     self._nudge()
 
     def close(self) -> None:
-        """Finish sending, wait (up to the timeout, else 10 s) for the peer to finish, then
-        release the socket; if the peer does not finish in time, abort. Unread data is dropped."""
+        """As a TCP socket's close: finish sending, give up reading (unread data is dropped and
+        the peer told to stop), release the socket. Waits (up to the timeout, else 10 s) only
+        until the peer has acknowledged everything sent, as the kernel would in the background;
+        if it has not by then, the connection is aborted."""
         with self._lock:
             if self._released:
                 return
@@ -208,8 +210,8 @@ class BlockingConnection:
     def _can_write(self) -> bool:
         return self._conn.send_buffered <= WRITE_HIGH_WATER or self._error is not None
 
-    def _ended(self) -> bool:
-        return self._closed_info is not None
+    def _write_done(self) -> bool:
+        return self._closed_info is not None or self._conn.write_acknowledged
 
     def _deadline(self) -> Optional[float]:
         return None if self.timeout is None else monotonic() + self.timeout
@@ -363,12 +365,15 @@ class BlockingConnection:
 
     # --- the end ---------------------------------------------------------------
     def _finish(self) -> None:
+        """close() as TCP's: our direction finishes reliably, reading is given up. The peer's
+        acknowledgement of our end is awaited (there is no kernel to finish it later); then,
+        unless the peer has finished too, a CLOSE tells it we read no more, which ends the
+        connection cleanly at its side since it has our end (docs/PROTOCOL.md, CLOSE)."""
         conn = self._conn
         self._flush(monotonic())          # take what has happened (the end may be news)
         if self._closed_info is not None or conn.is_closed:
             return
-        # unread data is dropped and credited, so a peer still sending can finish
-        self._discard = True
+        self._discard = True              # unread data is dropped, as it arrives, and credited
         if self._inbox:
             conn.consume(len(self._inbox))
             self._inbox = ChunkBuffer()
@@ -377,12 +382,14 @@ class BlockingConnection:
             conn.shutdown_write()
         self._flush(now)
         try:
-            self._wait(self._ended, now + (self.timeout or CLOSE_TIMEOUT))
+            self._wait(self._write_done, now + (self.timeout or CLOSE_TIMEOUT))
         except socket.timeout:
-            conn.close(CloseCode.APPLICATION_ABORT, "closed by the application")
-            self._flush(monotonic())
-        except STCPError:
-            pass
+            conn.close(CloseCode.APPLICATION_ABORT, "closed by the application before the peer "
+                                                   "acknowledged its data")
+        else:
+            if self._closed_info is None:
+                conn.close(CloseCode.NO_ERROR)
+        self._flush(monotonic())
 
     def _release(self) -> None:
         """Close the socket, once no thread polls it (a thread waiting in this connection

@@ -103,7 +103,7 @@ def test_half_close_delivers_everything_then_eof():
             assert conn.recv(10) == b""
 
 
-def test_close_waits_for_the_peer_and_ends_cleanly_at_both_ends():
+def test_close_ends_cleanly_at_both_ends():
     ended: list = []
 
     async def record_end(reader, writer):
@@ -119,12 +119,43 @@ def test_close_waits_for_the_peer_and_ends_cleanly_at_both_ends():
         conn = stcp.connect(("127.0.0.1", port), timeout=10)
         conn.sendall(b"bye")
         conn.close()
-        assert conn.connection.close_info.code == CloseCode.NO_ERROR
-        assert not conn.connection.close_info.error
+        info = conn.connection.close_info
+        assert info.code == CloseCode.NO_ERROR and not info.error
+        assert conn.connection.write_acknowledged            # nothing sent was lost
         deadline = time.monotonic() + 5
         while len(ended) < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
     assert ended == [b"bye", "clean"]
+
+
+def test_close_does_not_wait_for_a_peer_that_keeps_sending():
+    """As a TCP socket's close: the peer's unread data is given up, not waited for, and the
+    peer's connection ends cleanly (it has all we sent) rather than by error or idle timeout."""
+    ended: list = []
+
+    async def talk_forever(reader, writer):
+        try:
+            while True:
+                writer.write(b"x" * 1000)
+                await writer.drain()
+                await asyncio.sleep(0.001)
+        except STCPError:
+            ended.append((await reader.read(), writer.connection.close_info))
+
+    with serving(talk_forever) as (port, _):
+        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn.sendall(b"hello")
+        assert conn.recv(10)
+        t0 = time.monotonic()
+        conn.close()
+        assert time.monotonic() - t0 < 2
+        deadline = time.monotonic() + 5
+        while not ended and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert ended, "the server's writer never noticed the close"
+    data, info = ended[0]
+    assert data == b"hello"
+    assert info.code == CloseCode.NO_ERROR and info.by_peer and not info.error
 
 
 def test_a_peer_abort_arrives_after_the_data_sent_before_it():
