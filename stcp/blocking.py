@@ -20,6 +20,7 @@ import os
 import select
 import socket
 import threading
+import warnings
 from time import monotonic
 from typing import Callable, Optional, Self, Tuple
 
@@ -194,6 +195,15 @@ class BlockingConnection:
 
     def __enter__(self) -> Self:
         return self
+
+    def __del__(self) -> None:
+        # forgotten without close(): free the descriptors (nothing is sent), as a socket does
+        if not getattr(self, "_released", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._released = True
+            self._sock.close()
+            if hasattr(self, "_wakeup"):
+                os.close(self._wakeup)
 
     def __exit__(self, *exc) -> None:
         self.close()

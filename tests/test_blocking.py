@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import socket
@@ -358,3 +359,14 @@ def test_close_from_another_thread_wakes_a_blocked_recv():
         assert not t.is_alive()
         # either EOF (the close finished the stream first) or the socket closed under it
         assert outcome and (outcome[0] == b"" or isinstance(outcome[0], OSError)), outcome
+
+
+def test_a_forgotten_connection_frees_its_descriptors():
+    with serving(echo_handler) as (port, _):
+        before = len(os.listdir("/proc/self/fd"))
+        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        assert len(os.listdir("/proc/self/fd")) == before + 2       # its socket and eventfd
+        with pytest.warns(ResourceWarning):
+            del conn
+            gc.collect()
+        assert len(os.listdir("/proc/self/fd")) == before
