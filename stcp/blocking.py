@@ -31,7 +31,7 @@ from .connection import (Config, Connection, ConnectionClosed, DataReceived, Han
                          StreamFinished)
 from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enable_gro, own_records,
                               recv_batch, send_datagrams, tune_socket)
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
+from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 
 CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
 
