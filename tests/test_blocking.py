@@ -17,6 +17,7 @@ import stcp
 from stcp import blocking
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
+from tests.faults import Faults, FaultShim
 
 
 @contextlib.contextmanager
@@ -33,6 +34,18 @@ def serving(handler, **kwargs):
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@contextlib.contextmanager
+def serving_through(faults: Faults, handler):
+    """As serving, with a fault-injecting shim in front of the server; yields the shim's port."""
+    with serving(handler) as (port, server):
+        loop = server.driver.loop
+        shim = asyncio.run_coroutine_threadsafe(FaultShim.start(("127.0.0.1", port), faults), loop).result(5)
+        try:
+            yield shim.port
+        finally:
+            loop.call_soon_threadsafe(shim.close)
 
 
 def test_connect_returns_the_connection_itself_as_a_context_manager():
@@ -370,3 +383,22 @@ def test_a_forgotten_connection_frees_its_descriptors():
             del conn
             gc.collect()
         assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("faults", [
+    Faults(loss=0.10, seed=3),
+    Faults(loss=0.05, reorder=0.2, duplicate=0.05, burst_at=200, burst_len=40, seed=6),
+], ids=["loss", "mixed"])
+def test_a_transfer_completes_through_loss(faults):
+    """Retransmissions, the hello's included, happen while a call waits: the timers are driven
+    from the caller's thread."""
+    data = os.urandom(2 << 20)
+    with serving_through(faults, echo_handler) as port:
+        with stcp.connect(("127.0.0.1", port), timeout=60) as conn:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
+            echoed = _recv_all(conn)
+            stats = conn.connection.stats
+    assert echoed == data
+    assert faults.dropped["up"] and faults.dropped["down"]
+    assert stats.retransmitted_records > 0
