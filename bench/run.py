@@ -705,8 +705,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--only", action="append", default=[],
                    help=f"peer(s) to run, comma-separated, repeatable: {', '.join(PEERS)} (alias aioquic)")
     p.add_argument("--tests", default=",".join(TESTS),
-                   help=f"tests to run, comma-separated: {', '.join(TESTS)} (rtt alone means all three "
-                        "sizes; default all)")
+                   help=f"tests to run, comma-separated: {', '.join(TESTS)} (rtt means all three "
+                        "sizes, rtt64 the 64-byte one alone; default all)")
     p.add_argument("--loopback", action="store_true",
                    help="run on 127.0.0.1 without namespaces (no root needed, no RX steering)")
     p.add_argument("--out", type=Path, help="results directory (default bench/results, "
@@ -745,12 +745,12 @@ def select_peers(only: list[str]) -> list[str]:
 
 
 def select_tests(spec: str) -> tuple:
-    names = [t.strip() for t in spec.split(",") if t.strip()]
-    for t in names:
-        if t not in TESTS:
-            raise SystemExit(f"unknown test {t!r}; known: {', '.join(TESTS)}")
-    if "rtt" in names and not {"rtt1k", "rtt16k"} & set(names):
-        names += ["rtt1k", "rtt16k"]          # rtt alone: every message size
+    """Test names as given; rtt means every message size, rtt64 the 64-byte test alone."""
+    names = set()
+    for t in (t.strip() for t in spec.split(",") if t.strip()):
+        if t not in TESTS and t != "rtt64":
+            raise SystemExit(f"unknown test {t!r}; known: {', '.join(TESTS)}, rtt64")
+        names.update(RTT_SIZES if t == "rtt" else ["rtt"] if t == "rtt64" else [t])
     return tuple(t for t in TESTS if t in names)
 
 
