@@ -7,7 +7,7 @@ from stcp import crypto, wire
 from stcp.connection import Config, ConnectionClosed
 from stcp.errors import CloseCode
 from stcp.state import State
-from tests.sim import Pair
+from tests.sim import Link, Pair
 
 
 def established_pair(**kw) -> Pair:
@@ -43,6 +43,39 @@ def test_half_close_keeps_the_other_direction_open():
     p.run(lambda: len(p.received["client"]) == len(data))
     assert bytes(p.received["client"]) == data
     assert p.client.state == State.ENCRYPTED
+
+
+def test_write_acknowledged_waits_for_every_byte_and_the_fin_through_loss():
+    sent = [0]
+
+    def lose_every_third(data):
+        sent[0] += 1
+        return [] if sent[0] % 3 == 0 else [data]
+
+    p = established_pair(up=Link(fault=lose_every_third))
+    data = os.urandom(100_000)
+    p.client.send(data)
+    assert not p.client.write_acknowledged                 # not even finished
+    p.client.shutdown_write()
+    assert not p.client.write_acknowledged
+    p.run(lambda: p.client.write_acknowledged)
+    assert bytes(p.received["server"]) == data and p.finished["server"]
+    assert p.client.state == State.ENCRYPTED               # the server has not finished
+
+
+def test_close_once_our_stream_is_acknowledged_ends_the_peer_cleanly():
+    """docs/PROTOCOL.md §8.8 rule 4: a reader giving up (the blocking client's close) sends
+    CLOSE(NO_ERROR) without waiting for the peer's FIN; the peer, holding our whole stream,
+    ends cleanly even with data of its own still unsent."""
+    p = established_pair()
+    p.client.send(b"request")
+    p.client.shutdown_write()
+    p.run(lambda: p.client.write_acknowledged)
+    p.server_conn.send(os.urandom(300_000))               # it still has things to say
+    p.client.close(CloseCode.NO_ERROR)
+    p.run(lambda: "server" in p.closed)
+    assert p.closed["server"] == ConnectionClosed(CloseCode.NO_ERROR, "", by_peer=True, error=False)
+    assert p.server_conn.state == State.CLOSED and p.client.state == State.CLOSED
 
 
 def test_flow_control_holds_the_sender_at_the_window_until_the_reader_consumes():
