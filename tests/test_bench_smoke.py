@@ -67,7 +67,7 @@ def test_bench_harness_loopback_smoke(tmp_path):
 
 def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
     """The blocking peers (TLS and stcp.connect) through `--tests handshake,rtt`, the part of
-    the bench issue 14's blocking targets are read from."""
+    the bench's like-for-like latency targets are read from."""
     doc = _run(tmp_path, "tls,stcp_blocking", "--loopback", "--nice", "0", "--tests", "handshake,rtt")
     for name in ("tls", "stcp_blocking"):
         peer = _check_tests(doc, name, ("handshake",) + RTT_TESTS)
