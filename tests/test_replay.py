@@ -188,7 +188,7 @@ def test_ack_ranges_at_max_ranges():
 
 # ---------------------------------------------------------------------------------------
 # against a model: a set of what arrived and the floor
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(extra=st.lists(st.integers(0, 2 * MAX_RANGES + 100), max_size=300),
        high=st.lists(st.integers(MAX_PN - 50, MAX_PN), max_size=20), rnd=st.randoms(use_true_random=False))
 def test_random_arrivals_match_a_model(extra, high, rnd):
@@ -198,6 +198,7 @@ def test_random_arrivals_match_a_model(extra, high, rnd):
     rnd.shuffle(pns)
     r = ReceivedPackets()
     seen: set = set()
+    top = -1
     for pn in pns:
         dup = r.is_duplicate(pn)
         assert dup == (pn in seen or pn < r.floor), (pn, r.floor)
@@ -205,8 +206,9 @@ def test_random_arrivals_match_a_model(extra, high, rnd):
             floor_before = r.floor
             r.add(pn)
             seen.add(pn)
+            top = max(top, pn)
             assert r.floor >= floor_before
-        assert r.largest == max(seen)
+        assert r.largest == top
         assert len(r.ranges) <= MAX_RANGES
     check_shape(r)
     covered = {pn for lo, hi in r.ranges for pn in range(lo, hi + 1)}
