@@ -1,7 +1,7 @@
 """Kernel datapath metrics against a real XDP program (root, bcc, kernel headers).
 
 The STCP XDP program is attached to a veth inside a network namespace pair
-(tests/netns.py); crafted malformed datagrams are sent from the other namespace, and
+(tests/support/netns.py); crafted malformed datagrams are sent from the other namespace, and
 `stcp-loader metrics` (a real subprocess, finding the interface through its pins) must
 show each drop counter rising by exactly the number sent. `stcp-loader status` and the
 metrics must agree, the run-time counters appear while kernel BPF statistics are on, and
@@ -26,21 +26,20 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.netns import veth_pair
-from tests.test_metrics import (Scrape, dashboard_queries, family_of, load_dashboard, metric_names,
-                                promtool_check, scrape, url_of)
-from tests.test_xdp_datapath import data_record, ns_socket, record, require_xdp
+from tests.support.metrics import (Scrape, dashboard_queries, family_of, load_dashboard, metric_names,
+                                   promtool_check, scrape, url_of)
+from tests.support.netns import ns_socket, veth_pair
+from tests.support.packets import data_record, record
 
 PORT = 4433
 KNOWN_CID = 0x1122334455667788
 LOADER = [sys.executable, "-m", "stcp.cli.loader"]
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.xdp]
 
 
 @pytest.fixture(scope="module")
-def xdp_env():
-    require_xdp()
+def xdp_env(xdp_toolchain):
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
         dp = XdpDatapath.attach(a.ifname, PORT, "auto", netns=a.ns)

@@ -1,6 +1,6 @@
 """The XDP program in the kernel: every verdict, over IPv4 and IPv6, native and generic.
 
-Two namespaces joined by veth (tests/netns.py): the program is attached to a's veth0 and
+Two namespaces joined by veth (tests/support/netns.py): the program is attached to a's veth0 and
 a plain UDP socket listens on the STCP port in a; b sends crafted datagrams (kernel UDP
 sockets for anything a socket can send, AF_PACKET frames for what it cannot: broken UDP
 length fields, VLAN tags). Each crafted datagram must bump exactly its verdict counter,
@@ -10,107 +10,23 @@ Needs root, bcc and kernel headers; skips with the reason otherwise.
 """
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import os
 import select
 import socket
 import struct
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from tests.netns import Host, have_root_netns, veth_pair
+from tests.support.netns import Host, ns_socket, veth_pair
+from tests.support.packets import csum, data_record, hello, record, udp_frame
 
 PORT = 4433
 MAX_RECORD = 1400          # below the 1428 default so TOO_LONG can be sent over IPv6 unfragmented
 HS_RATE, HS_BURST = 10, 20
 KNOWN_CID = 0x1122334455667788
 MARK_CID = 0x0BADC0FFEE0DDF00
-
-
-# ---------------------------------------------------------------------------------------
-# skip logic shared with the other test_xdp_* modules
-def xdp_unavailable() -> Optional[str]:
-    why = have_root_netns()
-    if why:
-        return why
-    try:
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
-        xdp.ensure_bpffs()
-        xdp._Libbpf.lib()
-    except Exception as e:  # XdpSetupError with the reason
-        return f"XDP toolchain unavailable: {e}"
-    return None
-
-
-def require_xdp() -> None:
-    why = xdp_unavailable()
-    if why:
-        pytest.skip(why)
-
-
-# ---------------------------------------------------------------------------------------
-# namespaces and packets
-@contextlib.contextmanager
-def in_ns(ns: str) -> Iterator[None]:
-    """Run the body (socket creation) in network namespace ns; sockets stay there."""
-    from pyroute2 import netns as pnetns
-    pnetns.pushns(ns)
-    try:
-        yield
-    finally:
-        pnetns.popns()
-
-
-def ns_socket(ns: str, family: int, type_: int, proto: int = 0) -> socket.socket:
-    with in_ns(ns):
-        return socket.socket(family, type_, proto)
-
-
-def record(length: int, cid: int, seq: int, payload: bytes) -> bytes:
-    return struct.pack("!QQQ", length, cid, seq) + payload
-
-
-def data_record(cid: int, n: int = 32, seq: int = 1) -> bytes:
-    return record(n, cid, seq, bytes(n))
-
-
-def hello(cid: int = 0, kind: int = 1, n: int = 80) -> bytes:
-    return record(n, cid, 0, bytes([kind]) + bytes(n - 1))
-
-
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, sport: int, dport: int, payload: bytes,
-              udp_len: Optional[int] = None, vlan: Optional[int] = None) -> bytes:
-    """An Ethernet frame with IPv4 or IPv6 + UDP; udp_len overrides the UDP length field."""
-    ulen = 8 + len(payload) if udp_len is None else udp_len
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    if s.version == 4:
-        udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload          # checksum 0: none
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0x4242, 0, 64, 17, 0, s.packed, d.packed)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:] + udp
-        ethertype = 0x0800
-    else:
-        pseudo = s.packed + d.packed + struct.pack("!IxxxB", 8 + len(payload), 17)
-        udp = struct.pack("!HHHH", sport, dport, ulen, 0) + payload
-        ck = _csum(pseudo + udp) or 0xFFFF
-        udp = udp[:6] + struct.pack("!H", ck) + udp[8:]
-        ip = struct.pack("!IHBB16s16s", 0x60000000, len(udp), 17, 64, s.packed, d.packed) + udp
-        ethertype = 0x86DD
-    mac = lambda m: bytes.fromhex(m.replace(":", ""))  # noqa: E731
-    tag = struct.pack("!HH", 0x8100, vlan) if vlan is not None else b""
-    return mac(dst_mac) + mac(src_mac) + tag + struct.pack("!H", ethertype) + ip
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,9 +142,11 @@ def expect_verdicts(env: Env, send: Callable[[], None], expected: Dict[str, int]
 
 
 # ---------------------------------------------------------------------------------------
+pytestmark = pytest.mark.xdp
+
+
 @pytest.fixture(scope="module", params=["native", "generic"])
-def env(request):
-    require_xdp()
+def env(request, xdp_toolchain):
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
         dp = XdpDatapath.attach(a.ifname, PORT, request.param, MAX_RECORD, netns=a.ns,
@@ -454,7 +372,7 @@ def _ping(env: Env, fam: int) -> bool:
     if fam == 4:
         s = ns_socket(env.b.ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         req = struct.pack("!BBHHH", 8, 0, 0, 0x5354, 1) + b"stcp-ping"
-        req = req[:2] + struct.pack("!H", _csum(req)) + req[4:]
+        req = req[:2] + struct.pack("!H", csum(req)) + req[4:]
         want = 0
     else:
         s = ns_socket(env.b.ns, socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
