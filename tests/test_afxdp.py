@@ -25,6 +25,7 @@ import pytest
 
 from tests.support.netns import in_ns, ns_socket
 from tests.support.packets import csum
+from tests.support.poll import wait_until
 from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, clients, read_all, serve_afxdp, serve_workers, stop,
                                  wait_for_stderr_line, xdp_status)
 
@@ -450,7 +451,8 @@ def test_killed_worker_is_replaced(veth):
         for p, d in zip(procs, datas):
             p.stdin.write(d[:half])
             p.stdin.flush()
-        time.sleep(2)                       # every connection established and mid-transfer
+        # every connection established (its CID in the kernel table) and mid-transfer
+        wait_until(lambda: xdp_status(a.ns)["live_cids"] == n_clients, 30, f"{n_clients} live connections")
         os.kill(pids[1], signal.SIGKILL)
         ok = failed = 0
 

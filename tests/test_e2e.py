@@ -14,6 +14,7 @@ import stcp
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.support.faults import Faults, FaultShim
+from tests.support.poll import await_until
 
 
 def run(coro, timeout: float = 120.0):
@@ -81,8 +82,7 @@ def test_200_concurrent_connections():
         payloads = [os.urandom(32_768 + i) for i in range(200)]
         results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p) for p in payloads))
         assert all(r == p for r, p in zip(results, payloads))
-        await asyncio.sleep(0.5)                    # drain periods end
-        assert len(server.endpoint.connections) == 0
+        await await_until(lambda: not server.endpoint.connections, 10, "the drain periods to end")
         server.close()
 
     run(main())

@@ -274,8 +274,13 @@ async def _errors_exact():
         # a hello with an unknown protocol version: rejected (no connection is created)
         raw.sendto(hello_record(version=99), addr)
         await quiet(server)
-        await asyncio.sleep(0.1)
-        s1 = await ascrape(url)
+
+        async def all_counted():    # five connections closed, two handshakes failed
+            s = await ascrape(url)
+            done = delta(s0, s, "stcp_connections_closed_total") >= 5 and \
+                delta(s0, s, "stcp_handshakes_failed_total") >= 2
+            return s if done else None
+        s1 = await await_until(all_counted, 5, "the closes and failed handshakes to be counted")
         rc.close()
         half.close()
 

@@ -30,6 +30,7 @@ from tests.support.metrics import (Scrape, dashboard_queries, family_of, load_da
                                    promtool_check, scrape, url_of)
 from tests.support.netns import ns_socket, veth_pair
 from tests.support.packets import data_record, record
+from tests.support.poll import wait_until
 
 PORT = 4433
 KNOWN_CID = 0x1122334455667788
@@ -149,8 +150,10 @@ def _cli(*args: str) -> str:
 
 def test_status_and_metrics_agree(xdp_env):
     a, _b, dp, _tx = xdp_env
+    before = dp.counters()
     send(xdp_env, CRAFTED["drop_unknown_cid"] + [data_record(KNOWN_CID)])
-    time.sleep(0.1)
+    wait_until(lambda: dp.counters()["drop_unknown_cid"][0] - before["drop_unknown_cid"][0] >= 4 and
+               dp.counters()["pass_data"][0] > before["pass_data"][0], 5, "the program to count what was sent")
     lab = {"iface": a.ifname, "netns": a.ns}
     noise = "pass_not_stcp"        # IPv6 neighbour discovery and MLD may move it at any time
     for _attempt in range(3):

@@ -3,6 +3,7 @@ hoping it happened. On timeout: an AssertionError naming what was awaited."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Callable, TypeVar
 
@@ -23,10 +24,13 @@ def wait_until(pred: Callable[[], T], timeout: float, what: str, interval: float
 
 async def await_until(pred: Callable[[], T], timeout: float = 5.0, what: str = "condition",
                       interval: float = 0.01) -> T:
-    """wait_until for a coroutine: the event loop runs while it polls."""
+    """wait_until for a coroutine: the event loop runs while it polls; pred may be a
+    coroutine function."""
     deadline = time.monotonic() + timeout
     while True:
         got = pred()
+        if inspect.isawaitable(got):
+            got = await got
         if got:
             return got
         if time.monotonic() > deadline:
