@@ -212,6 +212,7 @@ def test_xsk_arguments_checked():
 # in namespaces
 @pytest.mark.root
 @pytest.mark.afxdp
+@pytest.mark.slow
 @pytest.mark.parametrize("fam,mode,tx", [(4, "native", "socket"), (6, "native", "socket"), (4, "generic", "socket"),
                                          (6, "generic", "socket"), (4, "native", "afxdp"), (6, "native", "afxdp"),
                                          (6, "generic", "afxdp")])
@@ -398,6 +399,7 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.root
 @pytest.mark.afxdp
+@pytest.mark.slow
 def test_workers_share_the_connections(veth):
     """12 connections over a 2-queue veth, 2 workers: every transfer intact, each connection
     counted by exactly one worker, both workers used, nothing through the UDP sockets; on
@@ -435,6 +437,7 @@ def test_workers_share_the_connections(veth):
 
 @pytest.mark.root
 @pytest.mark.afxdp
+@pytest.mark.slow
 def test_killed_worker_is_replaced(veth):
     """SIGKILL one worker mid-transfer: the supervisor reports and replaces it; the other
     worker's transfers complete intact; the dead worker's clients end with an error."""

@@ -193,6 +193,7 @@ def test_nworkers_zero_does_not_steer(prog):
 # ---------------------------------------------------------------------------------------
 # end to end: `stcp serve --datapath afxdp --workers 2` over a 2-queue veth
 @pytest.mark.root
+@pytest.mark.slow
 def test_workers_own_the_connections_their_cids_name(veth):
     """16 connections, 2 workers: every CID names the worker that created its connection
     (the kernel table's per-worker tags) and that worker received all its records (per-worker

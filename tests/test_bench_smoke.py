@@ -42,6 +42,7 @@ def _check_peer(doc: dict, name: str) -> dict:
     return peer
 
 
+@pytest.mark.slow
 def test_bench_harness_loopback_smoke(tmp_path):
     have_quic = importlib.util.find_spec("aioquic") is not None
     peers = "tls,tls_asyncio" + (",quic" if have_quic else "")
@@ -62,6 +63,7 @@ def _kernel_peers_unavailable() -> str | None:
 
 @pytest.mark.root
 @pytest.mark.afxdp
+@pytest.mark.slow
 def test_bench_xdp_and_afxdp_workers_smoke(tmp_path):
     why = _kernel_peers_unavailable()
     if why:

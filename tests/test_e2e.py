@@ -50,6 +50,7 @@ def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+@pytest.mark.slow
 def test_64_mib_each_way_sha256_intact():
     proc, port = serve_subprocess()
     try:
@@ -88,6 +89,7 @@ def test_200_concurrent_connections():
     run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faults", [
     Faults(loss=0.10, seed=3),
     Faults(reorder=0.3, duplicate=0.1, seed=4),

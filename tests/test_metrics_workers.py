@@ -181,6 +181,7 @@ def _wait_scrape(ns: str, url: str, pred, timeout: float, what: str) -> Scrape:
 
 @pytest.mark.root
 @pytest.mark.afxdp
+@pytest.mark.slow
 def test_real_pool_counts_per_worker_and_survives_a_kill(veth):
     n_clients = 12
     sizes = [20_000 + 7919 * i for i in range(n_clients)]

@@ -20,6 +20,7 @@ SIZE = 4 << 20
 
 @pytest.mark.root
 @pytest.mark.xdp
+@pytest.mark.slow
 @pytest.mark.parametrize("fam,mode", [(4, "native"), (6, "native"), (4, "generic"), (6, "generic")])
 def test_transfer_with_xdp_attached(fam, mode, netns_pair):
     a, b = netns_pair
