@@ -26,8 +26,8 @@ import pytest
 from tests.support.netns import in_ns, ns_socket
 from tests.support.packets import csum
 from tests.support.poll import wait_until
-from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, clients, read_all, serve_afxdp, serve_workers, stop,
-                                 wait_for_stderr_line, xdp_status)
+from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, client_results, clients, read_all, serve_afxdp,
+                                 serve_workers, stop, wait_for_stderr_line, xdp_status)
 
 PORT = AFXDP_PORT
 SIZE = 4 << 20
@@ -410,16 +410,14 @@ def test_workers_share_the_connections(veth):
     try:
         datas = [os.urandom(size) for _ in range(n_clients)]
         procs = clients(b, f"{a.ip4}:{PORT}", n_clients)
-        outs = read_all(procs)
+        outs, readers = read_all(procs)
         for p, d in zip(procs, datas):
             p.stdin.write(d)
             p.stdin.close()
-        for t in outs[1]:
+        for t in readers:
             t.join(timeout=120)
-        for p, d, out in zip(procs, datas, outs[0]):
-            p.wait(timeout=120)
-            assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
-            assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+        ok, failed = client_results(procs, datas, outs)
+        assert ok == n_clients, failed
     finally:
         err = stop(server)
     assert server.returncode == 0, err
@@ -457,7 +455,6 @@ def test_killed_worker_is_replaced(veth):
         # every connection established (its CID in the kernel table) and mid-transfer
         wait_until(lambda: xdp_status(a.ns)["live_cids"] == n_clients, 30, f"{n_clients} live connections")
         os.kill(pids[1], signal.SIGKILL)
-        ok = failed = 0
 
         def feed(p, rest):                  # a stalled client must not hold up the others
             try:
@@ -473,15 +470,10 @@ def test_killed_worker_is_replaced(veth):
         assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
         for t in readers + feeders:
             t.join(timeout=120)
-        for p, d, out in zip(procs, datas, outs):
-            p.wait(timeout=120)
-            if p.returncode == 0:
-                assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-                ok += 1
-            else:
-                errl = [ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-                assert errl and errl[-1].startswith("stcp: "), errl
-                failed += 1
+        ok, failures = client_results(procs, datas, outs)
+        for errl in failures:
+            assert errl and errl[-1].startswith("stcp: "), errl
+        failed = len(failures)
         assert ok >= 1 and failed >= 1, (ok, failed)
         # the dead worker's connection IDs were taken out of the kernel table, the
         # others' left it as their connections ended

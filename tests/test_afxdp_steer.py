@@ -20,7 +20,6 @@ Needs root, bcc, kernel headers and stcp._xsk; skips with the reason otherwise.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import socket
@@ -32,7 +31,7 @@ from stcp import wire
 from tests.support.netns import in_ns, veth_pair
 from tests.support.packets import data_record, hello, udp_frame
 from tests.support.poll import wait_until
-from tests.support.procs import AFXDP_PORT, WORKER_RE, clients, read_all, serve_workers, stop
+from tests.support.procs import AFXDP_PORT, WORKER_RE, client_results, clients, read_all, serve_workers, stop
 
 try:
     from stcp import _xsk
@@ -254,15 +253,8 @@ def test_workers_own_the_connections_their_cids_name(veth):
                 pass
         for t in readers:
             t.join(timeout=120)
-        ok = failed = 0
-        for p, d, out in zip(procs, datas, outs):
-            p.wait(timeout=120)
-            if p.returncode == 0:
-                assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-                ok += 1
-            else:
-                failed += 1
-        assert (ok, failed) == (n_clients - 1, 1), (ok, failed)
+        ok, failed = client_results(procs, datas, outs)
+        assert (ok, len(failed)) == (n_clients - 1, 1), (ok, failed)
         # no honest record arrived on a queue its CID's worker does not own
         assert dp.counters()["drop_wrong_worker"][0] == wrong_before_transfers
     finally:

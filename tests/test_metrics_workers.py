@@ -13,7 +13,6 @@ and replaced.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ import stcp
 from stcp.metrics import WORKER_METRICS
 from tests.support.metrics import Scrape, ascrape, check_invariants, promtool_check, scrape
 from tests.support.netns import in_ns
-from tests.support.procs import clients, read_all, serve_afxdp, stop, wait_for_stderr_line
+from tests.support.procs import client_results, clients, read_all, serve_afxdp, stop, wait_for_stderr_line
 from tests.support.servers import quiet, transfer
 from tests.support.workers import FakePool, pool_exporter
 
@@ -209,10 +208,8 @@ def test_real_pool_counts_per_worker_and_survives_a_kill(veth):
             p.stdin.close()
         for t in readers:
             t.join(timeout=120)
-        for p, d, out in zip(procs, datas, outs):
-            p.wait(timeout=120)
-            assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
-            assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+        ok, failed = client_results(procs, datas, outs)
+        assert ok == n_clients, failed
         s1 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_active") == 0 and
                           s.get("stcp_connections_opened_total") == n_clients, 20, "the connections to close")
         check_invariants(s1)

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import subprocess
 import time
 
 import pytest
 
-from tests.support.procs import STCP, wait_for_stderr_line, xdp_status
+from tests.support.procs import STCP, stop, wait_for_stderr_line, xdp_status
 
 PORT = 4477
 SIZE = 4 << 20
@@ -61,12 +60,8 @@ def test_transfer_with_xdp_attached(fam, mode, netns_pair):
         assert xdp_status(a.ns)["live_cids"] == 0, "the closed connection's ID is still in the kernel table"
         print(f"{SIZE >> 20} MiB echoed over IPv{fam} with XDP ({mode}) in {took:.2f}s")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        err = stop(server)
+    assert server.returncode == 0, err
     # the server attached the program, so it must have detached it
     link = a.run("ip", "-d", "link", "show", a.ifname).stdout
     assert "prog/xdp" not in link, link

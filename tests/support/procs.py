@@ -3,6 +3,7 @@ namespace, clients in the other, the loader's status, and reading what a server 
 stderr."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -115,3 +116,17 @@ def read_all(procs: list) -> tuple:
     for t in threads:
         t.start()
     return outs, threads
+
+
+def client_results(procs: list, datas: list, outs: list, timeout: float = 120) -> tuple:
+    """Wait for every client; each that exited 0 must have echoed its data intact.
+    (how many did, [the non-empty stderr lines of each that did not])."""
+    ok, failed = 0, []
+    for p, d, out in zip(procs, datas, outs):
+        p.wait(timeout=timeout)
+        if p.returncode == 0:
+            assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+            ok += 1
+        else:
+            failed.append([ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()])
+    return ok, failed
