@@ -26,8 +26,8 @@ import pytest
 from tests.support.netns import in_ns, ns_socket
 from tests.support.packets import csum
 from tests.support.poll import wait_until
-from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, client_results, clients, read_all, serve_afxdp,
-                                 serve_workers, stop, wait_for_stderr_line, xdp_status)
+from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, client_results, clients, echo_all, read_all,
+                                 serve_afxdp, serve_workers, stop, wait_for_stderr_line, xdp_status)
 
 PORT = AFXDP_PORT
 SIZE = 4 << 20
@@ -408,15 +408,7 @@ def test_workers_share_the_connections(veth):
     a, b = veth(queues=2)
     server, pids = serve_workers(a, 2)
     try:
-        datas = [os.urandom(size) for _ in range(n_clients)]
-        procs = clients(b, f"{a.ip4}:{PORT}", n_clients)
-        outs, readers = read_all(procs)
-        for p, d in zip(procs, datas):
-            p.stdin.write(d)
-            p.stdin.close()
-        for t in readers:
-            t.join(timeout=120)
-        ok, failed = client_results(procs, datas, outs)
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [os.urandom(size) for _ in range(n_clients)])
         assert ok == n_clients, failed
     finally:
         err = stop(server)

@@ -25,7 +25,7 @@ import stcp
 from stcp.metrics import WORKER_METRICS
 from tests.support.metrics import Scrape, ascrape, check_invariants, promtool_check, scrape
 from tests.support.netns import in_ns
-from tests.support.procs import client_results, clients, read_all, serve_afxdp, stop, wait_for_stderr_line
+from tests.support.procs import echo_all, serve_afxdp, stop, wait_for_stderr_line
 from tests.support.servers import quiet, transfer
 from tests.support.workers import FakePool, pool_exporter
 
@@ -200,15 +200,7 @@ def test_real_pool_counts_per_worker_and_survives_a_kill(veth):
         assert s0.get("stcp_build_info", version=stcp.__version__, datapath="afxdp", cipher="aes-256-gcm") == 1
         assert s0.by("stcp_xdp_attached", "iface") == {a.ifname: 1}      # the program once, not per worker
 
-        datas = [os.urandom(n) for n in sizes]
-        procs = clients(b, f"{a.ip4}:{PORT}", n_clients)
-        outs, readers = read_all(procs)
-        for p, d in zip(procs, datas):
-            p.stdin.write(d)
-            p.stdin.close()
-        for t in readers:
-            t.join(timeout=120)
-        ok, failed = client_results(procs, datas, outs)
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [os.urandom(n) for n in sizes])
         assert ok == n_clients, failed
         s1 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_active") == 0 and
                           s.get("stcp_connections_opened_total") == n_clients, 20, "the connections to close")
@@ -252,14 +244,8 @@ def test_real_pool_counts_per_worker_and_survives_a_kill(veth):
                 assert s2.values[key] >= v, key
         check_invariants(s2)
         # the replacement serves: its connections add to the slot's
-        more = clients(b, f"{a.ip4}:{PORT}", 4)
-        outs, readers = read_all(more)
-        for p in more:
-            p.stdin.write(b"again")
-            p.stdin.close()
-        for t in readers:
-            t.join(timeout=60)
-        assert all(p.wait(timeout=60) == 0 for p in more) and outs == [b"again"] * 4
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [b"again"] * 4, timeout=60)
+        assert ok == 4, failed
         s3 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_opened_total") == n_clients + 4 and
                           s.get("stcp_connections_active") == 0, 20, "the new connections to close")
         assert s3.get("stcp_stream_bytes_total", direction="rx") == sum(sizes) + 4 * 5

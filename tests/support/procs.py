@@ -130,3 +130,16 @@ def client_results(procs: list, datas: list, outs: list, timeout: float = 120) -
         else:
             failed.append([ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()])
     return ok, failed
+
+
+def echo_all(b, addr: str, datas: list, timeout: float = 120) -> tuple:
+    """One `stcp connect` client per item of datas, from b, each sending its data and reading
+    the echo to the end, all at once: client_results for them."""
+    procs = clients(b, addr, len(datas))
+    outs, readers = read_all(procs)
+    for p, d in zip(procs, datas):
+        p.stdin.write(d)
+        p.stdin.close()
+    for t in readers:
+        t.join(timeout=timeout)
+    return client_results(procs, datas, outs, timeout)
