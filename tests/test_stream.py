@@ -14,6 +14,7 @@ import tracemalloc
 
 import pytest
 
+from stcp import stream
 from stcp.errors import FlowControlError, ProtocolViolation
 from stcp.stream import RecvStream, SendStream
 from stcp.wire import INITIAL_MAX_DATA
@@ -543,12 +544,14 @@ def test_fin_below_data_already_received_is_refused(fin_at, error):
 # an authenticated but hostile peer: reassembly must cost a bounded multiple of the window
 # and of the honest bytes (docs/PROTOCOL.md: flow control bounds what a receiver buffers)
 def retained_bytes(feed) -> int:
-    """Bytes still allocated after feed() ran and dropped its own references."""
+    """Bytes still allocated, by this file or stream.py, after feed() ran and dropped its own
+    references (other threads' allocations meanwhile do not count)."""
     tracemalloc.start()
     try:
-        before = tracemalloc.get_traced_memory()[0]
         feed()
-        return tracemalloc.get_traced_memory()[0] - before
+        snap = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, __file__), tracemalloc.Filter(True, stream.__file__)])
+        return sum(t.size for t in snap.traces)
     finally:
         tracemalloc.stop()
 
