@@ -1,6 +1,6 @@
 """`make bench`: STCP against TLS 1.3 over TCP and QUIC (aioquic), side by side, in one run.
 
-Topology: two network namespaces joined by a veth pair (MTU 1500, tests.netns.veth_pair);
+Topology: two network namespaces joined by a veth pair (MTU 1500, tests.support.netns.veth_pair);
 the server runs in one, pinned to CPU 0, the client in the other, pinned to CPU 1, and
 each namespace receives on its own CPU (bench.steering).  Every peer is a small server and
 client program (`python -m bench.peers.<name> server|client`); the client prints one JSON
@@ -92,7 +92,7 @@ class Side:
     """Where one end runs: a namespace (or none, for loopback), an address, a CPU."""
     ip: str
     cpu: int | None
-    host: object | None = None     # tests.netns.Host
+    host: object | None = None     # tests.support.netns.Host
     nice: int = 0                  # applied with nice(1); see --nice
 
     def argv(self, args: list[str]) -> list[str]:
@@ -419,9 +419,9 @@ def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Co
 
 
 def extra_pair(a, b, i: int, mtu: int, queues: int):
-    """Another veth pair, veth<i>, between the namespaces of a and b (tests.netns.veth_pair's),
+    """Another veth pair, veth<i>, between the namespaces of a and b (tests.support.netns.veth_pair's),
     addressed 10.<77+i>.<x>.1 / .2; it goes away with the namespaces."""
-    from tests.netns import Host, sh
+    from tests.support.netns import Host, sh
     x = a.ip4.split(".")[2]
     ha = Host(a.ns, f"veth{i}", f"10.{77 + i}.{x}.1", "")
     hb = Host(b.ns, f"veth{i}", f"10.{77 + i}.{x}.2", "")
@@ -794,7 +794,7 @@ def main(argv=None) -> int:
                 topology = (f"loopback 127.0.0.1, no namespaces; server on CPU {srv_cpu}, "
                             f"client on CPU {cli_cpu}, nice {args.nice}; no RX steering")
             else:
-                from tests.netns import have_root_netns, veth_pair
+                from tests.support.netns import have_root_netns, veth_pair
                 why = have_root_netns()
                 if why:
                     raise SystemExit(f"bench: {why} (use --loopback to run without namespaces)")

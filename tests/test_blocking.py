@@ -17,7 +17,7 @@ import stcp
 from stcp import blocking
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
-from tests.faults import Faults, FaultShim
+from tests.support.faults import Faults, FaultShim
 
 
 @contextlib.contextmanager

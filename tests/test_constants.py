@@ -149,7 +149,7 @@ def test_reuseport_socket_options_match_kernel_headers():
 
 
 def test_parse_limits_match_the_model():
-    """The model the fuzz test checks the program against (tests/xdp_model.py) walks as far
+    """The model the fuzz test checks the program against (tests/support/xdp_model.py) walks as far
     as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds."""
     import socket
 
