@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.netns import ns_socket, veth_pair
 from tests.support.packets import csum, data_record, hello, record, udp_frame
-from tests.support.xdpenv import PORT, Env, expect_verdicts
+from tests.support.xdpenv import PORT, Env, deltas, expect_verdicts
 
 MAX_RECORD = 1400          # below the 1428 default so TOO_LONG can be sent over IPv6 unfragmented
 HS_RATE, HS_BURST = 10, 20
