@@ -1,7 +1,8 @@
 """C extensions of the stcp package; everything else is declared in pyproject.toml.
 
 stcp._aead links OpenSSL's libcrypto (Debian: libssl-dev, installed by
-scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO).
+scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO);
+stcp._siphash is plain C (the handshake cookie's SipHash-2-4-128).
 stcp._xsk (AF_XDP receive for `--datapath afxdp`) links libxdp and libbpf (Debian:
 libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
 warning and everything else (the socket and xdp datapaths) still works.
@@ -52,6 +53,7 @@ setup(
         ),
         Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
                   extra_compile_args=CFLAGS),
+        Extension("stcp._siphash", sources=["stcp/_ext/siphash.c"], extra_compile_args=CFLAGS),
         Extension("stcp._xsk", sources=["stcp/_ext/xsk.c"], libraries=["xdp", "bpf"],
                   extra_compile_args=CFLAGS),
     ],
