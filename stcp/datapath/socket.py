@@ -296,8 +296,9 @@ class ClientDriver(Driver):
         # name nothing must not be able to end it, just as the server endpoint drops them.
         mine: list = []
         for cid, _, entries in group_by_cid(batch):
-            if cid == self.conn.local_cid or (cid == -1 and entries[0][8:16] == self._cid):
-                mine += entries           # our data records, or a handshake record naming us
+            if cid == self.conn.local_cid or (cid == -1 and (entries[0][8:16] == self._cid or (
+                    len(entries[0]) == wire.RESET_RECORD_LEN and entries[0][8:24] == bytes(16)))):
+                mine += entries           # our data records, a handshake record naming us, a RESET
             else:
                 self.dropped += wire.count_datagrams(entries)
         if not mine:
@@ -322,9 +323,9 @@ class ServerDriver(Driver):
 
     def route_batch(self, batch, now: float) -> Iterable[Connection]:
         touched, new = self.endpoint.receive_batch(batch, now)
-        if self.endpoint.rejects:
-            self._backlog.extend((d, addr, 0) for d, addr in self.endpoint.rejects)
-            self.endpoint.rejects.clear()
+        if self.endpoint.replies:          # REJECT, COOKIE, RESET: stateless answers
+            self._backlog.extend((d, addr, 0) for d, addr in self.endpoint.replies)
+            self.endpoint.replies.clear()
         for conn in new:
             self._on_new(conn)
         return touched
