@@ -326,7 +326,9 @@ int stcp_xdp(struct xdp_md *ctx)
 		return count(ctx, STCP_V_DROP_BAD_LENGTH, XDP_DROP);
 
 	if (hdr->seq == 0) {            /* handshake record; 0 is 0 in any byte order */
-		if (length != STCP_HANDSHAKE_PAYLOAD_LEN || hdr->cid != 0)
+		/* a v2 hello, or a v1 one that user space answers with a v1-layout REJECT */
+		if ((length != STCP_HANDSHAKE_PAYLOAD_LEN && length != STCP_V1_HANDSHAKE_PAYLOAD_LEN) ||
+		    hdr->cid != 0)
 			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
 		type = (__u8 *)(hdr + 1);
 		if ((void *)(type + 1) > data_end)
