@@ -54,7 +54,7 @@ class Config:
     hello_rate: float = 2000.0
     hello_burst: int = 500
     max_half_open: Optional[int] = None
-    reset_rate: float = 1000.0             # stateless RESETs per second, at most (section 5.6)
+    reset_rate: float = 1000.0             # stateless RESETs per second, at most (section 5.7)
 
     def __post_init__(self) -> None:
         if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
@@ -442,7 +442,7 @@ class Connection:
 
     def _server_confirms(self, plaintext: bytes) -> bool:
         """Server in KEY_EXCHANGE, the client's first authenticated record: check its
-        CLIENT_AUTH (PROTOCOL.md section 5.4). False: discard it unacknowledged (an allow list
+        CLIENT_AUTH (PROTOCOL.md section 5.6). False: discard it unacknowledged (an allow list
         and no CLIENT_AUTH first); raises for a bad proof or a key not on the list."""
         allowed = self.config.allowed_clients
         if len(plaintext) >= wire.CLIENT_AUTH_FRAME_LEN and plaintext[0] == wire.FRAME_CLIENT_AUTH:

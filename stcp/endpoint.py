@@ -251,7 +251,7 @@ class ServerEndpoint:
 
     def _maybe_reset(self, data: bytes, addr: Hashable, now: float) -> None:
         """Answer a data record naming no connection with a stateless RESET (PROTOCOL.md
-        section 5.6): only a well-formed data record longer than a RESET, for a CID this
+        section 5.7): only a well-formed data record longer than a RESET, for a CID this
         server could have issued, within the RESET budget."""
         if len(data) <= wire.RESET_RECORD_LEN:
             return

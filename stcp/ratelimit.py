@@ -1,5 +1,5 @@
 """A token bucket on the caller's clock: the server's global hello budget and its RESET budget
-(docs/PROTOCOL.md sections 4.5 and 5.6)."""
+(docs/PROTOCOL.md sections 4.5 and 5.7)."""
 from __future__ import annotations
 
 

@@ -1,4 +1,4 @@
-"""Identity key files and key text (docs/PROTOCOL.md section 5.1): WireGuard's format, mode
+"""Identity key files and key text (docs/PROTOCOL.md section 5.2): WireGuard's format, mode
 0600, never overwritten, refused when others can read them; one-line errors."""
 from __future__ import annotations
 
