@@ -10,7 +10,7 @@ import hmac
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Collection, Deque, FrozenSet, List, Optional, Tuple
+from typing import Collection, Deque, List, Optional, Tuple
 
 from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, RecordKey, reset_key, reset_token
@@ -468,7 +468,6 @@ class Connection:
         self.events.append(HandshakeCompleted(self.suite, now - self._created, self.peer_static_key))
 
     def _receive_protected(self, record: bytes, cid: int, seq: int, now: float) -> None:
-        keys = self._keys
         if self.is_client and self.state != State.ENCRYPTED:
             self.stats.handshake_hints_ignored += 1     # no keys yet: it cannot be checked
             return

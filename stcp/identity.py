@@ -58,7 +58,7 @@ def save_private_key(path: str, private: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise InvalidKey(f"{path} already exists: refusing to overwrite a key file (remove it or choose "
-                        f"another path)") from None
+                         f"another path)") from None
     except OSError as exc:
         raise InvalidKey(f"cannot create {path}: {exc.strerror}") from None
     with os.fdopen(fd, "w") as f:
@@ -74,14 +74,16 @@ def load_private_key(path: str) -> bytes:
         raise InvalidKey(f"key file {path} does not exist") from None
     except OSError as exc:
         raise InvalidKey(f"cannot read key file {path}: {exc.strerror}") from None
-    with os.fdopen(fd) as f:
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise InvalidKey(f"key file {path} is not a regular file")
         if mode & 0o077:
             raise InvalidKey(f"key file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}): "
-                            f"run chmod 600 {path}")
-        text = f.read(4096)
+                             f"run chmod 600 {path}")
+        text = os.read(fd, 4096).decode("ascii", "replace")
+    finally:
+        os.close(fd)
     return decode_key(text, f"key file {path}")
 
 

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from stcp import crypto, handshake, identity, wire
-from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted
+from stcp.connection import Config, Connection, DataReceived, HandshakeCompleted
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import AuthenticationFailure, CloseCode
 from stcp.handshake import cookie_record, reject_record
