@@ -47,10 +47,13 @@ def generate_keypair():
     return private, private.public_key().public_bytes_raw()
 
 
-def shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
-    """X25519 with the all-zero result (a small-order peer key) rejected."""
+def shared_secret(private: X25519PrivateKey, peer_public) -> bytes:
+    """X25519 with the all-zero result (a small-order peer key) rejected. `peer_public` is the
+    32 raw bytes, or an X25519PublicKey made from them once for several DHs with one key."""
     try:
-        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        if not isinstance(peer_public, X25519PublicKey):
+            peer_public = X25519PublicKey.from_public_bytes(peer_public)
+        secret = private.exchange(peer_public)
     except ValueError as exc:  # OpenSSL refuses small-order points itself
         raise HandshakeFailure(f"peer public key rejected: {exc}") from None
     if not any(secret):

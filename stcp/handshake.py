@@ -20,6 +20,8 @@ import hmac
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
 from . import wire
 from .crypto import (HandshakeSecrets, RecordKey, client_auth_proof, generate_keypair, shared_secret,
                      transcript_hash)
@@ -172,8 +174,11 @@ class ServerHandshake:
             raise Rejected(wire.REJECT_SUITE, f"client asked for cipher suite 0x{hello.suite:02x}")
         private, public = generate_keypair()
         try:
-            ee = shared_secret(private, hello.public_key)
-            es = shared_secret(static.private, hello.public_key)
+            client_key = X25519PublicKey.from_public_bytes(hello.public_key)    # once for ee and es
+            ee = shared_secret(private, client_key)
+            es = shared_secret(static.private, client_key)
+        except ValueError as exc:
+            raise Rejected(wire.REJECT_KEY, f"peer public key rejected: {exc}") from None
         except HandshakeFailure as exc:
             raise Rejected(wire.REJECT_KEY, str(exc)) from None
         unsigned = _record(hello.sender_cid, wire.encode_hello(wire.Hello(
