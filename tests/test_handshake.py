@@ -698,3 +698,15 @@ def test_fingerprint_is_sha256_unpadded_base64_as_ssh():
     import base64
     expected = "SHA256:" + base64.b64encode(hashlib.sha256(pub).digest()).decode().rstrip("=")
     assert identity.fingerprint(pub) == expected and len(expected) == 7 + 43
+
+
+@pytest.mark.parametrize("point", [bytes(32), (1).to_bytes(32, "little"),
+                                   bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")])
+def test_small_order_client_key_gets_reject_key(point):
+    """An E of small order gives an all-zero ee and es: REJECT_KEY, no connection (section 5.1)."""
+    ep = ServerEndpoint(Config())
+    hello = Connection.client(Config(), 0.0).datagrams_to_send(0.0)[0]
+    assert ep.receive(hello[:40] + point + hello[72:], CLIENT_ADDR, 0.0) == (None, False)
+    [(reply, _)] = ep.replies
+    assert reply[24] == wire.HS_REJECT and reply[27] == wire.REJECT_KEY
+    assert ep.stats.rejected_key == 1 and not ep.connections
