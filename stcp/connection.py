@@ -302,6 +302,7 @@ class Connection:
         if self.state == State.ERROR:
             self._set_state(Event.TERMINATED)
         self._recovery.forget_all()
+        self._client_hs = self._server_hs = None     # a handshake that ends here forgets e or f too
         self._report_closed(info)
 
     def _report_closed(self, info: ConnectionClosed) -> None:

@@ -710,3 +710,14 @@ def test_small_order_client_key_gets_reject_key(point):
     [(reply, _)] = ep.replies
     assert reply[24] == wire.HS_REJECT and reply[27] == wire.REJECT_KEY
     assert ep.stats.rejected_key == 1 and not ep.connections
+
+
+def test_a_failed_handshake_forgets_its_ephemeral_key_too():
+    client = Connection.client(Config(handshake_timeout=1.0), 0.0)
+    ep = ServerEndpoint(Config(handshake_timeout=1.0))
+    server, _ = ep.receive(client.datagrams_to_send(0.0)[0], CLIENT_ADDR, 0.0)
+    assert client._client_hs is not None and server._server_hs is not None
+    for conn in (client, server):
+        conn.handle_timer(1.0)
+        assert conn.is_closed
+    assert client._client_hs is None and server._server_hs is None
