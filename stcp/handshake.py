@@ -1,4 +1,4 @@
-"""The version 2 handshake (docs/PROTOCOL.md section 5): the server always proves its static
+"""The version 2 handshake (docs/PROTOCOL.md §5): the server always proves its static
 key, in the one round trip; the client may prove its own in its first protected record.
 
 1. client -> server: CLIENT_HELLO (ephemeral E, the client's CID, a cookie field)
