@@ -6,18 +6,21 @@ No socket, thread or clock lives here (the style of h11 and aioquic). A datapath
 """
 from __future__ import annotations
 
+import hmac
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Tuple
+from typing import Collection, Deque, List, Optional, Tuple
 
 from . import wire
-from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
-from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
+from .crypto import CONFIDENTIALITY_LIMIT, RecordKey, reset_key, reset_token
+from .errors import (AccessDenied, AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
                      MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
-from .handshake import ClientHandshake, Keys, server_respond
-from .recovery import (CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_ACK_DELAY, MAX_DATA as _MAX_DATA,
-                       PING as _PING, STREAM as _STREAM, Group, Recovery, SentPacket, SentRun)
+from .handshake import ClientHandshake, Keys, ServerHandshake, ServerKeyPolicy
+from .identity import KEY_LEN, StaticKey, fingerprint
+from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_ACK_DELAY,
+                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
+                       Group, Recovery, SentPacket, SentRun)
 from .replay import ReceivedPackets
 from .state import Event, State, transition
 from .stream import RecvStream, SendStream
@@ -36,13 +39,45 @@ class Config:
     key_update_interval: int = 1 << 22     # records sealed under one key before updating it
     cid_prefix_bits: int = 0               # top CID bits naming the owning worker (AF_XDP steering)
     cid_prefix: int = 0
+    # identity (PROTOCOL.md section 5). static_key: this side's X25519 private key, 32 raw
+    # bytes: a server's identity (None: ServerEndpoint makes a fresh one), a client's key to
+    # prove with CLIENT_AUTH (None: it proves none).
+    static_key: Optional[bytes] = field(default=None, repr=False)
+    # client: the server static key it accepts: the pinned public key, a callable deciding on
+    # the presented key (True accepts), or None for any key (no protection from an active attacker)
+    server_key: ServerKeyPolicy = None
+    # server: the client public keys it admits (a valid CLIENT_AUTH proof required); None: anyone
+    allowed_clients: Optional[Collection[bytes]] = None
+    # server hello path under load (section 4.5): hellos per second that may reach X25519
+    # without a cookie, the bucket's depth, and the half-open connections above which a
+    # cookie is required (None: min(4096, max_connections)); twice that is a hard cap
+    hello_rate: float = 2000.0
+    hello_burst: int = 500
+    max_half_open: Optional[int] = None
+    reset_rate: float = 1000.0             # stateless RESETs per second, at most (section 5.7)
 
     def __post_init__(self) -> None:
-        if not wire.HEADER_LEN + wire.AEAD_TAG_LEN + 64 <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
-            raise ValueError(f"max_datagram must be between 104 and {wire.MAX_UDP_PAYLOAD}")
+        if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
+            raise ValueError(f"max_datagram must be between {wire.HANDSHAKE_RECORD_LEN} and {wire.MAX_UDP_PAYLOAD}")
         limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))
         if not 1 <= self.key_update_interval <= limit // 2:
             raise ValueError(f"key_update_interval must be between 1 and {limit // 2}")
+        if self.static_key is not None and len(self.static_key) != KEY_LEN:
+            raise ValueError(f"static_key must be {KEY_LEN} raw bytes")
+        if isinstance(self.server_key, (bytes, bytearray)) and len(self.server_key) != KEY_LEN:
+            raise ValueError(f"server_key must be the server's {KEY_LEN}-byte public key")
+        if self.allowed_clients is not None:
+            allowed = frozenset(bytes(k) for k in self.allowed_clients)
+            if any(len(k) != KEY_LEN for k in allowed):
+                raise ValueError(f"allowed_clients must hold {KEY_LEN}-byte public keys")
+            self.allowed_clients = allowed
+        if self.hello_rate < 0 or self.hello_burst < 0 or self.reset_rate < 0:
+            raise ValueError("hello_rate, hello_burst and reset_rate cannot be negative")
+        if self.max_half_open is not None and self.max_half_open < 1:
+            raise ValueError("max_half_open must be at least 1 (or None for the default)")
+        # derived once: the public key costs an X25519 base-point multiplication
+        self.identity: Optional[StaticKey] = StaticKey(self.static_key) if self.static_key is not None else None
+        self.reset_key: Optional[bytes] = reset_key(self.static_key) if self.static_key is not None else None
 
     def new_cid(self) -> int:
         while True:
@@ -59,6 +94,7 @@ class Config:
 class HandshakeCompleted:
     suite: int
     duration: float
+    peer_key: Optional[bytes] = None   # the peer's proven static key: the server's, or the client's if it sent one
 
 
 @dataclass
@@ -99,6 +135,9 @@ class Stats:
     auth_failures: int = 0
     key_updates_sent: int = 0
     key_updates_received: int = 0
+    handshake_hints_ignored: int = 0          # client: unverifiable replies during KEY_EXCHANGE
+    handshake_records_discarded: int = 0      # handshake-class records once ENCRYPTED (not repeats)
+    client_auth_missing: int = 0              # server with an allow list: records without CLIENT_AUTH
     rtt_samples: List[float] = field(default_factory=list)
 
 
@@ -150,14 +189,21 @@ class Connection:
         self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
         self._rx_chunks: List[bytes] = []
         self._client_hs: Optional[ClientHandshake] = None
-        self._hello_record = b""       # client: the accepted server hello; server: the client hello
+        self._server_hs: Optional[ServerHandshake] = None
+        self._hello_record = b""       # client: the accepted server hello; server: CH' of the client hello
         self._server_hello = b""
+        self._cookie_resend_at = float("-inf")
+        self.peer_static_key: Optional[bytes] = None    # proven: the server's key, or the client's
+        self._client_auth: Optional[bytes] = None       # client: CLIENT_AUTH frame, until acknowledged
+        self._reset_token: Optional[bytes] = None       # client: the server's token for this connection
+        self._reset_token_due = False                   # server: RESET_TOKEN to send (again)
+        self._reset_token_acked = False
 
     # --- construction ------------------------------------------------------
     @classmethod
     def client(cls, config: Config, now: float) -> "Connection":
         conn = cls(config, True, now)
-        conn._client_hs = ClientHandshake(config.suite, conn.local_cid)
+        conn._client_hs = ClientHandshake(config.suite, conn.local_cid, config.server_key, config.identity)
         conn._set_state(Event.SEND_HELLO)
         conn._out.append(conn._client_hs.hello_record)
         conn._hello_next = now + conn._hello_interval
@@ -166,11 +212,16 @@ class Connection:
     @classmethod
     def server(cls, config: Config, hello_record: bytes, hello: wire.Hello, now: float) -> "Connection":
         """Accept a client hello; raises handshake.Rejected if it cannot be served."""
+        if config.identity is None:
+            raise ValueError("a server connection needs its static key (Config.static_key)")
         conn = cls(config, False, now)
         conn.suite = hello.suite
         conn.peer_cid = hello.sender_cid
-        conn._server_hello, conn._keys = server_respond(hello_record, hello, conn.local_cid, config.accepted_suites)
-        conn._hello_record = hello_record
+        hs = conn._server_hs = ServerHandshake(config.identity, hello_record, hello, conn.local_cid,
+                                               config.accepted_suites)
+        conn._server_hello, conn._keys = hs.record, hs.keys
+        conn._hello_record = wire.client_hello_transcript_form(hello_record)
+        conn._reset_token_due = True
         conn._set_state(Event.RECV_HELLO)
         conn._out.append(conn._server_hello)
         return conn
@@ -257,6 +308,7 @@ class Connection:
         if self.state == State.ERROR:
             self._set_state(Event.TERMINATED)
         self._recovery.forget_all()
+        self._client_hs = self._server_hs = None     # a handshake that ends here forgets e or f too
         self._report_closed(info)
 
     def _report_closed(self, info: ConnectionClosed) -> None:
@@ -337,42 +389,95 @@ class Connection:
     def _on_receive_error(self, exc: STCPError, now: float) -> None:
         if isinstance(exc, AuthenticationFailure):
             self.stats.auth_failures += 1
+        if self.is_client and self.state == State.KEY_EXCHANGE:
+            self.stats.handshake_hints_ignored += 1    # nothing reaching it is authenticated yet
+            return
         self._fail(exc, now)
 
     def _receive_handshake(self, record: bytes, now: float) -> None:
-        hello = wire.decode_hello(record[wire.HEADER_LEN:])
-        if not self.is_client:
-            if hello.kind == wire.HS_CLIENT_HELLO and record == self._hello_record:
-                if self.state == State.KEY_EXCHANGE:    # our server hello was lost: same answer again
-                    self._out.append(self._server_hello)
-                else:
-                    self.stats.duplicates_discarded += 1
-                return
-            raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+        if self.is_client:
+            self._client_handshake_record(record, now)
+            return
+        if len(record) == wire.HANDSHAKE_RECORD_LEN and record[wire.HEADER_LEN] == wire.HS_CLIENT_HELLO \
+                and wire.client_hello_transcript_form(record) == self._hello_record:
+            if self.state == State.KEY_EXCHANGE:    # our server hello was lost: same answer again
+                self._out.append(self._server_hello)
+            else:
+                self.stats.duplicates_discarded += 1
+            return
+        if self.state == State.ENCRYPTED:     # a late or forged handshake record: never fatal now
+            self.stats.handshake_records_discarded += 1
+            return
+        wire.decode_hello(record[wire.HEADER_LEN:])
+        raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+
+    def _client_handshake_record(self, record: bytes, now: float) -> None:
         if self.state == State.KEY_EXCHANGE:
-            self._keys, self.peer_cid = self._client_hs.on_server_hello(record, hello)
+            hs = self._client_hs
+            est = hs.on_record(record)
+            if est is None:                   # a hint, not a verdict: keep sending the hello
+                self.stats.handshake_hints_ignored += 1
+                if hs.new_cookie and now >= self._cookie_resend_at:
+                    self._resend_hello(now)
+                return
+            self._keys, self.peer_cid, self.peer_static_key = est.keys, est.server_cid, est.server_key
+            self._client_auth = est.client_auth
             self._hello_record = record
             self._client_hs = None
             self._hello_next = None
             self._keys_confirmed(now)
             self._ping_due = True     # gives the server its key confirmation even with no data to send
-        elif record == self._hello_record:
+            return
+        token = self._reset_token
+        if token is not None and len(record) == wire.RESET_RECORD_LEN:
+            presented = wire.reset_token_of(record)
+            if presented is not None and hmac.compare_digest(presented, token):
+                self._finish(Event.FAILURE, ConnectionClosed(
+                    CloseCode.STATELESS_RESET, "the server has no state for this connection: it restarted "
+                    "or its worker died", by_peer=True, error=True))
+                return
+        if record == self._hello_record:
             self.stats.duplicates_discarded += 1
         else:
-            raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+            self.stats.handshake_records_discarded += 1
+
+    def _resend_hello(self, now: float) -> None:
+        """A COOKIE changed the hello: send it at once, at most every 100 ms."""
+        self._client_hs.new_cookie = False
+        self._cookie_resend_at = now + 0.1
+        self._out.append(self._client_hs.hello_record)
+
+    def _server_confirms(self, plaintext: bytes) -> bool:
+        """Server in KEY_EXCHANGE, the client's first authenticated record: check its
+        CLIENT_AUTH (PROTOCOL.md section 5.6). False: discard it unacknowledged (an allow list
+        and no CLIENT_AUTH first); raises for a bad proof or a key not on the list."""
+        allowed = self.config.allowed_clients
+        if len(plaintext) >= wire.CLIENT_AUTH_FRAME_LEN and plaintext[0] == wire.FRAME_CLIENT_AUTH:
+            frame = wire.decode_frames(plaintext[:wire.CLIENT_AUTH_FRAME_LEN])[0]
+            self._server_hs.verify_client_auth(frame)
+            if allowed is not None and frame.static_key not in allowed:
+                raise AccessDenied(f"client key {fingerprint(frame.static_key)} is not allowed")
+            self.peer_static_key = frame.static_key
+        elif allowed is not None:
+            self.stats.client_auth_missing += 1
+            return False
+        return True
 
     def _keys_confirmed(self, now: float) -> None:
         self._set_state(Event.KEYS_CONFIRMED)
         self._handshake_deadline = None
         self._last_activity = now
+        if self._server_hs is not None:
+            self._server_hs.finish()
+            self._server_hs = None
         if self._recv.initial_limit() is not None:
             self._max_data_due = True
-        self.events.append(HandshakeCompleted(self.suite, now - self._created))
+        self.events.append(HandshakeCompleted(self.suite, now - self._created, self.peer_static_key))
 
     def _receive_protected(self, record: bytes, cid: int, seq: int, now: float) -> None:
-        keys = self._keys
-        if keys is None or (self.is_client and self.state != State.ENCRYPTED):
-            raise ProtocolViolation(f"protected record in state {self.state.value}")
+        if self.is_client and self.state != State.ENCRYPTED:
+            self.stats.handshake_hints_ignored += 1     # no keys yet: it cannot be checked
+            return
         if cid != self.local_cid:
             raise MalformedRecord("record addressed to another connection ID")
         if len(record) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
@@ -389,6 +494,8 @@ class Connection:
 
     def _accept(self, plaintext: bytes, pn: int, epoch: int, record_len: int, now: float) -> None:
         """Act on the frames of an authenticated record that is not a duplicate."""
+        if self.state == State.KEY_EXCHANGE and not self._server_confirms(plaintext):
+            return                    # neither acknowledged nor marked received
         self._received.add(pn)
         self.stats.records_received += 1
         self.stats.bytes_received += record_len
@@ -423,6 +530,17 @@ class Connection:
             elif isinstance(frame, wire.CloseFrame):
                 self._on_close(frame)
                 return
+            elif isinstance(frame, wire.ClientAuthFrame):
+                ack_eliciting = True
+                if self.is_client:
+                    raise ProtocolViolation("CLIENT_AUTH frame from the server")
+                if frame.static_key != self.peer_static_key:    # the proven key repeated is ignored
+                    raise ProtocolViolation("CLIENT_AUTH frame with another key than the handshake's")
+            elif isinstance(frame, wire.ResetTokenFrame):
+                ack_eliciting = True
+                if not self.is_client:
+                    raise ProtocolViolation("RESET_TOKEN frame from the client")
+                self._reset_token = frame.token
         if ack_eliciting:
             self._ack_eliciting_received(pn, now)
         self._check_finished(now)
@@ -501,6 +619,10 @@ class Connection:
                         if end > start:
                             on_acked(start, end, False)
                         start, end = desc[1], desc[2]
+                elif desc[0] == _CLIENT_AUTH:
+                    self._client_auth = None
+                elif desc[0] == _RESET_TOKEN:
+                    self._reset_token_acked = True
         if end > start:
             on_acked(start, end, False)
         if acked and self._recovery.rtt.has_sample:
@@ -519,6 +641,8 @@ class Connection:
                     self._max_data_due = True
                 elif kind == _KEY_UPDATE and desc[1] == self._keys.send.epoch:
                     self._key_update_frame_due = True
+                elif kind == _RESET_TOKEN and not self._reset_token_acked:
+                    self._reset_token_due = True
 
     def _on_close(self, frame: wire.CloseFrame) -> None:
         clean = frame.code == CloseCode.NO_ERROR and self._recv.finished
@@ -562,8 +686,13 @@ class Connection:
             return
         if self._handshake_deadline is not None and now >= self._handshake_deadline:
             seconds = self.config.handshake_timeout
-            self._finish(Event.TIMEOUT, ConnectionClosed(CloseCode.HANDSHAKE_TIMEOUT,
-                                                         f"handshake timed out after {seconds:g} s"))
+            seen = self._client_hs.failure_reason() if self._client_hs is not None else None
+            if seen is not None:       # the most informative reply, now that nothing better came
+                info = ConnectionClosed(CloseCode.HANDSHAKE_FAILED, f"{seen} (no acceptable server hello "
+                                        f"within {seconds:g} s)", error=True)
+            else:
+                info = ConnectionClosed(CloseCode.HANDSHAKE_TIMEOUT, f"handshake timed out after {seconds:g} s")
+            self._finish(Event.TIMEOUT, info)
             return
         if self.state == State.ENCRYPTED and now >= self._last_activity + self.config.idle_timeout:
             self._finish(Event.TIMEOUT, ConnectionClosed(
@@ -573,6 +702,7 @@ class Connection:
             self._finish(Event.FINISHED, ConnectionClosed(CloseCode.NO_ERROR))
             return
         if self._hello_next is not None and now >= self._hello_next:
+            self._client_hs.new_cookie = False
             self._out.append(self._client_hs.hello_record)
             self._hello_interval *= 2
             self._hello_next = now + self._hello_interval
@@ -629,7 +759,8 @@ class Connection:
             if self._sealed_under_key >= self.config.key_update_interval:
                 self._maybe_update_send_key()
             if self._ack_deadline is None and not (self._max_data_due or self._key_update_frame_due
-                                                   or self._ping_due or self._draining_until is not None) \
+                                                   or self._ping_due or self._draining_until is not None
+                                                   or self._client_auth is not None or self._reset_token_due) \
                     and self._send_stream_run(now, out):
                 continue
             frames: List[bytes] = []
@@ -638,10 +769,10 @@ class Connection:
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES)))
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
-            if self._max_data_due or self._key_update_frame_due or self._ping_due or \
+            if self._max_data_due or self._key_update_frame_due or self._ping_due or self._reset_token_due or \
                     (self._close_frame is not None and self._draining_until is not None):
                 self._add_control_frames(frames, descs)
-            budget = max_payload
+            budget = max_payload - (len(self._client_auth) if self._client_auth is not None else 0)
             for f in frames:
                 budget -= len(f)
             retransmit = False
@@ -706,6 +837,10 @@ class Connection:
             self._max_data_due = False
             frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
             descs.append((_MAX_DATA,))
+        if self._reset_token_due:
+            self._reset_token_due = False
+            frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(self.config.reset_key, self.local_cid))))
+            descs.append((_RESET_TOKEN,))
         if self._key_update_frame_due:
             self._key_update_frame_due = False
             frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
@@ -721,7 +856,8 @@ class Connection:
 
     def _ack_can_ride(self) -> bool:
         """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
-        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._send.pending()
+        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
+            or self._send.pending()
 
     def _maybe_update_send_key(self) -> None:
         """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame
@@ -740,6 +876,10 @@ class Connection:
             raise KeyUpdateError("key usage limit reached before the peer allowed a key update")
 
     def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0) -> bytes:
+        if self._client_auth is not None:    # first in every record until one carrying it is acknowledged
+            frames = [self._client_auth] + frames
+            descs = [(_CLIENT_AUTH,)] + descs
+            ack_eliciting = True
         keys = self._keys
         pn = self._next_pn
         self._next_pn += 1
