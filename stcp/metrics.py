@@ -366,25 +366,18 @@ def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
     bytes), ...one per possible CPU]}, "live_cids", "run_time_ns", "run_cnt"}.
     Raises XdpSetupError / OSError when the interface cannot be inspected.
     """
-    from .datapath import xdp
-    from .datapath.verdicts import Verdict
+    from .datapath import bpf, xdp_prog
+    from .datapath.netlink import Netlink
 
-    with xdp._Netlink(netns) as nl:
+    with Netlink(netns) as nl:
         idx = nl.ifindex(iface)
-        mode, h, _state = xdp._find_stcp(nl, idx)
+        mode, h, _state = xdp_prog.find_stcp(nl, idx)
     if h is None:
         return {"attached": False}
     try:
-        ncpu = xdp.possible_cpus()
-        stride = (xdp._COUNTER.size + 7) & ~7
-        per_cpu: Dict[str, List[Tuple[int, int]]] = {}
-        for v in Verdict:
-            raw = xdp._map_lookup(h.maps["counters"], int(v).to_bytes(4, sys.byteorder), stride * ncpu)
-            per_cpu[v.key] = ([xdp._COUNTER.unpack_from(raw, cpu * stride) for cpu in range(ncpu)]
-                              if raw else [(0, 0)] * ncpu)
-        info = xdp.prog_info(h.prog_fd)
-        return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": per_cpu,
-                "live_cids": xdp._count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+        info = bpf.prog_info(h.prog_fd)
+        return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
+                "live_cids": xdp_prog.count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
     finally:
         h.close()
 
@@ -396,8 +389,9 @@ def _unquote_pin(name: str) -> str:
 def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None) -> List[Tuple[str, Optional[str]]]:
     """(iface, netns) of every STCP program: pinned under /sys/fs/bpf/stcp/ (including
     .../netns/NS/IFACE) and, by netlink, attached in this (or the given) namespace."""
-    from .datapath import xdp
-    root = pin_root or xdp.PIN_ROOT
+    from .datapath import xdp_prog
+    from .datapath.netlink import Netlink
+    root = pin_root or xdp_prog.PIN_ROOT
     found: List[Tuple[str, Optional[str]]] = []
     try:
         entries = sorted(os.listdir(root))
@@ -421,9 +415,9 @@ def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None
         elif netns is None:
             found.append((_unquote_pin(name), None))
     try:
-        with xdp._Netlink(netns) as nl:
+        with Netlink(netns) as nl:
             for name, idx in nl.links():
-                _mode, h, _state = xdp._find_stcp(nl, idx)
+                _mode, h, _state = xdp_prog.find_stcp(nl, idx)
                 if h is not None:
                     h.close()
                     found.append((name, netns))
@@ -926,12 +920,13 @@ def run_loader_metrics(ifaces: Sequence[str], listen: str, netns: Optional[str] 
                        once: bool = False) -> int:
     """`stcp-loader metrics`: serve the datapath counters until SIGINT/SIGTERM (or print them
     once, for a node_exporter textfile collector)."""
-    from .datapath import xdp
+    from .datapath.errors import XdpSetupError
+    from .datapath.xdp_prog import require_root
     try:
         parse_listen(listen)
     except ValueError as e:
-        raise xdp.XdpSetupError(str(e)) from None
-    xdp.require_root()
+        raise XdpSetupError(str(e)) from None
+    require_root()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="stcp-loader: %(message)s")
     registry = loader_registry(ifaces, netns)

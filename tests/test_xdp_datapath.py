@@ -37,10 +37,10 @@ def xdp_unavailable() -> Optional[str]:
     if why:
         return why
     try:
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
-        xdp.ensure_bpffs()
-        xdp._Libbpf.lib()
+        from stcp.datapath import bpf, xdp_prog
+        xdp_prog.check_toolchain()
+        xdp_prog.ensure_bpffs()
+        bpf.libbpf()
     except Exception as e:  # XdpSetupError with the reason
         return f"XDP toolchain unavailable: {e}"
     return None

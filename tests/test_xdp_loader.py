@@ -192,7 +192,8 @@ def test_not_root_is_one_line(tmp_path):
 
 
 def test_no_bpffs_message(tmp_path):
-    from stcp.datapath.xdp import XdpSetupError, ensure_bpffs
+    from stcp.datapath.errors import XdpSetupError
+    from stcp.datapath.xdp_prog import ensure_bpffs
     with pytest.raises(XdpSetupError, match=r"no bpffs: .* does not exist .*mount -t bpf bpf"):
         ensure_bpffs(str(tmp_path / "missing"))
 

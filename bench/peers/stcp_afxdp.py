@@ -182,8 +182,8 @@ def kernel_datapath_available(afxdp: bool) -> str | None:
     try:
         if afxdp:
             from stcp import _xsk  # noqa: F401
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
+        from stcp.datapath.xdp_prog import check_toolchain
+        check_toolchain()
     except Exception as e:  # noqa: BLE001
         return f"{what} datapath unavailable: {e}"
     return None

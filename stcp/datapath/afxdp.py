@@ -61,8 +61,10 @@ from ..connection import Connection
 from ..endpoint import ServerEndpoint
 from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
 from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver
-from .xdp import (XSK_MAX, XdpAlreadyAttached, XdpDatapath, XdpSetupError, _map_fd_by_id, _map_update,
-                  map_info, prog_info)
+from . import bpf
+from .errors import XdpAlreadyAttached, XdpSetupError
+from .xdp import XdpDatapath
+from .xdp_prog import XSK_MAX
 
 log = logging.getLogger("stcp.datapath.afxdp")
 
@@ -245,11 +247,11 @@ class AfxdpDatapath:
         self.close()
 
 
-def _find_xskmap(xdp: XdpDatapath) -> int:
+def find_xskmap(xdp: XdpDatapath) -> int:
     """An fd of the attached program's stcp_xsks map."""
-    for mid in prog_info(xdp._h.prog_fd)["map_ids"]:
-        fd = _map_fd_by_id(mid)
-        info = map_info(fd)
+    for mid in bpf.prog_info(xdp.handles.prog_fd)["map_ids"]:
+        fd = bpf.map_fd_by_id(mid)
+        info = bpf.map_info(fd)
         if info["name"] == XSKMAP_NAME and info["type"] == BPF_MAP_TYPE_XSKMAP:
             return fd
         os.close(fd)
@@ -371,14 +373,14 @@ def _open_sockets(xsk_mod, xdp: XdpDatapath, iface: str, queues, describe_failur
     xsks: list = []
     mfd = -1
     try:
-        mfd = _find_xskmap(xdp)
+        mfd = find_xskmap(xdp)
         for q in queues:
             try:
                 x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
             except OSError as e:
                 raise AfxdpSetupError(describe_failure(q, e)) from None
             xsks.append(x)
-            _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
+            bpf.map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
     except BaseException:
         for x in xsks:
             x.close()
