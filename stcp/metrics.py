@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from .errors import CloseCode
+from .supervisor import WorkerSlot, worker_socket_path
 
 log = logging.getLogger("stcp.metrics")
 
@@ -614,12 +615,6 @@ def read_unix(path: str, timeout: float = 2.0) -> str:
     return b"".join(chunks).decode()
 
 
-def worker_socket_path(directory: str, worker: int, pid: int) -> str:
-    """Where worker `worker` (process `pid`) serves its metrics: one path per process, so a
-    replacement is never mistaken for its predecessor."""
-    return os.path.join(directory, f"worker-{worker}-{pid}.sock")
-
-
 def serve_worker_metrics(server, directory: str, worker: int, datapath: str = "afxdp",
                          cipher: str = "aes-256-gcm", *, path: Optional[str] = None) -> ServerMetrics:
     """In a worker process: install a ServerMetrics hook on `server` and serve it plus the
@@ -636,14 +631,6 @@ def serve_worker_metrics(server, directory: str, worker: int, datapath: str = "a
     metrics.http = UnixExporter(registry, path or worker_socket_path(directory, worker, os.getpid()))  # type: ignore[assignment]
     server.hooks.append(metrics)
     return metrics
-
-
-class WorkerSlot(NamedTuple):
-    worker: int                   # 0..N-1
-    pid: Optional[int]            # the current process in this slot (None before the first start)
-    alive: bool                   # running (not exited)
-    path: Optional[str]           # its UnixExporter socket (None until the process serves)
-    restarts: int                 # replacements so far
 
 
 _SampleKey = Tuple[str, str, Tuple[Tuple[str, str], ...]]    # family, sample name, sorted labels

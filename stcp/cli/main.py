@@ -16,8 +16,11 @@ import time
 from typing import Optional, Tuple
 
 from .. import __version__, wire
-from ..api import DEFAULT_PORT, make_config, open_connection, start_server
+from .. import server as stcp_server
+from ..api import DEFAULT_PORT, make_config, open_connection
 from ..errors import STCPError
+from ..server import start_server
+from ..supervisor import WorkerCommand, WorkerRole
 
 CHUNK = 1 << 16
 
@@ -115,128 +118,80 @@ async def serve(args) -> int:
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
     handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
-    hooks = []
-    xdp = None
-    metrics = None
     if args.metrics:
-        from ..metrics import parse_listen, serve_metrics
+        from ..metrics import parse_listen
         try:
             parse_listen(args.metrics)
         except ValueError as exc:
             raise UsageError(f"bad --metrics address: {exc}") from None
-    afxdp = server = None
-    worker: Optional[int] = None
+    if args.datapath in ("xdp", "afxdp") and not args.iface:
+        raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
+    role = None
     if args.datapath == "afxdp":
-        if not args.iface:
-            raise UsageError("--datapath afxdp needs --iface IFACE")
-        from ..datapath import afxdp as afxdp_mod
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
-        if args.workers > 1 and args.afxdp_worker is None:
-            return await _supervise(args, afxdp_mod, port, config)
-        if args.afxdp_worker is not None:
-            afxdp_mod.die_with_parent()
-            w, _, n = args.afxdp_worker.partition("/")
-            if not (w.isdigit() and n.isdigit() and int(w) < int(n)):
-                raise UsageError(f"bad --afxdp-worker {args.afxdp_worker!r}: expected W/N")
-            xdp = afxdp = afxdp_mod.AfxdpDatapath.join(args.iface, port, int(w), int(n))
-            worker = int(w)
-        else:
-            xdp = afxdp = afxdp_mod.AfxdpDatapath.open(args.iface, port, mode=args.xdp_mode,
-                                                       max_record_len=config.max_datagram - wire.HEADER_LEN)
-        hooks.append(_XdpHooks(afxdp))
-        print(f"stcp: AF_XDP on {args.iface}: {len(afxdp.xsks)} RX queue(s), XDP {afxdp.mode} mode, "
-              f"{'zero-copy' if afxdp.zerocopy else 'copy'} mode; replies through "
-              f"{'the AF_XDP sockets' if args.afxdp_tx == 'afxdp' else 'the UDP socket'}", file=sys.stderr)
-    if args.datapath == "xdp":
-        if not args.iface:
-            raise UsageError("--datapath xdp needs --iface IFACE")
-        from ..datapath.xdp import XdpDatapath
-        xdp = XdpDatapath.attach_or_reuse(args.iface, port, mode=args.xdp_mode,
-                                          max_record_len=config.max_datagram - wire.HEADER_LEN)
-        hooks.append(_XdpHooks(xdp))
-        print(f"stcp: XDP program on {args.iface} ({xdp.mode} mode)", file=sys.stderr)
+        role = WorkerRole.from_env()          # set when our supervisor started this process
+        if args.workers > 1 and role is None:
+            return await _supervise(args, port, config)
+    server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
+                                     xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
+                                     config=config, metrics=None if role else args.metrics)
+    dp = server.datapath
     try:
-        if afxdp is not None:
-            server = await afxdp.start_server(handler, host, port, config=config, hooks=hooks, tx=args.afxdp_tx)
-        else:
-            # generic-mode XDP runs after GRO and must see single records
-            server = await start_server(handler, host, port, config=config, hooks=hooks,
-                                        gro=xdp is None or xdp.mode != "generic")
-        if worker is not None:
-            if args.afxdp_metrics:        # the supervisor serves --metrics; it reads ours here
-                from ..metrics import serve_worker_metrics
-                metrics = serve_worker_metrics(server, args.afxdp_metrics, worker, args.datapath,
-                                               args.cipher or "aes-256-gcm")
-        elif args.metrics:
-            metrics = serve_metrics(server, args.metrics, args.datapath, args.cipher or "aes-256-gcm",
-                                    iface=args.iface)
+        if args.datapath == "afxdp":
+            print(f"stcp: AF_XDP on {args.iface}: {len(dp.xsks)} RX queue(s), XDP {dp.mode} mode, "
+                  f"{'zero-copy' if dp.zerocopy else 'copy'} mode; replies through "
+                  f"{'the AF_XDP sockets' if args.afxdp_tx == 'afxdp' else 'the UDP socket'}", file=sys.stderr)
+        elif args.datapath == "xdp":
+            print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
               flush=True)
+        if role is not None:
+            role.notify_ready()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
-        if metrics is not None:
-            metrics.close()
-        if afxdp is not None and server is not None:
-            st = afxdp.stats()
-            d = server.driver
-            per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))
-            print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups; {per_q}), "
-                  f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
-                  f"UDP socket; {d.connections_accepted} connections, "
-                  f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped {st.get('rx_dropped', 0)}, "
-                  f"fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}", file=sys.stderr, flush=True)
-        if xdp is not None:
-            xdp.close()
+        server.close()
+        if args.datapath == "afxdp":
+            _report_afxdp(server)
     return 0
 
 
-async def _supervise(args, afxdp_mod, port: int, config) -> int:
-    """`serve --datapath afxdp --workers N`: the supervisor (and, with --metrics, its exporter:
-    the workers' counters read from each worker's unix socket at scrape time, plus the XDP
-    program's once)."""
-    import shutil
-    import tempfile
-    metrics_dir = pool = None
-    if args.metrics:
-        metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-", dir="/run" if os.path.isdir("/run") else None)
-    sup = afxdp_mod.Supervisor(args.argv, args.iface, port, args.workers, mode=args.xdp_mode,
-                               max_record_len=config.max_datagram - wire.HEADER_LEN, metrics_dir=metrics_dir)
+def _report_afxdp(server) -> None:
+    """What went through AF_XDP and what through the UDP socket (the tests read this line)."""
+    st = server.datapath.stats()
+    d = server.driver
+    per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))
+    print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups; {per_q}), "
+          f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
+          f"UDP socket; {d.connections_accepted} connections, "
+          f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
+          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}",
+          file=sys.stderr, flush=True)
+
+
+async def _supervise(args, port: int, config) -> int:
+    """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
+    command line (and, with --metrics, the pool's exporter)."""
+    def spawn(w: int, n: int) -> WorkerCommand:
+        return WorkerCommand([sys.executable, "-m", "stcp.cli.main", *args.argv])
+
+    pool = stcp_server.WorkerPool(spawn, port, iface=args.iface, workers=args.workers, xdp_mode=args.xdp_mode,
+                                  config=config, metrics=args.metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, pool.close)
     try:
-        if args.metrics:
-            from ..metrics import serve_pool_metrics
-            pool = serve_pool_metrics(sup.worker_slots, args.metrics, "afxdp", args.cipher or "aes-256-gcm",
-                                      iface=args.iface)
-        sup.setup()
-        if pool is not None:
-            sup.say(f"metrics of {args.workers} workers and the XDP program on {pool.http.url}")
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, sup.stop)
-        return await sup.run()
+        await pool.start()
+        await pool.serve_forever()
     finally:
-        if pool is not None:
-            pool.close()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-class _XdpHooks:
-    """Keeps the kernel's table of live connection IDs in step with the server's connections."""
-
-    def __init__(self, xdp):
-        self.xdp = xdp
-
-    def connection_created(self, conn) -> None:
-        self.xdp.add_cid(conn.local_cid)
-
-    def connection_ended(self, conn) -> None:
-        self.xdp.remove_cid(conn.local_cid)
+        pool.close()
+        await pool.wait_closed()
+    return 0
 
 
 # --- connect -----------------------------------------------------------------
@@ -402,8 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
-    s.add_argument("--afxdp-worker", help=argparse.SUPPRESS)      # W/N, set by the supervisor
-    s.add_argument("--afxdp-metrics", help=argparse.SUPPRESS)     # DIR for the worker's metrics socket
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     common(s)
 

@@ -15,14 +15,18 @@ that says what to do.
 """
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import struct
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+from ..connection import Config, Connection
+from ..endpoint import ServerEndpoint
 from ..wire import MAX_CID_WORKERS
 from . import bpf
+from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
 from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
@@ -30,6 +34,7 @@ from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_RATE, DEFAULT_HS_SOURCE
                        cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp, open_prog,
                        pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc, remove_pins,
                        require_root, validate_limits, write_config)
+from .socket import ServerDriver, bind_udp
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
@@ -44,7 +49,12 @@ class XdpDatapath:
     attach_or_reuse() is what `stcp serve --datapath xdp` calls; close() leaves the
     interface as it was found: it detaches only what this object attached, and removes
     the CIDs this object added when the program stays.
+
+    As a server's Datapath (stcp.datapath.base): the kernel UDP socket behind the program,
+    the server's connections kept in the program's live-CID table by server_hooks().
     """
+
+    name = "xdp"
 
     def __init__(self, iface: str, ifindex: int, mode: str, handles: ProgHandles, attached: bool,
                  netns: Optional[str], pins: Optional[str]):
@@ -196,6 +206,19 @@ class XdpDatapath:
             log.warning("reusing the STCP XDP program on %s with max record length %d (asked for %d)",
                         iface, dp.max_record_len, max_record_len)
         return dp
+
+    # -- a server's datapath (stcp.datapath.base.Datapath) --------------------------------
+    def server_config(self, config: Config) -> Config:
+        return config
+
+    def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
+                    on_new: Callable[[Connection], None],
+                    on_ended: Optional[Callable[[Connection], None]]) -> ServerDriver:
+        # generic-mode XDP runs after GRO and must see single records
+        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=self.mode != "generic")
+
+    def server_hooks(self) -> Tuple[object, ...]:
+        return (LiveCidHooks(self),)
 
     # -- the live-connection table -----------------------------------------------------
     # A CID lives in the stcp_cids hash and counts in its prefilter slot. Invariant: a CID
