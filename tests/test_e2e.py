@@ -13,7 +13,7 @@ import threading
 import pytest
 
 import stcp
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.faults import Faults, FaultShim
 
@@ -322,7 +322,7 @@ import asyncio, hashlib, os, sys
 sys.modules["stcp._udpio"] = None          # as if the batch-I/O extension were not built
 import stcp
 from stcp import crypto, endpoint
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.datapath import socket as sd
 assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint._group_by_cid
 
