@@ -24,7 +24,7 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import wire
 from .api import DEFAULT_PORT, ConnectionHandle, StreamReader, StreamWriter, make_config
@@ -33,7 +33,11 @@ from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
 from .errors import CloseCode, ConnectionTerminated
-from .supervisor import MAX_RESTARTS, Spawn, Supervisor, WorkerRole, die_with_parent
+
+# The kernel datapaths (ctypes, libbpf, the worker supervisor) are imported when a server
+# asks for one: a client or a socket-datapath server does not load them.
+if TYPE_CHECKING:
+    from .supervisor import Spawn, WorkerRole
 
 Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
 DATAPATHS = ("socket", "xdp", "afxdp")
@@ -194,6 +198,7 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         if metrics:
             raise ValueError("a worker serves its metrics to its supervisor (WorkerRole.metrics_dir), "
                              "not on an address of its own")
+        from .supervisor import die_with_parent
         die_with_parent()
     if isinstance(datapath, str):
         dp = open_datapath(datapath, port, iface=iface, xdp_mode=xdp_mode,
@@ -251,8 +256,9 @@ class WorkerPool:
 
     def __init__(self, spawn: Spawn, port: int, *, iface: str, workers: int, xdp_mode: str = "auto",
                  xdp_limits: Optional[Mapping[str, int]] = None, config: Optional[Config] = None,
-                 metrics: Optional[str] = None, max_restarts: int = MAX_RESTARTS, out: Optional[TextIO] = None):
-        from .datapath import afxdp
+                 metrics: Optional[str] = None, max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
+        from .datapath.afxdp import attach_program
+        from .supervisor import MAX_RESTARTS, Supervisor
         config = config or make_config()
         self.iface = iface
         self.metrics_address = metrics
@@ -261,8 +267,8 @@ class WorkerPool:
         self.metrics_dir: Optional[str] = None
         record_len = config.max_datagram - wire.HEADER_LEN
         self.supervisor = Supervisor(
-            spawn, lambda n: afxdp.attach_program(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {})),
-            workers, out=out, max_restarts=max_restarts)
+            spawn, lambda n: attach_program(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {})),
+            workers, out=out, max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Start the exporter, attach the program and start every worker; on failure what
@@ -270,7 +276,7 @@ class WorkerPool:
         try:
             if self.metrics_address:
                 from .metrics import serve_pool_metrics
-                # the workers' metrics sockets: a directory only root can enter, removed at the end
+                # the workers' metrics sockets: a directory only we can enter (0700), removed at the end
                 self.metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-",
                                                     dir="/run" if os.path.isdir("/run") else None)
                 self.supervisor.metrics_dir = self.metrics_dir

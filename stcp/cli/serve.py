@@ -10,7 +10,6 @@ from typing import Any, Awaitable, Callable, Tuple
 from .. import server as stcp_server
 from ..api import DEFAULT_PORT
 from ..connection import Config
-from ..supervisor import WorkerCommand, WorkerRole
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
 
 
@@ -50,6 +49,7 @@ async def serve(args: Any) -> int:
         raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
     role = None
     if args.datapath == "afxdp":
+        from ..supervisor import WorkerRole
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         role = WorkerRole.from_env()          # set when our supervisor started this process
@@ -99,6 +99,8 @@ def _report_afxdp(server: stcp_server.Server) -> None:
 async def _supervise(args: Any, port: int, config: Config) -> int:
     """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
     command line (and, with --metrics, the pool's exporter)."""
+    from ..supervisor import WorkerCommand
+
     def spawn(w: int, n: int) -> WorkerCommand:
         return WorkerCommand([sys.executable, "-m", "stcp.cli.main", *args.argv])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -120,8 +121,7 @@ class UnixExporter:
 
 def read_unix(path: str, timeout: float = 2.0) -> str:
     """What a UnixExporter at `path` serves (OSError / socket.timeout when it does not answer)."""
-    import socket as _socket
-    with _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
         chunks = []
