@@ -62,9 +62,11 @@ def test_make_run_without_xdp_headers(tmp_path):
                          text=True, timeout=900)
     assert run.returncode == 0, f"make run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     py = clone / ".venv" / "bin" / "python"
-    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio"]).returncode == 0
+    # cwd=clone: `python -c` imports from its working directory first, and the one pytest runs
+    # in may be a checkout with every extension built
+    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio"], cwd=clone).returncode == 0
     # Without the extension the afxdp datapath refuses with what to install, in one line.
-    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], capture_output=True)
+    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], capture_output=True, cwd=clone)
     assert probe.returncode != 0
     cli = subprocess.run([str(clone / ".venv" / "bin" / "stcp"), "serve", "--datapath", "afxdp",
                           "--iface", "lo", "--listen", "127.0.0.1:17443"],
