@@ -302,14 +302,7 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     from stcp.datapath import bpf, xdp_prog
     from stcp.datapath.xdp import XdpDatapath
     from tests.test_xdp_datapath import data_record, hello, udp_frame
-
-    class Opts(ctypes.Structure):
-        _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                    ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                    ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                    ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                    ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                    ("batch_size", ctypes.c_uint32)]
+    from tests.xdp_testrun import Opts
 
     lib = bpf.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]

@@ -40,10 +40,11 @@ needs_xsk = pytest.mark.skipif(_xsk is None, reason="stcp._xsk not built (needs 
 # ---------------------------------------------------------------------------------------
 # frames
 
-def eth(proto: int, vlan: int | None = None) -> bytes:
+def eth(proto: int, vlan: int | None = None, tpid: int = 0x8100) -> bytes:
+    """An Ethernet header; with vlan, one tag of protocol tpid (802.1Q 0x8100, 802.1ad 0x88a8)."""
     head = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02"
     if vlan is not None:
-        return head + struct.pack("!HHH", 0x8100, vlan, proto)
+        return head + struct.pack("!HHH", tpid, vlan, proto)
     return head + struct.pack("!H", proto)
 
 
@@ -131,7 +132,7 @@ def test_parse_fuzz_never_crashes():
 
 def _verify_udp_frame(frame: bytes) -> None:
     """IPv4 header checksum and UDP checksum (pseudo-header) verify to zero."""
-    off = 18 if frame[12:14] == b"\x81\x00" else 14
+    off = 18 if frame[12:14] in (b"\x81\x00", b"\x88\xa8") else 14
     if frame[off] >> 4 == 4:
         assert _csum(frame[off:off + 20]) == 0
         u = frame[off + 20:]
@@ -147,11 +148,12 @@ def _verify_udp_frame(frame: bytes) -> None:
 @pytest.mark.parametrize("frame", [
     eth(0x0800) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"hello"), options=bytes(4)),
     eth(0x0800, vlan=7) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"x")),
+    eth(0x86DD, vlan=9, tpid=0x88A8) + ipv6("fd00::7", "fd00::8", udp(6000, PORT, b"q")),   # 802.1ad
     eth(0x86DD) + ipv6("fd00::7", "fd00::8", udp(6000, PORT, b"hello6")),
-])
+], ids=["ipv4-options", "ipv4-802.1Q", "ipv6-802.1ad", "ipv6"])
 def test_reply_template_and_frame(frame):
-    """A reply built from a received frame: MACs, addresses and ports swapped, lengths and
-    checksums right for every payload size (odd ones too)."""
+    """A reply built from a received frame: MACs, addresses and ports swapped, the VLAN tag
+    (protocol and TCI) kept, lengths and checksums right for every payload size (odd ones too)."""
     t = _xsk.reply_template(frame)
     payload_in, src = _xsk.parse_frame(frame)
     for n in (0, 1, 2, 17, 1000, 1452):
@@ -159,6 +161,7 @@ def test_reply_template_and_frame(frame):
         r = _xsk.udp_frame(t, pl)
         _verify_udp_frame(r)
         assert r[:6] == frame[6:12] and r[6:12] == frame[:6]
+        assert r[12:14] == frame[12:14] and (frame[12:14] in (b"\x08\x00", b"\x86\xdd") or r[14:16] == frame[14:16])
         got, dst = _xsk.parse_frame(r)
         assert got == pl and dst[1] == PORT
         back = _xsk.reply_template(r)           # a reply to the reply goes back to the sender
@@ -382,8 +385,8 @@ def _udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes, f
 @pytest.mark.root
 @pytest.mark.parametrize("fam", [4, 6])
 def test_xsk_transmit_on_veth(fam):
-    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (the design page
-    doubted it); bad frames raise. The datapath itself still replies through a UDP socket."""
+    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (it was expected
+    not to); bad frames raise. (The datapath sends its replies with send_udp when asked to.)"""
     require_afxdp()
     import socket
     from tests.test_xdp_datapath import in_ns, ns_socket
@@ -418,6 +421,74 @@ def test_xsk_transmit_on_veth(fam):
                 assert x.stats()["tx_frames"] == n
         finally:
             rx.close()
+
+
+# An XDP program that sends every frame to the AF_XDP socket of its RX queue: XskSocket
+# alone, without the datapath's program.
+_XSK_REDIRECT = rb"""
+BPF_XSKMAP(xsks, 4);
+int to_xsk(struct xdp_md *ctx) { return xsks.redirect_map(ctx->rx_queue_index, XDP_PASS); }
+"""
+SOL_PACKET, PACKET_AUXDATA = 263, 8
+TP_STATUS_VLAN_VALID, TP_STATUS_VLAN_TPID_VALID = 0x10, 0x40
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("tpid", [0x8100, 0x88A8], ids=["802.1Q", "802.1ad"])
+def test_send_udp_replies_with_the_vlan_tag_that_arrived(tpid):
+    """A tagged UDP frame received with XskSocket.recv(templates=True) and answered with
+    send_udp() on its template: the reply carries the tag's protocol and TCI as they
+    arrived, so an 802.1ad (QinQ service tag) peer gets 802.1ad back, not 802.1Q."""
+    require_afxdp()
+    import ctypes
+    import socket
+
+    from bcc import BPF
+
+    from tests.test_xdp_datapath import in_ns, ns_socket
+    from tests.test_xdp_datapath import udp_frame as plain_frame
+    vid = 0x2007                                   # priority 1, VLAN 7
+    with veth_pair() as (a, b):
+        bpf = BPF(text=_XSK_REDIRECT)
+        try:
+            with in_ns(a.ns):
+                x = _xsk.XskSocket(a.ifname, 0, frame_count=512, ring_size=256)   # 256 frames left for TX
+                bpf.attach_xdp(a.ifname.encode(), bpf.load_func(b"to_xsk", BPF.XDP), BPF.XDP_FLAGS_DRV_MODE)
+            bpf[b"xsks"][ctypes.c_int(0)] = ctypes.c_int(x.fileno())
+            raw = ns_socket(b.ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))   # ETH_P_ALL
+            with x, raw:
+                raw.bind((b.ifname, 0))
+                raw.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+                raw.settimeout(0.2)
+                frame = plain_frame(b.mac, a.mac, b.ip4, a.ip4, 5000, 6000, b"ping")
+                raw.send(frame[:12] + struct.pack("!HH", tpid, vid) + frame[12:])
+                got, deadline = [], time.monotonic() + 5
+                while not got and time.monotonic() < deadline:
+                    x.poll(100)
+                    got = [item for item in x.recv(64, False, True) if item[0] == b"ping"]
+                assert got, "the tagged frame never reached the AF_XDP socket"
+                _, addr, template = got[0]
+                assert addr == (b.ip4, 5000)
+                assert x.send_udp([b"pong"], template) == 1
+                # b's stack takes the tag off before a packet socket sees the frame: it is in
+                # the auxiliary data, protocol included
+                tags, deadline = [], time.monotonic() + 5
+                while not tags and time.monotonic() < deadline:
+                    try:
+                        data, anc, _, _ = raw.recvmsg(2048, 64)
+                    except socket.timeout:
+                        continue
+                    if data.endswith(b"pong"):
+                        tags = [struct.unpack("=IIIHHHH", d[:20]) for lvl, t, d in anc
+                                if (lvl, t) == (SOL_PACKET, PACKET_AUXDATA)]
+                assert tags, "no reply arrived"
+                status, _, _, _, _, tci, proto = tags[0]
+                assert status & TP_STATUS_VLAN_VALID and status & TP_STATUS_VLAN_TPID_VALID, hex(status)
+                assert (hex(proto), tci) == (hex(tpid), vid)
+        finally:
+            with in_ns(a.ns):
+                bpf.remove_xdp(a.ifname.encode(), BPF.XDP_FLAGS_DRV_MODE)
+            bpf.cleanup()
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,23 +33,14 @@ from tests.netns import veth_pair
 from tests.test_afxdp import (PORT, WORKER_RE, _clients, _read_all, _serve_workers, _stop, _xsk,
                               require_afxdp)
 from tests.test_xdp_datapath import data_record, hello, in_ns, udp_frame
+from tests.xdp_testrun import XDP_DROP, XDP_REDIRECT, Opts
 
-XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
 QUEUES = 4
 MAC = "02:00:00:00:00:01"
 
 
 def cid_of(worker: int, low: int) -> int:
     return (worker << wire.CID_WORKER_SHIFT) | low
-
-
-class _Opts(ctypes.Structure):          # struct bpf_test_run_opts (libbpf)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
 
 
 class _XdpMd(ctypes.Structure):         # struct xdp_md (UAPI)
@@ -81,7 +72,7 @@ class Prog:
         finally:
             os.close(mfd)
         self.lib = bpf.libbpf()
-        self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_Opts)]
+        self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
         self.configure(0)
 
     def configure(self, nworkers: int) -> None:
@@ -94,7 +85,7 @@ class Prog:
         buf = ctypes.create_string_buffer(frame, len(frame))
         out = ctypes.create_string_buffer(len(frame) + 256)
         md = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=self.ifindex, rx_queue_index=queue)
-        o = _Opts(sz=ctypes.sizeof(_Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame),
+        o = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame),
                   data_out=ctypes.addressof(out), data_size_out=len(out), ctx_in=ctypes.addressof(md),
                   ctx_size_in=ctypes.sizeof(md), repeat=1)
         with in_ns(self.ns):              # ingress_ifindex is looked up in the caller's namespace

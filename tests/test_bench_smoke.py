@@ -52,7 +52,7 @@ def test_bench_harness_loopback_smoke(tmp_path):
         _check_peer(doc, name)
     md = (tmp_path / "RESULTS.md").read_text()
     assert "| Ratio |" in md and "TLS 1.3 / TCP" in md and "Bulk ×8 MB/s" in md
-    assert "Fastest STCP datapath 8-connection bulk ÷ TLS 1.3 asyncio 8-connection bulk (issue 4)" in md
+    assert "| Fastest STCP datapath 8-connection bulk ÷ TLS 1.3 asyncio 8-connection bulk |" in md
 
 
 def _kernel_peers_unavailable() -> str | None:

@@ -319,7 +319,8 @@ def test_blocking_api_surfaces_a_peer_abort():
 
 FALLBACK_SCRIPT = r"""
 import asyncio, hashlib, os, sys
-sys.modules["stcp._udpio"] = None          # as if the batch-I/O extension were not built
+sys.modules["stcp._udpio"] = None          # as if the batch-I/O extensions were not built
+sys.modules["stcp._demux"] = None
 import stcp
 from stcp import crypto, endpoint
 from stcp.cli.serve import echo_handler

@@ -62,11 +62,11 @@ def test_make_run_without_xdp_headers(tmp_path):
                          text=True, timeout=900)
     assert run.returncode == 0, f"make run failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     py = clone / ".venv" / "bin" / "python"
-    # cwd=clone: `python -c` imports from its working directory first, and the one pytest runs
-    # in may be a checkout with every extension built
-    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio"], cwd=clone).returncode == 0
+    # In the clone: `python -c` imports from its working directory first, and this one's
+    # stcp/ may hold every extension, built.
+    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio, stcp._demux"], cwd=clone).returncode == 0
     # Without the extension the afxdp datapath refuses with what to install, in one line.
-    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], capture_output=True, cwd=clone)
+    probe = subprocess.run([str(py), "-c", "import stcp._xsk"], cwd=clone, capture_output=True)
     assert probe.returncode != 0
     cli = subprocess.run([str(clone / ".venv" / "bin" / "stcp"), "serve", "--datapath", "afxdp",
                           "--iface", "lo", "--listen", "127.0.0.1:17443"],
@@ -78,9 +78,10 @@ def test_make_run_without_xdp_headers(tmp_path):
 
 def test_all_extensions_built_where_headers_exist():
     """With the libxdp headers present (as `make test` installs them), the install built
-    all three extensions; a skipped stcp._xsk would silently turn the AF_XDP tests off."""
+    every extension; a skipped stcp._xsk would silently turn the AF_XDP tests off."""
     if not os.path.exists("/usr/include/xdp/xsk.h"):
         pytest.skip("libxdp headers are not installed here (make system-deps installs them)")
     import stcp._aead  # noqa: F401
+    import stcp._demux  # noqa: F401
     import stcp._udpio  # noqa: F401
     import stcp._xsk  # noqa: F401

@@ -20,7 +20,7 @@ from tests.sim import CLIENT_ADDR, Pair
 S, E = State, Event
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
-# The table as the seed and the design describe it, written out independently of stcp/state.py.
+# The table as docs/PROTOCOL.md §10.1 describes it, written out independently of stcp/state.py.
 EXPECTED = {
     (S.INIT, E.SEND_HELLO): S.KEY_EXCHANGE,
     (S.INIT, E.RECV_HELLO): S.KEY_EXCHANGE,

@@ -9,8 +9,9 @@ import sys
 import threading
 from typing import Any
 
-from ..api import DEFAULT_PORT, open_connection
+from ..api import open_connection
 from ..errors import STCPError
+from ..wire import DEFAULT_PORT
 from .common import CHUNK, config_from_args, parse_hostport, splice
 
 

@@ -12,8 +12,8 @@ import sys
 from typing import List, Optional
 
 from .. import __version__, wire
-from ..api import DEFAULT_PORT
 from ..errors import STCPError
+from ..wire import DEFAULT_PORT
 from .common import UsageError
 from .connect import connect, tunnel
 from .demo import demo

@@ -8,8 +8,8 @@ import sys
 from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
-from ..api import DEFAULT_PORT
 from ..connection import Config
+from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
 
 

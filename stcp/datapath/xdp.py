@@ -29,7 +29,8 @@ from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
-from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
+from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
+                       DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
                        DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
                        cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp, open_prog,
                        pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc, remove_pins,
@@ -38,7 +39,8 @@ from .socket import ServerDriver, bind_udp
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
-           "DEFAULT_HS_SOURCES", "cid_filter_slot"]
+           "DEFAULT_HS_SOURCES", "DEFAULT_HS_PREFIX4", "DEFAULT_HS_PREFIX6", "DEFAULT_HS_GLOBAL_RATE",
+           "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
 
 log = logging.getLogger("stcp.datapath.xdp")
 
@@ -87,19 +89,25 @@ class XdpDatapath:
     def attach(cls, iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
-               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0) -> "XdpDatapath":
+               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
+               hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+               hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
+               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it.
         afxdp=True compiles the variant that redirects good records to its stcp_xsks
         XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
         steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
+        hello = {"hs_prefix4": hs_prefix4, "hs_prefix6": hs_prefix6, "hs_global_rate": hs_global_rate,
+                 "hs_global_burst": hs_global_burst}
         return off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                        max_cids, hs_sources, afxdp, nworkers)
+                        max_cids, hs_sources, afxdp, nworkers, hello)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0) -> "XdpDatapath":
-        validate_limits(port, mode, max_record_len, hs_rate, hs_burst)
+                hs_sources, afxdp=False, nworkers=0, hello=None) -> "XdpDatapath":
+        hello = hello or {}
+        validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
             raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
         require_root()
@@ -126,7 +134,7 @@ class XdpDatapath:
                 h = open_prog(pid)
                 if h is None:
                     raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-                write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers)
+                write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
                 remove_pins(pins)              # stale pins of a program that is gone
                 pin_prog(h, pins)
                 for m, p in state.items():     # force: clear what is there first
@@ -188,7 +196,9 @@ class XdpDatapath:
         """Reuse the STCP program attached to iface (it must serve the same port), else
         attach one. `attached` says which happened; close() undoes only our part."""
         validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
-                         kw.get("hs_burst", DEFAULT_HS_BURST))
+                        kw.get("hs_burst", DEFAULT_HS_BURST),
+                        **{k: kw[k] for k in ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst")
+                           if k in kw})
         try:
             dp = cls.open(iface, netns=kw.get("netns"))
         except XdpNotAttached:

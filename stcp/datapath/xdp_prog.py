@@ -30,13 +30,19 @@ from .verdicts import Verdict
 log = logging.getLogger("stcp.datapath.xdp")
 
 DEFAULT_MAX_RECORD_LEN = DEFAULT_MAX_DATAGRAM - HEADER_LEN   # 1428
-DEFAULT_HS_RATE = 20          # client hellos per second per source address
+DEFAULT_HS_RATE = 20          # client hellos per second per source prefix
 DEFAULT_HS_BURST = 40
+DEFAULT_HS_PREFIX4 = 32       # an IPv4 source's bucket: its /32
+DEFAULT_HS_PREFIX6 = 64       # an IPv6 source's bucket: its /64 (one host may own all of it)
+# All sources together: at the 160-350 us of CPU a hello costs the server, 1000/s is at
+# most about a third of one core, and a flood from spoofed prefixes gets no more.
+DEFAULT_HS_GLOBAL_RATE = 1000
+DEFAULT_HS_GLOBAL_BURST = 2000
 DEFAULT_MAX_CIDS = 65536
 DEFAULT_HS_SOURCES = 65536
 CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
 CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
-MAP_ABI = 3                   # STCP_MAP_ABI in bpf/stcp_wire.h
+MAP_ABI = 4                   # STCP_MAP_ABI in bpf/stcp_wire.h
 XSK_MAX = 64                  # entries (RX queues) of stcp_xsks, the XSKMAP of the afxdp variant
 
 BPFFS = "/sys/fs/bpf"
@@ -46,7 +52,7 @@ MAP_NAMES = {"counters": "stcp_counters", "cids": "stcp_cids",
              "hs_bucket": "stcp_hs_bucket", "config": "stcp_config", "cid_filter": "stcp_cid_filter"}
 MODES = ("native", "generic", "auto")
 
-CONFIG = struct.Struct("=IIIIIIQQ")      # struct stcp_config
+CONFIG = struct.Struct("=IIIIIIQQIIIIQQ")    # struct stcp_config
 COUNTER = struct.Struct("=QQ")           # struct stcp_counter
 CID = struct.Struct("!Q")                # CIDs are stored as their wire bytes
 FILTER_WORD = struct.Struct("=Q")        # one word of stcp_cid_filter: 8 one-byte slot counts
@@ -151,7 +157,9 @@ def check_toolchain() -> None:
                             "run 'sudo make system-deps' (installs linux-headers-amd64 and links them)")
 
 
-def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int) -> None:
+def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int,
+                    hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     if not 1 <= port <= 65535:
         raise XdpSetupError(f"port {port} is not a UDP port (1-65535)")
     if mode not in MODES:
@@ -160,6 +168,11 @@ def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_
         raise XdpSetupError(f"max record length {max_record_len} is outside 16..{65507 - HEADER_LEN}")
     if hs_rate < 1 or hs_burst < 0:
         raise XdpSetupError("handshake rate must be >= 1 per second and burst >= 0")
+    if not (0 <= hs_prefix4 <= 32 and 0 <= hs_prefix6 <= 128):
+        raise XdpSetupError(f"hello prefix lengths /{hs_prefix4} (IPv4) and /{hs_prefix6} (IPv6) must be "
+                            "0..32 and 0..128")
+    if hs_global_rate < 0 or hs_global_burst < 0:
+        raise XdpSetupError("global handshake rate must be >= 0 per second (0: no global budget) and burst >= 0")
 
 
 # --------------------------------------------------------------------------------------
@@ -256,17 +269,24 @@ def find_stcp(nl: Netlink, ifindex: int) -> Tuple[Optional[str], Optional[ProgHa
 
 def read_config(h: ProgHandles) -> Dict[str, int]:
     raw = bpf.map_lookup(h.maps["config"], _KEY0, CONFIG.size)
-    abi, port, max_len, rate, burst, nworkers, _cost, _cap = CONFIG.unpack(raw or bytes(CONFIG.size))
+    (abi, port, max_len, rate, burst, nworkers, _cost, _cap, prefix4, prefix6, grate, gburst, _gcost,
+     _gcap) = CONFIG.unpack(raw or bytes(CONFIG.size))
     return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst,
-            "nworkers": nworkers}
+            "nworkers": nworkers, "hs_prefix4": prefix4, "hs_prefix6": prefix6,
+            "hs_global_rate": grate, "hs_global_burst": gburst}
 
 
 def write_config(h: ProgHandles, port: int, max_record_len: int, hs_rate: int, hs_burst: int,
-                 nworkers: int = 0) -> None:
+                 nworkers: int = 0, *, hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+                 hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     """nworkers: the afxdp variant steers data records by their CID's worker bits over that
-    many workers (0: no steering; the plain xdp variant ignores it)."""
+    many workers (0: no steering; the plain xdp variant ignores it). Hellos are limited per
+    source prefix (hs_rate/hs_burst per /hs_prefix4 of IPv4, /hs_prefix6 of IPv6) and then
+    all together (hs_global_rate/hs_global_burst; rate 0: no global budget)."""
     cost = 1_000_000_000 // hs_rate
-    value = CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst)
+    gcost = 1_000_000_000 // hs_global_rate if hs_global_rate else 0
+    value = CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst,
+                        hs_prefix4, hs_prefix6, hs_global_rate, hs_global_burst, gcost, gcost * hs_global_burst)
     bpf.map_update(h.maps["config"], _KEY0, value)
 
 
