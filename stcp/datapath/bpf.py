@@ -66,6 +66,7 @@ def libbpf() -> ctypes.CDLL:
             vp, cp, u32 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32
             for fn, args in {
                 "bpf_obj_get": [cp], "bpf_obj_pin": [ctypes.c_int, cp],
+                "bpf_map_create": [ctypes.c_int, cp, u32, u32, u32, vp],
                 "bpf_prog_get_fd_by_id": [u32], "bpf_map_get_fd_by_id": [u32],
                 "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, ctypes.POINTER(u32)],
                 "bpf_map_lookup_elem": [ctypes.c_int, vp, vp],
@@ -87,6 +88,12 @@ def check(rc: int, what: str) -> int:
         e = -rc if rc != -1 else (ctypes.get_errno() or 1)
         raise OSError(e, f"{what}: {os.strerror(e)}")
     return rc
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """An fd of a new map (BPF_MAP_TYPE_* map_type; bcc cannot declare every type)."""
+    return check(libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
+                 f"create BPF map {name}")
 
 
 def prog_fd_by_id(prog_id: int) -> int:
