@@ -33,7 +33,7 @@ bench: system-deps $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.xdp_flood
 
-# The XDP program against its model (tests/xdp_model.py) on many more random and mutated
+# The XDP program against its model (tests/support/xdp_model.py) on many more random and mutated
 # frames than the suite's short run; root and bcc. STCP_XDP_FUZZ_EXAMPLES=N to change.
 fuzz-xdp: $(STAMP)
 	STCP_XDP_FUZZ_EXAMPLES=$${STCP_XDP_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q tests/test_xdp_fuzz.py

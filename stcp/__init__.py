@@ -6,8 +6,8 @@
 """
 __version__ = "0.1.0"
 
-from .api import (BlockingConnection, StreamReader, StreamWriter, connect, make_config,  # noqa: E402
-                  open_connection)
+from .api import StreamReader, StreamWriter, make_config, open_connection  # noqa: E402
+from .blocking import BlockingConnection, connect  # noqa: E402
 from .connection import Config  # noqa: E402
 from .errors import (ConnectionTerminated, HandshakeTimeout, NotEncrypted, STCPError)  # noqa: E402
 from .server import Server, serve, start_server  # noqa: E402

@@ -150,11 +150,11 @@ def test_reuseport_socket_options_match_kernel_headers():
 
 
 def test_parse_limits_match_the_model():
-    """The model the fuzz test checks the program against (tests/xdp_model.py) walks as far
+    """The model the fuzz test checks the program against (tests/support/xdp_model.py) walks as far
     as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds."""
     import socket
 
-    from tests import xdp_model
+    from tests.support import xdp_model
     src = (HEADER.parent / "stcp_xdp.c").read_text()
     limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX)\s+(\d+)", src, flags=re.M))
     assert {k: int(v) for k, v in limits.items()} == {"VLAN_MAX_DEPTH": xdp_model.VLAN_MAX_DEPTH,

@@ -19,17 +19,6 @@ REPO = Path(__file__).resolve().parent.parent
 HEADER_DIRS = ["/usr/include/xdp", "/usr/include/bpf"]
 
 
-def _unshare_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs in a private mount namespace (unshare -m)"
-    if shutil.which("unshare") is None or shutil.which("make") is None:
-        return "needs util-linux's unshare and make"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"unshare -m is not permitted here: {probe.stderr.strip()}"
-    return None
-
-
 def _fresh_copy(dest: Path) -> None:
     """The repository's tracked and new files as they stand now (a clone of the working
     tree, so an uncommitted change is what gets tested), without build products."""
@@ -45,10 +34,8 @@ def _fresh_copy(dest: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.unshare
 def test_make_run_without_xdp_headers(tmp_path):
-    reason = _unshare_reason()
-    if reason:
-        pytest.skip(reason)
     clone = tmp_path / "stcp"
     _fresh_copy(clone)
     hide = " && ".join(f"mount -t tmpfs tmpfs {d}" for d in HEADER_DIRS if os.path.isdir(d))

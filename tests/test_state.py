@@ -15,7 +15,7 @@ from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, InvalidTransition, NotEncrypted
 from stcp.handshake import reject_record
 from stcp.state import TRANSITIONS, Event, State, transition
-from tests.sim import CLIENT_ADDR, Pair
+from tests.support.sim import CLIENT_ADDR, Pair
 
 S, E = State, Event
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"

@@ -1,6 +1,6 @@
 """The XDP program fails closed, and limits hellos per source prefix and globally.
 
-Crafted frames through BPF_PROG_TEST_RUN (tests/xdp_testrun.py): each must end in its
+Crafted frames through BPF_PROG_TEST_RUN (tests/support/testrun.py): each must end in its
 verdict, move that verdict's counter by exactly one, and return the matching XDP action.
 - A frame passes untouched only when its headers show it is not UDP to the STCP port; an
   IPv6 chain longer than 6 extension headers, a third VLAN tag, truncated or malformed
@@ -23,11 +23,14 @@ import time
 
 import pytest
 
-from tests import xdp_frames as F
-from tests.test_xdp_datapath import Env, data_record, expect_verdicts, hello, require_xdp
-from tests.netns import veth_pair
-from tests.test_xdp_loader import run as loader
-from tests.xdp_testrun import PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support import frames as F
+from tests.support.netns import veth_pair
+from tests.support.packets import data_record, hello
+from tests.support.procs import loader
+from tests.support.xdpenv import Env, expect_verdicts
+from tests.support.testrun import PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+
+pytestmark = pytest.mark.xdp
 
 KNOWN_CID = 0x1122334455667788
 
@@ -306,8 +309,7 @@ def test_loader_writes_and_reads_the_hello_fields(prog):
 # ---------------------------------------------------------------------------------------
 # end to end: two namespaces, the program attached to a's veth by stcp-loader
 @pytest.fixture(scope="module", params=["native", "generic"])
-def env(request):
-    require_xdp()
+def env(request, xdp_toolchain):
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
         r = loader("--netns", a.ns, "attach", a.ifname, "--mode", request.param, "--port", str(PORT),

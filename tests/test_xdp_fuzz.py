@@ -1,7 +1,7 @@
 """The XDP program against its model: random and mutated frames, every verdict compared.
 
-Each frame runs through the loaded program (BPF_PROG_TEST_RUN, tests/xdp_testrun.py) and
-through tests/xdp_model.py under the same configuration and map state; the verdict (the
+Each frame runs through the loaded program (BPF_PROG_TEST_RUN, tests/support/testrun.py) and
+through tests/support/xdp_model.py under the same configuration and map state; the verdict (the
 one counter that moved) and the XDP action must match the model's. Frames come from
 hypothesis: built layer by layer (VLAN stacks, IPv4 options and fragments, IPv6 extension
 chains and fragments, UDP length fields, STCP records of every kind, truncations) and
@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stcp.datapath.verdicts import Verdict
-from tests import xdp_frames as F
-from tests import xdp_model as model
-from tests.xdp_testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support import frames as F
+from tests.support import xdp_model as model
+from tests.support.testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

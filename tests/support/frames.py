@@ -3,13 +3,15 @@
 Stacked VLAN tags, IPv4 with options and fragment fields, IPv6 with extension-header chains
 and fragment headers, UDP with a correct checksum (the kernel checks it when a frame goes
 all the way to a socket) or any length field. Nothing here decides a verdict: that is
-tests/xdp_model.py's job, written separately so the two can disagree.
+tests/support/xdp_model.py's job, written separately so the two can disagree.
 """
 from __future__ import annotations
 
 import ipaddress
 import struct
 from typing import Iterable, Optional, Sequence, Tuple
+
+from tests.support.packets import csum  # noqa: F401  (re-exported for the XDP tests)
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8
@@ -21,16 +23,6 @@ MAC_B = "02:00:00:00:00:0b"
 
 def _mac(m: str) -> bytes:
     return bytes.fromhex(m.replace(":", ""))
-
-
-def csum(b: bytes) -> int:
-    """The Internet checksum (RFC 1071)."""
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def eth(payload: bytes, ethertype: int, vlans: Sequence[Tuple[int, int]] = (), src: str = MAC_B,
