@@ -24,6 +24,11 @@
 #define STCP_HS_CLIENT_HELLO       1
 #define STCP_HS_SERVER_HELLO       2
 #define STCP_HS_REJECT             3
+#define STCP_HS_COOKIE             4
+#define STCP_PROTOCOL_VERSION      2
+#define STCP_COOKIE_LEN            16
+#define STCP_CLIENT_HELLO_COOKIE_OFFSET 48
+#define STCP_RESET_RECORD_LEN      56    /* a stateless RESET: only a longer record earns one */
 /* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, random below. */
 #define STCP_CID_WORKER_BITS       8
 #define STCP_CID_WORKER_SHIFT      56    /* 64 - STCP_CID_WORKER_BITS */
@@ -41,7 +46,8 @@ enum stcp_verdict {
 	STCP_V_DROP_TOO_LONG      = 6,  /* data record payload above the configured max */
 	STCP_V_DROP_FRAGMENT      = 7,  /* first fragment of an STCP datagram, or a later
 	                                 * fragment of any UDP datagram (it has no port) */
-	STCP_V_DROP_UNKNOWN_CID   = 8,  /* data record whose CID is not in stcp_cids */
+	STCP_V_DROP_UNKNOWN_CID   = 8,  /* data record whose CID is in neither CID table
+	                                 * (beyond the unknown-CID budget, see 19) */
 	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source prefix's bucket */
 	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not a v2 (112) or v1 (80) client hello, cid 0 */
 	STCP_V_DROP_BAD_UDP       = 11, /* UDP length field < 8 or past the end of the frame */
@@ -49,13 +55,29 @@ enum stcp_verdict {
 	STCP_V_DROP_UNPARSED      = 13, /* headers the program cannot walk to the UDP port:
 	                                 * truncated or malformed, a third VLAN tag, more IPv6
 	                                 * extension headers than it walks */
-	STCP_V_DROP_HS_GLOBAL     = 14, /* client hello over the global hello budget */
-	STCP_V_MAX                = 15,
+	STCP_V_DROP_HS_GLOBAL     = 14, /* client hello over the global hello budget, not answered
+	                                 * with a COOKIE (no cookie keys, reply budget spent, or
+	                                 * a hello or a frame the kernel does not answer) */
+	STCP_V_TX_COOKIE          = 15, /* v2 hello answered in the kernel with a COOKIE (XDP_TX):
+	                                 * cookie-less past the global budget, or a cookie that
+	                                 * does not verify */
+	STCP_V_DROP_BAD_COOKIE    = 16, /* v2 hello whose cookie does not verify, over its
+	                                 * prefix's COOKIE reply budget */
+	STCP_V_PASS_COOKIE        = 17, /* v2 hello with a valid cookie: passed without spending
+	                                 * the global budget */
+	STCP_V_PASS_HALF_OPEN     = 18, /* data record for a CID in the half-open table */
+	STCP_V_PASS_UNKNOWN_CID_SAMPLED = 19, /* data record for no known CID, let through
+	                                 * within the unknown-CID budget so user space can
+	                                 * answer it with a stateless RESET */
+	STCP_V_MAX                = 20,
 };
 
 /* --- map sizes (the loader may override them through -D cflags) --------- */
 #ifndef STCP_MAX_CIDS              /* capacity of the live-connection table */
-#define STCP_MAX_CIDS 65536
+#define STCP_MAX_CIDS 131072
+#endif
+#ifndef STCP_HALF_OPEN             /* capacity of the LRU of half-open connections' CIDs */
+#define STCP_HALF_OPEN 16384
 #endif
 #ifndef STCP_HS_SOURCES            /* capacity of the LRU of per-source-prefix hello buckets */
 #define STCP_HS_SOURCES 65536
@@ -75,8 +97,11 @@ enum stcp_verdict {
  * 3: stcp_config.nworkers (was reserved) and verdict STCP_V_DROP_WRONG_WORKER.
  * 4: hello buckets per source prefix and a global one (stcp_config.hs_prefix4/6,
  *    hs_global_*; stcp_hs_bucket values are one u64), verdicts DROP_UNPARSED and
- *    DROP_HS_GLOBAL. */
-#define STCP_MAP_ABI 4
+ *    DROP_HS_GLOBAL.
+ * 5: cookies in the kernel (stcp_cookie, stcp_config.ck_*, per-prefix buckets hold a
+ *    hello and a COOKIE-reply bucket), half-open CIDs (stcp_half_open), sampled
+ *    unknown-CID records (stcp_config.uk_*); stcp_hs_global became stcp_buckets. */
+#define STCP_MAP_ABI 5
 
 struct stcp_counter {
 	__u64 packets;
@@ -104,6 +129,32 @@ struct stcp_config {
 	__u32 hs_global_burst;   /* depth of that bucket, in hellos */
 	__u64 hs_global_cost_ns; /* 1e9 / hs_global_rate; 0: no global budget */
 	__u64 hs_global_cap_ns;  /* hs_global_cost_ns * hs_global_burst */
+	__u32 ck_rate;           /* COOKIE replies per second per source prefix */
+	__u32 ck_burst;          /* depth of that bucket */
+	__u64 ck_cost_ns;        /* 1e9 / ck_rate; 0: the kernel sends no COOKIE */
+	__u64 ck_cap_ns;         /* ck_cost_ns * ck_burst */
+	__u32 uk_rate;           /* unknown-CID data records per second let through (all sources) */
+	__u32 uk_burst;          /* depth of that bucket */
+	__u64 uk_cost_ns;        /* 1e9 / uk_rate; 0: every unknown-CID record is dropped */
+	__u64 uk_cap_ns;         /* uk_cost_ns * uk_burst */
+};
+
+/* Per-source-prefix buckets (values of stcp_hs_bucket), as theoretical arrival times. */
+struct stcp_prefix_buckets {
+	__u64 hello;             /* client hellos (hs_rate, hs_burst) */
+	__u64 cookie;            /* COOKIE replies toward the prefix (ck_rate, ck_burst) */
+};
+
+/* The cookie keys (PROTOCOL.md section 4.5), element 0 of stcp_cookie, written by the
+ * server whenever it rotates its cookie secret. Each key is the 16-byte secret as two
+ * little-endian words, as SipHash loads it. No element, or expires_ns passed: the kernel
+ * has no keys, checks no cookie and answers no hello. */
+struct stcp_cookie_keys {
+	__u64 current_key[2];
+	__u64 previous_key[2];
+	__u64 expires_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u32 has_previous;
+	__u32 reserved;
 };
 
 /* Key of a per-source hello bucket: the source address masked to its prefix

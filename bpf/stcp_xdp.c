@@ -29,6 +29,7 @@
 #include <linux/udp.h>
 
 #include "stcp_wire.h"
+#include "stcp_cookie.h"
 
 #define VLAN_MAX_DEPTH 2        /* 802.1ad + 802.1Q (QinQ); a third tag is unparsed */
 #define IP_MF 0x2000
@@ -40,17 +41,28 @@
  * dropped as unparsed rather than let through unexamined. */
 #define IPV6_EXT_MAX 6
 #define BUCKET_CAS_TRIES 2      /* compare-and-swap attempts on a contended hello bucket */
+#define BUCKET_HELLO 0          /* stcp_buckets: the global hello budget */
+#define BUCKET_UNKNOWN_CID 1    /* stcp_buckets: unknown-CID records let through */
 
 
 BPF_PERCPU_ARRAY(stcp_counters, struct stcp_counter, STCP_V_MAX);
+/* Connection IDs: the live table holds ENCRYPTED connections' (the server adds one when
+ * its connection becomes ENCRYPTED); half-open connections' live in an LRU of their own,
+ * so a hello flood cannot fill the live table, and the client's first protected record
+ * (the one that confirms the keys) still reaches user space. */
 BPF_HASH(stcp_cids, __u64, __u8, STCP_MAX_CIDS);
-/* Hello buckets: per source prefix (an LRU: a flood of new prefixes evicts old ones, so
- * the global bucket is what bounds a spoofed flood), and one for all sources. Values are
- * theoretical arrival times, see bucket_take(). */
-BPF_TABLE("lru_hash", struct stcp_src, __u64, stcp_hs_bucket, STCP_HS_SOURCES);
-BPF_ARRAY(stcp_hs_global, __u64, 1);
+BPF_TABLE("lru_hash", __u64, __u8, stcp_half_open, STCP_HALF_OPEN);
+/* Per source prefix, a hello bucket and a COOKIE-reply bucket (an LRU: a flood of new
+ * prefixes evicts old ones, so the global bucket is what bounds a spoofed flood); and
+ * buckets for all sources: [BUCKET_HELLO] the global hello budget, [BUCKET_UNKNOWN_CID]
+ * unknown-CID records let through. Values are theoretical arrival times, see bucket_take(). */
+BPF_TABLE("lru_hash", struct stcp_src, struct stcp_prefix_buckets, stcp_hs_bucket, STCP_HS_SOURCES);
+BPF_ARRAY(stcp_buckets, __u64, 2);
 BPF_ARRAY(stcp_config, struct stcp_config, 1);
 BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
+/* The cookie keys, one element (key 0) or none. A hash without preallocation: an update
+ * replaces the element whole, so the program never reads half of one rotation. */
+BPF_F_TABLE("hash", __u32, struct stcp_cookie_keys, stcp_cookie, 1, BPF_F_NO_PREALLOC);
 #ifdef STCP_AFXDP
 /* The afxdp datapath (stcp/datapath/afxdp.py) compiles with -DSTCP_AFXDP: records that pass
  * every check below go to the AF_XDP socket of the RX queue they arrived on; where that
@@ -97,6 +109,7 @@ enum parse_result {
 struct l3_info {
 	int fragment;           /* the first fragment of a fragmented datagram */
 	int v4;
+	void *ip;               /* the IPv4 or IPv6 header */
 	struct stcp_src src;    /* full source address, IPv4 as ::ffff:a.b.c.d */
 };
 
@@ -133,19 +146,19 @@ static __always_inline int deliver(struct xdp_md *ctx)
  * SO_REUSEPORT to a worker chosen by address hash that, as a rule, does not know the CID:
  * user-space work for a record that ends as unknown_cid there. Dropping is the honest
  * outcome, and the counter says why. */
-static __always_inline int steer(struct xdp_md *ctx, struct stcp_config *cfg, __u64 raw_cid)
+static __always_inline int steer(struct xdp_md *ctx, struct stcp_config *cfg, __u64 raw_cid, __u32 verdict)
 {
 	__u32 nworkers = cfg->nworkers;
 	__u32 worker, owner;
 
 	if (nworkers == 0)              /* not configured: every queue takes every record */
-		return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+		return count(ctx, verdict, deliver(ctx));
 	/* raw_cid is in wire (big-endian) order; its top bits are the worker */
 	worker = (__u32)(__builtin_bswap64(raw_cid) >> STCP_CID_WORKER_SHIFT);
 	owner = ctx->rx_queue_index % nworkers;
 	if (worker != owner)
 		return count(ctx, STCP_V_DROP_WRONG_WORKER, XDP_DROP);
-	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+	return count(ctx, verdict, deliver(ctx));
 }
 #endif
 
@@ -205,6 +218,7 @@ static __always_inline int parse_ipv4(struct hdr_cursor *nh, void *data_end, str
 		return PARSE_LATER_FRAGMENT;
 	info->fragment = (frag & IP_MF) != 0;
 	info->v4 = 1;
+	info->ip = iph;
 	info->src.addr[2] = bpf_htonl(0xffff);
 	info->src.addr[3] = iph->saddr;
 	return PARSE_UDP;
@@ -268,6 +282,7 @@ static __always_inline int parse_ipv6(struct hdr_cursor *nh, void *data_end, str
 	if (nexthdr != IPPROTO_UDP)
 		return PARSE_NOT_UDP;
 	__builtin_memcpy(info->src.addr, &ip6h->saddr, sizeof(info->src.addr));
+	info->ip = ip6h;
 	return PARSE_UDP;
 }
 
@@ -323,49 +338,67 @@ static __always_inline __be32 prefix_mask(__u32 bits, int i)
 	return bpf_htonl(~0U << (32 * (i + 1) - bits));
 }
 
-/* The bucket of the hello's source prefix: IPv4 per /hs_prefix4 (default 32), IPv6 per
- * /hs_prefix6 (default 64: one site's subnet, which one host can fill with addresses). */
-static __always_inline int source_allows(struct stcp_config *cfg, struct l3_info *info, __u64 now)
+/* The buckets of the hello's source prefix: IPv4 per /hs_prefix4 (default 32), IPv6 per
+ * /hs_prefix6 (default 64: one site's subnet, which one host can fill with addresses).
+ * NULL if there is no room for them. */
+static __always_inline struct stcp_prefix_buckets *prefix_buckets(struct stcp_config *cfg, struct l3_info *info,
+								   __u64 now)
 {
 	__u32 bits = info->v4 ? 96 + cfg->hs_prefix4 : cfg->hs_prefix6;
+	struct stcp_prefix_buckets *b, full = { .hello = now, .cookie = now };
 	struct stcp_src key;
-	__u64 *tat;
 	int i;
 
 #pragma unroll
 	for (i = 0; i < 4; i++)
 		key.addr[i] = info->src.addr[i] & prefix_mask(bits, i);
-	tat = stcp_hs_bucket.lookup(&key);
-	if (!tat) {
-		stcp_hs_bucket.insert(&key, &now);      /* a full bucket; another CPU may win */
-		tat = stcp_hs_bucket.lookup(&key);
-		if (!tat)
-			return 0;
+	b = stcp_hs_bucket.lookup(&key);
+	if (!b) {
+		stcp_hs_bucket.insert(&key, &full);     /* full buckets; another CPU may win */
+		b = stcp_hs_bucket.lookup(&key);
 	}
-	return bucket_take(tat, now, cfg->hs_cost_ns, cfg->hs_cap_ns);
+	return b;
 }
 
-/* The one bucket all sources share: spoofed sources each get a fresh per-prefix bucket,
- * they cannot get past this one. */
-static __always_inline int global_allows(struct stcp_config *cfg, __u64 now)
+/* One of the buckets all sources share (stcp_buckets[index]); cost 0: no limit. */
+static __always_inline int shared_allows(__u32 index, __u64 now, __u64 cost, __u64 cap)
 {
-	__u32 zero = 0;
 	__u64 *tat;
 
-	if (cfg->hs_global_cost_ns == 0)        /* no global budget configured */
+	if (cost == 0)
 		return 1;
-	tat = stcp_hs_global.lookup(&zero);
+	tat = stcp_buckets.lookup(&index);
 	if (!tat)
 		return 0;
-	return bucket_take(tat, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns);
+	return bucket_take(tat, now, cost, cap);
 }
 
-/* A handshake record (seq 0) at the server's port: only a CLIENT_HELLO is valid here. */
+/* A handshake record (seq 0) at the server's port: only a CLIENT_HELLO is valid here.
+ *
+ * Every hello spends its source prefix's bucket first. Then, when the server has written
+ * cookie keys and the hello is a well-formed version 2 one (PROTOCOL.md section 4.5):
+ * - with a cookie that verifies: passed (pass_cookie), without spending the global budget
+ *   a spoofed flood has emptied; the cookie proves the client receives at its address.
+ * - with a cookie that does not: never passed. It is answered with a fresh COOKIE
+ *   (tx_cookie) within the prefix's reply budget, else dropped (drop_bad_cookie). Not
+ *   dropped outright: a client holding a forged or outdated COOKIE (anyone who saw its
+ *   hello can send it one) gets a good one and loses one round trip, as in user space.
+ * - without a cookie: passed within the global budget (pass_handshake); past it,
+ *   answered with a COOKIE (tx_cookie) within the prefix's reply budget, else dropped
+ *   (drop_hs_global).
+ * Without keys, or for a version 1 hello or a malformed one (user space answers those
+ * with REJECT_VERSION or not at all), the cookie field is not looked at: the global
+ * budget passes or drops it. */
 static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *cfg, struct stcp_hdr *hdr,
-				       void *data_end, struct l3_info *info, __u64 length)
+				       void *data_end, struct l3_info *info, struct udphdr *udp, __u64 length)
 {
+	struct stcp_hello *h = (struct stcp_hello *)(hdr + 1);
 	__u8 *type = (__u8 *)(hdr + 1);
-	__u64 now;
+	struct stcp_prefix_buckets *b;
+	struct stcp_cookie_keys *keys;
+	__u64 now, w[8], mac[2];
+	int valid = 0, has_cookie;
+	__u32 zero = 0;
 
 	/* a v2 hello, or a v1 one that user space answers with a v1-layout REJECT */
 	if ((length != STCP_HANDSHAKE_PAYLOAD_LEN && length != STCP_V1_HANDSHAKE_PAYLOAD_LEN) ||
@@ -376,16 +409,47 @@ static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *c
 	if (*type != STCP_HS_CLIENT_HELLO)
 		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
 	now = bpf_ktime_get_ns();
-	if (!source_allows(cfg, info, now))
+	b = prefix_buckets(cfg, info, now);
+	if (!b || !bucket_take(&b->hello, now, cfg->hs_cost_ns, cfg->hs_cap_ns))
 		return count(ctx, STCP_V_DROP_HS_RATE, XDP_DROP);
-	/* The place for a stateless cookie check: a hello whose cookie proves its source
-	 * address stays limited per source above, but need not compete with spoofed floods
-	 * for the global budget below. */
-	if (!global_allows(cfg, now))
-		return count(ctx, STCP_V_DROP_HS_GLOBAL, XDP_DROP);
-	/* afxdp: to the arrival queue's socket; that queue's worker will own the connection
-	 * and name itself in the CID it picks */
-	return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
+
+	/* the cookie keys the server wrote, unless they expired */
+	keys = stcp_cookie.lookup(&zero);
+	if (!keys || now > keys->expires_ns || length != STCP_HANDSHAKE_PAYLOAD_LEN || (void *)(h + 1) > data_end ||
+	    !hello_takes_cookie(h)) {
+		if (!shared_allows(BUCKET_HELLO, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns))
+			return count(ctx, STCP_V_DROP_HS_GLOBAL, XDP_DROP);
+		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
+	}
+	cookie_words(w, &info->src, udp->source, h);
+	has_cookie = (h->cookie[0] | h->cookie[1]) != 0;
+	if (has_cookie) {
+		valid = cookie_verify(keys, w, h, mac);
+		if (valid)      /* afxdp: to the arrival queue's socket, as any hello */
+			return count(ctx, STCP_V_PASS_COOKIE, deliver(ctx));
+	} else if (shared_allows(BUCKET_HELLO, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns)) {
+		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
+	} else {
+		siphash128(keys->current_key, w, mac);
+	}
+	/* answer with a COOKIE, within the prefix's reply budget */
+	if (cfg->ck_cost_ns && cookie_reply_ok(info->ip, data_end, info->v4) &&
+	    bucket_take(&b->cookie, now, cfg->ck_cost_ns, cfg->ck_cap_ns) &&
+	    cookie_reply_write((void *)(long)ctx->data, data_end, info->ip, info->v4, udp, hdr, h, mac) == 0)
+		return count(ctx, STCP_V_TX_COOKIE, XDP_TX);
+	return count(ctx, has_cookie ? STCP_V_DROP_BAD_COOKIE : STCP_V_DROP_HS_GLOBAL, XDP_DROP);
+}
+
+/* A data record whose CID is in neither table. Within the unknown-CID budget, one longer
+ * than a RESET goes to user space, which answers it with a stateless RESET (PROTOCOL.md
+ * section 5.7): so a client of a server that restarted (or replaced this program) learns
+ * at once that its connection is gone. The rest are dropped. */
+static __always_inline int unknown_cid(struct xdp_md *ctx, struct stcp_config *cfg, __u64 length)
+{
+	if (length + STCP_HEADER_LEN > STCP_RESET_RECORD_LEN &&
+	    cfg->uk_cost_ns && shared_allows(BUCKET_UNKNOWN_CID, bpf_ktime_get_ns(), cfg->uk_cost_ns, cfg->uk_cap_ns))
+		return count(ctx, STCP_V_PASS_UNKNOWN_CID_SAMPLED, deliver(ctx));
+	return count(ctx, STCP_V_DROP_UNKNOWN_CID, XDP_DROP);
 }
 
 int stcp_xdp(struct xdp_md *ctx)
@@ -399,7 +463,7 @@ int stcp_xdp(struct xdp_md *ctx)
 	struct stcp_hdr *hdr;
 	__u32 zero = 0;
 	__u64 length, cid;
-	__u32 plen;
+	__u32 plen, verdict;
 	__u16 ulen;
 	int proto, rc;
 
@@ -449,20 +513,27 @@ int stcp_xdp(struct xdp_md *ctx)
 		return count(ctx, STCP_V_DROP_BAD_LENGTH, XDP_DROP);
 
 	if (hdr->seq == 0)              /* handshake record; 0 is 0 in any byte order */
-		return check_hello(ctx, cfg, hdr, data_end, &info, length);
+		return check_hello(ctx, cfg, hdr, data_end, &info, udp, length);
 
 	if (length < STCP_AEAD_TAG_LEN)
 		return count(ctx, STCP_V_DROP_TOO_SHORT, XDP_DROP);
 	if (length > cfg->max_record_len)
 		return count(ctx, STCP_V_DROP_TOO_LONG, XDP_DROP);
 	cid = hdr->cid;                 /* wire byte order, as the loader stores keys */
-	if (!cid_maybe_live(cid) || !stcp_cids.lookup(&cid))
-		return count(ctx, STCP_V_DROP_UNKNOWN_CID, XDP_DROP);
+	/* the prefilter counts the CIDs of both tables */
+	if (!cid_maybe_live(cid))
+		return unknown_cid(ctx, cfg, length);
+	if (stcp_cids.lookup(&cid))
+		verdict = STCP_V_PASS_DATA;
+	else if (stcp_half_open.lookup(&cid))
+		verdict = STCP_V_PASS_HALF_OPEN;
+	else
+		return unknown_cid(ctx, cfg, length);
 #ifdef STCP_AFXDP
-	/* after the table: a random-CID flood stays unknown_cid; wrong_worker means a live
+	/* after the tables: a random-CID flood stays unknown_cid; wrong_worker means a live
 	 * connection's record came in on a queue its worker does not own */
-	return steer(ctx, cfg, cid);
+	return steer(ctx, cfg, cid, verdict);
 #else
-	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
+	return count(ctx, verdict, deliver(ctx));
 #endif
 }

@@ -10,6 +10,11 @@ the cookie, which proves it receives datagrams at its source address. The cookie
 
 under a 16-byte secret that rotates every ROTATION seconds; the previous secret still
 verifies, so a cookie lives between one and two periods.
+
+A kernel datapath keeps a copy of the secrets so the XDP program can check and make the
+same cookies (bpf/stcp_cookie.h): it registers with on_rotate() and is told of every
+change, and calls tick() on a timer so the secrets rotate on time even while no hello
+reaches user space (stcp.datapath.xdp_cookie).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import hmac
 import os
 import socket
 import struct
-from typing import Hashable, Optional, Tuple
+from typing import Callable, Hashable, List, Optional, Tuple
 
 from .siphash import siphash128
 
@@ -50,13 +55,33 @@ def compute(secret: bytes, addr: Hashable, client_cid: int, client_key: bytes) -
 
 
 class CookieSecrets:
-    """The current and the previous cookie secret, rotated on use every ROTATION seconds."""
+    """The current and the previous cookie secret, rotated on use (or tick()) every ROTATION
+    seconds."""
 
     def __init__(self, now: float, rotation: float = ROTATION):
         self.rotation = rotation
         self.current = os.urandom(SECRET_LEN)
         self.previous: Optional[bytes] = None
         self._rotate_at = now + rotation
+        self._listeners: List[Callable[["CookieSecrets"], None]] = []
+
+    @property
+    def rotate_at(self) -> float:
+        """When the current secret is replaced (on the clock of `now`)."""
+        return self._rotate_at
+
+    def on_rotate(self, listener: Callable[["CookieSecrets"], None]) -> None:
+        """Call listener(self) now and after every rotation, until remove_listener()."""
+        self._listeners.append(listener)
+        listener(self)
+
+    def remove_listener(self, listener: Callable[["CookieSecrets"], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def tick(self, now: float) -> None:
+        """Rotate if it is time (make() and verify() do so as well)."""
+        self._rotate(now)
 
     def _rotate(self, now: float) -> None:
         if now < self._rotate_at:
@@ -67,6 +92,8 @@ class CookieSecrets:
             self.previous = self.current
         self.current = os.urandom(SECRET_LEN)
         self._rotate_at = now + self.rotation
+        for listener in list(self._listeners):
+            listener(self)
 
     def make(self, addr: Hashable, client_cid: int, client_key: bytes, now: float) -> bytes:
         self._rotate(now)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import struct
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from . import wire
 from .connection import Config, Connection
@@ -78,6 +78,7 @@ class EndpointStats:
     dropped_unknown_cid: int = 0
     dropped_bad_hello: int = 0
     dropped_over_capacity: int = 0    # new hellos at max_connections (answered REJECT_BUSY)
+    dropped_cid_table_full: int = 0   # new hellos while the kernel's live-CID table is full (REJECT_BUSY)
     handshakes_rejected: int = 0      # REJECTs sent, every code (the four below)
     rejected_version: int = 0         # REJECT_VERSION, version 1 hellos included
     rejected_suite: int = 0
@@ -114,6 +115,9 @@ class ServerEndpoint:
         self._hello_budget = TokenBucket(config.hello_rate, config.hello_burst, now)
         self._reset_budget = TokenBucket(config.reset_rate, config.reset_rate, now)
         self.cookies = CookieSecrets(now)
+        # a kernel datapath's: False while its live-CID table has no room for another
+        # connection (new hellos then get REJECT_BUSY)
+        self.cid_room: Optional[Callable[[], bool]] = None
 
     @property
     def public_key(self) -> bytes:
@@ -222,9 +226,12 @@ class ServerEndpoint:
             self._check_half_open(conn)
             return conn, False
         half_open = len(self._half_open)
-        if len(self.connections) >= self.max_connections or half_open >= 2 * self.max_half_open:
+        table_full = self.cid_room is not None and not self.cid_room()
+        if len(self.connections) >= self.max_connections or half_open >= 2 * self.max_half_open or table_full:
             if len(self.connections) >= self.max_connections:
                 self.stats.dropped_over_capacity += 1
+            elif table_full:
+                self.stats.dropped_cid_table_full += 1
             self._reject(hello.sender_cid, hello.suite, wire.REJECT_BUSY, addr)
             return None, False
         if half_open >= self.max_half_open or not self._hello_budget.take(now):

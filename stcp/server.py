@@ -145,8 +145,11 @@ def cipher_name(config: Config) -> str:
 
 def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_mode: str = "auto",
                   max_record_len: Optional[int] = None, xdp_limits: Optional[Mapping[str, int]] = None,
-                  afxdp_tx: str = "socket", worker: Optional[WorkerRole] = None) -> Datapath:
-    """The datapath named `datapath` for a server on `port` (see serve() for the rest)."""
+                  afxdp_tx: str = "socket", worker: Optional[WorkerRole] = None,
+                  max_connections: Optional[int] = None) -> Datapath:
+    """The datapath named `datapath` for a server on `port` (see serve() for the rest). A
+    kernel datapath's live-CID table holds at least max_connections: one this call attaches
+    is made that large, one found attached that is smaller is refused."""
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, not {datapath!r}")
     if datapath == "socket":
@@ -158,12 +161,16 @@ def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_
         from .datapath.xdp import XdpDatapath
         if max_record_len is not None:
             limits["max_record_len"] = max_record_len
-        return XdpDatapath.attach_or_reuse(iface, port, mode=xdp_mode, **limits)
+        return XdpDatapath.attach_or_reuse(iface, port, mode=xdp_mode, max_connections=max_connections, **limits)
     from .datapath.afxdp import AfxdpDatapath
     if worker is not None:
         return AfxdpDatapath.join(iface, port, worker.index, worker.count, tx=afxdp_tx)
-    return AfxdpDatapath.open(iface, port, mode=xdp_mode, max_record_len=max_record_len, xdp_kw=limits,
-                              tx=afxdp_tx)
+    if max_connections is not None:
+        limits.setdefault("max_cids", max_connections)
+    cookies = limits.pop("cookies", True)
+    dp = AfxdpDatapath.open(iface, port, mode=xdp_mode, max_record_len=max_record_len, xdp_kw=limits, tx=afxdp_tx)
+    dp.xdp.kernel_cookies = bool(cookies)
+    return dp
 
 
 async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
@@ -180,7 +187,10 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
       `iface`'s RX queues), or a Datapath object of your own.
     xdp_mode: "native", "generic" or "auto" (native, else generic) for attaching XDP.
     xdp_limits: XdpDatapath.attach options for a program this call attaches (hs_rate,
-      hs_burst, max_cids, hs_sources); the max record length follows config.max_datagram.
+      hs_burst, max_cids, hs_sources, ...; stcp.datapath.xdp.LIMITS), and for the xdp
+      datapath `cookies` (False: the program gets no cookie keys, checks no cookie and
+      answers no hello); the max record length follows config.max_datagram, the live-CID
+      table's size max_connections.
     afxdp_tx: "socket" (replies through the kernel UDP socket) or "afxdp" (the TX ring).
     worker: in a process a stcp.supervisor.Supervisor started (WorkerRole.from_env()): join
       the program it attached, die with it and serve metrics to it. Call
@@ -203,7 +213,7 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     if isinstance(datapath, str):
         dp = open_datapath(datapath, port, iface=iface, xdp_mode=xdp_mode,
                            max_record_len=config.max_datagram - wire.HEADER_LEN, xdp_limits=xdp_limits,
-                           afxdp_tx=afxdp_tx, worker=worker)
+                           afxdp_tx=afxdp_tx, worker=worker, max_connections=max_connections)
     else:
         dp = datapath
     loop = asyncio.get_running_loop()

@@ -51,11 +51,12 @@ def test_every_wire_mirror_exists():
     """The constants the XDP program depends on are all mirrored (and so all checked)."""
     needed = {"HEADER_LEN", "AEAD_TAG_LEN", "HANDSHAKE_PAYLOAD_LEN", "HANDSHAKE_RECORD_LEN", "HANDSHAKE_SEQ",
               "HS_CLIENT_HELLO", "HS_SERVER_HELLO", "HS_REJECT", "DEFAULT_MAX_DATAGRAM", "MAX_UDP_PAYLOAD",
-              "EPOCH_SHIFT", "CID_WORKER_BITS", "CID_WORKER_SHIFT"}
+              "EPOCH_SHIFT", "CID_WORKER_BITS", "CID_WORKER_SHIFT", "HS_COOKIE", "PROTOCOL_VERSION",
+              "COOKIE_LEN", "CLIENT_HELLO_COOKIE_OFFSET", "RESET_RECORD_LEN"}
     missing = {n for n in needed if f"STCP_{n}" not in _defines()}
     assert not missing, f"bpf/stcp_wire.h lacks STCP_{missing}"
     # every STCP_* define is either a wire constant or a declared C-only one
-    c_only = {"STCP_MAX_CIDS", "STCP_HS_SOURCES", "STCP_MAP_ABI", "STCP_CID_FILTER_WORDS"}
+    c_only = {"STCP_MAX_CIDS", "STCP_HS_SOURCES", "STCP_MAP_ABI", "STCP_CID_FILTER_WORDS", "STCP_HALF_OPEN"}
     unknown = {n for n in _defines() if n not in c_only and not hasattr(wire, n[len("STCP_"):])}
     assert not unknown, f"defines with no stcp.wire counterpart: {unknown}"
 
@@ -63,6 +64,7 @@ def test_every_wire_mirror_exists():
 def test_map_abi_matches_loader():
     assert _defines()["STCP_MAP_ABI"] == xdp.MAP_ABI
     assert _defines()["STCP_MAX_CIDS"] == xdp.DEFAULT_MAX_CIDS
+    assert _defines()["STCP_HALF_OPEN"] == xdp.DEFAULT_HALF_OPEN
     assert _defines()["STCP_HS_SOURCES"] == xdp.DEFAULT_HS_SOURCES
     assert _defines()["STCP_CID_FILTER_WORDS"] == xdp.CID_FILTER_WORDS
 
@@ -89,17 +91,34 @@ def test_verdicts_dense_and_named():
     values = sorted(int(v) for v in verdicts.Verdict)
     assert values == list(range(len(values)))
     for v in verdicts.Verdict:
-        assert v.name.startswith(("PASS_", "DROP_"))
-    assert {v.key for v in verdicts.PASS_VERDICTS} == {"pass_not_stcp", "pass_handshake", "pass_data"}
+        assert v.name.startswith(("PASS_", "DROP_", "TX_"))
+    assert {v.key for v in verdicts.PASS_VERDICTS} == {"pass_not_stcp", "pass_handshake", "pass_data",
+                                                       "pass_cookie", "pass_half_open",
+                                                       "pass_unknown_cid_sampled"}
+    assert {v.key for v in verdicts.TX_VERDICTS} == {"tx_cookie"}
+    assert set(verdicts.Verdict) == set(verdicts.PASS_VERDICTS + verdicts.DROP_VERDICTS + verdicts.TX_VERDICTS)
+
+
+def _struct_format(name: str) -> str:
+    """The struct module format of a C struct of __u32/__u64 fields and __u64 arrays."""
+    body = re.search(rf"struct {name}\s*\{{(.*?)\}};", _text(), flags=re.S).group(1)
+    fmt = "="
+    for bits, n in re.findall(r"__u(\d+)\s+\w+(?:\[(\d+)\])?;", body):
+        fmt += {"32": "I", "64": "Q"}[bits] * int(n or 1)
+    return fmt
 
 
 def test_struct_layouts_match_c():
-    """struct stcp_config / stcp_counter as declared in C vs the struct formats in xdp_prog.py."""
+    """struct stcp_config / stcp_counter / stcp_cookie_keys as declared in C vs the struct
+    formats in xdp_prog.py and xdp_cookie.py."""
+    from stcp.datapath import xdp_cookie
     src = _text()
-    cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", src, flags=re.S).group(1)
-    fields = re.findall(r"__u(\d+)\s+\w+;", cfg)
-    fmt = "=" + "".join({"32": "I", "64": "Q"}[f] for f in fields)
+    fmt = _struct_format("stcp_config")
     assert struct.calcsize(fmt) == xdp.CONFIG.size and fmt == xdp.CONFIG.format
+    # the keys: two secrets of 16 bytes (two words each), expiry, flag, reserved
+    assert struct.calcsize(_struct_format("stcp_cookie_keys")) == xdp_cookie.KEYS.size
+    assert _struct_format("stcp_cookie_keys") == "=QQQQQII" and xdp_cookie.KEYS.format == "=16s16sQII"
+    assert struct.calcsize(_struct_format("stcp_prefix_buckets")) == 16
     cnt = re.search(r"struct stcp_counter\s*\{(.*?)\};", src, flags=re.S).group(1)
     assert re.findall(r"__u(\d+)\s+\w+;", cnt) == ["64", "64"] and xdp.COUNTER.size == 16
 

@@ -6,8 +6,13 @@ one counter that moved) and the XDP action must match the model's. Frames come f
 hypothesis: built layer by layer (VLAN stacks, IPv4 options and fragments, IPv6 extension
 chains and fragments, UDP length fields, STCP records of every kind, truncations) and
 mutated from the seed corpus in tests/corpus/xdp/ (bit flips, bytes and 16-bit fields set,
-inserts, deletes, cuts). The hello buckets depend on time, so each example picks a bucket
-setting whose answer does not: open, per-source burst 0, global burst 0, or port 0.
+inserts, deletes, cuts). Version 2 hellos carry no cookie, one valid under the current or
+the previous key, or a wrong one, and each example loads no cookie keys, the current
+one, both, or expired ones: a frame the program answers with a COOKIE (XDP_TX) must come
+out byte for byte as the model builds the reply. Every other frame must come out as it
+went in. The buckets depend on time, so each example picks settings whose answer does
+not: hellos open, per-source burst 0, global burst 0 (with or without COOKIE replies),
+port 0; unknown-CID records all let through or none.
 
 A short run by default; STCP_XDP_FUZZ_EXAMPLES=N sets the examples per test (`make
 fuzz-xdp` runs 20000). Needs root, bcc and kernel headers; skips with the reason otherwise.
@@ -24,10 +29,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from stcp import cookie
 from stcp.datapath.verdicts import Verdict
 from tests.support import frames as F
 from tests.support import xdp_model as model
-from tests.support.testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support.testrun import (MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, XDP_TX, LoadedProg,
+                                   require_testrun)
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -36,7 +43,12 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus" / "xdp"
 CORPUS_CID = 0x1122334455667788
-CID_POOL = (CORPUS_CID, 0x0102030405060708, 0xFFFFFFFFFFFFFFFF)
+CORPUS_HALF_OPEN = 0x2233445566778899
+CID_POOL = (CORPUS_CID, CORPUS_HALF_OPEN, 0x0102030405060708, 0xFFFFFFFFFFFFFFFF)
+# the cookie keys of the corpus and the fuzz (the corpus's cookies were made under them)
+KEY_CURRENT = bytes(range(16))
+KEY_PREVIOUS = bytes(range(16, 32))
+SPORT = 40000
 
 
 def corpus() -> dict:
@@ -46,13 +58,24 @@ def corpus() -> dict:
 SEEDS = corpus()
 
 
-# modes of the hello buckets whose answer does not depend on time
+# modes of the buckets whose answer does not depend on time: config, and whether the
+# prefix's hello bucket, the global budget and the prefix's COOKIE-reply bucket have a token
 MODES = {
-    "open": ({}, None),                                                    # 1e6/s per source, no global budget
-    "source_burst_0": ({"hs_burst": 0}, Verdict.DROP_HS_RATE),
-    "global_burst_0": ({"hs_global_rate": 1, "hs_global_burst": 0}, Verdict.DROP_HS_GLOBAL),
-    "port_0": ({"port": 0}, None),
+    "open": ({}, True, True, True),                        # 1e6/s per source, no global budget
+    "source_burst_0": ({"hs_burst": 0}, False, True, True),
+    "global_burst_0": ({"hs_global_rate": 1, "hs_global_burst": 0}, True, False, True),
+    "no_replies": ({"hs_global_rate": 1, "hs_global_burst": 0, "ck_rate": 1, "ck_burst": 0}, True, False, False),
+    "port_0": ({"port": 0}, True, True, True),
 }
+# the cookie keys loaded: (current, previous, expires), and what the model sees of them
+KEYS = {
+    "none": (None, None, 0, None),
+    "current": (KEY_CURRENT, None, 1 << 62, (KEY_CURRENT, None)),
+    "both": (KEY_CURRENT, KEY_PREVIOUS, 1 << 62, (KEY_CURRENT, KEY_PREVIOUS)),
+    "expired": (KEY_CURRENT, KEY_PREVIOUS, 1, None),
+}
+# unknown-CID records: none let through, or all
+UNKNOWN = {"off": ({"uk_rate": 0}, False), "open": ({"uk_rate": 10**6, "uk_burst": 10**6}, True)}
 
 
 @pytest.fixture(scope="module")
@@ -66,35 +89,51 @@ def prog():
 
 
 class Harness:
-    """Sets the program's config and CID table, and runs a frame through both sides."""
+    """Sets the program's config, CID tables and cookie keys, and runs a frame through both sides."""
 
     def __init__(self, prog: LoadedProg):
         self.prog = prog
         self.live: set = set()
+        self.half_open: set = set()
         self.key = None
+        self.keys = None
 
-    def setup(self, mode: str, max_record_len: int, prefix4: int, prefix6: int, live: set):
-        kw, hello_answer = MODES[mode]
-        key = (mode, max_record_len, prefix4, prefix6)
+    def setup(self, mode: str, max_record_len: int, prefix4: int, prefix6: int, live: set, half_open: set = frozenset(),
+              keys: str = "none", unknown: str = "off"):
+        kw, prefix_ok, global_ok, reply_ok = MODES[mode]
+        ukw, unknown_ok = UNKNOWN[unknown]
+        key = (mode, max_record_len, prefix4, prefix6, unknown)
         if key != self.key:
             self.prog.configure(**{"max_record_len": max_record_len, "hs_prefix4": prefix4,
-                                   "hs_prefix6": prefix6, **kw})
+                                   "hs_prefix6": prefix6, **kw, **ukw})
             self.key = key
+        if keys != self.keys:
+            self.prog.set_cookie_keys(*KEYS[keys][:3])
+            self.keys = keys
+        dp = self.prog.dp
+        half_open = set(half_open) - set(live)
+        for cid in (self.live - live) | (self.half_open - half_open):
+            dp.remove_cid(cid)
         for cid in live - self.live:
-            self.prog.dp.add_cid(cid)
-        for cid in self.live - live:
-            self.prog.dp.remove_cid(cid)
-        self.live = set(live)
+            dp.add_cid(cid)
+        for cid in half_open - self.half_open:
+            dp.add_half_open(cid)
+        self.live, self.half_open = set(live), half_open
         cfg = model.Config(port=kw.get("port", PORT), max_record_len=max_record_len, hs_prefix4=prefix4,
                            hs_prefix6=prefix6)
-        return cfg, model.State(live_cids=set(live), hello=lambda _key: hello_answer)
+        return cfg, model.State(live_cids=set(live), half_open=set(half_open), cookie_keys=KEYS[keys][3],
+                                prefix_ok=lambda _key: prefix_ok, global_ok=lambda: global_ok,
+                                reply_ok=lambda _key: reply_ok, unknown_ok=lambda: unknown_ok)
 
     def check(self, frame: bytes, cfg: model.Config, state: model.State) -> Verdict:
-        want = model.verdict(frame, cfg, state)
+        want, want_frame = model.run(frame, cfg, state)
         action, got = self.prog.run(frame)
         assert got == want.key, (f"program says {got}, model says {want.key} for frame {frame.hex()} "
-                                 f"(config {cfg}, live CIDs {sorted(map(hex, state.live_cids))})")
-        assert action == (XDP_DROP if want.is_drop else XDP_PASS), (action, frame.hex())
+                                 f"(config {cfg}, live CIDs {sorted(map(hex, state.live_cids))}, half-open "
+                                 f"{sorted(map(hex, state.half_open))}, keys {state.cookie_keys is not None})")
+        assert action == (XDP_TX if want.is_tx else XDP_DROP if want.is_drop else XDP_PASS), (action, frame.hex())
+        assert self.prog.out == want_frame, (f"{want.key}: the program left {self.prog.out.hex()}, the model "
+                                             f"{want_frame.hex()}, for frame {frame.hex()}")
         return want
 
 
@@ -105,7 +144,8 @@ def harness(prog):
 
 settings_st = st.tuples(st.sampled_from(sorted(MODES)), st.sampled_from([16, 100, 1428, 65483]),
                         st.integers(0, 32), st.integers(0, 128),
-                        st.sets(st.sampled_from(CID_POOL)))
+                        st.sets(st.sampled_from(CID_POOL)), st.sets(st.sampled_from(CID_POOL)),
+                        st.sampled_from(sorted(KEYS)), st.sampled_from(sorted(UNKNOWN)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +154,7 @@ settings_st = st.tuples(st.sampled_from(sorted(MODES)), st.sampled_from([16, 100
 def test_corpus(harness):
     frames = SEEDS
     assert len(frames) >= 30, f"the seed corpus in {CORPUS_DIR} is missing"
-    cfg, state = harness.setup("open", 1428, 32, 64, {CORPUS_CID})
+    cfg, state = harness.setup("open", 1428, 32, 64, {CORPUS_CID}, {CORPUS_HALF_OPEN}, keys="both")
     seen = set()
     for name, frame in frames.items():
         expected = name.split("--", 1)[0]
@@ -123,7 +163,7 @@ def test_corpus(harness):
         assert got.key == expected, f"{name}: program and model say {got.key}"
         seen.add(expected)
     # every verdict the plain program can reach under this configuration has a seed
-    unreachable = {"drop_hs_rate", "drop_hs_global", "drop_wrong_worker"}
+    unreachable = {"drop_hs_rate", "drop_hs_global", "drop_wrong_worker", "pass_unknown_cid_sampled"}
     assert seen == {v.key for v in Verdict} - unreachable, seen
 
 
@@ -133,8 +173,13 @@ def _pick(*values, weights=None):
     return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values)) for _ in range(w)])
 
 
-S_KIND = _pick("hello", "data", "raw", weights=[2, 2, 1])
+S_KIND = _pick("hello", "hello2", "data", "raw", weights=[2, 3, 2, 1])
 S_RAW = st.binary(max_size=120)
+S_HELLO2_CID = _pick(1, 0, 2**64 - 1, weights=[1, 1, 1]) | st.integers(1, 2**64 - 1)
+S_HELLO2_VERSION = _pick(2, 1, 3, weights=[8, 1, 1])
+S_HELLO2_COOKIE = _pick("none", "current", "previous", "wrong", weights=[3, 3, 2, 2])
+S_HELLO2_PAD = _pick(False, True, weights=[8, 1])
+S_E = st.binary(min_size=32, max_size=32)
 S_HELLO_CID = _pick(0, 7, weights=[3, 1])
 S_HELLO_TYPE = _pick(1, 2, 3, 0, weights=[3, 1, 1, 1])
 S_HELLO_LEN = _pick(112, 80, 111, 113, 79, 81, 0, weights=[3, 2, 1, 1, 1, 1, 1])
@@ -162,10 +207,29 @@ S_L2_TYPE = st.sampled_from([F.ETH_P_ARP, 0x88CC, 0x0800, 0x86DD]) | st.integers
 S_L2_BODY = st.binary(max_size=64)
 
 
-def _record(draw) -> bytes:
+def _hello2(draw, src: str) -> bytes:
+    """A version 2 CLIENT_HELLO (sometimes malformed: version, client CID 0, padding) from
+    src:SPORT, with no cookie, a valid one under either key, or a wrong one."""
+    cid, e = draw(S_HELLO2_CID), draw(S_E)
+    kind = draw(S_HELLO2_COOKIE)
+    if kind == "none":
+        c = bytes(16)
+    elif kind == "wrong":
+        c = draw(st.binary(min_size=16, max_size=16))
+    else:
+        c = cookie.compute(KEY_CURRENT if kind == "current" else KEY_PREVIOUS, (src, SPORT), cid, e)
+    pad = bytes(47) + b"\x01" if draw(S_HELLO2_PAD) else bytes(48)
+    body = bytes([1, draw(S_HELLO2_VERSION), draw(st.integers(0, 255)), 0, 0, 0, 0, 0]) + cid.to_bytes(8, "big") \
+        + e + c + pad
+    return struct.pack("!QQQ", len(body), 0, 0) + body
+
+
+def _record(draw, src: str = "10.0.0.2") -> bytes:
     kind = draw(S_KIND)
     if kind == "raw":
         return draw(S_RAW)
+    if kind == "hello2":
+        return _hello2(draw, src)
     if kind == "hello":
         n = draw(S_HELLO_LEN)
         body = (bytes([draw(S_HELLO_TYPE)]) + bytes(n - 1)) if n else b""
@@ -191,17 +255,19 @@ def _ipv6_exts(draw) -> list:
 
 @st.composite
 def built_frames(draw) -> bytes:
-    fam, dport, payload, ulen = draw(S_FAM), draw(S_DPORT), _record(draw), draw(S_ULEN)
+    fam, dport, ulen = draw(S_FAM), draw(S_DPORT), draw(S_ULEN)
     nexthdr, vlans = draw(S_NEXTHDR), draw(S_VLANS)
     if fam == 4:
         src = draw(S_SRC4)
-        seg = F.udp(payload, 40000, dport, src, "10.0.0.1", ulen) if nexthdr == F.UDP else payload
+        payload = _record(draw, src)
+        seg = F.udp(payload, SPORT, dport, src, "10.0.0.1", ulen) if nexthdr == F.UDP else payload
         ip = F.ipv4(seg, src, "10.0.0.1", proto=nexthdr, frag_off=draw(S_FRAG_OFF), mf=draw(st.booleans()),
                     options=draw(S_OPTIONS), version=draw(S_V4_VERSION), ihl=draw(S_IHL))
         frame = F.eth(ip, F.ETH_P_IP, vlans)
     elif fam == 6:
         src = draw(S_SRC6)
-        seg = F.udp(payload, 40000, dport, src, "fd00::1", ulen) if nexthdr == F.UDP else payload
+        payload = _record(draw, src)
+        seg = F.udp(payload, SPORT, dport, src, "fd00::1", ulen) if nexthdr == F.UDP else payload
         ip = F.ipv6(seg, src, "fd00::1", nexthdr, _ipv6_exts(draw), version=draw(S_V6_VERSION))
         frame = F.eth(ip, F.ETH_P_IPV6, vlans)
     else:

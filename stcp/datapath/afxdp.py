@@ -219,10 +219,13 @@ class AfxdpDatapath:
                     on_new: Callable[[Connection], None],
                     on_ended: Optional[Callable[[Connection], None]]) -> "AfxdpServerDriver":
         sock = bind_udp(host, port, reuse_port=self.worker is not None)
-        return AfxdpServerDriver(loop, sock, endpoint, on_new, on_ended, self.xsks, tx=self.tx)
+        driver = AfxdpServerDriver(loop, sock, endpoint, on_new, on_ended, self.xsks, tx=self.tx)
+        # the program's cookie keys: serving alone only (workers each hold secrets of their own)
+        self.xdp.serve_endpoint(loop, endpoint, driver, cookies=self.worker is None and self.xdp.kernel_cookies)
+        return driver
 
     def server_hooks(self) -> Tuple[object, ...]:
-        return (LiveCidHooks(self),)
+        return (LiveCidHooks(self, touch=self.xdp.touch),)
 
     # -- the live-connection table, as XdpDatapath -------------------------------------
     @contextlib.contextmanager
@@ -236,9 +239,17 @@ class AfxdpDatapath:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def add_cid(self, cid: int) -> None:
+    def add_cid(self, cid: int) -> bool:
         with self._cid_lock():
-            self.xdp.add_cid(cid, self._tag)
+            return self.xdp.add_cid(cid, self._tag)
+
+    def add_half_open(self, cid: int) -> None:
+        with self._cid_lock():
+            self.xdp.add_half_open(cid, self._tag)
+
+    def promote(self, cid: int) -> bool:
+        with self._cid_lock():
+            return self.xdp.promote(cid, self._tag)
 
     def remove_cid(self, cid: int) -> None:
         with self._cid_lock():

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
+from ..errors import CloseCode
 from .socket import ServerDriver
 
 
@@ -42,22 +43,39 @@ class Datapath(Protocol):
 
 
 class CidTable(Protocol):
-    """The kernel's table of live connection IDs (XdpDatapath, AfxdpDatapath)."""
+    """The kernel's connection-ID tables (XdpDatapath, AfxdpDatapath): half-open and live."""
 
-    def add_cid(self, cid: int) -> None: ...
+    def add_half_open(self, cid: int) -> None: ...
+
+    def promote(self, cid: int) -> bool: ...
 
     def remove_cid(self, cid: int) -> None: ...
 
 
 class LiveCidHooks:
-    """Server hooks that keep the kernel's table of live connection IDs in step with the
-    server's connections: the XDP program passes data records only for the CIDs in it."""
+    """Server hooks that keep the kernel's connection-ID tables in step with the server's
+    connections: the XDP program passes data records only for the CIDs in them.
 
-    def __init__(self, table: CidTable):
+    A connection's CID goes into the half-open table with its server hello, and into the
+    live table when the connection becomes ENCRYPTED, so a hello flood never fills the
+    live table. If that insert fails (the table is full of entries this server did not
+    make: another process's, a dead server's), the connection is closed at once rather
+    than left to lose its records in the kernel, and the datapath refuses new hellos with
+    REJECT_BUSY while the table stays full (ServerEndpoint.cid_room). touch(conn) gets
+    the CLOSE sent."""
+
+    def __init__(self, table: CidTable, touch: Optional[Callable[[Connection], None]] = None):
         self.table = table
+        self.touch = touch
 
     def connection_created(self, conn: Connection) -> None:
-        self.table.add_cid(conn.local_cid)
+        self.table.add_half_open(conn.local_cid)
+
+    def connection_established(self, conn: Connection, handshake_seconds: float) -> None:
+        if not self.table.promote(conn.local_cid) and not conn.is_closed:
+            conn.close(CloseCode.INTERNAL_ERROR, "server busy: its kernel connection table is full")
+            if self.touch is not None:
+                self.touch(conn)
 
     def connection_ended(self, conn: Connection) -> None:
         self.table.remove_cid(conn.local_cid)

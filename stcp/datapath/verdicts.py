@@ -2,7 +2,9 @@
 bpf/stcp_wire.h. tests/test_constants.py checks that both sides agree.
 
 Each verdict indexes one per-CPU (packets, bytes) counter in the program's
-`stcp_counters` map. Values are append-only: never renumber.
+`stcp_counters` map. Values are append-only: never renumber. A verdict's name says what
+happened to the frame: PASS_ (to the stack or the AF_XDP socket), DROP_, or TX_ (answered
+by the program itself, out of the interface it came in on).
 """
 from __future__ import annotations
 
@@ -18,14 +20,22 @@ class Verdict(enum.IntEnum):
     DROP_TOO_SHORT = 5      # data record payload below the AEAD tag size
     DROP_TOO_LONG = 6       # data record payload above the configured maximum
     DROP_FRAGMENT = 7       # first IP fragment of an STCP datagram; any later fragment of a UDP datagram
-    DROP_UNKNOWN_CID = 8    # data record whose CID is not in the live-connection table
+    DROP_UNKNOWN_CID = 8    # data record whose CID is in neither CID table (past the unknown-CID budget)
     DROP_HS_RATE = 9        # client hello over its source prefix's token bucket
     DROP_BAD_HANDSHAKE = 10  # seq 0 but not a v2 (112) or v1 (80) client hello, cid 0
     DROP_BAD_UDP = 11       # UDP length field < 8 or past the end of the frame
     DROP_WRONG_WORKER = 12  # afxdp: a live CID whose worker does not own the RX queue it came in on
     DROP_UNPARSED = 13      # headers not walkable to the UDP port: truncated or malformed, a third
                             # VLAN tag, more IPv6 extension headers than the program walks
-    DROP_HS_GLOBAL = 14     # client hello over the global hello budget (all sources together)
+    DROP_HS_GLOBAL = 14     # client hello over the global hello budget (all sources together), not
+                            # answered with a COOKIE (no cookie keys, reply budget spent, ...)
+    TX_COOKIE = 15          # v2 hello answered in the kernel with a COOKIE: cookie-less past the
+                            # global budget, or with a cookie that does not verify
+    DROP_BAD_COOKIE = 16    # v2 hello whose cookie does not verify, over its prefix's reply budget
+    PASS_COOKIE = 17        # v2 hello with a valid cookie: passed without spending the global budget
+    PASS_HALF_OPEN = 18     # data record for a CID in the half-open table
+    PASS_UNKNOWN_CID_SAMPLED = 19  # data record naming no known CID, let through within the
+                                   # unknown-CID budget so user space can answer with a RESET
 
     @property
     def key(self) -> str:
@@ -36,7 +46,13 @@ class Verdict(enum.IntEnum):
     def is_drop(self) -> bool:
         return self.name.startswith("DROP_")
 
+    @property
+    def is_tx(self) -> bool:
+        """Answered by the program (XDP_TX), neither passed nor dropped."""
+        return self.name.startswith("TX_")
+
 
 VERDICT_MAX = len(Verdict)   # == STCP_V_MAX
 DROP_VERDICTS = tuple(v for v in Verdict if v.is_drop)
-PASS_VERDICTS = tuple(v for v in Verdict if not v.is_drop)
+PASS_VERDICTS = tuple(v for v in Verdict if v.name.startswith("PASS_"))
+TX_VERDICTS = tuple(v for v in Verdict if v.is_tx)

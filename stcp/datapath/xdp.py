@@ -20,7 +20,8 @@ import errno
 import logging
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
@@ -29,12 +30,13 @@ from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
-from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
-                       DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
-                       DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
-                       cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp, open_prog,
-                       pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc, remove_pins,
-                       require_root, validate_limits, write_config)
+from .xdp_cookie import KernelCookies
+from .xdp_prog import (CID, DEFAULT_HALF_OPEN, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE,
+                       DEFAULT_HS_PREFIX4, DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES,
+                       DEFAULT_MAX_CIDS, DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles,
+                       check_toolchain, cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp,
+                       open_prog, pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc,
+                       remove_pins, require_root, validate_limits, write_config)
 from .socket import ServerDriver, bind_udp
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
@@ -43,6 +45,11 @@ __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached
            "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
 
 log = logging.getLogger("stcp.datapath.xdp")
+
+# the limits write_config takes beyond the per-source hello bucket (validate_limits checks them)
+LIMITS = ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst", "ck_rate", "ck_burst", "uk_rate",
+          "uk_burst")
+FULL_RETRY = 1.0              # seconds a failed live-table insert keeps hellos refused (then one is tried)
 
 
 class XdpDatapath:
@@ -67,13 +74,20 @@ class XdpDatapath:
         self.netns = netns
         self.pin_dir = pins
         self._h = handles
-        self._cids: set[int] = set()
+        self._cids: set[int] = set()          # in the live table, added by this object
+        self._half_open: set[int] = set()     # in the half-open LRU, added by this object
         self._lock = threading.Lock()
+        self._full_until = 0.0                # a live insert failed: refuse hellos until then
+        self.cid_table_full = 0               # live inserts that failed: the table was full
         self.private_pins = False         # pins live in a bpffs private to this process
+        self.kernel_cookies = True            # as a server's datapath: keep the program's cookie keys
+        self._cookies: Optional[KernelCookies] = None
+        self._driver: Optional[ServerDriver] = None
         cfg = read_config(handles)
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
         self.config = cfg
+        self.max_cids: int = bpf.map_info(handles.maps["cids"])["max_entries"]
 
     @property
     def prog_id(self) -> int:
@@ -90,26 +104,30 @@ class XdpDatapath:
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
                hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
-               hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
-               hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
-               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> "XdpDatapath":
+               half_open: int = DEFAULT_HALF_OPEN, **limits: int) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it.
         afxdp=True compiles the variant that redirects good records to its stcp_xsks
         XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
-        steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
-        hello = {"hs_prefix4": hs_prefix4, "hs_prefix6": hs_prefix6, "hs_global_rate": hs_global_rate,
-                 "hs_global_burst": hs_global_burst}
+        steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer()).
+        max_cids and half_open size the live and half-open CID tables; limits are the
+        other write_config() limits (LIMITS)."""
+        unknown = set(limits) - set(LIMITS)
+        if unknown:
+            raise TypeError(f"unknown XDP limits: {', '.join(sorted(unknown))}")
         return off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                        max_cids, hs_sources, afxdp, nworkers, hello)
+                        max_cids, hs_sources, afxdp, nworkers, limits, half_open)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0, hello=None) -> "XdpDatapath":
+                hs_sources, afxdp=False, nworkers=0, hello=None, half_open=DEFAULT_HALF_OPEN) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
             raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
+        if max_cids < 1 or half_open < 1:
+            raise XdpSetupError(f"CID tables of {max_cids} live and {half_open} half-open entries: each needs "
+                                "room for at least 1")
         require_root()
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
@@ -127,7 +145,7 @@ class XdpDatapath:
                 raise XdpAlreadyAttached(f"{iface} already has another XDP program ({desc}); "
                                          f"use --force to replace it, or remove it first")
             pins = pin_dir(iface, netns)
-            b, fn = compile_prog(max_cids, hs_sources, afxdp)
+            b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
             h = None
             try:
                 pid = bpf.prog_info(fn.fd)["id"]
@@ -192,24 +210,38 @@ class XdpDatapath:
 
     @classmethod
     def attach_or_reuse(cls, iface: str, port: int, mode: str = "auto",
-                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw) -> "XdpDatapath":
+                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, *, max_connections: Optional[int] = None,
+                        cookies: bool = True, **kw: Any) -> "XdpDatapath":
         """Reuse the STCP program attached to iface (it must serve the same port), else
-        attach one. `attached` says which happened; close() undoes only our part."""
+        attach one. `attached` says which happened; close() undoes only our part.
+        max_connections: the server's connection limit; a program this call attaches gets
+        a live table that large (unless max_cids says otherwise), one found attached must
+        have room for it (XdpSetupError otherwise). cookies=False: as a server's datapath,
+        do not give the program the endpoint's cookie keys (it then answers no hello)."""
         validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
-                        kw.get("hs_burst", DEFAULT_HS_BURST),
-                        **{k: kw[k] for k in ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst")
-                           if k in kw})
+                        kw.get("hs_burst", DEFAULT_HS_BURST), **{k: kw[k] for k in LIMITS if k in kw})
+        if max_connections is not None:
+            kw.setdefault("max_cids", max_connections)
         try:
             dp = cls.open(iface, netns=kw.get("netns"))
         except XdpNotAttached:
             try:
-                return cls.attach(iface, port, mode, max_record_len, **kw)
+                dp = cls.attach(iface, port, mode, max_record_len, **kw)
             except XdpAlreadyAttached:
                 dp = cls.open(iface, netns=kw.get("netns"))   # lost a race with another attacher
+        dp.kernel_cookies = cookies
         if dp.port != port:
             dp.close()
             raise XdpSetupError(f"the STCP XDP program on {iface} validates port {dp.port}, not {port}; "
                                 f"detach it (stcp-loader detach {iface}) or serve on port {dp.port}")
+        if max_connections is not None and dp.max_cids < max_connections:
+            dp.close()
+            raise XdpSetupError(f"the STCP XDP program on {iface} has room for {dp.max_cids} live connections, "
+                                f"fewer than the server's limit of {max_connections}; re-attach it with "
+                                f"stcp-loader attach {iface} --max-cids {max_connections} --force, or serve "
+                                f"at most {dp.max_cids} connections")
+        if dp.attached:
+            return dp
         if mode != "auto" and dp.mode != mode:
             log.warning("reusing the STCP XDP program on %s in %s mode (asked for %s)", iface, dp.mode, mode)
         if dp.max_record_len != max_record_len:
@@ -225,30 +257,105 @@ class XdpDatapath:
                     on_new: Callable[[Connection], None],
                     on_ended: Optional[Callable[[Connection], None]]) -> ServerDriver:
         # generic-mode XDP runs after GRO and must see single records
-        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=self.mode != "generic")
+        driver = ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=self.mode != "generic")
+        self.serve_endpoint(loop, endpoint, driver)
+        return driver
+
+    def serve_endpoint(self, loop: asyncio.AbstractEventLoop, endpoint: ServerEndpoint,
+                       driver: ServerDriver, cookies: Optional[bool] = None) -> None:
+        """Tie the program to a server's endpoint: hellos are refused (REJECT_BUSY) while the
+        live table is full, and (unless cookies=False, or kernel_cookies is off) the
+        program gets the endpoint's cookie keys, kept in step until close()."""
+        self._driver = driver
+        endpoint.cid_room = self.has_room
+        if self.kernel_cookies if cookies is None else cookies:
+            self._cookies = KernelCookies(self._h.maps["cookie"], endpoint.cookies, loop)
+            self._cookies.start()
 
     def server_hooks(self) -> Tuple[object, ...]:
-        return (LiveCidHooks(self),)
+        return (LiveCidHooks(self, touch=self.touch),)
 
-    # -- the live-connection table -----------------------------------------------------
-    # A CID lives in the stcp_cids hash and counts in its prefilter slot. Invariant: a CID
-    # in the hash has a slot count >= 1 (the filter is raised before the insert and
-    # lowered after the delete), so the filter never hides a live connection.
-    def add_cid(self, cid: int, tag: int = 1) -> None:
-        """Let data records for this connection ID through (cid as parsed from the wire).
-        tag (1-255) is the entry's value, which the program ignores: the afxdp supervisor
-        tags each worker's CIDs so it can remove a dead worker's (cids_tagged)."""
+    def touch(self, conn: Connection) -> None:
+        """Get conn's pending records sent soon (the server's driver flushes it)."""
+        if self._driver is not None:
+            self._driver.touch(conn)
+
+    # -- the connection-ID tables ------------------------------------------------------
+    # A half-open connection's CID lives in the stcp_half_open LRU, an ENCRYPTED one's in
+    # the stcp_cids hash; either way it counts once in its prefilter slot. Invariant: a
+    # CID in a table has a slot count >= 1 (the filter is raised before the insert and
+    # lowered after the delete), so the filter never hides a connection.
+    def add_cid(self, cid: int, tag: int = 1) -> bool:
+        """Let data records for this connection ID through (cid as parsed from the wire);
+        False if the live table is full. tag (1-255) is the entry's value, which the
+        program ignores: the afxdp supervisor tags each worker's CIDs so it can remove a
+        dead worker's (cids_tagged)."""
         with self._lock:
             self._filter_adjust(cid, +1)
+            if not self._insert_live(cid, tag):
+                self._filter_adjust(cid, -1)          # already live (counted once only), or full
+            return cid in self._cids
+
+    def add_half_open(self, cid: int, tag: int = 1) -> None:
+        """A new connection's CID, from its server hello until it is ENCRYPTED (promote())."""
+        with self._lock:
+            self._filter_adjust(cid, +1)
+            bpf.map_update(self._h.maps["half_open"], CID.pack(cid), bytes([tag]))
+            self._half_open.add(cid)
+
+    def promote(self, cid: int, tag: int = 1) -> bool:
+        """Move a half-open CID into the live table (its connection is ENCRYPTED); False if
+        the table is full (the CID stays half-open: the caller ends the connection)."""
+        with self._lock:
+            if cid not in self._half_open:
+                self._filter_adjust(cid, +1)
+            if not self._insert_live(cid, tag):
+                if cid not in self._half_open:
+                    self._filter_adjust(cid, -1)
+                return cid in self._cids
+            if cid in self._half_open:
+                bpf.map_delete(self._h.maps["half_open"], CID.pack(cid))
+                self._half_open.discard(cid)
+            return True
+
+    def _insert_live(self, cid: int, tag: int) -> bool:
+        """Insert into the live table; False if it was there already or there is no room."""
+        try:
             if not bpf.map_update(self._h.maps["cids"], CID.pack(cid), bytes([tag]), bpf.BPF_NOEXIST):
-                self._filter_adjust(cid, -1)          # already live: counted once only
-            self._cids.add(cid)
+                self._cids.add(cid)
+                return False
+        except OSError as e:
+            if e.errno != errno.E2BIG:
+                raise
+            self.cid_table_full += 1
+            self._full_until = time.monotonic() + FULL_RETRY
+            log.warning("the live-connection table of the XDP program on %s is full (%d entries)",
+                        self.iface, self.max_cids)
+            return False
+        self._cids.add(cid)
+        return True
 
     def remove_cid(self, cid: int) -> None:
+        """Forget a connection ID, live or half-open."""
         with self._lock:
-            if bpf.map_delete(self._h.maps["cids"], CID.pack(cid)):
+            key = CID.pack(cid)
+            live = bpf.map_delete(self._h.maps["cids"], key)
+            half = bpf.map_delete(self._h.maps["half_open"], key)
+            # the LRU may have evicted a half-open entry: its count goes with our record of it
+            if live or half or cid in self._half_open:
                 self._filter_adjust(cid, -1)
+            if live:
+                self._full_until = 0.0
             self._cids.discard(cid)
+            self._half_open.discard(cid)
+
+    def has_room(self) -> bool:
+        """Whether a new connection would find room in the live table: the connections this
+        object holds leave some, and no insert failed within FULL_RETRY seconds (the table
+        can hold entries it does not know of: another process's, a dead server's)."""
+        if time.monotonic() < self._full_until:
+            return False
+        return len(self._cids) + len(self._half_open) < self.max_cids
 
     def _filter_adjust(self, cid: int, delta: int) -> None:
         slot = cid_filter_slot(cid)
@@ -265,6 +372,9 @@ class XdpDatapath:
     def has_cid(self, cid: int) -> bool:
         return bpf.map_lookup(self._h.maps["cids"], CID.pack(cid), 1) is not None
 
+    def has_half_open(self, cid: int) -> bool:
+        return bpf.map_lookup(self._h.maps["half_open"], CID.pack(cid), 1) is not None
+
     def filter_count(self, cid: int) -> int:
         """The prefilter count of cid's slot (tests and diagnostics)."""
         slot = cid_filter_slot(cid)
@@ -272,17 +382,17 @@ class XdpDatapath:
         return (FILTER_WORD.unpack(raw)[0] >> ((slot & 7) * 8)) & 0xFF
 
     def cids_tagged(self, tag: int) -> List[int]:
-        """The live CIDs whose entry carries tag (see add_cid)."""
+        """The CIDs, live or half-open, whose entry carries tag (see add_cid)."""
         out = []
-        fd = self._h.maps["cids"]
-        for k in bpf.map_keys(fd, 8, DEFAULT_MAX_CIDS * 4):
-            v = bpf.map_lookup(fd, k, 1)
-            if v is not None and v[0] == tag:
-                out.append(CID.unpack(k)[0])
+        for fd in (self._h.maps["cids"], self._h.maps["half_open"]):
+            for k in bpf.map_keys(fd, 8, self.max_cids * 4):
+                v = bpf.map_lookup(fd, k, 1)
+                if v is not None and v[0] == tag:
+                    out.append(CID.unpack(k)[0])
         return out
 
     def cids(self) -> List[int]:
-        return [CID.unpack(k)[0] for k in bpf.map_keys(self._h.maps["cids"], 8, DEFAULT_MAX_CIDS * 4)]
+        return [CID.unpack(k)[0] for k in bpf.map_keys(self._h.maps["cids"], 8, self.max_cids * 4)]
 
     # -- inspection --------------------------------------------------------------------
     def counters(self) -> Dict[str, Tuple[int, int]]:
@@ -303,9 +413,12 @@ class XdpDatapath:
     # -- teardown ----------------------------------------------------------------------
     def close(self) -> None:
         """Detach if we attached (and our program is still the one there), else forget the
-        CIDs we added. Idempotent."""
+        CIDs we added and the cookie keys we wrote. Idempotent."""
         if self._h.prog_fd < 0:
             return
+        if self._cookies is not None:
+            self._cookies.close()
+            self._cookies = None
         off_loop(self._close)
 
     def release(self) -> None:
@@ -327,12 +440,11 @@ class XdpDatapath:
                 if self.pin_dir and self._pins_are_ours():
                     remove_pins(self.pin_dir)
             else:
-                for cid in list(self._cids):
+                for cid in list(self._cids | self._half_open):
                     try:
-                        bpf.map_delete(self._h.maps["cids"], CID.pack(cid))
+                        self.remove_cid(cid)
                     except OSError:
                         pass
-                self._cids.clear()
         finally:
             self._h.close()
 

@@ -38,21 +38,33 @@ DEFAULT_HS_PREFIX6 = 64       # an IPv6 source's bucket: its /64 (one host may o
 # most about a third of one core, and a flood from spoofed prefixes gets no more.
 DEFAULT_HS_GLOBAL_RATE = 1000
 DEFAULT_HS_GLOBAL_BURST = 2000
-DEFAULT_MAX_CIDS = 65536
+# COOKIE replies the kernel sends toward one source prefix (a victim of spoofed hellos
+# gets at most this many, each no larger than the hello it answers)
+DEFAULT_CK_RATE = 10
+DEFAULT_CK_BURST = 20
+# Unknown-CID data records let through to user space, all sources together: enough for the
+# clients of a restarted server to get their RESETs soon, far below what user space takes.
+DEFAULT_UK_RATE = 100
+DEFAULT_UK_BURST = 200
+# The live table holds at least the server's connection limit (stcp.server.serve's default
+# max_connections, 100000): a server refuses a table smaller than its limit.
+DEFAULT_MAX_CIDS = 131072
+DEFAULT_HALF_OPEN = 16384     # half-open CIDs: twice the endpoint's default hard cap (2 x 4096)
 DEFAULT_HS_SOURCES = 65536
 CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
 CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
-MAP_ABI = 4                   # STCP_MAP_ABI in bpf/stcp_wire.h
+MAP_ABI = 5                   # STCP_MAP_ABI in bpf/stcp_wire.h
 XSK_MAX = 64                  # entries (RX queues) of stcp_xsks, the XSKMAP of the afxdp variant
 
 BPFFS = "/sys/fs/bpf"
 PIN_ROOT = BPFFS + "/stcp"
 PROG_NAME = "stcp_xdp"
-MAP_NAMES = {"counters": "stcp_counters", "cids": "stcp_cids",
-             "hs_bucket": "stcp_hs_bucket", "config": "stcp_config", "cid_filter": "stcp_cid_filter"}
+MAP_NAMES = {"counters": "stcp_counters", "cids": "stcp_cids", "half_open": "stcp_half_open",
+             "hs_bucket": "stcp_hs_bucket", "buckets": "stcp_buckets", "config": "stcp_config",
+             "cid_filter": "stcp_cid_filter", "cookie": "stcp_cookie"}
 MODES = ("native", "generic", "auto")
 
-CONFIG = struct.Struct("=IIIIIIQQIIIIQQ")    # struct stcp_config
+CONFIG = struct.Struct("=IIIIIIQQIIIIQQIIQQIIQQ")    # struct stcp_config
 COUNTER = struct.Struct("=QQ")           # struct stcp_counter
 CID = struct.Struct("!Q")                # CIDs are stored as their wire bytes
 FILTER_WORD = struct.Struct("=Q")        # one word of stcp_cid_filter: 8 one-byte slot counts
@@ -159,7 +171,9 @@ def check_toolchain() -> None:
 
 def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int,
                     hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
-                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
+                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST,
+                    ck_rate: int = DEFAULT_CK_RATE, ck_burst: int = DEFAULT_CK_BURST,
+                    uk_rate: int = DEFAULT_UK_RATE, uk_burst: int = DEFAULT_UK_BURST) -> None:
     if not 1 <= port <= 65535:
         raise XdpSetupError(f"port {port} is not a UDP port (1-65535)")
     if mode not in MODES:
@@ -173,19 +187,25 @@ def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_
                             "0..32 and 0..128")
     if hs_global_rate < 0 or hs_global_burst < 0:
         raise XdpSetupError("global handshake rate must be >= 0 per second (0: no global budget) and burst >= 0")
+    if ck_rate < 0 or ck_burst < 0:
+        raise XdpSetupError("cookie reply rate must be >= 0 per second (0: the kernel sends no COOKIE) "
+                            "and burst >= 0")
+    if uk_rate < 0 or uk_burst < 0:
+        raise XdpSetupError("unknown-CID rate must be >= 0 per second (0: drop them all) and burst >= 0")
 
 
 # --------------------------------------------------------------------------------------
 # build
 def compile_prog(max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
-                 afxdp: bool = False) -> Tuple[Any, Any]:
+                 afxdp: bool = False, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[Any, Any]:
     """Compile and load (not attach) bpf/stcp_xdp.c: (the bcc BPF object, the loaded
     function; its .fd is the program). afxdp=True builds the variant that redirects good
     records to its stcp_xsks XSKMAP. release_bcc() the BPF object once the program is
     held by an fd of ours (open_prog) or attached."""
     BPF = _import_bcc()
     src = bpf_source_dir()
-    cflags = [f"-I{src}", f"-DSTCP_MAX_CIDS={max_cids}", f"-DSTCP_HS_SOURCES={hs_sources}"]
+    cflags = [f"-I{src}", f"-DSTCP_MAX_CIDS={max_cids}", f"-DSTCP_HS_SOURCES={hs_sources}",
+              f"-DSTCP_HALF_OPEN={half_open}"]
     if afxdp:
         cflags += ["-DSTCP_AFXDP", f"-DSTCP_XSK_MAX={XSK_MAX}"]
     try:
@@ -270,23 +290,39 @@ def find_stcp(nl: Netlink, ifindex: int) -> Tuple[Optional[str], Optional[ProgHa
 def read_config(h: ProgHandles) -> Dict[str, int]:
     raw = bpf.map_lookup(h.maps["config"], _KEY0, CONFIG.size)
     (abi, port, max_len, rate, burst, nworkers, _cost, _cap, prefix4, prefix6, grate, gburst, _gcost,
-     _gcap) = CONFIG.unpack(raw or bytes(CONFIG.size))
+     _gcap, ck_rate, ck_burst, _ccost, _ccap, uk_rate, uk_burst, _ucost, _ucap) = CONFIG.unpack(raw or bytes(CONFIG.size))
     return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst,
             "nworkers": nworkers, "hs_prefix4": prefix4, "hs_prefix6": prefix6,
-            "hs_global_rate": grate, "hs_global_burst": gburst}
+            "hs_global_rate": grate, "hs_global_burst": gburst, "ck_rate": ck_rate, "ck_burst": ck_burst,
+            "uk_rate": uk_rate, "uk_burst": uk_burst}
+
+
+def _bucket(rate: int, burst: int) -> Tuple[int, int]:
+    """(cost, cap) in ns of a token bucket of rate per second and depth burst; rate 0: (0, 0)."""
+    cost = 1_000_000_000 // rate if rate else 0
+    return cost, cost * burst
 
 
 def write_config(h: ProgHandles, port: int, max_record_len: int, hs_rate: int, hs_burst: int,
                  nworkers: int = 0, *, hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
-                 hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
+                 hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST,
+                 ck_rate: int = DEFAULT_CK_RATE, ck_burst: int = DEFAULT_CK_BURST,
+                 uk_rate: int = DEFAULT_UK_RATE, uk_burst: int = DEFAULT_UK_BURST) -> None:
     """nworkers: the afxdp variant steers data records by their CID's worker bits over that
     many workers (0: no steering; the plain xdp variant ignores it). Hellos are limited per
     source prefix (hs_rate/hs_burst per /hs_prefix4 of IPv4, /hs_prefix6 of IPv6) and then
-    all together (hs_global_rate/hs_global_burst; rate 0: no global budget)."""
-    cost = 1_000_000_000 // hs_rate
-    gcost = 1_000_000_000 // hs_global_rate if hs_global_rate else 0
-    value = CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst,
-                        hs_prefix4, hs_prefix6, hs_global_rate, hs_global_burst, gcost, gcost * hs_global_burst)
+    all together (hs_global_rate/hs_global_burst; rate 0: no global budget). With cookie
+    keys written (stcp.datapath.xdp_cookie), the program answers hellos past the global
+    budget with COOKIEs, ck_rate/ck_burst per source prefix (rate 0: none). uk_rate/uk_burst
+    data records naming no known CID are let through, all sources together, for user space
+    to answer with a RESET (rate 0: none)."""
+    cost, cap = _bucket(hs_rate, hs_burst)
+    gcost, gcap = _bucket(hs_global_rate, hs_global_burst)
+    ccost, ccap = _bucket(ck_rate, ck_burst)
+    ucost, ucap = _bucket(uk_rate, uk_burst)
+    value = CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cap,
+                        hs_prefix4, hs_prefix6, hs_global_rate, hs_global_burst, gcost, gcap,
+                        ck_rate, ck_burst, ccost, ccap, uk_rate, uk_burst, ucost, ucap)
     bpf.map_update(h.maps["config"], _KEY0, value)
 
 
@@ -308,9 +344,10 @@ def read_counters(h: ProgHandles) -> Dict[str, Tuple[int, int]]:
             for k, cpus in read_counters_per_cpu(h).items()}
 
 
-def count_cids(h: ProgHandles) -> int:
-    """Entries in the live-connection-ID table."""
-    return sum(1 for _ in bpf.map_keys(h.maps["cids"], 8, DEFAULT_MAX_CIDS * 4))
+def count_cids(h: ProgHandles, table: str = "cids") -> int:
+    """Entries in the live-connection-ID table (table="half_open": the half-open one)."""
+    fd = h.maps[table]
+    return sum(1 for _ in bpf.map_keys(fd, 8, bpf.map_info(fd)["max_entries"] * 4))
 
 
 # --------------------------------------------------------------------------------------

@@ -51,10 +51,11 @@ class LoadedProg:
         self.b, fn = xdp_prog.compile_prog()
         self.h = xdp_prog.open_prog(bpf.prog_info(fn.fd)["id"])
         self.dp = XdpDatapath("test", 0, "none", self.h, False, None, None)   # add_cid on these maps
-        self.global_fd = self._map_fd("stcp_hs_global")
+        self.global_fd = self._map_fd("stcp_buckets")
         self.lib = bpf.libbpf()
         self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
         self._counts = self.counts()
+        self.out = b""
 
     def _map_fd(self, name: str) -> int:
         b = self.bpf
@@ -67,28 +68,46 @@ class LoadedProg:
 
     def configure(self, port: int = PORT, max_record_len: Optional[int] = None, hs_rate: int = 1_000_000,
                   hs_burst: int = 1_000_000, **hello) -> None:
-        """Defaults: hellos limited by nothing a test reaches (1e6/s per source, no global
-        budget unless hello names one)."""
+        """Defaults: hellos and COOKIE replies limited by nothing a test reaches (1e6/s per
+        source, no global budget unless hello names one), no unknown-CID record let through."""
         x = self.xdp
         hello.setdefault("hs_global_rate", 0)
+        hello.setdefault("ck_rate", 1_000_000)
+        hello.setdefault("ck_burst", 1_000_000)
+        hello.setdefault("uk_rate", 0)
         x.write_config(self.h, port, x.DEFAULT_MAX_RECORD_LEN if max_record_len is None else max_record_len,
                        hs_rate, hs_burst, **hello)
 
+    def set_cookie_keys(self, current: Optional[bytes], previous: Optional[bytes] = None,
+                        expires_ns: int = 1 << 62) -> None:
+        """Write the cookie keys as a server would (current None: remove them)."""
+        from stcp.datapath import xdp_cookie
+        fd = self.h.maps["cookie"]
+        if current is None:
+            xdp_cookie.clear_keys(fd)
+        else:
+            self.bpf.map_update(fd, struct.pack("=I", 0), xdp_cookie.pack_keys(current, previous, expires_ns))
+
     def reset_buckets(self) -> None:
-        """Empty the per-source LRU and refill the global bucket."""
+        """Empty the per-source LRU and refill the shared buckets."""
         b = self.bpf
         fd = self.h.maps["hs_bucket"]
         for k in list(b.map_keys(fd, 16, 1 << 20)):
             b.map_delete(fd, k)
-        b.map_update(self.global_fd, struct.pack("=I", 0), struct.pack("=Q", 0))
+        for i in range(2):
+            b.map_update(self.global_fd, struct.pack("=I", i), struct.pack("=Q", 0))
 
     def run(self, frame: bytes) -> Tuple[int, str]:
-        """(XDP action, the verdict whose counter moved) for one frame."""
+        """(XDP action, the verdict whose counter moved) for one frame; the frame as the
+        program left it (what XDP_TX sends) is in self.out."""
         assert MIN_FRAME <= len(frame) <= MAX_FRAME, len(frame)
         buf = ctypes.create_string_buffer(frame, len(frame))
-        o = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame), repeat=1)
+        out = ctypes.create_string_buffer(MAX_FRAME + 256)
+        o = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame),
+                 data_out=ctypes.addressof(out), data_size_out=len(out), repeat=1)
         rc = self.lib.bpf_prog_test_run_opts(self.h.prog_fd, ctypes.byref(o))
         assert rc == 0, f"BPF_PROG_TEST_RUN failed: {os.strerror(-rc if rc < 0 else ctypes.get_errno())}"
+        self.out = out.raw[:o.data_size_out]
         after = self.counts()
         moved = [k for k in after if after[k] != self._counts[k]]
         assert len(moved) == 1 and after[moved[0]] == self._counts[moved[0]] + 1, (moved, frame.hex())

@@ -5,19 +5,26 @@ bpf/stcp_xdp.c implements. tests/test_xdp_fuzz.py runs random and mutated frames
 the loaded program (BPF_PROG_TEST_RUN) and through verdict() here, and fails on any frame
 where the two disagree; tests/test_constants.py checks the parse limits below against the C.
 
-Map state: the live-connection table (a set of CIDs, as parsed from the wire) and the
-hello buckets, which depend on time, so the model asks them: State.hello(key) says what
-the buckets answer for a well-formed client hello whose source prefix is `key`
-(hello_key()). Tests pick bucket settings whose answer does not depend on time.
+Map state: the CID tables (sets of CIDs, as parsed from the wire), the cookie keys, and
+the token buckets, which depend on time, so the model asks them: State.prefix_ok(key)
+says whether the hello bucket of source prefix `key` (hello_key()) has a token,
+State.reply_ok(key) the same of its COOKIE-reply bucket, State.global_ok() the global
+hello budget's and State.unknown_ok() the unknown-CID budget's. Tests pick bucket
+settings whose answer does not depend on time.
+
+A frame the program answers itself (TX_COOKIE) leaves it rewritten into the COOKIE reply:
+run() gives the verdict and the frame as the program leaves it, built here independently
+of bpf/stcp_cookie.h (the cookie from stcp.siphash's reference, checksums from scratch).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Set
+from typing import Callable, Optional, Set, Tuple
 
 from stcp import wire
 from stcp.datapath.verdicts import Verdict
+from stcp.siphash import siphash128_ref
 
 VLAN_MAX_DEPTH = 2          # VLAN_MAX_DEPTH in bpf/stcp_xdp.c
 IPV6_EXT_MAX = 6            # IPV6_EXT_MAX in bpf/stcp_xdp.c
@@ -41,9 +48,15 @@ class Config:
 @dataclass
 class State:
     live_cids: Set[int] = field(default_factory=set)
-    # the buckets' answer for a well-formed hello from source prefix key: None (it passes),
-    # Verdict.DROP_HS_RATE or Verdict.DROP_HS_GLOBAL
-    hello: Callable[[bytes], Optional[Verdict]] = lambda key: None
+    half_open: Set[int] = field(default_factory=set)
+    # the cookie keys the server wrote and that have not expired: (current, previous or None)
+    cookie_keys: Optional[Tuple[bytes, Optional[bytes]]] = None
+    # whether a bucket has a token: hellos of a source prefix (key: hello_key()), the global
+    # hello budget, COOKIE replies toward a source prefix, unknown-CID records
+    prefix_ok: Callable[[bytes], bool] = lambda key: True
+    global_ok: Callable[[], bool] = lambda: True
+    reply_ok: Callable[[bytes], bool] = lambda key: True
+    unknown_ok: Callable[[], bool] = lambda: False
 
 
 def hello_key(src: bytes, v4: bool, cfg: Config) -> bytes:
@@ -62,6 +75,8 @@ class _Udp:
     first_fragment: bool
     src: bytes
     v4: bool
+    l3: int                  # where the IP header starts
+    simple: bool             # IPv4 without options, IPv6 without extension headers
 
 
 _NOT_UDP, _LATER_FRAGMENT, _UNPARSED = "not_udp", "later_fragment", "unparsed"
@@ -97,7 +112,7 @@ def _ipv4(frame: bytes, off: int):
     if flags & 0x1FFF:                       # a later fragment: no UDP header in it
         return _LATER_FRAGMENT
     src = bytes(10) + b"\xff\xff" + frame[off + 12:off + 16]
-    return _Udp(off + hlen, bool(flags & 0x2000), src, True)
+    return _Udp(off + hlen, bool(flags & 0x2000), src, True, off, hlen == 20)
 
 
 def _ipv6(frame: bytes, off: int):
@@ -128,11 +143,24 @@ def _ipv6(frame: bytes, off: int):
                 return _UNPARSED
     if nexthdr != UDP:
         return _NOT_UDP
-    return _Udp(pos, first_fragment, src, False)
+    return _Udp(pos, first_fragment, src, False, off, walked == 0)
 
 
 def verdict(frame: bytes, cfg: Config, state: State) -> Verdict:
     """What bpf/stcp_xdp.c (the plain variant) decides for frame."""
+    return run(frame, cfg, state)[0]
+
+
+def run(frame: bytes, cfg: Config, state: State) -> Tuple[Verdict, bytes]:
+    """The verdict for frame and the frame as the program leaves it (rewritten only when
+    it answers with a COOKIE)."""
+    v = _verdict(frame, cfg, state)
+    if isinstance(v, tuple):
+        return v
+    return v, frame
+
+
+def _verdict(frame: bytes, cfg: Config, state: State):
     if cfg.port == 0:
         return Verdict.PASS_NOT_STCP
     l2 = _ethertype(frame)
@@ -171,11 +199,85 @@ def verdict(frame: bytes, cfg: Config, state: State) -> Verdict:
         if length not in (wire.HANDSHAKE_PAYLOAD_LEN, wire.V1_HANDSHAKE_PAYLOAD_LEN) or cid != 0 \
                 or payload[wire.HEADER_LEN] != wire.HS_CLIENT_HELLO:
             return Verdict.DROP_BAD_HANDSHAKE
-        return state.hello(hello_key(l3.src, l3.v4, cfg)) or Verdict.PASS_HANDSHAKE
+        return _hello(frame, l3, u, payload, cfg, state)
     if length < wire.AEAD_TAG_LEN:
         return Verdict.DROP_TOO_SHORT
     if length > cfg.max_record_len:
         return Verdict.DROP_TOO_LONG
-    if cid not in state.live_cids:
-        return Verdict.DROP_UNKNOWN_CID
-    return Verdict.PASS_DATA
+    if cid in state.live_cids:
+        return Verdict.PASS_DATA
+    if cid in state.half_open:
+        return Verdict.PASS_HALF_OPEN
+    if len(payload) > wire.RESET_RECORD_LEN and state.unknown_ok():
+        return Verdict.PASS_UNKNOWN_CID_SAMPLED
+    return Verdict.DROP_UNKNOWN_CID
+
+
+# ---------------------------------------------------------------------------------------
+# hellos and cookies (docs/PROTOCOL.md section 4.5)
+def _hello(frame: bytes, l3: _Udp, u: int, payload: bytes, cfg: Config, state: State):
+    key = hello_key(l3.src, l3.v4, cfg)
+    if not state.prefix_ok(key):
+        return Verdict.DROP_HS_RATE
+    p = payload[wire.HEADER_LEN:]
+    if state.cookie_keys is None or len(p) != wire.HANDSHAKE_PAYLOAD_LEN or p[1] != wire.PROTOCOL_VERSION \
+            or not any(p[8:16]) or any(p[64:]):
+        return Verdict.PASS_HANDSHAKE if state.global_ok() else Verdict.DROP_HS_GLOBAL
+    current, previous = state.cookie_keys
+    data = l3.src + frame[u:u + 2] + p[8:48]             # address, port, client CID, E
+    mac = siphash128_ref(current, data)
+    cookie = p[48:64]
+    if any(cookie):
+        if cookie == mac or (previous is not None and cookie == siphash128_ref(previous, data)):
+            return Verdict.PASS_COOKIE
+    elif state.global_ok():
+        return Verdict.PASS_HANDSHAKE
+    if _answerable(frame, l3) and state.reply_ok(key):
+        return Verdict.TX_COOKIE, _cookie_reply(frame, l3, u, p, mac)
+    return Verdict.DROP_BAD_COOKIE if any(cookie) else Verdict.DROP_HS_GLOBAL
+
+
+def _answerable(frame: bytes, l3: _Udp) -> bool:
+    """The program answers only plain IPv4 / IPv6 headers, unicast to unicast."""
+    if not l3.simple:
+        return False
+    o = l3.l3
+    if l3.v4:
+        s, d = frame[o + 12], frame[o + 16]
+        return s not in (0, 127) and s < 224 and d < 224
+    src, dst = frame[o + 8:o + 24], frame[o + 24:o + 40]
+    return src[0] != 0xFF and dst[0] != 0xFF and src not in (bytes(16), bytes(15) + b"\x01")
+
+
+def _ones(words: bytes) -> int:
+    """One's complement sum of 16-bit big-endian words."""
+    total = sum(struct.unpack(f"!{len(words) // 2}H", words))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _cookie_reply(frame: bytes, l3: _Udp, u: int, p: bytes, mac: bytes) -> bytes:
+    """The COOKIE record (client CID in the header; type, version, suite echoed; the cookie
+    at payload bytes 16..31) in place of the hello, with MACs, IP addresses and UDP ports
+    swapped, TTL / hop limit 64, and the UDP checksum updated over the bytes that changed."""
+    out = bytearray(frame)
+    o, rec = l3.l3, u + 8
+    cookie = wire.HS_COOKIE.to_bytes(1, "big") + bytes([wire.PROTOCOL_VERSION, p[2]]) + bytes(13) + mac + bytes(32)
+    old, new = frame[rec + 8:rec + 88], p[8:16] + bytes(8) + cookie
+    out[rec + 8:rec + 88] = new
+    check = struct.unpack_from("!H", frame, u + 6)[0]
+    if check or not l3.v4:           # IPv4 may carry no checksum (0); IPv6 always does (RFC 1624 update)
+        folded = _ones(struct.pack("!H", ~check & 0xFFFF) + bytes(~b & 0xFF for b in old) + new)
+        check = (~folded & 0xFFFF) or 0xFFFF
+    out[u:u + 8] = frame[u + 2:u + 4] + frame[u:u + 2] + frame[u + 4:u + 6] + struct.pack("!H", check)
+    out[0:12] = frame[6:12] + frame[0:6]
+    if l3.v4:
+        out[o + 12:o + 20] = frame[o + 16:o + 20] + frame[o + 12:o + 16]
+        out[o + 8] = 64
+        out[o + 10:o + 12] = b"\0\0"
+        out[o + 10:o + 12] = struct.pack("!H", ~_ones(bytes(out[o:o + 20])) & 0xFFFF)
+    else:
+        out[o + 8:o + 40] = frame[o + 24:o + 40] + frame[o + 8:o + 24]
+        out[o + 7] = 64
+    return bytes(out)
