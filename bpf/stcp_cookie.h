@@ -16,8 +16,11 @@
  *
  * A COOKIE reply is built in place of the hello that asked for it: same length (a hello
  * and a COOKIE record are both 136 bytes, so the reply amplifies nothing), addresses,
- * ports and MACs swapped, the UDP checksum updated incrementally over the bytes that
- * changed (bpf_csum_diff), and sent back out of the interface with XDP_TX.
+ * ports and MACs swapped, and sent back out of the interface with XDP_TX. Its UDP
+ * checksum is computed afresh with bpf_csum_diff (pseudo-header and 144 bytes of UDP),
+ * not updated from the hello's: a hello from a sender on this host (a container behind
+ * a veth) carries only the partial checksum that checksum offload leaves for the NIC,
+ * and an update of that would give a reply its receiver drops.
  */
 #ifndef STCP_COOKIE_H
 #define STCP_COOKIE_H
@@ -186,6 +189,23 @@ static __always_inline int cookie_reply_ok(void *ip, void *data_end, int v4)
 	}
 }
 
+/* The IPv6 pseudo-header (RFC 8200 section 8.1); IPv4's is the first 12 bytes' shape. */
+struct pseudo6 {
+	struct in6_addr saddr;
+	struct in6_addr daddr;
+	__be32 len;
+	__u8 zero[3];
+	__u8 nexthdr;
+};
+
+struct pseudo4 {
+	__be32 saddr;
+	__be32 daddr;
+	__u8 zero;
+	__u8 protocol;
+	__be16 len;
+};
+
 static __always_inline __u16 fold_csum(__u64 sum)
 {
 	sum = (sum & 0xffff) + (sum >> 16);
@@ -204,10 +224,12 @@ static __always_inline int cookie_reply_write(void *data, void *data_end, void *
 	struct stcp_cookie_region *old = (void *)&hdr->cid;
 	struct stcp_cookie_region reply = {};
 	unsigned char mac_tmp[ETH_ALEN];
+	/* the UDP header and the record: a hello and its COOKIE fill exactly this */
+	__u32 udp_words = (sizeof(struct udphdr) + STCP_HANDSHAKE_RECORD_LEN) / 4;
 	__s64 sum;
 
 	if ((void *)(eth + 1) > data_end || (void *)(udp + 1) > data_end || (void *)(h + 1) > data_end ||
-	    (void *)(old + 1) > data_end)
+	    (void *)(old + 1) > data_end || (void *)udp + udp_words * 4 > data_end)
 		return -1;
 	reply.cid = h->client_cid;
 	reply.type = STCP_HS_COOKIE;
@@ -216,22 +238,22 @@ static __always_inline int cookie_reply_write(void *data, void *data_end, void *
 	reply.cookie[0] = le64(mac[0]);
 	reply.cookie[1] = le64(mac[1]);
 
-	/* the UDP checksum (RFC 1624): the addresses and ports only swap places in the
-	 * pseudo-header and the header, the length stays: only these bytes change it */
-	if (udp->check || !v4) {
-		sum = bpf_csum_diff((__be32 *)old, sizeof(*old), (__be32 *)&reply, sizeof(reply),
-				    ~udp->check & 0xffff);
-		if (sum < 0)
-			return -1;
-		udp->check = fold_csum(sum) ?: 0xffff;
-	}
 	__builtin_memcpy(old, &reply, sizeof(reply));
 
 	__builtin_memcpy(mac_tmp, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, mac_tmp, ETH_ALEN);
+	{
+		__be16 p = udp->source;
+
+		udp->source = udp->dest;
+		udp->dest = p;
+	}
+	udp->check = 0;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)udp, udp_words * 4, 0);
 	if (v4) {
 		struct iphdr *iph = ip;
+		struct pseudo4 ph = {};
 		__be32 a;
 		__u16 *w = ip;
 		__u32 s = 0;
@@ -248,23 +270,29 @@ static __always_inline int cookie_reply_write(void *data, void *data_end, void *
 		for (i = 0; i < (int)(sizeof(*iph) / 2); i++)
 			s += w[i];
 		iph->check = fold_csum(s);
+		ph.saddr = iph->saddr;
+		ph.daddr = iph->daddr;
+		ph.protocol = IPPROTO_UDP;
+		ph.len = udp->len;
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), sum);
 	} else {
 		struct ipv6hdr *ip6h = ip;
-		struct in6_addr a;
+		struct pseudo6 ph = {};
 
 		if ((void *)(ip6h + 1) > data_end)
 			return -1;
-		a = ip6h->saddr;
-		ip6h->saddr = ip6h->daddr;
-		ip6h->daddr = a;
+		ph.saddr = ip6h->daddr;
+		ph.daddr = ip6h->saddr;
+		ip6h->saddr = ph.saddr;
+		ip6h->daddr = ph.daddr;
 		ip6h->hop_limit = 64;
+		ph.len = bpf_htonl(bpf_ntohs(udp->len));
+		ph.nexthdr = IPPROTO_UDP;
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), sum);
 	}
-	{
-		__be16 p = udp->source;
-
-		udp->source = udp->dest;
-		udp->dest = p;
-	}
+	if (sum < 0)
+		return -1;
+	udp->check = fold_csum(sum) ?: 0xffff;
 	return 0;
 }
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import subprocess
 import time
 
 import pytest
@@ -37,7 +38,10 @@ from stcp.cookie import CookieSecrets
 from stcp.datapath import xdp_cookie
 from stcp.endpoint import ServerEndpoint
 from tests.support import frames as F
+from tests.support import xdpserver
+from tests.support.procs import STCP, xdp_status
 from tests.support.testrun import XDP_DROP, XDP_PASS, XDP_TX, LoadedProg, require_testrun
+from tests.support.xdpenv import xdp_pass
 
 pytestmark = pytest.mark.xdp
 
@@ -297,3 +301,56 @@ def test_the_cookie_input_matches_user_space_for_every_length_of_port_and_cid(pr
         assert run(prog, fr)[1] == "tx_cookie"
         assert wire.decode_hello(prog.out[-wire.HANDSHAKE_PAYLOAD_LEN:]).cookie == \
             cookie.compute(secrets.current, (V6[0], port), cid, e)
+
+
+# ---------------------------------------------------------------------------------------
+# end to end: `stcp connect` against an xdp-datapath server whose global hello budget is 0
+E2E_PORT = 4481
+
+
+def _counts(ns: str) -> dict:
+    return {k: v["packets"] for k, v in xdp_status(ns)["counters"].items()}
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["native", "generic"])
+def test_an_honest_client_connects_with_the_global_budget_at_0(mode, netns_pair, xdp_toolchain):
+    """The global hello budget at 0 and user space demanding a cookie of every hello: the
+    kernel answers the client's first hello with a COOKIE, passes the repeat that carries
+    it, and user space admits it; the echo comes back intact. Without the cookie keys in
+    the kernel the same client cannot get in."""
+    a, b = netns_pair
+    addr = f"{a.ip4}:{E2E_PORT}"
+    env = dict(os.environ, STCP_GSO="0") if mode == "generic" else None
+    data = os.urandom(256 << 10)
+    args = {"listen": addr, "iface": a.ifname, "mode": mode, "limits": {"hs_global_rate": 1, "hs_global_burst": 0},
+            "config": {"hello_rate": 0, "hello_burst": 0}}
+    with xdp_pass(b):                   # so that b's veth takes what a's program sends back
+        server = xdpserver.start(a, args)
+        try:
+            before = _counts(a.ns)
+            r = subprocess.run(b.cmd(*STCP, "connect", addr), input=data, capture_output=True, timeout=60, env=env)
+            assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+            assert r.stdout == data
+            after = _counts(a.ns)
+        finally:
+            stats = xdpserver.finish(server)
+        d = {k: after[k] - before[k] for k in after}
+        assert d["tx_cookie"] >= 1 and d["pass_cookie"] >= 1, d
+        assert d["pass_handshake"] == 0 and d["drop_bad_cookie"] == 0, d
+        assert stats["cookie_admitted"] >= 1 and stats["cookies_sent"] == 0, stats   # the kernel made the cookie
+
+        # the control: no cookie keys in the kernel (cookies=False), the same client is shut out
+        server = xdpserver.start(a, {**args, "limits": {**args["limits"], "cookies": False}})
+        try:
+            before = _counts(a.ns)
+            r = subprocess.run(b.cmd(*STCP, "connect", "--handshake-timeout", "1.5", addr), input=b"x",
+                               capture_output=True, timeout=60, env=env)
+            after = _counts(a.ns)
+        finally:
+            stats = xdpserver.finish(server)
+    assert r.returncode != 0 and r.stdout == b""
+    d = {k: after[k] - before[k] for k in after}
+    assert d["drop_hs_global"] >= 1 and d["tx_cookie"] == 0 and d["pass_cookie"] == 0, d
+    assert stats["cookie_admitted"] == 0

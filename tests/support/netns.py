@@ -90,3 +90,4 @@ def in_ns(ns: str) -> Iterator[None]:
 def ns_socket(ns: str, family: int, type_: int, proto: int = 0) -> socket.socket:
     with in_ns(ns):
         return socket.socket(family, type_, proto)
+

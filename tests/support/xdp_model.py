@@ -260,24 +260,23 @@ def _ones(words: bytes) -> int:
 def _cookie_reply(frame: bytes, l3: _Udp, u: int, p: bytes, mac: bytes) -> bytes:
     """The COOKIE record (client CID in the header; type, version, suite echoed; the cookie
     at payload bytes 16..31) in place of the hello, with MACs, IP addresses and UDP ports
-    swapped, TTL / hop limit 64, and the UDP checksum updated over the bytes that changed."""
+    swapped, TTL / hop limit 64, and the UDP checksum computed afresh."""
     out = bytearray(frame)
     o, rec = l3.l3, u + 8
     cookie = wire.HS_COOKIE.to_bytes(1, "big") + bytes([wire.PROTOCOL_VERSION, p[2]]) + bytes(13) + mac + bytes(32)
-    old, new = frame[rec + 8:rec + 88], p[8:16] + bytes(8) + cookie
-    out[rec + 8:rec + 88] = new
-    check = struct.unpack_from("!H", frame, u + 6)[0]
-    if check or not l3.v4:           # IPv4 may carry no checksum (0); IPv6 always does (RFC 1624 update)
-        folded = _ones(struct.pack("!H", ~check & 0xFFFF) + bytes(~b & 0xFF for b in old) + new)
-        check = (~folded & 0xFFFF) or 0xFFFF
-    out[u:u + 8] = frame[u + 2:u + 4] + frame[u:u + 2] + frame[u + 4:u + 6] + struct.pack("!H", check)
+    out[rec + 8:rec + 88] = p[8:16] + bytes(8) + cookie
+    out[u:u + 8] = frame[u + 2:u + 4] + frame[u:u + 2] + frame[u + 4:u + 6] + b"\0\0"
     out[0:12] = frame[6:12] + frame[0:6]
     if l3.v4:
         out[o + 12:o + 20] = frame[o + 16:o + 20] + frame[o + 12:o + 16]
         out[o + 8] = 64
         out[o + 10:o + 12] = b"\0\0"
         out[o + 10:o + 12] = struct.pack("!H", ~_ones(bytes(out[o:o + 20])) & 0xFFFF)
+        pseudo = bytes(out[o + 12:o + 20]) + struct.pack("!BBH", 0, UDP, wire.HANDSHAKE_RECORD_LEN + 8)
     else:
         out[o + 8:o + 40] = frame[o + 24:o + 40] + frame[o + 8:o + 24]
         out[o + 7] = 64
+        pseudo = bytes(out[o + 8:o + 40]) + struct.pack("!IxxxB", wire.HANDSHAKE_RECORD_LEN + 8, UDP)
+    check = ~_ones(pseudo + bytes(out[u:u + 8 + wire.HANDSHAKE_RECORD_LEN])) & 0xFFFF
+    out[u + 6:u + 8] = struct.pack("!H", check or 0xFFFF)
     return bytes(out)

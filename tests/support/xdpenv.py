@@ -3,10 +3,11 @@ host a (behind the program), senders in host b, and a check that crafted traffic
 exactly the verdict counters it should. Shared by the XDP datapath tests."""
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from tests.support.netns import Host, ns_socket
 from tests.support.packets import udp_frame
@@ -124,3 +125,23 @@ def expect_verdicts(env: Env, send: Callable[[], None], expected: Dict[str, int]
     want = {k: v for k, v in expected.items() if v and k != "pass_not_stcp"}
     assert moved == want, f"verdict counters moved {moved}, expected {want}"
     return d
+
+
+@contextlib.contextmanager
+def xdp_pass(host: Host) -> Iterator[None]:
+    """An XDP program that passes everything, attached (native) to host's veth end. A veth
+    takes the frames that the XDP program on its peer sends back (XDP_TX) only then: veth
+    schedules the receiving side for them only when that side runs XDP itself."""
+    from bcc import BPF
+
+    from stcp.datapath.netlink import MODE_FLAGS, Netlink
+    b = BPF(text=b"int stcp_test_pass(struct xdp_md *ctx) { return XDP_PASS; }")
+    fn = b.load_func(b"stcp_test_pass", BPF.XDP)
+    with Netlink(host.ns) as nl:
+        idx = nl.ifindex(host.ifname)
+        nl.set_xdp(idx, fn.fd, MODE_FLAGS["native"])
+        try:
+            yield
+        finally:
+            nl.clear_xdp(idx, "native")
+            b.cleanup()
