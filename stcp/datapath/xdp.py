@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import threading
 import time
@@ -49,7 +50,7 @@ log = logging.getLogger("stcp.datapath.xdp")
 # the limits write_config takes beyond the per-source hello bucket (validate_limits checks them)
 LIMITS = ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst", "ck_rate", "ck_burst", "uk_rate",
           "uk_burst")
-FULL_RETRY = 1.0              # seconds a failed live-table insert keeps hellos refused (then one is tried)
+FULL_RETRY = 1.0              # seconds a failed live-table insert keeps hellos refused without trying again
 
 
 class XdpDatapath:
@@ -327,13 +328,17 @@ class XdpDatapath:
         except OSError as e:
             if e.errno != errno.E2BIG:
                 raise
-            self.cid_table_full += 1
-            self._full_until = time.monotonic() + FULL_RETRY
-            log.warning("the live-connection table of the XDP program on %s is full (%d entries)",
-                        self.iface, self.max_cids)
+            self._table_full()
             return False
         self._cids.add(cid)
         return True
+
+    def _table_full(self) -> None:
+        self.cid_table_full += 1
+        if time.monotonic() >= self._full_until:
+            log.warning("the live-connection table of the XDP program on %s is full (%d entries)",
+                        self.iface, self.max_cids)
+        self._full_until = time.monotonic() + FULL_RETRY
 
     def remove_cid(self, cid: int) -> None:
         """Forget a connection ID, live or half-open."""
@@ -344,18 +349,29 @@ class XdpDatapath:
             # the LRU may have evicted a half-open entry: its count goes with our record of it
             if live or half or cid in self._half_open:
                 self._filter_adjust(cid, -1)
-            if live:
-                self._full_until = 0.0
             self._cids.discard(cid)
             self._half_open.discard(cid)
 
     def has_room(self) -> bool:
-        """Whether a new connection would find room in the live table: the connections this
-        object holds leave some, and no insert failed within FULL_RETRY seconds (the table
-        can hold entries it does not know of: another process's, a dead server's)."""
+        """Whether the live table has room for one more connection (a server asks before it
+        accepts a hello). The table may hold entries this object does not know of (another
+        process's, a dead server's), so it is asked: a throwaway CID is inserted and removed
+        at once (the prefilter never names it, so the program passes nothing for it). After
+        a failed insert, False for FULL_RETRY seconds without asking again."""
         if time.monotonic() < self._full_until:
             return False
-        return len(self._cids) + len(self._half_open) < self.max_cids
+        fd = self._h.maps["cids"]
+        probe = CID.pack(int.from_bytes(os.urandom(8), "big") | 1)
+        with self._lock:
+            try:
+                if bpf.map_update(fd, probe, b"\0", bpf.BPF_NOEXIST):
+                    bpf.map_delete(fd, probe)
+            except OSError as e:
+                if e.errno != errno.E2BIG:
+                    raise
+                self._table_full()
+                return False
+        return True
 
     def _filter_adjust(self, cid: int, delta: int) -> None:
         slot = cid_filter_slot(cid)

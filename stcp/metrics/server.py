@@ -47,6 +47,7 @@ ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
     "unknown_cid": "dropped_unknown_cid",
     "bad_hello": "dropped_bad_hello",
     "over_capacity": "dropped_over_capacity",
+    "cid_table_full": "dropped_cid_table_full",     # the kernel's live-CID table is full (REJECT_BUSY)
 }
 
 # Connection.stats fields summed over ended + live connections
