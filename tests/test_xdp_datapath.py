@@ -38,8 +38,10 @@ pytestmark = pytest.mark.xdp
 def env(request, xdp_toolchain):
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
+        # uk_rate 0: every record for an unknown CID is dropped (tests/test_xdp_reset.py
+        # covers the share let through for RESETs)
         dp = XdpDatapath.attach(a.ifname, PORT, request.param, MAX_RECORD, netns=a.ns,
-                                hs_rate=HS_RATE, hs_burst=HS_BURST)
+                                hs_rate=HS_RATE, hs_burst=HS_BURST, uk_rate=0)
         e = Env(a, b, dp, request.param)
         try:
             assert dp.mode == request.param and dp.attached

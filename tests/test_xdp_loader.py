@@ -55,7 +55,8 @@ def test_attach_status_attach_twice_force_detach(pair):
     assert "native mode" in r.stdout                   # veth supports native XDP; auto picks it
     link = xdp_on_link(a)
     assert "prog/xdp id" in link and "name stcp_xdp" in link
-    assert sorted(p.name for p in pins.iterdir()) == ["cid_filter", "cids", "config", "counters", "hs_bucket", "prog"]
+    assert sorted(p.name for p in pins.iterdir()) == ["buckets", "cid_filter", "cids", "config", "cookie", "counters",
+                                                      "half_open", "hs_bucket", "prog"]
 
     r = loader(*ns, "status", a.ifname)
     assert r.returncode == 0, r.stderr

@@ -56,7 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--hs-global-burst", type=int, default=xdp_prog.DEFAULT_HS_GLOBAL_BURST,
                    help=f"client hello burst from all sources together (default {xdp_prog.DEFAULT_HS_GLOBAL_BURST})")
     a.add_argument("--max-cids", type=int, default=xdp_prog.DEFAULT_MAX_CIDS,
-                   help=f"capacity of the live-connection table (default {xdp_prog.DEFAULT_MAX_CIDS})")
+                   help=f"capacity of the live-connection table; a server refuses a table smaller than its "
+                        f"connection limit (default {xdp_prog.DEFAULT_MAX_CIDS})")
+    a.add_argument("--half-open", type=int, default=xdp_prog.DEFAULT_HALF_OPEN,
+                   help=f"capacity of the half-open connections' table (default {xdp_prog.DEFAULT_HALF_OPEN})")
+    a.add_argument("--cookie-rate", type=int, default=xdp_prog.DEFAULT_CK_RATE,
+                   help=f"COOKIE replies the program sends per second toward one source prefix, 0 for none "
+                        f"(default {xdp_prog.DEFAULT_CK_RATE})")
+    a.add_argument("--cookie-burst", type=int, default=xdp_prog.DEFAULT_CK_BURST,
+                   help=f"COOKIE reply burst per source prefix (default {xdp_prog.DEFAULT_CK_BURST})")
+    a.add_argument("--unknown-cid-rate", type=int, default=xdp_prog.DEFAULT_UK_RATE,
+                   help=f"records for unknown connections let through per second (all sources), for the "
+                        f"server to answer with a RESET; 0 for none (default {xdp_prog.DEFAULT_UK_RATE})")
+    a.add_argument("--unknown-cid-burst", type=int, default=xdp_prog.DEFAULT_UK_BURST,
+                   help=f"burst of those (default {xdp_prog.DEFAULT_UK_BURST})")
     a.add_argument("--force", action="store_true", help="replace an XDP program already attached")
 
     d = sub.add_parser("detach", parents=[common], help="remove the XDP program and its pins")
@@ -80,6 +93,13 @@ def _global(c: dict) -> str:
     return f"{c['hs_global_rate']}/s burst {c['hs_global_burst']}"
 
 
+def _cookies(st: dict, c: dict) -> str:
+    if not st.get("cookie_keys"):
+        return "off (no server has written its cookie keys: hellos past the global budget are dropped)"
+    replies = f"{c['ck_rate']}/s burst {c['ck_burst']} per prefix" if c.get("ck_rate") else "none"
+    return f"on (keys of a running server), COOKIE replies {replies}"
+
+
 def _fmt_status(st: dict) -> str:
     if not st["attached"]:
         extra = f" (stale pins at {st['pin_dir']})" if st.get("pinned") else ""
@@ -89,7 +109,10 @@ def _fmt_status(st: dict) -> str:
         f"{st['iface']}: STCP XDP attached, {st['mode']} mode, prog id {st['prog_id']}",
         f"  port {c['port']}, max record {c['max_record_len']} bytes, "
         f"hellos {c['hs_rate']}/s burst {c['hs_burst']} per IPv4 /{c['hs_prefix4']} and IPv6 /{c['hs_prefix6']}, "
-        f"{_global(c)} in all, {st['live_cids']} live connection IDs",
+        f"{_global(c)} in all, {st['live_cids']} live and {st.get('half_open_cids', 0)} half-open "
+        f"connection IDs",
+        f"  cookies: {_cookies(st, c)}; unknown-CID records let through: "
+        + (f"{c['uk_rate']}/s burst {c['uk_burst']}" if c.get("uk_rate") else "none"),
         f"  pins: {st['pin_dir']}" + ("" if st["pinned"] else " (not pinned in this mount namespace)"),
         f"  {'verdict':<22}{'packets':>14}{'bytes':>16}",
     ]
@@ -106,7 +129,9 @@ def _run(args: argparse.Namespace) -> int:
         st = xdp_admin.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force,
                         netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids,
                         hs_prefix4=args.hs_prefix4, hs_prefix6=args.hs_prefix6,
-                        hs_global_rate=args.hs_global_rate, hs_global_burst=args.hs_global_burst)
+                        hs_global_rate=args.hs_global_rate, hs_global_burst=args.hs_global_burst,
+                        half_open=args.half_open, ck_rate=args.cookie_rate, ck_burst=args.cookie_burst,
+                        uk_rate=args.unknown_cid_rate, uk_burst=args.unknown_cid_burst)
         print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
               f"port {st['config']['port']}); maps pinned at {st['pin_dir']}")
         if st.get("private_pins"):

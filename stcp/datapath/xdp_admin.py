@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 from .errors import XdpNotAttached
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
+from .xdp_cookie import cookie_keys_live
 from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, ProgHandles, count_cids, find_stcp, pin_dir, read_config,
                        read_counters, remove_pins, require_root)
 
@@ -58,6 +59,7 @@ def status_of(iface: str, mode: Optional[str], h: Optional[ProgHandles], pins: s
     return {
         "iface": iface, "attached": True, "mode": mode, "prog_id": h.prog_id,
         "map_ids": dict(h.map_ids), "config": read_config(h), "live_cids": count_cids(h),
+        "half_open_cids": count_cids(h, "half_open"), "cookie_keys": cookie_keys_live(h.maps["cookie"]),
         "pin_dir": pins, "pinned": os.path.exists(f"{pins}/prog"),
         "counters": {k: {"packets": p, "bytes": b} for k, (p, b) in read_counters(h).items()},
     }

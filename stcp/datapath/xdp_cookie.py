@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from typing import Dict, Optional
 
 from ..cookie import SECRET_LEN, CookieSecrets
@@ -54,6 +55,12 @@ def write_keys(map_fd: int, secrets: CookieSecrets) -> bytes:
     value = pack_keys(secrets.current, secrets.previous, expires)
     bpf.map_update(map_fd, _KEY0, value)
     return value
+
+
+def cookie_keys_live(map_fd: int) -> bool:
+    """Whether the program holds cookie keys that have not expired (it then checks and makes cookies)."""
+    keys = read_keys(map_fd)
+    return keys is not None and keys["expires_ns"] >= time.monotonic_ns()
 
 
 def clear_keys(map_fd: int) -> bool:

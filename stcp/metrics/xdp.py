@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from ..datapath import bpf, xdp_prog
 from ..datapath.netlink import Netlink
+from ..datapath.xdp_cookie import cookie_keys_live
 from ..datapath.verdicts import Verdict
 
 log = logging.getLogger("stcp.metrics")
@@ -34,7 +35,8 @@ def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
     """One interface's STCP XDP state, found the way `stcp-loader status` finds it.
 
     {"attached": False} or {"attached": True, "mode", "per_cpu": {verdict: [(packets,
-    bytes), ...one per possible CPU]}, "live_cids", "run_time_ns", "run_cnt"}.
+    bytes), ...one per possible CPU]}, "live_cids", "half_open_cids", "cookie_keys" (1 if
+    the program holds unexpired cookie keys), "run_time_ns", "run_cnt"}.
     Raises XdpSetupError / OSError when the interface cannot be inspected.
     """
 
@@ -46,7 +48,9 @@ def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
     try:
         info = bpf.prog_info(h.prog_fd)
         return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
-                "live_cids": xdp_prog.count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+                "live_cids": xdp_prog.count_cids(h), "half_open_cids": xdp_prog.count_cids(h, "half_open"),
+                "cookie_keys": int(cookie_keys_live(h.maps["cookie"])),
+                "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
     finally:
         h.close()
 
@@ -144,7 +148,8 @@ class XdpCollector(Collector):
                                      "interface, in the given mode (native, generic, offload); 0 with "
                                      "mode=\"none\" if it is not (stale pins, detached).", labels=base + ["mode"])
         packets = CounterMetricFamily("stcp_xdp_packets", "Frames the STCP XDP program handled, by verdict "
-                                      "(pass_* go up the stack, drop_* are dropped in the driver).",
+                                      "(pass_* go up the stack, drop_* are dropped in the driver, tx_* are "
+                                      "answered by the program out of the interface).",
                                       labels=base + ["verdict"])
         nbytes = CounterMetricFamily("stcp_xdp_bytes", "Bytes of those frames (from the Ethernet header), "
                                      "by verdict.", labels=base + ["verdict"])
@@ -152,6 +157,12 @@ class XdpCollector(Collector):
                                           "the XDP program (the RX queue's CPU).", labels=base + ["cpu", "verdict"])
         cids = GaugeMetricFamily("stcp_xdp_live_cids", "Entries in the XDP live-connection-ID table.",
                                  labels=base)
+        half_open = GaugeMetricFamily("stcp_xdp_half_open_cids", "Entries in the XDP table of half-open "
+                                      "connections' IDs (an LRU).", labels=base)
+        keys = GaugeMetricFamily("stcp_xdp_cookie_keys", "1 if the XDP program holds the server's cookie keys "
+                                 "(unexpired): it checks cookies and answers hellos past its global budget "
+                                 "with COOKIEs; 0 if not (no server writes them: hellos past the budget are "
+                                 "dropped).", labels=base)
         run_s = CounterMetricFamily("stcp_xdp_run_seconds", "Time spent running the XDP program (kernel BPF "
                                     "statistics; only while sysctl kernel.bpf_stats_enabled=1).", labels=base)
         runs = CounterMetricFamily("stcp_xdp_runs", "Runs of the XDP program counted by kernel BPF statistics "
@@ -170,6 +181,8 @@ class XdpCollector(Collector):
                 for cpu, (p, _b) in enumerate(vals):
                     cpu_packets.add_metric(lb + [str(cpu), v.key], p)
             cids.add_metric(lb, snap["live_cids"])
+            half_open.add_metric(lb, snap.get("half_open_cids", 0))
+            keys.add_metric(lb, snap.get("cookie_keys", 0))
             if bpf_stats or snap.get("run_cnt"):
                 run_s.add_metric(lb, snap.get("run_time_ns", 0) / 1e9)
                 runs.add_metric(lb, snap.get("run_cnt", 0))
@@ -178,6 +191,8 @@ class XdpCollector(Collector):
         yield nbytes
         yield cpu_packets
         yield cids
+        yield half_open
+        yield keys
         yield GaugeMetricFamily("stcp_xdp_bpf_stats_enabled", "1 if kernel BPF run-time statistics are on "
                                 "(sysctl kernel.bpf_stats_enabled).", value=int(bpf_stats))
         if run_s.samples:
