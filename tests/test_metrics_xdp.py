@@ -166,6 +166,8 @@ def test_status_and_metrics_agree(xdp_env):
         pytest.fail("the STCP verdict counters never held still for three commands")
     assert st1["attached"] and s.get("stcp_xdp_attached", mode=st1["mode"], **lab) == 1
     assert s.get("stcp_xdp_live_cids", **lab) == st1["live_cids"]
+    assert s.get("stcp_xdp_half_open_cids", **lab) == st1["half_open_cids"] == 0
+    assert s.get("stcp_xdp_cookie_keys", **lab) == int(st1["cookie_keys"]) == 0    # no server wrote any
     for verdict, c in st1["counters"].items():
         got_p = s.get("stcp_xdp_packets_total", verdict=verdict, **lab)
         got_b = s.get("stcp_xdp_bytes_total", verdict=verdict, **lab)
