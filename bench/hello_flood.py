@@ -47,14 +47,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.xdp_flood import (REPO, RESULTS, _read, _steer, cpu_jiffies, env, loader_status, log, pinned,
-                             proc_cpu, wait_line)
+from bench.xdp_flood import (REPO, RESULTS, _read, _steer, cpu_jiffies, env, loader_status, pinned, proc_cpu,
+                             wait_line)
 
 PORT = 7560
 SERVER_CPU, CLIENT_CPU = 0, 1
 SPOOF_PREFIX = "10.99.0.0/16"
 HANDSHAKE_TIMEOUT = 5.0
 TARGETS = {"handshake_p99_s": 0.100, "goodput_ratio": 0.80}
+
+
+def log(*a) -> None:
+    print("hello_flood:", *a, file=sys.stderr, flush=True)
 SERVERS = {   # name -> (datapath, cookies)
     "socket": ("socket", False),
     "socket+cookies": ("socket", True),
@@ -175,7 +179,7 @@ int sink(struct xdp_md *ctx) {
     u32 zero = 0;
     if ((void *)(ip + 1) > end || eth->h_proto != htons(ETH_P_IP))
         return XDP_PASS;
-    if ((ip->daddr & htonl(MASK)) != htonl(NET))
+    if ((ip->daddr & htonl(SPOOF_MASK)) != htonl(SPOOF_NET))
         return XDP_PASS;
     u64 *n = sunk.lookup(&zero);
     if (n)
@@ -195,8 +199,8 @@ class Sink:
 
         from stcp.datapath.netlink import MODE_FLAGS, Netlink
         net = ipaddress.ip_network(prefix)
-        self.b = BPF(text=SINK.encode(), cflags=[f"-DNET={int(net.network_address)}U",
-                                                  f"-DMASK={int(net.netmask)}U"])
+        self.b = BPF(text=SINK.encode(), cflags=[f"-DSPOOF_NET={int(net.network_address)}U",
+                                                  f"-DSPOOF_MASK={int(net.netmask)}U"])
         fn = self.b.load_func(b"sink", BPF.XDP)
         self.nl = Netlink(host.ns)
         self.idx = self.nl.ifindex(host.ifname)

@@ -13,12 +13,19 @@
  * tag, an IPv6 extension chain longer than IPV6_EXT_MAX. A later IP fragment of a UDP
  * datagram has no UDP header, so its port cannot be told: it is dropped as drop_fragment
  * whatever its port (STCP never fragments; other UDP services on the interface lose their
- * fragmented datagrams). tests/xdp_model.py states these rules in Python and
+ * fragmented datagrams). tests/support/xdp_model.py states these rules in Python and
  * tests/test_xdp_fuzz.py checks the program against it on random and mutated frames.
  *
+ * Client hellos: a bucket per source prefix, then a global budget; with the server's
+ * cookie keys in stcp_cookie, a hello with a valid cookie skips the global budget and a
+ * hello past it is answered here with a COOKIE (XDP_TX, bpf/stcp_cookie.h). Data records:
+ * passed for a CID in the live table (ENCRYPTED connections) or the half-open LRU; for
+ * any other CID a budgeted few are passed, so the server can answer with a stateless
+ * RESET, and the rest dropped.
+ *
  * Every path ends in count(), which bumps the per-CPU (packets, bytes) counter of its
- * verdict and returns XDP_PASS or XDP_DROP. Style after xdp-tutorial: a cursor, small
- * parse helpers, a bounds check before every read.
+ * verdict and returns XDP_PASS, XDP_DROP or XDP_TX. Style after xdp-tutorial: a cursor,
+ * small parse helpers, a bounds check before every read.
  */
 #include <uapi/linux/bpf.h>
 #include <linux/types.h>

@@ -226,12 +226,9 @@ class ServerEndpoint:
             self._check_half_open(conn)
             return conn, False
         half_open = len(self._half_open)
-        table_full = self.cid_room is not None and not self.cid_room()
-        if len(self.connections) >= self.max_connections or half_open >= 2 * self.max_half_open or table_full:
+        if len(self.connections) >= self.max_connections or half_open >= 2 * self.max_half_open:
             if len(self.connections) >= self.max_connections:
                 self.stats.dropped_over_capacity += 1
-            elif table_full:
-                self.stats.dropped_cid_table_full += 1
             self._reject(hello.sender_cid, hello.suite, wire.REJECT_BUSY, addr)
             return None, False
         if half_open >= self.max_half_open or not self._hello_budget.take(now):
@@ -243,6 +240,10 @@ class ServerEndpoint:
                 self._reply(cookie_record(hello.sender_cid, hello.suite, cookie), addr)
                 return None, False
             self.stats.cookie_admitted += 1
+        if self.cid_room is not None and not self.cid_room():     # asked only of a hello about to be served
+            self.stats.dropped_cid_table_full += 1
+            self._reject(hello.sender_cid, hello.suite, wire.REJECT_BUSY, addr)
+            return None, False
         try:
             conn = Connection.server(self.config, data, hello, now)
         except Rejected as exc:
