@@ -41,5 +41,9 @@ class RecordCipher:
         """data cut into records of one STREAM frame of `chunk` bytes each (the last may be shorter and
         carries FIN if fin), sealed back to back with seqs first_seq, first_seq + 1, ...; at most 4096
         records. ValueError on empty data or chunk outside 1..65535."""
+    def open_records(self, datagrams: Sequence[Union[ReadableBuffer, tuple]], cid: int, epoch: int,
+                     largest_pn: int, limit: int, max_len: int = ...) -> list:
+        """One connection's datagrams of a receive batch (stcp.crypto.RecordKey.open_records is the
+        reference): stretches of in-order stream data, other new authentic records, and the rest."""
     def open_batch(self, records: Sequence[ReadableBuffer]) -> list[Union[bytes, None]]:
         """Plaintexts, None where a record is malformed or fails authentication (seq from each header)."""

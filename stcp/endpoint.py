@@ -4,7 +4,10 @@ Data records are routed by the connection ID in their header; client hellos by (
 address, client CID), so a retransmitted hello reaches the connection it already made and
 gets the same server hello back instead of a second connection. A datagram that names no
 connection is dropped and counted; one that names a connection is that connection's
-business alone, so a bad record can end only the connection it was aimed at.
+business alone, so a bad record can end only the connection it was aimed at, and only when
+it comes from that connection's peer address: from anywhere else, what does not
+authenticate is discarded and counted, and what does moves the connection there
+(PROTOCOL.md §10.2).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Tuple
 
 from . import wire
+from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
 from .connection import Config, Connection
 from .errors import MalformedRecord
 from .handshake import Rejected, reject_record
@@ -68,15 +72,20 @@ class EndpointStats:
     dropped_bad_hello: int = 0
     dropped_over_capacity: int = 0
     handshakes_rejected: int = 0
+    migrations: int = 0               # connections moved to a new peer address (§10.2)
 
 
 class ServerEndpoint:
-    def __init__(self, config: Config, max_connections: int = 100_000):
+    def __init__(self, config: Config, max_connections: int = 100_000, shed_after: float = SHED_AFTER):
         self.config = config
         self.max_connections = max_connections
+        self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
+        self.shed_after = shed_after
+        self._next_shed_scan = 0.0
         self.connections: Dict[int, Connection] = {}
         self.peer_addr: Dict[int, Hashable] = {}
         self._by_hello: Dict[Tuple[Hashable, int], Connection] = {}
+        self._hello_key: Dict[int, Tuple[Hashable, int]] = {}     # cid -> its _by_hello key
         self.stats = EndpointStats()
         self.rejects: List[Tuple[bytes, Hashable]] = []    # REJECT records waiting to be sent
 
@@ -92,14 +101,18 @@ class ServerEndpoint:
         if conn is None:
             self.stats.dropped_unknown_cid += 1
             return None, False
-        conn.receive_datagram(data, now)
+        from_peer = addr == self.peer_addr.get(cid)
+        if conn.receive_datagram(data, now, from_peer) and not from_peer:
+            self._migrate(conn, addr)
+        if self.budget.exhausted:
+            self.shed(now)
         return conn, False
 
     def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
         """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
-        each connection getting its own in one
-        receive_datagrams call, in arrival order; return (connections that got any, new ones)."""
-        pending: Dict[Connection, List[bytes]] = {}
+        each connection getting its own from each source address in one receive_datagrams call,
+        in arrival order; return (connections that got any, new ones)."""
+        pending: Dict[Tuple[Connection, Hashable], List[bytes]] = {}
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
         connections = self.connections
@@ -109,9 +122,9 @@ class ServerEndpoint:
                 if conn is None:
                     self.stats.dropped_unknown_cid += wire.count_datagrams(datagrams)
                     continue
-                records = pending.get(conn)
+                records = pending.get((conn, addr))
                 if records is None:
-                    pending[conn] = datagrams
+                    pending[(conn, addr)] = datagrams
                     touched[conn] = None
                 else:
                     records += datagrams
@@ -126,12 +139,39 @@ class ServerEndpoint:
                 if is_new:
                     new.append(conn)
         self._deliver(pending, now)
+        if self.budget.exhausted:
+            touched.update(dict.fromkeys(self.shed(now)))
         return list(touched), new
 
-    @staticmethod
-    def _deliver(pending: Dict[Connection, List[bytes]], now: float) -> None:
-        for conn, records in pending.items():
-            conn.receive_datagrams(records, now)
+    def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[bytes]], now: float) -> None:
+        peer_addr = self.peer_addr
+        for (conn, addr), records in pending.items():
+            from_peer = addr == peer_addr.get(conn.local_cid)
+            if conn.receive_datagrams(records, now, from_peer) and not from_peer:
+                self._migrate(conn, addr)
+
+    def shed(self, now: float) -> List[Connection]:
+        """Over the memory budget: end the connections holding the most that made no progress
+        for shed_after seconds, until the rest fit (at most every SHED_INTERVAL seconds).
+        They are closed with a CLOSE the caller sends like any other (they are returned)."""
+        budget = self.budget
+        if now < self._next_shed_scan or budget.used <= budget.limit:
+            return []
+        self._next_shed_scan = now + SHED_INTERVAL
+        victims = budget.victims(self.connections.values(), now, self.shed_after)
+        for conn in victims:
+            conn.shed(f"server memory budget exhausted: this connection held {conn.footprint} bytes "
+                      f"without progress for {now - conn.progress_time(now):.1f} s", now)
+            budget.shed += 1
+        return victims
+
+    def _migrate(self, conn: Connection, addr: Hashable) -> None:
+        """The peer's newest authenticated record came from `addr` (NAT rebinding, or the
+        client moved): send there from now on (PROTOCOL.md §10.2)."""
+        if conn.local_cid not in self.connections or conn.is_closed:
+            return
+        self.peer_addr[conn.local_cid] = addr
+        self.stats.migrations += 1
 
     def _receive_hello(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
         try:
@@ -159,12 +199,14 @@ class ServerEndpoint:
             return None, False
         if conn.local_cid in self.connections:    # 64-bit collision: let the client's retransmission retry
             return None, False
+        conn.budget = self.budget
         self.connections[conn.local_cid] = conn
         self.peer_addr[conn.local_cid] = addr
         self._by_hello[key] = conn
+        self._hello_key[conn.local_cid] = key
         return conn, True
 
     def remove(self, conn: Connection) -> None:
         self.connections.pop(conn.local_cid, None)
-        addr = self.peer_addr.pop(conn.local_cid, None)
-        self._by_hello.pop((addr, conn.peer_cid), None)
+        self.peer_addr.pop(conn.local_cid, None)
+        self._by_hello.pop(self._hello_key.pop(conn.local_cid, None), None)

@@ -68,9 +68,17 @@ class ReceivedPackets:
             dropped = self.ranges.pop(0)
             self.floor = dropped[1] + 1
 
-    def ack_ranges(self, limit: int) -> Tuple[Tuple[int, int], ...]:
-        """The newest `limit` ranges, highest first, as an AckFrame wants them."""
-        return tuple((lo, hi) for lo, hi in reversed(self.ranges[-limit:]))
+    def ack_ranges(self, limit: int, horizon: int) -> Tuple[Tuple[int, int], ...]:
+        """The newest `limit` ranges, highest first, as an AckFrame wants them, leaving out
+        ranges that lie wholly more than `horizon` packet numbers below the largest."""
+        ranges = self.ranges[-limit:]
+        floor = ranges[-1][1] - horizon
+        out = []
+        for lo, hi in reversed(ranges):
+            if hi < floor:
+                break
+            out.append((lo, hi))
+        return tuple(out)
 
     @property
     def largest(self) -> int:

@@ -642,17 +642,20 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
     unsigned char *plain = NULL;
     Py_ssize_t m = 0, nviews = 0, n = 0, i, total = 0;
     Py_ssize_t *segs = NULL;
-    uint64_t cid, epoch, high, limit;
+    uint64_t cid, epoch, high, limit, max_len = UINT64_MAX;
     int liberr = 0, shared = 0;
 
     if (!ready(self)) return NULL;
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "open_records() takes 5 arguments (datagrams, cid, epoch, largest_pn, "
-                     "limit), got %zd", nargs);
+    if (nargs != 5 && nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "open_records() takes 5 or 6 arguments (datagrams, cid, epoch, largest_pn, "
+                     "limit[, max_len]), got %zd", nargs);
         return NULL;
     }
     if (get_u64(args[1], "cid", &cid) || get_u64(args[2], "epoch", &epoch) || get_u64(args[4], "limit", &limit))
         return NULL;
+    /* records longer than max_len (the receiver's max_datagram) are not opened: the general
+     * path discards them (PROTOCOL.md 7) */
+    if (nargs == 6 && get_u64(args[5], "max_len", &max_len)) return NULL;
     {   /* largest_pn may be -1: nothing received yet */
         long long lp = PyLong_AsLongLong(args[3]);
         if (lp == -1 && PyErr_Occurred()) return NULL;
@@ -705,7 +708,8 @@ static PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *
         x->pn = seq & (((uint64_t)1 << 48) - 1);
         int is_new = x->pn > high;
         if (x->pn > high) high = x->pn;        /* later records at or below it take the general path */
-        if (!is_new || (seq >> 48) != epoch || check_record(r, x->len, &why)) continue;
+        if (!is_new || (seq >> 48) != epoch || (uint64_t)x->len > max_len || check_record(r, x->len, &why))
+            continue;
         x->state = 0;
         x->pos = total;
         total += x->len - HEADER_LEN - TAG_LEN;
@@ -800,11 +804,11 @@ static PyMethodDef RecordCipher_methods[] = {
      "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
      "sealed back to back with seqs first_seq, first_seq+1, ..."},
     {"open_records", (PyCFunction)(void (*)(void))RecordCipher_open_records, METH_FASTCALL,
-     "open_records(datagrams, cid, epoch, largest_pn, limit) -> list: in datagram order (an entry may\n"
+     "open_records(datagrams, cid, epoch, largest_pn, limit[, max_len]) -> list: in datagram order (an entry may\n"
      "be a (buffer, segment_size) pair standing for the datagrams back to back in it),\n"
      "(offset, count, data, first_pn, record_bytes) for each stretch of new records of plain in-order\n"
      "stream data, (plaintext, pn, record_len) for other new authentic records, and the datagram itself\n"
-     "for everything else (not new, other epoch or connection, malformed, not authentic)."},
+     "for everything else (not new, other epoch or connection, longer than max_len, malformed, not authentic)."},
     {"open_batch", (PyCFunction)(void (*)(void))RecordCipher_open_batch, METH_FASTCALL,
      "open_batch(records) -> list[bytes | None]: None where a record is malformed or fails authentication."},
     {NULL}
