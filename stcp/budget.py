@@ -7,11 +7,13 @@ flow-control credit; if it stays above, the endpoint sheds the connections holdi
 that have made no progress (nothing read by the application, nothing acknowledged by the
 peer) for SHED_AFTER seconds. A window already granted cannot be taken back, so the sum can
 exceed the limit by credit granted before it was reached; shedding brings it back.
+Progress means PROGRESS_BYTES read or acknowledged, so a peer cannot keep a full window
+pinned by acknowledging a byte now and then.
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterable, List
+from typing import TYPE_CHECKING, Callable, Iterable, List, Optional
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_CAP = 1 << 30          # the default is an eighth of the machine's memory, at most this
 SHED_AFTER = 1.0               # seconds without progress before a connection may be shed
 SHED_INTERVAL = 0.1            # the endpoint looks for connections to shed at most this often
+PROGRESS_BYTES = 64 << 10      # reads + acknowledgements that count as progress
 
 
 def default_memory_budget() -> int:
@@ -30,7 +33,7 @@ def default_memory_budget() -> int:
 
 
 class MemoryBudget:
-    __slots__ = ("limit", "used", "peak", "shed", "credit_withheld")
+    __slots__ = ("limit", "used", "peak", "shed", "credit_withheld", "shed_hook")
 
     def __init__(self, limit: int):
         if limit <= 0:
@@ -40,6 +43,9 @@ class MemoryBudget:
         self.peak = 0
         self.shed = 0               # connections shed to get back under the limit
         self.credit_withheld = 0    # credit grants postponed because the budget was exhausted
+        # the endpoint's shed(now): a connection whose grant is postponed calls it from its
+        # timer, so a server that receives nothing still sheds
+        self.shed_hook: Optional[Callable[[float], object]] = None
 
     @property
     def exhausted(self) -> bool:

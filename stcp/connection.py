@@ -17,7 +17,7 @@ from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
 from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
                      MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
-from .budget import MemoryBudget
+from .budget import PROGRESS_BYTES, MemoryBudget
 from .handshake import ClientHandshake, Keys, server_respond
 from .recovery import (CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_ACK_DELAY, MAX_DATA as _MAX_DATA,
                        PING as _PING, STREAM as _STREAM, Group, Recovery, SentPacket, SentRun)
@@ -281,10 +281,11 @@ class Connection:
         return self._recv.buffered + self._send.unacked_bytes
 
     def progress_time(self, now: float) -> float:
-        """When the application last read or the peer last acknowledged anything, as far as
-        calls to this method (with their `now`) have seen; the creation time if never."""
+        """When the application's reads plus the peer's acknowledgements last added up to
+        PROGRESS_BYTES more (a trickle is not progress), as far as calls to this method (with
+        their `now`) have seen; the creation time if never."""
         mark = self._recv.consumed + self._send.acked_to
-        if mark != self._progress_mark:
+        if mark >= self._progress_mark + PROGRESS_BYTES:
             self._progress_mark, self._progress_time = mark, now
         return self._progress_time
 
@@ -787,6 +788,9 @@ class Connection:
                 and not self._recovery.ack_eliciting_in_flight:
             self._ping_due = True
         if self._credit_withheld and now >= (self._credit_retry_at or 0.0):
+            budget = self.budget
+            if budget.exhausted and budget.shed_hook is not None:
+                budget.shed_hook(now)
             self._credit_retry_at = None if self._grant_credit() else now + _CREDIT_RETRY
         timer = self._recovery.timer() if self._draining_until is None else None
         if timer is not None and now >= timer:
@@ -887,7 +891,8 @@ class Connection:
         start = send.next_offset
         n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_RECORDS, _MAX_RUN_BYTES // size,
                 self.config.key_update_interval - self._sealed_under_key,
-                (min(send.end, self._peer_max_data) - start) // chunk)
+                (min(send.end, self._peer_max_data) - start) // chunk,
+                wire.PN_MASK - 1 - self._next_pn)      # near the last packet number: one by one
         if n < 2:
             return False
         stop = start + n * chunk

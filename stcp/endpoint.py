@@ -80,6 +80,7 @@ class ServerEndpoint:
         self.config = config
         self.max_connections = max_connections
         self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
+        self.budget.shed_hook = self.shed
         self.shed_after = shed_after
         self._next_shed_scan = 0.0
         self.connections: Dict[int, Connection] = {}
