@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from stcp import wire
-from stcp.connection import _SKIP_SPAN, Config, Connection
+from stcp.send import SKIP_SPAN as _SKIP_SPAN
 from stcp.congestion import NewReno
 from stcp.errors import CloseCode
 from stcp.recovery import STREAM, Recovery, SentPacket

@@ -83,9 +83,11 @@ def line_events(module_files):
 
 def _core_files():
     import stcp.connection
+    import stcp.receive
+    import stcp.send
     import stcp.stream
     import stcp.wire
-    return {stcp.stream.__file__, stcp.connection.__file__, stcp.wire.__file__}
+    return {m.__file__ for m in (stcp.connection, stcp.receive, stcp.send, stcp.stream, stcp.wire)}
 
 
 def test_overlapping_frames_hold_no_more_than_the_window():

@@ -10,11 +10,11 @@ import pytest
 
 from stcp import wire
 from stcp.api import _closed_error
-from stcp.connection import Config, ConnectionClosed, printable
+from stcp.connection import printable
 from stcp.crypto import RecordKey
 from stcp.errors import CloseCode, KeyUpdateError
 from stcp.state import State
-from tests.test_adversarial_reassembly import ADDR, Peer
+from tests.test_adversarial_reassembly import Peer
 
 _HDR = wire.HEADER_STRUCT
 
