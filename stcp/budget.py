@@ -33,14 +33,13 @@ def default_memory_budget() -> int:
 
 
 class MemoryBudget:
-    __slots__ = ("limit", "used", "peak", "shed", "credit_withheld", "shed_hook")
+    __slots__ = ("limit", "used", "shed", "credit_withheld", "shed_hook")
 
     def __init__(self, limit: int):
         if limit <= 0:
             raise ValueError("the memory budget must be a positive number of bytes")
         self.limit = limit
-        self.used = 0               # bytes the connections hold now
-        self.peak = 0
+        self.used = 0               # bytes the connections hold now (each adds its own changes)
         self.shed = 0               # connections shed to get back under the limit
         self.credit_withheld = 0    # credit grants postponed because the budget was exhausted
         # the endpoint's shed(now): a connection whose grant is postponed calls it from its
@@ -50,11 +49,6 @@ class MemoryBudget:
     @property
     def exhausted(self) -> bool:
         return self.used >= self.limit
-
-    def charge(self, delta: int) -> None:
-        self.used += delta
-        if self.used > self.peak:
-            self.peak = self.used
 
     def victims(self, connections: Iterable["Connection"], now: float,
                 shed_after: float = SHED_AFTER) -> List["Connection"]:

@@ -210,9 +210,11 @@ class Connection(ReceivePath, SendPath):
     def _account(self) -> None:
         budget = self.budget
         if budget is not None:
-            held = 0 if self.state == State.CLOSED else self._recv.buffered + self._send.unacked_bytes
+            recv, send = self._recv, self._send
+            held = 0 if self.state is State.CLOSED else \
+                recv.held + recv.delivered_to - recv.consumed + send.end - send.acked_to   # footprint
             if held != self._charged:
-                budget.charge(held - self._charged)
+                budget.used += held - self._charged
                 self._charged = held
 
     def _grant_credit(self) -> bool:

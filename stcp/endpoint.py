@@ -105,7 +105,7 @@ class ServerEndpoint:
         from_peer = addr == self.peer_addr.get(cid)
         if conn.receive_datagram(data, now, from_peer) and not from_peer:
             self._migrate(conn, addr)
-        if self.budget.exhausted:
+        if self.budget.used > self.budget.limit:
             self.shed(now)
         return conn, False
 
@@ -140,7 +140,7 @@ class ServerEndpoint:
                 if is_new:
                     new.append(conn)
         self._deliver(pending, now)
-        if self.budget.exhausted:
+        if self.budget.used > self.budget.limit:
             touched.update(dict.fromkeys(self.shed(now)))
         return list(touched), new
 

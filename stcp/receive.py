@@ -61,7 +61,8 @@ class ReceivePath:
         """Process one UDP datagram addressed to this connection. Never raises for bad input."""
         newest = self._receive_one(data, now, from_peer)
         self._finish_rx_event()
-        self._after_receive()
+        if self.budget is not None:
+            self._after_receive()
         return newest
 
     def receive_datagrams(self, datagrams: list, now: float, from_peer: bool = True) -> bool:
@@ -76,7 +77,8 @@ class ReceivePath:
             for data in wire.expand_datagrams(datagrams):
                 newest |= self._receive_one(data, now, from_peer)
             self._finish_rx_event()
-            self._after_receive()
+            if self.budget is not None:
+                self._after_receive()
             return newest
         key = self._keys.recv
         epoch = key.epoch
@@ -96,7 +98,8 @@ class ReceivePath:
                     continue
                 # records of contiguous stream data: accounted for as _accept would one by one
                 offset, count, data, first_pn, record_bytes = item
-                if recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + len(data)):
+                if recv.held and recv.fragments >= recv.max_fragments \
+                        and recv.opens_fragment(offset, offset + len(data)):
                     self.stats.discarded["reassembly"] += count
                     continue
                 received.add_consecutive(first_pn, first_pn + count - 1)
@@ -112,14 +115,15 @@ class ReceivePath:
             except STCPError as exc:
                 self._on_receive_error(exc, now)
         self._finish_rx_event()
-        self._after_receive()
+        if self.budget is not None:
+            self._after_receive()
         return newest
 
     def _after_receive(self) -> None:
-        if self.budget is not None:
-            if self._credit_withheld:
-                self._grant_credit()
-            self._account()
+        """A server connection: retry a postponed credit grant, charge the budget what it holds."""
+        if self._credit_withheld:
+            self._grant_credit()
+        self._account()
 
     def _receive_one(self, data: bytes, now: float, from_peer: bool = True) -> bool:
         if self.state == State.CLOSED:
@@ -186,14 +190,14 @@ class ReceivePath:
             # building frame objects
             _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext)
             if length == len(plaintext) - wire.STREAM_FRAME_OVERHEAD and flags <= wire.STREAM_FLAG_FIN:
-                if recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + length):
+                if recv.held and recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + length):
                     self.stats.discarded["reassembly"] += 1
                     return False
-                self._mark_received(pn, record_len, now)
+                newest = self._mark_received(pn, record_len, now)
                 self._on_stream_data(offset, plaintext[wire.STREAM_FRAME_OVERHEAD:], flags == wire.STREAM_FLAG_FIN)
                 self._ack_eliciting_received(pn, now)
                 self._check_finished(now)
-                return pn == self._received.largest
+                return newest
         frames = wire.decode_frames(plaintext)
         if recv.fragments + len(frames) > recv.max_fragments:
             opening = sum(1 for f in frames if type(f) is wire.StreamFrame
@@ -201,7 +205,7 @@ class ReceivePath:
             if opening and recv.fragments + opening > recv.max_fragments:
                 self.stats.discarded["reassembly"] += 1
                 return False
-        self._mark_received(pn, record_len, now)
+        newest = self._mark_received(pn, record_len, now)
         ack_eliciting = False
         handlers = _FRAME_HANDLERS
         for frame in frames:
@@ -212,15 +216,17 @@ class ReceivePath:
         if ack_eliciting:
             self._ack_eliciting_received(pn, now)
         self._check_finished(now)
-        return pn == self._received.largest
+        return newest
 
-    def _mark_received(self, pn: int, record_len: int, now: float) -> None:
-        self._received.add(pn)
+    def _mark_received(self, pn: int, record_len: int, now: float) -> bool:
+        """Count the record as received; True when its pn is the largest received."""
+        newest = self._received.add(pn)
         self.stats.records_received += 1
         self.stats.bytes_received += record_len
         self._last_activity = now
         if self.state == State.KEY_EXCHANGE:
             self._keys_confirmed(now)
+        return newest
 
     # frame handlers (_FRAME_HANDLERS): True if the frame is ack-eliciting, None to stop
     def _frame_stream(self, frame: wire.StreamFrame, epoch: int, now: float) -> Optional[bool]:

@@ -28,18 +28,21 @@ class ReceivedPackets:
         i = bisect_right(ranges, [pn, float("inf")]) - 1
         return i >= 0 and ranges[i][0] <= pn <= ranges[i][1]
 
-    def add(self, pn: int) -> None:
-        """Record pn, which the caller has checked is not a duplicate."""
+    def add(self, pn: int) -> bool:
+        """Record pn, which the caller has checked is not a duplicate; True if it is the largest."""
         ranges = self.ranges
         if ranges:
             last = ranges[-1]
             if pn == last[1] + 1:          # the in-order fast path
                 last[1] = pn
-                return
+                return True
             if pn > last[1]:
                 ranges.append([pn, pn])
                 self._trim()
-                return
+                return True
+        else:
+            ranges.append([pn, pn])
+            return True
         i = bisect_right(ranges, [pn, float("inf")])
         joins_left = i > 0 and ranges[i - 1][1] + 1 == pn
         joins_right = i < len(ranges) and ranges[i][0] - 1 == pn
@@ -53,6 +56,7 @@ class ReceivedPackets:
         else:
             ranges.insert(i, [pn, pn])
             self._trim()
+        return False
 
     def add_consecutive(self, first: int, last: int) -> None:
         """Record new pns first..last (checked by the caller: all above `largest`)."""

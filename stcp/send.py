@@ -27,7 +27,7 @@ _SKIPPED_KEPT = 64
 # An ACK reports no range lying entirely more than this many packet numbers below the largest
 # received: older ranges were reported many times already, and the gaps skipping leaves would
 # otherwise fill every ACK with stale ranges.
-ACK_HORIZON = 1024
+ACK_HORIZON = 256
 _MIN_STREAM_CHUNK = 64
 # A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
 # the whole buffer must fit one UDP datagram's length.

@@ -20,7 +20,7 @@ class SendStream:
     def __init__(self) -> None:
         self._chunks: List[bytes] = []
         self._starts: List[int] = []   # stream offset of each chunk
-        self._end = 0
+        self.end = 0               # stream offset after the last byte written
         self.acked_to = 0          # every byte below is acknowledged
         self.acked_above: List[Tuple[int, int]] = []   # acknowledged [start, end) above acked_to
         self.next_offset = 0       # first byte never sent
@@ -31,10 +31,6 @@ class SendStream:
         self.fin_lost = False
 
     @property
-    def end(self) -> int:
-        return self._end
-
-    @property
     def unacked_bytes(self) -> int:
         return self.end - self.acked_to
 
@@ -43,8 +39,8 @@ class SendStream:
             raise ProtocolViolation("write after the sending direction was finished")
         if data:
             self._chunks.append(bytes(data))
-            self._starts.append(self._end)
-            self._end += len(data)
+            self._starts.append(self.end)
+            self.end += len(data)
 
     def finish(self) -> None:
         self.fin_requested = True
@@ -285,6 +281,19 @@ class RecvStream:
             ends.insert(i, end)
             frags.insert(i, deque((data,)))
             self.held += len(data)
+            return
+        if j == i + 1 and (start >= starts[i] or end <= ends[i]):
+            # the common cases: data running on from one fragment's end, or up to its start
+            if end > ends[i]:
+                tail = data[ends[i] - start:]
+                _append(frags[i], (tail,))
+                ends[i] = end
+                self.held += len(tail)
+            if start < starts[i]:
+                head = data[:starts[i] - start]
+                _prepend(frags[i], (head,))
+                starts[i] = start
+                self.held += len(head)
             return
         # fill what lies before, between and after the touched fragments, then join them,
         # moving the smaller deques into the largest (a fragment's pieces move O(log n) times)
