@@ -153,8 +153,10 @@ class ServerEndpoint:
 
     def shed(self, now: float) -> List[Connection]:
         """Over the memory budget: end the connections holding the most that made no progress
-        for shed_after seconds, until the rest fit (at most every SHED_INTERVAL seconds).
-        They are closed with a CLOSE the caller sends like any other (they are returned)."""
+        for shed_after seconds, until the rest fit (looking at most every SHED_INTERVAL
+        seconds, over every connection). They are returned; receive_batch counts them as
+        touched, so the datapath sends their CLOSE at once. Shed from a connection's timer
+        (MemoryBudget.shed_hook), their CLOSE leaves when their own timer next fires."""
         budget = self.budget
         if now < self._next_shed_scan or budget.used <= budget.limit:
             return []

@@ -55,6 +55,12 @@ class Pair:
         self.closed = {}
         self.events = {"client": [], "server": []}
         self.on_server_data: Optional[Callable[[Connection, bytes], None]] = None
+        self.client_addr = CLIENT_ADDR      # where the client's datagrams come from (it may move)
+        self.injected: List[Tuple[float, bytes, tuple]] = []    # (time, datagram, source) for the server
+
+    def inject(self, when: float, data: bytes, addr) -> None:
+        """Deliver `data` to the server at `when`, from `addr` (a third party's datagram)."""
+        self.injected.append((when, data, addr))
 
     def _drain(self, who: str, conn: Connection) -> None:
         while (ev := conn.next_event()) is not None:
@@ -83,12 +89,16 @@ class Pair:
         """Advance to the next delivery or timer; return False when nothing is left to happen."""
         self.flush()
         times = [t for t in (self.up.next_time(), self.down.next_time(), self.client.get_timer(),
-                             *(c.get_timer() for c in self.server_conns)) if t is not None]
+                             *(c.get_timer() for c in self.server_conns), *(x[0] for x in self.injected))
+                 if t is not None]
         if not times:
             return False
         self.now = max(self.now, min(times))
-        for d in self.up.due(self.now):
-            conn, new = self.server.receive(d, CLIENT_ADDR, self.now)
+        arrivals = [(d, self.client_addr) for d in self.up.due(self.now)]
+        arrivals += [(d, addr) for t, d, addr in self.injected if t <= self.now]
+        self.injected = [x for x in self.injected if x[0] > self.now]
+        for d, addr in arrivals:
+            conn, new = self.server.receive(d, addr, self.now)
             if new:
                 self.server_conns.append(conn)
             if conn is not None:
