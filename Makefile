@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench system-deps clean
+.PHONY: run test bench system-deps clean fuzz-xdp
 
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildcard stcp/_ext/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) -c 'import stcp._aead, stcp._udpio'  # the C extensions built (setup.py, stcp/_ext/)
+	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux'  # the C extensions built (setup.py, stcp/_ext/)
 	sh scripts/link-system-python.sh $(PY)
 	touch $@
 
@@ -32,6 +32,11 @@ test: system-deps $(STAMP)
 bench: system-deps $(STAMP)
 	$(PY) -m bench.run
 	$(PY) -m bench.xdp_flood
+
+# The XDP program against its model (tests/support/xdp_model.py) on many more random and mutated
+# frames than the suite's short run; root and bcc. STCP_XDP_FUZZ_EXAMPLES=N to change.
+fuzz-xdp: $(STAMP)
+	STCP_XDP_FUZZ_EXAMPLES=$${STCP_XDP_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q tests/test_xdp_fuzz.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

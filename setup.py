@@ -1,8 +1,9 @@
 """C extensions of the stcp package; everything else is declared in pyproject.toml.
 
 stcp._aead links OpenSSL's libcrypto (Debian: libssl-dev, installed by
-scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO).
-stcp._xsk (AF_XDP receive for `--datapath afxdp`) links libxdp and libbpf (Debian:
+scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO);
+stcp._demux (a receive batch grouped by connection ID) is plain C.
+stcp._xsk (the AF_XDP sockets of `--datapath afxdp`) links libxdp and libbpf (Debian:
 libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
 warning and everything else (the socket and xdp datapaths) still works.
 `pip install -e .` builds them in place.
@@ -12,8 +13,10 @@ import sys
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+# -fvisibility=hidden: a module built from several files shares functions between them,
+# and only PyInit_* (which Python marks visible itself) leaves the shared object.
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers",
-          "-Wno-cast-function-type"]
+          "-Wno-cast-function-type", "-fvisibility=hidden"]
 OPTIONAL = {"stcp._xsk"}
 
 
@@ -45,14 +48,16 @@ setup(
     ext_modules=[
         Extension(
             "stcp._aead",
-            sources=["stcp/_ext/aead.c"],
-            depends=["stcp/_ext/scratch.h"],
+            sources=["stcp/_ext/aead.c", "stcp/_ext/aead_send.c", "stcp/_ext/aead_receive.c"],
+            depends=["stcp/_ext/aead.h", "stcp/_ext/record.h", "stcp/_ext/scratch.h"],
             libraries=["crypto"],
             extra_compile_args=CFLAGS,
         ),
         Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
                   extra_compile_args=CFLAGS),
-        Extension("stcp._xsk", sources=["stcp/_ext/xsk.c"], libraries=["xdp", "bpf"],
+        Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
                   extra_compile_args=CFLAGS),
+        Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c"],
+                  depends=["stcp/_ext/xsk_frame.h"], libraries=["xdp", "bpf"], extra_compile_args=CFLAGS),
     ],
 )

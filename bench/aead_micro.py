@@ -4,8 +4,9 @@
 
 Compares, for both suites: cryptography's AEAD .encrypt per record (what the pure-Python
 RecordKey does, plus its header packing), RecordKey.seal (pure Python and through C),
-stcp._aead RecordCipher.seal per record, seal_batch, seal_into one buffer, and the
-receive side open / open_batch. MB/s counts plaintext bytes. Not a test.
+stcp._aead RecordCipher.seal per record, seal_stream (a bulk run into one buffer, what the
+send path does), and the receive side open per record / open_records (a bulk run, what the
+receive path does). MB/s counts plaintext bytes. Not a test.
 """
 from __future__ import annotations
 
@@ -51,10 +52,12 @@ def bench_suite(suite: int, size: int, batch: int, seconds: float) -> dict:
     pts = [os.urandom(size) for _ in range(batch)]
     header = wire.pack_header(size + 16, 1, 1)
     nonce = bytes(12)
-    out = bytearray(batch * (size + 40))
-    records = rc.seal_batch(1, 1, pts)
+    chunk = size - wire.STREAM_FRAME_OVERHEAD     # records of `size` plaintext bytes, frame included
+    data = b"".join(pts)[:batch * chunk]
+    seg = wire.HEADER_LEN + size + wire.AEAD_TAG_LEN
+    run_records = [(rc.seal_stream(1, 1, data, 0, chunk, False), seg)]
     ct = aead.encrypt(nonce, pt, header)
-    one = records[0]
+    one = rc.seal(1, 1, pt)
     seq = [1]
 
     def c_seal():
@@ -69,24 +72,19 @@ def bench_suite(suite: int, size: int, batch: int, seconds: float) -> dict:
         seq[0] += 1
         py_key.seal(1, seq[0], pt)
 
-    def c_batch():
+    def c_stream():
         seq[0] += batch
-        rc.seal_batch(1, seq[0], pts)
-
-    def c_into():
-        seq[0] += batch
-        rc.seal_into(1, seq[0], pts, out)
+        rc.seal_stream(1, seq[0], data, 0, chunk, False)
 
     cases = {
         "cryptography AEAD.encrypt per record": (lambda: aead.encrypt(nonce, pt, header), 1),
         "RecordKey.seal, pure Python": (py_key_seal, 1),
         "RecordKey.seal, via C": (c_key_seal, 1),
         "RecordCipher.seal per record": (c_seal, 1),
-        f"RecordCipher.seal_batch x{batch}": (c_batch, batch),
-        f"RecordCipher.seal_into x{batch}": (c_into, batch),
+        f"RecordCipher.seal_stream x{batch}": (c_stream, batch),
         "cryptography AEAD.decrypt per record": (lambda: aead.decrypt(nonce, ct, header), 1),
         "RecordCipher.open per record": (lambda: rc.open(one), 1),
-        f"RecordCipher.open_batch x{batch}": (lambda: rc.open_batch(records), batch),
+        f"RecordCipher.open_records x{batch}": (lambda: rc.open_records(run_records, 1, 0, -1, 1 << 62), batch),
     }
     res = {}
     for name, (fn, per) in cases.items():
@@ -99,7 +97,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.5, help="time per case")
     ap.add_argument("--size", type=int, default=1400, help="plaintext bytes per record")
-    ap.add_argument("--batch", type=int, default=64, help="records per batch call")
+    ap.add_argument("--batch", type=int, default=64, help="records per bulk call")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     results = {SUITE_NAMES[s]: bench_suite(s, args.size, args.batch, args.seconds) for s in SUITE_NAMES}

@@ -34,7 +34,7 @@ MODE_ECHO = b"E"
 COUNT_LEN = 8
 
 BULK_CHUNK = 256 * 1024      # application write size for bulk
-RTT_SIZE = 64                # echo message size
+RTT_SIZE = 64                # echo message size (bench.run also measures 1 KB and 16 KB: --size)
 RTT_WARMUP = 50
 
 
@@ -63,6 +63,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--connections", type=int, default=8,
                    help="bulk8: concurrent connections sharing --bytes and --duration")
     c.add_argument("--count", type=int, default=300, help="handshake/rtt: iterations")
+    c.add_argument("--size", type=int, default=RTT_SIZE, help="rtt: message size in bytes (a multiple of 8)")
     c.add_argument("--time-limit", type=float, default=60.0,
                    help="handshake/rtt: stop early after this many seconds")
     return p
@@ -168,11 +169,11 @@ def handshake_result(samples: list[float], elapsed: float, cpu: float, errors: i
     }
 
 
-def rtt_result(samples: list[float], cpu: float, mismatches: int, **extra) -> dict:
+def rtt_result(samples: list[float], cpu: float, mismatches: int, size: int = RTT_SIZE, **extra) -> dict:
     return {
         "test": "rtt",
         "ok": mismatches == 0 and len(samples) > 0,
-        "size": RTT_SIZE,
+        "size": size,
         "mismatches": mismatches,
         "latency": latency_summary(samples),
         "client_cpu_s": round(cpu, 3),
@@ -180,9 +181,9 @@ def rtt_result(samples: list[float], cpu: float, mismatches: int, **extra) -> di
     }
 
 
-def rtt_messages(count: int) -> list[bytes]:
-    """Distinct 64-byte messages, so a stale or misordered echo is caught."""
-    return [(i.to_bytes(8, "big") * (RTT_SIZE // 8)) for i in range(count)]
+def rtt_messages(count: int, size: int = RTT_SIZE) -> list[bytes]:
+    """Distinct messages of `size` bytes, so a stale or misordered echo is caught."""
+    return [(i.to_bytes(8, "big") * (size // 8)) for i in range(count)]
 
 
 # ----------------------------------------------------------------------------- certs
@@ -262,6 +263,8 @@ def _dump_profile(prof, prof_dir: str, args) -> None:
     # BENCH_PROFILE_NAME: a process that is not the peer module itself (a worker of one)
     mod = os.environ.get("BENCH_PROFILE_NAME") or os.path.splitext(os.path.basename(sys.argv[0]))[0]
     name = f"{mod}.{args.role}" + (f".{args.test}" if args.role == "client" else "")
+    if args.role == "client" and args.test == "rtt" and args.size != RTT_SIZE:
+        name += str(args.size)                # one profile per message size
     base = os.path.join(prof_dir, name)
     prof.dump_stats(base + ".prof")
     buf = io.StringIO()

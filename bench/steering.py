@@ -62,7 +62,7 @@ MODES = ("all", "napi", "rps", "none")
 
 
 def steer(host, cpu: int, mode: str = "all") -> dict:
-    """Apply RX steering for `host` (a tests.netns.Host) onto `cpu`; return what applied.
+    """Apply RX steering for `host` (a tests.support.netns.Host) onto `cpu`; return what applied.
     mode: all (threaded NAPI + RPS), napi (threaded NAPI only), rps (RPS only), none."""
     dev = host.ifname
     rec: dict = {"namespace": host.ns, "device": dev, "cpu": cpu, "mode": mode}

@@ -4,7 +4,7 @@ while one honest connection transfers data.
     .venv/bin/python -m bench.xdp_flood              # -> bench/results/xdp_flood.json, XDP_FLOOD.md
     .venv/bin/python -m bench.xdp_flood --quick      # shorter, smaller (smoke run)
 
-Topology (root; tests.netns.veth_pair, traffic only to the namespaces' own addresses):
+Topology (root; tests.support.netns.veth_pair, traffic only to the namespaces' own addresses):
 namespace a runs `stcp serve` (echo) pinned to CPU 0 and receives on CPU 0 (threaded NAPI
 + RPS, bench.steering); namespace b runs the flooder (bench/flood.c: sendmmsg, bounded by
 count and time, nice 19) and the honest `stcp connect` client (nice 0), both on CPU 1.
@@ -195,7 +195,7 @@ def honest_transfer(b, addr: str, data_path: Path, size: int, digest: str, timeo
 
 def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.Namespace,
              data_path: Path, digest: str, mode: str = "native") -> dict:
-    from tests.netns import veth_pair
+    from tests.support.netns import veth_pair
     log(f"scenario {name}: xdp={xdp} ({mode}) flood={flood}")
     res: dict = {"name": name, "xdp": xdp, "flood": flood}
     with veth_pair() as (a, b):
@@ -300,15 +300,8 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     import ctypes
     from bcc import BPF
     from stcp.datapath import xdp
-    from tests.test_xdp_datapath import data_record, hello, udp_frame
-
-    class Opts(ctypes.Structure):
-        _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                    ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                    ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                    ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                    ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                    ("batch_size", ctypes.c_uint32)]
+    from tests.support.packets import data_record, hello, udp_frame
+    from tests.support.testrun import Opts
 
     lib = xdp._Libbpf.lib()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]

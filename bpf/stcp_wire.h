@@ -31,27 +31,32 @@
  * One per-CPU counter (packets, bytes) per verdict. Values are indexes into the
  * stcp_counters array; append new verdicts before STCP_V_MAX, never renumber. */
 enum stcp_verdict {
-	STCP_V_PASS_NOT_STCP      = 0,  /* not UDP to the STCP port (ARP, ICMP, TCP, ...) */
+	STCP_V_PASS_NOT_STCP      = 0,  /* shown not UDP to the STCP port (ARP, ICMP, TCP, ...) */
 	STCP_V_PASS_HANDSHAKE     = 1,  /* well-formed client hello within its rate */
 	STCP_V_PASS_DATA          = 2,  /* well-formed data record for a live CID */
 	STCP_V_DROP_SHORT_HEADER  = 3,  /* UDP payload shorter than the 24-byte header */
 	STCP_V_DROP_BAD_LENGTH    = 4,  /* length field != UDP payload length - 24 */
 	STCP_V_DROP_TOO_SHORT     = 5,  /* data record payload below the AEAD tag size */
 	STCP_V_DROP_TOO_LONG      = 6,  /* data record payload above the configured max */
-	STCP_V_DROP_FRAGMENT      = 7,  /* IPv4/IPv6 fragment of an STCP datagram */
+	STCP_V_DROP_FRAGMENT      = 7,  /* first fragment of an STCP datagram, or a later
+	                                 * fragment of any UDP datagram (it has no port) */
 	STCP_V_DROP_UNKNOWN_CID   = 8,  /* data record whose CID is not in stcp_cids */
-	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source's token bucket */
+	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source prefix's bucket */
 	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not an 80-byte client hello with cid 0 */
 	STCP_V_DROP_BAD_UDP       = 11, /* UDP length field < 8 or past the end of the frame */
 	STCP_V_DROP_WRONG_WORKER  = 12, /* afxdp: live CID of another worker on this RX queue */
-	STCP_V_MAX                = 13,
+	STCP_V_DROP_UNPARSED      = 13, /* headers the program cannot walk to the UDP port:
+	                                 * truncated or malformed, a third VLAN tag, more IPv6
+	                                 * extension headers than it walks */
+	STCP_V_DROP_HS_GLOBAL     = 14, /* client hello over the global hello budget */
+	STCP_V_MAX                = 15,
 };
 
 /* --- map sizes (the loader may override them through -D cflags) --------- */
 #ifndef STCP_MAX_CIDS              /* capacity of the live-connection table */
 #define STCP_MAX_CIDS 65536
 #endif
-#ifndef STCP_HS_SOURCES            /* capacity of the per-source LRU of token buckets */
+#ifndef STCP_HS_SOURCES            /* capacity of the LRU of per-source-prefix hello buckets */
 #define STCP_HS_SOURCES 65536
 #endif
 /* Words of the CID prefilter, a power of two. Each u64 word packs 8 u8 counters, one per
@@ -66,8 +71,11 @@ enum stcp_verdict {
 #define STCP_CID_FILTER_SLOTS (STCP_CID_FILTER_WORDS * 8)
 
 /* Layout version of the maps below; the loader refuses to reuse another version.
- * 3: stcp_config.nworkers (was reserved) and verdict STCP_V_DROP_WRONG_WORKER. */
-#define STCP_MAP_ABI 3
+ * 3: stcp_config.nworkers (was reserved) and verdict STCP_V_DROP_WRONG_WORKER.
+ * 4: hello buckets per source prefix and a global one (stcp_config.hs_prefix4/6,
+ *    hs_global_*; stcp_hs_bucket values are one u64), verdicts DROP_UNPARSED and
+ *    DROP_HS_GLOBAL. */
+#define STCP_MAP_ABI 4
 
 struct stcp_counter {
 	__u64 packets;
@@ -75,28 +83,32 @@ struct stcp_counter {
 };
 
 /* Runtime configuration, element 0 of the stcp_config array; written by the loader
- * before the program is attached. port 0 means "not configured": everything passes. */
+ * before the program is attached. port 0 means "not configured": everything passes.
+ * Hello rate limits are token buckets kept as a theoretical arrival time (see
+ * bucket_take() in stcp_xdp.c): a hello costs *_cost_ns = 1e9 / rate of credit, a full
+ * bucket holds *_cap_ns = cost * burst. */
 struct stcp_config {
 	__u32 abi;               /* STCP_MAP_ABI */
 	__u32 port;              /* UDP destination port of STCP, host order */
 	__u32 max_record_len;    /* largest accepted data record payload */
-	__u32 hs_rate;           /* client hellos per second per source address */
+	__u32 hs_rate;           /* client hellos per second per source prefix */
 	__u32 hs_burst;          /* token bucket depth, in hellos */
 	__u32 nworkers;          /* afxdp: workers over the RX queues (queue q -> worker
 	                          * q % nworkers); 0: no CID steering */
 	__u64 hs_cost_ns;        /* 1e9 / hs_rate: credit one hello costs */
 	__u64 hs_cap_ns;         /* hs_cost_ns * hs_burst: a full bucket */
+	__u32 hs_prefix4;        /* leading bits of an IPv4 source that name its bucket (32) */
+	__u32 hs_prefix6;        /* leading bits of an IPv6 source that name its bucket (64) */
+	__u32 hs_global_rate;    /* client hellos per second from all sources together */
+	__u32 hs_global_burst;   /* depth of that bucket, in hellos */
+	__u64 hs_global_cost_ns; /* 1e9 / hs_global_rate; 0: no global budget */
+	__u64 hs_global_cap_ns;  /* hs_global_cost_ns * hs_global_burst */
 };
 
-/* Source address key of the handshake rate limiter: IPv4 as ::ffff:a.b.c.d. */
+/* Key of a per-source hello bucket: the source address masked to its prefix
+ * (hs_prefix4 / hs_prefix6), IPv4 as ::ffff:a.b.c.d. Network byte order. */
 struct stcp_src {
-	__u8 addr[16];
-};
-
-/* Token bucket in nanoseconds of credit: a hello costs 1e9 / rate ns. */
-struct stcp_bucket {
-	__u64 credit_ns;
-	__u64 last_ns;
+	__be32 addr[4];
 };
 
 struct stcp_hdr {

@@ -6,6 +6,16 @@
  * attaches); map sizes come in as -D cflags. Uses UAPI headers only: the installed
  * kernel headers may be older than the running kernel.
  *
+ * Fail closed: a frame passes untouched (pass_not_stcp) only once the parsers have walked
+ * its headers far enough to show it is not UDP to the STCP port: ARP and other EtherTypes,
+ * TCP, ICMP, IPsec, UDP to another port. A frame they cannot walk that far is dropped as
+ * drop_unparsed: truncated or malformed Ethernet, VLAN, IPv4 or IPv6 headers, a third VLAN
+ * tag, an IPv6 extension chain longer than IPV6_EXT_MAX. A later IP fragment of a UDP
+ * datagram has no UDP header, so its port cannot be told: it is dropped as drop_fragment
+ * whatever its port (STCP never fragments; other UDP services on the interface lose their
+ * fragmented datagrams). tests/xdp_model.py states these rules in Python and
+ * tests/test_xdp_fuzz.py checks the program against it on random and mutated frames.
+ *
  * Every path ends in count(), which bumps the per-CPU (packets, bytes) counter of its
  * verdict and returns XDP_PASS or XDP_DROP. Style after xdp-tutorial: a cursor, small
  * parse helpers, a bounds check before every read.
@@ -20,19 +30,27 @@
 
 #include "stcp_wire.h"
 
-#define VLAN_HLEN 4
+#define VLAN_MAX_DEPTH 2        /* 802.1ad + 802.1Q (QinQ); a third tag is unparsed */
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1FFF
 #define IP6_OFFSET 0xFFF8
-#define IPV6_EXT_MAX 6          /* extension headers walked before giving up */
+/* IPv6 extension headers walked. RFC 8200 section 4.1 orders a chain as hop-by-hop,
+ * destination options, routing, fragment, (AH, ESP,) destination options, each once: at
+ * most 5 of the kinds walked here. A longer chain repeats a header; past 6 it is
+ * dropped as unparsed rather than let through unexamined. */
+#define IPV6_EXT_MAX 6
+#define BUCKET_CAS_TRIES 2      /* compare-and-swap attempts on a contended hello bucket */
 
 
 BPF_PERCPU_ARRAY(stcp_counters, struct stcp_counter, STCP_V_MAX);
 BPF_HASH(stcp_cids, __u64, __u8, STCP_MAX_CIDS);
-BPF_TABLE("lru_hash", struct stcp_src, struct stcp_bucket, stcp_hs_bucket, STCP_HS_SOURCES);
+/* Hello buckets: per source prefix (an LRU: a flood of new prefixes evicts old ones, so
+ * the global bucket is what bounds a spoofed flood), and one for all sources. Values are
+ * theoretical arrival times, see bucket_take(). */
+BPF_TABLE("lru_hash", struct stcp_src, __u64, stcp_hs_bucket, STCP_HS_SOURCES);
+BPF_ARRAY(stcp_hs_global, __u64, 1);
 BPF_ARRAY(stcp_config, struct stcp_config, 1);
 BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
-
 #ifdef STCP_AFXDP
 /* The afxdp datapath (stcp/datapath/afxdp.py) compiles with -DSTCP_AFXDP: records that pass
  * every check below go to the AF_XDP socket of the RX queue they arrived on; where that
@@ -67,11 +85,19 @@ struct ipv6_frag {
 	__be32 identification;
 };
 
-/* What the L3 parsers found: where UDP starts, whether this is a fragment, who sent it. */
+/* How far the L2/L3 parsers got. */
+enum parse_result {
+	PARSE_UDP,              /* a UDP header should follow, at the cursor */
+	PARSE_NOT_UDP,          /* walked to an upper layer that is not UDP */
+	PARSE_LATER_FRAGMENT,   /* a later fragment of what may be a UDP datagram */
+	PARSE_UNPARSED,         /* the headers cannot be walked to the upper layer */
+};
+
+/* What the L3 parsers found besides: a first fragment, and who sent it. */
 struct l3_info {
-	struct udphdr *udp;
-	int fragment;
-	struct stcp_src src;
+	int fragment;           /* the first fragment of a fragmented datagram */
+	int v4;
+	struct stcp_src src;    /* full source address, IPv4 as ::ffff:a.b.c.d */
 };
 
 static __always_inline int count(struct xdp_md *ctx, __u32 verdict, int action)
@@ -123,109 +149,126 @@ static __always_inline int steer(struct xdp_md *ctx, struct stcp_config *cfg, __
 }
 #endif
 
-/* Ethernet plus at most one 802.1Q / 802.1ad tag; returns the inner EtherType (network
- * order) or -1 when the frame is too short. */
+static __always_inline int proto_is_vlan(__be16 proto)
+{
+	return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
+}
+
+/* Ethernet plus up to VLAN_MAX_DEPTH 802.1Q / 802.1ad tags; returns the inner EtherType
+ * (network order), or -1 when the frame is too short or carries more tags. */
 static __always_inline int parse_ethhdr(struct hdr_cursor *nh, void *data_end)
 {
 	struct ethhdr *eth = nh->pos;
 	struct vlan_hdr *vlh;
 	__be16 proto;
+	int i;
 
 	if ((void *)(eth + 1) > data_end)
 		return -1;
 	nh->pos = eth + 1;
 	proto = eth->h_proto;
-	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD)) {
+#pragma unroll
+	for (i = 0; i < VLAN_MAX_DEPTH; i++) {
+		if (!proto_is_vlan(proto))
+			break;
 		vlh = nh->pos;
 		if ((void *)(vlh + 1) > data_end)
 			return -1;
 		nh->pos = vlh + 1;
 		proto = vlh->h_vlan_encapsulated_proto;
 	}
+	if (proto_is_vlan(proto))
+		return -1;
 	return proto;
 }
 
-/* Returns 0 with info->udp set when this is (the first fragment of) a UDP datagram, -1
- * otherwise (not UDP, truncated, or a later fragment, which carries no UDP header). */
+/* IPv4 with options. PARSE_UDP leaves the cursor where the UDP header of a whole datagram
+ * or of its first fragment (info->fragment) starts. A later fragment of UDP has no port. */
 static __always_inline int parse_ipv4(struct hdr_cursor *nh, void *data_end, struct l3_info *info)
 {
 	struct iphdr *iph = nh->pos;
-	struct udphdr *udp;
 	int hdrsize;
 	__u16 frag;
 
 	if ((void *)(iph + 1) > data_end)
-		return -1;
+		return PARSE_UNPARSED;
 	hdrsize = iph->ihl * 4;
-	if (hdrsize < (int)sizeof(*iph))
-		return -1;
+	if (iph->version != 4 || hdrsize < (int)sizeof(*iph))
+		return PARSE_UNPARSED;
 	if (nh->pos + hdrsize > data_end)
-		return -1;
+		return PARSE_UNPARSED;
+	nh->pos += hdrsize;
 	if (iph->protocol != IPPROTO_UDP)
-		return -1;
+		return PARSE_NOT_UDP;
 	frag = bpf_ntohs(iph->frag_off);
 	if (frag & IP_OFFSET)
-		return -1;
+		return PARSE_LATER_FRAGMENT;
 	info->fragment = (frag & IP_MF) != 0;
-	udp = nh->pos + hdrsize;
-	if ((void *)(udp + 1) > data_end)
-		return -1;
-	nh->pos = udp + 1;
-	info->udp = udp;
-	/* ::ffff:a.b.c.d */
-	info->src.addr[10] = 0xff;
-	info->src.addr[11] = 0xff;
-	__builtin_memcpy(&info->src.addr[12], &iph->saddr, 4);
-	return 0;
+	info->v4 = 1;
+	info->src.addr[2] = bpf_htonl(0xffff);
+	info->src.addr[3] = iph->saddr;
+	return PARSE_UDP;
 }
 
+/* The extension headers the IPv6 parser walks; any other next header ends the chain
+ * (AH and ESP too: the kernel authenticates IPsec before it delivers what is inside). */
+static __always_inline int ipv6_walkable(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT;
+}
+
+/* IPv6 and up to IPV6_EXT_MAX extension headers, each wholly inside the frame. A fragment
+ * header with offset 0 marks the first fragment and the walk goes on; with another offset
+ * the upper layer is in an earlier fragment: UDP, or an extension header that may lead to
+ * UDP, makes it a later fragment of what may be STCP. */
 static __always_inline int parse_ipv6(struct hdr_cursor *nh, void *data_end, struct l3_info *info)
 {
 	struct ipv6hdr *ip6h = nh->pos;
-	struct udphdr *udp;
 	__u8 nexthdr;
 	int i;
 
 	if ((void *)(ip6h + 1) > data_end)
-		return -1;
+		return PARSE_UNPARSED;
+	if (ip6h->version != 6)
+		return PARSE_UNPARSED;
 	nh->pos = ip6h + 1;
 	nexthdr = ip6h->nexthdr;
 
 #pragma unroll
 	for (i = 0; i < IPV6_EXT_MAX; i++) {
-		if (nexthdr == IPPROTO_UDP)
-			break;
-		if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
-		    nexthdr == IPPROTO_DSTOPTS) {
-			struct ipv6_ext *ext = nh->pos;
-
-			if ((void *)(ext + 1) > data_end)
-				return -1;
-			nexthdr = ext->nexthdr;
-			nh->pos += (ext->hdrlen + 1) * 8;
-		} else if (nexthdr == IPPROTO_FRAGMENT) {
+		if (nexthdr == IPPROTO_FRAGMENT) {
 			struct ipv6_frag *fh = nh->pos;
 
 			if ((void *)(fh + 1) > data_end)
-				return -1;
-			if (bpf_ntohs(fh->frag_off) & IP6_OFFSET)
-				return -1;      /* later fragment: no UDP header to look at */
-			info->fragment = 1;
+				return PARSE_UNPARSED;
 			nexthdr = fh->nexthdr;
 			nh->pos = fh + 1;
+			if (bpf_ntohs(fh->frag_off) & IP6_OFFSET) {
+				if (nexthdr == IPPROTO_UDP || ipv6_walkable(nexthdr))
+					return PARSE_LATER_FRAGMENT;
+				return PARSE_NOT_UDP;
+			}
+			info->fragment = 1;
+		} else if (ipv6_walkable(nexthdr)) {
+			struct ipv6_ext *ext = nh->pos;
+
+			if ((void *)(ext + 1) > data_end)
+				return PARSE_UNPARSED;
+			nexthdr = ext->nexthdr;
+			nh->pos += (ext->hdrlen + 1) * 8;
+			if (nh->pos > data_end)
+				return PARSE_UNPARSED;
 		} else {
-			return -1;
+			break;
 		}
 	}
+	if (ipv6_walkable(nexthdr))
+		return PARSE_UNPARSED;          /* the chain goes on past IPV6_EXT_MAX */
 	if (nexthdr != IPPROTO_UDP)
-		return -1;
-	udp = nh->pos;
-	if ((void *)(udp + 1) > data_end)
-		return -1;
-	nh->pos = udp + 1;
-	info->udp = udp;
-	__builtin_memcpy(info->src.addr, &ip6h->saddr, 16);
-	return 0;
+		return PARSE_NOT_UDP;
+	__builtin_memcpy(info->src.addr, &ip6h->saddr, sizeof(info->src.addr));
+	return PARSE_UDP;
 }
 
 /* The CID prefilter slot of a CID as loaded from the packet (wire byte order): fold the
@@ -248,34 +291,99 @@ static __always_inline int cid_maybe_live(__u64 raw)
 	return ((*w >> ((slot & 7) * 8)) & 0xff) != 0;
 }
 
-/* Token bucket per source address; 1 = within rate. Updates race benignly across CPUs
- * (a few extra hellos may pass under a multi-queue flood from one source). */
-static __always_inline int hello_allowed(struct stcp_config *cfg, struct stcp_src *src)
+/* Token bucket as a theoretical arrival time (GCRA): the bucket is full when *tat <= now;
+ * a hello that fits moves *tat on by cost; it fits while the credit left, cap - (tat -
+ * now), covers its cost. One u64 per bucket, so CPUs update it with a compare-and-swap
+ * and never pass more than rate and burst allow; a CPU that loses the race
+ * BUCKET_CAS_TRIES times (a hello flood on several queues at once) denies. */
+static __always_inline int bucket_take(__u64 *tat, __u64 now, __u64 cost, __u64 cap)
 {
-	__u64 now = bpf_ktime_get_ns();
-	struct stcp_bucket *b = stcp_hs_bucket.lookup(src);
-	__u64 credit;
+	__u64 old, base;
+	int i;
 
-	if (!b) {
-		struct stcp_bucket fresh = { .last_ns = now };
-
-		if (cfg->hs_cap_ns < cfg->hs_cost_ns)
-			return 0;       /* burst 0: no hello ever passes */
-		fresh.credit_ns = cfg->hs_cap_ns - cfg->hs_cost_ns;
-
-		stcp_hs_bucket.update(src, &fresh);
-		return 1;
+#pragma unroll
+	for (i = 0; i < BUCKET_CAS_TRIES; i++) {
+		old = *(volatile __u64 *)tat;
+		base = old > now ? old : now;
+		if (base - now + cost > cap)
+			return 0;
+		if (__sync_val_compare_and_swap(tat, old, base + cost) == old)
+			return 1;
 	}
-	credit = b->credit_ns + (now - b->last_ns);
-	if (credit > cfg->hs_cap_ns)
-		credit = cfg->hs_cap_ns;
-	b->last_ns = now;
-	if (credit < cfg->hs_cost_ns) {
-		b->credit_ns = credit;
+	return 0;
+}
+
+/* Word i (network order) of the mask of a /bits prefix of a 128-bit address. */
+static __always_inline __be32 prefix_mask(__u32 bits, int i)
+{
+	if (bits >= 32 * (i + 1))
+		return 0xffffffff;
+	if (bits <= 32 * i)
 		return 0;
+	return bpf_htonl(~0U << (32 * (i + 1) - bits));
+}
+
+/* The bucket of the hello's source prefix: IPv4 per /hs_prefix4 (default 32), IPv6 per
+ * /hs_prefix6 (default 64: one site's subnet, which one host can fill with addresses). */
+static __always_inline int source_allows(struct stcp_config *cfg, struct l3_info *info, __u64 now)
+{
+	__u32 bits = info->v4 ? 96 + cfg->hs_prefix4 : cfg->hs_prefix6;
+	struct stcp_src key;
+	__u64 *tat;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < 4; i++)
+		key.addr[i] = info->src.addr[i] & prefix_mask(bits, i);
+	tat = stcp_hs_bucket.lookup(&key);
+	if (!tat) {
+		stcp_hs_bucket.insert(&key, &now);      /* a full bucket; another CPU may win */
+		tat = stcp_hs_bucket.lookup(&key);
+		if (!tat)
+			return 0;
 	}
-	b->credit_ns = credit - cfg->hs_cost_ns;
-	return 1;
+	return bucket_take(tat, now, cfg->hs_cost_ns, cfg->hs_cap_ns);
+}
+
+/* The one bucket all sources share: spoofed sources each get a fresh per-prefix bucket,
+ * they cannot get past this one. */
+static __always_inline int global_allows(struct stcp_config *cfg, __u64 now)
+{
+	__u32 zero = 0;
+	__u64 *tat;
+
+	if (cfg->hs_global_cost_ns == 0)        /* no global budget configured */
+		return 1;
+	tat = stcp_hs_global.lookup(&zero);
+	if (!tat)
+		return 0;
+	return bucket_take(tat, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns);
+}
+
+/* A handshake record (seq 0) at the server's port: only a CLIENT_HELLO is valid here. */
+static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *cfg, struct stcp_hdr *hdr,
+				       void *data_end, struct l3_info *info, __u64 length)
+{
+	__u8 *type = (__u8 *)(hdr + 1);
+	__u64 now;
+
+	if (length != STCP_HANDSHAKE_PAYLOAD_LEN || hdr->cid != 0)
+		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
+	if ((void *)(type + 1) > data_end)
+		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
+	if (*type != STCP_HS_CLIENT_HELLO)
+		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
+	now = bpf_ktime_get_ns();
+	if (!source_allows(cfg, info, now))
+		return count(ctx, STCP_V_DROP_HS_RATE, XDP_DROP);
+	/* The place for a stateless cookie check: a hello whose cookie proves its source
+	 * address stays limited per source above, but need not compete with spoofed floods
+	 * for the global budget below. */
+	if (!global_allows(cfg, now))
+		return count(ctx, STCP_V_DROP_HS_GLOBAL, XDP_DROP);
+	/* afxdp: to the arrival queue's socket; that queue's worker will own the connection
+	 * and name itself in the CID it picks */
+	return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
 }
 
 int stcp_xdp(struct xdp_md *ctx)
@@ -285,34 +393,47 @@ int stcp_xdp(struct xdp_md *ctx)
 	struct hdr_cursor nh = { .pos = data };
 	struct l3_info info = {};
 	struct stcp_config *cfg;
+	struct udphdr *udp;
 	struct stcp_hdr *hdr;
 	__u32 zero = 0;
 	__u64 length, cid;
 	__u32 plen;
 	__u16 ulen;
-	__u8 *type;
 	int proto, rc;
+
+	cfg = stcp_config.lookup(&zero);
+	if (!cfg || cfg->port == 0)             /* not configured: nothing is STCP */
+		return count(ctx, STCP_V_PASS_NOT_STCP, XDP_PASS);
 
 	proto = parse_ethhdr(&nh, data_end);
 	if (proto == bpf_htons(ETH_P_IP))
 		rc = parse_ipv4(&nh, data_end, &info);
 	else if (proto == bpf_htons(ETH_P_IPV6))
 		rc = parse_ipv6(&nh, data_end, &info);
+	else if (proto < 0)
+		rc = PARSE_UNPARSED;
 	else
-		rc = -1;
-	if (rc < 0 || !info.udp)
+		rc = PARSE_NOT_UDP;             /* ARP, LLDP, ...: the stack has no UDP in them */
+	if (rc == PARSE_NOT_UDP)
 		return count(ctx, STCP_V_PASS_NOT_STCP, XDP_PASS);
-	cfg = stcp_config.lookup(&zero);
-	if (!cfg || cfg->port == 0 || info.udp->dest != bpf_htons(cfg->port))
+	if (rc == PARSE_LATER_FRAGMENT)
+		return count(ctx, STCP_V_DROP_FRAGMENT, XDP_DROP);
+	if (rc != PARSE_UDP)
+		return count(ctx, STCP_V_DROP_UNPARSED, XDP_DROP);
+	udp = nh.pos;
+	if ((void *)(udp + 1) > data_end)
+		return count(ctx, STCP_V_DROP_UNPARSED, XDP_DROP);
+	if (udp->dest != bpf_htons(cfg->port))
 		return count(ctx, STCP_V_PASS_NOT_STCP, XDP_PASS);
+	nh.pos = udp + 1;
 
 	/* From here on the datagram is addressed to STCP. */
 	if (info.fragment)
 		return count(ctx, STCP_V_DROP_FRAGMENT, XDP_DROP);
 
 	/* The UDP length field, not the frame, gives the datagram: Ethernet may pad. */
-	ulen = bpf_ntohs(info.udp->len);
-	if (ulen < sizeof(struct udphdr) || (void *)info.udp + ulen > data_end)
+	ulen = bpf_ntohs(udp->len);
+	if (ulen < sizeof(struct udphdr) || (void *)udp + ulen > data_end)
 		return count(ctx, STCP_V_DROP_BAD_UDP, XDP_DROP);
 	plen = ulen - sizeof(struct udphdr);
 	if (plen < STCP_HEADER_LEN)
@@ -325,20 +446,8 @@ int stcp_xdp(struct xdp_md *ctx)
 	if (length != plen - STCP_HEADER_LEN)
 		return count(ctx, STCP_V_DROP_BAD_LENGTH, XDP_DROP);
 
-	if (hdr->seq == 0) {            /* handshake record; 0 is 0 in any byte order */
-		if (length != STCP_HANDSHAKE_PAYLOAD_LEN || hdr->cid != 0)
-			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
-		type = (__u8 *)(hdr + 1);
-		if ((void *)(type + 1) > data_end)
-			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
-		if (*type != STCP_HS_CLIENT_HELLO)
-			return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
-		if (!hello_allowed(cfg, &info.src))
-			return count(ctx, STCP_V_DROP_HS_RATE, XDP_DROP);
-		/* afxdp: to the arrival queue's socket; that queue's worker will own the
-		 * connection and name itself in the CID it picks */
-		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
-	}
+	if (hdr->seq == 0)              /* handshake record; 0 is 0 in any byte order */
+		return check_hello(ctx, cfg, hdr, data_end, &info, length);
 
 	if (length < STCP_AEAD_TAG_LEN)
 		return count(ctx, STCP_V_DROP_TOO_SHORT, XDP_DROP);
@@ -355,4 +464,3 @@ int stcp_xdp(struct xdp_md *ctx)
 	return count(ctx, STCP_V_PASS_DATA, deliver(ctx));
 #endif
 }
-

@@ -6,8 +6,9 @@
 """
 __version__ = "0.1.0"
 
-from .api import (BlockingConnection, Server, StreamReader, StreamWriter, connect, make_config,  # noqa: E402
-                  open_connection, start_server)
+from .api import (Server, StreamReader, StreamWriter, make_config, open_connection,  # noqa: E402
+                  start_server)
+from .blocking import BlockingConnection, connect  # noqa: E402
 from .connection import Config  # noqa: E402
 from .errors import (ConnectionTerminated, HandshakeTimeout, NotEncrypted, STCPError)  # noqa: E402
 

@@ -32,11 +32,3 @@ def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
 def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
              gro: Literal[True]) -> list[Tuple[bytes, Optional[Address], int]]:
     """Up to max_n waiting datagrams, [] if none; with gro, each item carries its segment size."""
-
-def group_by_cid(batch: Sequence[Union[Tuple[ReadableBuffer, Optional[Address]],
-                                       Tuple[ReadableBuffer, Optional[Address], int]]]
-                 ) -> list[Tuple[int, Optional[Address], list[Union[ReadableBuffer, Tuple[ReadableBuffer, int]]]]]:
-    """Consecutive datagrams from one address whose header names one nonzero connection ID
-    with a nonzero seq (data records), grouped; a GRO buffer (buffer, addr, segment_size)
-    whose records all name one such ID stays whole as a (buffer, segment_size) pair; every
-    other datagram (short, cid 0, seq 0, a piece of a mixed buffer) alone with cid -1."""

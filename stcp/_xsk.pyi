@@ -1,4 +1,5 @@
-"""AF_XDP receive in C (stcp/_ext/xsk.c, libxdp): UMEM, fill/completion/RX/TX rings.
+"""AF_XDP in C (stcp/_ext/xsk.c, libxdp): UMEM, fill/completion/RX/TX rings, batch receive
+and transmit; frames parsed and reply headers built in stcp/_ext/xsk_frame.c.
 
 Built only where libxdp-dev and libbpf-dev are installed (setup.py skips it otherwise).
 The socket is created with libxdp's "inhibit program load" flag: put fd() into the
@@ -7,7 +8,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, overload
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
 
 from _typeshed import ReadableBuffer
 
@@ -15,6 +16,7 @@ Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
 MAX_RECV_BATCH: int
 
+@final
 class XskSocket:
     zerocopy: bool
     queue_id: int
@@ -46,8 +48,8 @@ class XskSocket:
         """Queue whole Ethernet frames (14..frame_size bytes each; headers and checksums are
         the caller's) on the TX ring and kick the kernel until it took them; returns how many
         were queued (fewer when free frames or ring slots run out). ValueError/TypeError on a
-        bad frame, before anything is queued. Experimental: the afxdp datapath replies
-        through a kernel UDP socket."""
+        bad frame, before anything is queued. The afxdp datapath itself sends replies with
+        send_udp (`--afxdp-tx afxdp`)."""
     def poll(self, timeout_ms: int = 0) -> bool:
         """True when frames are waiting; waits at most timeout_ms (-1: 60 s)."""
     def stats(self) -> Dict[str, int]:
@@ -63,8 +65,9 @@ def parse_frame(frame: ReadableBuffer, v4mapped: bool = False, ifindex: int = 0)
 
 def reply_template(frame: ReadableBuffer) -> bytes:
     """The Ethernet/IP/UDP headers of a reply to frame: MACs, addresses and ports swapped,
-    VLAN tag kept, IPv4 without options (DF, TTL 64) or IPv6 (hop limit 64); lengths and
-    checksums zero until udp_frame()/send_udp() fill them. ValueError if malformed."""
+    the VLAN tag kept as it arrived (802.1Q or 802.1ad, same TCI), IPv4 without options
+    (DF, TTL 64) or IPv6 (hop limit 64); lengths and checksums zero until
+    udp_frame()/send_udp() fill them. ValueError if malformed."""
 
 def udp_frame(template: ReadableBuffer, payload: ReadableBuffer) -> bytes:
     """The frame send_udp() would transmit for payload (tests check its checksums)."""

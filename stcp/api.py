@@ -1,18 +1,17 @@
-"""The user API: asyncio streams (`open_connection`, `start_server`) and a blocking socket-like
-`connect`, shaped like their asyncio and `socket` namesakes.
+"""The asyncio user API: `open_connection` and `start_server`, shaped like their asyncio
+namesakes (the blocking `connect` is in stcp.blocking).
 """
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections import deque
-from typing import Awaitable, Callable, Deque, List, Optional, Tuple, Union
+from typing import Awaitable, Callable, List, Optional, Tuple, Union
 
 from . import wire
+from .chunks import ChunkBuffer
 from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
                          StreamFinished)
-from .datapath.socket import ClientDriver, Driver, ServerDriver
+from .datapath.socket import ClientDriver, Driver, ServerDriver, connect_udp, resolve
 from .endpoint import ServerEndpoint
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 
@@ -28,7 +27,7 @@ def make_config(cipher: Optional[str] = None, **overrides) -> Config:
     return Config(**overrides)
 
 
-def _closed_error(info: ConnectionClosed) -> Optional[Exception]:
+def closed_error(info: ConnectionClosed) -> Optional[Exception]:
     """The exception an application sees for how the connection ended, or None if it ended well."""
     if not info.error and info.code in (CloseCode.NO_ERROR,):
         return None
@@ -67,7 +66,7 @@ class ConnectionHandle:
             self._wake_drainers(None)
 
     def _on_closed(self, info: ConnectionClosed) -> None:
-        exc = _closed_error(info)
+        exc = closed_error(info)
         if not self.established.done():
             if info.code == CloseCode.HANDSHAKE_TIMEOUT:
                 self.established.set_exception(HandshakeTimeout(self.conn.config.handshake_timeout))
@@ -95,67 +94,12 @@ class ConnectionHandle:
         self.driver.touch(self.conn)
 
 
-class _ChunkBuffer:
-    """Received bytes as the chunks they arrived in. A read takes from the first chunk only
-    (copying nothing when it wants the whole chunk); readexactly joins what it needs."""
-
-    __slots__ = ("chunks", "size", "head")
-
-    def __init__(self) -> None:
-        self.chunks: Deque[bytes] = deque()
-        self.size = 0
-        self.head = 0            # bytes of chunks[0] already taken
-
-    def __len__(self) -> int:
-        return self.size
-
-    def append(self, data: bytes) -> None:
-        if data:
-            self.chunks.append(data)
-            self.size += len(data)
-
-    def take_some(self, n: int) -> bytes:
-        """Up to n bytes from the first chunk, removed (at least one byte if any is buffered)."""
-        first, head = self.chunks[0], self.head
-        if head == 0 and len(first) <= n:
-            self.chunks.popleft()
-            self.size -= len(first)
-            return first
-        data = first[head:head + n]
-        self.head = head + len(data)
-        if self.head == len(first):
-            self.chunks.popleft()
-            self.head = 0
-        self.size -= len(data)
-        return data
-
-    def take(self, n: int) -> bytes:
-        """Exactly min(n, size) bytes, removed."""
-        piece = self.take_some(n)
-        if len(piece) == n or not self.size:
-            return piece
-        out = [piece]
-        want = n - len(piece)
-        while want and self.size:
-            piece = self.take_some(want)
-            out.append(piece)
-            want -= len(piece)
-        return b"".join(out)
-
-    def find(self, sep: bytes, start: int) -> int:
-        if len(self.chunks) > 1 or self.head:     # a separator may span chunks: search one piece
-            joined = self.take(self.size)
-            self.chunks.append(joined)
-            self.size = len(joined)
-        return self.chunks[0].find(sep, start) if self.chunks else -1
-
-
 class StreamReader:
     """Reads the peer's byte stream; reading returns flow-control credit to the peer."""
 
     def __init__(self, handle: ConnectionHandle):
         self._handle = handle
-        self._buffer = _ChunkBuffer()
+        self._buffer = ChunkBuffer()
         self._eof = False
         self._exception: Optional[Exception] = None
         self._waiter: Optional[asyncio.Future] = None
@@ -291,7 +235,7 @@ class StreamWriter:
     async def drain(self) -> None:
         handle = self._handle
         if handle.closed.done():
-            exc = _closed_error(handle.closed.result())
+            exc = closed_error(handle.closed.result())
             if exc is not None:
                 raise exc
             return
@@ -319,7 +263,7 @@ class StreamWriter:
 
     async def wait_closed(self) -> None:
         info = await asyncio.shield(self._handle.closed)
-        exc = _closed_error(info)
+        exc = closed_error(info)
         if exc is not None:
             raise exc
 
@@ -346,13 +290,10 @@ class StreamWriter:
 
 
 # --- client -----------------------------------------------------------------
-def _resolve(host: str, port: int) -> Tuple[int, tuple]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except socket.gaierror as exc:
-        raise STCPError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    family, _, _, _, sockaddr = infos[0]
-    return family, sockaddr
+def explain_unreachable(exc: HandshakeTimeout, host: str, port: int) -> None:
+    """Say in a handshake timeout that the server's host answered "port unreachable"."""
+    exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
+                f"listening on {host}:{port}?)",)
 
 
 async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Optional[Config] = None,
@@ -360,14 +301,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Option
     """Handshake with an STCP server; return (reader, writer) once the connection is ENCRYPTED."""
     loop = asyncio.get_running_loop()
     config = config or make_config(cipher)
-    family, sockaddr = _resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    try:
-        sock.setblocking(False)
-        sock.connect(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise STCPError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    sock = connect_udp(host, port)
     conn = Connection.client(config, loop.time())
     driver = ClientDriver(loop, sock, conn)
     handle = ConnectionHandle(driver, conn)
@@ -376,8 +310,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Option
         await handle.established
     except HandshakeTimeout as exc:
         if driver.icmp_errors:
-            exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
-                        f"listening on {host}:{port}?)",)
+            explain_unreachable(exc, host, port)
         raise
     except BaseException:
         if not conn.is_closed:
@@ -465,7 +398,7 @@ class Server:
 def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A UDP socket bound to host:port (dual-stack for IPv6); reuse_port lets several worker
     processes send from the same port."""
-    family, sockaddr = _resolve(host, port)
+    family, sockaddr = resolve(host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -501,142 +434,3 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
     server = Server(loop, None, handler, hooks)
     server.driver = ServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, gro=gro)
     return server
-
-
-# --- blocking API -------------------------------------------------------------
-class BlockingConnection:
-    """A socket-like STCP connection: sendall, recv, shutdown, close, context manager.
-
-    The connection lives on a private event loop thread. Received bytes are pumped into an
-    inbox guarded by a condition variable, so recv() costs one thread wake-up, not a round
-    trip through the loop; the pump stops reading (and so stops returning flow-control
-    credit) while the inbox holds more than INBOX_LIMIT unread bytes.
-    """
-
-    INBOX_LIMIT = 4 << 20
-
-    def __init__(self, address: Tuple[str, int], timeout: Optional[float], config: Optional[Config]):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="stcp-connection", daemon=True)
-        self._thread.start()
-        self.timeout = timeout
-        self._cond = threading.Condition()
-        self._inbox = _ChunkBuffer()       # shared with the loop thread under _cond
-        self._eof = False
-        self._error: Optional[BaseException] = None
-        host, port = address[0], address[1]
-        try:
-            self._reader, self._writer = self._call(open_connection(host, port, config=config), None)
-            self._room = self._call(self._start_pump(), None)
-        except BaseException:
-            self._stop()
-            raise
-
-    def _call(self, coro, timeout):
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise socket.timeout("timed out") from None
-
-    async def _start_pump(self) -> asyncio.Event:
-        room = asyncio.Event()
-        room.set()
-        self._pump_task = asyncio.get_running_loop().create_task(self._pump(room))
-        return room
-
-    async def _pump(self, room: asyncio.Event) -> None:
-        try:
-            while True:
-                await room.wait()
-                data = await self._reader.read(1 << 20)
-                with self._cond:
-                    if data:
-                        self._inbox.append(data)
-                        if len(self._inbox) > self.INBOX_LIMIT:
-                            room.clear()
-                    else:
-                        self._eof = True
-                    self._cond.notify_all()
-                if not data:
-                    return
-        except BaseException as exc:     # the connection's end (or cancellation) reaches recv()
-            with self._cond:
-                self._error = exc
-                self._cond.notify_all()
-
-    def sendall(self, data: bytes) -> None:
-        """Queue data for sending; waits only while more than the write limit is unacknowledged."""
-        with self._cond:
-            if self._error is not None and not isinstance(self._error, asyncio.CancelledError):
-                raise self._error
-        # call_soon keeps writes and shutdown() in the order the application made them
-        self._loop.call_soon_threadsafe(self._write, data)
-        if self._writer.connection.send_buffered + len(data) > WRITE_HIGH_WATER:
-            self._call(self._writer.drain(), self.timeout)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            self._writer.write(data)
-        except STCPError as exc:          # reported by the next sendall() or recv()
-            with self._cond:
-                self._error = self._error or exc
-                self._cond.notify_all()
-
-    def recv(self, bufsize: int) -> bytes:
-        """Up to bufsize bytes; b"" once the peer has finished and everything was read."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._inbox or self._eof or self._error is not None,
-                                       self.timeout):
-                raise socket.timeout("timed out")
-            if self._inbox:
-                data = self._inbox.take_some(bufsize)
-                if len(self._inbox) <= self.INBOX_LIMIT and not self._room.is_set():
-                    self._loop.call_soon_threadsafe(self._room.set)
-                return data
-            if self._eof:
-                return b""
-            raise self._error
-
-    def shutdown(self, how: int = socket.SHUT_WR) -> None:
-        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
-            self._loop.call_soon_threadsafe(self._writer.write_eof)
-
-    def close(self) -> None:
-        """Finish sending, wait (up to the timeout) for the peer to finish, then release everything."""
-        if self._loop.is_closed():
-            return
-        async def finish():
-            self._pump_task.cancel()
-            self._writer.close()
-            conn = self._writer.connection
-            if not conn.is_closed:
-                try:
-                    await asyncio.wait_for(self._writer.wait_closed(), self.timeout or 10.0)
-                except (asyncio.TimeoutError, STCPError):
-                    self._writer.abort("closed by the application")
-        try:
-            self._call(finish(), None)
-        finally:
-            self._stop()
-
-    def _stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def settimeout(self, timeout: Optional[float]) -> None:
-        self.timeout = timeout
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
-            config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
-    """Blocking client: `with stcp.connect(("127.0.0.1", 7443)) as c: c.sendall(b"hi")`."""
-    return BlockingConnection(address, timeout, config or make_config(cipher))

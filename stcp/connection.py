@@ -254,6 +254,12 @@ class Connection(ReceivePath, SendPath):
         return self._send.fin_requested
 
     @property
+    def write_acknowledged(self) -> bool:
+        """The sending direction is finished and the peer has acknowledged every byte of it
+        and its end: nothing written can be lost any more."""
+        return self._send.all_acked
+
+    @property
     def is_closed(self) -> bool:
         return self.state == State.CLOSED
 

@@ -34,7 +34,7 @@ def _data_record_cid(data) -> int:
 
 
 def _group_by_cid(batch) -> list:
-    """stcp._udpio.group_by_cid in Python, for builds without the C extension."""
+    """stcp._demux.group_by_cid in Python: its reference, and the fallback without the C extension."""
     groups: list = []
 
     def add(unit, addr, cid: int) -> None:
@@ -60,7 +60,7 @@ def _group_by_cid(batch) -> list:
 
 
 try:
-    from ._udpio import group_by_cid
+    from ._demux import group_by_cid
 except ImportError:
     group_by_cid = _group_by_cid
 

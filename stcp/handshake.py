@@ -1,4 +1,4 @@
-"""The X25519 handshake of seed §5.1, with key confirmation (docs/PROTOCOL.md §Handshake).
+"""The X25519 handshake with key confirmation (docs/PROTOCOL.md §5 Handshake and key schedule).
 
 1. client -> server: CLIENT_HELLO (client's public key and the CID it wants to receive on)
 2. server: shared secret, transcript hash, keys; -> SERVER_HELLO (server's public key,

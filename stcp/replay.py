@@ -7,7 +7,7 @@ replayed or very late record is discarded instead of being processed twice.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 MAX_RANGES = 256
 
@@ -72,11 +72,13 @@ class ReceivedPackets:
             dropped = self.ranges.pop(0)
             self.floor = dropped[1] + 1
 
-    def ack_ranges(self, limit: int, horizon: int) -> Tuple[Tuple[int, int], ...]:
+    def ack_ranges(self, limit: int, horizon: Optional[int] = None) -> Tuple[Tuple[int, int], ...]:
         """The newest `limit` ranges, highest first, as an AckFrame wants them, leaving out
         ranges that lie wholly more than `horizon` packet numbers below the largest."""
         ranges = self.ranges[-limit:]
-        floor = ranges[-1][1] - horizon
+        if not ranges:
+            return ()
+        floor = ranges[-1][1] - horizon if horizon is not None else -1
         out = []
         for lo, hi in reversed(ranges):
             if hi < floor:

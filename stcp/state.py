@@ -1,4 +1,4 @@
-"""The connection state machine of the seed (§6) as data: states, events, one table.
+"""The connection state machine (docs/PROTOCOL.md §10.1) as data: states, events, one table.
 
 `transition` is the only place that decides whether a move is legal; anything not in
 TRANSITIONS raises InvalidTransition.

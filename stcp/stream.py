@@ -249,7 +249,7 @@ class RecvStream:
         elif self.fin_offset is not None and end > self.fin_offset:
             raise ProtocolViolation("data beyond the end of the stream")
         self.highest = max(self.highest, end)
-        if end <= self.delivered_to:
+        if end <= self.delivered_to or not data:     # nothing new: an empty frame holds nothing
             return b""
         if offset < self.delivered_to:
             data = data[self.delivered_to - offset:]

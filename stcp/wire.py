@@ -13,6 +13,8 @@ from typing import List, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
+DEFAULT_PORT = 7443               # UDP port of `stcp serve` and `stcp-loader attach` unless told otherwise
+
 # --- record layer ----------------------------------------------------------
 HEADER_LEN = 24                   # length:u64 | cid:u64 | seq:u64
 AEAD_TAG_LEN = 16

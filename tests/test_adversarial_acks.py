@@ -16,8 +16,8 @@ from stcp.errors import CloseCode
 from stcp.recovery import STREAM, Recovery, SentPacket
 from stcp.replay import ReceivedPackets
 from stcp.state import State
-from tests.sim import Link, Pair
-from tests.test_adversarial_reassembly import Peer
+from tests.support.sim import Link, Pair
+from tests.support.sim import Peer
 
 MSS = wire.DEFAULT_MAX_DATAGRAM
 

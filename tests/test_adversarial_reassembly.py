@@ -16,50 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stcp import wire
-from stcp.connection import Config, Connection, DataReceived
-from stcp.endpoint import ServerEndpoint
+from stcp.connection import Config
 from stcp.errors import CloseCode, ProtocolViolation
 from stcp.state import State
+from tests.support.sim import Peer
 from stcp.stream import _JOIN_BELOW, MAX_FRAGMENTS, RecvStream
 
-ADDR = ("192.0.2.1", 5000)
 HDR = wire.STREAM_HEADER_STRUCT
-
-
-class Peer:
-    """An established client/server pair; `seal` makes records under the client's keys with
-    packet numbers of our choosing."""
-
-    def __init__(self, server_config: Config | None = None):
-        self.now = 0.0
-        self.client = Connection.client(Config(), self.now)
-        self.endpoint = ServerEndpoint(server_config or Config())
-        for d in self.client.datagrams_to_send(self.now):
-            self.server, _ = self.endpoint.receive(d, ADDR, self.now)
-        for d in self.server.datagrams_to_send(self.now):
-            self.client.receive_datagram(d, self.now)
-        for d in self.client.datagrams_to_send(self.now):
-            self.endpoint.receive(d, ADDR, self.now)
-        assert self.server.state == State.ENCRYPTED
-        self.pn = self.client._next_pn + 10
-
-    def seal(self, plaintext: bytes) -> bytes:
-        key = self.client._keys.send
-        self.pn += 1
-        return key.seal(self.server.local_cid, wire.make_seq(key.epoch, self.pn), plaintext)
-
-    def stream(self, offset: int, data: bytes) -> bytes:
-        return self.seal(HDR.pack(wire.FRAME_STREAM, 0, offset, len(data)) + data)
-
-    def feed(self, record: bytes) -> None:
-        self.endpoint.receive(record, ADDR, self.now)
-
-    def delivered(self) -> bytes:
-        out = b""
-        while (ev := self.server.next_event()) is not None:
-            if isinstance(ev, DataReceived):
-                out += ev.data
-        return out
 
 
 @contextmanager

@@ -24,8 +24,8 @@ from stcp.cli.main import echo_handler
 from stcp.connection import Config, Connection
 from stcp.errors import CloseCode
 from stcp.state import State
-from tests.sim import CLIENT_ADDR, Pair
-from tests.test_e2e import echo_transfer
+from tests.support.sim import CLIENT_ADDR, Pair
+from tests.support.servers import echo_transfer
 
 ATTACKER = ("203.0.113.66", 40000)
 _HDR = struct.Struct("!QQQ")

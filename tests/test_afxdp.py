@@ -23,18 +23,19 @@ import time
 
 import pytest
 
-from tests.netns import veth_pair, wait_for_stderr_line
-from tests.test_xdp_datapath import require_xdp
+from tests.support.netns import in_ns, ns_socket
+from tests.support.packets import csum
+from tests.support.poll import wait_until
+from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, client_results, clients, echo_all, read_all,
+                                 serve_afxdp, serve_workers, stop, wait_for_stderr_line, xdp_status)
 
-PORT = 4479
+PORT = AFXDP_PORT
 SIZE = 4 << 20
 
 try:
     from stcp import _xsk
-except ImportError:
+except ImportError:          # the tests that need it are marked xsk / afxdp and skip
     _xsk = None
-
-needs_xsk = pytest.mark.skipif(_xsk is None, reason="stcp._xsk not built (needs libxdp-dev, libbpf-dev)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def ipv6(src: str, dst: str, l4: bytes, nexthdr: int = 17, ext: bytes = b"") -> 
             + socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + ext + l4)
 
 
-@needs_xsk
+@pytest.mark.xsk
 def test_parse_valid_frames():
     pl = os.urandom(100)
     f4 = eth(0x0800) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, pl))
@@ -81,7 +82,7 @@ def test_parse_valid_frames():
     assert _xsk.parse_frame(eth(0x0800) + ipv4("1.2.3.4", "5.6.7.8", udp(1, 2, b""))) == (b"", ("1.2.3.4", 1))
 
 
-@needs_xsk
+@pytest.mark.xsk
 @pytest.mark.parametrize("frame,why", [
     (b"", "shorter than an Ethernet"),
     (eth(0x0806) + bytes(28), "neither IPv4 nor IPv6"),                                 # ARP
@@ -99,7 +100,7 @@ def test_parse_malformed_raises(frame, why):
         _xsk.parse_frame(frame)
 
 
-@needs_xsk
+@pytest.mark.xsk
 def test_parse_fuzz_never_crashes():
     """Truncations, bit flips and random bytes: a tuple or ValueError, nothing else."""
     rng = random.Random(4)
@@ -133,17 +134,17 @@ def _verify_udp_frame(frame: bytes) -> None:
     """IPv4 header checksum and UDP checksum (pseudo-header) verify to zero."""
     off = 18 if frame[12:14] == b"\x81\x00" else 14
     if frame[off] >> 4 == 4:
-        assert _csum(frame[off:off + 20]) == 0
+        assert csum(frame[off:off + 20]) == 0
         u = frame[off + 20:]
         ph = frame[off + 12:off + 20] + struct.pack("!BBH", 0, 17, len(u))
     else:
         u = frame[off + 40:]
         ph = frame[off + 8:off + 40] + struct.pack("!I3xB", len(u), 17)
     assert struct.unpack("!H", u[4:6])[0] == len(u)
-    assert _csum(ph + u) == 0
+    assert csum(ph + u) == 0
 
 
-@needs_xsk
+@pytest.mark.xsk
 @pytest.mark.parametrize("frame", [
     eth(0x0800) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"hello"), options=bytes(4)),
     eth(0x0800, vlan=7) + ipv4("10.1.2.3", "10.1.2.4", udp(5555, PORT, b"x")),
@@ -165,7 +166,7 @@ def test_reply_template_and_frame(frame):
         assert _xsk.parse_frame(_xsk.udp_frame(back, b"z"))[1][:2] == src[:2]
 
 
-@needs_xsk
+@pytest.mark.xsk
 def test_udp_frame_rejects_bad_templates():
     rng = random.Random(7)
     good = _xsk.reply_template(eth(0x0800) + ipv4("10.0.0.1", "10.0.0.2", udp(1, PORT, b"a")))
@@ -183,7 +184,7 @@ def test_udp_frame_rejects_bad_templates():
         _xsk.udp_frame(good, bytes(70000))
 
 
-@needs_xsk
+@pytest.mark.xsk
 def test_xsk_arguments_checked():
     with pytest.raises((TypeError, ValueError, OverflowError)):
         _xsk.parse_frame("not bytes")
@@ -209,132 +210,107 @@ def test_xsk_arguments_checked():
 
 # ---------------------------------------------------------------------------------------
 # in namespaces
-def require_afxdp() -> None:
-    require_xdp()
-    if _xsk is None:
-        pytest.skip("stcp._xsk not built (needs libxdp-dev, libbpf-dev; 'sudo make system-deps' then "
-                    "'pip install -e .')")
-
-
-def _serve(host_ns, addr: str, mode: str = "native", *extra: str) -> subprocess.Popen:
-    return host_ns.popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--datapath", "afxdp",
-                          "--iface", host_ns.ifname, "--xdp-mode", mode, *extra],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    """SIGTERM, wait, and the rest of its stderr."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        raise AssertionError(f"server ignored SIGTERM; stderr: {err!r}")
-    return err.decode(errors="replace")
-
-
 @pytest.mark.root
+@pytest.mark.afxdp
+@pytest.mark.slow
 @pytest.mark.parametrize("fam,mode,tx", [(4, "native", "socket"), (6, "native", "socket"), (4, "generic", "socket"),
                                          (6, "generic", "socket"), (4, "native", "afxdp"), (6, "native", "afxdp"),
                                          (6, "generic", "afxdp")])
-def test_transfer_through_afxdp(fam, mode, tx):
-    require_afxdp()
-    with veth_pair() as (a, b):
-        host = a.ip4 if fam == 4 else a.ip6
-        addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
-        server = _serve(a, addr, mode, "--afxdp-tx", tx)
-        try:
-            lines = wait_for_stderr_line(server, "serving on", timeout=60)
-            assert any("AF_XDP on" in ln and f"XDP {mode} mode" in ln for ln in lines), lines
-            data = os.urandom(SIZE)
-            t0 = time.monotonic()
-            r = subprocess.run(b.cmd(sys.executable, "-m", "stcp.cli.main", "connect", addr), input=data,
-                               capture_output=True, timeout=120)
-            took = time.monotonic() - t0
-            assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
-            assert len(r.stdout) == SIZE, f"echoed {len(r.stdout)} of {SIZE} bytes"
-            assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
-            # ARP / neighbour discovery went through the program to the stack: b resolved a
-            neigh = b.run("ip", "neigh", "show", host).stdout
-            assert "lladdr" in neigh, neigh
-            link = a.run("ip", "-d", "link", "show", a.ifname).stdout
-            assert "prog/xdp" in link, link
-        finally:
-            err = _stop(server)
-        assert server.returncode == 0, err
-        m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups[^)]*\), (\d+) through the "
-                      r"UDP socket; sent (\d+) through AF_XDP, (\d+) through the UDP socket", err)
-        assert m, err
-        via_xsk, via_sock = int(m.group(1)), int(m.group(3))
-        tx_xsk, tx_sock = int(m.group(4)), int(m.group(5))
-        assert via_xsk >= SIZE // 1500, err            # the whole upload came through AF_XDP
-        assert via_sock == 0, err
-        if tx == "afxdp":                              # the echo went out on the TX ring
-            assert tx_xsk >= SIZE // 1500 and tx_sock <= tx_xsk // 10, err
-        else:
-            assert tx_xsk == 0 and tx_sock >= SIZE // 1500, err
-        # clean shutdown: no XDP program, no pins, no process
+def test_transfer_through_afxdp(fam, mode, tx, veth):
+    a, b = veth()
+    host = a.ip4 if fam == 4 else a.ip6
+    addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
+    server = serve_afxdp(a, addr, mode, "--afxdp-tx", tx)
+    try:
+        lines = wait_for_stderr_line(server, "serving on", timeout=60)
+        assert any("AF_XDP on" in ln and f"XDP {mode} mode" in ln for ln in lines), lines
+        data = os.urandom(SIZE)
+        t0 = time.monotonic()
+        r = subprocess.run(b.cmd(*STCP, "connect", addr), input=data,
+                           capture_output=True, timeout=120)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+        assert len(r.stdout) == SIZE, f"echoed {len(r.stdout)} of {SIZE} bytes"
+        assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+        # ARP / neighbour discovery went through the program to the stack: b resolved a
+        neigh = b.run("ip", "neigh", "show", host).stdout
+        assert "lladdr" in neigh, neigh
         link = a.run("ip", "-d", "link", "show", a.ifname).stdout
-        assert "prog/xdp" not in link, link
-        assert not a.run("sh", "-c", "ls /sys/fs/bpf/stcp 2>/dev/null", check=False).stdout.strip()
-        assert not os.path.exists("/sys/fs/bpf/stcp/veth0")
-        print(f"{SIZE >> 20} MiB echoed over IPv{fam} through AF_XDP ({mode}, replies via {tx}) in {took:.2f}s; "
-              f"{via_xsk} datagrams in via AF_XDP, {tx_xsk} out via AF_XDP, {tx_sock} out via the socket")
+        assert "prog/xdp" in link, link
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    m = re.search(r"AF_XDP: (\d+) datagrams received through AF_XDP \((\d+) wakeups[^)]*\), (\d+) through the "
+                  r"UDP socket; sent (\d+) through AF_XDP, (\d+) through the UDP socket", err)
+    assert m, err
+    via_xsk, via_sock = int(m.group(1)), int(m.group(3))
+    tx_xsk, tx_sock = int(m.group(4)), int(m.group(5))
+    assert via_xsk >= SIZE // 1500, err            # the whole upload came through AF_XDP
+    assert via_sock == 0, err
+    if tx == "afxdp":                              # the echo went out on the TX ring
+        assert tx_xsk >= SIZE // 1500 and tx_sock <= tx_xsk // 10, err
+    else:
+        assert tx_xsk == 0 and tx_sock >= SIZE // 1500, err
+    # clean shutdown: no XDP program, no pins, no process
+    link = a.run("ip", "-d", "link", "show", a.ifname).stdout
+    assert "prog/xdp" not in link, link
+    assert not a.run("sh", "-c", "ls /sys/fs/bpf/stcp 2>/dev/null", check=False).stdout.strip()
+    assert not os.path.exists("/sys/fs/bpf/stcp/veth0")
+    print(f"{SIZE >> 20} MiB echoed over IPv{fam} through AF_XDP ({mode}, replies via {tx}) in {took:.2f}s; "
+          f"{via_xsk} datagrams in via AF_XDP, {tx_xsk} out via AF_XDP, {tx_sock} out via the socket")
 
 
 @pytest.mark.root
-def test_setup_failures_are_one_line():
-    require_afxdp()
-    with veth_pair() as (a, _b):
-        base = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "afxdp"]
-        r = a.run(*base, check=False, timeout=60)
-        assert r.returncode == 2 and "--iface" in r.stderr, r.stderr
-        r = a.run(*base, "--iface", "nosuch0", check=False, timeout=60)
+@pytest.mark.afxdp
+def test_setup_failures_are_one_line(veth):
+    a, _b = veth()
+    base = [*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "afxdp"]
+    r = a.run(*base, check=False, timeout=60)
+    assert r.returncode == 2 and "--iface" in r.stderr, r.stderr
+    r = a.run(*base, "--iface", "nosuch0", check=False, timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "nosuch0" in lines[0] and "--datapath xdp" in lines[0] and "--datapath socket" in lines[0]
+    if shutil.which("setpriv"):
+        r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *base, "--iface", a.ifname,
+                  check=False, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 1 and len(lines) == 1, r.stderr
-        assert "nosuch0" in lines[0] and "--datapath xdp" in lines[0] and "--datapath socket" in lines[0]
-        if shutil.which("setpriv"):
-            r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *base, "--iface", a.ifname,
-                      check=False, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-            assert r.returncode == 1 and len(lines) == 1, r.stderr
-            assert "needs root" in lines[0] and "--datapath socket" in lines[0], lines
-        # more workers than RX queues (veth0 has one), or none
-        r = a.run(*base, "--iface", a.ifname, "--workers", "2", check=False, timeout=60)
+        assert "needs root" in lines[0] and "--datapath socket" in lines[0], lines
+    # more workers than RX queues (veth0 has one), or none
+    r = a.run(*base, "--iface", a.ifname, "--workers", "2", check=False, timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and "RX queue" in lines[0], r.stderr
+    r = a.run(*base, "--iface", a.ifname, "--workers", "0", check=False, timeout=60)
+    assert r.returncode == 2 and "--workers" in r.stderr, r.stderr
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+    # stcp._xsk missing (built without libxdp-dev): one line, nothing attached
+    code = ("import sys; sys.modules['stcp._xsk'] = None\n"
+            "from stcp.cli.main import main\n"
+            f"sys.exit(main(['serve', '--listen', '{a.ip4}:{PORT}', '--datapath', 'afxdp', '--iface', 'veth0']))")
+    r = a.run(sys.executable, "-c", code, check=False, timeout=60)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "stcp._xsk" in lines[0] and "--datapath xdp" in lines[0], lines
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+    # an interface that already carries an XDP program: refused, left alone
+    server = serve_afxdp(a, f"{a.ip4}:{PORT}")
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=60)
+        r = a.run(*base, "--iface", a.ifname, check=False, timeout=60)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert r.returncode == 1 and len(lines) == 1 and "RX queue" in lines[0], r.stderr
-        r = a.run(*base, "--iface", a.ifname, "--workers", "0", check=False, timeout=60)
-        assert r.returncode == 2 and "--workers" in r.stderr, r.stderr
-        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
-        # stcp._xsk missing (built without libxdp-dev): one line, nothing attached
-        code = ("import sys; sys.modules['stcp._xsk'] = None\n"
-                "from stcp.cli.main import main\n"
-                f"sys.exit(main(['serve', '--listen', '{a.ip4}:{PORT}', '--datapath', 'afxdp', '--iface', 'veth0']))")
-        r = a.run(sys.executable, "-c", code, check=False, timeout=60)
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert r.returncode == 1 and len(lines) == 1, r.stderr
-        assert "stcp._xsk" in lines[0] and "--datapath xdp" in lines[0], lines
-        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
-        # an interface that already carries an XDP program: refused, left alone
-        server = _serve(a, f"{a.ip4}:{PORT}")
-        try:
-            wait_for_stderr_line(server, "serving on", timeout=60)
-            r = a.run(*base, "--iface", a.ifname, check=False, timeout=60)
-            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-            assert r.returncode == 1 and len(lines) == 1 and "already" in lines[0], r.stderr
-            assert "prog/xdp" in a.run("ip", "-d", "link", "show", a.ifname).stdout
-        finally:
-            _stop(server)
-        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+        assert r.returncode == 1 and len(lines) == 1 and "already" in lines[0], r.stderr
+        assert "prog/xdp" in a.run("ip", "-d", "link", "show", a.ifname).stdout
+    finally:
+        stop(server)
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
 
 
 @pytest.mark.root
-def test_xsk_socket_in_namespace():
+@pytest.mark.afxdp
+def test_xsk_socket_in_namespace(veth):
     """XskSocket directly: binds to an existing queue (no program needed), refuses a queue
     that does not exist, and recv() on an idle socket returns []."""
-    require_afxdp()
     code = (
         "import stcp._xsk as x\n"
         "s = x.XskSocket('veth0', 0, frame_count=256, ring_size=256)\n"
@@ -349,18 +325,9 @@ def test_xsk_socket_in_namespace():
         "else:\n"
         "    raise SystemExit('queue 7 accepted')\n"
     )
-    with veth_pair() as (a, _b):
-        r = a.run(sys.executable, "-c", code, check=False, timeout=60)
-        assert r.returncode == 0 and "refused" in r.stdout, r.stdout + r.stderr
-
-
-def _csum(b: bytes) -> int:
-    if len(b) % 2:
-        b += b"\0"
-    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return (~s) & 0xFFFF
+    a, _b = veth()
+    r = a.run(sys.executable, "-c", code, check=False, timeout=60)
+    assert r.returncode == 0 and "refused" in r.stdout, r.stdout + r.stderr
 
 
 def _udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes, fam: int) -> bytes:
@@ -370,93 +337,57 @@ def _udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes, f
     u = udp(5000, 6000, payload)
     if fam == 4:
         ph = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 17, len(u))
-        u = u[:6] + struct.pack("!H", _csum(ph + u) or 0xFFFF) + u[8:]
+        u = u[:6] + struct.pack("!H", csum(ph + u) or 0xFFFF) + u[8:]
         ip = bytearray(ipv4(src, dst, u))
-        ip[10:12] = struct.pack("!H", _csum(bytes(ip[:20])))
+        ip[10:12] = struct.pack("!H", csum(bytes(ip[:20])))
         return mac + b"\x08\x00" + bytes(ip)
     ph = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + struct.pack("!I3xB", len(u), 17)
-    u = u[:6] + struct.pack("!H", _csum(ph + u) or 0xFFFF) + u[8:]
+    u = u[:6] + struct.pack("!H", csum(ph + u) or 0xFFFF) + u[8:]
     return mac + b"\x86\xdd" + ipv6(src, dst, u)
 
 
 @pytest.mark.root
+@pytest.mark.afxdp
 @pytest.mark.parametrize("fam", [4, 6])
-def test_xsk_transmit_on_veth(fam):
-    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (the design page
-    doubted it); bad frames raise. The datapath itself still replies through a UDP socket."""
-    require_afxdp()
+def test_xsk_transmit_on_veth(fam, veth):
+    """AF_XDP transmit in copy mode on veth reaches the peer's UDP socket (it was expected
+    not to); bad frames raise. (The datapath sends its replies with send_udp when asked to.)"""
     import socket
-    from tests.test_xdp_datapath import in_ns, ns_socket
     n = 300
-    with veth_pair() as (a, b):
-        rx = ns_socket(b.ns, socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
-        try:
-            rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)       # SO_RCVBUFFORCE: hold every frame
-            rx.bind((b.ip4 if fam == 4 else b.ip6, 6000))
-            rx.settimeout(2)
-            src, dst = (a.ip4, b.ip4) if fam == 4 else (a.ip6, b.ip6)
-            frames = [_udp_frame(a.mac, b.mac, src, dst, b"tx %d" % i, fam) for i in range(n)]
-            with in_ns(a.ns):
-                x = _xsk.XskSocket(a.ifname, 0, frame_count=1024, ring_size=512)
-            with x:
-                for bad in ([b"short"], [bytes(5000)], [42], "notalist", [None]):
-                    with pytest.raises((ValueError, TypeError)):
-                        x.send(bad)
-                sent = 0
-                for _ in range(100):
-                    sent += x.send(frames[sent:sent + 64])
-                    if sent == n:
-                        break
-                assert sent == n
-                got = set()
-                try:
-                    while len(got) < n:
-                        got.add(rx.recv(100))
-                except socket.timeout:
-                    pass
-                assert got == {b"tx %d" % i for i in range(n)}, f"{len(got)} of {n} frames arrived"
-                assert x.stats()["tx_frames"] == n
-        finally:
-            rx.close()
+    a, b = veth()
+    rx = ns_socket(b.ns, socket.AF_INET if fam == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)       # SO_RCVBUFFORCE: hold every frame
+        rx.bind((b.ip4 if fam == 4 else b.ip6, 6000))
+        rx.settimeout(2)
+        src, dst = (a.ip4, b.ip4) if fam == 4 else (a.ip6, b.ip6)
+        frames = [_udp_frame(a.mac, b.mac, src, dst, b"tx %d" % i, fam) for i in range(n)]
+        with in_ns(a.ns):
+            x = _xsk.XskSocket(a.ifname, 0, frame_count=1024, ring_size=512)
+        with x:
+            for bad in ([b"short"], [bytes(5000)], [42], "notalist", [None]):
+                with pytest.raises((ValueError, TypeError)):
+                    x.send(bad)
+            sent = 0
+            for _ in range(100):
+                sent += x.send(frames[sent:sent + 64])
+                if sent == n:
+                    break
+            assert sent == n
+            got = set()
+            try:
+                while len(got) < n:
+                    got.add(rx.recv(100))
+            except socket.timeout:
+                pass
+            assert got == {b"tx %d" % i for i in range(n)}, f"{len(got)} of {n} frames arrived"
+            assert x.stats()["tx_frames"] == n
+    finally:
+        rx.close()
 
 
 # ---------------------------------------------------------------------------------------
 # worker processes (--workers N): a worker owns whole RX queues
-WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received through AF_XDP \([^)]*\), (\d+) "
-                       r"through the UDP socket; sent \d+ through AF_XDP, \d+ through the UDP socket; "
-                       r"(\d+) connections, (\d+) datagrams for unknown ones")
-
-
-def _serve_workers(a, n: int) -> tuple:
-    server = _serve(a, f"{a.ip4}:{PORT}", "native", "--workers", str(n))
-    lines = wait_for_stderr_line(server, f"afxdp datapath, {n} workers", timeout=90)
-    pids = {int(m.group(1)): int(m.group(2)) for m in
-            (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
-    assert len(pids) == n, lines
-    return server, pids
-
-
-def _clients(b, addr: str, count: int, *extra: str) -> list:
-    return [subprocess.Popen(b.cmd(sys.executable, "-m", "stcp.cli.main", "connect", addr, *extra),
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for _ in range(count)]
-
-
-def _read_all(procs: list) -> tuple:
-    """Read every client's stdout in its own thread, from the start: a client blocked on a
-    full stdout pipe stops its event loop and hears nothing (then times out)."""
-    import threading
-    outs: list = [None] * len(procs)
-
-    def drain(i, p):
-        outs[i] = p.stdout.read()
-
-    threads = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
-    for t in threads:
-        t.start()
-    return outs, threads
-
-
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -467,101 +398,87 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.root
-def test_workers_share_the_connections():
+@pytest.mark.afxdp
+@pytest.mark.slow
+def test_workers_share_the_connections(veth):
     """12 connections over a 2-queue veth, 2 workers: every transfer intact, each connection
     counted by exactly one worker, both workers used, nothing through the UDP sockets; on
     SIGTERM the workers exit, the program is detached."""
-    require_afxdp()
     n_clients, size = 12, 1 << 20
-    with veth_pair(queues=2) as (a, b):
-        server, pids = _serve_workers(a, 2)
-        try:
-            datas = [os.urandom(size) for _ in range(n_clients)]
-            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients)
-            outs = _read_all(procs)
-            for p, d in zip(procs, datas):
-                p.stdin.write(d)
-                p.stdin.close()
-            for t in outs[1]:
-                t.join(timeout=120)
-            for p, d, out in zip(procs, datas, outs[0]):
-                p.wait(timeout=120)
-                assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
-                assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-        finally:
-            err = _stop(server)
-        assert server.returncode == 0, err
-        per = {int(m.group(1)): m.groups()[1:] for m in WORKER_RE.finditer(err)}
-        assert set(per) == {0, 1}, err
-        conns = {w: int(v[2]) for w, v in per.items()}
-        assert sum(conns.values()) == n_clients, err           # each connection in one worker only
-        assert all(conns.values()), f"one worker got every connection: {conns}"
-        assert all(int(v[1]) == 0 for v in per.values()), err   # nothing through the UDP sockets
-        assert all(int(v[3]) <= 16 for v in per.values()), err  # late records after a close only
-        assert all(_gone(p) for p in pids.values())
-        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
-        print(f"connections per worker: {conns}")
+    a, b = veth(queues=2)
+    server, pids = serve_workers(a, 2)
+    try:
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [os.urandom(size) for _ in range(n_clients)])
+        assert ok == n_clients, failed
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    per = {int(m.group(1)): m.groups()[1:] for m in WORKER_RE.finditer(err)}
+    assert set(per) == {0, 1}, err
+    conns = {w: int(v[2]) for w, v in per.items()}
+    assert sum(conns.values()) == n_clients, err           # each connection in one worker only
+    assert all(conns.values()), f"one worker got every connection: {conns}"
+    assert all(int(v[1]) == 0 for v in per.values()), err   # nothing through the UDP sockets
+    assert all(int(v[3]) <= 16 for v in per.values()), err  # late records after a close only
+    assert all(_gone(p) for p in pids.values())
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+    print(f"connections per worker: {conns}")
 
 
 @pytest.mark.root
-def test_killed_worker_is_replaced():
+@pytest.mark.afxdp
+@pytest.mark.slow
+def test_killed_worker_is_replaced(veth):
     """SIGKILL one worker mid-transfer: the supervisor reports and replaces it; the other
     worker's transfers complete intact; the dead worker's clients end with an error."""
-    require_afxdp()
     n_clients, half = 12, 1 << 20
-    with veth_pair(queues=2) as (a, b):
-        server, pids = _serve_workers(a, 2)
-        try:
-            datas = [os.urandom(2 * half) for _ in range(n_clients)]
-            # idle timeout: long enough for a busy machine, short enough that the dead
-            # worker's clients give up within the test
-            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "8")
-            outs, readers = _read_all(procs)
-            import threading
-            for p, d in zip(procs, datas):
-                p.stdin.write(d[:half])
-                p.stdin.flush()
-            time.sleep(2)                       # every connection established and mid-transfer
-            os.kill(pids[1], signal.SIGKILL)
-            ok = failed = 0
+    a, b = veth(queues=2)
+    server, pids = serve_workers(a, 2)
+    try:
+        datas = [os.urandom(2 * half) for _ in range(n_clients)]
+        # idle timeout: long enough for a busy machine, short enough that the dead
+        # worker's clients give up within the test
+        procs = clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "8")
+        outs, readers = read_all(procs)
+        import threading
+        for p, d in zip(procs, datas):
+            p.stdin.write(d[:half])
+            p.stdin.flush()
+        # every connection established (its CID in the kernel table) and mid-transfer
+        wait_until(lambda: xdp_status(a.ns)["live_cids"] == n_clients, 30, f"{n_clients} live connections")
+        os.kill(pids[1], signal.SIGKILL)
 
-            def feed(p, rest):                  # a stalled client must not hold up the others
-                try:
-                    p.stdin.write(rest)
-                    p.stdin.close()
-                except (BrokenPipeError, ValueError):
-                    pass
+        def feed(p, rest):                  # a stalled client must not hold up the others
+            try:
+                p.stdin.write(rest)
+                p.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass
 
-            feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True) for p, d in zip(procs, datas)]
-            for t in feeders:                   # the rest at once: no connection sits idle
-                t.start()
-            lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)
-            assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
-            for t in readers + feeders:
-                t.join(timeout=120)
-            for p, d, out in zip(procs, datas, outs):
-                p.wait(timeout=120)
-                if p.returncode == 0:
-                    assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-                    ok += 1
-                else:
-                    errl = [ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-                    assert errl and errl[-1].startswith("stcp: "), errl
-                    failed += 1
-            assert ok >= 1 and failed >= 1, (ok, failed)
-            # the dead worker's connection IDs were taken out of the kernel table, the
-            # others' left it as their connections ended
-            assert any("removed worker 1's" in ln for ln in lines), lines
-            from tests.test_xdp_transfer import _status
-            deadline = time.monotonic() + 15
-            while _status(a.ns)["live_cids"] and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _status(a.ns)["live_cids"] == 0, "connection IDs left in the kernel table"
-        finally:
-            err = _stop(server)
-        assert server.returncode == 0, err
-        per = {int(m.group(1)): int(m.group(4)) for m in WORKER_RE.finditer(err)}
-        assert per.get(0) == ok, (per, ok, err)      # exactly worker 0's connections completed
-        assert _gone(pids[0])
-        assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
-        print(f"after killing worker 1: {ok} transfers completed, {failed} ended with an error")
+        feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True) for p, d in zip(procs, datas)]
+        for t in feeders:                   # the rest at once: no connection sits idle
+            t.start()
+        lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)
+        assert any("worker 1" in ln and "died (signal 9)" in ln for ln in lines), lines
+        for t in readers + feeders:
+            t.join(timeout=120)
+        ok, failures = client_results(procs, datas, outs)
+        for errl in failures:
+            assert errl and errl[-1].startswith("stcp: "), errl
+        failed = len(failures)
+        assert ok >= 1 and failed >= 1, (ok, failed)
+        # the dead worker's connection IDs were taken out of the kernel table, the
+        # others' left it as their connections ended
+        assert any("removed worker 1's" in ln for ln in lines), lines
+        deadline = time.monotonic() + 15
+        while xdp_status(a.ns)["live_cids"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert xdp_status(a.ns)["live_cids"] == 0, "connection IDs left in the kernel table"
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    per = {int(m.group(1)): int(m.group(4)) for m in WORKER_RE.finditer(err)}
+    assert per.get(0) == ok, (per, ok, err)      # exactly worker 0's connections completed
+    assert _gone(pids[0])
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+    print(f"after killing worker 1: {ok} transfers completed, {failed} ended with an error")

@@ -20,7 +20,6 @@ Needs root, bcc, kernel headers and stcp._xsk; skips with the reason otherwise.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import socket
@@ -30,27 +29,26 @@ import time
 import pytest
 
 from stcp import wire
-from tests.netns import veth_pair
-from tests.test_afxdp import (PORT, WORKER_RE, _clients, _read_all, _serve_workers, _stop, _xsk,
-                              require_afxdp)
-from tests.test_xdp_datapath import data_record, hello, in_ns, udp_frame
+from tests.support.netns import in_ns, veth_pair
+from tests.support.packets import data_record, hello, udp_frame
+from tests.support.poll import wait_until
+from tests.support.testrun import XDP_DROP, XDP_REDIRECT, Opts
+from tests.support.procs import AFXDP_PORT, WORKER_RE, client_results, clients, read_all, serve_workers, stop
 
-XDP_DROP, XDP_PASS, XDP_REDIRECT = 1, 2, 4
+try:
+    from stcp import _xsk
+except ImportError:          # every test here is marked afxdp and skips
+    _xsk = None
+
+PORT = AFXDP_PORT
+pytestmark = [pytest.mark.root, pytest.mark.afxdp]
+
 QUEUES = 4
 MAC = "02:00:00:00:00:01"
 
 
 def cid_of(worker: int, low: int) -> int:
     return (worker << wire.CID_WORKER_SHIFT) | low
-
-
-class _Opts(ctypes.Structure):          # struct bpf_test_run_opts (libbpf)
-    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
-                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
-                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
 
 
 class _XdpMd(ctypes.Structure):         # struct xdp_md (UAPI)
@@ -81,7 +79,7 @@ class Prog:
         finally:
             os.close(mfd)
         self.lib = xdp._Libbpf.lib()
-        self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_Opts)]
+        self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
         self.configure(0)
 
     def configure(self, nworkers: int) -> None:
@@ -94,7 +92,7 @@ class Prog:
         buf = ctypes.create_string_buffer(frame, len(frame))
         out = ctypes.create_string_buffer(len(frame) + 256)
         md = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=self.ifindex, rx_queue_index=queue)
-        o = _Opts(sz=ctypes.sizeof(_Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame),
+        o = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame),
                   data_out=ctypes.addressof(out), data_size_out=len(out), ctx_in=ctypes.addressof(md),
                   ctx_size_in=ctypes.sizeof(md), repeat=1)
         with in_ns(self.ns):              # ingress_ifindex is looked up in the caller's namespace
@@ -113,8 +111,7 @@ class Prog:
 
 
 @pytest.fixture(scope="module")
-def prog():
-    require_afxdp()
+def prog(afxdp_toolchain):
     with veth_pair(queues=QUEUES) as (a, _b):
         p = Prog(a.ns, a.ifname)
         try:
@@ -186,16 +183,6 @@ def test_nworkers_zero_does_not_steer(prog):
 
 # ---------------------------------------------------------------------------------------
 # end to end: `stcp serve --datapath afxdp --workers 2` over a 2-queue veth
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _client_ports(b, server_ip: str) -> list:
     """The source ports of the UDP sockets in b's namespace connected to the server."""
     out = subprocess.run(["ip", "netns", "exec", b.ns, "ss", "-Hun", "dst", f"{server_ip}:{PORT}"],
@@ -204,7 +191,8 @@ def _client_ports(b, server_ip: str) -> list:
 
 
 @pytest.mark.root
-def test_workers_own_the_connections_their_cids_name():
+@pytest.mark.slow
+def test_workers_own_the_connections_their_cids_name(veth):
     """16 connections, 2 workers: every CID names the worker that created its connection
     (the kernel table's per-worker tags) and that worker received all its records (per-worker
     connection counts, nothing for unknown CIDs, no record of an honest connection dropped as
@@ -212,90 +200,82 @@ def test_workers_own_the_connections_their_cids_name():
     into queue 0 (worker 0's), is counted as drop_wrong_worker and reaches nobody: worker 1's
     connection lives on, where the same record sent into queue 1 from the victim client's
     address reaches worker 1 and, failing authentication, ends that connection."""
-    require_afxdp()
     from stcp.datapath.afxdp import worker_tag
     from stcp.datapath.xdp import XdpDatapath
     n_clients, size, crafted = 16, 256 << 10, 20
-    with veth_pair(queues=2) as (a, b):
-        server, pids = _serve_workers(a, 2)
-        dp = None
-        tx = {}
-        try:
-            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients)
-            outs, readers = _read_all(procs)
-            dp = XdpDatapath.open(a.ifname, netns=a.ns)          # the supervisor's program, read-only use
-            assert dp.config["nworkers"] == 2, dp.config
-            _wait(lambda: len(dp.cids()) == n_clients, 60, f"{n_clients} live CIDs")
-            owner = {}                                          # cid -> worker that added it
-            for w in (0, 1):
-                for cid in dp.cids_tagged(worker_tag(w)):
-                    owner[cid] = w
-            assert len(owner) == n_clients, owner
-            wrong = {hex(c): w for c, w in owner.items() if c >> wire.CID_WORKER_SHIFT != w}
-            assert not wrong, f"CIDs whose worker bits are not their owner: {wrong}"
-            per_worker = {w: sum(1 for v in owner.values() if v == w) for w in (0, 1)}
-            assert all(per_worker.values()), f"one worker got every connection: {per_worker}"
+    a, b = veth(queues=2)
+    server, pids = serve_workers(a, 2)
+    dp = None
+    tx = {}
+    try:
+        procs = clients(b, f"{a.ip4}:{PORT}", n_clients)
+        outs, readers = read_all(procs)
+        dp = XdpDatapath.open(a.ifname, netns=a.ns)          # the supervisor's program, read-only use
+        assert dp.config["nworkers"] == 2, dp.config
+        wait_until(lambda: len(dp.cids()) == n_clients, 60, f"{n_clients} live CIDs")
+        owner = {}                                          # cid -> worker that added it
+        for w in (0, 1):
+            for cid in dp.cids_tagged(worker_tag(w)):
+                owner[cid] = w
+        assert len(owner) == n_clients, owner
+        wrong = {hex(c): w for c, w in owner.items() if c >> wire.CID_WORKER_SHIFT != w}
+        assert not wrong, f"CIDs whose worker bits are not their owner: {wrong}"
+        per_worker = {w: sum(1 for v in owner.values() if v == w) for w in (0, 1)}
+        assert all(per_worker.values()), f"one worker got every connection: {per_worker}"
 
-            # a crafted record for one of worker 1's live connections, into queue 0
-            victim = next(c for c, w in owner.items() if w == 1)
-            rec = data_record(victim, 48, seq=0xFFFF_0000)       # far ahead: not a replay
-            frame = udp_frame(b.mac, a.mac, b.ip4, a.ip4, 40999, PORT, rec)
-            with in_ns(b.ns):
-                tx = {q: _xsk.XskSocket(b.ifname, q, frame_count=1024, ring_size=256) for q in (0, 1)}
-            before = dp.counters()
-            assert tx[0].send([frame] * crafted) == crafted
-            _wait(lambda: dp.counters()["drop_wrong_worker"][0] - before["drop_wrong_worker"][0] >= crafted, 10,
-                  "drop_wrong_worker to count the crafted records")
-            time.sleep(1.0)
-            assert dp.counters()["drop_wrong_worker"][0] - before["drop_wrong_worker"][0] == crafted
-            assert dp.has_cid(victim), "the crafted records reached worker 1's connection"
-            # the control: the same record into queue 1 reaches worker 1, and from the victim's
-            # own client address (PROTOCOL.md 10.2: from any other it is only discarded) kills
-            # the connection. Which client is the victim is not known here: it is sent from
-            # every client's address, and only the victim's peer address is fatal.
-            before = dp.counters()
-            controls = [udp_frame(b.mac, a.mac, b.ip4, a.ip4, port, PORT, rec) for port in _client_ports(b, a.ip4)]
-            assert len(controls) == n_clients, controls
-            assert tx[1].send(controls) == n_clients
-            _wait(lambda: not dp.has_cid(victim), 10, "the control record to end its connection")
-            assert dp.counters()["drop_wrong_worker"][0] == before["drop_wrong_worker"][0]
-            wrong_before_transfers = dp.counters()["drop_wrong_worker"][0]
+        # a crafted record for one of worker 1's live connections, into queue 0
+        victim = next(c for c, w in owner.items() if w == 1)
+        rec = data_record(victim, 48, seq=0xFFFF_0000)       # far ahead: not a replay
+        frame = udp_frame(b.mac, a.mac, b.ip4, a.ip4, 40999, PORT, rec)
+        with in_ns(b.ns):
+            tx = {q: _xsk.XskSocket(b.ifname, q, frame_count=1024, ring_size=256) for q in (0, 1)}
+        before = dp.counters()
+        assert tx[0].send([frame] * crafted) == crafted
+        wait_until(lambda: dp.counters()["drop_wrong_worker"][0] - before["drop_wrong_worker"][0] >= crafted, 10,
+              "drop_wrong_worker to count the crafted records")
+        time.sleep(1.0)
+        assert dp.counters()["drop_wrong_worker"][0] - before["drop_wrong_worker"][0] == crafted
+        assert dp.has_cid(victim), "the crafted records reached worker 1's connection"
+        # the control: the same record into queue 1 reaches worker 1, and from the victim's
+        # own client address (PROTOCOL.md 10.2: from any other it is only discarded) kills the
+        # connection. Which client is the victim is not known here: the record is sent from
+        # every client's address, and only the victim's peer address is fatal.
+        before = dp.counters()
+        controls = [udp_frame(b.mac, a.mac, b.ip4, a.ip4, port, PORT, rec) for port in _client_ports(b, a.ip4)]
+        assert len(controls) == n_clients, controls
+        assert tx[1].send(controls) == n_clients
+        wait_until(lambda: not dp.has_cid(victim), 10, "the control record to end its connection")
+        assert dp.counters()["drop_wrong_worker"][0] == before["drop_wrong_worker"][0]
+        wrong_before_transfers = dp.counters()["drop_wrong_worker"][0]
 
-            datas = [os.urandom(size) for _ in range(n_clients)]
-            for p, d in zip(procs, datas):
-                try:
-                    p.stdin.write(d)
-                    p.stdin.close()
-                except BrokenPipeError:                          # the control's client is gone
-                    pass
-            for t in readers:
-                t.join(timeout=120)
-            ok = failed = 0
-            for p, d, out in zip(procs, datas, outs):
-                p.wait(timeout=120)
-                if p.returncode == 0:
-                    assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-                    ok += 1
-                else:
-                    failed += 1
-            assert (ok, failed) == (n_clients - 1, 1), (ok, failed)
-            # no honest record arrived on a queue its CID's worker does not own
-            assert dp.counters()["drop_wrong_worker"][0] == wrong_before_transfers
-        finally:
-            for x in tx.values():
-                x.close()
-            if dp is not None:
-                dp.close()
-            err = _stop(server)
-        assert server.returncode == 0, err
-        per = {int(m.group(1)): m.groups()[1:] for m in WORKER_RE.finditer(err)}
-        assert set(per) == {0, 1}, err
-        conns = {w: int(v[2]) for w, v in per.items()}
-        assert conns == per_worker, (conns, per_worker, err)   # each worker: exactly the CIDs it named
-        assert all(int(v[1]) == 0 for v in per.values()), err   # nothing through the UDP sockets
-        assert all(int(v[3]) <= 16 for v in per.values()), err  # late records after a close only
-        qs = {int(m.group(1)): m.group(2) for m in
-              re.finditer(r"\[worker (\d+)\] AF_XDP: \d+ datagrams received through AF_XDP \([^;]*; ([^)]*)\)", err)}
-        assert qs.get(0, "").startswith("queue 0:") and qs.get(1, "").startswith("queue 1:"), qs
-        print(f"connections per worker: {conns}; {crafted} crafted records for worker 1 on queue 0 dropped "
-              f"as wrong_worker")
+        datas = [os.urandom(size) for _ in range(n_clients)]
+        for p, d in zip(procs, datas):
+            try:
+                p.stdin.write(d)
+                p.stdin.close()
+            except BrokenPipeError:                          # the control's client is gone
+                pass
+        for t in readers:
+            t.join(timeout=120)
+        ok, failed = client_results(procs, datas, outs)
+        assert (ok, len(failed)) == (n_clients - 1, 1), (ok, failed)
+        # no honest record arrived on a queue its CID's worker does not own
+        assert dp.counters()["drop_wrong_worker"][0] == wrong_before_transfers
+    finally:
+        for x in tx.values():
+            x.close()
+        if dp is not None:
+            dp.close()
+        err = stop(server)
+    assert server.returncode == 0, err
+    per = {int(m.group(1)): m.groups()[1:] for m in WORKER_RE.finditer(err)}
+    assert set(per) == {0, 1}, err
+    conns = {w: int(v[2]) for w, v in per.items()}
+    assert conns == per_worker, (conns, per_worker, err)   # each worker: exactly the CIDs it named
+    assert all(int(v[1]) == 0 for v in per.values()), err   # nothing through the UDP sockets
+    assert all(int(v[3]) <= 16 for v in per.values()), err  # late records after a close only
+    qs = {int(m.group(1)): m.group(2) for m in
+          re.finditer(r"\[worker (\d+)\] AF_XDP: \d+ datagrams received through AF_XDP \([^;]*; ([^)]*)\)", err)}
+    assert qs.get(0, "").startswith("queue 0:") and qs.get(1, "").startswith("queue 1:"), qs
+    print(f"connections per worker: {conns}; {crafted} crafted records for worker 1 on queue 0 dropped "
+          f"as wrong_worker")

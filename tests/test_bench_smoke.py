@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,23 +25,34 @@ def _run(tmp_path, peers: str, *extra: str, timeout: float = 90) -> dict:
     return json.loads((tmp_path / "results.json").read_text())
 
 
-def _check_peer(doc: dict, name: str) -> dict:
+RTT_TESTS = ("rtt", "rtt1k", "rtt16k")
+
+
+def _check_tests(doc: dict, name: str, tests) -> dict:
     peer = doc["peers"][name]
     assert peer["available"], peer["reason"]
     assert not peer["reason"], peer["reason"]
-    for test in ("bulk", "bulk8", "handshake", "rtt"):
+    for test in tests:
         s = peer["tests"][test]["summary"]
         assert s and s["ok"], (name, test, peer["tests"][test]["runs"])
+    assert [peer["tests"][t]["summary"]["size"] for t in RTT_TESTS] == [64, 1024, 16384]
+    for t in RTT_TESTS:
+        assert peer["tests"][t]["summary"]["mismatches"] == 0
+    return peer
+
+
+def _check_peer(doc: dict, name: str) -> dict:
+    peer = _check_tests(doc, name, ("bulk", "bulk8", "handshake") + RTT_TESTS)
     bulk = peer["tests"]["bulk"]["summary"]
     assert bulk["bytes_received_by_server"] == bulk["bytes_sent"] == 1 << 20
     b8 = peer["tests"]["bulk8"]["summary"]
     assert b8["connections"] == 8 and len(b8["per_connection_bytes"]) == 8
     assert b8["bytes_received_by_server"] == b8["bytes_sent"] == 1 << 20
     assert b8["cpu_s_per_gb"]["client"] > 0
-    assert peer["tests"]["rtt"]["summary"]["mismatches"] == 0
     return peer
 
 
+@pytest.mark.slow
 def test_bench_harness_loopback_smoke(tmp_path):
     have_quic = importlib.util.find_spec("aioquic") is not None
     peers = "tls,tls_asyncio" + (",quic" if have_quic else "")
@@ -52,18 +62,32 @@ def test_bench_harness_loopback_smoke(tmp_path):
         _check_peer(doc, name)
     md = (tmp_path / "RESULTS.md").read_text()
     assert "| Ratio |" in md and "TLS 1.3 / TCP" in md and "Bulk ×8 MB/s" in md
-    assert "Fastest STCP datapath 8-connection bulk ÷ TLS 1.3 asyncio 8-connection bulk (issue 4)" in md
+    assert "| Fastest STCP datapath 8-connection bulk ÷ TLS 1.3 asyncio 8-connection bulk |" in md
+
+
+def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
+    """The blocking peers (TLS and stcp.connect) through `--tests handshake,rtt`, the part of
+    the bench's like-for-like latency targets are read from."""
+    doc = _run(tmp_path, "tls,stcp_blocking", "--loopback", "--nice", "0", "--tests", "handshake,rtt")
+    for name in ("tls", "stcp_blocking"):
+        peer = _check_tests(doc, name, ("handshake",) + RTT_TESTS)
+        assert set(peer["tests"]) == {"handshake", *RTT_TESTS}          # nothing else ran
+    rows = {r["ratio"]: r for r in doc["ratios"]}
+    for what in ("handshakes/s ÷ TLS handshakes/s", "RTT p50 ÷ TLS RTT p50, 64 B",
+                 "RTT p99 ÷ TLS RTT p99, 1 KB", "RTT p50 ÷ TLS RTT p50, 16 KB"):
+        row = rows[f"STCP {what} (blocking clients)"]
+        assert row["value"] is not None and row["met"] is not None, row
 
 
 def _kernel_peers_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (namespaces, XDP, AF_XDP)"
     sys.path.insert(0, str(REPO))
     from bench.peers import stcp_afxdp2, stcp_xdp
     return stcp_xdp.available() or stcp_afxdp2.available()
 
 
 @pytest.mark.root
+@pytest.mark.afxdp
+@pytest.mark.slow
 def test_bench_xdp_and_afxdp_workers_smoke(tmp_path):
     why = _kernel_peers_unavailable()
     if why:

@@ -119,3 +119,63 @@ def test_steering_verdict_and_config_field():
     assert verdicts.Verdict.DROP_WRONG_WORKER.key == "drop_wrong_worker"
     cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", _text(), flags=re.S).group(1)
     assert re.search(r"__u32\s+nworkers;", cfg), "struct stcp_config lacks nworkers"
+
+
+def test_reuseport_verdicts_match_python():
+    """enum stcp_rp_verdict in bpf/stcp_reuseport.c vs ReuseportVerdict; the program takes
+    the wire constants from bpf/stcp_wire.h rather than its own copies."""
+    from stcp.datapath import reuseport
+    src = (HEADER.parent / "stcp_reuseport.c").read_text()
+    body = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
+    m = re.search(r"enum\s+stcp_rp_verdict\s*\{(.*?)\}", body, flags=re.S)
+    assert m, "enum stcp_rp_verdict not found in bpf/stcp_reuseport.c"
+    c = {name: int(value) for name, value in re.findall(r"(STCP_RP_\w+)\s*=\s*(\d+)", m.group(1))}
+    py = {f"STCP_RP_{v.name}": int(v) for v in reuseport.ReuseportVerdict}
+    py["STCP_RP_MAX"] = reuseport.VERDICT_MAX
+    assert c == py
+    assert sorted(int(v) for v in reuseport.ReuseportVerdict) == list(range(reuseport.VERDICT_MAX))
+    assert '#include "stcp_wire.h"' in body and "STCP_CID_WORKER_SHIFT" in body and "STCP_HEADER_LEN" in body
+    assert not re.search(r"#define\s+STCP_(?!RP_|ENOENT)", body), "wire constants belong in stcp_wire.h"
+
+
+def test_reuseport_socket_options_match_kernel_headers():
+    from stcp.datapath import reuseport
+    header = Path("/usr/include/asm-generic/socket.h")
+    if not header.is_file():
+        pytest.skip(f"{header} not installed (linux-libc-dev)")
+    defs = dict(re.findall(r"#define\s+(SO_\w+)\s+(\d+)", header.read_text()))
+    for name in ("SO_ATTACH_REUSEPORT_EBPF", "SO_DETACH_REUSEPORT_BPF", "SO_COOKIE"):
+        assert int(defs[name]) == getattr(reuseport, name), name
+
+
+def test_parse_limits_match_the_model():
+    """The model the fuzz test checks the program against (tests/support/xdp_model.py) walks as far
+    as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds."""
+    import socket
+
+    from tests.support import xdp_model
+    src = (HEADER.parent / "stcp_xdp.c").read_text()
+    limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX)\s+(\d+)", src, flags=re.M))
+    assert {k: int(v) for k, v in limits.items()} == {"VLAN_MAX_DEPTH": xdp_model.VLAN_MAX_DEPTH,
+                                                      "IPV6_EXT_MAX": xdp_model.IPV6_EXT_MAX}
+    body = re.search(r"int ipv6_walkable\(__u8 nexthdr\)\s*\{(.*?)\}", src, flags=re.S).group(1)
+    walked = {getattr(socket, name) for name in re.findall(r"IPPROTO_\w+", body)}
+    assert walked == set(xdp_model.WALKED)
+    cfg = xdp_model.Config()
+    assert (cfg.hs_prefix4, cfg.hs_prefix6, cfg.max_record_len) == \
+        (xdp.DEFAULT_HS_PREFIX4, xdp.DEFAULT_HS_PREFIX6, xdp.DEFAULT_MAX_RECORD_LEN)
+
+
+def test_fail_closed_and_hello_budget_contract():
+    """The fail-closed verdict, the global hello budget's verdict and the config fields
+    the loader writes; every verdict is explained in docs/OPERATIONS.md."""
+    assert verdicts.Verdict.DROP_UNPARSED.key == "drop_unparsed"
+    assert verdicts.Verdict.DROP_HS_GLOBAL.key == "drop_hs_global"
+    cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", _text(), flags=re.S).group(1)
+    for field in ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst", "hs_global_cost_ns",
+                  "hs_global_cap_ns"):
+        assert re.search(rf"__u(32|64)\s+{field};", cfg), f"struct stcp_config lacks {field}"
+    assert (xdp.DEFAULT_HS_PREFIX4, xdp.DEFAULT_HS_PREFIX6) == (32, 64)
+    doc = (HEADER.parent.parent / "docs" / "OPERATIONS.md").read_text()
+    for v in verdicts.Verdict:
+        assert f"`{v.key}`" in doc, f"docs/OPERATIONS.md does not explain verdict {v.key}"

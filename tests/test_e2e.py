@@ -2,40 +2,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
 import stcp
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
-from tests.faults import Faults, FaultShim
+from tests.support.faults import Faults, FaultShim
+from tests.support.poll import await_until
+from tests.support.servers import echo_transfer
 
 
 def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes:
-    reader, writer = await stcp.open_connection(host, port, config=config)
-
-    async def upload():
-        for i in range(0, len(data), 1 << 20):
-            writer.write(data[i:i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    up = asyncio.create_task(upload())
-    echoed = await reader.read()
-    await up
-    await writer.wait_closed()
-    return echoed
 
 
 def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
@@ -51,6 +35,7 @@ def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
+@pytest.mark.slow
 def test_64_mib_each_way_sha256_intact():
     proc, port = serve_subprocess()
     try:
@@ -83,13 +68,13 @@ def test_200_concurrent_connections():
         payloads = [os.urandom(32_768 + i) for i in range(200)]
         results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p) for p in payloads))
         assert all(r == p for r, p in zip(results, payloads))
-        await asyncio.sleep(0.5)                    # drain periods end
-        assert len(server.endpoint.connections) == 0
+        await await_until(lambda: not server.endpoint.connections, 10, "the drain periods to end")
         server.close()
 
     run(main())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faults", [
     Faults(loss=0.10, seed=3),
     Faults(reorder=0.3, duplicate=0.1, seed=4),
@@ -255,30 +240,15 @@ def test_data_is_refused_outside_encrypted():
     run(main())
 
 
-@contextlib.contextmanager
-def server_on_a_thread(handler):
-    """An STCP server on its own event-loop thread, for the blocking API; yields its port."""
-    loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(stcp.start_server(handler, "127.0.0.1", 0))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        loop.call_soon_threadsafe(server.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-
-
-def test_blocking_api_round_trip():
+def test_blocking_api_round_trip(stcp_server):
     data = os.urandom(500_000)
-    with server_on_a_thread(echo_handler) as port:
-        with stcp.connect(("127.0.0.1", port), timeout=30) as conn:
-            conn.sendall(data)
-            conn.shutdown(socket.SHUT_WR)
-            received = bytearray()
-            while chunk := conn.recv(65536):
-                received += chunk
+    server = stcp_server(echo_handler)
+    with stcp.connect(server.address, timeout=30) as conn:
+        conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while chunk := conn.recv(65536):
+            received += chunk
     assert bytes(received) == data
 
 
@@ -303,23 +273,23 @@ def test_stray_datagrams_cannot_end_a_client_connection():
     run(main())
 
 
-def test_blocking_api_surfaces_a_peer_abort():
+def test_blocking_api_surfaces_a_peer_abort(stcp_server):
     """recv() on a connection the peer terminated raises the peer's reason, not a hang."""
     async def abort_at_once(reader, writer):
         await reader.readexactly(5)
         writer.abort("no thanks")
 
-    with server_on_a_thread(abort_at_once) as port:
-        conn = stcp.connect(("127.0.0.1", port), timeout=10)
-        conn.sendall(b"hello")
-        with pytest.raises(ConnectionTerminated, match="no thanks"):
-            conn.recv(100)
-        conn.close()
+    conn = stcp.connect(stcp_server(abort_at_once).address, timeout=10)
+    conn.sendall(b"hello")
+    with pytest.raises(ConnectionTerminated, match="no thanks"):
+        conn.recv(100)
+    conn.close()
 
 
 FALLBACK_SCRIPT = r"""
 import asyncio, hashlib, os, sys
-sys.modules["stcp._udpio"] = None          # as if the batch-I/O extension were not built
+sys.modules["stcp._udpio"] = None          # as if the batch-I/O extensions were not built
+sys.modules["stcp._demux"] = None
 import stcp
 from stcp import crypto, endpoint
 from stcp.cli.main import echo_handler

@@ -13,109 +13,27 @@ and replaced.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import signal
 import tempfile
 import time
-from typing import Dict, List
 
 import pytest
 
 import stcp
-from stcp.metrics import WORKER_METRICS, WorkerSlot, serve_pool_metrics, serve_worker_metrics
-from tests.test_metrics import (Scrape, ascrape, check_invariants, echo, fake_xdp_collector, promtool_check,
-                                quiet, scrape, transfer)
+from stcp.metrics import WORKER_METRICS
+from tests.support.metrics import Scrape, ascrape, check_invariants, promtool_check, scrape
+from tests.support.netns import in_ns
+from tests.support.procs import echo_all, serve_afxdp, stop, wait_for_stderr_line
+from tests.support.servers import quiet, transfer
+from tests.support.workers import FakePool, pool_exporter
 
 PORT = 4481
 
 
 # ---------------------------------------------------------------------------------------
-# in-process workers
-class FakeWorker:
-    """A server with the AF_XDP driver class and no AF_XDP socket, serving its metrics on
-    a unix socket as `stcp serve --afxdp-worker W/N --afxdp-metrics DIR` does."""
-
-    def __init__(self, directory: str, w: int, pid: int):
-        self.directory, self.w, self.pid = directory, w, pid
-        self.server = self.metrics = None
-
-    async def start(self) -> "FakeWorker":
-        from stcp.api import Server, bind_udp, make_config
-        from stcp.datapath.afxdp import AfxdpServerDriver
-        from stcp.endpoint import ServerEndpoint
-        loop = asyncio.get_running_loop()
-        srv = Server(loop, None, echo, ())
-        srv.driver = AfxdpServerDriver(loop, bind_udp("127.0.0.1", 0), ServerEndpoint(make_config(None)),
-                                       srv._on_new, srv._on_ended, [])
-        self.server = srv
-        self.metrics = serve_worker_metrics(srv, self.directory, self.w,
-                                            path=os.path.join(self.directory, f"w{self.w}-{self.pid}.sock"))
-        return self
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    @property
-    def path(self) -> str:
-        return self.metrics.http.path
-
-    def kill(self) -> None:
-        """As SIGKILL would: the exporter goes, the connections vanish without a word."""
-        self.metrics.close()
-        self.server.driver.close()         # no CLOSE sent, no connection_ended hook
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.metrics.close()
-            self.server.close()
-
-
-class FakePool:
-    def __init__(self, directory: str, n: int):
-        self.directory = directory
-        self.workers: Dict[int, FakeWorker] = {}
-        self.alive: Dict[int, bool] = {}
-        self.restarts = {w: 0 for w in range(n)}
-        self.n = n
-        self._pid = 1000
-
-    async def spawn(self, w: int) -> FakeWorker:
-        self._pid += 1
-        self.workers[w] = await FakeWorker(self.directory, w, self._pid).start()
-        self.alive[w] = True
-        return self.workers[w]
-
-    def slots(self) -> List[WorkerSlot]:
-        return [WorkerSlot(w, self.workers[w].pid, self.alive[w], self.workers[w].path, self.restarts[w])
-                for w in range(self.n) if w in self.workers]
-
-
-def pool_exporter(pool: FakePool, xdp: bool = True):
-    return serve_pool_metrics(pool.slots, "127.0.0.1:0", "afxdp", "aes-256-gcm",
-                              xdp=fake_xdp_collector() if xdp else None)
-
-
-async def fake_pool_with_traffic(directory: str, xdp: bool = False):
-    """A 2-worker fake pool and its supervisor exporter, with a transfer through each worker
-    (for the dashboard tests in tests/test_metrics.py). Returns (exporter, pool); close both."""
-    pool = FakePool(directory, 2)
-    for w in range(2):
-        await pool.spawn(w)
-    for w in range(2):
-        await transfer(pool.workers[w].port, os.urandom(3000 * (w + 1)))
-        await quiet(pool.workers[w].server)
-    return pool_exporter(pool, xdp=xdp), pool
-
-
-def close_pool(exporter, pool: FakePool) -> None:
-    exporter.close()
-    for fw in pool.workers.values():
-        fw.stop()
-
-
+# in-process workers (tests/support/workers.py)
 def test_pool_sums_relabels_and_carries_across_a_restart():
     asyncio.run(_pool())
 
@@ -242,7 +160,6 @@ def test_worker_metric_names_and_labels_are_declared():
 # ---------------------------------------------------------------------------------------
 # a real worker pool
 def _scrape_in(ns: str, url: str) -> Scrape:
-    from tests.test_xdp_datapath import in_ns
     with in_ns(ns):
         return scrape(url)
 
@@ -262,96 +179,79 @@ def _wait_scrape(ns: str, url: str, pred, timeout: float, what: str) -> Scrape:
 
 
 @pytest.mark.root
-def test_real_pool_counts_per_worker_and_survives_a_kill():
-    from tests.test_afxdp import _clients, _read_all, _serve, _stop, require_afxdp
-    from tests.netns import veth_pair, wait_for_stderr_line
-    require_afxdp()
+@pytest.mark.afxdp
+@pytest.mark.slow
+def test_real_pool_counts_per_worker_and_survives_a_kill(veth):
     n_clients = 12
     sizes = [20_000 + 7919 * i for i in range(n_clients)]
-    with veth_pair(queues=2) as (a, b):
-        server = _serve(a, f"{a.ip4}:{PORT}", "native", "--workers", "2", "--metrics", "127.0.0.1:0")
-        try:
-            lines = wait_for_stderr_line(server, "afxdp datapath, 2 workers", timeout=90)
-            m = next(filter(None, (re.search(r"metrics of 2 workers and the XDP program on (http://\S+)", ln)
-                                   for ln in lines)), None)
-            assert m, lines
-            url = m.group(1)
-            pids = {int(m.group(1)): int(m.group(2)) for m in
-                    (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
-            s0 = _scrape_in(a.ns, url)
-            assert s0.by("stcp_worker_up", "worker") == {"0": 1, "1": 1}
-            assert s0.by("stcp_worker_restarts_total", "worker") == {"0": 0, "1": 0}
-            assert s0.get("stcp_build_info", version=stcp.__version__, datapath="afxdp", cipher="aes-256-gcm") == 1
-            assert s0.by("stcp_xdp_attached", "iface") == {a.ifname: 1}      # the program once, not per worker
+    a, b = veth(queues=2)
+    server = serve_afxdp(a, f"{a.ip4}:{PORT}", "native", "--workers", "2", "--metrics", "127.0.0.1:0")
+    try:
+        lines = wait_for_stderr_line(server, "afxdp datapath, 2 workers", timeout=90)
+        m = next(filter(None, (re.search(r"metrics of 2 workers and the XDP program on (http://\S+)", ln)
+                               for ln in lines)), None)
+        assert m, lines
+        url = m.group(1)
+        pids = {int(m.group(1)): int(m.group(2)) for m in
+                (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+        s0 = _scrape_in(a.ns, url)
+        assert s0.by("stcp_worker_up", "worker") == {"0": 1, "1": 1}
+        assert s0.by("stcp_worker_restarts_total", "worker") == {"0": 0, "1": 0}
+        assert s0.get("stcp_build_info", version=stcp.__version__, datapath="afxdp", cipher="aes-256-gcm") == 1
+        assert s0.by("stcp_xdp_attached", "iface") == {a.ifname: 1}      # the program once, not per worker
 
-            datas = [os.urandom(n) for n in sizes]
-            procs = _clients(b, f"{a.ip4}:{PORT}", n_clients)
-            outs, readers = _read_all(procs)
-            for p, d in zip(procs, datas):
-                p.stdin.write(d)
-                p.stdin.close()
-            for t in readers:
-                t.join(timeout=120)
-            for p, d, out in zip(procs, datas, outs):
-                p.wait(timeout=120)
-                assert p.returncode == 0, p.stderr.read().decode(errors="replace")[-1000:]
-                assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
-            s1 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_active") == 0 and
-                              s.get("stcp_connections_opened_total") == n_clients, 20, "the connections to close")
-            check_invariants(s1)
-            promtool_check(s1.text)
-            accepted = s1.by("stcp_worker_connections_accepted_total", "worker")
-            assert sum(accepted.values()) == n_clients and all(accepted.values()), accepted
-            for w in ("0", "1"):
-                assert s1.get("stcp_worker_records_received_total", worker=w, path="afxdp") > 0
-                assert s1.get("stcp_worker_records_received_total", worker=w, path="socket") == 0
-                assert s1.get("stcp_worker_records_sent_total", worker=w, path="socket") > 0
-                assert s1.get("stcp_worker_connections", worker=w) == 0
-            # what the clients sent, exactly
-            assert s1.get("stcp_stream_bytes_total", direction="rx") == sum(sizes)
-            assert s1.get("stcp_handshakes_completed_total") == n_clients
-            # every datagram a worker received is a hello, an authenticated record, or one the
-            # endpoint dropped or discarded as a replay
-            rx = s1.sum("stcp_worker_records_received_total")
-            explained = (s1.get("stcp_records_total", direction="rx") + s1.get("stcp_handshakes_started_total")
-                         + s1.sum("stcp_endpoint_dropped_datagrams_total") + s1.get("stcp_replays_discarded_total"))
-            # (a datagram that reaches a connection already CLOSED, or under a key epoch it has
-            # dropped, is counted by neither: a few per connection at most)
-            assert explained <= rx <= explained + 2 * n_clients, (rx, explained)
-            # sent: a server hello per connection and the sealed records, plus a few per connection
-            # the driver sends but no record counter sees (e.g. a server hello sent again for a
-            # repeated client hello)
-            tx = s1.sum("stcp_worker_records_sent_total")
-            floor = s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
-            assert floor <= tx <= floor + 2 * n_clients, (tx, floor)
-            assert s1.get("stcp_xdp_packets_total", iface=a.ifname, netns="", verdict="pass_data") >= \
-                s1.get("stcp_worker_records_received_total", worker="0", path="afxdp")
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [os.urandom(n) for n in sizes])
+        assert ok == n_clients, failed
+        s1 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_active") == 0 and
+                          s.get("stcp_connections_opened_total") == n_clients, 20, "the connections to close")
+        check_invariants(s1)
+        promtool_check(s1.text)
+        accepted = s1.by("stcp_worker_connections_accepted_total", "worker")
+        assert sum(accepted.values()) == n_clients and all(accepted.values()), accepted
+        for w in ("0", "1"):
+            assert s1.get("stcp_worker_records_received_total", worker=w, path="afxdp") > 0
+            assert s1.get("stcp_worker_records_received_total", worker=w, path="socket") == 0
+            assert s1.get("stcp_worker_records_sent_total", worker=w, path="socket") > 0
+            assert s1.get("stcp_worker_connections", worker=w) == 0
+        # what the clients sent, exactly
+        assert s1.get("stcp_stream_bytes_total", direction="rx") == sum(sizes)
+        assert s1.get("stcp_handshakes_completed_total") == n_clients
+        # every datagram a worker received is a hello, an authenticated record, or one the
+        # endpoint dropped or discarded as a replay
+        rx = s1.sum("stcp_worker_records_received_total")
+        explained = (s1.get("stcp_records_total", direction="rx") + s1.get("stcp_handshakes_started_total")
+                     + s1.sum("stcp_endpoint_dropped_datagrams_total") + s1.get("stcp_replays_discarded_total"))
+        # (a datagram that reaches a connection already CLOSED, or under a key epoch it has
+        # dropped, is counted by neither: a few per connection at most)
+        assert explained <= rx <= explained + 2 * n_clients, (rx, explained)
+        # sent: a server hello per connection and the sealed records, plus a few per connection
+        # the driver sends but no record counter sees (e.g. a server hello sent again for a
+        # repeated client hello)
+        tx = s1.sum("stcp_worker_records_sent_total")
+        floor = s1.get("stcp_records_total", direction="tx") + s1.get("stcp_handshakes_completed_total")
+        assert floor <= tx <= floor + 2 * n_clients, (tx, floor)
+        assert s1.get("stcp_xdp_packets_total", iface=a.ifname, netns="", verdict="pass_data") >= \
+            s1.get("stcp_worker_records_received_total", worker="0", path="afxdp")
 
-            os.kill(pids[1], signal.SIGKILL)
-            wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)
-            s2 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_worker_up", worker="1") == 1 and
-                              s.get("stcp_worker_restarts_total", worker="1") == 1, 20, "worker 1 to be back")
-            assert s2.get("stcp_worker_up", worker="0") == 1
-            assert s2.get("stcp_worker_restarts_total", worker="0") == 0
-            for key, v in s1.values.items():                    # the dead worker's counts are kept
-                if key[0].endswith("_total"):
-                    assert s2.values[key] >= v, key
-            check_invariants(s2)
-            # the replacement serves: its connections add to the slot's
-            more = _clients(b, f"{a.ip4}:{PORT}", 4)
-            outs, readers = _read_all(more)
-            for p in more:
-                p.stdin.write(b"again")
-                p.stdin.close()
-            for t in readers:
-                t.join(timeout=60)
-            assert all(p.wait(timeout=60) == 0 for p in more) and outs == [b"again"] * 4
-            s3 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_opened_total") == n_clients + 4 and
-                              s.get("stcp_connections_active") == 0, 20, "the new connections to close")
-            assert s3.get("stcp_stream_bytes_total", direction="rx") == sum(sizes) + 4 * 5
-            assert sum(s3.by("stcp_worker_connections_accepted_total", "worker").values()) == n_clients + 4
-            check_invariants(s3)
-        finally:
-            err = _stop(server)
-        assert server.returncode == 0, err
-        print(f"connections per worker: {accepted}")
+        os.kill(pids[1], signal.SIGKILL)
+        wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)
+        s2 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_worker_up", worker="1") == 1 and
+                          s.get("stcp_worker_restarts_total", worker="1") == 1, 20, "worker 1 to be back")
+        assert s2.get("stcp_worker_up", worker="0") == 1
+        assert s2.get("stcp_worker_restarts_total", worker="0") == 0
+        for key, v in s1.values.items():                    # the dead worker's counts are kept
+            if key[0].endswith("_total"):
+                assert s2.values[key] >= v, key
+        check_invariants(s2)
+        # the replacement serves: its connections add to the slot's
+        ok, failed = echo_all(b, f"{a.ip4}:{PORT}", [b"again"] * 4, timeout=60)
+        assert ok == 4, failed
+        s3 = _wait_scrape(a.ns, url, lambda s: s.get("stcp_connections_opened_total") == n_clients + 4 and
+                          s.get("stcp_connections_active") == 0, 20, "the new connections to close")
+        assert s3.get("stcp_stream_bytes_total", direction="rx") == sum(sizes) + 4 * 5
+        assert sum(s3.by("stcp_worker_connections_accepted_total", "worker").values()) == n_clients + 4
+        check_invariants(s3)
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    print(f"connections per worker: {accepted}")

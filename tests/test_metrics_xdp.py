@@ -1,7 +1,7 @@
 """Kernel datapath metrics against a real XDP program (root, bcc, kernel headers).
 
 The STCP XDP program is attached to a veth inside a network namespace pair
-(tests/netns.py); crafted malformed datagrams are sent from the other namespace, and
+(tests/support/netns.py); crafted malformed datagrams are sent from the other namespace, and
 `stcp-loader metrics` (a real subprocess, finding the interface through its pins) must
 show each drop counter rising by exactly the number sent. `stcp-loader status` and the
 metrics must agree, the run-time counters appear while kernel BPF statistics are on, and
@@ -26,21 +26,21 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.netns import veth_pair
-from tests.test_metrics import (Scrape, dashboard_queries, family_of, load_dashboard, metric_names,
-                                promtool_check, scrape, url_of)
-from tests.test_xdp_datapath import data_record, ns_socket, record, require_xdp
+from tests.support.metrics import (Scrape, dashboard_queries, family_of, load_dashboard, metric_names,
+                                   promtool_check, scrape, url_of)
+from tests.support.netns import ns_socket, veth_pair
+from tests.support.packets import data_record, record
+from tests.support.poll import wait_until
 
 PORT = 4433
 KNOWN_CID = 0x1122334455667788
 LOADER = [sys.executable, "-m", "stcp.cli.loader"]
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.xdp]
 
 
 @pytest.fixture(scope="module")
-def xdp_env():
-    require_xdp()
+def xdp_env(xdp_toolchain):
     from stcp.datapath.xdp import XdpDatapath
     with veth_pair() as (a, b):
         dp = XdpDatapath.attach(a.ifname, PORT, "auto", netns=a.ns)
@@ -150,8 +150,10 @@ def _cli(*args: str) -> str:
 
 def test_status_and_metrics_agree(xdp_env):
     a, _b, dp, _tx = xdp_env
+    before = dp.counters()
     send(xdp_env, CRAFTED["drop_unknown_cid"] + [data_record(KNOWN_CID)])
-    time.sleep(0.1)
+    wait_until(lambda: dp.counters()["drop_unknown_cid"][0] - before["drop_unknown_cid"][0] >= 4 and
+               dp.counters()["pass_data"][0] > before["pass_data"][0], 5, "the program to count what was sent")
     lab = {"iface": a.ifname, "netns": a.ns}
     noise = "pass_not_stcp"        # IPv6 neighbour discovery and MLD may move it at any time
     for _attempt in range(3):

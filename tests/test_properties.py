@@ -25,7 +25,7 @@ from stcp.connection import Config, Connection, DataReceived
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, MalformedRecord, ProtocolViolation
 from stcp.state import Event, State, transition
-from tests.sim import CLIENT_ADDR, Link, Pair
+from tests.support.sim import CLIENT_ADDR, Link, Pair
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -122,7 +122,7 @@ def transitions():
 FAILED = [(State.ENCRYPTED, Event.FAILURE), (State.ERROR, Event.TERMINATED)]
 
 
-# --- fixtures built on tests/sim.py ---------------------------------------------------------------
+# --- fixtures built on tests/support/sim.py -------------------------------------------------------
 @dataclass
 class Seen:
     """What a connection was given by the test's lossless links: its accepted hello and the

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 
 from stcp import wire
-from stcp.api import _closed_error
+from stcp.api import closed_error
 from stcp.connection import printable
 from stcp.crypto import RecordKey
 from stcp.errors import CloseCode, KeyUpdateError
 from stcp.state import State
-from tests.test_adversarial_reassembly import Peer
+from tests.support.sim import Peer
 
 _HDR = wire.HEADER_STRUCT
 
@@ -75,4 +75,4 @@ def test_a_peers_close_reason_is_escaped(reason, shown):
     p.feed(p.seal(wire.encode_frame(wire.CloseFrame(CloseCode.APPLICATION_ABORT, reason))))
     info = p.server.close_info
     assert info.by_peer and info.reason == shown
-    assert shown in str(_closed_error(info)) and "\x1b" not in str(_closed_error(info))
+    assert shown in str(closed_error(info)) and "\x1b" not in str(closed_error(info))

@@ -15,12 +15,12 @@ from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, InvalidTransition, NotEncrypted
 from stcp.handshake import reject_record
 from stcp.state import TRANSITIONS, Event, State, transition
-from tests.sim import CLIENT_ADDR, Pair
+from tests.support.sim import CLIENT_ADDR, Pair
 
 S, E = State, Event
 DOC = Path(__file__).resolve().parent.parent / "docs" / "PROTOCOL.md"
 
-# The table as the seed and the design describe it, written out independently of stcp/state.py.
+# The table as docs/PROTOCOL.md §10.1 describes it, written out independently of stcp/state.py.
 EXPECTED = {
     (S.INIT, E.SEND_HELLO): S.KEY_EXCHANGE,
     (S.INIT, E.RECV_HELLO): S.KEY_EXCHANGE,

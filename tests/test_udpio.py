@@ -1,4 +1,5 @@
-"""stcp._udpio: sendmmsg/recvmmsg on loopback, IPv4 and IPv6, GSO/GRO, and bad input."""
+"""stcp._udpio: sendmmsg/recvmmsg on loopback, IPv4 and IPv6, GSO/GRO, and bad input
+(stcp._demux.group_by_cid, which groups what recvmmsg returns, is tested in test_demux.py)."""
 from __future__ import annotations
 
 import errno
@@ -131,24 +132,28 @@ def gso_works(sock, dest) -> bool:
 
 
 def test_gso_send_and_gro_receive_of_sealed_records(pair):
-    """The socket datapath's pipeline: seal_into one buffer, one GSO send, GRO receive, open_batch."""
+    """The socket datapath's bulk pipeline: seal_stream into one buffer, one GSO send, GRO
+    receive, group_by_cid, open_records: the data arrives whole, as one stretch."""
     a, b = pair
     if not gso_works(a, b.getsockname()):
         pytest.skip("kernel without UDP GSO")
     recv_all(b, 2, timeout=0.5)   # drain the probe
     b.setsockopt(_udpio.SOL_UDP, _udpio.UDP_GRO, 1)
     c = _aead.RecordCipher(1, bytes(range(32)), bytes(12))
-    pts = [bytes([i]) * 1000 for i in range(10)]
-    seg = 1000 + 40
-    out = bytearray(seg * len(pts))
-    assert c.seal_into(77, 500, pts, out) == len(out)
+    data = bytes(range(256)) * 40
+    chunk = 1000
+    seg = _aead.HEADER_LEN + _aead.STREAM_FRAME_OVERHEAD + chunk + _aead.TAG_LEN
+    out = c.seal_stream(77, 500, data, 0, chunk, False)
     assert _udpio.sendmmsg(a, [out], b.getsockname(), segment_size=seg) == 1
-    records, deadline = [], time.monotonic() + 2
-    while len(records) < len(pts) and time.monotonic() < deadline:
-        for data, addr, size in _udpio.recvmmsg(b, 16, 65535, gro=True):
-            assert addr == a.getsockname() and size == seg
-            records.extend(data[i:i + size] for i in range(0, len(data), size))
-    assert c.open_batch(records) == pts
+    batch, deadline = [], time.monotonic() + 2
+    while sum(len(d) for d, _, _ in batch) < len(out) and time.monotonic() < deadline:
+        for item in _udpio.recvmmsg(b, 16, 65535, gro=True):
+            assert item[1] == a.getsockname() and item[2] == seg
+            batch.append(item)
+    groups = endpoint.group_by_cid(batch)
+    assert [(cid, addr) for cid, addr, _ in groups] == [(77, a.getsockname())]
+    got = c.open_records(groups[0][2], 77, 0, -1, 1 << 62)
+    assert got == [(0, (len(data) + chunk - 1) // chunk, data, 500, len(out))]
 
 
 def test_gso_without_gro_arrives_split(pair):
@@ -227,54 +232,3 @@ def test_fuzz_arguments(pair, args, fn):
         getattr(_udpio, fn)(*args)
     except (TypeError, ValueError, OverflowError, OSError):
         pass
-
-
-def _hdr(cid: int, seq: int, body: bytes = b"") -> bytes:
-    return (16 + len(body)).to_bytes(8, "big") + cid.to_bytes(8, "big") + seq.to_bytes(8, "big") + body
-
-
-def test_group_by_cid_groups_consecutive_records_of_one_connection():
-    a, b = ("10.0.0.1", 1), ("10.0.0.2", 2)
-    batch = [(_hdr(5, 1), a), (_hdr(5, 2), a), (_hdr(5, 3), b),          # same cid, another address
-             (_hdr(6, 1), b), (_hdr(0, 0), b), (b"short", b),            # a hello, a runt
-             (_hdr(6, 2), b), (_hdr(6, 3), ("10.0.0.2", 2)),              # equal address, new object
-             (_hdr(7, 0), a), (_hdr(0, 9), a)]                            # seq 0 / cid 0: alone
-    want = [(5, a, [batch[0][0], batch[1][0]]), (5, b, [batch[2][0]]), (6, b, [batch[3][0]]),
-            (-1, b, [batch[4][0]]), (-1, b, [b"short"]), (6, b, [batch[6][0], batch[7][0]]),
-            (-1, a, [batch[8][0]]), (-1, a, [batch[9][0]])]
-    assert _udpio.group_by_cid(batch) == want
-    assert endpoint._group_by_cid(batch) == want
-    assert _udpio.group_by_cid([]) == []
-
-
-def test_group_by_cid_keeps_a_one_connection_gro_buffer_whole():
-    """recvmmsg(gro=True) gives (buffer, addr, segment_size): one connection's records stay a
-    (buffer, size) pair, uncopied; a buffer that mixes connections or holds a hello is cut."""
-    a = ("10.0.0.1", 1)
-    recs = [_hdr(5, i, bytes(10)) for i in range(1, 5)]            # 34 bytes each
-    whole = b"".join(recs) + _hdr(5, 9)[:30]                       # a shorter last one
-    mixed = recs[0] + _hdr(6, 1, bytes(10)) + _hdr(0, 0, bytes(10))
-    batch = [(whole, a, 34), (recs[0], a, 34), (mixed, a, 34), (recs[1] + recs[2], a, 99)]
-    want = [(5, a, [(whole, 34), recs[0], mixed[:34]]),             # the same connection goes on
-            (6, a, [mixed[34:68]]), (-1, a, [mixed[68:]]),
-            (5, a, [recs[1] + recs[2]])]                             # segment size >= length: one datagram
-    for fn in (_udpio.group_by_cid, endpoint._group_by_cid):
-        got = fn(batch)
-        assert got == want
-    assert _udpio.group_by_cid(batch)[0][2][0][0] is whole          # not copied
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(
-    st.tuples(st.one_of(st.binary(max_size=30),
-                        st.builds(_hdr, st.integers(0, 3), st.integers(0, 2), st.binary(max_size=4))),
-              st.sampled_from([("h", 1), ("h", 2)])),
-    st.tuples(st.builds(lambda rs: b"".join(rs),
-                        st.lists(st.builds(_hdr, st.integers(0, 2), st.integers(0, 2), st.just(b"xy")),
-                                 min_size=1, max_size=4)),
-              st.sampled_from([("h", 1), ("h", 2)]), st.sampled_from([26, 13, 100]))), max_size=20))
-def test_fuzz_group_by_cid_c_equals_python(batch):
-    assert _udpio.group_by_cid(batch) == endpoint._group_by_cid(batch)
-    for bad in ([1], [(b"x",)], [("text", None)], None):
-        with pytest.raises(TypeError):
-            _udpio.group_by_cid(bad)

@@ -5,25 +5,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.netns import have_root_netns, veth_pair
-from tests.test_xdp_datapath import require_xdp
+from tests.support.procs import loader
 
 PORT = 4555
-
-
-def loader_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "stcp-loader"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stcp.cli.loader"]
-
-
-def run(*args: str, prefix: tuple = (), env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, *loader_cmd(), *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -44,37 +32,38 @@ def bpftool_prog_exists(prog_id: int) -> bool:
 
 
 @pytest.fixture()
-def pair():
-    require_xdp()
+def pair(xdp_toolchain, netns_pair):
+    """A veth pair for the loader to attach to; detached again whatever the test did."""
     if shutil.which("bpftool") is None:
         pytest.skip("needs bpftool (scripts/system-deps.sh installs it)")
-    with veth_pair() as (a, b):
-        try:
-            yield a, b
-        finally:
-            run("--netns", a.ns, "detach", a.ifname)
+    a, b = netns_pair
+    try:
+        yield a, b
+    finally:
+        loader("--netns", a.ns, "detach", a.ifname)
 
 
 @pytest.mark.root
+@pytest.mark.xdp
 def test_attach_status_attach_twice_force_detach(pair):
     a, _b = pair
     ns = ["--netns", a.ns]
     pins = Path(f"/sys/fs/bpf/stcp/netns/{a.ns}/{a.ifname}")
 
-    r = run(*ns, "attach", a.ifname, "--port", str(PORT), "--mode", "auto")
+    r = loader(*ns, "attach", a.ifname, "--port", str(PORT), "--mode", "auto")
     assert r.returncode == 0, r.stderr
     assert "native mode" in r.stdout                   # veth supports native XDP; auto picks it
     link = xdp_on_link(a)
     assert "prog/xdp id" in link and "name stcp_xdp" in link
     assert sorted(p.name for p in pins.iterdir()) == ["cid_filter", "cids", "config", "counters", "hs_bucket", "prog"]
 
-    r = run(*ns, "status", a.ifname)
+    r = loader(*ns, "status", a.ifname)
     assert r.returncode == 0, r.stderr
     assert "attached, native mode" in r.stdout and f"port {PORT}" in r.stdout
     for name in ("pass_not_stcp", "pass_handshake", "pass_data", "drop_unknown_cid", "drop_fragment"):
         assert name in r.stdout
 
-    r = run("status", "--json", *ns)                   # no IFACE: every STCP interface
+    r = loader("status", "--json", *ns)                   # no IFACE: every STCP interface
     assert r.returncode == 0, r.stderr
     st = json.loads(r.stdout)["interfaces"]
     assert len(st) == 1 and st[0]["attached"] and st[0]["mode"] == "native"
@@ -86,15 +75,15 @@ def test_attach_status_attach_twice_force_detach(pair):
                                    capture_output=True, text=True, check=True).stdout)
     assert bt["id"] == prog_id and bt["name"] == "stcp_xdp"
 
-    r = run(*ns, "attach", a.ifname, "--port", str(PORT))
+    r = loader(*ns, "attach", a.ifname, "--port", str(PORT))
     assert r.returncode == 1
     assert "already attached" in one_line_error(r) and "--force" in r.stderr
     assert f"prog/xdp id {prog_id} " in xdp_on_link(a)  # untouched
 
-    r = run(*ns, "attach", a.ifname, "--port", str(PORT), "--force", "--mode", "generic")
+    r = loader(*ns, "attach", a.ifname, "--port", str(PORT), "--force", "--mode", "generic")
     assert r.returncode == 0, r.stderr
     assert "generic mode" in r.stdout
-    st = json.loads(run(*ns, "status", a.ifname, "--json").stdout)["interfaces"][0]
+    st = json.loads(loader(*ns, "status", a.ifname, "--json").stdout)["interfaces"][0]
     new_id = st["prog_id"]
     assert new_id != prog_id and st["mode"] == "generic"
     link = xdp_on_link(a)
@@ -102,7 +91,7 @@ def test_attach_status_attach_twice_force_detach(pair):
     assert f"prog/xdp id {new_id} " in link and f"id {prog_id} " not in link
     assert not bpftool_prog_exists(prog_id), "the replaced program is still loaded"
 
-    r = run(*ns, "detach", a.ifname)
+    r = loader(*ns, "detach", a.ifname)
     assert r.returncode == 0, r.stderr
     link = xdp_on_link(a)
     assert "xdp" not in link.split("\n")[0] and "prog/xdp" not in link
@@ -111,67 +100,70 @@ def test_attach_status_attach_twice_force_detach(pair):
     r = subprocess.run(["bpftool", "prog", "show", "name", "stcp_xdp"], capture_output=True, text=True)
     assert str(new_id) not in r.stdout
 
-    r = run(*ns, "detach", a.ifname)
+    r = loader(*ns, "detach", a.ifname)
     assert r.returncode == 1
     assert "no STCP XDP program attached" in one_line_error(r)
 
-    r = run(*ns, "status", a.ifname, "--json")
+    r = loader(*ns, "status", a.ifname, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["interfaces"][0]["attached"] is False
 
 
 @pytest.mark.root
+@pytest.mark.xdp
 def test_attach_via_ip_netns_exec(pair):
     """`ip netns exec NS stcp-loader ...` works too: that gives the process a private /sys
     without bpffs, so the loader mounts one (its pins vanish with the process, which it
     says), and status/detach find the program through the kernel, not through the pins."""
     a, _b = pair
     exec_ns = ("ip", "netns", "exec", a.ns)
-    r = run("attach", a.ifname, "--port", str(PORT), "--mode", "generic", prefix=exec_ns)
+    r = loader("attach", a.ifname, "--port", str(PORT), "--mode", "generic", prefix=exec_ns)
     assert r.returncode == 0, r.stderr
     assert "private" in r.stderr                       # the note about the private bpffs
-    r = run("status", a.ifname, "--json", prefix=exec_ns)
+    r = loader("status", a.ifname, "--json", prefix=exec_ns)
     st = json.loads(r.stdout)["interfaces"][0]
     assert st["attached"] and st["mode"] == "generic" and st["config"]["port"] == PORT
-    r2 = run("--netns", a.ns, "status", a.ifname, "--json")
+    r2 = loader("--netns", a.ns, "status", a.ifname, "--json")
     assert json.loads(r2.stdout)["interfaces"][0]["prog_id"] == st["prog_id"]
-    r = run("detach", a.ifname, prefix=exec_ns)
+    r = loader("detach", a.ifname, prefix=exec_ns)
     assert r.returncode == 0, r.stderr
     assert "xdp" not in xdp_on_link(a).split("\n")[0]
     assert not bpftool_prog_exists(st["prog_id"])
 
 
 @pytest.mark.root
+@pytest.mark.xdp
 def test_bad_interface_and_namespace(pair):
     a, _b = pair
-    r = run("--netns", a.ns, "attach", "nosuch0")
+    r = loader("--netns", a.ns, "attach", "nosuch0")
     assert r.returncode == 2
     assert "interface 'nosuch0' not found" in one_line_error(r)
-    r = run("--netns", a.ns, "detach", "nosuch0")
+    r = loader("--netns", a.ns, "detach", "nosuch0")
     assert r.returncode == 2 and "not found" in one_line_error(r)
-    r = run("--netns", a.ns, "status", "nosuch0")
+    r = loader("--netns", a.ns, "status", "nosuch0")
     assert r.returncode == 2 and "not found" in one_line_error(r)
-    r = run("--netns", "stcp-no-such-ns", "status")
+    r = loader("--netns", "stcp-no-such-ns", "status")
     assert r.returncode == 2 and "network namespace 'stcp-no-such-ns' not found" in one_line_error(r)
     assert not os.path.exists("/run/netns/stcp-no-such-ns")
-    r = run("--netns", a.ns, "attach", a.ifname, "--port", "70000")
+    r = loader("--netns", a.ns, "attach", a.ifname, "--port", "70000")
     assert r.returncode == 2 and "not a UDP port" in one_line_error(r)
-    r = run("--netns", a.ns, "detach", a.ifname)
+    r = loader("--netns", a.ns, "detach", a.ifname)
     assert r.returncode == 1 and "no STCP XDP program attached" in one_line_error(r)
 
 
 @pytest.mark.root
+@pytest.mark.xdp
 def test_missing_toolchain_is_one_line(pair, tmp_path):
     a, _b = pair
     fake = tmp_path / "bcc"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('simulated: no libbcc')\n")
-    r = run("--netns", a.ns, "attach", a.ifname, env={"PYTHONPATH": str(tmp_path)})
+    r = loader("--netns", a.ns, "attach", a.ifname, env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2
     line = one_line_error(r)
     assert "bcc is not available" in line and "system-deps" in line
     empty = tmp_path / "nobpf"
     empty.mkdir()
-    r = run("--netns", a.ns, "attach", a.ifname, env={"STCP_BPF_DIR": str(empty)})
+    r = loader("--netns", a.ns, "attach", a.ifname, env={"STCP_BPF_DIR": str(empty)})
     assert r.returncode == 2
     assert "has no stcp_xdp.c" in one_line_error(r)
     assert "prog/xdp" not in xdp_on_link(a)
@@ -179,11 +171,9 @@ def test_missing_toolchain_is_one_line(pair, tmp_path):
 
 @pytest.mark.root
 def test_not_root_is_one_line(tmp_path):
-    if have_root_netns():
-        pytest.skip(have_root_netns())
     if shutil.which("setpriv") is None:
         pytest.skip("needs setpriv (util-linux) to drop privileges")
-    r = run("status", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+    r = loader("status", prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
             env={"HOME": str(tmp_path)})
     if r.returncode in (126, 127) or ("Permission denied" in r.stderr and "needs root" not in r.stderr):
         pytest.skip("the venv is not readable by an unprivileged user here")
@@ -198,7 +188,20 @@ def test_no_bpffs_message(tmp_path):
 
 
 def test_cli_usage_errors():
-    r = run("frobnicate")
+    r = loader("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr
-    r = run("attach", "x", "--mode", "turbo")
+    r = loader("attach", "x", "--mode", "turbo")
     assert r.returncode == 2
+
+
+def test_loader_and_serve_default_to_one_port():
+    """`stcp-loader attach IFACE` filters the port `stcp serve` listens on unless either is told
+    otherwise: both take wire.DEFAULT_PORT (the loader fell back to 4433, serve used 7443)."""
+    from stcp import wire
+    from stcp.cli import loader, main
+    assert wire.DEFAULT_PORT == 7443               # docs/PROTOCOL.md §2, README, OPERATIONS.md
+    attach = loader._parser().parse_args(["attach", "eth0"])
+    serve = main.build_parser().parse_args(["serve"])
+    assert attach.port == wire.DEFAULT_PORT
+    assert main.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
+    assert main.parse_hostport("0.0.0.0", wire.DEFAULT_PORT) == ("0.0.0.0", 7443)

@@ -5,86 +5,63 @@ interface left as it was found when the server exits."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.netns import veth_pair, wait_for_stderr_line
-from tests.test_xdp_datapath import require_xdp
-from tests.test_xdp_loader import run as loader
+from tests.support.procs import STCP, stop, wait_for_stderr_line, xdp_status
 
 PORT = 4477
 SIZE = 4 << 20
 
 
-def _core_or_skip() -> None:
-    try:
-        import stcp.cli.main  # noqa: F401
-    except ImportError:
-        pytest.skip("protocol core not available yet")
-
-
-def _status(ns: str) -> dict:
-    r = loader("--netns", ns, "status", "veth0", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)["interfaces"][0]
-
-
 @pytest.mark.root
+@pytest.mark.xdp
+@pytest.mark.slow
 @pytest.mark.parametrize("fam,mode", [(4, "native"), (6, "native"), (4, "generic"), (6, "generic")])
-def test_transfer_with_xdp_attached(fam, mode):
-    _core_or_skip()
-    require_xdp()
-    with veth_pair() as (a, b):
-        host = a.ip4 if fam == 4 else a.ip6
-        addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
-        server = a.popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--datapath", "xdp",
-                          "--iface", a.ifname, "--xdp-mode", mode],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for_stderr_line(server, "serving on", timeout=60)
-            st = _status(a.ns)
-            assert st["attached"] and st["mode"] == mode and st["config"]["port"] == PORT
-            base = {k: v["packets"] for k, v in st["counters"].items()}
+def test_transfer_with_xdp_attached(fam, mode, netns_pair):
+    a, b = netns_pair
+    host = a.ip4 if fam == 4 else a.ip6
+    addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
+    server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=60)
+        st = xdp_status(a.ns)
+        assert st["attached"] and st["mode"] == mode and st["config"]["port"] == PORT
+        base = {k: v["packets"] for k, v in st["counters"].items()}
 
-            data = os.urandom(SIZE)
-            t0 = time.monotonic()
-            # Generic XDP sees a GSO buffer from the veth peer as one datagram (docs/OPERATIONS.md):
-            # a same-host client sends without GSO there; native mode makes the peer segment.
-            env = dict(os.environ, STCP_GSO="0") if mode == "generic" else None
-            r = subprocess.run(b.cmd(sys.executable, "-m", "stcp.cli.main", "connect", addr), input=data,
-                               capture_output=True, timeout=120, env=env)
-            took = time.monotonic() - t0
-            assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
-            assert len(r.stdout) == SIZE, f"echoed {len(r.stdout)} of {SIZE} bytes"
-            assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
+        data = os.urandom(SIZE)
+        t0 = time.monotonic()
+        # Generic XDP sees a GSO buffer from the veth peer as one datagram (docs/OPERATIONS.md):
+        # a same-host client sends without GSO there; native mode makes the peer segment.
+        env = dict(os.environ, STCP_GSO="0") if mode == "generic" else None
+        r = subprocess.run(b.cmd(*STCP, "connect", addr), input=data,
+                           capture_output=True, timeout=120, env=env)
+        took = time.monotonic() - t0
+        assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+        assert len(r.stdout) == SIZE, f"echoed {len(r.stdout)} of {SIZE} bytes"
+        assert hashlib.sha256(r.stdout).hexdigest() == hashlib.sha256(data).hexdigest()
 
-            st = _status(a.ns)
-            d = {k: v["packets"] - base[k] for k, v in st["counters"].items()}
-            assert d["pass_handshake"] >= 1
-            assert d["pass_data"] >= SIZE // 1500, d       # the whole upload went through the program
-            bad = {k: v for k, v in d.items() if k.startswith("drop_") and v and k != "drop_unknown_cid"}
-            assert not bad, f"honest traffic dropped: {bad}"
-            # records after the server forgot the connection (a late ACK, a retransmitted
-            # close) are rightly dropped as unknown; nothing else may be
-            assert d["drop_unknown_cid"] <= 16, d
-            deadline = time.monotonic() + 15
-            while _status(a.ns)["live_cids"] and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _status(a.ns)["live_cids"] == 0, "the closed connection's ID is still in the kernel table"
-            print(f"{SIZE >> 20} MiB echoed over IPv{fam} with XDP ({mode}) in {took:.2f}s")
-        finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        # the server attached the program, so it must have detached it
-        link = a.run("ip", "-d", "link", "show", a.ifname).stdout
-        assert "prog/xdp" not in link, link
+        st = xdp_status(a.ns)
+        d = {k: v["packets"] - base[k] for k, v in st["counters"].items()}
+        assert d["pass_handshake"] >= 1
+        assert d["pass_data"] >= SIZE // 1500, d       # the whole upload went through the program
+        bad = {k: v for k, v in d.items() if k.startswith("drop_") and v and k != "drop_unknown_cid"}
+        assert not bad, f"honest traffic dropped: {bad}"
+        # records after the server forgot the connection (a late ACK, a retransmitted
+        # close) are rightly dropped as unknown; nothing else may be
+        assert d["drop_unknown_cid"] <= 16, d
+        deadline = time.monotonic() + 15
+        while xdp_status(a.ns)["live_cids"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert xdp_status(a.ns)["live_cids"] == 0, "the closed connection's ID is still in the kernel table"
+        print(f"{SIZE >> 20} MiB echoed over IPv{fam} with XDP ({mode}) in {took:.2f}s")
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    # the server attached the program, so it must have detached it
+    link = a.run("ip", "-d", "link", "show", a.ifname).stdout
+    assert "prog/xdp" not in link, link

@@ -1,6 +1,7 @@
 """STCP on the socket datapath, client through the blocking API `stcp.connect((host, port))`
-(sendall / recv / close, context manager); the server is the asyncio one of bench.peers.stcp
-(STCP has no blocking server API).  Same client tests as the blocking TLS peer."""
+(stcp.blocking: sendall / recv / close, context manager, driven in the caller's thread); the
+server is the asyncio one of bench.peers.stcp (STCP has no blocking server API).  Same client
+tests as the blocking TLS peer."""
 from __future__ import annotations
 
 from bench import common as C

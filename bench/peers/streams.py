@@ -158,7 +158,7 @@ async def client(args, connect) -> dict:
         return C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors,
                                   connect_latency=C.latency_summary(to_open))
     # rtt
-    msgs = C.rtt_messages(args.count + C.RTT_WARMUP)
+    msgs = C.rtt_messages(args.count + C.RTT_WARMUP, args.size)
     samples, bad = [], 0
     conn = await connect(args)
     reader, writer = await conn.stream()
@@ -177,7 +177,7 @@ async def client(args, connect) -> dict:
             break
     await conn.close()
     await conn.wait_closed()
-    return C.rtt_result(samples, C.cpu_seconds() - cpu0, bad)
+    return C.rtt_result(samples, C.cpu_seconds() - cpu0, bad, args.size)
 
 
 def run_server(start_server, args) -> None:

@@ -136,9 +136,8 @@ def client(args) -> None:
 
 def _cipher(s) -> str | None:
     try:
-        if hasattr(s, "cipher"):          # ssl.SSLSocket
-            return s.cipher()[0]
-        return str(s._writer.get_extra_info("cipher"))   # stcp.connect's object
+        c = s.cipher()                    # ssl.SSLSocket: (name, version, bits); stcp: the name
+        return c[0] if isinstance(c, tuple) else str(c)
     except Exception:  # noqa: BLE001 - informational only
         return None
 
@@ -225,7 +224,7 @@ def blocking_client(args, connect) -> None:
         C.emit(C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors,
                                   connect_latency=C.latency_summary(to_open)))
     else:  # rtt
-        msgs = C.rtt_messages(args.count + C.RTT_WARMUP)
+        msgs = C.rtt_messages(args.count + C.RTT_WARMUP, args.size)
         samples, bad = [], 0
         with connect() as s:
             s.sendall(C.MODE_ECHO)
@@ -240,7 +239,7 @@ def blocking_client(args, connect) -> None:
                     samples.append(dt)
                 if time.perf_counter() - t_start > args.time_limit:
                     break
-        C.emit(C.rtt_result(samples, C.cpu_seconds() - cpu0, bad))
+        C.emit(C.rtt_result(samples, C.cpu_seconds() - cpu0, bad, args.size))
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,6 @@
 /*
- * stcp._xsk: the receive side of the AF_XDP datapath (libxdp's xsk API).
+ * stcp._xsk: the AF_XDP sockets of the afxdp datapath (libxdp's xsk API): receive, and
+ * transmit of replies when the datapath is asked to (`--afxdp-tx afxdp`).
  *
  * One XskSocket owns one UMEM (an anonymous mapping cut into fixed-size frames) and one
  * AF_XDP socket bound to (interface, RX queue) with its four rings: fill and completion
@@ -9,18 +10,20 @@
  * particular, so the kernel uses zero-copy when the driver offers it and copy mode
  * otherwise (veth); `zerocopy` says which one it got.
  *
- * recv() takes up to max_n frames off the RX ring, parses Ethernet (one optional VLAN tag),
- * IPv4 or IPv6 (hop-by-hop, routing and destination options walked, fragments refused)
- * and UDP, each read bounds-checked against the descriptor's length, copies the UDP payload
- * out and gives the frames straight back to the fill ring.  The UDP checksum is not
- * checked: on veth it is often still partial (checksum offload), and the records carry an
- * AEAD tag.  parse_frame() runs the same parser on a bytes object (tests fuzz it).
+ * recv() takes up to max_n frames off the RX ring, parses each (xsk_frame.c: Ethernet,
+ * one optional VLAN tag, IPv4 or IPv6, UDP, every read bounds-checked), copies the UDP
+ * payload out and gives the frames straight back to the fill ring; with templates=True
+ * each item also carries the headers of a reply to its sender (xsk_frame.c).  The UDP
+ * checksum is not checked: on veth it is often still partial (checksum offload), and the
+ * records carry an AEAD tag.
  *
- * send() puts whole Ethernet frames (built by the caller) on the TX ring and kicks the
- * kernel; copy mode transmits 32 frames per kick, so it kicks until the ring is consumed.
- * It works on veth (tests/test_afxdp.py), but the datapath does not use it yet: replies
- * leave through a kernel UDP socket, which resolves neighbours and fills in checksums
- * (see docs/OPERATIONS.md, "The AF_XDP datapath").
+ * send_udp() puts datagrams behind such a template on the TX ring, lengths and checksums
+ * computed per datagram, and kicks the kernel; copy mode transmits 32 frames per kick, so
+ * it kicks until the ring is consumed.  The datapath replies this way with
+ * `--afxdp-tx afxdp`; by default its replies leave through a kernel UDP socket, which
+ * consults the neighbour and routing tables and the host firewall (docs/OPERATIONS.md,
+ * "The AF_XDP datapath", says why that stays the default).  send() puts whole frames built
+ * by the caller on the ring.
  *
  * The GIL is released around the system calls (fill-ring wakeup, TX kick, poll).  A socket is used
  * from one thread at a time; close() while another thread is inside poll() raises.
@@ -33,251 +36,19 @@
 #include <stdint.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
-#include <arpa/inet.h>
 #include <net/if.h>
 #include <linux/if_xdp.h>
 
 #include <xdp/xsk.h>
+
+#include "xsk_frame.h"
 
 #ifndef SOL_XDP
 #define SOL_XDP 283
 #endif
 
 #define MAX_RECV_BATCH 1024
-#define ETH_HLEN_ 14
-#define ETH_P_IP_ 0x0800
-#define ETH_P_IPV6_ 0x86DD
-#define ETH_P_8021Q_ 0x8100
-#define ETH_P_8021AD_ 0x88A8
-#define IPPROTO_UDP_ 17
-#define IPV6_EXT_MAX 6
 
-/* ----------------------------------------------------------------------------------- */
-/* frame parsing: every read checked against len                                       */
-
-struct parsed {
-    const uint8_t *payload;
-    uint32_t payload_len;
-    int family;                     /* 4 or 6 */
-    uint8_t src[16];                /* 4 or 16 bytes used */
-    uint8_t dst[16];
-    uint16_t sport, dport;          /* host order */
-    const uint8_t *eth;             /* the frame: MAC addresses */
-    int vlan_tci;                   /* -1: untagged */
-};
-
-static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
-
-/* 0 on success, else a static reason. */
-static const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
-    size_t off = ETH_HLEN_;
-    uint16_t proto;
-    const uint8_t *udp;
-    size_t l4;
-
-    if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
-    out->eth = f;
-    out->vlan_tci = -1;
-    proto = rd16(f + 12);
-    if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
-        if (len < off + 4) return "truncated VLAN tag";
-        out->vlan_tci = rd16(f + off);
-        proto = rd16(f + off + 2);
-        off += 4;
-    }
-    if (proto == ETH_P_IP_) {
-        const uint8_t *ip = f + off;
-        size_t ihl, tot;
-        if (len < off + 20) return "truncated IPv4 header";
-        if ((ip[0] >> 4) != 4) return "IPv4 header with another version";
-        ihl = (size_t)(ip[0] & 0x0F) * 4;
-        if (ihl < 20) return "IPv4 header length below 20";
-        if (len < off + ihl) return "truncated IPv4 options";
-        tot = rd16(ip + 2);
-        if (tot < ihl || len < off + tot) return "IPv4 total length outside the frame";
-        if (ip[9] != IPPROTO_UDP_) return "not UDP";
-        if (rd16(ip + 6) & 0x3FFF) return "IPv4 fragment";
-        out->family = 4;
-        memcpy(out->src, ip + 12, 4);
-        memcpy(out->dst, ip + 16, 4);
-        l4 = off + ihl;
-        len = off + tot;            /* Ethernet padding beyond the IP packet is not ours */
-    } else if (proto == ETH_P_IPV6_) {
-        const uint8_t *ip = f + off;
-        uint8_t next;
-        size_t plen;
-        int i;
-        if (len < off + 40) return "truncated IPv6 header";
-        if ((ip[0] >> 4) != 6) return "IPv6 header with another version";
-        plen = rd16(ip + 4);
-        if (len < off + 40 + plen) return "IPv6 payload length outside the frame";
-        len = off + 40 + plen;
-        out->family = 6;
-        memcpy(out->src, ip + 8, 16);
-        memcpy(out->dst, ip + 24, 16);
-        next = ip[6];
-        l4 = off + 40;
-        for (i = 0; i < IPV6_EXT_MAX && next != IPPROTO_UDP_; i++) {
-            if (next == 0 || next == 43 || next == 60) {     /* hop-by-hop, routing, dst opts */
-                if (len < l4 + 2) return "truncated IPv6 extension header";
-                next = f[l4];
-                l4 += ((size_t)f[l4 + 1] + 1) * 8;
-                if (l4 > len) return "IPv6 extension header outside the frame";
-            } else if (next == 44) {
-                return "IPv6 fragment";
-            } else {
-                return "not UDP";
-            }
-        }
-        if (next != IPPROTO_UDP_) return "not UDP";
-    } else {
-        return "neither IPv4 nor IPv6";
-    }
-    if (len < l4 + 8) return "truncated UDP header";
-    udp = f + l4;
-    {
-        size_t ulen = rd16(udp + 4);
-        if (ulen < 8) return "UDP length below 8";
-        if (l4 + ulen > len) return "UDP length outside the packet";
-        out->sport = rd16(udp);
-        out->dport = rd16(udp + 2);
-        out->payload = udp + 8;
-        out->payload_len = (uint32_t)(ulen - 8);
-    }
-    return NULL;
-}
-
-/* (host, port) for IPv4; (host, port, 0, scope_id) for IPv6, or for IPv4 as ::ffff:a.b.c.d
- * when v4mapped (what an AF_INET6 socket would have reported). */
-static PyObject *make_addr(const struct parsed *p, int v4mapped, unsigned int ifindex) {
-    char host[INET6_ADDRSTRLEN];
-    if (p->family == 4) {
-        if (!v4mapped) {
-            if (!inet_ntop(AF_INET, p->src, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
-            return Py_BuildValue("(si)", host, (int)p->sport);
-        } else {
-            uint8_t m[16] = {0};
-            m[10] = m[11] = 0xff;
-            memcpy(m + 12, p->src, 4);
-            if (!inet_ntop(AF_INET6, m, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
-            return Py_BuildValue("(siII)", host, (int)p->sport, 0u, 0u);
-        }
-    }
-    if (!inet_ntop(AF_INET6, p->src, host, sizeof(host))) return PyErr_SetFromErrno(PyExc_OSError);
-    /* link-local sources need the interface to be answered */
-    unsigned int scope = (p->src[0] == 0xfe && (p->src[1] & 0xc0) == 0x80) ? ifindex : 0;
-    return Py_BuildValue("(siII)", host, (int)p->sport, 0u, scope);
-}
-
-/* The headers of a reply to p: Ethernet (MACs swapped, VLAN tag kept), IPv4 (no options,
- * DF, TTL 64) or IPv6 (hop limit 64), UDP (ports swapped); lengths and checksums are
- * filled per datagram by send_udp(). */
-static PyObject *reply_template(const struct parsed *p) {
-    uint8_t t[18 + 40 + 8];
-    size_t n = 0;
-    memcpy(t, p->eth + 6, 6);                   /* to the sender's MAC */
-    memcpy(t + 6, p->eth, 6);                   /* from ours */
-    n = 12;
-    if (p->vlan_tci >= 0) {
-        t[n++] = 0x81; t[n++] = 0x00;
-        t[n++] = (uint8_t)(p->vlan_tci >> 8); t[n++] = (uint8_t)p->vlan_tci;
-    }
-    if (p->family == 4) {
-        t[n++] = 0x08; t[n++] = 0x00;
-        memset(t + n, 0, 20);
-        t[n] = 0x45;
-        t[n + 6] = 0x40;                        /* DF */
-        t[n + 8] = 64;
-        t[n + 9] = IPPROTO_UDP_;
-        memcpy(t + n + 12, p->dst, 4);
-        memcpy(t + n + 16, p->src, 4);
-        n += 20;
-    } else {
-        t[n++] = 0x86; t[n++] = 0xDD;
-        memset(t + n, 0, 40);
-        t[n] = 0x60;
-        t[n + 6] = IPPROTO_UDP_;
-        t[n + 7] = 64;
-        memcpy(t + n + 8, p->dst, 16);
-        memcpy(t + n + 24, p->src, 16);
-        n += 40;
-    }
-    t[n] = (uint8_t)(p->dport >> 8); t[n + 1] = (uint8_t)p->dport;
-    t[n + 2] = (uint8_t)(p->sport >> 8); t[n + 3] = (uint8_t)p->sport;
-    memset(t + n + 4, 0, 4);
-    n += 8;
-    return PyBytes_FromStringAndSize((const char *)t, (Py_ssize_t)n);
-}
-
-static uint32_t csum_add(uint32_t sum, const uint8_t *b, size_t len) {
-    size_t i;
-    for (i = 0; i + 1 < len; i += 2) sum += (uint32_t)((b[i] << 8) | b[i + 1]);
-    if (len & 1) sum += (uint32_t)(b[len - 1] << 8);
-    return sum;
-}
-
-static uint16_t csum_fold(uint32_t sum) {
-    while (sum >> 16) sum = (sum & 0xFFFF) + (sum >> 16);
-    return (uint16_t)~sum;
-}
-
-/* Checks a template (from reply_template, or from anyone): returns the offsets of the IP
- * and UDP headers and the family, or NULL with a reason. */
-static const char *check_template(const uint8_t *t, size_t len, size_t *ip_off, size_t *udp_off, int *family) {
-    size_t off = 12;
-    uint16_t proto;
-    if (len < 14) return "template shorter than an Ethernet header";
-    proto = rd16(t + 12);
-    if (proto == ETH_P_8021Q_) {
-        if (len < 18) return "truncated VLAN tag";
-        proto = rd16(t + 16);
-        off = 16;
-    }
-    off += 2;
-    if (proto == ETH_P_IP_) {
-        if (len != off + 20 + 8 || t[off] != 0x45 || t[off + 9] != IPPROTO_UDP_) return "not an IPv4/UDP template";
-        *family = 4;
-        *udp_off = off + 20;
-    } else if (proto == ETH_P_IPV6_) {
-        if (len != off + 40 + 8 || (t[off] >> 4) != 6 || t[off + 6] != IPPROTO_UDP_) return "not an IPv6/UDP template";
-        *family = 6;
-        *udp_off = off + 40;
-    } else {
-        return "template is neither IPv4 nor IPv6";
-    }
-    *ip_off = off;
-    return NULL;
-}
-
-/* f holds the payload at f + hdr_len; write the template's headers in front of it with
- * lengths and checksums (IPv4 header, UDP over the pseudo-header) filled in. */
-static void fill_udp(uint8_t *f, const uint8_t *tmpl, size_t hdr_len, size_t ip_off, size_t udp_off, int family,
-                     size_t plen) {
-    size_t ulen = 8 + plen;
-    uint32_t sum;
-    uint16_t c;
-    memcpy(f, tmpl, hdr_len);
-    f[udp_off + 4] = (uint8_t)(ulen >> 8); f[udp_off + 5] = (uint8_t)ulen;
-    if (family == 4) {
-        size_t tot = 20 + ulen;
-        f[ip_off + 2] = (uint8_t)(tot >> 8); f[ip_off + 3] = (uint8_t)tot;
-        f[ip_off + 10] = f[ip_off + 11] = 0;
-        c = csum_fold(csum_add(0, f + ip_off, 20));
-        f[ip_off + 10] = (uint8_t)(c >> 8); f[ip_off + 11] = (uint8_t)c;
-        sum = csum_add(0, f + ip_off + 12, 8);
-    } else {
-        f[ip_off + 4] = (uint8_t)(ulen >> 8); f[ip_off + 5] = (uint8_t)ulen;
-        sum = csum_add(0, f + ip_off + 8, 32);
-    }
-    sum += IPPROTO_UDP_ + (uint32_t)ulen;
-    f[udp_off + 6] = f[udp_off + 7] = 0;
-    sum = csum_add(sum, f + udp_off, ulen);
-    c = csum_fold(sum);
-    if (c == 0) c = 0xFFFF;
-    f[udp_off + 6] = (uint8_t)(c >> 8); f[udp_off + 7] = (uint8_t)c;
-}
-
-/* ----------------------------------------------------------------------------------- */
 typedef struct {
     PyObject_HEAD
     struct xsk_umem *umem;
@@ -492,7 +263,8 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
         if (result == NULL) continue;          /* an earlier allocation failed: just drain */
         if (last_addr && p.family == last_p.family && p.sport == last_p.sport && p.dport == last_p.dport &&
             memcmp(p.src, last_p.src, 16) == 0 && memcmp(p.dst, last_p.dst, 16) == 0 &&
-            p.vlan_tci == last_p.vlan_tci && memcmp(p.eth, last_p.eth, 12) == 0) {
+            p.vlan_tci == last_p.vlan_tci && p.vlan_proto == last_p.vlan_proto &&
+            memcmp(p.eth, last_p.eth, 12) == 0) {
             a = Py_NewRef(last_addr);
         } else {
             a = make_addr(&p, v4mapped, self->ifindex);
@@ -568,7 +340,7 @@ static PyObject *Xsk_send_udp(XskSocket *self, PyObject *args) {
     size_t ip_off, udp_off, hdr_len;
     int family;
     const char *why;
-    uint8_t tmpl[18 + 40 + 8];
+    uint8_t tmpl[TEMPLATE_MAX];
     uint32_t n, idx = 0, i;
 
     if (xsk_closed(self)) return NULL;
@@ -629,8 +401,7 @@ static PyObject *Xsk_send_udp(XskSocket *self, PyObject *args) {
 }
 
 /* send(frames) -> int: whole Ethernet frames onto the TX ring, then kick the kernel until
- * it has taken them (experimental: the datapath replies through a UDP socket). Returns how
- * many were queued; fewer when free frames or TX ring slots run out. The caller builds the
+ * it has taken them (the datapath itself sends with send_udp). Returns how many were queued; fewer when free frames or TX ring slots run out. The caller builds the
  * headers and checksums. send([]) just kicks and reclaims completed frames. */
 static PyObject *Xsk_send(XskSocket *self, PyObject *arg) {
     PyObject *seq;
@@ -746,7 +517,7 @@ static PyMethodDef Xsk_methods[] = {
     {"recv", (PyCFunction)(void (*)(void))Xsk_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(max_n=64, v4mapped=False) -> list[(payload, addr)]: up to max_n UDP payloads waiting on the RX ring"},
     {"send", (PyCFunction)Xsk_send, METH_O,
-     "send(frames) -> int: queue whole Ethernet frames on the TX ring and kick the kernel (experimental)"},
+     "send(frames) -> int: queue whole Ethernet frames on the TX ring and kick the kernel"},
     {"send_udp", (PyCFunction)Xsk_send_udp, METH_VARARGS,
      "send_udp(datagrams, template) -> int: UDP datagrams behind a reply template from recv(templates=True)"},
     {"poll", (PyCFunction)Xsk_poll, METH_VARARGS, "poll(timeout_ms=0) -> bool: frames are waiting"},
@@ -780,92 +551,9 @@ static PyTypeObject XskSocketType = {
     .tp_getset = Xsk_getset,
 };
 
-/* parse_frame(frame, v4mapped=False, ifindex=0) -> (payload, addr); ValueError if malformed */
-static PyObject *xsk_parse_frame(PyObject *mod, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"frame", "v4mapped", "ifindex", NULL};
-    Py_buffer buf;
-    int v4mapped = 0;
-    unsigned int ifindex = 0;
-    struct parsed p;
-    const char *why;
-    PyObject *payload, *a, *res;
-
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*|pI:parse_frame", kwlist, &buf, &v4mapped, &ifindex))
-        return NULL;
-    memset(&p, 0, sizeof(p));
-    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
-    if (why) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
-        return NULL;
-    }
-    payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
-    PyBuffer_Release(&buf);
-    if (!payload) return NULL;
-    a = make_addr(&p, v4mapped, ifindex);
-    if (!a) { Py_DECREF(payload); return NULL; }
-    res = PyTuple_Pack(2, payload, a);
-    Py_DECREF(payload);
-    Py_DECREF(a);
-    return res;
-}
-
-/* udp_frame(template, payload) -> bytes: what send_udp() puts on the wire */
-static PyObject *xsk_udp_frame(PyObject *mod, PyObject *args) {
-    Py_buffer tb, pb;
-    size_t ip_off, udp_off;
-    int family;
-    const char *why;
-    PyObject *out;
-    if (!PyArg_ParseTuple(args, "y*y*:udp_frame", &tb, &pb)) return NULL;
-    why = tb.len > 66 ? "template too long" : check_template(tb.buf, (size_t)tb.len, &ip_off, &udp_off, &family);
-    if (why || pb.len > 65507) {
-        PyErr_Format(PyExc_ValueError, "bad template: %s", why ? why : "payload too long");
-        PyBuffer_Release(&tb); PyBuffer_Release(&pb);
-        return NULL;
-    }
-    out = PyBytes_FromStringAndSize(NULL, tb.len + pb.len);
-    if (out) {
-        uint8_t *f = (uint8_t *)PyBytes_AS_STRING(out);
-        memcpy(f + tb.len, pb.buf, (size_t)pb.len);
-        fill_udp(f, tb.buf, (size_t)tb.len, ip_off, udp_off, family, (size_t)pb.len);
-    }
-    PyBuffer_Release(&tb); PyBuffer_Release(&pb);
-    return out;
-}
-
-/* reply_template(frame) -> bytes: the headers of a reply to this frame (ValueError if malformed) */
-static PyObject *xsk_reply_template(PyObject *mod, PyObject *arg) {
-    Py_buffer buf;
-    struct parsed p;
-    const char *why;
-    PyObject *t;
-    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
-    memset(&p, 0, sizeof(p));
-    why = parse_frame_raw((const uint8_t *)buf.buf, (size_t)buf.len, &p);
-    if (why) {
-        PyBuffer_Release(&buf);
-        PyErr_Format(PyExc_ValueError, "malformed frame: %s", why);
-        return NULL;
-    }
-    t = reply_template(&p);
-    PyBuffer_Release(&buf);
-    return t;
-}
-
-static PyMethodDef xsk_functions[] = {
-    {"udp_frame", (PyCFunction)xsk_udp_frame, METH_VARARGS,
-     "udp_frame(template, payload) -> bytes: the frame send_udp() would transmit"},
-    {"reply_template", (PyCFunction)xsk_reply_template, METH_O,
-     "reply_template(frame) -> bytes: Ethernet/IP/UDP headers of a reply to frame"},
-    {"parse_frame", (PyCFunction)(void (*)(void))xsk_parse_frame, METH_VARARGS | METH_KEYWORDS,
-     "parse_frame(frame, v4mapped=False, ifindex=0) -> (udp_payload, addr); ValueError if malformed"},
-    {NULL, NULL, 0, NULL},
-};
-
 static struct PyModuleDef xsk_module = {
-    PyModuleDef_HEAD_INIT, "stcp._xsk", "AF_XDP (libxdp): UMEM, rings, batch receive, experimental batch send.", -1,
-    xsk_functions,
+    PyModuleDef_HEAD_INIT, "stcp._xsk", "AF_XDP (libxdp): UMEM, rings, batch receive and transmit.", -1,
+    xsk_frame_functions,
 };
 
 PyMODINIT_FUNC PyInit__xsk(void) {

@@ -20,7 +20,7 @@ from typing import List, Optional
 from .. import wire
 from ..datapath.verdicts import Verdict
 
-DEFAULT_PORT = getattr(wire, "DEFAULT_PORT", 4433)
+DEFAULT_PORT = wire.DEFAULT_PORT          # the port `stcp serve` listens on by default
 EXIT_REFUSED = 1
 EXIT_SETUP = 2
 
@@ -43,9 +43,18 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--max-record-len", type=int, default=xdp.DEFAULT_MAX_RECORD_LEN,
                    help=f"largest data record payload accepted (default {xdp.DEFAULT_MAX_RECORD_LEN})")
     a.add_argument("--hs-rate", type=int, default=xdp.DEFAULT_HS_RATE,
-                   help=f"client hellos per second per source address (default {xdp.DEFAULT_HS_RATE})")
+                   help=f"client hellos per second per source prefix (default {xdp.DEFAULT_HS_RATE})")
     a.add_argument("--hs-burst", type=int, default=xdp.DEFAULT_HS_BURST,
-                   help=f"client hello burst per source address (default {xdp.DEFAULT_HS_BURST})")
+                   help=f"client hello burst per source prefix (default {xdp.DEFAULT_HS_BURST})")
+    a.add_argument("--hs-prefix4", type=int, default=xdp.DEFAULT_HS_PREFIX4,
+                   help=f"IPv4 sources share a hello bucket per /N (default {xdp.DEFAULT_HS_PREFIX4})")
+    a.add_argument("--hs-prefix6", type=int, default=xdp.DEFAULT_HS_PREFIX6,
+                   help=f"IPv6 sources share a hello bucket per /N (default {xdp.DEFAULT_HS_PREFIX6})")
+    a.add_argument("--hs-global-rate", type=int, default=xdp.DEFAULT_HS_GLOBAL_RATE,
+                   help=f"client hellos per second from all sources together, 0 for no limit "
+                        f"(default {xdp.DEFAULT_HS_GLOBAL_RATE})")
+    a.add_argument("--hs-global-burst", type=int, default=xdp.DEFAULT_HS_GLOBAL_BURST,
+                   help=f"client hello burst from all sources together (default {xdp.DEFAULT_HS_GLOBAL_BURST})")
     a.add_argument("--max-cids", type=int, default=xdp.DEFAULT_MAX_CIDS,
                    help=f"capacity of the live-connection table (default {xdp.DEFAULT_MAX_CIDS})")
     a.add_argument("--force", action="store_true", help="replace an XDP program already attached")
@@ -65,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _global(c: dict) -> str:
+    if not c["hs_global_rate"]:
+        return "no global limit"
+    return f"{c['hs_global_rate']}/s burst {c['hs_global_burst']}"
+
+
 def _fmt_status(st: dict) -> str:
     if not st["attached"]:
         extra = f" (stale pins at {st['pin_dir']})" if st.get("pinned") else ""
@@ -73,7 +88,8 @@ def _fmt_status(st: dict) -> str:
     lines = [
         f"{st['iface']}: STCP XDP attached, {st['mode']} mode, prog id {st['prog_id']}",
         f"  port {c['port']}, max record {c['max_record_len']} bytes, "
-        f"hellos {c['hs_rate']}/s burst {c['hs_burst']} per source, {st['live_cids']} live connection IDs",
+        f"hellos {c['hs_rate']}/s burst {c['hs_burst']} per IPv4 /{c['hs_prefix4']} and IPv6 /{c['hs_prefix6']}, "
+        f"{_global(c)} in all, {st['live_cids']} live connection IDs",
         f"  pins: {st['pin_dir']}" + ("" if st["pinned"] else " (not pinned in this mount namespace)"),
         f"  {'verdict':<22}{'packets':>14}{'bytes':>16}",
     ]
@@ -88,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "attach":
         st = xdp.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force,
-                        netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids)
+                        netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids,
+                        hs_prefix4=args.hs_prefix4, hs_prefix6=args.hs_prefix6,
+                        hs_global_rate=args.hs_global_rate, hs_global_burst=args.hs_global_burst)
         print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
               f"port {st['config']['port']}); maps pinned at {st['pin_dir']}")
         if st.get("private_pins"):

@@ -16,8 +16,9 @@ import time
 from typing import Optional, Tuple
 
 from .. import __version__, wire
-from ..api import DEFAULT_PORT, make_config, open_connection, start_server
+from ..api import make_config, open_connection, start_server
 from ..errors import STCPError
+from ..wire import DEFAULT_PORT
 
 CHUNK = 1 << 16
 

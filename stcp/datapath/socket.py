@@ -5,7 +5,8 @@ UDP GRO where the kernel offers it), hands each connection its datagrams of the 
 call, then flushes every connection that has something to say. Sends go out with sendmmsg;
 a run of equal-sized bulk records is one UDP GSO buffer, cut into datagrams by the kernel
 (or the NIC). Each connection has at most one pending loop timer. Other datapaths reuse
-`Driver` with their own way of getting datagrams in and out.
+`Driver` with their own way of getting datagrams in and out; the blocking client
+(stcp.blocking) reuses the socket helpers (recv_batch, Outbox, own_records) without a loop.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol,
 from .. import wire
 from ..connection import Connection
 from ..endpoint import ServerEndpoint, group_by_cid
+from ..errors import STCPError
 
 try:
     from .. import _udpio
@@ -27,12 +29,36 @@ except ImportError:       # the C helpers are optional; plain socket calls work 
 RECV_BATCH = 64
 RECV_ROUNDS = 16          # batches per readiness callback before yielding to the loop
 SOCKET_BUFFER = 32 << 20
+GSO = os.environ.get("STCP_GSO", "1") != "0"
 
 
 class ConnectionHooks(Protocol):
     """What the API layer attaches to each connection (stcp.api.ConnectionHandle)."""
 
     def process_events(self) -> None: ...
+
+
+def resolve(host: str, port: int) -> Tuple[int, tuple]:
+    """(address family, socket address) of host:port for UDP."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise STCPError(f"cannot resolve {host!r}: {exc.strerror}") from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, sockaddr
+
+
+def connect_udp(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket connected to host:port, for one client connection."""
+    family, sockaddr = resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise STCPError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -58,17 +84,126 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
+def recv_batch(sock: socket.socket, gro: bool = False) -> list:
+    """Up to RECV_BATCH datagrams waiting on a non-blocking socket, [] if none: (datagram,
+    source) pairs, or with gro (buffer, source, segment size) from UDP GRO.
+    ConnectionRefusedError when an ICMP "port unreachable" is the first thing waiting."""
+    if _udpio is not None:
+        return _udpio.recvmmsg(sock.fileno(), RECV_BATCH, 65536, gro)
+    batch: list = []
+    for _ in range(RECV_BATCH):
+        try:
+            batch.append(sock.recvfrom(65536))
+        except (BlockingIOError, InterruptedError):
+            break
+        except ConnectionRefusedError:
+            if not batch:
+                raise
+            break
+    return batch
+
+
+def send_datagrams(sock: socket.socket, datagrams: List[bytes], addr: Optional[Hashable],
+                   segment_size: int = 0) -> int:
+    """Send datagrams on a non-blocking socket (GSO buffers when segment_size is set; addr None
+    on a connected socket); return how many went (fewer when the socket buffer is full)."""
+    if _udpio is not None:
+        return _udpio.sendmmsg(sock.fileno(), datagrams, addr, segment_size)
+    sent = 0
+    for d in datagrams:
+        try:
+            if addr is None:
+                sock.send(d)
+            else:
+                sock.sendto(d, addr)
+        except (BlockingIOError, InterruptedError):
+            break
+        sent += 1
+    return sent
+
+
+def own_records(batch: list, cid: int) -> Tuple[list, int]:
+    """A client connection's share of a received batch: its data records and handshake records
+    naming it, as Connection.receive_datagrams takes them, and the number of datagrams dropped.
+    Stray or spoofed datagrams that name nothing of ours must not be able to end the
+    connection, just as the server endpoint drops them."""
+    mine: list = []
+    dropped = 0
+    cid_bytes = cid.to_bytes(8, "big")
+    for group_cid, _, entries in group_by_cid(batch):
+        if group_cid == cid or (group_cid == -1 and entries[0][8:16] == cid_bytes):
+            mine += entries
+        else:
+            dropped += wire.count_datagrams(entries)
+    return mine, dropped
+
+
+class Outbox:
+    """Datagrams waiting to leave one UDP socket, as (buffer, address, segment size) entries
+    (segment size 0 for a single datagram), sent with as few sendmmsg calls as they allow.
+
+    gso: send bulk runs as UDP GSO buffers (turned off for good if the kernel refuses).
+    STCP_GSO=0 turns it off: an XDP program in generic mode on the peer's side of a veth pair
+    sees a GSO buffer from this host as one datagram, not as the records it holds."""
+
+    def __init__(self, send_group: Callable[[List[bytes], Optional[Hashable], int], int]):
+        self.entries: List[Tuple[bytes, Optional[Hashable], int]] = []
+        self.gso = GSO and _udpio is not None
+        self._send_group = send_group
+
+    def add(self, batches: List[Tuple[bytes, int]], addr: Optional[Hashable]) -> None:
+        """Queue what Connection.datagram_batches gave, for addr (None: a connected socket)."""
+        if not self.gso:
+            batches = [(d, len(d)) for d in wire.expand_datagrams(batches)]
+        self.entries.extend((buf, addr, size if size < len(buf) else 0) for buf, size in batches)
+
+    def send(self) -> bool:
+        """Send from the front; False when the socket buffer filled first (the rest waits)."""
+        entries = self.entries
+        while entries:
+            # one sendmmsg per stretch to one address whose GSO buffers share a segment size
+            # (single datagrams no longer than it ride along unsegmented)
+            addr, seg, longest, n = entries[0][1], 0, 0, 0
+            while n < len(entries) and n < 1024:
+                buf, a, size = entries[n]
+                if a != addr:
+                    break
+                if size:
+                    if (seg and size != seg) or longest > size:
+                        break
+                    seg = size
+                else:
+                    if seg and len(buf) > seg:
+                        break
+                    longest = max(longest, len(buf))
+                n += 1
+            try:
+                sent = self._send_group([d for d, _, _ in entries[:n]], addr, seg)
+            except OSError as exc:
+                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                    sent = n          # the datagrams are lost; recovery will resend what matters
+                elif seg and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                    self._stop_gso()  # e.g. a device without checksum offload: send them one by one
+                    continue
+                else:
+                    raise
+            del entries[:sent]
+            if sent < n:
+                return False
+        return True
+
+    def _stop_gso(self) -> None:
+        self.gso = False
+        self.entries[:] = [(d, addr, 0) for buf, addr, size in self.entries
+                           for d in wire.expand_datagrams([(buf, size) if size else buf])]
+
+
 class Driver:
     """Runs connections over one UDP socket. Subclasses route received datagrams.
 
     gro: receive through UDP GRO. Leave it off where an XDP program in generic (skb) mode
     checks this socket's traffic: generic XDP runs after GRO and would see coalesced
     datagrams, which are not single records."""
-
-    # Send bulk runs as UDP GSO buffers (turned off if the kernel refuses). STCP_GSO=0 turns it
-    # off: an XDP program in generic mode on the peer's side of a veth pair sees a GSO buffer
-    # from this host as one datagram, not as the records it holds.
-    gso = os.environ.get("STCP_GSO", "1") != "0"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, gro: bool = False):
         self.loop = loop
@@ -77,37 +212,22 @@ class Driver:
         sock.setblocking(False)
         tune_socket(sock)
         self.gro = gro and enable_gro(sock)
-        self.gso = self.gso and _udpio is not None
+        self.outbox = Outbox(self._send_group)
         self.hooks: Dict[Connection, ConnectionHooks] = {}
         self._timers: Dict[Connection, Tuple[float, asyncio.TimerHandle]] = {}
         self._dirty: Dict[Connection, None] = {}
         self._flush_scheduled = False
-        # (buffer, address, segment size): segment size 0 for a single datagram
-        self._backlog: List[Tuple[bytes, Hashable, int]] = []
         self.icmp_errors = 0
         self.closed = False
         loop.add_reader(self.fd, self._on_readable)
 
     # --- receive -----------------------------------------------------------
-    def _recv_batch(self) -> List[Tuple[bytes, Hashable]]:
-        if _udpio is not None:
-            try:
-                if self.gro:
-                    return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, True)
-                return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536)
-            except ConnectionRefusedError:
-                self.icmp_errors += 1
-                return []
-        batch = []
-        for _ in range(RECV_BATCH):
-            try:
-                batch.append(self.sock.recvfrom(65536))
-            except (BlockingIOError, InterruptedError):
-                break
-            except ConnectionRefusedError:
-                self.icmp_errors += 1
-                break
-        return batch
+    def _recv_batch(self) -> list:
+        try:
+            return recv_batch(self.sock, self.gro)
+        except ConnectionRefusedError:
+            self.icmp_errors += 1
+            return []
 
     def _on_readable(self) -> None:
         for _ in range(RECV_ROUNDS):
@@ -164,11 +284,7 @@ class Driver:
             hooks.process_events()
         batches = conn.datagram_batches(now)
         if batches:
-            addr = self.peer_address(conn)
-            backlog = self._backlog
-            if not self.gso:
-                batches = [(d, len(d)) for d in wire.expand_datagrams(batches)]
-            backlog.extend((buf, addr, size if size < len(buf) else 0) for buf, size in batches)
+            self.outbox.add(batches, self.peer_address(conn))
         if hooks is not None:
             hooks.process_events()
         if conn.is_closed:
@@ -176,60 +292,21 @@ class Driver:
         else:
             self._arm_timer(conn)
 
-    def _send_backlog(self) -> None:
-        backlog = self._backlog
-        while backlog:
-            # one sendmmsg per stretch to one address whose GSO buffers share a segment size
-            # (single datagrams no longer than it ride along unsegmented)
-            addr, seg, longest, n = backlog[0][1], 0, 0, 0
-            while n < len(backlog) and n < 1024:
-                buf, a, size = backlog[n]
-                if a != addr:
-                    break
-                if size:
-                    if (seg and size != seg) or longest > size:
-                        break
-                    seg = size
-                else:
-                    if seg and len(buf) > seg:
-                        break
-                    longest = max(longest, len(buf))
-                n += 1
-            try:
-                sent = self._send_group([d for d, _, _ in backlog[:n]], addr, seg)
-            except OSError as exc:
-                if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    sent = n          # the datagrams are lost; recovery will resend what matters
-                elif seg and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
-                    self._stop_gso()  # e.g. a device without checksum offload: send them one by one
-                    continue
-                else:
-                    raise
-            del backlog[:sent]
-            if sent < n:               # socket buffer full: wait until it drains
-                self.loop.add_writer(self.fd, self._on_writable)
-                return
+    @property
+    def gso(self) -> bool:
+        return self.outbox.gso
 
-    def _stop_gso(self) -> None:
-        self.gso = False
-        self._backlog[:] = [(d, addr, 0) for buf, addr, size in self._backlog
-                            for d in wire.expand_datagrams([(buf, size) if size else buf])]
+    @gso.setter
+    def gso(self, on: bool) -> None:
+        self.outbox.gso = on
+
+    def _send_backlog(self) -> None:
+        if not self.outbox.send():       # socket buffer full: wait until it drains
+            self.loop.add_writer(self.fd, self._on_writable)
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         """Send datagrams (GSO buffers when segment_size is set); return how many went."""
-        if _udpio is not None:
-            return _udpio.sendmmsg(self.fd, datagrams, addr, segment_size)
-        sent = 0
-        for d in datagrams:
-            try:
-                if addr is None:
-                    self.sock.send(d)
-                else:
-                    self.sock.sendto(d, addr)
-            except (BlockingIOError, InterruptedError):
-                break
-            sent += 1
-        return sent
+        return send_datagrams(self.sock, datagrams, addr, segment_size)
 
     def _on_writable(self) -> None:
         self.loop.remove_writer(self.fd)
@@ -289,17 +366,10 @@ class ClientDriver(Driver):
         super().__init__(loop, sock, gro)
         self.conn = conn
         self.dropped = 0
-        self._cid = conn.local_cid.to_bytes(8, "big")
 
     def route_batch(self, batch, now: float) -> Iterable[Connection]:
-        # Only records naming our CID reach the connection: stray or spoofed datagrams that
-        # name nothing must not be able to end it, just as the server endpoint drops them.
-        mine: list = []
-        for cid, _, entries in group_by_cid(batch):
-            if cid == self.conn.local_cid or (cid == -1 and entries[0][8:16] == self._cid):
-                mine += entries           # our data records, or a handshake record naming us
-            else:
-                self.dropped += wire.count_datagrams(entries)
+        mine, dropped = own_records(batch, self.conn.local_cid)
+        self.dropped += dropped
         if not mine:
             return ()
         self.conn.receive_datagrams(mine, now)
@@ -323,7 +393,7 @@ class ServerDriver(Driver):
     def route_batch(self, batch, now: float) -> Iterable[Connection]:
         touched, new = self.endpoint.receive_batch(batch, now)
         if self.endpoint.rejects:
-            self._backlog.extend((d, addr, 0) for d, addr in self.endpoint.rejects)
+            self.outbox.entries.extend((d, addr, 0) for d, addr in self.endpoint.rejects)
             self.endpoint.rejects.clear()
         for conn in new:
             self._on_new(conn)

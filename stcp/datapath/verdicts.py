@@ -10,19 +10,22 @@ import enum
 
 
 class Verdict(enum.IntEnum):
-    PASS_NOT_STCP = 0       # not UDP to the STCP port (ARP, ICMP, TCP, other ports, ...)
+    PASS_NOT_STCP = 0       # shown not to be UDP to the STCP port (ARP, ICMP, TCP, other ports, ...)
     PASS_HANDSHAKE = 1      # well-formed client hello within its source's rate
     PASS_DATA = 2           # well-formed data record for a live connection ID
     DROP_SHORT_HEADER = 3   # UDP payload shorter than the 24-byte record header
     DROP_BAD_LENGTH = 4     # length field != UDP payload length - 24
     DROP_TOO_SHORT = 5      # data record payload below the AEAD tag size
     DROP_TOO_LONG = 6       # data record payload above the configured maximum
-    DROP_FRAGMENT = 7       # IPv4/IPv6 fragment of an STCP datagram
+    DROP_FRAGMENT = 7       # first IP fragment of an STCP datagram; any later fragment of a UDP datagram
     DROP_UNKNOWN_CID = 8    # data record whose CID is not in the live-connection table
-    DROP_HS_RATE = 9        # client hello over its source address's token bucket
+    DROP_HS_RATE = 9        # client hello over its source prefix's token bucket
     DROP_BAD_HANDSHAKE = 10  # seq 0 but not an 80-byte client hello with cid 0
     DROP_BAD_UDP = 11       # UDP length field < 8 or past the end of the frame
     DROP_WRONG_WORKER = 12  # afxdp: a live CID whose worker does not own the RX queue it came in on
+    DROP_UNPARSED = 13      # headers not walkable to the UDP port: truncated or malformed, a third
+                            # VLAN tag, more IPv6 extension headers than the program walks
+    DROP_HS_GLOBAL = 14     # client hello over the global hello budget (all sources together)
 
     @property
     def key(self) -> str:

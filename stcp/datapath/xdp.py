@@ -36,13 +36,19 @@ from .verdicts import Verdict
 log = logging.getLogger("stcp.datapath.xdp")
 
 DEFAULT_MAX_RECORD_LEN = DEFAULT_MAX_DATAGRAM - HEADER_LEN   # 1428
-DEFAULT_HS_RATE = 20          # client hellos per second per source address
+DEFAULT_HS_RATE = 20          # client hellos per second per source prefix
 DEFAULT_HS_BURST = 40
+DEFAULT_HS_PREFIX4 = 32       # an IPv4 source's bucket: its /32
+DEFAULT_HS_PREFIX6 = 64       # an IPv6 source's bucket: its /64 (one host may own all of it)
+# All sources together: at the 160-350 us of CPU a hello costs the server, 1000/s is at
+# most about a third of one core, and a flood from spoofed prefixes gets no more.
+DEFAULT_HS_GLOBAL_RATE = 1000
+DEFAULT_HS_GLOBAL_BURST = 2000
 DEFAULT_MAX_CIDS = 65536
 DEFAULT_HS_SOURCES = 65536
 CID_FILTER_WORDS = 8192       # STCP_CID_FILTER_WORDS in bpf/stcp_wire.h
 CID_FILTER_SLOTS = CID_FILTER_WORDS * 8
-MAP_ABI = 3                   # STCP_MAP_ABI in bpf/stcp_wire.h
+MAP_ABI = 4                   # STCP_MAP_ABI in bpf/stcp_wire.h
 XSK_MAX = 64                  # entries (RX queues) of stcp_xsks, the XSKMAP of the afxdp variant
 
 BPFFS = "/sys/fs/bpf"
@@ -59,7 +65,7 @@ XDP_FLAGS_DRV_MODE = 1 << 2
 _MODE_FLAGS = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 _NETLINK_MODES = {"xdp": "native", "xdpgeneric": "generic", "xdpoffload": "offload"}
 
-_CONFIG = struct.Struct("=IIIIIIQQ")     # struct stcp_config
+_CONFIG = struct.Struct("=IIIIIIQQIIIIQQ")     # struct stcp_config
 _COUNTER = struct.Struct("=QQ")          # struct stcp_counter
 _CID = struct.Struct("!Q")               # CIDs are stored as their wire bytes
 _WORD = struct.Struct("=Q")
@@ -506,17 +512,24 @@ def _open_prog(prog_id: int) -> Optional[_Handles]:
 
 def _read_config(h: _Handles) -> dict:
     raw = _map_lookup(h.maps["config"], struct.pack("=I", 0), _CONFIG.size)
-    abi, port, max_len, rate, burst, nworkers, cost, cap = _CONFIG.unpack(raw or bytes(_CONFIG.size))
+    (abi, port, max_len, rate, burst, nworkers, _cost, _cap, prefix4, prefix6, grate, gburst, _gcost,
+     _gcap) = _CONFIG.unpack(raw or bytes(_CONFIG.size))
     return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst,
-            "nworkers": nworkers}
+            "nworkers": nworkers, "hs_prefix4": prefix4, "hs_prefix6": prefix6,
+            "hs_global_rate": grate, "hs_global_burst": gburst}
 
 
 def _write_config(h: _Handles, port: int, max_record_len: int, hs_rate: int, hs_burst: int,
-                  nworkers: int = 0) -> None:
+                  nworkers: int = 0, *, hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+                  hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     """nworkers: the afxdp variant steers data records by their CID's worker bits over that
-    many workers (0: no steering; the plain xdp variant ignores it)."""
+    many workers (0: no steering; the plain xdp variant ignores it). Hellos are limited per
+    source prefix (hs_rate/hs_burst per /hs_prefix4 of IPv4, /hs_prefix6 of IPv6) and then
+    all together (hs_global_rate/hs_global_burst; rate 0: no global budget)."""
     cost = 1_000_000_000 // hs_rate
-    value = _CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst)
+    gcost = 1_000_000_000 // hs_global_rate if hs_global_rate else 0
+    value = _CONFIG.pack(MAP_ABI, port, max_record_len, hs_rate, hs_burst, nworkers, cost, cost * hs_burst,
+                         hs_prefix4, hs_prefix6, hs_global_rate, hs_global_burst, gcost, gcost * hs_global_burst)
     _map_update(h.maps["config"], struct.pack("=I", 0), value)
 
 
@@ -550,7 +563,9 @@ def _find_stcp(nl: _Netlink, ifindex: int) -> Tuple[Optional[str], Optional[_Han
     return None, None, state
 
 
-def _validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int) -> None:
+def _validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int,
+                     hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+                     hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     if not 1 <= port <= 65535:
         raise XdpSetupError(f"port {port} is not a UDP port (1-65535)")
     if mode not in MODES:
@@ -559,6 +574,11 @@ def _validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs
         raise XdpSetupError(f"max record length {max_record_len} is outside 16..{65507 - HEADER_LEN}")
     if hs_rate < 1 or hs_burst < 0:
         raise XdpSetupError("handshake rate must be >= 1 per second and burst >= 0")
+    if not (0 <= hs_prefix4 <= 32 and 0 <= hs_prefix6 <= 128):
+        raise XdpSetupError(f"hello prefix lengths /{hs_prefix4} (IPv4) and /{hs_prefix6} (IPv6) must be "
+                            "0..32 and 0..128")
+    if hs_global_rate < 0 or hs_global_burst < 0:
+        raise XdpSetupError("global handshake rate must be >= 0 per second (0: no global budget) and burst >= 0")
 
 
 def _compile(max_cids: int, hs_sources: int, afxdp: bool = False):
@@ -619,19 +639,25 @@ class XdpDatapath:
     def attach(cls, iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
-               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0) -> "XdpDatapath":
+               hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
+               hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
+               hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
+               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it.
         afxdp=True compiles the variant that redirects good records to its stcp_xsks
         XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
         steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
+        hello = {"hs_prefix4": hs_prefix4, "hs_prefix6": hs_prefix6, "hs_global_rate": hs_global_rate,
+                 "hs_global_burst": hs_global_burst}
         return _off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                         max_cids, hs_sources, afxdp, nworkers)
+                         max_cids, hs_sources, afxdp, nworkers, hello)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0) -> "XdpDatapath":
-        _validate_limits(port, mode, max_record_len, hs_rate, hs_burst)
+                hs_sources, afxdp=False, nworkers=0, hello=None) -> "XdpDatapath":
+        hello = hello or {}
+        _validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
             raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
         require_root()
@@ -658,7 +684,7 @@ class XdpDatapath:
                 h = _open_prog(pid)
                 if h is None:
                     raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-                _write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers)
+                _write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
                 _remove_pins(pins)              # stale pins of a program that is gone
                 os.makedirs(pins, exist_ok=True)
                 _pin(h.prog_fd, f"{pins}/prog")
@@ -723,7 +749,9 @@ class XdpDatapath:
         """Reuse the STCP program attached to iface (it must serve the same port), else
         attach one. `attached` says which happened; close() undoes only our part."""
         _validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
-                         kw.get("hs_burst", DEFAULT_HS_BURST))
+                         kw.get("hs_burst", DEFAULT_HS_BURST),
+                         **{k: kw[k] for k in ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst")
+                            if k in kw})
         try:
             dp = cls.open(iface, netns=kw.get("netns"))
         except XdpNotAttached:

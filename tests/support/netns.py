@@ -1,4 +1,5 @@
-"""Test hosts: two network namespaces joined by a veth pair, with addresses assigned there.
+"""Test hosts: two network namespaces joined by a veth pair, with addresses assigned there,
+and sockets made inside a namespace.
 
 Used by the integration tests and by bench/. Every address lives inside the namespaces
 this module creates; nothing is sent anywhere else.
@@ -7,10 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import shutil
+import socket
 import subprocess
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -76,25 +76,17 @@ def veth_pair(mtu: int = 1500, tag: str | None = None, queues: int = 1) -> Itera
             sh("ip", "netns", "del", h.ns, check=False)
 
 
-def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) -> list:
-    """proc's stderr lines up to and including the first that contains needle; on timeout or
-    exit, an AssertionError quoting what it said so far."""
-    seen: list = []
-    deadline = time.monotonic() + timeout
-    fd = proc.stderr.fileno()
-    buf = b""
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([fd], [], [], 0.2)
-        if r:
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                seen.append(ln.decode(errors="replace"))
-                if needle in seen[-1]:
-                    return seen
-        if proc.poll() is not None:
-            break
-    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")
+@contextlib.contextmanager
+def in_ns(ns: str) -> Iterator[None]:
+    """Run the body (socket creation) in network namespace ns; sockets stay there."""
+    from pyroute2 import netns as pnetns
+    pnetns.pushns(ns)
+    try:
+        yield
+    finally:
+        pnetns.popns()
+
+
+def ns_socket(ns: str, family: int, type_: int, proto: int = 0) -> socket.socket:
+    with in_ns(ns):
+        return socket.socket(family, type_, proto)

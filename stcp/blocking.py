@@ -1,0 +1,425 @@
+"""The blocking client, `stcp.connect`: a socket-like STCP connection driven in the caller's thread.
+
+The sans-IO Connection runs on its own connected UDP socket. A call that has to wait (the
+handshake, recv with nothing buffered, sendall past the write limit, close) polls the socket
+until a datagram arrives, the connection's timer is due or the call's timeout passes, as a
+blocking socket does; a call that need not wait makes no system call beyond the send it
+causes. There is no thread and no event loop, so between calls nothing runs: acks, window
+updates, retransmissions and keepalives go out only while the application is inside a call
+(or makes one). A connection left alone for longer than its idle timeout (Config.idle_timeout)
+is forgotten by the server; the next call here then raises ConnectionTerminated (IDLE_TIMEOUT).
+
+Two threads may share a connection as they may share a socket (one sending, one receiving):
+one of them at a time polls and acts on what arrives, the other waits for it to say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import select
+import socket
+import threading
+import warnings
+from time import monotonic
+from typing import Callable, Optional, Self, Tuple
+
+from . import wire
+from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
+from .chunks import ChunkBuffer
+from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
+                         StreamFinished)
+from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enable_gro, own_records,
+                              recv_batch, send_datagrams, tune_socket)
+from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+
+CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
+
+_POLLIN = select.POLLIN
+_POLLOUT = select.POLLOUT
+
+
+class BlockingConnection:
+    """sendall, send, recv, recv_into, shutdown, close, settimeout, context manager.
+
+    `timeout` (seconds, None to wait forever) bounds each call as a socket timeout does:
+    recv and sendall raise socket.timeout when it passes. The handshake waits at most the
+    timeout too (and at most Config.handshake_timeout), raising HandshakeTimeout.
+    """
+
+    def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None,
+                 config: Optional[Config] = None):
+        host, port = address[0], address[1]
+        config = config or make_config()
+        if timeout is not None and 0 < timeout < config.handshake_timeout:
+            config = dataclasses.replace(config, handshake_timeout=timeout)
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0               # threads waiting on _cond for the poller
+        self._polling = False           # a thread is in poll(), without the lock
+        self._poll_until: Optional[float] = None     # ... until then at the latest
+        self._inbox = ChunkBuffer()
+        self._eof = False
+        self._established = False
+        self._closed_info: Optional[ConnectionClosed] = None
+        self._error: Optional[Exception] = None
+        self._discard = False           # close(): received data is dropped (and credited)
+        self._released = False
+        self.icmp_errors = 0
+        self.dropped = 0                # datagrams that named no record of this connection
+        sock = self._sock = connect_udp(host, port)
+        try:
+            tune_socket(sock)
+            self._gro = enable_gro(sock)
+            self._outbox = Outbox(self._send_group)
+            # another thread's call wakes a poller through this (a new timer, output waiting)
+            self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._poller = select.poll()
+            self._poll_mask = _POLLIN
+            self._poller.register(sock.fileno(), _POLLIN)
+            self._poller.register(self._wakeup, _POLLIN)
+            self._conn = Connection.client(config, monotonic())
+            with self._lock:
+                self._flush(monotonic())
+                self._wait(self._is_open, None)
+        except BaseException as exc:
+            if isinstance(exc, HandshakeTimeout) and self.icmp_errors:
+                explain_unreachable(exc, host, port)
+            with self._lock:
+                self._release()
+            raise
+
+    # --- the socket-like API ------------------------------------------------
+    def sendall(self, data) -> None:
+        """Queue data and send what the congestion window allows; waits (up to the timeout)
+        only while more than the write limit (4 MiB) is unacknowledged."""
+        with self._lock:
+            conn = self._conn
+            self._check_sendable()
+            now = monotonic()
+            timer = conn.get_timer()
+            if timer is not None and timer <= now:      # e.g. the idle timeout, after a long pause
+                conn.handle_timer(now)
+                self._flush(now)
+                self._check_sendable()
+            conn.send(data)
+            self._flush(now)
+            if conn.send_buffered > WRITE_HIGH_WATER:
+                self._wait(self._can_write, self._deadline())
+                if self._error is not None:
+                    raise self._error
+            elif self._polling:
+                self._nudge()
+
+    def send(self, data) -> int:
+        """As sendall (STCP takes every byte given); returns len(data)."""
+        self.sendall(data)
+        return len(data)
+
+    def recv(self, bufsize: int) -> bytes:
+        """Up to bufsize bytes, one received piece at a time; b"" once the peer has finished and
+        everything was read. Raises the connection's end if it ended abnormally (after the data
+        that arrived before), socket.timeout if the timeout passes first."""
+        with self._lock:
+            if self._released:
+                raise OSError(errno.EBADF, "the connection was closed")
+            inbox = self._inbox
+            if not inbox and not self._eof and self._error is None:
+                self._wait(self._readable, self._deadline())
+            if inbox:
+                if bufsize <= 0:
+                    return b""
+                data = inbox.take_some(bufsize)
+                if self._conn.consume(len(data)):      # a window update is due: send it now
+                    self._flush(monotonic())
+                    if self._polling:
+                        self._nudge()
+                return data
+            if self._error is not None and not self._eof and bufsize > 0:
+                raise self._error
+            return b""
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        """As recv, into buffer (at most nbytes, or len(buffer) if 0); returns the count."""
+        view = memoryview(buffer).cast("B")
+        data = self.recv(nbytes or len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def shutdown(self, how: int = socket.SHUT_WR) -> None:
+        """SHUT_WR (or SHUT_RDWR): finish sending; the peer reads EOF once it has every byte."""
+        if how not in (socket.SHUT_WR, socket.SHUT_RDWR):
+            return
+        with self._lock:
+            conn = self._conn
+            if self._closed_info is None and not conn.write_finished:
+                conn.shutdown_write()
+                self._flush(monotonic())
+                if self._polling:
+                    self._nudge()
+
+    def close(self) -> None:
+        """As a TCP socket's close: finish sending, give up reading (unread data is dropped and
+        the peer told to stop), release the socket. Waits (up to the timeout, else 10 s) only
+        until the peer has acknowledged everything sent, as the kernel would in the background;
+        if it has not by then, the connection is aborted."""
+        with self._lock:
+            if self._released:
+                return
+            try:
+                self._finish()
+            finally:
+                self._release()
+
+    def settimeout(self, timeout: Optional[float]) -> None:
+        self.timeout = timeout
+
+    def gettimeout(self) -> Optional[float]:
+        return self.timeout
+
+    def getpeername(self):
+        return self._sock.getpeername()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+    def cipher(self) -> str:
+        """The negotiated AEAD, as named in make_config (e.g. "aes-256-gcm")."""
+        return {v: k for k, v in wire.SUITES.items()}[self._conn.suite]
+
+    @property
+    def connection(self) -> Connection:
+        """The sans-IO connection (stats, rtt, close_info); drive it only through this object."""
+        return self._conn
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __del__(self) -> None:
+        # forgotten without close(): free the descriptors (nothing is sent), as a socket does
+        if not getattr(self, "_released", True):
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            self._released = True
+            self._sock.close()
+            if hasattr(self, "_wakeup"):
+                os.close(self._wakeup)
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- waiting ---------------------------------------------------------------
+    def _is_open(self) -> bool:
+        if self._error is not None:
+            raise self._error
+        return self._established
+
+    def _readable(self) -> bool:
+        return bool(self._inbox) or self._eof or self._error is not None
+
+    def _can_write(self) -> bool:
+        return self._conn.send_buffered <= WRITE_HIGH_WATER or self._error is not None
+
+    def _write_done(self) -> bool:
+        return self._closed_info is not None or self._conn.write_acknowledged
+
+    def _deadline(self) -> Optional[float]:
+        return None if self.timeout is None else monotonic() + self.timeout
+
+    def _wait(self, ready: Callable[[], bool], deadline: Optional[float]) -> None:
+        """Until ready() (the lock held): poll and act on what arrives, or, while another thread
+        polls, wait for it to act. socket.timeout once deadline has passed; a timeout of 0 still
+        looks at what is waiting once."""
+        looked = False
+        while not ready():
+            if self._released:
+                raise OSError(errno.EBADF, "the connection was closed")
+            if looked and deadline is not None and monotonic() >= deadline:
+                raise socket.timeout("timed out")
+            if self._polling:
+                self._waiting += 1
+                try:
+                    self._cond.wait(None if deadline is None else max(0.0, deadline - monotonic()))
+                finally:
+                    self._waiting -= 1
+            else:
+                self._pump(deadline)
+            looked = True
+
+    def _pump(self, deadline: Optional[float]) -> None:
+        """One wait in poll() (the lock released meanwhile) until a datagram arrives, the
+        connection's timer or deadline is due, or another thread nudges; then act on it."""
+        conn = self._conn
+        wake = conn.get_timer()
+        if deadline is not None and (wake is None or deadline < wake):
+            wake = deadline
+        mask = _POLLIN | _POLLOUT if self._outbox.entries else _POLLIN
+        if mask != self._poll_mask:
+            self._poller.modify(self._sock.fileno(), mask)
+            self._poll_mask = mask
+        self._polling, self._poll_until = True, wake
+        self._lock.release()
+        try:
+            ready = self._poller.poll(None if wake is None else max(0.0, (wake - monotonic()) * 1000))
+        finally:
+            self._lock.acquire()
+            self._polling = False
+        if self._released:                # closed by another thread meanwhile
+            if self._waiting:
+                self._cond.notify_all()
+            return
+        now = monotonic()
+        readable = False
+        for fd, _ in ready:
+            if fd == self._wakeup:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+            else:
+                readable = True
+        if wake is not None and now >= wake:        # else a datagram came first: no timer is due
+            timer = conn.get_timer()
+            if timer is not None and timer <= now:
+                conn.handle_timer(now)
+        if readable:
+            self._receive(now)
+        else:
+            self._flush(now)
+        if self._waiting:
+            self._cond.notify_all()
+
+    def _nudge(self) -> None:
+        """Another thread polls: wake it if what this call did needs it sooner (a timer now due
+        earlier, output waiting for the socket buffer to drain)."""
+        timer = self._conn.get_timer()
+        until = self._poll_until
+        if self._outbox.entries or (timer is not None and (until is None or timer < until)):
+            os.eventfd_write(self._wakeup, 1)
+
+    # --- datagrams in and out ------------------------------------------------
+    def _receive(self, now: float) -> None:
+        conn = self._conn
+        sock, gro, cid = self._sock, self._gro, conn.local_cid
+        for _ in range(RECV_ROUNDS):
+            try:
+                batch = recv_batch(sock, gro)
+            except ConnectionRefusedError:       # ICMP port unreachable: the handshake says so
+                self.icmp_errors += 1
+                continue
+            except OSError:
+                break
+            if not batch:
+                break
+            mine, dropped = own_records(batch, cid)
+            self.dropped += dropped
+            if mine:
+                conn.receive_datagrams(mine, now)
+            # answer (acks, window updates) after every batch, as the socket datapath does
+            self._flush(now)
+            if len(batch) < RECV_BATCH:
+                return
+        self._flush(now)
+
+    def _send_group(self, datagrams, addr, segment_size: int = 0) -> int:
+        return send_datagrams(self._sock, datagrams, addr, segment_size)
+
+    def _flush(self, now: float) -> None:
+        """Send what the connection has to say, then take its events."""
+        conn = self._conn
+        batches = conn.datagram_batches(now)
+        outbox = self._outbox
+        if len(batches) == 1 and not outbox.entries and batches[0][1] >= len(batches[0][0]):
+            # the small-message case, one record: straight out, without the Outbox's grouping
+            try:
+                if send_datagrams(self._sock, [batches[0][0]], None):
+                    batches = []
+            except OSError:
+                pass              # the Outbox knows which errors lose a datagram and which fail
+        if batches:
+            outbox.add(batches, None)
+        if outbox.entries:
+            outbox.send()         # what does not fit the socket buffer waits for POLLOUT
+        events = conn.events
+        while events:
+            ev = events.popleft()
+            if isinstance(ev, DataReceived):
+                if self._discard:
+                    conn.consume(len(ev.data))
+                else:
+                    self._inbox.append(ev.data)
+            elif isinstance(ev, StreamFinished):
+                self._eof = True
+            elif isinstance(ev, HandshakeCompleted):
+                self._established = True
+            elif isinstance(ev, ConnectionClosed):
+                self._on_closed(ev)
+
+    def _on_closed(self, info: ConnectionClosed) -> None:
+        self._closed_info = info
+        if not self._established:
+            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
+                self._error = HandshakeTimeout(self._conn.config.handshake_timeout)
+            else:
+                self._error = closed_error(info) or ConnectionTerminated(info.code, info.reason, info.by_peer)
+            return
+        self._error = closed_error(info)
+        if self._error is None:
+            self._eof = True
+
+    def _check_sendable(self) -> None:
+        if self._released:
+            raise OSError(errno.EBADF, "the connection was closed")
+        if self._error is not None:
+            raise self._error
+
+    # --- the end ---------------------------------------------------------------
+    def _finish(self) -> None:
+        """close() as TCP's: our direction finishes reliably, reading is given up. The peer's
+        acknowledgement of our end is awaited (there is no kernel to finish it later); then,
+        unless the peer has finished too, a CLOSE tells it we read no more, which ends the
+        connection cleanly at its side since it has our end (docs/PROTOCOL.md, CLOSE)."""
+        conn = self._conn
+        self._flush(monotonic())          # take what has happened (the end may be news)
+        if self._closed_info is not None or conn.is_closed:
+            return
+        self._discard = True              # unread data is dropped, as it arrives, and credited
+        if self._inbox:
+            conn.consume(len(self._inbox))
+            self._inbox = ChunkBuffer()
+        now = monotonic()
+        if not conn.write_finished:
+            conn.shutdown_write()
+        self._flush(now)
+        try:
+            self._wait(self._write_done, now + (self.timeout or CLOSE_TIMEOUT))
+        except socket.timeout:
+            conn.close(CloseCode.APPLICATION_ABORT, "closed by the application before the peer "
+                                                   "acknowledged its data")
+        else:
+            if self._closed_info is None:
+                conn.close(CloseCode.NO_ERROR)
+        self._flush(monotonic())
+
+    def _release(self) -> None:
+        """Close the socket, once no thread polls it (a thread waiting in this connection
+        then gets OSError, as with a socket closed under it)."""
+        if self._released:
+            return
+        self._released = True
+        while self._polling:
+            os.eventfd_write(self._wakeup, 1)
+            self._waiting += 1
+            try:
+                self._cond.wait()
+            finally:
+                self._waiting -= 1
+        self._sock.close()
+        if hasattr(self, "_wakeup"):
+            os.close(self._wakeup)
+
+def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
+            config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
+    """Blocking client: `with stcp.connect(("127.0.0.1", 7443)) as c: c.sendall(b"hi")`.
+    Returns once the handshake is done (HandshakeTimeout if it is not within the timeout)."""
+    return BlockingConnection(address, timeout, config or make_config(cipher))

@@ -1,0 +1,364 @@
+"""SO_REUSEPORT steering by connection ID: N worker processes on one UDP port.
+
+bpf/stcp_reuseport.c, a BPF_PROG_TYPE_SK_REUSEPORT program, picks the socket of a UDP
+reuseport group for each datagram: a record goes to the socket at key = its CID's worker
+bits (docs/PROTOCOL.md section 3.1.1) in a REUSEPORT_SOCKARRAY; a client hello (cid 0,
+seq 0) goes where the kernel's 4-tuple hash sends it, over the group's live sockets; a
+record whose worker has no socket is dropped and counted (its connection died with it).
+
+One ReuseportSteering serves one reuseport group, i.e. one bound address and port (an
+IPv4 and an IPv6 socket on the same port are two groups: two steerings, or one
+dual-stack "::" group). Its pieces and who needs what:
+
+* load() (the supervisor, once): creates the socket map through the bpf syscall (bcc 0.26
+  cannot declare that map type), compiles the program with bcc with the map's fd baked in
+  (bpf_pseudo_fd), loads it. Needs CAP_BPF (root has it): the kernel allows neither a
+  REUSEPORT_SOCKARRAY nor an SK_REUSEPORT program without it, whatever
+  kernel.unprivileged_bpf_disabled says. Any failure is a ReuseportError with one line
+  saying why; the server then runs one worker.
+* The three fds (fds()) are handed to each worker at fork or exec (subprocess pass_fds)
+  and reopened there with from_fds(). No pins under /sys/fs/bpf: pins outlive the
+  processes and need cleaning up, and `ip netns exec` gives each process a private bpffs;
+  inherited fds live exactly as long as the pool.
+* join(worker, sock) (each worker, after binding its SO_REUSEPORT socket, at every
+  (re)start): attaches the program to the socket's group and puts the socket at key
+  `worker`. Needs no capability given the fds. The program belongs to the group, and a
+  group exists only while one of its sockets is open: if every worker died, the restarted
+  ones form a new group without a program, so each join attaches again (re-attaching the
+  same program to a group that has it changes nothing).
+* A worker that exits or dies closes its socket; the kernel then removes it from the map
+  and the group. Its records are dropped (drop_no_worker) until a new process joins at
+  the same key; hellos spread over the remaining sockets. Other workers are untouched.
+* counters() (anyone holding the fds): per-verdict (packets, bytes) over all CPUs.
+
+Workers must not connect() their sockets: a group with a connected socket is looked up by
+score, not by the program. A dropped datagram makes the kernel answer ICMP port
+unreachable (rate limited), as for a closed port; clients count and ignore it.
+
+The libbpf calls here duplicate a few of stcp/datapath/xdp.py's; they fold into the shared
+binding once that lands.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import enum
+import errno
+import os
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..errors import STCPError
+from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
+from .verdicts import Verdict
+
+PROG_NAME = "stcp_reuseport"
+SOURCE = "stcp_reuseport.c"
+MAX_WORKERS = MAX_CID_WORKERS            # keys of the socket map: every value of the worker bits
+
+# linux/bpf.h and asm-generic/socket.h
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_REUSEPORT_SOCKARRAY = 20
+BPF_PROG_TYPE_SK_REUSEPORT = 21
+SO_ATTACH_REUSEPORT_EBPF = 52
+SO_DETACH_REUSEPORT_BPF = 68
+SO_COOKIE = 57
+
+_KEY = struct.Struct("=I")
+_SOCK_VALUE = struct.Struct("=Q")       # an fd on update, the socket's cookie on lookup
+_COUNTER = struct.Struct("=QQ")         # struct stcp_counter
+
+_CAP_HINT = ("SO_REUSEPORT steering needs CAP_BPF to load (root, or grant it: "
+             "setpriv --inh-caps +bpf --ambient-caps +bpf, systemd AmbientCapabilities=CAP_BPF)")
+
+
+class ReuseportError(STCPError):
+    """Steering cannot be set up; str() is one line saying why and what to do."""
+
+
+class ReuseportVerdict(enum.IntEnum):
+    """enum stcp_rp_verdict in bpf/stcp_reuseport.c: one per-CPU counter each. Append only."""
+    PASS_NOT_STCP = 0        # not UDP, or payload under the 24-byte header: the kernel's hash
+    PASS_HELLO = 1           # cid 0 and seq 0: the kernel's hash picks a live worker
+    PASS_WORKER = 2          # record sent to its CID's worker socket
+    DROP_NO_WORKER = 3       # no socket at the CID's worker key (worker dead or restarting)
+    DROP_WRONG_GROUP = 4     # the key's socket belongs to another reuseport group
+
+    # named as the XDP verdicts are ('pass_worker', is_drop); properties are not members
+    key = Verdict.key
+    is_drop = Verdict.is_drop
+
+
+VERDICT_MAX = len(ReuseportVerdict)      # == STCP_RP_MAX
+
+
+def classify(payload: bytes) -> Tuple[ReuseportVerdict, Optional[int]]:
+    """What the program decides for a UDP payload before it looks at the map: (PASS_WORKER,
+    worker) for a record, else (PASS_NOT_STCP or PASS_HELLO, None). The Python reference of
+    bpf/stcp_reuseport.c, tested against it."""
+    if len(payload) < HEADER_LEN:
+        return ReuseportVerdict.PASS_NOT_STCP, None
+    cid, seq = struct.unpack_from("!QQ", payload, 8)
+    if cid == 0 and seq == HANDSHAKE_SEQ:
+        return ReuseportVerdict.PASS_HELLO, None
+    return ReuseportVerdict.PASS_WORKER, cid >> CID_WORKER_SHIFT
+
+
+# --------------------------------------------------------------------------------------
+# libbpf through ctypes
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+
+
+def _libbpf() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+            try:
+                lib = ctypes.CDLL(name, use_errno=True)
+            except OSError as e:
+                raise ReuseportError(f"libbpf not loadable ({e}); run 'sudo make system-deps'") from None
+            i, u32, vp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
+            for fn, args in {
+                "bpf_map_create": [i, ctypes.c_char_p, u32, u32, u32, vp],
+                "bpf_map_lookup_elem": [i, vp, vp],
+                "bpf_map_update_elem": [i, vp, vp, ctypes.c_uint64],
+                "bpf_map_delete_elem": [i, vp],
+                "bpf_obj_get_info_by_fd": [i, vp, ctypes.POINTER(u32)],
+                "libbpf_num_possible_cpus": [],
+            }.items():
+                f = getattr(lib, fn)
+                f.argtypes = args
+                f.restype = ctypes.c_int
+            _lib = lib
+        return _lib
+
+
+def _errno(rc: int) -> int:
+    """libbpf 1.x returns -errno (and sets errno)."""
+    return -rc if rc < -1 else (ctypes.get_errno() or errno.EIO)
+
+
+def _os_error(rc: int, what: str) -> OSError:
+    e = _errno(rc)
+    return OSError(e, f"{what}: {os.strerror(e)}")
+
+
+class _MapInfo(ctypes.Structure):         # the head of struct bpf_map_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32)]
+
+
+class _ProgInfo(ctypes.Structure):        # the head of struct bpf_prog_info
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
+
+
+def _info(fd: int, info: ctypes.Structure) -> Optional[ctypes.Structure]:
+    n = ctypes.c_uint32(ctypes.sizeof(info))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)) < 0:
+        return None
+    return info
+
+
+# --------------------------------------------------------------------------------------
+def bpf_source() -> Path:
+    """bpf/stcp_reuseport.c of a checkout or editable install, else the packaged copy
+    (stcp/bpf/); $STCP_BPF_DIR overrides both."""
+    override = os.environ.get("STCP_BPF_DIR")
+    pkg = Path(__file__).resolve().parent.parent
+    dirs = [Path(override)] if override else [pkg / "bpf", pkg.parent / "bpf"]
+    for d in dirs:
+        if (d / SOURCE).is_file():
+            return (d / SOURCE).resolve()
+    raise ReuseportError(f"{SOURCE} not found in {', '.join(map(str, dirs))}; set STCP_BPF_DIR to the "
+                         "repository's bpf/ directory")
+
+
+def _compile(sockarray_fd: int) -> Tuple[int, int]:
+    """(prog fd, counters map fd) of a freshly loaded program, bcc's copies released."""
+    try:
+        from bcc import BPF  # Debian's python3-bpfcc; the venv sees it through a .pth
+    except Exception as e:  # ImportError, or libbcc.so missing (OSError)
+        raise ReuseportError(f"bcc is not available ({type(e).__name__}: {e}); install it with "
+                             "'sudo make system-deps'") from None
+    src = bpf_source()
+    cflags = [f"-I{src.parent}", f"-DSTCP_RP_SOCKARRAY_FD={sockarray_fd}"]
+    try:
+        b = BPF(src_file=str(src).encode(), cflags=cflags)
+    except Exception as e:
+        raise ReuseportError(f"compiling {src} failed ({e}); 'sudo make system-deps' installs bcc and the "
+                             "kernel headers") from None
+    try:
+        try:
+            fn = b.load_func(PROG_NAME.encode(), BPF_PROG_TYPE_SK_REUSEPORT)
+        except Exception as e:
+            hint = f"; {_CAP_HINT}" if "ermission" in str(e) else " (verifier output above)"
+            raise ReuseportError(f"loading {PROG_NAME} failed ({e}){hint}") from None
+        return os.dup(fn.fd), os.dup(b[b"stcp_rp_counters"].map_fd)
+    finally:
+        try:
+            b.cleanup()
+        finally:
+            atexit.unregister(b.cleanup)
+
+
+def socket_cookie(sock: socket.socket) -> int:
+    """The kernel's id of a socket (SO_COOKIE), what the socket map returns on lookup."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8))[0]
+
+
+def detach(sock: socket.socket) -> None:
+    """Remove the steering program from sock's group: the kernel's hash decides again."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+
+
+class ReuseportSteering:
+    """The socket map, the counters and the program of one reuseport group (see module doc)."""
+
+    def __init__(self, sockarray_fd: int, counters_fd: int, prog_fd: int):
+        self.sockarray_fd = sockarray_fd
+        self.counters_fd = counters_fd
+        self.prog_fd = prog_fd
+
+    @classmethod
+    def load(cls) -> "ReuseportSteering":
+        """Create the maps and load the program. ReuseportError if this host cannot."""
+        lib = _libbpf()
+        fd = lib.bpf_map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, b"stcp_rp_socks", _KEY.size,
+                                _SOCK_VALUE.size, MAX_WORKERS, None)
+        if fd < 0:
+            e = _errno(fd)
+            hint = _CAP_HINT if e == errno.EPERM else "is this a Linux kernel with BPF (4.19 or later)?"
+            raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e)}); {hint}")
+        try:
+            prog_fd, counters_fd = _compile(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, counters_fd, prog_fd)
+
+    @classmethod
+    def from_fds(cls, sockarray_fd: int, counters_fd: int, prog_fd: int) -> "ReuseportSteering":
+        """Adopt the fds a worker inherited from the process that called load() (fds())."""
+        m, c = _info(sockarray_fd, _MapInfo()), _info(counters_fd, _MapInfo())
+        p = _info(prog_fd, _ProgInfo())
+        if (m is None or (m.type, m.key_size, m.value_size) != (BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8)
+                or c is None or (c.type, c.max_entries) != (BPF_MAP_TYPE_PERCPU_ARRAY, VERDICT_MAX)
+                or p is None or p.type != BPF_PROG_TYPE_SK_REUSEPORT):
+            raise ReuseportError(f"fds {sockarray_fd}, {counters_fd}, {prog_fd} are not a reuseport steering's "
+                                 "socket map, counters and program; pass ReuseportSteering.fds() of the "
+                                 "supervisor, in that order")
+        return cls(sockarray_fd, counters_fd, prog_fd)
+
+    @property
+    def prog_id(self) -> int:
+        """The program's id, as bpftool shows it (bpftool prog show id N)."""
+        info = _info(self.prog_fd, _ProgInfo())
+        if info is None:
+            raise ReuseportError("the steering program's fd is closed")
+        return info.id
+
+    def fds(self) -> Tuple[int, int, int]:
+        """(socket map, counters, program): what a worker needs, for pass_fds and from_fds()."""
+        return self.sockarray_fd, self.counters_fd, self.prog_fd
+
+    # -- the group -----------------------------------------------------------------------
+    def attach(self, sock: socket.socket) -> None:
+        """Make the program decide for sock's reuseport group (any member socket will do)."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("=i", self.prog_fd))
+        except OSError as e:
+            raise ReuseportError(f"attaching the steering program to the socket failed ({e.strerror}); "
+                                 "it must be a bound UDP socket with SO_REUSEPORT") from None
+
+    def insert(self, worker: int, sock: socket.socket) -> None:
+        """Put sock at key worker, replacing whatever socket was there."""
+        self._check_worker(worker)
+        rc = _libbpf().bpf_map_update_elem(self.sockarray_fd, _KEY.pack(worker), _SOCK_VALUE.pack(sock.fileno()), 0)
+        if rc < 0:
+            raise ReuseportError(f"putting worker {worker}'s socket in the steering map failed "
+                                 f"({os.strerror(_errno(rc))}); it must be a bound UDP socket with SO_REUSEPORT")
+
+    def join(self, worker: int, sock: socket.socket) -> None:
+        """What a worker does after binding its socket, at every (re)start: attach, insert."""
+        self.attach(sock)
+        self.insert(worker, sock)
+
+    def remove(self, worker: int) -> bool:
+        """Empty key worker (its records drop from now on); False if it was empty."""
+        self._check_worker(worker)
+        rc = _libbpf().bpf_map_delete_elem(self.sockarray_fd, _KEY.pack(worker))
+        if rc < 0 and _errno(rc) != errno.ENOENT:
+            raise _os_error(rc, f"remove worker {worker} from the steering map")
+        return rc == 0
+
+    def cookie(self, worker: int) -> Optional[int]:
+        """socket_cookie() of the socket at key worker, None if the key is empty."""
+        self._check_worker(worker)
+        value = ctypes.create_string_buffer(_SOCK_VALUE.size)
+        rc = _libbpf().bpf_map_lookup_elem(self.sockarray_fd, _KEY.pack(worker), value)
+        if rc < 0:
+            if _errno(rc) == errno.ENOENT:
+                return None
+            raise _os_error(rc, f"look up worker {worker} in the steering map")
+        return _SOCK_VALUE.unpack(value.raw)[0]
+
+    def workers(self) -> Dict[int, int]:
+        """{worker: socket cookie} of every key that has a socket."""
+        out = {}
+        for w in range(MAX_WORKERS):
+            c = self.cookie(w)
+            if c is not None:
+                out[w] = c
+        return out
+
+    @staticmethod
+    def _check_worker(worker: int) -> None:
+        if not 0 <= worker < MAX_WORKERS:
+            raise ReuseportError(f"worker {worker} is outside 0..{MAX_WORKERS - 1} (the CID's worker bits)")
+
+    # -- counters ------------------------------------------------------------------------
+    def counters(self) -> Dict[str, Tuple[int, int]]:
+        """verdict key ('pass_worker', 'drop_no_worker', ...) -> (packets, bytes), all CPUs.
+        Bytes count the UDP header and payload."""
+        lib = _libbpf()
+        ncpu = lib.libbpf_num_possible_cpus()
+        if ncpu < 0:
+            raise _os_error(ncpu, "possible CPUs")
+        buf = ctypes.create_string_buffer(_COUNTER.size * ncpu)   # per-CPU values, 8-aligned
+        out = {}
+        for v in ReuseportVerdict:
+            rc = lib.bpf_map_lookup_elem(self.counters_fd, _KEY.pack(int(v)), buf)
+            if rc < 0:
+                raise _os_error(rc, "read the steering counters")
+            pk = by = 0
+            for cpu in range(ncpu):
+                p, b = _COUNTER.unpack_from(buf.raw, cpu * _COUNTER.size)
+                pk += p
+                by += b
+            out[v.key] = (pk, by)
+        return out
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close our fds. The program stays with any group it is attached to (and keeps its
+        maps) until the group's last socket closes."""
+        for name in ("sockarray_fd", "counters_fd", "prog_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+                setattr(self, name, -1)
+
+    def __enter__(self) -> "ReuseportSteering":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,106 @@
+"""Markers turned into skips that say why, and the fixtures the tests share.
+
+Markers (registered in pyproject.toml); a test that needs a privilege says so with a marker
+and is skipped, with the reason, where it is missing, never silently passed:
+
+    root     needs root
+    netns    makes network namespaces and veth pairs (root, iproute2)
+    xdp      the XDP program: namespaces, bcc with kernel headers, bpffs, libbpf
+    xsk      the stcp._xsk extension (built when the libxdp headers are installed)
+    afxdp    the AF_XDP datapath: xdp and xsk
+    unshare  a private mount namespace (root, unshare -m)
+    slow     long end-to-end runs: `pytest -m 'not slow'` is the quick loop
+
+Fixtures: `veth` (a factory of namespace pairs joined by veth, torn down after the test)
+and `netns_pair` (one such pair); `xdp_toolchain` and `afxdp_toolchain` (session-wide:
+ready, or the test skips with the reason); `stcp_server` (a factory of loopback STCP
+servers, each on its own event-loop thread for the test's duration).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from tests.support import kernel
+from tests.support.netns import veth_pair
+from tests.support.servers import ServerThread, echo
+
+# marker -> the check that names what is missing (None: nothing is); a test with several
+# markers is skipped for the first one missing, in this order
+REQUIREMENTS = {
+    "root": kernel.root_unavailable,
+    "netns": kernel.netns_unavailable,
+    "xdp": kernel.xdp_unavailable,
+    "xsk": kernel.xsk_unavailable,
+    "afxdp": kernel.afxdp_unavailable,
+    "unshare": kernel.unshare_unavailable,
+}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list) -> None:
+    """A skip mark with the reason on each selected test whose requirement is missing, so
+    the report names the test and no fixture of it is set up (a module-scoped one may
+    attach an XDP program). trylast: after -m/-k deselected, so only what runs is checked."""
+    for item in items:
+        for marker, unavailable in REQUIREMENTS.items():
+            if item.get_closest_marker(marker) is not None:
+                why = unavailable()
+                if why:
+                    item.add_marker(pytest.mark.skip(reason=why))
+                    break
+
+
+def _require(unavailable) -> None:
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+
+
+# ---------------------------------------------------------------------------------------
+# namespaces and the kernel datapath
+@pytest.fixture
+def veth():
+    """veth(mtu=1500, queues=1) -> (a, b): two namespaces joined by a veth pair
+    (tests/support/netns.py), deleted when the test ends; call it again for another pair."""
+    _require(kernel.netns_unavailable)
+    with contextlib.ExitStack() as stack:
+        yield lambda **kw: stack.enter_context(veth_pair(**kw))
+
+
+@pytest.fixture
+def netns_pair(veth):
+    """(a, b): one namespace pair with the default veth (MTU 1500, one queue)."""
+    return veth()
+
+
+@pytest.fixture(scope="session")
+def xdp_toolchain() -> None:
+    """The XDP program can be compiled and attached here, or the test skips saying why."""
+    _require(kernel.xdp_unavailable)
+
+
+@pytest.fixture(scope="session")
+def afxdp_toolchain(xdp_toolchain) -> None:
+    """The AF_XDP datapath can run here (XDP toolchain and stcp._xsk), or the test skips."""
+    _require(kernel.xsk_unavailable)
+
+
+# ---------------------------------------------------------------------------------------
+# servers
+@pytest.fixture
+def stcp_server():
+    """stcp_server(handler=echo, host="127.0.0.1", config=None) -> ServerThread (.port,
+    .address, .server, .loop): an STCP server on its own event-loop thread, closed when the
+    test ends. A client in the test (blocking API or an asyncio.run of its own) reaches it
+    over loopback."""
+    servers: list[ServerThread] = []
+
+    def start(handler=echo, host: str = "127.0.0.1", config=None) -> ServerThread:
+        servers.append(ServerThread(handler, host, 0, config))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()

@@ -1,0 +1,74 @@
+"""What the privileged tests need, each as a check that returns None when it is there and
+otherwise the reason it is not (tests/conftest.py turns the markers into skips with these
+reasons; bench/ asks the same questions). Each answer is computed once per process."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import shutil
+import subprocess
+from typing import Optional
+
+from tests.support.netns import have_root_netns
+
+
+@functools.lru_cache(maxsize=None)
+def root_unavailable() -> Optional[str]:
+    return None if os.geteuid() == 0 else "needs root"
+
+
+@functools.lru_cache(maxsize=None)
+def netns_unavailable() -> Optional[str]:
+    """Network namespaces and veth pairs can be made here (root and iproute2's ip)."""
+    return have_root_netns()
+
+
+@functools.lru_cache(maxsize=None)
+def xdp_unavailable() -> Optional[str]:
+    """The XDP program can be built and attached: namespaces, bcc with kernel headers, a
+    bpffs (mounted if missing, as systemd would) and libbpf."""
+    why = netns_unavailable()
+    if why:
+        return why
+    try:
+        from stcp.datapath import xdp
+        xdp.check_toolchain()
+        xdp.ensure_bpffs()
+    except Exception as e:  # XdpSetupError with the reason
+        return f"XDP toolchain unavailable: {e}"
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        ctypes.CDLL(name, use_errno=True)
+    except OSError as e:
+        return f"XDP toolchain unavailable: libbpf not loadable ({e}); run 'sudo make system-deps'"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def xsk_unavailable() -> Optional[str]:
+    """The stcp._xsk extension (AF_XDP sockets, frame parsing) was built."""
+    try:
+        import stcp._xsk  # noqa: F401
+    except ImportError:
+        return "stcp._xsk not built (needs libxdp-dev, libbpf-dev: 'sudo make system-deps' then 'pip install -e .')"
+    return None
+
+
+def afxdp_unavailable() -> Optional[str]:
+    """The AF_XDP datapath can run: the XDP toolchain and stcp._xsk."""
+    return xdp_unavailable() or xsk_unavailable()
+
+
+@functools.lru_cache(maxsize=None)
+def unshare_unavailable() -> Optional[str]:
+    """A private mount namespace can be made (unshare -m), for the fresh-machine tests."""
+    if os.geteuid() != 0:
+        return "needs root to mount a tmpfs in a private mount namespace (unshare -m)"
+    if shutil.which("unshare") is None or shutil.which("make") is None:
+        return "needs util-linux's unshare and make"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"unshare -m is not permitted here: {probe.stderr.strip()}"
+    return None

@@ -1,0 +1,179 @@
+"""Scraping an exporter and checking what it says: a parsed exposition (Scrape), the
+invariants every STCP scrape keeps, promtool's opinion, the dashboards' queries, and a
+fake kernel-datapath reader for the collector without root."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stcp.datapath.verdicts import Verdict
+from stcp.metrics import CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, XdpCollector
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARDS = ROOT / "dashboards"
+Key = Tuple[str, FrozenSet[Tuple[str, str]]]
+
+# Label names the exporters may use: small fixed value sets only (python_info's come from
+# prometheus_client's PlatformCollector). Never an address or a connection ID.
+ALLOWED_LABELS = {"reason", "direction", "le", "version", "datapath", "cipher", "iface", "netns", "mode",
+                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path"}
+
+
+# ---------------------------------------------------------------------------------------
+# scraping
+class Scrape:
+    """One parsed exposition: families by name and sample values by (name, labels)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.values: Dict[Key, float] = {}
+        for fam in self.families.values():
+            for s in fam.samples:
+                self.values[(s.name, frozenset(s.labels.items()))] = s.value
+
+    def get(self, name: str, **labels: str) -> float:
+        """The sample with exactly these labels; KeyError if it is not exported."""
+        return self.values[(name, frozenset(labels.items()))]
+
+    def sum(self, name: str, **labels: str) -> float:
+        """Sum of the samples of `name` whose labels include `labels`."""
+        want = set(labels.items())
+        return sum(v for (n, lb), v in self.values.items() if n == name and want <= lb)
+
+    def by(self, name: str, label: str, **labels: str) -> Dict[str, float]:
+        want = set(labels.items())
+        return {dict(lb)[label]: v for (n, lb), v in self.values.items() if n == name and want <= lb}
+
+    def family_names(self) -> Set[str]:
+        return set(self.families)
+
+    def label_names(self) -> Set[str]:
+        return {k for _, lb in self.values for k, _ in lb}
+
+
+def scrape(url: str, timeout: float = 5.0) -> Scrape:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        assert r.status == 200
+        assert r.headers.get("Content-Type", "").startswith("text/plain")
+        return Scrape(r.read().decode())
+
+
+async def ascrape(url: str) -> Scrape:
+    return await asyncio.get_running_loop().run_in_executor(None, scrape, url)
+
+
+def url_of(metrics) -> str:
+    host, port = metrics.address
+    return f"http://{host}:{port}/metrics"
+
+
+def promtool_check(text: str) -> None:
+    """`promtool check metrics` must find nothing to complain about."""
+    if shutil.which("promtool") is None:
+        return
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), \
+        f"promtool check metrics: rc={r.returncode}\n{r.stdout}{r.stderr}"
+
+
+def check_invariants(s: Scrape) -> None:
+    assert s.get("stcp_connections_opened_total") - s.sum("stcp_connections_closed_total") == \
+        s.get("stcp_connections_active")
+    assert s.get("stcp_handshakes_started_total") == s.get("stcp_handshakes_completed_total") + \
+        s.sum("stcp_handshakes_failed_total") + s.get("stcp_handshakes_in_progress")
+    assert set(s.by("stcp_connections_closed_total", "reason")) == set(CLOSE_REASONS)
+    assert set(s.by("stcp_handshakes_failed_total", "reason")) == set(HANDSHAKE_FAIL_REASONS)
+    assert set(s.by("stcp_endpoint_dropped_datagrams_total", "reason")) == set(ENDPOINT_DROP_REASONS)
+    assert s.label_names() <= ALLOWED_LABELS, s.label_names() - ALLOWED_LABELS
+
+
+
+# ---------------------------------------------------------------------------------------
+# dashboards
+def load_dashboard(path: Path = DASHBOARDS / "stcp.json") -> dict:
+    return json.loads(path.read_text())
+
+
+def _walk(panels: Iterable[dict]) -> Iterable[dict]:
+    for p in panels:
+        yield p
+        yield from _walk(p.get("panels", []))
+
+
+def dashboard_panels(dash: dict) -> List[dict]:
+    return list(_walk(dash["panels"]))
+
+
+def dashboard_queries(dash: dict) -> List[str]:
+    """Every PromQL expression: panel targets and templating variable queries."""
+    out = [t["expr"] for p in dashboard_panels(dash) for t in p.get("targets", [])]
+    for v in dash.get("templating", {}).get("list", []):
+        if v.get("type") == "query":
+            q = v["query"]
+            out.append(q["query"] if isinstance(q, dict) else q)
+    return out
+
+
+def alert_queries(path: Path = DASHBOARDS / "stcp-alerts.yml") -> List[str]:
+    yaml = pytest.importorskip("yaml")
+    rules = yaml.safe_load(path.read_text())
+    return [r["expr"] for g in rules["groups"] for r in g["rules"]]
+
+
+_NAME = re.compile(r"\b(stcp_[a-zA-Z0-9_]+)")
+_HIST_SUFFIX = re.compile(r"_(bucket|sum|count)$")
+
+
+def metric_names(expr: str) -> Set[str]:
+    """Metric names an expression refers to (quoted label values are skipped)."""
+    return set(_NAME.findall(re.sub(r'"[^"]*"', '""', expr)))
+
+
+def family_of(name: str, families: Set[str]) -> str:
+    """Sample name -> family name as prometheus_client's parser reports it."""
+    if name in families:
+        return name
+    for cand in (re.sub(r"_total$", "", name), _HIST_SUFFIX.sub("", name)):
+        if cand in families:
+            return cand
+    return name
+
+
+def grafana_to_promql(expr: str, rate_interval: str = "1m") -> str:
+    """What Grafana sends with every variable at 'All' (label_values(x, l) -> x)."""
+    m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip(), re.S)
+    if m:
+        expr = m.group(1)
+    expr = expr.replace("$__rate_interval", rate_interval).replace("$__interval", rate_interval)
+    return re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", ".*", expr)
+
+
+# ---------------------------------------------------------------------------------------
+# a fake kernel datapath: the collector's output shape without root (the real one is in
+# tests/test_metrics_xdp.py)
+class FakeXdp:
+    def __init__(self, ncpu: int = 2):
+        self.ncpu = ncpu
+        self.reads: Dict[Tuple[str, Optional[str]], int] = {}
+
+    def __call__(self, iface: str, netns: Optional[str]) -> dict:
+        """Counters grow by a fixed step per read of each interface."""
+        n = self.reads[(iface, netns)] = self.reads.get((iface, netns), 0) + 1
+        per_cpu = {v.key: [((int(v) + 1) * n * (cpu + 1), (int(v) + 1) * n * (cpu + 1) * 100)
+                           for cpu in range(self.ncpu)] for v in Verdict}
+        return {"attached": True, "mode": "native", "prog_id": 1, "per_cpu": per_cpu, "live_cids": 3,
+                "run_time_ns": 1000 * n, "run_cnt": 10 * n}
+
+
+def fake_xdp_collector() -> XdpCollector:
+    return XdpCollector([("eth0", None)], reader=FakeXdp())

@@ -1,0 +1,145 @@
+"""The stcp and stcp-loader commands as subprocesses, as an operator runs them: servers in a
+namespace, clients in the other, the loader's status, and reading what a server says on
+stderr."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+STCP = [sys.executable, "-m", "stcp.cli.main"]
+
+
+def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) -> list:
+    """proc's stderr lines up to and including the first that contains needle; on timeout or
+    exit, an AssertionError quoting what it said so far."""
+    seen: list = []
+    deadline = time.monotonic() + timeout
+    fd = proc.stderr.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([fd], [], [], 0.2)
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for ln in lines:
+                seen.append(ln.decode(errors="replace"))
+                if needle in seen[-1]:
+                    return seen
+        if proc.poll() is not None:
+            break
+    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")
+
+
+# ---------------------------------------------------------------------------------------
+# stcp-loader
+def loader_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "stcp-loader"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "stcp.cli.loader"]
+
+
+def loader(*args: str, prefix: tuple = (), env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, *loader_cmd(), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def xdp_status(ns: str, iface: str = "veth0") -> dict:
+    """`stcp-loader --netns NS status IFACE --json`: that interface's entry."""
+    r = loader("--netns", ns, "status", iface, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["interfaces"][0]
+
+
+# ---------------------------------------------------------------------------------------
+# `stcp serve --datapath afxdp` in a namespace, `stcp connect` clients in the other
+AFXDP_PORT = 4479
+WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received through AF_XDP \([^)]*\), (\d+) "
+                       r"through the UDP socket; sent \d+ through AF_XDP, \d+ through the UDP socket; "
+                       r"(\d+) connections, (\d+) datagrams for unknown ones")
+
+
+def serve_afxdp(host_ns, addr: str, mode: str = "native", *extra: str) -> subprocess.Popen:
+    return host_ns.popen([*STCP, "serve", "--listen", addr, "--datapath", "afxdp",
+                          "--iface", host_ns.ifname, "--xdp-mode", mode, *extra],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """SIGTERM, wait, and the rest of its stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"server ignored SIGTERM; stderr: {err!r}")
+    return err.decode(errors="replace")
+
+
+def serve_workers(a, n: int, port: int = AFXDP_PORT) -> tuple:
+    """An afxdp server with n workers on a's veth, ready; (process, {worker: pid})."""
+    server = serve_afxdp(a, f"{a.ip4}:{port}", "native", "--workers", str(n))
+    lines = wait_for_stderr_line(server, f"afxdp datapath, {n} workers", timeout=90)
+    pids = {int(m.group(1)): int(m.group(2)) for m in
+            (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+    assert len(pids) == n, lines
+    return server, pids
+
+
+def clients(b, addr: str, count: int, *extra: str) -> list:
+    return [subprocess.Popen(b.cmd(*STCP, "connect", addr, *extra),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(count)]
+
+
+def read_all(procs: list) -> tuple:
+    """Read every client's stdout in its own thread, from the start: a client blocked on a
+    full stdout pipe stops its event loop and hears nothing (then times out)."""
+    outs: list = [None] * len(procs)
+
+    def drain(i, p):
+        outs[i] = p.stdout.read()
+
+    threads = [threading.Thread(target=drain, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for t in threads:
+        t.start()
+    return outs, threads
+
+
+def client_results(procs: list, datas: list, outs: list, timeout: float = 120) -> tuple:
+    """Wait for every client; each that exited 0 must have echoed its data intact.
+    (how many did, [the non-empty stderr lines of each that did not])."""
+    ok, failed = 0, []
+    for p, d, out in zip(procs, datas, outs):
+        p.wait(timeout=timeout)
+        if p.returncode == 0:
+            assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
+            ok += 1
+        else:
+            failed.append([ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()])
+    return ok, failed
+
+
+def echo_all(b, addr: str, datas: list, timeout: float = 120) -> tuple:
+    """One `stcp connect` client per item of datas, from b, each sending its data and reading
+    the echo to the end, all at once: client_results for them."""
+    procs = clients(b, addr, len(datas))
+    outs, readers = read_all(procs)
+    for p, d in zip(procs, datas):
+        p.stdin.write(d)
+        p.stdin.close()
+    for t in readers:
+        t.join(timeout=timeout)
+    return client_results(procs, datas, outs, timeout)

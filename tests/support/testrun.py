@@ -1,0 +1,102 @@
+"""The XDP program loaded but never attached, run on crafted frames with BPF_PROG_TEST_RUN.
+
+A program that is not attached runs only when a test runs it, so each run moves exactly one
+verdict counter: run() returns the XDP action and that verdict. Needs root, bcc and kernel
+headers; require_testrun() skips with the reason otherwise.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+from typing import Dict, Optional, Tuple
+
+import pytest
+
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = 0, 1, 2, 3, 4
+PORT = 4433
+# BPF_PROG_TEST_RUN takes frames from the Ethernet header up to a page less XDP's headroom
+# and tailroom
+MIN_FRAME, MAX_FRAME = 14, 3000
+
+
+class Opts(ctypes.Structure):           # struct bpf_test_run_opts (libbpf)
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p), ("ctx_size_in", ctypes.c_uint32),
+                ("ctx_size_out", ctypes.c_uint32), ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
+                ("batch_size", ctypes.c_uint32)]
+
+
+def require_testrun() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to load BPF programs")
+    try:
+        from stcp.datapath import xdp
+        xdp.check_toolchain()
+        xdp._Libbpf.lib()
+    except Exception as e:  # XdpSetupError with the reason
+        pytest.skip(f"XDP toolchain unavailable: {e}")
+
+
+class LoadedProg:
+    """The plain (not afxdp) program with its maps; configure() writes stcp_config."""
+
+    def __init__(self):
+        from stcp.datapath import xdp
+        self.xdp = xdp
+        self.b, fn = xdp._compile(xdp.DEFAULT_MAX_CIDS, xdp.DEFAULT_HS_SOURCES)
+        self.h = xdp._open_prog(xdp.prog_info(fn.fd)["id"])
+        self.dp = xdp.XdpDatapath("test", 0, "none", self.h, False, None, None)   # add_cid on these maps
+        self.global_fd = self._map_fd("stcp_hs_global")
+        self.lib = xdp._Libbpf.lib()
+        self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
+        self._counts = {k: p for k, (p, _b) in xdp._read_counters(self.h).items()}
+
+    def _map_fd(self, name: str) -> int:
+        x = self.xdp
+        for mid in x.prog_info(self.h.prog_fd)["map_ids"]:
+            fd = x._map_fd_by_id(mid)
+            if x.map_info(fd)["name"] == name:
+                return fd
+            os.close(fd)
+        raise AssertionError(f"the program has no map {name}")
+
+    def configure(self, port: int = PORT, max_record_len: Optional[int] = None, hs_rate: int = 1_000_000,
+                  hs_burst: int = 1_000_000, **hello) -> None:
+        """Defaults: hellos limited by nothing a test reaches (1e6/s per source, no global
+        budget unless hello names one)."""
+        x = self.xdp
+        hello.setdefault("hs_global_rate", 0)
+        x._write_config(self.h, port, x.DEFAULT_MAX_RECORD_LEN if max_record_len is None else max_record_len,
+                        hs_rate, hs_burst, **hello)
+
+    def reset_buckets(self) -> None:
+        """Empty the per-source LRU and refill the global bucket."""
+        x = self.xdp
+        fd = self.h.maps["hs_bucket"]
+        for k in list(x._map_keys(fd, 16, 1 << 20)):
+            x._map_delete(fd, k)
+        x._map_update(self.global_fd, struct.pack("=I", 0), struct.pack("=Q", 0))
+
+    def run(self, frame: bytes) -> Tuple[int, str]:
+        """(XDP action, the verdict whose counter moved) for one frame."""
+        assert MIN_FRAME <= len(frame) <= MAX_FRAME, len(frame)
+        buf = ctypes.create_string_buffer(frame, len(frame))
+        o = Opts(sz=ctypes.sizeof(Opts), data_in=ctypes.addressof(buf), data_size_in=len(frame), repeat=1)
+        rc = self.lib.bpf_prog_test_run_opts(self.h.prog_fd, ctypes.byref(o))
+        assert rc == 0, f"BPF_PROG_TEST_RUN failed: {os.strerror(-rc if rc < 0 else ctypes.get_errno())}"
+        after = self.counts()
+        moved = [k for k in after if after[k] != self._counts[k]]
+        assert len(moved) == 1 and after[moved[0]] == self._counts[moved[0]] + 1, (moved, frame.hex())
+        self._counts = after
+        return o.retval, moved[0]
+
+    def counts(self) -> Dict[str, int]:
+        return {k: p for k, (p, _b) in self.xdp._read_counters(self.h).items()}
+
+    def close(self) -> None:
+        os.close(self.global_fd)
+        self.dp.close()
+        self.xdp._release_bcc(self.b)
