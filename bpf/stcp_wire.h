@@ -18,8 +18,9 @@
 #define STCP_DEFAULT_MAX_DATAGRAM  1452
 #define STCP_EPOCH_SHIFT           48
 #define STCP_HANDSHAKE_SEQ         0
-#define STCP_HANDSHAKE_PAYLOAD_LEN 80
-#define STCP_HANDSHAKE_RECORD_LEN  104
+#define STCP_HANDSHAKE_PAYLOAD_LEN 112   /* version 2 */
+#define STCP_HANDSHAKE_RECORD_LEN  136
+#define STCP_V1_HANDSHAKE_PAYLOAD_LEN 80 /* a version 1 hello, passed on to be rejected */
 #define STCP_HS_CLIENT_HELLO       1
 #define STCP_HS_SERVER_HELLO       2
 #define STCP_HS_REJECT             3
@@ -42,7 +43,7 @@ enum stcp_verdict {
 	                                 * fragment of any UDP datagram (it has no port) */
 	STCP_V_DROP_UNKNOWN_CID   = 8,  /* data record whose CID is not in stcp_cids */
 	STCP_V_DROP_HS_RATE       = 9,  /* client hello over its source prefix's bucket */
-	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not an 80-byte client hello with cid 0 */
+	STCP_V_DROP_BAD_HANDSHAKE = 10, /* seq 0 but not a v2 (112) or v1 (80) client hello, cid 0 */
 	STCP_V_DROP_BAD_UDP       = 11, /* UDP length field < 8 or past the end of the frame */
 	STCP_V_DROP_WRONG_WORKER  = 12, /* afxdp: live CID of another worker on this RX queue */
 	STCP_V_DROP_UNPARSED      = 13, /* headers the program cannot walk to the UDP port:

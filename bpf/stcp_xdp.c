@@ -367,7 +367,9 @@ static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *c
 	__u8 *type = (__u8 *)(hdr + 1);
 	__u64 now;
 
-	if (length != STCP_HANDSHAKE_PAYLOAD_LEN || hdr->cid != 0)
+	/* a v2 hello, or a v1 one that user space answers with a v1-layout REJECT */
+	if ((length != STCP_HANDSHAKE_PAYLOAD_LEN && length != STCP_V1_HANDSHAKE_PAYLOAD_LEN) ||
+	    hdr->cid != 0)
 		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);
 	if ((void *)(type + 1) > data_end)
 		return count(ctx, STCP_V_DROP_BAD_HANDSHAKE, XDP_DROP);

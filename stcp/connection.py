@@ -6,17 +6,19 @@ No socket, thread or clock lives here (the style of h11 and aioquic). A datapath
 """
 from __future__ import annotations
 
-import os
+import hmac
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional
 
 from . import wire
 from .budget import PROGRESS_BYTES, MemoryBudget
-from .crypto import CONFIDENTIALITY_LIMIT, RecordKey
-from .errors import CloseCode, NotEncrypted, STCPError
+from .config import Config
+from .crypto import RecordKey
+from .errors import AccessDenied, CloseCode, NotEncrypted, STCPError
 from .events import ConnectionClosed, DataReceived, HandshakeCompleted, KeyUpdated, StreamFinished
-from .handshake import ClientHandshake, Keys, server_respond
+from .handshake import ClientHandshake, Keys, ServerHandshake
+from .identity import fingerprint
 from .receive import DISCARD_REASONS, Discard, ReceivePath, printable
 from .recovery import STREAM as _STREAM, Recovery
 from .replay import ReceivedPackets
@@ -26,40 +28,6 @@ from .stream import RecvStream, SendStream
 
 __all__ = ["Config", "Connection", "Stats", "ConnectionShed", "DISCARD_REASONS", "printable",
            "HandshakeCompleted", "DataReceived", "StreamFinished", "KeyUpdated", "ConnectionClosed"]
-
-
-@dataclass
-class Config:
-    suite: int = wire.SUITE_AES_256_GCM
-    accepted_suites: Tuple[int, ...] = (wire.SUITE_AES_256_GCM, wire.SUITE_CHACHA20_POLY1305)
-    max_datagram: int = wire.DEFAULT_MAX_DATAGRAM
-    handshake_timeout: float = 10.0
-    hello_retransmit: float = 0.2          # first client-hello retransmission; doubles each time
-    idle_timeout: float = 30.0
-    keepalive: Optional[float] = 10.0      # ping after this much silence; None disables
-    recv_window: int = 16 << 20
-    key_update_interval: int = 1 << 22     # records sealed under one key before updating it
-    cid_prefix_bits: int = 0               # top CID bits naming the owning worker (AF_XDP steering)
-    cid_prefix: int = 0
-    # server: bytes of stream buffers all connections together may hold (stcp.budget);
-    # None: an eighth of the machine's memory, at most 1 GiB
-    memory_budget: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if not wire.HEADER_LEN + wire.AEAD_TAG_LEN + 64 <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
-            raise ValueError(f"max_datagram must be between 104 and {wire.MAX_UDP_PAYLOAD}")
-        limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))
-        if not 1 <= self.key_update_interval <= limit // 2:
-            raise ValueError(f"key_update_interval must be between 1 and {limit // 2}")
-
-    def new_cid(self) -> int:
-        while True:
-            bits = 64 - self.cid_prefix_bits
-            cid = int.from_bytes(os.urandom(8), "big") & ((1 << bits) - 1)
-            if self.cid_prefix_bits:
-                cid |= self.cid_prefix << bits
-            if cid:
-                return cid
 
 
 @dataclass
@@ -75,10 +43,13 @@ class Stats:
     stale_epoch_discarded: int = 0
     auth_failures: int = 0
     # records discarded unread, by reason (DISCARD_REASONS): input that did not authenticate
-    # from an address other than the peer's, or that no sender may send (PROTOCOL.md §10.2)
+    # from an address other than the peer's, handshake-class records that are not a repeat,
+    # or what no sender may send (PROTOCOL.md §10.2)
     discarded: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(DISCARD_REASONS, 0))
     key_updates_sent: int = 0
     key_updates_received: int = 0
+    handshake_hints_ignored: int = 0          # client: unverifiable replies during KEY_EXCHANGE
+    client_auth_missing: int = 0              # server with an allow list: records without CLIENT_AUTH
     rtt_samples: List[float] = field(default_factory=list)
 
 
@@ -140,14 +111,21 @@ class Connection(ReceivePath, SendPath):
         self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
         self._rx_chunks: List[bytes] = []
         self._client_hs: Optional[ClientHandshake] = None
-        self._hello_record = b""       # client: the accepted server hello; server: the client hello
+        self._server_hs: Optional[ServerHandshake] = None
+        self._hello_record = b""       # client: the accepted server hello; server: CH' of the client hello
         self._server_hello = b""
+        self._cookie_resend_at = float("-inf")
+        self.peer_static_key: Optional[bytes] = None    # proven: the server's key, or the client's
+        self._client_auth: Optional[bytes] = None       # client: CLIENT_AUTH frame, until acknowledged
+        self._reset_token: Optional[bytes] = None       # client: the server's token for this connection
+        self._reset_token_due = False                   # server: RESET_TOKEN to send (again)
+        self._reset_token_acked = False
 
     # --- construction ------------------------------------------------------
     @classmethod
     def client(cls, config: Config, now: float) -> "Connection":
         conn = cls(config, True, now)
-        conn._client_hs = ClientHandshake(config.suite, conn.local_cid)
+        conn._client_hs = ClientHandshake(config.suite, conn.local_cid, config.server_key, config.identity)
         conn._set_state(Event.SEND_HELLO)
         conn._out.append(conn._client_hs.hello_record)
         conn._hello_next = now + conn._hello_interval
@@ -156,11 +134,16 @@ class Connection(ReceivePath, SendPath):
     @classmethod
     def server(cls, config: Config, hello_record: bytes, hello: wire.Hello, now: float) -> "Connection":
         """Accept a client hello; raises handshake.Rejected if it cannot be served."""
+        if config.identity is None:
+            raise ValueError("a server connection needs its static key (Config.static_key)")
         conn = cls(config, False, now)
         conn.suite = hello.suite
         conn.peer_cid = hello.sender_cid
-        conn._server_hello, conn._keys = server_respond(hello_record, hello, conn.local_cid, config.accepted_suites)
-        conn._hello_record = hello_record
+        hs = conn._server_hs = ServerHandshake(config.identity, hello_record, hello, conn.local_cid,
+                                               config.accepted_suites)
+        conn._server_hello, conn._keys = hs.record, hs.keys
+        conn._hello_record = wire.client_hello_transcript_form(hello_record)
+        conn._reset_token_due = True
         conn._set_state(Event.RECV_HELLO)
         conn._out.append(conn._server_hello)
         return conn
@@ -296,6 +279,7 @@ class Connection(ReceivePath, SendPath):
         if self.state == State.ERROR:
             self._set_state(Event.TERMINATED)
         self._recovery.forget_all()
+        self._client_hs = self._server_hs = None     # a handshake that ends here forgets e or f too
         self._account()
         self._report_closed(info)
 
@@ -317,38 +301,88 @@ class Connection(ReceivePath, SendPath):
             self._out.append(self._seal_frames([wire.encode_frame(frame)], [], True, closing=True))
         self._finish(Event.FAILURE, ConnectionClosed(code, reason, by_peer=False, error=True))
 
+    # --- handshake (PROTOCOL.md §4, §5) ---------------------------------------
     def _receive_handshake(self, record: bytes, now: float) -> None:
-        """A handshake record (seq 0). A server connection answers a repeat of the hello that
-        made it while its own hello may have been lost; any other handshake record at a server,
-        or at an ENCRYPTED client, is discarded: handshake records are unauthenticated, and the
-        connection they name is past needing one."""
-        if not self.is_client:
-            if record == self._hello_record:
-                if self.state == State.KEY_EXCHANGE:    # our server hello was lost: same answer again
-                    self._out.append(self._server_hello)
-                else:
-                    self.stats.duplicates_discarded += 1
-                return
-            raise Discard("handshake", f"handshake record at a server connection in state {self.state.value}")
+        """A handshake-class record (seq 0). It is unauthenticated, so it ends nothing (§10.2):
+        a client in KEY_EXCHANGE takes it as a reply to its hello, a verdict only if it is a
+        server hello that verifies; a server connection answers a repeat of the hello that made
+        it (compared as CH': a repeat that only adds or changes the cookie is the same hello)
+        while its own server hello may have been lost; an ENCRYPTED client ends on a RESET
+        carrying its token. Anything else is discarded and counted (`handshake`), in any state
+        and from any address."""
+        if self.is_client:
+            self._client_handshake_record(record, now)
+            return
+        if len(record) == wire.HANDSHAKE_RECORD_LEN and record[wire.HEADER_LEN] == wire.HS_CLIENT_HELLO \
+                and wire.client_hello_transcript_form(record) == self._hello_record:
+            if self.state == State.KEY_EXCHANGE:    # our server hello was lost: same answer again
+                self._out.append(self._server_hello)
+            else:
+                self.stats.duplicates_discarded += 1
+            return
+        raise Discard("handshake", f"handshake record at a server connection in state {self.state.value}")
+
+    def _client_handshake_record(self, record: bytes, now: float) -> None:
         if self.state == State.KEY_EXCHANGE:
-            hello = wire.decode_hello(record[wire.HEADER_LEN:])
-            self._keys, self.peer_cid = self._client_hs.on_server_hello(record, hello)
+            hs = self._client_hs
+            est = hs.on_record(record)
+            if est is None:                   # a hint, not a verdict: keep sending the hello
+                self.stats.handshake_hints_ignored += 1
+                if hs.new_cookie and now >= self._cookie_resend_at:
+                    self._resend_hello(now)
+                return
+            self._keys, self.peer_cid, self.peer_static_key = est.keys, est.server_cid, est.server_key
+            self._client_auth = est.client_auth
             self._hello_record = record
             self._client_hs = None
             self._hello_next = None
             self._keys_confirmed(now)
             self._ping_due = True     # gives the server its key confirmation even with no data to send
-        elif record == self._hello_record:
+            return
+        token = self._reset_token
+        if token is not None and len(record) == wire.RESET_RECORD_LEN:
+            presented = wire.reset_token_of(record)
+            if presented is not None and hmac.compare_digest(presented, token):
+                self._finish(Event.FAILURE, ConnectionClosed(
+                    CloseCode.STATELESS_RESET, "the server has no state for this connection: it restarted "
+                    "or its worker died", by_peer=True, error=True))
+                return
+        if record == self._hello_record:
             self.stats.duplicates_discarded += 1
         else:
             raise Discard("handshake", f"handshake record at a client in state {self.state.value}")
+
+    def _resend_hello(self, now: float) -> None:
+        """A COOKIE changed the hello: send it at once, at most every 100 ms."""
+        self._client_hs.new_cookie = False
+        self._cookie_resend_at = now + 0.1
+        self._out.append(self._client_hs.hello_record)
+
+    def _server_confirms(self, plaintext: bytes) -> bool:
+        """Server in KEY_EXCHANGE, the client's first authenticated record: check its
+        CLIENT_AUTH (PROTOCOL.md section 5.6). False: discard it unacknowledged (an allow list
+        and no CLIENT_AUTH first); raises for a bad proof or a key not on the list."""
+        allowed = self.config.allowed_clients
+        if len(plaintext) >= wire.CLIENT_AUTH_FRAME_LEN and plaintext[0] == wire.FRAME_CLIENT_AUTH:
+            frame = wire.decode_frames(plaintext[:wire.CLIENT_AUTH_FRAME_LEN])[0]
+            self._server_hs.verify_client_auth(frame)
+            if allowed is not None and frame.static_key not in allowed:
+                raise AccessDenied(f"client key {fingerprint(frame.static_key)} is not allowed")
+            self.peer_static_key = frame.static_key
+        elif allowed is not None:
+            self.stats.client_auth_missing += 1
+            return False
+        return True
 
     def _keys_confirmed(self, now: float) -> None:
         self._set_state(Event.KEYS_CONFIRMED)
         self._handshake_deadline = None
         self._last_activity = now
+        if self._server_hs is not None:
+            self._server_hs.finish()
+            self._server_hs = None
         self._grant_credit()
-        self.events.append(HandshakeCompleted(self.suite, now - self._created))
+        self.events.append(HandshakeCompleted(self.suite, now - self._created, self.peer_static_key))
 
     def _check_finished(self, now: float) -> None:
         """Both directions done: say goodbye and linger a little to re-ack a lost final ack."""
@@ -385,8 +419,13 @@ class Connection(ReceivePath, SendPath):
             return
         if self._handshake_deadline is not None and now >= self._handshake_deadline:
             seconds = self.config.handshake_timeout
-            self._finish(Event.TIMEOUT, ConnectionClosed(CloseCode.HANDSHAKE_TIMEOUT,
-                                                         f"handshake timed out after {seconds:g} s"))
+            seen = self._client_hs.failure_reason() if self._client_hs is not None else None
+            if seen is not None:       # the most informative reply, now that nothing better came
+                info = ConnectionClosed(CloseCode.HANDSHAKE_FAILED, f"{seen} (no acceptable server hello "
+                                        f"within {seconds:g} s)", error=True)
+            else:
+                info = ConnectionClosed(CloseCode.HANDSHAKE_TIMEOUT, f"handshake timed out after {seconds:g} s")
+            self._finish(Event.TIMEOUT, info)
             return
         if self.state == State.ENCRYPTED and now >= self._last_activity + self.config.idle_timeout:
             self._finish(Event.TIMEOUT, ConnectionClosed(
@@ -396,6 +435,7 @@ class Connection(ReceivePath, SendPath):
             self._finish(Event.FINISHED, ConnectionClosed(CloseCode.NO_ERROR))
             return
         if self._hello_next is not None and now >= self._hello_next:
+            self._client_hs.new_cookie = False
             self._out.append(self._client_hs.hello_record)
             self._hello_interval *= 2
             self._hello_next = now + self._hello_interval

@@ -1,9 +1,9 @@
-"""Key schedule and record protection (docs/PROTOCOL.md §5.3 Key schedule, §6 Record protection).
+"""Key schedule and record protection (docs/PROTOCOL.md §5.4 Key schedule, §6 Record protection).
 
 Only library primitives: X25519, HKDF-Expand (SHA-256) and the AEADs come from
 `cryptography` (OpenSSL); HKDF-Extract and the key-confirmation tag are one
 HMAC-SHA256 each, from the standard library's hmac (OpenSSL's HMAC through hashlib),
-as docs/PROTOCOL.md §5.3 writes them. The nonce is the per-direction static IV XOR the
+as docs/PROTOCOL.md §5.4 writes them. The nonce is the per-direction static IV XOR the
 record's 64-bit sequence number; a sender never reuses a sequence number under
 one key (Connection allocates them from a strictly increasing counter), so a
 nonce never repeats under a key.
@@ -34,7 +34,7 @@ if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
         _aead = None
 ACCELERATED = _aead is not None
 
-HKDF_SALT = b"stcp v1"
+HKDF_SALT = b"stcp v2"
 KEY_LEN = 32
 IV_LEN = 12
 # RFC 9001 §6.6 confidentiality limits, in records per key.
@@ -52,10 +52,13 @@ def generate_keypair():
     return private, private.public_key().public_bytes_raw()
 
 
-def shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
-    """X25519 with the all-zero result (a small-order peer key) rejected."""
+def shared_secret(private: X25519PrivateKey, peer_public) -> bytes:
+    """X25519 with the all-zero result (a small-order peer key) rejected. `peer_public` is the
+    32 raw bytes, or an X25519PublicKey made from them once for several DHs with one key."""
     try:
-        secret = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        if not isinstance(peer_public, X25519PublicKey):
+            peer_public = X25519PublicKey.from_public_bytes(peer_public)
+        secret = private.exchange(peer_public)
     except ValueError as exc:  # OpenSSL refuses small-order points itself
         raise HandshakeFailure(f"peer public key rejected: {exc}") from None
     if not any(secret):
@@ -64,10 +67,10 @@ def shared_secret(private: X25519PrivateKey, peer_public: bytes) -> bytes:
 
 
 def transcript_hash(client_hello_record: bytes, server_hello_record: bytes) -> bytes:
-    """SHA-256 over the client hello record and the server hello up to its confirmation tag."""
-    covered = server_hello_record[:wire.HEADER_LEN] + wire.server_hello_transcript_part(
-        server_hello_record[wire.HEADER_LEN:])
-    return hashlib.sha256(client_hello_record + covered).digest()
+    """SHA-256 over CH' (the client hello record with its cookie field zeroed) and the server
+    hello record up to its confirmation tag."""
+    return hashlib.sha256(wire.client_hello_transcript_form(client_hello_record)
+                          + wire.server_hello_transcript_part(server_hello_record)).digest()
 
 
 def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
@@ -80,10 +83,11 @@ def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
 
 
 class HandshakeSecrets:
-    """Secrets derived once from the shared secret and the transcript hash."""
+    """Secrets derived once from the two DH results (ee, es) and the transcript hash."""
 
-    def __init__(self, shared: bytes, transcript: bytes):
-        prk = _extract(shared)
+    def __init__(self, ee: bytes, es: bytes, transcript: bytes):
+        prk = _extract(ee + es)
+        self.transcript = transcript
         self.client_secret = _expand(prk, b"c2s", transcript, 32)
         self.server_secret = _expand(prk, b"s2c", transcript, 32)
         confirm_key = _expand(prk, b"confirm", transcript, 32)
@@ -94,9 +98,27 @@ class HandshakeSecrets:
             raise HandshakeFailure("server key confirmation tag does not verify")
 
 
-def _extract(shared: bytes) -> bytes:
+def client_auth_proof(client_secret: bytes, se: bytes, transcript: bytes, client_static: bytes) -> bytes:
+    """The CLIENT_AUTH proof: HMAC(auth_key, TH || C), auth_key = HKDF-Expand(HKDF-Extract(
+    salt = client_secret, IKM = se), "stcp cauth" || TH, 32). Only the holder of c (or of f)
+    computes se, and TH ties the proof to this handshake."""
+    auth_key = _expand(hmac.digest(client_secret, se, "sha256"), b"cauth", transcript, 32)
+    return hmac.digest(auth_key, transcript + client_static, "sha256")
+
+
+def reset_key(static_private: bytes) -> bytes:
+    """The stateless-reset key, HKDF-Expand(static private key, "stcp reset"): every worker
+    and every restart of a server with one identity key derive the same tokens."""
+    return _expand(static_private, b"reset", b"", 32)
+
+
+def reset_token(key: bytes, server_cid: int) -> bytes:
+    return hmac.digest(key, _SEQ.pack(server_cid), "sha256")[:wire.RESET_TOKEN_LEN]
+
+
+def _extract(ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869): HMAC-SHA256 keyed with the salt."""
-    return hmac.digest(HKDF_SALT, shared, "sha256")
+    return hmac.digest(HKDF_SALT, ikm, "sha256")
 
 
 def next_secret(secret: bytes) -> bytes:

@@ -8,9 +8,15 @@ business alone, so a bad record can end only the connection it was aimed at, and
 it comes from that connection's peer address: from anywhere else, what does not
 authenticate is discarded and counted, and what does moves the connection there
 (PROTOCOL.md §10.2).
+
+The hello path answers without state what it will not serve (PROTOCOL.md section 4): a
+REJECT, a COOKIE when past the hello budget or the half-open cap, a v1-layout REJECT for a
+version 1 hello; and a data record for an unknown connection gets a stateless RESET. Those
+replies wait in `replies` for the datapath to send, each no larger than what caused it.
 """
 from __future__ import annotations
 
+import copy
 import struct
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Tuple
@@ -18,8 +24,13 @@ from typing import Dict, Hashable, List, Optional, Tuple
 from . import wire
 from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
 from .connection import Config, Connection
-from .errors import MalformedRecord
-from .handshake import Rejected, reject_record
+from .cookie import CookieSecrets
+from .crypto import reset_token
+from .errors import CloseCode, MalformedRecord
+from .handshake import Rejected, cookie_record, reject_record
+from .identity import generate_private_key
+from .ratelimit import TokenBucket
+from .state import State
 
 _CID_SEQ = struct.Struct("!8xQQ")
 
@@ -70,13 +81,32 @@ class EndpointStats:
     dropped_short: int = 0            # shorter than a header
     dropped_unknown_cid: int = 0
     dropped_bad_hello: int = 0
-    dropped_over_capacity: int = 0
-    handshakes_rejected: int = 0
+    dropped_over_capacity: int = 0    # new hellos at max_connections (answered REJECT_BUSY)
+    handshakes_rejected: int = 0      # REJECTs sent, every code (the four below)
+    rejected_version: int = 0         # REJECT_VERSION, version 1 hellos included
+    rejected_suite: int = 0
+    rejected_key: int = 0
+    rejected_busy: int = 0            # REJECT_BUSY: max_connections or the half-open hard cap
+    cookies_sent: int = 0             # COOKIE replies: past the hello budget or half-open cap
+    cookie_admitted: int = 0          # hellos served under load on the strength of a valid cookie
+    clients_not_allowed: int = 0      # connections ended ACCESS_DENIED (counted at remove())
+    resets_sent: int = 0              # stateless RESETs for data records naming no connection
+    resets_rate_limited: int = 0      # ... not sent: over the RESET budget
     migrations: int = 0               # connections moved to a new peer address (§10.2)
 
 
+_REJECT_COUNTERS = {wire.REJECT_VERSION: "rejected_version", wire.REJECT_SUITE: "rejected_suite",
+                    wire.REJECT_KEY: "rejected_key", wire.REJECT_BUSY: "rejected_busy"}
+HALF_OPEN_DEFAULT = 4096
+
+
 class ServerEndpoint:
-    def __init__(self, config: Config, max_connections: int = 100_000, shed_after: float = SHED_AFTER):
+    def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0,
+                 shed_after: float = SHED_AFTER):
+        if config.static_key is None:     # no identity given: a fresh one for this endpoint
+            config = copy.copy(config)
+            config.static_key = generate_private_key()
+            config.__post_init__()
         self.config = config
         self.max_connections = max_connections
         self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
@@ -88,7 +118,18 @@ class ServerEndpoint:
         self._by_hello: Dict[Tuple[Hashable, int], Connection] = {}
         self._hello_key: Dict[int, Tuple[Hashable, int]] = {}     # cid -> its _by_hello key
         self.stats = EndpointStats()
-        self.rejects: List[Tuple[bytes, Hashable]] = []    # REJECT records waiting to be sent
+        self.replies: List[Tuple[bytes, Hashable]] = []    # stateless replies waiting to be sent
+        soft = config.max_half_open
+        self.max_half_open = min(HALF_OPEN_DEFAULT, max_connections) if soft is None else soft
+        self._half_open: Dict[Connection, None] = {}        # server connections in KEY_EXCHANGE
+        self._hello_budget = TokenBucket(config.hello_rate, config.hello_burst, now)
+        self._reset_budget = TokenBucket(config.reset_rate, config.reset_rate, now)
+        self.cookies = CookieSecrets(now)
+
+    @property
+    def public_key(self) -> bytes:
+        """The server's static public key: what clients pin."""
+        return self.config.identity.public
 
     def receive(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
         """Route one datagram; return (connection or None, whether it is a new connection)."""
@@ -101,10 +142,12 @@ class ServerEndpoint:
         conn = self.connections.get(cid)
         if conn is None:
             self.stats.dropped_unknown_cid += 1
+            self._maybe_reset(data, addr, now)
             return None, False
         from_peer = addr == self.peer_addr.get(cid)
         if conn.receive_datagram(data, now, from_peer) and not from_peer:
             self._migrate(conn, addr)
+        self._check_half_open(conn)
         if self.budget.used > self.budget.limit:
             self.shed(now)
         return conn, False
@@ -122,6 +165,8 @@ class ServerEndpoint:
                 conn = connections.get(cid)
                 if conn is None:
                     self.stats.dropped_unknown_cid += wire.count_datagrams(datagrams)
+                    for d in wire.expand_datagrams(datagrams):
+                        self._maybe_reset(d, addr, now)
                     continue
                 records = pending.get((conn, addr))
                 if records is None:
@@ -150,6 +195,7 @@ class ServerEndpoint:
             from_peer = addr == peer_addr.get(conn.local_cid)
             if conn.receive_datagrams(records, now, from_peer) and not from_peer:
                 self._migrate(conn, addr)
+            self._check_half_open(conn)
 
     def shed(self, now: float) -> List[Connection]:
         """Over the memory budget: end the connections holding the most that made no progress
@@ -176,10 +222,38 @@ class ServerEndpoint:
         self.peer_addr[conn.local_cid] = addr
         self.stats.migrations += 1
 
+    def _check_half_open(self, conn: Connection) -> None:
+        if conn.state != State.KEY_EXCHANGE:
+            self._half_open.pop(conn, None)
+
+    def _reply(self, record: bytes, addr: Hashable) -> None:
+        self.replies.append((record, addr))
+
+    def _reject(self, client_cid: int, suite: int, code: int, addr: Hashable) -> None:
+        self.stats.handshakes_rejected += 1
+        counter = _REJECT_COUNTERS[code]
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        self._reply(reject_record(client_cid, suite, code), addr)
+
     def _receive_hello(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
+        v1_cid = wire.v1_client_hello_cid(data)
+        if v1_cid is not None:            # a version 1 client: a REJECT it can read, and it stops
+            self.stats.handshakes_rejected += 1
+            self.stats.rejected_version += 1
+            self._reply(wire.encode_v1_reject(v1_cid, data[wire.HEADER_LEN + 2]), addr)
+            return None, False
         try:
             wire.parse_header(data)
-            hello = wire.decode_hello(data[wire.HEADER_LEN:])
+            if len(data) != wire.HANDSHAKE_RECORD_LEN:
+                raise MalformedRecord("not a client hello")
+            payload = data[wire.HEADER_LEN:]
+            if payload[0] == wire.HS_CLIENT_HELLO and payload[1] != wire.PROTOCOL_VERSION:
+                cid = int.from_bytes(payload[8:16], "big")
+                if not cid:
+                    raise MalformedRecord("client hello with client CID 0")
+                self._reject(cid, payload[2], wire.REJECT_VERSION, addr)
+                return None, False
+            hello = wire.decode_hello(payload)
         except MalformedRecord:
             self.stats.dropped_bad_hello += 1
             return None, False
@@ -190,15 +264,27 @@ class ServerEndpoint:
         conn = self._by_hello.get(key)
         if conn is not None:
             conn.receive_datagram(data, now)
+            self._check_half_open(conn)
             return conn, False
-        if len(self.connections) >= self.max_connections:
-            self.stats.dropped_over_capacity += 1
+        half_open = len(self._half_open)
+        if len(self.connections) >= self.max_connections or half_open >= 2 * self.max_half_open:
+            if len(self.connections) >= self.max_connections:
+                self.stats.dropped_over_capacity += 1
+            self._reject(hello.sender_cid, hello.suite, wire.REJECT_BUSY, addr)
             return None, False
+        if half_open >= self.max_half_open or not self._hello_budget.take(now):
+            # under load: only a hello that proves its source address reaches X25519
+            if not (any(hello.cookie) and self.cookies.verify(hello.cookie, addr, hello.sender_cid,
+                                                              hello.public_key, now)):
+                self.stats.cookies_sent += 1
+                cookie = self.cookies.make(addr, hello.sender_cid, hello.public_key, now)
+                self._reply(cookie_record(hello.sender_cid, hello.suite, cookie), addr)
+                return None, False
+            self.stats.cookie_admitted += 1
         try:
             conn = Connection.server(self.config, data, hello, now)
         except Rejected as exc:
-            self.stats.handshakes_rejected += 1
-            self.rejects.append((reject_record(hello.sender_cid, hello.suite, exc.reject_code), addr))
+            self._reject(hello.sender_cid, hello.suite, exc.reject_code, addr)
             return None, False
         if conn.local_cid in self.connections:    # 64-bit collision: let the client's retransmission retry
             return None, False
@@ -207,9 +293,31 @@ class ServerEndpoint:
         self.peer_addr[conn.local_cid] = addr
         self._by_hello[key] = conn
         self._hello_key[conn.local_cid] = key
+        self._half_open[conn] = None
         return conn, True
 
+    def _maybe_reset(self, data: bytes, addr: Hashable, now: float) -> None:
+        """Answer a data record naming no connection with a stateless RESET (PROTOCOL.md
+        section 5.7): only a well-formed data record longer than a RESET, for a CID this
+        server could have issued, within the RESET budget."""
+        if len(data) <= wire.RESET_RECORD_LEN:
+            return
+        length, cid, seq = wire.HEADER_STRUCT.unpack_from(data)
+        if not seq or not cid or length != len(data) - wire.HEADER_LEN:
+            return
+        bits = self.config.cid_prefix_bits
+        if bits and cid >> (64 - bits) != self.config.cid_prefix:
+            return                        # another worker's CID: that worker answers, not us
+        if not self._reset_budget.take(now):
+            self.stats.resets_rate_limited += 1
+            return
+        self.stats.resets_sent += 1
+        self._reply(wire.encode_reset(reset_token(self.config.reset_key, cid)), addr)
+
     def remove(self, conn: Connection) -> None:
-        self.connections.pop(conn.local_cid, None)
+        if self.connections.pop(conn.local_cid, None) is conn and conn.close_info is not None \
+                and conn.close_info.code == CloseCode.ACCESS_DENIED and not conn.close_info.by_peer:
+            self.stats.clients_not_allowed += 1
+        self._half_open.pop(conn, None)
         self.peer_addr.pop(conn.local_cid, None)
         self._by_hello.pop(self._hello_key.pop(conn.local_cid, None), None)

@@ -15,9 +15,11 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 0x07
     APPLICATION_ABORT = 0x08
     KEY_UPDATE_ERROR = 0x09
+    ACCESS_DENIED = 0x0A        # the client proved a static key the server does not admit
     # never sent on the wire, only reported locally
     IDLE_TIMEOUT = 0x100
     HANDSHAKE_TIMEOUT = 0x101
+    STATELESS_RESET = 0x102     # the server answered with a valid RESET: it has no state for us
 
 
 class STCPError(Exception):
@@ -46,6 +48,10 @@ class HandshakeFailure(STCPError):
 
 class KeyUpdateError(STCPError):
     code = CloseCode.KEY_UPDATE_ERROR
+
+
+class AccessDenied(STCPError):
+    code = CloseCode.ACCESS_DENIED
 
 
 class InvalidTransition(STCPError):

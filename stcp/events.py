@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass
 class HandshakeCompleted:
     suite: int
     duration: float
+    peer_key: Optional[bytes] = None   # the peer's proven static key: the server's, or the client's if it sent one
 
 
 @dataclass

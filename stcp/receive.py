@@ -1,10 +1,12 @@
 """The receive path of a Connection (PROTOCOL.md §6, §7, §10.2): datagrams in, frames acted on.
 
-A mixin of stcp.connection.Connection, whose __init__ holds the state used here. A record is
+A mixin of stcp.connection.Connection, whose __init__ holds the state used here (and whose
+handshake methods, _receive_handshake and _server_confirms, it calls). A record is
 authenticated before anything in it is believed; what does not authenticate ends the
 connection only when it came from the peer's current address (`from_peer`), and is
-otherwise discarded and counted by reason (DISCARD_REASONS). Frames are dispatched through
-_FRAME_HANDLERS.
+otherwise discarded and counted by reason (DISCARD_REASONS); a client in KEY_EXCHANGE has
+nothing to authenticate with, so nothing it receives ends it (§5.5). Frames are dispatched
+through _FRAME_HANDLERS.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from .state import Event, State
 #   malformed   a bad header, length, CID or packet number, from an address not the peer's
 #   auth        failed authentication, from an address not the peer's
 #   key_epoch   an epoch more than one ahead, from an address not the peer's
-#   handshake   a handshake record (seq 0) that is not a repeat of the connection's own hello
+#   handshake   a handshake-class record (seq 0) that is not a repeat of the connection's own
+#               hello (nor, at a client in KEY_EXCHANGE, a reply to its hello, nor a valid RESET)
 #   oversize    a protected record longer than this endpoint's max_datagram, from anywhere
 #   reassembly  an authenticated record whose stream data would open a fragment beyond the cap
 #               (not acknowledged: the sender sends it again)
@@ -154,15 +157,18 @@ class ReceivePath:
     def _on_receive_error(self, exc: STCPError, now: float) -> None:
         if isinstance(exc, AuthenticationFailure):
             self.stats.auth_failures += 1
+        if self.is_client and self.state == State.KEY_EXCHANGE:
+            self.stats.handshake_hints_ignored += 1    # nothing reaching it is authenticated yet
+            return
         self._fail(exc, now)
 
     def _authenticate(self, record: bytes, cid: int, seq: int) -> Optional[Tuple[bytes, int, int]]:
         """(plaintext, pn, epoch) of a protected record not received before, or None for a
         duplicate or a straggler of a retired key; raise for a record that does not
         authenticate (the caller decides whether that is fatal or a discard)."""
-        keys = self._keys
-        if keys is None or (self.is_client and self.state != State.ENCRYPTED):
-            raise ProtocolViolation(f"protected record in state {self.state.value}")
+        if self.is_client and self.state != State.ENCRYPTED:
+            self.stats.handshake_hints_ignored += 1     # no keys yet: it cannot be checked
+            return None
         if cid != self.local_cid:
             raise MalformedRecord("record addressed to another connection ID")
         if len(record) > self.config.max_datagram:
@@ -184,6 +190,8 @@ class ReceivePath:
     def _accept(self, plaintext: bytes, pn: int, epoch: int, record_len: int, now: float) -> bool:
         """Act on the frames of an authenticated record that is not a duplicate; True when it
         was taken (its pn marked received) and is the newest from the peer."""
+        if self.state == State.KEY_EXCHANGE and not self._server_confirms(plaintext):
+            return False              # neither acknowledged nor marked received
         recv = self._recv
         if len(plaintext) >= wire.STREAM_FRAME_OVERHEAD and plaintext[0] == wire.FRAME_STREAM:
             # the bulk case, a record holding one STREAM frame and nothing else, without
@@ -255,6 +263,20 @@ class ReceivePath:
     def _frame_close(self, frame: wire.CloseFrame, epoch: int, now: float) -> Optional[bool]:
         self._on_close(frame)
         return None
+
+    def _frame_client_auth(self, frame: wire.ClientAuthFrame, epoch: int, now: float) -> Optional[bool]:
+        # the first one was checked by _server_confirms; a client repeats it until acknowledged
+        if self.is_client:
+            raise ProtocolViolation("CLIENT_AUTH frame from the server")
+        if frame.static_key != self.peer_static_key:    # the proven key repeated is ignored
+            raise ProtocolViolation("CLIENT_AUTH frame with another key than the handshake's")
+        return True
+
+    def _frame_reset_token(self, frame: wire.ResetTokenFrame, epoch: int, now: float) -> Optional[bool]:
+        if not self.is_client:
+            raise ProtocolViolation("RESET_TOKEN frame from the client")
+        self._reset_token = frame.token
+        return True
 
     def _ack_eliciting_received(self, pn: int, now: float) -> None:
         self._ack_eliciting_unacked += 1
@@ -329,4 +351,6 @@ _FRAME_HANDLERS = {
     wire.PaddingFrame: ReceivePath._frame_padding,
     wire.KeyUpdateFrame: ReceivePath._frame_key_update,
     wire.CloseFrame: ReceivePath._frame_close,
+    wire.ClientAuthFrame: ReceivePath._frame_client_auth,
+    wire.ResetTokenFrame: ReceivePath._frame_reset_token,
 }

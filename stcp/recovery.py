@@ -24,7 +24,7 @@ MAX_PTO_INTERVAL = 0.25
 
 
 # What a sent packet carried, so loss and acks can act on it (descriptions in `frames`).
-STREAM, MAX_DATA, PING, CLOSE, KEY_UPDATE = range(5)
+STREAM, MAX_DATA, PING, CLOSE, KEY_UPDATE, CLIENT_AUTH, RESET_TOKEN = range(7)
 
 # A group of acknowledged or lost packets: (first pn, last pn, the packet object they share).
 Group = Tuple[int, int, "SentPacket"]

@@ -11,11 +11,12 @@ from bisect import bisect_left
 from typing import List, Tuple
 
 from . import wire
-from .crypto import CONFIDENTIALITY_LIMIT
+from .crypto import CONFIDENTIALITY_LIMIT, reset_token
 from .errors import CloseCode, KeyUpdateError, ProtocolViolation, STCPError
 from .events import KeyUpdated
-from .recovery import (CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_DATA as _MAX_DATA, PING as _PING,
-                       STREAM as _STREAM, Group, SentPacket, SentRun)
+from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE,
+                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
+                       Group, SentPacket, SentRun)
 from .state import State
 
 # RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2
@@ -72,6 +73,10 @@ class SendPath:
                         if end > start:
                             on_acked(start, end, False)
                         start, end = desc[1], desc[2]
+                elif desc[0] == _CLIENT_AUTH:
+                    self._client_auth = None
+                elif desc[0] == _RESET_TOKEN:
+                    self._reset_token_acked = True
         if end > start:
             on_acked(start, end, False)
         if acked and self._recovery.rtt.has_sample:
@@ -90,6 +95,8 @@ class SendPath:
                     self._max_data_due = True
                 elif kind == _KEY_UPDATE and desc[1] == self._keys.send.epoch:
                     self._key_update_frame_due = True
+                elif kind == _RESET_TOKEN and not self._reset_token_acked:
+                    self._reset_token_due = True
 
     # --- send --------------------------------------------------------------
     def datagrams_to_send(self, now: float) -> List[bytes]:
@@ -121,7 +128,8 @@ class SendPath:
             if self._sealed_under_key >= self.config.key_update_interval:
                 self._maybe_update_send_key()
             if self._ack_deadline is None and not (self._max_data_due or self._key_update_frame_due
-                                                   or self._ping_due or self._draining_until is not None) \
+                                                   or self._ping_due or self._draining_until is not None
+                                                   or self._client_auth is not None or self._reset_token_due) \
                     and self._send_stream_run(now, out):
                 continue
             frames: List[bytes] = []
@@ -130,10 +138,10 @@ class SendPath:
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)))
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
-            if self._max_data_due or self._key_update_frame_due or self._ping_due or \
+            if self._max_data_due or self._key_update_frame_due or self._ping_due or self._reset_token_due or \
                     (self._close_frame is not None and self._draining_until is not None):
                 self._add_control_frames(frames, descs)
-            budget = max_payload
+            budget = max_payload - (len(self._client_auth) if self._client_auth is not None else 0)
             for f in frames:
                 budget -= len(f)
             retransmit = False
@@ -198,6 +206,10 @@ class SendPath:
             self._max_data_due = False
             frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
             descs.append((_MAX_DATA,))
+        if self._reset_token_due:
+            self._reset_token_due = False
+            frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(self.config.reset_key, self.local_cid))))
+            descs.append((_RESET_TOKEN,))
         if self._key_update_frame_due:
             self._key_update_frame_due = False
             frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
@@ -213,7 +225,8 @@ class SendPath:
 
     def _ack_can_ride(self) -> bool:
         """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
-        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._send.pending()
+        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
+            or self._send.pending()
 
     def _maybe_update_send_key(self) -> None:
         """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame
@@ -250,6 +263,10 @@ class SendPath:
 
     def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0,
                      closing: bool = False) -> bytes:
+        if self._client_auth is not None:    # first in every record until one carrying it is acknowledged
+            frames = [self._client_auth] + frames
+            descs = [(_CLIENT_AUTH,)] + descs
+            ack_eliciting = True
         keys = self._keys
         pn = self._take_pns(1, closing)
         self._sealed_under_key += 1

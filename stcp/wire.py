@@ -34,14 +34,21 @@ CID_WORKER_BITS = 8
 CID_WORKER_SHIFT = 64 - CID_WORKER_BITS
 MAX_CID_WORKERS = 1 << CID_WORKER_BITS
 
-# --- handshake records (plaintext, fixed size, seq 0) ----------------------
-HANDSHAKE_PAYLOAD_LEN = 80
+# --- handshake-class records (plaintext, fixed size, seq 0) ---------------
+HANDSHAKE_PAYLOAD_LEN = 112
 HANDSHAKE_RECORD_LEN = HEADER_LEN + HANDSHAKE_PAYLOAD_LEN
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# A version 1 client hello (80-byte payload) is recognised only to answer it with a REJECT
+# in the layout a v1 client reads (PROTOCOL.md section 4.6).
+V1_PROTOCOL_VERSION = 1
+V1_HANDSHAKE_PAYLOAD_LEN = 80
+V1_HANDSHAKE_RECORD_LEN = HEADER_LEN + V1_HANDSHAKE_PAYLOAD_LEN
 
 HS_CLIENT_HELLO = 0x01
 HS_SERVER_HELLO = 0x02
 HS_REJECT = 0x03
+HS_COOKIE = 0x04
+HS_RESET = 0x05
 
 SUITE_AES_256_GCM = 0x01
 SUITE_CHACHA20_POLY1305 = 0x02
@@ -51,9 +58,20 @@ SUITES = {"aes-256-gcm": SUITE_AES_256_GCM, "chacha20-poly1305": SUITE_CHACHA20_
 REJECT_VERSION = 0x01
 REJECT_SUITE = 0x02
 REJECT_KEY = 0x03
+REJECT_BUSY = 0x04
 
 PUBLIC_KEY_LEN = 32
 CONFIRM_TAG_LEN = 32
+COOKIE_LEN = 16
+RESET_TOKEN_LEN = 16
+PROOF_LEN = 32
+# CLIENT_HELLO payload: the cookie field, zeroed in the transcript (CH')
+CLIENT_HELLO_COOKIE_OFFSET = 48
+# SERVER_HELLO payload: everything before the confirmation tag enters the transcript
+SERVER_HELLO_TAG_OFFSET = 80
+# RESET (stateless reset): a shorter layout, header(length 32, cid 0, seq 0) || payload
+RESET_PAYLOAD_LEN = 32
+RESET_RECORD_LEN = HEADER_LEN + RESET_PAYLOAD_LEN
 
 # --- frames (inside the encrypted payload) ---------------------------------
 FRAME_PADDING = 0x00
@@ -63,6 +81,8 @@ FRAME_STREAM = 0x03
 FRAME_MAX_DATA = 0x04
 FRAME_CLOSE = 0x05
 FRAME_KEY_UPDATE = 0x06
+FRAME_CLIENT_AUTH = 0x07
+FRAME_RESET_TOKEN = 0x08
 
 STREAM_FLAG_FIN = 0x01
 INITIAL_MAX_DATA = 1 << 20        # flow-control credit each side has before any MAX_DATA
@@ -72,7 +92,7 @@ MAX_FRAMES_PER_RECORD = 64        # more in one record is a PROTOCOL_VIOLATION
 
 HEADER_STRUCT = struct.Struct("!QQQ")           # length, cid, seq
 _HEADER = HEADER_STRUCT
-_HELLO = struct.Struct("!BBBB4xQ32s")          # type, version, suite, flags, pad, cid, pubkey
+_HELLO_HEAD = struct.Struct("!BBBB4xQ")        # type, version, suite, flags, pad, cid
 STREAM_HEADER_STRUCT = struct.Struct("!BBQH")  # type, flags, offset, length
 _STREAM_HDR = STREAM_HEADER_STRUCT
 _ACK_HDR = struct.Struct("!BQIHQ")             # type, largest, delay_us, range_count, first_range
@@ -80,6 +100,8 @@ _ACK_RANGE = struct.Struct("!QQ")              # gap, length
 _MAX_DATA = struct.Struct("!BQ")
 _CLOSE_HDR = struct.Struct("!BHH")             # type, code, reason_len
 _KEY_UPDATE = struct.Struct("!BH")
+CLIENT_AUTH_FRAME_LEN = 1 + PUBLIC_KEY_LEN + PROOF_LEN
+RESET_TOKEN_FRAME_LEN = 1 + RESET_TOKEN_LEN
 
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
 
@@ -125,45 +147,106 @@ def parse_header(datagram: bytes) -> Tuple[int, int, int]:
     return length, cid, seq
 
 
-# --- handshake payloads ----------------------------------------------------
+# --- handshake-class payloads ----------------------------------------------
 @dataclass(slots=True)
 class Hello:
-    kind: int          # HS_CLIENT_HELLO, HS_SERVER_HELLO or HS_REJECT
+    """A handshake-class payload (PROTOCOL.md section 4). The fields a kind carries:
+    CLIENT_HELLO sender_cid (the client's CID), public_key (E), cookie;
+    SERVER_HELLO sender_cid (the server's CID), public_key (F), static_key (S), confirm_tag;
+    REJECT reject_code (sent in the flags byte); COOKIE cookie. The rest keep their defaults."""
+    kind: int
     version: int
     suite: int
-    sender_cid: int    # the CID the sender wants to be addressed by
-    public_key: bytes
-    confirm_tag: bytes = b""   # server hello only
-    reject_code: int = 0       # reject only (carried in the flags byte)
+    sender_cid: int = 0
+    public_key: bytes = bytes(PUBLIC_KEY_LEN)
+    cookie: bytes = bytes(COOKIE_LEN)
+    static_key: bytes = bytes(PUBLIC_KEY_LEN)
+    confirm_tag: bytes = bytes(CONFIRM_TAG_LEN)
+    reject_code: int = 0
 
 
 def encode_hello(h: Hello) -> bytes:
-    body = _HELLO.pack(h.kind, h.version, h.suite, h.reject_code, h.sender_cid, h.public_key) + h.confirm_tag
+    """The 112-byte payload. reject_code goes into the flags byte whatever the kind (0 but in
+    a REJECT); the sender_cid only into the hellos."""
+    kind = h.kind
+    cid = h.sender_cid if kind in (HS_CLIENT_HELLO, HS_SERVER_HELLO) else 0
+    body = _HELLO_HEAD.pack(kind, h.version, h.suite, h.reject_code, cid)
+    if kind == HS_CLIENT_HELLO:
+        body += h.public_key + h.cookie
+    elif kind == HS_SERVER_HELLO:
+        body += h.public_key + h.static_key + h.confirm_tag
+    elif kind == HS_COOKIE:
+        body += h.cookie
+    elif kind != HS_REJECT:
+        raise ValueError(f"not a handshake payload type: 0x{kind:02x}")
     return body + bytes(HANDSHAKE_PAYLOAD_LEN - len(body))
 
 
 def decode_hello(payload: bytes) -> Hello:
+    """Parse a handshake-class payload of any version-2 kind but RESET (a different length)."""
     if len(payload) != HANDSHAKE_PAYLOAD_LEN:
         raise MalformedRecord(f"handshake payload is {len(payload)} bytes, expected {HANDSHAKE_PAYLOAD_LEN}")
-    kind, version, suite, flags, cid, pub = _HELLO.unpack_from(payload)
-    rest = payload[_HELLO.size:]
+    payload = bytes(payload)
+    kind, version, suite, flags, cid = _HELLO_HEAD.unpack_from(payload)
     if kind == HS_CLIENT_HELLO:
-        if any(rest):
+        if cid == 0:
+            raise MalformedRecord("client hello with client CID 0")
+        if any(payload[64:]):
             raise MalformedRecord("client hello padding is not zero")
-        return Hello(kind, version, suite, cid, pub)
+        return Hello(kind, version, suite, cid, payload[16:48], cookie=payload[48:64])
     if kind == HS_SERVER_HELLO:
-        tag, pad = rest[:CONFIRM_TAG_LEN], rest[CONFIRM_TAG_LEN:]
-        if any(pad):
-            raise MalformedRecord("server hello padding is not zero")
-        return Hello(kind, version, suite, cid, pub, confirm_tag=tag)
+        return Hello(kind, version, suite, cid, payload[16:48], static_key=payload[48:80],
+                     confirm_tag=payload[80:112])
     if kind == HS_REJECT:
-        return Hello(kind, version, suite, cid, pub, reject_code=flags)
+        return Hello(kind, version, suite, reject_code=flags)
+    if kind == HS_COOKIE:
+        return Hello(kind, version, suite, cookie=payload[16:32])
     raise MalformedRecord(f"unknown handshake type 0x{kind:02x}")
 
 
-def server_hello_transcript_part(payload: bytes) -> bytes:
-    """The part of a server hello covered by the transcript hash: all but the tag and padding."""
-    return payload[:_HELLO.size]
+def client_hello_transcript_form(record: bytes) -> bytes:
+    """CH': a CLIENT_HELLO record with its cookie field zeroed, the form the transcript hashes
+    and a server compares retransmissions by (a hello resent with a cookie is the same hello)."""
+    start = HEADER_LEN + CLIENT_HELLO_COOKIE_OFFSET
+    return bytes(record[:start]) + bytes(COOKIE_LEN) + bytes(record[start + COOKIE_LEN:])
+
+
+def server_hello_transcript_part(record: bytes) -> bytes:
+    """The part of a SERVER_HELLO record the transcript covers: header and payload up to the tag."""
+    return bytes(record[:HEADER_LEN + SERVER_HELLO_TAG_OFFSET])
+
+
+def encode_reset(token: bytes) -> bytes:
+    """A whole RESET record: header(length 32, cid 0, seq 0) || type || version || 14 zero || token."""
+    return _HEADER.pack(RESET_PAYLOAD_LEN, 0, HANDSHAKE_SEQ) + bytes([HS_RESET, PROTOCOL_VERSION]) \
+        + bytes(RESET_PAYLOAD_LEN - 2 - RESET_TOKEN_LEN) + token
+
+
+def reset_token_of(record: bytes):
+    """The token of a datagram laid out as a RESET record, else None."""
+    if len(record) != RESET_RECORD_LEN or record[HEADER_LEN] != HS_RESET \
+            or record[HEADER_LEN + 1] != PROTOCOL_VERSION:
+        return None
+    if _HEADER.unpack_from(record) != (RESET_PAYLOAD_LEN, 0, HANDSHAKE_SEQ):
+        return None
+    return bytes(record[RESET_RECORD_LEN - RESET_TOKEN_LEN:])
+
+
+def v1_client_hello_cid(datagram: bytes):
+    """The client CID of a datagram that is a version-1 CLIENT_HELLO by its layout (104 bytes,
+    cid 0, seq 0, type 1, version 1), else None."""
+    if len(datagram) != V1_HANDSHAKE_RECORD_LEN or _HEADER.unpack_from(datagram) != (V1_HANDSHAKE_PAYLOAD_LEN, 0, 0):
+        return None
+    kind, version, _, _, cid = _HELLO_HEAD.unpack_from(datagram, HEADER_LEN)
+    return cid if (kind, version) == (HS_CLIENT_HELLO, V1_PROTOCOL_VERSION) else None
+
+
+def encode_v1_reject(client_cid: int, suite: int) -> bytes:
+    """A whole REJECT(REJECT_VERSION) record in the version-1 layout (80-byte payload), which a
+    version-1 client decodes and reports as an unsupported protocol version."""
+    payload = _HELLO_HEAD.pack(HS_REJECT, PROTOCOL_VERSION, suite, REJECT_VERSION, 0)
+    return _HEADER.pack(V1_HANDSHAKE_PAYLOAD_LEN, client_cid, HANDSHAKE_SEQ) + payload \
+        + bytes(V1_HANDSHAKE_PAYLOAD_LEN - len(payload))
 
 
 # --- frames ----------------------------------------------------------------
@@ -207,7 +290,21 @@ class PaddingFrame:
     length: int
 
 
-Frame = Union[StreamFrame, AckFrame, MaxDataFrame, PingFrame, CloseFrame, KeyUpdateFrame, PaddingFrame]
+@dataclass(slots=True)
+class ClientAuthFrame:
+    """The client's static public key and its proof of possession (client to server only)."""
+    static_key: bytes
+    proof: bytes
+
+
+@dataclass(slots=True)
+class ResetTokenFrame:
+    """The stateless-reset token of this connection (server to client only)."""
+    token: bytes
+
+
+Frame = Union[StreamFrame, AckFrame, MaxDataFrame, PingFrame, CloseFrame, KeyUpdateFrame, PaddingFrame,
+              ClientAuthFrame, ResetTokenFrame]
 
 
 def encode_stream(offset: int, data: bytes, fin: bool = False) -> bytes:
@@ -242,6 +339,14 @@ def encode_frame(f: Frame) -> bytes:
         return _KEY_UPDATE.pack(FRAME_KEY_UPDATE, f.epoch)
     if isinstance(f, PaddingFrame):
         return bytes(f.length)
+    if isinstance(f, ClientAuthFrame):
+        if len(f.static_key) != PUBLIC_KEY_LEN or len(f.proof) != PROOF_LEN:
+            raise ValueError("CLIENT_AUTH carries a 32-byte key and a 32-byte proof")
+        return bytes([FRAME_CLIENT_AUTH]) + f.static_key + f.proof
+    if isinstance(f, ResetTokenFrame):
+        if len(f.token) != RESET_TOKEN_LEN:
+            raise ValueError("RESET_TOKEN carries a 16-byte token")
+        return bytes([FRAME_RESET_TOKEN]) + f.token
     raise TypeError(f"not a frame: {f!r}")
 
 
@@ -308,6 +413,20 @@ def _decode_padding(p, pos: int, end: int):
     return PaddingFrame(stop - pos), stop
 
 
+def _decode_client_auth(p, pos: int, end: int):
+    if pos + CLIENT_AUTH_FRAME_LEN > end:
+        raise ProtocolViolation("frame truncated")
+    key_end = pos + 1 + PUBLIC_KEY_LEN
+    return ClientAuthFrame(bytes(p[pos + 1:key_end]), bytes(p[key_end:pos + CLIENT_AUTH_FRAME_LEN])), \
+        pos + CLIENT_AUTH_FRAME_LEN
+
+
+def _decode_reset_token(p, pos: int, end: int):
+    if pos + RESET_TOKEN_FRAME_LEN > end:
+        raise ProtocolViolation("frame truncated")
+    return ResetTokenFrame(bytes(p[pos + 1:pos + RESET_TOKEN_FRAME_LEN])), pos + RESET_TOKEN_FRAME_LEN
+
+
 # frame type -> decoder(payload, position of the type byte, end) -> (frame, position after it)
 FRAME_DECODERS = {
     FRAME_PADDING: _decode_padding,
@@ -317,6 +436,8 @@ FRAME_DECODERS = {
     FRAME_MAX_DATA: _decode_max_data,
     FRAME_CLOSE: _decode_close,
     FRAME_KEY_UPDATE: _decode_key_update,
+    FRAME_CLIENT_AUTH: _decode_client_auth,
+    FRAME_RESET_TOKEN: _decode_reset_token,
 }
 
 

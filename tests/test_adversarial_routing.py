@@ -19,9 +19,10 @@ import struct
 import pytest
 
 import stcp
-from stcp import wire
+from stcp import identity, wire
 from stcp.cli.main import echo_handler
 from stcp.connection import Config, Connection
+from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode
 from stcp.state import State
 from tests.support.sim import CLIENT_ADDR, Pair
@@ -157,6 +158,61 @@ def test_the_batched_path_applies_the_same_rules():
     assert server.stats.records_received - before == len(records)
     n = sum(1 for i in range(len(records)) if i % 10 == 3)
     assert server.stats.discarded["auth"] == n and server.stats.discarded["key_epoch"] == n
+
+
+# --- a half-open server connection (KEY_EXCHANGE) -------------------------------------------
+def _half_open(client_config: Config = None, server_config: Config = None):
+    """A client hello accepted by an endpoint: the server connection is in KEY_EXCHANGE and the
+    client holds the server hello, not yet delivered."""
+    client = Connection.client(client_config or Config(), 0.0)
+    ep = ServerEndpoint(server_config or Config())
+    [hello] = client.datagrams_to_send(0.0)
+    server, new = ep.receive(hello, CLIENT_ADDR, 0.0)
+    assert new and server.state == State.KEY_EXCHANGE
+    [server_hello] = server.datagrams_to_send(0.0)
+    return client, ep, server, hello, server_hello
+
+
+def test_half_open_connection_discards_a_changed_hello_and_forgeries():
+    """§10.2: no handshake-class record ends a connection in KEY_EXCHANGE either: a changed
+    CLIENT_HELLO under the client's CID from its own address is discarded and counted, and
+    junk naming the connection from another address is discarded; a repeat of the hello that
+    differs only in its cookie field is the same hello and gets the same SERVER_HELLO."""
+    client, ep, server, hello, server_hello = _half_open()
+    intruder = Connection.client(Config(), 0.0).datagrams_to_send(0.0)[0]
+    changed = intruder[:32] + client.local_cid.to_bytes(8, "big") + intruder[40:]
+    assert ep.receive(changed, CLIENT_ADDR, 0.01) == (server, False)
+    assert server.state == State.KEY_EXCHANGE and server.stats.discarded["handshake"] == 1
+    assert server.datagrams_to_send(0.01) == []                       # no answer to it
+    junk = _HDR.pack(60, server.local_cid, 1) + os.urandom(60)
+    ep.receive(junk, ATTACKER, 0.02)
+    assert server.state == State.KEY_EXCHANGE and server.stats.discarded["auth"] == 1
+    with_cookie = hello[:72] + b"\x5a" * 16 + hello[88:]
+    ep.receive(with_cookie, CLIENT_ADDR, 0.03)
+    assert server.datagrams_to_send(0.03) == [server_hello] and len(ep.connections) == 1
+    client.receive_datagram(server_hello, 0.04)
+    for d in client.datagrams_to_send(0.04):
+        ep.receive(d, CLIENT_ADDR, 0.05)
+    assert client.state == server.state == State.ENCRYPTED
+
+
+def test_client_authenticated_from_a_new_address_moves_the_half_open_connection():
+    """The client's address changes between its hello and its first protected record (which
+    starts with CLIENT_AUTH for an allow-list server): that record authenticates, completes
+    the handshake and moves the connection; a forged record from the old address afterwards
+    is a stranger's."""
+    private = identity.generate_private_key()
+    public = identity.public_key(private)
+    client, ep, server, _, server_hello = _half_open(Config(static_key=private),
+                                                     Config(allowed_clients=[public]))
+    client.receive_datagram(server_hello, 0.01)
+    moved = ("192.0.2.201", 62000)
+    for d in client.datagrams_to_send(0.01):
+        ep.receive(d, moved, 0.02)
+    assert server.state == State.ENCRYPTED and server.peer_static_key == public
+    assert ep.peer_addr[server.local_cid] == moved and ep.stats.migrations == 1
+    ep.receive(_HDR.pack(60, server.local_cid, 1 << 20) + os.urandom(60), CLIENT_ADDR, 0.03)
+    assert server.state == State.ENCRYPTED and server.stats.discarded["auth"] == 1
 
 
 # --- end to end over loopback ---------------------------------------------------------------

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import stcp
-from stcp import blocking
+from stcp import blocking, wire
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 from tests.support.faults import Faults, FaultShim
@@ -202,7 +202,7 @@ def test_handshake_timeout_against_a_silent_port():
         with pytest.raises(HandshakeTimeout, match="0.5 s"):
             stcp.connect(silent.getsockname(), timeout=0.5)
         assert 0.45 <= time.monotonic() - t0 < 3
-        assert len(silent.recv(2048)) == 104           # it did hear a client hello
+        assert len(silent.recv(2048)) == wire.HANDSHAKE_RECORD_LEN     # it did hear a client hello
     finally:
         silent.close()
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import stcp
+from stcp import wire
 from stcp.cli.main import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.support.faults import Faults, FaultShim
@@ -222,7 +223,7 @@ def test_handshake_timeout_against_a_silent_server():
 
     try:
         run(main())
-        assert len(silent.recv(2048)) == 104        # it did hear a client hello
+        assert len(silent.recv(2048)) == wire.HANDSHAKE_RECORD_LEN     # it did hear a client hello
     finally:
         silent.close()
 

@@ -40,6 +40,7 @@ class Outcome:
     kind: str                     # "fail", "discard", "discarded", "stale", "drop_short", "drop_unknown_cid", ...
     code: Optional[int] = None    # close code for "fail"
     reason: str = ""              # Stats.discarded key for "discarded"
+    reset: bool = False           # drop_unknown_cid: answered with a stateless RESET
 
 
 def _unauthenticated(code: int, reason: str, from_peer: bool) -> Outcome:
@@ -59,10 +60,13 @@ def expected_outcome(conn: Connection, data: bytes, seen: "Seen", from_peer: boo
     length, cid, seq = _HDR.unpack_from(data)
     if length != len(data) - wire.HEADER_LEN:
         return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
-    if seq == 0:
-        if data == seen.hello:                  # the accepted hello, repeated
-            return Outcome("discard")
-        return Outcome("discarded", reason="handshake")     # never fatal at an ENCRYPTED connection
+    if seq == 0:                                # never fatal, from any address (§10.2)
+        if conn.is_client:
+            return Outcome("discard") if data == seen.hello else Outcome("discarded", reason="handshake")
+        if len(data) == wire.HANDSHAKE_RECORD_LEN and data[wire.HEADER_LEN] == wire.HS_CLIENT_HELLO and \
+                wire.client_hello_transcript_form(data) == wire.client_hello_transcript_form(seen.hello):
+            return Outcome("discard")           # the accepted hello, repeated (cookie aside)
+        return Outcome("discarded", reason="handshake")
     if cid != conn.local_cid:
         return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
     if len(data) > conn.config.max_datagram:
@@ -87,10 +91,15 @@ def expected_at_endpoint(world: "World", data: bytes, addr=CLIENT_ADDR) -> Tuple
     endpoint = world.endpoint
     if len(data) < wire.HEADER_LEN:
         return Outcome("drop_short"), None
-    _, cid, seq = _HDR.unpack_from(data)
+    length, cid, seq = _HDR.unpack_from(data)
     if seq == 0 and cid == 0:
+        if len(data) == 104 and length == 80 and data[24:26] == b"\x01\x01":
+            return Outcome("reject"), None      # a version 1 hello: REJECT_VERSION in its layout
+        if length != len(data) - wire.HEADER_LEN or len(data) != wire.HANDSHAKE_RECORD_LEN:
+            return Outcome("drop_bad_hello"), None
+        if data[24] == wire.HS_CLIENT_HELLO and data[25] != wire.PROTOCOL_VERSION:
+            return Outcome("reject" if any(data[32:40]) else "drop_bad_hello"), None
         try:
-            wire.parse_header(data)
             hello = wire.decode_hello(data[wire.HEADER_LEN:])
         except MalformedRecord:
             return Outcome("drop_bad_hello"), None
@@ -101,8 +110,9 @@ def expected_at_endpoint(world: "World", data: bytes, addr=CLIENT_ADDR) -> Tuple
                 return expected_outcome(conn, data, world.seen[conn]), conn
         return Outcome("hello"), None
     conn = endpoint.connections.get(cid)
-    if conn is None:
-        return Outcome("drop_unknown_cid"), None
+    if conn is None:                            # a RESET for a well-formed data record, if larger
+        reset = seq != 0 and cid != 0 and length == len(data) - wire.HEADER_LEN and len(data) > 56
+        return Outcome("drop_unknown_cid", reset=reset), None
     return expected_outcome(conn, data, world.seen[conn], addr == world.addr[conn]), conn
 
 
@@ -261,14 +271,23 @@ def deliver_to_endpoint(world: World, data: bytes, addr=CLIENT_ADDR) -> None:
     assert all(ep.peer_addr.get(cid, a) == a for cid, a in addrs.items())    # nothing here authenticates
     assert moves == (FAILED if outcome.kind == "fail" else [(State.INIT, Event.RECV_HELLO)] * bool(new))
     after = vars(ep.stats)
-    if outcome.kind.startswith("drop_"):
-        counter = {"drop_short": "dropped_short", "drop_unknown_cid": "dropped_unknown_cid",
-                   "drop_bad_hello": "dropped_bad_hello"}[outcome.kind]
+    if outcome.kind.startswith("drop_") or outcome.kind == "reject":
+        counters = {"drop_short": ["dropped_short"], "drop_unknown_cid": ["dropped_unknown_cid"],
+                    "drop_bad_hello": ["dropped_bad_hello"],
+                    "reject": ["handshakes_rejected", "rejected_version"]}[outcome.kind]
+        counters += ["resets_sent"] if outcome.reset else []
         assert (got, new) == (None, False)
-        assert after[counter] == stats[counter] + 1
-        assert {k: v for k, v in after.items() if k != counter} == {k: v for k, v in stats.items() if k != counter}
+        for counter in counters:
+            assert after[counter] == stats[counter] + 1
+        assert {k: v for k, v in after.items() if k not in counters} == \
+            {k: v for k, v in stats.items() if k not in counters}
         assert len(ep.connections) == n_conns
         assert world.server_a.state == State.ENCRYPTED
+        # a stateless answer (REJECT, RESET) only where one is due, never larger than the datagram
+        replies = ep.replies[:]
+        ep.replies.clear()
+        assert len(replies) == (outcome.kind == "reject" or outcome.reset)
+        assert all(len(r) <= len(data) for r, _ in replies)
     elif outcome.kind == "hello":      # a well-formed hello: a new connection or a REJECT, nothing else
         assert world.server_a.state == State.ENCRYPTED
         if new:
@@ -296,13 +315,14 @@ def flip(data: bytes, bits: List[int]) -> bytes:
 
 
 _hello_payload = st.builds(
-    lambda kind, suite, flags, cid, pub, tail: wire.encode_hello(
-        wire.Hello(kind, 1, suite, cid, pub, confirm_tag=tail if kind == wire.HS_SERVER_HELLO else b"",
+    lambda kind, version, suite, flags, cid, pub, tail: wire.encode_hello(
+        wire.Hello(kind, version, suite, cid, pub, cookie=tail[:16], static_key=tail, confirm_tag=tail,
                    reject_code=flags)),
-    st.integers(1, 3), st.integers(0, 3), st.integers(0, 255), st.integers(0, (1 << 64) - 1),
-    st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
+    st.integers(1, 4), st.sampled_from([2, 2, 2, 1, 3]), st.integers(0, 3), st.integers(0, 255),
+    st.integers(0, (1 << 64) - 1), st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
 _payloads = st.one_of(st.binary(max_size=120), st.integers(16, 200).flatmap(
-    lambda n: st.binary(min_size=n, max_size=n)), _hello_payload)
+    lambda n: st.binary(min_size=n, max_size=n)), _hello_payload,
+    st.binary(min_size=16, max_size=16).map(lambda t: wire.encode_reset(t)[wire.HEADER_LEN:]))
 
 
 def header_shaped():
@@ -355,7 +375,7 @@ def test_bit_flipped_record_ends_only_its_connection(size, bits):
     record = world.fresh_client_record(size)
     flipped = flip(record, bits.draw(flips(8 * len(record))))
     outcome, _ = expected_at_endpoint(world, flipped)
-    assert outcome.kind in ("fail", "discard", "stale", "drop_unknown_cid")
+    assert outcome.kind in ("fail", "discard", "discarded", "stale", "drop_unknown_cid")
     if outcome.kind == "fail":
         assert outcome.code in (CloseCode.MALFORMED_RECORD, CloseCode.AUTH_FAILURE, CloseCode.KEY_UPDATE_ERROR,
                                 CloseCode.PROTOCOL_VIOLATION)
@@ -439,11 +459,16 @@ def deliver_to_endpoint_from(world: World, data: bytes, addr, peer_addr) -> None
 
 
 def test_client_hello_repeated_or_reused_at_the_endpoint():
-    """§4.3: the same hello again is discarded once ENCRYPTED; another hello from the same address
-    with the same client CID (issue 12: a changed CLIENT_HELLO re-sent under an established
-    client CID) is discarded and counted too, never fatal."""
+    """§4.3: the same hello again (with or without a cookie) is discarded once ENCRYPTED;
+    another hello from the same address with the same client CID (a changed CLIENT_HELLO
+    re-sent under an established client CID) is discarded and counted too: no handshake
+    record ends a connection (§10.2)."""
     world = World()
-    deliver_to_endpoint(world, world.seen[world.server_a].hello)
+    hello = world.seen[world.server_a].hello
+    deliver_to_endpoint(world, hello)
+    with_cookie = hello[:72] + b"\x5a" * 16 + hello[88:]
+    assert expected_at_endpoint(world, with_cookie)[0] == Outcome("discard")
+    deliver_to_endpoint(world, with_cookie)
     assert world.server_a.state == State.ENCRYPTED
     other = Connection.client(world.client_a.config, 0.0).datagrams_to_send(0.0)[0]
     reused = other[:32] + world.client_a.local_cid.to_bytes(8, "big") + other[40:]
@@ -535,6 +560,77 @@ def test_server_hello_repeated_at_an_established_client_is_discarded():
     assert world.client_a.state == State.ENCRYPTED
 
 
+# --- the version 2 handshake layouts (section 4) ---------------------------------------------------
+_key = st.binary(min_size=32, max_size=32)
+hello_st = st.one_of(
+    st.builds(lambda v, s, cid, e, c: wire.Hello(wire.HS_CLIENT_HELLO, v, s, cid, e, cookie=c),
+              st.integers(0, 255), st.integers(0, 255), st.integers(1, (1 << 64) - 1), _key,
+              st.binary(min_size=16, max_size=16)),
+    st.builds(lambda v, s, cid, f, st_, tag: wire.Hello(wire.HS_SERVER_HELLO, v, s, cid, f, static_key=st_,
+                                                        confirm_tag=tag),
+              st.integers(0, 255), st.integers(0, 255), st.integers(0, (1 << 64) - 1), _key, _key, _key),
+    st.builds(lambda v, s, code: wire.Hello(wire.HS_REJECT, v, s, reject_code=code),
+              st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+    st.builds(lambda v, s, c: wire.Hello(wire.HS_COOKIE, v, s, cookie=c),
+              st.integers(0, 255), st.integers(0, 255), st.binary(min_size=16, max_size=16)),
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(hello=hello_st)
+def test_handshake_payloads_round_trip(hello):
+    payload = wire.encode_hello(hello)
+    assert len(payload) == wire.HANDSHAKE_PAYLOAD_LEN
+    assert wire.decode_hello(payload) == hello
+    assert payload[0] == hello.kind and payload[1] == hello.version and payload[2] == hello.suite
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(payload=st.one_of(st.binary(min_size=112, max_size=112), st.binary(max_size=140),
+                         hello_st.map(wire.encode_hello)), bits=st.data())
+def test_decode_hello_raises_only_malformed_and_keeps_what_it_reads(payload, bits):
+    """Any bytes: MalformedRecord or a Hello whose re-encoding differs from the input only in
+    the bytes section 4.1 tells receivers to ignore (flags but a REJECT's, reserved, unused)."""
+    if payload and bits.draw(st.booleans()):
+        payload = flip(payload, bits.draw(flips(8 * len(payload))))
+    try:
+        hello = wire.decode_hello(payload)
+    except MalformedRecord:
+        return
+    again = wire.encode_hello(hello)
+    ignored = {3, 4, 5, 6, 7} if hello.kind != wire.HS_REJECT else {4, 5, 6, 7}
+    if hello.kind in (wire.HS_REJECT, wire.HS_COOKIE):
+        ignored |= set(range(8, 16)) | set(range(8 if hello.kind == wire.HS_REJECT else 32, 112))
+    assert all(a == b for i, (a, b) in enumerate(zip(payload, again)) if i not in ignored)
+    if hello.kind == wire.HS_CLIENT_HELLO:
+        assert hello.sender_cid != 0 and not any(payload[64:])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(hello=hello_st.filter(lambda h: h.kind == wire.HS_CLIENT_HELLO), cookie=st.binary(min_size=16, max_size=16))
+def test_the_transcript_form_ignores_the_cookie_and_nothing_else(hello, cookie):
+    record = wire.pack_header(112, 0, 0) + wire.encode_hello(hello)
+    other = wire.pack_header(112, 0, 0) + wire.encode_hello(wire.Hello(
+        hello.kind, hello.version, hello.suite, hello.sender_cid, hello.public_key, cookie=cookie))
+    assert wire.client_hello_transcript_form(record) == wire.client_hello_transcript_form(other)
+    for i in (24, 25, 26, 27, 40, 71, 88):        # type, version, suite, flags, cid, E, padding
+        changed = record[:i] + bytes([record[i] ^ 1]) + record[i + 1:]
+        assert wire.client_hello_transcript_form(changed) != wire.client_hello_transcript_form(record)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(token=st.binary(min_size=16, max_size=16), data=st.binary(max_size=120), bits=st.data())
+def test_reset_and_v1_recognition(token, data, bits):
+    reset = wire.encode_reset(token)
+    assert wire.reset_token_of(reset) == token and wire.v1_client_hello_cid(reset) is None
+    damaged = flip(reset, bits.draw(flips(8 * 26)))              # header, type or version
+    assert wire.reset_token_of(damaged) is None
+    got = wire.reset_token_of(data)
+    assert got is None or (len(data) == 56 and data[-16:] == got)
+    cid = wire.v1_client_hello_cid(data)
+    assert cid is None or (len(data) == 104 and data[24:26] == b"\x01\x01")
+
+
 # --- decode_frames ----------------------------------------------------------------------------------
 frame_st = st.one_of(
     st.builds(wire.PaddingFrame, st.integers(1, 20)),
@@ -545,6 +641,8 @@ frame_st = st.one_of(
     st.builds(wire.CloseFrame, st.integers(0, 0xFFFF), st.text(max_size=40)),
     st.lists(st.integers(0, 1 << 40), min_size=1, max_size=80, unique=True).map(
         lambda pns: wire.AckFrame(tuple(_ranges(pns)))),
+    st.builds(wire.ClientAuthFrame, st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32)),
+    st.builds(wire.ResetTokenFrame, st.binary(min_size=16, max_size=16)),
 )
 
 

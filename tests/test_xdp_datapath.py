@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
+from stcp import wire
 from tests.support.netns import ns_socket, veth_pair
 from tests.support.packets import csum, data_record, hello, record, udp_frame
 from tests.support.xdpenv import PORT, Env, deltas, expect_verdicts
@@ -64,7 +65,7 @@ def _bad(name: str) -> List[bytes]:
         "drop_too_long": [data_record(KNOWN_CID, MAX_RECORD + 1), data_record(KNOWN_CID, MAX_RECORD + 24)],
         "drop_unknown_cid": [data_record(0xDEADBEEF), data_record(KNOWN_CID + 1), data_record(0, seq=5)],
         "drop_bad_handshake": [hello(kind=2), hello(kind=3), hello(kind=0), hello(cid=7), hello(n=79),
-                               hello(n=81), record(16, 0, 0, bytes(16))],
+                               hello(n=81), hello(n=111), hello(n=113), record(16, 0, 0, bytes(16))],
     }[name]
 
 
@@ -110,6 +111,16 @@ def test_vlan_tagged_frames_are_parsed(env, fam):
     unknown = env.frame(fam, data_record(0x5555), vlan=100)
     expect_verdicts(env, lambda: [env.send_frame(f) for f in (bad, ok, unknown)],
                     {"drop_short_header": 1, "pass_data": 1, "drop_unknown_cid": 1})
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_v2_and_v1_client_hellos_pass(env, fam):
+    """A version 2 hello (112-byte payload) and a version 1 one (80 bytes, which user space
+    answers with a REJECT a v1 client reads) both pass the rate limiter to the socket."""
+    v2, v1 = hello(), hello(n=wire.V1_HANDSHAKE_PAYLOAD_LEN)
+    expect_verdicts(env, lambda: [env.send(fam, p) for p in (v2, v1)], {"pass_handshake": 2})
+    assert sorted(g[0] for g in env.recv_wait(2)) == sorted([v2, v1])
 
 
 @pytest.mark.root

@@ -137,8 +137,8 @@ S_KIND = _pick("hello", "data", "raw", weights=[2, 2, 1])
 S_RAW = st.binary(max_size=120)
 S_HELLO_CID = _pick(0, 7, weights=[3, 1])
 S_HELLO_TYPE = _pick(1, 2, 3, 0, weights=[3, 1, 1, 1])
-S_HELLO_LEN = _pick(80, 79, 81, 0, weights=[3, 1, 1, 1])
-S_LEN_FIELD = _pick("right", 80, 0, weights=[4, 1, 1])
+S_HELLO_LEN = _pick(112, 80, 111, 113, 79, 81, 0, weights=[3, 2, 1, 1, 1, 1, 1])
+S_LEN_FIELD = _pick("right", 112, 80, 0, weights=[4, 1, 1, 1])
 S_DATA_LEN = _pick(0, 15, 16, 17, 64, 99, 100, 101, 1428, 1429) | st.integers(0, 1600)
 S_CID = st.sampled_from(CID_POOL) | st.integers(0, 2**64 - 1)
 S_SEQ = _pick(1, 1 << 48, 2**64 - 1) | st.integers(0, 2**64 - 1)
@@ -294,4 +294,4 @@ def test_bucket_key_matches_the_model(harness, v4, prefix, addr, bit):
 
 
 def model_hello() -> bytes:
-    return struct.pack("!QQQ", 80, 0, 0) + bytes([1]) + bytes(79)
+    return struct.pack("!QQQ", 112, 0, 0) + bytes([1]) + bytes(111)

@@ -123,15 +123,17 @@ def send_datagrams(sock: socket.socket, datagrams: List[bytes], addr: Optional[H
 
 
 def own_records(batch: list, cid: int) -> Tuple[list, int]:
-    """A client connection's share of a received batch: its data records and handshake records
-    naming it, as Connection.receive_datagrams takes them, and the number of datagrams dropped.
-    Stray or spoofed datagrams that name nothing of ours must not be able to end the
-    connection, just as the server endpoint drops them."""
+    """A client connection's share of a received batch: its data records, handshake records
+    naming it and stateless RESETs (cid 0: the server that sends one no longer knows ours;
+    the connection checks its token), as Connection.receive_datagrams takes them, and the
+    number of datagrams dropped. Stray or spoofed datagrams that name nothing of ours must
+    not be able to end the connection, just as the server endpoint drops them."""
     mine: list = []
     dropped = 0
     cid_bytes = cid.to_bytes(8, "big")
     for group_cid, _, entries in group_by_cid(batch):
-        if group_cid == cid or (group_cid == -1 and entries[0][8:16] == cid_bytes):
+        if group_cid == cid or (group_cid == -1 and (entries[0][8:16] == cid_bytes or (
+                len(entries[0]) == wire.RESET_RECORD_LEN and entries[0][8:24] == bytes(16)))):
             mine += entries
         else:
             dropped += wire.count_datagrams(entries)
@@ -392,9 +394,9 @@ class ServerDriver(Driver):
 
     def route_batch(self, batch, now: float) -> Iterable[Connection]:
         touched, new = self.endpoint.receive_batch(batch, now)
-        if self.endpoint.rejects:
-            self.outbox.entries.extend((d, addr, 0) for d, addr in self.endpoint.rejects)
-            self.endpoint.rejects.clear()
+        if self.endpoint.replies:          # REJECT, COOKIE, RESET: stateless answers
+            self.outbox.entries.extend((d, addr, 0) for d, addr in self.endpoint.replies)
+            self.endpoint.replies.clear()
         for conn in new:
             self._on_new(conn)
         return touched

@@ -20,7 +20,7 @@ class Verdict(enum.IntEnum):
     DROP_FRAGMENT = 7       # first IP fragment of an STCP datagram; any later fragment of a UDP datagram
     DROP_UNKNOWN_CID = 8    # data record whose CID is not in the live-connection table
     DROP_HS_RATE = 9        # client hello over its source prefix's token bucket
-    DROP_BAD_HANDSHAKE = 10  # seq 0 but not an 80-byte client hello with cid 0
+    DROP_BAD_HANDSHAKE = 10  # seq 0 but not a v2 (112) or v1 (80) client hello, cid 0
     DROP_BAD_UDP = 11       # UDP length field < 8 or past the end of the frame
     DROP_WRONG_WORKER = 12  # afxdp: a live CID whose worker does not own the RX queue it came in on
     DROP_UNPARSED = 13      # headers not walkable to the UDP port: truncated or malformed, a third

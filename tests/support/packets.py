@@ -6,6 +6,8 @@ import ipaddress
 import struct
 from typing import Optional
 
+from stcp import wire
+
 
 def record(length: int, cid: int, seq: int, payload: bytes) -> bytes:
     return struct.pack("!QQQ", length, cid, seq) + payload
@@ -15,7 +17,7 @@ def data_record(cid: int, n: int = 32, seq: int = 1) -> bytes:
     return record(n, cid, seq, bytes(n))
 
 
-def hello(cid: int = 0, kind: int = 1, n: int = 80) -> bytes:
+def hello(cid: int = 0, kind: int = 1, n: int = wire.HANDSHAKE_PAYLOAD_LEN) -> bytes:
     return record(n, cid, 0, bytes([kind]) + bytes(n - 1))
 
 

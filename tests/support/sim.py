@@ -84,9 +84,9 @@ class Pair:
         for conn in self.server_conns:
             for d in conn.datagrams_to_send(self.now):
                 self.down.send(d, self.now)
-        for d, _ in self.server.rejects:
+        for d, _ in self.server.replies:
             self.down.send(d, self.now)
-        self.server.rejects.clear()
+        self.server.replies.clear()
 
     def step(self) -> bool:
         """Advance to the next delivery or timer; return False when nothing is left to happen."""

@@ -168,7 +168,8 @@ def verdict(frame: bytes, cfg: Config, state: State) -> Verdict:
     if length != len(payload) - wire.HEADER_LEN:
         return Verdict.DROP_BAD_LENGTH
     if seq == 0:
-        if length != wire.HANDSHAKE_PAYLOAD_LEN or cid != 0 or payload[wire.HEADER_LEN] != wire.HS_CLIENT_HELLO:
+        if length not in (wire.HANDSHAKE_PAYLOAD_LEN, wire.V1_HANDSHAKE_PAYLOAD_LEN) or cid != 0 \
+                or payload[wire.HEADER_LEN] != wire.HS_CLIENT_HELLO:
             return Verdict.DROP_BAD_HANDSHAKE
         return state.hello(hello_key(l3.src, l3.v4, cfg)) or Verdict.PASS_HANDSHAKE
     if length < wire.AEAD_TAG_LEN:
