@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from stcp import _udpio
+from stcp.datapath.bpf import libbpf
 from stcp.datapath.reuseport import (BPF_PROG_TYPE_SK_REUSEPORT, SO_ATTACH_REUSEPORT_EBPF, ReuseportError,
-                                     ReuseportSteering, _libbpf)
+                                     ReuseportSteering)
 
 BATCH = 256
 SOURCES = 64
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     except ReuseportError as e:
         print(f"reuseport_steer: {e}", file=sys.stderr)
         return 1
-    lib = _libbpf()
+    lib = libbpf()
     lib.bpf_enable_stats.argtypes, lib.bpf_enable_stats.restype = [ctypes.c_int], ctypes.c_int
     stats_fd = lib.bpf_enable_stats(BPF_STATS_RUN_TIME)
     if stats_fd < 0:

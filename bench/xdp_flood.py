@@ -118,10 +118,10 @@ def bpf_prog_stats(prog_id: int) -> dict:
     if r.returncode == 0:
         j = json.loads(r.stdout)
         return {"run_time_ns": j.get("run_time_ns", 0), "run_cnt": j.get("run_cnt", 0), "via": "bpftool"}
-    from stcp.datapath import xdp
-    fd = xdp._prog_fd_by_id(prog_id)
+    from stcp.datapath import bpf
+    fd = bpf.prog_fd_by_id(prog_id)
     try:
-        i = xdp.prog_info(fd)
+        i = bpf.prog_info(fd)
         return {"run_time_ns": i["run_time_ns"], "run_cnt": i["run_cnt"], "via": "bpf_obj_get_info_by_fd"}
     finally:
         os.close(fd)
@@ -299,11 +299,12 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
     from bcc import BPF
-    from stcp.datapath import xdp
+    from stcp.datapath import bpf, xdp_prog
+    from stcp.datapath.xdp import XdpDatapath
     from tests.support.packets import data_record, hello, udp_frame
     from tests.support.testrun import Opts
 
-    lib = xdp._Libbpf.lib()
+    lib = bpf.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
 
     def run(fd: int, pkt: bytes) -> tuple:
@@ -315,12 +316,12 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
         return {1: "drop", 2: "pass"}.get(o.retval, o.retval), o.duration
 
     trivial = BPF(text=b"int drop(struct xdp_md *ctx) { return XDP_DROP; }")
-    b, fn = xdp._compile(xdp.DEFAULT_MAX_CIDS, xdp.DEFAULT_HS_SOURCES)
-    h = xdp._open_prog(xdp.prog_info(fn.fd)["id"])
+    b, fn = xdp_prog.compile_prog()
+    h = xdp_prog.open_prog(bpf.prog_info(fn.fd)["id"])
     try:
-        xdp._write_config(h, PORT, xdp.DEFAULT_MAX_RECORD_LEN, xdp.DEFAULT_HS_RATE, xdp.DEFAULT_HS_BURST)
-        dp = xdp.XdpDatapath.__new__(xdp.XdpDatapath)      # just for add_cid on these maps
-        dp._h, dp._lock, dp._cids = h, __import__("threading").Lock(), set()
+        xdp_prog.write_config(h, PORT, xdp_prog.DEFAULT_MAX_RECORD_LEN, xdp_prog.DEFAULT_HS_RATE,
+                              xdp_prog.DEFAULT_HS_BURST)
+        dp = XdpDatapath("test", 0, "none", h, False, None, None)   # just for add_cid on these maps
         for i in range(10_000):                             # a populated table
             dp.add_cid(0x5EED0000_00000000 + i * 7919)
         live = 0x5EED0000_00000000
@@ -342,7 +343,7 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
         return out
     finally:
         h.close()
-        xdp._release_bcc(b)
+        xdp_prog.release_bcc(b)
         trivial.cleanup()
 
 
@@ -489,7 +490,8 @@ def main(argv=None) -> int:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(REPO))
-    from stcp.datapath.xdp import XdpSetupError, check_toolchain
+    from stcp.datapath.errors import XdpSetupError
+    from stcp.datapath.xdp_prog import check_toolchain
     try:
         check_toolchain()
     except XdpSetupError as e:

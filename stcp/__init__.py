@@ -1,17 +1,17 @@
 """STCP: a secure transport in which encryption is part of the transport itself.
 
     reader, writer = await stcp.open_connection("127.0.0.1", 7443)
-    server = await stcp.start_server(handler, "127.0.0.1", 7443)
+    server = await stcp.serve(handler, "127.0.0.1", 7443)      # datapath="socket"|"xdp"|"afxdp"
     with stcp.connect(("127.0.0.1", 7443)) as conn: conn.sendall(b"hello")
 """
 __version__ = "0.1.0"
 
-from .api import (Server, StreamReader, StreamWriter, make_config, open_connection,  # noqa: E402
-                  start_server)
+from .api import StreamReader, StreamWriter, make_config, open_connection  # noqa: E402
 from .blocking import BlockingConnection, connect  # noqa: E402
 from .connection import Config  # noqa: E402
 from .errors import (ConnectionTerminated, HandshakeTimeout, NotEncrypted, STCPError)  # noqa: E402
+from .server import Server, serve, start_server  # noqa: E402
 
-__all__ = ["open_connection", "start_server", "connect", "make_config", "Config", "Server", "StreamReader",
-           "StreamWriter", "BlockingConnection", "STCPError", "ConnectionTerminated", "HandshakeTimeout",
-           "NotEncrypted"]
+__all__ = ["open_connection", "serve", "start_server", "connect", "make_config", "Config", "Server",
+           "StreamReader", "StreamWriter", "BlockingConnection", "STCPError", "ConnectionTerminated",
+           "HandshakeTimeout", "NotEncrypted"]

@@ -1,19 +1,18 @@
-"""The asyncio user API: `open_connection` and `start_server`, shaped like their asyncio
+"""The asyncio user API: `open_connection`, and the stream reader and writer a connection is
+used through (a server's handler gets them from stcp.server), shaped like their asyncio
 namesakes (the blocking `connect` is in stcp.blocking).
 """
 from __future__ import annotations
 
 import asyncio
-import socket
-from typing import Awaitable, Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 from . import wire
 from .chunks import ChunkBuffer
 from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
                          StreamFinished)
-from .datapath.socket import ClientDriver, Driver, ServerDriver, connect_udp, resolve
-from .endpoint import ServerEndpoint
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
+from .datapath.socket import ClientDriver, Driver, connect_udp
+from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 
 DEFAULT_PORT = 7443
 WRITE_HIGH_WATER = 4 << 20     # drain() waits while more than this is unacknowledged
@@ -318,119 +317,3 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Option
         driver.close()
         raise
     return handle.reader, handle.writer
-
-
-# --- server -----------------------------------------------------------------
-Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
-
-
-class Server:
-    def __init__(self, loop, driver: ServerDriver, handler: Handler, hooks=()):
-        self._loop = loop
-        self.driver = driver
-        self._handler = handler
-        self._tasks: set = set()
-        self._closed = loop.create_future()
-        self.hooks = list(hooks)
-
-    def _notify(self, name: str, *args) -> None:
-        for hook in self.hooks:
-            method = getattr(hook, name, None)
-            if method is not None:
-                method(*args)
-
-    @property
-    def sockets(self) -> List[socket.socket]:
-        return [self.driver.sock]
-
-    @property
-    def endpoint(self) -> ServerEndpoint:
-        return self.driver.endpoint
-
-    def _on_new(self, conn: Connection) -> None:
-        handle = ConnectionHandle(self.driver, conn)
-        self._notify("connection_created", conn)
-        handle.established.add_done_callback(lambda fut: self._start(handle, fut))
-
-    def _on_ended(self, conn: Connection) -> None:
-        self._notify("connection_ended", conn)
-
-    def _start(self, handle: ConnectionHandle, fut: asyncio.Future) -> None:
-        if fut.cancelled() or fut.exception() is not None:
-            return
-        self._notify("connection_established", handle.conn, fut.result().duration)
-        result = self._handler(handle.reader, handle.writer)
-        if asyncio.iscoroutine(result):
-            task = self._loop.create_task(self._run_handler(handle, result))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _run_handler(self, handle: ConnectionHandle, coro) -> None:
-        try:
-            await coro
-        except (ConnectionTerminated, asyncio.IncompleteReadError):
-            pass                      # the connection ended; its close reason is already recorded
-        except Exception as exc:       # a handler bug ends its own connection, never the server
-            handle.conn.close(CloseCode.INTERNAL_ERROR, f"handler failed: {type(exc).__name__}")
-            handle.touch()
-
-    def close(self) -> None:
-        if not self._closed.done():
-            self.driver.close()
-            for task in self._tasks:
-                task.cancel()
-            self._closed.set_result(None)
-
-    async def wait_closed(self) -> None:
-        await asyncio.shield(self._closed)
-
-    async def serve_forever(self) -> None:
-        await asyncio.shield(self._closed)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        self.close()
-        await self.wait_closed()
-
-
-def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A UDP socket bound to host:port (dual-stack for IPv6); reuse_port lets several worker
-    processes send from the same port."""
-    family, sockaddr = resolve(host, port)
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind(sockaddr)
-    except OSError as exc:
-        sock.close()
-        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
-async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
-                       config: Optional[Config] = None, cipher: Optional[str] = None,
-                       sock: Optional[socket.socket] = None, hooks=(),
-                       max_connections: int = 100_000, gro: bool = True) -> Server:
-    """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
-
-    gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
-    generic (skb) mode guards the port: generic XDP runs after GRO and would drop the
-    coalesced datagrams as malformed records (`stcp serve --datapath xdp` does this itself).
-
-    Each of `hooks` may define connection_created(conn) (server hello sent),
-    connection_established(conn, handshake_seconds) and connection_ended(conn) (CLOSED;
-    conn.close_info says why). They run on the loop; the kernel datapath keeps its table of
-    live connection IDs in step through them, and metrics count through them.
-    """
-    loop = asyncio.get_running_loop()
-    config = config or make_config(cipher)
-    sock = sock or bind_udp(host, port)
-    endpoint = ServerEndpoint(config, max_connections=max_connections)
-    server = Server(loop, None, handler, hooks)
-    server.driver = ServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, gro=gro)
-    return server

@@ -20,7 +20,7 @@ import pytest
 
 import stcp
 from stcp import identity, wire
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.connection import Config, Connection
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode

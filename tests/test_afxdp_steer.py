@@ -61,34 +61,35 @@ class Prog:
     """The afxdp program variant, loaded (not attached), run on crafted frames."""
 
     def __init__(self, ns: str, ifname: str):
-        from stcp.datapath import xdp
-        self.xdp = xdp
+        from stcp.datapath import bpf, xdp_prog
+        from stcp.datapath.xdp import XdpDatapath
+        self.xdp = xdp_prog
         self.ns = ns
-        self.b, fn = xdp._compile(xdp.DEFAULT_MAX_CIDS, xdp.DEFAULT_HS_SOURCES, afxdp=True)
-        self.h = xdp._open_prog(xdp.prog_info(fn.fd)["id"])
-        self.dp = xdp.XdpDatapath("test", 0, "none", self.h, False, None, None)   # for add_cid on these maps
+        self.b, fn = xdp_prog.compile_prog(afxdp=True)
+        self.h = xdp_prog.open_prog(bpf.prog_info(fn.fd)["id"])
+        self.dp = XdpDatapath("test", 0, "none", self.h, False, None, None)   # for add_cid on these maps
         with in_ns(ns):
             self.ifindex = socket.if_nametoindex(ifname)
             # a socket on every queue, so a delivered record shows as XDP_REDIRECT
             self.xsks = [_xsk.XskSocket(ifname, q, frame_count=64, ring_size=64) for q in range(QUEUES)]
-        from stcp.datapath.afxdp import _find_xskmap
-        mfd = _find_xskmap(self.dp)
+        from stcp.datapath.afxdp import find_xskmap
+        mfd = find_xskmap(self.dp)
         try:
             for q, x in enumerate(self.xsks):
-                xdp._map_update(mfd, q.to_bytes(4, "little"), x.fileno().to_bytes(4, "little"))
+                bpf.map_update(mfd, q.to_bytes(4, "little"), x.fileno().to_bytes(4, "little"))
         finally:
             os.close(mfd)
-        self.lib = xdp._Libbpf.lib()
+        self.lib = bpf.libbpf()
         self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
         self.configure(0)
 
     def configure(self, nworkers: int) -> None:
         x = self.xdp
-        x._write_config(self.h, PORT, x.DEFAULT_MAX_RECORD_LEN, 1_000_000, 1_000_000, nworkers)
+        x.write_config(self.h, PORT, x.DEFAULT_MAX_RECORD_LEN, 1_000_000, 1_000_000, nworkers)
 
     def run(self, frame: bytes, queue: int) -> tuple:
         """(XDP action, the verdict whose counter moved) for frame arriving on queue."""
-        before = self.xdp._read_counters(self.h)
+        before = self.xdp.read_counters(self.h)
         buf = ctypes.create_string_buffer(frame, len(frame))
         out = ctypes.create_string_buffer(len(frame) + 256)
         md = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=self.ifindex, rx_queue_index=queue)
@@ -98,7 +99,7 @@ class Prog:
         with in_ns(self.ns):              # ingress_ifindex is looked up in the caller's namespace
             rc = self.lib.bpf_prog_test_run_opts(self.h.prog_fd, ctypes.byref(o))
         assert rc == 0, f"BPF_PROG_TEST_RUN failed: {os.strerror(-rc if rc < 0 else ctypes.get_errno())}"
-        after = self.xdp._read_counters(self.h)
+        after = self.xdp.read_counters(self.h)
         moved = [k for k in after if after[k][0] != before[k][0]]
         assert len(moved) == 1, moved
         return o.retval, moved[0]
@@ -107,7 +108,7 @@ class Prog:
         for x in self.xsks:
             x.close()
         self.dp.close()
-        self.xdp._release_bcc(self.b)
+        self.xdp.release_bcc(self.b)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 import stcp
 from stcp import blocking, wire
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 from tests.support.faults import Faults, FaultShim
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from stcp import wire
-from stcp.datapath import verdicts, xdp
+from stcp.datapath import verdicts
+from stcp.datapath import xdp_prog as xdp
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "stcp_wire.h"
 
@@ -93,14 +94,14 @@ def test_verdicts_dense_and_named():
 
 
 def test_struct_layouts_match_c():
-    """struct stcp_config / stcp_counter as declared in C vs the struct formats in xdp.py."""
+    """struct stcp_config / stcp_counter as declared in C vs the struct formats in xdp_prog.py."""
     src = _text()
     cfg = re.search(r"struct stcp_config\s*\{(.*?)\};", src, flags=re.S).group(1)
     fields = re.findall(r"__u(\d+)\s+\w+;", cfg)
     fmt = "=" + "".join({"32": "I", "64": "Q"}[f] for f in fields)
-    assert struct.calcsize(fmt) == xdp._CONFIG.size and fmt == xdp._CONFIG.format
+    assert struct.calcsize(fmt) == xdp.CONFIG.size and fmt == xdp.CONFIG.format
     cnt = re.search(r"struct stcp_counter\s*\{(.*?)\};", src, flags=re.S).group(1)
-    assert re.findall(r"__u(\d+)\s+\w+;", cnt) == ["64", "64"] and xdp._COUNTER.size == 16
+    assert re.findall(r"__u(\d+)\s+\w+;", cnt) == ["64", "64"] and xdp.COUNTER.size == 16
 
 
 def test_cid_worker_bits():

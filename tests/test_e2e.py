@@ -12,7 +12,7 @@ import pytest
 
 import stcp
 from stcp import wire
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.support.faults import Faults, FaultShim
 from tests.support.poll import await_until
@@ -293,7 +293,7 @@ sys.modules["stcp._udpio"] = None          # as if the batch-I/O extensions were
 sys.modules["stcp._demux"] = None
 import stcp
 from stcp import crypto, endpoint
-from stcp.cli.main import echo_handler
+from stcp.cli.serve import echo_handler
 from stcp.datapath import socket as sd
 assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint._group_by_cid
 

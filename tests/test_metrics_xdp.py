@@ -181,10 +181,10 @@ def test_status_and_metrics_agree(xdp_env):
 def test_run_time_counters_while_bpf_stats_are_on(xdp_env):
     """kernel BPF statistics, enabled only while this test holds the fd (BPF_ENABLE_STATS)."""
     from prometheus_client import generate_latest
-    from stcp.datapath import xdp
+    from stcp.datapath import bpf
     from stcp.metrics import loader_registry
     a, _b, _dp, _tx = xdp_env
-    lib = xdp._Libbpf.lib()
+    lib = bpf.libbpf()
     lib.bpf_enable_stats.argtypes = [ctypes.c_int]
     fd = lib.bpf_enable_stats(0)                # BPF_STATS_RUN_TIME
     if fd < 0:

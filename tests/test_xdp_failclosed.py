@@ -292,10 +292,10 @@ def test_source_bucket_comes_before_the_global_one(fresh):
 
 @pytest.mark.root
 def test_loader_writes_and_reads_the_hello_fields(prog):
-    from stcp.datapath import xdp
+    from stcp.datapath import xdp_prog as xdp
     prog.configure(hs_prefix4=28, hs_prefix6=56, hs_global_rate=500, hs_global_burst=700)
     try:
-        cfg = xdp._read_config(prog.h)
+        cfg = xdp.read_config(prog.h)
         assert {k: cfg[k] for k in ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst")} == \
             {"hs_prefix4": 28, "hs_prefix6": 56, "hs_global_rate": 500, "hs_global_burst": 700}
         assert cfg["abi"] == xdp.MAP_ABI
@@ -303,7 +303,7 @@ def test_loader_writes_and_reads_the_hello_fields(prog):
         prog.configure()
     for bad in ({"hs_prefix4": 33}, {"hs_prefix6": 129}, {"hs_global_rate": -1}, {"hs_global_burst": -1}):
         with pytest.raises(xdp.XdpSetupError):
-            xdp._validate_limits(PORT, "auto", 1400, 20, 40, **bad)
+            xdp.validate_limits(PORT, "auto", 1400, 20, 40, **bad)
 
 
 # ---------------------------------------------------------------------------------------

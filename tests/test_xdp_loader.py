@@ -182,7 +182,8 @@ def test_not_root_is_one_line(tmp_path):
 
 
 def test_no_bpffs_message(tmp_path):
-    from stcp.datapath.xdp import XdpSetupError, ensure_bpffs
+    from stcp.datapath.errors import XdpSetupError
+    from stcp.datapath.xdp_prog import ensure_bpffs
     with pytest.raises(XdpSetupError, match=r"no bpffs: .* does not exist .*mount -t bpf bpf"):
         ensure_bpffs(str(tmp_path / "missing"))
 
@@ -198,10 +199,10 @@ def test_loader_and_serve_default_to_one_port():
     """`stcp-loader attach IFACE` filters the port `stcp serve` listens on unless either is told
     otherwise: both take wire.DEFAULT_PORT (the loader fell back to 4433, serve used 7443)."""
     from stcp import wire
-    from stcp.cli import loader, main
+    from stcp.cli import common, loader, main
     assert wire.DEFAULT_PORT == 7443               # docs/PROTOCOL.md §2, README, OPERATIONS.md
     attach = loader._parser().parse_args(["attach", "eth0"])
     serve = main.build_parser().parse_args(["serve"])
     assert attach.port == wire.DEFAULT_PORT
-    assert main.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
-    assert main.parse_hostport("0.0.0.0", wire.DEFAULT_PORT) == ("0.0.0.0", 7443)
+    assert common.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
+    assert common.parse_hostport("0.0.0.0", wire.DEFAULT_PORT) == ("0.0.0.0", 7443)

@@ -11,7 +11,6 @@ available on loopback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -31,21 +30,9 @@ def iface_of(host: str) -> str:
     raise RuntimeError(f"no interface has address {host}")
 
 
-class _CidHooks:
-    def __init__(self, dp):
-        self.dp = dp
-
-    def connection_created(self, conn) -> None:
-        self.dp.add_cid(conn.local_cid)
-
-    def connection_ended(self, conn) -> None:
-        self.dp.remove_cid(conn.local_cid)
-
-
 # The program's hello limits (20/s per source, 1000/s in all by default) would rate the
 # benchmark's sequential handshakes from one client, not the datapath: lift them here.
 XDP_LIMITS = {"hs_rate": 1_000_000, "hs_burst": 1_000_000, "hs_global_rate": 0}
-WORKER_ENV = "BENCH_AFXDP_WORKER"     # "W/N" in a worker process of bench.peers.stcp_afxdp2
 
 
 def driver_counters(driver, worker: int, nworkers: int) -> dict:
@@ -64,9 +51,11 @@ def driver_counters(driver, worker: int, nworkers: int) -> dict:
 
 
 def run_server(args) -> None:
-    from stcp.datapath import afxdp
+    """The server alone, or (started by run_supervisor) one of its workers."""
+    from stcp.server import serve
+    from stcp.supervisor import WorkerRole
 
-    worker = os.environ.get(WORKER_ENV)
+    role = WorkerRole.from_env()
 
     async def main():
         host, port = C.split_hostport(args.listen)
@@ -75,100 +64,65 @@ def run_server(args) -> None:
         iface = iface_of(host)
         if iface == "lo":
             raise RuntimeError("the afxdp peer needs a real interface (not available with --loopback)")
-        if worker:
-            w, n = (int(x) for x in worker.split("/"))
-            afxdp.die_with_parent()
-            dp = afxdp.AfxdpDatapath.join(iface, port, w, n)   # the supervisor's program
-        else:
-            w, n = 0, 1
-            dp = afxdp.AfxdpDatapath.open(iface, port, mode="native", xdp_kw=XDP_LIMITS)
+        w, n = (role.index, role.count) if role else (0, 1)
+        loop = asyncio.get_running_loop()
+        box: dict = {}
+        # installed before the server says it is ready: SIGUSR1 would otherwise kill
+        C.stats_on_sigusr1(loop, lambda: driver_counters(box["srv"].driver, w, n) if box else {}, name=str(w))
+        srv = box["srv"] = await serve(streams.handle, host, port, datapath="afxdp", iface=iface, xdp_mode="native",
+                                       xdp_limits=XDP_LIMITS, afxdp_tx=os.environ.get("BENCH_AFXDP_TX", "socket"),
+                                       worker=role)
         try:
-            srv = await dp.start_server(streams.handle, host, port, hooks=[_CidHooks(dp)],
-                                        tx=os.environ.get("BENCH_AFXDP_TX", "socket"))
-            loop = asyncio.get_running_loop()
-            C.stats_on_sigusr1(loop, lambda: driver_counters(srv.driver, w, n), name=str(w))
-            C.announce_ready(port)
+            if role is None:
+                C.announce_ready(port)
+            else:
+                role.notify_ready()
             stop = asyncio.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             await stop.wait()
-            srv.close()
         finally:
-            dp.close()                 # detach what we attached (a worker: forget its CIDs)
+            srv.close()                # detach what we attached (a worker: forget its CIDs)
     asyncio.run(main())
 
 
 def run_supervisor(args, nworkers: int) -> None:
-    """`stcp serve --datapath afxdp --workers N` with the benchmark's handler: attach the
-    afxdp program (hello limit lifted, which stcp's Supervisor does not offer), run N
+    """`stcp serve --datapath afxdp --workers N` with the benchmark's handler: a
+    stcp.server.WorkerPool (hello limit lifted, which `stcp serve` does not offer) running N
     worker processes of this module (worker W owns the AF_XDP sockets of the RX queues
-    q % N == W), print READY once every worker is; SIGUSR1 is passed on to the workers
-    (their counters), SIGTERM stops them and detaches. A worker that dies ends the server
-    (bench.run then reports the peer as failed) rather than being replaced."""
+    q % N == W); READY once every worker is; SIGUSR1 is passed on to the workers (their
+    counters), SIGTERM stops them and detaches. A worker that dies ends the server (bench.run
+    then reports the peer as failed) rather than being replaced."""
     import sys
-    import time
 
-    from stcp.datapath import afxdp
-    from stcp.datapath.xdp import XdpDatapath
+    from stcp.server import WorkerPool
+    from stcp.supervisor import WorkerCommand
 
     host, port = C.split_hostport(args.listen)
     iface = iface_of(host)
     if iface == "lo":
         raise RuntimeError("the afxdp peer needs a real interface (not available with --loopback)")
-    queues = afxdp.rx_queue_count(iface)
-    if queues < nworkers:
-        raise RuntimeError(f"{nworkers} workers need {nworkers} RX queues; {iface} has {queues} "
-                           "(bench.run --queues)")
-    afxdp.load_xsk()
-    xdp = XdpDatapath.attach(iface, port, "native", afxdp=True, nworkers=nworkers, **XDP_LIMITS)
-    procs: list[subprocess.Popen] = []
+    me = os.path.splitext(os.path.basename(sys.argv[0]))[0]
 
-    def forward(sig, _frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(sig)
+    def spawn(w: int, n: int) -> WorkerCommand:
+        return WorkerCommand([sys.executable, "-m", "bench.peers.stcp_afxdp", *sys.argv[1:]],
+                             {"BENCH_PROFILE_NAME": f"{me}-worker{w}"})
 
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGUSR1, forward)
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        for w in range(nworkers):
-            env = dict(os.environ, **{WORKER_ENV: f"{w}/{nworkers}",
-                                      "BENCH_PROFILE_NAME": f"{os.path.splitext(os.path.basename(sys.argv[0]))[0]}-worker{w}"})
-            procs.append(subprocess.Popen([sys.executable, "-m", "bench.peers.stcp_afxdp", *sys.argv[1:]],
-                                          stdout=subprocess.PIPE, text=True, env=env))
-        for w, p in enumerate(procs):
-            line = p.stdout.readline()
-            if not line.startswith("READY"):
-                raise RuntimeError(f"worker {w} did not start (exit {p.poll()}); see the server log")
-        print(f"stcp_afxdp: {nworkers} workers over {queues} RX queues of {iface}, XDP {xdp.mode} mode, "
-              f"all pinned where this process is", file=sys.stderr, flush=True)
-        C.announce_ready(port)
-        while not stopping:
-            dead = [w for w, p in enumerate(procs) if p.poll() is not None]
-            if dead:
-                raise RuntimeError(f"worker(s) {dead} exited")
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        prog_id = xdp.prog_id
-        xdp.close()
-        with contextlib.suppress(OSError):
-            os.unlink(f"/run/stcp-afxdp-{prog_id}.lock")
+    async def main():
+        pool = WorkerPool(spawn, port, iface=iface, workers=nworkers, xdp_mode="native", xdp_limits=XDP_LIMITS,
+                          max_restarts=0)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGUSR1, pool.signal_workers, signal.SIGUSR1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, pool.close)
+        try:
+            await pool.start()
+            C.announce_ready(port)
+            await pool.serve_forever()
+        finally:
+            pool.close()
+            await pool.wait_closed()
+    asyncio.run(main())
 
 
 def kernel_datapath_available(afxdp: bool) -> str | None:
@@ -182,8 +136,8 @@ def kernel_datapath_available(afxdp: bool) -> str | None:
     try:
         if afxdp:
             from stcp import _xsk  # noqa: F401
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
+        from stcp.datapath.xdp_prog import check_toolchain
+        check_toolchain()
     except Exception as e:  # noqa: BLE001
         return f"{what} datapath unavailable: {e}"
     return None
@@ -195,7 +149,7 @@ def available() -> str | None:
 
 def main(argv=None, workers: int = 1) -> None:
     def server(a):
-        if workers > 1 and not os.environ.get(WORKER_ENV):
+        if workers > 1:
             run_supervisor(a, workers)
         else:
             run_server(a)

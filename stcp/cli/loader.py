@@ -26,7 +26,7 @@ EXIT_SETUP = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..datapath import xdp
+    from ..datapath import xdp_prog
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--netns", default=argparse.SUPPRESS,
@@ -37,26 +37,26 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attach", parents=[common], help="compile, attach and pin the XDP program, then exit")
     a.add_argument("iface")
-    a.add_argument("--mode", choices=xdp.MODES, default="auto",
+    a.add_argument("--mode", choices=xdp_prog.MODES, default="auto",
                    help="native (driver), generic (skb), or auto: native, else generic (default)")
     a.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"STCP UDP port (default {DEFAULT_PORT})")
-    a.add_argument("--max-record-len", type=int, default=xdp.DEFAULT_MAX_RECORD_LEN,
-                   help=f"largest data record payload accepted (default {xdp.DEFAULT_MAX_RECORD_LEN})")
-    a.add_argument("--hs-rate", type=int, default=xdp.DEFAULT_HS_RATE,
-                   help=f"client hellos per second per source prefix (default {xdp.DEFAULT_HS_RATE})")
-    a.add_argument("--hs-burst", type=int, default=xdp.DEFAULT_HS_BURST,
-                   help=f"client hello burst per source prefix (default {xdp.DEFAULT_HS_BURST})")
-    a.add_argument("--hs-prefix4", type=int, default=xdp.DEFAULT_HS_PREFIX4,
-                   help=f"IPv4 sources share a hello bucket per /N (default {xdp.DEFAULT_HS_PREFIX4})")
-    a.add_argument("--hs-prefix6", type=int, default=xdp.DEFAULT_HS_PREFIX6,
-                   help=f"IPv6 sources share a hello bucket per /N (default {xdp.DEFAULT_HS_PREFIX6})")
-    a.add_argument("--hs-global-rate", type=int, default=xdp.DEFAULT_HS_GLOBAL_RATE,
+    a.add_argument("--max-record-len", type=int, default=xdp_prog.DEFAULT_MAX_RECORD_LEN,
+                   help=f"largest data record payload accepted (default {xdp_prog.DEFAULT_MAX_RECORD_LEN})")
+    a.add_argument("--hs-rate", type=int, default=xdp_prog.DEFAULT_HS_RATE,
+                   help=f"client hellos per second per source prefix (default {xdp_prog.DEFAULT_HS_RATE})")
+    a.add_argument("--hs-burst", type=int, default=xdp_prog.DEFAULT_HS_BURST,
+                   help=f"client hello burst per source prefix (default {xdp_prog.DEFAULT_HS_BURST})")
+    a.add_argument("--hs-prefix4", type=int, default=xdp_prog.DEFAULT_HS_PREFIX4,
+                   help=f"IPv4 sources share a hello bucket per /N (default {xdp_prog.DEFAULT_HS_PREFIX4})")
+    a.add_argument("--hs-prefix6", type=int, default=xdp_prog.DEFAULT_HS_PREFIX6,
+                   help=f"IPv6 sources share a hello bucket per /N (default {xdp_prog.DEFAULT_HS_PREFIX6})")
+    a.add_argument("--hs-global-rate", type=int, default=xdp_prog.DEFAULT_HS_GLOBAL_RATE,
                    help=f"client hellos per second from all sources together, 0 for no limit "
-                        f"(default {xdp.DEFAULT_HS_GLOBAL_RATE})")
-    a.add_argument("--hs-global-burst", type=int, default=xdp.DEFAULT_HS_GLOBAL_BURST,
-                   help=f"client hello burst from all sources together (default {xdp.DEFAULT_HS_GLOBAL_BURST})")
-    a.add_argument("--max-cids", type=int, default=xdp.DEFAULT_MAX_CIDS,
-                   help=f"capacity of the live-connection table (default {xdp.DEFAULT_MAX_CIDS})")
+                        f"(default {xdp_prog.DEFAULT_HS_GLOBAL_RATE})")
+    a.add_argument("--hs-global-burst", type=int, default=xdp_prog.DEFAULT_HS_GLOBAL_BURST,
+                   help=f"client hello burst from all sources together (default {xdp_prog.DEFAULT_HS_GLOBAL_BURST})")
+    a.add_argument("--max-cids", type=int, default=xdp_prog.DEFAULT_MAX_CIDS,
+                   help=f"capacity of the live-connection table (default {xdp_prog.DEFAULT_MAX_CIDS})")
     a.add_argument("--force", action="store_true", help="replace an XDP program already attached")
 
     d = sub.add_parser("detach", parents=[common], help="remove the XDP program and its pins")
@@ -100,10 +100,10 @@ def _fmt_status(st: dict) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..datapath import xdp
+    from ..datapath import xdp_admin
 
     if args.command == "attach":
-        st = xdp.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force,
+        st = xdp_admin.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force,
                         netns=args.netns, hs_rate=args.hs_rate, hs_burst=args.hs_burst, max_cids=args.max_cids,
                         hs_prefix4=args.hs_prefix4, hs_prefix6=args.hs_prefix6,
                         hs_global_rate=args.hs_global_rate, hs_global_burst=args.hs_global_burst)
@@ -115,12 +115,12 @@ def _run(args: argparse.Namespace) -> int:
                   "status/detach still find it; use --netns NS to pin in the host's bpffs", file=sys.stderr)
         return 0
     if args.command == "detach":
-        r = xdp.detach(args.iface, netns=args.netns)
+        r = xdp_admin.detach(args.iface, netns=args.netns)
         print(f"detached STCP XDP (prog id {r['prog_id']}, {r['mode']} mode) from {args.iface}; "
               f"removed {r['pin_dir']}")
         return 0
     if args.command == "status":
-        sts = xdp.status(args.iface, netns=args.netns)
+        sts = xdp_admin.status(args.iface, netns=args.netns)
         if args.json:
             print(json.dumps({"interfaces": sts}, indent=2, sort_keys=True))
         elif not sts:
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ..datapath.xdp import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
+    from ..datapath.errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 
     args = _parser().parse_args(argv)
     args.netns = getattr(args, "netns", None)

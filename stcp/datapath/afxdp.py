@@ -14,9 +14,10 @@ tx="afxdp" (`--afxdp-tx afxdp`) replies go out on the TX ring of the AF_XDP sock
 peer's records arrive on, headers built in C from the received frame; see
 docs/OPERATIONS.md, "The AF_XDP datapath", for why that stays opt-in.
 
-Workers (`--workers N`, N > 1): a supervisor attaches the program and runs N worker
-processes (`stcp serve ... --afxdp-worker W/N`); worker W owns the AF_XDP sockets of the RX
-queues q with q % N == W and its own UDP socket on the port (SO_REUSEPORT). A worker that
+Workers (`--workers N`, N > 1): a supervisor (stcp.supervisor) attaches the program
+(attach_program) and runs N worker processes, each joining it (AfxdpDatapath.join); worker
+W owns the AF_XDP sockets of the RX queues q with q % N == W and its own UDP socket on the
+port (SO_REUSEPORT). A worker that
 dies is reported and replaced; its connections are lost (their peers time out), the other
 workers' carry on.
 
@@ -36,7 +37,7 @@ has its records dropped from then on, counted as drop_wrong_worker, until its id
 ends it.
 
 With --metrics the supervisor serves /metrics and reads each worker's counters from a unix
-socket in Supervisor.metrics_dir at scrape time (stcp.metrics.WorkerPoolCollector).
+socket at scrape time (stcp.metrics); this module knows nothing of metrics.
 
 Every setup failure raises AfxdpSetupError with one line that says what to use instead.
 """
@@ -49,20 +50,20 @@ import fcntl
 import glob
 import logging
 import os
-import signal
 import socket
 import struct
-import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .. import wire
-from ..connection import Connection
+from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
 from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
-from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver
-from .xdp import (XSK_MAX, XdpAlreadyAttached, XdpDatapath, XdpSetupError, _map_fd_by_id, _map_update,
-                  map_info, prog_info)
+from . import bpf
+from .base import LiveCidHooks
+from .errors import XdpAlreadyAttached, XdpSetupError
+from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver, bind_udp
+from .xdp import XdpDatapath
+from .xdp_prog import XSK_MAX
 
 log = logging.getLogger("stcp.datapath.afxdp")
 
@@ -72,13 +73,14 @@ BPF_MAP_TYPE_XSKMAP = 17
 # a full congestion window must fit, as SOCKET_BUFFER lets it fit in the UDP socket.
 XSK_DEFAULTS = {"ring_size": 4096, "frame_count": 8192}
 FALLBACK = "use --datapath xdp (kernel UDP socket behind the XDP filter) or --datapath socket"
+TX_PATHS = ("socket", "afxdp")
 
 
 class AfxdpSetupError(XdpSetupError):
     """AF_XDP cannot be set up here; str() is one line naming the datapath to use instead."""
 
 
-def load_xsk():
+def load_xsk() -> Any:
     """The stcp._xsk extension, or AfxdpSetupError saying how to get it."""
     try:
         from .. import _xsk
@@ -95,20 +97,59 @@ def rx_queue_count(iface: str) -> int:
     return max(1, min(n, XSK_MAX))
 
 
+def attach_program(iface: str, port: int, mode: str = "auto", nworkers: int = 1,
+                   max_record_len: Optional[int] = None, xdp_kw: Optional[Dict[str, Any]] = None) -> XdpDatapath:
+    """Attach the afxdp variant of the XDP program to iface, steering over nworkers workers
+    (each owning whole RX queues, so at most one per queue). xdp_kw goes to
+    XdpDatapath.attach (hs_rate, hs_burst, max_cids, ...). AfxdpSetupError says what to do."""
+    if os.geteuid() != 0:
+        raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
+                              f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
+    load_xsk()
+    if nworkers > 1:
+        queues = rx_queue_count(iface)
+        if nworkers > MAX_CID_WORKERS:
+            raise AfxdpSetupError(f"--workers {nworkers}: a connection ID names at most {MAX_CID_WORKERS} workers")
+        if nworkers > queues:
+            raise AfxdpSetupError(f"--workers {nworkers} exceeds the {queues} RX queue(s) of {iface} (a worker "
+                                  f"owns whole queues); use --workers {queues} or fewer")
+    kw = dict(xdp_kw or {})
+    if max_record_len is not None:
+        kw["max_record_len"] = max_record_len
+    try:
+        return XdpDatapath.attach(iface, port, mode, afxdp=True, nworkers=nworkers, **kw)
+    except XdpAlreadyAttached as e:
+        raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
+                              f"or {FALLBACK}") from None
+    except XdpSetupError as e:
+        raise AfxdpSetupError(f"XDP attach for AF_XDP failed: {e}; {FALLBACK}") from None
+
+
 class AfxdpDatapath:
     """The afxdp variant of the XDP program on one interface, and an AF_XDP socket per RX
-    queue in its XSKMAP. close() closes the sockets and detaches the program."""
+    queue in its XSKMAP. close() closes the sockets and detaches the program.
 
-    def __init__(self, xdp: XdpDatapath, xsks: list, xskmap_fd: int, worker: Optional[str] = None):
+    As a server's Datapath (stcp.datapath.base): records in through the AF_XDP sockets (and
+    the UDP socket for queues without one), replies out through the UDP socket or, with
+    tx="afxdp", the TX ring of the AF_XDP socket the peer's records arrive on."""
+
+    name = "afxdp"
+
+    def __init__(self, xdp: XdpDatapath, xsks: list, xskmap_fd: int, worker: Optional[str] = None,
+                 tx: str = "socket"):
+        if tx not in TX_PATHS:
+            raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
         self.xdp = xdp
         self.xsks = xsks
         self._xskmap_fd = xskmap_fd
         self.worker = worker              # "W/N" in a worker process, None when serving alone
+        self.tx = tx
         # the worker number the server's CIDs carry (wire.CID_WORKER_BITS); serving alone is
         # worker 0 of 1
         self.worker_index = 0 if worker is None else int(worker.split("/")[0])
         self._lock_fd = -1
         self._tag = 1
+        self._final_stats: Optional[Dict[str, int]] = None
         if worker is not None:
             # workers share the kernel's CID prefilter words (read-modify-write): serialise
             self._lock_fd = cid_lock_fd(xdp.prog_id)
@@ -128,35 +169,28 @@ class AfxdpDatapath:
 
     @classmethod
     def open(cls, iface: str, port: int, mode: str = "auto", max_record_len: Optional[int] = None,
-             queues: Optional[int] = None, xdp_kw: Optional[dict] = None, **xsk_kw) -> "AfxdpDatapath":
+             queues: Optional[int] = None, xdp_kw: Optional[Dict[str, Any]] = None, tx: str = "socket",
+             **xsk_kw: Any) -> "AfxdpDatapath":
         """Attach the afxdp program variant to iface and open an AF_XDP socket per RX queue
         (or the first `queues`). xdp_kw goes to XdpDatapath.attach (hs_rate, hs_burst,
         max_cids, ...); xsk_kw to stcp._xsk.XskSocket."""
-        if os.geteuid() != 0:
-            raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
-                                  f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
-        xsk_mod = load_xsk()
-        kw = dict(xdp_kw or {})
-        if max_record_len is not None:
-            kw["max_record_len"] = max_record_len
-        try:
-            xdp = XdpDatapath.attach(iface, port, mode, afxdp=True, nworkers=1, **kw)
-        except XdpAlreadyAttached as e:
-            raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
-                                  f"or {FALLBACK}") from None
-        except XdpSetupError as e:
-            raise AfxdpSetupError(f"XDP attach for AF_XDP failed: {e}; {FALLBACK}") from None
-        xsks, mfd = _open_sockets(xsk_mod, xdp, iface, range(queues or rx_queue_count(iface)),
+        if tx not in TX_PATHS:
+            raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
+        xdp = attach_program(iface, port, mode, 1, max_record_len, xdp_kw)
+        xsks, mfd = _open_sockets(load_xsk(), xdp, iface, range(queues or rx_queue_count(iface)),
                                   lambda q, e: f"cannot create an AF_XDP socket on {iface} queue {q} ({e}); "
                                                f"{FALLBACK}", xsk_kw)
         log.info("AF_XDP on %s: %d queue(s), %s mode, %s", iface, len(xsks), xdp.mode,
                  "zero-copy" if all(x.zerocopy for x in xsks) else "copy")
-        return cls(xdp, xsks, mfd)
+        return cls(xdp, xsks, mfd, tx=tx)
 
     @classmethod
-    def join(cls, iface: str, port: int, worker: int, nworkers: int, **xsk_kw) -> "AfxdpDatapath":
+    def join(cls, iface: str, port: int, worker: int, nworkers: int, tx: str = "socket",
+             **xsk_kw: Any) -> "AfxdpDatapath":
         """In worker process `worker` of `nworkers`: the program the supervisor attached, and
         AF_XDP sockets for this worker's RX queues (q % nworkers == worker)."""
+        if tx not in TX_PATHS:
+            raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
         xsk_mod = load_xsk()
         try:
             xdp = XdpDatapath.open(iface)
@@ -173,11 +207,26 @@ class AfxdpDatapath:
         xsks, mfd = _open_sockets(xsk_mod, xdp, iface, own,
                                   lambda q, e: f"worker {worker}: cannot create an AF_XDP socket on {iface} "
                                                f"queue {q} ({e})", xsk_kw)
-        return cls(xdp, xsks, mfd, worker=f"{worker}/{nworkers}")
+        return cls(xdp, xsks, mfd, worker=f"{worker}/{nworkers}", tx=tx)
 
-    # the live-connection table, as XdpDatapath (the cli's hooks call these)
+    # -- a server's datapath (stcp.datapath.base.Datapath) --------------------------------
+    def server_config(self, config: Config) -> Config:
+        # every CID this server picks names this worker in its top bits: the XDP program
+        # delivers a connection's records only on the queues of the worker named there
+        return dataclasses.replace(config, cid_prefix_bits=CID_WORKER_BITS, cid_prefix=self.worker_index)
+
+    def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
+                    on_new: Callable[[Connection], None],
+                    on_ended: Optional[Callable[[Connection], None]]) -> "AfxdpServerDriver":
+        sock = bind_udp(host, port, reuse_port=self.worker is not None)
+        return AfxdpServerDriver(loop, sock, endpoint, on_new, on_ended, self.xsks, tx=self.tx)
+
+    def server_hooks(self) -> Tuple[object, ...]:
+        return (LiveCidHooks(self),)
+
+    # -- the live-connection table, as XdpDatapath -------------------------------------
     @contextlib.contextmanager
-    def _cid_lock(self):
+    def _cid_lock(self) -> Iterator[None]:
         if self._lock_fd < 0:
             yield
             return
@@ -195,11 +244,13 @@ class AfxdpDatapath:
         with self._cid_lock():
             self.xdp.remove_cid(cid)
 
-    def counters(self):
+    def counters(self) -> Dict[str, Tuple[int, int]]:
         return self.xdp.counters()
 
     def stats(self) -> Dict[str, int]:
-        """XSK counters summed over the queues."""
+        """XSK counters summed over the queues (their last values once closed)."""
+        if self._final_stats is not None:
+            return dict(self._final_stats)
         out: Dict[str, int] = {}
         for x in self.xsks:
             if not x.closed:
@@ -207,23 +258,9 @@ class AfxdpDatapath:
                     out[k] = out.get(k, 0) + v
         return out
 
-    async def start_server(self, handler, host: str, port: int, *, config=None, hooks=(),
-                           max_connections: int = 100_000, tx: str = "socket"):
-        """api.start_server, with the AF_XDP receive path; tx="afxdp" sends replies on the
-        AF_XDP socket the peer's records arrive on (the UDP socket otherwise)."""
-        from ..api import Server, bind_udp, make_config
-        loop = asyncio.get_running_loop()
-        # every CID this server picks names this worker in its top bits: the XDP program
-        # delivers a connection's records only on the queues of the worker named there
-        config = dataclasses.replace(config or make_config(None), cid_prefix_bits=CID_WORKER_BITS,
-                                     cid_prefix=self.worker_index)
-        sock = bind_udp(host, port, reuse_port=self.worker is not None)
-        endpoint = ServerEndpoint(config, max_connections=max_connections)
-        server = Server(loop, None, handler, hooks)
-        server.driver = AfxdpServerDriver(loop, sock, endpoint, server._on_new, server._on_ended, self.xsks, tx=tx)
-        return server
-
     def close(self) -> None:
+        if self._final_stats is None:
+            self._final_stats = self.stats()
         for x in self.xsks:
             try:
                 x.close()
@@ -241,15 +278,15 @@ class AfxdpDatapath:
     def __enter__(self) -> "AfxdpDatapath":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def _find_xskmap(xdp: XdpDatapath) -> int:
+def find_xskmap(xdp: XdpDatapath) -> int:
     """An fd of the attached program's stcp_xsks map."""
-    for mid in prog_info(xdp._h.prog_fd)["map_ids"]:
-        fd = _map_fd_by_id(mid)
-        info = map_info(fd)
+    for mid in bpf.prog_info(xdp.handles.prog_fd)["map_ids"]:
+        fd = bpf.map_fd_by_id(mid)
+        info = bpf.map_info(fd)
         if info["name"] == XSKMAP_NAME and info["type"] == BPF_MAP_TYPE_XSKMAP:
             return fd
         os.close(fd)
@@ -354,9 +391,23 @@ class AfxdpServerDriver(ServerDriver):
                  self.rx_xsk, self.rx_socket)
 
 
+# --------------------------------------------------------------------------------------
+# the workers' shared CID table: each worker tags its CIDs, and all of them (and the
+# supervisor) change the table under one lock file per program
+def cid_lock_path(prog_id: int) -> str:
+    """The lock file of the program's CID table (the only place this path is written)."""
+    return f"/run/stcp-afxdp-{prog_id}.lock"
+
+
 def cid_lock_fd(prog_id: int) -> int:
     """The lock file the workers (and the supervisor) hold while changing the CID table."""
-    return os.open(f"/run/stcp-afxdp-{prog_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    return os.open(cid_lock_path(prog_id), os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def remove_cid_lock(prog_id: int) -> None:
+    """Remove the lock file once the program is detached (nothing uses it any more)."""
+    with contextlib.suppress(OSError):
+        os.unlink(cid_lock_path(prog_id))
 
 
 def worker_tag(w: int) -> int:
@@ -364,21 +415,35 @@ def worker_tag(w: int) -> int:
     return 2 + w % 254
 
 
+def forget_worker_cids(xdp: XdpDatapath, w: int) -> List[int]:
+    """Remove a dead worker's connection IDs (those carrying its tag) from the kernel table;
+    return them."""
+    fd = cid_lock_fd(xdp.prog_id)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        cids = xdp.cids_tagged(worker_tag(w))
+        for cid in cids:
+            xdp.remove_cid(cid)
+    finally:
+        os.close(fd)                  # releases the lock
+    return cids
 
-def _open_sockets(xsk_mod, xdp: XdpDatapath, iface: str, queues, describe_failure, xsk_kw: dict):
+
+def _open_sockets(xsk_mod: Any, xdp: XdpDatapath, iface: str, queues: Any,
+                  describe_failure: Callable[[int, OSError], str], xsk_kw: Dict[str, Any]) -> Tuple[list, int]:
     """One AF_XDP socket per queue, each put into the program's XSKMAP; on any failure
     everything opened so far (and the XDP handle) is released. Returns (sockets, map fd)."""
     xsks: list = []
     mfd = -1
     try:
-        mfd = _find_xskmap(xdp)
+        mfd = find_xskmap(xdp)
         for q in queues:
             try:
                 x = xsk_mod.XskSocket(iface, q, **{**XSK_DEFAULTS, **xsk_kw})
             except OSError as e:
                 raise AfxdpSetupError(describe_failure(q, e)) from None
             xsks.append(x)
-            _map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
+            bpf.map_update(mfd, struct.pack("=I", q), struct.pack("=I", x.fileno()))
     except BaseException:
         for x in xsks:
             x.close()
@@ -387,189 +452,3 @@ def _open_sockets(xsk_mod, xdp: XdpDatapath, iface: str, queues, describe_failur
         xdp.close()
         raise
     return xsks, mfd
-
-
-def die_with_parent() -> None:
-    """A worker gets SIGTERM when its supervisor goes away (PR_SET_PDEATHSIG)."""
-    import ctypes
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
-
-
-# --------------------------------------------------------------------------------------
-# the supervisor of `stcp serve --datapath afxdp --workers N`
-MAX_RESTARTS = 5                 # per worker within RESTART_WINDOW seconds, then give up
-RESTART_WINDOW = 60.0
-
-
-class Supervisor:
-    """Attaches the afxdp program, runs the workers, replaces the ones that die, and on
-    stop() terminates them and detaches. Worker stderr is relayed line by line."""
-
-    def __init__(self, argv: Sequence[str], iface: str, port: int, nworkers: int, mode: str = "auto",
-                 max_record_len: Optional[int] = None, out=None, metrics_dir: Optional[str] = None):
-        self.argv = list(argv)
-        self.iface = iface
-        self.port = port
-        self.n = nworkers
-        self.mode = mode
-        self.max_record_len = max_record_len
-        self.out = out or sys.stderr
-        self.xdp: Optional[XdpDatapath] = None
-        self.procs: Dict[int, asyncio.subprocess.Process] = {}
-        self.restarts: Dict[int, List[float]] = {w: [] for w in range(nworkers)}
-        self.restart_count: Dict[int, int] = {w: 0 for w in range(nworkers)}
-        # workers serve their metrics on unix sockets here (stcp.metrics.serve_worker_metrics)
-        self.metrics_dir = metrics_dir
-        self.ready: Dict[int, asyncio.Event] = {}
-        self._stopping = False
-        self._stop = asyncio.Event()
-        self.failed: Optional[str] = None
-
-    def say(self, text: str) -> None:
-        print(f"stcp: {text}", file=self.out, flush=True)
-
-    def setup(self) -> None:
-        if os.geteuid() != 0:
-            raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
-                                  f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
-        load_xsk()
-        queues = rx_queue_count(self.iface)
-        if self.n > MAX_CID_WORKERS:
-            raise AfxdpSetupError(f"--workers {self.n}: a connection ID names at most {MAX_CID_WORKERS} workers")
-        if self.n > queues:
-            raise AfxdpSetupError(f"--workers {self.n} exceeds the {queues} RX queue(s) of {self.iface} (a worker "
-                                  f"owns whole queues); use --workers {queues} or fewer")
-        kw = {} if self.max_record_len is None else {"max_record_len": self.max_record_len}
-        try:
-            self.xdp = XdpDatapath.attach(self.iface, self.port, self.mode, afxdp=True, nworkers=self.n, **kw)
-        except XdpAlreadyAttached as e:
-            raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
-                                  f"or {FALLBACK}") from None
-        except XdpSetupError as e:
-            raise AfxdpSetupError(f"XDP attach for AF_XDP failed: {e}; {FALLBACK}") from None
-        self.say(f"AF_XDP supervisor on {self.iface}: {self.n} workers over {queues} RX queue(s), "
-                 f"XDP {self.xdp.mode} mode")
-
-    async def _spawn(self, w: int) -> None:
-        self.ready[w] = asyncio.Event()
-        extra = ["--afxdp-metrics", self.metrics_dir] if self.metrics_dir else []
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "stcp.cli.main", *self.argv, "--afxdp-worker", f"{w}/{self.n}", *extra,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        self.procs[w] = proc
-        self.say(f"worker {w} started (pid {proc.pid})")
-        asyncio.get_running_loop().create_task(self._relay(w, proc))
-
-    async def _relay(self, w: int, proc) -> None:
-        while True:
-            line = await proc.stderr.readline()
-            if not line:
-                break
-            text = line.decode(errors="replace").rstrip()
-            if text.startswith("stcp: "):
-                text = text[6:]
-            if "serving on" in text:
-                self.ready[w].set()
-            print(f"stcp: [worker {w}] {text}", file=self.out, flush=True)
-
-    async def run(self, ready_timeout: float = 60.0) -> int:
-        try:
-            for w in range(self.n):
-                await self._spawn(w)
-            try:
-                await asyncio.wait_for(asyncio.gather(*(e.wait() for e in self.ready.values())), ready_timeout)
-            except asyncio.TimeoutError:
-                self.failed = "the workers did not start (see their lines above)"
-            if self.failed is None and not self._stop.is_set():
-                self.say(f"serving on port {self.port} (afxdp datapath, {self.n} workers)")
-                watchers = [asyncio.ensure_future(self._watch(w)) for w in range(self.n)]
-                await self._stop.wait()
-                for t in watchers:
-                    t.cancel()
-        finally:
-            await self._terminate()
-        if self.failed:
-            raise AfxdpSetupError(self.failed)
-        return 0
-
-    async def _watch(self, w: int) -> None:
-        while not self._stopping:
-            proc = self.procs[w]
-            rc = await proc.wait()
-            if self._stopping:
-                return
-            how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-            now = time.monotonic()
-            recent = [t for t in self.restarts[w] if now - t < RESTART_WINDOW] + [now]
-            self.restarts[w] = recent
-            if len(recent) > MAX_RESTARTS:
-                self.failed = (f"worker {w} died {len(recent)} times within {RESTART_WINDOW:.0f} s ({how}); "
-                               "giving up")
-                self._stop.set()
-                return
-            self.say(f"worker {w} (pid {proc.pid}) died ({how}); its connections are lost; restarting it")
-            self._forget_cids(w)
-            if self.metrics_dir:
-                from ..metrics import worker_socket_path
-                with contextlib.suppress(OSError):
-                    os.unlink(worker_socket_path(self.metrics_dir, w, proc.pid))
-            self.restart_count[w] += 1
-            await self._spawn(w)
-
-    def _forget_cids(self, w: int) -> None:
-        """Remove a dead worker's connection IDs from the kernel table (its CIDs carry its tag)."""
-        if self.xdp is None:
-            return
-        fd = cid_lock_fd(self.xdp.prog_id)
-        cids: List[int] = []
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            cids = self.xdp.cids_tagged(worker_tag(w))
-            for cid in cids:
-                self.xdp.remove_cid(cid)
-        finally:
-            os.close(fd)                  # releases the lock
-        if cids:
-            self.say(f"removed worker {w}'s {len(cids)} connection ID(s) from the kernel table")
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def worker_slots(self) -> list:
-        """A stcp.metrics.WorkerSlot per worker, for the supervisor's metrics (called from the
-        exporter's thread: it only reads)."""
-        from ..metrics import WorkerSlot, worker_socket_path
-        out = []
-        for w in range(self.n):
-            proc = self.procs.get(w)
-            pid = proc.pid if proc is not None else None
-            ready = w in self.ready and self.ready[w].is_set()     # its exporter is up once it serves
-            path = worker_socket_path(self.metrics_dir, w, pid) if self.metrics_dir and pid and ready else None
-            out.append(WorkerSlot(w, pid, proc is not None and proc.returncode is None, path,
-                                  self.restart_count[w]))
-        return out
-
-    async def _terminate(self) -> None:
-        self._stopping = True
-        prog_id = self.xdp.prog_id if self.xdp is not None else 0
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-        for w, proc in self.procs.items():
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
-                self.say(f"worker {w} ignored SIGTERM; killing it")
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
-        await asyncio.sleep(0.1)          # let the relays print the workers' last lines
-        if self.xdp is not None:
-            self.xdp.close()
-            self.xdp = None
-            with contextlib.suppress(OSError):
-                os.unlink(f"/run/stcp-afxdp-{prog_id}.lock")

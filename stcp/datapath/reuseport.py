@@ -35,25 +35,23 @@ Workers must not connect() their sockets: a group with a connected socket is loo
 score, not by the program. A dropped datagram makes the kernel answer ICMP port
 unreachable (rate limited), as for a closed port; clients count and ignore it.
 
-The libbpf calls here duplicate a few of stcp/datapath/xdp.py's; they fold into the shared
-binding once that lands.
+The bpf(2) calls go through stcp/datapath/bpf.py, the binding the XDP datapath uses too.
 """
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import enum
 import errno
 import os
 import socket
 import struct
-import threading
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import STCPError
 from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
+from . import bpf
+from .errors import XdpSetupError
 from .verdicts import Verdict
 
 PROG_NAME = "stcp_reuseport"
@@ -108,61 +106,12 @@ def classify(payload: bytes) -> Tuple[ReuseportVerdict, Optional[int]]:
     return ReuseportVerdict.PASS_WORKER, cid >> CID_WORKER_SHIFT
 
 
-# --------------------------------------------------------------------------------------
-# libbpf through ctypes
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-
-
-def _libbpf() -> ctypes.CDLL:
-    global _lib
-    with _lock:
-        if _lib is None:
-            name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-            try:
-                lib = ctypes.CDLL(name, use_errno=True)
-            except OSError as e:
-                raise ReuseportError(f"libbpf not loadable ({e}); run 'sudo make system-deps'") from None
-            i, u32, vp = ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p
-            for fn, args in {
-                "bpf_map_create": [i, ctypes.c_char_p, u32, u32, u32, vp],
-                "bpf_map_lookup_elem": [i, vp, vp],
-                "bpf_map_update_elem": [i, vp, vp, ctypes.c_uint64],
-                "bpf_map_delete_elem": [i, vp],
-                "bpf_obj_get_info_by_fd": [i, vp, ctypes.POINTER(u32)],
-                "libbpf_num_possible_cpus": [],
-            }.items():
-                f = getattr(lib, fn)
-                f.argtypes = args
-                f.restype = ctypes.c_int
-            _lib = lib
-        return _lib
-
-
-def _errno(rc: int) -> int:
-    """libbpf 1.x returns -errno (and sets errno)."""
-    return -rc if rc < -1 else (ctypes.get_errno() or errno.EIO)
-
-
-def _os_error(rc: int, what: str) -> OSError:
-    e = _errno(rc)
-    return OSError(e, f"{what}: {os.strerror(e)}")
-
-
-class _MapInfo(ctypes.Structure):         # the head of struct bpf_map_info
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
-                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32)]
-
-
-class _ProgInfo(ctypes.Structure):        # the head of struct bpf_prog_info
-    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32)]
-
-
-def _info(fd: int, info: ctypes.Structure) -> Optional[ctypes.Structure]:
-    n = ctypes.c_uint32(ctypes.sizeof(info))
-    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)) < 0:
+def _info(read: Callable[[int], Dict[str, Any]], fd: int) -> Optional[Dict[str, Any]]:
+    """bpf.map_info / bpf.prog_info of fd, None if fd is no such object."""
+    try:
+        return read(fd)
+    except OSError:
         return None
-    return info
 
 
 # --------------------------------------------------------------------------------------
@@ -228,13 +177,14 @@ class ReuseportSteering:
     @classmethod
     def load(cls) -> "ReuseportSteering":
         """Create the maps and load the program. ReuseportError if this host cannot."""
-        lib = _libbpf()
-        fd = lib.bpf_map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, b"stcp_rp_socks", _KEY.size,
-                                _SOCK_VALUE.size, MAX_WORKERS, None)
-        if fd < 0:
-            e = _errno(fd)
-            hint = _CAP_HINT if e == errno.EPERM else "is this a Linux kernel with BPF (4.19 or later)?"
-            raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e)}); {hint}")
+        try:
+            fd = bpf.map_create(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, "stcp_rp_socks", _KEY.size, _SOCK_VALUE.size,
+                                MAX_WORKERS)
+        except XdpSetupError as e:        # libbpf missing
+            raise ReuseportError(str(e)) from None
+        except OSError as e:
+            hint = _CAP_HINT if e.errno == errno.EPERM else "is this a Linux kernel with BPF (4.19 or later)?"
+            raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e.errno)}); {hint}") from None
         try:
             prog_fd, counters_fd = _compile(fd)
         except BaseException:
@@ -245,11 +195,14 @@ class ReuseportSteering:
     @classmethod
     def from_fds(cls, sockarray_fd: int, counters_fd: int, prog_fd: int) -> "ReuseportSteering":
         """Adopt the fds a worker inherited from the process that called load() (fds())."""
-        m, c = _info(sockarray_fd, _MapInfo()), _info(counters_fd, _MapInfo())
-        p = _info(prog_fd, _ProgInfo())
-        if (m is None or (m.type, m.key_size, m.value_size) != (BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8)
-                or c is None or (c.type, c.max_entries) != (BPF_MAP_TYPE_PERCPU_ARRAY, VERDICT_MAX)
-                or p is None or p.type != BPF_PROG_TYPE_SK_REUSEPORT):
+        try:
+            m, c = _info(bpf.map_info, sockarray_fd), _info(bpf.map_info, counters_fd)
+            p = _info(bpf.prog_info, prog_fd)
+        except XdpSetupError as e:        # libbpf missing
+            raise ReuseportError(str(e)) from None
+        if (m is None or (m["type"], m["key_size"], m["value_size"]) != (BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8)
+                or c is None or (c["type"], c["max_entries"]) != (BPF_MAP_TYPE_PERCPU_ARRAY, VERDICT_MAX)
+                or p is None or p["type"] != BPF_PROG_TYPE_SK_REUSEPORT):
             raise ReuseportError(f"fds {sockarray_fd}, {counters_fd}, {prog_fd} are not a reuseport steering's "
                                  "socket map, counters and program; pass ReuseportSteering.fds() of the "
                                  "supervisor, in that order")
@@ -258,10 +211,10 @@ class ReuseportSteering:
     @property
     def prog_id(self) -> int:
         """The program's id, as bpftool shows it (bpftool prog show id N)."""
-        info = _info(self.prog_fd, _ProgInfo())
+        info = _info(bpf.prog_info, self.prog_fd)
         if info is None:
             raise ReuseportError("the steering program's fd is closed")
-        return info.id
+        return int(info["id"])
 
     def fds(self) -> Tuple[int, int, int]:
         """(socket map, counters, program): what a worker needs, for pass_fds and from_fds()."""
@@ -279,10 +232,11 @@ class ReuseportSteering:
     def insert(self, worker: int, sock: socket.socket) -> None:
         """Put sock at key worker, replacing whatever socket was there."""
         self._check_worker(worker)
-        rc = _libbpf().bpf_map_update_elem(self.sockarray_fd, _KEY.pack(worker), _SOCK_VALUE.pack(sock.fileno()), 0)
-        if rc < 0:
+        try:
+            bpf.map_update(self.sockarray_fd, _KEY.pack(worker), _SOCK_VALUE.pack(sock.fileno()))
+        except OSError as e:
             raise ReuseportError(f"putting worker {worker}'s socket in the steering map failed "
-                                 f"({os.strerror(_errno(rc))}); it must be a bound UDP socket with SO_REUSEPORT")
+                                 f"({os.strerror(e.errno)}); it must be a bound UDP socket with SO_REUSEPORT") from None
 
     def join(self, worker: int, sock: socket.socket) -> None:
         """What a worker does after binding its socket, at every (re)start: attach, insert."""
@@ -292,21 +246,13 @@ class ReuseportSteering:
     def remove(self, worker: int) -> bool:
         """Empty key worker (its records drop from now on); False if it was empty."""
         self._check_worker(worker)
-        rc = _libbpf().bpf_map_delete_elem(self.sockarray_fd, _KEY.pack(worker))
-        if rc < 0 and _errno(rc) != errno.ENOENT:
-            raise _os_error(rc, f"remove worker {worker} from the steering map")
-        return rc == 0
+        return bpf.map_delete(self.sockarray_fd, _KEY.pack(worker))
 
     def cookie(self, worker: int) -> Optional[int]:
         """socket_cookie() of the socket at key worker, None if the key is empty."""
         self._check_worker(worker)
-        value = ctypes.create_string_buffer(_SOCK_VALUE.size)
-        rc = _libbpf().bpf_map_lookup_elem(self.sockarray_fd, _KEY.pack(worker), value)
-        if rc < 0:
-            if _errno(rc) == errno.ENOENT:
-                return None
-            raise _os_error(rc, f"look up worker {worker} in the steering map")
-        return _SOCK_VALUE.unpack(value.raw)[0]
+        value = bpf.map_lookup(self.sockarray_fd, _KEY.pack(worker), _SOCK_VALUE.size)
+        return None if value is None else int(_SOCK_VALUE.unpack(value)[0])
 
     def workers(self) -> Dict[int, int]:
         """{worker: socket cookie} of every key that has a socket."""
@@ -326,19 +272,16 @@ class ReuseportSteering:
     def counters(self) -> Dict[str, Tuple[int, int]]:
         """verdict key ('pass_worker', 'drop_no_worker', ...) -> (packets, bytes), all CPUs.
         Bytes count the UDP header and payload."""
-        lib = _libbpf()
-        ncpu = lib.libbpf_num_possible_cpus()
-        if ncpu < 0:
-            raise _os_error(ncpu, "possible CPUs")
-        buf = ctypes.create_string_buffer(_COUNTER.size * ncpu)   # per-CPU values, 8-aligned
+        ncpu = bpf.possible_cpus()
         out = {}
         for v in ReuseportVerdict:
-            rc = lib.bpf_map_lookup_elem(self.counters_fd, _KEY.pack(int(v)), buf)
-            if rc < 0:
-                raise _os_error(rc, "read the steering counters")
+            # per-CPU values, 8-aligned; an array map has every key
+            raw = bpf.map_lookup(self.counters_fd, _KEY.pack(int(v)), _COUNTER.size * ncpu)
+            if raw is None:
+                raise OSError(errno.ENOENT, f"read the steering counters: no entry {int(v)}")
             pk = by = 0
             for cpu in range(ncpu):
-                p, b = _COUNTER.unpack_from(buf.raw, cpu * _COUNTER.size)
+                p, b = _COUNTER.unpack_from(raw, cpu * _COUNTER.size)
                 pk += p
                 by += b
             out[v.key] = (pk, by)

@@ -17,7 +17,7 @@ import socket
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
 
 from .. import wire
-from ..connection import Connection
+from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
 
@@ -58,6 +58,23 @@ def connect_udp(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise STCPError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A UDP socket bound to host:port (dual-stack for IPv6); reuse_port lets several worker
+    processes send from the same port."""
+    family, sockaddr = resolve(host, port)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -416,3 +433,35 @@ class ServerDriver(Driver):
                 self._service(conn, self.loop.time())
         self._send_backlog()
         super().close()
+
+
+class SocketDatapath:
+    """The plain UDP socket datapath (a stcp.datapath.base.Datapath): nothing in the kernel
+    but the socket.
+
+    gro: receive through UDP GRO. Pass False when an XDP program in generic (skb) mode
+    guards the port (attached by stcp-loader): generic XDP runs after GRO and would drop the
+    coalesced datagrams as malformed records. sock: serve on this bound socket instead of
+    binding one."""
+
+    name = "socket"
+    iface: Optional[str] = None
+
+    def __init__(self, gro: bool = True, sock: Optional[socket.socket] = None):
+        self.gro = gro
+        self.sock = sock
+
+    def server_config(self, config: Config) -> Config:
+        return config
+
+    def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
+                    on_new: Callable[[Connection], None],
+                    on_ended: Optional[Callable[[Connection], None]]) -> ServerDriver:
+        sock = self.sock or bind_udp(host, port)
+        return ServerDriver(loop, sock, endpoint, on_new, on_ended, gro=self.gro)
+
+    def server_hooks(self) -> Tuple[object, ...]:
+        return ()
+
+    def close(self) -> None:
+        pass

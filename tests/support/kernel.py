@@ -3,8 +3,6 @@ otherwise the reason it is not (tests/conftest.py turns the markers into skips w
 reasons; bench/ asks the same questions). Each answer is computed once per process."""
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import os
 import shutil
@@ -33,16 +31,12 @@ def xdp_unavailable() -> Optional[str]:
     if why:
         return why
     try:
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
-        xdp.ensure_bpffs()
+        from stcp.datapath import bpf, xdp_prog
+        xdp_prog.check_toolchain()
+        xdp_prog.ensure_bpffs()
+        bpf.libbpf()
     except Exception as e:  # XdpSetupError with the reason
         return f"XDP toolchain unavailable: {e}"
-    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
-    try:
-        ctypes.CDLL(name, use_errno=True)
-    except OSError as e:
-        return f"XDP toolchain unavailable: libbpf not loadable ({e}); run 'sudo make system-deps'"
     return None
 
 

@@ -33,9 +33,9 @@ def require_testrun() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to load BPF programs")
     try:
-        from stcp.datapath import xdp
-        xdp.check_toolchain()
-        xdp._Libbpf.lib()
+        from stcp.datapath import bpf, xdp_prog
+        xdp_prog.check_toolchain()
+        bpf.libbpf()
     except Exception as e:  # XdpSetupError with the reason
         pytest.skip(f"XDP toolchain unavailable: {e}")
 
@@ -44,21 +44,23 @@ class LoadedProg:
     """The plain (not afxdp) program with its maps; configure() writes stcp_config."""
 
     def __init__(self):
-        from stcp.datapath import xdp
-        self.xdp = xdp
-        self.b, fn = xdp._compile(xdp.DEFAULT_MAX_CIDS, xdp.DEFAULT_HS_SOURCES)
-        self.h = xdp._open_prog(xdp.prog_info(fn.fd)["id"])
-        self.dp = xdp.XdpDatapath("test", 0, "none", self.h, False, None, None)   # add_cid on these maps
+        from stcp.datapath import bpf, xdp_prog
+        from stcp.datapath.xdp import XdpDatapath
+        self.xdp = xdp_prog
+        self.bpf = bpf
+        self.b, fn = xdp_prog.compile_prog()
+        self.h = xdp_prog.open_prog(bpf.prog_info(fn.fd)["id"])
+        self.dp = XdpDatapath("test", 0, "none", self.h, False, None, None)   # add_cid on these maps
         self.global_fd = self._map_fd("stcp_hs_global")
-        self.lib = xdp._Libbpf.lib()
+        self.lib = bpf.libbpf()
         self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
-        self._counts = {k: p for k, (p, _b) in xdp._read_counters(self.h).items()}
+        self._counts = self.counts()
 
     def _map_fd(self, name: str) -> int:
-        x = self.xdp
-        for mid in x.prog_info(self.h.prog_fd)["map_ids"]:
-            fd = x._map_fd_by_id(mid)
-            if x.map_info(fd)["name"] == name:
+        b = self.bpf
+        for mid in b.prog_info(self.h.prog_fd)["map_ids"]:
+            fd = b.map_fd_by_id(mid)
+            if b.map_info(fd)["name"] == name:
                 return fd
             os.close(fd)
         raise AssertionError(f"the program has no map {name}")
@@ -69,16 +71,16 @@ class LoadedProg:
         budget unless hello names one)."""
         x = self.xdp
         hello.setdefault("hs_global_rate", 0)
-        x._write_config(self.h, port, x.DEFAULT_MAX_RECORD_LEN if max_record_len is None else max_record_len,
-                        hs_rate, hs_burst, **hello)
+        x.write_config(self.h, port, x.DEFAULT_MAX_RECORD_LEN if max_record_len is None else max_record_len,
+                       hs_rate, hs_burst, **hello)
 
     def reset_buckets(self) -> None:
         """Empty the per-source LRU and refill the global bucket."""
-        x = self.xdp
+        b = self.bpf
         fd = self.h.maps["hs_bucket"]
-        for k in list(x._map_keys(fd, 16, 1 << 20)):
-            x._map_delete(fd, k)
-        x._map_update(self.global_fd, struct.pack("=I", 0), struct.pack("=Q", 0))
+        for k in list(b.map_keys(fd, 16, 1 << 20)):
+            b.map_delete(fd, k)
+        b.map_update(self.global_fd, struct.pack("=I", 0), struct.pack("=Q", 0))
 
     def run(self, frame: bytes) -> Tuple[int, str]:
         """(XDP action, the verdict whose counter moved) for one frame."""
@@ -94,9 +96,9 @@ class LoadedProg:
         return o.retval, moved[0]
 
     def counts(self) -> Dict[str, int]:
-        return {k: p for k, (p, _b) in self.xdp._read_counters(self.h).items()}
+        return {k: p for k, (p, _b) in self.xdp.read_counters(self.h).items()}
 
     def close(self) -> None:
         os.close(self.global_fd)
         self.dp.close()
-        self.xdp._release_bcc(self.b)
+        self.xdp.release_bcc(self.b)

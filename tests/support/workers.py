@@ -4,31 +4,48 @@ registry on a unix socket as a worker process does, and the supervisor's exporte
 them. Used by tests/test_metrics_workers.py and, for the dashboards, tests/test_metrics.py."""
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Dict, List
 
-from stcp.metrics import WorkerSlot, serve_pool_metrics, serve_worker_metrics
+import stcp
+from stcp.metrics import serve_pool_metrics, serve_worker_metrics
+from stcp.supervisor import WorkerSlot
 from tests.support.metrics import fake_xdp_collector
 from tests.support.servers import echo, quiet, transfer
 
 
+class NoXskDatapath:
+    """The afxdp datapath's driver with no AF_XDP socket (a stcp.datapath.base.Datapath):
+    every datagram goes through its UDP socket, counted as a worker counts it."""
+
+    name = "afxdp"
+    iface = None
+
+    def server_config(self, config):
+        return config
+
+    def open_driver(self, loop, host, port, endpoint, on_new, on_ended):
+        from stcp.datapath.afxdp import AfxdpServerDriver
+        from stcp.datapath.socket import bind_udp
+        return AfxdpServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, [])
+
+    def server_hooks(self):
+        return ()
+
+    def close(self):
+        pass
+
+
 class FakeWorker:
     """A server with the AF_XDP driver class and no AF_XDP socket, serving its metrics on
-    a unix socket as `stcp serve --afxdp-worker W/N --afxdp-metrics DIR` does."""
+    a unix socket as a worker of `stcp serve --datapath afxdp --workers N --metrics ADDR` does."""
 
     def __init__(self, directory: str, w: int, pid: int):
         self.directory, self.w, self.pid = directory, w, pid
         self.server = self.metrics = None
 
     async def start(self) -> "FakeWorker":
-        from stcp.api import Server, bind_udp, make_config
-        from stcp.datapath.afxdp import AfxdpServerDriver
-        from stcp.endpoint import ServerEndpoint
-        loop = asyncio.get_running_loop()
-        srv = Server(loop, None, echo, ())
-        srv.driver = AfxdpServerDriver(loop, bind_udp("127.0.0.1", 0), ServerEndpoint(make_config(None)),
-                                       srv._on_new, srv._on_ended, [])
+        srv = await stcp.serve(echo, "127.0.0.1", 0, datapath=NoXskDatapath())
         self.server = srv
         self.metrics = serve_worker_metrics(srv, self.directory, self.w,
                                             path=os.path.join(self.directory, f"w{self.w}-{self.pid}.sock"))

@@ -1,0 +1,118 @@
+"""`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
+`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any, Awaitable, Callable, Tuple
+
+from .. import server as stcp_server
+from ..connection import Config
+from ..wire import DEFAULT_PORT
+from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+
+
+async def echo_handler(reader: Any, writer: Any) -> None:
+    while True:
+        data = await reader.read(CHUNK)
+        if not data:
+            break
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+
+
+def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
+    async def handler(reader: Any, writer: Any) -> None:
+        try:
+            tcp_reader, tcp_writer = await asyncio.open_connection(*target)
+        except OSError as exc:
+            writer.abort(f"backend {target[0]}:{target[1]} unreachable: {exc.strerror or exc}")
+            return
+        await splice(reader, writer, tcp_reader, tcp_writer)
+    return handler
+
+
+async def serve(args: Any) -> int:
+    host, port = parse_hostport(args.listen, DEFAULT_PORT)
+    config = config_from_args(args)
+    handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
+    if args.metrics:
+        from ..metrics import parse_listen
+        try:
+            parse_listen(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"bad --metrics address: {exc}") from None
+    if args.datapath in ("xdp", "afxdp") and not args.iface:
+        raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
+    role = None
+    if args.datapath == "afxdp":
+        from ..supervisor import WorkerRole
+        if args.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        role = WorkerRole.from_env()          # set when our supervisor started this process
+        if args.workers > 1 and role is None:
+            return await _supervise(args, port, config)
+    server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
+                                     xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
+                                     config=config, metrics=None if role else args.metrics)
+    dp = server.datapath
+    try:
+        if args.datapath == "afxdp":
+            print(f"stcp: AF_XDP on {args.iface}: {len(dp.xsks)} RX queue(s), XDP {dp.mode} mode, "
+                  f"{'zero-copy' if dp.zerocopy else 'copy'} mode; replies through "
+                  f"{'the AF_XDP sockets' if args.afxdp_tx == 'afxdp' else 'the UDP socket'}", file=sys.stderr)
+        elif args.datapath == "xdp":
+            print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
+        bound = server.sockets[0].getsockname()
+        mode = f"forwarding to {args.forward}" if args.forward else "echo"
+        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
+              flush=True)
+        if role is not None:
+            role.notify_ready()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.close)
+        await server.serve_forever()
+    finally:
+        server.close()
+        if args.datapath == "afxdp":
+            _report_afxdp(server)
+    return 0
+
+
+def _report_afxdp(server: stcp_server.Server) -> None:
+    """What went through AF_XDP and what through the UDP socket (the tests read this line)."""
+    st = server.datapath.stats()
+    d = server.driver
+    per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))
+    print(f"stcp: AF_XDP: {d.rx_xsk} datagrams received through AF_XDP ({d.rx_xsk_wakeups} wakeups; {per_q}), "
+          f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
+          f"UDP socket; {d.connections_accepted} connections, "
+          f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
+          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}",
+          file=sys.stderr, flush=True)
+
+
+async def _supervise(args: Any, port: int, config: Config) -> int:
+    """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
+    command line (and, with --metrics, the pool's exporter)."""
+    from ..supervisor import WorkerCommand
+
+    def spawn(w: int, n: int) -> WorkerCommand:
+        return WorkerCommand([sys.executable, "-m", "stcp.cli.main", *args.argv])
+
+    pool = stcp_server.WorkerPool(spawn, port, iface=args.iface, workers=args.workers, xdp_mode=args.xdp_mode,
+                                  config=config, metrics=args.metrics)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, pool.close)
+    try:
+        await pool.start()
+        await pool.serve_forever()
+    finally:
+        pool.close()
+        await pool.wait_closed()
+    return 0

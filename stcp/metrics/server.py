@@ -1,0 +1,353 @@
+"""The server collector: a hook on a server that counts its connections, handshakes,
+records and drops, and exports them at scrape time.
+
+`ServerMetrics` is a hook object for `stcp.serve(..., hooks=[...])` (or
+`server.hooks.append`). The hooks run on the event loop and only move a few integers under
+a lock; the totals of ended connections live here, and the live connections'
+`Connection.stats` are summed at scrape time, so every counter is exact and monotonic.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from ..errors import CloseCode
+from ..receive import DISCARD_REASONS
+
+if TYPE_CHECKING:
+    from .exporter import MetricsHTTPServer
+
+# --------------------------------------------------------------------------------------
+# fixed label sets
+CLOSE_REASONS: Tuple[str, ...] = (
+    "normal",               # both directions finished (CLOSE with NO_ERROR after the stream ended)
+    "peer_close",           # the peer aborted, or closed before finishing its stream
+    "local_abort",          # this side aborted (application abort, server shutdown)
+    "idle_timeout",
+    "handshake_timeout",
+    "protocol_violation",
+    "malformed_record",
+    "auth_failure",
+    "flow_control_error",
+    "handshake_failed",
+    "state_error",
+    "internal_error",
+    "key_update_error",
+    "worker_died",          # the AF_XDP worker process holding it died (counted by the supervisor)
+    "other",                # a close code this version does not know
+)
+HANDSHAKE_FAIL_REASONS: Tuple[str, ...] = ("rejected",) + tuple(r for r in CLOSE_REASONS if r != "normal")
+
+ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
+    "short": "dropped_short",
+    "unknown_cid": "dropped_unknown_cid",
+    "bad_hello": "dropped_bad_hello",
+    "over_capacity": "dropped_over_capacity",
+}
+
+# Connection.stats.discarded reasons, summed over ended + live connections as "discarded:<reason>"
+_DISCARD_KEYS: Tuple[str, ...] = tuple("discarded:" + r for r in DISCARD_REASONS)
+
+# Connection.stats fields summed over ended + live connections
+_STAT_FIELDS: Tuple[str, ...] = (
+    "records_sent", "records_received", "bytes_sent", "bytes_received",
+    "stream_bytes_sent", "stream_bytes_received", "retransmitted_records",
+    "duplicates_discarded", "auth_failures", "key_updates_sent", "key_updates_received",
+)
+
+HANDSHAKE_BUCKETS: Tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+RTT_BUCKETS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                  0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+def close_reason(info) -> str:
+    """Map a ConnectionClosed (code, by_peer, error) to one of CLOSE_REASONS."""
+    if info is None:
+        return "other"
+    code = info.code
+    if code == CloseCode.NO_ERROR:
+        return "peer_close" if info.error else "normal"
+    if code == CloseCode.APPLICATION_ABORT:
+        return "peer_close" if info.by_peer else "local_abort"
+    try:
+        name = CloseCode(code).name.lower()
+    except ValueError:
+        return "other"
+    return name if name in CLOSE_REASONS else "other"
+
+
+class _Histogram:
+    """Bucket counts, for a HistogramMetricFamily built at scrape time."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def copy(self) -> "_Histogram":
+        h = _Histogram(self.bounds)
+        h.counts = list(self.counts)
+        h.sum = self.sum
+        return h
+
+    def family(self, name: str, doc: str) -> HistogramMetricFamily:
+        buckets, acc = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            acc += n
+            buckets.append((floatToGoString(bound), acc))
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+        return __version__
+    except Exception:
+        return "unknown"
+
+
+def build_info(version: str, datapath: str, cipher: str) -> GaugeMetricFamily:
+    """stcp_build_info: which build serves, on which datapath, with which cipher."""
+    info = GaugeMetricFamily("stcp_build_info", "STCP build and configuration; the value is always 1.",
+                             labels=["version", "datapath", "cipher"])
+    info.add_metric([version, datapath, cipher], 1)
+    return info
+
+
+class BuildInfo(Collector):
+    """stcp_build_info alone (the worker pool's supervisor exports it without a server)."""
+
+    def __init__(self, datapath: str, cipher: str, version: Optional[str] = None):
+        self.labels = (version or _version(), datapath, cipher)
+
+    def collect(self) -> Iterator[Metric]:
+        yield build_info(*self.labels)
+
+
+# --------------------------------------------------------------------------------------
+class ServerMetrics(Collector):
+    """Server hook + collector. All hook methods run on the event loop; collect() runs on
+    the exporter's HTTP thread and takes a consistent snapshot under one lock.
+
+    Invariants an operator (and the tests) can rely on:
+      stcp_connections_opened_total - sum(stcp_connections_closed_total) == stcp_connections_active
+      stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
+    """
+
+    def __init__(self, endpoint=None, datapath: str = "socket", cipher: str = "aes-256-gcm",
+                 version: Optional[str] = None):
+        self.endpoint = endpoint
+        self.build = {"version": version or _version(), "datapath": datapath, "cipher": cipher}
+        self._lock = threading.Lock()
+        self._live: Dict[object, bool] = {}          # Connection -> handshake completed
+        self._ended = dict.fromkeys(_STAT_FIELDS + _DISCARD_KEYS, 0)
+        self._created = 0
+        self._completed = 0
+        self._closed = dict.fromkeys(CLOSE_REASONS, 0)
+        self._hs_failed = dict.fromkeys(HANDSHAKE_FAIL_REASONS, 0)
+        self._hs_hist = _Histogram(HANDSHAKE_BUCKETS)
+        self._rtt_hist = _Histogram(RTT_BUCKETS)
+        self.http: Optional[MetricsHTTPServer] = None
+        self.registry: Optional[CollectorRegistry] = None
+
+    @classmethod
+    def of(cls, server: Any, datapath: str, cipher: str) -> "ServerMetrics":
+        """A ServerMetrics for `server` that already counts its connections (opened now);
+        append it to server.hooks to keep counting."""
+        endpoint = getattr(server, "endpoint", None)
+        metrics = cls(endpoint, datapath=datapath, cipher=cipher)
+        if endpoint is not None:
+            metrics.adopt(list(endpoint.connections.values()))
+        return metrics
+
+    # -- hooks (event loop) ------------------------------------------------------------
+    def adopt(self, connections: Iterable) -> None:
+        """Count connections that existed before this hook was installed as opened now."""
+        with self._lock:
+            for conn in connections:
+                if conn not in self._live and not conn.is_closed:
+                    self._created += 1
+                    est = getattr(conn.state, "name", "") == "ENCRYPTED"
+                    self._completed += est
+                    self._live[conn] = est
+
+    def connection_created(self, conn) -> None:
+        with self._lock:
+            if conn not in self._live:
+                self._created += 1
+                self._live[conn] = False
+
+    def connection_established(self, conn, handshake_seconds: float) -> None:
+        with self._lock:
+            if self._live.get(conn) is True:
+                return
+            if conn not in self._live:           # created before we were installed
+                self._created += 1
+            self._live[conn] = True
+            self._completed += 1
+            self._hs_hist.observe(max(0.0, float(handshake_seconds)))
+
+    def connection_ended(self, conn) -> None:
+        with self._lock:
+            if conn not in self._live:
+                return                            # ended twice, or never seen
+            established = self._live.pop(conn)
+            st = conn.stats
+            for f in _STAT_FIELDS:
+                self._ended[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                self._ended["discarded:" + r] += n
+            for sample in st.rtt_samples:
+                self._rtt_hist.observe(sample)
+            reason = close_reason(conn.close_info)
+            self._closed[reason] += 1
+            if not established:
+                self._hs_failed[reason if reason in self._hs_failed else "other"] += 1
+
+    # -- scrape (HTTP thread) ----------------------------------------------------------
+    def snapshot(self) -> dict:
+        """Every value collect() exports, as plain numbers (also handy in tests and logs)."""
+        with self._lock:
+            live = list(self._live.items())
+            sums = dict(self._ended)
+            created, completed = self._created, self._completed
+            closed, hs_failed = dict(self._closed), dict(self._hs_failed)
+            hs_hist, rtt_hist = self._hs_hist.copy(), self._rtt_hist.copy()
+        # Live connections are read outside the lock: their counters only grow, and a
+        # connection that ends meanwhile adds its final values to the next snapshot's totals.
+        in_progress = 0
+        for conn, established in live:
+            st = conn.stats
+            for f in _STAT_FIELDS:
+                sums[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                sums["discarded:" + r] += n
+            in_progress += not established
+        drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
+        rejected = 0
+        memory = {"limit": 0, "used": 0, "shed": 0, "withheld": 0, "migrations": 0}
+        ep = self.endpoint
+        if ep is not None:
+            for label, field in ENDPOINT_DROP_REASONS.items():
+                drops[label] = getattr(ep.stats, field, 0)
+            rejected = ep.stats.handshakes_rejected
+            budget = ep.budget
+            memory = {"limit": budget.limit, "used": budget.used, "shed": budget.shed,
+                      "withheld": budget.credit_withheld, "migrations": ep.stats.migrations}
+        hs_failed["rejected"] = rejected
+        return {"stats": sums, "active": len(live), "in_progress": in_progress,
+                "opened": created, "closed": closed, "hs_started": created + rejected,
+                "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
+                "rtt_hist": rtt_hist, "drops": drops, "memory": memory}
+
+    def collect(self) -> Iterator:
+        s = self.snapshot()
+        st = s["stats"]
+
+        yield build_info(self.build["version"], self.build["datapath"], self.build["cipher"])
+
+        # handshakes
+        yield CounterMetricFamily("stcp_handshakes_started", "Client hellos the server answered: with a server "
+                                  "hello (a connection was created) or with a REJECT.", value=s["hs_started"])
+        yield CounterMetricFamily("stcp_handshakes_completed", "Handshakes that reached ENCRYPTED (the client's "
+                                  "first record authenticated under the new keys).", value=s["hs_completed"])
+        f = CounterMetricFamily("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
+                                "(rejected: bad version or cipher suite; otherwise the close reason).",
+                                labels=["reason"])
+        for r in HANDSHAKE_FAIL_REASONS:
+            f.add_metric([r], s["hs_failed"][r])
+        yield f
+        yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
+                                "completed yet.", value=s["in_progress"])
+        yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
+                                  "as seen by the server.")
+
+        # connections
+        yield GaugeMetricFamily("stcp_connections_active", "Connections in the server's table (handshaking "
+                                "or established).", value=s["active"])
+        yield CounterMetricFamily("stcp_connections_opened", "Connections created (a server hello was sent).",
+                                  value=s["opened"])
+        c = CounterMetricFamily("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
+                                labels=["reason"])
+        for r in CLOSE_REASONS:
+            c.add_metric([r], s["closed"][r])
+        yield c
+
+        # records and bytes
+        rec = CounterMetricFamily("stcp_records", "Protected records: sealed and sent (tx), received and "
+                                  "authenticated (rx).", labels=["direction"])
+        rec.add_metric(["tx"], st["records_sent"])
+        rec.add_metric(["rx"], st["records_received"])
+        yield rec
+        rb = CounterMetricFamily("stcp_record_bytes", "Bytes of those records on the wire (UDP payload: "
+                                 "header, ciphertext and tag).", labels=["direction"])
+        rb.add_metric(["tx"], st["bytes_sent"])
+        rb.add_metric(["rx"], st["bytes_received"])
+        yield rb
+        sb = CounterMetricFamily("stcp_stream_bytes", "Application stream bytes: carried in sealed records (tx; "
+                                 "retransmitted bytes count again), delivered in order to the application (rx).", labels=["direction"])
+        sb.add_metric(["tx"], st["stream_bytes_sent"])
+        sb.add_metric(["rx"], st["stream_bytes_received"])
+        yield sb
+        yield CounterMetricFamily("stcp_retransmitted_records", "Records that carried retransmitted stream data.",
+                                  value=st["retransmitted_records"])
+        yield CounterMetricFamily("stcp_replays_discarded", "Duplicate records (already accepted sequence "
+                                  "numbers, repeated hellos) discarded without ending the connection.",
+                                  value=st["duplicates_discarded"])
+        yield CounterMetricFamily("stcp_auth_failures", "Records addressed to a connection that failed "
+                                  "authentication or decryption (each ends its connection).",
+                                  value=st["auth_failures"])
+        ku = CounterMetricFamily("stcp_key_updates", "Key updates: sending key rotated (tx), peer's rotation "
+                                 "accepted (rx).", labels=["direction"])
+        ku.add_metric(["tx"], st["key_updates_sent"])
+        ku.add_metric(["rx"], st["key_updates_received"])
+        yield ku
+        yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
+                                   "1024 of each), observed when the connection ends.")
+
+        dr = CounterMetricFamily("stcp_records_discarded", "Records that reached a connection and were "
+                                 "discarded without ending it, by reason: from an address not the peer's, "
+                                 "malformed, failing authentication or two key epochs ahead; handshake-class "
+                                 "records that are not a repeat of the connection's hello; longer than "
+                                 "max_datagram; opening a reassembly fragment beyond the cap (PROTOCOL.md 10.2).",
+                                 labels=["reason"])
+        for r in DISCARD_REASONS:
+            dr.add_metric([r], st["discarded:" + r])
+        yield dr
+
+        # endpoint
+        d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
+                                "before any connection saw them, by reason.", labels=["reason"])
+        for r in ENDPOINT_DROP_REASONS:
+            d.add_metric([r], s["drops"][r])
+        yield d
+        mem = s["memory"]
+        yield CounterMetricFamily("stcp_connections_migrated", "Connections moved to a new peer address by an "
+                                  "authenticated record from it (NAT rebinding).", value=mem["migrations"])
+        yield GaugeMetricFamily("stcp_memory_budget_bytes", "The server-wide limit on stream buffers.",
+                                value=mem["limit"])
+        yield GaugeMetricFamily("stcp_memory_used_bytes", "Stream buffers held now: received and not yet read "
+                                "by the application, sent and not yet acknowledged.", value=mem["used"])
+        yield CounterMetricFamily("stcp_connections_shed", "Connections ended because the memory budget was "
+                                  "exhausted (each held the most without progress).", value=mem["shed"])
+        yield CounterMetricFamily("stcp_credit_withheld", "Flow-control grants postponed because the memory "
+                                  "budget was exhausted.", value=mem["withheld"])
+
+    def close(self) -> None:
+        """Stop the HTTP exporter started by serve_metrics (the hook stays harmless)."""
+        if self.http is not None:
+            self.http.close()
+
+    @property
+    def address(self) -> Optional[Tuple[str, int]]:
+        return self.http.address if self.http else None

@@ -1,0 +1,189 @@
+"""The kernel-datapath collector: the STCP XDP program's verdict counters, attach mode and
+run time, read at scrape time.
+
+`XdpCollector` reads the per-CPU verdict counters of the STCP XDP program through the same
+kernel lookups as `stcp-loader status` (interface -> XDP program id -> its maps), so the
+two always agree. `stcp-loader metrics --listen ADDR [IFACE...]` serves it alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from ..datapath import bpf, xdp_prog
+from ..datapath.netlink import Netlink
+from ..datapath.verdicts import Verdict
+
+log = logging.getLogger("stcp.metrics")
+
+
+def _proc_bpf_stats_enabled() -> bool:
+    try:
+        with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+            return f.read().strip() not in ("", "0")
+    except OSError:
+        return False
+
+
+def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
+    """One interface's STCP XDP state, found the way `stcp-loader status` finds it.
+
+    {"attached": False} or {"attached": True, "mode", "per_cpu": {verdict: [(packets,
+    bytes), ...one per possible CPU]}, "live_cids", "run_time_ns", "run_cnt"}.
+    Raises XdpSetupError / OSError when the interface cannot be inspected.
+    """
+
+    with Netlink(netns) as nl:
+        idx = nl.ifindex(iface)
+        mode, h, _state = xdp_prog.find_stcp(nl, idx)
+    if h is None:
+        return {"attached": False}
+    try:
+        info = bpf.prog_info(h.prog_fd)
+        return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
+                "live_cids": xdp_prog.count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+    finally:
+        h.close()
+
+
+def _unquote_pin(name: str) -> str:
+    return name.replace("%", ".")                 # xdp.pin_dir() turns '.' into '%'
+
+
+def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None) -> List[Tuple[str, Optional[str]]]:
+    """(iface, netns) of every STCP program: pinned under /sys/fs/bpf/stcp/ (including
+    .../netns/NS/IFACE) and, by netlink, attached in this (or the given) namespace."""
+    root = pin_root or xdp_prog.PIN_ROOT
+    found: List[Tuple[str, Optional[str]]] = []
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError:
+        entries = []
+    for name in entries:
+        if name == "netns":
+            try:
+                namespaces = sorted(os.listdir(os.path.join(root, name)))
+            except OSError:
+                continue
+            for ns in namespaces:
+                ns_name = _unquote_pin(ns)
+                if netns is not None and ns_name != netns:
+                    continue
+                try:
+                    ifaces = sorted(os.listdir(os.path.join(root, name, ns)))
+                except OSError:
+                    continue
+                found.extend((_unquote_pin(i), ns_name) for i in ifaces)
+        elif netns is None:
+            found.append((_unquote_pin(name), None))
+    try:
+        with Netlink(netns) as nl:
+            for name, idx in nl.links():
+                _mode, h, _state = xdp_prog.find_stcp(nl, idx)
+                if h is not None:
+                    h.close()
+                    found.append((name, netns))
+    except Exception as e:  # noqa: BLE001 - discovery is best effort; pins were still found
+        log.debug("netlink discovery failed: %s", e)
+    out: List[Tuple[str, Optional[str]]] = []
+    for t in found:
+        if t not in out:
+            out.append(t)
+    return out
+
+
+Target = Tuple[str, Optional[str]]
+
+
+class XdpCollector(Collector):
+    """Verdict counters, attach mode and run time of STCP XDP programs, read at scrape time.
+
+    targets: (iface, netns or None) pairs, or plain interface names; with none, every
+    STCP program found by discover_targets() at each scrape. `reader` replaces read_xdp
+    (tests feed it fixed data).
+    """
+
+    def __init__(self, targets: Sequence = (), *, netns: Optional[str] = None,
+                 reader: Optional[Callable[[str, Optional[str]], dict]] = None,
+                 discover: Optional[Callable[[], List[Target]]] = None):
+        self.targets: List[Target] = [(t, netns) if isinstance(t, str) else (t[0], t[1]) for t in targets]
+        self.netns = netns
+        self._read = reader or read_xdp
+        self._discover = discover or (lambda: discover_targets(netns))
+        self._errors = 0
+        self._warned: set = set()
+        self._lock = threading.Lock()
+
+    def read_all(self) -> List[Tuple[Target, dict]]:
+        targets = self.targets or self._discover()
+        out = []
+        for iface, ns in targets:
+            try:
+                snap = self._read(iface, ns)
+            except Exception as e:  # noqa: BLE001 - one broken interface must not hide the others
+                with self._lock:
+                    self._errors += 1
+                    first = (iface, ns, str(e)) not in self._warned
+                    self._warned.add((iface, ns, str(e)))
+                log.log(logging.WARNING if first else logging.DEBUG, "reading the STCP XDP counters of %s%s "
+                        "failed: %s", iface, f" (netns {ns})" if ns else "", e)
+                snap = {"attached": False, "error": str(e)}
+            out.append(((iface, ns), snap))
+        return out
+
+    def collect(self) -> Iterator:
+        rows = self.read_all()
+        bpf_stats = _proc_bpf_stats_enabled()
+        base = ["iface", "netns"]
+        attached = GaugeMetricFamily("stcp_xdp_attached", "1 if the STCP XDP program is attached to the "
+                                     "interface, in the given mode (native, generic, offload); 0 with "
+                                     "mode=\"none\" if it is not (stale pins, detached).", labels=base + ["mode"])
+        packets = CounterMetricFamily("stcp_xdp_packets", "Frames the STCP XDP program handled, by verdict "
+                                      "(pass_* go up the stack, drop_* are dropped in the driver).",
+                                      labels=base + ["verdict"])
+        nbytes = CounterMetricFamily("stcp_xdp_bytes", "Bytes of those frames (from the Ethernet header), "
+                                     "by verdict.", labels=base + ["verdict"])
+        cpu_packets = CounterMetricFamily("stcp_xdp_cpu_packets", "Frames by verdict and by the CPU that ran "
+                                          "the XDP program (the RX queue's CPU).", labels=base + ["cpu", "verdict"])
+        cids = GaugeMetricFamily("stcp_xdp_live_cids", "Entries in the XDP live-connection-ID table.",
+                                 labels=base)
+        run_s = CounterMetricFamily("stcp_xdp_run_seconds", "Time spent running the XDP program (kernel BPF "
+                                    "statistics; only while sysctl kernel.bpf_stats_enabled=1).", labels=base)
+        runs = CounterMetricFamily("stcp_xdp_runs", "Runs of the XDP program counted by kernel BPF statistics "
+                                   "(only while sysctl kernel.bpf_stats_enabled=1).", labels=base)
+        for (iface, ns), snap in rows:
+            lb = [iface, ns or ""]
+            if not snap.get("attached"):
+                attached.add_metric(lb + ["none"], 0)
+                continue
+            attached.add_metric(lb + [snap["mode"]], 1)
+            per_cpu = snap["per_cpu"]
+            for v in Verdict:
+                vals = per_cpu.get(v.key, [])
+                packets.add_metric(lb + [v.key], sum(p for p, _b in vals))
+                nbytes.add_metric(lb + [v.key], sum(b for _p, b in vals))
+                for cpu, (p, _b) in enumerate(vals):
+                    cpu_packets.add_metric(lb + [str(cpu), v.key], p)
+            cids.add_metric(lb, snap["live_cids"])
+            if bpf_stats or snap.get("run_cnt"):
+                run_s.add_metric(lb, snap.get("run_time_ns", 0) / 1e9)
+                runs.add_metric(lb, snap.get("run_cnt", 0))
+        yield attached
+        yield packets
+        yield nbytes
+        yield cpu_packets
+        yield cids
+        yield GaugeMetricFamily("stcp_xdp_bpf_stats_enabled", "1 if kernel BPF run-time statistics are on "
+                                "(sysctl kernel.bpf_stats_enabled).", value=int(bpf_stats))
+        if run_s.samples:
+            yield run_s
+            yield runs
+        with self._lock:
+            errors = self._errors
+        yield CounterMetricFamily("stcp_xdp_read_errors", "Scrapes in which an interface's XDP state could "
+                                  "not be read (see the exporter's log).", value=errors)

@@ -1,0 +1,313 @@
+"""Assembling an STCP server: the one place it is done, for every datapath.
+
+    server = await stcp.serve(handler, "0.0.0.0", 7443)                         # UDP socket
+    server = await stcp.serve(handler, "0.0.0.0", 7443, datapath="xdp", iface="eth0",
+                              metrics="127.0.0.1:9400")                          # + XDP early drop
+    server = await stcp.serve(handler, "0.0.0.0", 7443, datapath="afxdp", iface="eth0")
+    ...
+    server.close()            # closes every connection, the exporter, and detaches what it attached
+
+serve() opens the datapath (stcp.datapath.base.Datapath), runs a ServerEndpoint on its
+driver, installs the datapath's hooks (the kernel's live-CID table) before the caller's
+and, when asked, a Prometheus exporter (stcp.metrics). `handler(reader, writer)` runs for
+each connection once it is ENCRYPTED. start_server() is serve() on the socket datapath with
+asyncio's argument names.
+
+A pool of AF_XDP worker processes (`stcp serve --datapath afxdp --workers N`) is a
+WorkerPool: a stcp.supervisor.Supervisor attaching the program and starting the workers
+(each of which calls serve(..., worker=WorkerRole.from_env())), plus the pool's exporter.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
+
+from . import wire
+from .api import DEFAULT_PORT, ConnectionHandle, StreamReader, StreamWriter, make_config
+from .connection import Config, Connection
+from .datapath.base import Datapath
+from .datapath.socket import ServerDriver, SocketDatapath
+from .endpoint import ServerEndpoint
+from .errors import CloseCode, ConnectionTerminated
+
+# The kernel datapaths (ctypes, libbpf, the worker supervisor) are imported when a server
+# asks for one: a client or a socket-datapath server does not load them.
+if TYPE_CHECKING:
+    from .supervisor import Spawn, WorkerRole
+
+Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
+DATAPATHS = ("socket", "xdp", "afxdp")
+
+
+class Server:
+    """A running server: its driver, the connections' handler tasks and hooks, and what it
+    owns (the datapath, an exporter), all released by close().
+
+    Each of `hooks` may define connection_created(conn) (server hello sent),
+    connection_established(conn, handshake_seconds) and connection_ended(conn) (CLOSED;
+    conn.close_info says why). They run on the loop; the kernel datapath keeps its table of
+    live connection IDs in step through them, and metrics count through them.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, driver: Optional[ServerDriver], handler: Handler,
+                 hooks: Sequence[object] = (), datapath: Optional[Datapath] = None):
+        self._loop = loop
+        self.driver: ServerDriver = driver      # type: ignore[assignment]  # set by serve() when None
+        self._handler = handler
+        self._tasks: Set["asyncio.Task[None]"] = set()
+        self._closed: "asyncio.Future[None]" = loop.create_future()
+        self.hooks = list(hooks)
+        self.datapath = datapath
+        self.metrics: Optional[Any] = None       # the exporter serve() started (has close())
+
+    def _notify(self, name: str, *args: Any) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, name, None)
+            if method is not None:
+                method(*args)
+
+    @property
+    def sockets(self) -> List[socket.socket]:
+        return [self.driver.sock]
+
+    @property
+    def endpoint(self) -> ServerEndpoint:
+        return self.driver.endpoint
+
+    def _on_new(self, conn: Connection) -> None:
+        handle = ConnectionHandle(self.driver, conn)
+        self._notify("connection_created", conn)
+        handle.established.add_done_callback(lambda fut: self._start(handle, fut))
+
+    def _on_ended(self, conn: Connection) -> None:
+        self._notify("connection_ended", conn)
+
+    def _start(self, handle: ConnectionHandle, fut: "asyncio.Future[Any]") -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._notify("connection_established", handle.conn, fut.result().duration)
+        result = self._handler(handle.reader, handle.writer)
+        if asyncio.iscoroutine(result):
+            task = self._loop.create_task(self._run_handler(handle, result))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_handler(self, handle: ConnectionHandle, coro: Awaitable[None]) -> None:
+        try:
+            await coro
+        except (ConnectionTerminated, asyncio.IncompleteReadError):
+            pass                      # the connection ended; its close reason is already recorded
+        except Exception as exc:       # a handler bug ends its own connection, never the server
+            handle.conn.close(CloseCode.INTERNAL_ERROR, f"handler failed: {type(exc).__name__}")
+            handle.touch()
+
+    def close(self) -> None:
+        """Close every connection (the peers are told), stop the exporter, release the
+        datapath (detaching what it attached). Idempotent."""
+        if self._closed.done():
+            return
+        try:
+            if self.driver is not None:
+                self.driver.close()
+            for task in self._tasks:
+                task.cancel()
+            if self.metrics is not None:
+                self.metrics.close()
+        finally:
+            try:
+                if self.datapath is not None:
+                    self.datapath.close()
+            finally:
+                self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def serve_forever(self) -> None:
+        await asyncio.shield(self._closed)
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+def cipher_name(config: Config) -> str:
+    """The cipher suite of config by its name ('aes-256-gcm', 'chacha20-poly1305')."""
+    return {v: k for k, v in wire.SUITES.items()}[config.suite]
+
+
+def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_mode: str = "auto",
+                  max_record_len: Optional[int] = None, xdp_limits: Optional[Mapping[str, int]] = None,
+                  afxdp_tx: str = "socket", worker: Optional[WorkerRole] = None) -> Datapath:
+    """The datapath named `datapath` for a server on `port` (see serve() for the rest)."""
+    if datapath not in DATAPATHS:
+        raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, not {datapath!r}")
+    if datapath == "socket":
+        return SocketDatapath()
+    if not iface:
+        raise ValueError(f"the {datapath} datapath needs an interface (iface=...)")
+    limits: Dict[str, Any] = dict(xdp_limits or {})
+    if datapath == "xdp":
+        from .datapath.xdp import XdpDatapath
+        if max_record_len is not None:
+            limits["max_record_len"] = max_record_len
+        return XdpDatapath.attach_or_reuse(iface, port, mode=xdp_mode, **limits)
+    from .datapath.afxdp import AfxdpDatapath
+    if worker is not None:
+        return AfxdpDatapath.join(iface, port, worker.index, worker.count, tx=afxdp_tx)
+    return AfxdpDatapath.open(iface, port, mode=xdp_mode, max_record_len=max_record_len, xdp_kw=limits,
+                              tx=afxdp_tx)
+
+
+async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                datapath: Union[str, Datapath] = "socket", iface: Optional[str] = None, xdp_mode: str = "auto",
+                xdp_limits: Optional[Mapping[str, int]] = None, afxdp_tx: str = "socket",
+                worker: Optional[WorkerRole] = None, config: Optional[Config] = None,
+                cipher: Optional[str] = None, metrics: Optional[str] = None, hooks: Sequence[object] = (),
+                max_connections: int = 100_000) -> Server:
+    """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
+
+    datapath: "socket" (a UDP socket), "xdp" (the UDP socket behind the XDP program on
+      `iface`, which drops what belongs to no live connection; an STCP program already
+      attached there for this port is reused), "afxdp" (records through AF_XDP sockets on
+      `iface`'s RX queues), or a Datapath object of your own.
+    xdp_mode: "native", "generic" or "auto" (native, else generic) for attaching XDP.
+    xdp_limits: XdpDatapath.attach options for a program this call attaches (hs_rate,
+      hs_burst, max_cids, hs_sources); the max record length follows config.max_datagram.
+    afxdp_tx: "socket" (replies through the kernel UDP socket) or "afxdp" (the TX ring).
+    worker: in a process a stcp.supervisor.Supervisor started (WorkerRole.from_env()): join
+      the program it attached, die with it and serve metrics to it. Call
+      worker.notify_ready() once the server is announced: the supervisor reports the pool
+      as serving when every worker has.
+    config / cipher: the connections' Config (or just the cipher's name).
+    metrics: "HOST:PORT" to export Prometheus metrics on (stcp.metrics.serve_metrics).
+    hooks: more connection hooks (see Server), run after the datapath's.
+
+    Returns the running Server; close() releases everything it made. Setup failures raise
+    STCPError subclasses whose message is one line saying what to do.
+    """
+    config = config or make_config(cipher)
+    if worker is not None:
+        if metrics:
+            raise ValueError("a worker serves its metrics to its supervisor (WorkerRole.metrics_dir), "
+                             "not on an address of its own")
+        from .supervisor import die_with_parent
+        die_with_parent()
+    if isinstance(datapath, str):
+        dp = open_datapath(datapath, port, iface=iface, xdp_mode=xdp_mode,
+                           max_record_len=config.max_datagram - wire.HEADER_LEN, xdp_limits=xdp_limits,
+                           afxdp_tx=afxdp_tx, worker=worker)
+    else:
+        dp = datapath
+    loop = asyncio.get_running_loop()
+    server = Server(loop, None, handler, [*dp.server_hooks(), *hooks], datapath=dp)
+    try:
+        endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections)
+        server.driver = dp.open_driver(loop, host, port, endpoint, server._on_new, server._on_ended)
+        if worker is not None and worker.metrics_dir:
+            from .metrics import serve_worker_metrics
+            server.metrics = serve_worker_metrics(server, worker.metrics_dir, worker.index, dp.name,
+                                                  cipher_name(config))
+        elif metrics:
+            from .metrics import serve_metrics
+            server.metrics = serve_metrics(server, metrics, dp.name, cipher_name(config), iface=dp.iface)
+    except BaseException:
+        server.close()
+        raise
+    return server
+
+
+async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                       config: Optional[Config] = None, cipher: Optional[str] = None,
+                       sock: Optional[socket.socket] = None, hooks: Sequence[object] = (),
+                       max_connections: int = 100_000, gro: bool = True) -> Server:
+    """serve() on the UDP socket datapath, named like asyncio.start_server.
+
+    sock: serve on this bound UDP socket instead of binding host:port.
+    gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
+    generic (skb) mode guards the port: generic XDP runs after GRO and would drop the
+    coalesced datagrams as malformed records (serve(..., datapath="xdp") does this itself).
+    """
+    return await serve(handler, host, port, datapath=SocketDatapath(gro=gro, sock=sock), config=config,
+                       cipher=cipher, hooks=hooks, max_connections=max_connections)
+
+
+class WorkerPool:
+    """AF_XDP worker processes serving one port on one interface (`stcp serve --datapath
+    afxdp --workers N`): the supervisor and, with `metrics`, the pool's exporter (the
+    workers' counters summed and labelled, the XDP program's read once).
+
+        pool = WorkerPool(spawn, port, iface="eth0", workers=4, metrics="127.0.0.1:9400")
+        await pool.start()             # attached, every worker serving
+        await pool.serve_forever()     # until close(); SupervisorError if workers keep dying
+        pool.close(); await pool.wait_closed()
+
+    spawn(w, n) says how to start worker w of n (a stcp.supervisor.WorkerCommand); the
+    worker process calls serve(..., datapath="afxdp", worker=WorkerRole.from_env()).
+    xdp_limits and max_restarts are as for serve() and Supervisor.
+    """
+
+    def __init__(self, spawn: Spawn, port: int, *, iface: str, workers: int, xdp_mode: str = "auto",
+                 xdp_limits: Optional[Mapping[str, int]] = None, config: Optional[Config] = None,
+                 metrics: Optional[str] = None, max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
+        from .datapath.afxdp import attach_program
+        from .supervisor import MAX_RESTARTS, Supervisor
+        config = config or make_config()
+        self.iface = iface
+        self.metrics_address = metrics
+        self.cipher = cipher_name(config)
+        self.metrics: Optional[Any] = None
+        self.metrics_dir: Optional[str] = None
+        record_len = config.max_datagram - wire.HEADER_LEN
+        self.supervisor = Supervisor(
+            spawn, lambda n: attach_program(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {})),
+            workers, out=out, max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts)
+
+    async def start(self, ready_timeout: float = 60.0) -> None:
+        """Start the exporter, attach the program and start every worker; on failure what
+        was made is undone before the error propagates."""
+        try:
+            if self.metrics_address:
+                from .metrics import serve_pool_metrics
+                # the workers' metrics sockets: a directory only we can enter (0700), removed at the end
+                self.metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-",
+                                                    dir="/run" if os.path.isdir("/run") else None)
+                self.supervisor.metrics_dir = self.metrics_dir
+                self.metrics = serve_pool_metrics(self.supervisor.worker_slots, self.metrics_address, "afxdp",
+                                                  self.cipher, iface=self.iface)
+            self.supervisor.setup()
+            if self.metrics is not None:
+                self.supervisor.say(f"metrics of {self.supervisor.n} workers and the XDP program on "
+                                    f"{self.metrics.http.url}")
+            await self.supervisor.start(ready_timeout)
+        except BaseException:
+            await self.wait_closed()
+            raise
+
+    async def serve_forever(self) -> None:
+        await self.supervisor.wait()
+
+    def close(self) -> None:
+        self.supervisor.close()
+
+    def signal_workers(self, sig: int) -> None:
+        self.supervisor.signal_workers(sig)
+
+    async def wait_closed(self) -> None:
+        """Terminate the workers, detach the program, stop the exporter."""
+        try:
+            await self.supervisor.wait_closed()
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+                self.metrics = None
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+                self.metrics_dir = None

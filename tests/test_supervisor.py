@@ -1,0 +1,134 @@
+"""The worker supervisor's contract with its workers (stcp.supervisor), without root or XDP:
+a worker learns its role from the environment and says it is ready over a pipe; a worker
+that exits before that fails the start at once (not after the ready timeout); stderr is
+relayed with the worker's number; a worker that dies is replaced, or ends the pool when
+no restarts are allowed; closing terminates every worker.
+
+The AF_XDP pool itself (attach, steering, CID cleanup) is in tests/test_afxdp.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+import time
+
+import pytest
+
+from stcp.supervisor import (METRICS_DIR_ENV, READY_FD_ENV, WORKER_ENV, Supervisor, SupervisorError, WorkerCommand,
+                             WorkerRole)
+
+# A worker: reads its role, says something on stderr, signals ready (unless told not to),
+# then waits to be terminated (or exits with the code it was given).
+WORKER = """
+import os, sys, time
+from stcp.supervisor import WorkerRole
+role = WorkerRole.from_env()
+print(f"stcp: role {role.index}/{role.count} metrics={role.metrics_dir} env_left={os.environ.get('STCP_WORKER')}",
+      file=sys.stderr, flush=True)
+mode = os.environ.get("TEST_MODE", "ready")
+if mode == "exit":
+    sys.exit(3)
+role.notify_ready()
+if mode == "die_after_ready":
+    time.sleep(0.2)
+    sys.exit(4)
+time.sleep(60)
+"""
+
+
+def spawn(mode: str = "ready"):
+    def command(w: int, n: int) -> WorkerCommand:
+        return WorkerCommand([sys.executable, "-c", WORKER], {"TEST_MODE": mode})
+    return command
+
+
+def no_attach(n: int):
+    raise AssertionError("start() alone must not attach")
+
+
+def test_role_from_env_takes_the_variables_out():
+    env = {WORKER_ENV: "1/3", READY_FD_ENV: "7", METRICS_DIR_ENV: "/run/x", "OTHER": "kept"}
+    role = WorkerRole.from_env(env)
+    assert (role.index, role.count, role.ready_fd, role.metrics_dir) == (1, 3, 7, "/run/x")
+    assert env == {"OTHER": "kept"}
+    assert WorkerRole.from_env({}) is None
+    for bad in ("3/3", "x/2", "2"):
+        with pytest.raises(SupervisorError, match="expected W/N"):
+            WorkerRole.from_env({WORKER_ENV: bad})
+
+
+def test_workers_start_ready_relay_and_terminate():
+    out = io.StringIO()
+
+    async def main():
+        sup = Supervisor(spawn(), no_attach, 2, metrics_dir="/tmp/nowhere", out=out)
+        try:
+            await sup.start(ready_timeout=30)
+            slots = sup.worker_slots()
+            assert [s.worker for s in slots] == [0, 1] and all(s.alive for s in slots)
+            assert all(s.path and s.path.startswith("/tmp/nowhere/worker-") for s in slots)
+            pids = [s.pid for s in slots]
+        finally:
+            sup.close()
+            await sup.wait_closed()
+        assert all(p.returncode is not None for p in sup.procs.values())
+        return pids
+
+    pids = asyncio.run(main())
+    text = out.getvalue()
+    for w, pid in enumerate(pids):
+        assert f"stcp: worker {w} started (pid {pid})" in text
+        assert f"stcp: [worker {w}] role {w}/2 metrics=/tmp/nowhere env_left=None" in text
+    assert "serving on port 0 (afxdp datapath, 2 workers)" in text
+
+
+def test_worker_exiting_before_ready_fails_the_start_at_once():
+    out = io.StringIO()
+
+    async def main():
+        sup = Supervisor(spawn("exit"), no_attach, 2, out=out)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(SupervisorError, match=r"worker\(s\) 0, 1 exited before serving"):
+                await sup.start(ready_timeout=60)
+        finally:
+            await sup.wait_closed()
+        return time.monotonic() - t0
+
+    took = asyncio.run(main())
+    assert took < 20, took
+
+
+def test_dead_worker_is_replaced_or_ends_the_pool():
+    async def main(max_restarts: int) -> str:
+        out = io.StringIO()
+        sup = Supervisor(spawn("die_after_ready"), no_attach, 1, out=out, max_restarts=max_restarts)
+        try:
+            await sup.start(ready_timeout=30)
+            with pytest.raises(SupervisorError, match=f"worker 0 died {max_restarts + 1} times"):
+                await asyncio.wait_for(sup.wait(), 30)
+        finally:
+            await sup.wait_closed()
+        return out.getvalue()
+
+    text = asyncio.run(main(0))
+    assert "restarting it" not in text
+    text = asyncio.run(main(2))
+    assert text.count("worker 0 (pid") == 2 and text.count("died (exit code 4)") == 2
+    assert text.count("stcp: worker 0 started") == 3
+
+
+def test_notify_ready_writes_once_and_closes_its_end():
+    """READY is written once, then the worker's end of the pipe is closed."""
+    r, w = os.pipe()
+    try:
+        role = WorkerRole(0, 1, ready_fd=w)
+        role.notify_ready()
+        role.notify_ready()                      # once only
+        assert os.read(r, 100) == b"ready\n"
+        with pytest.raises(OSError):
+            os.fstat(w)                          # closed after signalling
+    finally:
+        os.close(r)
