@@ -50,6 +50,8 @@
 #define BUCKET_CAS_TRIES 2      /* compare-and-swap attempts on a contended hello bucket */
 #define BUCKET_HELLO 0          /* stcp_buckets: the global hello budget */
 #define BUCKET_UNKNOWN_CID 1    /* stcp_buckets: unknown-CID records let through */
+#define COOKIE_MODE_UNTIL 2     /* stcp_buckets: cookie mode lasts until this time (ns) */
+#define COOKIE_MODE_NS 1000000000ULL    /* ...this long after the last hello over the budget */
 
 
 BPF_PERCPU_ARRAY(stcp_counters, struct stcp_counter, STCP_V_MAX);
@@ -62,9 +64,10 @@ BPF_TABLE("lru_hash", __u64, __u8, stcp_half_open, STCP_HALF_OPEN);
 /* Per source prefix, a hello bucket and a COOKIE-reply bucket (an LRU: a flood of new
  * prefixes evicts old ones, so the global bucket is what bounds a spoofed flood); and
  * buckets for all sources: [BUCKET_HELLO] the global hello budget, [BUCKET_UNKNOWN_CID]
- * unknown-CID records let through. Values are theoretical arrival times, see bucket_take(). */
+ * unknown-CID records let through; and [COOKIE_MODE_UNTIL]. Values are theoretical arrival
+ * times, see bucket_take(). */
 BPF_TABLE("lru_hash", struct stcp_src, struct stcp_prefix_buckets, stcp_hs_bucket, STCP_HS_SOURCES);
-BPF_ARRAY(stcp_buckets, __u64, 2);
+BPF_ARRAY(stcp_buckets, __u64, 3);
 BPF_ARRAY(stcp_config, struct stcp_config, 1);
 BPF_ARRAY(stcp_cid_filter, __u64, STCP_CID_FILTER_WORDS);
 /* The cookie keys, one element (key 0) or none. A hash without preallocation: an update
@@ -380,6 +383,26 @@ static __always_inline int shared_allows(__u32 index, __u64 now, __u64 cost, __u
 	return bucket_take(tat, now, cost, cap);
 }
 
+/* With cookie keys: whether a cookie-less hello may pass, i.e. it is within the global
+ * budget and the program is not in cookie mode. A hello over the budget starts cookie mode
+ * (or prolongs it) for COOKIE_MODE_NS, in which every cookie-less hello gets a COOKIE even
+ * when the bucket has refilled: under a flood the budget would otherwise let its rate of
+ * spoofed hellos through to X25519, none of which can ever complete. The bucket is still
+ * spent meanwhile, so the mode ends COOKIE_MODE_NS after the rate falls within it. */
+static __always_inline int cookieless_allowed(struct stcp_config *cfg, __u64 now)
+{
+	__u32 index = COOKIE_MODE_UNTIL;
+	__u64 *until = stcp_buckets.lookup(&index);
+
+	if (!until)
+		return 0;
+	if (!shared_allows(BUCKET_HELLO, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns)) {
+		*until = now + COOKIE_MODE_NS;
+		return 0;
+	}
+	return now >= *until;
+}
+
 /* A handshake record (seq 0) at the server's port: only a CLIENT_HELLO is valid here.
  *
  * Every hello spends its source prefix's bucket first. Then, when the server has written
@@ -390,9 +413,9 @@ static __always_inline int shared_allows(__u32 index, __u64 now, __u64 cost, __u
  *   (tx_cookie) within the prefix's reply budget, else dropped (drop_bad_cookie). Not
  *   dropped outright: a client holding a forged or outdated COOKIE (anyone who saw its
  *   hello can send it one) gets a good one and loses one round trip, as in user space.
- * - without a cookie: passed within the global budget (pass_handshake); past it,
- *   answered with a COOKIE (tx_cookie) within the prefix's reply budget, else dropped
- *   (drop_hs_global).
+ * - without a cookie: passed within the global budget (pass_handshake); past it, and in
+ *   the cookie mode that starts there (cookieless_allowed()), answered with a COOKIE
+ *   (tx_cookie) within the prefix's reply budget, else dropped (drop_hs_global).
  * Without keys, or for a version 1 hello or a malformed one (user space answers those
  * with REJECT_VERSION or not at all), the cookie field is not looked at: the global
  * budget passes or drops it. */
@@ -434,7 +457,7 @@ static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *c
 		valid = cookie_verify(keys, w, h, mac);
 		if (valid)      /* afxdp: to the arrival queue's socket, as any hello */
 			return count(ctx, STCP_V_PASS_COOKIE, deliver(ctx));
-	} else if (shared_allows(BUCKET_HELLO, now, cfg->hs_global_cost_ns, cfg->hs_global_cap_ns)) {
+	} else if (cookieless_allowed(cfg, now)) {
 		return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
 	} else {
 		siphash128(keys->current_key, w, mac);

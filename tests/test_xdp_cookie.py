@@ -162,6 +162,31 @@ def test_a_valid_cookie_still_spends_the_prefix_bucket(prog, secrets):
 
 
 @pytest.mark.root
+def test_cookie_mode_outlasts_the_budget(prog, secrets):
+    """A hello over the global budget starts cookie mode: cookie-less hellos get COOKIEs
+    even once the bucket has tokens again, until a second after the last one over it, so
+    a flood's budgeted share of spoofed hellos never reaches X25519. Without keys there is
+    no cookie mode."""
+    prog.configure(hs_global_rate=1, hs_global_burst=2)
+    prog.reset_buckets()
+    got = [run(prog, frame(hello_record(cid=CID + i)))[1] for i in range(3)]
+    assert got == ["pass_handshake", "pass_handshake", "tx_cookie"]
+    refill = struct.pack("=I", 0)
+    prog.bpf.map_update(prog.global_fd, refill, struct.pack("=Q", 0))        # tokens again
+    assert run(prog, frame(hello_record(cid=CID + 9)))[1] == "tx_cookie"       # still in cookie mode
+    assert run(prog, frame(hello_record(cookie.compute(secrets.current, (V4[0], SPORT), CID, E))))[1] == \
+        "pass_cookie"
+    prog.reset_buckets()                                                       # the mode's end
+    assert run(prog, frame(hello_record(cid=CID + 10)))[1] == "pass_handshake"
+    prog.set_cookie_keys(None)
+    prog.reset_buckets()
+    got = [run(prog, frame(hello_record(cid=CID + 20 + i)))[1] for i in range(3)]
+    prog.bpf.map_update(prog.global_fd, refill, struct.pack("=Q", 0))
+    assert got + [run(prog, frame(hello_record(cid=CID + 30)))[1]] == \
+        ["pass_handshake", "pass_handshake", "drop_hs_global", "pass_handshake"]
+
+
+@pytest.mark.root
 def test_a_wrong_cookie_is_never_passed(prog, secrets):
     """Within the prefix's reply budget it gets a fresh, valid cookie (a client holding a
     forged or outdated one loses a round trip); beyond it, it is dropped."""

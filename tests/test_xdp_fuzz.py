@@ -106,6 +106,7 @@ class Harness:
         if key != self.key:
             self.prog.configure(**{"max_record_len": max_record_len, "hs_prefix4": prefix4,
                                    "hs_prefix6": prefix6, **kw, **ukw})
+            self.prog.reset_buckets()      # cookie mode from the last setting would outlast it
             self.key = key
         if keys != self.keys:
             self.prog.set_cookie_keys(*KEYS[keys][:3])

@@ -89,12 +89,12 @@ class LoadedProg:
             self.bpf.map_update(fd, struct.pack("=I", 0), xdp_cookie.pack_keys(current, previous, expires_ns))
 
     def reset_buckets(self) -> None:
-        """Empty the per-source LRU and refill the shared buckets."""
+        """Empty the per-source LRU, refill the shared buckets, end cookie mode."""
         b = self.bpf
         fd = self.h.maps["hs_bucket"]
         for k in list(b.map_keys(fd, 16, 1 << 20)):
             b.map_delete(fd, k)
-        for i in range(2):
+        for i in range(3):                 # the global hello budget, unknown CIDs, cookie mode (off)
             b.map_update(self.global_fd, struct.pack("=I", i), struct.pack("=Q", 0))
 
     def run(self, frame: bytes) -> Tuple[int, str]:
