@@ -414,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer handshakes, a smaller transfer")
     p.add_argument("--only", default="", help=f"comma-separated servers ({', '.join(SERVERS)})")
     p.add_argument("--repeat", type=int, default=None, help="runs per scenario (default 3; 1 with --quick)")
+    p.add_argument("--handshakes", type=int, default=None, help="honest handshakes per run (200; 50 with --quick)")
+    p.add_argument("--mib", type=int, default=None, help="honest transfer, MiB echoed (16; 4 with --quick)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.role == "server":
@@ -433,9 +435,9 @@ def main(argv=None) -> int:
     except XdpSetupError as e:
         log(f"XDP unavailable, skipping: {e}")
         return 0
-    args.handshakes = 50 if args.quick else 200
+    args.handshakes = args.handshakes or (50 if args.quick else 200)
     args.handshake_budget = 15 if args.quick else 30
-    args.bytes = (4 if args.quick else 16) << 20
+    args.bytes = (args.mib or (4 if args.quick else 16)) << 20
     args.transfer_timeout = 30 if args.quick else 60
     args.flood_seconds = 300
     args.warmup = 2.0 if args.quick else 4.0

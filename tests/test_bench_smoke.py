@@ -1,7 +1,8 @@
 """The benchmark harness works: a tiny loopback run (no namespaces, no root) of the TLS
 peers, and of aioquic when it is installed, through bench.run as `make bench` uses it; and,
 as root with the kernel datapath's toolchain, a tiny namespace run of the XDP and AF_XDP
-peers (each on its own veth pair, the 2-worker one reporting records per worker)."""
+peers (each on its own veth pair, the 2-worker one reporting records per worker) and of the
+hello flood bench (bench.hello_flood) on the XDP datapath with cookies."""
 from __future__ import annotations
 
 import importlib.util
@@ -103,3 +104,24 @@ def test_bench_xdp_and_afxdp_workers_smoke(tmp_path):
     assert sum(w["connections_accepted"] for w in workers) == 8, workers
     md = (tmp_path / "RESULTS.md").read_text()
     assert "Records received per worker" in md
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.xdp
+def test_hello_flood_bench_smoke(tmp_path):
+    """bench.hello_flood on the XDP datapath with cookies, tiny: the spoofed flood is sent
+    and answered in the kernel, the honest client connects and its echo comes back whole."""
+    out = subprocess.run([sys.executable, "-m", "bench.hello_flood", "--quick", "--only", "xdp+cookies",
+                          "--repeat", "1", "--handshakes", "5", "--mib", "1", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads((tmp_path / "hello_flood.json").read_text())
+    by = {r["flood"]: r for r in doc["scenarios"]}
+    assert set(by) == {False, True}
+    for r in by.values():
+        assert r["honest"]["intact"] and r["honest"]["handshakes"] - r["honest"]["handshakes_failed"] >= 1, r
+    flood = by[True]
+    assert flood["flood_sender"]["sent"] > 0
+    assert flood["xdp_verdicts_per_s"].get("tx_cookie", 0) > 0, flood["xdp_verdicts_per_s"]
+    assert (tmp_path / "HELLO_FLOOD.md").read_text().startswith("# Hello flood benchmark")
