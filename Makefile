@@ -22,12 +22,12 @@ system-deps:
 run: $(STAMP)
 	$(VENV)/bin/stcp demo
 
-# A venv built before `make system-deps` lacks stcp._xsk: rebuild once the headers exist.
 # ruff (rules in pyproject.toml) over the Python trees, mypy over the package and its .pyi stubs.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check stcp tests bench scripts
 	$(VENV)/bin/mypy
 
+# A venv built before `make system-deps` lacks stcp._xsk: rebuild once the headers exist.
 test: system-deps $(STAMP)
 	@if [ -e /usr/include/xdp/xsk.h ] && ! $(PY) -c 'import stcp._xsk' 2>/dev/null; then \
 		echo "rebuilding the C extensions: the libxdp headers are installed now"; \
