@@ -235,11 +235,11 @@ def suite_vectors(suite: int) -> dict:
                 for k in chain] for d, chain in chains.items()}
 
     records = []
-    for name, direction, epoch, pn, frames in RECORDS:
+    for name, direction, epoch, pn, frame_specs in RECORDS:
         key = chains[direction][epoch]
         cid = SERVER_CID if direction == "c2s" else CLIENT_CID
         seq = wire.make_seq(epoch, pn)
-        frames = [dict(f, **filled.get(f["type"], {})) for f in frames]
+        frames = [dict(f, **filled.get(f["type"], {})) for f in frame_specs]
         plaintext = b"".join(wire.encode_frame(frame_obj(f)) for f in frames)
         record = key.seal(cid, seq, plaintext)
         assert key.open(record, seq) == plaintext

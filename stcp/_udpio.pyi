@@ -4,11 +4,10 @@ Non-blocking whatever the socket's mode; the GIL is released around each system 
 Addresses are numeric, as the socket module gives them: (host, port) for AF_INET,
 (host, port, flowinfo, scope_id) for AF_INET6 (an AF_INET6 socket also takes an IPv4 host).
 """
-from typing import Optional, Sequence, Tuple, Union, overload, Literal
+from socket import socket
+from typing import Literal, Optional, Sequence, Tuple, Union, overload
 
 from _typeshed import ReadableBuffer
-
-from socket import socket
 
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 FileDescriptorLike = Union[int, socket]

@@ -9,8 +9,7 @@ from typing import List, Optional, Tuple
 
 from . import wire
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 

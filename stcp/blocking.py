@@ -27,10 +27,18 @@ from typing import Callable, Optional, Self, Tuple
 from . import wire
 from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
-from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enable_gro, own_records,
-                              recv_batch, send_datagrams, tune_socket)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
+from .datapath.socket import (
+    RECV_BATCH,
+    RECV_ROUNDS,
+    Outbox,
+    connect_udp,
+    enable_gro,
+    own_records,
+    recv_batch,
+    send_datagrams,
+    tune_socket,
+)
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 
 CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
@@ -199,7 +207,7 @@ class BlockingConnection:
     def __del__(self) -> None:
         # forgotten without close(): free the descriptors (nothing is sent), as a socket does
         if not getattr(self, "_released", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
             self._released = True
             self._sock.close()
             if hasattr(self, "_wakeup"):

@@ -23,8 +23,7 @@ from typing import Callable, Iterable, Optional, Union
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from . import wire
-from .crypto import (HandshakeSecrets, RecordKey, client_auth_proof, generate_keypair, shared_secret,
-                     transcript_hash)
+from .crypto import HandshakeSecrets, RecordKey, client_auth_proof, generate_keypair, shared_secret, transcript_hash
 from .errors import HandshakeFailure, MalformedRecord
 from .identity import StaticKey, fingerprint
 

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 from .errors import FlowControlError, ProtocolViolation
 from .wire import INITIAL_MAX_DATA
 
+
 class SendStream:
     """The application's writes are kept as the bytes objects they were written as (no copy);
     a chunk is dropped once every byte of it is acknowledged."""

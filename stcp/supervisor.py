@@ -163,7 +163,7 @@ class Supervisor:
         if not ready.done():
             ready.cancel()
             raise SupervisorError("the workers did not start (see their lines above)")
-        gone = [w for w, ok in zip(self._readiness, ready.result()) if not ok]
+        gone = [w for w, ok in zip(self._readiness, ready.result(), strict=True) if not ok]
         if gone:
             raise SupervisorError(f"worker(s) {', '.join(map(str, gone))} exited before serving "
                                   "(see their lines above)")

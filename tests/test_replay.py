@@ -31,7 +31,7 @@ def check_shape(r: ReceivedPackets) -> None:
     assert len(r.ranges) <= MAX_RANGES
     for lo, hi in r.ranges:
         assert r.floor <= lo <= hi
-    for (_, hi), (lo, _) in zip(r.ranges, r.ranges[1:]):
+    for (_, hi), (lo, _) in zip(r.ranges, r.ranges[1:], strict=False):
         assert hi + 1 < lo, r.ranges
 
 
@@ -183,7 +183,7 @@ def test_ack_ranges_at_max_ranges():
     got = r.ack_ranges(MAX_ACK_RANGES)
     assert len(got) == min(MAX_ACK_RANGES, MAX_RANGES)
     assert got[0] == (r.largest, r.largest)
-    assert all(a[0] > b[1] for a, b in zip(got, got[1:]))
+    assert all(a[0] > b[1] for a, b in zip(got, got[1:], strict=False))
 
 
 # ---------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_corpus(harness):
 # ---------------------------------------------------------------------------------------
 # frames built layer by layer (strategies made once: hypothesis is slow to build them)
 def _pick(*values, weights=None):
-    return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values)) for _ in range(w)])
+    return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values), strict=True) for _ in range(w)])
 
 
 S_KIND = _pick("hello", "data", "raw", weights=[2, 2, 1])

@@ -70,7 +70,7 @@ def available() -> str | None:
     """None when this peer can run, otherwise why not."""
     try:
         stcp = _stcp()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"import stcp failed: {e!r}"
     missing = [n for n in ("open_connection", "start_server") if not hasattr(stcp, n)]
     return f"stcp has no {', '.join(missing)} yet" if missing else None

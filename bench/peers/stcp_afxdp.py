@@ -138,7 +138,7 @@ def kernel_datapath_available(afxdp: bool) -> str | None:
             from stcp import _xsk  # noqa: F401
         from stcp.datapath.xdp_prog import check_toolchain
         check_toolchain()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"{what} datapath unavailable: {e}"
     return None
 

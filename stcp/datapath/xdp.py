@@ -29,13 +29,40 @@ from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
-from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
-                       DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
-                       DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
-                       cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp, open_prog,
-                       pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc, remove_pins,
-                       require_root, validate_limits, write_config)
 from .socket import ServerDriver, bind_udp
+from .xdp_prog import (
+    CID,
+    DEFAULT_HS_BURST,
+    DEFAULT_HS_GLOBAL_BURST,
+    DEFAULT_HS_GLOBAL_RATE,
+    DEFAULT_HS_PREFIX4,
+    DEFAULT_HS_PREFIX6,
+    DEFAULT_HS_RATE,
+    DEFAULT_HS_SOURCES,
+    DEFAULT_MAX_CIDS,
+    DEFAULT_MAX_RECORD_LEN,
+    FILTER_WORD,
+    MAP_ABI,
+    MODES,
+    ProgHandles,
+    check_toolchain,
+    cid_filter_slot,
+    compile_prog,
+    current_netns_name,
+    ensure_bpffs,
+    find_stcp,
+    open_prog,
+    pin_dir,
+    pin_prog,
+    pinned_prog_id,
+    read_config,
+    read_counters,
+    release_bcc,
+    remove_pins,
+    require_root,
+    validate_limits,
+    write_config,
+)
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
@@ -137,7 +164,7 @@ class XdpDatapath:
                 write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
                 remove_pins(pins)              # stale pins of a program that is gone
                 pin_prog(h, pins)
-                for m, p in state.items():     # force: clear what is there first
+                for m in state:                # force: clear what is there first
                     nl.clear_xdp(ifindex, m)
                 got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
             except BaseException:
@@ -180,7 +207,7 @@ class XdpDatapath:
         require_root()
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
-            mode, h, state = find_stcp(nl, ifindex)
+            mode, h, _state = find_stcp(nl, ifindex)
             if not h:
                 raise XdpNotAttached(f"no STCP XDP program attached to {iface}")
             abi = read_config(h)["abi"]

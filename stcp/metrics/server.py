@@ -98,7 +98,7 @@ class _Histogram:
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         buckets, acc = [], 0
-        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts, strict=True):
             acc += n
             buckets.append((floatToGoString(bound), acc))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
@@ -283,7 +283,8 @@ class ServerMetrics(Collector):
         rb.add_metric(["rx"], st["bytes_received"])
         yield rb
         sb = CounterMetricFamily("stcp_stream_bytes", "Application stream bytes: carried in sealed records (tx; "
-                                 "retransmitted bytes count again), delivered in order to the application (rx).", labels=["direction"])
+                                 "retransmitted bytes count again), delivered in order to the application (rx).",
+                                 labels=["direction"])
         sb.add_metric(["tx"], st["stream_bytes_sent"])
         sb.add_metric(["rx"], st["stream_bytes_received"])
         yield sb

@@ -251,7 +251,7 @@ class WorkerPoolCollector(Collector):
                     try:
                         self._ingest(s.worker, text)
                         ok = True
-                    except Exception as e:  # noqa: BLE001 - a garbled answer counts as no answer
+                    except Exception as e:  # a garbled answer counts as no answer
                         log.warning("worker %d served unparsable metrics: %s", s.worker, e)
                 if not ok:                             # (its last gauges stay for _fold)
                     if s.alive and s.path:             # running and said it serves, but no answer
