@@ -1,6 +1,6 @@
 """A receive batch grouped by connection ID, in C (stcp/_ext/demux.c).
 
-Reads record headers only (length:u64 | cid:u64 | seq:u64); stcp.endpoint._group_by_cid is
+Reads record headers only (length:u64 | cid:u64 | seq:u64); stcp.endpoint.group_by_cid_ref is
 the pure-Python reference. Addresses pass through as the receive call gave them.
 """
 from typing import Optional, Sequence, Tuple, Union

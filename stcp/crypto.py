@@ -73,7 +73,7 @@ def transcript_hash(client_hello_record: bytes, server_hello_record: bytes) -> b
                           + wire.server_hello_transcript_part(server_hello_record)).digest()
 
 
-def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+def hkdf_expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
     """HKDF-Expand (RFC 5869) with info = "stcp " || label || context: cryptography's.
 
     tests/test_crypto.py and tests/test_vectors.py check it against RFC 5869 written out
@@ -86,11 +86,11 @@ class HandshakeSecrets:
     """Secrets derived once from the two DH results (ee, es) and the transcript hash."""
 
     def __init__(self, ee: bytes, es: bytes, transcript: bytes):
-        prk = _extract(ee + es)
+        prk = hkdf_extract(ee + es)
         self.transcript = transcript
-        self.client_secret = _expand(prk, b"c2s", transcript, 32)
-        self.server_secret = _expand(prk, b"s2c", transcript, 32)
-        confirm_key = _expand(prk, b"confirm", transcript, 32)
+        self.client_secret = hkdf_expand(prk, b"c2s", transcript, 32)
+        self.server_secret = hkdf_expand(prk, b"s2c", transcript, 32)
+        confirm_key = hkdf_expand(prk, b"confirm", transcript, 32)
         self.confirm_tag = hmac.new(confirm_key, transcript, hashlib.sha256).digest()
 
     def check_confirmation(self, tag: bytes) -> None:
@@ -102,27 +102,27 @@ def client_auth_proof(client_secret: bytes, se: bytes, transcript: bytes, client
     """The CLIENT_AUTH proof: HMAC(auth_key, TH || C), auth_key = HKDF-Expand(HKDF-Extract(
     salt = client_secret, IKM = se), "stcp cauth" || TH, 32). Only the holder of c (or of f)
     computes se, and TH ties the proof to this handshake."""
-    auth_key = _expand(hmac.digest(client_secret, se, "sha256"), b"cauth", transcript, 32)
+    auth_key = hkdf_expand(hmac.digest(client_secret, se, "sha256"), b"cauth", transcript, 32)
     return hmac.digest(auth_key, transcript + client_static, "sha256")
 
 
 def reset_key(static_private: bytes) -> bytes:
     """The stateless-reset key, HKDF-Expand(static private key, "stcp reset"): every worker
     and every restart of a server with one identity key derive the same tokens."""
-    return _expand(static_private, b"reset", b"", 32)
+    return hkdf_expand(static_private, b"reset", b"", 32)
 
 
 def reset_token(key: bytes, server_cid: int) -> bytes:
     return hmac.digest(key, _SEQ.pack(server_cid), "sha256")[:wire.RESET_TOKEN_LEN]
 
 
-def _extract(ikm: bytes) -> bytes:
+def hkdf_extract(ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869): HMAC-SHA256 keyed with the salt."""
     return hmac.digest(HKDF_SALT, ikm, "sha256")
 
 
 def next_secret(secret: bytes) -> bytes:
-    return _expand(secret, b"ku", b"", 32)
+    return hkdf_expand(secret, b"ku", b"", 32)
 
 
 class RecordKey:
@@ -136,8 +136,8 @@ class RecordKey:
         self.suite = suite
         self.epoch = epoch
         self.secret = secret
-        self.key = _expand(secret, b"key", b"", KEY_LEN)
-        self.iv = _expand(secret, b"iv", b"", IV_LEN)
+        self.key = hkdf_expand(secret, b"key", b"", KEY_LEN)
+        self.iv = hkdf_expand(secret, b"iv", b"", IV_LEN)
         self.iv_int = int.from_bytes(self.iv, "big")
         # stcp._aead.RecordCipher (seal/open and the batch calls) or None; the pure-Python
         # AEAD object is made only when it is used

@@ -40,7 +40,7 @@ def _data_record_cid(data) -> int:
     return 0
 
 
-def _group_by_cid(batch) -> list:
+def group_by_cid_ref(batch) -> list:
     """stcp._demux.group_by_cid in Python: its reference, and the fallback without the C extension."""
     groups: list = []
 
@@ -69,7 +69,7 @@ def _group_by_cid(batch) -> list:
 try:
     from ._demux import group_by_cid
 except ImportError:
-    group_by_cid = _group_by_cid
+    group_by_cid = group_by_cid_ref
 
 
 @dataclass

@@ -310,7 +310,7 @@ import stcp
 from stcp import crypto, endpoint
 from stcp.cli.serve import echo_handler
 from stcp.datapath import socket as sd
-assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint._group_by_cid
+assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint.group_by_cid_ref
 
 async def main():
     server = await stcp.start_server(echo_handler, "127.0.0.1", 0)

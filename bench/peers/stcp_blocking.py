@@ -11,7 +11,7 @@ from bench.peers.tls import blocking_client
 
 
 def client(args) -> None:
-    stcp = speer._stcp()
+    stcp = speer.import_stcp()
     addr = C.split_hostport(args.connect)
     blocking_client(args, lambda: stcp.connect(addr))
 
@@ -20,7 +20,7 @@ def available() -> str | None:
     why = speer.available()
     if why:
         return why
-    return None if hasattr(speer._stcp(), "connect") else "stcp has no connect yet"
+    return None if hasattr(speer.import_stcp(), "connect") else "stcp has no connect yet"
 
 
 def main(argv=None) -> None:
