@@ -154,7 +154,7 @@ class Supervisor:
         ready = asyncio.ensure_future(asyncio.gather(*self._readiness.values()))
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({ready, stop}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((ready, stop), timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if self._stop.is_set():

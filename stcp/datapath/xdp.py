@@ -20,7 +20,7 @@ import errno
 import logging
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
@@ -131,8 +131,9 @@ class XdpDatapath:
                         max_cids, hs_sources, afxdp, nworkers, hello)
 
     @classmethod
-    def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0, hello=None) -> "XdpDatapath":
+    def _attach(cls, iface: str, port: int, mode: str, max_record_len: int, force: bool, netns: Optional[str],
+                hs_rate: int, hs_burst: int, max_cids: int, hs_sources: int, afxdp: bool = False,
+                nworkers: int = 0, hello: Optional[Dict[str, int]] = None) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
@@ -208,7 +209,7 @@ class XdpDatapath:
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             mode, h, _state = find_stcp(nl, ifindex)
-            if not h:
+            if not h or mode is None:
                 raise XdpNotAttached(f"no STCP XDP program attached to {iface}")
             abi = read_config(h)["abi"]
             if abi != MAP_ABI:
@@ -219,7 +220,7 @@ class XdpDatapath:
 
     @classmethod
     def attach_or_reuse(cls, iface: str, port: int, mode: str = "auto",
-                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw) -> "XdpDatapath":
+                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw: Any) -> "XdpDatapath":
         """Reuse the STCP program attached to iface (it must serve the same port), else
         attach one. `attached` says which happened; close() undoes only our part."""
         validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
@@ -351,7 +352,7 @@ class XdpDatapath:
                                 nl.clear_xdp(self.ifindex, m)
                 except Exception as e:   # interface or namespace gone: nothing left to detach
                     log.info("detach from %s: %s", self.iface, e)
-                if self.pin_dir and self._pins_are_ours():
+                if self.pin_dir and self._pins_are_ours(self.pin_dir):
                     remove_pins(self.pin_dir)
             else:
                 for cid in list(self._cids):
@@ -363,14 +364,14 @@ class XdpDatapath:
         finally:
             self._h.close()
 
-    def _pins_are_ours(self) -> bool:
+    def _pins_are_ours(self, pins: str) -> bool:
         # nothing (readable) pinned: removing the directory is harmless
-        return pinned_prog_id(self.pin_dir) in (None, self._h.prog_id)
+        return pinned_prog_id(pins) in (None, self._h.prog_id)
 
     def __enter__(self) -> "XdpDatapath":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
