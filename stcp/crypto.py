@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 import struct
+from types import ModuleType
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, Type, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -24,9 +26,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from . import wire
 from .errors import AuthenticationFailure, HandshakeFailure, KeyUpdateError
 
+if TYPE_CHECKING:
+    from ._aead import RecordCipher
+
 # C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
 # pure-Python path below, which stays the reference and the fallback.
-_aead = None
+_aead: Optional[ModuleType] = None
 if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
     try:
         from . import _aead
@@ -42,17 +47,18 @@ CONFIDENTIALITY_LIMIT = {
     wire.SUITE_AES_256_GCM: 1 << 23,
     wire.SUITE_CHACHA20_POLY1305: 1 << 62,
 }
-_AEADS = {wire.SUITE_AES_256_GCM: AESGCM, wire.SUITE_CHACHA20_POLY1305: ChaCha20Poly1305}
+_Aead = Union[AESGCM, ChaCha20Poly1305]
+_AEADS: Dict[int, Type[_Aead]] = {wire.SUITE_AES_256_GCM: AESGCM, wire.SUITE_CHACHA20_POLY1305: ChaCha20Poly1305}
 _SEQ = struct.Struct("!Q")
 _SHA256 = SHA256()
 
 
-def generate_keypair():
+def generate_keypair() -> Tuple[X25519PrivateKey, bytes]:
     private = X25519PrivateKey.generate()
     return private, private.public_key().public_bytes_raw()
 
 
-def shared_secret(private: X25519PrivateKey, peer_public) -> bytes:
+def shared_secret(private: X25519PrivateKey, peer_public: Union[bytes, X25519PublicKey]) -> bytes:
     """X25519 with the all-zero result (a small-order peer key) rejected. `peer_public` is the
     32 raw bytes, or an X25519PublicKey made from them once for several DHs with one key."""
     try:
@@ -141,15 +147,15 @@ class RecordKey:
         self.iv_int = int.from_bytes(self.iv, "big")
         # stcp._aead.RecordCipher (seal/open and the batch calls) or None; the pure-Python
         # AEAD object is made only when it is used
-        self.fast = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
-        self.aead = None if self.fast is not None else _AEADS[suite](self.key)
+        self.fast: Optional[RecordCipher] = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
+        self.aead: Optional[_Aead] = None if self.fast is not None else _AEADS[suite](self.key)
 
     def next(self) -> "RecordKey":
         if self.epoch >= wire.MAX_EPOCH:      # the epoch is 16 bits of the seq: no key after the last
             raise KeyUpdateError("key epochs exhausted")
         return RecordKey(self.suite, next_secret(self.secret), self.epoch + 1)
 
-    def _pure_aead(self):
+    def _pure_aead(self) -> _Aead:
         if self.aead is None:
             self.aead = _AEADS[self.suite](self.key)
         return self.aead
@@ -164,7 +170,8 @@ class RecordKey:
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
         return header + self._pure_aead().encrypt(self.nonce(seq), plaintext, header)
 
-    def seal_stream(self, cid: int, first_seq: int, data, stream_offset: int, chunk: int, fin: bool) -> bytes:
+    def seal_stream(self, cid: int, first_seq: int, data: Union[bytes, bytearray, memoryview], stream_offset: int,
+                    chunk: int, fin: bool) -> bytes:
         """`data` cut into records of one STREAM frame of `chunk` bytes each (the last may be
         shorter and carries FIN if `fin`), sealed back to back with seqs first_seq, first_seq + 1, ...
 
@@ -222,7 +229,7 @@ class RecordKey:
                 ftype, flags, off, length = wire.STREAM_HEADER_STRUCT.unpack_from(pt)
                 simple = ftype == wire.FRAME_STREAM and not flags and length == len(pt) - overhead \
                     and off + length <= limit and off + length < 1 << 62
-            if simple and stretch is not None and stretch[5] == off and stretch[6] + 1 == pn:
+            if simple and pt is not None and stretch is not None and stretch[5] == off and stretch[6] + 1 == pn:
                 stretch[1] += 1
                 stretch[2].append(pt[overhead:])
                 stretch[4] += len(d)
@@ -231,7 +238,7 @@ class RecordKey:
             if stretch is not None:
                 out.append((stretch[0], stretch[1], b"".join(stretch[2]), stretch[3], stretch[4]))
                 stretch = None
-            if simple:
+            if simple and pt is not None:
                 stretch = [off, 1, [pt[overhead:]], pn, len(d), off + length, pn]
             elif pt is not None:
                 out.append((pt, pn, len(d)))

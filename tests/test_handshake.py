@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from stcp import crypto, handshake, identity, wire
 from stcp.connection import Config, Connection, DataReceived, HandshakeCompleted
 from stcp.endpoint import ServerEndpoint
-from stcp.errors import AuthenticationFailure, CloseCode
+from stcp.errors import AuthenticationFailure, CloseCode, HandshakeFailure
 from stcp.handshake import cookie_record, reject_record
 from stcp.state import State
 from tests.support.sim import CLIENT_ADDR, Link, Pair
@@ -722,3 +722,25 @@ def test_a_failed_handshake_forgets_its_ephemeral_key_too():
         conn.handle_timer(1.0)
         assert conn.is_closed
     assert client._client_hs is None and server._server_hs is None
+
+
+def test_a_finished_handshake_answers_late_records_with_a_handshake_failure():
+    """Once the ephemeral key is forgotten (forward secrecy), a second server hello at the
+    client is noted and ignored, and a late CLIENT_AUTH at the server is a HandshakeFailure:
+    neither reaches X25519 with no key (an AttributeError before)."""
+    server_static = identity.StaticKey(identity.generate_private_key())
+    client_static = identity.StaticKey(identity.generate_private_key())
+    ch = handshake.ClientHandshake(wire.SUITE_AES_256_GCM, 0x77, None, client_static)
+    hello = wire.decode_hello(ch.hello_record[wire.HEADER_LEN:])
+    sh = handshake.ServerHandshake(server_static, ch.hello_record, hello, 0x1234, (hello.suite,))
+    est = ch.on_record(sh.record)
+    assert est is not None and est.client_auth is not None
+    hints = ch.hints
+    assert ch.on_record(sh.record) is None
+    assert ch.hints == hints + 1 and "handshake is over" in (ch.failure_reason() or "")
+    [auth] = wire.decode_frames(est.client_auth)
+    assert isinstance(auth, wire.ClientAuthFrame)
+    sh.verify_client_auth(auth)
+    sh.finish()
+    with pytest.raises(HandshakeFailure, match="handshake is over"):
+        sh.verify_client_auth(auth)

@@ -347,7 +347,6 @@ class AfxdpServerDriver(ServerDriver):
             self.rx_xsk += len(batch)
             self.rx_per_queue[xsk.queue_id] += len(batch)
             now = self.loop.time()
-            templates: Dict[Hashable, bytes] = {}
             if self.tx_afxdp:
                 templates = {addr: tmpl for _, addr, tmpl in batch}
                 batch = [(data, addr) for data, addr, _ in batch]
