@@ -7,7 +7,7 @@ bytes to the application strictly in order, whatever order records arrive in.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 from .errors import FlowControlError, ProtocolViolation
 from .wire import INITIAL_MAX_DATA
@@ -91,7 +91,7 @@ class SendStream:
             return self.end, b"", True
         return None
 
-    def view(self, start: int, stop: int):
+    def view(self, start: int, stop: int) -> Union[memoryview, bytes]:
         """Bytes [start, stop) of the stream (not yet acknowledged): a memoryview when they lie
         in one written chunk, else a joined copy."""
         i = bisect_right(self._starts, start) - 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
@@ -103,14 +103,18 @@ RESET_TOKEN_FRAME_LEN = 1 + RESET_TOKEN_LEN
 
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
 
+# An entry of a datagram batch: one datagram, or (buffer, segment_size) for datagrams of that
+# size back to back (UDP GRO on receive, a GSO run on send; the last may be shorter).
+DatagramEntry = Union[bytes, Tuple[bytes, int]]
 
-def expand_datagrams(entries) -> List[bytes]:
+
+def expand_datagrams(entries: Iterable[DatagramEntry]) -> List[bytes]:
     """A batch's entries as datagrams: an entry is a datagram, or a (buffer, segment_size)
     pair standing for datagrams of that size back to back (UDP GRO on receive, a GSO run on
     send; the last may be shorter)."""
     out: List[bytes] = []
     for e in entries:
-        if type(e) is tuple:
+        if isinstance(e, tuple):
             buf, size = e
             out.extend(buf[i:i + size] for i in range(0, len(buf), size))
         else:
@@ -118,7 +122,7 @@ def expand_datagrams(entries) -> List[bytes]:
     return out
 
 
-def count_datagrams(entries) -> int:
+def count_datagrams(entries: Iterable[DatagramEntry]) -> int:
     return sum(-(-len(e[0]) // e[1]) if type(e) is tuple else 1 for e in entries)
 
 
@@ -220,7 +224,7 @@ def encode_reset(token: bytes) -> bytes:
         + bytes(RESET_PAYLOAD_LEN - 2 - RESET_TOKEN_LEN) + token
 
 
-def reset_token_of(record: bytes):
+def reset_token_of(record: bytes) -> Optional[bytes]:
     """The token of a datagram laid out as a RESET record, else None."""
     if len(record) != RESET_RECORD_LEN or record[HEADER_LEN] != HS_RESET \
             or record[HEADER_LEN + 1] != PROTOCOL_VERSION:
@@ -230,7 +234,7 @@ def reset_token_of(record: bytes):
     return bytes(record[RESET_RECORD_LEN - RESET_TOKEN_LEN:])
 
 
-def v1_client_hello_cid(datagram: bytes):
+def v1_client_hello_cid(datagram: bytes) -> Optional[int]:
     """The client CID of a datagram that is a version-1 CLIENT_HELLO by its layout (104 bytes,
     cid 0, seq 0, type 1, version 1), else None."""
     if len(datagram) != V1_HANDSHAKE_RECORD_LEN or _HEADER.unpack_from(datagram) != (V1_HANDSHAKE_PAYLOAD_LEN, 0, 0):
@@ -309,7 +313,7 @@ def encode_stream(offset: int, data: bytes, fin: bool = False) -> bytes:
     return _STREAM_HDR.pack(FRAME_STREAM, STREAM_FLAG_FIN if fin else 0, offset, len(data)) + data
 
 
-def encode_ack(ranges, delay_us: int = 0) -> bytes:
+def encode_ack(ranges: Iterable[Tuple[int, int]], delay_us: int = 0) -> bytes:
     """ranges: (low, high) inclusive, highest first, non-overlapping, not adjacent."""
     ranges = list(ranges)[:MAX_ACK_RANGES]
     low0, high0 = ranges[0]
