@@ -13,8 +13,15 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from . import wire
-from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError, MalformedRecord,
-                     ProtocolViolation, STCPError)
+from .errors import (
+    AuthenticationFailure,
+    CloseCode,
+    FlowControlError,
+    KeyUpdateError,
+    MalformedRecord,
+    ProtocolViolation,
+    STCPError,
+)
 from .events import ConnectionClosed, DataReceived, KeyUpdated, StreamFinished
 from .recovery import MAX_ACK_DELAY
 from .state import Event, State

@@ -14,9 +14,18 @@ from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, reset_token
 from .errors import CloseCode, KeyUpdateError, ProtocolViolation, STCPError
 from .events import KeyUpdated
-from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE,
-                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
-                       Group, SentPacket, SentRun)
+from .recovery import (
+    CLIENT_AUTH as _CLIENT_AUTH,
+    CLOSE as _CLOSE,
+    KEY_UPDATE as _KEY_UPDATE,
+    MAX_DATA as _MAX_DATA,
+    PING as _PING,
+    RESET_TOKEN as _RESET_TOKEN,
+    STREAM as _STREAM,
+    Group,
+    SentPacket,
+    SentRun,
+)
 from .state import State
 
 # RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2

@@ -12,15 +12,14 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from stcp import wire
 from stcp.connection import Config
 from stcp.errors import CloseCode, ProtocolViolation
 from stcp.state import State
-from tests.support.sim import Peer
 from stcp.stream import _JOIN_BELOW, MAX_FRAGMENTS, RecvStream
+from tests.support.sim import Peer
 
 HDR = wire.STREAM_HEADER_STRUCT
 
@@ -168,11 +167,11 @@ def _check_structure(recv: RecvStream, delivered: int) -> None:
     assert recv.delivered_to == delivered
     starts, ends, pieces = recv._starts, recv._ends, recv._pieces
     held = 0
-    for i, (a, b, ps) in enumerate(zip(starts, ends, pieces)):
+    for i, (a, b, ps) in enumerate(zip(starts, ends, pieces, strict=True)):
         assert delivered < a < b and sum(map(len, ps)) == b - a
         if i:
             assert ends[i - 1] < a                       # a hole between fragments
-        for x, y in zip(ps, list(ps)[1:]):
+        for x, y in zip(ps, list(ps)[1:], strict=False):
             assert not ((len(x) < 1024 and len(y) < 4096) or (len(y) < 1024 and len(x) < 4096))
         held += b - a
     assert held == recv.held

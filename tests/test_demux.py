@@ -4,8 +4,7 @@ arguments raise TypeError, never crash."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from stcp import endpoint
 

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 from unittest import mock
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from stcp import connection as connection_mod
-from stcp import wire
+from stcp import connection as connection_mod, wire
 from stcp.connection import Config, Connection, DataReceived
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, MalformedRecord, ProtocolViolation

@@ -9,8 +9,7 @@ plain set and a floor) checks random arrival orders.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from stcp.replay import MAX_RANGES, ReceivedPackets
 from stcp.wire import MAX_ACK_RANGES, PN_MASK

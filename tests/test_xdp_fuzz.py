@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stcp.datapath.verdicts import Verdict
-from tests.support import frames as F
-from tests.support import xdp_model as model
+from tests.support import frames as F, xdp_model as model
 from tests.support.testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))

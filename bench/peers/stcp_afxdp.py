@@ -16,8 +16,7 @@ import signal
 import subprocess
 
 from bench import common as C
-from bench.peers import stcp as socket_peer
-from bench.peers import streams
+from bench.peers import stcp as socket_peer, streams
 
 
 def iface_of(host: str) -> str:

@@ -5,8 +5,7 @@ tests as the blocking TLS peer."""
 from __future__ import annotations
 
 from bench import common as C
-from bench.peers import stcp as speer
-from bench.peers import streams
+from bench.peers import stcp as speer, streams
 from bench.peers.tls import blocking_client
 
 
