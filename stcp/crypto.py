@@ -15,7 +15,7 @@ import hmac
 import os
 import struct
 from types import ModuleType
-from typing import TYPE_CHECKING, Dict, Optional, Tuple, Type, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Type, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -190,7 +190,7 @@ class RecordKey:
             out.append(self.seal(cid, first_seq + i, frame))
         return b"".join(out)
 
-    def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int,
+    def open_records(self, datagrams: List[wire.DatagramEntry], cid: int, epoch: int, largest_pn: int, limit: int,
                      max_len: int = wire.MAX_UDP_PAYLOAD) -> list:
         """One connection's datagrams of a receive batch, in order (an entry may be a (buffer,
         segment_size) pair: wire.expand_datagrams). A record is new when its
@@ -204,10 +204,9 @@ class RecordKey:
         record_len) for any other new authentic record, the datagram itself for the rest."""
         if self.fast is not None:
             return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit, max_len)
-        datagrams = wire.expand_datagrams(datagrams)
         high = max(largest_pn, 0)
         opened = []                  # (datagram, pn, plaintext or None)
-        for d in datagrams:
+        for d in wire.expand_datagrams(datagrams):
             pn, pt = 0, None
             if len(d) >= wire.HEADER_LEN:
                 length, rcid, seq = wire.HEADER_STRUCT.unpack_from(d)

@@ -159,17 +159,17 @@ class SendStream:
 # delivered point, each a deque of pieces. A fragment is one hole's worth of state, however many
 # records filled it; the cap bounds them (PROTOCOL.md §8.5).
 MAX_FRAGMENTS = 1024
-# Two adjacent pieces are joined into one bytes object when one is shorter than _JOIN_BELOW and
-# the other shorter than _JOIN_UPTO, so a fragment never holds runs of tiny objects: at least
-# one of two neighbours is _JOIN_BELOW bytes or more, and Python's per-object overhead stays a
-# small fraction of the bytes held. A join copies fewer than _JOIN_BELOW + _JOIN_UPTO bytes.
-_JOIN_BELOW = 1024
-_JOIN_UPTO = 4096
+# Two adjacent pieces are joined into one bytes object when one is shorter than JOIN_BELOW and
+# the other shorter than JOIN_UPTO, so a fragment never holds runs of tiny objects: at least
+# one of two neighbours is JOIN_BELOW bytes or more, and Python's per-object overhead stays a
+# small fraction of the bytes held. A join copies fewer than JOIN_BELOW + JOIN_UPTO bytes.
+JOIN_BELOW = 1024
+JOIN_UPTO = 4096
 
 
 def _joinable(a: bytes, b: bytes) -> bool:
     la, lb = len(a), len(b)
-    return (la < _JOIN_BELOW and lb < _JOIN_UPTO) or (lb < _JOIN_BELOW and la < _JOIN_UPTO)
+    return (la < JOIN_BELOW and lb < JOIN_UPTO) or (lb < JOIN_BELOW and la < JOIN_UPTO)
 
 
 def _append(pieces: Deque[bytes], more: Iterable[bytes]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
@@ -354,7 +354,7 @@ def encode_frame(f: Frame) -> bytes:
     raise TypeError(f"not a frame: {f!r}")
 
 
-def _decode_stream(p, pos: int, end: int):
+def _decode_stream(p: bytes, pos: int, end: int) -> Tuple[StreamFrame, int]:
     _, flags, offset, length = _STREAM_HDR.unpack_from(p, pos)
     pos += _STREAM_HDR.size
     if flags & ~STREAM_FLAG_FIN:
@@ -364,7 +364,7 @@ def _decode_stream(p, pos: int, end: int):
     return StreamFrame(offset, bytes(p[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)), pos + length
 
 
-def _decode_ack(p, pos: int, end: int):
+def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
     _, largest, delay, count, first = _ACK_HDR.unpack_from(p, pos)
     pos += _ACK_HDR.size
     if count >= MAX_ACK_RANGES:
@@ -384,18 +384,18 @@ def _decode_ack(p, pos: int, end: int):
     return AckFrame(tuple(ranges), delay), pos
 
 
-def _decode_max_data(p, pos: int, end: int):
+def _decode_max_data(p: bytes, pos: int, end: int) -> Tuple[MaxDataFrame, int]:
     return MaxDataFrame(_MAX_DATA.unpack_from(p, pos)[1]), pos + _MAX_DATA.size
 
 
 _PING = PingFrame()
 
 
-def _decode_ping(p, pos: int, end: int):
+def _decode_ping(p: bytes, pos: int, end: int) -> Tuple[PingFrame, int]:
     return _PING, pos + 1
 
 
-def _decode_close(p, pos: int, end: int):
+def _decode_close(p: bytes, pos: int, end: int) -> Tuple[CloseFrame, int]:
     _, code, rlen = _CLOSE_HDR.unpack_from(p, pos)
     pos += _CLOSE_HDR.size
     if rlen > MAX_REASON_LEN or pos + rlen > end:
@@ -403,21 +403,21 @@ def _decode_close(p, pos: int, end: int):
     return CloseFrame(code, bytes(p[pos:pos + rlen]).decode("utf-8", "replace")), pos + rlen
 
 
-def _decode_key_update(p, pos: int, end: int):
+def _decode_key_update(p: bytes, pos: int, end: int) -> Tuple[KeyUpdateFrame, int]:
     return KeyUpdateFrame(_KEY_UPDATE.unpack_from(p, pos)[1]), pos + _KEY_UPDATE.size
 
 
 _NONZERO = re.compile(b"[^\x00]")
 
 
-def _decode_padding(p, pos: int, end: int):
+def _decode_padding(p: bytes, pos: int, end: int) -> Tuple[PaddingFrame, int]:
     """A run of zero bytes as one frame, found by the regex engine, not a byte loop in Python."""
     m = _NONZERO.search(p, pos)
     stop = m.start() if m is not None else end
     return PaddingFrame(stop - pos), stop
 
 
-def _decode_client_auth(p, pos: int, end: int):
+def _decode_client_auth(p: bytes, pos: int, end: int) -> Tuple[ClientAuthFrame, int]:
     if pos + CLIENT_AUTH_FRAME_LEN > end:
         raise ProtocolViolation("frame truncated")
     key_end = pos + 1 + PUBLIC_KEY_LEN
@@ -425,14 +425,14 @@ def _decode_client_auth(p, pos: int, end: int):
         pos + CLIENT_AUTH_FRAME_LEN
 
 
-def _decode_reset_token(p, pos: int, end: int):
+def _decode_reset_token(p: bytes, pos: int, end: int) -> Tuple[ResetTokenFrame, int]:
     if pos + RESET_TOKEN_FRAME_LEN > end:
         raise ProtocolViolation("frame truncated")
     return ResetTokenFrame(bytes(p[pos + 1:pos + RESET_TOKEN_FRAME_LEN])), pos + RESET_TOKEN_FRAME_LEN
 
 
 # frame type -> decoder(payload, position of the type byte, end) -> (frame, position after it)
-FRAME_DECODERS = {
+FRAME_DECODERS: Dict[int, Callable[[bytes, int, int], Tuple[Frame, int]]] = {
     FRAME_PADDING: _decode_padding,
     FRAME_PING: _decode_ping,
     FRAME_ACK: _decode_ack,

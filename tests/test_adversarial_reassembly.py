@@ -18,7 +18,7 @@ from stcp import wire
 from stcp.connection import Config
 from stcp.errors import CloseCode, ProtocolViolation
 from stcp.state import State
-from stcp.stream import _JOIN_BELOW, MAX_FRAGMENTS, RecvStream
+from stcp.stream import JOIN_BELOW, MAX_FRAGMENTS, RecvStream
 from tests.support.sim import Peer
 
 HDR = wire.STREAM_HEADER_STRUCT
@@ -83,7 +83,7 @@ def test_one_byte_frames_then_the_hole_filled_costs_linear_work():
         p.feed(p.stream(1 + i, b"y"))
     assert recv.fragments == 1
     pieces = len(recv._pieces[0])
-    assert pieces <= 2 * 20_000 // _JOIN_BELOW + 2, f"{pieces} pieces for 20,000 bytes"
+    assert pieces <= 2 * 20_000 // JOIN_BELOW + 2, f"{pieces} pieces for 20,000 bytes"
     fill = p.stream(0, b"z")
     with line_events(_core_files()) as lines:
         p.feed(fill)
