@@ -54,6 +54,15 @@ SUITE_AES_256_GCM = 0x01
 SUITE_CHACHA20_POLY1305 = 0x02
 SUITES = {"aes-256-gcm": SUITE_AES_256_GCM, "chacha20-poly1305": SUITE_CHACHA20_POLY1305}
 
+
+def suite_number(suite: Union[int, str]) -> int:
+    """A cipher suite by its name in SUITES or by its number, as its number; ValueError naming
+    the choices for anything else."""
+    number = SUITES.get(suite) if isinstance(suite, str) else suite
+    if number is None or number not in SUITES.values() or isinstance(number, bool):
+        raise ValueError(f"unknown cipher suite {suite!r}; choose one of {', '.join(SUITES)}")
+    return number
+
 # reject codes, carried in the flags byte of a REJECT
 REJECT_VERSION = 0x01
 REJECT_SUITE = 0x02
