@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 # A venv built before `make system-deps` lacks stcp._xsk: rebuild once the headers exist.
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) lint
 	@if [ -e /usr/include/xdp/xsk.h ] && ! $(PY) -c 'import stcp._xsk' 2>/dev/null; then \
 		echo "rebuilding the C extensions: the libxdp headers are installed now"; \
 		$(PY) -m pip install -q --no-deps -e .; fi
