@@ -191,13 +191,13 @@ class WorkerPoolCollector(Collector):
     def _read(self, slots: Sequence[WorkerSlot]) -> Dict[int, Optional[str]]:
         out: Dict[int, Optional[str]] = {s.worker: None for s in slots}
 
-        def one(slot: WorkerSlot) -> None:
+        def one(slot: WorkerSlot, path: str) -> None:
             try:
-                out[slot.worker] = read_unix(slot.path, self.timeout)  # type: ignore[arg-type]
+                out[slot.worker] = read_unix(path, self.timeout)
             except (OSError, ValueError) as e:
                 log.debug("worker %d metrics: %s", slot.worker, e)
 
-        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in slots if s.alive and s.path]
+        threads = [threading.Thread(target=one, args=(s, s.path), daemon=True) for s in slots if s.alive and s.path]
         for t in threads:
             t.start()
         for t in threads:
