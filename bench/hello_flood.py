@@ -47,8 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.xdp_flood import (REPO, RESULTS, _read, _steer, cpu_jiffies, env, loader_status, pinned, proc_cpu,
-                             wait_line)
+from bench.xdp_flood import REPO, RESULTS, cpu_jiffies, env, loader_status, pinned, proc_cpu, steer_both, wait_line
 
 PORT = 7560
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -116,7 +115,7 @@ async def run_client(args: argparse.Namespace) -> None:
         t0 = loop.time()
         try:
             _r, w = await asyncio.wait_for(stcp.open_connection(host, int(port), config=cfg), HANDSHAKE_TIMEOUT + 1)
-        except Exception:  # noqa: BLE001 - a failed handshake is counted at the timeout
+        except Exception:
             failed += 1
             times.append(HANDSHAKE_TIMEOUT)
             continue
@@ -134,7 +133,7 @@ async def _bulk(host: str, port: int, size: int, cfg, timeout: float) -> dict:
     loop = asyncio.get_running_loop()
     try:
         r, w = await asyncio.wait_for(stcp.open_connection(host, port, config=cfg), HANDSHAKE_TIMEOUT + 1)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return {"bytes": size, "echoed": 0, "intact": False, "goodput_mib_s": 0.0, "error": str(e)[:200]}
 
     async def send() -> None:
@@ -155,7 +154,7 @@ async def _bulk(host: str, port: int, size: int, cfg, timeout: float) -> dict:
             first, last = first or now, now
             got += len(chunk)
             h.update(chunk)
-    except Exception:  # noqa: BLE001 - timed out or ended: report what arrived
+    except Exception:
         pass
     sender.cancel()
     w.abort()
@@ -248,7 +247,7 @@ def scenario(server_name: str, flood: bool, exe: Path, cfg: argparse.Namespace) 
         flooder = None
         try:
             wait_line(server, "serving", 90)
-            res["steering"] = _steer(a, b)
+            res["steering"] = steer_both(a, b)
             if datapath == "xdp":
                 st = loader_status(a.ns)
                 res["xdp_mode"], res["xdp_config"] = st.get("mode"), st.get("config")
@@ -316,6 +315,10 @@ def _snap(a, server: subprocess.Popen, datapath: str, sink: Sink) -> dict:
             "sunk": sink.count(), "xdp": loader_status(a.ns).get("counters") if datapath == "xdp" else None}
 
 
+def _ms(v: float | None) -> str:
+    return f"{v * 1000:.1f} ms" if v is not None else "–"
+
+
 def verdicts(doc: dict) -> list:
     by = {(r["server"], r["flood"]): r for r in doc["scenarios"]}
     out = []
@@ -357,9 +360,9 @@ def markdown(doc: dict) -> str:
             base = by.get((name, False), {}).get("honest", {}).get("goodput_mib_s")
             ratio = f"{h.get('goodput_mib_s', 0) / base:.2f}" if flood and base else "–"
             fs = r.get("flood_sender", {}).get("pps")
-            ms = (lambda v: f"{v * 1000:.1f} ms" if v is not None else "–")
-            out.append(f"| {r['name']} | {f'{fs:,.0f}' if fs else '–'} | {ms(h.get('handshake_p50_s'))} | "
-                       f"{ms(h.get('handshake_p99_s'))} | {h.get('handshakes_failed', '–')}/{h.get('handshakes', '–')} | "
+            failed = f"{h.get('handshakes_failed', '–')}/{h.get('handshakes', '–')}"
+            out.append(f"| {r['name']} | {f'{fs:,.0f}' if fs else '–'} | {_ms(h.get('handshake_p50_s'))} | "
+                       f"{_ms(h.get('handshake_p99_s'))} | {failed} | "
                        f"{h.get('goodput_mib_s')}{'' if h.get('intact', True) else ' (incomplete)'} | {ratio} | "
                        f"{r['server_cpu']['process_pct']} % | {r['server_cpu']['cpu0_busy_pct']} % | "
                        f"{r.get('x25519_per_s_of_flood') if flood else '–'} | "
@@ -456,7 +459,7 @@ def main(argv=None) -> int:
                     runs.setdefault((n, flood), []).append(scenario(n, flood, exe, args))
     doc = {
         "facts": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _read("/proc/loadavg").strip(),
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": Path("/proc/loadavg").read_text().strip(),
                   "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip()},
         "config": {"spoof_prefix": SPOOF_PREFIX, "handshakes": args.handshakes,

@@ -27,8 +27,7 @@ from stcp.connection import Config, Connection
 from stcp.datapath.base import LiveCidHooks
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode
-from tests.support import frames as F
-from tests.support import xdpserver
+from tests.support import frames as F, xdpserver
 from tests.support.packets import data_record
 from tests.support.procs import STCP, loader, xdp_status
 from tests.support.testrun import LoadedProg, require_testrun

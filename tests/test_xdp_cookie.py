@@ -37,8 +37,7 @@ from stcp.connection import Config
 from stcp.cookie import CookieSecrets
 from stcp.datapath import xdp_cookie
 from stcp.endpoint import ServerEndpoint
-from tests.support import frames as F
-from tests.support import xdpserver
+from tests.support import frames as F, xdpserver
 from tests.support.procs import STCP, xdp_status
 from tests.support.testrun import XDP_DROP, XDP_PASS, XDP_TX, LoadedProg, require_testrun
 from tests.support.xdpenv import xdp_pass

@@ -21,8 +21,7 @@ import time
 import pytest
 
 from stcp import wire
-from tests.support import frames as F
-from tests.support import xdpserver
+from tests.support import frames as F, xdpserver
 from tests.support.packets import data_record
 from tests.support.procs import STCP, loader, xdp_status
 from tests.support.testrun import XDP_DROP, XDP_PASS, LoadedProg, require_testrun

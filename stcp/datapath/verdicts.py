@@ -11,7 +11,27 @@ from __future__ import annotations
 import enum
 
 
-class Verdict(enum.IntEnum):
+class Named:
+    """How a verdict is shown: counters(), status output and metrics use `key`. A mixin, so the
+    XDP and the reuseport verdicts (two enums, two BPF programs) are named alike."""
+    name: str
+
+    @property
+    def key(self) -> str:
+        """The name used in counters(), status output and metrics: 'drop_unknown_cid'."""
+        return self.name.lower()
+
+    @property
+    def is_drop(self) -> bool:
+        return self.name.startswith("DROP_")
+
+    @property
+    def is_tx(self) -> bool:
+        """Answered by the program (XDP_TX), neither passed nor dropped."""
+        return self.name.startswith("TX_")
+
+
+class Verdict(Named, enum.IntEnum):
     PASS_NOT_STCP = 0       # shown not to be UDP to the STCP port (ARP, ICMP, TCP, other ports, ...)
     PASS_HANDSHAKE = 1      # well-formed client hello within its source's rate
     PASS_DATA = 2           # well-formed data record for a live connection ID
@@ -36,20 +56,6 @@ class Verdict(enum.IntEnum):
     PASS_HALF_OPEN = 18     # data record for a CID in the half-open table
     PASS_UNKNOWN_CID_SAMPLED = 19  # data record naming no known CID, let through within the
                                    # unknown-CID budget so user space can answer with a RESET
-
-    @property
-    def key(self) -> str:
-        """The name used in counters(), status output and metrics: 'drop_unknown_cid'."""
-        return self.name.lower()
-
-    @property
-    def is_drop(self) -> bool:
-        return self.name.startswith("DROP_")
-
-    @property
-    def is_tx(self) -> bool:
-        """Answered by the program (XDP_TX), neither passed nor dropped."""
-        return self.name.startswith("TX_")
 
 
 VERDICT_MAX = len(Verdict)   # == STCP_V_MAX

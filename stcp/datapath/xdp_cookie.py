@@ -20,7 +20,7 @@ import asyncio
 import logging
 import struct
 import time
-from typing import Dict, Optional
+from typing import Optional, TypedDict
 
 from ..cookie import SECRET_LEN, CookieSecrets
 from . import bpf
@@ -38,13 +38,19 @@ def pack_keys(current: bytes, previous: Optional[bytes], expires_ns: int) -> byt
     return KEYS.pack(current, previous or bytes(SECRET_LEN), expires_ns, previous is not None, 0)
 
 
-def read_keys(map_fd: int) -> Optional[Dict[str, object]]:
+class Keys(TypedDict):
+    current: bytes
+    previous: Optional[bytes]
+    expires_ns: int
+
+
+def read_keys(map_fd: int) -> Optional[Keys]:
     """The program's cookie keys ({current, previous (None if absent), expires_ns}), None if it has none."""
     raw = bpf.map_lookup(map_fd, _KEY0, KEYS.size)
     if raw is None:
         return None
     current, previous, expires_ns, has_previous, _ = KEYS.unpack(raw)
-    return {"current": current, "previous": previous if has_previous else None, "expires_ns": expires_ns}
+    return Keys(current=current, previous=previous if has_previous else None, expires_ns=expires_ns)
 
 
 def write_keys(map_fd: int, secrets: CookieSecrets) -> bytes:

@@ -288,9 +288,9 @@ def find_stcp(nl: Netlink, ifindex: int) -> Tuple[Optional[str], Optional[ProgHa
 
 
 def read_config(h: ProgHandles) -> Dict[str, int]:
-    raw = bpf.map_lookup(h.maps["config"], _KEY0, CONFIG.size)
+    raw = bpf.map_lookup(h.maps["config"], _KEY0, CONFIG.size) or bytes(CONFIG.size)
     (abi, port, max_len, rate, burst, nworkers, _cost, _cap, prefix4, prefix6, grate, gburst, _gcost,
-     _gcap, ck_rate, ck_burst, _ccost, _ccap, uk_rate, uk_burst, _ucost, _ucap) = CONFIG.unpack(raw or bytes(CONFIG.size))
+     _gcap, ck_rate, ck_burst, _ccost, _ccap, uk_rate, uk_burst, _ucost, _ucap) = CONFIG.unpack(raw)
     return {"abi": abi, "port": port, "max_record_len": max_len, "hs_rate": rate, "hs_burst": burst,
             "nworkers": nworkers, "hs_prefix4": prefix4, "hs_prefix6": prefix6,
             "hs_global_rate": grate, "hs_global_burst": gburst, "ck_rate": ck_rate, "ck_burst": ck_burst,
