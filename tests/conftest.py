@@ -13,7 +13,8 @@ and is skipped, with the reason, where it is missing, never silently passed:
 
 Fixtures: `veth` (a factory of namespace pairs joined by veth, torn down after the test)
 and `netns_pair` (one such pair); `xdp_toolchain` and `afxdp_toolchain` (session-wide:
-ready, or the test skips with the reason); `stcp_server` (a factory of loopback STCP
+ready, or the test skips with the reason); `xdp_prog` (the XDP program loaded for
+BPF_PROG_TEST_RUN, one per test module); `stcp_server` (a factory of loopback STCP
 servers, each on its own event-loop thread for the test's duration).
 """
 from __future__ import annotations
@@ -85,6 +86,19 @@ def xdp_toolchain() -> None:
 def afxdp_toolchain(xdp_toolchain) -> None:
     """The AF_XDP datapath can run here (XDP toolchain and stcp._xsk), or the test skips."""
     _require(kernel.xsk_unavailable)
+
+
+@pytest.fixture(scope="module")
+def xdp_prog():
+    """tests.support.testrun.LoadedProg, shared by a module's tests (configure() resets its
+    limits), or the test skips saying why."""
+    from tests.support.testrun import LoadedProg, require_testrun
+    require_testrun()
+    p = LoadedProg()
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 # ---------------------------------------------------------------------------------------

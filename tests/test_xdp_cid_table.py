@@ -30,7 +30,7 @@ from stcp.errors import CloseCode
 from tests.support import frames as F, xdpserver
 from tests.support.packets import data_record
 from tests.support.procs import STCP, loader, xdp_status
-from tests.support.testrun import LoadedProg, require_testrun
+from tests.support.testrun import require_testrun
 
 CID_A, CID_B = 0x1111222233334444, 0x5555666677778888
 
@@ -111,13 +111,8 @@ def test_hooks_close_a_connection_the_live_table_has_no_room_for():
 # ---------------------------------------------------------------------------------------
 # the program's tables (BPF_PROG_TEST_RUN)
 @pytest.fixture(scope="module")
-def prog():
-    require_testrun()
-    p = LoadedProg()
-    try:
-        yield p
-    finally:
-        p.close()
+def prog(xdp_prog):
+    return xdp_prog
 
 
 @pytest.mark.root

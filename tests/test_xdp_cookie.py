@@ -39,7 +39,7 @@ from stcp.datapath import xdp_cookie
 from stcp.endpoint import ServerEndpoint
 from tests.support import frames as F, xdpserver
 from tests.support.procs import STCP, xdp_status
-from tests.support.testrun import XDP_DROP, XDP_PASS, XDP_TX, LoadedProg, require_testrun
+from tests.support.testrun import XDP_DROP, XDP_PASS, XDP_TX
 from tests.support.xdpenv import xdp_pass
 
 pytestmark = pytest.mark.xdp
@@ -51,13 +51,8 @@ V4, V6 = ("10.0.0.2", "10.0.0.1"), ("fd00::2", "fd00::1")
 
 
 @pytest.fixture(scope="module")
-def prog():
-    require_testrun()
-    p = LoadedProg()
-    try:
-        yield p
-    finally:
-        p.close()
+def prog(xdp_prog):
+    return xdp_prog
 
 
 @pytest.fixture

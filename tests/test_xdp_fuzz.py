@@ -39,7 +39,6 @@ from tests.support.testrun import (
     XDP_PASS,
     XDP_TX,
     LoadedProg,
-    require_testrun,
 )
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
@@ -85,13 +84,8 @@ UNKNOWN = {"off": ({"uk_rate": 0}, False), "open": ({"uk_rate": 10**6, "uk_burst
 
 
 @pytest.fixture(scope="module")
-def prog():
-    require_testrun()
-    p = LoadedProg()
-    try:
-        yield p
-    finally:
-        p.close()
+def prog(xdp_prog):
+    return xdp_prog
 
 
 class Harness:

@@ -24,19 +24,14 @@ from stcp import wire
 from tests.support import frames as F, xdpserver
 from tests.support.packets import data_record
 from tests.support.procs import STCP, loader, xdp_status
-from tests.support.testrun import XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support.testrun import XDP_DROP, XDP_PASS
 
 pytestmark = pytest.mark.xdp
 
 
 @pytest.fixture(scope="module")
-def prog():
-    require_testrun()
-    p = LoadedProg()
-    try:
-        yield p
-    finally:
-        p.close()
+def prog(xdp_prog):
+    return xdp_prog
 
 
 @pytest.mark.root
