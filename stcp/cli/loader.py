@@ -156,7 +156,7 @@ def _attach(args: argparse.Namespace) -> int:
                           max_cids=args.max_cids, priority=args.priority,
                           **{k: getattr(args, k) for k in LIMITS if k != "max_record_len"})
     how = (f"behind libxdp's dispatcher (id {st['dispatcher_id']})" if st.get("dispatcher_id") else
-           "alone: the kernel cannot run libxdp's dispatcher here, so no other XDP program can join it"
+           "alone: libxdp could not put its dispatcher in front (the kernel refuses it, or no bpffs; see 'stcp-loader doctor'), so no other XDP program can join it"
            if st.get("loader") == "libxdp" else
            "alone, loaded with bcc: clang and libxdp ('sudo make system-deps') let it run beside other XDP programs")
     print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
