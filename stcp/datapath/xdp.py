@@ -200,9 +200,10 @@ class XdpDatapath:
                         f"change its limits with 'stcp-loader set {iface} ...', or use --force to replace it "
                         f"(the connection table carries over)")
                 if state and not old and not force and not (via_libxdp and _dispatcher_of(state)):
-                    desc = ", ".join(f"id {p} ({prog_name(p)}) in {m} mode" for m, p in state.items())
-                    raise XdpAlreadyAttached(f"{iface} already has another XDP program ({desc}); "
-                                             f"use --force to replace it, or remove it first")
+                    desc = ", ".join(f"{prog_name(p)}, id {p}, {m} mode" for m, p in state.items())
+                    raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
+                                             f"STCP cannot run beside (only programs behind libxdp's dispatcher "
+                                             f"share an interface); use --force to replace it, or remove it first")
                 attach = cls._attach_libxdp if via_libxdp else cls._attach_bcc
                 h, got = attach(nl, ifindex, iface, mode, old, state, configure, netns,
                                 max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp, priority=priority)
