@@ -298,12 +298,14 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     overhead: BPF_PROG_TEST_RUN (libbpf bpf_prog_test_run_opts) repeats it in the kernel on
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
-    from bcc import BPF
+
     from stcp.datapath import bpf, xdp_prog
+    from stcp.datapath.bcc_import import import_bcc
     from stcp.datapath.xdp import XdpDatapath
     from tests.support.packets import data_record, hello, udp_frame
     from tests.support.testrun import Opts
 
+    BPF = import_bcc()
     lib = bpf.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
 
