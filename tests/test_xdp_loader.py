@@ -220,3 +220,24 @@ def test_loader_and_serve_default_to_one_port():
     assert attach.port == wire.DEFAULT_PORT
     assert common.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
     assert common.parse_hostport("0.0.0.0", wire.DEFAULT_PORT) == ("0.0.0.0", 7443)
+
+
+def test_version_and_complete_help():
+    """`stcp-loader --version` answers like `stcp --version`; every option and argument of
+    every command says what it is for."""
+    import argparse
+
+    from stcp import __version__
+    from stcp.cli.loader import _parser
+    r = loader("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"stcp-loader (stcp) {__version__}"
+    p = _parser()
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"attach", "set", "detach", "status", "metrics", "doctor"}
+    for name, cmd in sub.choices.items():
+        assert cmd.description or any(c.dest == name and c.help for c in sub._choices_actions), name
+        for a in cmd._actions:
+            if not isinstance(a, argparse._HelpAction):
+                assert a.help and a.help != argparse.SUPPRESS, f"stcp-loader {name} {a.option_strings or a.dest}"
+    r = loader("set", "eth0")
+    assert r.returncode == 2 and "nothing to set" in r.stderr and len(r.stderr.strip().splitlines()) == 1
