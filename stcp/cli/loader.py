@@ -155,10 +155,13 @@ def _attach(args: argparse.Namespace) -> int:
     st = xdp_admin.attach(args.iface, args.port, args.mode, args.max_record_len, force=args.force, netns=args.netns,
                           max_cids=args.max_cids, priority=args.priority,
                           **{k: getattr(args, k) for k in LIMITS if k != "max_record_len"})
-    how = (f"behind libxdp's dispatcher (id {st['dispatcher_id']})" if st.get("dispatcher_id") else
-           "alone: libxdp could not put its dispatcher in front (the kernel refuses it, or no bpffs; see 'stcp-loader doctor'), so no other XDP program can join it"
-           if st.get("loader") == "libxdp" else
-           "alone, loaded with bcc: clang and libxdp ('sudo make system-deps') let it run beside other XDP programs")
+    if st.get("dispatcher_id"):
+        how = f"behind libxdp's dispatcher (id {st['dispatcher_id']})"
+    elif st.get("loader") == "libxdp":
+        how = ("alone: libxdp could not put its dispatcher in front (the kernel refuses it, or no bpffs; "
+               "see 'stcp-loader doctor'), so no other XDP program can join it")
+    else:
+        how = "alone, loaded with bcc: clang and libxdp ('sudo make system-deps') let it run beside other XDP programs"
     print(f"attached STCP XDP to {args.iface} in {st['mode']} mode (prog id {st['prog_id']}, "
           f"port {st['config']['port']}, {st['live_cids']} live connection IDs); {how}; maps pinned at {st['pin_dir']}")
     if st.get("private_pins"):

@@ -131,10 +131,14 @@ class _Messages:
         bpf.libbpf_set_print(self._old[1])
 
     def reason(self) -> str:
-        """The last warning (level 0), else the last line, else ''."""
+        """The last warning (level 0), else the last line, else '' (without the library's
+        "libxdp: " / "libbpf: " prefix)."""
         warns = [t for lvl, t in self.lines if lvl == 0 and t]
         lines = warns or [t for _lvl, t in self.lines if t]
-        return lines[-1] if lines else ""
+        last = lines[-1] if lines else ""
+        for prefix in ("libxdp: ", "libbpf: "):
+            last = last.removeprefix(prefix)
+        return last
 
     def said(self, text: str) -> bool:
         return any(text in t for _lvl, t in self.lines)
