@@ -24,6 +24,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 
 from .errors import XdpAlreadyAttached, XdpSetupError
+from .netlink import in_thread
 
 MODES = {"native": 1, "generic": 2}          # enum xdp_attach_mode: XDP_MODE_NATIVE, XDP_MODE_SKB
 MODE_UNSPEC = 0
@@ -195,29 +196,20 @@ def freplace_refused(obj_path: str, prog_name: str) -> Optional[str]:
 
 def in_netns(netns: Optional[str], fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) in a helper thread inside network namespace netns (this one if None)."""
-    box: Dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            if netns is not None:
-                _xdp, _bpf, libc = _load()
-                fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-                try:
-                    if libc.setns(fd, CLONE_NEWNET) != 0:
-                        e = ctypes.get_errno()
-                        raise XdpSetupError(f"cannot enter network namespace '{netns}' ({os.strerror(e)})")
-                finally:
-                    os.close(fd)
-            box["value"] = fn(*args)
-        except BaseException as e:  # re-raised in the caller's thread
-            box["error"] = e
+    def run() -> T:
+        if netns is not None:
+            _xdp, _bpf, libc = _load()
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    e = ctypes.get_errno()
+                    raise XdpSetupError(f"cannot enter network namespace '{netns}' ({os.strerror(e)})")
+            finally:
+                os.close(fd)
+        return fn(*args)
 
-    t = threading.Thread(target=run, name="stcp-libxdp", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return in_thread("stcp-libxdp", run)
 
 
 def _err(ptr: Optional[int]) -> int:

@@ -11,7 +11,7 @@ from . import libxdp
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
-from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, MAP_ABI, ProgHandles, count_cids, dispatched_by, find_stcp, pin_dir,
+from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, ProgHandles, count_cids, dispatched_by, find_stcp, pin_dir,
                        prog_name, read_config, read_counters, remove_pins, require_root, validate_limits, write_config)
 
 # What `stcp-loader set` may change in a live program: the hello limits, and the record
@@ -75,29 +75,21 @@ def _set_limits(iface: str, netns: Optional[str], force: bool, changes: Dict[str
         raise XdpSetupError(f"cannot set {', '.join(sorted(unknown))} on a running program; re-attach for that")
     if not changes:
         raise XdpSetupError("nothing to set: name at least one limit (--hs-rate, --hs-burst, ...)")
-    require_root()
-    with Netlink(netns) as nl:
-        ifindex = nl.ifindex(iface)
-        mode, h, _state = find_stcp(nl, ifindex)
-        if not h:
-            raise XdpNotAttached(f"no STCP XDP program attached to {iface}; attach one with 'stcp-loader attach'")
-        try:
-            cfg = read_config(h)
-            if cfg["abi"] != MAP_ABI:
-                raise XdpSetupError(f"the STCP XDP program on {iface} has map layout {cfg['abi']}, this stcp "
-                                    f"writes {MAP_ABI}; re-attach it with this version")
-            new = {k: cfg[k] for k in SETTABLE}
-            new.update(changes)
-            validate_limits(cfg["port"], "auto", **new)
-            if new["max_record_len"] < cfg["max_record_len"] and not force:
-                raise XdpAlreadyAttached(
-                    f"lowering the record limit of {iface} from {cfg['max_record_len']} to {new['max_record_len']} "
-                    f"drops every larger record of live connections; add --force if no client sends larger ones")
-            write_config(h, cfg["port"], new.pop("max_record_len"), new.pop("hs_rate"), new.pop("hs_burst"),
-                         cfg["nworkers"], **new)
-            return status_of(iface, mode, h, pin_dir(iface, netns))
-        finally:
-            h.close()
+    dp = XdpDatapath.open(iface, netns=netns)
+    try:
+        cfg = read_config(dp.handles)
+        new = {k: cfg[k] for k in SETTABLE}
+        new.update(changes)
+        validate_limits(cfg["port"], "auto", **new)
+        if new["max_record_len"] < cfg["max_record_len"] and not force:
+            raise XdpAlreadyAttached(
+                f"lowering the record limit of {iface} from {cfg['max_record_len']} to {new['max_record_len']} "
+                f"drops every larger record of live connections; add --force if no client sends larger ones")
+        write_config(dp.handles, cfg["port"], new.pop("max_record_len"), new.pop("hs_rate"), new.pop("hs_burst"),
+                     cfg["nworkers"], **new)
+        return status_of(iface, dp.mode, dp.handles, pin_dir(iface, netns))
+    finally:
+        dp.release()
 
 
 def status_of(iface: str, mode: Optional[str], h: Optional[ProgHandles], pins: str) -> Dict[str, Any]:

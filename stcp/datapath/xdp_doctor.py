@@ -9,6 +9,7 @@ says where it found it.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def checks() -> List[Check]:
         out.append((MISSING, "attach", f"no way to build the program: clang+libxdp ({loader_why}) or bcc "
                                        "with kernel headers; run 'sudo make system-deps'"))
     try:
-        import stcp._xsk  # noqa: F401
+        importlib.import_module("stcp._xsk")
         out.append((OK, "AF_XDP", "stcp._xsk built (--datapath afxdp)"))
     except ImportError:
         out.append((NOTE, "AF_XDP", "stcp._xsk not built (libxdp-dev at install time): --datapath afxdp unavailable"))
