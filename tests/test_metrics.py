@@ -30,12 +30,39 @@ from stcp import wire
 from stcp.connection import Connection, ConnectionClosed
 from stcp.datapath.verdicts import Verdict
 from stcp.errors import CloseCode, ConnectionTerminated
-from stcp.metrics import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, WORKER_METRICS,
-                          MetricsHTTPServer, XdpCollector, close_reason, parse_listen, serve_metrics)
-from tests.support.metrics import (ALLOWED_LABELS, DASHBOARDS, FakeXdp, Prometheus, Scrape, alert_queries, ascrape,
-                                   check_invariants, dashboard_panels, dashboard_queries, fake_xdp_collector,
-                                   family_of, grafana_to_promql, load_dashboard, metric_names, prom_query,
-                                   promtool_check, require_prometheus, scrape, url_of)
+from stcp.metrics import (
+    CLOSE_REASONS,
+    ENDPOINT_DROP_REASONS,
+    HANDSHAKE_FAIL_REASONS,
+    WORKER_METRICS,
+    MetricsHTTPServer,
+    XdpCollector,
+    close_reason,
+    parse_listen,
+    serve_metrics,
+)
+from tests.support.metrics import (
+    ALLOWED_LABELS,
+    DASHBOARDS,
+    FakeXdp,
+    Prometheus,
+    Scrape,
+    alert_queries,
+    ascrape,
+    check_invariants,
+    dashboard_panels,
+    dashboard_queries,
+    fake_xdp_collector,
+    family_of,
+    grafana_to_promql,
+    load_dashboard,
+    metric_names,
+    prom_query,
+    promtool_check,
+    require_prometheus,
+    scrape,
+    url_of,
+)
 from tests.support.poll import await_until
 from tests.support.servers import echo, quiet, transfer
 from tests.support.workers import close_pool, fake_pool_with_traffic

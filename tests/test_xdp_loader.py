@@ -215,7 +215,7 @@ def test_loader_and_serve_default_to_one_port():
     from stcp import wire
     from stcp.cli import common, loader, main
     assert wire.DEFAULT_PORT == 7443               # docs/PROTOCOL.md §2, README, OPERATIONS.md
-    attach = loader._parser().parse_args(["attach", "eth0"])
+    attach = loader.build_parser().parse_args(["attach", "eth0"])
     serve = main.build_parser().parse_args(["serve"])
     assert attach.port == wire.DEFAULT_PORT
     assert common.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
@@ -228,10 +228,10 @@ def test_version_and_complete_help():
     import argparse
 
     from stcp import __version__
-    from stcp.cli.loader import _parser
+    from stcp.cli.loader import build_parser
     r = loader("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"stcp-loader (stcp) {__version__}"
-    p = _parser()
+    p = build_parser()
     (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(sub.choices) == {"attach", "set", "detach", "status", "metrics", "doctor"}
     for name, cmd in sub.choices.items():

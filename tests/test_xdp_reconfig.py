@@ -133,7 +133,7 @@ def test_server_survives_set_and_forced_reattach(served):
         assert base["pass_data"] >= before["counters"]["pass_data"]["packets"], "counters restarted"
 
         deadline = time.monotonic() + 20
-        while any(c.echoed() < e + 8 * CHUNK for c, e in zip(clients, echoed)):
+        while any(c.echoed() < e + 8 * CHUNK for c, e in zip(clients, echoed, strict=True)):
             assert time.monotonic() < deadline, "the clients stopped moving data after the re-attach"
             time.sleep(0.1)
 

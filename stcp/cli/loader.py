@@ -57,7 +57,7 @@ def _limit_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help=h("client hello burst from all sources together", x.DEFAULT_HS_GLOBAL_BURST))
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from ..datapath import libxdp, xdp_prog
 
     common = argparse.ArgumentParser(add_help=False)
@@ -212,14 +212,14 @@ def _run(args: argparse.Namespace) -> int:
         return run_loader_metrics(args.ifaces, args.listen, netns=args.netns, once=args.once)
     if args.command == "doctor":
         from ..datapath.xdp_doctor import run_doctor
-        return run_doctor()
+        return run_doctor(__version__)
     raise AssertionError(args.command)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from ..datapath.errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.netns = getattr(args, "netns", None)
     try:
         return _run(args)

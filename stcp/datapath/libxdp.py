@@ -37,7 +37,7 @@ _libs: Optional[Tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]] = None
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 
-def _load() -> Tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
+def libraries() -> Tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
     """(libxdp, libbpf, libc) with the signatures used here declared; XdpSetupError if
     libxdp is missing."""
     global _libs
@@ -93,7 +93,7 @@ def _load() -> Tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
 def available() -> Optional[str]:
     """None if libxdp can be used, else why not (one line)."""
     try:
-        _load()
+        libraries()
     except XdpSetupError as e:
         return str(e)
     return None
@@ -104,7 +104,7 @@ class _Messages:
 
     def __init__(self) -> None:
         self.lines: List[Tuple[int, str]] = []
-        _xdp, _bpf, libc = _load()
+        _xdp, _bpf, libc = libraries()
         # va_list is a pointer on x86-64; elsewhere keep the format string alone
         can_format = platform.machine() in ("x86_64", "AMD64")
 
@@ -121,13 +121,13 @@ class _Messages:
         self._fn = _PRINT_FN(collect)         # kept alive while installed
 
     def __enter__(self) -> "_Messages":
-        xdp, bpf, _ = _load()
+        xdp, bpf, _ = libraries()
         self._old = (xdp.libxdp_set_print(ctypes.cast(self._fn, ctypes.c_void_p)),
                      bpf.libbpf_set_print(ctypes.cast(self._fn, ctypes.c_void_p)))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        xdp, bpf, _ = _load()
+        xdp, bpf, _ = libraries()
         xdp.libxdp_set_print(self._old[0])
         bpf.libbpf_set_print(self._old[1])
 
@@ -148,7 +148,7 @@ class _Messages:
 def object_maps(obj_path: str) -> Dict[str, Tuple[int, int, int, int]]:
     """map name -> (type, key size, value size, max entries) as the object file declares
     them, without loading anything."""
-    _xdp, bpf, _ = _load()
+    _xdp, bpf, _ = libraries()
     with _Messages() as msgs:
         obj = bpf.bpf_object__open_file(obj_path.encode(), None)
         if not obj or _err(obj):
@@ -169,7 +169,7 @@ def freplace_refused(obj_path: str, prog_name: str) -> Optional[str]:
     """None if this kernel loads freplace programs (BPF_PROG_TYPE_EXT), which libxdp's
     dispatcher is made of; else the kernel's answer. Loads the object's program twice, as
     XDP and as its own replacement, and attaches neither. Needs root."""
-    _xdp, bpf, _ = _load()
+    _xdp, bpf, _ = libraries()
     objs = []
     try:
         with _Messages() as msgs:
@@ -199,7 +199,7 @@ def in_netns(netns: Optional[str], fn: Callable[..., T], *args: Any) -> T:
 
     def run() -> T:
         if netns is not None:
-            _xdp, _bpf, libc = _load()
+            _xdp, _bpf, libc = libraries()
             fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
             try:
                 if libc.setns(fd, CLONE_NEWNET) != 0:
@@ -214,7 +214,7 @@ def in_netns(netns: Optional[str], fn: Callable[..., T], *args: Any) -> T:
 
 def _err(ptr: Optional[int]) -> int:
     """The errno of a libxdp pointer result: 0 for a valid object."""
-    xdp, _bpf, _ = _load()
+    xdp, _bpf, _ = libraries()
     e = -int(xdp.libxdp_get_error(ptr))
     return e if e > 0 else (errno.EINVAL if not ptr else 0)
 
@@ -230,7 +230,7 @@ def attach(obj_path: str, ifindex: int, iface: str, mode: str, *, reuse: Optiona
 
 def _attach(obj_path: str, ifindex: int, iface: str, mode: str, reuse: Dict[str, int],
             priority: int) -> Tuple[int, str, bool]:
-    xdp, bpf, _ = _load()
+    xdp, bpf, _ = libraries()
     tries = ["native", "generic"] if mode == "auto" else [mode]
     errors = []
     for m in tries:
@@ -265,7 +265,7 @@ def _attach(obj_path: str, ifindex: int, iface: str, mode: str, reuse: Dict[str,
 
 
 def _is_legacy(ifindex: int) -> bool:
-    xdp, _bpf, _ = _load()
+    xdp, _bpf, _ = libraries()
     with _Messages():
         mp = xdp.xdp_multiprog__get_from_ifindex(ifindex)
         if _err(mp):
@@ -284,7 +284,7 @@ def detach(ifindex: int, iface: str, prog_id: int, mode: Optional[str], netns: O
 
 
 def _detach(ifindex: int, iface: str, prog_id: int, mode: int) -> None:
-    xdp, _bpf, _ = _load()
+    xdp, _bpf, _ = libraries()
     with _Messages() as msgs:
         prog = xdp.xdp_program__from_id(prog_id)
         if _err(prog):

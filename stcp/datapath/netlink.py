@@ -49,7 +49,7 @@ def in_thread(name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     t.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 class Netlink:

@@ -21,7 +21,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
@@ -30,15 +30,45 @@ from . import bpf, libxdp
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
-from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
-                       DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
-                       DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
-                       attached_ids, cid_filter_slot, compile_prog, current_netns_name, dispatched_by,
-                       ensure_bpffs, find_stcp, open_prog, pin_dir, pin_prog, pinned_prog_id, prog_name, read_config,
-                       read_counters, release_bcc, remove_pins, require_root, validate_limits, write_config)
+from .socket import ServerDriver, bind_udp
 from .xdp_handover import plan
 from .xdp_object import ObjectDir, find_clang
-from .socket import ServerDriver, bind_udp
+from .xdp_prog import (
+    CID,
+    DEFAULT_HS_BURST,
+    DEFAULT_HS_GLOBAL_BURST,
+    DEFAULT_HS_GLOBAL_RATE,
+    DEFAULT_HS_PREFIX4,
+    DEFAULT_HS_PREFIX6,
+    DEFAULT_HS_RATE,
+    DEFAULT_HS_SOURCES,
+    DEFAULT_MAX_CIDS,
+    DEFAULT_MAX_RECORD_LEN,
+    FILTER_WORD,
+    MAP_ABI,
+    MODES,
+    ProgHandles,
+    attached_ids,
+    check_toolchain,
+    cid_filter_slot,
+    compile_prog,
+    current_netns_name,
+    dispatched_by,
+    ensure_bpffs,
+    find_stcp,
+    open_prog,
+    pin_dir,
+    pin_prog,
+    pinned_prog_id,
+    prog_name,
+    read_config,
+    read_counters,
+    release_bcc,
+    remove_pins,
+    require_root,
+    validate_limits,
+    write_config,
+)
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
@@ -82,12 +112,12 @@ def _restore(nl: Netlink, ifindex: int, held: List[Tuple[str, int]]) -> None:
     for m, fd in held:
         try:
             nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS.get(m, 0))
-        except Exception as e:  # noqa: BLE001 - reported, the original error is what matters
+        except Exception as e:
             log.error("could not put the replaced XDP program back on ifindex %d: %s", ifindex, e)
     _close_fds(fd for _m, fd in held)
 
 
-def _close_fds(fds) -> None:
+def _close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)
@@ -167,8 +197,10 @@ class XdpDatapath:
                         max_cids, hs_sources, afxdp, nworkers, hello, priority)
 
     @classmethod
-    def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0, hello=None, priority=libxdp.DEFAULT_PRIORITY) -> "XdpDatapath":
+    def _attach(cls, iface: str, port: int, mode: str, max_record_len: int, force: bool, netns: Optional[str],
+                hs_rate: int, hs_burst: int, max_cids: int, hs_sources: int, afxdp: bool = False,
+                nworkers: int = 0, hello: Optional[Dict[str, int]] = None,
+                priority: int = libxdp.DEFAULT_PRIORITY) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
@@ -323,8 +355,8 @@ class XdpDatapath:
         require_root()
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
-            mode, h, state = find_stcp(nl, ifindex)
-            if not h:
+            mode, h, _state = find_stcp(nl, ifindex)
+            if not h or mode is None:
                 raise XdpNotAttached(f"no STCP XDP program attached to {iface}")
             abi = read_config(h)["abi"]
             if abi != MAP_ABI:
@@ -335,7 +367,7 @@ class XdpDatapath:
 
     @classmethod
     def attach_or_reuse(cls, iface: str, port: int, mode: str = "auto",
-                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw) -> "XdpDatapath":
+                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw: Any) -> "XdpDatapath":
         """Reuse the STCP program attached to iface (it must serve the same port), else
         attach one. `attached` says which happened; close() undoes only our part."""
         validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
@@ -460,7 +492,7 @@ class XdpDatapath:
         try:
             if self.attached and self._is_attached():
                 self._detach()
-                if self.pin_dir and self._pins_are_ours():
+                if self.pin_dir and self._pins_are_ours(self.pin_dir):
                     remove_pins(self.pin_dir)
             else:
                 # not ours, or ours was replaced (`stcp-loader attach --force`) by a program
@@ -492,14 +524,14 @@ class XdpDatapath:
         except Exception as e:   # interface or namespace gone: nothing left to detach
             log.info("detach from %s: %s", self.iface, e)
 
-    def _pins_are_ours(self) -> bool:
+    def _pins_are_ours(self, pins: str) -> bool:
         # nothing (readable) pinned: removing the directory is harmless
-        return pinned_prog_id(self.pin_dir) in (None, self._h.prog_id)
+        return pinned_prog_id(pins) in (None, self._h.prog_id)
 
     def __enter__(self) -> "XdpDatapath":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -11,8 +11,21 @@ from . import libxdp
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
-from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, ProgHandles, count_cids, dispatched_by, find_stcp, pin_dir,
-                       prog_name, read_config, read_counters, remove_pins, require_root, validate_limits, write_config)
+from .xdp_prog import (
+    DEFAULT_MAX_RECORD_LEN,
+    ProgHandles,
+    count_cids,
+    dispatched_by,
+    find_stcp,
+    pin_dir,
+    prog_name,
+    read_config,
+    read_counters,
+    remove_pins,
+    require_root,
+    validate_limits,
+    write_config,
+)
 
 # What `stcp-loader set` may change in a live program: the hello limits, and the record
 # limit (raising it is always safe; lowering it drops live connections' larger records).

@@ -16,8 +16,6 @@ import sys
 import tempfile
 from typing import List, Tuple
 
-from .. import __version__
-
 OK, MISSING, NOTE = "ok", "missing", "note"
 Check = Tuple[str, str, str]          # (state, what, detail / what to do)
 _CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
@@ -56,10 +54,10 @@ def checks() -> List[Check]:
     from .bcc_import import bcc_origin
     from .errors import XdpSetupError
     from .xdp import libxdp_unavailable
-    from .xdp_prog import BPFFS, _mounted_fstype, check_toolchain
+    from .xdp_prog import BPFFS, check_toolchain, mounted_fstype
 
     out: List[Check] = [_privileges()]
-    out.append((OK, "bpffs", f"mounted at {BPFFS}") if _mounted_fstype(BPFFS) == "bpf" else
+    out.append((OK, "bpffs", f"mounted at {BPFFS}") if mounted_fstype(BPFFS) == "bpf" else
                (NOTE, "bpffs", f"not mounted at {BPFFS}; attach mounts it"))
     try:
         bpf.libbpf()
@@ -117,9 +115,11 @@ def _dispatcher() -> Check:
                                 "back the same way)")
 
 
-def run_doctor() -> int:
+def run_doctor(version: str) -> int:
+    """Print every check under a header naming `version` (the package's; the datapath layer
+    does not import the package root); 0 if attach can work."""
     rows = checks()
-    print(f"stcp-loader doctor (stcp {__version__}, Python {sys.version.split()[0]}, kernel {os.uname().release})")
+    print(f"stcp-loader doctor (stcp {version}, Python {sys.version.split()[0]}, kernel {os.uname().release})")
     for state, what, detail in rows:
         print(f"  {state:<8} {what}: {detail}")
     ok = all(s != MISSING for s, what, _ in rows if what in ("privileges", "libbpf", "attach"))

@@ -96,7 +96,7 @@ def require_root() -> None:
                             "(run it with sudo)")
 
 
-def _mounted_fstype(path: str) -> Optional[str]:
+def mounted_fstype(path: str) -> Optional[str]:
     fstype = None
     try:
         with open("/proc/self/mounts") as f:
@@ -112,7 +112,7 @@ def _mounted_fstype(path: str) -> Optional[str]:
 def ensure_bpffs(root: str = BPFFS) -> bool:
     """Mount bpffs at /sys/fs/bpf if nothing is mounted there (as systemd would); True if
     this call mounted it."""
-    if _mounted_fstype(root) == "bpf":
+    if mounted_fstype(root) == "bpf":
         return False
     if not os.path.isdir(root):
         raise XdpSetupError(f"no bpffs: {root} does not exist (is sysfs mounted?); "
@@ -152,7 +152,8 @@ def check_toolchain() -> None:
 
 def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int,
                     hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
-                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
+                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
+                    hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     if not 1 <= port <= 65535:
         raise XdpSetupError(f"port {port} is not a UDP port (1-65535)")
     if mode not in MODES:

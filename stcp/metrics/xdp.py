@@ -89,7 +89,7 @@ def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None
                 if h is not None:
                     h.close()
                     found.append((name, netns))
-    except Exception as e:  # noqa: BLE001 - discovery is best effort; pins were still found
+    except Exception as e:  # discovery is best effort; pins were still found
         log.debug("netlink discovery failed: %s", e)
     out: List[Tuple[str, Optional[str]]] = []
     for t in found:
@@ -141,7 +141,7 @@ class XdpCollector(Collector):
                     snap = self._failed(iface, ns, e)
                 else:                     # seen before, now gone with its interface: detached
                     snap = {"attached": False, "gone": str(e)}
-            except Exception as e:  # noqa: BLE001 - one broken interface must not hide the others
+            except Exception as e:  # one broken interface must not hide the others
                 snap = self._failed(iface, ns, e)
             out.append(((iface, ns), snap))
         return out

@@ -60,7 +60,7 @@ class _ClangBuild:
         from stcp.datapath import libxdp
         from stcp.datapath.xdp_object import ObjectDir
         from stcp.datapath.xdp_prog import PROG_NAME
-        _xdp, self.lib, _ = libxdp._load()
+        _xdp, self.lib, _ = libxdp.libraries()
         self.objdir = ObjectDir()
         self.obj = self.lib.bpf_object__open_file(self.objdir.path.encode(), None)
         assert self.obj, "libbpf could not open the clang build"
