@@ -114,7 +114,7 @@ async def _traffic_exact():
         assert s0.get("stcp_connections_active") == 0
 
         # one live connection: its stats are in the scrape before it ends
-        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key), 10)
         w.write(b"L" * 7000)
         assert await asyncio.wait_for(r.readexactly(7000), 10) == b"L" * 7000
         s1 = await ascrape(url)
@@ -133,7 +133,7 @@ async def _traffic_exact():
 
         sizes = [1, 5000, 300_000]
         for n in sizes:
-            await transfer(port, os.urandom(n))
+            await transfer(port, os.urandom(n), server.public_key)
         await quiet(server)
         s2 = await ascrape(url)
         total = 7000 + sum(sizes)
@@ -190,11 +190,11 @@ class RawClient:
     """A sans-IO client Connection driven by hand over a UDP socket, so the test decides
     exactly which datagrams the server gets (duplicates, then silence)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, server_key: bytes):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.connect(("127.0.0.1", port))
-        self.conn = Connection.client(stcp.make_config(keepalive=None), time.monotonic())
+        self.conn = Connection.client(stcp.make_config(keepalive=None, server_key=server_key), time.monotonic())
         self.sent: List[bytes] = []
 
     def flush(self) -> List[bytes]:
@@ -245,22 +245,22 @@ async def _errors_exact():
         s0 = await ascrape(url)
 
         # the client aborts: peer_close
-        _r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        _r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         w.abort("bye")
         # the server's handler aborts: local_abort
-        r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         w.write(b"abort")
         with pytest.raises(ConnectionTerminated):
             await asyncio.wait_for(r.read(), 10)
         # a forged record with the server's CID: auth_failure, and the auth failure counter
-        r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         server_cid = w.connection.peer_cid
         raw.sendto(wire.pack_header(32, server_cid, wire.make_seq(0, 1000)) + os.urandom(32), addr)
         with pytest.raises(ConnectionTerminated):
             await asyncio.wait_for(r.read(), 10)
         # a hand-driven client: handshake, one record sent twice, the hello again, then
         # silence: two replays discarded, then idle_timeout
-        rc = RawClient(port)
+        rc = RawClient(port, server.public_key)
         rc.flush()
         await rc.recv()
         assert rc.conn.state.name == "ENCRYPTED"
@@ -333,7 +333,7 @@ async def _shutdown():
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="chacha20-poly1305")
     url = url_of(metrics)
     try:
-        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key), 10)
         w.write(b"x")
         assert await asyncio.wait_for(r.readexactly(1), 10) == b"x"
         assert (await ascrape(url)).get("stcp_connections_active") == 1
@@ -392,7 +392,7 @@ async def _exporter_families() -> Tuple[Set[str], str]:
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
     metrics.registry.register(fake_xdp_collector())
     try:
-        await transfer(port, b"hello")
+        await transfer(port, b"hello", server.public_key)
         await quiet(server)
         s = await ascrape(url_of(metrics))
         with tempfile.TemporaryDirectory() as d:
@@ -509,7 +509,7 @@ async def _with_prometheus(tmp_path: Path):
     proc = None
     try:
         for n in (10, 20000):
-            await transfer(port, os.urandom(n))
+            await transfer(port, os.urandom(n), server.public_key)
         await quiet(server)
         text = (await ascrape(url_of(metrics))).text
         promtool_check(text)

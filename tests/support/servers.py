@@ -26,8 +26,8 @@ async def quiet(server, timeout: float = 5.0) -> None:
     await await_until(lambda: not server.endpoint.connections, timeout, "the server's connections to end")
 
 
-async def transfer(port: int, payload: bytes, **kw) -> Connection:
-    r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, **kw), 10)
+async def transfer(port: int, payload: bytes, server_key, **kw) -> Connection:
+    r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server_key, **kw), 10)
     w.write(payload)
     w.write_eof()
     got = await asyncio.wait_for(r.read(), 20)
@@ -53,6 +53,10 @@ class ServerThread:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def public_key(self) -> bytes:
+        return self.server.public_key
 
     def call(self, fn, *args):
         """fn(*args) on the server's loop (a coroutine function's result awaited); its result."""
