@@ -323,6 +323,62 @@ async def _errors_exact():
         await server.wait_closed()
 
 
+def test_refusals_cookies_and_resets_are_exact():
+    asyncio.run(_refusals_exact())
+
+
+async def _refusals_exact():
+    """An allow-list server with no hello budget (every hello is answered with a COOKIE
+    first): a listed client gets in, an unlisted one and a keyless one are refused, each
+    counted once by reason; a version-1 hello is a REJECT; a long record for an unknown
+    connection gets a stateless RESET."""
+    listed, stranger = stcp.generate_private_key(), stcp.generate_private_key()
+    cfg = stcp.make_config(hello_rate=0, hello_burst=0)
+    server = await stcp.start_server(echo, "127.0.0.1", 0, config=cfg, allowed_clients=[stcp.public_key(listed)])
+    port = server.sockets[0].getsockname()[1]
+    metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
+    url = url_of(metrics)
+    raw = udp_sender()
+    try:
+        s0 = await ascrape(url)
+        conn = await transfer(port, b"in", server.public_key, client_key=listed)
+        assert conn.peer_static_key == server.public_key
+        for key in (stranger, None):
+            r, _w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key,
+                                                                client_key=key), 10)
+            with pytest.raises(ConnectionTerminated) as info:
+                await asyncio.wait_for(r.read(), 10)
+            assert info.value.code == CloseCode.ACCESS_DENIED and info.value.by_peer
+        raw.sendto(wire.pack_header(80, 0, 0) + bytes([wire.HS_CLIENT_HELLO, 1]) + bytes(78), ("127.0.0.1", port))
+        raw.sendto(wire.pack_header(100, 0xFEED, wire.make_seq(0, 7)) + bytes(100), ("127.0.0.1", port))
+        await quiet(server)
+
+        async def counted():
+            s = await ascrape(url)
+            done = delta(s0, s, "stcp_handshakes_failed_total", reason="access_denied") == 2 and \
+                delta(s0, s, "stcp_stateless_resets_sent_total") == 1
+            return s if done else None
+        s1 = await await_until(counted, 5, "the refusals and the reset to be counted")
+        rejected = {k: delta(s0, s1, "stcp_handshakes_rejected_total", reason=k) for k in
+                    ("version", "suite", "key", "busy", "client_not_allowed", "client_key_missing")}
+        assert rejected == {"version": 1, "suite": 0, "key": 0, "busy": 0, "client_not_allowed": 1,
+                            "client_key_missing": 1}
+        assert delta(s0, s1, "stcp_handshakes_failed_total", reason="rejected") == 1
+        assert delta(s0, s1, "stcp_connections_closed_total", reason="access_denied") == 2
+        assert delta(s0, s1, "stcp_handshakes_completed_total") == 1
+        # no hello budget: each of the three connections was answered with a COOKIE first
+        assert delta(s0, s1, "stcp_handshake_cookies_sent_total") == 3
+        assert delta(s0, s1, "stcp_handshake_cookies_admitted_total") == 3
+        assert delta(s0, s1, "stcp_stateless_resets_rate_limited_total") == 0
+        check_invariants(s1)
+        promtool_check(s1.text)
+    finally:
+        raw.close()
+        metrics.close()
+        server.close()
+        await server.wait_closed()
+
+
 def test_server_shutdown_counts_local_abort_and_exporter_stops():
     asyncio.run(_shutdown())
 
