@@ -425,9 +425,9 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
 
     server_key (required): the server's public key, 32 bytes or the base64 text `stcp serve`
       prints; only the holder of its private key gets past the handshake (anyone else, a
-      relay included, ends in a HANDSHAKE_FAILED "expected server key ..., presented ..."
-      at the handshake timeout, before any byte of yours is sent). stcp.UNAUTHENTICATED
-      accepts any key: an active attacker can then read and change everything.
+      relay included, ends in a HandshakeFailed "expected server key ..., presented ..."
+      at the handshake timeout, before any byte of yours is sent). stcp.UNAUTHENTICATED:
+      accept any server key: an active attacker can read and change everything.
     client_key: this client's private key (32 bytes, or a key file's path), proven to the
       server (which may admit only listed keys); None proves none.
     """

@@ -433,7 +433,7 @@ def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
     Returns once the handshake is done (HandshakeTimeout if it is not within the timeout).
 
     server_key (required) and client_key are as for stcp.open_connection: the server's
-    public key (bytes or base64), or stcp.UNAUTHENTICATED to accept any key (an active
-    attacker can then read and change everything)."""
+    public key (bytes or base64), or stcp.UNAUTHENTICATED: accept any server key: an active
+    attacker can read and change everything."""
     return BlockingConnection(address, timeout, server_key=server_key, client_key=client_key, config=config,
                               cipher=cipher)

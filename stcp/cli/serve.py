@@ -69,6 +69,9 @@ async def serve(args: Any) -> int:
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
     try:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
+            loop.add_signal_handler(sig, server.close)
         if args.datapath == "afxdp":
             print(f"stcp: AF_XDP on {args.iface}: {len(dp.xsks)} RX queue(s), XDP {dp.mode} mode, "
                   f"{'zero-copy' if dp.zerocopy else 'copy'} mode; replies through "
@@ -82,9 +85,6 @@ async def serve(args: Any) -> int:
               f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
         server.close()

@@ -40,9 +40,11 @@ class ServerThread:
     """An STCP server on its own event-loop thread, until close(): a client in the test's
     thread (blocking API, or an asyncio loop of its own) talks to it over loopback."""
 
-    def __init__(self, handler=echo, host: str = "127.0.0.1", port: int = 0, config: Optional[object] = None):
+    def __init__(self, handler=echo, host: str = "127.0.0.1", port: int = 0, config: Optional[object] = None,
+                 server_key: Optional[bytes] = None):
         self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(stcp.start_server(handler, host, port, config=config))
+        self.server = self.loop.run_until_complete(stcp.start_server(handler, host, port, config=config,
+                                                                     server_key=server_key))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
