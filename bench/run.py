@@ -612,13 +612,14 @@ def fmt(v, nd=1, scale=1.0):
 def handshake_table(doc: dict) -> list[str]:
     """CPU per handshake of each peer, from the median handshake run."""
     rows = []
-    for name, pr in doc["peers"].items():
+    for pr in doc["peers"].values():
         s = (pr["tests"].get("handshake") or {}).get("summary") or {} if pr["available"] else {}
         split = s.get("cpu_us_per_handshake_split")
         if split:
-            rows.append(f"| {pr['label']} | {fmt(s['per_s'])} | {fmt(s['latency']['p50_us'], 2, 1e-3)} / "
-                        f"{fmt(s['latency']['p99_us'], 2, 1e-3)} | {fmt(split['client'], 0)} + {fmt(split['server'], 0)} "
-                        f"= {fmt(s['cpu_us_per_handshake'], 0)} |")
+            lat = s["latency"]
+            rows.append(f"| {pr['label']} | {fmt(s['per_s'])} | {fmt(lat['p50_us'], 2, 1e-3)} / "
+                        f"{fmt(lat['p99_us'], 2, 1e-3)} | {fmt(split['client'], 0)} + "
+                        f"{fmt(split['server'], 0)} = {fmt(s['cpu_us_per_handshake'], 0)} |")
     if not rows:
         return []
     return ["", "Handshakes, authenticated: every TLS client verifies the server's certificate chain (a throwaway "

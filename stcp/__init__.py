@@ -14,10 +14,10 @@ from .api import UNAUTHENTICATED, StreamReader, StreamWriter, make_config, open_
 from .blocking import BlockingConnection, connect  # noqa: E402
 from .connection import Config  # noqa: E402
 from .errors import ConnectionTerminated, HandshakeFailed, HandshakeTimeout, NotEncrypted, STCPError  # noqa: E402
-from .identity import InvalidKey, fingerprint, generate_private_key, public_key  # noqa: E402
+from .identity import InvalidKey, fingerprint, generate_private_key, public_key
 from .server import Server, serve, start_server  # noqa: E402
 
 __all__ = ["open_connection", "serve", "start_server", "connect", "make_config", "Config", "Server",
            "StreamReader", "StreamWriter", "BlockingConnection", "STCPError", "ConnectionTerminated",
-           "HandshakeFailed", "HandshakeTimeout", "NotEncrypted", "UNAUTHENTICATED", "InvalidKey", "generate_private_key",
-           "public_key", "fingerprint"]
+           "HandshakeFailed", "HandshakeTimeout", "NotEncrypted", "UNAUTHENTICATED", "InvalidKey",
+           "generate_private_key", "public_key", "fingerprint"]

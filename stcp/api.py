@@ -46,12 +46,14 @@ class Unauthenticated:
 UNAUTHENTICATED = Unauthenticated()
 
 
-class _Missing:
+class Missing:
+    """The type of MISSING, the default of a required server_key= (a TypeError when left)."""
+
     def __repr__(self) -> str:
         return "<required>"
 
 
-MISSING = _Missing()       # the default of a required server_key=: omitting it is a TypeError
+MISSING = Missing()       # the default of a required server_key=: omitting it is a TypeError
 
 # What a client may pass as server_key=: the server's public key (32 raw bytes, or the base64
 # text `stcp serve` and `stcp keygen` print), a function deciding on the presented key (it may
@@ -63,7 +65,7 @@ PrivateKey = Union[bytes, str, "os.PathLike[str]"]
 PublicKeys = Union[Iterable[Union[bytes, str]], str, "os.PathLike[str]"]
 
 
-def server_key_policy(server_key: Union[ServerKey, _Missing], where: str) -> ServerKeyPolicy:
+def server_key_policy(server_key: Union[ServerKey, Missing], where: str) -> ServerKeyPolicy:
     """The Config.server_key of a server_key= argument (TypeError when it is missing)."""
     if server_key is MISSING or server_key is None:
         raise TypeError(f"{where}() needs server_key=: the server's public key (32 bytes, or the base64 "
@@ -125,7 +127,7 @@ def with_keys(config: Config, policy: ServerKeyPolicy, static: Optional[bytes]) 
     return out
 
 
-def client_config(config: Optional[Config], cipher: Optional[str], server_key: Union[ServerKey, _Missing],
+def client_config(config: Optional[Config], cipher: Optional[str], server_key: Union[ServerKey, Missing],
                   client_key: Optional[PrivateKey], where: str) -> Config:
     """The Config of a client call: its server_key= and client_key= over config (or cipher)."""
     policy = server_key_policy(server_key, where)
@@ -418,7 +420,7 @@ def explain_unreachable(exc: HandshakeTimeout, host: str, port: int) -> None:
                 f"listening on {host}:{port}?)",)
 
 
-async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Union[ServerKey, _Missing] = MISSING,
+async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Union[ServerKey, Missing] = MISSING,
                           client_key: Optional[PrivateKey] = None, config: Optional[Config] = None,
                           cipher: Optional[str] = None) -> Tuple[StreamReader, StreamWriter]:
     """Handshake with an STCP server; return (reader, writer) once the connection is ENCRYPTED.

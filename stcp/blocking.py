@@ -25,13 +25,29 @@ from time import monotonic
 from typing import Callable, Optional, Self, Tuple, Union
 
 from . import wire
-from .api import (MISSING, WRITE_HIGH_WATER, PrivateKey, ServerKey, _Missing, client_config, closed_error,
-                  explain_unreachable)
+from .api import (
+    MISSING,
+    WRITE_HIGH_WATER,
+    Missing,
+    PrivateKey,
+    ServerKey,
+    client_config,
+    closed_error,
+    explain_unreachable,
+)
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
-from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enable_gro, own_records,
-                              recv_batch, send_datagrams, tune_socket)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
+from .datapath.socket import (
+    RECV_BATCH,
+    RECV_ROUNDS,
+    Outbox,
+    connect_udp,
+    enable_gro,
+    own_records,
+    recv_batch,
+    send_datagrams,
+    tune_socket,
+)
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 
 CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
@@ -49,7 +65,7 @@ class BlockingConnection:
     """
 
     def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None, *,
-                 server_key: Union[ServerKey, _Missing] = MISSING, client_key: Optional[PrivateKey] = None,
+                 server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
                  config: Optional[Config] = None, cipher: Optional[str] = None):
         host, port = address[0], address[1]
         config = client_config(config, cipher, server_key, client_key, "connect")
@@ -427,7 +443,7 @@ class BlockingConnection:
             os.close(self._wakeup)
 
 def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
-            server_key: Union[ServerKey, _Missing] = MISSING, client_key: Optional[PrivateKey] = None,
+            server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
             config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
     """Blocking client: `with stcp.connect(("127.0.0.1", 7443), server_key=KEY) as c: c.sendall(b"hi")`.
     Returns once the handshake is done (HandshakeTimeout if it is not within the timeout).

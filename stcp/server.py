@@ -28,8 +28,17 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import wire
-from .api import (DEFAULT_PORT, ConnectionHandle, PrivateKey, PublicKeys, StreamReader, StreamWriter, make_config,
-                  private_key, public_keys)
+from .api import (
+    DEFAULT_PORT,
+    ConnectionHandle,
+    PrivateKey,
+    PublicKeys,
+    StreamReader,
+    StreamWriter,
+    make_config,
+    private_key,
+    public_keys,
+)
 from .connection import Config, Connection
 from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath

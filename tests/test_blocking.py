@@ -19,7 +19,6 @@ from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 from tests.support.faults import Faults, FaultShim
 
-
 SERVER_KEY = stcp.generate_private_key()        # every server here holds it; every client pins it
 PINNED = stcp.public_key(SERVER_KEY)
 

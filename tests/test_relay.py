@@ -77,7 +77,7 @@ async def through_shim(port: int, faults: Faults, **kw):
 
 
 def test_a_client_accepting_any_key_is_fooled_by_the_relay(bank):
-    server, rec, front, relay = bank
+    _server, rec, front, relay = bank
     faults = Faults()
     echoed = asyncio.run(through_shim(front.port, faults, server_key=stcp.UNAUTHENTICATED))
     assert relay.handled == 1 and bytes(relay.seen) == b"transfer 100 EUR"

@@ -8,9 +8,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
-from ..api import open_connection
+from ..api import StreamReader, StreamWriter, open_connection
 from ..connection import Config
 from ..errors import HandshakeFailed, STCPError
 from ..wire import DEFAULT_PORT
@@ -38,7 +38,8 @@ def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None
             return
 
 
-async def _open(check: ServerCheck, host: str, port: int, key: Optional[bytes], config: Config):
+async def _open(check: ServerCheck, host: str, port: int, key: Optional[bytes],
+                config: Config) -> Tuple[StreamReader, StreamWriter]:
     """open_connection under the command line's server-key policy; a first-used key is
     recorded once connected."""
     reader, writer = await open_connection(host, port, server_key=check.policy(), client_key=key, config=config)

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import hmac
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..handshake import ServerKeyRefused
-from ..identity import (decode_key, encode_key, fingerprint, generate_private_key, load_private_key,
-                        load_public_keys, public_key, read_private_key, save_private_key, state_dir_key)
+from ..identity import (
+    decode_key,
+    encode_key,
+    fingerprint,
+    generate_private_key,
+    load_private_key,
+    load_public_keys,
+    public_key,
+    read_private_key,
+    save_private_key,
+    state_dir_key,
+)
 from ..known_hosts import KnownHosts, host_entry
 
 
@@ -79,7 +89,7 @@ class ServerCheck:
         self.refused: Optional[bytes] = None
         self._told = False
 
-    def policy(self):
+    def policy(self) -> Callable[[bytes], bool]:
         """A fresh policy for one connection (the known-hosts file read now)."""
         if self.pinned is not None:
             pinned = self.pinned
@@ -91,6 +101,7 @@ class ServerCheck:
                 raise ServerKeyRefused(f"expected server key {fingerprint(pinned)} (--server-key), "
                                        f"presented {fingerprint(presented)}")
             return accept
+        assert self.known is not None
         check = self.known.policy(self.host)
 
         def accept_known(presented: bytes) -> bool:

@@ -16,8 +16,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stcp.datapath.verdicts import Verdict
-from stcp.metrics import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, HANDSHAKE_REJECT_REASONS,
-                          XdpCollector)
+from stcp.metrics import (
+    CLOSE_REASONS,
+    ENDPOINT_DROP_REASONS,
+    HANDSHAKE_FAIL_REASONS,
+    HANDSHAKE_REJECT_REASONS,
+    XdpCollector,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
