@@ -253,7 +253,7 @@ def server_proc(name: str, side: Side, port: int, creds, errpath: Path, stats_di
     with open(errpath, "w") as err:
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=e)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90     # an XDP peer compiles its program first (bcc): slow on a busy machine
         line = ""
         while time.monotonic() < deadline:
             r, _, _ = select.select([p.stdout], [], [], 0.5)
