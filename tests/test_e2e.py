@@ -17,26 +17,11 @@ from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEn
 from tests.support.faults import Faults, FaultShim
 from tests.support.poll import await_until
 from tests.support.procs import announced_key, key_file
+from tests.support.servers import echo_transfer
 
 
 def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def echo_transfer(host: str, port: int, data: bytes, server_key, config=None) -> bytes:
-    reader, writer = await stcp.open_connection(host, port, server_key=server_key, config=config)
-
-    async def upload():
-        for i in range(0, len(data), 1 << 20):
-            writer.write(data[i:i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    up = asyncio.create_task(upload())
-    echoed = await reader.read()
-    await up
-    await writer.wait_closed()
-    return echoed
 
 
 def serve_subprocess(key: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
