@@ -111,22 +111,27 @@ def read_private_key(text: str, what: str = "private key") -> bytes:
     return decode_key(text, what)
 
 
+def key_file_lines(path: str, what: str, missing_ok: bool = False) -> List[Tuple[int, List[str]]]:
+    """(line number, whitespace-separated fields) of each line of a text file of keys (an
+    allow list, a known-hosts file) that is not blank or a '#' comment. A file that cannot
+    be read is an InvalidKey naming `what`; a missing one has no lines if missing_ok."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise InvalidKey(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidKey(f"cannot read {what} {path}: {exc.strerror}") from None
+    return [(n, line.split()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+
+
 def load_public_keys(path: str) -> List[bytes]:
     """An allow list file: one base64 public key per line; blank lines, lines starting with
     '#' and anything after a key and whitespace (a comment naming the client) are ignored.
     A line that is not a key is an InvalidKey naming the file and line."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError as exc:
-        raise InvalidKey(f"cannot read allow list {path}: {exc.strerror}") from None
-    keys = []
-    for n, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        keys.append(decode_key(text.split()[0], f"allow list {path} line {n}"))
-    return keys
+    return [decode_key(fields[0], f"allow list {path} line {n}") for n, fields in key_file_lines(path, "allow list")]
 
 
 # --- the server's key in its state directory ---------------------------------------

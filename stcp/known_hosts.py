@@ -18,7 +18,7 @@ import tempfile
 from typing import Callable, List, NamedTuple, Optional
 
 from .handshake import ServerKeyRefused
-from .identity import InvalidKey, decode_key, encode_key, fingerprint
+from .identity import InvalidKey, decode_key, encode_key, fingerprint, key_file_lines
 
 
 class Entry(NamedTuple):
@@ -46,19 +46,8 @@ class KnownHosts:
     def entries(self) -> List[Entry]:
         """Every entry; a missing file has none. A line that is not `HOST:PORT KEY` is an
         InvalidKey naming the file and the line (fix or delete it)."""
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise InvalidKey(f"cannot read known-hosts file {self.path}: {exc.strerror}") from None
         out = []
-        for n, line in enumerate(lines, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = text.split()
+        for n, fields in key_file_lines(self.path, "known-hosts file", missing_ok=True):
             if len(fields) != 2 or ":" not in fields[0]:
                 raise InvalidKey(f"known-hosts file {self.path} line {n} is not 'HOST:PORT KEY': fix or delete it")
             out.append(Entry(fields[0].lower(), decode_key(fields[1], f"known-hosts file {self.path} line {n}"), n))

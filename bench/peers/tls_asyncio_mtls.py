@@ -4,12 +4,10 @@ presents one and verifies the server's. Like for like with bench.peers.stcp_caut
 otherwise the `tls_asyncio` peer."""
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 from bench import common as C
-from bench.peers import streams
-from bench.peers import tls_asyncio as plain
+from bench.peers import streams, tls_asyncio as plain
 from bench.peers.tls import client_context, server_context
 
 
@@ -27,30 +25,14 @@ def mutual_client_context(args) -> ssl.SSLContext:
 
 
 async def start_server(args, handler):
-    host, port = C.split_hostport(args.listen)
-
-    async def tuned(r, w):
-        plain.tune(w)
-        await handler(r, w)
-
-    srv = await asyncio.start_server(tuned, host, port, ssl=mutual_server_context(args), backlog=128)
-    return srv, srv.sockets[0].getsockname()[1]
-
-
-_ctx = None
+    return await plain.start_server(args, handler, mutual_server_context(args))
 
 
 async def connect(args):
-    global _ctx
-    if _ctx is None:
-        _ctx = mutual_client_context(args)
-    host, port = C.split_hostport(args.connect)
-    r, w = await asyncio.open_connection(host, port, ssl=_ctx, server_hostname=C.SERVER_NAME)
-    return plain._Conn(r, w)
+    return await plain.connect(args, mutual_client_context)
 
 
-def available() -> str | None:
-    return None
+available = plain.available
 
 
 def main(argv=None) -> None:
