@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-from typing import Callable, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 from . import wire
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
 from .errors import CloseCode, ConnectionTerminated, HandshakeFailed, HandshakeTimeout
 from .handshake import ServerKeyPolicy
@@ -136,7 +135,7 @@ def client_config(config: Optional[Config], cipher: Optional[str], server_key: U
     return with_keys(config, policy, static)
 
 
-def make_config(cipher: Optional[str] = None, **overrides) -> Config:
+def make_config(cipher: Optional[str] = None, **overrides: Any) -> Config:
     if cipher is not None:
         if cipher not in wire.SUITES:
             raise ValueError(f"unknown cipher {cipher!r}; choose one of {', '.join(wire.SUITES)}")
@@ -263,7 +262,7 @@ class StreamReader:
         if n == 0:
             return b""
         if n < 0:
-            chunks = []
+            chunks: List[bytes] = []
             while True:
                 chunk = await self.read(1 << 20)
                 if not chunk:
@@ -313,7 +312,7 @@ class StreamReader:
         except asyncio.IncompleteReadError as exc:
             return exc.partial
 
-    def __aiter__(self):
+    def __aiter__(self) -> StreamReader:
         return self
 
     async def __anext__(self) -> bytes:
@@ -337,7 +336,7 @@ class StreamWriter:
             handle.conn.send(bytes(data))
             handle.driver.flush_now(handle.conn)
 
-    def writelines(self, lines) -> None:
+    def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
             self.write(line)
 
@@ -386,7 +385,7 @@ class StreamWriter:
         if exc is not None:
             raise exc
 
-    def get_extra_info(self, name: str, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         """As asyncio's, plus "peer_key": the peer's proven static public key (on a client,
         the server's; on a server, the client's, or None if it proved none), "cipher", "cid"
         and "connection"."""

@@ -31,7 +31,7 @@ def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes
     now = 0.0
     endpoint = ServerEndpoint(Config())
     client = Connection.client(dataclasses.replace(client_config or Config(), server_key=endpoint.public_key), now)
-    touched, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
+    _touched, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
     server = new[0]
     for d in server.datagrams_to_send(now):
         client.receive_datagram(d, now)

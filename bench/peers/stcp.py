@@ -14,7 +14,7 @@ from bench import common as C
 from bench.peers import streams
 
 
-def _stcp():
+def import_stcp():
     # Imported late: `python -m bench.peers.stcp` must not shadow the real package, and
     # run.py asks for availability before anything runs.
     import importlib
@@ -32,7 +32,7 @@ def free_udp_port(host: str) -> int:
 
 async def start_server(args, handler, client_auth: bool = False):
     """The server under the run's key; with client_auth, admitting only the run's client key."""
-    stcp = _stcp()
+    stcp = import_stcp()
     keys = C.stcp_keys(args)
     host, port = C.split_hostport(args.listen)
     if port == 0:
@@ -82,15 +82,15 @@ def client_config(args, client_auth: bool = False):
 async def connect(args, client_auth: bool = False):
     host, port = C.split_hostport(args.connect)
     server_key, config = client_config(args, client_auth)
-    r, w = await _stcp().open_connection(host, port, server_key=server_key, config=config)
+    r, w = await import_stcp().open_connection(host, port, server_key=server_key, config=config)
     return _Conn(r, w)
 
 
 def available() -> str | None:
     """None when this peer can run, otherwise why not."""
     try:
-        stcp = _stcp()
-    except Exception as e:  # noqa: BLE001
+        stcp = import_stcp()
+    except Exception as e:
         return f"import stcp failed: {e!r}"
     missing = [n for n in ("open_connection", "start_server") if not hasattr(stcp, n)]
     return f"stcp has no {', '.join(missing)} yet" if missing else None
