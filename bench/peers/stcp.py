@@ -72,7 +72,7 @@ def client_config(args, client_auth: bool = False):
     """(pinned server key, Config) of this client, made once: with client_auth the Config
     holds the client's key, so its public half is derived once, not per connection."""
     if client_auth not in _client:
-        stcp = _stcp()
+        stcp = import_stcp()
         keys = C.stcp_keys(args)
         static = stcp.api.private_key(keys["client_key"], "client key") if client_auth else None
         _client[client_auth] = (keys["server_public"], stcp.make_config(static_key=static))

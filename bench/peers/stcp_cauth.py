@@ -5,8 +5,7 @@ per side) and pins the server's key. Like for like with bench.peers.tls_asyncio_
 from __future__ import annotations
 
 from bench import common as C
-from bench.peers import stcp as speer
-from bench.peers import streams
+from bench.peers import stcp as speer, streams
 
 
 async def start_server(args, handler):

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "keys (one base64 key per line, '#' comments)")
     common(s)
 
-    def client_keys(sp):
+    def client_keys(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--server-key", metavar="BASE64", help="accept only the server holding this key "
                         "(its public key, as `stcp serve` prints it); default: the known-hosts file")
         sp.add_argument("--known-hosts", metavar="FILE", help="trust on first use: the server keys seen before "
