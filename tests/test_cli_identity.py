@@ -261,8 +261,8 @@ def test_allow_list_admits_listed_clients_only(serve, tmp_path):
     assert r.returncode == 0 and r.stdout == b"alice"
     for key in (["--key", mallory], []):
         t0 = time.monotonic()
-        r = run("connect", *key, *pin, stdin=b"let me in")
-        assert time.monotonic() - t0 < 10            # at once: not at an idle or handshake timeout
+        r = run("connect", *key, "--handshake-timeout", "30", *pin, stdin=b"let me in")
+        assert time.monotonic() - t0 < 15            # at once: not at the handshake (or idle) timeout, 30 s
         assert r.returncode == 1 and r.stdout == b""
         assert "peer terminated the connection: ACCESS_DENIED" in one_line(r)
 
@@ -272,3 +272,65 @@ def test_a_client_key_file_with_loose_permissions_is_refused(tmp_path):
     os.chmod(path, 0o640)
     r = run("connect", "--key", path, "--server-key", encode_key(os.urandom(32)), "127.0.0.1:7443")
     assert r.returncode == 1 and f"key file {path} is accessible by others (mode 0640)" in one_line(r)
+
+
+def test_tunnel_trusts_on_first_use_and_presents_its_client_key(serve, tmp_path, home):
+    """`stcp tunnel` without --server-key records the server's key once for all its TCP
+    clients and presents --key to an allow-list server; a tunnel without a key has each
+    client refused ACCESS_DENIED (one line each) and keeps serving."""
+    server_path, server_pub = key_file(tmp_path / "server.key")
+    alice, alice_pub = key_file(tmp_path / "alice.key")
+    (tmp_path / "allow").write_text(f"{alice_pub} alice\n")
+    _proc, port, _ = serve("--key", server_path, "--allow-clients", str(tmp_path / "allow"))
+    kh = home / ".config" / "stcp" / "known_hosts"
+
+    def tunnel(*args: str) -> tuple[subprocess.Popen, int]:
+        tcp_port = free_port_tcp()
+        proc = subprocess.Popen([*STCP, "tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
+                                 "--handshake-timeout", "30", *args], stderr=subprocess.PIPE)
+        wait_for_stderr_line(proc, "tunnel from", timeout=30)
+        return proc, tcp_port
+
+    def through(tcp_port: int, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=20) as c:
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := c.recv(65536):
+                out += chunk
+            return out
+
+    proc, tcp_port = tunnel("--key", alice)
+    try:
+        assert [through(tcp_port, b"client %d" % i) for i in range(2)] == [b"client 0", b"client 1"]
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert lines == [f"stcp: first connection to 127.0.0.1:{port}: trusting its server key "
+                     f"{fingerprint(decode_key(server_pub))} and recording it in {kh} (pin it instead with "
+                     f"--server-key {server_pub})"], lines
+    assert kh.read_text() == f"127.0.0.1:{port} {server_pub}\n"
+
+    proc, tcp_port = tunnel()                                # no client key: denied, the tunnel stays
+    try:
+        for _ in range(2):
+            t0 = time.monotonic()
+            assert through(tcp_port, b"let me in") == b""
+            assert time.monotonic() - t0 < 15
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert len(lines) == 2 and all("ACCESS_DENIED" in ln and ln.startswith("stcp: tunnel: ") for ln in lines), lines
+    assert "Traceback" not in err.decode()
+
+
+def free_port_tcp() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

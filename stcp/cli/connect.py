@@ -110,7 +110,9 @@ async def tunnel(args: Any) -> int:
             else:
                 print(f"stcp: tunnel: {exc}", file=sys.stderr)
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, STCPError):       # the STCP side ended it (e.g. ACCESS_DENIED): say why
+            print(f"stcp: tunnel: {error}", file=sys.stderr, flush=True)
 
     try:
         server = await asyncio.start_server(on_client, lhost, lport)
