@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.support.procs import announced_key, key_file
+from tests.support.procs import announced_key, key_file, tcp_exchange
 
 STCP = [sys.executable, "-m", "stcp.cli.main"]
 
@@ -115,13 +115,7 @@ def test_tunnel_carries_tcp_clients_over_stcp(server):
         assert "tunnel from" in tunnel.stderr.readline()
         for _ in range(2):                      # two clients, each over its own STCP connection
             data = os.urandom(200_000)
-            with socket.create_connection(("127.0.0.1", tcp_port), timeout=20) as c:
-                c.sendall(data)
-                c.shutdown(socket.SHUT_WR)
-                got = b""
-                while chunk := c.recv(65536):
-                    got += chunk
-            assert got == data
+            assert tcp_exchange(tcp_port, data) == data
     finally:
         tunnel.terminate()
         tunnel.wait(10)

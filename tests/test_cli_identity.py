@@ -13,7 +13,7 @@ import time
 import pytest
 
 from stcp.identity import decode_key, encode_key, fingerprint, public_key
-from tests.support.procs import STCP, announced_key, key_file, wait_for_stderr_line
+from tests.support.procs import STCP, announced_key, key_file, tcp_exchange, wait_for_stderr_line
 
 B64KEY = re.compile(r"^[A-Za-z0-9+/]{43}=$")
 
@@ -38,8 +38,8 @@ def one_line(r: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    s = socket.socket(socket.AF_INET, kind)
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
@@ -285,24 +285,15 @@ def test_tunnel_trusts_on_first_use_and_presents_its_client_key(serve, tmp_path,
     kh = home / ".config" / "stcp" / "known_hosts"
 
     def tunnel(*args: str) -> tuple[subprocess.Popen, int]:
-        tcp_port = free_port_tcp()
+        tcp_port = free_port(socket.SOCK_STREAM)
         proc = subprocess.Popen([*STCP, "tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
                                  "--handshake-timeout", "30", *args], stderr=subprocess.PIPE)
         wait_for_stderr_line(proc, "tunnel from", timeout=30)
         return proc, tcp_port
 
-    def through(tcp_port: int, data: bytes) -> bytes:
-        with socket.create_connection(("127.0.0.1", tcp_port), timeout=20) as c:
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            out = b""
-            while chunk := c.recv(65536):
-                out += chunk
-            return out
-
     proc, tcp_port = tunnel("--key", alice)
     try:
-        assert [through(tcp_port, b"client %d" % i) for i in range(2)] == [b"client 0", b"client 1"]
+        assert [tcp_exchange(tcp_port, b"client %d" % i) for i in range(2)] == [b"client 0", b"client 1"]
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=10)
@@ -317,7 +308,7 @@ def test_tunnel_trusts_on_first_use_and_presents_its_client_key(serve, tmp_path,
     try:
         for _ in range(2):
             t0 = time.monotonic()
-            assert through(tcp_port, b"let me in") == b""
+            assert tcp_exchange(tcp_port, b"let me in") == b""
             assert time.monotonic() - t0 < 15
         assert proc.poll() is None
     finally:
@@ -326,11 +317,3 @@ def test_tunnel_trusts_on_first_use_and_presents_its_client_key(serve, tmp_path,
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
     assert len(lines) == 2 and all("ACCESS_DENIED" in ln and ln.startswith("stcp: tunnel: ") for ln in lines), lines
     assert "Traceback" not in err.decode()
-
-
-def free_port_tcp() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port

@@ -86,6 +86,19 @@ def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) ->
 
 # ---------------------------------------------------------------------------------------
 # stcp-loader
+def tcp_exchange(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
+    """Send data over a TCP connection, half-close, and return all that comes back (a
+    tunnel's local side, say)."""
+    import socket
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := c.recv(65536):
+            out += chunk
+        return out
+
+
 def loader_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "stcp-loader"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "stcp.cli.loader"]
