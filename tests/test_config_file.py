@@ -10,6 +10,7 @@ import pytest
 
 from stcp.cli import config_file
 from stcp.cli.main import build_parser
+from tests.support.procs import wait_for_stderr_line
 
 STCP = [sys.executable, "-m", "stcp.cli.main"]
 
@@ -66,11 +67,12 @@ def test_serve_listens_where_the_file_says(tmp_path):
     port = s.getsockname()[1]
     s.close()
     conf = tmp_path / "serve.toml"
-    conf.write_text(f'listen = "127.0.0.1:{port}"\ncipher = "chacha20-poly1305"\n')
-    proc = subprocess.Popen([*STCP, "serve", "--config", str(conf)], stderr=subprocess.PIPE, text=True)
+    conf.write_text(f'listen = "127.0.0.1:{port}"\ncipher = "chacha20-poly1305"\nstate-dir = "{tmp_path}"\n')
+    proc = subprocess.Popen([*STCP, "serve", "--config", str(conf)], stderr=subprocess.PIPE)
     try:
-        line = proc.stderr.readline()
-        assert f"serving on 127.0.0.1:{port}" in line, line
+        said = wait_for_stderr_line(proc, "serving on", timeout=60)
+        assert f"serving on 127.0.0.1:{port}" in said[-1], said
+        assert (tmp_path / "server.key").exists()        # the state dir came from the file too
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
