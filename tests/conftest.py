@@ -14,7 +14,7 @@ and is skipped, with the reason, where it is missing, never silently passed:
 Fixtures: `veth` (a factory of namespace pairs joined by veth, torn down after the test)
 and `netns_pair` (one such pair); `xdp_toolchain` and `afxdp_toolchain` (session-wide:
 ready, or the test skips with the reason); `xdp_prog` (the XDP program loaded for
-BPF_PROG_TEST_RUN, one per test module); `stcp_server` (a factory of loopback STCP
+BPF_PROG_TEST_RUN, one per test module and build); `stcp_server` (a factory of loopback STCP
 servers, each on its own event-loop thread for the test's duration).
 """
 from __future__ import annotations
@@ -88,13 +88,13 @@ def afxdp_toolchain(xdp_toolchain) -> None:
     _require(kernel.xsk_unavailable)
 
 
-@pytest.fixture(scope="module")
-def xdp_prog():
+@pytest.fixture(scope="module", params=("bcc", "clang"))
+def xdp_prog(request):
     """tests.support.testrun.LoadedProg, shared by a module's tests (configure() resets its
-    limits), or the test skips saying why."""
+    limits), once per build (bcc's and clang's, testrun.BUILDS), or the test skips saying why."""
     from tests.support.testrun import LoadedProg, require_testrun
-    require_testrun()
-    p = LoadedProg()
+    require_testrun(request.param)
+    p = LoadedProg(request.param)
     try:
         yield p
     finally:
