@@ -8,10 +8,10 @@ process and any mount namespace (`ip netns exec` gives each process a private /s
 pins under /sys/fs/bpf/stcp/IFACE/ are made on attach and removed on detach.
 
 The pieces: stcp.datapath.bpf (libbpf through ctypes), stcp.datapath.netlink (pyroute2),
-stcp.datapath.xdp_prog (build, find, config, counters, pins), this module (XdpDatapath,
-what `stcp serve --datapath xdp` runs on) and stcp.datapath.xdp_admin (attach, detach,
-status of `stcp-loader`). Every setup failure raises XdpSetupError with a one-line message
-that says what to do.
+stcp.datapath.xdp_prog (build, find, config, counters, pins), stcp.datapath.xdp_cids (the
+connection-ID tables), this module (XdpDatapath, what `stcp serve --datapath xdp` runs
+on) and stcp.datapath.xdp_admin (attach, detach, status of `stcp-loader`). Every setup
+failure raises XdpSetupError with a one-line message that says what to do.
 """
 from __future__ import annotations
 
@@ -19,9 +19,6 @@ import asyncio
 import errno
 import logging
 import os
-import struct
-import threading
-import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..connection import Config, Connection
@@ -32,11 +29,11 @@ from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
 from .socket import ServerDriver, bind_udp
+from .xdp_cids import CidTables
 from .xdp_cookie import KernelCookies
 from .xdp_handover import plan
 from .xdp_object import ObjectDir, find_clang
 from .xdp_prog import (
-    CID,
     DEFAULT_HALF_OPEN,
     DEFAULT_HS_BURST,
     DEFAULT_HS_GLOBAL_BURST,
@@ -47,7 +44,6 @@ from .xdp_prog import (
     DEFAULT_HS_SOURCES,
     DEFAULT_MAX_CIDS,
     DEFAULT_MAX_RECORD_LEN,
-    FILTER_WORD,
     MAP_ABI,
     MODES,
     ProgHandles,
@@ -84,7 +80,6 @@ log = logging.getLogger("stcp.datapath.xdp")
 # the limits write_config takes beyond the per-source hello bucket (validate_limits checks them)
 LIMITS = ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst", "ck_rate", "ck_burst", "uk_rate",
           "uk_burst")
-FULL_RETRY = 1.0              # seconds a failed live-table insert keeps hellos refused without trying again
 
 
 def libxdp_unavailable() -> Optional[str]:
@@ -138,7 +133,7 @@ def _set_hint(iface: str) -> str:
     return f"change limits with 'stcp-loader set {iface} --hs-rate N ...' instead"
 
 
-class XdpDatapath:
+class XdpDatapath(CidTables):
     """One interface's STCP XDP program, attached by us or found attached.
 
     attach_or_reuse() is what `stcp serve --datapath xdp` calls; close() leaves the
@@ -159,12 +154,7 @@ class XdpDatapath:
         self.attached = attached          # True if this object attached the program
         self.netns = netns
         self.pin_dir = pins
-        self._h = handles
-        self._cids: set[int] = set()          # in the live table, added by this object
-        self._half_open: set[int] = set()     # in the half-open LRU, added by this object
-        self._lock = threading.Lock()
-        self._full_until = 0.0                # a live insert failed: refuse hellos until then
-        self.cid_table_full = 0               # live inserts that failed: the table was full
+        CidTables.__init__(self, iface, handles)
         self.private_pins = False         # pins live in a bpffs private to this process
         self.kernel_cookies = True            # as a server's datapath: keep the program's cookie keys
         self._cookies: Optional[KernelCookies] = None
@@ -174,7 +164,6 @@ class XdpDatapath:
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
         self.config = cfg
-        self.max_cids: int = bpf.map_info(handles.maps["cids"])["max_entries"]
 
     @property
     def prog_id(self) -> int:
@@ -466,135 +455,6 @@ class XdpDatapath:
         if self._driver is not None:
             self._driver.touch(conn)
 
-    # -- the connection-ID tables ------------------------------------------------------
-    # A half-open connection's CID lives in the stcp_half_open LRU, an ENCRYPTED one's in
-    # the stcp_cids hash; either way it counts once in its prefilter slot. Invariant: a
-    # CID in a table has a slot count >= 1 (the filter is raised before the insert and
-    # lowered after the delete), so the filter never hides a connection.
-    def add_cid(self, cid: int, tag: int = 1) -> bool:
-        """Let data records for this connection ID through (cid as parsed from the wire);
-        False if the live table is full. tag (1-255) is the entry's value, which the
-        program ignores: the afxdp supervisor tags each worker's CIDs so it can remove a
-        dead worker's (cids_tagged)."""
-        with self._lock:
-            self._filter_adjust(cid, +1)
-            if not self._insert_live(cid, tag):
-                self._filter_adjust(cid, -1)          # already live (counted once only), or full
-            return cid in self._cids
-
-    def add_half_open(self, cid: int, tag: int = 1) -> None:
-        """A new connection's CID, from its server hello until it is ENCRYPTED (promote())."""
-        with self._lock:
-            self._filter_adjust(cid, +1)
-            bpf.map_update(self._h.maps["half_open"], CID.pack(cid), bytes([tag]))
-            self._half_open.add(cid)
-
-    def promote(self, cid: int, tag: int = 1) -> bool:
-        """Move a half-open CID into the live table (its connection is ENCRYPTED); False if
-        the table is full (the CID stays half-open: the caller ends the connection)."""
-        with self._lock:
-            if cid not in self._half_open:
-                self._filter_adjust(cid, +1)
-            if not self._insert_live(cid, tag):
-                if cid not in self._half_open:
-                    self._filter_adjust(cid, -1)
-                return cid in self._cids
-            if cid in self._half_open:
-                bpf.map_delete(self._h.maps["half_open"], CID.pack(cid))
-                self._half_open.discard(cid)
-            return True
-
-    def _insert_live(self, cid: int, tag: int) -> bool:
-        """Insert into the live table; False if it was there already or there is no room."""
-        try:
-            if not bpf.map_update(self._h.maps["cids"], CID.pack(cid), bytes([tag]), bpf.BPF_NOEXIST):
-                self._cids.add(cid)
-                return False
-        except OSError as e:
-            if e.errno != errno.E2BIG:
-                raise
-            self._table_full()
-            return False
-        self._cids.add(cid)
-        return True
-
-    def _table_full(self) -> None:
-        self.cid_table_full += 1
-        if time.monotonic() >= self._full_until:
-            log.warning("the live-connection table of the XDP program on %s is full (%d entries)",
-                        self.iface, self.max_cids)
-        self._full_until = time.monotonic() + FULL_RETRY
-
-    def remove_cid(self, cid: int) -> None:
-        """Forget a connection ID, live or half-open."""
-        with self._lock:
-            key = CID.pack(cid)
-            live = bpf.map_delete(self._h.maps["cids"], key)
-            half = bpf.map_delete(self._h.maps["half_open"], key)
-            # the LRU may have evicted a half-open entry: its count goes with our record of it
-            if live or half or cid in self._half_open:
-                self._filter_adjust(cid, -1)
-            self._cids.discard(cid)
-            self._half_open.discard(cid)
-
-    def has_room(self) -> bool:
-        """Whether the live table has room for one more connection (a server asks before it
-        accepts a hello). The table may hold entries this object does not know of (another
-        process's, a dead server's), so it is asked: a throwaway CID is inserted and removed
-        at once (the prefilter never names it, so the program passes nothing for it). After
-        a failed insert, False for FULL_RETRY seconds without asking again."""
-        if time.monotonic() < self._full_until:
-            return False
-        fd = self._h.maps["cids"]
-        probe = CID.pack(int.from_bytes(os.urandom(8), "big") | 1)
-        with self._lock:
-            try:
-                if bpf.map_update(fd, probe, b"\0", bpf.BPF_NOEXIST):
-                    bpf.map_delete(fd, probe)
-            except OSError as e:
-                if e.errno != errno.E2BIG:
-                    raise
-                self._table_full()
-                return False
-        return True
-
-    def _filter_adjust(self, cid: int, delta: int) -> None:
-        slot = cid_filter_slot(cid)
-        key = struct.pack("=I", slot >> 3)
-        fd = self._h.maps["cid_filter"]
-        word = FILTER_WORD.unpack(bpf.map_lookup(fd, key, 8) or bytes(8))[0]
-        shift = (slot & 7) * 8
-        count = (word >> shift) & 0xFF
-        if count == 0xFF:
-            return                                    # saturated: sticky, the hash decides
-        count = max(0, count + delta)
-        bpf.map_update(fd, key, FILTER_WORD.pack((word & ~(0xFF << shift)) | (count << shift)))
-
-    def has_cid(self, cid: int) -> bool:
-        return bpf.map_lookup(self._h.maps["cids"], CID.pack(cid), 1) is not None
-
-    def has_half_open(self, cid: int) -> bool:
-        return bpf.map_lookup(self._h.maps["half_open"], CID.pack(cid), 1) is not None
-
-    def filter_count(self, cid: int) -> int:
-        """The prefilter count of cid's slot (tests and diagnostics)."""
-        slot = cid_filter_slot(cid)
-        raw = bpf.map_lookup(self._h.maps["cid_filter"], struct.pack("=I", slot >> 3), 8) or bytes(8)
-        return (FILTER_WORD.unpack(raw)[0] >> ((slot & 7) * 8)) & 0xFF
-
-    def cids_tagged(self, tag: int) -> List[int]:
-        """The CIDs, live or half-open, whose entry carries tag (see add_cid)."""
-        out = []
-        for fd in (self._h.maps["cids"], self._h.maps["half_open"]):
-            for k in bpf.map_keys(fd, 8, self.max_cids * 4):
-                v = bpf.map_lookup(fd, k, 1)
-                if v is not None and v[0] == tag:
-                    out.append(CID.unpack(k)[0])
-        return out
-
-    def cids(self) -> List[int]:
-        return [CID.unpack(k)[0] for k in bpf.map_keys(self._h.maps["cids"], 8, self.max_cids * 4)]
-
     # -- inspection --------------------------------------------------------------------
     def counters(self) -> Dict[str, Tuple[int, int]]:
         """verdict name ('pass_data', 'drop_unknown_cid', ...) -> (packets, bytes), all CPUs."""
@@ -636,11 +496,7 @@ class XdpDatapath:
             else:
                 # not ours, or ours was replaced (`stcp-loader attach --force`) by a program
                 # that took over its maps: take back only what we added
-                for cid in list(self._cids | self._half_open):
-                    try:
-                        self.remove_cid(cid)
-                    except OSError:
-                        pass
+                self.forget_own()
         finally:
             self._h.close()
 
