@@ -7,6 +7,8 @@ programs show in `xdp-loader status`, ping and an STCP transfer both work, each 
 counts its traffic, and `stcp-loader detach` leaves the other program running. Where it
 cannot (the kernel refuses freplace programs; xdp-loader then attaches the first program
 alone), `stcp-loader attach` refuses in one line and leaves the other program alone.
+An STCP program of another map layout (tests/bpf/stcp_xdp_other_layout.c, as an older
+stcp's) is refused even with --force until it is detached.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from tests.support.procs import STCP, loader, stop, wait_for_stderr_line, xdp_st
 
 PORT = 4563
 SOURCE = Path(__file__).resolve().parent / "bpf" / "xdp_icmp_count.c"
+OTHER_LAYOUT = Path(__file__).resolve().parent / "bpf" / "stcp_xdp_other_layout.c"
 
 
 def xdp_loader(ns: str, *args: str) -> subprocess.CompletedProcess:
@@ -38,9 +41,8 @@ def icmp_count() -> int:
         int.from_bytes(bytes(int(b, 16) for b in entries[0]["value"]), "little")
 
 
-@pytest.fixture()
-def other_prog(xdp_toolchain, netns_pair, tmp_path):
-    """The ICMP counter on a's veth, loaded with xdp-loader; (a, b, its prog id)."""
+def load_other(a, tmp_path, source: Path) -> str:
+    """Build source with clang and load it on a's veth with xdp-loader; its status."""
     from stcp.datapath.xdp_object import find_clang
     for tool in ("xdp-loader", "bpftool", "nsenter"):
         if subprocess.run(["which", tool], capture_output=True).returncode:
@@ -48,15 +50,21 @@ def other_prog(xdp_toolchain, netns_pair, tmp_path):
     clang = find_clang()
     if clang is None:
         pytest.skip("needs clang (scripts/system-deps.sh installs it)")
-    a, b = netns_pair
-    obj = tmp_path / "xdp_icmp_count.o"
+    obj = tmp_path / (source.stem + ".o")
     multiarch = f"/usr/include/{os.uname().machine}-linux-gnu"
-    subprocess.run([clang, "-target", "bpf", "-O2", "-g", f"-I{multiarch}", "-c", str(SOURCE), "-o", str(obj)],
+    subprocess.run([clang, "-target", "bpf", "-O2", "-g", f"-I{multiarch}", "-c", str(source), "-o", str(obj)],
                    check=True, capture_output=True)
     r = xdp_loader(a.ns, "load", "-m", "native", a.ifname, str(obj))
     assert r.returncode == 0, r.stderr
+    return xdp_loader(a.ns, "status", a.ifname).stdout
+
+
+@pytest.fixture()
+def other_prog(xdp_toolchain, netns_pair, tmp_path):
+    """The ICMP counter on a's veth, loaded with xdp-loader; (a, b, its status)."""
+    a, b = netns_pair
     try:
-        st = xdp_loader(a.ns, "status", a.ifname).stdout
+        st = load_other(a, tmp_path, SOURCE)
         assert "xdp_icmp_count" in st, st
         yield a, b, st
     finally:
@@ -127,3 +135,33 @@ def test_refused_beside_a_program_attached_alone(other_prog):
     assert len(lines) == 1 and "cannot run beside" in lines[0] and "--force" in lines[0], r.stderr
     assert xdp_loader(a.ns, "status", a.ifname).stdout == prog_before
     assert not xdp_status(a.ns)["attached"]
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_stcp_program_of_another_layout(xdp_toolchain, netns_pair, tmp_path):
+    """An STCP program whose maps this version does not know (an older stcp's, attached
+    before an upgrade): attach, even with --force, refuses in one line saying to stop the
+    server and detach first, so a server on the old program never has its table swapped
+    away; detach removes it, and attach then works."""
+    a, _b = netns_pair
+    ns = ["--netns", a.ns]
+    try:
+        st = load_other(a, tmp_path, OTHER_LAYOUT)
+        assert "stcp_xdp" in st, st
+        for force in ([], ["--force"]):
+            r = loader(*ns, "attach", a.ifname, "--port", str(PORT), *force)
+            assert r.returncode == 1, r.stdout + r.stderr
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert len(lines) == 1 and "another stcp version" in lines[0], r.stderr
+            assert f"stcp-loader detach {a.ifname}" in lines[0], lines[0]
+            assert "stcp_xdp" in xdp_loader(a.ns, "status", a.ifname).stdout
+        r = loader(*ns, "detach", a.ifname)
+        assert r.returncode == 0, r.stderr
+        assert "stcp_xdp" not in xdp_loader(a.ns, "status", a.ifname).stdout
+        r = loader(*ns, "attach", a.ifname, "--port", str(PORT))
+        assert r.returncode == 0, r.stderr
+        assert xdp_status(a.ns)["config"]["port"] == PORT
+    finally:
+        loader(*ns, "detach", a.ifname)
+        xdp_loader(a.ns, "unload", a.ifname, "--all")
