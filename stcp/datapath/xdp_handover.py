@@ -116,7 +116,7 @@ def plan(old: ProgHandles, new_maps: Optional[Dict[str, Tuple[int, int, int, int
             if users:
                 why = ("it was built by bcc, which cannot hand maps over (clang and libxdp can: "
                        "'sudo make system-deps')" if new_maps is None else
-                       "the new tables have other sizes (--max-cids, --half-open)")
+                       "the new tables have another size (--max-cids, --half-open)")
                 raise XdpAlreadyAttached(
                     f"a server uses the STCP XDP program on {iface} ({_who(users)}) and its connection table "
                     f"cannot carry over to the replacement: {why}; {set_hint}, or stop that server first")
