@@ -209,7 +209,8 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     loop = asyncio.get_running_loop()
     server = Server(loop, None, handler, [*dp.server_hooks(), *hooks], datapath=dp)
     try:
-        endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections)
+        endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections,
+                                  worker_gone=getattr(dp, "worker_gone", None))
         server.driver = dp.open_driver(loop, host, port, endpoint, server._on_new, server._on_ended)
         if worker is not None and worker.metrics_dir:
             from .metrics import serve_worker_metrics

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import glob
 import logging
@@ -54,10 +53,10 @@ import socket
 import struct
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
-from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
+from ..wire import MAX_CID_WORKERS
 from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpSetupError
@@ -213,7 +212,7 @@ class AfxdpDatapath:
     def server_config(self, config: Config) -> Config:
         # every CID this server picks names this worker in its top bits: the XDP program
         # delivers a connection's records only on the queues of the worker named there
-        return dataclasses.replace(config, cid_prefix_bits=CID_WORKER_BITS, cid_prefix=self.worker_index)
+        return cid_layout.for_worker(config, self.worker_index)
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],

@@ -16,7 +16,7 @@ import os
 import socket
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
@@ -452,7 +452,12 @@ class SocketDatapath:
         self.sock = sock
 
     def server_config(self, config: Config) -> Config:
-        return config
+        return cid_layout.for_worker(config, None)       # a server id, if it has one
+
+    @staticmethod
+    def worker_gone(worker: int) -> bool:
+        """A lone process has no sibling: a CID naming another worker is nobody's."""
+        return True
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
