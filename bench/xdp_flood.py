@@ -200,7 +200,7 @@ def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.N
     res: dict = {"name": name, "xdp": xdp, "flood": flood}
     with veth_pair() as (a, b):
         addr = f"{a.ip4}:{PORT}"
-        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr]
+        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--workers", "1"]
         if xdp:
             argv += ["--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode]
         server = subprocess.Popen(a.cmd(*pinned(SERVER_CPU, argv)), stdin=subprocess.DEVNULL,

@@ -22,12 +22,12 @@ def free_port(kind=socket.SOCK_DGRAM) -> int:
 
 @pytest.fixture
 def server():
-    """An echo `stcp serve` on a free loopback port; yields the port."""
+    """An echo `stcp serve` (one process) on a free loopback port; yields the port."""
     procs = []
 
     def start(*extra: str) -> int:
         port = free_port()
-        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", *extra],
+        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", *extra],
                                 stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         line = proc.stderr.readline()
@@ -122,8 +122,8 @@ def test_unreachable_port_says_timed_out_and_why():
 
 def test_port_in_use(server):
     port = server()
-    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True,
-                       timeout=20)
+    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1"], capture_output=True,
+                       text=True, timeout=20)
     assert r.returncode == 1
     assert r.stderr.strip() == f"stcp: cannot listen on 127.0.0.1:{port}: Address already in use"
 
@@ -173,7 +173,7 @@ def test_serve_exposes_metrics(server):
 
 
 def test_bad_metrics_address_is_a_usage_error():
-    r = subprocess.run([*STCP, "serve", "--listen", "127.0.0.1:0", "--metrics", "nonsense"],
+    r = subprocess.run([*STCP, "serve", "--listen", "127.0.0.1:0", "--workers", "1", "--metrics", "nonsense"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert r.stderr.startswith("stcp: bad --metrics address")

@@ -45,7 +45,7 @@ def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
     port = probe.getsockname()[1]
     probe.close()
     proc = subprocess.Popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
-                             *extra], stderr=subprocess.PIPE, text=True)
+                             "--workers", "1", *extra], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     assert "serving on" in line, line
     return proc, port

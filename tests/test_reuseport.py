@@ -4,7 +4,8 @@ Worker processes (tests/reuseport_worker.py) each bind a SO_REUSEPORT UDP socket
 loopback port and join the steering with the fds they inherited, as a socket pool's
 workers would. A client sends records whose CID names a worker and client hellos from
 many source ports: every record must reach its worker and only it, hellos spread over all
-workers, and a dead worker's records are dropped and counted while the others carry on.
+workers, and a dead worker's records go by the kernel's hash to the live ones, counted,
+while the others carry on.
 
 Loading needs CAP_BPF, bcc and kernel headers; the tests skip with the reason otherwise.
 """

@@ -428,6 +428,38 @@ def forget_worker_cids(xdp: XdpDatapath, w: int) -> List[int]:
     return cids
 
 
+class AfxdpPoolKernel:
+    """The AF_XDP pool's part in the kernel (a stcp.supervisor.PoolKernel): the afxdp
+    program attach_program attached; a dead worker's CIDs leave its table."""
+
+    datapath = "afxdp"
+
+    def __init__(self, xdp: XdpDatapath):
+        self.xdp = xdp
+        self.port = xdp.port
+
+    @classmethod
+    def attach(cls, iface: str, port: int, mode: str, nworkers: int, max_record_len: Optional[int] = None,
+               xdp_kw: Optional[Dict[str, Any]] = None) -> "AfxdpPoolKernel":
+        return cls(attach_program(iface, port, mode, nworkers, max_record_len, xdp_kw))
+
+    def describe(self, nworkers: int) -> str:
+        return (f"AF_XDP supervisor on {self.xdp.iface}: {nworkers} workers over "
+                f"{rx_queue_count(self.xdp.iface)} RX queue(s), XDP {self.xdp.mode} mode")
+
+    def worker_fds(self) -> Tuple[int, ...]:
+        return ()                     # each worker opens the program by its interface
+
+    def worker_died(self, worker: int) -> Optional[str]:
+        cids = forget_worker_cids(self.xdp, worker)
+        return f"removed worker {worker}'s {len(cids)} connection ID(s) from the kernel table" if cids else None
+
+    def close(self) -> None:
+        prog_id = self.xdp.prog_id
+        self.xdp.close()
+        remove_cid_lock(prog_id)
+
+
 def _open_sockets(xsk_mod: Any, xdp: XdpDatapath, iface: str, queues: Any,
                   describe_failure: Callable[[int, OSError], str], xsk_kw: Dict[str, Any]) -> Tuple[list, int]:
     """One AF_XDP socket per queue, each put into the program's XSKMAP; on any failure
