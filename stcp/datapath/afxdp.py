@@ -22,8 +22,8 @@ dies is reported and replaced; its connections are lost (their peers time out), 
 workers' carry on.
 
 Steering by connection ID: every server CID carries its worker's number in the top
-wire.CID_WORKER_BITS (8) bits, the other 56 random (docs/PROTOCOL.md 3.1.1); serving alone
-is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
+wire.CID_WORKER_BITS (8) bits, then the server id if it has one, the rest random
+(stcp.cid_layout, docs/PROTOCOL.md 3.1.1); serving alone is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
 frame only into the AF_XDP socket bound to the queue it arrived on, so the program cannot
 move a record to its worker; it checks instead. A client hello goes to its arrival
 queue's socket, and that queue's worker creates the connection and names itself in the
