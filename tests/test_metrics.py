@@ -34,7 +34,7 @@ from stcp.connection import Connection, ConnectionClosed
 from stcp.datapath.verdicts import Verdict
 from stcp.errors import CloseCode, ConnectionTerminated
 from stcp.metrics import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, WORKER_METRICS,
-                          MetricsHTTPServer, XdpCollector, close_reason, parse_listen, serve_metrics)
+                          MetricsHTTPServer, ReuseportCollector, XdpCollector, close_reason, parse_listen, serve_metrics)
 from tests.support.metrics import (ALLOWED_LABELS, DASHBOARDS, FakeXdp, Scrape, alert_queries, ascrape,
                                    check_invariants, dashboard_panels, dashboard_queries, fake_xdp_collector,
                                    family_of, grafana_to_promql, load_dashboard, metric_names, promtool_check,
@@ -384,13 +384,15 @@ def test_fake_xdp_collector_shape():
 # ---------------------------------------------------------------------------------------
 # dashboards, provisioning, Prometheus config
 async def _exporter_families() -> Tuple[Set[str], str]:
-    """Family names of a server exporter (with traffic) plus a fake datapath collector, and
-    of an AF_XDP worker pool's supervisor (tests/test_metrics_workers.py's in-process pool)."""
+    """Family names of a server exporter (with traffic) plus a fake datapath collector and the
+    socket pool's steering collector, and of an AF_XDP worker pool's supervisor
+    (tests/test_metrics_workers.py's in-process pool)."""
     import tempfile
     server = await stcp.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
     metrics.registry.register(fake_xdp_collector())
+    metrics.registry.register(ReuseportCollector(lambda: None))     # a socket pool's supervisor, before loading
     try:
         await transfer(port, b"hello")
         await quiet(server)
