@@ -1,7 +1,9 @@
 """Many STCP connections from one process, for the scale-out tests and bench.scaleout.
 
     python -m tests.support.loadclient HOST:PORT --connections 200 --size 65536 [--phases 2]
-    python -m tests.support.loadclient HOST:PORT --handshakes 500 --concurrency 16
+    python -m tests.support.loadclient HOST:PORT[,HOST:PORT...] --handshakes 500 --concurrency 16
+    python -m tests.support.loadclient HOST:PORT --connections 64 --bulk 1048576
+    python -m tests.support.loadclient HOST:PORT --connections 64 --rr 200 --msg 1024
 
 Echo mode: opens --connections connections (each its own UDP socket, so its own source
 port and 5-tuple), then in each phase every connection sends --size fresh random bytes to
@@ -12,8 +14,13 @@ worker byte and server id say where the connection lives), the server's identity
 how each phase ended: "ok", or the error with its close code and how many seconds after
 the phase started it came.
 
-Handshake mode: opens and closes --handshakes connections, --concurrency at a time, and
-reports handshakes per second.
+Handshake mode: opens and closes --handshakes connections, --concurrency at a time (over
+the addresses given, in turn), and reports handshakes per second.
+
+Bulk mode: every connection sends --bulk bytes to an echo server while reading the echo,
+all at once; request/response mode (--rr): every connection sends --rr messages of --msg
+bytes, one at a time, each waiting for its echo. Both report the payload moved, the wall
+time from the first byte to the last echo, and this process's CPU time.
 
 Every line it prints is one JSON object.
 """
@@ -66,13 +73,13 @@ class Conn:
             pass
 
 
-async def open_all(host: str, port: int, n: int, concurrency: int) -> List[Optional[Conn]]:
+async def open_all(host: str, port: int, n: int, concurrency: int, kw: Dict[str, Any]) -> List[Optional[Conn]]:
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> Optional[Conn]:
         async with sem:
             try:
-                r, w = await stcp.open_connection(host, port)
+                r, w = await stcp.open_connection(host, port, **kw)
             except (stcp.STCPError, OSError):
                 return None
             return Conn(i, r, w)
@@ -82,7 +89,7 @@ async def open_all(host: str, port: int, n: int, concurrency: int) -> List[Optio
 
 async def echo_mode(args: argparse.Namespace, host: str, port: int) -> None:
     t0 = time.monotonic()
-    conns = await open_all(host, port, args.connections, args.concurrency)
+    conns = await open_all(host, port, args.connections, args.concurrency, connect_kw(args))
     live = [c for c in conns if c is not None]
     emit({"opened": len(live), "failed": len(conns) - len(live), "seconds": round(time.monotonic() - t0, 3),
           "conns": [{"i": c.i, "cid": c.cid, "key": c.key} for c in live]})
@@ -98,17 +105,63 @@ async def echo_mode(args: argparse.Namespace, host: str, port: int) -> None:
     await asyncio.gather(*(c.close() for c in live))
 
 
-async def handshake_mode(args: argparse.Namespace, host: str, port: int) -> None:
+async def load_mode(args: argparse.Namespace, host: str, port: int) -> None:
+    conns = await open_all(host, port, args.connections, args.concurrency, connect_kw(args))
+    live = [c for c in conns if c is not None]
+    if len(live) != len(conns):
+        emit({"error": f"{len(conns) - len(live)} of {len(conns)} connections failed to open"})
+        return
+    chunk = os.urandom(1 << 16)
+    msg = os.urandom(args.msg)
+
+    async def bulk(c: Conn) -> int:
+        async def send() -> None:
+            left = args.bulk
+            while left:
+                n = min(left, len(chunk))
+                c.writer.write(chunk[:n])
+                await c.writer.drain()
+                left -= n
+        sender = asyncio.ensure_future(send())
+        got = 0
+        while got < args.bulk:
+            data = await c.reader.read(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        await sender
+        return got
+
+    async def rr(c: Conn) -> int:
+        for _ in range(args.rr):
+            c.writer.write(msg)
+            await c.writer.drain()
+            await c.reader.readexactly(len(msg))
+        return args.rr * len(msg)
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    moved = await asyncio.gather(*((bulk if args.bulk else rr)(c) for c in live))
+    wall = time.perf_counter() - t0
+    emit({"test": "bulk" if args.bulk else "rr", "connections": len(live), "payload_bytes": sum(moved),
+          "expected_bytes": len(live) * (args.bulk or args.rr * args.msg), "requests": 0 if args.bulk else
+          len(live) * args.rr, "seconds": round(wall, 4), "client_cpu_seconds": round(time.process_time() - cpu0, 4)})
+    await asyncio.gather(*(c.close() for c in live))
+
+
+async def handshake_mode(args: argparse.Namespace, targets: List[tuple]) -> None:
     sem = asyncio.Semaphore(args.concurrency)
     errors = 0
     latencies: List[float] = []
 
-    async def one() -> None:
+    kw = connect_kw(args)
+
+    async def one(i: int) -> None:
         nonlocal errors
+        host, port = targets[i % len(targets)]
         async with sem:
             t = time.perf_counter()
             try:
-                _, w = await stcp.open_connection(host, port)
+                _, w = await stcp.open_connection(host, port, **kw)
             except (stcp.STCPError, OSError):
                 errors += 1
                 return
@@ -116,7 +169,7 @@ async def handshake_mode(args: argparse.Namespace, host: str, port: int) -> None
             w.close()
 
     cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(args.handshakes)))
+    await asyncio.gather(*(one(i) for i in range(args.handshakes)))
     wall = time.perf_counter() - t0
     latencies.sort()
     emit({"handshakes": len(latencies), "errors": errors, "seconds": round(wall, 3),
@@ -124,6 +177,10 @@ async def handshake_mode(args: argparse.Namespace, host: str, port: int) -> None
           "p50_ms": round(latencies[len(latencies) // 2] * 1e3, 2) if latencies else None,
           "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1e3, 2) if latencies else None})
     await asyncio.sleep(0.3)           # let the CLOSE records leave
+
+
+def connect_kw(args: argparse.Namespace) -> Dict[str, Any]:
+    return {"server_key": args.server_key} if args.server_key else {}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -134,11 +191,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--phases", type=int, default=1)
     p.add_argument("--timeout", type=float, default=60.0)
     p.add_argument("--handshakes", type=int, default=0)
+    p.add_argument("--bulk", type=int, default=0, metavar="BYTES")
+    p.add_argument("--rr", type=int, default=0, metavar="N")
+    p.add_argument("--msg", type=int, default=1024, metavar="BYTES")
     p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--server-key", metavar="BASE64", help="the servers' public key, pinned")
     args = p.parse_args(argv)
-    host, _, port = args.address.rpartition(":")
-    run = handshake_mode if args.handshakes else echo_mode
-    asyncio.run(run(args, host.strip("[]"), int(port)))
+    targets = []
+    for a in args.address.split(","):
+        host, _, port = a.rpartition(":")
+        targets.append((host.strip("[]"), int(port)))
+    if args.handshakes:
+        asyncio.run(handshake_mode(args, targets))
+    else:
+        asyncio.run((load_mode if args.bulk or args.rr else echo_mode)(args, *targets[0]))
 
 
 if __name__ == "__main__":
