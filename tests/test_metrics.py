@@ -34,11 +34,12 @@ from stcp.connection import Connection, ConnectionClosed
 from stcp.datapath.verdicts import Verdict
 from stcp.errors import CloseCode, ConnectionTerminated
 from stcp.metrics import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, WORKER_METRICS,
-                          MetricsHTTPServer, ReuseportCollector, XdpCollector, close_reason, parse_listen, serve_metrics)
+                          MetricsHTTPServer, ReuseportCollector, XdpCollector, close_reason, parse_listen,
+                          serve_metrics)
 from tests.support.metrics import (ALLOWED_LABELS, DASHBOARDS, FakeXdp, Scrape, alert_queries, ascrape,
-                                   check_invariants, dashboard_panels, dashboard_queries, fake_xdp_collector,
-                                   family_of, grafana_to_promql, load_dashboard, metric_names, promtool_check,
-                                   scrape, url_of)
+                                   check_invariants, dashboard_panels, dashboard_queries, fake_steering_collector,
+                                   fake_xdp_collector, family_of, grafana_to_promql, load_dashboard, metric_names,
+                                   promtool_check, scrape, url_of)
 from tests.support.poll import await_until
 from tests.support.servers import echo, quiet, transfer
 from tests.support.workers import close_pool, fake_pool_with_traffic
@@ -508,6 +509,7 @@ async def _with_prometheus(tmp_path: Path):
     # an AF_XDP worker pool's supervisor, with in-process workers
     (tmp_path / "workers").mkdir()
     workers, pool = await fake_pool_with_traffic(str(tmp_path / "workers"))
+    workers.registry.register(fake_steering_collector())    # as a socket pool's supervisor exports it
     proc = None
     try:
         for n in (10, 20000):

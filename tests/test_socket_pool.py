@@ -88,6 +88,10 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
         for w in (0, 1):
             assert sample(body, "stcp_worker_connections", worker=str(w)) == per_worker[w]
             assert sample(body, "stcp_worker_up", worker=str(w)) == 1
+            # each worker received and sent at least its connections' share of the phase-1 echo
+            for name in ("stcp_worker_records_received_total", "stcp_worker_records_sent_total"):
+                assert sample(body, name, path="socket", worker=str(w)) > per_worker[w] * size / 1500
+                assert sample(body, name, path="afxdp", worker=str(w)) == 0
         assert sample(body, "stcp_connections_active") == n_conns
         # (per skb: a GSO buffer over loopback is one, however many records it holds)
         assert sample(body, "stcp_reuseport_datagrams_total", verdict="pass_worker") >= n_conns
