@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 from .wire import CID_WORKER_BITS, CID_WORKER_SHIFT
 
 if TYPE_CHECKING:
-    from .connection import Config
+    from .config import Config
 
 MIN_RANDOM_BITS = 32                # what is left to guess is never less than this
 MAX_SERVER_ID_BITS = 64 - CID_WORKER_BITS - MIN_RANDOM_BITS       # 24

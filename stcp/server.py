@@ -34,6 +34,7 @@ from .connection import Config, Connection
 from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
+from .budget import default_memory_budget
 from .errors import CloseCode, ConnectionTerminated
 from .identity import generate_private_key
 
@@ -190,8 +191,8 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     afxdp_tx: "socket" (replies through the kernel UDP socket) or "afxdp" (the TX ring).
     worker: in a process a stcp.supervisor.Supervisor started (WorkerRole.from_env()): join
       what it set up in the kernel ("socket": its reuseport steering, "afxdp": the program
-      it attached), serve on its port with its identity key, die with it and serve metrics
-      to it. Call worker.notify_ready() once the server is announced: the supervisor
+      it attached), serve on its port with its identity key and a 1/N share of the memory
+      budget, die with it and serve metrics to it. Call worker.notify_ready() once the server is announced: the supervisor
       reports the pool as serving when every worker has.
     config / cipher: the connections' Config (or just the cipher's name).
     metrics: "HOST:PORT" to export Prometheus metrics on (stcp.metrics.serve_metrics).
@@ -208,6 +209,9 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         from .supervisor import die_with_parent
         die_with_parent()
         port = worker.port or port
+        # the memory budget is per process: the pool's is shared out among its workers
+        share = max(1, (config.memory_budget or default_memory_budget()) // worker.count)
+        config = dataclasses.replace(config, memory_budget=share)
         if worker.static_key is not None:
             config = dataclasses.replace(config, static_key=worker.static_key)
     if isinstance(datapath, str):

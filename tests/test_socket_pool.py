@@ -4,7 +4,8 @@ steered to its connection's worker by the reuseport program (stcp.datapath.socke
 With root (CAP_BPF): connections spread over the workers and all share one identity key;
 a killed worker's clients are told at once by a stateless RESET (from a sibling while the
 slot is empty, or from the replacement), every other connection carries on intact, and the
-replacement serves new connections; the pool's metrics show each worker and the steering.
+replacement serves new connections; the pool's metrics show each worker and the steering,
+and the workers' memory budgets add up to the server's.
 Without CAP_BPF (root dropping to nobody): one line says why, and one process serves.
 Without root: the worker count's default and limits.
 """
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 from stcp import cid_layout
+from stcp.budget import default_memory_budget
 from stcp.cli.common import UsageError
 from stcp.cli.serve import worker_count
 from stcp.errors import CloseCode
@@ -93,6 +95,8 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
                 assert sample(body, name, path="socket", worker=str(w)) > per_worker[w] * size / 1500
                 assert sample(body, name, path="afxdp", worker=str(w)) == 0
         assert sample(body, "stcp_connections_active") == n_conns
+        # the memory budget is per process: the workers' shares add up to the server's
+        assert sample(body, "stcp_memory_budget_bytes") == default_memory_budget() // 2 * 2
         # (per skb: a GSO buffer over loopback is one, however many records it holds)
         assert sample(body, "stcp_reuseport_datagrams_total", verdict="pass_worker") >= n_conns
         assert sample(body, "stcp_reuseport_datagrams_total", verdict="pass_hello") >= n_conns
