@@ -180,7 +180,11 @@ async def handshake_mode(args: argparse.Namespace, targets: List[tuple]) -> None
 
 
 def connect_kw(args: argparse.Namespace) -> Dict[str, Any]:
-    return {"server_key": args.server_key} if args.server_key else {}
+    """The client's config: with --server-key, a handshake with a server holding another key fails."""
+    if not args.server_key:
+        return {}
+    from stcp.identity import decode_key
+    return {"config": stcp.Config(server_key=decode_key(args.server_key, "--server-key"))}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
