@@ -72,7 +72,7 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
     n_conns, size = 24, 200_000
     port = free_port()
     metrics = f"127.0.0.1:{free_port()}"
-    server, pids = serve_pool(port, 2, "--metrics", metrics)
+    server, pids = serve_pool(port, 2, "--metrics", metrics, "--server-id", "5")
     client = subprocess.Popen([*LOADCLIENT, f"127.0.0.1:{port}", "--connections", str(n_conns), "--size", str(size),
                                "--phases", "2", "--timeout", "30"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -83,6 +83,7 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
         owner = {c["i"]: cid_layout.worker_of(c["cid"]) for c in opened["conns"]}
         per_worker = collections.Counter(owner.values())
         assert set(per_worker) == {0, 1}, f"hellos reach every worker by the kernel's hash: {per_worker}"
+        assert {cid_layout.server_id_of(c["cid"], 8) for c in opened["conns"]} == {5}, "every worker's CIDs carry the server id"
         assert len({c["key"] for c in opened["conns"]}) == 1, "every worker serves with the same identity key"
 
         body = scrape(metrics)
@@ -175,3 +176,15 @@ def test_worker_count_default_and_limits():
         worker_count(args("socket", 0))
     with pytest.raises(UsageError, match="xdp datapath serves from one process"):
         worker_count(args("xdp", 2))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--server-id", "256"], "stcp: --server-id 256 does not fit in 8 server-id bits (0..255); raise --server-id-bits"),
+    (["--server-id", "300", "--server-id-bits", "8"], "stcp: --server-id 300 does not fit in 8 server-id bits"),
+    (["--server-id-bits", "25"], "stcp: --server-id-bits must be between 0 and 24"),
+])
+def test_server_id_out_of_range_is_one_line_and_exit_2(flags, message, capsys):
+    from stcp.cli.main import main
+    assert main(["serve", "--listen", "127.0.0.1:0", "--workers", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err

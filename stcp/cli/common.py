@@ -53,7 +53,9 @@ def config_from_args(args: Any) -> Config:
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        # Config names its fields; a person at the command line knows the flags
+        raise UsageError(str(exc).replace("server_id_bits", "--server-id-bits").replace("server_id", "--server-id")) \
+            from None
 
 
 async def _pump(src: Any, dst: Any) -> None:
