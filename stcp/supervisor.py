@@ -217,11 +217,12 @@ class Supervisor:
             await asyncio.wait({ready, stop}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if self._stop.is_set():
+        if self._stop.is_set() or not ready.done():
             ready.cancel()
-            return
-        if not ready.done():
-            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):   # retrieved, so asyncio logs no traceback
+                await ready
+            if self._stop.is_set():
+                return
             raise SupervisorError("the workers did not start (see their lines above)")
         gone = [w for w, ok in zip(self._readiness, ready.result()) if not ok]
         if gone:

@@ -35,6 +35,8 @@ print(f"stcp: port={role.port} fds={fds} key={role.static_key.hex() if role.stat
 mode = os.environ.get("TEST_MODE", "ready")
 if mode == "exit":
     sys.exit(3)
+if mode == "never_ready":
+    time.sleep(60)
 role.notify_ready()
 if mode == "die_after_ready":
     time.sleep(0.2)
@@ -143,6 +145,32 @@ def test_worker_exiting_before_ready_fails_the_start_at_once():
 
     took = asyncio.run(main())
     assert took < 20, took
+
+
+def test_close_while_starting_returns_quietly():
+    """SIGTERM while the workers are still starting (stcp serve's handler calls close()):
+    start() returns at once, with no asyncio traceback about an unretrieved exception."""
+    out = io.StringIO()
+    unretrieved: list = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: unretrieved.append(ctx["message"]))
+        sup = Supervisor(spawn("never_ready"), no_attach, 2, out=out)
+        asyncio.get_running_loop().call_later(0.5, sup.close)
+        t0 = time.monotonic()
+        try:
+            await sup.start(ready_timeout=60)
+        finally:
+            await sup.wait_closed()
+        took = time.monotonic() - t0
+        import gc
+        gc.collect()                  # an unretrieved exception is reported when its future is freed
+        await asyncio.sleep(0)
+        return took
+
+    took = asyncio.run(main())
+    assert took < 20, took
+    assert unretrieved == [] and "serving" not in out.getvalue(), (unretrieved, out.getvalue())
 
 
 def test_dead_worker_is_replaced_or_ends_the_pool():
