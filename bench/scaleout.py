@@ -78,7 +78,8 @@ def pool_server(host, workers: int, key_file: Path, extra: List[str] = (), port:
     """`stcp serve --workers W` in host's namespace; yields {"pids": [...], "key": base64}."""
     argv = [*KEYED_SERVE, str(key_file), "serve", "--listen", f"{host.ip4}:{port}", "--workers", str(workers),
             *extra]
-    proc = host.popen([*NICE, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
+    proc = host.popen([*NICE, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      cwd=REPO)
     try:
         needle = f"(socket datapath, {workers} workers)" if workers > 1 else "serving on"
         lines = read_lines_until(proc, needle, 300)
@@ -206,7 +207,8 @@ def markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Scale-out: socket pool and load balancer", "",
              f"Run {doc['when']} on {m['cpus']} CPUs, kernel {m['kernel']}, load average at start "
-             f"{fmt_load(m['loadavg_at_start'])}, at end {fmt_load(m['loadavg_at_end'])} (other work shares the machine; "
+             f"{fmt_load(m['loadavg_at_start'])}, at end {fmt_load(m['loadavg_at_end'])} (other work shares the "
+             "machine; "
              f"the bench ran at nice {doc['config'].get('bench_nice', 0)}, server and client at "
              f"{doc['config']['nice']} more). `python -m bench.scaleout` (bench/scaleout.py says how each figure "
              "is measured); medians of "

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping,
 
 from . import wire
 from .api import DEFAULT_PORT, ConnectionHandle, StreamReader, StreamWriter, make_config
+from .budget import default_memory_budget
 from .connection import Config, Connection
 from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
-from .budget import default_memory_budget
 from .errors import CloseCode, ConnectionTerminated
 from .identity import generate_private_key
 
@@ -192,7 +192,8 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     worker: in a process a stcp.supervisor.Supervisor started (WorkerRole.from_env()): join
       what it set up in the kernel ("socket": its reuseport steering, "afxdp": the program
       it attached), serve on its port with its identity key and a 1/N share of the memory
-      budget, die with it and serve metrics to it. Call worker.notify_ready() once the server is announced: the supervisor
+      budget, die with it and serve metrics to it. Call worker.notify_ready() once the server
+      is announced: the supervisor
       reports the pool as serving when every worker has.
     config / cipher: the connections' Config (or just the cipher's name).
     metrics: "HOST:PORT" to export Prometheus metrics on (stcp.metrics.serve_metrics).
@@ -297,6 +298,7 @@ class WorkerPool:
                 from .datapath.socket_pool import SocketPoolKernel
                 return SocketPoolKernel.load(host, port, n)
             from .datapath.afxdp import AfxdpPoolKernel
+            assert iface is not None                          # checked above
             return AfxdpPoolKernel.attach(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {}))
 
         self.supervisor = Supervisor(spawn, setup, workers, out=out,
@@ -311,7 +313,7 @@ class WorkerPool:
                 from .metrics import serve_pool_metrics
                 # the workers' metrics sockets: a directory only we can enter (0700), removed at the end
                 self.metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-",
-                                                    dir="/run" if os.path.isdir("/run") else None)
+                                                    dir="/run" if os.path.isdir("/run") else None)  # noqa: ASYNC240 - once, at start
                 self.supervisor.metrics_dir = self.metrics_dir
                 kernel = None
                 if self.datapath == "socket":

@@ -32,7 +32,19 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, MutableMapping, NamedTuple, Optional, Protocol, Sequence, TextIO, Tuple
+from typing import (
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    MutableMapping,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    TextIO,
+    Tuple,
+)
 
 from .errors import STCPError
 from .identity import KEY_LEN
@@ -214,7 +226,7 @@ class Supervisor:
         ready = asyncio.ensure_future(asyncio.gather(*self._readiness.values()))
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({ready, stop}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((ready, stop), timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if self._stop.is_set() or not ready.done():
@@ -224,7 +236,7 @@ class Supervisor:
             if self._stop.is_set():
                 return
             raise SupervisorError("the workers did not start (see their lines above)")
-        gone = [w for w, ok in zip(self._readiness, ready.result()) if not ok]
+        gone = [w for w, ok in zip(self._readiness, ready.result(), strict=True) if not ok]
         if gone:
             raise SupervisorError(f"worker(s) {', '.join(map(str, gone))} exited before serving "
                                   "(see their lines above)")

@@ -36,11 +36,11 @@ SID_BITS = 8
 def start_servers(net, key_file: Path) -> dict:
     servers = {}
     for k, host in net.servers.items():
-        servers[k] = host.popen([*KEYED_SERVE, str(key_file), "serve", "--listen", f"{host.ip4}:{PORT}", "--workers", "1",
-                                 "--server-id", str(k), "--server-id-bits", str(SID_BITS)],
+        servers[k] = host.popen([*KEYED_SERVE, str(key_file), "serve", "--listen", f"{host.ip4}:{PORT}",
+                                 "--workers", "1", "--server-id", str(k), "--server-id-bits", str(SID_BITS)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     keys = set()
-    for k, proc in servers.items():
+    for proc in servers.values():
         lines = wait_for_stderr_line(proc, "serving on", timeout=60)
         keys.add(next(m.group(1) for m in (re.search(r"server key (\S+)", ln) for ln in lines) if m))
     assert len(keys) == 1, f"every server presents the one key: {keys}"

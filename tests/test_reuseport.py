@@ -15,7 +15,6 @@ import json
 import os
 import random
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -26,8 +25,15 @@ from typing import Dict, List
 
 import pytest
 
-from stcp.datapath.reuseport import (MAX_WORKERS, ReuseportError, ReuseportSteering, ReuseportVerdict, classify,
-                                     socket_cookie)
+from stcp.datapath.reuseport import (
+    MAX_WORKERS,
+    ReuseportError,
+    ReuseportSteering,
+    ReuseportVerdict,
+    classify,
+    socket_cookie,
+)
+from tests.support.procs import as_nobody, nobody_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {4: "127.0.0.1", 6: "::1"}
@@ -313,23 +319,6 @@ def test_map_api(steering):
 
 
 # ---------------------------------------------------------------------------------------
-def _as_nobody(caps: str) -> List[str]:
-    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps={caps}",
-            f"--ambient-caps={caps}"]
-
-
-def _nobody_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to switch to nobody"
-    if shutil.which("setpriv") is None:
-        return "needs util-linux's setpriv"
-    p = subprocess.run([*_as_nobody("-all"), sys.executable, "-c", "import stcp.datapath.reuseport"],
-                       cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        return f"user nobody cannot import stcp from {ROOT}: {p.stderr.strip().splitlines()[-1:]}"
-    return None
-
-
 LOAD = ("from stcp.datapath.reuseport import ReuseportSteering, ReuseportError\n"
         "try:\n    ReuseportSteering.load()\n    print('loaded')\n"
         "except ReuseportError as e:\n    print(e)\n")
@@ -338,19 +327,19 @@ LOAD = ("from stcp.datapath.reuseport import ReuseportSteering, ReuseportError\n
 @pytest.mark.root
 def test_privileges(steering):
     """Loading needs CAP_BPF, nothing else; a worker with the fds needs no capability."""
-    why = _nobody_unavailable()
+    why = nobody_unavailable()
     if why:
         pytest.skip(why)
-    no_caps = subprocess.run([*_as_nobody("-all"), sys.executable, "-c", LOAD], cwd=ROOT, capture_output=True,
+    no_caps = subprocess.run([*as_nobody("-all"), sys.executable, "-c", LOAD], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert no_caps.stdout.strip().startswith("cannot create the reuseport socket map (Operation not permitted)")
     assert "CAP_BPF" in no_caps.stdout and len(no_caps.stdout.strip().splitlines()) == 1
-    cap_bpf = subprocess.run([*_as_nobody("-all,+bpf"), sys.executable, "-c", LOAD], cwd=ROOT,
+    cap_bpf = subprocess.run([*as_nobody("-all,+bpf"), sys.executable, "-c", LOAD], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert cap_bpf.stdout.strip() == "loaded", cap_bpf.stdout + cap_bpf.stderr[-2000:]
 
     port = free_port(4)
-    worker = Worker(steering, 3, "127.0.0.1", port, user=_as_nobody("-all"))
+    worker = Worker(steering, 3, "127.0.0.1", port, user=as_nobody("-all"))
     try:
         before = steering.counters()
         clients(4, 1)[0].sendto(record(3), ("127.0.0.1", port))

@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,7 +29,7 @@ from stcp.budget import default_memory_budget
 from stcp.cli.common import UsageError
 from stcp.cli.serve import worker_count
 from stcp.errors import CloseCode
-from tests.support.procs import STCP, stop, wait_for_stderr_line
+from tests.support.procs import STCP, as_nobody, nobody_unavailable, stop, wait_for_stderr_line
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADCLIENT = [sys.executable, "-m", "tests.support.loadclient"]
@@ -83,7 +82,8 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
         owner = {c["i"]: cid_layout.worker_of(c["cid"]) for c in opened["conns"]}
         per_worker = collections.Counter(owner.values())
         assert set(per_worker) == {0, 1}, f"hellos reach every worker by the kernel's hash: {per_worker}"
-        assert {cid_layout.server_id_of(c["cid"], 8) for c in opened["conns"]} == {5}, "every worker's CIDs carry the server id"
+        assert {cid_layout.server_id_of(c["cid"], 8) for c in opened["conns"]} == {5}, \
+            "every worker's CIDs carry the server id"
         assert len({c["key"] for c in opened["conns"]}) == 1, "every worker serves with the same identity key"
 
         body = scrape(metrics)
@@ -143,12 +143,11 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
 
 @pytest.mark.root
 def test_without_cap_bpf_one_line_and_one_worker():
-    from tests.test_reuseport import _as_nobody, _nobody_unavailable
-    why = _nobody_unavailable()
+    why = nobody_unavailable()
     if why:
         pytest.skip(why)
     port = free_port()
-    proc = subprocess.Popen([*_as_nobody("-all"), *STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+    proc = subprocess.Popen([*as_nobody("-all"), *STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     try:

@@ -18,8 +18,17 @@ import time
 
 import pytest
 
-from stcp.supervisor import (FDS_ENV, METRICS_DIR_ENV, PORT_ENV, READY_FD_ENV, WORKER_ENV, Supervisor, SupervisorError,
-                             WorkerCommand, WorkerRole)
+from stcp.supervisor import (
+    FDS_ENV,
+    METRICS_DIR_ENV,
+    PORT_ENV,
+    READY_FD_ENV,
+    WORKER_ENV,
+    Supervisor,
+    SupervisorError,
+    WorkerCommand,
+    WorkerRole,
+)
 
 # A worker: reads its role, says something on stderr, signals ready (unless told not to),
 # then waits to be terminated (or exits with the code it was given).

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Callable, Optional, Tuple
+from typing import Callable, Hashable, List, Optional, Tuple
 
 from .. import cid_layout
 from ..connection import Config, Connection
@@ -86,12 +86,12 @@ class WorkerServerDriver(ServerDriver):
 
         super().__init__(loop, sock, endpoint, counted_new, on_ended, gro=gro)
 
-    def _recv_batch(self):
+    def _recv_batch(self) -> list:
         batch = super()._recv_batch()
         self.rx_socket += sum(-(-len(e[0]) // e[2]) if len(e) == 3 and e[2] else 1 for e in batch)
         return batch
 
-    def _send_group(self, datagrams, addr, segment_size: int = 0) -> int:
+    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         sent = super()._send_group(datagrams, addr, segment_size)
         self.tx_socket += sum(-(-len(d) // segment_size) for d in datagrams[:sent]) if segment_size else sent
         return sent

@@ -13,7 +13,8 @@ Topology (every address assigned here, no default route anywhere):
 
 The virtual IP 10.79.100.1 belongs to no interface, like a Service's ClusterIP: the client
 routes 10.79.0.0/16 through lb, whose prerouting chain DNATs UDP to VIP:port onto the
-backend `jhash ip saddr . udp sport mod n` picks in its map; conntrack un-NATs the replies. Removing a backend rewrites the map and the rule (mod n-1) in one transaction and
+backend `jhash ip saddr . udp sport mod n` picks in its map; conntrack un-NATs the replies.
+Removing a backend rewrites the map and the rule (mod n-1) in one transaction and
 deletes the conntrack entries whose replies came from it, as kube-proxy does for UDP: the
 other flows keep their entries, so only the removed backend's connections move.
 

@@ -16,8 +16,7 @@ import dataclasses
 import sys
 from typing import Any, List
 
-from stcp.cli import main as cli
-from stcp.cli import serve as serve_cmd
+from stcp.cli import main as cli, serve as serve_cmd
 from stcp.config import Config
 from stcp.identity import encode_key, generate_private_key, load_private_key, public_key, save_private_key
 

@@ -100,8 +100,8 @@ async def echo_mode(args: argparse.Namespace, host: str, port: int) -> None:
         t0 = time.monotonic()
         results = await asyncio.gather(*(c.echo(args.size, args.timeout) for c in live))
         emit({"phase": phase, "seconds": round(time.monotonic() - t0, 3),
-              "results": [{"i": c.i, **r} for c, r in zip(live, results)]})
-        live = [c for c, r in zip(live, results) if r["result"] == "ok"]
+              "results": [{"i": c.i, **r} for c, r in zip(live, results, strict=True)]})
+        live = [c for c, r in zip(live, results, strict=True) if r["result"] == "ok"]
     await asyncio.gather(*(c.close() for c in live))
 
 
