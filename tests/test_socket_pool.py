@@ -110,6 +110,7 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
         assert client.wait(60) == 0, client.stderr.read()
         lines = wait_for_stderr_line(server, "worker 1 started", timeout=60)
         assert any("worker 1 (pid" in ln and "died (signal 9)" in ln for ln in lines), lines
+        wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)   # the replacement joined
 
         # the replacement serves: new connections reach both workers again
         again = subprocess.run([*LOADCLIENT, f"127.0.0.1:{port}", "--connections", "16", "--size", "10000"],
