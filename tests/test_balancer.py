@@ -98,7 +98,10 @@ def test_five_tuple_balancer_spreads_and_a_removed_server_resets_only_its_own(tm
         r = results[i]
         if k == 3:
             assert r["result"] == "terminated" and r["code"] == CloseCode.STATELESS_RESET, r
-            assert r["after"] < 2.0, r          # the first record after the move gets the RESET
+            # the first record after the move gets the RESET: far below the 30 s idle timeout
+            # the client would otherwise wait out (5 s: 210 connections start their phase from one
+            # client process on a loaded 2-CPU machine)
+            assert r["after"] < 5.0, r
         else:
             assert r["result"] == "ok", f"connection {i} on server {k}: {r}"
     resets = [results[i]["after"] for i, k in home.items() if k == 3]
