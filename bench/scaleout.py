@@ -48,7 +48,6 @@ from typing import Dict, Iterator, List
 REPO = Path(__file__).resolve().parent.parent
 STCP = [sys.executable, "-m", "stcp.cli.main"]
 CLIENT = [sys.executable, "-m", "tests.support.loadclient"]
-KEYED_SERVE = [sys.executable, "-m", "tests.support.keyed_serve"]   # `stcp serve --key FILE` once issue 11 lands
 PORT = 7501
 NICE: List[str] = []                # ["nice", "-n", "-10"] unless --nice 0
 TICK = os.sysconf("SC_CLK_TCK")
@@ -76,7 +75,7 @@ def read_lines_until(proc: subprocess.Popen, needle: str, timeout: float) -> Lis
 @contextlib.contextmanager
 def pool_server(host, workers: int, key_file: Path, extra: List[str] = (), port: int = PORT) -> Iterator[Dict]:
     """`stcp serve --workers W` in host's namespace; yields {"pids": [...], "key": base64}."""
-    argv = [*KEYED_SERVE, str(key_file), "serve", "--listen", f"{host.ip4}:{port}", "--workers", str(workers),
+    argv = [*STCP, "serve", "--listen", f"{host.ip4}:{port}", "--workers", str(workers), "--key", str(key_file),
             *extra]
     proc = host.popen([*NICE, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                       cwd=REPO)
@@ -261,7 +260,7 @@ def main(argv: List[str] | None = None) -> int:
                       "handshakes": cfg.handshakes, "nice": cfg.nice, "bench_nice": os.nice(0)}}
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "server.key"
-        subprocess.run([*KEYED_SERVE, "--new", str(key_file)], check=True, capture_output=True, cwd=REPO)
+        subprocess.run([*STCP, "keygen", "--out", str(key_file)], check=True, capture_output=True, cwd=REPO)
         doc["pool"] = pool_part(cfg, key_file)
         doc["scaling"] = scaling(doc["pool"])
         if not cfg.skip_balancer:

@@ -13,8 +13,9 @@ Between the two, the environment, inherited fds and pipes: a worker learns its r
 STCP_WORKER ("W/N"), the port from STCP_WORKER_PORT, the kernel part's fds from
 STCP_WORKER_FDS, where to serve its metrics from STCP_WORKER_METRICS (a directory private
 to the supervisor), and the server's identity key from the pipe whose end is
-STCP_WORKER_KEY_FD (every worker has the same key: a client pins one key, and a RESET from
-any worker carries the token of the key the connection was made with). It says it is ready
+STCP_KEY_FD (loaded or made once, before any worker starts, so every worker has the same
+key: a client pins one key whichever worker answers, and a RESET from any worker or a
+replacement carries the token of the key the connection was made with). It says it is ready
 by writing "ready" to the pipe whose end is STCP_READY_FD; a worker that exits before
 writing it never became ready. Worker stderr is relayed line by line, prefixed with
 "[worker W]".
@@ -31,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import (
     Callable,
     Dict,
@@ -47,14 +48,14 @@ from typing import (
 )
 
 from .errors import STCPError
-from .identity import KEY_LEN
+from .identity import KEY_LEN, encode_key, fingerprint, public_key
 
 WORKER_ENV = "STCP_WORKER"                  # "W/N": this process is worker W of N
 READY_FD_ENV = "STCP_READY_FD"              # the fd to write READY to once serving
+KEY_FD_ENV = "STCP_KEY_FD"                  # the fd to read the pool's 32-byte private key from
 METRICS_DIR_ENV = "STCP_WORKER_METRICS"     # where the worker serves its metrics socket
 PORT_ENV = "STCP_WORKER_PORT"               # the port the pool serves
 FDS_ENV = "STCP_WORKER_FDS"                 # "a,b,c": the kernel part's fds, inherited
-KEY_FD_ENV = "STCP_WORKER_KEY_FD"           # read the identity key (KEY_LEN bytes) from this fd
 READY = b"ready\n"
 
 MAX_RESTARTS = 5                 # per worker within RESTART_WINDOW seconds, then give up
@@ -122,7 +123,7 @@ class WorkerRole:
     metrics_dir: Optional[str] = None     # serve metrics at worker_socket_path(metrics_dir, W, pid)
     port: Optional[int] = None            # the pool's port (the command line may say 0)
     fds: Tuple[int, ...] = ()             # the kernel part's fds (PoolKernel.worker_fds)
-    static_key: Optional[bytes] = None    # the pool's identity key
+    static_key: Optional[bytes] = field(default=None, repr=False)    # the pool's identity key
 
     @classmethod
     def from_env(cls, environ: Optional[MutableMapping[str, str]] = None) -> Optional["WorkerRole"]:
@@ -162,15 +163,26 @@ class WorkerRole:
 
 
 def _read_key(fd: int) -> bytes:
-    """The identity key the supervisor wrote to the pipe at fd (then closed)."""
+    """The pool's key from the supervisor's pipe (then closed)."""
+    data = b""
     try:
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            key = f.read()                # until EOF: the supervisor closed its end
-    except OSError as e:
-        raise SupervisorError(f"cannot read the identity key from fd {fd} ({e.strerror})") from None
-    if len(key) != KEY_LEN:
-        raise SupervisorError(f"the supervisor passed {len(key)} bytes of identity key, not {KEY_LEN}")
-    return key
+        while chunk := os.read(fd, 64):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) != KEY_LEN:
+        raise SupervisorError(f"the supervisor handed down {len(data)} key bytes, not {KEY_LEN}")
+    return data
+
+
+def _key_pipe(key: bytes) -> int:
+    """A pipe holding `key` for a worker to read: its read end (the write end is closed)."""
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, key)        # 32 bytes: far below the pipe's capacity, written at once
+    finally:
+        os.close(wfd)
+    return rfd
 
 
 def die_with_parent() -> None:
@@ -241,8 +253,12 @@ class Supervisor:
             raise SupervisorError(f"worker(s) {', '.join(map(str, gone))} exited before serving "
                                   "(see their lines above)")
         k = self.kernel
-        self.say(f"serving on port {k.port} ({k.datapath} datapath, {self.n} workers)" if k is not None
-                 else f"serving ({self.n} workers)")
+        key = ""
+        if self.static_key is not None:
+            pub = public_key(self.static_key)
+            key = f"; server key {encode_key(pub)} ({fingerprint(pub)})"
+        self.say((f"serving on port {k.port} ({k.datapath} datapath, {self.n} workers)" if k is not None
+                  else f"serving ({self.n} workers)") + key)
         self._watchers = [asyncio.ensure_future(self._watch(w)) for w in range(self.n)]
 
     async def wait(self) -> None:
@@ -292,11 +308,7 @@ class Supervisor:
         key_fd = None
         try:
             if self.static_key is not None:
-                key_fd, key_w = os.pipe()
-                try:
-                    os.write(key_w, self.static_key)      # 32 bytes: the pipe holds them
-                finally:
-                    os.close(key_w)
+                key_fd = _key_pipe(self.static_key)
             proc = await self.launch(*self.command(w, wfd, key_fd))
         except BaseException:
             os.close(rfd)

@@ -25,18 +25,17 @@ import pytest
 from stcp import cid_layout
 from stcp.errors import CloseCode
 from tests.support.balancer import balanced_hosts, nft_unavailable
-from tests.support.procs import stop, wait_for_stderr_line
+from tests.support.procs import STCP, stop, wait_for_stderr_line
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT = 7443
-KEYED_SERVE = [sys.executable, "-m", "tests.support.keyed_serve"]   # `stcp serve --key FILE` once issue 11 lands
 SID_BITS = 8
 
 
 def start_servers(net, key_file: Path) -> dict:
     servers = {}
     for k, host in net.servers.items():
-        servers[k] = host.popen([*KEYED_SERVE, str(key_file), "serve", "--listen", f"{host.ip4}:{PORT}",
+        servers[k] = host.popen([*STCP, "serve", "--listen", f"{host.ip4}:{PORT}", "--key", str(key_file),
                                  "--workers", "1", "--server-id", str(k), "--server-id-bits", str(SID_BITS)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     keys = set()
@@ -63,7 +62,7 @@ def test_five_tuple_balancer_spreads_and_a_removed_server_resets_only_its_own(tm
         pytest.skip(why)
     n_conns, size = 210, 32 << 10
     key_file = tmp_path / "server.key"
-    subprocess.run([*KEYED_SERVE, "--new", str(key_file)], check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([*STCP, "keygen", "--out", str(key_file)], check=True, capture_output=True, cwd=ROOT)
     with balanced_hosts(3, PORT) as net:
         started = start_servers(net, key_file)
         client = net.client.popen([sys.executable, "-m", "tests.support.loadclient", f"{net.vip}:{PORT}",

@@ -29,7 +29,15 @@ from stcp.budget import default_memory_budget
 from stcp.cli.common import UsageError
 from stcp.cli.serve import worker_count
 from stcp.errors import CloseCode
-from tests.support.procs import STCP, as_nobody, nobody_unavailable, stop, wait_for_stderr_line
+from tests.support.procs import (
+    STCP,
+    announced_key,
+    as_nobody,
+    nobody_unavailable,
+    session_key,
+    stop,
+    wait_for_stderr_line,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOADCLIENT = [sys.executable, "-m", "tests.support.loadclient"]
@@ -43,14 +51,17 @@ def free_port() -> int:
 
 
 def serve_pool(port: int, n: int, *extra: str) -> tuple:
-    """A socket pool on loopback, serving; (process, {worker: pid})."""
-    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", str(n), *extra],
+    """A socket pool on loopback under the session's key, serving; (process, {worker: pid},
+    the public key it announced)."""
+    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", str(n),
+                             "--key", session_key()[0], *extra],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     lines = wait_for_stderr_line(proc, f"(socket datapath, {n} workers)", timeout=180)
     pids = {int(m.group(1)): int(m.group(2)) for m in
             (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
     assert len(pids) == n, lines
-    return proc, pids
+    assert announced_key(lines[-1]) == session_key()[1], lines[-1]
+    return proc, pids, session_key()[1]
 
 
 def scrape(address: str) -> str:
@@ -71,8 +82,9 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
     n_conns, size = 24, 200_000
     port = free_port()
     metrics = f"127.0.0.1:{free_port()}"
-    server, pids = serve_pool(port, 2, "--metrics", metrics, "--server-id", "5")
-    client = subprocess.Popen([*LOADCLIENT, f"127.0.0.1:{port}", "--connections", str(n_conns), "--size", str(size),
+    server, pids, key = serve_pool(port, 2, "--metrics", metrics, "--server-id", "5")
+    client = subprocess.Popen([*LOADCLIENT, f"127.0.0.1:{port}", "--server-key", key, "--connections", str(n_conns),
+                               "--size", str(size),
                                "--phases", "2", "--timeout", "30"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -113,7 +125,8 @@ def test_killed_worker_is_reset_at_once_and_the_others_carry_on(xdp_toolchain):
         wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)   # the replacement joined
 
         # the replacement serves: new connections reach both workers again
-        again = subprocess.run([*LOADCLIENT, f"127.0.0.1:{port}", "--connections", "16", "--size", "10000"],
+        again = subprocess.run([*LOADCLIENT, f"127.0.0.1:{port}", "--server-key", key, "--connections", "16",
+                                "--size", "10000"],
                                capture_output=True, text=True, timeout=120, cwd=ROOT)
         docs = [json.loads(ln) for ln in again.stdout.splitlines()]
         assert docs[0]["opened"] == 16 and all(r["result"] == "ok" for r in docs[1]["results"]), again.stdout
@@ -148,7 +161,9 @@ def test_without_cap_bpf_one_line_and_one_worker():
     if why:
         pytest.skip(why)
     port = free_port()
-    proc = subprocess.Popen([*as_nobody("-all"), *STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2"],
+    key, pub = session_key()
+    proc = subprocess.Popen([*as_nobody("-all"), *STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                             "--key", key],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
                             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     try:
@@ -157,8 +172,9 @@ def test_without_cap_bpf_one_line_and_one_worker():
         assert lines[0].startswith("stcp: 2 workers need the SO_REUSEPORT steering program: cannot create the "
                                    "reuseport socket map (Operation not permitted)"), lines
         assert "CAP_BPF" in lines[0] and lines[0].endswith("; serving with one worker")
-        assert lines[1] == f"stcp: serving on 127.0.0.1:{port} (echo, socket datapath)"
-        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=b"still serving", capture_output=True,
+        assert lines[1].startswith(f"stcp: serving on 127.0.0.1:{port} (echo, socket datapath); server key {pub}")
+        r = subprocess.run([*STCP, "connect", "--server-key", pub, f"127.0.0.1:{port}"], input=b"still serving",
+                           capture_output=True,
                            timeout=60)
         assert r.returncode == 0 and r.stdout == b"still serving", r.stderr
     finally:

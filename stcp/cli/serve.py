@@ -1,9 +1,11 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
 `--workers N` (N > 1; on the socket datapath one per CPU unless told) the supervisor of N
-worker processes on the port (stcp.server.WorkerPool), each running this same command line."""
+worker processes on the port (stcp.server.WorkerPool), each running this same command line,
+which loads (or makes) the server key once and hands it to every worker."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -13,6 +15,7 @@ from .. import server as stcp_server
 from ..connection import Config
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .identity import allowed_clients, describe_key, server_identity
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -54,6 +57,12 @@ async def serve(args: Any) -> int:
     if args.datapath in ("socket", "afxdp"):
         from ..supervisor import WorkerRole
         role = WorkerRole.from_env()          # set when our supervisor started this process
+    if role is None or role.static_key is None:     # a worker serves under the key its supervisor holds
+        private, note = server_identity(args)
+        if note:
+            print(f"stcp: {note}", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, static_key=private)
+    allowed = allowed_clients(args)
     if workers > 1 and role is None:
         from ..datapath.reuseport import ReuseportError
         try:
@@ -63,9 +72,12 @@ async def serve(args: Any) -> int:
                   "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, metrics=None if role else args.metrics)
+                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
     try:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
+            loop.add_signal_handler(sig, server.close)
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
             assert isinstance(dp, AfxdpDatapath)
@@ -78,13 +90,11 @@ async def serve(args: Any) -> int:
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
-        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
-              flush=True)
+        admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
+        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath); server key "
+              f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
         server.close()

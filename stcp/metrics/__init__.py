@@ -35,9 +35,11 @@ from .exporter import (
 from .reuseport import ReuseportCollector
 from .server import (
                        CLOSE_REASONS,
+                       ENDPOINT_COUNTERS,
                        ENDPOINT_DROP_REASONS,
                        HANDSHAKE_BUCKETS,
                        HANDSHAKE_FAIL_REASONS,
+                       HANDSHAKE_REJECT_REASONS,
                        RTT_BUCKETS,
                        BuildInfo,
                        ServerMetrics,
@@ -57,7 +59,8 @@ from .workers import (
 )
 from .xdp import XdpCollector, discover_targets, read_xdp
 
-__all__ = ["CLOSE_REASONS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS", "RTT_BUCKETS",
+__all__ = ["CLOSE_REASONS", "ENDPOINT_COUNTERS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS",
+           "HANDSHAKE_REJECT_REASONS", "RTT_BUCKETS",
            "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN", "BuildInfo",
            "MetricsHTTPServer", "PoolMetrics", "ReuseportCollector", "ServerMetrics", "UnixExporter", "WorkerCollector",
            "WorkerPoolCollector", "XdpCollector", "build_info", "close_reason", "discover_targets",

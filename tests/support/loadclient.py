@@ -180,11 +180,8 @@ async def handshake_mode(args: argparse.Namespace, targets: List[tuple]) -> None
 
 
 def connect_kw(args: argparse.Namespace) -> Dict[str, Any]:
-    """The client's config: with --server-key, a handshake with a server holding another key fails."""
-    if not args.server_key:
-        return {}
-    from stcp.identity import decode_key
-    return {"config": stcp.Config(server_key=decode_key(args.server_key, "--server-key"))}
+    """A handshake with a server holding another key than --server-key fails."""
+    return {"server_key": args.server_key}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -199,7 +196,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--rr", type=int, default=0, metavar="N")
     p.add_argument("--msg", type=int, default=1024, metavar="BYTES")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--server-key", metavar="BASE64", help="the servers' public key, pinned")
+    p.add_argument("--server-key", metavar="BASE64", required=True, help="the servers' public key, pinned")
     args = p.parse_args(argv)
     targets = []
     for a in args.address.split(","):
