@@ -33,6 +33,7 @@ from tests.support.procs import (
     STCP,
     announced_key,
     as_nobody,
+    nobody_key,
     nobody_unavailable,
     session_key,
     stop,
@@ -161,7 +162,7 @@ def test_without_cap_bpf_one_line_and_one_worker():
     if why:
         pytest.skip(why)
     port = free_port()
-    key, pub = session_key()
+    key, pub = nobody_key()
     proc = subprocess.Popen([*as_nobody("-all"), *STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2",
                              "--key", key],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,

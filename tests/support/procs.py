@@ -55,6 +55,15 @@ def session_key() -> tuple[str, str]:
     return _SESSION_KEY[0]
 
 
+def nobody_key() -> tuple[str, str]:
+    """A server key file user nobody (65534) owns, beside session_key(): (key file, public key)."""
+    path = os.path.join(os.path.dirname(session_key()[0]), "nobody-owned.key")
+    if len(_SESSION_KEY) == 1:
+        _SESSION_KEY.append(key_file(path))
+        os.chown(path, 65534, 65534)
+    return _SESSION_KEY[1]
+
+
 def pinned() -> tuple[str, str]:
     """`connect` options pinning session_key()."""
     return ("--server-key", session_key()[1])
