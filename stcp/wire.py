@@ -380,6 +380,15 @@ def _decode_ack(p, pos: int, end: int):
     return AckFrame(tuple(ranges), delay), pos
 
 
+def decode_ack(p, pos: int = 0) -> Tuple[AckFrame, int]:
+    """The ACK frame at p[pos] and the position after it (the receive path's fast path for a
+    record that starts with one); ProtocolViolation as decode_frames raises it."""
+    try:
+        return _decode_ack(p, pos, len(p))
+    except struct.error:
+        raise ProtocolViolation("frame truncated") from None
+
+
 def _decode_max_data(p, pos: int, end: int):
     return MaxDataFrame(_MAX_DATA.unpack_from(p, pos)[1]), pos + _MAX_DATA.size
 
