@@ -39,7 +39,11 @@ def session(monkeypatch, small: bool, loss: float, sizes, pause_every: int = 0,
         return seal(self, cid, seq, plaintext)
 
     monkeypatch.setattr(crypto.RecordKey, "seal", recording_seal)
-    fault = (lambda d, r=random.Random(9): [] if r.random() < loss else [d])
+    fault_rng = random.Random(9)
+
+    def fault(d):
+        return [] if fault_rng.random() < loss else [d]
+
     p = Pair(client_config=Config(key_update_interval=key_update_interval),
              server_config=Config(static_key=SERVER_KEY, key_update_interval=key_update_interval),
              up=Link(0.001, fault, reorder=0.2, seed=3), down=Link(0.001, fault, reorder=0.2, seed=4))
@@ -51,7 +55,7 @@ def session(monkeypatch, small: bool, loss: float, sizes, pause_every: int = 0,
         msg = bytes([i % 251]) * size
         p.client.send(msg)
         expected += size
-        p.run(lambda: len(p.received["client"]) >= expected)
+        p.run(lambda want=expected: len(p.received["client"]) >= want)
         if pause_every and i % pause_every == pause_every - 1:
             p.now += 0.05                 # longer than the delayed-ACK timer: ACK-only records
             p.step()
@@ -76,7 +80,7 @@ def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, los
     general = session(monkeypatch, False, loss, sizes, pause_every, key_update_interval)
     assert fast["client"] == general["client"] == b"".join(bytes([i % 251]) * s for i, s in enumerate(sizes))
     assert len(fast["sealed"]) == len(general["sealed"])
-    for i, (a, b) in enumerate(zip(fast["sealed"], general["sealed"])):
+    for i, (a, b) in enumerate(zip(fast["sealed"], general["sealed"], strict=True)):
         assert a == b, f"record {i} differs"
     assert fast == general
 
