@@ -326,6 +326,9 @@ def encode_stream(offset: int, data: bytes, fin: bool = False) -> bytes:
 
 def encode_ack(ranges: Iterable[Tuple[int, int]], delay_us: int = 0) -> bytes:
     """ranges: (low, high) inclusive, highest first, non-overlapping, not adjacent."""
+    if type(ranges) is tuple and len(ranges) == 1:     # in-order traffic: one range, no list
+        low0, high0 = ranges[0]
+        return _ACK_HDR.pack(FRAME_ACK, high0, min(delay_us, 0xFFFFFFFF), 0, high0 - low0)
     ranges = list(ranges)[:MAX_ACK_RANGES]
     low0, high0 = ranges[0]
     out = [_ACK_HDR.pack(FRAME_ACK, high0, min(delay_us, 0xFFFFFFFF), len(ranges) - 1, high0 - low0)]
