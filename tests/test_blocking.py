@@ -220,7 +220,7 @@ def test_an_idle_connection_outlives_the_idle_timeout_at_both_ends():
     """The application does not call for three idle timeouts: the keeper's PINGs keep the
     connection open here and at the server, and it echoes afterwards as before."""
     short = stcp.make_config(idle_timeout=0.5, keepalive=0.2)
-    with serving(echo_handler, config=short) as (port, server):
+    with serving(echo_handler, config=short) as (port, _):
         with stcp.connect(("127.0.0.1", port), timeout=10, config=short) as conn:
             conn.sendall(b"x")
             assert conn.recv(10) == b"x"
