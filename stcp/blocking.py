@@ -329,17 +329,20 @@ class BlockingConnection:
     def _keep(self, now: float) -> Optional[float]:
         """The keeper's pass (its thread, never while a call runs): if the timer is due, take
         what has arrived, run the timer, send what it causes. Returns when to look again,
-        None once there is nothing left to keep (released, or a call in progress, which
-        tells the keeper its timer when it ends)."""
+        None once released. While a call polls, the call runs the timers; the keeper still
+        sleeps until the timer (not forever), so the reminder at the end of every call of a
+        busy connection finds it asleep until then and need not wake it."""
         if not self._lock.acquire(blocking=False):
             return now + KEEPER_RETRY       # a call holds it, or is about to release it
         try:
-            if self._released or self._polling:
+            if self._released:
                 return None
             conn = self._conn
             timer = conn.get_timer()
             if timer is None or timer > now:
                 return timer
+            if self._polling:               # due, and the polling call is about to run it
+                return now + KEEPER_RETRY
             try:
                 self._receive(now)          # an ACK that arrived may make the timer moot
                 timer = conn.get_timer()
@@ -507,8 +510,9 @@ class _Keeper:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._conns: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
-        self._wake_at = float("-inf")     # when it sleeps until; -inf while it is awake
-        self._rescan = False              # a timer moved while it was awake: look again
+        self._wake_at = _AWAKE            # when it sleeps until; _AWAKE while it looks at connections
+        self._reminded = _NEVER           # the soonest timer a call reported while it was looking
+        self._rescan = False              # a connection came or went while it was looking
         self.thread: Optional[threading.Thread] = None
 
     def add(self, conn: BlockingConnection) -> None:
@@ -528,12 +532,15 @@ class _Keeper:
             self._cond.notify()
 
     def remind(self, when: float) -> None:
-        """A connection's next timer: wake the keeper if it sleeps past it. The unlocked
-        first test keeps the common case (it wakes sooner anyway) free of the lock."""
-        if when < self._wake_at or self._wake_at == float("-inf"):
+        """A connection's next timer, at the end of a call: wake the keeper if it sleeps past
+        it, or, while it is looking, have it sleep no longer than that. The unlocked first
+        test keeps the common case (it wakes sooner anyway) free of the lock."""
+        if when < self._wake_at or self._wake_at == _AWAKE:
             with self._lock:
-                if when < self._wake_at or self._wake_at == float("-inf"):
-                    self._rescan = True
+                if self._wake_at == _AWAKE:
+                    self._reminded = min(self._reminded, when)
+                elif when < self._wake_at:
+                    self._wake_at = when
                     self._cond.notify()
 
     def _run(self) -> None:
@@ -543,25 +550,27 @@ class _Keeper:
                 if not conns:
                     self.thread = None
                     return
-                self._wake_at = float("-inf")
-                self._rescan = False
+                self._wake_at, self._reminded, self._rescan = _AWAKE, _NEVER, False
             now = monotonic()
-            wake: Optional[float] = None
+            wake = _NEVER
             for conn in conns:
                 when = conn._keep(now)
                 if when is None:
                     if conn._released:
-                        self._conns.discard(conn)
-                elif wake is None or when < wake:
+                        with self._lock:
+                            self._conns.discard(conn)
+                elif when < wake:
                     wake = when
             del conns, conn                 # no strong reference while asleep: __del__ stays possible
             with self._lock:
                 if self._rescan:
                     continue
-                self._wake_at = float("inf") if wake is None else wake
-                self._cond.wait(None if wake is None else max(0.0, wake - monotonic()))
+                self._wake_at = wake = min(wake, self._reminded)
+                self._cond.wait(None if wake == _NEVER else max(0.0, wake - monotonic()))
 
 
+_AWAKE = float("-inf")
+_NEVER = float("inf")
 _keeper = _Keeper()
 
 
