@@ -95,11 +95,11 @@ async def tunnel(args: Any) -> int:
         raise STCPError(f"cannot listen on {lhost}:{lport}: {exc.strerror or exc}") from None
     print(f"stcp: tunnel from tcp {lhost}:{lport} to stcp {target[0]}:{target[1]}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # an event, not server.close() under serve_forever(): uvloop's close does not end a
+    # serve_forever() that the main task awaits, and the tunnel would ignore SIGTERM
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.close)
+        loop.add_signal_handler(sig, stop.set)
     async with server:
-        try:
-            await server.serve_forever()
-        except asyncio.CancelledError:
-            pass
+        await stop.wait()
     return 0

@@ -7,11 +7,10 @@ Every failure a person can act on ends in one line on stderr and a non-zero exit
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import List, Optional
 
-from .. import __version__, wire
+from .. import __version__, eventloop, wire
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from .common import UsageError
@@ -73,7 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        return eventloop.run(COMMANDS[args.command](args))
     except UsageError as exc:
         print(f"stcp: {exc}", file=sys.stderr)
         return 2
