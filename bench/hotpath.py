@@ -22,8 +22,8 @@ WRITE = 256 << 10
 
 def transfer(total: int, profile: str = "") -> dict:
     now = 0.0
-    client = Connection.client(Config(), now)
     server = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=server.public_key), now)
     cpu = {"sender": 0.0, "receiver": 0.0}
     prof = cProfile.Profile() if profile else None
     received = 0
@@ -88,8 +88,8 @@ def request_response(rounds: int, size: int, profile: str = "") -> dict:
     per round trip of the protocol core at both ends, get_timer calls included (a datapath
     asks after every datagram in and out)."""
     now = 0.0
-    client = Connection.client(Config(), now)
     server = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=server.public_key), now)
     touched, _ = server.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
     conn = touched[0]
     for d in conn.datagrams_to_send(now):

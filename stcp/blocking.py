@@ -6,7 +6,7 @@ until a datagram arrives, the connection's timer is due or the call's timeout pa
 blocking socket does; a call that need not wait makes no system call beyond the send it
 causes. There is no event loop and no thread per connection.
 
-Between calls one thread per process, the keeper (_Keeper), runs the timers of connections
+Between calls one thread per process, the keeper (stcp/keeper.py), runs the timers of connections
 nobody is calling in: when a connection's timer is due and no call holds it, the keeper reads
 what has arrived, runs the timer and sends what it causes (keepalive PINGs, acks, probes,
 retransmissions). So a connection whose application simply does not call for a while stays
@@ -29,12 +29,20 @@ import select
 import socket
 import threading
 import warnings
-import weakref
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple, Union
 
 from . import wire
-from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
+from .api import (
+    MISSING,
+    WRITE_HIGH_WATER,
+    Missing,
+    PrivateKey,
+    ServerKey,
+    client_config,
+    closed_error,
+    explain_unreachable,
+)
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import (
@@ -49,6 +57,7 @@ from .datapath.socket import (
     tune_socket,
 )
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+from .keeper import Keeper
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -68,10 +77,11 @@ class BlockingConnection:
     timeout too (and at most Config.handshake_timeout), raising HandshakeTimeout.
     """
 
-    def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None,
-                 config: Optional[Config] = None):
+    def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None, *,
+                 server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
+                 config: Optional[Config] = None, cipher: Optional[str] = None):
         host, port = address[0], address[1]
-        config = config or make_config()
+        config = client_config(config, cipher, server_key, client_key, "connect")
         if timeout is not None and 0 < timeout < config.handshake_timeout:
             config = dataclasses.replace(config, handshake_timeout=timeout)
         self.timeout = timeout
@@ -212,6 +222,12 @@ class BlockingConnection:
         """The negotiated AEAD, as named in make_config (e.g. "aes-256-gcm")."""
         return {v: k for k, v in wire.SUITES.items()}[self._conn.suite]
 
+    def peer_key(self) -> bytes:
+        """The server's static public key, as it proved it in the handshake."""
+        key = self._conn.peer_static_key
+        assert key is not None          # a client is ENCRYPTED only with the server's key proven
+        return key
+
     @property
     def connection(self) -> Connection:
         """The sans-IO connection (stats, rtt, close_info); drive it only through this object."""
@@ -326,8 +342,8 @@ class BlockingConnection:
         """When the keeper should look at this connection next (the lock held)."""
         return None if self._released else self._conn.get_timer()
 
-    def _keep(self, now: float) -> Optional[float]:
-        """The keeper's pass (its thread, never while a call runs): if the timer is due, take
+    def run_timers(self, now: float) -> Optional[float]:
+        """The keeper's pass (stcp/keeper.py) (its thread, never while a call runs): if the timer is due, take
         what has arrived, run the timer, send what it causes. Returns when to look again,
         None once released. While a call polls, the call runs the timers; the keeper still
         sleeps until the timer (not forever), so the reminder at the end of every call of a
@@ -500,82 +516,17 @@ class _Call:
             _keeper.remind(timer)
 
 
-class _Keeper:
-    """The one thread that runs the timers of blocking connections between calls. It sleeps
-    until the earliest timer of the connections it keeps (a call that makes one sooner wakes
-    it), holds them weakly (a forgotten connection is still freed by its __del__), and ends
-    when it keeps none; the next connection starts it again."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._conns: weakref.WeakSet[BlockingConnection] = weakref.WeakSet()
-        self._wake_at = _AWAKE            # when it sleeps until; _AWAKE while it looks at connections
-        self._reminded = _NEVER           # the soonest timer a call reported while it was looking
-        self._rescan = False              # a connection came or went while it was looking
-        self.thread: Optional[threading.Thread] = None
-
-    def add(self, conn: BlockingConnection) -> None:
-        with self._lock:
-            self._conns.add(conn)
-            self._rescan = True
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="stcp-keeper", daemon=True)
-                self.thread.start()
-            else:
-                self._cond.notify()
-
-    def forget(self, conn: BlockingConnection) -> None:
-        with self._lock:
-            self._conns.discard(conn)
-            self._rescan = True
-            self._cond.notify()
-
-    def remind(self, when: float) -> None:
-        """A connection's next timer, at the end of a call: wake the keeper if it sleeps past
-        it, or, while it is looking, have it sleep no longer than that. The unlocked first
-        test keeps the common case (it wakes sooner anyway) free of the lock."""
-        if when < self._wake_at or self._wake_at == _AWAKE:
-            with self._lock:
-                if self._wake_at == _AWAKE:
-                    self._reminded = min(self._reminded, when)
-                elif when < self._wake_at:
-                    self._wake_at = when
-                    self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                conns = list(self._conns)
-                if not conns:
-                    self.thread = None
-                    return
-                self._wake_at, self._reminded, self._rescan = _AWAKE, _NEVER, False
-            now = monotonic()
-            wake = _NEVER
-            for conn in conns:
-                when = conn._keep(now)
-                if when is None:
-                    if conn._released:
-                        with self._lock:
-                            self._conns.discard(conn)
-                elif when < wake:
-                    wake = when
-            del conns, conn                 # no strong reference while asleep: __del__ stays possible
-            with self._lock:
-                if self._rescan:
-                    continue
-                self._wake_at = wake = min(wake, self._reminded)
-                self._cond.wait(None if wake == _NEVER else max(0.0, wake - monotonic()))
-
-
-_AWAKE = float("-inf")
-_NEVER = float("inf")
-_keeper = _Keeper()
+_keeper = Keeper()
 
 
 def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
+            server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
             config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
-    """Blocking client: `with stcp.connect(("127.0.0.1", 7443)) as c: c.sendall(b"hi")`.
-    Returns once the handshake is done (HandshakeTimeout if it is not within the timeout)."""
-    return BlockingConnection(address, timeout, config or make_config(cipher))
+    """Blocking client: `with stcp.connect(("127.0.0.1", 7443), server_key=KEY) as c: c.sendall(b"hi")`.
+    Returns once the handshake is done (HandshakeTimeout if it is not within the timeout).
+
+    server_key (required) and client_key are as for stcp.open_connection: the server's
+    public key (bytes or base64), or stcp.UNAUTHENTICATED: accept any server key: an active
+    attacker can read and change everything."""
+    return BlockingConnection(address, timeout, server_key=server_key, client_key=client_key, config=config,
+                              cipher=cipher)

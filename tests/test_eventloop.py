@@ -51,9 +51,10 @@ def test_echo_both_ways_on_each_loop(choice):
     async def main():
         loop = asyncio.get_running_loop()
         assert type(loop).__module__.split(".")[0] == choice
-        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        key = stcp.generate_private_key()
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0, server_key=key)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await stcp.open_connection("127.0.0.1", port)
+        reader, writer = await stcp.open_connection("127.0.0.1", port, server_key=stcp.public_key(key))
         for i in range(50):
             msg = bytes([i]) * (1 + 37 * i)
             writer.write(msg)
