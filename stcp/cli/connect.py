@@ -120,13 +120,17 @@ async def tunnel(args: Any) -> int:
         raise STCPError(f"cannot listen on {lhost}:{lport}: {exc.strerror or exc}") from None
     print(f"stcp: tunnel from tcp {lhost}:{lport} to stcp {target[0]}:{target[1]}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # an event, not server.close() under serve_forever(): uvloop's close does not end a
+    # serve_forever() that the main task awaits, and the tunnel would ignore SIGTERM
+    # (asyncio.start_server serves from the start; nothing else needs serve_forever)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, server.close)
+        loop.add_signal_handler(sig, stop.set)
     async with server:
-        serving = asyncio.ensure_future(server.serve_forever())
-        await asyncio.wait({serving, refused}, return_when=asyncio.FIRST_COMPLETED)
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
     if refused.done():
         raise refused.exception()        # type: ignore[misc]
     return 0
