@@ -25,7 +25,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple
 
 from . import wire
-from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
+from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, handshake_error, make_config
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import (
@@ -39,7 +39,7 @@ from .datapath.socket import (
     send_datagrams,
     tune_socket,
 )
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+from .errors import CloseCode, HandshakeTimeout, PeerUnreachable
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -99,6 +99,8 @@ class BlockingConnection:
                 explain_unreachable(exc, host, port)
             with self._lock:
                 self._release()
+            if isinstance(exc, PeerUnreachable):
+                raise PeerUnreachable(f"{host}:{port}") from None
             raise
 
     # --- the socket-like API ------------------------------------------------
@@ -315,8 +317,9 @@ class BlockingConnection:
         for _ in range(RECV_ROUNDS):
             try:
                 batch = recv_batch(sock, gro)
-            except ConnectionRefusedError:       # ICMP port unreachable: the handshake says so
+            except ConnectionRefusedError:       # ICMP port unreachable: ends a handshake that heard nothing
                 self.icmp_errors += 1
+                conn.port_unreachable(now)
                 continue
             except OSError:
                 break
@@ -369,10 +372,7 @@ class BlockingConnection:
     def _on_closed(self, info: ConnectionClosed) -> None:
         self._closed_info = info
         if not self._established:
-            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
-                self._error = HandshakeTimeout(self._conn.config.handshake_timeout)
-            else:
-                self._error = closed_error(info) or ConnectionTerminated(info.code, info.reason, info.by_peer)
+            self._error = handshake_error(info, self._conn.config)
             return
         self._error = closed_error(info)
         if self._error is None:
