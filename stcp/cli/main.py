@@ -3,6 +3,9 @@ point; each command lives in its module: serve.py, connect.py, demo.py).
 
 Every failure a person can act on ends in one line on stderr and a non-zero exit:
 1 for runtime errors (timeout, refused address, peer termination), 2 for usage errors.
+`connect` exits 0 when both directions finished and 130 when SIGINT or SIGTERM cut it short
+(after aborting the connection, so the server knows); `serve` and `tunnel` exit 0 when
+stopped by either signal. Ctrl-C never prints a traceback.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
     c.add_argument("address", metavar="HOST:PORT")
+    c.add_argument("--progress", action="store_true",
+                   help="show bytes each way, the rate and the elapsed time on stderr (as pv does)")
     common(c)
 
     t = sub.add_parser("tunnel", help="carry each local TCP client over its own STCP connection")

@@ -59,6 +59,9 @@ async def serve(args: Any) -> int:
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, metrics=None if role else args.metrics)
     dp = server.datapath
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):    # before "serving on": a stop right after it is clean
+        loop.add_signal_handler(sig, server.close)
     try:
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
@@ -76,9 +79,6 @@ async def serve(args: Any) -> int:
               flush=True)
         if role is not None:
             role.notify_ready()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
         server.close()

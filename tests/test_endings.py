@@ -1,0 +1,185 @@
+"""Honest endings (issue 13 item 1), as an operator sees them through the `stcp` commands:
+SIGINT/SIGTERM on `connect` and `tunnel` abort the STCP connection so the server knows at
+once; an aborted STCP stream reaches a TCP peer as a reset, a finished one as a FIN; no
+traceback; exit codes 0 finished, 1 error, 130 interrupted."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.support.procs import STCP, wait_for_stderr_line
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def backend():
+    """A TCP listener standing for a `--forward` backend; yields (listener, port)."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(20)
+    try:
+        yield lsock, lsock.getsockname()[1]
+    finally:
+        lsock.close()
+
+
+@contextlib.contextmanager
+def command(*args: str, ready: str, **popen):
+    """An `stcp` subprocess, once it said `ready` on stderr; terminated at the end if still running."""
+    proc = subprocess.Popen([*STCP, *args], stderr=subprocess.PIPE, **popen)
+    try:
+        if ready:
+            wait_for_stderr_line(proc, ready, 20)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def serve(*extra: str):
+    port = free_port()
+    return command("serve", "--listen", f"127.0.0.1:{port}", *extra, ready="serving on"), port
+
+
+def read_until_end(conn: socket.socket, timeout: float = 10) -> tuple[bytes, str]:
+    """What conn received and how its stream ended: 'fin' or 'reset' (within timeout seconds)."""
+    conn.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := conn.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        return got, "reset"
+    return got, "fin"
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    return proc.stderr.read().decode(errors="replace")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_connect_aborts_and_the_backend_sees_a_reset(sig):
+    """A partial upload is never handed to the backend as a complete one: the client's
+    interruption reaches the server at once and the server resets the backend connection."""
+    with backend() as (lsock, bport):
+        server, port = serve("--forward", f"127.0.0.1:{bport}")
+        with server, command("connect", f"127.0.0.1:{port}", ready="", stdin=subprocess.PIPE) as client:
+            client.stdin.write(b"part of an upload")
+            client.stdin.flush()
+            conn, _ = lsock.accept()
+            with conn:
+                conn.settimeout(10)
+                assert conn.recv(100) == b"part of an upload"
+                t0 = time.monotonic()
+                client.send_signal(sig)
+                assert client.wait(10) == 130
+                got, end = read_until_end(conn)
+                assert (got, end) == (b"", "reset")
+                assert time.monotonic() - t0 < 5, "the server must learn at once, not at its idle timeout"
+            err = stderr_of(client).strip().splitlines()
+            assert err == [f"stcp: interrupted by {sig.name}: the connection was aborted"]
+
+
+def test_finished_upload_reaches_the_backend_as_a_fin():
+    with backend() as (lsock, bport):
+        server, port = serve("--forward", f"127.0.0.1:{bport}")
+        with server:
+            r = subprocess.Popen([*STCP, "connect", f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            r.stdin.write(b"a whole upload")
+            r.stdin.close()
+            conn, _ = lsock.accept()
+            with conn:
+                assert read_until_end(conn) == (b"a whole upload", "fin")
+                conn.sendall(b"done")
+            assert r.stdout.read() == b"done"
+            assert r.wait(10) == 0
+
+
+def test_interrupting_a_tunnel_resets_both_ends_and_prints_no_traceback():
+    """TCP client -> tunnel -> STCP -> serve --forward -> backend; SIGINT on the tunnel while
+    the client is mid-stream: the client and the backend both see a reset, the tunnel exits 0
+    with no traceback."""
+    with backend() as (lsock, bport):
+        server, port = serve("--forward", f"127.0.0.1:{bport}")
+        tcp_port = free_port(socket.SOCK_STREAM)
+        with server, command("tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
+                             ready="tunnel from") as tunnel:
+            with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as client:
+                client.sendall(b"half a request")
+                conn, _ = lsock.accept()
+                with conn:
+                    conn.settimeout(10)
+                    assert conn.recv(100) == b"half a request"
+                    tunnel.send_signal(signal.SIGINT)
+                    assert tunnel.wait(10) == 0
+                    assert read_until_end(conn) == (b"", "reset")
+                assert read_until_end(client) == (b"", "reset")
+            err = stderr_of(tunnel)
+            assert "Traceback" not in err and "CancelledError" not in err, err
+
+
+def test_server_abort_reaches_a_tunnel_client_as_a_reset():
+    """The server goes away mid-stream (it aborts its connections on SIGTERM): the tunnel's
+    TCP client sees a reset, not a clean end of stream."""
+    server, port = serve()
+    tcp_port = free_port(socket.SOCK_STREAM)
+    with server as srv, command("tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
+                                ready="tunnel from"):
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as client:
+            client.sendall(b"echo me")
+            client.settimeout(10)
+            assert client.recv(100) == b"echo me"
+            srv.send_signal(signal.SIGTERM)
+            assert srv.wait(10) == 0
+            assert read_until_end(client) == (b"", "reset")
+
+
+def test_ctrl_c_on_serve_exits_0_without_a_traceback():
+    server, _ = serve()
+    with server as srv:
+        srv.send_signal(signal.SIGINT)
+        assert srv.wait(10) == 0
+        assert "Traceback" not in stderr_of(srv)
+
+
+def test_interrupt_during_the_handshake_exits_130():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # never answers
+    silent.bind(("127.0.0.1", 0))
+    with silent, command("connect", f"127.0.0.1:{silent.getsockname()[1]}", ready="",
+                         stdin=subprocess.DEVNULL) as client:
+        silent.settimeout(10)
+        silent.recv(2048)                      # the hello: the handshake is under way
+        client.send_signal(signal.SIGINT)
+        assert client.wait(10) == 130
+        err = stderr_of(client)
+        assert "Traceback" not in err and "interrupted by SIGINT" in err
+
+
+def test_connect_progress_reports_bytes_rate_and_time(tmp_path):
+    server, port = serve()
+    data = os.urandom(3 << 20)
+    (tmp_path / "in").write_bytes(data)
+    with server:
+        with open(tmp_path / "in", "rb") as fin:
+            r = subprocess.run([*STCP, "connect", "--progress", f"127.0.0.1:{port}"], stdin=fin,
+                               capture_output=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == data
+        last = r.stderr.decode().strip().splitlines()[-1]
+        assert last.startswith("stcp: 3.0 MiB sent, 3.0 MiB received, "), last
+        assert last.split(", ")[2].endswith("/s average") and last.split(", ")[3].count(":") == 2
+        with open(tmp_path / "in", "rb") as fin:
+            quiet = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], stdin=fin, capture_output=True,
+                                   timeout=60)
+        assert quiet.returncode == 0 and quiet.stderr == b""          # off by default
