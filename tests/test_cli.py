@@ -150,9 +150,8 @@ def test_peer_termination_reason_reaches_the_user(server):
     r = connect(port, b"hello")
     assert r.returncode == 1
     lines = r.stderr.decode().strip().splitlines()
-    assert len(lines) == 1
-    assert "peer terminated the connection: APPLICATION_ABORT" in lines[0]
-    assert f"backend 127.0.0.1:{closed_port} unreachable" in lines[0]
+    assert lines == ["stcp: peer terminated the connection: APPLICATION_ABORT (backend unreachable: "
+                     "Connection refused)"]            # what failed, never the backend's address
 
 
 def test_demo_runs():

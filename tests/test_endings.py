@@ -5,6 +5,7 @@ traceback; exit codes 0 finished, 1 error, 130 interrupted."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 
 import pytest
 
+from stcp import identity
 from tests.support.procs import STCP, wait_for_stderr_line
 
 
@@ -183,3 +185,87 @@ def test_connect_progress_reports_bytes_rate_and_time(tmp_path):
             quiet = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], stdin=fin, capture_output=True,
                                    timeout=60)
         assert quiet.returncode == 0 and quiet.stderr == b""          # off by default
+
+
+# --- the server's log ------------------------------------------------------------------------------
+def log_lines(proc: subprocess.Popen, needle: str, n: int = 1) -> list[str]:
+    """The server's stderr lines up to the n-th containing needle (startup line excluded)."""
+    found: list[str] = []
+    while len(found) < n:
+        found += [ln for ln in wait_for_stderr_line(proc, needle, 20)]
+    return found
+
+
+def test_serve_logs_a_line_per_connection_at_its_end():
+    data = os.urandom(100_000)
+    server, port = serve()
+    with server as srv:
+        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=data, capture_output=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == data
+        [line] = [ln for ln in log_lines(srv, "connection closed") if "connection closed" in ln]
+    stamp, level, rest = line.split(" ", 2)
+    assert time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S") and stamp.endswith("Z") and level == "info"
+    fields = dict(kv.split("=", 1) for kv in rest.removeprefix("connection closed ").split(" "))
+    assert fields["peer"].startswith("127.0.0.1:") and len(fields["cid"]) == 8
+    assert fields["sent"] == fields["received"] == str(len(data))
+    assert 0 < float(fields["duration"]) < 60
+    assert (fields["close"], fields["by"]) == ("finished", "peer")
+
+
+def test_serve_logs_json_and_backend_failures_with_the_address_only_in_the_log():
+    closed_port = free_port(socket.SOCK_STREAM)
+    server, port = serve("--forward", f"127.0.0.1:{closed_port}", "--log-format", "json")
+    with server as srv:
+        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
+        assert r.returncode == 1 and str(closed_port) not in r.stderr.decode()
+        lines = log_lines(srv, '"connection closed"')
+    import json
+    records = [json.loads(ln) for ln in lines if ln.startswith("{")]
+    failure, closed = records
+    assert failure["level"] == "warning" and failure["msg"] == "backend unreachable"
+    assert failure["backend"] == f"127.0.0.1:{closed_port}" and failure["error"] == "Connection refused"
+    assert closed["msg"] == "connection closed" and closed["close"] == "application_abort"
+    assert closed["by"] == "server" and closed["cid"] == failure["cid"]
+
+
+def test_serve_quiet_logs_no_connection_lines():
+    server, port = serve("-q")
+    with server as srv:
+        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
+        assert r.returncode == 0
+        time.sleep(0.5)                        # the server's end of the connection follows the client's
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(10) == 0
+        assert "connection closed" not in stderr_of(srv)
+
+
+def test_the_connection_line_names_a_client_that_proved_its_key(caplog):
+    """The server layer logs through the logging module (no handler of its own); a client that
+    authenticated with its static key is named by the key's fingerprint."""
+    import asyncio
+
+    import stcp
+    from stcp.cli.serve import echo_handler
+    client_key = identity.generate_private_key()
+
+    async def main() -> None:
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        for key in (client_key, None):
+            reader, writer = await stcp.open_connection("127.0.0.1", port, config=stcp.Config(static_key=key))
+            writer.write(b"ping")
+            writer.write_eof()
+            assert await reader.read() == b"ping"
+            await writer.wait_closed()
+        for _ in range(100):                  # the server's side ends just after the client's
+            if len([r for r in caplog.records if r.msg == "connection closed"]) == 2:
+                break
+            await asyncio.sleep(0.05)
+        server.close()
+
+    with caplog.at_level(logging.INFO, logger="stcp.server"):
+        asyncio.run(main())
+    authenticated, anonymous = [r.fields for r in caplog.records if r.msg == "connection closed"]
+    assert authenticated["key"] == identity.fingerprint(identity.public_key(client_key))
+    assert "key" not in anonymous
+    assert authenticated["sent"] == authenticated["received"] == 4 and authenticated["close"] == "finished"

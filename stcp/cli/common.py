@@ -3,6 +3,7 @@ errors, and the relay between an STCP stream and a TCP stream."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 from typing import Any, Optional, Tuple
@@ -66,6 +67,12 @@ async def _pump(src: Any, dst: Any) -> None:
         dst.write_eof()
 
 
+def describe(exc: OSError) -> str:
+    """What went wrong with a TCP connection, without its address (asyncio's connect errors
+    quote it): the relay's STCP peer learns what failed, never where."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+
+
 def reset_tcp(tcp_writer: asyncio.StreamWriter) -> None:
     """Close a TCP connection with a reset (SO_LINGER 0), not a FIN: its peer must not take a
     stream that was cut short for one that ended."""
@@ -93,7 +100,7 @@ async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer
         reset_tcp(tcp_writer)
     except OSError as exc:                # the TCP side failed (reset by its peer, ...)
         error = exc
-        stcp_writer.abort(f"relay failed: {exc.strerror or exc}")
+        stcp_writer.abort(f"relay failed: {describe(exc)}")
     except asyncio.CancelledError:
         stcp_writer.abort("relay stopped: the command was interrupted")
         reset_tcp(tcp_writer)

@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
+    logs = s.add_argument_group("logging (to stderr: a line per connection at its end, one per backend failure)")
+    logs.add_argument("--log-format", choices=["text", "json"], default="text",
+                      help="text (timestamped key=value lines, the default) or one JSON object per line")
+    logs.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug)")
+    logs.add_argument("-q", "--quiet", action="count", default=0,
+                      help="no line per connection (-q), only errors (-qq)")
     common(s)
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")

@@ -9,8 +9,10 @@ from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
 from ..connection import Config
+from ..errors import STCPError
 from ..wire import DEFAULT_PORT
-from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .common import CHUNK, UsageError, config_from_args, describe, parse_hostport, splice
+from .logs import setup_logging
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -25,17 +27,32 @@ async def echo_handler(reader: Any, writer: Any) -> None:
 
 
 def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
+    """Relay each stream to the TCP backend at target. A backend failure is logged (with the
+    backend's address) and the client told only that the backend failed: the address of a
+    server's internal backend is not the client's business."""
+    backend = stcp_server.format_address(target)
+
+    def backend_failed(writer: Any, what: str, exc: OSError) -> None:
+        conn = writer.get_extra_info("connection")
+        fields = stcp_server.connection_fields(conn, writer.get_extra_info("peername"))
+        stcp_server.log.warning(f"backend {what}", extra={"fields": {
+            **fields, "backend": backend, "error": describe(exc)}})
+
     async def handler(reader: Any, writer: Any) -> None:
         try:
             tcp_reader, tcp_writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            writer.abort(f"backend {target[0]}:{target[1]} unreachable: {exc.strerror or exc}")
+            backend_failed(writer, "unreachable", exc)
+            writer.abort(f"backend unreachable: {describe(exc)}")
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, OSError) and not isinstance(error, STCPError):
+            backend_failed(writer, "failed", error)
     return handler
 
 
 async def serve(args: Any) -> int:
+    setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
     handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
