@@ -269,3 +269,9 @@ def test_the_connection_line_names_a_client_that_proved_its_key(caplog):
     assert authenticated["key"] == identity.fingerprint(identity.public_key(client_key))
     assert "key" not in anonymous
     assert authenticated["sent"] == authenticated["received"] == 4 and authenticated["close"] == "finished"
+
+
+def test_connect_progress_adds_nothing_to_a_failed_handshake():
+    r = subprocess.run([*STCP, "connect", "--progress", f"127.0.0.1:{free_port()}"], input=b"",
+                       capture_output=True, timeout=30)
+    assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1

@@ -49,9 +49,11 @@ class Interruption:
             loop.add_signal_handler(sig, self._caught, sig)
 
     def _caught(self, sig: signal.Signals) -> None:
-        if self.signal is None:
-            self.signal = sig
-            self._on_signal()
+        self.signal = sig
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):    # a second signal stops the process outright
+            loop.remove_signal_handler(s)
+        self._on_signal()
 
     @property
     def reason(self) -> str:

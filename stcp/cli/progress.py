@@ -52,10 +52,11 @@ class Progress:
             self._show(now, (total - before) / max(now - then, 1e-9), final=False)
 
     def stop(self) -> None:
-        """The last line: totals and the average rate over the whole transfer."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        """The last line: totals and the average rate over the whole transfer (once)."""
+        if self._task is None:
+            return                     # never started (the handshake failed): nothing to report
+        self._task.cancel()
+        self._task = None
         now = time.monotonic()
         self._show(now, (self.sent + self.received) / max(now - self._start, 1e-9), final=True)
 
