@@ -275,3 +275,26 @@ def test_connect_progress_adds_nothing_to_a_failed_handshake():
     r = subprocess.run([*STCP, "connect", "--progress", f"127.0.0.1:{free_port()}"], input=b"",
                        capture_output=True, timeout=30)
     assert r.returncode == 1 and len(r.stderr.decode().strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verbosity,server_info,others_info,warnings", [
+    (0, True, False, True), (-1, False, False, True), (-2, False, False, False), (1, True, True, True)])
+def test_verbosity_decides_what_reaches_stderr(verbosity, server_info, others_info, warnings):
+    import io
+
+    from stcp.cli.logs import setup_logging
+    out = io.StringIO()
+    logger = logging.getLogger("stcp")
+    saved = logger.handlers[:], logger.level, logger.propagate, logging.getLogger("stcp.server").level
+    try:
+        setup_logging("text", verbosity, out)
+        logging.getLogger("stcp.server").info("connection closed", extra={"fields": {"reason": "a b"}})
+        logging.getLogger("stcp.datapath.xdp").info("attached")
+        logging.getLogger("stcp.server").warning("backend unreachable")
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        logging.getLogger("stcp.server").setLevel(saved[3])
+    text = out.getvalue()
+    assert ('info connection closed reason="a b"' in text) == server_info
+    assert ("attached" in text) == others_info
+    assert ("warning backend unreachable" in text) == warnings
