@@ -299,13 +299,13 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
 
-    from bcc import BPF
-
     from stcp.datapath import bpf, xdp_prog
+    from stcp.datapath.bcc_import import import_bcc
     from stcp.datapath.xdp import XdpDatapath
     from tests.support.packets import data_record, hello, udp_frame
     from tests.support.testrun import Opts
 
+    BPF = import_bcc()
     lib = bpf.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
 

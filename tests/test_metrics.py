@@ -20,9 +20,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import List, Set, Tuple
 
@@ -48,6 +45,7 @@ from tests.support.metrics import (
     ALLOWED_LABELS,
     DASHBOARDS,
     FakeXdp,
+    Prometheus,
     Scrape,
     alert_queries,
     ascrape,
@@ -59,7 +57,9 @@ from tests.support.metrics import (
     grafana_to_promql,
     load_dashboard,
     metric_names,
+    prom_query,
     promtool_check,
+    require_prometheus,
     scrape,
     url_of,
 )
@@ -497,26 +497,8 @@ def test_provisioning_and_scrape_config():
 
 # ---------------------------------------------------------------------------------------
 # a real Prometheus
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prom_query(base: str, expr: str) -> dict:
-    q = urllib.parse.urlencode({"query": expr})
-    try:
-        with urllib.request.urlopen(f"{base}/api/v1/query?{q}", timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:          # 400 with the parse error in the body
-        return json.loads(e.read())
-
-
 def test_real_prometheus_scrapes_and_dashboard_queries_evaluate(tmp_path):
-    for tool in ("prometheus", "promtool"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian package 'prometheus'; scripts/system-deps.sh "
-                        "installs it as root)")
+    require_prometheus()
     asyncio.run(_with_prometheus(tmp_path))
 
 
@@ -534,7 +516,7 @@ async def _with_prometheus(tmp_path: Path):
     # an AF_XDP worker pool's supervisor, with in-process workers
     (tmp_path / "workers").mkdir()
     workers, pool = await fake_pool_with_traffic(str(tmp_path / "workers"))
-    proc = None
+    prom = None
     try:
         for n in (10, 20000):
             await transfer(port, os.urandom(n))
@@ -545,34 +527,14 @@ async def _with_prometheus(tmp_path: Path):
 
         targets = {"stcp-server": f"127.0.0.1:{metrics.address[1]}", "stcp-loader": f"127.0.0.1:{loader.address[1]}",
                    "stcp-workers": f"127.0.0.1:{workers.address[1]}"}
-        cfg = tmp_path / "prometheus.yml"
-        cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + "".join(
-            f"  - job_name: {job}\n    static_configs:\n      - targets: ['{t}']\n" for job, t in targets.items()))
-        web = f"127.0.0.1:{free_port()}"
-        base = f"http://{web}"
-        # opening the log and starting prometheus block the loop a moment, once, before any scrape
-        with open(tmp_path / "prometheus.log", "w") as log:  # noqa: ASYNC230
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                 f"--web.listen-address={web}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+        prom = await loop.run_in_executor(None, Prometheus.start, tmp_path, targets)
+        base = prom.base
 
         def have(expr: str, count: int = 1) -> bool:
             r = prom_query(base, expr)
             return r.get("status") == "success" and len(r["data"]["result"]) >= count
 
         deadline = time.monotonic() + 20
-        while not (await loop.run_in_executor(None, ready)):
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            await asyncio.sleep(0.2)
         # at least 3 scrapes of both targets, so rate() over 10s has points
         want = 'count_over_time(up{job=~"stcp-.*"}[1m]) >= 3'
         while not (await loop.run_in_executor(None, have, want, 3)):
@@ -608,13 +570,8 @@ async def _with_prometheus(tmp_path: Path):
         r = await loop.run_in_executor(None, prom_query, base, 'min(stcp_worker_up{job="stcp-workers"})')
         assert float(r["data"]["result"][0]["value"][1]) == 1
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if prom is not None:
+            prom.close()
         loader.close()
         close_pool(workers, pool)
         metrics.close()
