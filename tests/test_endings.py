@@ -15,7 +15,27 @@ import time
 import pytest
 
 from stcp import identity
-from tests.support.procs import STCP, wait_for_stderr_line
+from tests.support.procs import STCP, key_file, wait_for_stderr_line
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """The commands' own home: the server's key and the client's known-hosts file (trust on
+    first use) live in the test's tmp_path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "home" / ".local" / "state"))
+
+
+SERVER_KEY: list[str] = []                  # the key file every `serve` here holds
+PIN: list[str] = []                         # --server-key: what every client here pins
+
+
+@pytest.fixture(autouse=True, scope="module")
+def server_key(tmp_path_factory):
+    path, public = key_file(tmp_path_factory.mktemp("keys") / "server.key")
+    SERVER_KEY[:] = ["--key", path]
+    PIN[:] = ["--server-key", public]
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:
@@ -51,7 +71,7 @@ def command(*args: str, ready: str, **popen):
 
 def serve(*extra: str):
     port = free_port()
-    return command("serve", "--listen", f"127.0.0.1:{port}", *extra, ready="serving on"), port
+    return command("serve", "--listen", f"127.0.0.1:{port}", *SERVER_KEY, *extra, ready="serving on"), port
 
 
 def read_until_end(conn: socket.socket, timeout: float = 10) -> tuple[bytes, str]:
@@ -76,7 +96,7 @@ def test_interrupted_connect_aborts_and_the_backend_sees_a_reset(sig):
     interruption reaches the server at once and the server resets the backend connection."""
     with backend() as (lsock, bport):
         server, port = serve("--forward", f"127.0.0.1:{bport}")
-        with server, command("connect", f"127.0.0.1:{port}", ready="", stdin=subprocess.PIPE) as client:
+        with server, command("connect", *PIN, f"127.0.0.1:{port}", ready="", stdin=subprocess.PIPE) as client:
             client.stdin.write(b"part of an upload")
             client.stdin.flush()
             conn, _ = lsock.accept()
@@ -97,7 +117,7 @@ def test_finished_upload_reaches_the_backend_as_a_fin():
     with backend() as (lsock, bport):
         server, port = serve("--forward", f"127.0.0.1:{bport}")
         with server:
-            r = subprocess.Popen([*STCP, "connect", f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+            r = subprocess.Popen([*STCP, "connect", *PIN, f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             r.stdin.write(b"a whole upload")
             r.stdin.close()
@@ -116,7 +136,7 @@ def test_interrupting_a_tunnel_resets_both_ends_and_prints_no_traceback():
     with backend() as (lsock, bport):
         server, port = serve("--forward", f"127.0.0.1:{bport}")
         tcp_port = free_port(socket.SOCK_STREAM)
-        with server, command("tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
+        with server, command("tunnel", *PIN, "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
                              ready="tunnel from") as tunnel:
             with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as client:
                 client.sendall(b"half a request")
@@ -137,7 +157,7 @@ def test_server_abort_reaches_a_tunnel_client_as_a_reset():
     TCP client sees a reset, not a clean end of stream."""
     server, port = serve()
     tcp_port = free_port(socket.SOCK_STREAM)
-    with server as srv, command("tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
+    with server as srv, command("tunnel", *PIN, "--listen", f"127.0.0.1:{tcp_port}", "--to", f"127.0.0.1:{port}",
                                 ready="tunnel from"):
         with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as client:
             client.sendall(b"echo me")
@@ -175,14 +195,14 @@ def test_connect_progress_reports_bytes_rate_and_time(tmp_path):
     (tmp_path / "in").write_bytes(data)
     with server:
         with open(tmp_path / "in", "rb") as fin:
-            r = subprocess.run([*STCP, "connect", "--progress", f"127.0.0.1:{port}"], stdin=fin,
+            r = subprocess.run([*STCP, "connect", *PIN, "--progress", f"127.0.0.1:{port}"], stdin=fin,
                                capture_output=True, timeout=60)
         assert r.returncode == 0 and r.stdout == data
         last = r.stderr.decode().strip().splitlines()[-1]
         assert last.startswith("stcp: 3.0 MiB sent, 3.0 MiB received, "), last
         assert last.split(", ")[2].endswith("/s average") and last.split(", ")[3].count(":") == 2
         with open(tmp_path / "in", "rb") as fin:
-            quiet = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], stdin=fin, capture_output=True,
+            quiet = subprocess.run([*STCP, "connect", *PIN, f"127.0.0.1:{port}"], stdin=fin, capture_output=True,
                                    timeout=60)
         assert quiet.returncode == 0 and quiet.stderr == b""          # off by default
 
@@ -200,7 +220,7 @@ def test_serve_logs_a_line_per_connection_at_its_end():
     data = os.urandom(100_000)
     server, port = serve()
     with server as srv:
-        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=data, capture_output=True, timeout=60)
+        r = subprocess.run([*STCP, "connect", *PIN, f"127.0.0.1:{port}"], input=data, capture_output=True, timeout=60)
         assert r.returncode == 0 and r.stdout == data
         [line] = [ln for ln in log_lines(srv, "connection closed") if "connection closed" in ln]
     stamp, level, rest = line.split(" ", 2)
@@ -216,7 +236,7 @@ def test_serve_logs_json_and_backend_failures_with_the_address_only_in_the_log()
     closed_port = free_port(socket.SOCK_STREAM)
     server, port = serve("--forward", f"127.0.0.1:{closed_port}", "--log-format", "json")
     with server as srv:
-        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
+        r = subprocess.run([*STCP, "connect", *PIN, f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
         assert r.returncode == 1 and str(closed_port) not in r.stderr.decode()
         lines = log_lines(srv, '"connection closed"')
     import json
@@ -231,7 +251,7 @@ def test_serve_logs_json_and_backend_failures_with_the_address_only_in_the_log()
 def test_serve_quiet_logs_no_connection_lines():
     server, port = serve("-q")
     with server as srv:
-        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
+        r = subprocess.run([*STCP, "connect", *PIN, f"127.0.0.1:{port}"], input=b"x", capture_output=True, timeout=60)
         assert r.returncode == 0
         time.sleep(0.5)                        # the server's end of the connection follows the client's
         srv.send_signal(signal.SIGTERM)
@@ -247,12 +267,14 @@ def test_the_connection_line_names_a_client_that_proved_its_key(caplog):
     import stcp
     from stcp.cli.serve import echo_handler
     client_key = identity.generate_private_key()
+    server_key = identity.generate_private_key()
 
     async def main() -> None:
-        server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0, config=stcp.Config(static_key=server_key))
         port = server.sockets[0].getsockname()[1]
         for key in (client_key, None):
-            reader, writer = await stcp.open_connection("127.0.0.1", port, config=stcp.Config(static_key=key))
+            reader, writer = await stcp.open_connection("127.0.0.1", port, server_key=identity.public_key(server_key),
+                                                        client_key=key)
             writer.write(b"ping")
             writer.write_eof()
             assert await reader.read() == b"ping"
@@ -298,3 +320,16 @@ def test_verbosity_decides_what_reaches_stderr(verbosity, server_info, others_in
     assert ('info connection closed reason="a b"' in text) == server_info
     assert ("attached" in text) == others_info
     assert ("warning backend unreachable" in text) == warnings
+
+
+def test_the_config_file_sets_the_log_options(tmp_path):
+    from stcp.cli.common import UsageError
+    from stcp.cli.config_file import commands, tokens
+    from stcp.cli.main import build_parser
+    serve_parser = commands(build_parser())["serve"]
+    (tmp_path / "a.toml").write_text('log-format = "json"\nverbose = 2\nquiet = 0\n')
+    args = serve_parser.parse_args(tokens(serve_parser, str(tmp_path / "a.toml")))
+    assert (args.log_format, args.verbose, args.quiet) == ("json", 2, 0)
+    (tmp_path / "b.toml").write_text("quiet = true\n")
+    with pytest.raises(UsageError, match="quiet takes a count"):
+        tokens(serve_parser, str(tmp_path / "b.toml"))

@@ -39,10 +39,14 @@ def start_server(key: bytes, port: int = 0) -> tuple[subprocess.Popen, int]:
     return proc, int(line)
 
 
+KEY = identity.generate_private_key()      # every server here holds it; the clients pin it
+PINNED = identity.public_key(KEY)
+
+
 @pytest.fixture
 def crashing_server():
-    """(key, start) where start(port=0) runs a server with that key; all killed at the end."""
-    key = identity.generate_private_key()
+    """start(port=0) runs a server holding KEY; all killed at the end."""
+    key = KEY
     procs: list[subprocess.Popen] = []
 
     def start(port: int = 0) -> tuple[subprocess.Popen, int]:
@@ -65,7 +69,7 @@ def test_asyncio_client_learns_within_a_round_trip_that_the_server_restarted(cra
     first, port = crashing_server()
 
     async def main() -> float:
-        reader, writer = await stcp.open_connection("127.0.0.1", port)
+        reader, writer = await stcp.open_connection("127.0.0.1", port, server_key=PINNED)
         writer.write(b"hello")
         assert await reader.readexactly(5) == b"hello"
         crash(first)
@@ -83,7 +87,7 @@ def test_asyncio_client_learns_within_a_round_trip_that_the_server_restarted(cra
 
 def test_blocking_client_learns_within_a_round_trip_that_the_server_restarted(crashing_server):
     first, port = crashing_server()
-    with stcp.connect(("127.0.0.1", port), timeout=10) as conn:
+    with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10) as conn:
         conn.sendall(b"hello")
         assert conn.recv(5) == b"hello"
         crash(first)

@@ -1,5 +1,6 @@
 """`stcp connect` (like ncat: stdin to the server, the server's stream to stdout) and
-`stcp tunnel` (each local TCP client over its own STCP connection)."""
+`stcp tunnel` (each local TCP client over its own STCP connection), each accepting only
+the server key pinned with --server-key, or else the one in the known-hosts file."""
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +8,14 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set, Tuple
 
-from ..api import open_connection
-from ..errors import STCPError
+from ..api import StreamReader, StreamWriter, open_connection
+from ..connection import Config
+from ..errors import HandshakeFailed, STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, config_from_args, parse_hostport, reset_tcp, splice
+from .identity import ServerCheck, client_key
 from .progress import Progress
 
 
@@ -34,6 +37,15 @@ def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None
             return
         if not data:
             return
+
+
+async def _open(check: ServerCheck, host: str, port: int, key: Optional[bytes],
+                config: Config) -> Tuple[StreamReader, StreamWriter]:
+    """open_connection under the command line's server-key policy; a first-used key is
+    recorded once connected."""
+    reader, writer = await open_connection(host, port, server_key=check.policy(), client_key=key, config=config)
+    check.connected(writer.get_extra_info("peer_key"))
+    return reader, writer
 
 
 class Interruption:
@@ -65,6 +77,7 @@ async def connect(args: Any) -> int:
     told with an abort)."""
     host, port = parse_hostport(args.address, DEFAULT_PORT)
     config = config_from_args(args)
+    check = ServerCheck(args, host, port)
     main = asyncio.current_task()
     assert main is not None
     opened: List[Any] = []
@@ -77,7 +90,7 @@ async def connect(args: Any) -> int:
     interruption = Interruption(abort)
     progress = Progress() if getattr(args, "progress", False) else None
     try:
-        reader, writer = await open_connection(host, port, config=config)
+        reader, writer = await _open(check, host, port, client_key(args), config)
         opened.append(writer)
         if progress is not None:
             progress.start()
@@ -137,26 +150,38 @@ async def _transfer(reader: Any, writer: Any, progress: Optional[Progress]) -> N
 async def tunnel(args: Any) -> int:
     """Until SIGINT or SIGTERM (then exit 0): each TCP client over its own STCP connection.
     Stopping aborts the STCP connections in flight (their server learns at once) and resets
-    their TCP clients: a relay that was cut short never looks finished."""
+    their TCP clients: a relay that was cut short never looks finished. A server that
+    presents another key than the pinned or recorded one (with no acceptable hello from the
+    right one within the handshake timeout) ends the tunnel: every later client would meet it too."""
     lhost, lport = parse_hostport(args.listen)
     target = parse_hostport(args.to, DEFAULT_PORT)
     config = config_from_args(args)
+    check = ServerCheck(args, *target)
+    key = client_key(args)
+    loop = asyncio.get_running_loop()
+    refused: asyncio.Future = loop.create_future()
     relays: Set["asyncio.Task[None]"] = set()
 
     async def relay(tcp_reader: asyncio.StreamReader, tcp_writer: asyncio.StreamWriter) -> None:
         try:
-            reader, writer = await open_connection(*target, config=config)
+            reader, writer = await _open(check, *target, key, config)
         except (OSError, STCPError) as exc:
-            print(f"stcp: tunnel: {exc}", file=sys.stderr)
             reset_tcp(tcp_writer)
+            if isinstance(exc, HandshakeFailed) and check.refused is not None:
+                if not refused.done():
+                    refused.set_exception(exc)
+            else:
+                print(f"stcp: tunnel: {exc}", file=sys.stderr)
             return
         except asyncio.CancelledError:
             reset_tcp(tcp_writer)
             raise
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, STCPError):       # the STCP side ended it (e.g. ACCESS_DENIED): say why
+            print(f"stcp: tunnel: {error}", file=sys.stderr, flush=True)
 
     def on_client(tcp_reader: asyncio.StreamReader, tcp_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.get_running_loop().create_task(relay(tcp_reader, tcp_writer))
+        task = loop.create_task(relay(tcp_reader, tcp_writer))
         relays.add(task)
         task.add_done_callback(relays.discard)
 
@@ -165,14 +190,16 @@ async def tunnel(args: Any) -> int:
     except OSError as exc:
         raise STCPError(f"cannot listen on {lhost}:{lport}: {exc.strerror or exc}") from None
     print(f"stcp: tunnel from tcp {lhost}:{lport} to stcp {target[0]}:{target[1]}", file=sys.stderr, flush=True)
-    stopping: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+    stopping: "asyncio.Future[None]" = loop.create_future()
     Interruption(lambda: stopping.set_result(None))     # called once, on the first signal
     try:
-        await stopping
+        await asyncio.wait({stopping, refused}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         server.close()
         for task in list(relays):
             task.cancel()          # splice aborts the STCP connection and resets the TCP client
         await asyncio.gather(*relays, return_exceptions=True)
         await asyncio.sleep(0)     # let the drivers send the CLOSEs the aborts queued
+    if refused.done():
+        raise refused.exception()        # type: ignore[misc]
     return 0

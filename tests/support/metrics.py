@@ -21,7 +21,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stcp.datapath.verdicts import Verdict
-from stcp.metrics import CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, XdpCollector
+from stcp.metrics import (
+    CLOSE_REASONS,
+    ENDPOINT_DROP_REASONS,
+    HANDSHAKE_FAIL_REASONS,
+    HANDSHAKE_REJECT_REASONS,
+    XdpCollector,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
@@ -99,6 +105,7 @@ def check_invariants(s: Scrape) -> None:
     assert set(s.by("stcp_connections_closed_total", "reason")) == set(CLOSE_REASONS)
     assert set(s.by("stcp_handshakes_failed_total", "reason")) == set(HANDSHAKE_FAIL_REASONS)
     assert set(s.by("stcp_endpoint_dropped_datagrams_total", "reason")) == set(ENDPOINT_DROP_REASONS)
+    assert set(s.by("stcp_handshakes_rejected_total", "reason")) == set(HANDSHAKE_REJECT_REASONS)
     assert s.label_names() <= ALLOWED_LABELS, s.label_names() - ALLOWED_LABELS
 
 
