@@ -11,11 +11,10 @@ stopped by either signal. Ctrl-C never prints a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import List, Optional
 
-from .. import __version__, wire
+from .. import __version__, eventloop, wire
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from . import config_file
@@ -122,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "known-hosts" and args.action == "remove" and not args.address:
         parser.error("known-hosts remove needs HOST:PORT")
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        return eventloop.run(COMMANDS[args.command](args))
     except UsageError as exc:
         print(f"stcp: {exc}", file=sys.stderr)
         return 2
