@@ -8,6 +8,7 @@ handshakes all come from one client). Root, bcc; not available on loopback.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -27,7 +28,7 @@ def run_server(args) -> None:
         iface = iface_of(host)
         if iface == "lo":
             raise RuntimeError("the xdp peer needs a real interface (not available with --loopback)")
-        srv = await serve(streams.handle, host, port, datapath="xdp", iface=iface, xdp_mode="native",
+        srv = await serve(streams.handle, host, port, datapath="xdp", iface=iface, xdp_mode=os.environ.get("BENCH_XDP_MODE", "native"),
                           xdp_limits=XDP_LIMITS)
         try:
             C.announce_ready(port)
