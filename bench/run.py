@@ -719,6 +719,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="run every peer under cProfile; .prof and top-function .txt files land in "
                         "<out>/profiles/ (figures are slower under the profiler)")
+    p.add_argument("--xdp-mode", choices=["generic", "native"], default="generic",
+                   help="how the XDP peers attach their program (default generic: on veth native mode "
+                        "makes the client segment every GSO buffer and turns each datagram into an XDP "
+                        "buffer; generic keeps GSO and GRO, docs/OPERATIONS.md section 6)")
     p.add_argument("--queues", type=int, default=2,
                    help="RX/TX queues of each veth end (default 2, so stcp_afxdp2's two workers "
                         "each own one; a single flow uses one queue either way)")
@@ -778,6 +782,7 @@ def main(argv=None) -> int:
     ncpu = os.cpu_count() or 1
     srv_cpu, cli_cpu = (0, 1) if ncpu >= 2 else (None, None)
     machine = machine_facts()
+    os.environ["BENCH_XDP_MODE"] = args.xdp_mode          # the XDP peers' servers read it
     results: dict[str, PeerResult] = {}
     steering: list[dict] = []
 
@@ -823,6 +828,7 @@ def main(argv=None) -> int:
                             f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
                             f"processes pinned with taskset, nice {args.nice}")
                 if sides:
+                    topology += f"; the XDP peers attach their program in {args.xdp_mode} mode"
                     topology += ("; " + ", ".join(f"{n} on its own identical pair {pa.ifname} ({pa.ip4})"
                                                   for n, (pa, _) in pairs.items() if n is not None)
                                  + " between the same namespaces, since an interface holds one XDP program")
