@@ -9,7 +9,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
 
 from _typeshed import ReadableBuffer
 
@@ -48,6 +48,9 @@ class XskSocket:
         counted (stats()['rx_malformed']) and skipped. The frames go back to the fill ring
         before it returns. With templates, also the headers of a reply to each sender (see
         reply_template), for send_udp()."""
+    @overload
+    def recv(self, max_n: int, v4mapped: bool, templates: bool,
+             gro: bool = True) -> Any: ...
     def send_udp(self, datagrams: Sequence[ReadableBuffer], template: ReadableBuffer) -> int:
         """UDP datagrams behind a reply template, lengths and IPv4/UDP checksums computed in
         C, on the TX ring; returns how many were queued (fewer when frames or ring slots run

@@ -4,7 +4,10 @@ Data records are routed by the connection ID in their header; client hellos by (
 address, client CID), so a retransmitted hello reaches the connection it already made and
 gets the same server hello back instead of a second connection. A datagram that names no
 connection is dropped and counted; one that names a connection is that connection's
-business alone, so a bad record can end only the connection it was aimed at.
+business alone, so a bad record can end only the connection it was aimed at, and only when
+it comes from that connection's peer address: from anywhere else, what does not
+authenticate is discarded and counted, and what does moves the connection there
+(PROTOCOL.md §10.2).
 
 The hello path answers without state what it will not serve (PROTOCOL.md section 4): a
 REJECT, a COOKIE when past the hello budget or the half-open cap, a v1-layout REJECT for a
@@ -16,22 +19,23 @@ from __future__ import annotations
 import copy
 import struct
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, cast
 
 from . import wire
+from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
 from .connection import Config, Connection
 from .cookie import CookieSecrets
 from .crypto import reset_token
 from .errors import CloseCode, MalformedRecord
 from .handshake import Rejected, cookie_record, reject_record
-from .identity import generate_private_key
+from .identity import StaticKey, generate_private_key
 from .ratelimit import TokenBucket
 from .state import State
 
 _CID_SEQ = struct.Struct("!8xQQ")
 
 
-def _data_record_cid(data) -> int:
+def _data_record_cid(data: bytes) -> int:
     """The cid of a datagram that is a data record by its header, else 0."""
     if len(data) >= wire.HEADER_LEN:
         cid, seq = _CID_SEQ.unpack_from(data)
@@ -40,11 +44,11 @@ def _data_record_cid(data) -> int:
     return 0
 
 
-def _group_by_cid(batch) -> list:
+def group_by_cid_ref(batch: Sequence[tuple]) -> list:
     """stcp._demux.group_by_cid in Python: its reference, and the fallback without the C extension."""
     groups: list = []
 
-    def add(unit, addr, cid: int) -> None:
+    def add(unit: wire.DatagramEntry, addr: Hashable, cid: int) -> None:
         if cid and groups and groups[-1][0] == cid and groups[-1][1] == addr:
             groups[-1][2].append(unit)
         else:
@@ -69,7 +73,7 @@ def _group_by_cid(batch) -> list:
 try:
     from ._demux import group_by_cid
 except ImportError:
-    group_by_cid = _group_by_cid
+    group_by_cid = group_by_cid_ref
 
 
 @dataclass
@@ -88,6 +92,7 @@ class EndpointStats:
     clients_not_allowed: int = 0      # connections ended ACCESS_DENIED (counted at remove())
     resets_sent: int = 0              # stateless RESETs for data records naming no connection
     resets_rate_limited: int = 0      # ... not sent: over the RESET budget
+    migrations: int = 0               # connections moved to a new peer address (§10.2)
 
 
 _REJECT_COUNTERS = {wire.REJECT_VERSION: "rejected_version", wire.REJECT_SUITE: "rejected_suite",
@@ -96,16 +101,25 @@ HALF_OPEN_DEFAULT = 4096
 
 
 class ServerEndpoint:
-    def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0):
+    def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0,
+                 shed_after: float = SHED_AFTER):
         if config.static_key is None:     # no identity given: a fresh one for this endpoint
             config = copy.copy(config)
             config.static_key = generate_private_key()
             config.__post_init__()
+        assert config.identity is not None and config.reset_key is not None   # derived from static_key
         self.config = config
+        self.identity: StaticKey = config.identity
+        self._reset_key: bytes = config.reset_key
         self.max_connections = max_connections
+        self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
+        self.budget.shed_hook = self.shed
+        self.shed_after = shed_after
+        self._next_shed_scan = 0.0
         self.connections: Dict[int, Connection] = {}
         self.peer_addr: Dict[int, Hashable] = {}
         self._by_hello: Dict[Tuple[Hashable, int], Connection] = {}
+        self._hello_key: Dict[int, Tuple[Hashable, int]] = {}     # cid -> its _by_hello key
         self.stats = EndpointStats()
         self.replies: List[Tuple[bytes, Hashable]] = []    # stateless replies waiting to be sent
         soft = config.max_half_open
@@ -118,7 +132,7 @@ class ServerEndpoint:
     @property
     def public_key(self) -> bytes:
         """The server's static public key: what clients pin."""
-        return self.config.identity.public
+        return self.identity.public
 
     def receive(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
         """Route one datagram; return (connection or None, whether it is a new connection)."""
@@ -133,15 +147,19 @@ class ServerEndpoint:
             self.stats.dropped_unknown_cid += 1
             self._maybe_reset(data, addr, now)
             return None, False
-        conn.receive_datagram(data, now)
+        from_peer = addr == self.peer_addr.get(cid)
+        if conn.receive_datagram(data, now, from_peer) and not from_peer:
+            self._migrate(conn, addr)
         self._check_half_open(conn)
+        if self.budget.used > self.budget.limit:
+            self.shed(now)
         return conn, False
 
-    def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
+    def receive_batch(self, batch: Sequence[tuple], now: float) -> Tuple[List[Connection], List[Connection]]:
         """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
-        each connection getting its own in one
-        receive_datagrams call, in arrival order; return (connections that got any, new ones)."""
-        pending: Dict[Connection, List[bytes]] = {}
+        each connection getting its own from each source address in one receive_datagrams call,
+        in arrival order; return (connections that got any, new ones)."""
+        pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]] = {}
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
         connections = self.connections
@@ -153,9 +171,9 @@ class ServerEndpoint:
                     for d in wire.expand_datagrams(datagrams):
                         self._maybe_reset(d, addr, now)
                     continue
-                records = pending.get(conn)
+                records = pending.get((conn, addr))
                 if records is None:
-                    pending[conn] = datagrams
+                    pending[(conn, addr)] = datagrams
                     touched[conn] = None
                 else:
                     records += datagrams
@@ -164,18 +182,48 @@ class ServerEndpoint:
             # after what came before it
             self._deliver(pending, now)
             pending = {}
-            conn, is_new = self.receive(datagrams[0], addr, now)
+            conn, is_new = self.receive(cast(bytes, datagrams[0]), addr, now)    # one datagram
             if conn is not None:
                 touched[conn] = None
                 if is_new:
                     new.append(conn)
         self._deliver(pending, now)
+        if self.budget.used > self.budget.limit:
+            touched.update(dict.fromkeys(self.shed(now)))
         return list(touched), new
 
-    def _deliver(self, pending: Dict[Connection, List[bytes]], now: float) -> None:
-        for conn, records in pending.items():
-            conn.receive_datagrams(records, now)
+    def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]], now: float) -> None:
+        peer_addr = self.peer_addr
+        for (conn, addr), records in pending.items():
+            from_peer = addr == peer_addr.get(conn.local_cid)
+            if conn.receive_datagrams(records, now, from_peer) and not from_peer:
+                self._migrate(conn, addr)
             self._check_half_open(conn)
+
+    def shed(self, now: float) -> List[Connection]:
+        """Over the memory budget: end the connections holding the most that made no progress
+        for shed_after seconds, until the rest fit (looking at most every SHED_INTERVAL
+        seconds, over every connection). They are returned; receive_batch counts them as
+        touched, so the datapath sends their CLOSE at once. Shed from a connection's timer
+        (MemoryBudget.shed_hook), their CLOSE leaves when their own timer next fires."""
+        budget = self.budget
+        if now < self._next_shed_scan or budget.used <= budget.limit:
+            return []
+        self._next_shed_scan = now + SHED_INTERVAL
+        victims = budget.victims(self.connections.values(), now, self.shed_after)
+        for conn in victims:
+            conn.shed(f"server memory budget exhausted: this connection held {conn.footprint} bytes "
+                      f"without progress for {now - conn.progress_time(now):.1f} s", now)
+            budget.shed += 1
+        return victims
+
+    def _migrate(self, conn: Connection, addr: Hashable) -> None:
+        """The peer's newest authenticated record came from `addr` (NAT rebinding, or the
+        client moved): send there from now on (PROTOCOL.md §10.2)."""
+        if conn.local_cid not in self.connections or conn.is_closed:
+            return
+        self.peer_addr[conn.local_cid] = addr
+        self.stats.migrations += 1
 
     def _check_half_open(self, conn: Connection) -> None:
         if conn.state != State.KEY_EXCHANGE:
@@ -243,9 +291,11 @@ class ServerEndpoint:
             return None, False
         if conn.local_cid in self.connections:    # 64-bit collision: let the client's retransmission retry
             return None, False
+        conn.budget = self.budget
         self.connections[conn.local_cid] = conn
         self.peer_addr[conn.local_cid] = addr
         self._by_hello[key] = conn
+        self._hello_key[conn.local_cid] = key
         self._half_open[conn] = None
         return conn, True
 
@@ -265,12 +315,14 @@ class ServerEndpoint:
             self.stats.resets_rate_limited += 1
             return
         self.stats.resets_sent += 1
-        self._reply(wire.encode_reset(reset_token(self.config.reset_key, cid)), addr)
+        self._reply(wire.encode_reset(reset_token(self._reset_key, cid)), addr)
 
     def remove(self, conn: Connection) -> None:
         if self.connections.pop(conn.local_cid, None) is conn and conn.close_info is not None \
                 and conn.close_info.code == CloseCode.ACCESS_DENIED and not conn.close_info.by_peer:
             self.stats.clients_not_allowed += 1
         self._half_open.pop(conn, None)
-        addr = self.peer_addr.pop(conn.local_cid, None)
-        self._by_hello.pop((addr, conn.peer_cid), None)
+        self.peer_addr.pop(conn.local_cid, None)
+        key = self._hello_key.pop(conn.local_cid, None)
+        if key is not None:
+            self._by_hello.pop(key, None)

@@ -17,8 +17,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from ..errors import CloseCode
+from ..receive import DISCARD_REASONS
 
 if TYPE_CHECKING:
+    from ..connection import Connection, ConnectionClosed
+    from ..endpoint import ServerEndpoint
     from .exporter import MetricsHTTPServer
 
 # --------------------------------------------------------------------------------------
@@ -49,6 +52,9 @@ ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
     "over_capacity": "dropped_over_capacity",
 }
 
+# Connection.stats.discarded reasons, summed over ended + live connections as "discarded:<reason>"
+_DISCARD_KEYS: Tuple[str, ...] = tuple("discarded:" + r for r in DISCARD_REASONS)
+
 # Connection.stats fields summed over ended + live connections
 _STAT_FIELDS: Tuple[str, ...] = (
     "records_sent", "records_received", "bytes_sent", "bytes_received",
@@ -62,7 +68,7 @@ RTT_BUCKETS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def close_reason(info) -> str:
+def close_reason(info: Optional[ConnectionClosed]) -> str:
     """Map a ConnectionClosed (code, by_peer, error) to one of CLOSE_REASONS."""
     if info is None:
         return "other"
@@ -98,7 +104,7 @@ class _Histogram:
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         buckets, acc = [], 0
-        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts, strict=True):
             acc += n
             buckets.append((floatToGoString(bound), acc))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
@@ -140,13 +146,13 @@ class ServerMetrics(Collector):
       stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
     """
 
-    def __init__(self, endpoint=None, datapath: str = "socket", cipher: str = "aes-256-gcm",
-                 version: Optional[str] = None):
+    def __init__(self, endpoint: Optional[ServerEndpoint] = None, datapath: str = "socket",
+                 cipher: str = "aes-256-gcm", version: Optional[str] = None) -> None:
         self.endpoint = endpoint
         self.build = {"version": version or _version(), "datapath": datapath, "cipher": cipher}
         self._lock = threading.Lock()
-        self._live: Dict[object, bool] = {}          # Connection -> handshake completed
-        self._ended = dict.fromkeys(_STAT_FIELDS, 0)
+        self._live: Dict[Connection, bool] = {}      # -> handshake completed
+        self._ended = dict.fromkeys(_STAT_FIELDS + _DISCARD_KEYS, 0)
         self._created = 0
         self._completed = 0
         self._closed = dict.fromkeys(CLOSE_REASONS, 0)
@@ -167,7 +173,7 @@ class ServerMetrics(Collector):
         return metrics
 
     # -- hooks (event loop) ------------------------------------------------------------
-    def adopt(self, connections: Iterable) -> None:
+    def adopt(self, connections: Iterable[Connection]) -> None:
         """Count connections that existed before this hook was installed as opened now."""
         with self._lock:
             for conn in connections:
@@ -177,13 +183,13 @@ class ServerMetrics(Collector):
                     self._completed += est
                     self._live[conn] = est
 
-    def connection_created(self, conn) -> None:
+    def connection_created(self, conn: Connection) -> None:
         with self._lock:
             if conn not in self._live:
                 self._created += 1
                 self._live[conn] = False
 
-    def connection_established(self, conn, handshake_seconds: float) -> None:
+    def connection_established(self, conn: Connection, handshake_seconds: float) -> None:
         with self._lock:
             if self._live.get(conn) is True:
                 return
@@ -193,7 +199,7 @@ class ServerMetrics(Collector):
             self._completed += 1
             self._hs_hist.observe(max(0.0, float(handshake_seconds)))
 
-    def connection_ended(self, conn) -> None:
+    def connection_ended(self, conn: Connection) -> None:
         with self._lock:
             if conn not in self._live:
                 return                            # ended twice, or never seen
@@ -201,6 +207,8 @@ class ServerMetrics(Collector):
             st = conn.stats
             for f in _STAT_FIELDS:
                 self._ended[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                self._ended["discarded:" + r] += n
             for sample in st.rtt_samples:
                 self._rtt_hist.observe(sample)
             reason = close_reason(conn.close_info)
@@ -224,19 +232,25 @@ class ServerMetrics(Collector):
             st = conn.stats
             for f in _STAT_FIELDS:
                 sums[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                sums["discarded:" + r] += n
             in_progress += not established
         drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
         rejected = 0
+        memory = {"limit": 0, "used": 0, "shed": 0, "withheld": 0, "migrations": 0}
         ep = self.endpoint
         if ep is not None:
             for label, field in ENDPOINT_DROP_REASONS.items():
                 drops[label] = getattr(ep.stats, field, 0)
             rejected = ep.stats.handshakes_rejected
+            budget = ep.budget
+            memory = {"limit": budget.limit, "used": budget.used, "shed": budget.shed,
+                      "withheld": budget.credit_withheld, "migrations": ep.stats.migrations}
         hs_failed["rejected"] = rejected
         return {"stats": sums, "active": len(live), "in_progress": in_progress,
                 "opened": created, "closed": closed, "hs_started": created + rejected,
                 "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
-                "rtt_hist": rtt_hist, "drops": drops}
+                "rtt_hist": rtt_hist, "drops": drops, "memory": memory}
 
     def collect(self) -> Iterator:
         s = self.snapshot()
@@ -283,7 +297,8 @@ class ServerMetrics(Collector):
         rb.add_metric(["rx"], st["bytes_received"])
         yield rb
         sb = CounterMetricFamily("stcp_stream_bytes", "Application stream bytes: carried in sealed records (tx; "
-                                 "retransmitted bytes count again), delivered in order to the application (rx).", labels=["direction"])
+                                 "retransmitted bytes count again), delivered in order to the application (rx).",
+                                 labels=["direction"])
         sb.add_metric(["tx"], st["stream_bytes_sent"])
         sb.add_metric(["rx"], st["stream_bytes_received"])
         yield sb
@@ -303,12 +318,33 @@ class ServerMetrics(Collector):
         yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
                                    "1024 of each), observed when the connection ends.")
 
+        dr = CounterMetricFamily("stcp_records_discarded", "Records that reached a connection and were "
+                                 "discarded without ending it, by reason: from an address not the peer's, "
+                                 "malformed, failing authentication or two key epochs ahead; handshake-class "
+                                 "records that are not a repeat of the connection's hello; longer than "
+                                 "max_datagram; opening a reassembly fragment beyond the cap (PROTOCOL.md 10.2).",
+                                 labels=["reason"])
+        for r in DISCARD_REASONS:
+            dr.add_metric([r], st["discarded:" + r])
+        yield dr
+
         # endpoint
         d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
                                 "before any connection saw them, by reason.", labels=["reason"])
         for r in ENDPOINT_DROP_REASONS:
             d.add_metric([r], s["drops"][r])
         yield d
+        mem = s["memory"]
+        yield CounterMetricFamily("stcp_connections_migrated", "Connections moved to a new peer address by an "
+                                  "authenticated record from it (NAT rebinding).", value=mem["migrations"])
+        yield GaugeMetricFamily("stcp_memory_budget_bytes", "The server-wide limit on stream buffers.",
+                                value=mem["limit"])
+        yield GaugeMetricFamily("stcp_memory_used_bytes", "Stream buffers held now: received and not yet read "
+                                "by the application, sent and not yet acknowledged.", value=mem["used"])
+        yield CounterMetricFamily("stcp_connections_shed", "Connections ended because the memory budget was "
+                                  "exhausted (each held the most without progress).", value=mem["shed"])
+        yield CounterMetricFamily("stcp_credit_withheld", "Flow-control grants postponed because the memory "
+                                  "budget was exhausted.", value=mem["withheld"])
 
     def close(self) -> None:
         """Stop the HTTP exporter started by serve_metrics (the hook stays harmless)."""

@@ -88,7 +88,7 @@ def discover_targets(netns: Optional[str] = None, pin_root: Optional[str] = None
                 if h is not None:
                     h.close()
                     found.append((name, netns))
-    except Exception as e:  # noqa: BLE001 - discovery is best effort; pins were still found
+    except Exception as e:  # discovery is best effort; pins were still found
         log.debug("netlink discovery failed: %s", e)
     out: List[Tuple[str, Optional[str]]] = []
     for t in found:
@@ -125,7 +125,7 @@ class XdpCollector(Collector):
         for iface, ns in targets:
             try:
                 snap = self._read(iface, ns)
-            except Exception as e:  # noqa: BLE001 - one broken interface must not hide the others
+            except Exception as e:  # one broken interface must not hide the others
                 with self._lock:
                     self._errors += 1
                     first = (iface, ns, str(e)) not in self._warned
