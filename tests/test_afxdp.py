@@ -227,7 +227,7 @@ def test_receive_batches_join_one_flow():
     assert _xsk.parse_frames([f4(r) for r in recs], gro=False) == [(r, a) for r in recs]
     many = [f4(_record(40, seq=i)) for i in range(1, 70)]     # at most 64 per entry
     assert [len(e[0]) // 64 for e in _xsk.parse_frames(many)] == [64, 5]
-    entries, templates = _xsk.parse_frames([f4(recs[0]), f4b(recs[1])], templates=True)
+    _, templates = _xsk.parse_frames([f4(recs[0]), f4b(recs[1])], templates=True)
     assert set(templates) == {a, ("10.0.0.2", 5001)}
     assert templates[a] == _xsk.reply_template(f4(recs[0]))
 

@@ -137,7 +137,7 @@ def test_xdp_flooder_frames_reach_the_peer(veth):
         assert out.returncode == 0, out.stderr[-2000:]
         doc = json.loads(out.stdout.strip().splitlines()[-1])
         assert 10_000 <= doc["sent"] <= 30_000, doc
-        got, ring_full = (x - y for x, y in zip(counts(), before))
+        got, ring_full = (x - y for x, y in zip(counts(), before, strict=True))
         assert got >= 1000 and got + ring_full >= doc["sent"] * 0.95, (got, ring_full, doc)
         cids = set()
         try:

@@ -1,9 +1,10 @@
 """STCP on the XDP datapath (`stcp serve --datapath xdp`): the socket-datapath server
 (kernel UDP socket) with the STCP XDP program attached on the server's veth (generic mode
-unless BENCH_XDP_MODE says native; bench.run --xdp-mode), dropping what does not belong to a live connection or a well-formed hello before
-the stack sees it: `stcp.serve(..., datapath="xdp")`. Same handler and client as the
-`stcp` peer. The per-source hello limit is lifted, as for stcp_afxdp (the benchmark's
-handshakes all come from one client). Root, bcc; not available on loopback.
+unless BENCH_XDP_MODE says native; bench.run --xdp-mode), dropping what does not belong to
+a live connection or a well-formed hello before the stack sees it:
+`stcp.serve(..., datapath="xdp")`. Same handler and client as the `stcp` peer. The
+per-source hello limit is lifted, as for stcp_afxdp (the benchmark's handshakes all come
+from one client). Root, bcc; not available on loopback.
 """
 from __future__ import annotations
 

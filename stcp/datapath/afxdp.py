@@ -347,7 +347,8 @@ class AfxdpServerDriver(ServerDriver):
                 got = xsk.recv(XSK_RECV_BATCH, self._v4mapped, self.tx_afxdp)
             except (OSError, ValueError):
                 break
-            batch, templates = got if self.tx_afxdp else (got, None)
+            templates: Dict[Any, bytes] = {}
+            batch, templates = got if self.tx_afxdp else (got, templates)
             if not batch:
                 break
             records = entry_records(batch)
@@ -432,7 +433,7 @@ def rx_entries(frames: Iterable[bytes], v4mapped: bool = False, ifindex: int = 0
 
     def flush() -> None:
         if run:
-            flow, addr, seg, pieces, _ = run
+            _flow, addr, seg, pieces, _ = run
             out.append((b"".join(pieces), addr, seg) if len(pieces) > 1 else (pieces[0], addr))
             run.clear()
 
