@@ -67,6 +67,9 @@ TARGETS = {
     # the fastest STCP datapath of the run, for one connection (bulk) and eight (bulk8)
     "fastest_bulk_vs_tls_asyncio": 1.0,
     "fastest_bulk_vs_aioquic": 30.0,
+    # each kernel datapath (XDP, AF_XDP) against the socket datapath on the same veth
+    "kernel_bulk_vs_socket": 0.9,
+    "kernel_bulk_vs_tls_asyncio": 1.0,
 }
 
 
@@ -576,6 +579,15 @@ def ratios(results: dict) -> list[dict]:
         add(f"Fastest STCP datapath {what} ÷ aioquic {what}", fastest,
             ("quic", figure(results, "quic", test)), TARGETS["fastest_bulk_vs_aioquic"], ">=",
             "fastest of all STCP peers measured")
+    # Each kernel datapath on its own: what filtering (XDP) or bypassing the stack (AF_XDP)
+    # costs or saves against the socket datapath, one connection, same client and veth set-up.
+    for name in XDP_PEERS:
+        add(f"{name} bulk ÷ STCP socket datapath bulk", (name, figure(results, name, "bulk")),
+            ("stcp", figure(results, "stcp", "bulk")), TARGETS["kernel_bulk_vs_socket"], ">=",
+            "same run, one connection")
+        add(f"{name} bulk ÷ TLS 1.3 asyncio bulk", (name, figure(results, name, "bulk")),
+            ("tls_asyncio", figure(results, "tls_asyncio", "bulk")), TARGETS["kernel_bulk_vs_tls_asyncio"],
+            ">=", "same run, one connection")
     return rows
 
 

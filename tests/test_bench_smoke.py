@@ -98,6 +98,9 @@ def test_bench_xdp_and_afxdp_workers_smoke(tmp_path):
     for name in ("tls_asyncio", "stcp_xdp", "stcp_afxdp2"):
         _check_peer(doc, name)
     assert "veth1" in doc["topology"] and "veth2" in doc["topology"]   # an XDP program each
+    rows = {r["ratio"]: r for r in doc["ratios"]}
+    for name in ("stcp_xdp", "stcp_afxdp2"):                 # each kernel datapath's own ratio
+        assert rows[f"{name} bulk ÷ TLS 1.3 asyncio bulk"]["value"] is not None, rows
     workers = doc["peers"]["stcp_afxdp2"]["tests"]["bulk8"]["summary"]["server_workers"]
     assert [w["worker"] for w in workers] == [0, 1], workers
     # every record of the run was counted by some worker; 8 connections, each in one worker
