@@ -347,8 +347,10 @@ class AfxdpServerDriver(ServerDriver):
                 got = xsk.recv(XSK_RECV_BATCH, self._v4mapped, self.tx_afxdp)
             except (OSError, ValueError):
                 break
-            templates: Dict[Any, bytes] = {}
-            batch, templates = got if self.tx_afxdp else (got, templates)
+            if self.tx_afxdp:
+                batch, templates = got
+            else:
+                batch, templates = got, {}
             if not batch:
                 break
             records = entry_records(batch)
