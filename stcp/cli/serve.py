@@ -1,8 +1,10 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
-`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool)."""
+`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool),
+which loads (or makes) the server key once and hands it to every worker."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sys
 from typing import Any, Awaitable, Callable, Tuple
@@ -11,6 +13,7 @@ from .. import server as stcp_server
 from ..connection import Config
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .identity import allowed_clients, describe_key, server_identity
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -53,13 +56,22 @@ async def serve(args: Any) -> int:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         role = WorkerRole.from_env()          # set when our supervisor started this process
-        if args.workers > 1 and role is None:
-            return await _supervise(args, port, config)
+    if role is None or role.static_key is None:     # a worker serves under the key its supervisor holds
+        private, note = server_identity(args)
+        if note:
+            print(f"stcp: {note}", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, static_key=private)
+    allowed = allowed_clients(args)
+    if role is None and args.datapath == "afxdp" and args.workers > 1:
+        return await _supervise(args, port, config)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, metrics=None if role else args.metrics)
+                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
     try:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
+            loop.add_signal_handler(sig, server.close)
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
             assert isinstance(dp, AfxdpDatapath)
@@ -70,15 +82,17 @@ async def serve(args: Any) -> int:
             from ..datapath.xdp import XdpDatapath
             assert isinstance(dp, XdpDatapath)
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
-        bound = server.sockets[0].getsockname()
-        mode = f"forwarding to {args.forward}" if args.forward else "echo"
-        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
-              flush=True)
-        if role is not None:
-            role.notify_ready()
+        # Handlers first: whoever reads "serving on" may signal at once and expects a clean exit.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, server.close)
+        bound = server.sockets[0].getsockname()
+        mode = f"forwarding to {args.forward}" if args.forward else "echo"
+        admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
+        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath); server key "
+              f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
+        if role is not None:
+            role.notify_ready()
         await server.serve_forever()
     finally:
         server.close()

@@ -18,18 +18,21 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import struct
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
 from ..wire import MAX_CID_WORKERS
-from . import bpf
+from . import bpf, libxdp
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
 from .socket import ServerDriver, bind_udp
+from .xdp_handover import plan
+from .xdp_object import ObjectDir, find_clang
 from .xdp_prog import (
     CID,
     DEFAULT_HS_BURST,
@@ -45,16 +48,19 @@ from .xdp_prog import (
     MAP_ABI,
     MODES,
     ProgHandles,
+    attached_ids,
     check_toolchain,
     cid_filter_slot,
     compile_prog,
     current_netns_name,
+    dispatched_by,
     ensure_bpffs,
     find_stcp,
     open_prog,
     pin_dir,
     pin_prog,
     pinned_prog_id,
+    prog_name,
     read_config,
     read_counters,
     release_bcc,
@@ -70,6 +76,57 @@ __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached
            "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
 
 log = logging.getLogger("stcp.datapath.xdp")
+
+
+def libxdp_unavailable() -> Optional[str]:
+    """None if the plain program can be built with clang and attached through libxdp,
+    else why not. STCP_XDP_LOADER=bcc chooses bcc regardless."""
+    if os.environ.get("STCP_XDP_LOADER") == "bcc":
+        return "STCP_XDP_LOADER=bcc"
+    if find_clang() is None:
+        return "clang not found"
+    return libxdp.available()
+
+
+def _dispatcher_of(state: Dict[str, int]) -> Optional[Tuple[str, int]]:
+    """(mode, prog id) of the libxdp dispatcher attached to the interface, if there is one."""
+    for m, pid in state.items():
+        if prog_name(pid) == "xdp_dispatcher" or dispatched_by([pid])[pid]:
+            return m, pid
+    return None
+
+
+def _clear_direct(nl: Netlink, ifindex: int, state: Dict[str, int]) -> List[Tuple[str, int]]:
+    """Detach the programs in state (mode -> id); returns (mode, fd) of each, to restore."""
+    held = []
+    for m, pid in state.items():
+        try:
+            held.append((m, bpf.prog_fd_by_id(pid)))
+        except OSError:
+            pass                                   # gone already
+        nl.clear_xdp(ifindex, m)
+    return held
+
+
+def _restore(nl: Netlink, ifindex: int, held: List[Tuple[str, int]]) -> None:
+    for m, fd in held:
+        try:
+            nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS.get(m, 0))
+        except Exception as e:
+            log.error("could not put the replaced XDP program back on ifindex %d: %s", ifindex, e)
+    _close_fds(fd for _m, fd in held)
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _set_hint(iface: str) -> str:
+    return f"change limits with 'stcp-loader set {iface} --hs-rate N ...' instead"
 
 
 class XdpDatapath:
@@ -97,6 +154,7 @@ class XdpDatapath:
         self._cids: set[int] = set()
         self._lock = threading.Lock()
         self.private_pins = False         # pins live in a bpffs private to this process
+        self.loader = "bcc"               # what attached it: "libxdp" (clang build) or "bcc"
         cfg = read_config(handles)
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
@@ -119,68 +177,157 @@ class XdpDatapath:
                hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
                hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
                hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
-               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> "XdpDatapath":
-        """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
-        other XDP program) is attached there, unless force=True, which replaces it.
-        afxdp=True compiles the variant that redirects good records to its stcp_xsks
-        XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
-        steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
+               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST,
+               priority: int = libxdp.DEFAULT_PRIORITY) -> "XdpDatapath":
+        """Build and attach a fresh program. Raises XdpAlreadyAttached if STCP, or an XDP
+        program it cannot run beside, is attached there, unless force=True, which replaces
+        it; a replaced STCP program hands its maps over (xdp_handover.py) or the replacement
+        is refused while a server needs them.
+
+        The plain program is built with clang and attached through libxdp, behind its
+        dispatcher when the kernel can run one (priority orders the programs there, lower
+        first; see libxdp.py), which needs clang and libxdp (`loader` says "libxdp"); without
+        them, bcc builds it and netlink attaches it alone ("bcc"). afxdp=True builds the
+        variant that redirects good records to its stcp_xsks XSKMAP (-DSTCP_AFXDP, always bcc;
+        stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
+        their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
         hello = {"hs_prefix4": hs_prefix4, "hs_prefix6": hs_prefix6, "hs_global_rate": hs_global_rate,
                  "hs_global_burst": hs_global_burst}
         return off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                        max_cids, hs_sources, afxdp, nworkers, hello)
+                        max_cids, hs_sources, afxdp, nworkers, hello, priority)
 
     @classmethod
     def _attach(cls, iface: str, port: int, mode: str, max_record_len: int, force: bool, netns: Optional[str],
                 hs_rate: int, hs_burst: int, max_cids: int, hs_sources: int, afxdp: bool = False,
-                nworkers: int = 0, hello: Optional[Dict[str, int]] = None) -> "XdpDatapath":
+                nworkers: int = 0, hello: Optional[Dict[str, int]] = None,
+                priority: int = libxdp.DEFAULT_PRIORITY) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
             raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
         require_root()
+        why_not = None if afxdp else libxdp_unavailable()
+        via_libxdp = not afxdp and why_not is None
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
-            check_toolchain()
+            if not via_libxdp:
+                try:
+                    check_toolchain()
+                except XdpSetupError as e:
+                    if afxdp:
+                        raise
+                    raise XdpSetupError(f"cannot build the XDP program: clang with libxdp is not usable "
+                                        f"({why_not}), and {e}") from None
             mounted = ensure_bpffs()
             old_mode, old, state = find_stcp(nl, ifindex)
-            if old:
-                old.close()
-            if state and not force:
-                if old:
+            pins = pin_dir(iface, netns)
+
+            def configure(h: ProgHandles) -> None:
+                write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
+
+            try:
+                if old and not force:
                     raise XdpAlreadyAttached(
                         f"STCP XDP program already attached to {iface} (prog id {old.prog_id}, {old_mode} mode); "
-                        f"use --force to replace it, or detach it first")
-                desc = ", ".join(f"id {p} in {m} mode" for m, p in state.items())
-                raise XdpAlreadyAttached(f"{iface} already has another XDP program ({desc}); "
-                                         f"use --force to replace it, or remove it first")
-            pins = pin_dir(iface, netns)
-            b, fn = compile_prog(max_cids, hs_sources, afxdp)
-            h = None
-            try:
-                pid = bpf.prog_info(fn.fd)["id"]
-                h = open_prog(pid)
-                if h is None:
-                    raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-                write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
-                remove_pins(pins)              # stale pins of a program that is gone
-                pin_prog(h, pins)
-                for m in state:                # force: clear what is there first
-                    nl.clear_xdp(ifindex, m)
-                got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
-            except BaseException:
-                if h:
-                    h.close()
-                remove_pins(pins)
-                raise
+                        f"change its limits with 'stcp-loader set {iface} ...', or use --force to replace it "
+                        f"(the connection table carries over)")
+                if state and not old and not force and not (via_libxdp and _dispatcher_of(state)):
+                    desc = ", ".join(f"{prog_name(p)}, id {p}, {m} mode" for m, p in state.items())
+                    raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
+                                             f"STCP cannot run beside (only programs behind libxdp's dispatcher "
+                                             f"share an interface); use --force to replace it, or remove it first")
+                attach = cls._attach_libxdp if via_libxdp else cls._attach_bcc
+                h, got = attach(nl, ifindex, iface, mode, old, state, configure, netns,
+                                max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp, priority=priority)
             finally:
-                release_bcc(b)
-            log.info("attached STCP XDP prog %d to %s in %s mode", h.prog_id, iface, got)
+                if old:
+                    old.close()
+            try:
+                remove_pins(pins)              # stale pins, or the replaced program's
+                pin_prog(h, pins)
+            except BaseException:
+                h.close()
+                raise
+            log.info("attached STCP XDP prog %d to %s in %s mode%s", h.prog_id, iface, got,
+                     f" behind libxdp's dispatcher (prog {h.dispatcher_id})" if h.dispatcher_id else "")
             dp = cls(iface, ifindex, got, h, True, netns, pins)
+            dp.loader = "libxdp" if via_libxdp else "bcc"
             # `ip netns exec` gives the process a private /sys: a bpffs mounted there (and
             # our pins) goes away with the process. The program stays attached regardless.
             dp.private_pins = mounted and netns is None and current_netns_name() is not None
             return dp
+
+    @classmethod
+    def _attach_bcc(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
+                    state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
+                    max_cids: int, hs_sources: int, afxdp: bool, priority: int) -> Tuple[ProgHandles, str]:
+        """bcc builds it, configured before netlink attaches it alone."""
+        if old:
+            plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
+        b, fn = compile_prog(max_cids, hs_sources, afxdp)
+        h = None
+        try:
+            h = open_prog(bpf.prog_info(fn.fd)["id"])
+            if h is None:
+                raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
+            configure(h)
+            cleared = _clear_direct(nl, ifindex, state)     # force: what is there goes first
+            try:
+                got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
+            except BaseException:
+                _restore(nl, ifindex, cleared)
+                raise
+            _close_fds(fd for _m, fd in cleared)
+            return h, got
+        except BaseException:
+            if h:
+                h.close()
+            raise
+        finally:
+            release_bcc(b)
+
+    @classmethod
+    def _attach_libxdp(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
+                       state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
+                       max_cids: int, hs_sources: int, afxdp: bool, priority: int) -> Tuple[ProgHandles, str]:
+        """clang builds it and libxdp attaches it (taking over old's maps where they fit),
+        configured right after: until then its config reads port 0 and it passes
+        everything, as the interface did before. An old STCP program behind the dispatcher
+        leaves after the new one has joined; one attached alone leaves first (libxdp cannot
+        put a dispatcher in its place) and comes back if the new one fails."""
+        disp = _dispatcher_of(state)
+        if mode == "auto" and disp:
+            mode = disp[0]                              # join the dispatcher in its mode
+        with ObjectDir(max_cids, hs_sources) as obj:
+            reuse = plan(old, libxdp.object_maps(obj.path), iface, _set_hint(iface)) if old else {}
+            try:
+                if old is not None and old.dispatcher_id is not None:
+                    pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
+                                                     priority=priority, netns=netns)
+                    libxdp.detach(ifindex, iface, old.prog_id, got, netns)
+                else:
+                    cleared = _clear_direct(nl, ifindex, {} if disp else state)
+                    try:
+                        pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
+                                                         priority=priority, netns=netns)
+                    except BaseException:
+                        _restore(nl, ifindex, cleared)
+                        raise
+                    _close_fds(fd for _m, fd in cleared)
+            finally:
+                _close_fds(reuse.values())
+        got_mode, h, _state = find_stcp(nl, ifindex)
+        if h is None or h.prog_id != pid:
+            if h:
+                h.close()
+            raise XdpSetupError(f"libxdp attached prog {pid} to {iface} but it is not found there as STCP's")
+        try:
+            configure(h)
+        except BaseException:
+            h.close()
+            libxdp.detach(ifindex, iface, pid, got_mode or got, netns)
+            raise
+        return h, got_mode or got
 
     @staticmethod
     def _attach_prog(nl: Netlink, ifindex: int, iface: str, fd: int, mode: str) -> str:
@@ -325,7 +472,7 @@ class XdpDatapath:
     def _is_attached(self) -> bool:
         try:
             with Netlink(self.netns) as nl:
-                return self._h.prog_id in nl.xdp_state(self.ifindex).values()
+                return self._h.prog_id in attached_ids(nl, self.ifindex)
         except Exception:
             return False
 
@@ -344,26 +491,39 @@ class XdpDatapath:
 
     def _close(self) -> None:
         try:
-            if self.attached:
-                try:
-                    with Netlink(self.netns) as nl:
-                        state = nl.xdp_state(self.ifindex)
-                        for m, pid in state.items():
-                            if pid == self._h.prog_id:
-                                nl.clear_xdp(self.ifindex, m)
-                except Exception as e:   # interface or namespace gone: nothing left to detach
-                    log.info("detach from %s: %s", self.iface, e)
+            if self.attached and self._is_attached():
+                self._detach()
                 if self.pin_dir and self._pins_are_ours(self.pin_dir):
                     remove_pins(self.pin_dir)
             else:
+                # not ours, or ours was replaced (`stcp-loader attach --force`) by a program
+                # that took over its maps: take back only what we added
                 for cid in list(self._cids):
                     try:
-                        bpf.map_delete(self._h.maps["cids"], CID.pack(cid))
+                        self.remove_cid(cid)
                     except OSError:
                         pass
                 self._cids.clear()
         finally:
             self._h.close()
+
+    def _detach(self) -> None:
+        if self.loader == "libxdp" or self._h.dispatcher_id is not None:
+            try:
+                libxdp.detach(self.ifindex, self.iface, self._h.prog_id, self.mode, self.netns)
+                return
+            except XdpSetupError as e:
+                if self._h.dispatcher_id is not None:
+                    log.warning("%s", e)
+                    return
+                log.info("%s; detaching through netlink", e)     # attached alone: netlink can
+        try:
+            with Netlink(self.netns) as nl:
+                for m, pid in nl.xdp_state(self.ifindex).items():
+                    if pid == self._h.prog_id:
+                        nl.clear_xdp(self.ifindex, m)
+        except Exception as e:   # interface or namespace gone: nothing left to detach
+            log.info("detach from %s: %s", self.iface, e)
 
     def _pins_are_ours(self, pins: str) -> bool:
         # nothing (readable) pinned: removing the directory is harmless

@@ -33,9 +33,11 @@ from .exporter import (
 )
 from .server import (
                        CLOSE_REASONS,
+                       ENDPOINT_COUNTERS,
                        ENDPOINT_DROP_REASONS,
                        HANDSHAKE_BUCKETS,
                        HANDSHAKE_FAIL_REASONS,
+                       HANDSHAKE_REJECT_REASONS,
                        RTT_BUCKETS,
                        BuildInfo,
                        ServerMetrics,
@@ -55,7 +57,8 @@ from .workers import (
 )
 from .xdp import XdpCollector, discover_targets, read_xdp
 
-__all__ = ["CLOSE_REASONS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS", "RTT_BUCKETS",
+__all__ = ["CLOSE_REASONS", "ENDPOINT_COUNTERS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS",
+           "HANDSHAKE_REJECT_REASONS", "RTT_BUCKETS",
            "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN", "BuildInfo",
            "MetricsHTTPServer", "PoolMetrics", "ServerMetrics", "UnixExporter", "WorkerCollector",
            "WorkerPoolCollector", "XdpCollector", "build_info", "close_reason", "discover_targets",

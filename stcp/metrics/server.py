@@ -40,6 +40,8 @@ CLOSE_REASONS: Tuple[str, ...] = (
     "state_error",
     "internal_error",
     "key_update_error",
+    "access_denied",        # the server's allow list refused the client (or it proved no key)
+    "stateless_reset",      # a client: the server had no state for it (never at a server)
     "worker_died",          # the AF_XDP worker process holding it died (counted by the supervisor)
     "other",                # a close code this version does not know
 )
@@ -50,6 +52,31 @@ ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
     "unknown_cid": "dropped_unknown_cid",
     "bad_hello": "dropped_bad_hello",
     "over_capacity": "dropped_over_capacity",
+}
+
+# Why a handshake was refused: label -> EndpointStats field. The first four are REJECTs
+# answering a client hello (no connection made); the last two are connections the allow
+# list ended ACCESS_DENIED (a key not on it, or no key proven).
+HANDSHAKE_REJECT_REASONS: Dict[str, str] = {
+    "version": "rejected_version",
+    "suite": "rejected_suite",
+    "key": "rejected_key",
+    "busy": "rejected_busy",
+    "client_not_allowed": "clients_not_allowed",
+    "client_key_missing": "clients_without_key",
+}
+
+# Single EndpointStats counters: metric name (without _total) -> (field, help)
+ENDPOINT_COUNTERS: Dict[str, Tuple[str, str]] = {
+    "stcp_handshake_cookies_sent": (
+        "cookies_sent", "COOKIE replies: client hellos past the hello budget or the half-open cap without a "
+        "valid cookie, answered with one and no state (PROTOCOL.md 4.5)."),
+    "stcp_handshake_cookies_admitted": (
+        "cookie_admitted", "Client hellos served under load on the strength of a valid cookie."),
+    "stcp_stateless_resets_sent": (
+        "resets_sent", "Stateless RESETs sent for data records naming no connection (PROTOCOL.md 5.7)."),
+    "stcp_stateless_resets_rate_limited": (
+        "resets_rate_limited", "RESETs not sent because the RESET budget was spent."),
 }
 
 # Connection.stats.discarded reasons, summed over ended + live connections as "discarded:<reason>"
@@ -235,14 +262,14 @@ class ServerMetrics(Collector):
             for r, n in st.discarded.items():
                 sums["discarded:" + r] += n
             in_progress += not established
-        drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
-        rejected = 0
+        ep_stats = getattr(self.endpoint, "stats", None)
+        drops = {label: getattr(ep_stats, f, 0) for label, f in ENDPOINT_DROP_REASONS.items()}
+        rejects = {label: getattr(ep_stats, f, 0) for label, f in HANDSHAKE_REJECT_REASONS.items()}
+        counters = {name: getattr(ep_stats, f, 0) for name, (f, _) in ENDPOINT_COUNTERS.items()}
+        rejected = getattr(ep_stats, "handshakes_rejected", 0)
         memory = {"limit": 0, "used": 0, "shed": 0, "withheld": 0, "migrations": 0}
         ep = self.endpoint
         if ep is not None:
-            for label, field in ENDPOINT_DROP_REASONS.items():
-                drops[label] = getattr(ep.stats, field, 0)
-            rejected = ep.stats.handshakes_rejected
             budget = ep.budget
             memory = {"limit": budget.limit, "used": budget.used, "shed": budget.shed,
                       "withheld": budget.credit_withheld, "migrations": ep.stats.migrations}
@@ -250,7 +277,8 @@ class ServerMetrics(Collector):
         return {"stats": sums, "active": len(live), "in_progress": in_progress,
                 "opened": created, "closed": closed, "hs_started": created + rejected,
                 "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
-                "rtt_hist": rtt_hist, "drops": drops, "memory": memory}
+                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": counters,
+                "memory": memory}
 
     def collect(self) -> Iterator:
         s = self.snapshot()
@@ -273,6 +301,15 @@ class ServerMetrics(Collector):
                                 "completed yet.", value=s["in_progress"])
         yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
                                   "as seen by the server.")
+        rj = CounterMetricFamily("stcp_handshakes_rejected", "Handshakes the server refused, by reason: a REJECT "
+                                 "answering a client hello (version, suite, key, busy), or a connection its "
+                                 "allow list ended ACCESS_DENIED (client_not_allowed: a key not on the list; "
+                                 "client_key_missing: no key proven).", labels=["reason"])
+        for r in HANDSHAKE_REJECT_REASONS:
+            rj.add_metric([r], s["rejects"][r])
+        yield rj
+        for name, (_, doc) in ENDPOINT_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=s["endpoint"][name])
 
         # connections
         yield GaugeMetricFamily("stcp_connections_active", "Connections in the server's table (handshaking "
