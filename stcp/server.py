@@ -337,9 +337,9 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
     clients pin `server.public_key`.
 
     sock: serve on this bound UDP socket instead of binding host:port.
-    gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
-    generic (skb) mode guards the port: generic XDP runs after GRO and would drop the
-    coalesced datagrams as malformed records (serve(..., datapath="xdp") does this itself).
+    gro: receive through UDP GRO (fewer, larger reads). Pass False only when a filter that
+    runs after GRO (an XDP program in generic mode) cannot take coalesced datagrams; the
+    STCP program takes a batch of one connection's records whole (docs/OPERATIONS.md 6).
     """
     return await serve(handler, host, port, datapath=SocketDatapath(gro=gro, sock=sock), config=config,
                        cipher=cipher, server_key=server_key, allowed_clients=allowed_clients, hooks=hooks,

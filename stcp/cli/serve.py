@@ -125,7 +125,8 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
           f"UDP socket; {d.connections_accepted} connections, "
           f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
-          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}",
+          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}; "
+          f"{st.get('rx_chained', 0)} packets came in pieces",
           file=sys.stderr, flush=True)
 
 
