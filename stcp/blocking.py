@@ -42,6 +42,7 @@ from .api import (
     client_config,
     closed_error,
     explain_unreachable,
+    handshake_error,
 )
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
@@ -56,7 +57,7 @@ from .datapath.socket import (
     send_datagrams,
     tune_socket,
 )
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+from .errors import CloseCode, HandshakeTimeout, PeerUnreachable
 from .keeper import Keeper
 
 if TYPE_CHECKING:
@@ -121,6 +122,8 @@ class BlockingConnection:
                 explain_unreachable(exc, host, port)
             with self._lock:
                 self._release()
+            if isinstance(exc, PeerUnreachable):
+                raise PeerUnreachable(f"{host}:{port}") from None
             raise
 
     # --- the socket-like API ------------------------------------------------
@@ -381,8 +384,9 @@ class BlockingConnection:
         for _ in range(RECV_ROUNDS):
             try:
                 batch = recv_batch(sock, gro)
-            except ConnectionRefusedError:       # ICMP port unreachable: the handshake says so
+            except ConnectionRefusedError:       # ICMP port unreachable: ends a handshake that heard nothing
                 self.icmp_errors += 1
+                conn.port_unreachable(now)
                 continue
             except OSError:
                 break
@@ -435,10 +439,7 @@ class BlockingConnection:
     def _on_closed(self, info: ConnectionClosed) -> None:
         self._closed_info = info
         if not self._established:
-            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
-                self._error = HandshakeTimeout(self._conn.config.handshake_timeout)
-            else:
-                self._error = closed_error(info) or ConnectionTerminated(info.code, info.reason, info.by_peer)
+            self._error = handshake_error(info, self._conn.config)
             return
         self._error = closed_error(info)
         if self._error is None:

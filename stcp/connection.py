@@ -228,6 +228,19 @@ class Connection(ReceivePath, SendPath):
             self._out.append(self._seal_frames([wire.encode_frame(self._close_frame)], [], True, closing=True))
         self._finish(Event.ABORT, ConnectionClosed(int(code), reason, by_peer=False, error=False))
 
+    def port_unreachable(self, now: float) -> None:
+        """The network answered this client's hello with ICMP "port unreachable" (the socket
+        reported ECONNREFUSED). While the handshake has heard nothing from the server this ends
+        it at once, as TCP ends a connection attempt (RFC 1122 4.2.3.9: port unreachable is a
+        hard error): waiting out the handshake timeout tells the user nothing more. Once a
+        server has answered, or once ENCRYPTED, it is ignored: only authenticated records end
+        a connection that has a peer (PROTOCOL.md section 10.2)."""
+        hs = self._client_hs
+        if not self.is_client or self.state != State.KEY_EXCHANGE or hs is None or hs.hints:
+            return
+        self._finish(Event.FAILURE, ConnectionClosed(
+            CloseCode.PORT_UNREACHABLE, "the host answered 'port unreachable'", error=True))
+
     @property
     def send_buffered(self) -> int:
         """Bytes written but not yet acknowledged by the peer."""

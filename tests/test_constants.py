@@ -158,14 +158,16 @@ def test_reuseport_socket_options_match_kernel_headers():
 
 def test_parse_limits_match_the_model():
     """The model the fuzz test checks the program against (tests/support/xdp_model.py) walks as far
-    as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds."""
+    as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds, and
+    the same longest GSO/GRO batch."""
     import socket
 
     from tests.support import xdp_model
     src = (HEADER.parent / "stcp_xdp.c").read_text()
-    limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX)\s+(\d+)", src, flags=re.M))
+    limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX|STCP_BATCH_MAX)\s+(\d+)", src, flags=re.M))
     assert {k: int(v) for k, v in limits.items()} == {"VLAN_MAX_DEPTH": xdp_model.VLAN_MAX_DEPTH,
-                                                      "IPV6_EXT_MAX": xdp_model.IPV6_EXT_MAX}
+                                                      "IPV6_EXT_MAX": xdp_model.IPV6_EXT_MAX,
+                                                      "STCP_BATCH_MAX": xdp_model.BATCH_MAX}
     body = re.search(r"int ipv6_walkable\(__u8 nexthdr\)\s*\{(.*?)\}", src, flags=re.S).group(1)
     walked = {getattr(socket, name) for name in re.findall(r"IPPROTO_\w+", body)}
     assert walked == set(xdp_model.WALKED)

@@ -13,9 +13,11 @@ from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
 from ..connection import Config
+from ..errors import STCPError
 from ..wire import DEFAULT_PORT
-from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .common import CHUNK, UsageError, config_from_args, describe, parse_hostport, splice
 from .identity import allowed_clients, describe_key, server_identity
+from .logs import setup_logging
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -30,17 +32,32 @@ async def echo_handler(reader: Any, writer: Any) -> None:
 
 
 def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
+    """Relay each stream to the TCP backend at target. A backend failure is logged (with the
+    backend's address) and the client told only that the backend failed: the address of a
+    server's internal backend is not the client's business."""
+    backend = stcp_server.format_address(target)
+
+    def backend_failed(writer: Any, what: str, exc: OSError) -> None:
+        conn = writer.get_extra_info("connection")
+        fields = stcp_server.connection_fields(conn, writer.get_extra_info("peername"))
+        stcp_server.log.warning(f"backend {what}", extra={"fields": {
+            **fields, "backend": backend, "error": describe(exc)}})
+
     async def handler(reader: Any, writer: Any) -> None:
         try:
             tcp_reader, tcp_writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            writer.abort(f"backend {target[0]}:{target[1]} unreachable: {exc.strerror or exc}")
+            backend_failed(writer, "unreachable", exc)
+            writer.abort(f"backend unreachable: {describe(exc)}")
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, OSError) and not isinstance(error, STCPError):
+            backend_failed(writer, "failed", error)
     return handler
 
 
 async def serve(args: Any) -> int:
+    setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
     handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
@@ -88,10 +105,6 @@ async def serve(args: Any) -> int:
             from ..datapath.xdp import XdpDatapath
             assert isinstance(dp, XdpDatapath)
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
-        # Handlers first: whoever reads "serving on" may signal at once and expects a clean exit.
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
@@ -118,7 +131,8 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
           f"UDP socket; {d.connections_accepted} connections, "
           f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
-          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}",
+          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}; "
+          f"{st.get('rx_chained', 0)} packets came in pieces",
           file=sys.stderr, flush=True)
 
 

@@ -400,8 +400,9 @@ class XdpDatapath:
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
                     on_ended: Optional[Callable[[Connection], None]]) -> ServerDriver:
-        # generic-mode XDP runs after GRO and must see single records
-        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=self.mode != "generic")
+        # UDP GRO in either mode: generic XDP runs after GRO and passes a batch of one live
+        # connection's records whole (batch_ok in bpf/stcp_xdp.c), native runs before it
+        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=True)
 
     def server_hooks(self) -> Tuple[object, ...]:
         return (LiveCidHooks(self),)
