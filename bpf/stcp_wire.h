@@ -29,7 +29,8 @@
 #define STCP_COOKIE_LEN            16
 #define STCP_CLIENT_HELLO_COOKIE_OFFSET 48
 #define STCP_RESET_RECORD_LEN      56    /* a stateless RESET: only a longer record earns one */
-/* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, random below. */
+/* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, then the server
+ * id and random bits (docs/PROTOCOL.md section 3.1.1); the programs read only the worker. */
 #define STCP_CID_WORKER_BITS       8
 #define STCP_CID_WORKER_SHIFT      56    /* 64 - STCP_CID_WORKER_BITS */
 
