@@ -26,6 +26,7 @@ import pytest
 from tests.support import kernel
 from tests.support.netns import veth_pair
 from tests.support.servers import ServerThread, echo
+from tests.support.testrun import BUILDS
 
 # marker -> the check that names what is missing (None: nothing is); a test with several
 # markers is skipped for the first one missing, in this order
@@ -88,7 +89,7 @@ def afxdp_toolchain(xdp_toolchain) -> None:
     _require(kernel.xsk_unavailable)
 
 
-@pytest.fixture(scope="module", params=("bcc", "clang"))
+@pytest.fixture(scope="module", params=BUILDS)
 def xdp_prog(request):
     """tests.support.testrun.LoadedProg, shared by a module's tests (configure() resets its
     limits), once per build (bcc's and clang's, testrun.BUILDS), or the test skips saying why."""

@@ -32,7 +32,6 @@ from stcp import cookie
 from stcp.datapath.verdicts import Verdict
 from tests.support import frames as F, xdp_model as model
 from tests.support.testrun import (
-    BUILDS,
     MAX_FRAME,
     MIN_FRAME,
     PORT,
@@ -40,7 +39,6 @@ from tests.support.testrun import (
     XDP_PASS,
     XDP_TX,
     LoadedProg,
-    require_testrun,
 )
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
@@ -85,14 +83,10 @@ KEYS = {
 UNKNOWN = {"off": ({"uk_rate": 0}, False), "open": ({"uk_rate": 10**6, "uk_burst": 10**6}, True)}
 
 
-@pytest.fixture(scope="module", params=BUILDS)
-def prog(request):
-    require_testrun(request.param)
-    p = LoadedProg(request.param)
-    try:
-        yield p
-    finally:
-        p.close()
+@pytest.fixture(scope="module")
+def prog(xdp_prog):
+    """The program of each build (bcc's and clang's: conftest's xdp_prog)."""
+    return xdp_prog
 
 
 class Harness:
