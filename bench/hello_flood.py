@@ -92,7 +92,7 @@ async def run_server(args: argparse.Namespace) -> None:
     host, _, port = args.listen.rpartition(":")
     server = await serve(echo, host, int(port), datapath=args.datapath, iface=args.iface,
                          xdp_limits=limits if args.datapath == "xdp" else None, config=config,
-                         hooks=[Count()], max_connections=args.max_connections)
+                         hooks=[Count()], max_connections=args.max_connections, server_key=args.key)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, server.close)
     print("serving", file=sys.stderr, flush=True)
@@ -120,7 +120,8 @@ async def run_client(args: argparse.Namespace) -> None:
             break
         t0 = loop.time()
         try:
-            _r, w = await asyncio.wait_for(stcp.open_connection(host, int(port), config=cfg), HANDSHAKE_TIMEOUT + 1)
+            _r, w = await asyncio.wait_for(stcp.open_connection(host, int(port), server_key=args.server_key,
+                                                                config=cfg), HANDSHAKE_TIMEOUT + 1)
         except Exception:
             failed += 1
             times.append(HANDSHAKE_TIMEOUT)
@@ -128,17 +129,18 @@ async def run_client(args: argparse.Namespace) -> None:
         times.append(loop.time() - t0)
         w.abort()
     out = {"handshakes": len(times), "handshakes_failed": failed, "handshake_s": times}
-    out.update(await _bulk(host, int(port), args.bytes, cfg, args.transfer_timeout))
+    out.update(await _bulk(host, int(port), args.server_key, args.bytes, cfg, args.transfer_timeout))
     print(json.dumps(out), flush=True)
 
 
-async def _bulk(host: str, port: int, size: int, cfg, timeout: float) -> dict:
+async def _bulk(host: str, port: int, server_key: str, size: int, cfg, timeout: float) -> dict:
     """Echo size random bytes; goodput from the first to the last echoed byte."""
     import stcp
     blob = os.urandom(size)
     loop = asyncio.get_running_loop()
     try:
-        r, w = await asyncio.wait_for(stcp.open_connection(host, port, config=cfg), HANDSHAKE_TIMEOUT + 1)
+        r, w = await asyncio.wait_for(stcp.open_connection(host, port, server_key=server_key, config=cfg),
+                                      HANDSHAKE_TIMEOUT + 1)
     except Exception as e:
         return {"bytes": size, "echoed": 0, "intact": False, "goodput_mib_s": 0.0, "error": str(e)[:200]}
 
@@ -238,6 +240,7 @@ def _pct(xs: list, q: float):
 
 def scenario(server_name: str, flood: bool, exe: Path, cfg: argparse.Namespace) -> dict:
     from tests.support.netns import veth_pair
+    from tests.support.procs import session_key
     datapath, cookies = SERVERS[server_name]
     name = f"{server_name}, {'flood' if flood else 'no flood'}"
     log(f"scenario {name}")
@@ -246,8 +249,10 @@ def scenario(server_name: str, flood: bool, exe: Path, cfg: argparse.Namespace) 
         a.run("ip", "route", "add", SPOOF_PREFIX, "via", b.ip4, "dev", a.ifname)
         sink = Sink(b, SPOOF_PREFIX)
         addr = f"{a.ip4}:{PORT}"
+        key, public = session_key()
         argv = [sys.executable, "-m", "bench.hello_flood", "server", "--listen", addr, "--datapath", datapath,
-                "--iface", a.ifname, "--max-connections", str(cfg.max_connections)] + (["--cookies"] if cookies else [])
+                "--iface", a.ifname, "--max-connections", str(cfg.max_connections),
+                "--key", key] + (["--cookies"] if cookies else [])
         server = subprocess.Popen(a.cmd(*pinned(SERVER_CPU, argv)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=env(), cwd=REPO)
         flooder = None
@@ -264,6 +269,7 @@ def scenario(server_name: str, flood: bool, exe: Path, cfg: argparse.Namespace) 
                 time.sleep(cfg.warmup)          # the budgets empty, the half-open table fills
             c0 = _snap(a, server, datapath, sink)
             cargv = pinned(CLIENT_CPU, [sys.executable, "-m", "bench.hello_flood", "client", "--addr", addr,
+                                        "--server-key", public,
                                         "--handshakes", str(cfg.handshakes), "--handshake-budget",
                                         str(cfg.handshake_budget), "--bytes", str(cfg.bytes),
                                         "--transfer-timeout", str(cfg.transfer_timeout)])
@@ -417,8 +423,10 @@ def main(argv=None) -> int:
     s.add_argument("--iface")
     s.add_argument("--cookies", action="store_true")
     s.add_argument("--max-connections", type=int, default=20000)
+    s.add_argument("--key", required=True, help="the server's key file")
     c = sub.add_parser("client")
     c.add_argument("--addr", required=True)
+    c.add_argument("--server-key", required=True, help="the server's public key (base64), pinned")
     c.add_argument("--handshakes", type=int, default=200)
     c.add_argument("--handshake-budget", type=float, default=30)
     c.add_argument("--bytes", type=int, default=16 << 20)
