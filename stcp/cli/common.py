@@ -49,7 +49,21 @@ def config_from_args(args: Any) -> Config:
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise flag_error(exc) from None
+
+
+# Config field -> the flag that sets it: Config's range errors, reworded for the command line
+CONFIG_FLAGS = {"handshake_timeout": "--handshake-timeout", "idle_timeout": "--idle-timeout",
+                "max_datagram": "--max-datagram", "key_update_interval": "--key-update-interval"}
+
+
+def flag_error(exc: ValueError) -> UsageError:
+    """Config's ValueError ("FIELD must be ...") naming the flag instead of the field."""
+    message = str(exc)
+    for field, flag in CONFIG_FLAGS.items():
+        if message.startswith(field + " "):
+            return UsageError(flag + message[len(field):])
+    return UsageError(message)
 
 
 async def _pump(src: Any, dst: Any) -> None:

@@ -10,12 +10,14 @@ import sys
 import threading
 from typing import Any, Optional, Tuple
 
+from ..address import hostport, listen_error
 from ..api import StreamReader, StreamWriter, open_connection
 from ..connection import Config
 from ..errors import HandshakeFailed, STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, config_from_args, parse_hostport, splice
 from .identity import ServerCheck, client_key
+from .options import destination
 
 
 def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
@@ -48,7 +50,7 @@ async def _open(check: ServerCheck, host: str, port: int, key: Optional[bytes],
 
 
 async def connect(args: Any) -> int:
-    host, port = parse_hostport(args.address, DEFAULT_PORT)
+    host, port = destination(args.address, "address", DEFAULT_PORT)
     config = config_from_args(args)
     check = ServerCheck(args, host, port)
     reader, writer = await _open(check, host, port, client_key(args), config)
@@ -93,7 +95,7 @@ async def tunnel(args: Any) -> int:
     another key than the pinned or recorded one (with no acceptable hello from the right
     one within the handshake timeout) ends the tunnel: every later client would meet it too."""
     lhost, lport = parse_hostport(args.listen)
-    target = parse_hostport(args.to, DEFAULT_PORT)
+    target = destination(args.to, "--to", DEFAULT_PORT)
     config = config_from_args(args)
     check = ServerCheck(args, *target)
     key = client_key(args)
@@ -117,8 +119,9 @@ async def tunnel(args: Any) -> int:
     try:
         server = await asyncio.start_server(on_client, lhost, lport)
     except OSError as exc:
-        raise STCPError(f"cannot listen on {lhost}:{lport}: {exc.strerror or exc}") from None
-    print(f"stcp: tunnel from tcp {lhost}:{lport} to stcp {target[0]}:{target[1]}", file=sys.stderr, flush=True)
+        raise listen_error(lhost, lport, exc) from None
+    bound = server.sockets[0].getsockname()[:2]         # --listen HOST:0: the port the kernel chose
+    print(f"stcp: tunnel from tcp {hostport(*bound)} to stcp {hostport(*target)}", file=sys.stderr, flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.close)

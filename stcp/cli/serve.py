@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
+import socket
 import sys
 from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
+from ..address import hostport
 from ..connection import Config
+from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
 from .identity import allowed_clients, describe_key, server_identity
+from .options import check_datapath_options, destination
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -38,10 +42,23 @@ def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[N
     return handler
 
 
+async def backend(text: str) -> Tuple[str, int]:
+    """--forward HOST:PORT, resolved once at start: a name that does not resolve stops the
+    server now, not each connection later. The name is kept (and resolved again per
+    connection), so a backend that moves in DNS is followed."""
+    host, port = destination(text, "--forward")
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise STCPError(f"cannot resolve the --forward host {host!r}: {exc.strerror}") from None
+    return host, port
+
+
 async def serve(args: Any) -> int:
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
-    handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
+    check_datapath_options(args)
+    handler = forward_handler(await backend(args.forward)) if args.forward else echo_handler
     if args.metrics:
         from ..metrics import parse_listen
         try:
@@ -85,7 +102,7 @@ async def serve(args: Any) -> int:
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
-        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath); server key "
+        print(f"stcp: serving on {hostport(bound[0], bound[1])} ({mode}, {args.datapath} datapath); server key "
               f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()

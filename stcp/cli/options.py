@@ -1,0 +1,32 @@
+"""The checks on option values argparse cannot make alone: each refused value is a usage
+error (exit 2) naming the flag and the allowed range."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from .common import UsageError, parse_hostport
+
+# options that only the kernel datapaths read, with their defaults (given: not the default)
+KERNEL_OPTIONS = {"iface": ("--iface", None), "xdp_mode": ("--xdp-mode", "auto"),
+                  "afxdp_tx": ("--afxdp-tx", "socket")}
+
+
+def destination(text: str, what: str, default_port: Optional[int] = None) -> Tuple[str, int]:
+    """A HOST:PORT to send to (`what`: the option's name, for the error): port 0 means
+    "any port" only to a listener."""
+    parsed = parse_hostport(text, default_port)
+    if parsed[1] == 0:
+        raise UsageError(f"bad {what} {text!r}: port 0 is not a destination; give the port the server listens on "
+                         f"(1 to 65535)")
+    return parsed
+
+
+def check_datapath_options(args: Any) -> None:
+    """--iface, --xdp-mode and --afxdp-tx given with --datapath socket would be ignored: refuse."""
+    if args.datapath != "socket":
+        return
+    given = [flag for attr, (flag, default) in KERNEL_OPTIONS.items() if getattr(args, attr, default) != default]
+    if given:
+        raise UsageError(f"{', '.join(given)} applies to --datapath xdp or afxdp, not socket; "
+                         f"add --datapath xdp (or afxdp), or drop {'it' if len(given) == 1 else 'them'}")
+
