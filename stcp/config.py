@@ -62,7 +62,7 @@ class Config:
         for name in ("handshake_timeout", "idle_timeout"):
             seconds = getattr(self, name)
             if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
-                raise ValueError(f"{name} must be a finite number of seconds greater than 0, not {seconds!r}")
+                raise ValueError(f"{name} must be a finite number of seconds greater than 0, not {seconds:g}")
         if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
             raise ValueError(f"max_datagram must be between {wire.HANDSHAKE_RECORD_LEN} and {wire.MAX_UDP_PAYLOAD}")
         limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))

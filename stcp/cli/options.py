@@ -16,8 +16,7 @@ def destination(text: str, what: str, default_port: Optional[int] = None) -> Tup
     "any port" only to a listener."""
     parsed = parse_hostport(text, default_port)
     if parsed[1] == 0:
-        raise UsageError(f"bad {what} {text!r}: port 0 is not a destination; give the port the server listens on "
-                         f"(1 to 65535)")
+        raise UsageError(f"bad {what} {text!r}: port 0 is not a destination; give the port it listens on (1 to 65535)")
     return parsed
 
 
@@ -27,6 +26,6 @@ def check_datapath_options(args: Any) -> None:
         return
     given = [flag for attr, (flag, default) in KERNEL_OPTIONS.items() if getattr(args, attr, default) != default]
     if given:
-        raise UsageError(f"{', '.join(given)} applies to --datapath xdp or afxdp, not socket; "
-                         f"add --datapath xdp (or afxdp), or drop {'it' if len(given) == 1 else 'them'}")
-
+        one = len(given) == 1
+        raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} to --datapath xdp or afxdp, not "
+                         f"socket; add --datapath xdp (or afxdp), or drop {'it' if one else 'them'}")
