@@ -74,7 +74,11 @@ async def connect(args: Any) -> int:
             if not data:
                 out.flush()
                 return
-            out.write(data)
+            try:
+                out.write(data)
+            except BrokenPipeError:        # stdout closed (`| head`): tell the server now
+                writer.abort("the client's output closed")
+                raise
 
     up = asyncio.create_task(upload())
     try:

@@ -4,11 +4,14 @@ identity.py).
 
 Every failure a person can act on ends in one line on stderr and a non-zero exit:
 1 for runtime errors (timeout, refused address, peer termination), 2 for usage errors.
+When stdout closes early (`stcp connect ... | head`), 141 (128 + SIGPIPE, the status a
+shell shows for cat in the same place) and nothing on stderr.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import List, Optional
 
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--cipher", choices=sorted(wire.SUITES), default=None,
-                        help="record protection (default aes-256-gcm)")
+                        help="record protection (default aes-256-gcm); serve: the only one clients may use "
+                        "(default: either)")
         sp.add_argument("--handshake-timeout", type=float, default=None, metavar="S",
                         help="give up a handshake after S seconds (default 10)")
         sp.add_argument("--idle-timeout", type=float, default=None, metavar="S",
@@ -40,11 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per key before a key update (default 4194304)")
 
     s = sub.add_parser("serve", help="serve STCP: echo each stream, or forward it to a TCP backend")
-    s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
+    s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   help=f"UDP address to serve on, [v6]:PORT for IPv6; port 0: any free port, printed at start "
+                   f"(default 127.0.0.1:{DEFAULT_PORT})")
     s.add_argument("--forward", metavar="HOST:PORT", help="relay each stream to this TCP backend")
-    s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
+    s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket",
+                   help="socket: a UDP socket (default); xdp: the same behind an XDP program on --iface dropping "
+                   "what belongs to no connection; afxdp: records through AF_XDP sockets on --iface (needs root)")
     s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
-    s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
+    s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto",
+                   help="xdp, afxdp: attach in the driver (native), in the kernel's generic path, or native "
+                   "falling back to generic (auto, the default)")
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
@@ -67,13 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--key", metavar="FILE", help="prove this client key to the server (stcp keygen)")
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
-    c.add_argument("address", metavar="HOST:PORT")
+    c.add_argument("address", metavar="HOST:PORT", help=f"the server, [v6]:PORT for IPv6 (port default {DEFAULT_PORT})")
     client_keys(c)
     common(c)
 
     t = sub.add_parser("tunnel", help="carry each local TCP client over its own STCP connection")
-    t.add_argument("--listen", required=True, metavar="HOST:PORT")
-    t.add_argument("--to", required=True, metavar="HOST:PORT")
+    t.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="TCP address to accept clients on; port 0: any free port, printed at start")
+    t.add_argument("--to", required=True, metavar="HOST:PORT",
+                   help=f"the STCP server, [v6]:PORT for IPv6 (port default {DEFAULT_PORT})")
     client_keys(t)
     common(t)
 
@@ -81,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, metavar="FILE", help="the new key file (never overwritten)")
     sub.add_parser("pubkey", help="print the public key of the private key on stdin (stcp pubkey < FILE)")
     h = sub.add_parser("known-hosts", help="the known-hosts file: list it, or forget a server's key")
-    h.add_argument("action", choices=["list", "remove"])
+    h.add_argument("action", choices=["list", "remove"], help="list the file, or remove a server's entry")
     h.add_argument("address", nargs="?", metavar="HOST:PORT", help="remove: the server to forget")
     h.add_argument("--known-hosts", metavar="FILE", help="the file (default as for connect)")
 
@@ -90,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     return p
 
+
+EXIT_BROKEN_PIPE = 128 + 13     # SIGPIPE
 
 COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo, "keygen": keygen, "pubkey": pubkey,
             "known-hosts": known_hosts}
@@ -103,6 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("known-hosts remove needs HOST:PORT")
     try:
         return asyncio.run(COMMANDS[args.command](args))
+    except BrokenPipeError:        # stdout closed early (`| head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no error at exit's flush
+        return EXIT_BROKEN_PIPE
     except UsageError as exc:
         print(f"stcp: {exc}", file=sys.stderr)
         return 2

@@ -57,6 +57,8 @@ async def backend(text: str) -> Tuple[str, int]:
 async def serve(args: Any) -> int:
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
+    if args.cipher:                 # the one suite clients may use; the others are refused REJECT_SUITE
+        config = dataclasses.replace(config, accepted_suites=(config.suite,))
     check_datapath_options(args)
     handler = forward_handler(await backend(args.forward)) if args.forward else echo_handler
     if args.metrics:
@@ -85,6 +87,7 @@ async def serve(args: Any) -> int:
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
+    watch = None
     try:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
@@ -106,12 +109,28 @@ async def serve(args: Any) -> int:
               f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()
+        watch = asyncio.ensure_future(_report_refused_suites(server, args.cipher)) if args.cipher else None
         await server.serve_forever()
     finally:
+        if watch is not None:
+            watch.cancel()
         server.close()
         if args.datapath == "afxdp":
             _report_afxdp(server)
     return 0
+
+
+async def _report_refused_suites(server: stcp_server.Server, cipher: str, every: float = 1.0) -> None:
+    """serve --cipher: say on stderr that clients offering another suite are refused, at most
+    one line per `every` seconds however many hellos arrive (they are unauthenticated)."""
+    seen = server.endpoint.stats.rejected_suite
+    while True:
+        await asyncio.sleep(every)
+        now = server.endpoint.stats.rejected_suite
+        if now > seen:
+            print(f"stcp: refused {now - seen} client hello(s) offering a cipher other than {cipher} (--cipher)",
+                  file=sys.stderr, flush=True)
+            seen = now
 
 
 def _report_afxdp(server: stcp_server.Server) -> None:
