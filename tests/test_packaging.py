@@ -44,7 +44,7 @@ def test_sdist_and_wheel_contents(dist):
     with tarfile.open(sdist) as t:
         top = t.getnames()[0].split("/")[0]
         names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    for d in ("docs", "dashboards", "bpf", "tests", "bench", "scripts"):
+    for d in ("docs", "dashboards", "deploy", "bpf", "tests", "bench", "scripts"):
         missing = tracked(d) - names
         assert not missing, f"the sdist lacks {sorted(missing)[:5]}"
     assert {"LICENSE", "CHANGELOG.md", "README.md", "Makefile", "pyproject.toml", "setup.py",

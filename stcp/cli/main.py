@@ -18,6 +18,7 @@ from typing import List, Optional
 from .. import __version__, wire
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
+from . import config_file
 from .common import UsageError
 from .connect import connect, tunnel
 from .demo import demo
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", metavar="FILE",
+                        help="read options from this TOML file (key = long option name); typed options win")
         sp.add_argument("--cipher", choices=sorted(wire.SUITES), default=None,
                         help="record protection (default aes-256-gcm); serve: the only one clients may use "
                         "(default: either)")
@@ -111,8 +114,14 @@ COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo, 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        argv = config_file.expand(parser, argv)
+    except UsageError as exc:
+        print(f"stcp: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.argv = argv
     if args.command == "known-hosts" and args.action == "remove" and not args.address:
         parser.error("known-hosts remove needs HOST:PORT")
     try:

@@ -102,6 +102,10 @@ async def serve(args: Any) -> int:
             from ..datapath.xdp import XdpDatapath
             assert isinstance(dp, XdpDatapath)
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
+        # Handlers first: whoever reads "serving on" may signal at once and expects a clean exit.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.close)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
