@@ -222,3 +222,12 @@ def test_serve_cipher_refuses_clients_offering_another(serve):
                         r"\(--cipher\)\n", refused), refused
     r = run("connect", "--server-key", key, "--cipher", "chacha20-poly1305", f"127.0.0.1:{port}", stdin=b"ok")
     assert r.returncode == 0 and r.stdout == b"ok", r.stderr
+
+
+def test_metrics_port_0_prints_the_bound_port(serve):
+    import urllib.request
+    _, line = serve("--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0")
+    m = re.search(r"; metrics on (http://127\.0\.0\.1:(\d+)/metrics)$", line.strip())
+    assert m and int(m.group(2)) != 0, line
+    with urllib.request.urlopen(m.group(1), timeout=10) as page:
+        assert b"stcp_" in page.read()

@@ -109,6 +109,8 @@ async def serve(args: Any) -> int:
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
+        exporter = getattr(server.metrics, "address", None)      # --metrics HOST:0: the port it got
+        admits += f"; metrics on http://{hostport(*exporter)}/metrics" if exporter else ""
         print(f"stcp: serving on {hostport(bound[0], bound[1])} ({mode}, {args.datapath} datapath); server key "
               f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
