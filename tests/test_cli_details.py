@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from stcp.cli.main import build_parser
-from tests.support.procs import announced_key, key_file
+from tests.support.procs import announced_key, key_file, tcp_exchange
 from tests.test_cli import STCP, free_port, home  # noqa: F401  (home: the autouse fixture)
 
 IN_USE = "address already in use (another process has it; pick another port or stop that process)"
@@ -42,6 +42,21 @@ def serve(tmp_path):
 
     yield start
     for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+
+
+def tunnel_exchange(host: str, port: int, key: str, data: bytes) -> bytes:
+    """Through `stcp tunnel --listen 127.0.0.1:0 --to HOST:PORT`, which must announce the
+    TCP port it got and the server as written (IPv6 in brackets)."""
+    proc = subprocess.Popen([*STCP, "tunnel", "--listen", "127.0.0.1:0", "--to", f"{host}:{port}",
+                             "--server-key", key], stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        m = re.fullmatch(rf"stcp: tunnel from tcp 127\.0\.0\.1:(\d+) to stcp {re.escape(host)}:{port}\n", first)
+        assert m and int(m.group(1)) != 0, first
+        return tcp_exchange(int(m.group(1)), data)
+    finally:
         proc.terminate()
         proc.wait(10)
 
@@ -85,19 +100,7 @@ def test_listen_port_0_prints_the_bound_port(serve):
 def test_tunnel_listen_port_0_prints_the_bound_port(serve):
     _, line = serve("--listen", "127.0.0.1:0")
     port = int(re.search(r"serving on 127\.0\.0\.1:(\d+) ", line).group(1))
-    proc = subprocess.Popen([*STCP, "tunnel", "--listen", "127.0.0.1:0", "--to", f"127.0.0.1:{port}",
-                             "--server-key", announced_key(line)], stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stderr.readline()
-        m = re.fullmatch(rf"stcp: tunnel from tcp 127\.0\.0\.1:(\d+) to stcp 127\.0\.0\.1:{port}\n", first)
-        assert m and int(m.group(1)) != 0, first
-        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=20) as c:
-            c.sendall(b"through")
-            c.shutdown(socket.SHUT_WR)
-            assert c.recv(100) == b"through"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    assert tunnel_exchange("127.0.0.1", port, announced_key(line), b"through") == b"through"
 
 
 @pytest.mark.parametrize("extra,flags,verb", [
@@ -171,19 +174,7 @@ def test_ipv6_addresses_in_brackets(serve):
     port, key = int(m.group(1)), announced_key(line)
     r = run("connect", "--server-key", key, f"[::1]:{port}", stdin=b"six")
     assert r.returncode == 0 and r.stdout == b"six", r.stderr
-    proc = subprocess.Popen([*STCP, "tunnel", "--listen", "127.0.0.1:0", "--to", f"[::1]:{port}",
-                             "--server-key", key], stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stderr.readline()
-        m = re.fullmatch(rf"stcp: tunnel from tcp 127\.0\.0\.1:(\d+) to stcp \[::1\]:{port}\n", first)
-        assert m, first
-        with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=20) as c:
-            c.sendall(b"v6")
-            c.shutdown(socket.SHUT_WR)
-            assert c.recv(100) == b"v6"
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    assert tunnel_exchange("[::1]", port, key, b"v6") == b"v6"
     closed = free_port()
     r = run("connect", "--handshake-timeout", "1", f"[::1]:{closed}")
     assert r.returncode == 1
