@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from stcp.cli.loader import build_parser as loader_parser
 from stcp.cli.main import build_parser
 from tests.support.procs import announced_key, key_file, tcp_exchange
 from tests.test_cli import STCP, free_port, home  # noqa: F401  (home: the autouse fixture)
@@ -193,8 +194,9 @@ def _options(parser: argparse.ArgumentParser, path: str):
             yield path, action
 
 
-def test_every_option_of_every_command_has_help():
-    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in _options(build_parser(), "stcp")
+@pytest.mark.parametrize("prog,parser", [("stcp", build_parser), ("stcp-loader", loader_parser)])
+def test_every_option_of_every_command_has_help(prog, parser):
+    missing = [f"{path} {'/'.join(a.option_strings) or a.dest}" for path, a in _options(parser(), prog)
                if not a.help or a.help == argparse.SUPPRESS]
     assert not missing, f"options without help: {missing}"
 
