@@ -224,3 +224,30 @@ def test_metrics_port_0_prints_the_bound_port(serve):
     assert m and int(m.group(2)) != 0, line
     with urllib.request.urlopen(m.group(1), timeout=10) as page:
         assert b"stcp_" in page.read()
+
+
+@pytest.mark.parametrize("datapath", ["xdp", "afxdp"])
+def test_port_in_use_on_the_kernel_datapaths(datapath, tmp_path):
+    """The same line when the UDP port behind the XDP program is taken, in a namespace of its
+    own (the program attaches to its veth, never to a shared interface)."""
+    from tests.support import kernel
+    from tests.support.netns import veth_pair
+    why = kernel.xdp_unavailable() if datapath == "xdp" else kernel.afxdp_unavailable()
+    if why:
+        pytest.skip(why)
+    key = key_file(tmp_path / "k")[0]
+    with veth_pair() as (a, _b):
+        holder = a.popen([*STCP[:1], "-c", "import socket, sys, time; s = socket.socket(socket.AF_INET, "
+                          f"socket.SOCK_DGRAM); s.bind(('{a.ip4}', 4570)); print(flush=True); time.sleep(120)"],
+                         stdout=subprocess.PIPE)
+        try:
+            holder.stdout.readline()            # bound
+            r = a.run(*STCP, "serve", "--datapath", datapath, "--iface", a.ifname, "--xdp-mode", "generic",
+                      "--listen", f"{a.ip4}:4570", "--key", key, check=False,
+                      timeout=120)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == f"stcp: cannot listen on {a.ip4}:4570: {IN_USE}"
+        assert "xdp" not in a.run("ip", "link", "show", a.ifname).stdout      # detached again
