@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import socket
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import wire
@@ -44,7 +46,7 @@ from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
 from .errors import CloseCode, ConnectionTerminated
-from .identity import generate_private_key, public_key
+from .identity import fingerprint, generate_private_key, public_key
 
 # The kernel datapaths (ctypes, libbpf, the worker supervisor) are imported when a server
 # asks for one: a client or a socket-datapath server does not load them.
@@ -53,6 +55,59 @@ if TYPE_CHECKING:
 
 Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
 DATAPATHS = ("socket", "xdp", "afxdp")
+# One record per connection at its end and one per backend failure, with their fields in
+# `record.fields`; where they go (stderr, text or JSON) is the CLI's choice (stcp.cli.logs).
+log = logging.getLogger("stcp.server")
+
+
+def format_address(addr: object) -> str:
+    """host:port, [v6host]:port, or the address as it is when it is not an IP socket address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def connection_fields(conn: Connection, peer: object) -> Dict[str, Any]:
+    """What names a connection in a log record: the peer's address, the server CID's first
+    32 bits (as the CID appears, in hex), the client key's fingerprint once proven."""
+    fields: Dict[str, Any] = {"peer": format_address(peer), "cid": f"{conn.local_cid:016x}"[:8]}
+    if conn.peer_static_key is not None:
+        fields["key"] = fingerprint(conn.peer_static_key)
+    return fields
+
+
+class ConnectionLog:
+    """Server hooks logging one INFO record per established connection when it ends: peer,
+    CID prefix, stream bytes each way, duration, how it ended (`finished`, else the close
+    code's name; who closed; the reason). Handshakes that never completed are not logged: a flood of hellos must not
+    become a flood of log lines."""
+
+    def __init__(self, server: "Server"):
+        self._server = server
+        self._open: Dict[Connection, tuple[object, float]] = {}
+
+    def connection_established(self, conn: Connection, handshake_seconds: float) -> None:
+        self._open[conn] = (self._server.driver.peer_address(conn), time.monotonic() - handshake_seconds)
+
+    def connection_ended(self, conn: Connection) -> None:
+        entry = self._open.pop(conn, None)
+        if entry is None or not log.isEnabledFor(logging.INFO):
+            return
+        peer, started = entry
+        info, stats = conn.close_info, conn.stats
+        fields = connection_fields(conn, peer)
+        fields.update(sent=stats.stream_bytes_sent, received=stats.stream_bytes_received,
+                      duration=round(time.monotonic() - started, 3))
+        if info is not None:
+            try:
+                close = "finished" if info.code == CloseCode.NO_ERROR else CloseCode(info.code).name.lower()
+            except ValueError:
+                close = f"code_0x{info.code:x}"
+            fields.update(close=close, by="peer" if info.by_peer else "server")
+            if info.reason:
+                fields["reason"] = info.reason
+        log.info("connection closed", extra={"fields": fields})
 
 
 class Server:
@@ -254,6 +309,7 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         dp = datapath
     loop = asyncio.get_running_loop()
     server = Server(loop, None, handler, [*dp.server_hooks(), *hooks], datapath=dp)
+    server.hooks.append(ConnectionLog(server))
     try:
         endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections)
         server.driver = dp.open_driver(loop, host, port, endpoint, server._on_new, server._on_ended)

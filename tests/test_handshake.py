@@ -763,3 +763,31 @@ def test_a_finished_handshake_answers_late_records_with_a_handshake_failure():
     sh.finish()
     with pytest.raises(HandshakeFailure, match="handshake is over"):
         sh.verify_client_auth(auth)
+
+
+# --- ICMP port unreachable ------------------------------------------------------------------------
+def test_port_unreachable_ends_a_handshake_that_heard_nothing():
+    client = Connection.client(Config(), 0.0)
+    client.datagrams_to_send(0.0)
+    client.port_unreachable(0.05)
+    assert client.is_closed
+    info = client.close_info
+    assert (info.code, info.by_peer, info.error) == (CloseCode.PORT_UNREACHABLE, False, True)
+    assert client.datagrams_to_send(0.1) == []
+
+
+def test_port_unreachable_is_ignored_once_a_server_answered_or_the_connection_is_up():
+    """A reply (even a mere hint such as a REJECT) shows a server listens: a later ICMP error,
+    which anyone who can guess the ports may forge, does not end the handshake; nor does it
+    end an ENCRYPTED connection; nor a server connection."""
+    client = Connection.client(Config(), 0.0)
+    hello = client.datagrams_to_send(0.0)[0]
+    h = wire.decode_hello(hello[24:])
+    client.receive_datagram(reject_record(h.sender_cid, h.suite, 1), 0.01)
+    client.port_unreachable(0.02)
+    assert client.state == State.KEY_EXCHANGE
+    p = Pair()
+    p.run(lambda: p.server_conns and p.server_conn.state == State.ENCRYPTED)
+    p.client.port_unreachable(p.now)
+    p.server_conn.port_unreachable(p.now)
+    assert p.client.state == State.ENCRYPTED and p.server_conn.state == State.ENCRYPTED

@@ -4,18 +4,20 @@ identity.py).
 
 Every failure a person can act on ends in one line on stderr and a non-zero exit:
 1 for runtime errors (timeout, refused address, peer termination), 2 for usage errors.
+`connect` exits 0 when both directions finished and 130 when SIGINT or SIGTERM cut it short
+(after aborting the connection, so the server knows); `serve` and `tunnel` exit 0 when
+stopped by either signal. Ctrl-C never prints a traceback.
 When stdout closes early (`stcp connect ... | head`), 141 (128 + SIGPIPE, the status a
 shell shows for cat in the same place) and nothing on stderr.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from typing import List, Optional
 
-from .. import __version__, wire
+from .. import __version__, eventloop, wire
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from . import config_file
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
+    logs = s.add_argument_group("logging (to stderr: a line per connection at its end, one per backend failure)")
+    logs.add_argument("--log-format", choices=["text", "json"], default="text",
+                      help="text (timestamped key=value lines, the default) or one JSON object per line")
+    logs.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug)")
+    logs.add_argument("-q", "--quiet", action="count", default=0,
+                      help="no line per connection (-q), only errors (-qq)")
     # identity (docs/OPERATIONS.md, "Keys")
     s.add_argument("--key", metavar="FILE", help="the server's private key (stcp keygen --out FILE); default: "
                    "the one in the state directory, made on first start")
@@ -81,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
     c.add_argument("address", metavar="HOST:PORT", help=f"the server, [v6]:PORT for IPv6 (port default {DEFAULT_PORT})")
+    c.add_argument("--progress", action="store_true",
+                   help="show bytes each way, the rate and the elapsed time on stderr (as pv does)")
     client_keys(c)
     common(c)
 
@@ -125,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "known-hosts" and args.action == "remove" and not args.address:
         parser.error("known-hosts remove needs HOST:PORT")
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        return eventloop.run(COMMANDS[args.command](args))
     except BrokenPipeError:        # stdout closed early (`| head`): end quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no error at exit's flush
         return EXIT_BROKEN_PIPE

@@ -15,8 +15,9 @@ from ..address import hostport
 from ..connection import Config
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
-from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .common import CHUNK, UsageError, config_from_args, describe, parse_hostport, splice
 from .identity import allowed_clients, describe_key, server_identity
+from .logs import setup_logging
 from .options import check_datapath_options, destination
 
 
@@ -32,13 +33,27 @@ async def echo_handler(reader: Any, writer: Any) -> None:
 
 
 def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
+    """Relay each stream to the TCP backend at target. A backend failure is logged (with the
+    backend's address) and the client told only that the backend failed: the address of a
+    server's internal backend is not the client's business."""
+    backend = stcp_server.format_address(target)
+
+    def backend_failed(writer: Any, what: str, exc: OSError) -> None:
+        conn = writer.get_extra_info("connection")
+        fields = stcp_server.connection_fields(conn, writer.get_extra_info("peername"))
+        stcp_server.log.warning(f"backend {what}", extra={"fields": {
+            **fields, "backend": backend, "error": describe(exc)}})
+
     async def handler(reader: Any, writer: Any) -> None:
         try:
             tcp_reader, tcp_writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            writer.abort(f"backend {target[0]}:{target[1]} unreachable: {exc.strerror or exc}")
+            backend_failed(writer, "unreachable", exc)
+            writer.abort(f"backend unreachable: {describe(exc)}")
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, OSError) and not isinstance(error, STCPError):
+            backend_failed(writer, "failed", error)
     return handler
 
 
@@ -55,6 +70,7 @@ async def backend(text: str) -> Tuple[str, int]:
 
 
 async def serve(args: Any) -> int:
+    setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
     if args.cipher:                 # the one suite clients may use; the others are refused REJECT_SUITE
@@ -102,10 +118,6 @@ async def serve(args: Any) -> int:
             from ..datapath.xdp import XdpDatapath
             assert isinstance(dp, XdpDatapath)
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
-        # Handlers first: whoever reads "serving on" may signal at once and expects a clean exit.
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""

@@ -250,7 +250,11 @@ class Driver:
             return recv_batch(self.sock, self.gro)
         except ConnectionRefusedError:
             self.icmp_errors += 1
+            self.port_unreachable()
             return []
+
+    def port_unreachable(self) -> None:
+        """The socket reported an ICMP port unreachable (only a connected client socket gets one)."""
 
     def _on_readable(self) -> None:
         for _ in range(RECV_ROUNDS):
@@ -397,6 +401,10 @@ class ClientDriver(Driver):
             return ()
         self.conn.receive_datagrams(mine, now)
         return (self.conn,)
+
+    def port_unreachable(self) -> None:
+        self.conn.port_unreachable(self.loop.time())     # ends a handshake that heard nothing yet
+        self.touch(self.conn)
 
     def connection_ended(self, conn: Connection) -> None:
         self.loop.call_soon(self.close)
