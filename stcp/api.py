@@ -454,7 +454,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
         raise
     except PeerUnreachable:
         driver.close()
-        raise PeerUnreachable(f"{host}:{port}") from None
+        raise PeerUnreachable(hostport(host, port)) from None
     except BaseException:
         if not conn.is_closed:
             conn.close(CloseCode.APPLICATION_ABORT, "cancelled")
