@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import select
 import socket
 import subprocess
 
@@ -169,12 +170,15 @@ def ipv6_loopback_unavailable():
 
 @pytest.mark.skipif(ipv6_loopback_unavailable() is not None, reason=str(ipv6_loopback_unavailable()))
 def test_ipv6_addresses_in_brackets(serve):
-    _, line = serve("--listen", "[::1]:0")
+    proc, line = serve("--listen", "[::1]:0")
     m = re.search(r"serving on \[::1\]:(\d+) ", line)
     assert m, line
     port, key = int(m.group(1)), announced_key(line)
     r = run("connect", "--server-key", key, f"[::1]:{port}", stdin=b"six")
     assert r.returncode == 0 and r.stdout == b"six", r.stderr
+    assert select.select([proc.stderr], [], [], 20)[0], "no log line for the connection"
+    log = proc.stderr.readline()
+    assert re.search(r" connection closed peer=\[::1\]:\d+ ", log), log
     assert tunnel_exchange("[::1]", port, key, b"v6") == b"v6"
     closed = free_port()
     r = run("connect", "--handshake-timeout", "1", f"[::1]:{closed}")
