@@ -108,6 +108,7 @@ def test_tunnel_listen_port_0_prints_the_bound_port(serve):
 @pytest.mark.parametrize("extra,flags,verb", [
     (["--iface", "lo"], "--iface", "applies"),
     (["--xdp-mode", "native"], "--xdp-mode", "applies"),
+    (["--xdp-mode=auto"], "--xdp-mode", "applies"),          # the default, typed: still meant for XDP
     (["--afxdp-tx", "afxdp", "--iface", "lo"], "--iface, --afxdp-tx", "apply"),
 ])
 def test_kernel_options_on_the_socket_datapath_are_refused(extra, flags, verb):

@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 
 from .common import UsageError, parse_hostport
 
-# options that only the kernel datapaths read, with their defaults (given: not the default)
+# options that only the kernel datapaths read, with their defaults (given: typed, or not the default)
 KERNEL_OPTIONS = {"iface": ("--iface", None), "xdp_mode": ("--xdp-mode", "auto"),
                   "afxdp_tx": ("--afxdp-tx", "socket")}
 
@@ -24,7 +24,9 @@ def check_datapath_options(args: Any) -> None:
     """--iface, --xdp-mode and --afxdp-tx given with --datapath socket would be ignored: refuse."""
     if args.datapath != "socket":
         return
-    given = [flag for attr, (flag, default) in KERNEL_OPTIONS.items() if getattr(args, attr, default) != default]
+    typed = getattr(args, "argv", None) or []
+    given = [flag for attr, (flag, default) in KERNEL_OPTIONS.items()
+             if getattr(args, attr, default) != default or any(a == flag or a.startswith(flag + "=") for a in typed)]
     if given:
         one = len(given) == 1
         raise UsageError(f"{', '.join(given)} {'applies' if one else 'apply'} to --datapath xdp or afxdp, not "
