@@ -9,6 +9,7 @@ import struct
 from typing import Any, Optional, Tuple
 
 from ..api import make_config
+from ..cid_layout import DEFAULT_SERVER_ID_BITS
 from ..connection import Config
 from ..errors import STCPError
 
@@ -49,6 +50,9 @@ def config_from_args(args: Any) -> Config:
         overrides["max_datagram"] = args.max_datagram
     if getattr(args, "key_update_interval", None) is not None:
         overrides["key_update_interval"] = args.key_update_interval
+    if getattr(args, "server_id", None) is not None or getattr(args, "server_id_bits", None) is not None:
+        overrides["server_id"] = args.server_id or 0
+        overrides["server_id_bits"] = DEFAULT_SERVER_ID_BITS if args.server_id_bits is None else args.server_id_bits
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
@@ -57,15 +61,15 @@ def config_from_args(args: Any) -> Config:
 
 # Config field -> the flag that sets it: Config's range errors, reworded for the command line
 CONFIG_FLAGS = {"handshake_timeout": "--handshake-timeout", "idle_timeout": "--idle-timeout",
-                "max_datagram": "--max-datagram", "key_update_interval": "--key-update-interval"}
+                "max_datagram": "--max-datagram", "key_update_interval": "--key-update-interval",
+                "server_id_bits": "--server-id-bits", "server_id": "--server-id"}
 
 
 def flag_error(exc: ValueError) -> UsageError:
     """Config's ValueError ("FIELD must be ...") naming the flag instead of the field."""
     message = str(exc)
-    for field, flag in CONFIG_FLAGS.items():
-        if message.startswith(field + " "):
-            return UsageError(flag + message[len(field):])
+    for field in sorted(CONFIG_FLAGS, key=len, reverse=True):     # server_id_bits before server_id
+        message = message.replace(field, CONFIG_FLAGS[field])
     return UsageError(message)
 
 
