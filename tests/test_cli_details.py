@@ -255,3 +255,11 @@ def test_port_in_use_on_the_kernel_datapaths(datapath, tmp_path):
         assert r.returncode == 1, r.stderr
         assert r.stderr.strip() == f"stcp: cannot listen on {a.ip4}:4570: {IN_USE}"
         assert "xdp" not in a.run("ip", "link", "show", a.ifname).stdout      # detached again
+
+
+def test_listen_port_0_with_several_workers_is_refused():
+    """Each worker would bind a port of its own: the pool needs one port."""
+    r = run("serve", "--listen", "127.0.0.1:0", "--workers", "2")
+    assert r.returncode == 2
+    assert one_line(r) == ("stcp: --listen port 0 with --workers 2: the workers share one port; give one "
+                           "(or drop --workers)")

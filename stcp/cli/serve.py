@@ -88,6 +88,11 @@ async def serve(args: Any) -> int:
     if args.datapath in ("xdp", "afxdp") and not args.iface:
         raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
     workers = worker_count(args)
+    if port == 0 and workers > 1:     # each worker would bind a port of its own: one port or one worker
+        if args.workers is not None:
+            raise UsageError(f"--listen port 0 with --workers {args.workers}: the workers share one port; "
+                             "give one (or drop --workers)")
+        workers = 1
     role = None
     if args.datapath in ("socket", "afxdp"):
         from ..supervisor import WorkerRole
@@ -100,6 +105,8 @@ async def serve(args: Any) -> int:
     allowed = allowed_clients(args)
     if workers > 1 and role is None:
         from ..datapath.reuseport import ReuseportError
+        from ..datapath.socket import bind_udp
+        bind_udp(host, port).close()      # a port in use: said once here, not once per worker
         try:
             return await _supervise(args, host, port, config, workers)
         except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
