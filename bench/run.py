@@ -54,8 +54,8 @@ ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
 # of the run) and every STCP client pins the server's key: both authenticate the server.
 # The "best of" ratios compare these; the client-authenticating pair (stcp_cauth against
 # tls_asyncio_mtls) is compared on its own.
-TLS_PEERS = ("tls", "tls_asyncio")
-STCP_PEERS = ("stcp", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
+TLS_PEERS = ("tls", "tls_asyncio", "tls_asyncio_uvloop")
+STCP_PEERS = ("stcp", "stcp_uvloop", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 # Servers that report their receive counters per worker on SIGUSR1 (bench.common.stats_on_sigusr1);
 # the others would die of that signal.
 STATS_PEERS = ("stcp_afxdp", "stcp_afxdp2")

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--quick", "--repeat", "1", "--bytes", str(1 << 20), "--duration", "2",
-        "--handshakes", "5", "--rtts", "20"]
+        "--handshakes", "5", "--rtts", "20", "--capacity-clients", "4", "--load-clients", "6",
+        "--load-seconds", "1"]
 
 
 def _run(tmp_path, peers: str, *extra: str, timeout: float = 90) -> dict:
@@ -215,7 +216,7 @@ def test_bench_concurrent_clients_on_both_loops_loopback(tmp_path):
         loops.append(("tls_asyncio_uvloop", "stcp_uvloop", "uvloop"))
     names = [n for tls, stcp, _ in loops for n in (tls, stcp)]
     doc = _run(tmp_path, ",".join(names), "--loopback", "--nice", "0", "--tests", "capacity,load,rtt64",
-               "--capacity-clients", "4", "--load-clients", "6", "--load-seconds", "1", timeout=180)
+               timeout=180)
     for name in names:
         peer = _check_tests(doc, name, ("capacity", "load", "rtt"))
         assert set(peer["tests"]) == {"capacity", "load", "rtt"}, peer["tests"].keys()
