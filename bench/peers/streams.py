@@ -89,6 +89,18 @@ async def _sink(conn, writer, reader, share: int, deadline: float, framed: bytes
     return sent, got
 
 
+async def _open(args, connect, n: int, mode: bytes) -> list:
+    """n connections, one after another, each with its mode byte sent: (conn, reader, writer)."""
+    conns = []
+    for _ in range(n):
+        conn = await connect(args)
+        reader, writer = await conn.stream()
+        writer.write(mode)
+        await conn.drain(writer)
+        conns.append((conn, reader, writer))
+    return conns
+
+
 async def client(args, connect) -> dict:
     cpu0 = C.cpu_seconds()
     if args.test == "bulk":
@@ -108,13 +120,7 @@ async def client(args, connect) -> dict:
         # the clock starts, then all sending their share of --bytes at once until the
         # shared --duration deadline; MB/s = all bytes ÷ time until the last count is back.
         framed = C.frame(C.payload())
-        conns = []
-        for _ in range(args.connections):
-            conn = await connect(args)
-            reader, writer = await conn.stream()
-            writer.write(C.MODE_SINK)
-            await conn.drain(writer)
-            conns.append((conn, reader, writer))
+        conns = await _open(args, connect, args.connections, C.MODE_SINK)
         t0 = time.perf_counter()
         deadline = t0 + args.duration
 
@@ -224,13 +230,7 @@ async def _capacity(args, connect, cpu0: float) -> dict:
 async def _load(args, connect, cpu0: float) -> dict:
     """--clients connections, all opened first (untimed), then each in a loop until
     --duration is up: write a --size request, read its echo whole.  Latency = one request."""
-    opened = []
-    for _ in range(args.clients):
-        conn = await connect(args)
-        reader, writer = await conn.stream()
-        writer.write(C.MODE_ECHO)
-        await conn.drain(writer)
-        opened.append((conn, reader, writer))
+    opened = await _open(args, connect, args.clients, C.MODE_ECHO)
     samples, bad = [], 0
     t_start = time.perf_counter()
     deadline = t_start + args.duration
