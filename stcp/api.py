@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 from . import wire
+from .address import hostport
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
@@ -422,7 +423,7 @@ class StreamWriter:
 def explain_unreachable(exc: HandshakeTimeout, host: str, port: int) -> None:
     """Say in a handshake timeout that the server's host answered "port unreachable"."""
     exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
-                f"listening on {host}:{port}?)",)
+                f"listening on {hostport(host, port)}?)",)
 
 
 async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Union[ServerKey, Missing] = MISSING,
@@ -453,7 +454,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
         raise
     except PeerUnreachable:
         driver.close()
-        raise PeerUnreachable(f"{host}:{port}") from None
+        raise PeerUnreachable(hostport(host, port)) from None
     except BaseException:
         if not conn.is_closed:
             conn.close(CloseCode.APPLICATION_ABORT, "cancelled")

@@ -33,6 +33,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple, Union
 
 from . import wire
+from .address import hostport
 from .api import (
     MISSING,
     WRITE_HIGH_WATER,
@@ -123,7 +124,7 @@ class BlockingConnection:
             with self._lock:
                 self._release()
             if isinstance(exc, PeerUnreachable):
-                raise PeerUnreachable(f"{host}:{port}") from None
+                raise PeerUnreachable(hostport(host, port)) from None
             raise
 
     # --- the socket-like API ------------------------------------------------

@@ -6,6 +6,7 @@ stateless-reset key) is derived here once, not per connection.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import InitVar, dataclass, field
 from typing import Collection, Optional, Tuple
@@ -63,6 +64,10 @@ class Config:
             raise ValueError(f"suite is a cipher suite number; name the cipher with cipher={self.suite!r}")
         self.suite = wire.suite_number(self.suite)
         self.accepted_suites = tuple(wire.suite_number(s) for s in self.accepted_suites)
+        for name in ("handshake_timeout", "idle_timeout"):
+            seconds = getattr(self, name)
+            if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds > 0):
+                raise ValueError(f"{name} must be a finite number of seconds greater than 0, not {seconds:g}")
         if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
             raise ValueError(f"max_datagram must be between {wire.HANDSHAKE_RECORD_LEN} and {wire.MAX_UDP_PAYLOAD}")
         limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))

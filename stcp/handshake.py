@@ -115,6 +115,9 @@ class ClientHandshake:
             return None
         if hello.kind == wire.HS_REJECT:
             reason = REJECT_REASONS.get(hello.reject_code, f"reject code {hello.reject_code}")
+            if hello.reject_code == wire.REJECT_SUITE:
+                names = {number: name for name, number in wire.SUITES.items()}
+                reason += f" ({names.get(self.suite, self.suite)}; the server accepts another)"
             self._note(_REJECTED, f"server rejected the handshake: {reason}")
             return None
         if hello.kind == wire.HS_COOKIE:

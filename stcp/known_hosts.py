@@ -17,6 +17,7 @@ import os
 import tempfile
 from typing import Callable, List, NamedTuple, Optional
 
+from .address import hostport
 from .handshake import ServerKeyRefused
 from .identity import InvalidKey, decode_key, encode_key, fingerprint, key_file_lines
 
@@ -35,8 +36,7 @@ def default_path() -> str:
 
 def host_entry(host: str, port: int) -> str:
     """The file's name for a server: 'host:port', '[v6]:port' for an IPv6 literal."""
-    host = host.strip("[]").lower()
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return hostport(host.strip("[]").lower(), port)
 
 
 class KnownHosts:

@@ -31,6 +31,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import wire
+from .address import hostport
 from .api import (
     DEFAULT_PORT,
     ConnectionHandle,
@@ -65,8 +66,7 @@ log = logging.getLogger("stcp.server")
 def format_address(addr: object) -> str:
     """host:port, [v6host]:port, or the address as it is when it is not an IP socket address."""
     if isinstance(addr, tuple) and len(addr) >= 2:
-        host = str(addr[0])
-        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+        return hostport(str(addr[0]), addr[1])
     return str(addr)
 
 

@@ -152,7 +152,8 @@ def test_port_in_use(server, tmp_path):
                         "--key", key_file(tmp_path / "k")[0]],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 1
-    assert r.stderr.strip() == f"stcp: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert r.stderr.strip() == (f"stcp: cannot listen on 127.0.0.1:{port}: address already in use "
+                                "(another process has it; pick another port or stop that process)")
 
 
 @pytest.mark.parametrize("address,message", [

@@ -32,3 +32,13 @@ def test_a_cipher_it_does_not_know_is_one_clear_value_error(kwargs, says):
     with pytest.raises(ValueError, match=says.replace("(", r"\(")) as info:
         stcp.Config(**kwargs)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("field", ["handshake_timeout", "idle_timeout"])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_timeouts_must_be_finite_and_positive(field, value):
+    """A zero, negative or non-finite timeout would end every connection at once or never:
+    refused at construction, naming the field (the CLI rewords it with the flag)."""
+    with pytest.raises(ValueError, match=f"^{field} must be a finite number of seconds greater than 0, not "):
+        stcp.Config(**{field: value})
+    assert getattr(stcp.Config(**{field: 0.5}), field) == 0.5

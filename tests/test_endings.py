@@ -71,7 +71,9 @@ def command(*args: str, ready: str, **popen):
 
 def serve(*extra: str):
     port = free_port()
-    return command("serve", "--listen", f"127.0.0.1:{port}", *SERVER_KEY, *extra, ready="serving on"), port
+    # one process: these tests read its log lines (the pool has its own tests)
+    return command("serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", *SERVER_KEY, *extra,
+                   ready="serving on"), port
 
 
 def read_until_end(conn: socket.socket, timeout: float = 10) -> tuple[bytes, str]:

@@ -22,6 +22,7 @@ def test_readme_python_snippet_runs(tmp_path):
     (tmp_path / "snippet.py").write_text(code.replace("7443", str(port)))
     r = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr          # no warning or "Task was destroyed" noise for the reader
     lines = r.stdout.splitlines()
     assert re.fullmatch(r"b'hello' from SHA256:[A-Za-z0-9+/]{43}", lines[0]), lines
     assert lines[1] == "b'hello, blocking'", lines

@@ -56,9 +56,21 @@ def config_from_args(args: Any) -> Config:
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
-        # Config names its fields; a person at the command line knows the flags
-        raise UsageError(str(exc).replace("server_id_bits", "--server-id-bits").replace("server_id", "--server-id")) \
-            from None
+        raise flag_error(exc) from None
+
+
+# Config field -> the flag that sets it: Config's range errors, reworded for the command line
+CONFIG_FLAGS = {"handshake_timeout": "--handshake-timeout", "idle_timeout": "--idle-timeout",
+                "max_datagram": "--max-datagram", "key_update_interval": "--key-update-interval",
+                "server_id_bits": "--server-id-bits", "server_id": "--server-id"}
+
+
+def flag_error(exc: ValueError) -> UsageError:
+    """Config's ValueError ("FIELD must be ...") naming the flag instead of the field."""
+    message = str(exc)
+    for field in sorted(CONFIG_FLAGS, key=len, reverse=True):     # server_id_bits before server_id
+        message = message.replace(field, CONFIG_FLAGS[field])
+    return UsageError(message)
 
 
 async def _pump(src: Any, dst: Any) -> None:

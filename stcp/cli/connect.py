@@ -10,12 +10,14 @@ import sys
 import threading
 from typing import Any, Callable, List, Optional, Set, Tuple
 
+from ..address import hostport, listen_error
 from ..api import StreamReader, StreamWriter, open_connection
 from ..connection import Config
 from ..errors import HandshakeFailed, STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, config_from_args, parse_hostport, reset_tcp, splice
 from .identity import ServerCheck, client_key
+from .options import destination
 from .progress import Progress
 
 
@@ -75,7 +77,7 @@ class Interruption:
 async def connect(args: Any) -> int:
     """Exit 0 when both directions finished, 1 on an error, 130 when interrupted (the server is
     told with an abort)."""
-    host, port = parse_hostport(args.address, DEFAULT_PORT)
+    host, port = destination(args.address, "address", DEFAULT_PORT)
     config = config_from_args(args)
     check = ServerCheck(args, host, port)
     main = asyncio.current_task()
@@ -130,7 +132,11 @@ async def _transfer(reader: Any, writer: Any, progress: Optional[Progress]) -> N
             if not data:
                 out.flush()
                 return
-            out.write(data)
+            try:
+                out.write(data)
+            except BrokenPipeError:        # stdout closed (`| head`): tell the server now
+                writer.abort("the client's output closed")
+                raise
             if progress is not None:
                 progress.received += len(data)
 
@@ -154,7 +160,7 @@ async def tunnel(args: Any) -> int:
     presents another key than the pinned or recorded one (with no acceptable hello from the
     right one within the handshake timeout) ends the tunnel: every later client would meet it too."""
     lhost, lport = parse_hostport(args.listen)
-    target = parse_hostport(args.to, DEFAULT_PORT)
+    target = destination(args.to, "--to", DEFAULT_PORT)
     config = config_from_args(args)
     check = ServerCheck(args, *target)
     key = client_key(args)
@@ -188,8 +194,9 @@ async def tunnel(args: Any) -> int:
     try:
         server = await asyncio.start_server(on_client, lhost, lport)
     except OSError as exc:
-        raise STCPError(f"cannot listen on {lhost}:{lport}: {exc.strerror or exc}") from None
-    print(f"stcp: tunnel from tcp {lhost}:{lport} to stcp {target[0]}:{target[1]}", file=sys.stderr, flush=True)
+        raise listen_error(lhost, lport, exc) from None
+    bound = server.sockets[0].getsockname()[:2]         # --listen HOST:0: the port the kernel chose
+    print(f"stcp: tunnel from tcp {hostport(*bound)} to stcp {hostport(*target)}", file=sys.stderr, flush=True)
     stopping: "asyncio.Future[None]" = loop.create_future()
     Interruption(lambda: stopping.set_result(None))     # called once, on the first signal
     try:

@@ -7,10 +7,13 @@ Every failure a person can act on ends in one line on stderr and a non-zero exit
 `connect` exits 0 when both directions finished and 130 when SIGINT or SIGTERM cut it short
 (after aborting the connection, so the server knows); `serve` and `tunnel` exit 0 when
 stopped by either signal. Ctrl-C never prints a traceback.
+When stdout closes early (`stcp connect ... | head`), 141 (128 + SIGPIPE, the status a
+shell shows for cat in the same place) and nothing on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -35,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", metavar="FILE",
                         help="read options from this TOML file (key = long option name); typed options win")
         sp.add_argument("--cipher", choices=sorted(wire.SUITES), default=None,
-                        help="record protection (default aes-256-gcm)")
+                        help="record protection (default aes-256-gcm); serve: the only one clients may use "
+                        "(default: either)")
         sp.add_argument("--handshake-timeout", type=float, default=None, metavar="S",
                         help="give up a handshake after S seconds (default 10)")
         sp.add_argument("--idle-timeout", type=float, default=None, metavar="S",
@@ -46,11 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="records per key before a key update (default 4194304)")
 
     s = sub.add_parser("serve", help="serve STCP: echo each stream, or forward it to a TCP backend")
-    s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT")
+    s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", metavar="HOST:PORT",
+                   help=f"UDP address to serve on, [v6]:PORT for IPv6; port 0: any free port, printed at start "
+                   f"(default 127.0.0.1:{DEFAULT_PORT})")
     s.add_argument("--forward", metavar="HOST:PORT", help="relay each stream to this TCP backend")
-    s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
+    s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket",
+                   help="socket: a UDP socket (default); xdp: the same behind an XDP program on --iface dropping "
+                   "what belongs to no connection; afxdp: records through AF_XDP sockets on --iface (needs root)")
     s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
-    s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
+    s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto",
+                   help="xdp, afxdp: attach in the driver (native), in the kernel's generic path, or native "
+                   "falling back to generic (auto, the default)")
     # scale-out: worker processes on one port, and the server id in the CIDs
     s.add_argument("--workers", type=int, default=None, metavar="N",
                    help="N processes on the port, each record steered to its connection's by connection ID. "
@@ -88,15 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--key", metavar="FILE", help="prove this client key to the server (stcp keygen)")
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
-    c.add_argument("address", metavar="HOST:PORT")
+    c.add_argument("address", metavar="HOST:PORT", help=f"the server, [v6]:PORT for IPv6 (port default {DEFAULT_PORT})")
     c.add_argument("--progress", action="store_true",
                    help="show bytes each way, the rate and the elapsed time on stderr (as pv does)")
     client_keys(c)
     common(c)
 
     t = sub.add_parser("tunnel", help="carry each local TCP client over its own STCP connection")
-    t.add_argument("--listen", required=True, metavar="HOST:PORT")
-    t.add_argument("--to", required=True, metavar="HOST:PORT")
+    t.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="TCP address to accept clients on; port 0: any free port, printed at start")
+    t.add_argument("--to", required=True, metavar="HOST:PORT",
+                   help=f"the STCP server, [v6]:PORT for IPv6 (port default {DEFAULT_PORT})")
     client_keys(t)
     common(t)
 
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, metavar="FILE", help="the new key file (never overwritten)")
     sub.add_parser("pubkey", help="print the public key of the private key on stdin (stcp pubkey < FILE)")
     h = sub.add_parser("known-hosts", help="the known-hosts file: list it, or forget a server's key")
-    h.add_argument("action", choices=["list", "remove"])
+    h.add_argument("action", choices=["list", "remove"], help="list the file, or remove a server's entry")
     h.add_argument("address", nargs="?", metavar="HOST:PORT", help="remove: the server to forget")
     h.add_argument("--known-hosts", metavar="FILE", help="the file (default as for connect)")
 
@@ -113,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     return p
 
+
+EXIT_BROKEN_PIPE = 128 + 13     # SIGPIPE
 
 COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo, "keygen": keygen, "pubkey": pubkey,
             "known-hosts": known_hosts}
@@ -132,6 +146,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("known-hosts remove needs HOST:PORT")
     try:
         return eventloop.run(COMMANDS[args.command](args))
+    except BrokenPipeError:        # stdout closed early (`| head`): end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no error at exit's flush
+        return EXIT_BROKEN_PIPE
     except UsageError as exc:
         print(f"stcp: {exc}", file=sys.stderr)
         return 2

@@ -8,16 +8,19 @@ import asyncio
 import dataclasses
 import os
 import signal
+import socket
 import sys
 from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
+from ..address import hostport
 from ..connection import Config
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, describe, parse_hostport, splice
 from .identity import allowed_clients, describe_key, server_identity
 from .logs import setup_logging
+from .options import check_datapath_options, destination
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -56,11 +59,26 @@ def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[N
     return handler
 
 
+async def backend(text: str) -> Tuple[str, int]:
+    """--forward HOST:PORT, resolved once at start: a name that does not resolve stops the
+    server now, not each connection later. The name is kept (and resolved again per
+    connection), so a backend that moves in DNS is followed."""
+    host, port = destination(text, "--forward")
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise STCPError(f"cannot resolve the --forward host {host!r}: {exc.strerror}") from None
+    return host, port
+
+
 async def serve(args: Any) -> int:
     setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
-    handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
+    if args.cipher:                 # the one suite clients may use; the others are refused REJECT_SUITE
+        config = dataclasses.replace(config, accepted_suites=(config.suite,))
+    check_datapath_options(args)
+    handler = forward_handler(await backend(args.forward)) if args.forward else echo_handler
     if args.metrics:
         from ..metrics import parse_listen
         try:
@@ -70,6 +88,11 @@ async def serve(args: Any) -> int:
     if args.datapath in ("xdp", "afxdp") and not args.iface:
         raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
     workers = worker_count(args)
+    if port == 0 and workers > 1:     # each worker would bind a port of its own: one port or one worker
+        if args.workers is not None:
+            raise UsageError(f"--listen port 0 with --workers {args.workers}: the workers share one port; "
+                             "give one (or drop --workers)")
+        workers = 1
     role = None
     if args.datapath in ("socket", "afxdp"):
         from ..supervisor import WorkerRole
@@ -82,6 +105,8 @@ async def serve(args: Any) -> int:
     allowed = allowed_clients(args)
     if workers > 1 and role is None:
         from ..datapath.reuseport import ReuseportError
+        from ..datapath.socket import bind_udp
+        bind_udp(host, port).close()      # a port in use: said once here, not once per worker
         try:
             return await _supervise(args, host, port, config, workers)
         except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
@@ -91,6 +116,7 @@ async def serve(args: Any) -> int:
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
+    watch = None
     try:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
@@ -108,16 +134,34 @@ async def serve(args: Any) -> int:
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
         admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
-        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath); server key "
+        exporter = getattr(server.metrics, "address", None)      # --metrics HOST:0: the port it got
+        admits += f"; metrics on http://{hostport(*exporter)}/metrics" if exporter else ""
+        print(f"stcp: serving on {hostport(bound[0], bound[1])} ({mode}, {args.datapath} datapath); server key "
               f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()
+        watch = asyncio.ensure_future(_report_refused_suites(server, args.cipher)) if args.cipher else None
         await server.serve_forever()
     finally:
+        if watch is not None:
+            watch.cancel()
         server.close()
         if args.datapath == "afxdp":
             _report_afxdp(server)
     return 0
+
+
+async def _report_refused_suites(server: stcp_server.Server, cipher: str, every: float = 1.0) -> None:
+    """serve --cipher: say on stderr that clients offering another suite are refused, at most
+    one line per `every` seconds however many hellos arrive (they are unauthenticated)."""
+    seen = server.endpoint.stats.rejected_suite
+    while True:
+        await asyncio.sleep(every)
+        now = server.endpoint.stats.rejected_suite
+        if now > seen:
+            print(f"stcp: refused {now - seen} client hello(s) offering a cipher other than {cipher} (--cipher)",
+                  file=sys.stderr, flush=True)
+            seen = now
 
 
 def _report_afxdp(server: stcp_server.Server) -> None:

@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple, cast
 
 from .. import cid_layout, wire
+from ..address import hostport, listen_error
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
@@ -59,7 +60,7 @@ def connect_udp(host: str, port: int) -> socket.socket:
         sock.connect(sockaddr)
     except OSError as exc:
         sock.close()
-        raise STCPError(f"cannot reach {host}:{port}: {exc.strerror or exc}") from None
+        raise STCPError(f"cannot reach {hostport(host, port)}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -76,7 +77,7 @@ def bind_udp(host: str, port: int, reuse_port: bool = False) -> socket.socket:
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
-        raise STCPError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise listen_error(host, port, exc) from None
     return sock
 
 

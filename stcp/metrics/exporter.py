@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from ..address import listen_error
 from ..datapath.errors import XdpSetupError
 from ..datapath.xdp_prog import require_root
 from .server import ServerMetrics
@@ -45,7 +46,7 @@ class MetricsHTTPServer:
         try:
             started = start_http_server(port, addr=host, registry=registry)
         except OSError as e:
-            raise OSError(e.errno, f"cannot serve metrics on {listen}: {e.strerror or e}") from None
+            raise listen_error(host, port, e, "metrics") from None
         if not started:       # prometheus-client < 0.17 returns nothing
             raise RuntimeError("prometheus-client >= 0.17 is needed (start_http_server must return the server)")
         self.httpd, self.thread = started
