@@ -41,7 +41,7 @@ from .api import (
     ServerKey,
     client_config,
     closed_error,
-    explain_unreachable,
+    explain_timeout,
     handshake_error,
 )
 from .chunks import ChunkBuffer
@@ -118,8 +118,8 @@ class BlockingConnection:
                 self._wait(self._is_open, None)
             _keeper.add(self)
         except BaseException as exc:
-            if isinstance(exc, HandshakeTimeout) and self.icmp_errors:
-                explain_unreachable(exc, host, port)
+            if isinstance(exc, HandshakeTimeout):
+                explain_timeout(exc, host, port, self.icmp_errors, self.dropped)
             with self._lock:
                 self._release()
             if isinstance(exc, PeerUnreachable):

@@ -176,6 +176,46 @@ def test_ctrl_c_on_serve_exits_0_without_a_traceback():
         assert "Traceback" not in stderr_of(srv)
 
 
+STARTING = "made a new server key"          # the last line `serve` prints before its datapath is set up
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_serve_startup_ends_it_quietly(sig, tmp_path):
+    """Signalled while it sets its datapath up (here just after it made its key), `serve`
+    finishes starting, releases what it set up and exits 0 without a traceback; a few tries,
+    the signal a little later each time."""
+    for attempt, delay in enumerate((0, 0.002, 0.01)):
+        port = free_port()
+        with command("serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / str(attempt)),
+                     ready=STARTING) as srv:
+            time.sleep(delay)
+            srv.send_signal(sig)
+            assert srv.wait(20) == 0, f"try {attempt}: exit {srv.returncode}"
+            err = stderr_of(srv)
+            assert "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_sigterm_while_the_xdp_program_compiles_ends_serve_quietly(xdp_toolchain, netns_pair, tmp_path):
+    """SIGTERM lands while the XDP program compiles (seconds): exit 0, no traceback, and the
+    interface is left without an XDP program, as it was found."""
+    a, _ = netns_pair
+    srv = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{free_port()}", "--datapath", "xdp", "--iface", a.ifname,
+                   "--state-dir", str(tmp_path / "state")], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_stderr_line(srv, STARTING, 20)
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(120) == 0
+        err = stderr_of(srv)
+        assert "Traceback" not in err and "serving on" not in err, err
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+
+
 def test_interrupt_during_the_handshake_exits_130():
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)      # never answers
     silent.bind(("127.0.0.1", 0))

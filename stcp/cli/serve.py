@@ -54,7 +54,19 @@ def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[N
     return handler
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """From now on SIGINT and SIGTERM end `serve` quietly (exit 0): set before anything slow
+    (loading the XDP program compiles it, which can take seconds), so a signal during startup
+    is remembered, the startup finishes, and what it set up is released again."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    return stopping
+
+
 async def serve(args: Any) -> int:
+    stopping = _stop_on_signals()
     setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
@@ -80,12 +92,14 @@ async def serve(args: Any) -> int:
         config = dataclasses.replace(config, static_key=private)
     allowed = allowed_clients(args)
     if role is None and args.datapath == "afxdp" and args.workers > 1:
-        return await _supervise(args, port, config)
+        return 0 if stopping.is_set() else await _supervise(args, port, config)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
     try:
+        if stopping.is_set():                   # a signal came during startup: close what it set up
+            return 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
             loop.add_signal_handler(sig, server.close)
