@@ -186,6 +186,7 @@ def test_a_signal_during_serve_startup_ends_it_quietly(sig, tmp_path):
     the signal a little later each time."""
     for attempt, delay in enumerate((0, 0.002, 0.01)):
         port = free_port()
+        (tmp_path / str(attempt)).mkdir()
         with command("serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / str(attempt)),
                      ready=STARTING) as srv:
             time.sleep(delay)
@@ -201,6 +202,7 @@ def test_sigterm_while_the_xdp_program_compiles_ends_serve_quietly(xdp_toolchain
     """SIGTERM lands while the XDP program compiles (seconds): exit 0, no traceback, and the
     interface is left without an XDP program, as it was found."""
     a, _ = netns_pair
+    (tmp_path / "state").mkdir()
     srv = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{free_port()}", "--datapath", "xdp", "--iface", a.ifname,
                    "--state-dir", str(tmp_path / "state")], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

@@ -54,19 +54,29 @@ def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[N
     return handler
 
 
-def _stop_on_signals() -> asyncio.Event:
-    """From now on SIGINT and SIGTERM end `serve` quietly (exit 0): set before anything slow
-    (loading the XDP program compiles it, which can take seconds), so a signal during startup
-    is remembered, the startup finishes, and what it set up is released again."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    return stopping
+class _Startup:
+    """SIGINT and SIGTERM while `serve` starts: remembered by a plain signal handler, which runs
+    even while a blocking call holds the event loop (the XDP program compiles for seconds), so
+    the startup finishes, releases what it set up and `serve` exits 0 as it would later."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._caught)
+
+    def _caught(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def hand_over(self, stop: Callable[[], None]) -> bool:
+        """From now on a signal calls stop (through the event loop); True if one came before."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop)
+        return self.signalled
 
 
 async def serve(args: Any) -> int:
-    stopping = _stop_on_signals()
+    startup = _Startup()
     setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
@@ -92,17 +102,14 @@ async def serve(args: Any) -> int:
         config = dataclasses.replace(config, static_key=private)
     allowed = allowed_clients(args)
     if role is None and args.datapath == "afxdp" and args.workers > 1:
-        return 0 if stopping.is_set() else await _supervise(args, port, config)
+        return await _supervise(args, port, config, startup)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
     dp = server.datapath
     try:
-        if stopping.is_set():                   # a signal came during startup: close what it set up
-            return 0
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
-            loop.add_signal_handler(sig, server.close)
+        if startup.hand_over(server.close):     # before the startup line: a SIGTERM after it is clean
+            return 0                            # one came during startup: close what it set up
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
             assert isinstance(dp, AfxdpDatapath)
@@ -144,7 +151,7 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           file=sys.stderr, flush=True)
 
 
-async def _supervise(args: Any, port: int, config: Config) -> int:
+async def _supervise(args: Any, port: int, config: Config, startup: _Startup) -> int:
     """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
     command line (and, with --metrics, the pool's exporter)."""
     from ..supervisor import WorkerCommand
@@ -154,9 +161,8 @@ async def _supervise(args: Any, port: int, config: Config) -> int:
 
     pool = stcp_server.WorkerPool(spawn, port, iface=args.iface, workers=args.workers, xdp_mode=args.xdp_mode,
                                   config=config, metrics=args.metrics)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, pool.close)
+    if startup.hand_over(pool.close):
+        return 0
     try:
         await pool.start()
         await pool.serve_forever()
