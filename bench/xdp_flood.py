@@ -204,7 +204,8 @@ def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.N
     with veth_pair() as (a, b):
         addr = f"{a.ip4}:{PORT}"
         from tests.support.procs import session_key
-        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--key", session_key()[0]]
+        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--workers", "1",
+                "--key", session_key()[0]]
         if xdp:
             argv += ["--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode]
         server = subprocess.Popen(a.cmd(*pinned(SERVER_CPU, argv)), stdin=subprocess.DEVNULL,

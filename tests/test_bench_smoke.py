@@ -1,8 +1,8 @@
 """The benchmark harness works: a tiny loopback run (no namespaces, no root) of the TLS
 peers, and of aioquic when it is installed, through bench.run as `make bench` uses it; and,
 as root with the kernel datapath's toolchain, a tiny namespace run of the XDP and AF_XDP
-peers (each on its own veth pair, the 2-worker one reporting records per worker), and the
-XDP frame flooder of bench/xdp_flood.py."""
+peers (each on its own veth pair, the 2-worker one reporting records per worker), the
+XDP frame flooder of bench/xdp_flood.py, and bench.scaleout's socket pools and balancer."""
 from __future__ import annotations
 
 import importlib.util
@@ -155,6 +155,34 @@ def test_xdp_flooder_frames_reach_the_peer(veth):
         assert len(cids) >= 900, len(cids)
     finally:
         tap.close()
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.slow
+def test_bench_scaleout_smoke(tmp_path, xdp_toolchain):
+    """bench.scaleout end to end, tiny: both pools serve every load intact (the bench raises
+    on a short echo), the scaling table pairs them, and the balancer part times handshakes."""
+    from tests.support.balancer import nft_unavailable
+    why = nft_unavailable()
+    if why:
+        pytest.skip(why)
+    out = subprocess.run([sys.executable, "-m", "bench.scaleout", "--repeat", "1", "--bulk-total", str(1 << 20),
+                          "--requests", "160", "--handshakes", "32", "--nice", "0", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads((tmp_path / "scaleout.json").read_text())
+    assert sorted((r["workers"], r["test"], r["connections"]) for r in doc["pool"]) == \
+        [(w, t, c) for w in (1, 2) for t in ("bulk", "rr") for c in (8, 64)]
+    assert all(r["payload_bytes"] > 0 for r in doc["pool"]), doc["pool"]
+    # CPU time comes in clock ticks: a tiny run's rows may each be below one, not all of them
+    assert sum(r["server_cpu_s"] for r in doc["pool"]) > 0 and sum(r["client_cpu_s"] for r in doc["pool"]) > 0
+    assert [(s["test"], s["connections"]) for s in doc["scaling"]] == [("bulk", 8), ("bulk", 64), ("rr", 8), ("rr", 64)]
+    summary = doc["balancer"]["summary"]
+    assert summary["balancer"]["per_second_median"] > 0 and summary["direct"]["per_second_median"] > 0
+    assert all(r["handshakes"] == 32 and r["errors"] == 0 for runs in doc["balancer"]["runs"].values()
+               for r in runs)
+    assert "| balancer |" in (tmp_path / "SCALEOUT.md").read_text()
 
 
 def test_bench_authenticated_handshakes_loopback(tmp_path):

@@ -41,7 +41,8 @@ def server(tmp_path):
     def start(*extra: str) -> "Port":
         port = free_port()
         key = key_file(tmp_path / f"server-{len(procs)}.key")[0]
-        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--key", key, *extra],
+        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--key", key,
+                                 *extra],
                                 stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         line = proc.stderr.readline()
@@ -147,7 +148,8 @@ def test_unreachable_port_fails_at_once_and_says_why():
 
 def test_port_in_use(server, tmp_path):
     port = server()
-    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--key", key_file(tmp_path / "k")[0]],
+    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1",
+                        "--key", key_file(tmp_path / "k")[0]],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 1
     assert r.stderr.strip() == f"stcp: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -197,7 +199,7 @@ def test_serve_exposes_metrics(server):
 
 
 def test_bad_metrics_address_is_a_usage_error():
-    r = subprocess.run([*STCP, "serve", "--listen", "127.0.0.1:0", "--metrics", "nonsense"],
+    r = subprocess.run([*STCP, "serve", "--listen", "127.0.0.1:0", "--workers", "1", "--metrics", "nonsense"],
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert r.stderr.startswith("stcp: bad --metrics address")

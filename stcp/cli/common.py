@@ -9,6 +9,7 @@ import struct
 from typing import Any, Optional, Tuple
 
 from ..api import make_config
+from ..cid_layout import DEFAULT_SERVER_ID_BITS
 from ..connection import Config
 from ..errors import STCPError
 
@@ -49,10 +50,15 @@ def config_from_args(args: Any) -> Config:
         overrides["max_datagram"] = args.max_datagram
     if getattr(args, "key_update_interval", None) is not None:
         overrides["key_update_interval"] = args.key_update_interval
+    if getattr(args, "server_id", None) is not None or getattr(args, "server_id_bits", None) is not None:
+        overrides["server_id"] = args.server_id or 0
+        overrides["server_id_bits"] = DEFAULT_SERVER_ID_BITS if args.server_id_bits is None else args.server_id_bits
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        # Config names its fields; a person at the command line knows the flags
+        raise UsageError(str(exc).replace("server_id_bits", "--server-id-bits").replace("server_id", "--server-id")) \
+            from None
 
 
 async def _pump(src: Any, dst: Any) -> None:

@@ -15,6 +15,7 @@ import sys
 from typing import List, Optional
 
 from .. import __version__, eventloop, wire
+from ..cid_layout import DEFAULT_SERVER_ID_BITS, MAX_SERVER_ID_BITS
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from . import config_file
@@ -50,8 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
     s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
     s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
+    # scale-out: worker processes on one port, and the server id in the CIDs
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N processes on the port, each record steered to its connection's by connection ID. "
+                        "socket: default one per CPU this process may use (1: one process, no steering); "
+                        "afxdp: each owns whole RX queues (default 1)")
+    s.add_argument("--server-id", type=int, default=None, metavar="ID",
+                   help="this host's id in its connection IDs, for a load balancer that routes by connection "
+                        "ID (docs/DEPLOY.md)")
+    s.add_argument("--server-id-bits", type=int, default=None, metavar="B",
+                   help=f"connection ID bits for --server-id (0-{MAX_SERVER_ID_BITS}, default "
+                        f"{DEFAULT_SERVER_ID_BITS}; 56-B bits stay random)")
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")

@@ -1,10 +1,12 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
-`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool),
+`--workers N` (N > 1; on the socket datapath one per CPU unless told) the supervisor of N
+worker processes on the port (stcp.server.WorkerPool), each running this same command line,
 which loads (or makes) the server key once and hands it to every worker."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
 import sys
 from typing import Any, Awaitable, Callable, Tuple
@@ -69,9 +71,12 @@ class _Startup:
 
     def hand_over(self, stop: Callable[[], None]) -> bool:
         """From now on a signal calls stop (through the event loop); True if one came before."""
+        def stopping() -> None:
+            self.signalled = True
+            stop()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+            loop.add_signal_handler(sig, stopping)
         return self.signalled
 
 
@@ -89,11 +94,10 @@ async def serve(args: Any) -> int:
             raise UsageError(f"bad --metrics address: {exc}") from None
     if args.datapath in ("xdp", "afxdp") and not args.iface:
         raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
+    workers = worker_count(args)
     role = None
-    if args.datapath == "afxdp":
+    if args.datapath in ("socket", "afxdp"):
         from ..supervisor import WorkerRole
-        if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
         role = WorkerRole.from_env()          # set when our supervisor started this process
     if role is None or role.static_key is None:     # a worker serves under the key its supervisor holds
         private, note = server_identity(args)
@@ -101,8 +105,13 @@ async def serve(args: Any) -> int:
             print(f"stcp: {note}", file=sys.stderr, flush=True)
         config = dataclasses.replace(config, static_key=private)
     allowed = allowed_clients(args)
-    if role is None and args.datapath == "afxdp" and args.workers > 1:
-        return await _supervise(args, port, config, startup)
+    if workers > 1 and role is None:
+        from ..datapath.reuseport import ReuseportError
+        try:
+            return await _supervise(args, host, port, config, workers, startup)
+        except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
+            print(f"stcp: {workers} workers need the SO_REUSEPORT steering program: {exc}; serving with "
+                  "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
@@ -151,16 +160,31 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           file=sys.stderr, flush=True)
 
 
-async def _supervise(args: Any, port: int, config: Config, startup: _Startup) -> int:
-    """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
-    command line (and, with --metrics, the pool's exporter)."""
+def worker_count(args: Any) -> int:
+    """--workers, or its default: one per CPU this process may run on (socket), 1 (afxdp, xdp)."""
+    if args.workers is None:
+        if args.datapath != "socket":
+            return 1
+        from ..datapath.reuseport import MAX_WORKERS
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers > 1 and args.datapath == "xdp":
+        raise UsageError("--workers needs --datapath socket or afxdp: the xdp datapath serves from one process")
+    return int(args.workers)
+
+
+async def _supervise(args: Any, host: str, port: int, config: Config, workers: int, startup: _Startup) -> int:
+    """`serve --workers N`: the supervisor of N processes running this same command line (and,
+    with --metrics, the pool's exporter). ReuseportError before anything started where the
+    socket pool cannot steer."""
     from ..supervisor import WorkerCommand
 
     def spawn(w: int, n: int) -> WorkerCommand:
         return WorkerCommand([sys.executable, "-m", "stcp.cli.main", *args.argv])
 
-    pool = stcp_server.WorkerPool(spawn, port, iface=args.iface, workers=args.workers, xdp_mode=args.xdp_mode,
-                                  config=config, metrics=args.metrics)
+    pool = stcp_server.WorkerPool(spawn, port, datapath=args.datapath, host=host, iface=args.iface,
+                                  workers=workers, xdp_mode=args.xdp_mode, config=config, metrics=args.metrics)
     if startup.hand_over(pool.close):
         return 0
     try:

@@ -22,8 +22,9 @@ dies is reported and replaced; its connections are lost (their peers time out), 
 workers' carry on.
 
 Steering by connection ID: every server CID carries its worker's number in the top
-wire.CID_WORKER_BITS (8) bits, the other 56 random (docs/PROTOCOL.md 3.1.1); serving alone
-is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
+wire.CID_WORKER_BITS (8) bits, then the server id if it has one, the rest random
+(stcp.cid_layout, docs/PROTOCOL.md 3.1.1); serving alone is worker 0 of 1. The loader
+writes N into stcp_config.nworkers. The kernel redirects a
 frame only into the AF_XDP socket bound to the queue it arrived on, so the program cannot
 move a record to its worker; it checks instead. A client hello goes to its arrival
 queue's socket, and that queue's worker creates the connection and names itself in the
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import glob
 import logging
@@ -54,10 +54,10 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
-from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
+from ..wire import MAX_CID_WORKERS
 from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpSetupError
@@ -221,7 +221,7 @@ class AfxdpDatapath:
     def server_config(self, config: Config) -> Config:
         # every CID this server picks names this worker in its top bits: the XDP program
         # delivers a connection's records only on the queues of the worker named there
-        return dataclasses.replace(config, cid_prefix_bits=CID_WORKER_BITS, cid_prefix=self.worker_index)
+        return cid_layout.for_worker(config, self.worker_index)
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
@@ -497,6 +497,38 @@ def forget_worker_cids(xdp: XdpDatapath, w: int) -> List[int]:
     finally:
         os.close(fd)                  # releases the lock
     return cids
+
+
+class AfxdpPoolKernel:
+    """The AF_XDP pool's part in the kernel (a stcp.supervisor.PoolKernel): the afxdp
+    program attach_program attached; a dead worker's CIDs leave its table."""
+
+    datapath = "afxdp"
+
+    def __init__(self, xdp: XdpDatapath):
+        self.xdp = xdp
+        self.port = xdp.port
+
+    @classmethod
+    def attach(cls, iface: str, port: int, mode: str, nworkers: int, max_record_len: Optional[int] = None,
+               xdp_kw: Optional[Dict[str, Any]] = None) -> "AfxdpPoolKernel":
+        return cls(attach_program(iface, port, mode, nworkers, max_record_len, xdp_kw))
+
+    def describe(self, nworkers: int) -> str:
+        return (f"AF_XDP supervisor on {self.xdp.iface}: {nworkers} workers over "
+                f"{rx_queue_count(self.xdp.iface)} RX queue(s), XDP {self.xdp.mode} mode")
+
+    def worker_fds(self) -> Tuple[int, ...]:
+        return ()                     # each worker opens the program by its interface
+
+    def worker_died(self, worker: int) -> Optional[str]:
+        cids = forget_worker_cids(self.xdp, worker)
+        return f"removed worker {worker}'s {len(cids)} connection ID(s) from the kernel table" if cids else None
+
+    def close(self) -> None:
+        prog_id = self.xdp.prog_id
+        self.xdp.close()
+        remove_cid_lock(prog_id)
 
 
 def _open_sockets(xsk_mod: Any, xdp: XdpDatapath, iface: str, queues: Any,

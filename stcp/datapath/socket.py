@@ -17,7 +17,7 @@ import socket
 from types import ModuleType
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple, cast
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
@@ -463,7 +463,11 @@ class SocketDatapath:
         self.sock = sock
 
     def server_config(self, config: Config) -> Config:
-        return config
+        return cid_layout.for_worker(config, None)       # a server id, if it has one
+
+    def worker_gone(self, worker: int) -> bool:
+        """A lone process has no sibling: a CID naming another worker is nobody's."""
+        return True
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],

@@ -23,6 +23,7 @@ import struct
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from .. import cid_layout
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
 from ..wire import MAX_CID_WORKERS
@@ -394,7 +395,7 @@ class XdpDatapath:
 
     # -- a server's datapath (stcp.datapath.base.Datapath) --------------------------------
     def server_config(self, config: Config) -> Config:
-        return config
+        return cid_layout.for_worker(config, None)       # a server id, if it has one
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
