@@ -70,8 +70,10 @@ def command(*args: str, ready: str, **popen):
 
 
 def serve(*extra: str):
+    """One server process (--workers 1: its log lines are its own, not a pool's relayed ones)."""
     port = free_port()
-    return command("serve", "--listen", f"127.0.0.1:{port}", *SERVER_KEY, *extra, ready="serving on"), port
+    return command("serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", *SERVER_KEY, *extra,
+                   ready="serving on"), port
 
 
 def read_until_end(conn: socket.socket, timeout: float = 10) -> tuple[bytes, str]:
@@ -179,15 +181,17 @@ def test_ctrl_c_on_serve_exits_0_without_a_traceback():
 STARTING = "made a new server key"          # the last line `serve` prints before its datapath is set up
 
 
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["one-process", "pool"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_serve_startup_ends_it_quietly(sig, tmp_path):
+def test_a_signal_during_serve_startup_ends_it_quietly(sig, workers, tmp_path):
     """Signalled while it sets its datapath up (here just after it made its key), `serve`
     finishes starting, releases what it set up and exits 0 without a traceback; a few tries,
-    the signal a little later each time."""
+    the signal a little later each time. A pool (--workers 2) starts its workers meanwhile."""
     for attempt, delay in enumerate((0, 0.002, 0.01)):
         port = free_port()
         (tmp_path / str(attempt)).mkdir()
-        with command("serve", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp_path / str(attempt)),
+        with command("serve", "--listen", f"127.0.0.1:{port}", "--workers", workers,
+                     "--state-dir", str(tmp_path / str(attempt)),
                      ready=STARTING) as srv:
             time.sleep(delay)
             srv.send_signal(sig)
