@@ -20,6 +20,7 @@ Handshake-only connections send nothing and close right after the handshake.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime
 import json
 import math
@@ -57,7 +58,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     s.add_argument("--stcp-keys", metavar="DIR", help="STCP: the run's keys (bench.common.make_credentials)")
     c = sub.add_parser("client")
     c.add_argument("--connect", required=True, help="HOST:PORT")
-    c.add_argument("--test", required=True, choices=["bulk", "bulk8", "handshake", "rtt"])
+    c.add_argument("--test", required=True, choices=["bulk", "bulk8", "handshake", "rtt", "capacity", "load"])
     c.add_argument("--cafile", help="the CA to trust (the run's throwaway CA, which signed the server's cert)")
     c.add_argument("--client-cert", help="mutual TLS: the client's certificate")
     c.add_argument("--client-key", help="mutual TLS: the client's private key")
@@ -71,7 +72,31 @@ def parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--size", type=int, default=RTT_SIZE, help="rtt: message size in bytes (a multiple of 8)")
     c.add_argument("--time-limit", type=float, default=60.0,
                    help="handshake/rtt: stop early after this many seconds")
+    c.add_argument("--clients", type=int, default=32,
+                   help="capacity/load: concurrent clients, each for --duration seconds")
     return p
+
+
+# ----------------------------------------------------------------------------- event loop
+
+def loop_name() -> str:
+    """The event loop the asyncio peers run on: $BENCH_LOOP (asyncio or uvloop; bench.run sets
+    uvloop for its *_uvloop peers), the same for server and client and for STCP and TLS, so a
+    ratio compares transports on one loop."""
+    name = os.environ.get("BENCH_LOOP", "asyncio")
+    if name not in ("asyncio", "uvloop"):
+        raise SystemExit(f"BENCH_LOOP={name!r}: use asyncio or uvloop")
+    return name
+
+
+def run_loop(main):
+    """asyncio.run(main) on the loop loop_name() names."""
+    factory = None
+    if loop_name() == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
 
 
 def announce_ready(port: int) -> None:
@@ -180,6 +205,44 @@ def rtt_result(samples: list[float], cpu: float, mismatches: int, size: int = RT
         "ok": mismatches == 0 and len(samples) > 0,
         "size": size,
         "mismatches": mismatches,
+        "latency": latency_summary(samples),
+        "client_cpu_s": round(cpu, 3),
+        **extra,
+    }
+
+
+def capacity_result(samples: list[float], elapsed: float, cpu: float, errors: int, mismatches: int,
+                    clients: int, **extra) -> dict:
+    """Concurrent clients each opening a connection, echoing 32 bytes and closing, in a loop."""
+    n = len(samples)
+    return {
+        "test": "capacity",
+        "ok": errors == 0 and mismatches == 0 and n > 0,
+        "clients": clients,
+        "errors": errors,
+        "mismatches": mismatches,
+        "handshakes": n,
+        "seconds": round(elapsed, 4),
+        "per_s": round(n / elapsed, 1) if elapsed > 0 else None,
+        "latency": latency_summary(samples),
+        "client_cpu_s": round(cpu, 3),
+        **extra,
+    }
+
+
+def load_result(samples: list[float], elapsed: float, cpu: float, mismatches: int, clients: int,
+                size: int, **extra) -> dict:
+    """Concurrent clients on open connections, each sending a request and waiting for its echo."""
+    n = len(samples)
+    return {
+        "test": "load",
+        "ok": mismatches == 0 and n > 0,
+        "clients": clients,
+        "size": size,
+        "mismatches": mismatches,
+        "requests": n,
+        "seconds": round(elapsed, 4),
+        "per_s": round(n / elapsed, 1) if elapsed > 0 else None,
         "latency": latency_summary(samples),
         "client_cpu_s": round(cpu, 3),
         **extra,

@@ -38,9 +38,11 @@ RESULTS = REPO / "bench" / "results"
 PEERS = {
     "tls": "TLS 1.3 / TCP, Python ssl, blocking",
     "tls_asyncio": "TLS 1.3 / TCP, Python ssl, asyncio",
+    "tls_asyncio_uvloop": "TLS 1.3 / TCP, Python ssl, asyncio API on uvloop",
     "tls_asyncio_mtls": "TLS 1.3 / TCP, Python ssl, asyncio, client certificates",
     "quic": "QUIC, aioquic (asyncio)",
     "stcp": "STCP socket datapath, asyncio API",
+    "stcp_uvloop": "STCP socket datapath, asyncio API on uvloop",
     "stcp_cauth": "STCP socket datapath, asyncio API, client keys",
     "stcp_blocking": "STCP socket datapath, blocking client",
     "stcp_xdp": "STCP XDP datapath (socket server behind the XDP filter), asyncio API",
@@ -52,16 +54,21 @@ ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
 # of the run) and every STCP client pins the server's key: both authenticate the server.
 # The "best of" ratios compare these; the client-authenticating pair (stcp_cauth against
 # tls_asyncio_mtls) is compared on its own.
-TLS_PEERS = ("tls", "tls_asyncio")
-STCP_PEERS = ("stcp", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
+TLS_PEERS = ("tls", "tls_asyncio", "tls_asyncio_uvloop")
+STCP_PEERS = ("stcp", "stcp_uvloop", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 # Servers that report their receive counters per worker on SIGUSR1 (bench.common.stats_on_sigusr1);
 # the others would die of that signal.
 STATS_PEERS = ("stcp_afxdp", "stcp_afxdp2")
 # Servers that attach an XDP program: an interface holds one, so each of these gets its own
 # veth pair (same MTU, queues and steering) between the same two namespaces.
 XDP_PEERS = ("stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
-TESTS = ("bulk", "bulk8", "handshake", "rtt", "rtt1k", "rtt16k")
+# The same peer on uvloop (server and client; bench.common.run_loop): STCP and TLS on one loop.
+LOOP_PEERS = {"tls_asyncio_uvloop": "tls_asyncio", "stcp_uvloop": "stcp"}
+TESTS = ("bulk", "bulk8", "handshake", "rtt", "rtt1k", "rtt16k", "capacity", "load")
 BULK_TESTS = ("bulk", "bulk8")
+# Concurrent-client tests, run by the asyncio STCP and TLS peers on both loops only.
+LOAD_TESTS = ("capacity", "load")
+LOAD_PEERS = ("tls_asyncio", "tls_asyncio_uvloop", "stcp", "stcp_uvloop")
 RTT_SIZES = {"rtt": 64, "rtt1k": 1024, "rtt16k": 16384}     # echo message bytes per RTT test
 PORTS = {name: 7400 + i for i, name in enumerate(PEERS)}
 
@@ -76,7 +83,27 @@ TARGETS = {
     # each kernel datapath (XDP, AF_XDP) against the socket datapath on the same veth
     "kernel_bulk_vs_socket": 0.9,
     "kernel_bulk_vs_tls_asyncio": 1.0,
+    # server handshake capacity: server CPU per handshake (connect, echo 32 B, close), ms
+    "capacity_server_cpu_ms": 0.2,
 }
+
+
+def module(name: str) -> str:
+    """The bench.peers module a peer runs (the *_uvloop peers run their asyncio peer's)."""
+    return LOOP_PEERS.get(name, name)
+
+
+def peer_env(name: str) -> dict:
+    e = env()
+    e["BENCH_LOOP"] = "uvloop" if name in LOOP_PEERS else "asyncio"
+    return e
+
+
+def peer_tests(name: str, tests) -> tuple:
+    """The tests a peer runs: capacity and load only for LOAD_PEERS; the uvloop peers
+    everything but bulk (the latency figures)."""
+    return tuple(t for t in tests if (t not in LOAD_TESTS or name in LOAD_PEERS)
+                 and not (name in LOOP_PEERS and t in BULK_TESTS))
 
 
 @dataclass
@@ -88,12 +115,16 @@ class Config:
     connections: int = 8           # bulk8
     repeat: int = 3
     time_limit: float = 30.0
-    budget: float = 540.0          # whole run, seconds; later tests are skipped past it
+    budget: float = 720.0          # whole run, seconds; later tests are skipped past it
+    capacity_clients: int = 32     # capacity: concurrent connect + echo 32 B + close loops
+    load_clients: int = 64         # load: concurrent connections sending requests
+    load_seconds: float = 5.0      # capacity and load: how long the clients run
+    load_size: int = 64            # load: request (and echo) bytes
 
     @classmethod
     def quick(cls) -> "Config":
         return cls(bytes=16 * 1024 * 1024, duration=2.0, handshakes=50, rtts=200, repeat=1,
-                   time_limit=10.0, budget=120.0)
+                   time_limit=10.0, budget=120.0, load_seconds=2.0)
 
 
 @dataclass
@@ -232,8 +263,12 @@ def tree_cpu(pid: int) -> float | None:
 # ----------------------------------------------------------------------------- peers
 
 def peer_available(name: str) -> str | None:
-    code = (f"from bench.peers import {name} as p\n"
+    code = (f"from bench.peers import {module(name)} as p\n"
             "r = p.available()\nprint('OK' if r is None else 'NO ' + r)")
+    if name in LOOP_PEERS:
+        code = ("import importlib.util\nif importlib.util.find_spec('uvloop') is None:\n"
+                "    print(\"NO uvloop is not installed (pip install 'stcp[uvloop]')\")\n"
+                "    raise SystemExit\n" + code)
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=60, cwd=REPO, env=env())
@@ -247,10 +282,10 @@ def peer_available(name: str) -> str | None:
 
 @contextlib.contextmanager
 def server_proc(name: str, side: Side, port: int, creds, errpath: Path, stats_dir: Path | None = None):
-    argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "server",
+    argv = side.argv([sys.executable, "-m", f"bench.peers.{module(name)}", "server",
                       "--listen", f"{side.ip}:{port}", "--cert", creds.cert, "--key", creds.key,
                       "--client-ca", creds.ca, "--stcp-keys", creds.stcp_keys])
-    e = env()
+    e = peer_env(name)
     if stats_dir is not None:
         e["BENCH_STATS"] = str(stats_dir)
     with open(errpath, "w") as err:
@@ -289,18 +324,21 @@ def _tail(path: Path, n: int = 3) -> str:
 def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg: Config,
                creds, errpath: Path) -> dict:
     count = cfg.handshakes if test == "handshake" else cfg.rtts
-    size = RTT_SIZES.get(test)
-    argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "client",
-                      "--connect", f"{server_ip}:{port}", "--test", "rtt" if size else test,
+    size = RTT_SIZES.get(test) or (cfg.load_size if test == "load" else None)
+    duration = cfg.load_seconds if test in LOAD_TESTS else cfg.duration
+    clients = cfg.capacity_clients if test == "capacity" else cfg.load_clients
+    argv = side.argv([sys.executable, "-m", f"bench.peers.{module(name)}", "client",
+                      "--connect", f"{server_ip}:{port}", "--test", "rtt" if test in RTT_SIZES else test,
                       "--cafile", creds.ca, "--client-cert", creds.client_cert, "--client-key", creds.client_key,
-                      "--stcp-keys", creds.stcp_keys, "--bytes", str(cfg.bytes), "--duration", str(cfg.duration),
+                      "--stcp-keys", creds.stcp_keys, "--bytes", str(cfg.bytes), "--duration", str(duration),
                       "--count", str(count), "--time-limit", str(cfg.time_limit),
-                      "--connections", str(cfg.connections), *(["--size", str(size)] if size else [])])
-    timeout = (cfg.duration if test in BULK_TESTS else cfg.time_limit) + 60
+                      "--connections", str(cfg.connections), "--clients", str(clients),
+                      *(["--size", str(size)] if size else [])])
+    timeout = (duration if test in BULK_TESTS + LOAD_TESTS else cfg.time_limit) + 60
     try:
         with open(errpath, "a") as err:
             out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
-                                 timeout=timeout, cwd=REPO, env=env())
+                                 timeout=timeout, cwd=REPO, env=peer_env(name))
     except subprocess.TimeoutExpired:
         return {"test": test, "ok": False, "error": f"client timed out after {timeout:.0f} s"}
     for line in reversed(out.stdout.strip().splitlines()):
@@ -311,13 +349,13 @@ def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg:
 
 
 KEY = {"bulk": ("mb_per_s", True), "bulk8": ("mb_per_s", True), "handshake": ("per_s", True),
-       **{t: ("p50_us", False) for t in RTT_SIZES}}
+       **{t: ("p50_us", False) for t in RTT_SIZES}, "capacity": ("per_s", True), "load": ("per_s", True)}
 
 
 def metric(run: dict, test: str, key: str | None = None) -> float | None:
     """The test's main figure of a run (or another of its figures: key, e.g. p99_us)."""
     k = key or KEY[test][0]
-    v = run.get("latency", {}).get(k) if test in RTT_SIZES else run.get(k)
+    v = run[k] if k in run else run.get("latency", {}).get(k)
     return v if run.get("ok") else None
 
 
@@ -428,6 +466,13 @@ def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Co
         client_us, server_us = r["client_cpu_s"] / n * 1e6, r["server_cpu_s"] / n * 1e6
         r["cpu_us_per_handshake"] = round(client_us + server_us, 1)
         r["cpu_us_per_handshake_split"] = {"client": round(client_us, 1), "server": round(server_us, 1)}
+    if test in LOAD_TESTS and r.get("ok") and "server_cpu_s" in r:
+        # the server process's CPU over the client's run (its start-up included: an idle
+        # server costs nothing) per handshake (capacity: connect, echo, close) or request;
+        # busy = that CPU over the clients' running time (1.0: the server's CPU is saturated)
+        n = r["handshakes"] if test == "capacity" else r["requests"]
+        r["server_cpu_us_per_op"] = round(r["server_cpu_s"] / n * 1e6, 1)
+        r["server_cpu_busy"] = round(r["server_cpu_s"] / r["seconds"], 2)
     if test in BULK_TESTS and r.get("ok") and r.get("bytes_received_by_server"):
         gb = r["bytes_received_by_server"] / 1e9
         r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
@@ -491,7 +536,7 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, creds,
         t_end = time.monotonic() + budget
         for i in range(cfg.repeat):
             for test in tests:
-                for name in list(live):
+                for name in [n for n in live if test in peer_tests(n, tests)]:
                     proc, port, errpath, stats, psrv, pcli = live[name]
                     if time.monotonic() > t_end:
                         runs[name][test].append({"test": test, "ok": False,
@@ -527,6 +572,10 @@ def brief(r: dict, test: str) -> str:
         return (f"{r['mb_per_s']} MB/s ({r['bytes_received_by_server'] / 2**20:.0f} MiB in {r['seconds']} s"
                 f"{extra})")
     lat = r["latency"]
+    if test in LOAD_TESTS:
+        what = "handshakes" if test == "capacity" else "requests"
+        return (f"{r['per_s']} {what}/s with {r['clients']} clients, p50 {lat['p50_us']} us p99 {lat['p99_us']} us, "
+                f"server {r.get('server_cpu_us_per_op')} us CPU each, busy {r.get('server_cpu_busy')}")
     if test == "handshake":
         cpu = f", {r['cpu_us_per_handshake']} us CPU each" if "cpu_us_per_handshake" in r else ""
         return f"{r['per_s']}/s p50 {lat['p50_us']} us p99 {lat['p99_us']} us{cpu}"
@@ -552,6 +601,10 @@ def best(results: dict, names, test: str) -> tuple[str | None, float | None]:
     return (max if higher else min)(vals, key=lambda nv: nv[1])
 
 
+def ms(us: float | None) -> float | None:
+    return None if us is None else us / 1000
+
+
 def ratios(results: dict) -> list[dict]:
     rows = []
 
@@ -572,7 +625,8 @@ def ratios(results: dict) -> list[dict]:
         best(results, TLS_PEERS, "rtt"), TARGETS["rtt_p50_vs_tls"], "<=",
         "lowest STCP p50 vs lowest TLS p50")
     # Same API on both sides: the latency targets are like for like.
-    for s, t, api in (("stcp", "tls_asyncio", "asyncio"), ("stcp_blocking", "tls", "blocking")):
+    for s, t, api in (("stcp", "tls_asyncio", "asyncio"), ("stcp_uvloop", "tls_asyncio_uvloop", "asyncio on uvloop"),
+                      ("stcp_blocking", "tls", "blocking")):
         add(f"STCP handshakes/s ÷ TLS handshakes/s ({api} clients)", (s, figure(results, s, "handshake")),
             (t, figure(results, t, "handshake")), TARGETS["handshakes_vs_tls"], ">=", "like for like")
         add(f"STCP CPU per handshake ÷ TLS CPU per handshake ({api} clients)",
@@ -594,8 +648,30 @@ def ratios(results: dict) -> list[dict]:
                 add(f"STCP RTT {pct} ÷ TLS RTT {pct}, {size} ({api} clients)",
                     (s, figure(results, s, test, key)), (t, figure(results, t, test, key)),
                     TARGETS[target], "<=", "like for like")
-        add(f"STCP bulk ÷ TLS bulk ({api} clients)", (s, figure(results, s, "bulk")),
-            (t, figure(results, t, "bulk")), None, "", "like for like, informational")
+        if s not in LOOP_PEERS:
+            add(f"STCP bulk ÷ TLS bulk ({api} clients)", (s, figure(results, s, "bulk")),
+                (t, figure(results, t, "bulk")), None, "", "like for like, informational")
+    # Many clients at once against a server on one CPU, on each event loop: handshake capacity
+    # (connect, echo 32 B, close) and a small request/response load.
+    for s, t, loop in (("stcp", "tls_asyncio", "asyncio loop"), ("stcp_uvloop", "tls_asyncio_uvloop", "uvloop")):
+        add(f"STCP server CPU ms per handshake, concurrent clients ({loop})",
+            (s, ms(figure(results, s, "capacity", "server_cpu_us_per_op"))), (None, 1.0),
+            TARGETS["capacity_server_cpu_ms"], "<=", "an absolute figure: connect, echo 32 B, close")
+        add(f"STCP handshakes/s ÷ TLS handshakes/s, concurrent clients ({loop})",
+            (s, figure(results, s, "capacity")), (t, figure(results, t, "capacity")), None, "",
+            "like for like, informational")
+        add(f"STCP server CPU per handshake ÷ TLS, concurrent clients ({loop})",
+            (s, figure(results, s, "capacity", "server_cpu_us_per_op")),
+            (t, figure(results, t, "capacity", "server_cpu_us_per_op")), None, "", "like for like, informational")
+        add(f"STCP requests/s ÷ TLS requests/s, concurrent clients ({loop})",
+            (s, figure(results, s, "load")), (t, figure(results, t, "load")), None, "",
+            "like for like, informational")
+        add(f"STCP request p99 ÷ TLS request p99, concurrent clients ({loop})",
+            (s, figure(results, s, "load", "p99_us")), (t, figure(results, t, "load", "p99_us")), None, "",
+            "like for like, informational")
+        add(f"STCP server CPU per request ÷ TLS, concurrent clients ({loop})",
+            (s, figure(results, s, "load", "server_cpu_us_per_op")),
+            (t, figure(results, t, "load", "server_cpu_us_per_op")), None, "", "like for like, informational")
     # The fastest STCP datapath measured in this run (socket, xdp, afxdp, afxdp with
     # workers; either client API), one connection and eight.
     for test, what in (("bulk", "bulk"), ("bulk8", "8-connection bulk")):
@@ -647,6 +723,42 @@ def handshake_table(doc: dict) -> list[str]:
             "|---|---:|---:|---:|", *rows]
 
 
+def load_table(doc: dict) -> list[str]:
+    """The concurrent-client tests (capacity, load) of each peer that ran them, median runs."""
+    rows = []
+    for pr in doc["peers"].values():
+        if not pr["available"]:
+            continue
+        s = {t: (pr["tests"].get(t) or {}).get("summary") for t in LOAD_TESTS}
+        if not any(s.values()):
+            continue
+        cells = [pr["label"]]
+        for t in LOAD_TESTS:
+            r = s[t]
+            if not r:
+                cells += ["–"] * 4
+                continue
+            cells += [f"{fmt(r['per_s'], 0)} ({r['clients']})",
+                      f"{fmt(r['latency']['p50_us'], 0)} / {fmt(r['latency']['p99_us'], 0)}",
+                      fmt(r.get("server_cpu_us_per_op"), 0), fmt(r.get("server_cpu_busy"), 2)]
+        rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    cfg = doc["config"]
+    return ["", f"Concurrent clients against the server on one CPU, for {cfg.get('load_seconds')} s each: "
+            f"capacity = {cfg.get('capacity_clients')} clients each in a loop of connect (full handshake), echo "
+            f"32 bytes, close (latency = one cycle); load = {cfg.get('load_clients')} open connections each "
+            f"sending a {cfg.get('load_size')}-byte request and waiting for its echo (latency = one request). "
+            "Server CPU per handshake or request = the server process's CPU time during the client's run ÷ "
+            "completed cycles or requests; busy = that CPU time ÷ the clients' running time (1.00: the "
+            "server's CPU was saturated; below it the client, on the other CPU, was the limit). The uvloop "
+            "peers run server and client on uvloop.", "",
+            "| Peer | Capacity handshakes/s (clients) | Cycle p50 / p99 µs | Server CPU µs per handshake | "
+            "Server busy | Load requests/s (clients) | Request p50 / p99 µs | Server CPU µs per request | "
+            "Server busy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+
+
 def worker_table(doc: dict) -> list[str]:
     """Records/s per worker of the servers that report counters (STATS_PEERS), from the
     median run of each bulk test."""
@@ -694,7 +806,8 @@ def markdown(doc: dict) -> str:
                f"time limit shared by {cfg.get('connections', 8)} concurrent connections from one client process "
                f"(aggregate MB/s); handshakes = {cfg['handshakes']} sequential "
                f"connect + full handshake + close; RTT = {cfg['rtts']} round trips of 64 bytes, 1 KB and "
-               f"16 KB on one connection (after 50 warm-up). Each test {cfg['repeat']}×, peers taking turns "
+               f"16 KB on one connection (after 50 warm-up); capacity and load: concurrent clients (below). "
+               f"Each test {cfg['repeat']}×, peers taking turns "
                f"(round robin), the median run is shown.")
     out.append("")
     n8 = cfg.get("connections", 8)
@@ -734,6 +847,7 @@ def markdown(doc: dict) -> str:
             cells[0] += f" (error: {pr['reason']})"
         out.append("| " + " | ".join(cells) + " |")
     out.extend(handshake_table(doc))
+    out.extend(load_table(doc))
     out.extend(worker_table(doc))
     out.append("")
     out.append("| Ratio | Value | Target | Met | Peers compared |")
@@ -799,6 +913,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float)
     p.add_argument("--handshakes", type=int)
     p.add_argument("--rtts", type=int)
+    p.add_argument("--capacity-clients", type=int, help="capacity: concurrent clients (default 32)")
+    p.add_argument("--load-clients", type=int, help="load: concurrent connections (default 64)")
+    p.add_argument("--load-seconds", type=float, help="capacity and load: seconds each (default 5)")
     return p.parse_args(argv)
 
 
@@ -830,7 +947,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     cfg = Config.quick() if args.quick else Config()
-    for k in ("repeat", "bytes", "duration", "handshakes", "rtts"):
+    for k in ("repeat", "bytes", "duration", "handshakes", "rtts", "capacity_clients", "load_clients",
+              "load_seconds"):
         if getattr(args, k) is not None:
             setattr(cfg, k, getattr(args, k))
     names = select_peers(args.only)

@@ -81,11 +81,11 @@ def main(argv=None) -> int:
     p.add_argument("--source", default="10.99.0.9", help="source IPv4 address written in the frames")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from bcc import BPF
-
     from stcp.datapath import bpf
+    from stcp.datapath.bcc_import import import_bcc
     from tests.support.packets import udp_frame
     from tests.support.testrun import Opts
+    BPF = import_bcc()
 
     src_mac = Path(f"/sys/class/net/{args.iface}/address").read_text().strip()
     ifindex = int(Path(f"/sys/class/net/{args.iface}/ifindex").read_text())

@@ -16,7 +16,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--quick", "--repeat", "1", "--bytes", str(1 << 20), "--duration", "2",
-        "--handshakes", "5", "--rtts", "20"]
+        "--handshakes", "5", "--rtts", "20", "--capacity-clients", "4", "--load-clients", "6",
+        "--load-seconds", "1"]
 
 
 def _run(tmp_path, peers: str, *extra: str, timeout: float = 90) -> dict:
@@ -202,3 +203,41 @@ def test_bench_authenticated_handshakes_loopback(tmp_path):
                  "STCP CPU per handshake ÷ TLS CPU per handshake (asyncio clients)"):
         assert rows[what]["value"] is not None, rows[what]
     assert "CPU µs per handshake, client + server" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_concurrent_clients_on_both_loops_loopback(tmp_path):
+    """The capacity (concurrent connect + echo 32 B + close loops) and load (concurrent
+    request/response) tests, STCP beside TLS 1.3 asyncio, on asyncio's loop and, where uvloop
+    is installed, on uvloop too: every cycle and request came back intact, the server's CPU
+    per handshake and per request was measured, and the like-for-like ratio rows are filled."""
+    loops = [("tls_asyncio", "stcp", "asyncio loop")]
+    if importlib.util.find_spec("uvloop") is not None:
+        loops.append(("tls_asyncio_uvloop", "stcp_uvloop", "uvloop"))
+    names = [n for tls, stcp, _ in loops for n in (tls, stcp)]
+    doc = _run(tmp_path, ",".join(names), "--loopback", "--nice", "0", "--tests", "capacity,load,rtt64",
+               timeout=180)
+    for name in names:
+        peer = _check_tests(doc, name, ("capacity", "load", "rtt"))
+        assert set(peer["tests"]) == {"capacity", "load", "rtt"}, peer["tests"].keys()
+        cap, load = peer["tests"]["capacity"]["summary"], peer["tests"]["load"]["summary"]
+        assert cap["loop"] == load["loop"] == ("uvloop" if name.endswith("_uvloop") else "asyncio")
+        assert cap["clients"] == 4 and load["clients"] == 6 and load["size"] == 64
+        assert cap["errors"] == cap["mismatches"] == load["mismatches"] == 0
+        # each client finished at least one cycle; the rate is what was completed in the time
+        assert cap["handshakes"] >= 4 and load["requests"] >= 6
+        for s, n in ((cap, cap["handshakes"]), (load, load["requests"])):
+            assert s["per_s"] == pytest.approx(n / s["seconds"], rel=0.01)
+            assert 0 < s["latency"]["p50_us"] <= s["latency"]["p99_us"]
+            assert 0 <= s["server_cpu_us_per_op"] == pytest.approx(s["server_cpu_s"] / n * 1e6, abs=0.1)
+    rows = {r["ratio"]: r for r in doc["ratios"]}
+    for _, _, loop in loops:
+        for what in ("STCP handshakes/s ÷ TLS handshakes/s", "STCP requests/s ÷ TLS requests/s",
+                     "STCP request p99 ÷ TLS request p99"):
+            assert rows[f"{what}, concurrent clients ({loop})"]["value"] > 0
+        row = rows[f"STCP server CPU ms per handshake, concurrent clients ({loop})"]
+        assert row["value"] is not None and row["met"] is not None, row
+    if len(loops) == 2:
+        assert rows["STCP RTT p50 ÷ TLS RTT p50, 64 B (asyncio on uvloop clients)"]["value"] > 0
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "| Peer | Capacity handshakes/s (clients) |" in md

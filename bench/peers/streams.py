@@ -89,6 +89,18 @@ async def _sink(conn, writer, reader, share: int, deadline: float, framed: bytes
     return sent, got
 
 
+async def _open(args, connect, n: int, mode: bytes) -> list:
+    """n connections, one after another, each with its mode byte sent: (conn, reader, writer)."""
+    conns = []
+    for _ in range(n):
+        conn = await connect(args)
+        reader, writer = await conn.stream()
+        writer.write(mode)
+        await conn.drain(writer)
+        conns.append((conn, reader, writer))
+    return conns
+
+
 async def client(args, connect) -> dict:
     cpu0 = C.cpu_seconds()
     if args.test == "bulk":
@@ -108,13 +120,7 @@ async def client(args, connect) -> dict:
         # the clock starts, then all sending their share of --bytes at once until the
         # shared --duration deadline; MB/s = all bytes ÷ time until the last count is back.
         framed = C.frame(C.payload())
-        conns = []
-        for _ in range(args.connections):
-            conn = await connect(args)
-            reader, writer = await conn.stream()
-            writer.write(C.MODE_SINK)
-            await conn.drain(writer)
-            conns.append((conn, reader, writer))
+        conns = await _open(args, connect, args.connections, C.MODE_SINK)
         t0 = time.perf_counter()
         deadline = t0 + args.duration
 
@@ -157,6 +163,10 @@ async def client(args, connect) -> dict:
         elapsed = time.perf_counter() - t_start
         return C.handshake_result(samples, elapsed, C.cpu_seconds() - cpu0, errors,
                                   connect_latency=C.latency_summary(to_open))
+    if args.test == "capacity":
+        return await _capacity(args, connect, cpu0)
+    if args.test == "load":
+        return await _load(args, connect, cpu0)
     # rtt
     msgs = C.rtt_messages(args.count + C.RTT_WARMUP, args.size)
     samples, bad = [], 0
@@ -180,15 +190,82 @@ async def client(args, connect) -> dict:
     return C.rtt_result(samples, C.cpu_seconds() - cpu0, bad, args.size)
 
 
+CAPACITY_MESSAGE = 32         # bytes each capacity connection echoes
+
+
+async def _capacity(args, connect, cpu0: float) -> dict:
+    """--clients tasks, each in a loop until --duration is up: connect (full handshake),
+    echo 32 bytes, close and wait for the close to complete.  Latency = one such cycle."""
+    samples, errors, bad = [], 0, 0
+    t_start = time.perf_counter()
+    deadline = t_start + args.duration
+
+    async def one(worker: int) -> None:
+        nonlocal errors, bad
+        i = 0
+        while time.perf_counter() < deadline:
+            msg = (worker << 32 | i).to_bytes(8, "big") * (CAPACITY_MESSAGE // 8)
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                conn = await asyncio.wait_for(connect(args), 10)
+                reader, writer = await conn.stream()
+                writer.write(C.MODE_ECHO + msg)
+                await conn.drain(writer)
+                back = await asyncio.wait_for(reader.readexactly(len(msg)), 10)
+                await conn.close()
+                await asyncio.wait_for(conn.wait_closed(), 10)
+            except Exception:  # OSError, timeouts, each transport's own handshake errors
+                errors += 1
+                continue
+            bad += back != msg
+            samples.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(one(w) for w in range(args.clients)))
+    elapsed = time.perf_counter() - t_start
+    return C.capacity_result(samples, elapsed, C.cpu_seconds() - cpu0, errors, bad, args.clients,
+                             loop=C.loop_name())
+
+
+async def _load(args, connect, cpu0: float) -> dict:
+    """--clients connections, all opened first (untimed), then each in a loop until
+    --duration is up: write a --size request, read its echo whole.  Latency = one request."""
+    opened = await _open(args, connect, args.clients, C.MODE_ECHO)
+    samples, bad = [], 0
+    t_start = time.perf_counter()
+    deadline = t_start + args.duration
+
+    async def one(worker: int, conn, reader, writer) -> None:
+        nonlocal bad
+        i = 0
+        while time.perf_counter() < deadline:
+            msg = (worker << 32 | i).to_bytes(8, "big") * (args.size // 8)
+            i += 1
+            t0 = time.perf_counter()
+            writer.write(msg)
+            await conn.drain(writer)
+            back = await reader.readexactly(len(msg))
+            samples.append(time.perf_counter() - t0)
+            bad += back != msg
+
+    await asyncio.gather(*(one(w, *c) for w, c in enumerate(opened)))
+    elapsed = time.perf_counter() - t_start
+    cpu = C.cpu_seconds() - cpu0
+    for conn, _, _ in opened:
+        await conn.close()
+    await asyncio.gather(*(conn.wait_closed() for conn, _, _ in opened), return_exceptions=True)
+    return C.load_result(samples, elapsed, cpu, bad, args.clients, args.size, loop=C.loop_name())
+
+
 def run_server(start_server, args) -> None:
     async def main():
         _srv, port = await start_server(args, handle)
         C.announce_ready(port)
         await asyncio.Event().wait()  # serve until killed
-    asyncio.run(main())
+    C.run_loop(main())
 
 
 def run_client(connect, args, **extra) -> None:
-    res = asyncio.run(client(args, connect))
+    res = C.run_loop(client(args, connect))
     res.update(extra)
     C.emit(res)
