@@ -148,7 +148,29 @@ def test_peer_termination_reason_reaches_the_user(server):
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1
     assert "peer terminated the connection: APPLICATION_ABORT" in lines[0]
-    assert f"backend 127.0.0.1:{closed_port} unreachable" in lines[0]
+    assert "backend unavailable" in lines[0]
+
+
+def test_forward_never_tells_the_client_the_backend_address():
+    """Finding 9: anyone who completes a handshake used to learn the backend's address from
+    the abort reason. The client now hears "backend unavailable"; the server logs where."""
+    closed_port = free_port(socket.SOCK_STREAM)
+    port = free_port()
+    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--forward",
+                             f"127.0.0.1:{closed_port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on" in proc.stderr.readline()
+        r = connect(port, b"hello")
+        log_line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    client_err = r.stderr.decode()
+    assert r.returncode == 1 and "backend unavailable" in client_err
+    assert str(closed_port) not in client_err and "127.0.0.1:" not in client_err
+    # the operator's one line: the backend, the client and the reason
+    assert f"backend 127.0.0.1:{closed_port} unreachable for 127.0.0.1:" in log_line, log_line
+    assert "refused" in log_line.lower(), log_line
 
 
 def test_demo_runs():

@@ -69,7 +69,8 @@ async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer
     try:
         await asyncio.gather(_pump(stcp_reader, tcp_writer), _pump(tcp_reader, stcp_writer))
     except (OSError, STCPError) as exc:
-        stcp_writer.abort(f"relay failed: {exc}")
+        # the error's class only: the peer learns that the relay failed, not where it led
+        stcp_writer.abort(f"relay failed: {type(exc).__name__}")
     finally:
         tcp_writer.close()
     try:

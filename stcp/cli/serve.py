@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from typing import Any, Awaitable, Callable, Tuple
@@ -25,11 +26,19 @@ async def echo_handler(reader: Any, writer: Any) -> None:
 
 
 def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
+    """Relay each stream to the TCP backend at target. The backend's address is the
+    operator's business: a client (anyone who completes a handshake) is told only that the
+    backend is unavailable, and the server's log gets the one line that says where and why."""
     async def handler(reader: Any, writer: Any) -> None:
         try:
             tcp_reader, tcp_writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            writer.abort(f"backend {target[0]}:{target[1]} unreachable: {exc.strerror or exc}")
+            peer = writer.get_extra_info("peername")
+            client = f"{peer[0]}:{peer[1]}" if peer else "a client"
+            print(f"stcp: backend {target[0]}:{target[1]} unreachable for {client}: "
+                  f"{os.strerror(exc.errno) if exc.errno else exc}",
+                  file=sys.stderr, flush=True)
+            writer.abort("backend unavailable")
             return
         await splice(reader, writer, tcp_reader, tcp_writer)
     return handler
