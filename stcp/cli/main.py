@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
+    s.add_argument("--user", metavar="NAME", help="once set up, run as NAME with no capabilities (default: the "
+                   "'stcp' account if it exists, else nobody; a process not allowed to change user stays itself)")
     common(s)
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")

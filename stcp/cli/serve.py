@@ -1,5 +1,10 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
-`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool)."""
+`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool).
+
+Once set up, the server runs as an unprivileged user with no capabilities (--user; see
+stcp.privileges). The pool's supervisor keeps its privileges: it parses no datagram, and
+it needs them to attach, detach and start replacement workers, each of which drops its
+own once it has joined."""
 from __future__ import annotations
 
 import asyncio
@@ -66,7 +71,8 @@ async def serve(args: Any) -> int:
             return await _supervise(args, port, config)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, metrics=None if role else args.metrics)
+                                     config=config, metrics=None if role else args.metrics,
+                                     drop_privileges=args.user or True)
     dp = server.datapath
     try:
         if args.datapath == "afxdp":

@@ -16,8 +16,10 @@ that says what to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
 import struct
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
@@ -32,9 +34,9 @@ from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_m
 from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
                        DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
                        DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
-                       cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp, open_prog,
-                       pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc, remove_pins,
-                       require_root, validate_limits, write_config)
+                       cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp,
+                       handles_of, pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc,
+                       remove_pins, require_privileges, validate_limits, write_config)
 from .socket import ServerDriver, bind_udp
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
@@ -70,6 +72,8 @@ class XdpDatapath:
         self._cids: set[int] = set()
         self._lock = threading.Lock()
         self.private_pins = False         # pins live in a bpffs private to this process
+        self._link_fd = -1                # the BPF link that attaches the program, when attach(link=True)
+        self._pin_dirfd = -1              # the pin directory, for unlinking the pins without privileges
         cfg = read_config(handles)
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
@@ -92,29 +96,33 @@ class XdpDatapath:
                hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
                hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
                hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
-               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> "XdpDatapath":
+               hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST, link: bool = False) -> "XdpDatapath":
         """Compile and attach a fresh program. Raises XdpAlreadyAttached if STCP (or any
         other XDP program) is attached there, unless force=True, which replaces it.
+        link=True attaches through a BPF link that this object holds: the program detaches
+        when the link closes (close(), or the process ending however it ends), which takes
+        no privilege, so a server that dropped its privileges still detaches; without it
+        (`stcp-loader attach`) the attachment outlives the process.
         afxdp=True compiles the variant that redirects good records to its stcp_xsks
         XSKMAP (-DSTCP_AFXDP; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it
         steer data records by their CID's worker bits (see bpf/stcp_xdp.c, steer())."""
         hello = {"hs_prefix4": hs_prefix4, "hs_prefix6": hs_prefix6, "hs_global_rate": hs_global_rate,
                  "hs_global_burst": hs_global_burst}
         return off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                        max_cids, hs_sources, afxdp, nworkers, hello)
+                        max_cids, hs_sources, afxdp, nworkers, hello, link)
 
     @classmethod
     def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0, hello=None) -> "XdpDatapath":
+                hs_sources, afxdp=False, nworkers=0, hello=None, link=False) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
             raise XdpSetupError(f"{nworkers} workers: CID steering names at most {MAX_CID_WORKERS}")
-        require_root()
+        require_privileges("attaching the STCP XDP program")
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             check_toolchain()
-            mounted = ensure_bpffs()
+            mounted = cls._bpffs(iface)
             old_mode, old, state = find_stcp(nl, ifindex)
             if old:
                 old.close()
@@ -126,33 +134,78 @@ class XdpDatapath:
                 desc = ", ".join(f"id {p} in {m} mode" for m, p in state.items())
                 raise XdpAlreadyAttached(f"{iface} already has another XDP program ({desc}); "
                                          f"use --force to replace it, or remove it first")
-            pins = pin_dir(iface, netns)
+            pins = pin_dir(iface, netns) if mounted is not None else None
             b, fn = compile_prog(max_cids, hs_sources, afxdp)
             h = None
+            link_fd = -1
             try:
-                pid = bpf.prog_info(fn.fd)["id"]
-                h = open_prog(pid)
-                if h is None:
-                    raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
+                h = handles_of(b, fn, ("stcp_xsks",) if afxdp else ())
                 write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
-                remove_pins(pins)              # stale pins of a program that is gone
-                pin_prog(h, pins)
+                if pins:
+                    pins = cls._pin(h, pins)
                 for m, p in state.items():     # force: clear what is there first
                     nl.clear_xdp(ifindex, m)
-                got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
+                if link:
+                    got, link_fd = cls._link_prog(ifindex, iface, h.prog_fd, mode)
+                else:
+                    got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
             except BaseException:
                 if h:
                     h.close()
-                remove_pins(pins)
+                if pins:
+                    remove_pins(pins)
                 raise
             finally:
                 release_bcc(b)
-            log.info("attached STCP XDP prog %d to %s in %s mode", h.prog_id, iface, got)
+            log.info("attached STCP XDP prog %d to %s in %s mode%s", h.prog_id, iface, got,
+                     " (BPF link)" if link else "")
             dp = cls(iface, ifindex, got, h, True, netns, pins)
+            dp._link_fd = link_fd
             # `ip netns exec` gives the process a private /sys: a bpffs mounted there (and
             # our pins) goes away with the process. The program stays attached regardless.
-            dp.private_pins = mounted and netns is None and current_netns_name() is not None
+            dp.private_pins = bool(mounted) and netns is None and current_netns_name() is not None
             return dp
+
+    @staticmethod
+    def _bpffs(iface: str) -> Optional[bool]:
+        """ensure_bpffs(), or None (with a warning) where bpffs cannot be mounted: the pins
+        are for operators and other tools, and a server started with CAP_NET_ADMIN + CAP_BPF
+        alone (no CAP_SYS_ADMIN) serves without them."""
+        try:
+            return ensure_bpffs()
+        except XdpSetupError as e:
+            log.warning("not pinning the XDP program of %s: %s", iface, e)
+            return None
+
+    @staticmethod
+    def _pin(h: ProgHandles, pins: str) -> Optional[str]:
+        """Pin the program and its maps at pins; None (with a warning) where bpffs is not
+        writable to us (it is root's, mode 0700, and we may not be root)."""
+        try:
+            remove_pins(pins)              # stale pins of a program that is gone
+            pin_prog(h, pins)
+            return pins
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM):
+                raise
+            remove_pins(pins)
+            log.warning("not pinning the XDP program at %s: %s", pins, e.strerror or e)
+            return None
+
+    @staticmethod
+    def _link_prog(ifindex: int, iface: str, fd: int, mode: str) -> Tuple[str, int]:
+        tries = ["native", "generic"] if mode == "auto" else [mode]
+        errors = []
+        for m in tries:
+            try:
+                return m, bpf.xdp_link_create(fd, ifindex, MODE_FLAGS[m])
+            except OSError as e:
+                errors.append(f"{m}: {e.strerror}")
+                if e.errno in (errno.EEXIST, errno.EBUSY):
+                    raise XdpAlreadyAttached(f"{iface} got another XDP program meanwhile ({e.strerror}); "
+                                             "use --force to replace it") from None
+        raise XdpSetupError(f"attaching XDP to {iface} failed ({'; '.join(errors)})"
+                            + ("; try --mode generic" if mode == "native" else ""))
 
     @staticmethod
     def _attach_prog(nl: Netlink, ifindex: int, iface: str, fd: int, mode: str) -> str:
@@ -177,7 +230,7 @@ class XdpDatapath:
 
     @classmethod
     def _open(cls, iface: str, netns: Optional[str]) -> "XdpDatapath":
-        require_root()
+        require_privileges("opening the STCP XDP program")
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             mode, h, state = find_stcp(nl, ifindex)
@@ -308,6 +361,19 @@ class XdpDatapath:
             return
         off_loop(self._close)
 
+    def hand_over(self, uid: int, gid: int) -> None:
+        """Before the process gives up its privileges for uid/gid: make what close() must do
+        then possible without them. Detaching is closing the BPF link (attach(link=True));
+        the pins are unlinked through a descriptor of their directory, given to uid (bpffs
+        is root's and mode 0700: no path into it is open to uid). An attachment by netlink
+        would need CAP_NET_ADMIN to undo: XdpSetupError."""
+        if self.attached and self._link_fd < 0:
+            raise XdpSetupError(f"the XDP program on {self.iface} was attached without a BPF link; detaching it "
+                                "needs privileges a server that drops them no longer has")
+        if self.attached and self.pin_dir and self._pin_dirfd < 0 and os.path.isdir(self.pin_dir):
+            os.chown(self.pin_dir, uid, gid)
+            self._pin_dirfd = os.open(self.pin_dir, os.O_PATH | os.O_DIRECTORY)
+
     def release(self) -> None:
         """Forget the program without touching it: it stays attached, with its pins and
         every CID in its table (`stcp-loader attach` leaves it to the kernel)."""
@@ -316,15 +382,14 @@ class XdpDatapath:
     def _close(self) -> None:
         try:
             if self.attached:
-                try:
-                    with Netlink(self.netns) as nl:
-                        state = nl.xdp_state(self.ifindex)
-                        for m, pid in state.items():
-                            if pid == self._h.prog_id:
-                                nl.clear_xdp(self.ifindex, m)
-                except Exception as e:   # interface or namespace gone: nothing left to detach
-                    log.info("detach from %s: %s", self.iface, e)
-                if self.pin_dir and self._pins_are_ours():
+                if self._link_fd >= 0:
+                    os.close(self._link_fd)       # detaches (the last reference to the link)
+                    self._link_fd = -1
+                else:
+                    self._detach()
+                if self._pin_dirfd >= 0:
+                    self._unpin_at()
+                elif self.pin_dir and self._pins_are_ours():
                     remove_pins(self.pin_dir)
             else:
                 for cid in list(self._cids):
@@ -335,6 +400,30 @@ class XdpDatapath:
                 self._cids.clear()
         finally:
             self._h.close()
+
+    def _detach(self) -> None:
+        try:
+            with Netlink(self.netns) as nl:
+                state = nl.xdp_state(self.ifindex)
+                for m, pid in state.items():
+                    if pid == self._h.prog_id:
+                        nl.clear_xdp(self.ifindex, m)
+        except Exception as e:   # interface or namespace gone: nothing left to detach
+            log.info("detach from %s: %s", self.iface, e)
+
+    def _unpin_at(self) -> None:
+        """Unlink our pins through the directory's descriptor (hand_over()); the directory
+        itself stays, empty, where its parent is not ours to write (the next attach removes it)."""
+        for name in ["prog", *self._h.maps]:
+            try:
+                os.unlink(name, dir_fd=self._pin_dirfd)
+            except OSError:
+                pass
+        os.close(self._pin_dirfd)
+        self._pin_dirfd = -1
+        if self.pin_dir:
+            with contextlib.suppress(OSError):
+                remove_pins(self.pin_dir)     # the directory, where we may
 
     def _pins_are_ours(self) -> bool:
         # nothing (readable) pinned: removing the directory is harmless

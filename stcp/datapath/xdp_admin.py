@@ -10,7 +10,7 @@ from .errors import XdpNotAttached
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
 from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, ProgHandles, count_cids, find_stcp, pin_dir, read_config,
-                       read_counters, remove_pins, require_root)
+                       read_counters, remove_pins, require_privileges)
 
 
 def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
@@ -32,7 +32,7 @@ def detach(iface: str, netns: Optional[str] = None) -> Dict[str, Any]:
 
 
 def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
-    require_root()
+    require_privileges("detaching the STCP XDP program")
     pins = pin_dir(iface, netns)
     with Netlink(netns) as nl:
         ifindex = nl.ifindex(iface)
@@ -69,7 +69,7 @@ def status(iface: Optional[str] = None, netns: Optional[str] = None) -> List[Dic
 
 
 def _status(iface: Optional[str], netns: Optional[str]) -> List[Dict[str, Any]]:
-    require_root()
+    require_privileges("reading the STCP XDP program's state")
     out = []
     with Netlink(netns) as nl:
         links = [(iface, nl.ifindex(iface))] if iface else nl.links()

@@ -51,6 +51,17 @@ def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
         h.close()
 
 
+def read_held(xdp) -> dict:
+    """read_xdp() through the descriptors a server's XdpDatapath holds (`xdp`): a server that
+    dropped its privileges can no longer open the program by id, but reads what it holds."""
+    h = xdp.handles
+    if h.prog_fd < 0 or not xdp.is_attached():
+        return {"attached": False}
+    info = bpf.prog_info(h.prog_fd)
+    return {"attached": True, "mode": xdp.mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
+            "live_cids": xdp_prog.count_cids(h), "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+
+
 def _unquote_pin(name: str) -> str:
     return name.replace("%", ".")                 # xdp.pin_dir() turns '.' into '%'
 

@@ -1,0 +1,226 @@
+"""A server on the kernel datapaths parses the network's input with no privileges
+(stcp.privileges): once the XDP program is attached and its maps and sockets are open, it
+runs as an unprivileged user with every capability set empty and PR_SET_NO_NEW_PRIVS, and
+dumps no core. Started as root (dropping to --user) or as that user with exactly the
+capabilities the datapath needs, and nothing else; either way the live-CID table, the
+metrics and the detach at exit keep working through what it holds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from stcp import privileges
+from tests.support.procs import STCP, stop, wait_for_stderr_line, xdp_status
+from tests.support.unprivileged import proc_status, python_as, threads_status
+
+PORT = 4483
+SIZE = 24 << 20
+NOBODY = 65534
+
+
+def _py(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_unprivileged(pid: int) -> dict:
+    """Every thread of pid: the user nobody, no capability in any set, no new privileges."""
+    for st in threads_status(pid):
+        assert set(st["Uid"].split()) == {str(NOBODY)}, st["Uid"]
+        assert set(st["Gid"].split()) == {str(privileges.account("nobody").pw_gid)}, st["Gid"]
+        for k in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
+            assert int(st[k], 16) == 0, f"{k} {st[k]}"
+        assert st["NoNewPrivs"] == "1"
+    return proc_status(pid)
+
+
+# --------------------------------------------------------------------------------------
+# the mechanism
+@pytest.mark.root
+def test_drop_privileges_leaves_nothing_to_regain():
+    code = """if True:
+        import ctypes, json, os, resource
+        from stcp import privileges
+        pw = privileges.drop_privileges("nobody")
+        st = privileges.status()
+        try:
+            os.setuid(0); back = True
+        except PermissionError:
+            back = False
+        dumpable = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0)       # PR_GET_DUMPABLE
+        print(json.dumps({"st": st, "core": resource.getrlimit(resource.RLIMIT_CORE), "back": back,
+                          "dumpable": dumpable, "caps": sorted(privileges.effective_capabilities())}))
+    """
+    r = _py(code)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    st = out["st"]
+    assert set(st["Uid"].split()) == {str(NOBODY)} and st["Groups"] == ""
+    for k in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"):    # root had CAP_SETPCAP: bounding set emptied too
+        assert int(st[k], 16) == 0, (k, st[k])
+    assert st["NoNewPrivs"] == "1"
+    assert out["core"] == [0, 0] and out["dumpable"] == 0
+    assert out["back"] is False and out["caps"] == []
+
+
+@pytest.mark.root
+def test_drop_refuses_while_other_threads_run():
+    """Capabilities and no_new_privs are per thread: a thread started before the drop would
+    keep them, so the drop refuses instead (the server drops before starting any)."""
+    code = """if True:
+        import threading, time
+        from stcp import privileges
+        threading.Thread(target=time.sleep, args=(5,), name="early", daemon=True).start()
+        try:
+            privileges.drop_privileges("nobody")
+        except privileges.PrivilegeError as e:
+            print(e)
+    """
+    r = _py(code)
+    assert r.returncode == 0, r.stderr
+    assert "other threads running" in r.stdout and "early" in r.stdout
+
+
+def test_an_unknown_user_is_one_line():
+    with pytest.raises(privileges.PrivilegeError, match="no user 'no-such-stcp-user'"):
+        privileges.account("no-such-stcp-user")
+
+
+# --------------------------------------------------------------------------------------
+# `stcp serve --datapath xdp` in a namespace, a client in the other
+def _serve(a, prefix, python_cmd, env, *extra):
+    return subprocess.Popen(["ip", "netns", "exec", a.ns, *prefix, *python_cmd, "serve", "--listen",
+                             f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname, *extra],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+
+def _echo_checking(a, b, server, check) -> None:
+    data = os.urandom(SIZE)
+    client = subprocess.Popen(b.cmd(*STCP, "connect", f"{a.ip4}:{PORT}"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out: list = []
+    reader = threading.Thread(target=lambda: out.append(client.stdout.read()), daemon=True)
+    reader.start()
+    client.stdin.write(data[:SIZE // 2])
+    client.stdin.flush()
+    check(server.pid)                              # mid-transfer: the connection is live
+    client.stdin.write(data[SIZE // 2:])
+    client.stdin.close()
+    client.wait(timeout=120)
+    reader.join(timeout=30)
+    assert client.returncode == 0, client.stderr.read().decode(errors="replace")[-2000:]
+    assert out and out[0] == data, "the echo differs from what was sent"
+
+
+def _metrics(a, port: int) -> str:
+    r = a.run(sys.executable, "-c", f"import urllib.request; print(urllib.request.urlopen("
+              f"'http://127.0.0.1:{port}/metrics', timeout=10).read().decode())", check=False)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _check_running(a, metrics_port):
+    def check(pid: int) -> None:
+        _assert_unprivileged(pid)
+        # the CID table is written through held map fds: the live connection is in it
+        assert xdp_status(a.ns)["live_cids"] >= 1
+        body = _metrics(a, metrics_port)               # the XDP counters, read through held fds
+        xdp = "\n".join(ln for ln in body.splitlines() if ln.startswith("stcp_xdp_") and "cpu" not in ln)
+        assert 'stcp_xdp_attached{iface="veth0",mode="native",netns=""} 1.0' in xdp, xdp
+        assert 'stcp_xdp_packets_total{iface="veth0",netns="",verdict="pass_data"}' in xdp, xdp
+    return check
+
+
+def _after(a, server) -> None:
+    deadline = time.monotonic() + 15
+    while xdp_status(a.ns)["live_cids"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    live = xdp_status(a.ns)["live_cids"]
+    err = stop(server)
+    assert live == 0, f"the ended connection's CID is still in the kernel table; server: {err}"
+    assert server.returncode == 0, err
+    link = a.run("ip", "-d", "link", "show", a.ifname).stdout
+    assert "prog/xdp" not in link, f"the unprivileged server left its XDP program attached: {link}"
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+@pytest.mark.parametrize("user", ["--user nobody", "default"])
+def test_xdp_server_started_as_root_serves_as_nobody(netns_pair, user):
+    a, b = netns_pair
+    extra = ["--user", "nobody"] if user != "default" else []
+    if user == "default" and privileges.default_user() != "nobody":
+        pytest.skip(f"the default account here is {privileges.default_user()!r}")
+    server = _serve(a, [], STCP, None, "--metrics", "127.0.0.1:9481", *extra)
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=90)
+        _echo_checking(a, b, server, _check_running(a, 9481))
+    finally:
+        if server.poll() is None:
+            _after(a, server)
+        else:
+            pytest.fail(f"the server exited: {stop(server)}")
+
+
+CAPS = ["net_admin", "bpf", "perfmon"]
+
+
+def _setpriv(caps):
+    spec = ",".join(f"+{c}" for c in caps)
+    return ["setpriv", "--reuid", "nobody", "--regid", str(privileges.account("nobody").pw_gid), "--clear-groups",
+            "--inh-caps", spec, "--ambient-caps", spec, "--"]
+
+
+@pytest.fixture(scope="module")
+def nobody_python(tmp_path_factory):
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    cmd, env, why = python_as(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--"],
+                              tmp_path_factory.mktemp("nobody"))
+    if cmd is None:
+        pytest.skip(why)
+    return cmd, env
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_xdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody_python):
+    """`setpriv --reuid nobody --ambient-caps +net_admin,+bpf,+perfmon`: what a systemd unit
+    with User=nobody and AmbientCapabilities= gives; the server loads, attaches, serves,
+    clears those capabilities once set up, and detaches at exit."""
+    a, b = netns_pair
+    cmd, env = nobody_python
+    server = _serve(a, _setpriv(CAPS), cmd, env, "--metrics", "127.0.0.1:9482")
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=90)
+        _echo_checking(a, b, server, _check_running(a, 9482))
+    finally:
+        if server.poll() is None:
+            _after(a, server)
+        else:
+            pytest.fail(f"the server exited: {stop(server)}")
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+@pytest.mark.parametrize("without", CAPS)
+def test_each_capability_is_needed(netns_pair, nobody_python, without):
+    """One fewer and the server refuses in one line that names it (CAP_PERFMON: the
+    verifier refuses the program's packet-pointer arithmetic without it; see
+    stcp/privileges.py)."""
+    a, _b = netns_pair
+    cmd, env = nobody_python
+    server = _serve(a, _setpriv([c for c in CAPS if c != without]), cmd, env)
+    _out, err = server.communicate(timeout=90)
+    lines = [ln for ln in err.decode().splitlines() if ln.strip()]
+    assert server.returncode == 1 and len(lines) == 1, err
+    assert f"CAP_{without.upper()}" in lines[0] and "AmbientCapabilities" in lines[0]
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
