@@ -49,11 +49,23 @@ ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
     "over_capacity": "dropped_over_capacity",
 }
 
+REJECT_CODES: Dict[str, str] = {          # label -> EndpointStats field (REJECTs by code)
+    "version": "rejected_version",
+    "suite": "rejected_suite",
+    "key": "rejected_key",
+    "busy": "rejected_busy",
+}
+
+# EndpointStats fields of the handshake defences, exported one family each (below)
+_ENDPOINT_FIELDS: Tuple[str, ...] = ("cookies_sent", "cookie_admitted", "clients_not_allowed", "resets_sent",
+                                     "resets_rate_limited")
+
 # Connection.stats fields summed over ended + live connections
 _STAT_FIELDS: Tuple[str, ...] = (
     "records_sent", "records_received", "bytes_sent", "bytes_received",
     "stream_bytes_sent", "stream_bytes_received", "retransmitted_records",
     "duplicates_discarded", "auth_failures", "key_updates_sent", "key_updates_received",
+    "stale_epoch_discarded", "handshake_hints_ignored", "client_auth_missing",
 )
 
 HANDSHAKE_BUCKETS: Tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -138,6 +150,10 @@ class ServerMetrics(Collector):
     Invariants an operator (and the tests) can rely on:
       stcp_connections_opened_total - sum(stcp_connections_closed_total) == stcp_connections_active
       stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
+      sum(stcp_handshakes_rejected_total) == stcp_handshakes_failed_total{reason="rejected"}
+      stcp_cookies_sent_total counts COOKIE replies, stcp_cookie_hellos_admitted_total the hellos
+        that came back with a valid one and were served: their ratio is how many of the
+        clients told to wait were real (a spoofed source never sees its cookie)
     """
 
     def __init__(self, endpoint=None, datapath: str = "socket", cipher: str = "aes-256-gcm",
@@ -226,17 +242,23 @@ class ServerMetrics(Collector):
                 sums[f] += getattr(st, f)
             in_progress += not established
         drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
+        rejects = dict.fromkeys(REJECT_CODES, 0)
+        endpoint = dict.fromkeys(_ENDPOINT_FIELDS, 0)
         rejected = 0
         ep = self.endpoint
         if ep is not None:
             for label, field in ENDPOINT_DROP_REASONS.items():
                 drops[label] = getattr(ep.stats, field, 0)
+            for label, field in REJECT_CODES.items():
+                rejects[label] = getattr(ep.stats, field, 0)
+            for field in _ENDPOINT_FIELDS:
+                endpoint[field] = getattr(ep.stats, field, 0)
             rejected = ep.stats.handshakes_rejected
         hs_failed["rejected"] = rejected
         return {"stats": sums, "active": len(live), "in_progress": in_progress,
                 "opened": created, "closed": closed, "hs_started": created + rejected,
                 "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
-                "rtt_hist": rtt_hist, "drops": drops}
+                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": endpoint}
 
     def collect(self) -> Iterator:
         s = self.snapshot()
@@ -257,6 +279,31 @@ class ServerMetrics(Collector):
         yield f
         yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
                                 "completed yet.", value=s["in_progress"])
+        rj = CounterMetricFamily("stcp_handshakes_rejected", "REJECTs sent, by code: version (a version this "
+                                 "server does not speak), suite (no common cipher suite), key (the client "
+                                 "named another server key), busy (max_connections or twice the half-open "
+                                 "cap reached).", labels=["code"])
+        for code in REJECT_CODES:
+            rj.add_metric([code], s["rejects"][code])
+        yield rj
+        ep = s["endpoint"]
+        yield CounterMetricFamily("stcp_cookies_sent", "COOKIE replies sent instead of a server hello, with "
+                                  "no X25519 and no state: the server was past its hello budget or its "
+                                  "half-open cap (cookie mode; PROTOCOL.md, cookies).", value=ep["cookies_sent"])
+        yield CounterMetricFamily("stcp_cookie_hellos_admitted", "Hellos served while in cookie mode because "
+                                  "they carried a valid cookie.", value=ep["cookie_admitted"])
+        yield CounterMetricFamily("stcp_clients_not_allowed", "Connections ended ACCESS_DENIED: the client's "
+                                  "key is not on the server's allow list.", value=ep["clients_not_allowed"])
+        rs = CounterMetricFamily("stcp_resets", "Stateless RESETs for data records naming no connection: sent, "
+                                 "or not sent because over the RESET budget (rate_limited).", labels=["outcome"])
+        rs.add_metric(["sent"], ep["resets_sent"])
+        rs.add_metric(["rate_limited"], ep["resets_rate_limited"])
+        yield rs
+        yield CounterMetricFamily("stcp_handshake_hints_ignored", "Handshake-time datagrams that could not be "
+                                  "verified yet (no keys) and were ignored, not acted on.",
+                                  value=st["handshake_hints_ignored"])
+        yield CounterMetricFamily("stcp_client_auth_missing", "Records from clients that did not authenticate "
+                                  "(CLIENT_AUTH) to a server with an allow list.", value=st["client_auth_missing"])
         yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
                                   "as seen by the server.")
 
@@ -292,6 +339,9 @@ class ServerMetrics(Collector):
         yield CounterMetricFamily("stcp_replays_discarded", "Duplicate records (already accepted sequence "
                                   "numbers, repeated hellos) discarded without ending the connection.",
                                   value=st["duplicates_discarded"])
+        yield CounterMetricFamily("stcp_stale_epoch_discarded", "Records of a key epoch whose keys are gone "
+                                  "(late after a key update), discarded without ending the connection.",
+                                  value=st["stale_epoch_discarded"])
         yield CounterMetricFamily("stcp_auth_failures", "Records addressed to a connection that failed "
                                   "authentication or decryption (each ends its connection).",
                                   value=st["auth_failures"])

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stcp.datapath.verdicts import Verdict
-from stcp.metrics import CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, XdpCollector
+from stcp.metrics import CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, REJECT_CODES, XdpCollector
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARDS = ROOT / "dashboards"
@@ -25,7 +25,8 @@ Key = Tuple[str, FrozenSet[Tuple[str, str]]]
 # Label names the exporters may use: small fixed value sets only (python_info's come from
 # prometheus_client's PlatformCollector). Never an address or a connection ID.
 ALLOWED_LABELS = {"reason", "direction", "le", "version", "datapath", "cipher", "iface", "netns", "mode",
-                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path"}
+                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path", "code",
+                  "outcome"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,6 +95,8 @@ def check_invariants(s: Scrape) -> None:
     assert set(s.by("stcp_connections_closed_total", "reason")) == set(CLOSE_REASONS)
     assert set(s.by("stcp_handshakes_failed_total", "reason")) == set(HANDSHAKE_FAIL_REASONS)
     assert set(s.by("stcp_endpoint_dropped_datagrams_total", "reason")) == set(ENDPOINT_DROP_REASONS)
+    assert set(s.by("stcp_handshakes_rejected_total", "code")) == set(REJECT_CODES)
+    assert s.sum("stcp_handshakes_rejected_total") == s.get("stcp_handshakes_failed_total", reason="rejected")
     assert s.label_names() <= ALLOWED_LABELS, s.label_names() - ALLOWED_LABELS
 
 
