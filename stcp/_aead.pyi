@@ -39,11 +39,12 @@ class RecordCipher:
         carries FIN if fin), sealed back to back with seqs first_seq, first_seq + 1, ...; at most 4096
         records. ValueError on empty data or chunk outside 1..65535."""
     def open_records(self, datagrams: Sequence[Union[ReadableBuffer, Tuple[ReadableBuffer, int]]], cid: int,
-                     epoch: int, largest_pn: int, limit: int
+                     epoch: int, largest_pn: int, limit: int, max_len: int = ...
                      ) -> list[Union[Tuple[int, int, bytes, int, int], Tuple[bytes, int, int], ReadableBuffer]]:
         """One connection's datagrams of a receive batch, in order; an entry may be a (buffer,
         segment_size) pair standing for the datagrams back to back in it. In datagram order:
         (offset, count, data, first_pn, record_bytes) for each stretch of new records of plain
         in-order stream data, (plaintext, pn, record_len) for any other new authentic record,
         and the datagram itself for everything else (not new, another epoch or connection,
-        malformed, not authentic). stcp.crypto.RecordKey.open_records is the reference."""
+        longer than max_len, malformed, not authentic). stcp.crypto.RecordKey.open_records is
+        the reference."""

@@ -12,6 +12,7 @@ INITIAL_WINDOW_PACKETS = 10
 MINIMUM_WINDOW_PACKETS = 2
 LOSS_REDUCTION = 0.5
 PERSISTENT_CONGESTION_THRESHOLD = 3
+MAX_BURST_PACKETS = 3             # free window below which the sender counts as window-limited
 
 # RFC 9406 §4.3
 MIN_RTT_THRESH = 0.004
@@ -51,10 +52,21 @@ class NewReno:
     def on_sent(self, size: int) -> None:
         self.bytes_in_flight += size
 
-    def on_acked(self, size: int, time_sent: float) -> None:
-        """`size` bytes of packets sent at `time_sent` were acknowledged (one packet or a run)."""
+    def cwnd_limited(self) -> bool:
+        """Is the window in use (RFC 9002 §7.8)? Asked with the bytes in flight before an ACK is
+        processed: in slow start when more than half of it is in flight, otherwise when less
+        than MAX_BURST_PACKETS datagrams of it are free. The window grows only then, so it
+        never gets far ahead of what the sender has actually had in flight."""
+        in_flight = self.bytes_in_flight
+        if self.cwnd < self.ssthresh and 2 * in_flight > self.cwnd:
+            return True
+        return in_flight + MAX_BURST_PACKETS * self.max_datagram >= self.cwnd
+
+    def on_acked(self, size: int, time_sent: float, cwnd_limited: bool = True) -> None:
+        """`size` bytes of packets sent at `time_sent` were acknowledged (one packet or a run);
+        `cwnd_limited`: what cwnd_limited() said before the ACK that acknowledged them."""
         self.bytes_in_flight -= size
-        if time_sent <= self.recovery_start:
+        if time_sent <= self.recovery_start or not cwnd_limited:
             return
         if self.cwnd < self.ssthresh:
             self.cwnd += size if self._css_baseline == INF else size // CSS_GROWTH_DIVISOR

@@ -7,118 +7,27 @@ No socket, thread or clock lives here (the style of h11 and aioquic). A datapath
 from __future__ import annotations
 
 import hmac
-import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Collection, Deque, List, Optional, Tuple
+from typing import Deque, Dict, List, Optional
 
 from . import wire
-from .crypto import CONFIDENTIALITY_LIMIT, RecordKey, reset_key, reset_token
-from .errors import (AccessDenied, AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError,
-                     MalformedRecord, NotEncrypted, ProtocolViolation, STCPError)
-from .handshake import ClientHandshake, Keys, ServerHandshake, ServerKeyPolicy
-from .identity import KEY_LEN, StaticKey, fingerprint
-from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE, MAX_ACK_DELAY,
-                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
-                       Group, Recovery, SentPacket, SentRun)
+from .budget import PROGRESS_BYTES, MemoryBudget
+from .config import Config
+from .crypto import RecordKey
+from .errors import AccessDenied, CloseCode, NotEncrypted, STCPError
+from .events import ConnectionClosed, DataReceived, HandshakeCompleted, KeyUpdated, StreamFinished
+from .handshake import ClientHandshake, Keys, ServerHandshake
+from .identity import fingerprint
+from .receive import DISCARD_REASONS, Discard, ReceivePath, printable
+from .recovery import STREAM as _STREAM, Recovery
 from .replay import ReceivedPackets
+from .send import SendPath, skip_gap
 from .state import Event, State, transition
 from .stream import RecvStream, SendStream
 
-
-@dataclass
-class Config:
-    suite: int = wire.SUITE_AES_256_GCM
-    accepted_suites: Tuple[int, ...] = (wire.SUITE_AES_256_GCM, wire.SUITE_CHACHA20_POLY1305)
-    max_datagram: int = wire.DEFAULT_MAX_DATAGRAM
-    handshake_timeout: float = 10.0
-    hello_retransmit: float = 0.2          # first client-hello retransmission; doubles each time
-    idle_timeout: float = 30.0
-    keepalive: Optional[float] = 10.0      # ping after this much silence; None disables
-    recv_window: int = 16 << 20
-    key_update_interval: int = 1 << 22     # records sealed under one key before updating it
-    cid_prefix_bits: int = 0               # top CID bits naming the owning worker (AF_XDP steering)
-    cid_prefix: int = 0
-    # identity (PROTOCOL.md section 5). static_key: this side's X25519 private key, 32 raw
-    # bytes: a server's identity (None: ServerEndpoint makes a fresh one), a client's key to
-    # prove with CLIENT_AUTH (None: it proves none).
-    static_key: Optional[bytes] = field(default=None, repr=False)
-    # client: the server static key it accepts: the pinned public key, a callable deciding on
-    # the presented key (True accepts), or None for any key (no protection from an active attacker)
-    server_key: ServerKeyPolicy = None
-    # server: the client public keys it admits (a valid CLIENT_AUTH proof required); None: anyone
-    allowed_clients: Optional[Collection[bytes]] = None
-    # server hello path under load (section 4.5): hellos per second that may reach X25519
-    # without a cookie, the bucket's depth, and the half-open connections above which a
-    # cookie is required (None: min(4096, max_connections)); twice that is a hard cap
-    hello_rate: float = 2000.0
-    hello_burst: int = 500
-    max_half_open: Optional[int] = None
-    reset_rate: float = 1000.0             # stateless RESETs per second, at most (section 5.7)
-
-    def __post_init__(self) -> None:
-        if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
-            raise ValueError(f"max_datagram must be between {wire.HANDSHAKE_RECORD_LEN} and {wire.MAX_UDP_PAYLOAD}")
-        limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))
-        if not 1 <= self.key_update_interval <= limit // 2:
-            raise ValueError(f"key_update_interval must be between 1 and {limit // 2}")
-        if self.static_key is not None and len(self.static_key) != KEY_LEN:
-            raise ValueError(f"static_key must be {KEY_LEN} raw bytes")
-        if isinstance(self.server_key, (bytes, bytearray)) and len(self.server_key) != KEY_LEN:
-            raise ValueError(f"server_key must be the server's {KEY_LEN}-byte public key")
-        if self.allowed_clients is not None:
-            allowed = frozenset(bytes(k) for k in self.allowed_clients)
-            if any(len(k) != KEY_LEN for k in allowed):
-                raise ValueError(f"allowed_clients must hold {KEY_LEN}-byte public keys")
-            self.allowed_clients = allowed
-        if self.hello_rate < 0 or self.hello_burst < 0 or self.reset_rate < 0:
-            raise ValueError("hello_rate, hello_burst and reset_rate cannot be negative")
-        if self.max_half_open is not None and self.max_half_open < 1:
-            raise ValueError("max_half_open must be at least 1 (or None for the default)")
-        # derived once: the public key costs an X25519 base-point multiplication
-        self.identity: Optional[StaticKey] = StaticKey(self.static_key) if self.static_key is not None else None
-        self.reset_key: Optional[bytes] = reset_key(self.static_key) if self.static_key is not None else None
-
-    def new_cid(self) -> int:
-        while True:
-            bits = 64 - self.cid_prefix_bits
-            cid = int.from_bytes(os.urandom(8), "big") & ((1 << bits) - 1)
-            if self.cid_prefix_bits:
-                cid |= self.cid_prefix << bits
-            if cid:
-                return cid
-
-
-# --- events handed to the application -------------------------------------
-@dataclass
-class HandshakeCompleted:
-    suite: int
-    duration: float
-    peer_key: Optional[bytes] = None   # the peer's proven static key: the server's, or the client's if it sent one
-
-
-@dataclass
-class DataReceived:
-    data: bytes
-
-
-@dataclass
-class StreamFinished:
-    """The peer finished its sending direction; every byte it sent has been delivered."""
-
-
-@dataclass
-class KeyUpdated:
-    direction: str     # "send" or "recv"
-    epoch: int
-
-
-@dataclass
-class ConnectionClosed:
-    code: int
-    reason: str = ""
-    by_peer: bool = False
-    error: bool = False
+__all__ = ["Config", "Connection", "Stats", "ConnectionShed", "DISCARD_REASONS", "printable",
+           "HandshakeCompleted", "DataReceived", "StreamFinished", "KeyUpdated", "ConnectionClosed"]
 
 
 @dataclass
@@ -133,24 +42,29 @@ class Stats:
     duplicates_discarded: int = 0
     stale_epoch_discarded: int = 0
     auth_failures: int = 0
+    # records discarded unread, by reason (DISCARD_REASONS): input that did not authenticate
+    # from an address other than the peer's, handshake-class records that are not a repeat,
+    # or what no sender may send (PROTOCOL.md §10.2)
+    discarded: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(DISCARD_REASONS, 0))
     key_updates_sent: int = 0
     key_updates_received: int = 0
     handshake_hints_ignored: int = 0          # client: unverifiable replies during KEY_EXCHANGE
-    handshake_records_discarded: int = 0      # handshake-class records once ENCRYPTED (not repeats)
     client_auth_missing: int = 0              # server with an allow list: records without CLIENT_AUTH
     rtt_samples: List[float] = field(default_factory=list)
 
 
 _DRAIN_PTOS = 3
-_MIN_STREAM_CHUNK = 64
-# A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
-# the whole buffer must fit one UDP datagram's length.
-_MAX_RUN_RECORDS = 64
-_MAX_RUN_BYTES = 65000
-_STREAM_HDR = wire.STREAM_HEADER_STRUCT
+_CREDIT_RETRY = 0.2        # seconds between tries of a credit grant the memory budget postponed
 
 
-class Connection:
+class ConnectionShed(STCPError):
+    code = CloseCode.INTERNAL_ERROR
+
+
+class Connection(ReceivePath, SendPath):
+    """One connection. The receive path (stcp/receive.py) and the send path (stcp/send.py)
+    are mixins over the state set up here."""
+
     def __init__(self, config: Config, is_client: bool, now: float):
         self.config = config
         self.is_client = is_client
@@ -167,6 +81,8 @@ class Connection:
         self._recv_prev: Optional[RecordKey] = None
         self._recv_next: Optional[RecordKey] = None
         self._next_pn = 1
+        self._skip_at = 1 + skip_gap()            # the next packet number to leave out
+        self._skipped: List[int] = []              # packet numbers left out, ascending
         self._sealed_under_key = 0
         self._key_update_allowed = False
         self._key_update_frame_due = False
@@ -176,6 +92,12 @@ class Connection:
         self._recovery = Recovery(config.max_datagram)
         self._send = SendStream()
         self._recv = RecvStream(config.recv_window)
+        self.budget: Optional[MemoryBudget] = None    # set by a server endpoint
+        self._charged = 0                  # what this connection has charged to the budget
+        self._progress_mark = 0
+        self._progress_time = now
+        self._credit_withheld = False
+        self._credit_retry_at: Optional[float] = None
         self._peer_max_data = wire.INITIAL_MAX_DATA
         self._max_data_due = False
         self._ping_due = False
@@ -232,6 +154,7 @@ class Connection:
         if self._close_frame is not None or self._draining_until is not None:
             raise NotEncrypted("the connection is closing; no more data can be sent")
         self._send.write(data)
+        self._account()
 
     def shutdown_write(self) -> None:
         """Finish the sending direction (half-close); data already written is still delivered."""
@@ -241,18 +164,66 @@ class Connection:
     def consume(self, n: int) -> bool:
         """The application has read n delivered bytes: flow-control credit may be returned.
         True when it is due now (the connection has a MAX_DATA to send)."""
-        if self._recv.on_consumed(n) is not None:
-            self._max_data_due = True
-            return True
-        return False
+        self._recv.on_consumed(n)
+        due = self._grant_credit()
+        self._account()
+        return due
+
+    def shed(self, reason: str, now: float) -> None:
+        """End the connection to free memory (the endpoint's budget is exhausted): the peer is
+        told with CLOSE(INTERNAL_ERROR, reason)."""
+        self._fail(ConnectionShed(reason), now)
+
+    # --- memory (server connections: the endpoint's MemoryBudget) -----------
+    @property
+    def footprint(self) -> int:
+        """Bytes of stream data this connection holds: received and not yet read by the
+        application (in order or not), written and not yet acknowledged by the peer."""
+        return self._recv.buffered + self._send.unacked_bytes
+
+    def progress_time(self, now: float) -> float:
+        """When the application's reads plus the peer's acknowledgements last added up to
+        PROGRESS_BYTES more (a trickle is not progress), as far as calls to this method (with
+        their `now`) have seen; the creation time if never."""
+        mark = self._recv.consumed + self._send.acked_to
+        if mark >= self._progress_mark + PROGRESS_BYTES:
+            self._progress_mark, self._progress_time = mark, now
+        return self._progress_time
+
+    def _account(self) -> None:
+        budget = self.budget
+        if budget is not None:
+            recv, send = self._recv, self._send
+            held = 0 if self.state is State.CLOSED else \
+                recv.held + recv.delivered_to - recv.consumed + send.end - send.acked_to   # footprint
+            if held != self._charged:
+                budget.used += held - self._charged
+                self._charged = held
+
+    def _grant_credit(self) -> bool:
+        """Advertise a new flow-control limit if one is due and the memory budget allows; a
+        grant the budget does not allow is withheld and tried again later."""
+        if not self._recv.credit_due():
+            self._credit_withheld = False
+            return False
+        budget = self.budget
+        if budget is not None and budget.exhausted:
+            if not self._credit_withheld:
+                self._credit_withheld = True
+                budget.credit_withheld += 1
+            return False
+        self._credit_withheld = False
+        self._recv.grant()
+        self._max_data_due = True
+        return True
 
     def close(self, code: int = CloseCode.APPLICATION_ABORT, reason: str = "") -> None:
         """End the connection now, telling the peer why (an abort, not a graceful close)."""
         if self.state in (State.CLOSED, State.ERROR):
             return
-        if self.state == State.ENCRYPTED:
+        if self.state == State.ENCRYPTED and self._next_pn <= wire.PN_MASK:
             self._close_frame = wire.CloseFrame(int(code), reason)
-            self._out.append(self._seal_frames([wire.encode_frame(self._close_frame)], [], True))
+            self._out.append(self._seal_frames([wire.encode_frame(self._close_frame)], [], True, closing=True))
         self._finish(Event.ABORT, ConnectionClosed(int(code), reason, by_peer=False, error=False))
 
     @property
@@ -309,6 +280,7 @@ class Connection:
             self._set_state(Event.TERMINATED)
         self._recovery.forget_all()
         self._client_hs = self._server_hs = None     # a handshake that ends here forgets e or f too
+        self._account()
         self._report_closed(info)
 
     def _report_closed(self, info: ConnectionClosed) -> None:
@@ -323,78 +295,21 @@ class Connection:
             return
         code = int(getattr(exc, "code", CloseCode.INTERNAL_ERROR))
         reason = str(exc)
-        if self._keys is not None and (self.state == State.ENCRYPTED or not self.is_client):
+        if self._keys is not None and (self.state == State.ENCRYPTED or not self.is_client) \
+                and self._next_pn <= wire.PN_MASK:
             frame = wire.CloseFrame(code, reason)
-            self._out.append(self._seal_frames([wire.encode_frame(frame)], [], True))
+            self._out.append(self._seal_frames([wire.encode_frame(frame)], [], True, closing=True))
         self._finish(Event.FAILURE, ConnectionClosed(code, reason, by_peer=False, error=True))
 
-    # --- receive -----------------------------------------------------------
-    def receive_datagram(self, data: bytes, now: float) -> None:
-        """Process one UDP datagram addressed to this connection. Never raises for bad input."""
-        self._receive_one(data, now)
-        self._finish_rx_event()
-
-    def receive_datagrams(self, datagrams: list, now: float) -> None:
-        """Process datagrams addressed to this connection (an entry may be a (buffer,
-        segment_size) pair from UDP GRO: wire.expand_datagrams), in order, as receive_datagram on
-        each would: replays are discarded, a bad record ends the connection after the good ones
-        before it. The crypto of new records happens in one C call (RecordKey.open_records)
-        and a stretch of in-order stream records is taken as one piece of data."""
-        if self.state != State.ENCRYPTED:
-            for data in wire.expand_datagrams(datagrams):
-                self._receive_one(data, now)
-            self._finish_rx_event()
-            return
-        key = self._keys.recv
-        epoch = key.epoch
-        received = self._received
-        for item in key.open_records(datagrams, self.local_cid, epoch, received.largest, self._recv.max_data):
-            if self.state == State.CLOSED:
-                break
-            if type(item) is not tuple:
-                self._receive_one(item, now)
-                continue
-            try:
-                if len(item) == 3:
-                    plaintext, pn, record_len = item
-                    self._accept(plaintext, pn, epoch, record_len, now)
-                    continue
-                # records of contiguous stream data: accounted for as _accept would one by one
-                offset, count, data, first_pn, record_bytes = item
-                received.add_consecutive(first_pn, first_pn + count - 1)
-                stats = self.stats
-                stats.records_received += count
-                stats.bytes_received += record_bytes
-                self._last_activity = now
-                self._on_stream_data(offset, data, False)
-                self._ack_eliciting_unacked += count - 1
-                self._ack_eliciting_received(first_pn + count - 1, now)
-                self._check_finished(now)
-            except STCPError as exc:
-                self._on_receive_error(exc, now)
-        self._finish_rx_event()
-
-    def _receive_one(self, data: bytes, now: float) -> None:
-        if self.state == State.CLOSED:
-            return
-        try:
-            _, cid, seq = wire.parse_header(data)
-            if seq == wire.HANDSHAKE_SEQ:
-                self._receive_handshake(data, now)
-            else:
-                self._receive_protected(data, cid, seq, now)
-        except STCPError as exc:
-            self._on_receive_error(exc, now)
-
-    def _on_receive_error(self, exc: STCPError, now: float) -> None:
-        if isinstance(exc, AuthenticationFailure):
-            self.stats.auth_failures += 1
-        if self.is_client and self.state == State.KEY_EXCHANGE:
-            self.stats.handshake_hints_ignored += 1    # nothing reaching it is authenticated yet
-            return
-        self._fail(exc, now)
-
+    # --- handshake (PROTOCOL.md §4, §5) ---------------------------------------
     def _receive_handshake(self, record: bytes, now: float) -> None:
+        """A handshake-class record (seq 0). It is unauthenticated, so it ends nothing (§10.2):
+        a client in KEY_EXCHANGE takes it as a reply to its hello, a verdict only if it is a
+        server hello that verifies; a server connection answers a repeat of the hello that made
+        it (compared as CH': a repeat that only adds or changes the cookie is the same hello)
+        while its own server hello may have been lost; an ENCRYPTED client ends on a RESET
+        carrying its token. Anything else is discarded and counted (`handshake`), in any state
+        and from any address."""
         if self.is_client:
             self._client_handshake_record(record, now)
             return
@@ -405,11 +320,7 @@ class Connection:
             else:
                 self.stats.duplicates_discarded += 1
             return
-        if self.state == State.ENCRYPTED:     # a late or forged handshake record: never fatal now
-            self.stats.handshake_records_discarded += 1
-            return
-        wire.decode_hello(record[wire.HEADER_LEN:])
-        raise ProtocolViolation(f"unexpected handshake record in state {self.state.value}")
+        raise Discard("handshake", f"handshake record at a server connection in state {self.state.value}")
 
     def _client_handshake_record(self, record: bytes, now: float) -> None:
         if self.state == State.KEY_EXCHANGE:
@@ -439,7 +350,7 @@ class Connection:
         if record == self._hello_record:
             self.stats.duplicates_discarded += 1
         else:
-            self.stats.handshake_records_discarded += 1
+            raise Discard("handshake", f"handshake record at a client in state {self.state.value}")
 
     def _resend_hello(self, now: float) -> None:
         """A COOKIE changed the hello: send it at once, at most every 100 ms."""
@@ -470,189 +381,8 @@ class Connection:
         if self._server_hs is not None:
             self._server_hs.finish()
             self._server_hs = None
-        if self._recv.initial_limit() is not None:
-            self._max_data_due = True
+        self._grant_credit()
         self.events.append(HandshakeCompleted(self.suite, now - self._created, self.peer_static_key))
-
-    def _receive_protected(self, record: bytes, cid: int, seq: int, now: float) -> None:
-        if self.is_client and self.state != State.ENCRYPTED:
-            self.stats.handshake_hints_ignored += 1     # no keys yet: it cannot be checked
-            return
-        if cid != self.local_cid:
-            raise MalformedRecord("record addressed to another connection ID")
-        if len(record) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
-            raise MalformedRecord("record shorter than the authentication tag")
-        epoch, pn = seq >> wire.EPOCH_SHIFT, seq & wire.PN_MASK
-        if self._received.is_duplicate(pn):
-            self.stats.duplicates_discarded += 1
-            return
-        plaintext = self._open(record, seq, epoch)
-        if plaintext is None:
-            self.stats.stale_epoch_discarded += 1
-            return
-        self._accept(plaintext, pn, epoch, len(record), now)
-
-    def _accept(self, plaintext: bytes, pn: int, epoch: int, record_len: int, now: float) -> None:
-        """Act on the frames of an authenticated record that is not a duplicate."""
-        if self.state == State.KEY_EXCHANGE and not self._server_confirms(plaintext):
-            return                    # neither acknowledged nor marked received
-        self._received.add(pn)
-        self.stats.records_received += 1
-        self.stats.bytes_received += record_len
-        self._last_activity = now
-        if self.state == State.KEY_EXCHANGE:
-            self._keys_confirmed(now)
-        if len(plaintext) >= wire.STREAM_FRAME_OVERHEAD and plaintext[0] == wire.FRAME_STREAM:
-            # the bulk case, a record holding one STREAM frame and nothing else, without
-            # building frame objects
-            _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext)
-            if length == len(plaintext) - wire.STREAM_FRAME_OVERHEAD and flags <= wire.STREAM_FLAG_FIN:
-                self._on_stream_data(offset, plaintext[wire.STREAM_FRAME_OVERHEAD:], flags == wire.STREAM_FLAG_FIN)
-                self._ack_eliciting_received(pn, now)
-                self._check_finished(now)
-                return
-        ack_eliciting = False
-        for frame in wire.decode_frames(plaintext):
-            if isinstance(frame, wire.StreamFrame):
-                ack_eliciting = True
-                self._on_stream(frame)
-            elif isinstance(frame, wire.AckFrame):
-                self._on_ack(frame, now)
-            elif isinstance(frame, wire.MaxDataFrame):
-                ack_eliciting = True
-                self._peer_max_data = max(self._peer_max_data, frame.limit)
-            elif isinstance(frame, wire.PingFrame):
-                ack_eliciting = True
-            elif isinstance(frame, wire.KeyUpdateFrame):
-                ack_eliciting = True
-                if frame.epoch != epoch:
-                    raise KeyUpdateError(f"key update to epoch {frame.epoch} in a record of epoch {epoch}")
-            elif isinstance(frame, wire.CloseFrame):
-                self._on_close(frame)
-                return
-            elif isinstance(frame, wire.ClientAuthFrame):
-                ack_eliciting = True
-                if self.is_client:
-                    raise ProtocolViolation("CLIENT_AUTH frame from the server")
-                if frame.static_key != self.peer_static_key:    # the proven key repeated is ignored
-                    raise ProtocolViolation("CLIENT_AUTH frame with another key than the handshake's")
-            elif isinstance(frame, wire.ResetTokenFrame):
-                ack_eliciting = True
-                if not self.is_client:
-                    raise ProtocolViolation("RESET_TOKEN frame from the client")
-                self._reset_token = frame.token
-        if ack_eliciting:
-            self._ack_eliciting_received(pn, now)
-        self._check_finished(now)
-
-    def _ack_eliciting_received(self, pn: int, now: float) -> None:
-        self._ack_eliciting_unacked += 1
-        if self._ack_eliciting_unacked >= 2 or pn != self._received.largest or self._recv.fin_delivered:
-            self._ack_deadline = now                    # ack with the next flush
-        elif self._ack_deadline is None:
-            self._ack_deadline = now + MAX_ACK_DELAY
-
-    def _open(self, record: bytes, seq: int, epoch: int) -> Optional[bytes]:
-        keys = self._keys
-        current = keys.recv
-        if epoch == current.epoch:
-            return current.open(record, seq)
-        if epoch == current.epoch + 1:
-            nxt = self._recv_next or current.next()
-            plaintext = nxt.open(record, seq)      # rotate only once a record authenticates
-            self._recv_prev, keys.recv, self._recv_next = current, nxt, None
-            self.stats.key_updates_received += 1
-            self.events.append(KeyUpdated("recv", nxt.epoch))
-            return plaintext
-        if self._recv_prev is not None and epoch == self._recv_prev.epoch:
-            return self._recv_prev.open(record, seq)
-        if epoch < current.epoch:
-            return None          # a straggler from a retired key: nothing can check it, drop it
-        raise KeyUpdateError(f"record of key epoch {epoch} while receiving epoch {current.epoch}")
-
-    def _on_stream(self, frame: wire.StreamFrame) -> None:
-        self._on_stream_data(frame.offset, frame.data, frame.fin)
-
-    def _on_stream_data(self, offset: int, data: bytes, fin: bool) -> None:
-        if offset + len(data) >= 1 << 62:
-            raise FlowControlError("stream offset out of range")
-        data = self._recv.receive(offset, data, fin)
-        if data:
-            self.stats.stream_bytes_received += len(data)
-            events = self.events
-            if events and events[-1] is self._rx_event:      # nothing else happened since: extend it
-                self._rx_chunks.append(data)
-            else:
-                self._finish_rx_event()
-                self._rx_event = DataReceived(data)
-                self._rx_chunks = [data]
-                events.append(self._rx_event)
-        if self._recv.finished and not self._recv.fin_delivered:
-            self._recv.fin_delivered = True
-            self.events.append(StreamFinished())
-
-    def _finish_rx_event(self) -> None:
-        """Join the data of the DataReceived built up during one receive call."""
-        if self._rx_event is not None:
-            if len(self._rx_chunks) > 1:
-                self._rx_event.data = b"".join(self._rx_chunks)
-            self._rx_event = None
-            self._rx_chunks = []
-
-    def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
-        if frame.ranges[0][1] >= self._next_pn:
-            raise ProtocolViolation(f"ack of packet {frame.ranges[0][1]} that was never sent")
-        acked, lost = self._recovery.on_ack(frame.ranges, frame.delay_us / 1e6, now)
-        send_epoch = self._keys.send.epoch
-        on_acked = self._send.on_acked
-        start = end = -1                  # adjacent acknowledged stream ranges, merged
-        for first, last, p in acked:
-            if p.epoch == send_epoch:
-                self._key_update_allowed = True
-            for desc in p.frames_between(first, last):
-                if desc[0] == _STREAM:
-                    if desc[3]:
-                        on_acked(desc[1], desc[2], True)
-                    elif desc[1] == end:
-                        end = desc[2]
-                    else:
-                        if end > start:
-                            on_acked(start, end, False)
-                        start, end = desc[1], desc[2]
-                elif desc[0] == _CLIENT_AUTH:
-                    self._client_auth = None
-                elif desc[0] == _RESET_TOKEN:
-                    self._reset_token_acked = True
-        if end > start:
-            on_acked(start, end, False)
-        if acked and self._recovery.rtt.has_sample:
-            self.stats.rtt_samples.append(self._recovery.rtt.latest)
-            if len(self.stats.rtt_samples) > 1024:
-                del self.stats.rtt_samples[:512]
-        self._on_lost(lost)
-
-    def _on_lost(self, lost: List[Group]) -> None:
-        for first, last, p in lost:
-            for desc in p.frames_between(first, last):
-                kind = desc[0]
-                if kind == _STREAM:
-                    self._send.on_lost(desc[1], desc[2], desc[3])
-                elif kind == _MAX_DATA:
-                    self._max_data_due = True
-                elif kind == _KEY_UPDATE and desc[1] == self._keys.send.epoch:
-                    self._key_update_frame_due = True
-                elif kind == _RESET_TOKEN and not self._reset_token_acked:
-                    self._reset_token_due = True
-
-    def _on_close(self, frame: wire.CloseFrame) -> None:
-        clean = frame.code == CloseCode.NO_ERROR and self._recv.finished
-        if clean:
-            self._finish(Event.FINISHED, ConnectionClosed(frame.code, frame.reason, by_peer=True, error=False))
-            return
-        reason = frame.reason
-        if frame.code == CloseCode.NO_ERROR:
-            reason = reason or "peer closed before finishing its stream"
-        self._finish(Event.FAILURE, ConnectionClosed(frame.code, reason, by_peer=True, error=True))
 
     def _check_finished(self, now: float) -> None:
         """Both directions done: say goodbye and linger a little to re-ack a lost final ack."""
@@ -679,6 +409,9 @@ class Connection:
         for t in (self._ack_deadline, self._draining_until, recovery_timer):
             if t is not None and t < when:
                 when = t
+        if self._credit_withheld:       # the memory budget postponed a grant: try again
+            retry = self._credit_retry_at if self._credit_retry_at is not None else self._last_activity
+            when = min(when, retry)
         return when
 
     def handle_timer(self, now: float) -> None:
@@ -711,6 +444,11 @@ class Connection:
         if self.config.keepalive and now >= self._last_activity + self.config.keepalive \
                 and not self._recovery.ack_eliciting_in_flight:
             self._ping_due = True
+        if self._credit_withheld and now >= (self._credit_retry_at or 0.0):
+            budget = self.budget
+            if budget.exhausted and budget.shed_hook is not None:
+                budget.shed_hook(now)
+            self._credit_retry_at = None if self._grant_credit() else now + _CREDIT_RETRY
         timer = self._recovery.timer() if self._draining_until is None else None
         if timer is not None and now >= timer:
             if self._recovery.loss_time is not None:
@@ -728,164 +466,3 @@ class Connection:
                     self._send.on_lost(desc[1], desc[2], desc[3])
         if not self._send.pending():
             self._ping_due = True
-
-    # --- send --------------------------------------------------------------
-    def datagrams_to_send(self, now: float) -> List[bytes]:
-        """Every datagram due now, one record each."""
-        return wire.expand_datagrams(self.datagram_batches(now))
-
-    def datagram_batches(self, now: float) -> List[Tuple[bytes, int]]:
-        """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records
-        of `segment size` bytes back to back (the last may be shorter), ready for one UDP GSO
-        send; a single record comes as (record, len(record))."""
-        out, self._out = self._out, []
-        if self.state == State.ENCRYPTED:
-            try:
-                self._build_packets(now, out)
-            except STCPError as exc:
-                self._fail(exc, now)
-                out.extend(self._out)
-                self._out = []
-        return [item if type(item) is tuple else (item, len(item)) for item in out]
-
-    def _build_packets(self, now: float, out: List[bytes]) -> None:
-        """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
-        max_payload = self.config.max_datagram - wire.HEADER_LEN - wire.AEAD_TAG_LEN
-        overhead = wire.STREAM_FRAME_OVERHEAD
-        cc = self._recovery.cc
-        send = self._send
-        stats = self.stats
-        while True:
-            if self._sealed_under_key >= self.config.key_update_interval:
-                self._maybe_update_send_key()
-            if self._ack_deadline is None and not (self._max_data_due or self._key_update_frame_due
-                                                   or self._ping_due or self._draining_until is not None
-                                                   or self._client_auth is not None or self._reset_token_due) \
-                    and self._send_stream_run(now, out):
-                continue
-            frames: List[bytes] = []
-            descs: list = []
-            if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
-                frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES)))
-                self._ack_deadline = None
-                self._ack_eliciting_unacked = 0
-            if self._max_data_due or self._key_update_frame_due or self._ping_due or self._reset_token_due or \
-                    (self._close_frame is not None and self._draining_until is not None):
-                self._add_control_frames(frames, descs)
-            budget = max_payload - (len(self._client_auth) if self._client_auth is not None else 0)
-            for f in frames:
-                budget -= len(f)
-            retransmit = False
-            if self._draining_until is None and (self._probes_due or cc.can_send(self.config.max_datagram)):
-                while budget >= overhead + _MIN_STREAM_CHUNK or (budget >= overhead and send.wants_fin()):
-                    new_from = send.next_offset
-                    chunk = send.next_chunk(budget - overhead, self._peer_max_data)
-                    if chunk is None:
-                        break
-                    offset, data, fin = chunk
-                    n = len(data)
-                    retransmit |= offset < new_from
-                    frames.append(wire.encode_stream(offset, data, fin))
-                    descs.append((_STREAM, offset, offset + n, fin))
-                    budget -= overhead + n
-                    stats.stream_bytes_sent += n
-                if self._probes_due and descs:
-                    self._probes_due -= 1
-            if not frames:
-                return
-            if retransmit:
-                stats.retransmitted_records += 1
-            out.append(self._seal_frames(frames, descs, bool(descs), now))
-
-    def _send_stream_run(self, now: float, out: list) -> bool:
-        """Bulk data: as many full records of new stream data as the congestion window, the
-        peer's flow-control limit and the key allow, sealed in one call into one GSO buffer.
-        False (nothing sent) when fewer than two such records can go: the general path then
-        builds the next record."""
-        send = self._send
-        if send.retransmit or self._probes_due:
-            return False
-        size = self.config.max_datagram
-        chunk = size - wire.HEADER_LEN - wire.AEAD_TAG_LEN - wire.STREAM_FRAME_OVERHEAD
-        cc = self._recovery.cc
-        start = send.next_offset
-        n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_RECORDS, _MAX_RUN_BYTES // size,
-                self.config.key_update_interval - self._sealed_under_key,
-                (min(send.end, self._peer_max_data) - start) // chunk)
-        if n < 2:
-            return False
-        stop = start + n * chunk
-        fin = send.fin_requested and stop == send.end
-        key = self._keys.send
-        pn = self._next_pn
-        buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), send.view(start, stop), start, chunk, fin)
-        send.next_offset = stop
-        if fin:
-            send.fin_sent = True
-        self._next_pn = pn + n
-        self._sealed_under_key += n
-        stats = self.stats
-        stats.records_sent += n
-        stats.bytes_sent += len(buf)
-        stats.stream_bytes_sent += n * chunk
-        self._recovery.on_sent_run(SentRun(pn, now, size, key.epoch, n, start, chunk, fin))
-        out.append((buf, size))
-        return True
-
-    def _add_control_frames(self, frames: List[bytes], descs: list) -> None:
-        if self._max_data_due:
-            self._max_data_due = False
-            frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
-            descs.append((_MAX_DATA,))
-        if self._reset_token_due:
-            self._reset_token_due = False
-            frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(self.config.reset_key, self.local_cid))))
-            descs.append((_RESET_TOKEN,))
-        if self._key_update_frame_due:
-            self._key_update_frame_due = False
-            frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
-            descs.append((_KEY_UPDATE, self._keys.send.epoch))
-        if self._ping_due:
-            self._ping_due = False
-            frames.append(wire.encode_frame(wire.PingFrame()))
-            descs.append((_PING,))
-        if self._close_frame is not None and self._draining_until is not None:
-            frames.append(wire.encode_frame(self._close_frame))
-            descs.append((_CLOSE,))
-            self._close_frame = None
-
-    def _ack_can_ride(self) -> bool:
-        """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
-        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
-            or self._send.pending()
-
-    def _maybe_update_send_key(self) -> None:
-        """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame
-        fits the record and names the epoch the record is sealed under."""
-        if self._sealed_under_key < self.config.key_update_interval:
-            return
-        if self._key_update_allowed:
-            keys = self._keys
-            keys.send = keys.send.next()
-            self._sealed_under_key = 0
-            self._key_update_allowed = False
-            self._key_update_frame_due = True
-            self.stats.key_updates_sent += 1
-            self.events.append(KeyUpdated("send", keys.send.epoch))
-        elif self._sealed_under_key >= CONFIDENTIALITY_LIMIT[self.suite]:
-            raise KeyUpdateError("key usage limit reached before the peer allowed a key update")
-
-    def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0) -> bytes:
-        if self._client_auth is not None:    # first in every record until one carrying it is acknowledged
-            frames = [self._client_auth] + frames
-            descs = [(_CLIENT_AUTH,)] + descs
-            ack_eliciting = True
-        keys = self._keys
-        pn = self._next_pn
-        self._next_pn += 1
-        self._sealed_under_key += 1
-        record = keys.send.seal(self.peer_cid, wire.make_seq(keys.send.epoch, pn), b"".join(frames))
-        self.stats.records_sent += 1
-        self.stats.bytes_sent += len(record)
-        self._recovery.on_sent(SentPacket(pn, now, len(record), ack_eliciting, descs, keys.send.epoch))
-        return record

@@ -183,18 +183,20 @@ class RecordKey:
             out.append(self.seal(cid, first_seq + i, frame))
         return b"".join(out)
 
-    def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int) -> list:
+    def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int,
+                     max_len: int = wire.MAX_UDP_PAYLOAD) -> list:
         """One connection's datagrams of a receive batch, in order (an entry may be a (buffer,
         segment_size) pair: wire.expand_datagrams). A record is new when its
-        header is well formed for `cid` in this key's `epoch` and its pn is above `largest_pn`
-        and above every pn before it in `datagrams` (so it cannot be a replay). New records are
+        header is well formed for `cid` in this key's `epoch`, it is no longer than `max_len`,
+        and its pn is above `largest_pn` and above every pn before it in `datagrams` (so it
+        cannot be a replay). New records are
         opened; each stretch of new authentic records with consecutive pns whose plaintexts
         are plain in-order stream data (one STREAM frame without FIN, each starting where the
         previous ended, ending at or below `limit`, below 2^62) is joined. In datagram order:
         (offset, count, data, first_pn, record_bytes) for a stretch, (plaintext, pn,
         record_len) for any other new authentic record, the datagram itself for the rest."""
         if self.fast is not None:
-            return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit)
+            return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit, max_len)
         datagrams = wire.expand_datagrams(datagrams)
         high = max(largest_pn, 0)
         opened = []                  # (datagram, pn, plaintext or None)
@@ -207,7 +209,7 @@ class RecordKey:
                     new = pn > high
                     high = max(high, pn)
                     if new and seq >> wire.EPOCH_SHIFT == epoch and length == len(d) - wire.HEADER_LEN \
-                            and len(d) >= wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+                            and wire.HEADER_LEN + wire.AEAD_TAG_LEN <= len(d) <= max_len:
                         try:
                             pt = self.open(d, seq)
                         except AuthenticationFailure:

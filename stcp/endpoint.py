@@ -4,7 +4,10 @@ Data records are routed by the connection ID in their header; client hellos by (
 address, client CID), so a retransmitted hello reaches the connection it already made and
 gets the same server hello back instead of a second connection. A datagram that names no
 connection is dropped and counted; one that names a connection is that connection's
-business alone, so a bad record can end only the connection it was aimed at.
+business alone, so a bad record can end only the connection it was aimed at, and only when
+it comes from that connection's peer address: from anywhere else, what does not
+authenticate is discarded and counted, and what does moves the connection there
+(PROTOCOL.md §10.2).
 
 The hello path answers without state what it will not serve (PROTOCOL.md section 4): a
 REJECT, a COOKIE when past the hello budget or the half-open cap, a v1-layout REJECT for a
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, Hashable, List, Optional, Tuple
 
 from . import wire
+from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
 from .connection import Config, Connection
 from .cookie import CookieSecrets
 from .crypto import reset_token
@@ -88,6 +92,7 @@ class EndpointStats:
     clients_not_allowed: int = 0      # connections ended ACCESS_DENIED (counted at remove())
     resets_sent: int = 0              # stateless RESETs for data records naming no connection
     resets_rate_limited: int = 0      # ... not sent: over the RESET budget
+    migrations: int = 0               # connections moved to a new peer address (§10.2)
 
 
 _REJECT_COUNTERS = {wire.REJECT_VERSION: "rejected_version", wire.REJECT_SUITE: "rejected_suite",
@@ -96,16 +101,22 @@ HALF_OPEN_DEFAULT = 4096
 
 
 class ServerEndpoint:
-    def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0):
+    def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0,
+                 shed_after: float = SHED_AFTER):
         if config.static_key is None:     # no identity given: a fresh one for this endpoint
             config = copy.copy(config)
             config.static_key = generate_private_key()
             config.__post_init__()
         self.config = config
         self.max_connections = max_connections
+        self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
+        self.budget.shed_hook = self.shed
+        self.shed_after = shed_after
+        self._next_shed_scan = 0.0
         self.connections: Dict[int, Connection] = {}
         self.peer_addr: Dict[int, Hashable] = {}
         self._by_hello: Dict[Tuple[Hashable, int], Connection] = {}
+        self._hello_key: Dict[int, Tuple[Hashable, int]] = {}     # cid -> its _by_hello key
         self.stats = EndpointStats()
         self.replies: List[Tuple[bytes, Hashable]] = []    # stateless replies waiting to be sent
         soft = config.max_half_open
@@ -133,15 +144,19 @@ class ServerEndpoint:
             self.stats.dropped_unknown_cid += 1
             self._maybe_reset(data, addr, now)
             return None, False
-        conn.receive_datagram(data, now)
+        from_peer = addr == self.peer_addr.get(cid)
+        if conn.receive_datagram(data, now, from_peer) and not from_peer:
+            self._migrate(conn, addr)
         self._check_half_open(conn)
+        if self.budget.used > self.budget.limit:
+            self.shed(now)
         return conn, False
 
     def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
         """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
-        each connection getting its own in one
-        receive_datagrams call, in arrival order; return (connections that got any, new ones)."""
-        pending: Dict[Connection, List[bytes]] = {}
+        each connection getting its own from each source address in one receive_datagrams call,
+        in arrival order; return (connections that got any, new ones)."""
+        pending: Dict[Tuple[Connection, Hashable], List[bytes]] = {}
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
         connections = self.connections
@@ -153,9 +168,9 @@ class ServerEndpoint:
                     for d in wire.expand_datagrams(datagrams):
                         self._maybe_reset(d, addr, now)
                     continue
-                records = pending.get(conn)
+                records = pending.get((conn, addr))
                 if records is None:
-                    pending[conn] = datagrams
+                    pending[(conn, addr)] = datagrams
                     touched[conn] = None
                 else:
                     records += datagrams
@@ -170,12 +185,42 @@ class ServerEndpoint:
                 if is_new:
                     new.append(conn)
         self._deliver(pending, now)
+        if self.budget.used > self.budget.limit:
+            touched.update(dict.fromkeys(self.shed(now)))
         return list(touched), new
 
-    def _deliver(self, pending: Dict[Connection, List[bytes]], now: float) -> None:
-        for conn, records in pending.items():
-            conn.receive_datagrams(records, now)
+    def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[bytes]], now: float) -> None:
+        peer_addr = self.peer_addr
+        for (conn, addr), records in pending.items():
+            from_peer = addr == peer_addr.get(conn.local_cid)
+            if conn.receive_datagrams(records, now, from_peer) and not from_peer:
+                self._migrate(conn, addr)
             self._check_half_open(conn)
+
+    def shed(self, now: float) -> List[Connection]:
+        """Over the memory budget: end the connections holding the most that made no progress
+        for shed_after seconds, until the rest fit (looking at most every SHED_INTERVAL
+        seconds, over every connection). They are returned; receive_batch counts them as
+        touched, so the datapath sends their CLOSE at once. Shed from a connection's timer
+        (MemoryBudget.shed_hook), their CLOSE leaves when their own timer next fires."""
+        budget = self.budget
+        if now < self._next_shed_scan or budget.used <= budget.limit:
+            return []
+        self._next_shed_scan = now + SHED_INTERVAL
+        victims = budget.victims(self.connections.values(), now, self.shed_after)
+        for conn in victims:
+            conn.shed(f"server memory budget exhausted: this connection held {conn.footprint} bytes "
+                      f"without progress for {now - conn.progress_time(now):.1f} s", now)
+            budget.shed += 1
+        return victims
+
+    def _migrate(self, conn: Connection, addr: Hashable) -> None:
+        """The peer's newest authenticated record came from `addr` (NAT rebinding, or the
+        client moved): send there from now on (PROTOCOL.md §10.2)."""
+        if conn.local_cid not in self.connections or conn.is_closed:
+            return
+        self.peer_addr[conn.local_cid] = addr
+        self.stats.migrations += 1
 
     def _check_half_open(self, conn: Connection) -> None:
         if conn.state != State.KEY_EXCHANGE:
@@ -243,9 +288,11 @@ class ServerEndpoint:
             return None, False
         if conn.local_cid in self.connections:    # 64-bit collision: let the client's retransmission retry
             return None, False
+        conn.budget = self.budget
         self.connections[conn.local_cid] = conn
         self.peer_addr[conn.local_cid] = addr
         self._by_hello[key] = conn
+        self._hello_key[conn.local_cid] = key
         self._half_open[conn] = None
         return conn, True
 
@@ -272,5 +319,5 @@ class ServerEndpoint:
                 and conn.close_info.code == CloseCode.ACCESS_DENIED and not conn.close_info.by_peer:
             self.stats.clients_not_allowed += 1
         self._half_open.pop(conn, None)
-        addr = self.peer_addr.pop(conn.local_cid, None)
-        self._by_hello.pop((addr, conn.peer_cid), None)
+        self.peer_addr.pop(conn.local_cid, None)
+        self._by_hello.pop(self._hello_key.pop(conn.local_cid, None), None)

@@ -158,6 +158,8 @@ class Recovery:
                 acked_pns += pns[bisect_left(pns, low):bisect_right(pns, high)]
         if not acked_pns:
             return [], []
+        cc = self.cc
+        limited = cc.cwnd_limited()          # before this ACK takes anything out of flight
         acked = _groups(acked_pns, list(map(sent.pop, acked_pns)))
         newest = acked[-1][2]
         if largest > self.largest_acked:
@@ -165,12 +167,11 @@ class Recovery:
             if acked_pns[-1] == largest and newest.ack_eliciting:
                 self.rtt.update(now - newest.time_sent, ack_delay)
                 self.cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
-        cc = self.cc
         for first, last, p in acked:
             if p.ack_eliciting:
                 n = last - first + 1
                 self.ack_eliciting_in_flight -= n
-                cc.on_acked(p.size * n, p.time_sent)
+                cc.on_acked(p.size * n, p.time_sent, limited)
         self.pto_count = 0
         lost = self.detect_lost(now)
         return acked, lost

@@ -7,7 +7,7 @@ replayed or very late record is discarded instead of being processed twice.
 from __future__ import annotations
 
 from bisect import bisect_right
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 MAX_RANGES = 256
 
@@ -28,18 +28,21 @@ class ReceivedPackets:
         i = bisect_right(ranges, [pn, float("inf")]) - 1
         return i >= 0 and ranges[i][0] <= pn <= ranges[i][1]
 
-    def add(self, pn: int) -> None:
-        """Record pn, which the caller has checked is not a duplicate."""
+    def add(self, pn: int) -> bool:
+        """Record pn, which the caller has checked is not a duplicate; True if it is the largest."""
         ranges = self.ranges
         if ranges:
             last = ranges[-1]
             if pn == last[1] + 1:          # the in-order fast path
                 last[1] = pn
-                return
+                return True
             if pn > last[1]:
                 ranges.append([pn, pn])
                 self._trim()
-                return
+                return True
+        else:
+            ranges.append([pn, pn])
+            return True
         i = bisect_right(ranges, [pn, float("inf")])
         joins_left = i > 0 and ranges[i - 1][1] + 1 == pn
         joins_right = i < len(ranges) and ranges[i][0] - 1 == pn
@@ -53,6 +56,7 @@ class ReceivedPackets:
         else:
             ranges.insert(i, [pn, pn])
             self._trim()
+        return False
 
     def add_consecutive(self, first: int, last: int) -> None:
         """Record new pns first..last (checked by the caller: all above `largest`)."""
@@ -68,9 +72,19 @@ class ReceivedPackets:
             dropped = self.ranges.pop(0)
             self.floor = dropped[1] + 1
 
-    def ack_ranges(self, limit: int) -> Tuple[Tuple[int, int], ...]:
-        """The newest `limit` ranges, highest first, as an AckFrame wants them."""
-        return tuple((lo, hi) for lo, hi in reversed(self.ranges[-limit:]))
+    def ack_ranges(self, limit: int, horizon: Optional[int] = None) -> Tuple[Tuple[int, int], ...]:
+        """The newest `limit` ranges, highest first, as an AckFrame wants them, leaving out
+        ranges that lie wholly more than `horizon` packet numbers below the largest."""
+        ranges = self.ranges[-limit:]
+        if not ranges:
+            return ()
+        floor = ranges[-1][1] - horizon if horizon is not None else -1
+        out = []
+        for lo, hi in reversed(ranges):
+            if hi < floor:
+                break
+            out.append((lo, hi))
+        return tuple(out)
 
     @property
     def largest(self) -> int:

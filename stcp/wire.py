@@ -6,6 +6,7 @@ Everything here is pure encoding: no keys, no state.
 """
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import List, Tuple, Union
@@ -87,6 +88,7 @@ STREAM_FLAG_FIN = 0x01
 INITIAL_MAX_DATA = 1 << 20        # flow-control credit each side has before any MAX_DATA
 MAX_ACK_RANGES = 64
 MAX_REASON_LEN = 512
+MAX_FRAMES_PER_RECORD = 64        # more in one record is a PROTOCOL_VIOLATION
 
 HEADER_STRUCT = struct.Struct("!QQQ")           # length, cid, seq
 _HEADER = HEADER_STRUCT
@@ -348,77 +350,113 @@ def encode_frame(f: Frame) -> bytes:
     raise TypeError(f"not a frame: {f!r}")
 
 
+def _decode_stream(p, pos: int, end: int):
+    _, flags, offset, length = _STREAM_HDR.unpack_from(p, pos)
+    pos += _STREAM_HDR.size
+    if flags & ~STREAM_FLAG_FIN:
+        raise ProtocolViolation(f"unknown stream flags 0x{flags:02x}")
+    if pos + length > end:
+        raise ProtocolViolation("stream frame runs past the end of the record")
+    return StreamFrame(offset, bytes(p[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)), pos + length
+
+
+def _decode_ack(p, pos: int, end: int):
+    _, largest, delay, count, first = _ACK_HDR.unpack_from(p, pos)
+    pos += _ACK_HDR.size
+    if count >= MAX_ACK_RANGES:
+        raise ProtocolViolation(f"ack frame has {count + 1} ranges, at most {MAX_ACK_RANGES} allowed")
+    low = largest - first
+    if low < 0:
+        raise ProtocolViolation("ack range below packet number 0")
+    ranges = [(low, largest)]
+    for _ in range(count):
+        gap, length = _ACK_RANGE.unpack_from(p, pos)
+        pos += _ACK_RANGE.size
+        high = low - gap - 2
+        low = high - length
+        if low < 0:
+            raise ProtocolViolation("ack range below packet number 0")
+        ranges.append((low, high))
+    return AckFrame(tuple(ranges), delay), pos
+
+
+def _decode_max_data(p, pos: int, end: int):
+    return MaxDataFrame(_MAX_DATA.unpack_from(p, pos)[1]), pos + _MAX_DATA.size
+
+
+_PING = PingFrame()
+
+
+def _decode_ping(p, pos: int, end: int):
+    return _PING, pos + 1
+
+
+def _decode_close(p, pos: int, end: int):
+    _, code, rlen = _CLOSE_HDR.unpack_from(p, pos)
+    pos += _CLOSE_HDR.size
+    if rlen > MAX_REASON_LEN or pos + rlen > end:
+        raise ProtocolViolation("close reason runs past the end of the record")
+    return CloseFrame(code, bytes(p[pos:pos + rlen]).decode("utf-8", "replace")), pos + rlen
+
+
+def _decode_key_update(p, pos: int, end: int):
+    return KeyUpdateFrame(_KEY_UPDATE.unpack_from(p, pos)[1]), pos + _KEY_UPDATE.size
+
+
+_NONZERO = re.compile(b"[^\x00]")
+
+
+def _decode_padding(p, pos: int, end: int):
+    """A run of zero bytes as one frame, found by the regex engine, not a byte loop in Python."""
+    m = _NONZERO.search(p, pos)
+    stop = m.start() if m is not None else end
+    return PaddingFrame(stop - pos), stop
+
+
+def _decode_client_auth(p, pos: int, end: int):
+    if pos + CLIENT_AUTH_FRAME_LEN > end:
+        raise ProtocolViolation("frame truncated")
+    key_end = pos + 1 + PUBLIC_KEY_LEN
+    return ClientAuthFrame(bytes(p[pos + 1:key_end]), bytes(p[key_end:pos + CLIENT_AUTH_FRAME_LEN])), \
+        pos + CLIENT_AUTH_FRAME_LEN
+
+
+def _decode_reset_token(p, pos: int, end: int):
+    if pos + RESET_TOKEN_FRAME_LEN > end:
+        raise ProtocolViolation("frame truncated")
+    return ResetTokenFrame(bytes(p[pos + 1:pos + RESET_TOKEN_FRAME_LEN])), pos + RESET_TOKEN_FRAME_LEN
+
+
+# frame type -> decoder(payload, position of the type byte, end) -> (frame, position after it)
+FRAME_DECODERS = {
+    FRAME_PADDING: _decode_padding,
+    FRAME_PING: _decode_ping,
+    FRAME_ACK: _decode_ack,
+    FRAME_STREAM: _decode_stream,
+    FRAME_MAX_DATA: _decode_max_data,
+    FRAME_CLOSE: _decode_close,
+    FRAME_KEY_UPDATE: _decode_key_update,
+    FRAME_CLIENT_AUTH: _decode_client_auth,
+    FRAME_RESET_TOKEN: _decode_reset_token,
+}
+
+
 def decode_frames(plaintext: bytes) -> List[Frame]:
-    """Parse every frame of a decrypted payload; raise ProtocolViolation on any malformed frame."""
+    """Parse every frame of a decrypted payload; raise ProtocolViolation on any malformed frame,
+    or when the payload holds more than MAX_FRAMES_PER_RECORD frames (a run of PADDING is one):
+    the cap bounds what one record can cost a receiver, whatever frames it packs."""
     frames: List[Frame] = []
     pos, end = 0, len(plaintext)
+    decoders = FRAME_DECODERS
     try:
         while pos < end:
-            ftype = plaintext[pos]
-            if ftype == FRAME_STREAM:
-                _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext, pos)
-                pos += _STREAM_HDR.size
-                if flags & ~STREAM_FLAG_FIN:
-                    raise ProtocolViolation(f"unknown stream flags 0x{flags:02x}")
-                if pos + length > end:
-                    raise ProtocolViolation("stream frame runs past the end of the record")
-                frames.append(StreamFrame(offset, bytes(plaintext[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)))
-                pos += length
-            elif ftype == FRAME_ACK:
-                _, largest, delay, count, first = _ACK_HDR.unpack_from(plaintext, pos)
-                pos += _ACK_HDR.size
-                if count >= MAX_ACK_RANGES:
-                    raise ProtocolViolation(f"ack frame has {count + 1} ranges, at most {MAX_ACK_RANGES} allowed")
-                low = largest - first
-                if low < 0:
-                    raise ProtocolViolation("ack range below packet number 0")
-                ranges = [(low, largest)]
-                for _ in range(count):
-                    gap, length = _ACK_RANGE.unpack_from(plaintext, pos)
-                    pos += _ACK_RANGE.size
-                    high = low - gap - 2
-                    low = high - length
-                    if low < 0:
-                        raise ProtocolViolation("ack range below packet number 0")
-                    ranges.append((low, high))
-                frames.append(AckFrame(tuple(ranges), delay))
-            elif ftype == FRAME_MAX_DATA:
-                _, limit = _MAX_DATA.unpack_from(plaintext, pos)
-                pos += _MAX_DATA.size
-                frames.append(MaxDataFrame(limit))
-            elif ftype == FRAME_PING:
-                pos += 1
-                frames.append(PingFrame())
-            elif ftype == FRAME_CLOSE:
-                _, code, rlen = _CLOSE_HDR.unpack_from(plaintext, pos)
-                pos += _CLOSE_HDR.size
-                if rlen > MAX_REASON_LEN or pos + rlen > end:
-                    raise ProtocolViolation("close reason runs past the end of the record")
-                frames.append(CloseFrame(code, bytes(plaintext[pos:pos + rlen]).decode("utf-8", "replace")))
-                pos += rlen
-            elif ftype == FRAME_KEY_UPDATE:
-                _, epoch = _KEY_UPDATE.unpack_from(plaintext, pos)
-                pos += _KEY_UPDATE.size
-                frames.append(KeyUpdateFrame(epoch))
-            elif ftype == FRAME_CLIENT_AUTH:
-                if pos + CLIENT_AUTH_FRAME_LEN > end:
-                    raise ProtocolViolation("frame truncated")
-                key_end = pos + 1 + PUBLIC_KEY_LEN
-                frames.append(ClientAuthFrame(bytes(plaintext[pos + 1:key_end]),
-                                              bytes(plaintext[key_end:pos + CLIENT_AUTH_FRAME_LEN])))
-                pos += CLIENT_AUTH_FRAME_LEN
-            elif ftype == FRAME_RESET_TOKEN:
-                if pos + RESET_TOKEN_FRAME_LEN > end:
-                    raise ProtocolViolation("frame truncated")
-                frames.append(ResetTokenFrame(bytes(plaintext[pos + 1:pos + RESET_TOKEN_FRAME_LEN])))
-                pos += RESET_TOKEN_FRAME_LEN
-            elif ftype == FRAME_PADDING:
-                start = pos
-                while pos < end and plaintext[pos] == 0:
-                    pos += 1
-                frames.append(PaddingFrame(pos - start))
-            else:
-                raise ProtocolViolation(f"unknown frame type 0x{ftype:02x}")
+            if len(frames) == MAX_FRAMES_PER_RECORD:
+                raise ProtocolViolation(f"record holds more than {MAX_FRAMES_PER_RECORD} frames")
+            decoder = decoders.get(plaintext[pos])
+            if decoder is None:
+                raise ProtocolViolation(f"unknown frame type 0x{plaintext[pos]:02x}")
+            frame, pos = decoder(plaintext, pos, end)
+            frames.append(frame)
     except struct.error:
         raise ProtocolViolation("frame truncated") from None
     return frames

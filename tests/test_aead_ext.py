@@ -486,8 +486,9 @@ def test_open_records_sorts_a_batch(suite):
 @FUZZ
 @given(offsets=st.lists(st.tuples(st.integers(0, 2000), st.booleans()), max_size=12),
        order=st.permutations(range(12)), flips=st.lists(st.integers(0, 11), max_size=3),
-       largest=st.integers(-1, 8), limit=st.integers(0, 3000), cuts=st.sets(st.integers(1, 11)))
-def test_fuzz_open_records_c_equals_python(offsets, order, flips, largest, limit, cuts):
+       largest=st.integers(-1, 8), limit=st.integers(0, 3000), cuts=st.sets(st.integers(1, 11)),
+       max_len=st.sampled_from([wire.MAX_UDP_PAYLOAD, 102, 101, 60]))
+def test_fuzz_open_records_c_equals_python(offsets, order, flips, largest, limit, cuts, max_len):
     fast, py = crypto.RecordKey(wire.SUITE_AES_256_GCM, SECRET), pure_key(wire.SUITE_AES_256_GCM)
     recs = _stream_records(fast, offsets, chunk=50)
     recs = [recs[i] for i in order if i < len(recs)]
@@ -496,8 +497,8 @@ def test_fuzz_open_records_c_equals_python(offsets, order, flips, largest, limit
             bad = bytearray(recs[i])
             bad[len(bad) // 2] ^= 0x10
             recs[i] = bytes(bad)
-    want = py.open_records(recs, CID, 0, largest, limit)
-    assert fast.open_records(recs, CID, 0, largest, limit) == want
+    want = py.open_records(recs, CID, 0, largest, limit, max_len)
+    assert fast.open_records(recs, CID, 0, largest, limit, max_len) == want
     # the same records as GRO hands them over: runs of equal-sized datagrams in one buffer
     entries, run = [], []
     for i, r in enumerate(recs):
@@ -507,8 +508,8 @@ def test_fuzz_open_records_c_equals_python(offsets, order, flips, largest, limit
         run.append(r)
     if run:
         entries.append((b"".join(run), len(run[0])) if len(run) > 1 else run[0])
-    assert fast.open_records(entries, CID, 0, largest, limit) == want
-    assert py.open_records(entries, CID, 0, largest, limit) == want
+    assert fast.open_records(entries, CID, 0, largest, limit, max_len) == want
+    assert py.open_records(entries, CID, 0, largest, limit, max_len) == want
 
 
 def test_open_records_rejects_bad_pairs():

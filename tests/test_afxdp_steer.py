@@ -23,6 +23,7 @@ import ctypes
 import os
 import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -183,6 +184,13 @@ def test_nworkers_zero_does_not_steer(prog):
 
 # ---------------------------------------------------------------------------------------
 # end to end: `stcp serve --datapath afxdp --workers 2` over a 2-queue veth
+def _client_ports(b, server_ip: str) -> list:
+    """The source ports of the UDP sockets in b's namespace connected to the server."""
+    out = subprocess.run(["ip", "netns", "exec", b.ns, "ss", "-Hun", "dst", f"{server_ip}:{PORT}"],
+                         capture_output=True, text=True, check=True).stdout
+    return sorted({int(line.split()[-2].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()})
+
+
 @pytest.mark.root
 @pytest.mark.slow
 def test_workers_own_the_connections_their_cids_name(veth):
@@ -191,8 +199,8 @@ def test_workers_own_the_connections_their_cids_name(veth):
     connection counts, nothing for unknown CIDs, no record of an honest connection dropped as
     wrong_worker over 16 transfers). A crafted data record for a live CID of worker 1, sent
     into queue 0 (worker 0's), is counted as drop_wrong_worker and reaches nobody: worker 1's
-    connection lives on, where the same record sent into queue 1 reaches worker 1 and, failing
-    authentication, ends that connection."""
+    connection lives on, where the same record sent into queue 1 from the victim client's
+    address reaches worker 1 and, failing authentication, ends that connection."""
     from stcp.datapath.afxdp import worker_tag
     from stcp.datapath.xdp import XdpDatapath
     n_clients, size, crafted = 16, 256 << 10, 20
@@ -229,9 +237,14 @@ def test_workers_own_the_connections_their_cids_name(veth):
         time.sleep(1.0)
         assert dp.counters()["drop_wrong_worker"][0] - before["drop_wrong_worker"][0] == crafted
         assert dp.has_cid(victim), "the crafted records reached worker 1's connection"
-        # the control: the same record into queue 1 reaches worker 1 and kills the connection
+        # the control: the same record into queue 1 reaches worker 1, and from the victim's
+        # own client address (PROTOCOL.md 10.2: from any other it is only discarded) kills the
+        # connection. Which client is the victim is not known here: the record is sent from
+        # every client's address, and only the victim's peer address is fatal.
         before = dp.counters()
-        assert tx[1].send([frame]) == 1
+        controls = [udp_frame(b.mac, a.mac, b.ip4, a.ip4, port, PORT, rec) for port in _client_ports(b, a.ip4)]
+        assert len(controls) == n_clients, controls
+        assert tx[1].send(controls) == n_clients
         wait_until(lambda: not dp.has_cid(victim), 10, "the control record to end its connection")
         assert dp.counters()["drop_wrong_worker"][0] == before["drop_wrong_worker"][0]
         wrong_before_transfers = dp.counters()["drop_wrong_worker"][0]

@@ -25,7 +25,7 @@ STATS = ("records_received", "duplicates_discarded", "auth_failures", "stale_epo
 
 
 def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes]], List[bytes]],
-                client_config: Config | None = None, rounds: int = 400) -> dict:
+                client_config: Config | None = None, rounds: int = 400, from_peer: bool = True) -> dict:
     """Client uploads payload to a server connection; returns what the server side saw."""
     now = 0.0
     client = Connection.client(client_config or Config(), now)
@@ -45,10 +45,10 @@ def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes
         datagrams = [buf[i:i + size] for buf, size in batches for i in range(0, len(buf), size)]
         datagrams = mutate(rnd, datagrams)
         if batched:
-            server.receive_datagrams(datagrams, now)
+            server.receive_datagrams(datagrams, now, from_peer)
         else:
             for d in datagrams:
-                server.receive_datagram(d, now)
+                server.receive_datagram(d, now, from_peer)
         while (ev := server.next_event()) is not None:
             if isinstance(ev, DataReceived):
                 received += ev.data
@@ -70,7 +70,7 @@ def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes
         if client.state == State.CLOSED and server.state == State.CLOSED:
             break
     return {"data": bytes(received), "events": kinds, "state": server.state,
-            "stats": {k: getattr(server.stats, k) for k in STATS}}
+            "stats": {k: getattr(server.stats, k) for k in STATS}, "discarded": dict(server.stats.discarded)}
 
 
 def same_both_ways(payload: bytes, mutate=lambda rnd, ds: ds, **kw) -> dict:
@@ -158,3 +158,23 @@ def test_malformed_datagrams_in_a_batch(cut):
         return ds
     r = same_both_ways(PAYLOAD, mutate)
     assert r["state"] == State.CLOSED
+
+
+@pytest.mark.parametrize("cut", [1, 23, 60])
+def test_bad_records_from_a_stranger_are_discarded_the_same_both_ways(cut):
+    """From an address not the peer's (from_peer=False), forged, cut, oversize and
+    next-but-one-epoch records in a batch are discarded and counted exactly as one by one,
+    and the upload completes."""
+    def mutate(rnd, ds):
+        if 2 <= rnd <= 40 and len(ds) > 6:
+            forged = bytearray(ds[4])
+            forged[-3] ^= 0x40
+            length, cid, seq = wire.HEADER_STRUCT.unpack_from(ds[5])
+            ahead = wire.HEADER_STRUCT.pack(length, cid, seq + (2 << wire.EPOCH_SHIFT)) + ds[5][24:]
+            big = wire.HEADER_STRUCT.pack(1600, cid, seq + 5000) + bytes(1600)
+            ds = ds[:3] + [bytes(forged), ds[3][:cut], ahead, big] + ds[3:]
+        return ds
+    r = same_both_ways(PAYLOAD, mutate, from_peer=False)
+    assert r["data"] == PAYLOAD and r["events"][-1] == "StreamFinished"
+    assert r["discarded"]["auth"] > 0 and r["discarded"]["key_epoch"] > 0 and r["discarded"]["oversize"] > 0
+    assert r["discarded"]["malformed"] > 0 and r["stats"]["auth_failures"] == 0

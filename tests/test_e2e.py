@@ -16,26 +16,11 @@ from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.support.faults import Faults, FaultShim
 from tests.support.poll import await_until
+from tests.support.servers import echo_transfer
 
 
 def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes:
-    reader, writer = await stcp.open_connection(host, port, config=config)
-
-    async def upload():
-        for i in range(0, len(data), 1 << 20):
-            writer.write(data[i:i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    up = asyncio.create_task(upload())
-    echoed = await reader.read()
-    await up
-    await writer.wait_closed()
-    return echoed
 
 
 def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:

@@ -603,6 +603,20 @@ def test_stateless_reset_ends_the_client_at_once():
     assert p.client.datagrams_to_send(p.now) == []
 
 
+def test_stateless_reset_in_a_batch_ends_the_client_after_the_records_before_it():
+    """The batched receive path (one C call opens the data records) hands a RESET to the
+    connection like any other handshake-class record: the data before it is delivered."""
+    p = Pair()
+    p.run(lambda: p.server_conns and p.server_conn.state == State.ENCRYPTED and p.client._reset_token is not None)
+    p.server_conn.send(b"last words" * 300)
+    records = p.server_conn.datagrams_to_send(p.now)
+    reset = wire.encode_reset(p.client._reset_token)
+    p.client.receive_datagrams(records + [reset], p.now)
+    got = b"".join(e.data for e in events(p.client) if isinstance(e, DataReceived))
+    assert got == b"last words" * 300
+    assert p.client.is_closed and p.client.close_info.code == CloseCode.STATELESS_RESET
+
+
 def test_reset_with_a_wrong_token_is_ignored():
     p = Pair()
     p.run(lambda: p.server_conns and p.server_conn.state == State.ENCRYPTED and p.client._reset_token is not None)
@@ -614,7 +628,7 @@ def test_reset_with_a_wrong_token_is_ignored():
     other_server.receive(record, CLIENT_ADDR, p.now)
     for reset in (wire.encode_reset(bytes(token)), other_server.replies[0][0]):
         p.client.receive_datagram(reset, p.now)
-    assert p.client.state == State.ENCRYPTED and p.client.stats.handshake_records_discarded == 2
+    assert p.client.state == State.ENCRYPTED and p.client.stats.discarded["handshake"] == 2
     p.run(lambda: bytes(p.received["server"]) == b"x")
 
 

@@ -252,10 +252,14 @@ async def _errors_exact():
         w.write(b"abort")
         with pytest.raises(ConnectionTerminated):
             await asyncio.wait_for(r.read(), 10)
-        # a forged record with the server's CID: auth_failure, and the auth failure counter
+        # a forged record with the server's CID from the client's own address: auth_failure,
+        # and the auth failure counter (from any other address it is only discarded, below)
         r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
         server_cid = w.connection.peer_cid
-        raw.sendto(wire.pack_header(32, server_cid, wire.make_seq(0, 1000)) + os.urandom(32), addr)
+        forged = wire.pack_header(32, server_cid, wire.make_seq(0, 1000)) + os.urandom(32)
+        raw.sendto(forged, addr)
+        await asyncio.sleep(0.05)
+        w._handle.driver.sock.send(forged)
         with pytest.raises(ConnectionTerminated):
             await asyncio.wait_for(r.read(), 10)
         # a hand-driven client: handshake, one record sent twice, the hello again, then

@@ -29,51 +29,65 @@ from tests.support.sim import CLIENT_ADDR, Link, Pair
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-OTHER_ADDR = ("192.0.2.2", 6000)
+OTHER_ADDR = ("192.0.2.2", 6000)       # client B's
+THIRD_ADDR = ("198.51.100.9", 7000)    # nobody's: an off-path sender that learnt the CIDs
 _HDR = struct.Struct("!QQQ")
 
 
 # --- the oracle -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
-    kind: str                     # "fail", "discard", "hs_discard", "drop_short", "drop_unknown_cid", ...
+    kind: str                     # "fail", "discard", "discarded", "stale", "drop_short", "drop_unknown_cid", ...
     code: Optional[int] = None    # close code for "fail"
+    reason: str = ""              # Stats.discarded key for "discarded"
     reset: bool = False           # drop_unknown_cid: answered with a stateless RESET
 
 
-def expected_outcome(conn: Connection, data: bytes, seen: "Seen") -> Outcome:
-    """What §10.2 says happens when `data` reaches `conn` (an ENCRYPTED connection).
+def _unauthenticated(code: int, reason: str, from_peer: bool) -> Outcome:
+    """§10.2: input that does not authenticate ends the connection only from its peer's address."""
+    return Outcome("fail", code) if from_peer else Outcome("discarded", reason=reason)
+
+
+def expected_outcome(conn: Connection, data: bytes, seen: "Seen", from_peer: bool = True) -> Outcome:
+    """What §10.2 says happens when `data` reaches `conn` (an ENCRYPTED connection), from its
+    peer's current address or from another one.
 
     `seen` is what the test's links delivered to `conn` (its accepted hello and the packet
     numbers it received), recorded outside the core so the oracle does not ask the code under
     test what a duplicate is."""
     if len(data) < wire.HEADER_LEN:
-        return Outcome("fail", CloseCode.MALFORMED_RECORD)
+        return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
     length, cid, seq = _HDR.unpack_from(data)
     if length != len(data) - wire.HEADER_LEN:
-        return Outcome("fail", CloseCode.MALFORMED_RECORD)
-    if seq == 0:                                # never fatal once ENCRYPTED (§10.2)
+        return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
+    if seq == 0:                                # never fatal, from any address (§10.2)
         if conn.is_client:
-            return Outcome("discard" if data == seen.hello else "hs_discard")
+            return Outcome("discard") if data == seen.hello else Outcome("discarded", reason="handshake")
         if len(data) == wire.HANDSHAKE_RECORD_LEN and data[wire.HEADER_LEN] == wire.HS_CLIENT_HELLO and \
                 wire.client_hello_transcript_form(data) == wire.client_hello_transcript_form(seen.hello):
             return Outcome("discard")           # the accepted hello, repeated (cookie aside)
-        return Outcome("hs_discard")
-    if cid != conn.local_cid or len(data) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
-        return Outcome("fail", CloseCode.MALFORMED_RECORD)
+        return Outcome("discarded", reason="handshake")
+    if cid != conn.local_cid:
+        return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
+    if len(data) > conn.config.max_datagram:
+        return Outcome("discarded", reason="oversize")
+    if len(data) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+        return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
     epoch, pn = wire.split_seq(seq)
+    if pn == 0:
+        return _unauthenticated(CloseCode.MALFORMED_RECORD, "malformed", from_peer)
     if pn in seen.pns:
         return Outcome("discard")
     cur = conn.recv_epoch
     usable = {cur, cur + 1} | ({cur - 1} if cur > 0 else set())
     if epoch in usable:
-        return Outcome("fail", CloseCode.AUTH_FAILURE)   # forged or damaged: cannot authenticate
+        return _unauthenticated(CloseCode.AUTH_FAILURE, "auth", from_peer)   # forged or damaged
     if epoch < cur:
         return Outcome("stale")                          # a retired key: dropped and counted
-    return Outcome("fail", CloseCode.KEY_UPDATE_ERROR)
+    return _unauthenticated(CloseCode.KEY_UPDATE_ERROR, "key_epoch", from_peer)
 
 
-def expected_at_endpoint(world: "World", data: bytes) -> Tuple[Outcome, Optional[Connection]]:
+def expected_at_endpoint(world: "World", data: bytes, addr=CLIENT_ADDR) -> Tuple[Outcome, Optional[Connection]]:
     endpoint = world.endpoint
     if len(data) < wire.HEADER_LEN:
         return Outcome("drop_short"), None
@@ -91,14 +105,15 @@ def expected_at_endpoint(world: "World", data: bytes) -> Tuple[Outcome, Optional
             return Outcome("drop_bad_hello"), None
         if hello.kind != wire.HS_CLIENT_HELLO:
             return Outcome("drop_bad_hello"), None
-        if hello.sender_cid == world.client_a.local_cid:    # same address and client CID as A (§4.3)
-            return expected_outcome(world.server_a, data, world.seen[world.server_a]), world.server_a
+        for conn, client in ((world.server_a, world.client_a), (world.server_b, world.client_b)):
+            if addr == world.addr[conn] and hello.sender_cid == client.local_cid:     # §4.3
+                return expected_outcome(conn, data, world.seen[conn]), conn
         return Outcome("hello"), None
     conn = endpoint.connections.get(cid)
     if conn is None:                            # a RESET for a well-formed data record, if larger
         reset = seq != 0 and cid != 0 and length == len(data) - wire.HEADER_LEN and len(data) > 56
         return Outcome("drop_unknown_cid", reset=reset), None
-    return expected_outcome(conn, data, world.seen[conn]), conn
+    return expected_outcome(conn, data, world.seen[conn], addr == world.addr[conn]), conn
 
 
 @contextlib.contextmanager
@@ -187,6 +202,7 @@ class World:
         assert self.client_b.state == self.server_b.state == State.ENCRYPTED
         self.seen = {self.server_a: Seen().add(p.up.log), self.client_a: Seen().add(p.down.log),
                      self.server_b: Seen().add(up), self.client_b: Seen().add(down)}
+        self.addr = {self.server_a: CLIENT_ADDR, self.server_b: OTHER_ADDR}
 
     @property
     def now(self) -> float:
@@ -213,9 +229,11 @@ class World:
             assert victim.state == State.ENCRYPTED
             assert victim.stats.duplicates_discarded == before["dups"] + 1
             return
-        if outcome.kind == "hs_discard":
+        if outcome.kind == "discarded":
             assert victim.state == State.ENCRYPTED
-            assert victim.stats.handshake_records_discarded == before["hs"] + 1
+            want = dict(before["discarded"])
+            want[outcome.reason] += 1
+            assert victim.stats.discarded == want
             return
         if outcome.kind == "stale":
             assert victim.state == State.ENCRYPTED
@@ -234,15 +252,23 @@ class World:
         assert (peer.close_info.code, peer.close_info.by_peer, peer.close_info.error) == (outcome.code, True, True)
 
 
-def deliver_to_endpoint(world: World, data: bytes) -> None:
+def _before(conn: Optional[Connection]) -> dict:
+    if conn is None:
+        return {}
+    return {"dups": conn.stats.duplicates_discarded, "stale": conn.stats.stale_epoch_discarded,
+            "discarded": dict(conn.stats.discarded)}
+
+
+def deliver_to_endpoint(world: World, data: bytes, addr=CLIENT_ADDR) -> None:
     ep = world.endpoint
-    outcome, conn = expected_at_endpoint(world, data)
+    outcome, conn = expected_at_endpoint(world, data, addr)
     stats = dict(vars(ep.stats))
-    before = {"dups": conn.stats.duplicates_discarded, "stale": conn.stats.stale_epoch_discarded,
-              "hs": conn.stats.handshake_records_discarded} if conn else {}
+    before = _before(conn)
     n_conns = len(ep.connections)
+    addrs = dict(ep.peer_addr)
     with transitions() as moves:
-        got, new = ep.receive(data, CLIENT_ADDR, world.now)        # must not raise
+        got, new = ep.receive(data, addr, world.now)        # must not raise
+    assert all(ep.peer_addr.get(cid, a) == a for cid, a in addrs.items())    # nothing here authenticates
     assert moves == (FAILED if outcome.kind == "fail" else [(State.INIT, Event.RECV_HELLO)] * bool(new))
     after = vars(ep.stats)
     if outcome.kind.startswith("drop_") or outcome.kind == "reject":
@@ -349,7 +375,7 @@ def test_bit_flipped_record_ends_only_its_connection(size, bits):
     record = world.fresh_client_record(size)
     flipped = flip(record, bits.draw(flips(8 * len(record))))
     outcome, _ = expected_at_endpoint(world, flipped)
-    assert outcome.kind in ("fail", "discard", "stale", "drop_unknown_cid", "hs_discard")
+    assert outcome.kind in ("fail", "discard", "discarded", "stale", "drop_unknown_cid")
     if outcome.kind == "fail":
         assert outcome.code in (CloseCode.MALFORMED_RECORD, CloseCode.AUTH_FAILURE, CloseCode.KEY_UPDATE_ERROR,
                                 CloseCode.PROTOCOL_VIOLATION)
@@ -382,10 +408,61 @@ def test_bit_flipped_seq(bits):
     deliver_to_endpoint(world, flipped)
 
 
+@SETTINGS
+@given(spec=st.data(), kind=st.sampled_from(["shaped", "arbitrary", "cut", "flip"]),
+       addr=st.sampled_from([THIRD_ADDR, OTHER_ADDR]))
+def test_nothing_unauthenticated_from_another_address_ends_a_connection(spec, kind, addr):
+    """§10.2: a datagram naming connection A that comes from any address but A's peer's (a third
+    party's, or another client's) is discarded and counted, whatever it holds."""
+    world = World()
+    if kind == "shaped":
+        data = build_header_shaped(world, spec.draw(header_shaped()))
+    elif kind == "arbitrary":
+        data = world.server_a.local_cid.to_bytes(8, "big").join(
+            [spec.draw(st.binary(min_size=8, max_size=8)), spec.draw(st.binary(max_size=200))])
+    else:
+        record = world.fresh_client_record(spec.draw(st.integers(0, 1300)))
+        if kind == "cut":
+            data = record[:spec.draw(st.integers(wire.HEADER_LEN, len(record) - 1))]
+        else:
+            data = flip(record, spec.draw(flips(8 * len(record))))
+    outcome, conn = expected_at_endpoint(world, data, addr)
+    if conn is world.server_a:
+        assert outcome.kind != "fail"
+    deliver_to_endpoint(world, data, addr)
+    assert world.server_a.state == State.ENCRYPTED
+
+
+def test_genuine_record_from_a_new_address_moves_the_connection():
+    """NAT rebinding: the peer's newest authenticated record, from a new address, moves the
+    connection there; a replayed (duplicate) one from elsewhere does not."""
+    world = World()
+    ep = world.endpoint
+    old = world.fresh_client_record(100)
+    ep.receive(old, CLIENT_ADDR, world.now)
+    ep.receive(old, THIRD_ADDR, world.now)                  # a replay from elsewhere
+    assert ep.peer_addr[world.server_a.local_cid] == CLIENT_ADDR and ep.stats.migrations == 0
+    fresh = world.fresh_client_record(100)
+    got, _ = ep.receive(fresh, THIRD_ADDR, world.now)
+    assert got is world.server_a and world.server_a.state == State.ENCRYPTED
+    assert ep.peer_addr[world.server_a.local_cid] == THIRD_ADDR and ep.stats.migrations == 1
+    # from now on the old address is the stranger: its junk is discarded, not fatal
+    junk = flip(world.fresh_client_record(100), [8 * 30])
+    deliver_to_endpoint_from(world, junk, CLIENT_ADDR, THIRD_ADDR)
+    assert world.server_a.state == State.ENCRYPTED and world.server_a.stats.discarded["auth"] == 1
+    world.b_still_works()
+
+
+def deliver_to_endpoint_from(world: World, data: bytes, addr, peer_addr) -> None:
+    world.addr[world.server_a] = peer_addr
+    deliver_to_endpoint(world, data, addr)
+
+
 def test_client_hello_repeated_or_reused_at_the_endpoint():
     """§4.3: the same hello again (with or without a cookie) is discarded once ENCRYPTED;
-    another hello from the same address with the same client CID is discarded too: no
-    handshake record ends an ENCRYPTED connection (§10.2)."""
+    another hello from the same address with the same client CID (a changed CLIENT_HELLO
+    re-sent under an established client CID) is discarded and counted too: no handshake
+    record ends a connection (§10.2)."""
     world = World()
     hello = world.seen[world.server_a].hello
     deliver_to_endpoint(world, hello)
@@ -395,8 +472,9 @@ def test_client_hello_repeated_or_reused_at_the_endpoint():
     assert world.server_a.state == State.ENCRYPTED
     other = Connection.client(world.client_a.config, 0.0).datagrams_to_send(0.0)[0]
     reused = other[:32] + world.client_a.local_cid.to_bytes(8, "big") + other[40:]
-    assert expected_at_endpoint(world, reused)[0] == Outcome("hs_discard")
+    assert expected_at_endpoint(world, reused)[0] == Outcome("discarded", reason="handshake")
     deliver_to_endpoint(world, reused)
+    assert world.server_a.state == State.ENCRYPTED
 
 
 def test_flip_onto_a_received_packet_number_is_discarded():
@@ -436,8 +514,7 @@ def test_genuine_duplicate_is_discarded_and_replay_of_an_old_record_too():
 def deliver_to_client(world: World, data: bytes) -> None:
     client = world.client_a
     outcome = expected_outcome(client, data, world.seen[client])
-    before = {"dups": client.stats.duplicates_discarded, "stale": client.stats.stale_epoch_discarded,
-              "hs": client.stats.handshake_records_discarded}
+    before = _before(client)
     with transitions() as moves:
         client.receive_datagram(data, world.now)                   # must not raise
     assert moves == (FAILED if outcome.kind == "fail" else [])

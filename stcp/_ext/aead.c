@@ -248,11 +248,11 @@ static PyMethodDef RecordCipher_methods[] = {
      "one STREAM frame of `chunk` bytes each (the last may be shorter, and carries FIN if fin),\n"
      "sealed back to back with seqs first_seq, first_seq+1, ..."},
     {"open_records", (PyCFunction)(void (*)(void))RecordCipher_open_records, METH_FASTCALL,
-     "open_records(datagrams, cid, epoch, largest_pn, limit) -> list: in datagram order (an entry may\n"
+     "open_records(datagrams, cid, epoch, largest_pn, limit[, max_len]) -> list: in datagram order (an entry may\n"
      "be a (buffer, segment_size) pair standing for the datagrams back to back in it),\n"
      "(offset, count, data, first_pn, record_bytes) for each stretch of new records of plain in-order\n"
      "stream data, (plaintext, pn, record_len) for other new authentic records, and the datagram itself\n"
-     "for everything else (not new, other epoch or connection, malformed, not authentic)."},
+     "for everything else (not new, other epoch or connection, longer than max_len, malformed, not authentic)."},
     {NULL}
 };
 

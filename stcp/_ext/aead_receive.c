@@ -63,17 +63,20 @@ PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *args, P
     unsigned char *plain = NULL;
     Py_ssize_t m = 0, nviews = 0, n = 0, i, total = 0;
     Py_ssize_t *segs = NULL;
-    uint64_t cid, epoch, high, limit;
+    uint64_t cid, epoch, high, limit, max_len = UINT64_MAX;
     int liberr = 0, shared = 0;
 
     if (!ready(self)) return NULL;
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "open_records() takes 5 arguments (datagrams, cid, epoch, largest_pn, "
-                     "limit), got %zd", nargs);
+    if (nargs != 5 && nargs != 6) {
+        PyErr_Format(PyExc_TypeError, "open_records() takes 5 or 6 arguments (datagrams, cid, epoch, largest_pn, "
+                     "limit[, max_len]), got %zd", nargs);
         return NULL;
     }
     if (get_u64(args[1], "cid", &cid) || get_u64(args[2], "epoch", &epoch) || get_u64(args[4], "limit", &limit))
         return NULL;
+    /* records longer than max_len (the receiver's max_datagram) are not opened: the general
+     * path discards them (PROTOCOL.md 7) */
+    if (nargs == 6 && get_u64(args[5], "max_len", &max_len)) return NULL;
     {   /* largest_pn may be -1: nothing received yet */
         long long lp = PyLong_AsLongLong(args[3]);
         if (lp == -1 && PyErr_Occurred()) return NULL;
@@ -132,7 +135,8 @@ PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *args, P
         x->pn = seq & PN_MASK;
         int is_new = x->pn > high;
         if (x->pn > high) high = x->pn;        /* later records at or below it take the general path */
-        if (!is_new || (seq >> PN_BITS) != epoch || check_record(r, x->len, &why)) continue;
+        if (!is_new || (seq >> PN_BITS) != epoch || (uint64_t)x->len > max_len || check_record(r, x->len, &why))
+            continue;
         x->state = 0;
         x->pos = total;
         total += x->len - HEADER_LEN - TAG_LEN;

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from ..errors import CloseCode
+from ..receive import DISCARD_REASONS
 
 if TYPE_CHECKING:
     from .exporter import MetricsHTTPServer
@@ -59,6 +60,9 @@ REJECT_CODES: Dict[str, str] = {          # label -> EndpointStats field (REJECT
 # EndpointStats fields of the handshake defences, exported one family each (below)
 _ENDPOINT_FIELDS: Tuple[str, ...] = ("cookies_sent", "cookie_admitted", "clients_not_allowed", "resets_sent",
                                      "resets_rate_limited")
+
+# Connection.stats.discarded reasons, summed over ended + live connections as "discarded:<reason>"
+_DISCARD_KEYS: Tuple[str, ...] = tuple("discarded:" + r for r in DISCARD_REASONS)
 
 # Connection.stats fields summed over ended + live connections
 _STAT_FIELDS: Tuple[str, ...] = (
@@ -162,7 +166,7 @@ class ServerMetrics(Collector):
         self.build = {"version": version or _version(), "datapath": datapath, "cipher": cipher}
         self._lock = threading.Lock()
         self._live: Dict[object, bool] = {}          # Connection -> handshake completed
-        self._ended = dict.fromkeys(_STAT_FIELDS, 0)
+        self._ended = dict.fromkeys(_STAT_FIELDS + _DISCARD_KEYS, 0)
         self._created = 0
         self._completed = 0
         self._closed = dict.fromkeys(CLOSE_REASONS, 0)
@@ -217,6 +221,8 @@ class ServerMetrics(Collector):
             st = conn.stats
             for f in _STAT_FIELDS:
                 self._ended[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                self._ended["discarded:" + r] += n
             for sample in st.rtt_samples:
                 self._rtt_hist.observe(sample)
             reason = close_reason(conn.close_info)
@@ -240,11 +246,14 @@ class ServerMetrics(Collector):
             st = conn.stats
             for f in _STAT_FIELDS:
                 sums[f] += getattr(st, f)
+            for r, n in st.discarded.items():
+                sums["discarded:" + r] += n
             in_progress += not established
         drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
         rejects = dict.fromkeys(REJECT_CODES, 0)
         endpoint = dict.fromkeys(_ENDPOINT_FIELDS, 0)
         rejected = 0
+        memory = {"limit": 0, "used": 0, "shed": 0, "withheld": 0, "migrations": 0}
         ep = self.endpoint
         if ep is not None:
             for label, field in ENDPOINT_DROP_REASONS.items():
@@ -254,11 +263,15 @@ class ServerMetrics(Collector):
             for field in _ENDPOINT_FIELDS:
                 endpoint[field] = getattr(ep.stats, field, 0)
             rejected = ep.stats.handshakes_rejected
+            budget = ep.budget
+            memory = {"limit": budget.limit, "used": budget.used, "shed": budget.shed,
+                      "withheld": budget.credit_withheld, "migrations": ep.stats.migrations}
         hs_failed["rejected"] = rejected
         return {"stats": sums, "active": len(live), "in_progress": in_progress,
                 "opened": created, "closed": closed, "hs_started": created + rejected,
                 "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
-                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": endpoint}
+                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": endpoint,
+                "memory": memory}
 
     def collect(self) -> Iterator:
         s = self.snapshot()
@@ -353,12 +366,33 @@ class ServerMetrics(Collector):
         yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
                                    "1024 of each), observed when the connection ends.")
 
+        dr = CounterMetricFamily("stcp_records_discarded", "Records that reached a connection and were "
+                                 "discarded without ending it, by reason: from an address not the peer's, "
+                                 "malformed, failing authentication or two key epochs ahead; handshake-class "
+                                 "records that are not a repeat of the connection's hello; longer than "
+                                 "max_datagram; opening a reassembly fragment beyond the cap (PROTOCOL.md 10.2).",
+                                 labels=["reason"])
+        for r in DISCARD_REASONS:
+            dr.add_metric([r], st["discarded:" + r])
+        yield dr
+
         # endpoint
         d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
                                 "before any connection saw them, by reason.", labels=["reason"])
         for r in ENDPOINT_DROP_REASONS:
             d.add_metric([r], s["drops"][r])
         yield d
+        mem = s["memory"]
+        yield CounterMetricFamily("stcp_connections_migrated", "Connections moved to a new peer address by an "
+                                  "authenticated record from it (NAT rebinding).", value=mem["migrations"])
+        yield GaugeMetricFamily("stcp_memory_budget_bytes", "The server-wide limit on stream buffers.",
+                                value=mem["limit"])
+        yield GaugeMetricFamily("stcp_memory_used_bytes", "Stream buffers held now: received and not yet read "
+                                "by the application, sent and not yet acknowledged.", value=mem["used"])
+        yield CounterMetricFamily("stcp_connections_shed", "Connections ended because the memory budget was "
+                                  "exhausted (each held the most without progress).", value=mem["shed"])
+        yield CounterMetricFamily("stcp_credit_withheld", "Flow-control grants postponed because the memory "
+                                  "budget was exhausted.", value=mem["withheld"])
 
     def close(self) -> None:
         """Stop the HTTP exporter started by serve_metrics (the hook stays harmless)."""

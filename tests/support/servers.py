@@ -1,5 +1,5 @@
 """STCP servers and traffic on loopback: an echo handler, a server on its own event-loop
-thread (for the blocking API, and the `stcp_server` fixture), a whole echo transfer, and
+thread (for the blocking API, and the `stcp_server` fixture), whole echo transfers, and
 waiting for a server's connections to end."""
 from __future__ import annotations
 
@@ -24,6 +24,22 @@ async def echo(reader, writer):
 
 async def quiet(server, timeout: float = 5.0) -> None:
     await await_until(lambda: not server.endpoint.connections, timeout, "the server's connections to end")
+
+
+async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes:
+    reader, writer = await stcp.open_connection(host, port, config=config)
+
+    async def upload():
+        for i in range(0, len(data), 1 << 20):
+            writer.write(data[i:i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    up = asyncio.create_task(upload())
+    echoed = await reader.read()
+    await up
+    await writer.wait_closed()
+    return echoed
 
 
 async def transfer(port: int, payload: bytes, **kw) -> Connection:

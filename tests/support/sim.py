@@ -1,12 +1,15 @@
 """An in-memory network for sans-IO tests: a client Connection and a ServerEndpoint joined by
-a link that can lose, duplicate and reorder datagrams, with a simulated clock."""
+a link that can lose, duplicate and reorder datagrams, with a simulated clock (Pair); and an
+established pair whose client side seals whatever a test asks for (Peer)."""
 from __future__ import annotations
 
 import random
 from typing import Callable, List, Optional, Tuple
 
+from stcp import wire
 from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, StreamFinished
 from stcp.endpoint import ServerEndpoint
+from stcp.state import State
 
 CLIENT_ADDR = ("192.0.2.1", 5000)
 
@@ -55,6 +58,12 @@ class Pair:
         self.closed = {}
         self.events = {"client": [], "server": []}
         self.on_server_data: Optional[Callable[[Connection, bytes], None]] = None
+        self.client_addr = CLIENT_ADDR      # where the client's datagrams come from (it may move)
+        self.injected: List[Tuple[float, bytes, tuple]] = []    # (time, datagram, source) for the server
+
+    def inject(self, when: float, data: bytes, addr) -> None:
+        """Deliver `data` to the server at `when`, from `addr` (a third party's datagram)."""
+        self.injected.append((when, data, addr))
 
     def _drain(self, who: str, conn: Connection) -> None:
         while (ev := conn.next_event()) is not None:
@@ -83,12 +92,16 @@ class Pair:
         """Advance to the next delivery or timer; return False when nothing is left to happen."""
         self.flush()
         times = [t for t in (self.up.next_time(), self.down.next_time(), self.client.get_timer(),
-                             *(c.get_timer() for c in self.server_conns)) if t is not None]
+                             *(c.get_timer() for c in self.server_conns), *(x[0] for x in self.injected))
+                 if t is not None]
         if not times:
             return False
         self.now = max(self.now, min(times))
-        for d in self.up.due(self.now):
-            conn, new = self.server.receive(d, CLIENT_ADDR, self.now)
+        arrivals = [(d, self.client_addr) for d in self.up.due(self.now)]
+        arrivals += [(d, addr) for t, d, addr in self.injected if t <= self.now]
+        self.injected = [x for x in self.injected if x[0] > self.now]
+        for d, addr in arrivals:
+            conn, new = self.server.receive(d, addr, self.now)
             if new:
                 self.server_conns.append(conn)
             if conn is not None:
@@ -114,3 +127,40 @@ class Pair:
     @property
     def server_conn(self) -> Connection:
         return self.server_conns[0]
+
+
+class Peer:
+    """An established client/server pair with no network between them; `seal` makes records
+    under the client's keys with packet numbers of the test's choosing (an authenticated
+    but hostile peer), `feed` hands one to the server endpoint from the client's address."""
+
+    def __init__(self, server_config: Config | None = None):
+        self.now = 0.0
+        self.client = Connection.client(Config(), self.now)
+        self.endpoint = ServerEndpoint(server_config or Config())
+        for d in self.client.datagrams_to_send(self.now):
+            self.server, _ = self.endpoint.receive(d, CLIENT_ADDR, self.now)
+        for d in self.server.datagrams_to_send(self.now):
+            self.client.receive_datagram(d, self.now)
+        for d in self.client.datagrams_to_send(self.now):
+            self.endpoint.receive(d, CLIENT_ADDR, self.now)
+        assert self.server.state == State.ENCRYPTED
+        self.pn = self.client._next_pn + 10
+
+    def seal(self, plaintext: bytes) -> bytes:
+        key = self.client._keys.send
+        self.pn += 1
+        return key.seal(self.server.local_cid, wire.make_seq(key.epoch, self.pn), plaintext)
+
+    def stream(self, offset: int, data: bytes) -> bytes:
+        return self.seal(wire.STREAM_HEADER_STRUCT.pack(wire.FRAME_STREAM, 0, offset, len(data)) + data)
+
+    def feed(self, record: bytes) -> None:
+        self.endpoint.receive(record, CLIENT_ADDR, self.now)
+
+    def delivered(self) -> bytes:
+        out = b""
+        while (ev := self.server.next_event()) is not None:
+            if isinstance(ev, DataReceived):
+                out += ev.data
+        return out

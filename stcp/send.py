@@ -1,0 +1,277 @@
+"""The send path of a Connection (PROTOCOL.md §3.2, §8): records out, acknowledgements in.
+
+A mixin of stcp.connection.Connection, whose __init__ holds the state used here. Packet
+numbers are allocated in one place (_take_pns), which also leaves one out now and then and
+stops before 2^48 - 1; an ACK of a number left out ends the connection (_on_ack).
+"""
+from __future__ import annotations
+
+import secrets
+from bisect import bisect_left
+from typing import List, Tuple
+
+from . import wire
+from .crypto import CONFIDENTIALITY_LIMIT, reset_token
+from .errors import CloseCode, KeyUpdateError, ProtocolViolation, STCPError
+from .events import KeyUpdated
+from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE,
+                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
+                       Group, SentPacket, SentRun)
+from .state import State
+
+# RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2
+# records on average (anywhere from 1 to SKIP_SPAN - 1 apart, so the next is unpredictable);
+# a peer that acknowledges one acknowledges what it never received (an optimistic-ACK attack)
+# and the connection ends. The newest _SKIPPED_KEPT skipped numbers are checked.
+SKIP_SPAN = 384
+_SKIPPED_KEPT = 64
+# An ACK reports no range lying entirely more than this many packet numbers below the largest
+# received: older ranges were reported many times already, and the gaps skipping leaves would
+# otherwise fill every ACK with stale ranges.
+ACK_HORIZON = 256
+_MIN_STREAM_CHUNK = 64
+# A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
+# the whole buffer must fit one UDP datagram's length.
+_MAX_RUN_RECORDS = 64
+_MAX_RUN_BYTES = 65000
+
+
+class PacketNumbersExhausted(STCPError):
+    code = CloseCode.INTERNAL_ERROR
+
+
+def skip_gap() -> int:
+    return 1 + secrets.randbelow(SKIP_SPAN - 1)
+
+
+class SendPath:
+    def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
+        ranges = frame.ranges
+        if ranges[0][1] >= self._next_pn:
+            raise ProtocolViolation(f"ack of packet {ranges[0][1]} that was never sent")
+        skipped = self._skipped
+        if skipped and ranges[-1][0] <= skipped[-1]:
+            for low, high in ranges:
+                i = bisect_left(skipped, low)
+                if i < len(skipped) and skipped[i] <= high:
+                    raise ProtocolViolation(f"ack of packet {skipped[i]}, a packet number never sent "
+                                            f"(acknowledging what was not received)")
+        acked, lost = self._recovery.on_ack(frame.ranges, frame.delay_us / 1e6, now)
+        send_epoch = self._keys.send.epoch
+        on_acked = self._send.on_acked
+        start = end = -1                  # adjacent acknowledged stream ranges, merged
+        for first, last, p in acked:
+            if p.epoch == send_epoch:
+                self._key_update_allowed = True
+            for desc in p.frames_between(first, last):
+                if desc[0] == _STREAM:
+                    if desc[3]:
+                        on_acked(desc[1], desc[2], True)
+                    elif desc[1] == end:
+                        end = desc[2]
+                    else:
+                        if end > start:
+                            on_acked(start, end, False)
+                        start, end = desc[1], desc[2]
+                elif desc[0] == _CLIENT_AUTH:
+                    self._client_auth = None
+                elif desc[0] == _RESET_TOKEN:
+                    self._reset_token_acked = True
+        if end > start:
+            on_acked(start, end, False)
+        if acked and self._recovery.rtt.has_sample:
+            self.stats.rtt_samples.append(self._recovery.rtt.latest)
+            if len(self.stats.rtt_samples) > 1024:
+                del self.stats.rtt_samples[:512]
+        self._on_lost(lost)
+
+    def _on_lost(self, lost: List[Group]) -> None:
+        for first, last, p in lost:
+            for desc in p.frames_between(first, last):
+                kind = desc[0]
+                if kind == _STREAM:
+                    self._send.on_lost(desc[1], desc[2], desc[3])
+                elif kind == _MAX_DATA:
+                    self._max_data_due = True
+                elif kind == _KEY_UPDATE and desc[1] == self._keys.send.epoch:
+                    self._key_update_frame_due = True
+                elif kind == _RESET_TOKEN and not self._reset_token_acked:
+                    self._reset_token_due = True
+
+    # --- send --------------------------------------------------------------
+    def datagrams_to_send(self, now: float) -> List[bytes]:
+        """Every datagram due now, one record each."""
+        return wire.expand_datagrams(self.datagram_batches(now))
+
+    def datagram_batches(self, now: float) -> List[Tuple[bytes, int]]:
+        """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records
+        of `segment size` bytes back to back (the last may be shorter), ready for one UDP GSO
+        send; a single record comes as (record, len(record))."""
+        out, self._out = self._out, []
+        if self.state == State.ENCRYPTED:
+            try:
+                self._build_packets(now, out)
+            except STCPError as exc:
+                self._fail(exc, now)
+                out.extend(self._out)
+                self._out = []
+        return [item if type(item) is tuple else (item, len(item)) for item in out]
+
+    def _build_packets(self, now: float, out: List[bytes]) -> None:
+        """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
+        max_payload = self.config.max_datagram - wire.HEADER_LEN - wire.AEAD_TAG_LEN
+        overhead = wire.STREAM_FRAME_OVERHEAD
+        cc = self._recovery.cc
+        send = self._send
+        stats = self.stats
+        while True:
+            if self._sealed_under_key >= self.config.key_update_interval:
+                self._maybe_update_send_key()
+            if self._ack_deadline is None and not (self._max_data_due or self._key_update_frame_due
+                                                   or self._ping_due or self._draining_until is not None
+                                                   or self._client_auth is not None or self._reset_token_due) \
+                    and self._send_stream_run(now, out):
+                continue
+            frames: List[bytes] = []
+            descs: list = []
+            if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
+                frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)))
+                self._ack_deadline = None
+                self._ack_eliciting_unacked = 0
+            if self._max_data_due or self._key_update_frame_due or self._ping_due or self._reset_token_due or \
+                    (self._close_frame is not None and self._draining_until is not None):
+                self._add_control_frames(frames, descs)
+            budget = max_payload - (len(self._client_auth) if self._client_auth is not None else 0)
+            for f in frames:
+                budget -= len(f)
+            retransmit = False
+            if self._draining_until is None and (self._probes_due or cc.can_send(self.config.max_datagram)):
+                while budget >= overhead + _MIN_STREAM_CHUNK or (budget >= overhead and send.wants_fin()):
+                    new_from = send.next_offset
+                    chunk = send.next_chunk(budget - overhead, self._peer_max_data)
+                    if chunk is None:
+                        break
+                    offset, data, fin = chunk
+                    n = len(data)
+                    retransmit |= offset < new_from
+                    frames.append(wire.encode_stream(offset, data, fin))
+                    descs.append((_STREAM, offset, offset + n, fin))
+                    budget -= overhead + n
+                    stats.stream_bytes_sent += n
+                if self._probes_due and descs:
+                    self._probes_due -= 1
+            if not frames:
+                return
+            if retransmit:
+                stats.retransmitted_records += 1
+            out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _send_stream_run(self, now: float, out: list) -> bool:
+        """Bulk data: as many full records of new stream data as the congestion window, the
+        peer's flow-control limit and the key allow, sealed in one call into one GSO buffer.
+        False (nothing sent) when fewer than two such records can go: the general path then
+        builds the next record."""
+        send = self._send
+        if send.retransmit or self._probes_due:
+            return False
+        size = self.config.max_datagram
+        chunk = size - wire.HEADER_LEN - wire.AEAD_TAG_LEN - wire.STREAM_FRAME_OVERHEAD
+        cc = self._recovery.cc
+        start = send.next_offset
+        n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_RECORDS, _MAX_RUN_BYTES // size,
+                self.config.key_update_interval - self._sealed_under_key,
+                (min(send.end, self._peer_max_data) - start) // chunk,
+                wire.PN_MASK - 1 - self._next_pn)      # near the last packet number: one by one
+        if n < 2:
+            return False
+        stop = start + n * chunk
+        fin = send.fin_requested and stop == send.end
+        key = self._keys.send
+        pn = self._take_pns(n)
+        buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), send.view(start, stop), start, chunk, fin)
+        send.next_offset = stop
+        if fin:
+            send.fin_sent = True
+        self._sealed_under_key += n
+        stats = self.stats
+        stats.records_sent += n
+        stats.bytes_sent += len(buf)
+        stats.stream_bytes_sent += n * chunk
+        self._recovery.on_sent_run(SentRun(pn, now, size, key.epoch, n, start, chunk, fin))
+        out.append((buf, size))
+        return True
+
+    def _add_control_frames(self, frames: List[bytes], descs: list) -> None:
+        if self._max_data_due:
+            self._max_data_due = False
+            frames.append(wire.encode_frame(wire.MaxDataFrame(self._recv.max_data)))
+            descs.append((_MAX_DATA,))
+        if self._reset_token_due:
+            self._reset_token_due = False
+            frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(self.config.reset_key, self.local_cid))))
+            descs.append((_RESET_TOKEN,))
+        if self._key_update_frame_due:
+            self._key_update_frame_due = False
+            frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))
+            descs.append((_KEY_UPDATE, self._keys.send.epoch))
+        if self._ping_due:
+            self._ping_due = False
+            frames.append(wire.encode_frame(wire.PingFrame()))
+            descs.append((_PING,))
+        if self._close_frame is not None and self._draining_until is not None:
+            frames.append(wire.encode_frame(self._close_frame))
+            descs.append((_CLOSE,))
+            self._close_frame = None
+
+    def _ack_can_ride(self) -> bool:
+        """A record is about to go out anyway: carry the pending ACK in it, not in its own later."""
+        return self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
+            or self._send.pending()
+
+    def _maybe_update_send_key(self) -> None:
+        """Move to the next key epoch before a record is assembled, so its KEY_UPDATE frame
+        fits the record and names the epoch the record is sealed under."""
+        if self._sealed_under_key < self.config.key_update_interval:
+            return
+        if self._key_update_allowed:
+            keys = self._keys
+            keys.send = keys.send.next()
+            self._sealed_under_key = 0
+            self._key_update_allowed = False
+            self._key_update_frame_due = True
+            self.stats.key_updates_sent += 1
+            self.events.append(KeyUpdated("send", keys.send.epoch))
+        elif self._sealed_under_key >= CONFIDENTIALITY_LIMIT[self.suite]:
+            raise KeyUpdateError("key usage limit reached before the peer allowed a key update")
+
+    def _take_pns(self, n: int, closing: bool = False) -> int:
+        """The first of n consecutive packet numbers for records about to be sealed. A skip
+        happens only here, between records or runs, so a bulk run costs nothing extra. The
+        last packet number, 2^48 - 1, is kept for the CLOSE that says they ran out."""
+        pn = self._next_pn
+        if pn >= self._skip_at and not closing:
+            self._skipped.append(pn)
+            if len(self._skipped) > _SKIPPED_KEPT:
+                del self._skipped[0]
+            pn += 1
+            self._skip_at = pn + skip_gap()
+        if pn + n - 1 > (wire.PN_MASK if closing else wire.PN_MASK - 1):
+            raise PacketNumbersExhausted(f"packet numbers exhausted: the next record would need packet "
+                                         f"number {pn + n - 1}, above 2^48 - 1")
+        self._next_pn = pn + n
+        return pn
+
+    def _seal_frames(self, frames: List[bytes], descs: list, ack_eliciting: bool, now: float = 0.0,
+                     closing: bool = False) -> bytes:
+        if self._client_auth is not None:    # first in every record until one carrying it is acknowledged
+            frames = [self._client_auth] + frames
+            descs = [(_CLIENT_AUTH,)] + descs
+            ack_eliciting = True
+        keys = self._keys
+        pn = self._take_pns(1, closing)
+        self._sealed_under_key += 1
+        record = keys.send.seal(self.peer_cid, wire.make_seq(keys.send.epoch, pn), b"".join(frames))
+        self.stats.records_sent += 1
+        self.stats.bytes_sent += len(record)
+        self._recovery.on_sent(SentPacket(pn, now, len(record), ack_eliciting, descs, keys.send.epoch))
+        return record
