@@ -483,7 +483,9 @@ def test_dashboard_json_is_valid_and_every_metric_exists():
     for fam in ("stcp_connections_closed", "stcp_handshake_duration_seconds", "stcp_xdp_packets",
                 "stcp_xdp_cpu_packets", "stcp_endpoint_dropped_datagrams", "stcp_auth_failures",
                 "stcp_replays_discarded", "stcp_rtt_seconds", "stcp_build_info", "stcp_xdp_attached",
-                "stcp_cookies_sent", "stcp_cookie_hellos_admitted", "stcp_handshakes_rejected", "stcp_resets"):
+                "stcp_cookies_sent", "stcp_cookie_hellos_admitted", "stcp_handshakes_rejected", "stcp_resets",
+                "stcp_connections_shed", "stcp_memory_used_bytes", "stcp_memory_budget_bytes",
+                "stcp_records_discarded"):
         assert fam in shown, f"{fam} is on no dashboard panel"
 
 
