@@ -175,9 +175,13 @@ def drop_privileges(user: Optional[str] = None) -> pwd.struct_passwd:
                 if _libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 1:
                     _prctl(PR_CAPBSET_DROP, cap)
         _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-        if os.getgroups() and (pw.pw_uid != os.getuid() or "CAP_SETGID" in effective_capabilities()):
-            os.setgroups([])          # takes CAP_SETGID; staying ourselves without it, we keep our groups
-        os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+        # staying ourselves (a service started as its user) without CAP_SETGID, we keep our
+        # groups and gid: they are ours anyway, and changing them would take that capability
+        regroup = set(os.getresuid()) != {pw.pw_uid} or "CAP_SETGID" in effective_capabilities()
+        if regroup:
+            if os.getgroups():
+                os.setgroups([])
+            os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
         os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
         hdr, data = _Header(_CAPABILITY_VERSION_3, 0), (_Data * 2)()
         if _libc.capset(ctypes.byref(hdr), data) != 0:
@@ -190,16 +194,16 @@ def drop_privileges(user: Optional[str] = None) -> pwd.struct_passwd:
                              f"CAP_SETGID, or start as {name!r} already") from None
     except OSError as e:
         raise PrivilegeError(f"dropping privileges failed: {e}") from None
-    _check(pw)
+    _check(pw, regroup)
     return pw
 
 
-def _check(pw: pwd.struct_passwd) -> None:
+def _check(pw: pwd.struct_passwd, regrouped: bool) -> None:
     st = status()
     wrong = [f"{k} {st[k]}" for k in ("CapEff", "CapPrm", "CapInh", "CapAmb") if k in st and int(st[k], 16)]
-    wrong += [f"{k} {st[k]}" for k, v in (("Uid", pw.pw_uid), ("Gid", pw.pw_gid))
-              if set(st[k].split()) != {str(v)}]
-    if st.get("Groups") and set(st["Groups"].split()) != {str(g) for g in os.getgroups()}:
+    ids = [("Uid", pw.pw_uid)] + ([("Gid", pw.pw_gid)] if regrouped else [])
+    wrong += [f"{k} {st[k]}" for k, v in ids if set(st[k].split()) != {str(v)}]
+    if regrouped and st.get("Groups"):
         wrong.append(f"Groups {st['Groups']}")
     if st.get("NoNewPrivs") != "1":
         wrong.append(f"NoNewPrivs {st.get('NoNewPrivs')}")

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from stcp import privileges
-from tests.support.procs import STCP, stop, wait_for_stderr_line, xdp_status
+from tests.support.procs import (AFXDP_PORT, STCP, echo_all, serve_afxdp, serve_workers, stop, wait_for_stderr_line,
+                                 xdp_status)
 from tests.support.unprivileged import proc_status, python_as, threads_status
 
 PORT = 4483
@@ -151,6 +153,20 @@ def _after(a, server) -> None:
     assert "prog/xdp" not in link, f"the unprivileged server left its XDP program attached: {link}"
 
 
+def _serve_echo_check(a, b, prefix, python_cmd, env, metrics_port: int, *extra: str) -> None:
+    """The xdp server under prefix: unprivileged while a client echoes through it, its CID
+    table and metrics working, and gone without a trace after SIGTERM."""
+    server = _serve(a, prefix, python_cmd, env, "--metrics", f"127.0.0.1:{metrics_port}", *extra)
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=90)
+        _echo_checking(a, b, server, _check_running(a, metrics_port))
+    finally:
+        if server.poll() is None:
+            _after(a, server)
+        else:
+            pytest.fail(f"the server exited: {stop(server)}")
+
+
 @pytest.mark.root
 @pytest.mark.xdp
 @pytest.mark.parametrize("user", ["--user nobody", "default"])
@@ -159,15 +175,7 @@ def test_xdp_server_started_as_root_serves_as_nobody(netns_pair, user):
     extra = ["--user", "nobody"] if user != "default" else []
     if user == "default" and privileges.default_user() != "nobody":
         pytest.skip(f"the default account here is {privileges.default_user()!r}")
-    server = _serve(a, [], STCP, None, "--metrics", "127.0.0.1:9481", *extra)
-    try:
-        wait_for_stderr_line(server, "serving on", timeout=90)
-        _echo_checking(a, b, server, _check_running(a, 9481))
-    finally:
-        if server.poll() is None:
-            _after(a, server)
-        else:
-            pytest.fail(f"the server exited: {stop(server)}")
+    _serve_echo_check(a, b, [], STCP, None, 9481, *extra)
 
 
 CAPS = ["net_admin", "bpf", "perfmon"]
@@ -198,15 +206,7 @@ def test_xdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody
     clears those capabilities once set up, and detaches at exit."""
     a, b = netns_pair
     cmd, env = nobody_python
-    server = _serve(a, _setpriv(CAPS), cmd, env, "--metrics", "127.0.0.1:9482")
-    try:
-        wait_for_stderr_line(server, "serving on", timeout=90)
-        _echo_checking(a, b, server, _check_running(a, 9482))
-    finally:
-        if server.poll() is None:
-            _after(a, server)
-        else:
-            pytest.fail(f"the server exited: {stop(server)}")
+    _serve_echo_check(a, b, _setpriv(CAPS), cmd, env, 9482)
 
 
 @pytest.mark.root
@@ -224,3 +224,67 @@ def test_each_capability_is_needed(netns_pair, nobody_python, without):
     assert server.returncode == 1 and len(lines) == 1, err
     assert f"CAP_{without.upper()}" in lines[0] and "AmbientCapabilities" in lines[0]
     assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+
+
+# --------------------------------------------------------------------------------------
+# AF_XDP: alone, and a worker pool whose supervisor restarts a worker after the drop
+@pytest.mark.root
+@pytest.mark.afxdp
+def test_afxdp_server_serves_as_nobody(netns_pair):
+    a, b = netns_pair
+    addr = f"{a.ip4}:{AFXDP_PORT}"
+    server = serve_afxdp(a, addr, "native")
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=90)
+        _assert_unprivileged(server.pid)
+        ok, failed = echo_all(b, addr, [os.urandom(1 << 20) for _ in range(2)])
+        assert ok == 2, failed
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    assert "through AF_XDP" in err and "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+
+
+@pytest.mark.root
+@pytest.mark.afxdp
+@pytest.mark.slow
+def test_worker_pool_workers_drop_and_a_replacement_does_too(veth):
+    """The supervisor keeps its privileges (it starts replacements); every worker, the
+    replacement of a killed one included, serves as nobody with no capabilities."""
+    a, b = veth(queues=2)
+    server, pids = serve_workers(a, 2)
+    try:
+        assert proc_status(server.pid)["Uid"].split()[0] == "0"          # the supervisor
+        for pid in pids.values():
+            _assert_unprivileged(pid)
+        os.kill(pids[1], signal.SIGKILL)
+        lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=90)
+        new = [int(m.group(1)) for m in (re.search(r"worker 1 started \(pid (\d+)\)", ln) for ln in lines) if m]
+        assert new and new[-1] != pids[1], lines
+        _assert_unprivileged(new[-1])
+        ok, failed = echo_all(b, f"{a.ip4}:{AFXDP_PORT}", [os.urandom(256 << 10) for _ in range(6)])
+        assert ok == 6, failed
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
+
+
+@pytest.mark.root
+def test_an_unprivileged_user_still_serves_on_the_socket_datapath(nobody_python):
+    """`stcp serve` always gives up what it may: started without any privilege it stays
+    who it is (changing user is not allowed it), sets no-new-privs and serves."""
+    cmd, env = nobody_python
+    port = 4484
+    server = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", *cmd,
+                               "serve", "--listen", f"127.0.0.1:{port}"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_stderr_line(server, "serving on", timeout=60)
+        _assert_unprivileged(server.pid)
+        data = os.urandom(100_000)
+        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=data, capture_output=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == data, r.stderr
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
