@@ -1,15 +1,15 @@
-# One command each: `make run` (loopback demo), `make test` (whole suite), `make bench`.
+# One command each: `make run` (loopback demo), `make test` (lint, then the whole suite), `make bench`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench system-deps clean fuzz fuzz-xdp
+.PHONY: run test lint bench system-deps clean fuzz fuzz-xdp
 
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildcard stcp/_ext/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,fuzz]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz]'
 	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash'  # the C extensions built (setup.py, stcp/_ext/)
 	sh scripts/link-system-python.sh $(PY)
 	touch $@
@@ -22,8 +22,13 @@ system-deps:
 run: $(STAMP)
 	$(VENV)/bin/stcp demo
 
+# ruff (rules in pyproject.toml) over the Python trees, mypy over the package and its .pyi stubs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check stcp tests bench scripts
+	$(VENV)/bin/mypy
+
 # A venv built before `make system-deps` lacks stcp._xsk: rebuild once the headers exist.
-test: system-deps $(STAMP)
+test: system-deps $(STAMP) lint
 	@if [ -e /usr/include/xdp/xsk.h ] && ! $(PY) -c 'import stcp._xsk' 2>/dev/null; then \
 		echo "rebuilding the C extensions: the libxdp headers are installed now"; \
 		$(PY) -m pip install -q --no-deps -e .; fi

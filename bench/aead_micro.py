@@ -106,7 +106,8 @@ def main(argv=None) -> None:
     if args.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
         return
-    print(f"record protection, {args.size}-byte plaintexts, one thread, per CPU-second; {meta['openssl']}, Python {meta['python']}")
+    print(f"record protection, {args.size}-byte plaintexts, one thread, per CPU-second; {meta['openssl']}, "
+          f"Python {meta['python']}")
     for suite, rows in results.items():
         print(f"\n{suite}")
         for name, r in rows.items():

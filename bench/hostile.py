@@ -14,7 +14,6 @@ client (it has the keys: nothing here is a forgery):
 from __future__ import annotations
 
 import argparse
-import struct
 import time
 
 from stcp import wire

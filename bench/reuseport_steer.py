@@ -43,8 +43,12 @@ from typing import Dict, List
 
 from stcp import _udpio
 from stcp.datapath.bpf import libbpf
-from stcp.datapath.reuseport import (BPF_PROG_TYPE_SK_REUSEPORT, SO_ATTACH_REUSEPORT_EBPF, ReuseportError,
-                                     ReuseportSteering)
+from stcp.datapath.reuseport import (
+    BPF_PROG_TYPE_SK_REUSEPORT,
+    SO_ATTACH_REUSEPORT_EBPF,
+    ReuseportError,
+    ReuseportSteering,
+)
 
 BATCH = 256
 SOURCES = 64

@@ -149,7 +149,7 @@ def machine_facts() -> dict:
         try:
             from importlib.metadata import version
             versions[mod] = version(mod)
-        except Exception:  # noqa: BLE001
+        except Exception:
             versions[mod] = None
     import ssl
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
@@ -184,7 +184,7 @@ def softnet() -> list[dict]:
 
 def softnet_delta(a: list[dict], b: list[dict]) -> list[dict]:
     return [{k: (y[k] - x[k]) if y[k] is not None and x[k] is not None else None for k in x}
-            for x, y in zip(a, b)]
+            for x, y in zip(a, b, strict=True)]
 
 
 def children_cpu() -> float:
@@ -464,7 +464,7 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
             try:
                 proc, port = stack.enter_context(server_proc(name, psrv, PORTS[name], cert, key, errpath,
                                                              stats_dir))
-            except Exception as e:  # noqa: BLE001 - one peer failing must not end the run
+            except Exception as e:  # one peer failing must not end the run
                 res.reason = f"{type(e).__name__}: {e}"
                 log(f"[{name}] failed: {res.reason}")
                 continue
@@ -594,7 +594,8 @@ def worker_table(doc: dict) -> list[str]:
             for w in s.get("server_workers") or []:
                 q = ", ".join(f"{k}: {v:,}" for k, v in sorted(w["rx_per_queue"].items()))
                 rows.append(f"| {name} | {test} | {w['worker']} | {fmt(w['records_per_s'], 0)} | "
-                            f"{fmt(w['records_per_cpu_s'], 0)} | {w['cpu_s']:.2f} | {w['rx_xsk']:,} / {w['rx_socket']:,} | "
+                            f"{fmt(w['records_per_cpu_s'], 0)} | {w['cpu_s']:.2f} | "
+                            f"{w['rx_xsk']:,} / {w['rx_socket']:,} | "
                             f"{q} | {w['connections_accepted']} |")
     if not rows:
         return []
@@ -613,7 +614,8 @@ def markdown(doc: dict) -> str:
                f"{' --quick' if doc['quick'] else ''}`). Generated file; do not edit.")
     out.append("")
     out.append(f"- Kernel {m['kernel']}; CPU: {m['cpu_model']} × {m['cpus']}; Python {m['python']}; "
-               f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; aioquic {m['versions'].get('aioquic')}")
+               f"{m['openssl']}; cryptography {m['versions'].get('cryptography')}; "
+               f"aioquic {m['versions'].get('aioquic')}")
     out.append(f"- Topology: {doc['topology']}")
     groups: dict = {}              # the same steering on several veth pairs: one line
     for side in doc.get("steering", []):
@@ -635,7 +637,7 @@ def markdown(doc: dict) -> str:
                f"CPU s/GB ×{n8} client + server | Handshakes/s | Handshake p50 / p99 ms (p50 until open) | "
                "RTT p50 / p99 µs | RTT 1 KB p50 / p99 µs | RTT 16 KB p50 / p99 µs | CPU outside peers |")
     out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, pr in doc["peers"].items():
+    for pr in doc["peers"].values():
         if not pr["available"]:
             out.append(f"| {pr['label']} | not available: {pr['reason']} | | | | | | | | | |")
             continue
@@ -735,8 +737,8 @@ def select_peers(only: list[str]) -> list[str]:
         return list(PEERS)
     names = []
     for item in only:
-        for n in item.split(","):
-            n = ALIASES.get(n.strip(), n.strip())
+        for word in item.split(","):
+            n = ALIASES.get(word.strip(), word.strip())
             if n not in PEERS:
                 raise SystemExit(f"unknown peer {n!r}; known: {', '.join(PEERS)}")
             if n not in names:
@@ -819,7 +821,8 @@ def main(argv=None) -> int:
                     for pid in NAPI_PIDS:  # the receive kthreads get the same priority
                         subprocess.run(["renice", "-n", str(args.nice), "-p", str(pid)],
                                        capture_output=True)
-                topology = (f"veth pair MTU 1500, {args.queues} RX/TX queue(s) per end, between namespaces {a.ns} (server {a.ip4}, "
+                topology = (f"veth pair MTU 1500, {args.queues} RX/TX queue(s) per end, "
+                            f"between namespaces {a.ns} (server {a.ip4}, "
                             f"CPU {srv_cpu}) and {b.ns} (client {b.ip4}, CPU {cli_cpu}); "
                             f"processes pinned with taskset, nice {args.nice}")
                 if sides:

@@ -73,7 +73,7 @@ async def _client_loop(host: str, port: int, deadline: float, stats: dict, rng: 
             else:
                 stats["completed"] += 1
                 stats["bytes"] += len(data)
-        except Exception as e:  # noqa: BLE001 - every error is reported, by kind
+        except Exception as e:
             stats["errors"][f"{type(e).__name__}: {str(e)[:100]}"] += 1
             await asyncio.sleep(0.2)
 
@@ -287,7 +287,7 @@ def udp_counters(host) -> Dict[str, int]:
     """The server namespace's UDP counters (/proc/net/snmp): datagrams the kernel dropped
     before the server read them show up as RcvbufErrors / InErrors."""
     lines = [ln.split() for ln in host.run("cat", "/proc/net/snmp").stdout.splitlines() if ln.startswith("Udp:")]
-    return dict(zip(lines[0][1:], map(int, lines[1][1:]))) if len(lines) >= 2 else {}
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True)) if len(lines) >= 2 else {}
 
 
 def slope(points: List[tuple]) -> float:
@@ -423,7 +423,8 @@ def main(argv=None) -> int:
     ap.add_argument("--datapath", choices=["socket", "xdp"], default="socket")
     ap.add_argument("--hostile-rate", type=float, default=20, help="hostile ticks a second (0: none; default 20)")
     ap.add_argument("--hello-burst", type=int, default=3000,
-                    help="hellos in each flood burst, from 32 source ports (default 3000: six times the server's burst)")
+                    help="hellos in each flood burst, from 32 source ports "
+                         "(default 3000: six times the server's burst)")
     ap.add_argument("--flood-every", type=float, default=3.0, help="seconds between hello bursts (default 3)")
     ap.add_argument("--sample", type=float, default=2.0, help="seconds between samples (default 2)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "SOAK.md")

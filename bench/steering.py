@@ -52,7 +52,7 @@ def _step(record: dict, name: str, fn) -> bool:
         val = fn()
         record[name] = {"ok": True, **({"value": val} if val is not None else {})}
         return True
-    except Exception as e:  # noqa: BLE001 - record and go on
+    except Exception as e:  # record and go on
         msg = getattr(e, "stderr", None) or str(e)
         record[name] = {"ok": False, "error": (msg or repr(e)).strip()[:300]}
         return False

@@ -2,8 +2,8 @@
 
     python -m bench.udpio_micro [--seconds S] [--family 4|6]
 
-Send side (each round also drains the receiver): socket.send per datagram vs stcp._udpio.sendmmsg vs one UDP GSO send per
-batch. Pipeline: seal (C) + send + receive + open (C) in one loop, per-datagram Python
+Send side (each round also drains the receiver): socket.send per datagram vs stcp._udpio.sendmmsg vs
+one UDP GSO send per batch. Pipeline: seal (C) + send + receive + open (C) in one loop, per-datagram Python
 (sendto/recvfrom, RecordCipher.seal/open) vs batched, as the socket datapath does it
 (seal_stream + GSO sendmmsg + recvmmsg with or without GRO + open_records). MB/s counts
 plaintext bytes. Not a test.
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     for name, fn in [("send: socket.send per datagram", send_sendto),
                      (f"send: _udpio.sendmmsg x{GSO_BATCH}", send_mmsg),
                      (f"send: one GSO sendmmsg of {GSO_BATCH}", send_gso)]:
-        results[name] = rate(lambda: (drain(), fn())[1], 1, args.seconds)
+        results[name] = rate(lambda fn=fn: (drain(), fn())[1], 1, args.seconds)
 
     rx.setblocking(False)
 

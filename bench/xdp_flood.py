@@ -86,7 +86,7 @@ def udp_snmp(host) -> dict:
     """The namespace's UDP MIB counters (/proc/net/snmp is per network namespace)."""
     text = host.run("cat", "/proc/net/snmp").stdout
     rows = [ln.split() for ln in text.splitlines() if ln.startswith("Udp:")]
-    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:])} if len(rows) >= 2 else {}
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)} if len(rows) >= 2 else {}
 
 
 def link_drops(host) -> dict:
@@ -298,7 +298,9 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     overhead: BPF_PROG_TEST_RUN (libbpf bpf_prog_test_run_opts) repeats it in the kernel on
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
+
     from bcc import BPF
+
     from stcp.datapath import bpf, xdp_prog
     from stcp.datapath.xdp import XdpDatapath
     from tests.support.packets import data_record, hello, udp_frame
@@ -362,7 +364,7 @@ def _median_run(rs: list) -> dict:
 def _steer(a, b) -> list:
     try:
         from bench.steering import steer
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return [{"error": f"bench.steering unavailable: {e}"}]
     return [steer(a, SERVER_CPU), steer(b, CLIENT_CPU)]
 
@@ -380,10 +382,12 @@ def _flags(r: dict) -> str:
 
 
 def markdown(doc: dict) -> str:
+    pps = doc['config']['flood_pps']
+    offered = f" at {pps:,} datagrams/s offered" if pps else " at full sender speed"
     out = ["# XDP flood benchmark", "",
            f"{doc['facts']['date']} · kernel {doc['facts']['kernel']} · {doc['facts']['cpus']} CPUs · "
            f"flood kind `{doc['config']['kind']}`"
-           f"{' at ' + format(doc['config']['flood_pps'], ',') + ' datagrams/s offered' if doc['config']['flood_pps'] else ' at full sender speed'} · honest transfer {doc['config']['bytes'] >> 20} MiB echoed · "
+           f"{offered} · honest transfer {doc['config']['bytes'] >> 20} MiB echoed · "
            f"XDP modes {', '.join(doc['config']['modes'])}", "",
            "| scenario | flood sent /s | dropped by veth /s | reaching user space /s | dropped at socket /s | "
            "server process CPU | CPU 0 busy | honest goodput MiB/s | XDP ns/packet |",
@@ -395,7 +399,8 @@ def markdown(doc: dict) -> str:
         out.append(f"| {r['name']} | {fs:,.0f} | " if fs else f"| {r['name']} | – | ")
         out[-1] += f"{vd.get('server_rx', 0) + vd.get('client_tx', 0):,.0f} | "
         out[-1] += (f"{us.get('datagrams_per_s', 0):,.0f} | {us.get('socket_drops_per_s', 0):,.0f} | "
-                    f"{r.get('server_cpu', {}).get('process_pct', '–')} % | {r.get('server_cpu', {}).get('cpu0_busy_pct', '–')} % | "
+                    f"{r.get('server_cpu', {}).get('process_pct', '–')} % | "
+                    f"{r.get('server_cpu', {}).get('cpu0_busy_pct', '–')} % | "
                     f"{r['honest']['goodput_mib_s']}{_flags(r)} | "
                     f"{(r.get('bpf') or {}).get('ns_per_packet') or '–'} |")
     out += ["", "Every run (goodput MiB/s · datagrams/s reaching user space · XDP ns/packet):", ""]
@@ -471,7 +476,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="native,generic", help="XDP modes to measure (default native,generic)")
     p.add_argument("--only", default="", help="comma-separated scenarios: baseline, flood, flood+xdp-MODE, "
                    "baseline+xdp-MODE")
-    p.add_argument("--repeat", type=int, default=None, help="runs per scenario, interleaved (default 3; 1 with --quick)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="runs per scenario, interleaved (default 3; 1 with --quick)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--client-gso", action="store_true",
                    help="let the honest client send UDP GSO buffers (except against generic XDP, which "
@@ -509,14 +515,14 @@ def main(argv=None) -> int:
         digest = hashlib.sha256(blob).hexdigest()
         t0 = time.monotonic()
         runs: dict = {n: [] for n in names}
-        for i in range(args.repeat or (1 if args.quick else 3)):
+        for _ in range(args.repeat or (1 if args.quick else 3)):
             for n in names:
                 runs[n].append(scenario(n, exe, xdp="xdp" in n, flood=n.startswith("flood"), cfg=args,
                                         data_path=data, digest=digest, mode=n.rsplit("-", 1)[-1]))
         scen = [_median_run(rs) for rs in runs.values()]
         try:
             test_run = prog_test_run()
-        except Exception as e:  # noqa: BLE001 - report, do not fail the benchmark
+        except Exception as e:  # report, do not fail the benchmark
             test_run = {"error": str(e)}
         log(f"BPF_PROG_TEST_RUN: {test_run}")
     doc = {
@@ -524,7 +530,8 @@ def main(argv=None) -> int:
                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _read("/proc/loadavg").strip(),
                   "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip()},
-        "config": {"bytes": args.bytes, "kind": args.kind, "modes": modes, "flood_pps": args.flood_pps, "flood_seconds_max": args.flood_seconds,
+        "config": {"bytes": args.bytes, "kind": args.kind, "modes": modes, "flood_pps": args.flood_pps,
+                   "flood_seconds_max": args.flood_seconds,
                    "repeat": args.repeat or (1 if args.quick else 3),
                    "server_cpu": SERVER_CPU, "client_cpu": CLIENT_CPU},
         "scenarios": scen,

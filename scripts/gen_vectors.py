@@ -169,7 +169,7 @@ def suite_vectors(suite: int) -> dict:
     # 4. the client's proof: se = DH(c, F) = DH(f, C)
     se = crypto.shared_secret(c, server_pub)
     assert crypto.shared_secret(f, client_static_pub) == se
-    auth_key = crypto._expand(crypto.hmac.digest(secrets.client_secret, se, "sha256"), b"cauth", th, 32)
+    auth_key = crypto.hkdf_expand(crypto.hmac.digest(secrets.client_secret, se, "sha256"), b"cauth", th, 32)
     proof = crypto.client_auth_proof(secrets.client_secret, se, th, client_static_pub)
     client_auth = wire.ClientAuthFrame(client_static_pub, proof)
 
@@ -186,7 +186,7 @@ def suite_vectors(suite: int) -> dict:
     rkey = crypto.reset_key(SERVER_STATIC)
     token = crypto.reset_token(rkey, SERVER_CID)
 
-    prk = crypto._extract(ee + es)
+    prk = crypto.hkdf_extract(ee + es)
     handshake = {
         "client_private_key": CLIENT_PRIVATE.hex(),
         "client_public_key": client_pub.hex(),
@@ -202,7 +202,7 @@ def suite_vectors(suite: int) -> dict:
         "prk": prk.hex(),
         "client_secret": secrets.client_secret.hex(),
         "server_secret": secrets.server_secret.hex(),
-        "confirm_key": crypto._expand(prk, b"confirm", th, 32).hex(),
+        "confirm_key": crypto.hkdf_expand(prk, b"confirm", th, 32).hex(),
         "confirm_tag": secrets.confirm_tag.hex(),
         "server_hello_record": sh_record.hex(),
         "reject_record": reject_record(CLIENT_CID, suite, REJECT_CODE).hex(),
@@ -235,11 +235,11 @@ def suite_vectors(suite: int) -> dict:
                 for k in chain] for d, chain in chains.items()}
 
     records = []
-    for name, direction, epoch, pn, frames in RECORDS:
+    for name, direction, epoch, pn, frame_specs in RECORDS:
         key = chains[direction][epoch]
         cid = SERVER_CID if direction == "c2s" else CLIENT_CID
         seq = wire.make_seq(epoch, pn)
-        frames = [dict(f, **filled.get(f["type"], {})) for f in frames]
+        frames = [dict(f, **filled.get(f["type"], {})) for f in frame_specs]
         plaintext = b"".join(wire.encode_frame(frame_obj(f)) for f in frames)
         record = key.seal(cid, seq, plaintext)
         assert key.open(record, seq) == plaintext

@@ -6,11 +6,11 @@
 """
 __version__ = "0.1.0"
 
-from .api import StreamReader, StreamWriter, make_config, open_connection  # noqa: E402
-from .blocking import BlockingConnection, connect  # noqa: E402
-from .connection import Config  # noqa: E402
-from .errors import (ConnectionTerminated, HandshakeTimeout, NotEncrypted, STCPError)  # noqa: E402
-from .server import Server, serve, start_server  # noqa: E402
+from .api import StreamReader, StreamWriter, make_config, open_connection
+from .blocking import BlockingConnection, connect
+from .connection import Config
+from .errors import ConnectionTerminated, HandshakeTimeout, NotEncrypted, STCPError
+from .server import Server, serve, start_server
 
 __all__ = ["open_connection", "serve", "start_server", "connect", "make_config", "Config", "Server",
            "StreamReader", "StreamWriter", "BlockingConnection", "STCPError", "ConnectionTerminated",

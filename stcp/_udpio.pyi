@@ -4,11 +4,10 @@ Non-blocking whatever the socket's mode; the GIL is released around each system 
 Addresses are numeric, as the socket module gives them: (host, port) for AF_INET,
 (host, port, flowinfo, scope_id) for AF_INET6 (an AF_INET6 socket also takes an IPv4 host).
 """
-from typing import Optional, Sequence, Tuple, Union, overload, Literal
+from socket import socket
+from typing import Any, Literal, Optional, Sequence, Tuple, Union, overload
 
 from _typeshed import ReadableBuffer
-
-from socket import socket
 
 Address = Union[Tuple[str, int], Tuple[str, int, int, int]]
 FileDescriptorLike = Union[int, socket]
@@ -30,5 +29,7 @@ def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
              gro: Literal[False] = ...) -> list[Tuple[bytes, Optional[Address]]]: ...
 @overload
 def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int,
-             gro: Literal[True]) -> list[Tuple[bytes, Optional[Address], int]]:
+             gro: Literal[True]) -> list[Tuple[bytes, Optional[Address], int]]: ...
+@overload
+def recvmmsg(fd: FileDescriptorLike, max_n: int, bufsize: int, gro: bool) -> list[Any]:
     """Up to max_n waiting datagrams, [] if none; with gro, each item carries its segment size."""

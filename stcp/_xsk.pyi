@@ -8,7 +8,7 @@ Addresses look like the socket module's: (host, port) for IPv4, (host, port, flo
 scope_id) for IPv6, and for IPv4 with v4mapped=True ('::ffff:a.b.c.d', port, 0, 0).
 The GIL is released around system calls; use one socket from one thread at a time.
 """
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union, final, overload
 
 from _typeshed import ReadableBuffer
 
@@ -34,7 +34,9 @@ class XskSocket:
     def recv(self, max_n: int = 64, v4mapped: bool = False,
              templates: Literal[False] = ...) -> List[Tuple[bytes, Address]]: ...
     @overload
-    def recv(self, max_n: int, v4mapped: bool, templates: Literal[True]) -> List[Tuple[bytes, Address, bytes]]:
+    def recv(self, max_n: int, v4mapped: bool, templates: Literal[True]) -> List[Tuple[bytes, Address, bytes]]: ...
+    @overload
+    def recv(self, max_n: int, v4mapped: bool, templates: bool) -> List[Any]:
         """Up to max_n UDP payloads waiting on the RX ring ([] if none); frames that do not
         parse as Ethernet/IPv4|IPv6/UDP are counted (stats()['rx_malformed']) and skipped.
         The frames go back to the fill ring before it returns. With templates, each item

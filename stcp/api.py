@@ -5,12 +5,11 @@ namesakes (the blocking `connect` is in stcp.blocking).
 from __future__ import annotations
 
 import asyncio
-from typing import List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 from . import wire
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
 
@@ -18,7 +17,7 @@ DEFAULT_PORT = 7443
 WRITE_HIGH_WATER = 4 << 20     # drain() waits while more than this is unacknowledged
 
 
-def make_config(cipher: Optional[str] = None, **overrides) -> Config:
+def make_config(cipher: Optional[str] = None, **overrides: Any) -> Config:
     if cipher is not None:
         if cipher not in wire.SUITES:
             raise ValueError(f"unknown cipher {cipher!r}; choose one of {', '.join(wire.SUITES)}")
@@ -143,7 +142,7 @@ class StreamReader:
         if n == 0:
             return b""
         if n < 0:
-            chunks = []
+            chunks: List[bytes] = []
             while True:
                 chunk = await self.read(1 << 20)
                 if not chunk:
@@ -193,7 +192,7 @@ class StreamReader:
         except asyncio.IncompleteReadError as exc:
             return exc.partial
 
-    def __aiter__(self):
+    def __aiter__(self) -> StreamReader:
         return self
 
     async def __anext__(self) -> bytes:
@@ -217,7 +216,7 @@ class StreamWriter:
             handle.conn.send(bytes(data))
             handle.driver.flush_now(handle.conn)
 
-    def writelines(self, lines) -> None:
+    def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
             self.write(line)
 
@@ -266,7 +265,7 @@ class StreamWriter:
         if exc is not None:
             raise exc
 
-    def get_extra_info(self, name: str, default=None):
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
         conn = self._handle.conn
         driver = self._handle.driver
         if name == "peername":

@@ -22,16 +22,27 @@ import socket
 import threading
 import warnings
 from time import monotonic
-from typing import Callable, Optional, Self, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple
 
 from . import wire
 from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
 from .chunks import ChunkBuffer
-from .connection import (Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted,
-                         StreamFinished)
-from .datapath.socket import (RECV_BATCH, RECV_ROUNDS, Outbox, connect_udp, enable_gro, own_records,
-                              recv_batch, send_datagrams, tune_socket)
+from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
+from .datapath.socket import (
+    RECV_BATCH,
+    RECV_ROUNDS,
+    Outbox,
+    connect_udp,
+    enable_gro,
+    own_records,
+    recv_batch,
+    send_datagrams,
+    tune_socket,
+)
 from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
 
@@ -91,7 +102,7 @@ class BlockingConnection:
             raise
 
     # --- the socket-like API ------------------------------------------------
-    def sendall(self, data) -> None:
+    def sendall(self, data: bytes) -> None:
         """Queue data and send what the congestion window allows; waits (up to the timeout)
         only while more than the write limit (4 MiB) is unacknowledged."""
         with self._lock:
@@ -112,7 +123,7 @@ class BlockingConnection:
             elif self._polling:
                 self._nudge()
 
-    def send(self, data) -> int:
+    def send(self, data: bytes) -> int:
         """As sendall (STCP takes every byte given); returns len(data)."""
         self.sendall(data)
         return len(data)
@@ -140,7 +151,7 @@ class BlockingConnection:
                 raise self._error
             return b""
 
-    def recv_into(self, buffer, nbytes: int = 0) -> int:
+    def recv_into(self, buffer: WriteableBuffer, nbytes: int = 0) -> int:
         """As recv, into buffer (at most nbytes, or len(buffer) if 0); returns the count."""
         view = memoryview(buffer).cast("B")
         data = self.recv(nbytes or len(view))
@@ -178,10 +189,10 @@ class BlockingConnection:
     def gettimeout(self) -> Optional[float]:
         return self.timeout
 
-    def getpeername(self):
+    def getpeername(self) -> Tuple[Any, ...]:
         return self._sock.getpeername()
 
-    def getsockname(self):
+    def getsockname(self) -> Tuple[Any, ...]:
         return self._sock.getsockname()
 
     def cipher(self) -> str:
@@ -199,13 +210,13 @@ class BlockingConnection:
     def __del__(self) -> None:
         # forgotten without close(): free the descriptors (nothing is sent), as a socket does
         if not getattr(self, "_released", True):
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
             self._released = True
             self._sock.close()
             if hasattr(self, "_wakeup"):
                 os.close(self._wakeup)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- waiting ---------------------------------------------------------------
@@ -321,7 +332,7 @@ class BlockingConnection:
                 return
         self._flush(now)
 
-    def _send_group(self, datagrams, addr, segment_size: int = 0) -> int:
+    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         return send_datagrams(self._sock, datagrams, addr, segment_size)
 
     def _flush(self, now: float) -> None:

@@ -7,7 +7,7 @@ stateless-reset key) is derived here once, not per connection.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Collection, Optional, Tuple
 
 from . import wire
@@ -18,7 +18,7 @@ from .identity import KEY_LEN, StaticKey
 
 @dataclass
 class Config:
-    suite: int = wire.SUITE_AES_256_GCM
+    suite: int = wire.SUITE_AES_256_GCM     # the cipher's number; by name: cipher= below
     accepted_suites: Tuple[int, ...] = (wire.SUITE_AES_256_GCM, wire.SUITE_CHACHA20_POLY1305)
     max_datagram: int = wire.DEFAULT_MAX_DATAGRAM
     handshake_timeout: float = 10.0
@@ -48,8 +48,16 @@ class Config:
     hello_burst: int = 500
     max_half_open: Optional[int] = None
     reset_rate: float = 1000.0             # stateless RESETs per second, at most (section 5.7)
+    # the cipher by name, as the CLI's --cipher: 'aes-256-gcm' or 'chacha20-poly1305' (sets suite)
+    cipher: InitVar[Optional[str]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, cipher: Optional[str] = None) -> None:
+        if cipher is not None:
+            self.suite = wire.suite_number(cipher)
+        elif isinstance(self.suite, str):
+            raise ValueError(f"suite is a cipher suite number; name the cipher with cipher={self.suite!r}")
+        self.suite = wire.suite_number(self.suite)
+        self.accepted_suites = tuple(wire.suite_number(s) for s in self.accepted_suites)
         if not wire.HANDSHAKE_RECORD_LEN <= self.max_datagram <= wire.MAX_UDP_PAYLOAD:
             raise ValueError(f"max_datagram must be between {wire.HANDSHAKE_RECORD_LEN} and {wire.MAX_UDP_PAYLOAD}")
         limit = min(CONFIDENTIALITY_LIMIT[s] for s in self.accepted_suites + (self.suite,))

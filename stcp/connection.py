@@ -17,7 +17,7 @@ from .config import Config
 from .crypto import RecordKey
 from .errors import AccessDenied, CloseCode, NotEncrypted, STCPError
 from .events import ConnectionClosed, DataReceived, HandshakeCompleted, KeyUpdated, StreamFinished
-from .handshake import ClientHandshake, Keys, ServerHandshake
+from .handshake import ClientHandshake, ServerHandshake
 from .identity import fingerprint
 from .receive import DISCARD_REASONS, Discard, ReceivePath, printable
 from .recovery import STREAM as _STREAM, Recovery
@@ -76,8 +76,8 @@ class Connection(ReceivePath, SendPath):
         self.stats = Stats()
         self.close_info: Optional[ConnectionClosed] = None
         self._created = now
-        self._out: List[bytes] = []
-        self._keys: Optional[Keys] = None
+        self._out = []
+        self._keys = None  # type: ignore[assignment]  # until the handshake: only then is it read
         self._recv_prev: Optional[RecordKey] = None
         self._recv_next: Optional[RecordKey] = None
         self._next_pn = 1
@@ -106,7 +106,7 @@ class Connection(ReceivePath, SendPath):
         self._draining_until: Optional[float] = None
         self._last_activity = now
         self._handshake_deadline = now + config.handshake_timeout
-        self._hello_next: Optional[float] = None
+        self._hello_next = None
         self._hello_interval = config.hello_retransmit
         self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
         self._rx_chunks: List[bytes] = []
@@ -262,7 +262,7 @@ class Connection(ReceivePath, SendPath):
     def recv_epoch(self) -> int:
         return self._keys.recv.epoch if self._keys else 0
 
-    def next_event(self):
+    def next_event(self) -> Optional[object]:
         return self.events.popleft() if self.events else None
 
     def _require_encrypted(self, what: str) -> None:
@@ -325,6 +325,7 @@ class Connection(ReceivePath, SendPath):
     def _client_handshake_record(self, record: bytes, now: float) -> None:
         if self.state == State.KEY_EXCHANGE:
             hs = self._client_hs
+            assert hs is not None                 # a client in KEY_EXCHANGE has its handshake
             est = hs.on_record(record)
             if est is None:                   # a hint, not a verdict: keep sending the hello
                 self.stats.handshake_hints_ignored += 1
@@ -354,9 +355,11 @@ class Connection(ReceivePath, SendPath):
 
     def _resend_hello(self, now: float) -> None:
         """A COOKIE changed the hello: send it at once, at most every 100 ms."""
-        self._client_hs.new_cookie = False
+        hs = self._client_hs
+        assert hs is not None
+        hs.new_cookie = False
         self._cookie_resend_at = now + 0.1
-        self._out.append(self._client_hs.hello_record)
+        self._out.append(hs.hello_record)
 
     def _server_confirms(self, plaintext: bytes) -> bool:
         """Server in KEY_EXCHANGE, the client's first authenticated record: check its
@@ -365,6 +368,7 @@ class Connection(ReceivePath, SendPath):
         allowed = self.config.allowed_clients
         if len(plaintext) >= wire.CLIENT_AUTH_FRAME_LEN and plaintext[0] == wire.FRAME_CLIENT_AUTH:
             frame = wire.decode_frames(plaintext[:wire.CLIENT_AUTH_FRAME_LEN])[0]
+            assert isinstance(frame, wire.ClientAuthFrame) and self._server_hs is not None
             self._server_hs.verify_client_auth(frame)
             if allowed is not None and frame.static_key not in allowed:
                 raise AccessDenied(f"client key {fingerprint(frame.static_key)} is not allowed")
@@ -434,9 +438,10 @@ class Connection(ReceivePath, SendPath):
         if self._draining_until is not None and now >= self._draining_until:
             self._finish(Event.FINISHED, ConnectionClosed(CloseCode.NO_ERROR))
             return
-        if self._hello_next is not None and now >= self._hello_next:
-            self._client_hs.new_cookie = False
-            self._out.append(self._client_hs.hello_record)
+        hs = self._client_hs                  # set while the client's hello is unanswered
+        if self._hello_next is not None and now >= self._hello_next and hs is not None:
+            hs.new_cookie = False
+            self._out.append(hs.hello_record)
             self._hello_interval *= 2
             self._hello_next = now + self._hello_interval
         if self.state != State.ENCRYPTED:
@@ -445,8 +450,8 @@ class Connection(ReceivePath, SendPath):
                 and not self._recovery.ack_eliciting_in_flight:
             self._ping_due = True
         if self._credit_withheld and now >= (self._credit_retry_at or 0.0):
-            budget = self.budget
-            if budget.exhausted and budget.shed_hook is not None:
+            budget = self.budget              # credit is withheld only under a budget
+            if budget is not None and budget.exhausted and budget.shed_hook is not None:
                 budget.shed_hook(now)
             self._credit_retry_at = None if self._grant_credit() else now + _CREDIT_RETRY
         timer = self._recovery.timer() if self._draining_until is None else None

@@ -17,7 +17,7 @@ import hmac
 import os
 import socket
 import struct
-from typing import Hashable, Optional, Tuple
+from typing import Hashable, Optional, Tuple, cast
 
 from .siphash import siphash128
 
@@ -31,7 +31,7 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"
 def address_bytes(addr: Hashable) -> Tuple[bytes, int]:
     """(16-byte address, port) of a datagram source as the socket module gives it: (host,
     port) or (host, port, flowinfo, scope_id), IPv4 hosts mapped to ::ffff:a.b.c.d."""
-    host, port = addr[0], addr[1]
+    host, port = cast(Tuple[str, int], addr)[:2]
     host = host.split("%", 1)[0]
     try:
         return _V4_MAPPED + socket.inet_pton(socket.AF_INET, host), port

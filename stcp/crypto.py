@@ -14,6 +14,8 @@ import hashlib
 import hmac
 import os
 import struct
+from types import ModuleType
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Type, Union
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -24,9 +26,12 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from . import wire
 from .errors import AuthenticationFailure, HandshakeFailure, KeyUpdateError
 
+if TYPE_CHECKING:
+    from ._aead import RecordCipher
+
 # C record protection (stcp/_ext/aead.c, OpenSSL EVP); STCP_PURE_PYTHON=1 keeps the
 # pure-Python path below, which stays the reference and the fallback.
-_aead = None
+_aead: Optional[ModuleType] = None
 if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
     try:
         from . import _aead
@@ -42,17 +47,18 @@ CONFIDENTIALITY_LIMIT = {
     wire.SUITE_AES_256_GCM: 1 << 23,
     wire.SUITE_CHACHA20_POLY1305: 1 << 62,
 }
-_AEADS = {wire.SUITE_AES_256_GCM: AESGCM, wire.SUITE_CHACHA20_POLY1305: ChaCha20Poly1305}
+_Aead = Union[AESGCM, ChaCha20Poly1305]
+_AEADS: Dict[int, Type[_Aead]] = {wire.SUITE_AES_256_GCM: AESGCM, wire.SUITE_CHACHA20_POLY1305: ChaCha20Poly1305}
 _SEQ = struct.Struct("!Q")
 _SHA256 = SHA256()
 
 
-def generate_keypair():
+def generate_keypair() -> Tuple[X25519PrivateKey, bytes]:
     private = X25519PrivateKey.generate()
     return private, private.public_key().public_bytes_raw()
 
 
-def shared_secret(private: X25519PrivateKey, peer_public) -> bytes:
+def shared_secret(private: X25519PrivateKey, peer_public: Union[bytes, X25519PublicKey]) -> bytes:
     """X25519 with the all-zero result (a small-order peer key) rejected. `peer_public` is the
     32 raw bytes, or an X25519PublicKey made from them once for several DHs with one key."""
     try:
@@ -73,7 +79,7 @@ def transcript_hash(client_hello_record: bytes, server_hello_record: bytes) -> b
                           + wire.server_hello_transcript_part(server_hello_record)).digest()
 
 
-def _expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+def hkdf_expand(secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
     """HKDF-Expand (RFC 5869) with info = "stcp " || label || context: cryptography's.
 
     tests/test_crypto.py and tests/test_vectors.py check it against RFC 5869 written out
@@ -86,11 +92,11 @@ class HandshakeSecrets:
     """Secrets derived once from the two DH results (ee, es) and the transcript hash."""
 
     def __init__(self, ee: bytes, es: bytes, transcript: bytes):
-        prk = _extract(ee + es)
+        prk = hkdf_extract(ee + es)
         self.transcript = transcript
-        self.client_secret = _expand(prk, b"c2s", transcript, 32)
-        self.server_secret = _expand(prk, b"s2c", transcript, 32)
-        confirm_key = _expand(prk, b"confirm", transcript, 32)
+        self.client_secret = hkdf_expand(prk, b"c2s", transcript, 32)
+        self.server_secret = hkdf_expand(prk, b"s2c", transcript, 32)
+        confirm_key = hkdf_expand(prk, b"confirm", transcript, 32)
         self.confirm_tag = hmac.new(confirm_key, transcript, hashlib.sha256).digest()
 
     def check_confirmation(self, tag: bytes) -> None:
@@ -102,27 +108,27 @@ def client_auth_proof(client_secret: bytes, se: bytes, transcript: bytes, client
     """The CLIENT_AUTH proof: HMAC(auth_key, TH || C), auth_key = HKDF-Expand(HKDF-Extract(
     salt = client_secret, IKM = se), "stcp cauth" || TH, 32). Only the holder of c (or of f)
     computes se, and TH ties the proof to this handshake."""
-    auth_key = _expand(hmac.digest(client_secret, se, "sha256"), b"cauth", transcript, 32)
+    auth_key = hkdf_expand(hmac.digest(client_secret, se, "sha256"), b"cauth", transcript, 32)
     return hmac.digest(auth_key, transcript + client_static, "sha256")
 
 
 def reset_key(static_private: bytes) -> bytes:
     """The stateless-reset key, HKDF-Expand(static private key, "stcp reset"): every worker
     and every restart of a server with one identity key derive the same tokens."""
-    return _expand(static_private, b"reset", b"", 32)
+    return hkdf_expand(static_private, b"reset", b"", 32)
 
 
 def reset_token(key: bytes, server_cid: int) -> bytes:
     return hmac.digest(key, _SEQ.pack(server_cid), "sha256")[:wire.RESET_TOKEN_LEN]
 
 
-def _extract(ikm: bytes) -> bytes:
+def hkdf_extract(ikm: bytes) -> bytes:
     """HKDF-Extract (RFC 5869): HMAC-SHA256 keyed with the salt."""
     return hmac.digest(HKDF_SALT, ikm, "sha256")
 
 
 def next_secret(secret: bytes) -> bytes:
-    return _expand(secret, b"ku", b"", 32)
+    return hkdf_expand(secret, b"ku", b"", 32)
 
 
 class RecordKey:
@@ -136,20 +142,20 @@ class RecordKey:
         self.suite = suite
         self.epoch = epoch
         self.secret = secret
-        self.key = _expand(secret, b"key", b"", KEY_LEN)
-        self.iv = _expand(secret, b"iv", b"", IV_LEN)
+        self.key = hkdf_expand(secret, b"key", b"", KEY_LEN)
+        self.iv = hkdf_expand(secret, b"iv", b"", IV_LEN)
         self.iv_int = int.from_bytes(self.iv, "big")
         # stcp._aead.RecordCipher (seal/open and the batch calls) or None; the pure-Python
         # AEAD object is made only when it is used
-        self.fast = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
-        self.aead = None if self.fast is not None else _AEADS[suite](self.key)
+        self.fast: Optional[RecordCipher] = _aead.RecordCipher(suite, self.key, self.iv) if _aead is not None else None
+        self.aead: Optional[_Aead] = None if self.fast is not None else _AEADS[suite](self.key)
 
     def next(self) -> "RecordKey":
         if self.epoch >= wire.MAX_EPOCH:      # the epoch is 16 bits of the seq: no key after the last
             raise KeyUpdateError("key epochs exhausted")
         return RecordKey(self.suite, next_secret(self.secret), self.epoch + 1)
 
-    def _pure_aead(self):
+    def _pure_aead(self) -> _Aead:
         if self.aead is None:
             self.aead = _AEADS[self.suite](self.key)
         return self.aead
@@ -164,7 +170,8 @@ class RecordKey:
         header = wire.pack_header(len(plaintext) + wire.AEAD_TAG_LEN, cid, seq)
         return header + self._pure_aead().encrypt(self.nonce(seq), plaintext, header)
 
-    def seal_stream(self, cid: int, first_seq: int, data, stream_offset: int, chunk: int, fin: bool) -> bytes:
+    def seal_stream(self, cid: int, first_seq: int, data: Union[bytes, bytearray, memoryview], stream_offset: int,
+                    chunk: int, fin: bool) -> bytes:
         """`data` cut into records of one STREAM frame of `chunk` bytes each (the last may be
         shorter and carries FIN if `fin`), sealed back to back with seqs first_seq, first_seq + 1, ...
 
@@ -183,7 +190,7 @@ class RecordKey:
             out.append(self.seal(cid, first_seq + i, frame))
         return b"".join(out)
 
-    def open_records(self, datagrams, cid: int, epoch: int, largest_pn: int, limit: int,
+    def open_records(self, datagrams: List[wire.DatagramEntry], cid: int, epoch: int, largest_pn: int, limit: int,
                      max_len: int = wire.MAX_UDP_PAYLOAD) -> list:
         """One connection's datagrams of a receive batch, in order (an entry may be a (buffer,
         segment_size) pair: wire.expand_datagrams). A record is new when its
@@ -197,10 +204,9 @@ class RecordKey:
         record_len) for any other new authentic record, the datagram itself for the rest."""
         if self.fast is not None:
             return self.fast.open_records(datagrams, cid, epoch, largest_pn, limit, max_len)
-        datagrams = wire.expand_datagrams(datagrams)
         high = max(largest_pn, 0)
         opened = []                  # (datagram, pn, plaintext or None)
-        for d in datagrams:
+        for d in wire.expand_datagrams(datagrams):
             pn, pt = 0, None
             if len(d) >= wire.HEADER_LEN:
                 length, rcid, seq = wire.HEADER_STRUCT.unpack_from(d)
@@ -224,7 +230,7 @@ class RecordKey:
                 ftype, flags, off, length = wire.STREAM_HEADER_STRUCT.unpack_from(pt)
                 simple = ftype == wire.FRAME_STREAM and not flags and length == len(pt) - overhead \
                     and off + length <= limit and off + length < 1 << 62
-            if simple and stretch is not None and stretch[5] == off and stretch[6] + 1 == pn:
+            if simple and pt is not None and stretch is not None and stretch[5] == off and stretch[6] + 1 == pn:
                 stretch[1] += 1
                 stretch[2].append(pt[overhead:])
                 stretch[4] += len(d)
@@ -233,7 +239,7 @@ class RecordKey:
             if stretch is not None:
                 out.append((stretch[0], stretch[1], b"".join(stretch[2]), stretch[3], stretch[4]))
                 stretch = None
-            if simple:
+            if simple and pt is not None:
                 stretch = [off, 1, [pt[overhead:]], pn, len(d), off + length, pn]
             elif pt is not None:
                 out.append((pt, pn, len(d)))

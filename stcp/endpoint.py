@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import struct
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple, cast
 
 from . import wire
 from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
@@ -28,14 +28,14 @@ from .cookie import CookieSecrets
 from .crypto import reset_token
 from .errors import CloseCode, MalformedRecord
 from .handshake import Rejected, cookie_record, reject_record
-from .identity import generate_private_key
+from .identity import StaticKey, generate_private_key
 from .ratelimit import TokenBucket
 from .state import State
 
 _CID_SEQ = struct.Struct("!8xQQ")
 
 
-def _data_record_cid(data) -> int:
+def _data_record_cid(data: bytes) -> int:
     """The cid of a datagram that is a data record by its header, else 0."""
     if len(data) >= wire.HEADER_LEN:
         cid, seq = _CID_SEQ.unpack_from(data)
@@ -44,11 +44,11 @@ def _data_record_cid(data) -> int:
     return 0
 
 
-def _group_by_cid(batch) -> list:
+def group_by_cid_ref(batch: Sequence[tuple]) -> list:
     """stcp._demux.group_by_cid in Python: its reference, and the fallback without the C extension."""
     groups: list = []
 
-    def add(unit, addr, cid: int) -> None:
+    def add(unit: wire.DatagramEntry, addr: Hashable, cid: int) -> None:
         if cid and groups and groups[-1][0] == cid and groups[-1][1] == addr:
             groups[-1][2].append(unit)
         else:
@@ -73,7 +73,7 @@ def _group_by_cid(batch) -> list:
 try:
     from ._demux import group_by_cid
 except ImportError:
-    group_by_cid = _group_by_cid
+    group_by_cid = group_by_cid_ref
 
 
 @dataclass
@@ -107,7 +107,10 @@ class ServerEndpoint:
             config = copy.copy(config)
             config.static_key = generate_private_key()
             config.__post_init__()
+        assert config.identity is not None and config.reset_key is not None   # derived from static_key
         self.config = config
+        self.identity: StaticKey = config.identity
+        self._reset_key: bytes = config.reset_key
         self.max_connections = max_connections
         self.budget = MemoryBudget(config.memory_budget or default_memory_budget())
         self.budget.shed_hook = self.shed
@@ -129,7 +132,7 @@ class ServerEndpoint:
     @property
     def public_key(self) -> bytes:
         """The server's static public key: what clients pin."""
-        return self.config.identity.public
+        return self.identity.public
 
     def receive(self, data: bytes, addr: Hashable, now: float) -> Tuple[Optional[Connection], bool]:
         """Route one datagram; return (connection or None, whether it is a new connection)."""
@@ -152,11 +155,11 @@ class ServerEndpoint:
             self.shed(now)
         return conn, False
 
-    def receive_batch(self, batch, now: float) -> Tuple[List[Connection], List[Connection]]:
+    def receive_batch(self, batch: Sequence[tuple], now: float) -> Tuple[List[Connection], List[Connection]]:
         """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
         each connection getting its own from each source address in one receive_datagrams call,
         in arrival order; return (connections that got any, new ones)."""
-        pending: Dict[Tuple[Connection, Hashable], List[bytes]] = {}
+        pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]] = {}
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
         connections = self.connections
@@ -179,7 +182,7 @@ class ServerEndpoint:
             # after what came before it
             self._deliver(pending, now)
             pending = {}
-            conn, is_new = self.receive(datagrams[0], addr, now)
+            conn, is_new = self.receive(cast(bytes, datagrams[0]), addr, now)    # one datagram
             if conn is not None:
                 touched[conn] = None
                 if is_new:
@@ -189,7 +192,7 @@ class ServerEndpoint:
             touched.update(dict.fromkeys(self.shed(now)))
         return list(touched), new
 
-    def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[bytes]], now: float) -> None:
+    def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]], now: float) -> None:
         peer_addr = self.peer_addr
         for (conn, addr), records in pending.items():
             from_peer = addr == peer_addr.get(conn.local_cid)
@@ -312,7 +315,7 @@ class ServerEndpoint:
             self.stats.resets_rate_limited += 1
             return
         self.stats.resets_sent += 1
-        self._reply(wire.encode_reset(reset_token(self.config.reset_key, cid)), addr)
+        self._reply(wire.encode_reset(reset_token(self._reset_key, cid)), addr)
 
     def remove(self, conn: Connection) -> None:
         if self.connections.pop(conn.local_cid, None) is conn and conn.close_info is not None \
@@ -320,4 +323,6 @@ class ServerEndpoint:
             self.stats.clients_not_allowed += 1
         self._half_open.pop(conn, None)
         self.peer_addr.pop(conn.local_cid, None)
-        self._by_hello.pop(self._hello_key.pop(conn.local_cid, None), None)
+        key = self._hello_key.pop(conn.local_cid, None)
+        if key is not None:
+            self._by_hello.pop(key, None)

@@ -20,11 +20,10 @@ import hmac
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Union
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from . import wire
-from .crypto import (HandshakeSecrets, RecordKey, client_auth_proof, generate_keypair, shared_secret,
-                     transcript_hash)
+from .crypto import HandshakeSecrets, RecordKey, client_auth_proof, generate_keypair, shared_secret, transcript_hash
 from .errors import HandshakeFailure, MalformedRecord
 from .identity import StaticKey, fingerprint
 
@@ -83,7 +82,8 @@ class ClientHandshake:
         self.client_cid = client_cid
         self._policy = server_key
         self._static = static
-        self._private, public = generate_keypair()
+        private, public = generate_keypair()
+        self._private: Optional[X25519PrivateKey] = private
         self._base = _record(0, wire.encode_hello(
             wire.Hello(wire.HS_CLIENT_HELLO, wire.PROTOCOL_VERSION, suite, client_cid, public)))
         self.hello_record = self._base       # the hello as sent: with the latest cookie, if any
@@ -135,6 +135,8 @@ class ClientHandshake:
     def _verify(self, record: bytes, hello: wire.Hello) -> Established:
         if hello.version != wire.PROTOCOL_VERSION or hello.suite != self.suite:
             raise HandshakeFailure("it changed the version or cipher suite")
+        if self._private is None:
+            raise HandshakeFailure("the handshake is over: its ephemeral key is gone")
         ee = shared_secret(self._private, hello.public_key)
         es = shared_secret(self._private, hello.static_key)
         secrets = HandshakeSecrets(ee, es, transcript_hash(self._base, record))
@@ -186,12 +188,14 @@ class ServerHandshake:
         secrets = HandshakeSecrets(ee, es, transcript_hash(client_record, unsigned))
         self.record = unsigned[:-wire.CONFIRM_TAG_LEN] + secrets.confirm_tag
         self.keys = Keys(RecordKey(hello.suite, secrets.server_secret), RecordKey(hello.suite, secrets.client_secret))
-        self._private = private
+        self._private: Optional[X25519PrivateKey] = private
         self._transcript = secrets.transcript
         self._client_secret = secrets.client_secret
 
     def verify_client_auth(self, frame: wire.ClientAuthFrame) -> None:
         """Raise HandshakeFailure unless the proof shows possession of the presented key."""
+        if self._private is None:
+            raise HandshakeFailure("the handshake is over: its ephemeral key is gone")
         se = shared_secret(self._private, frame.static_key)
         expected = client_auth_proof(self._client_secret, se, self._transcript, frame.static_key)
         if not hmac.compare_digest(expected, frame.proof):

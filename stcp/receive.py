@@ -10,12 +10,20 @@ through _FRAME_HANDLERS.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import wire
-from .errors import (AuthenticationFailure, CloseCode, FlowControlError, KeyUpdateError, MalformedRecord,
-                     ProtocolViolation, STCPError)
+from .errors import (
+    AuthenticationFailure,
+    CloseCode,
+    FlowControlError,
+    KeyUpdateError,
+    MalformedRecord,
+    ProtocolViolation,
+    STCPError,
+)
 from .events import ConnectionClosed, DataReceived, KeyUpdated, StreamFinished
+from .fields import ConnectionFields
 from .recovery import MAX_ACK_DELAY
 from .state import Event, State
 
@@ -53,7 +61,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-class ReceivePath:
+class ReceivePath(ConnectionFields):
     # --- receive -----------------------------------------------------------
     # `from_peer` says whether a datagram came from the peer's current address. Only the
     # peer's own traffic may end the connection: from anywhere else, input that does not
@@ -89,7 +97,7 @@ class ReceivePath:
         recv = self._recv
         for item in key.open_records(datagrams, self.local_cid, epoch, received.largest, recv.max_data,
                                      self.config.max_datagram):
-            if self.state == State.CLOSED:
+            if self.state == State.CLOSED:  # type: ignore[comparison-overlap]  # a CLOSE frame ends it here
                 break
             if type(item) is not tuple:
                 newest |= self._receive_one(item, now, from_peer)
@@ -343,7 +351,7 @@ class ReceivePath:
 
 
 # frame type -> the ReceivePath method acting on it (PROTOCOL.md §7)
-_FRAME_HANDLERS = {
+_FRAME_HANDLERS: Dict[type, Callable[[ReceivePath, Any, int, float], Optional[bool]]] = {
     wire.StreamFrame: ReceivePath._frame_stream,
     wire.AckFrame: ReceivePath._frame_ack,
     wire.MaxDataFrame: ReceivePath._frame_max_data,

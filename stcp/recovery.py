@@ -72,7 +72,7 @@ def _groups(pns: List[int], packets: List[SentPacket]) -> List[Group]:
     out: List[Group] = []
     prev = None
     first = last = 0
-    for pn, p in zip(pns, packets):
+    for pn, p in zip(pns, packets, strict=True):
         if p is prev and pn == last + 1:
             last = pn
             continue

@@ -75,7 +75,7 @@ class ReceivedPackets:
     def ack_ranges(self, limit: int, horizon: Optional[int] = None) -> Tuple[Tuple[int, int], ...]:
         """The newest `limit` ranges, highest first, as an AckFrame wants them, leaving out
         ranges that lie wholly more than `horizon` packet numbers below the largest."""
-        ranges = self.ranges[-limit:]
+        ranges = self.ranges[-limit:] if limit > 0 else []
         if not ranges:
             return ()
         floor = ranges[-1][1] - horizon if horizon is not None else -1

@@ -14,9 +14,19 @@ from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, reset_token
 from .errors import CloseCode, KeyUpdateError, ProtocolViolation, STCPError
 from .events import KeyUpdated
-from .recovery import (CLIENT_AUTH as _CLIENT_AUTH, CLOSE as _CLOSE, KEY_UPDATE as _KEY_UPDATE,
-                       MAX_DATA as _MAX_DATA, PING as _PING, RESET_TOKEN as _RESET_TOKEN, STREAM as _STREAM,
-                       Group, SentPacket, SentRun)
+from .fields import ConnectionFields
+from .recovery import (
+    CLIENT_AUTH as _CLIENT_AUTH,
+    CLOSE as _CLOSE,
+    KEY_UPDATE as _KEY_UPDATE,
+    MAX_DATA as _MAX_DATA,
+    PING as _PING,
+    RESET_TOKEN as _RESET_TOKEN,
+    STREAM as _STREAM,
+    Group,
+    SentPacket,
+    SentRun,
+)
 from .state import State
 
 # RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2
@@ -44,7 +54,7 @@ def skip_gap() -> int:
     return 1 + secrets.randbelow(SKIP_SPAN - 1)
 
 
-class SendPath:
+class SendPath(ConnectionFields):
     def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
         ranges = frame.ranges
         if ranges[0][1] >= self._next_pn:
@@ -115,9 +125,9 @@ class SendPath:
                 self._fail(exc, now)
                 out.extend(self._out)
                 self._out = []
-        return [item if type(item) is tuple else (item, len(item)) for item in out]
+        return [item if isinstance(item, tuple) else (item, len(item)) for item in out]
 
-    def _build_packets(self, now: float, out: List[bytes]) -> None:
+    def _build_packets(self, now: float, out: List[wire.DatagramEntry]) -> None:
         """Fill `out` with records: acks and control frames always, stream data as cwnd allows."""
         max_payload = self.config.max_datagram - wire.HEADER_LEN - wire.AEAD_TAG_LEN
         overhead = wire.STREAM_FRAME_OVERHEAD
@@ -208,8 +218,10 @@ class SendPath:
             descs.append((_MAX_DATA,))
         if self._reset_token_due:
             self._reset_token_due = False
-            frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(self.config.reset_key, self.local_cid))))
-            descs.append((_RESET_TOKEN,))
+            key = self.config.reset_key
+            if key is not None:            # a server's: derived from its identity key
+                frames.append(wire.encode_frame(wire.ResetTokenFrame(reset_token(key, self.local_cid))))
+                descs.append((_RESET_TOKEN,))
         if self._key_update_frame_due:
             self._key_update_frame_due = False
             frames.append(wire.encode_frame(wire.KeyUpdateFrame(self._keys.send.epoch)))

@@ -303,7 +303,7 @@ class WorkerPool:
                 from .metrics import serve_pool_metrics
                 # the workers' metrics sockets: a directory only we can enter (0700), removed at the end
                 self.metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-",
-                                                    dir="/run" if os.path.isdir("/run") else None)
+                                                    dir="/run" if os.path.isdir("/run") else None)  # noqa: ASYNC240 - once, at start
                 self.supervisor.metrics_dir = self.metrics_dir
                 self.metrics = serve_pool_metrics(self.supervisor.worker_slots, self.metrics_address, "afxdp",
                                                   self.cipher, iface=self.iface)

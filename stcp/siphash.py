@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import struct
+from types import ModuleType
+from typing import Optional, Tuple
 
 _M64 = (1 << 64) - 1
 _WORD = struct.Struct("<Q")
@@ -22,7 +24,7 @@ def _rotl(x: int, b: int) -> int:
     return ((x << b) | (x >> (64 - b))) & _M64
 
 
-def _rounds(v0: int, v1: int, v2: int, v3: int, n: int):
+def _rounds(v0: int, v1: int, v2: int, v3: int, n: int) -> Tuple[int, int, int, int]:
     for _ in range(n):
         v0 = (v0 + v1) & _M64
         v1 = _rotl(v1, 13) ^ v0
@@ -67,7 +69,7 @@ def siphash128_ref(key: bytes, data: bytes) -> bytes:
 
 
 # stcp._siphash (stcp/_ext/siphash.c); STCP_PURE_PYTHON=1 keeps the reference, as in stcp.crypto.
-_c = None
+_c: Optional[ModuleType] = None
 if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
     try:
         from . import _siphash as _c

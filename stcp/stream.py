@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import deque
-from typing import Deque, Iterable, List, Optional, Sequence, Tuple
+from typing import Deque, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import FlowControlError, ProtocolViolation
 from .wire import INITIAL_MAX_DATA
+
 
 class SendStream:
     """The application's writes are kept as the bytes objects they were written as (no copy);
@@ -87,7 +88,7 @@ class SendStream:
             return self.end, b"", True
         return None
 
-    def view(self, start: int, stop: int):
+    def view(self, start: int, stop: int) -> Union[memoryview, bytes]:
         """Bytes [start, stop) of the stream (not yet acknowledged): a memoryview when they lie
         in one written chunk, else a joined copy."""
         i = bisect_right(self._starts, start) - 1
@@ -158,17 +159,17 @@ class SendStream:
 # delivered point, each a deque of pieces. A fragment is one hole's worth of state, however many
 # records filled it; the cap bounds them (PROTOCOL.md §8.5).
 MAX_FRAGMENTS = 1024
-# Two adjacent pieces are joined into one bytes object when one is shorter than _JOIN_BELOW and
-# the other shorter than _JOIN_UPTO, so a fragment never holds runs of tiny objects: at least
-# one of two neighbours is _JOIN_BELOW bytes or more, and Python's per-object overhead stays a
-# small fraction of the bytes held. A join copies fewer than _JOIN_BELOW + _JOIN_UPTO bytes.
-_JOIN_BELOW = 1024
-_JOIN_UPTO = 4096
+# Two adjacent pieces are joined into one bytes object when one is shorter than JOIN_BELOW and
+# the other shorter than JOIN_UPTO, so a fragment never holds runs of tiny objects: at least
+# one of two neighbours is JOIN_BELOW bytes or more, and Python's per-object overhead stays a
+# small fraction of the bytes held. A join copies fewer than JOIN_BELOW + JOIN_UPTO bytes.
+JOIN_BELOW = 1024
+JOIN_UPTO = 4096
 
 
 def _joinable(a: bytes, b: bytes) -> bool:
     la, lb = len(a), len(b)
-    return (la < _JOIN_BELOW and lb < _JOIN_UPTO) or (lb < _JOIN_BELOW and la < _JOIN_UPTO)
+    return (la < JOIN_BELOW and lb < JOIN_UPTO) or (lb < JOIN_BELOW and la < JOIN_UPTO)
 
 
 def _append(pieces: Deque[bytes], more: Iterable[bytes]) -> None:

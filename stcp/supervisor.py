@@ -154,7 +154,7 @@ class Supervisor:
         ready = asyncio.ensure_future(asyncio.gather(*self._readiness.values()))
         stop = asyncio.ensure_future(self._stop.wait())
         try:
-            await asyncio.wait({ready, stop}, timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((ready, stop), timeout=ready_timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
         if self._stop.is_set():
@@ -163,7 +163,7 @@ class Supervisor:
         if not ready.done():
             ready.cancel()
             raise SupervisorError("the workers did not start (see their lines above)")
-        gone = [w for w, ok in zip(self._readiness, ready.result()) if not ok]
+        gone = [w for w, ok in zip(self._readiness, ready.result(), strict=True) if not ok]
         if gone:
             raise SupervisorError(f"worker(s) {', '.join(map(str, gone))} exited before serving "
                                   "(see their lines above)")

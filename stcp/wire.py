@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import List, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
@@ -53,6 +53,15 @@ HS_RESET = 0x05
 SUITE_AES_256_GCM = 0x01
 SUITE_CHACHA20_POLY1305 = 0x02
 SUITES = {"aes-256-gcm": SUITE_AES_256_GCM, "chacha20-poly1305": SUITE_CHACHA20_POLY1305}
+
+
+def suite_number(suite: Union[int, str]) -> int:
+    """A cipher suite by its name in SUITES or by its number, as its number; ValueError naming
+    the choices for anything else."""
+    number = SUITES.get(suite) if isinstance(suite, str) else suite
+    if number is None or number not in SUITES.values() or isinstance(number, bool):
+        raise ValueError(f"unknown cipher suite {suite!r}; choose one of {', '.join(SUITES)}")
+    return number
 
 # reject codes, carried in the flags byte of a REJECT
 REJECT_VERSION = 0x01
@@ -105,14 +114,18 @@ RESET_TOKEN_FRAME_LEN = 1 + RESET_TOKEN_LEN
 
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
 
+# An entry of a datagram batch: one datagram, or (buffer, segment_size) for datagrams of that
+# size back to back (UDP GRO on receive, a GSO run on send; the last may be shorter).
+DatagramEntry = Union[bytes, Tuple[bytes, int]]
 
-def expand_datagrams(entries) -> List[bytes]:
+
+def expand_datagrams(entries: Iterable[DatagramEntry]) -> List[bytes]:
     """A batch's entries as datagrams: an entry is a datagram, or a (buffer, segment_size)
     pair standing for datagrams of that size back to back (UDP GRO on receive, a GSO run on
     send; the last may be shorter)."""
     out: List[bytes] = []
     for e in entries:
-        if type(e) is tuple:
+        if isinstance(e, tuple):
             buf, size = e
             out.extend(buf[i:i + size] for i in range(0, len(buf), size))
         else:
@@ -120,7 +133,7 @@ def expand_datagrams(entries) -> List[bytes]:
     return out
 
 
-def count_datagrams(entries) -> int:
+def count_datagrams(entries: Iterable[DatagramEntry]) -> int:
     return sum(-(-len(e[0]) // e[1]) if type(e) is tuple else 1 for e in entries)
 
 
@@ -222,7 +235,7 @@ def encode_reset(token: bytes) -> bytes:
         + bytes(RESET_PAYLOAD_LEN - 2 - RESET_TOKEN_LEN) + token
 
 
-def reset_token_of(record: bytes):
+def reset_token_of(record: bytes) -> Optional[bytes]:
     """The token of a datagram laid out as a RESET record, else None."""
     if len(record) != RESET_RECORD_LEN or record[HEADER_LEN] != HS_RESET \
             or record[HEADER_LEN + 1] != PROTOCOL_VERSION:
@@ -232,7 +245,7 @@ def reset_token_of(record: bytes):
     return bytes(record[RESET_RECORD_LEN - RESET_TOKEN_LEN:])
 
 
-def v1_client_hello_cid(datagram: bytes):
+def v1_client_hello_cid(datagram: bytes) -> Optional[int]:
     """The client CID of a datagram that is a version-1 CLIENT_HELLO by its layout (104 bytes,
     cid 0, seq 0, type 1, version 1), else None."""
     if len(datagram) != V1_HANDSHAKE_RECORD_LEN or _HEADER.unpack_from(datagram) != (V1_HANDSHAKE_PAYLOAD_LEN, 0, 0):
@@ -311,7 +324,7 @@ def encode_stream(offset: int, data: bytes, fin: bool = False) -> bytes:
     return _STREAM_HDR.pack(FRAME_STREAM, STREAM_FLAG_FIN if fin else 0, offset, len(data)) + data
 
 
-def encode_ack(ranges, delay_us: int = 0) -> bytes:
+def encode_ack(ranges: Iterable[Tuple[int, int]], delay_us: int = 0) -> bytes:
     """ranges: (low, high) inclusive, highest first, non-overlapping, not adjacent."""
     ranges = list(ranges)[:MAX_ACK_RANGES]
     low0, high0 = ranges[0]
@@ -350,7 +363,7 @@ def encode_frame(f: Frame) -> bytes:
     raise TypeError(f"not a frame: {f!r}")
 
 
-def _decode_stream(p, pos: int, end: int):
+def _decode_stream(p: bytes, pos: int, end: int) -> Tuple[StreamFrame, int]:
     _, flags, offset, length = _STREAM_HDR.unpack_from(p, pos)
     pos += _STREAM_HDR.size
     if flags & ~STREAM_FLAG_FIN:
@@ -360,7 +373,7 @@ def _decode_stream(p, pos: int, end: int):
     return StreamFrame(offset, bytes(p[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)), pos + length
 
 
-def _decode_ack(p, pos: int, end: int):
+def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
     _, largest, delay, count, first = _ACK_HDR.unpack_from(p, pos)
     pos += _ACK_HDR.size
     if count >= MAX_ACK_RANGES:
@@ -380,18 +393,18 @@ def _decode_ack(p, pos: int, end: int):
     return AckFrame(tuple(ranges), delay), pos
 
 
-def _decode_max_data(p, pos: int, end: int):
+def _decode_max_data(p: bytes, pos: int, end: int) -> Tuple[MaxDataFrame, int]:
     return MaxDataFrame(_MAX_DATA.unpack_from(p, pos)[1]), pos + _MAX_DATA.size
 
 
 _PING = PingFrame()
 
 
-def _decode_ping(p, pos: int, end: int):
+def _decode_ping(p: bytes, pos: int, end: int) -> Tuple[PingFrame, int]:
     return _PING, pos + 1
 
 
-def _decode_close(p, pos: int, end: int):
+def _decode_close(p: bytes, pos: int, end: int) -> Tuple[CloseFrame, int]:
     _, code, rlen = _CLOSE_HDR.unpack_from(p, pos)
     pos += _CLOSE_HDR.size
     if rlen > MAX_REASON_LEN or pos + rlen > end:
@@ -399,21 +412,21 @@ def _decode_close(p, pos: int, end: int):
     return CloseFrame(code, bytes(p[pos:pos + rlen]).decode("utf-8", "replace")), pos + rlen
 
 
-def _decode_key_update(p, pos: int, end: int):
+def _decode_key_update(p: bytes, pos: int, end: int) -> Tuple[KeyUpdateFrame, int]:
     return KeyUpdateFrame(_KEY_UPDATE.unpack_from(p, pos)[1]), pos + _KEY_UPDATE.size
 
 
 _NONZERO = re.compile(b"[^\x00]")
 
 
-def _decode_padding(p, pos: int, end: int):
+def _decode_padding(p: bytes, pos: int, end: int) -> Tuple[PaddingFrame, int]:
     """A run of zero bytes as one frame, found by the regex engine, not a byte loop in Python."""
     m = _NONZERO.search(p, pos)
     stop = m.start() if m is not None else end
     return PaddingFrame(stop - pos), stop
 
 
-def _decode_client_auth(p, pos: int, end: int):
+def _decode_client_auth(p: bytes, pos: int, end: int) -> Tuple[ClientAuthFrame, int]:
     if pos + CLIENT_AUTH_FRAME_LEN > end:
         raise ProtocolViolation("frame truncated")
     key_end = pos + 1 + PUBLIC_KEY_LEN
@@ -421,14 +434,14 @@ def _decode_client_auth(p, pos: int, end: int):
         pos + CLIENT_AUTH_FRAME_LEN
 
 
-def _decode_reset_token(p, pos: int, end: int):
+def _decode_reset_token(p: bytes, pos: int, end: int) -> Tuple[ResetTokenFrame, int]:
     if pos + RESET_TOKEN_FRAME_LEN > end:
         raise ProtocolViolation("frame truncated")
     return ResetTokenFrame(bytes(p[pos + 1:pos + RESET_TOKEN_FRAME_LEN])), pos + RESET_TOKEN_FRAME_LEN
 
 
 # frame type -> decoder(payload, position of the type byte, end) -> (frame, position after it)
-FRAME_DECODERS = {
+FRAME_DECODERS: Dict[int, Callable[[bytes, int, int], Tuple[Frame, int]]] = {
     FRAME_PADDING: _decode_padding,
     FRAME_PING: _decode_ping,
     FRAME_ACK: _decode_ack,

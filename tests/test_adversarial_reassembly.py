@@ -12,15 +12,14 @@ import sys
 from contextlib import contextmanager
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from stcp import wire
 from stcp.connection import Config
 from stcp.errors import CloseCode, ProtocolViolation
 from stcp.state import State
+from stcp.stream import JOIN_BELOW, MAX_FRAGMENTS, RecvStream
 from tests.support.sim import Peer
-from stcp.stream import _JOIN_BELOW, MAX_FRAGMENTS, RecvStream
 
 HDR = wire.STREAM_HEADER_STRUCT
 
@@ -84,7 +83,7 @@ def test_one_byte_frames_then_the_hole_filled_costs_linear_work():
         p.feed(p.stream(1 + i, b"y"))
     assert recv.fragments == 1
     pieces = len(recv._pieces[0])
-    assert pieces <= 2 * 20_000 // _JOIN_BELOW + 2, f"{pieces} pieces for 20,000 bytes"
+    assert pieces <= 2 * 20_000 // JOIN_BELOW + 2, f"{pieces} pieces for 20,000 bytes"
     fill = p.stream(0, b"z")
     with line_events(_core_files()) as lines:
         p.feed(fill)
@@ -168,11 +167,11 @@ def _check_structure(recv: RecvStream, delivered: int) -> None:
     assert recv.delivered_to == delivered
     starts, ends, pieces = recv._starts, recv._ends, recv._pieces
     held = 0
-    for i, (a, b, ps) in enumerate(zip(starts, ends, pieces)):
+    for i, (a, b, ps) in enumerate(zip(starts, ends, pieces, strict=True)):
         assert delivered < a < b and sum(map(len, ps)) == b - a
         if i:
             assert ends[i - 1] < a                       # a hole between fragments
-        for x, y in zip(ps, list(ps)[1:]):
+        for x, y in zip(ps, list(ps)[1:], strict=False):
             assert not ((len(x) < 1024 and len(y) < 4096) or (len(y) < 1024 and len(x) < 4096))
         held += b - a
     assert held == recv.held

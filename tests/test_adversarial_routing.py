@@ -25,8 +25,8 @@ from stcp.connection import Config, Connection
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode
 from stcp.state import State
-from tests.support.sim import CLIENT_ADDR, Pair
 from tests.support.servers import echo_transfer
+from tests.support.sim import CLIENT_ADDR, Pair
 
 ATTACKER = ("203.0.113.66", 40000)
 _HDR = struct.Struct("!QQQ")
@@ -104,7 +104,7 @@ def test_every_forgery_at_once_from_many_addresses():
 def test_from_the_peers_own_address_the_terminate_rule_stands(kind, code):
     """What does not authenticate from the peer's current address still ends the connection
     (an attacker must then spoof that address, and see the traffic, to do it)."""
-    p, data, _ = transfer_under_attack([kind], CLIENT_ADDR, size=1 << 20, copies=1)
+    p, _data, _ = transfer_under_attack([kind], CLIENT_ADDR, size=1 << 20, copies=1)
     assert p.server_conn.is_closed and p.server_conn.close_info.code == code
     p.run(lambda: "client" in p.closed)
     assert p.closed["client"].code == code and p.closed["client"].by_peer
@@ -234,7 +234,8 @@ def test_an_unrelated_socket_cannot_end_a_transfer_end_to_end():
 
         async def spray():
             nonlocal sent
-            while not server.endpoint.connections:          # the attacker sees the connection start
+            # the attacker sees the connection start: it polls, as an observer on the path would
+            while not server.endpoint.connections:  # noqa: ASYNC110
                 await asyncio.sleep(0.001)
             conn = next(iter(server.endpoint.connections.values()))
             seen.append(conn)

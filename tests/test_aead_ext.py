@@ -13,8 +13,7 @@ import threading
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from stcp import crypto, wire
 from stcp.errors import AuthenticationFailure
@@ -74,7 +73,7 @@ def test_pinned_vectors(suite):
     # and straight from the construction, not through RecordKey
     aead = (AESGCM if suite == wire.SUITE_AES_256_GCM else ChaCha20Poly1305)(key.key)
     header = (len(pt) + 16).to_bytes(8, "big") + CID.to_bytes(8, "big") + seq.to_bytes(8, "big")
-    nonce = bytes(a ^ b for a, b in zip(key.iv, bytes(4) + seq.to_bytes(8, "big")))
+    nonce = bytes(a ^ b for a, b in zip(key.iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
     assert (header + aead.encrypt(nonce, pt, header)).hex() == PINNED[suite]
 
 

@@ -26,8 +26,20 @@ import pytest
 from tests.support.netns import in_ns, ns_socket
 from tests.support.packets import csum
 from tests.support.poll import wait_until
-from tests.support.procs import (AFXDP_PORT, STCP, WORKER_RE, client_results, clients, echo_all, read_all,
-                                 serve_afxdp, serve_workers, stop, wait_for_stderr_line, xdp_status)
+from tests.support.procs import (
+    AFXDP_PORT,
+    STCP,
+    WORKER_RE,
+    client_results,
+    clients,
+    echo_all,
+    read_all,
+    serve_afxdp,
+    serve_workers,
+    stop,
+    wait_for_stderr_line,
+    xdp_status,
+)
 
 PORT = AFXDP_PORT
 SIZE = 4 << 20
@@ -122,7 +134,7 @@ def test_parse_fuzz_never_crashes():
         else:
             s[rng.randrange(12, min(60, len(s)))] = rng.randrange(256)
         try:
-            payload, addr = _xsk.parse_frame(bytes(s), v4mapped=bool(i & 8), ifindex=i & 3)
+            payload, _addr = _xsk.parse_frame(bytes(s), v4mapped=bool(i & 8), ifindex=i & 3)
             assert isinstance(payload, bytes) and len(payload) <= len(s)
             ok += 1
         except ValueError:
@@ -154,7 +166,7 @@ def test_reply_template_and_frame(frame):
     """A reply built from a received frame: MACs, addresses and ports swapped, lengths and
     checksums right for every payload size (odd ones too)."""
     t = _xsk.reply_template(frame)
-    payload_in, src = _xsk.parse_frame(frame)
+    _payload_in, src = _xsk.parse_frame(frame)
     for n in (0, 1, 2, 17, 1000, 1452):
         pl = os.urandom(n)
         r = _xsk.udp_frame(t, pl)
@@ -341,7 +353,8 @@ def _udp_frame(src_mac: str, dst_mac: str, src: str, dst: str, payload: bytes, f
         ip = bytearray(ipv4(src, dst, u))
         ip[10:12] = struct.pack("!H", csum(bytes(ip[:20])))
         return mac + b"\x08\x00" + bytes(ip)
-    ph = socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst) + struct.pack("!I3xB", len(u), 17)
+    ph = (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+          + struct.pack("!I3xB", len(u), 17))
     u = u[:6] + struct.pack("!H", csum(ph + u) or 0xFFFF) + u[8:]
     return mac + b"\x86\xdd" + ipv6(src, dst, u)
 
@@ -441,7 +454,7 @@ def test_killed_worker_is_replaced(veth):
         procs = clients(b, f"{a.ip4}:{PORT}", n_clients, "--idle-timeout", "8")
         outs, readers = read_all(procs)
         import threading
-        for p, d in zip(procs, datas):
+        for p, d in zip(procs, datas, strict=True):
             p.stdin.write(d[:half])
             p.stdin.flush()
         # every connection established (its CID in the kernel table) and mid-transfer
@@ -455,7 +468,8 @@ def test_killed_worker_is_replaced(veth):
             except (BrokenPipeError, ValueError):
                 pass
 
-        feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True) for p, d in zip(procs, datas)]
+        feeders = [threading.Thread(target=feed, args=(p, d[half:]), daemon=True)
+                   for p, d in zip(procs, datas, strict=True)]
         for t in feeders:                   # the rest at once: no connection sits idle
             t.start()
         lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=60)

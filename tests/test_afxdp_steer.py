@@ -32,8 +32,8 @@ from stcp import wire
 from tests.support.netns import in_ns, veth_pair
 from tests.support.packets import data_record, hello, udp_frame
 from tests.support.poll import wait_until
-from tests.support.testrun import XDP_DROP, XDP_REDIRECT, Opts
 from tests.support.procs import AFXDP_PORT, WORKER_RE, client_results, clients, read_all, serve_workers, stop
+from tests.support.testrun import XDP_DROP, XDP_REDIRECT, Opts
 
 try:
     from stcp import _xsk
@@ -205,7 +205,7 @@ def test_workers_own_the_connections_their_cids_name(veth):
     from stcp.datapath.xdp import XdpDatapath
     n_clients, size, crafted = 16, 256 << 10, 20
     a, b = veth(queues=2)
-    server, pids = serve_workers(a, 2)
+    server, _pids = serve_workers(a, 2)
     dp = None
     tx = {}
     try:
@@ -250,7 +250,7 @@ def test_workers_own_the_connections_their_cids_name(veth):
         wrong_before_transfers = dp.counters()["drop_wrong_worker"][0]
 
         datas = [os.urandom(size) for _ in range(n_clients)]
-        for p, d in zip(procs, datas):
+        for p, d in zip(procs, datas, strict=True):
             try:
                 p.stdin.write(d)
                 p.stdin.close()

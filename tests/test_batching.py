@@ -30,7 +30,7 @@ def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes
     now = 0.0
     client = Connection.client(client_config or Config(), now)
     endpoint = ServerEndpoint(Config())
-    touched, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
+    _touched, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
     server = new[0]
     for d in server.datagrams_to_send(now):
         client.receive_datagram(d, now)

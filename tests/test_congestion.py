@@ -69,11 +69,11 @@ def test_a_run_acknowledged_and_lost_in_parts():
     rec = _run_recovery()
     assert rec.ack_eliciting_in_flight == 11 and rec.cc.bytes_in_flight == 100 + 10 * MSS
     acked, lost = rec.on_ack([(1, 3)], 0.0, 0.01)
-    assert [(f, l) for f, l, _ in acked] == [(1, 1), (2, 3)] and lost == []
+    assert [(lo, hi) for lo, hi, _ in acked] == [(1, 1), (2, 3)] and lost == []
     assert acked[1][2].frames_between(2, 3) == [(STREAM, 10, 2010, False)]
     acked, lost = rec.on_ack([(7, 9), (1, 3)], 0.0, 0.02)
-    assert [(f, l) for f, l, _ in acked] == [(7, 9)]
-    assert [(f, l) for f, l, _ in lost] == [(4, 6)]                 # 3 or more below the largest acked
+    assert [(lo, hi) for lo, hi, _ in acked] == [(7, 9)]
+    assert [(lo, hi) for lo, hi, _ in lost] == [(4, 6)]                 # 3 or more below the largest acked
     assert lost[0][2].frames_between(4, 6) == [(STREAM, 2010, 5010, False)]
     assert rec.ack_eliciting_in_flight == 2 and rec.cc.bytes_in_flight == 2 * MSS
     acked, lost = rec.on_ack([(10, 11)], 0.0, 0.03)

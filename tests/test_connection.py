@@ -6,7 +6,7 @@ import os
 from stcp.connection import Config, ConnectionClosed
 from stcp.errors import CloseCode
 from stcp.state import State
-from tests.support.sim import Link, Pair
+from tests.support.sim import Pair
 
 
 def established_pair(**kw) -> Pair:

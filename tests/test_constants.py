@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from stcp import wire
-from stcp.datapath import verdicts
-from stcp.datapath import xdp_prog as xdp
+from stcp.datapath import verdicts, xdp_prog as xdp
 
 HEADER = Path(__file__).resolve().parent.parent / "bpf" / "stcp_wire.h"
 

@@ -32,13 +32,13 @@ def test_rfc5869_expand_reference_is_right():
 @pytest.mark.parametrize("length", [1, 12, 32, 33, 64, 100])
 def test_expand_is_rfc5869_hkdf_expand(length):
     secret = bytes(range(32))
-    ours = crypto._expand(secret, b"key", b"\x01\x02", length)
+    ours = crypto.hkdf_expand(secret, b"key", b"\x01\x02", length)
     assert ours == rfc5869_expand(secret, b"stcp key\x01\x02", length)
 
 
 def test_extract_then_expand_is_rfc5869_hkdf():
     shared = bytes(range(100, 132))
-    ours = crypto._expand(crypto._extract(shared), b"c2s", b"th", 32)
+    ours = crypto.hkdf_expand(crypto.hkdf_extract(shared), b"c2s", b"th", 32)
     theirs = HKDF(hashes.SHA256(), 32, crypto.HKDF_SALT, b"stcp c2sth").derive(shared)
     assert ours == theirs
 

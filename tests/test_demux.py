@@ -1,11 +1,10 @@
-"""stcp._demux.group_by_cid (C) against stcp.endpoint._group_by_cid (its pure-Python
+"""stcp._demux.group_by_cid (C) against stcp.endpoint.group_by_cid_ref (its pure-Python
 reference): the same groups for handmade batches, GRO buffers and fuzzed ones; bad
 arguments raise TypeError, never crash."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from stcp import endpoint
 
@@ -33,7 +32,7 @@ def test_group_by_cid_groups_consecutive_records_of_one_connection():
             (-1, b, [batch[4][0]]), (-1, b, [b"short"]), (6, b, [batch[6][0], batch[7][0]]),
             (-1, a, [batch[8][0]]), (-1, a, [batch[9][0]])]
     assert _demux.group_by_cid(batch) == want
-    assert endpoint._group_by_cid(batch) == want
+    assert endpoint.group_by_cid_ref(batch) == want
     assert _demux.group_by_cid([]) == []
 
 
@@ -48,7 +47,7 @@ def test_group_by_cid_keeps_a_one_connection_gro_buffer_whole():
     want = [(5, a, [(whole, 34), recs[0], mixed[:34]]),             # the same connection goes on
             (6, a, [mixed[34:68]]), (-1, a, [mixed[68:]]),
             (5, a, [recs[1] + recs[2]])]                             # segment size >= length: one datagram
-    for fn in (_demux.group_by_cid, endpoint._group_by_cid):
+    for fn in (_demux.group_by_cid, endpoint.group_by_cid_ref):
         got = fn(batch)
         assert got == want
     assert _demux.group_by_cid(batch)[0][2][0][0] is whole          # not copied
@@ -64,7 +63,7 @@ def test_group_by_cid_keeps_a_one_connection_gro_buffer_whole():
                                  min_size=1, max_size=4)),
               st.sampled_from([("h", 1), ("h", 2)]), st.sampled_from([26, 13, 100]))), max_size=20))
 def test_fuzz_group_by_cid_c_equals_python(batch):
-    assert _demux.group_by_cid(batch) == endpoint._group_by_cid(batch)
+    assert _demux.group_by_cid(batch) == endpoint.group_by_cid_ref(batch)
     for bad in ([1], [(b"x",)], [("text", None)], None):
         with pytest.raises(TypeError):
             _demux.group_by_cid(bad)

@@ -68,7 +68,7 @@ def test_200_concurrent_connections():
         port = server.sockets[0].getsockname()[1]
         payloads = [os.urandom(32_768 + i) for i in range(200)]
         results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p) for p in payloads))
-        assert all(r == p for r, p in zip(results, payloads))
+        assert all(r == p for r, p in zip(results, payloads, strict=True))
         await await_until(lambda: not server.endpoint.connections, 10, "the drain periods to end")
         server.close()
 
@@ -232,7 +232,7 @@ def test_data_is_refused_outside_encrypted():
     async def main():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await stcp.open_connection("127.0.0.1", port)
+        _reader, writer = await stcp.open_connection("127.0.0.1", port)
         writer.abort("done")
         with pytest.raises(NotEncrypted):
             writer.write(b"too late")
@@ -295,7 +295,7 @@ import stcp
 from stcp import crypto, endpoint
 from stcp.cli.serve import echo_handler
 from stcp.datapath import socket as sd
-assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint._group_by_cid
+assert not crypto.ACCELERATED and sd._udpio is None and endpoint.group_by_cid is endpoint.group_by_cid_ref
 
 async def main():
     server = await stcp.start_server(echo_handler, "127.0.0.1", 0)

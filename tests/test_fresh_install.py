@@ -51,7 +51,8 @@ def test_make_run_without_xdp_headers(tmp_path):
     py = clone / ".venv" / "bin" / "python"
     # In the clone: `python -c` imports from its working directory first, and this one's
     # stcp/ may hold every extension, built.
-    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash"], cwd=clone).returncode == 0
+    assert subprocess.run([str(py), "-c", "import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash"],
+                          cwd=clone).returncode == 0
     # Without the extension the afxdp datapath refuses with what to install, in one line.
     probe = subprocess.run([str(py), "-c", "import stcp._xsk"], cwd=clone, capture_output=True)
     assert probe.returncode != 0
@@ -68,8 +69,8 @@ def test_all_extensions_built_where_headers_exist():
     every extension; a skipped stcp._xsk would silently turn the AF_XDP tests off."""
     if not os.path.exists("/usr/include/xdp/xsk.h"):
         pytest.skip("libxdp headers are not installed here (make system-deps installs them)")
-    import stcp._aead  # noqa: F401
-    import stcp._demux  # noqa: F401
-    import stcp._siphash  # noqa: F401
-    import stcp._udpio  # noqa: F401
+    import stcp._aead
+    import stcp._demux
+    import stcp._siphash
+    import stcp._udpio
     import stcp._xsk  # noqa: F401

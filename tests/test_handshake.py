@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from stcp import crypto, handshake, identity, wire
 from stcp.connection import Config, Connection, DataReceived, HandshakeCompleted
 from stcp.endpoint import ServerEndpoint
-from stcp.errors import AuthenticationFailure, CloseCode
+from stcp.errors import AuthenticationFailure, CloseCode, HandshakeFailure
 from stcp.handshake import cookie_record, reject_record
 from stcp.state import State
 from tests.support.sim import CLIENT_ADDR, Link, Pair
@@ -57,11 +57,10 @@ class Net:
                 out += [(addr, ep.peer_addr.get(c.local_cid), d) for d in c.datagrams_to_send(self.now)]
             out += [(addr, a, d) for d, a in ep.replies]
             ep.replies.clear()
-        for src, dst, d in out:
-            if self.tamper is not None:
-                d = self.tamper(src, dst, d)
-                if d is None:
-                    continue
+        for src, dst, sent in out:
+            d = sent if self.tamper is None else self.tamper(src, dst, sent)
+            if d is None:
+                continue
             self.log.append((src, dst, d))
             if dst in self.clients:
                 self.clients[dst][0].receive_datagram(d, self.now)
@@ -382,7 +381,7 @@ def test_client_not_allowed_is_closed_access_denied_and_counted():
 
 
 def test_bad_client_proof_is_handshake_failed():
-    private, public = _client_key()
+    private, _public = _client_key()
     client = Connection.client(Config(static_key=private), 0.0)
     ep = ServerEndpoint(Config())
     server, _ = ep.receive(client.datagrams_to_send(0.0)[0], CLIENT_ADDR, 0.0)
@@ -478,6 +477,7 @@ def test_under_load_a_bad_or_foreign_cookie_gets_a_fresh_cookie_and_no_state():
     [hello] = client.datagrams_to_send(0.0)
     assert ep.receive(hello, CLIENT_ADDR, 0.0) == (None, False)
     [(reply, to)] = ep.replies
+    assert to == CLIENT_ADDR
     cookie = reply[40:56]
     ep.replies.clear()
     with_cookie = hello[:72] + cookie + hello[88:]
@@ -485,7 +485,7 @@ def test_under_load_a_bad_or_foreign_cookie_gets_a_fresh_cookie_and_no_state():
         addr = CLIENT_ADDR if bad != with_cookie else ("192.0.2.77", 5000)   # another source
         assert ep.receive(bad, addr, 0.1) == (None, False)
     assert ep.stats.cookies_sent == 3 and not ep.connections and ep.stats.cookie_admitted == 0
-    conn, new = ep.receive(with_cookie, CLIENT_ADDR, 0.2)
+    _conn, new = ep.receive(with_cookie, CLIENT_ADDR, 0.2)
     assert new and ep.stats.cookie_admitted == 1
 
 
@@ -525,7 +525,7 @@ def test_completed_handshakes_leave_the_half_open_count():
     p.run(lambda: p.server_conns and p.server_conn.state == State.ENCRYPTED)
     assert not p.server._half_open
     q = Connection.client(Config(), p.now)
-    conn, new = p.server.receive(q.datagrams_to_send(p.now)[0], ("192.0.2.3", 1), p.now)
+    _conn, new = p.server.receive(q.datagrams_to_send(p.now)[0], ("192.0.2.3", 1), p.now)
     assert new                                                          # no cookie needed again
 
 
@@ -545,7 +545,8 @@ def test_reject_busy_at_max_connections():
 # --- version 1 peers ---------------------------------------------------------------------------------
 def _v1_client_hello(cid: int) -> bytes:
     """A version 1 CLIENT_HELLO as PROTOCOL.md version 1 laid it out (80-byte payload)."""
-    payload = bytes([1, 1, wire.SUITE_AES_256_GCM, 0]) + bytes(4) + cid.to_bytes(8, "big") + bytes(range(32)) + bytes(32)
+    payload = (bytes([1, 1, wire.SUITE_AES_256_GCM, 0]) + bytes(4) + cid.to_bytes(8, "big")
+               + bytes(range(32)) + bytes(32))
     return wire.pack_header(80, 0, 0) + payload
 
 
@@ -735,3 +736,25 @@ def test_a_failed_handshake_forgets_its_ephemeral_key_too():
         conn.handle_timer(1.0)
         assert conn.is_closed
     assert client._client_hs is None and server._server_hs is None
+
+
+def test_a_finished_handshake_answers_late_records_with_a_handshake_failure():
+    """Once the ephemeral key is forgotten (forward secrecy), a second server hello at the
+    client is noted and ignored, and a late CLIENT_AUTH at the server is a HandshakeFailure:
+    neither reaches X25519 with no key (an AttributeError before)."""
+    server_static = identity.StaticKey(identity.generate_private_key())
+    client_static = identity.StaticKey(identity.generate_private_key())
+    ch = handshake.ClientHandshake(wire.SUITE_AES_256_GCM, 0x77, None, client_static)
+    hello = wire.decode_hello(ch.hello_record[wire.HEADER_LEN:])
+    sh = handshake.ServerHandshake(server_static, ch.hello_record, hello, 0x1234, (hello.suite,))
+    est = ch.on_record(sh.record)
+    assert est is not None and est.client_auth is not None
+    hints = ch.hints
+    assert ch.on_record(sh.record) is None
+    assert ch.hints == hints + 1 and "handshake is over" in (ch.failure_reason() or "")
+    [auth] = wire.decode_frames(est.client_auth)
+    assert isinstance(auth, wire.ClientAuthFrame)
+    sh.verify_client_auth(auth)
+    sh.finish()
+    with pytest.raises(HandshakeFailure, match="handshake is over"):
+        sh.verify_client_auth(auth)

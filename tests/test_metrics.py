@@ -33,12 +33,36 @@ from stcp import wire
 from stcp.connection import Connection, ConnectionClosed
 from stcp.datapath.verdicts import Verdict
 from stcp.errors import CloseCode, ConnectionTerminated
-from stcp.metrics import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_FAIL_REASONS, WORKER_METRICS,
-                          MetricsHTTPServer, XdpCollector, close_reason, parse_listen, serve_metrics)
-from tests.support.metrics import (ALLOWED_LABELS, DASHBOARDS, FakeXdp, Scrape, alert_queries, ascrape,
-                                   check_invariants, dashboard_panels, dashboard_queries, fake_xdp_collector,
-                                   family_of, grafana_to_promql, load_dashboard, metric_names, promtool_check,
-                                   scrape, url_of)
+from stcp.metrics import (
+    CLOSE_REASONS,
+    ENDPOINT_DROP_REASONS,
+    HANDSHAKE_FAIL_REASONS,
+    WORKER_METRICS,
+    MetricsHTTPServer,
+    XdpCollector,
+    close_reason,
+    parse_listen,
+    serve_metrics,
+)
+from tests.support.metrics import (
+    ALLOWED_LABELS,
+    DASHBOARDS,
+    FakeXdp,
+    Scrape,
+    alert_queries,
+    ascrape,
+    check_invariants,
+    dashboard_panels,
+    dashboard_queries,
+    fake_xdp_collector,
+    family_of,
+    grafana_to_promql,
+    load_dashboard,
+    metric_names,
+    promtool_check,
+    scrape,
+    url_of,
+)
 from tests.support.poll import await_until
 from tests.support.servers import echo, quiet, transfer
 from tests.support.workers import close_pool, fake_pool_with_traffic
@@ -562,10 +586,12 @@ async def _with_prometheus(tmp_path: Path):
             f"  - job_name: {job}\n    static_configs:\n      - targets: ['{t}']\n" for job, t in targets.items()))
         web = f"127.0.0.1:{free_port()}"
         base = f"http://{web}"
-        log = open(tmp_path / "prometheus.log", "w")
-        proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                                 f"--web.listen-address={web}", "--storage.tsdb.retention.time=1h"],
-                                stdout=log, stderr=subprocess.STDOUT)
+        # opening the log and starting prometheus block the loop a moment, once, before any scrape
+        with open(tmp_path / "prometheus.log", "w") as log:  # noqa: ASYNC230
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                 f"--web.listen-address={web}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
             try:

@@ -26,8 +26,16 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from tests.support.metrics import (Scrape, dashboard_queries, family_of, load_dashboard, metric_names,
-                                   promtool_check, scrape, url_of)
+from tests.support.metrics import (
+    Scrape,
+    dashboard_queries,
+    family_of,
+    load_dashboard,
+    metric_names,
+    promtool_check,
+    scrape,
+    url_of,
+)
 from tests.support.netns import ns_socket, veth_pair
 from tests.support.packets import data_record, record
 from tests.support.poll import wait_until
@@ -181,6 +189,7 @@ def test_status_and_metrics_agree(xdp_env):
 def test_run_time_counters_while_bpf_stats_are_on(xdp_env):
     """kernel BPF statistics, enabled only while this test holds the fd (BPF_ENABLE_STATS)."""
     from prometheus_client import generate_latest
+
     from stcp.datapath import bpf
     from stcp.metrics import loader_registry
     a, _b, _dp, _tx = xdp_env

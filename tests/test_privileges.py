@@ -20,8 +20,16 @@ import time
 import pytest
 
 from stcp import privileges
-from tests.support.procs import (AFXDP_PORT, STCP, echo_all, serve_afxdp, serve_workers, stop, wait_for_stderr_line,
-                                 xdp_status)
+from tests.support.procs import (
+    AFXDP_PORT,
+    STCP,
+    echo_all,
+    serve_afxdp,
+    serve_workers,
+    stop,
+    wait_for_stderr_line,
+    xdp_status,
+)
 from tests.support.unprivileged import proc_status, python_as, threads_status
 
 PORT = 4483

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Set, Tuple
 from unittest import mock
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
-from stcp import connection as connection_mod
-from stcp import wire
+from stcp import connection as connection_mod, wire
 from stcp.connection import Config, Connection, DataReceived
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, MalformedRecord, ProtocolViolation
@@ -601,7 +599,7 @@ def test_decode_hello_raises_only_malformed_and_keeps_what_it_reads(payload, bit
     ignored = {3, 4, 5, 6, 7} if hello.kind != wire.HS_REJECT else {4, 5, 6, 7}
     if hello.kind in (wire.HS_REJECT, wire.HS_COOKIE):
         ignored |= set(range(8, 16)) | set(range(8 if hello.kind == wire.HS_REJECT else 32, 112))
-    assert all(a == b for i, (a, b) in enumerate(zip(payload, again)) if i not in ignored)
+    assert all(a == b for i, (a, b) in enumerate(zip(payload, again, strict=True)) if i not in ignored)
     if hello.kind == wire.HS_CLIENT_HELLO:
         assert hello.sender_cid != 0 and not any(payload[64:])
 
@@ -660,9 +658,9 @@ def _ranges(pns):
 def _normalise(frames):
     """Adjacent padding runs merge; the encoder keeps only the newest 64 ack ranges."""
     out = []
-    for f in frames:
-        if isinstance(f, wire.AckFrame):
-            f = wire.AckFrame(f.ranges[:wire.MAX_ACK_RANGES], f.delay_us)
+    for frame in frames:
+        f = wire.AckFrame(frame.ranges[:wire.MAX_ACK_RANGES], frame.delay_us) if isinstance(frame, wire.AckFrame) \
+            else frame
         if isinstance(f, wire.PaddingFrame) and out and isinstance(out[-1], wire.PaddingFrame):
             out[-1] = wire.PaddingFrame(out[-1].length + f.length)
         else:

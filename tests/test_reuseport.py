@@ -25,8 +25,14 @@ from typing import Dict, List
 
 import pytest
 
-from stcp.datapath.reuseport import (MAX_WORKERS, ReuseportError, ReuseportSteering, ReuseportVerdict, classify,
-                                     socket_cookie)
+from stcp.datapath.reuseport import (
+    MAX_WORKERS,
+    ReuseportError,
+    ReuseportSteering,
+    ReuseportVerdict,
+    classify,
+    socket_cookie,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {4: "127.0.0.1", 6: "::1"}

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stcp import connection as connection_mod
-from stcp import wire
+from stcp import connection as connection_mod, wire
 from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode, InvalidTransition, NotEncrypted

@@ -16,8 +16,15 @@ import time
 
 import pytest
 
-from stcp.supervisor import (METRICS_DIR_ENV, READY_FD_ENV, WORKER_ENV, Supervisor, SupervisorError, WorkerCommand,
-                             WorkerRole)
+from stcp.supervisor import (
+    METRICS_DIR_ENV,
+    READY_FD_ENV,
+    WORKER_ENV,
+    Supervisor,
+    SupervisorError,
+    WorkerCommand,
+    WorkerRole,
+)
 
 # A worker: reads its role, says something on stderr, signals ready (unless told not to),
 # then waits to be terminated (or exits with the code it was given).

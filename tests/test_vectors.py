@@ -220,7 +220,7 @@ def test_independent_derivation_from_the_document(suite_name, sv):
         key, iv = _expand(s, "key", b"", 32), _expand(s, "iv", b"", 12)
         seq = (r["epoch"] << 48) | r["pn"]
         assert f"{seq:016x}" == r["seq"]
-        nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big")))
+        nonce = bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
         assert nonce.hex() == r["nonce"]
         pt = h(r["plaintext"])
         header = _header(len(pt) + 16, int(r["cid"], 16), seq)
@@ -237,7 +237,7 @@ def _independent_frame(f: dict) -> bytes:
     if t == "ACK":
         rs = f["ranges"]
         out = struct.pack("!BQIHQ", 2, rs[0][1], f["delay_us"], len(rs) - 1, rs[0][1] - rs[0][0])
-        for (plo, _), (lo, hi) in zip(rs, rs[1:]):
+        for (plo, _), (lo, hi) in zip(rs, rs[1:], strict=False):
             out += struct.pack("!QQ", plo - hi - 2, hi - lo)
         return out
     if t == "STREAM":
@@ -278,7 +278,7 @@ def _record_key(suite: int, secret: bytes, epoch: int, path: str) -> crypto.Reco
 @pytest.mark.parametrize("path", PATHS)
 def test_records_seal_and_open_on_both_paths(suite_name, sv, path):
     suite = SUITE_IDS[suite_name]
-    for d, chain in sv["keys"].items():
+    for chain in sv["keys"].values():
         for k in chain:
             key = _record_key(suite, h(k["secret"]), k["epoch"], path)
             assert (key.key.hex(), key.iv.hex()) == (k["key"], k["iv"])
@@ -430,7 +430,7 @@ def test_endpoint_replies_are_the_vectors(suite_name, sv, monkeypatch):
     assert loaded.receive(h(hs["client_hello_record"]), addr, 0.0) == (None, False)
     assert loaded.replies == [(h(hs["cookie_record"]), addr)]
     loaded.replies.clear()
-    server, new = loaded.receive(h(hs["client_hello_with_cookie_record"]), addr, 0.0)
+    _server, new = loaded.receive(h(hs["client_hello_with_cookie_record"]), addr, 0.0)
     assert new and loaded.stats.cookie_admitted == 1
     # the cookie is not in the transcript: the same server hello as without it
     keys = [X25519PrivateKey.from_private_bytes(h(inp["server_private_key"]))]

@@ -11,17 +11,16 @@ Needs root, bcc and kernel headers; skips with the reason otherwise.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List
 
 import pytest
 
 from stcp import wire
 from tests.support.netns import ns_socket, veth_pair
-from tests.support.packets import csum, data_record, hello, record, udp_frame
+from tests.support.packets import csum, data_record, hello, record
 from tests.support.xdpenv import PORT, Env, deltas, expect_verdicts
 
 MAX_RECORD = 1400          # below the 1428 default so TOO_LONG can be sent over IPv6 unfragmented

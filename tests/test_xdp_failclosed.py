@@ -27,8 +27,8 @@ from tests.support import frames as F
 from tests.support.netns import veth_pair
 from tests.support.packets import data_record, hello
 from tests.support.procs import loader
-from tests.support.xdpenv import Env, expect_verdicts
 from tests.support.testrun import PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support.xdpenv import Env, expect_verdicts
 
 pytestmark = pytest.mark.xdp
 

@@ -21,12 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stcp.datapath.verdicts import Verdict
-from tests.support import frames as F
-from tests.support import xdp_model as model
+from tests.support import frames as F, xdp_model as model
 from tests.support.testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
@@ -130,7 +128,7 @@ def test_corpus(harness):
 # ---------------------------------------------------------------------------------------
 # frames built layer by layer (strategies made once: hypothesis is slow to build them)
 def _pick(*values, weights=None):
-    return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values)) for _ in range(w)])
+    return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values), strict=True) for _ in range(w)])
 
 
 S_KIND = _pick("hello", "data", "raw", weights=[2, 2, 1])

@@ -202,7 +202,7 @@ def test_loader_and_serve_default_to_one_port():
     from stcp import wire
     from stcp.cli import common, loader, main
     assert wire.DEFAULT_PORT == 7443               # docs/PROTOCOL.md §2, README, OPERATIONS.md
-    attach = loader._parser().parse_args(["attach", "eth0"])
+    attach = loader.build_parser().parse_args(["attach", "eth0"])
     serve = main.build_parser().parse_args(["serve"])
     assert attach.port == wire.DEFAULT_PORT
     assert common.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)

@@ -12,7 +12,7 @@ from bench import common as C
 from bench.peers import streams
 
 
-def _stcp():
+def import_stcp():
     # Imported late: `python -m bench.peers.stcp` must not shadow the real package, and
     # run.py asks for availability before anything runs.
     import importlib
@@ -29,7 +29,7 @@ def free_udp_port(host: str) -> int:
 
 
 async def start_server(args, handler):
-    stcp = _stcp()
+    stcp = import_stcp()
     host, port = C.split_hostport(args.listen)
     if port == 0:
         port = free_udp_port(host)
@@ -62,15 +62,15 @@ class _Conn:
 
 async def connect(args):
     host, port = C.split_hostport(args.connect)
-    r, w = await _stcp().open_connection(host, port)
+    r, w = await import_stcp().open_connection(host, port)
     return _Conn(r, w)
 
 
 def available() -> str | None:
     """None when this peer can run, otherwise why not."""
     try:
-        stcp = _stcp()
-    except Exception as e:  # noqa: BLE001
+        stcp = import_stcp()
+    except Exception as e:
         return f"import stcp failed: {e!r}"
     missing = [n for n in ("open_connection", "start_server") if not hasattr(stcp, n)]
     return f"stcp has no {', '.join(missing)} yet" if missing else None

@@ -16,8 +16,7 @@ import signal
 import subprocess
 
 from bench import common as C
-from bench.peers import stcp as socket_peer
-from bench.peers import streams
+from bench.peers import stcp as socket_peer, streams
 
 
 def iface_of(host: str) -> str:
@@ -138,7 +137,7 @@ def kernel_datapath_available(afxdp: bool) -> str | None:
             from stcp import _xsk  # noqa: F401
         from stcp.datapath.xdp_prog import check_toolchain
         check_toolchain()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"{what} datapath unavailable: {e}"
     return None
 

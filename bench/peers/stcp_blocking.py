@@ -5,13 +5,12 @@ tests as the blocking TLS peer."""
 from __future__ import annotations
 
 from bench import common as C
-from bench.peers import stcp as speer
-from bench.peers import streams
+from bench.peers import stcp as speer, streams
 from bench.peers.tls import blocking_client
 
 
 def client(args) -> None:
-    stcp = speer._stcp()
+    stcp = speer.import_stcp()
     addr = C.split_hostport(args.connect)
     blocking_client(args, lambda: stcp.connect(addr))
 
@@ -20,7 +19,7 @@ def available() -> str | None:
     why = speer.available()
     if why:
         return why
-    return None if hasattr(speer._stcp(), "connect") else "stcp has no connect yet"
+    return None if hasattr(speer.import_stcp(), "connect") else "stcp has no connect yet"
 
 
 def main(argv=None) -> None:

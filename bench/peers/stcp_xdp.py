@@ -12,8 +12,7 @@ import signal
 import sys
 
 from bench import common as C
-from bench.peers import stcp as socket_peer
-from bench.peers import streams
+from bench.peers import stcp as socket_peer, streams
 from bench.peers.stcp_afxdp import XDP_LIMITS, iface_of, kernel_datapath_available
 
 

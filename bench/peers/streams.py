@@ -70,7 +70,7 @@ async def handle(reader, writer, drain=None) -> None:
 def _cipher(conn) -> str | None:
     try:
         return str(conn.cipher())
-    except Exception:  # noqa: BLE001 - informational only
+    except Exception:  # informational only
         return None
 
 
@@ -124,7 +124,7 @@ async def client(args, connect) -> dict:
             return sent, got, time.perf_counter() - t0
 
         per_conn = await asyncio.gather(*(one(c, share) for c, share in
-                                          zip(conns, C.shares(args.bytes, args.connections))))
+                                          zip(conns, C.shares(args.bytes, args.connections), strict=True)))
         elapsed = time.perf_counter() - t0
         cipher = _cipher(conns[0][0])
         for conn, _, _ in conns:
@@ -182,7 +182,7 @@ async def client(args, connect) -> dict:
 
 def run_server(start_server, args) -> None:
     async def main():
-        srv, port = await start_server(args, handle)
+        _srv, port = await start_server(args, handle)
         C.announce_ready(port)
         await asyncio.Event().wait()  # serve until killed
     asyncio.run(main())

@@ -138,7 +138,7 @@ def _cipher(s) -> str | None:
     try:
         c = s.cipher()                    # ssl.SSLSocket: (name, version, bits); stcp: the name
         return c[0] if isinstance(c, tuple) else str(c)
-    except Exception:  # noqa: BLE001 - informational only
+    except Exception:  # informational only
         return None
 
 
@@ -185,12 +185,12 @@ def blocking_client(args, connect) -> None:
                 try:
                     sent, got = _sink(s, share, deadline, framed)
                     per_conn[i] = (sent, got, time.perf_counter() - t0)
-                except Exception as e:  # noqa: BLE001 - reported in the result
+                except Exception as e:  # reported in the result
                     errors.append(repr(e))
                     per_conn[i] = (share, 0, time.perf_counter() - t0)
 
             threads = [threading.Thread(target=one, args=(i, s, share))
-                       for i, (s, share) in enumerate(zip(socks, C.shares(args.bytes, len(socks))))]
+                       for i, (s, share) in enumerate(zip(socks, C.shares(args.bytes, len(socks)), strict=True))]
             for t in threads:
                 t.start()
             for t in threads:

@@ -9,7 +9,6 @@ from bench import common as C
 from bench.peers import streams
 from bench.peers.tls import client_context, server_context
 
-
 # asyncio's default buffer limits (64 KiB) are kept: larger ones measured slower here
 # (more copying in StreamReader's buffer), 180-240 MB/s against 370-410 MB/s on loopback.
 

@@ -25,7 +25,7 @@ EXIT_REFUSED = 1
 EXIT_SETUP = 2
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from ..datapath import xdp_prog
 
     common = argparse.ArgumentParser(add_help=False)
@@ -137,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     from ..datapath.errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     args.netns = getattr(args, "netns", None)
     try:
         return _run(args)

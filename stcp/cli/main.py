@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"stcp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp):
+    def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--cipher", choices=sorted(wire.SUITES), default=None,
                         help="record protection (default aes-256-gcm)")
         sp.add_argument("--handshake-timeout", type=float, default=None, metavar="S",

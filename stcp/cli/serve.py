@@ -76,10 +76,14 @@ async def serve(args: Any) -> int:
     dp = server.datapath
     try:
         if args.datapath == "afxdp":
+            from ..datapath.afxdp import AfxdpDatapath
+            assert isinstance(dp, AfxdpDatapath)
             print(f"stcp: AF_XDP on {args.iface}: {len(dp.xsks)} RX queue(s), XDP {dp.mode} mode, "
                   f"{'zero-copy' if dp.zerocopy else 'copy'} mode; replies through "
                   f"{'the AF_XDP sockets' if args.afxdp_tx == 'afxdp' else 'the UDP socket'}", file=sys.stderr)
         elif args.datapath == "xdp":
+            from ..datapath.xdp import XdpDatapath
+            assert isinstance(dp, XdpDatapath)
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
@@ -100,6 +104,8 @@ async def serve(args: Any) -> int:
 
 def _report_afxdp(server: stcp_server.Server) -> None:
     """What went through AF_XDP and what through the UDP socket (the tests read this line)."""
+    from ..datapath.afxdp import AfxdpDatapath, AfxdpServerDriver
+    assert isinstance(server.datapath, AfxdpDatapath) and isinstance(server.driver, AfxdpServerDriver)
     st = server.datapath.stats()
     d = server.driver
     per_q = ", ".join(f"queue {q}: {n}" for q, n in sorted(d.rx_per_queue.items()))

@@ -52,7 +52,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterator, List, Optional, Tuple
 
 from .. import wire
 from ..connection import Config, Connection
@@ -64,6 +64,9 @@ from .errors import XdpAlreadyAttached, XdpSetupError
 from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver, bind_udp
 from .xdp import XdpDatapath
 from .xdp_prog import XSK_MAX, require_privileges
+
+if TYPE_CHECKING:
+    from .._xsk import XskSocket
 
 log = logging.getLogger("stcp.datapath.afxdp")
 
@@ -344,12 +347,12 @@ class AfxdpServerDriver(ServerDriver):
         for x in self.xsks:
             loop.add_reader(x.fileno(), self._on_xsk_readable, x)
 
-    def _recv_batch(self):
+    def _recv_batch(self) -> list:
         batch = super()._recv_batch()
         self.rx_socket += len(batch)
         return batch
 
-    def _on_xsk_readable(self, xsk) -> None:
+    def _on_xsk_readable(self, xsk: XskSocket) -> None:
         self.rx_xsk_wakeups += 1
         for _ in range(RECV_ROUNDS):
             try:
@@ -374,7 +377,7 @@ class AfxdpServerDriver(ServerDriver):
                 break
         self.flush()
 
-    def _send_group(self, datagrams, addr, segment_size: int = 0) -> int:
+    def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         route = self._routes.get(addr) if self.tx_afxdp else None
         n = 0
         if route is not None and not route[0].closed:

@@ -20,7 +20,11 @@ from .socket import ServerDriver
 @runtime_checkable
 class Datapath(Protocol):
     name: str                     # "socket", "xdp", "afxdp": the datapath of logs and metrics
-    iface: Optional[str]          # the interface a kernel datapath is attached to (None: any)
+
+    @property
+    def iface(self) -> Optional[str]:
+        """The interface a kernel datapath is attached to (None: any)."""
+        ...
 
     def server_config(self, config: Config) -> Config:
         """The config the server's endpoint runs with (afxdp names its worker in every CID)."""

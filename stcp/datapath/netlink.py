@@ -44,7 +44,7 @@ def off_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
     t.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    return box["value"]
 
 
 class Netlink:

@@ -52,7 +52,7 @@ from ..errors import STCPError
 from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
 from . import bpf
 from .errors import XdpSetupError
-from .verdicts import Verdict
+from .verdicts import Named
 
 PROG_NAME = "stcp_reuseport"
 SOURCE = "stcp_reuseport.c"
@@ -78,17 +78,13 @@ class ReuseportError(STCPError):
     """Steering cannot be set up; str() is one line saying why and what to do."""
 
 
-class ReuseportVerdict(enum.IntEnum):
+class ReuseportVerdict(Named, enum.IntEnum):
     """enum stcp_rp_verdict in bpf/stcp_reuseport.c: one per-CPU counter each. Append only."""
     PASS_NOT_STCP = 0        # not UDP, or payload under the 24-byte header: the kernel's hash
     PASS_HELLO = 1           # cid 0 and seq 0: the kernel's hash picks a live worker
     PASS_WORKER = 2          # record sent to its CID's worker socket
     DROP_NO_WORKER = 3       # no socket at the CID's worker key (worker dead or restarting)
     DROP_WRONG_GROUP = 4     # the key's socket belongs to another reuseport group
-
-    # named as the XDP verdicts are ('pass_worker', is_drop); properties are not members
-    key = Verdict.key
-    is_drop = Verdict.is_drop
 
 
 VERDICT_MAX = len(ReuseportVerdict)      # == STCP_RP_MAX
@@ -184,7 +180,8 @@ class ReuseportSteering:
             raise ReuseportError(str(e)) from None
         except OSError as e:
             hint = _CAP_HINT if e.errno == errno.EPERM else "is this a Linux kernel with BPF (4.19 or later)?"
-            raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e.errno)}); {hint}") from None
+            raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e.errno or 0)}); "
+                                 f"{hint}") from None
         try:
             prog_fd, counters_fd = _compile(fd)
         except BaseException:
@@ -236,7 +233,8 @@ class ReuseportSteering:
             bpf.map_update(self.sockarray_fd, _KEY.pack(worker), _SOCK_VALUE.pack(sock.fileno()))
         except OSError as e:
             raise ReuseportError(f"putting worker {worker}'s socket in the steering map failed "
-                                 f"({os.strerror(e.errno)}); it must be a bound UDP socket with SO_REUSEPORT") from None
+                                 f"({os.strerror(e.errno or 0)}); it must be a bound UDP socket with "
+                                 "SO_REUSEPORT") from None
 
     def join(self, worker: int, sock: socket.socket) -> None:
         """What a worker does after binding its socket, at every (re)start: attach, insert."""
@@ -303,5 +301,5 @@ class ReuseportSteering:
     def __enter__(self) -> "ReuseportSteering":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -14,13 +14,15 @@ import asyncio
 import errno
 import os
 import socket
-from typing import Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple
+from types import ModuleType
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple, cast
 
 from .. import wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
 
+_udpio: Optional[ModuleType]
 try:
     from .. import _udpio
 except ImportError:       # the C helpers are optional; plain socket calls work everywhere
@@ -131,8 +133,8 @@ def send_datagrams(sock: socket.socket, datagrams: List[bytes], addr: Optional[H
         try:
             if addr is None:
                 sock.send(d)
-            else:
-                sock.sendto(d, addr)
+            else:                       # the core keeps addresses opaque; here they are the socket's
+                sock.sendto(d, cast(Tuple[Any, ...], addr))
         except (BlockingIOError, InterruptedError):
             break
         sent += 1
@@ -149,8 +151,9 @@ def own_records(batch: list, cid: int) -> Tuple[list, int]:
     dropped = 0
     cid_bytes = cid.to_bytes(8, "big")
     for group_cid, _, entries in group_by_cid(batch):
-        if group_cid == cid or (group_cid == -1 and (entries[0][8:16] == cid_bytes or (
-                len(entries[0]) == wire.RESET_RECORD_LEN and entries[0][8:24] == bytes(16)))):
+        first = cast(bytes, entries[0])     # a group of cid -1 is one datagram
+        if group_cid == cid or (group_cid == -1 and (first[8:16] == cid_bytes or (
+                len(first) == wire.RESET_RECORD_LEN and first[8:24] == bytes(16)))):
             mine += entries
         else:
             dropped += wire.count_datagrams(entries)
@@ -386,7 +389,7 @@ class ClientDriver(Driver):
         self.conn = conn
         self.dropped = 0
 
-    def route_batch(self, batch, now: float) -> Iterable[Connection]:
+    def route_batch(self, batch: list, now: float) -> Iterable[Connection]:
         mine, dropped = own_records(batch, self.conn.local_cid)
         self.dropped += dropped
         if not mine:
@@ -409,7 +412,7 @@ class ServerDriver(Driver):
         self._on_new = on_new
         self._on_ended = on_ended
 
-    def route_batch(self, batch, now: float) -> Iterable[Connection]:
+    def route_batch(self, batch: list, now: float) -> Iterable[Connection]:
         touched, new = self.endpoint.receive_batch(batch, now)
         if self.endpoint.replies:          # REJECT, COOKIE, RESET: stateless answers
             self.outbox.entries.extend((d, addr, 0) for d, addr in self.endpoint.replies)

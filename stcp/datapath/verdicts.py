@@ -9,7 +9,22 @@ from __future__ import annotations
 import enum
 
 
-class Verdict(enum.IntEnum):
+class Named:
+    """How a verdict is shown: counters(), status output and metrics use `key`. A mixin, so the
+    XDP and the reuseport verdicts (two enums, two BPF programs) are named alike."""
+    name: str
+
+    @property
+    def key(self) -> str:
+        """The name used in counters(), status output and metrics: 'drop_unknown_cid'."""
+        return self.name.lower()
+
+    @property
+    def is_drop(self) -> bool:
+        return self.name.startswith("DROP_")
+
+
+class Verdict(Named, enum.IntEnum):
     PASS_NOT_STCP = 0       # shown not to be UDP to the STCP port (ARP, ICMP, TCP, other ports, ...)
     PASS_HANDSHAKE = 1      # well-formed client hello within its source's rate
     PASS_DATA = 2           # well-formed data record for a live connection ID
@@ -26,15 +41,6 @@ class Verdict(enum.IntEnum):
     DROP_UNPARSED = 13      # headers not walkable to the UDP port: truncated or malformed, a third
                             # VLAN tag, more IPv6 extension headers than the program walks
     DROP_HS_GLOBAL = 14     # client hello over the global hello budget (all sources together)
-
-    @property
-    def key(self) -> str:
-        """The name used in counters(), status output and metrics: 'drop_unknown_cid'."""
-        return self.name.lower()
-
-    @property
-    def is_drop(self) -> bool:
-        return self.name.startswith("DROP_")
 
 
 VERDICT_MAX = len(Verdict)   # == STCP_V_MAX

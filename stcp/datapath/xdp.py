@@ -22,7 +22,7 @@ import logging
 import os
 import struct
 import threading
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
@@ -31,13 +31,40 @@ from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
-from .xdp_prog import (CID, DEFAULT_HS_BURST, DEFAULT_HS_GLOBAL_BURST, DEFAULT_HS_GLOBAL_RATE, DEFAULT_HS_PREFIX4,
-                       DEFAULT_HS_PREFIX6, DEFAULT_HS_RATE, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS,
-                       DEFAULT_MAX_RECORD_LEN, FILTER_WORD, MAP_ABI, MODES, ProgHandles, check_toolchain,
-                       cid_filter_slot, compile_prog, current_netns_name, ensure_bpffs, find_stcp,
-                       handles_of, pin_dir, pin_prog, pinned_prog_id, read_config, read_counters, release_bcc,
-                       remove_pins, require_privileges, validate_limits, write_config)
 from .socket import ServerDriver, bind_udp
+from .xdp_prog import (
+    CID,
+    DEFAULT_HS_BURST,
+    DEFAULT_HS_GLOBAL_BURST,
+    DEFAULT_HS_GLOBAL_RATE,
+    DEFAULT_HS_PREFIX4,
+    DEFAULT_HS_PREFIX6,
+    DEFAULT_HS_RATE,
+    DEFAULT_HS_SOURCES,
+    DEFAULT_MAX_CIDS,
+    DEFAULT_MAX_RECORD_LEN,
+    FILTER_WORD,
+    MAP_ABI,
+    MODES,
+    ProgHandles,
+    check_toolchain,
+    cid_filter_slot,
+    compile_prog,
+    current_netns_name,
+    ensure_bpffs,
+    find_stcp,
+    handles_of,
+    pin_dir,
+    pin_prog,
+    pinned_prog_id,
+    read_config,
+    read_counters,
+    release_bcc,
+    remove_pins,
+    require_privileges,
+    validate_limits,
+    write_config,
+)
 
 __all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
@@ -112,8 +139,9 @@ class XdpDatapath:
                         max_cids, hs_sources, afxdp, nworkers, hello, link)
 
     @classmethod
-    def _attach(cls, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst, max_cids,
-                hs_sources, afxdp=False, nworkers=0, hello=None, link=False) -> "XdpDatapath":
+    def _attach(cls, iface: str, port: int, mode: str, max_record_len: int, force: bool, netns: Optional[str],
+                hs_rate: int, hs_burst: int, max_cids: int, hs_sources: int, afxdp: bool = False,
+                nworkers: int = 0, hello: Optional[Dict[str, int]] = None, link: bool = False) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
@@ -143,7 +171,7 @@ class XdpDatapath:
                 write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
                 if pins:
                     pins = cls._pin(h, pins)
-                for m, p in state.items():     # force: clear what is there first
+                for m in state:                # force: clear what is there first
                     nl.clear_xdp(ifindex, m)
                 if link:
                     got, link_fd = cls._link_prog(ifindex, iface, h.prog_fd, mode)
@@ -233,8 +261,8 @@ class XdpDatapath:
         require_privileges("opening the STCP XDP program")
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
-            mode, h, state = find_stcp(nl, ifindex)
-            if not h:
+            mode, h, _state = find_stcp(nl, ifindex)
+            if not h or mode is None:
                 raise XdpNotAttached(f"no STCP XDP program attached to {iface}")
             abi = read_config(h)["abi"]
             if abi != MAP_ABI:
@@ -245,7 +273,7 @@ class XdpDatapath:
 
     @classmethod
     def attach_or_reuse(cls, iface: str, port: int, mode: str = "auto",
-                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw) -> "XdpDatapath":
+                        max_record_len: int = DEFAULT_MAX_RECORD_LEN, **kw: Any) -> "XdpDatapath":
         """Reuse the STCP program attached to iface (it must serve the same port), else
         attach one. `attached` says which happened; close() undoes only our part."""
         validate_limits(port, mode, max_record_len, kw.get("hs_rate", DEFAULT_HS_RATE),
@@ -389,7 +417,7 @@ class XdpDatapath:
                     self._detach()
                 if self._pin_dirfd >= 0:
                     self._unpin_at()
-                elif self.pin_dir and self._pins_are_ours():
+                elif self.pin_dir and self._pins_are_ours(self.pin_dir):
                     remove_pins(self.pin_dir)
             else:
                 for cid in list(self._cids):
@@ -425,14 +453,14 @@ class XdpDatapath:
             with contextlib.suppress(OSError):
                 remove_pins(self.pin_dir)     # the directory, where we may
 
-    def _pins_are_ours(self) -> bool:
+    def _pins_are_ours(self, pins: str) -> bool:
         # nothing (readable) pinned: removing the directory is harmless
-        return pinned_prog_id(self.pin_dir) in (None, self._h.prog_id)
+        return pinned_prog_id(pins) in (None, self._h.prog_id)
 
     def __enter__(self) -> "XdpDatapath":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -9,8 +9,17 @@ from typing import Any, Dict, List, Optional
 from .errors import XdpNotAttached
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
-from .xdp_prog import (DEFAULT_MAX_RECORD_LEN, ProgHandles, count_cids, find_stcp, pin_dir, read_config,
-                       read_counters, remove_pins, require_privileges)
+from .xdp_prog import (
+    DEFAULT_MAX_RECORD_LEN,
+    ProgHandles,
+    count_cids,
+    find_stcp,
+    pin_dir,
+    read_config,
+    read_counters,
+    remove_pins,
+    require_privileges,
+)
 
 
 def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,

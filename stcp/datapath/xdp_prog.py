@@ -160,7 +160,8 @@ def check_toolchain() -> None:
 
 def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_burst: int,
                     hs_prefix4: int = DEFAULT_HS_PREFIX4, hs_prefix6: int = DEFAULT_HS_PREFIX6,
-                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE, hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
+                    hs_global_rate: int = DEFAULT_HS_GLOBAL_RATE,
+                    hs_global_burst: int = DEFAULT_HS_GLOBAL_BURST) -> None:
     if not 1 <= port <= 65535:
         raise XdpSetupError(f"port {port} is not a UDP port (1-65535)")
     if mode not in MODES:

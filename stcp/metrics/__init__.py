@@ -21,16 +21,44 @@ them when asked. Naming follows Prometheus conventions: `stcp_` prefix, base uni
 """
 from __future__ import annotations
 
-from .exporter import (DEFAULT_LOADER_LISTEN, DEFAULT_SERVER_LISTEN, MetricsHTTPServer, loader_registry,
-                       parse_listen, process_collectors, run_loader_metrics, serve_metrics)
-from .server import (CLOSE_REASONS, ENDPOINT_DROP_REASONS, HANDSHAKE_BUCKETS, HANDSHAKE_FAIL_REASONS, REJECT_CODES,
-                     RTT_BUCKETS, BuildInfo, ServerMetrics, build_info, close_reason)
-from .workers import (WORKER_METRICS, WORKER_PATHS, PoolMetrics, UnixExporter, WorkerCollector,
-                      WorkerPoolCollector, read_unix, serve_pool_metrics, serve_worker_metrics)
+from .exporter import (
+                       DEFAULT_LOADER_LISTEN,
+                       DEFAULT_SERVER_LISTEN,
+                       MetricsHTTPServer,
+                       loader_registry,
+                       parse_listen,
+                       process_collectors,
+                       run_loader_metrics,
+                       serve_metrics,
+)
+from .server import (
+                       CLOSE_REASONS,
+                       ENDPOINT_DROP_REASONS,
+                       HANDSHAKE_BUCKETS,
+                       HANDSHAKE_FAIL_REASONS,
+                       REJECT_CODES,
+                       RTT_BUCKETS,
+                       BuildInfo,
+                       ServerMetrics,
+                       build_info,
+                       close_reason,
+)
+from .workers import (
+                       WORKER_METRICS,
+                       WORKER_PATHS,
+                       PoolMetrics,
+                       UnixExporter,
+                       WorkerCollector,
+                       WorkerPoolCollector,
+                       read_unix,
+                       serve_pool_metrics,
+                       serve_worker_metrics,
+)
 from .xdp import XdpCollector, discover_targets, read_xdp
 
 __all__ = ["CLOSE_REASONS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS", "REJECT_CODES",
-           "RTT_BUCKETS", "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN", "BuildInfo",
+           "RTT_BUCKETS", "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN",
+           "BuildInfo",
            "MetricsHTTPServer", "PoolMetrics", "ServerMetrics", "UnixExporter", "WorkerCollector",
            "WorkerPoolCollector", "XdpCollector", "build_info", "close_reason", "discover_targets",
            "loader_registry", "parse_listen", "process_collectors", "read_unix", "read_xdp", "run_loader_metrics",

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 from prometheus_client import PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.registry import CollectorRegistry
@@ -16,6 +16,9 @@ from ..datapath.errors import XdpSetupError
 from ..datapath.xdp_prog import require_privileges
 from .server import ServerMetrics
 from .xdp import XdpCollector, read_held
+
+if TYPE_CHECKING:
+    from ..server import Server
 
 log = logging.getLogger("stcp.metrics")
 
@@ -47,7 +50,7 @@ class MetricsHTTPServer:
             raise RuntimeError("prometheus-client >= 0.17 is needed (start_http_server must return the server)")
         self.httpd, self.thread = started
         addr = self.httpd.server_address
-        self.address: Tuple[str, int] = (addr[0], addr[1])
+        self.address: Tuple[str, int] = (str(addr[0]), addr[1])
 
     @property
     def url(self) -> str:
@@ -66,7 +69,7 @@ def process_collectors(registry: CollectorRegistry) -> None:
     PlatformCollector(registry=registry)
 
 
-def serve_metrics(server, listen: str, datapath: str, cipher: str, iface: Optional[str] = None, *,
+def serve_metrics(server: Server, listen: str, datapath: str, cipher: str, iface: Optional[str] = None, *,
                   netns: Optional[str] = None) -> ServerMetrics:
     """Export `server`'s metrics on http://LISTEN/metrics; call on the server's event loop.
 
@@ -118,7 +121,7 @@ def run_loader_metrics(ifaces: Sequence[str], listen: str, netns: Optional[str] 
     http = MetricsHTTPServer(registry, listen)
     stop = threading.Event()
 
-    def _stop(signum, frame):
+    def _stop(signum: int, frame: object) -> None:
         stop.set()
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -20,6 +20,8 @@ from ..errors import CloseCode
 from ..receive import DISCARD_REASONS
 
 if TYPE_CHECKING:
+    from ..connection import Connection, ConnectionClosed
+    from ..endpoint import ServerEndpoint
     from .exporter import MetricsHTTPServer
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +80,7 @@ RTT_BUCKETS: Tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                                   0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
-def close_reason(info) -> str:
+def close_reason(info: Optional[ConnectionClosed]) -> str:
     """Map a ConnectionClosed (code, by_peer, error) to one of CLOSE_REASONS."""
     if info is None:
         return "other"
@@ -114,7 +116,7 @@ class _Histogram:
 
     def family(self, name: str, doc: str) -> HistogramMetricFamily:
         buckets, acc = [], 0
-        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts, strict=True):
             acc += n
             buckets.append((floatToGoString(bound), acc))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
@@ -160,12 +162,12 @@ class ServerMetrics(Collector):
         clients told to wait were real (a spoofed source never sees its cookie)
     """
 
-    def __init__(self, endpoint=None, datapath: str = "socket", cipher: str = "aes-256-gcm",
-                 version: Optional[str] = None):
+    def __init__(self, endpoint: Optional[ServerEndpoint] = None, datapath: str = "socket",
+                 cipher: str = "aes-256-gcm", version: Optional[str] = None) -> None:
         self.endpoint = endpoint
         self.build = {"version": version or _version(), "datapath": datapath, "cipher": cipher}
         self._lock = threading.Lock()
-        self._live: Dict[object, bool] = {}          # Connection -> handshake completed
+        self._live: Dict[Connection, bool] = {}      # -> handshake completed
         self._ended = dict.fromkeys(_STAT_FIELDS + _DISCARD_KEYS, 0)
         self._created = 0
         self._completed = 0
@@ -187,7 +189,7 @@ class ServerMetrics(Collector):
         return metrics
 
     # -- hooks (event loop) ------------------------------------------------------------
-    def adopt(self, connections: Iterable) -> None:
+    def adopt(self, connections: Iterable[Connection]) -> None:
         """Count connections that existed before this hook was installed as opened now."""
         with self._lock:
             for conn in connections:
@@ -197,13 +199,13 @@ class ServerMetrics(Collector):
                     self._completed += est
                     self._live[conn] = est
 
-    def connection_created(self, conn) -> None:
+    def connection_created(self, conn: Connection) -> None:
         with self._lock:
             if conn not in self._live:
                 self._created += 1
                 self._live[conn] = False
 
-    def connection_established(self, conn, handshake_seconds: float) -> None:
+    def connection_established(self, conn: Connection, handshake_seconds: float) -> None:
         with self._lock:
             if self._live.get(conn) is True:
                 return
@@ -213,7 +215,7 @@ class ServerMetrics(Collector):
             self._completed += 1
             self._hs_hist.observe(max(0.0, float(handshake_seconds)))
 
-    def connection_ended(self, conn) -> None:
+    def connection_ended(self, conn: Connection) -> None:
         with self._lock:
             if conn not in self._live:
                 return                            # ended twice, or never seen
@@ -343,7 +345,8 @@ class ServerMetrics(Collector):
         rb.add_metric(["rx"], st["bytes_received"])
         yield rb
         sb = CounterMetricFamily("stcp_stream_bytes", "Application stream bytes: carried in sealed records (tx; "
-                                 "retransmitted bytes count again), delivered in order to the application (rx).", labels=["direction"])
+                                 "retransmitted bytes count again), delivered in order to the application (rx).",
+                                 labels=["direction"])
         sb.add_metric(["tx"], st["stream_bytes_sent"])
         sb.add_metric(["rx"], st["stream_bytes_received"])
         yield sb

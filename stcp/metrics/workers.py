@@ -16,7 +16,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 from prometheus_client import generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -26,6 +26,9 @@ from ..supervisor import WorkerSlot, worker_socket_path
 from .exporter import MetricsHTTPServer, process_collectors
 from .server import BuildInfo, ServerMetrics
 from .xdp import XdpCollector
+
+if TYPE_CHECKING:
+    from ..server import Server
 
 log = logging.getLogger("stcp.metrics")
 
@@ -63,8 +66,8 @@ class WorkerCollector(Collector):
     supervisor adds it). `driver` is the worker's AfxdpServerDriver, or a callable that
     returns it (None before the server exists)."""
 
-    def __init__(self, driver):
-        self._driver = driver if callable(driver) else (lambda: driver)
+    def __init__(self, driver: object) -> None:
+        self._driver: Callable[[], object] = driver if callable(driver) else (lambda: driver)
 
     def collect(self) -> Iterator:
         d = self._driver()
@@ -147,8 +150,9 @@ def read_unix(path: str, timeout: float = 2.0) -> str:
     return b"".join(chunks).decode()
 
 
-def serve_worker_metrics(server, directory: str, worker: int, datapath: str = "afxdp",
-                         cipher: str = "aes-256-gcm", *, path: Optional[str] = None, start: bool = True) -> ServerMetrics:
+def serve_worker_metrics(server: Server, directory: str, worker: int, datapath: str = "afxdp",
+                         cipher: str = "aes-256-gcm", *, path: Optional[str] = None,
+                         start: bool = True) -> ServerMetrics:
     """In a worker process: install a ServerMetrics hook on `server` and serve it plus the
     worker's WorkerCollector at worker_socket_path(directory, worker, os.getpid()) (or
     `path`); start=False: bound, serving from result.http.start(). close() the result on
@@ -201,13 +205,13 @@ class WorkerPoolCollector(Collector):
     def _read(self, slots: Sequence[WorkerSlot]) -> Dict[int, Optional[str]]:
         out: Dict[int, Optional[str]] = {s.worker: None for s in slots}
 
-        def one(slot: WorkerSlot) -> None:
+        def one(slot: WorkerSlot, path: str) -> None:
             try:
-                out[slot.worker] = read_unix(slot.path, self.timeout)  # type: ignore[arg-type]
+                out[slot.worker] = read_unix(path, self.timeout)
             except (OSError, ValueError) as e:
                 log.debug("worker %d metrics: %s", slot.worker, e)
 
-        threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in slots if s.alive and s.path]
+        threads = [threading.Thread(target=one, args=(s, s.path), daemon=True) for s in slots if s.alive and s.path]
         for t in threads:
             t.start()
         for t in threads:
@@ -264,7 +268,7 @@ class WorkerPoolCollector(Collector):
                     try:
                         self._ingest(s.worker, text)
                         ok = True
-                    except Exception as e:  # noqa: BLE001 - a garbled answer counts as no answer
+                    except Exception as e:  # a garbled answer counts as no answer
                         log.warning("worker %d served unparsable metrics: %s", s.worker, e)
                 if not ok:                             # (its last gauges stay for _fold)
                     if s.alive and s.path:             # running and said it serves, but no answer
@@ -300,15 +304,15 @@ class WorkerPoolCollector(Collector):
         g = GaugeMetricFamily("stcp_worker_up", WORKER_METRICS["stcp_worker_up"][2], labels=["worker"])
         r = CounterMetricFamily("stcp_worker_restarts", WORKER_METRICS["stcp_worker_restarts_total"][2],
                                 labels=["worker"])
-        e = CounterMetricFamily("stcp_worker_read_errors", WORKER_METRICS["stcp_worker_read_errors_total"][2],
-                                labels=["worker"])
+        errs = CounterMetricFamily("stcp_worker_read_errors", WORKER_METRICS["stcp_worker_read_errors_total"][2],
+                                   labels=["worker"])
         for w in sorted(restarts):
             g.add_metric([str(w)], up.get(w, 0))
             r.add_metric([str(w)], restarts[w])
-            e.add_metric([str(w)], errors.get(w, 0))
+            errs.add_metric([str(w)], errors.get(w, 0))
         yield g
         yield r
-        yield e
+        yield errs
 
 
 class PoolMetrics:

@@ -51,8 +51,8 @@ def seed(target: str) -> int:
     d = corpus_dir(target)
     d.mkdir(parents=True, exist_ok=True)
     made = SEEDS[target]() if target in SEEDS else []
-    for data in made:
-        (d / f"seed-{hashlib.sha1(data).hexdigest()}").write_bytes(data)   # libFuzzer's naming: no duplicates
+    for data in made:                          # named as libFuzzer names its inputs: no duplicates
+        (d / f"seed-{hashlib.sha1(data, usedforsecurity=False).hexdigest()}").write_bytes(data)
     print(f"fuzz {target}: {len(made)} seeds in {d.relative_to(build.ROOT)}", file=sys.stderr)
     return 0
 

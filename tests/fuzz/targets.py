@@ -10,7 +10,7 @@ the time, so the fuzzer reaches the paths that only authentic records reach.
 
     open_records   stcp._aead RecordCipher.open_records  vs  stcp.crypto.RecordKey (pure)
     seal_stream    stcp._aead RecordCipher.seal_stream   vs  stcp.crypto.RecordKey (pure)
-    group_by_cid   stcp._demux.group_by_cid              vs  stcp.endpoint._group_by_cid
+    group_by_cid   stcp._demux.group_by_cid              vs  stcp.endpoint.group_by_cid_ref
     siphash        stcp._siphash.siphash128              vs  stcp.siphash.siphash128_ref
     xsk_frame      stcp._xsk parse_frame, reply_template, udp_frame  vs  tests/support/xsk_frames.py
 """
@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Callable, Dict, List, Sequence
 
 from stcp import crypto, wire
-from stcp.endpoint import _group_by_cid
+from stcp.endpoint import group_by_cid_ref
 from stcp.siphash import siphash128_ref
 from tests.fuzz import build
 from tests.support import xsk_frames
@@ -239,7 +239,7 @@ def group_by_cid(data: bytes) -> None:
         else:
             batch.append((_datagram(inp), addr))
     demux = load("_demux")
-    assert demux.group_by_cid(batch) == _group_by_cid(batch), batch
+    assert demux.group_by_cid(batch) == group_by_cid_ref(batch), batch
 
 
 # --------------------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def _same(c_call: Callable, ref_call: Callable):
         except ValueError as c_exc:
             assert str(c_exc) == str(exc), (str(c_exc), str(exc))
             return None
-        raise AssertionError(f"C accepted what the reference refuses ({exc}): {got!r}")
+        raise AssertionError(f"C accepted what the reference refuses ({exc}): {got!r}") from None
     got = c_call()
     assert got == want, (got, want)
     return got
@@ -289,7 +289,7 @@ def xsk_frame(data: bytes) -> None:
     payload = frame[-(flags >> 3):] if flags >> 3 else b""
     for t in (template, raw_template):
         if t is not None:
-            _same(lambda: xsk.udp_frame(t, payload), lambda: xsk_frames.udp_frame(t, payload))
+            _same(lambda t=t: xsk.udp_frame(t, payload), lambda t=t: xsk_frames.udp_frame(t, payload))
 
 
 def xsk_frame_seeds() -> List[bytes]:

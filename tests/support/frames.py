@@ -11,7 +11,7 @@ import ipaddress
 import struct
 from typing import Iterable, Optional, Sequence, Tuple
 
-from tests.support.packets import csum  # noqa: F401  (re-exported for the XDP tests)
+from tests.support.packets import csum
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP = 0x0800, 0x86DD, 0x0806
 ETH_P_8021Q, ETH_P_8021AD = 0x8100, 0x88A8

@@ -84,7 +84,7 @@ def stop(proc: subprocess.Popen) -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-        raise AssertionError(f"server ignored SIGTERM; stderr: {err!r}")
+        raise AssertionError(f"server ignored SIGTERM; stderr: {err!r}") from None
     return err.decode(errors="replace")
 
 
@@ -122,7 +122,7 @@ def client_results(procs: list, datas: list, outs: list, timeout: float = 120) -
     """Wait for every client; each that exited 0 must have echoed its data intact.
     (how many did, [the non-empty stderr lines of each that did not])."""
     ok, failed = 0, []
-    for p, d, out in zip(procs, datas, outs):
+    for p, d, out in zip(procs, datas, outs, strict=True):
         p.wait(timeout=timeout)
         if p.returncode == 0:
             assert hashlib.sha256(out).digest() == hashlib.sha256(d).digest()
@@ -137,7 +137,7 @@ def echo_all(b, addr: str, datas: list, timeout: float = 120) -> tuple:
     the echo to the end, all at once: client_results for them."""
     procs = clients(b, addr, len(datas))
     outs, readers = read_all(procs)
-    for p, d in zip(procs, datas):
+    for p, d in zip(procs, datas, strict=True):
         p.stdin.write(d)
         p.stdin.close()
     for t in readers:
