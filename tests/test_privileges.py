@@ -49,7 +49,18 @@ def _assert_unprivileged(pid: int) -> dict:
         for k in ("CapEff", "CapPrm", "CapInh", "CapAmb"):
             assert int(st[k], 16) == 0, f"{k} {st[k]}"
         assert st["NoNewPrivs"] == "1"
+    _assert_no_core_dump(pid)
     return proc_status(pid)
+
+
+def _assert_no_core_dump(pid: int) -> None:
+    """No core file (RLIMIT_CORE 0) and not dumpable: the kernel then gives /proc/PID/mem (and
+    the rest of /proc/PID/) to root, so the user the server runs as can neither ptrace it nor
+    read its memory (the keys)."""
+    with open(f"/proc/{pid}/limits") as f:
+        core = next(line for line in f if line.startswith("Max core file size"))
+    assert core.split()[4:6] == ["0", "0"], core
+    assert os.stat(f"/proc/{pid}/mem").st_uid == 0, "the server is dumpable"
 
 
 # --------------------------------------------------------------------------------------
