@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -120,6 +120,16 @@ class _Histogram:
             acc += n
             buckets.append((floatToGoString(bound), acc))
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
+
+
+def _counter_by(name: str, doc: str, label: str, keys: Iterable[str],
+                count: Callable[[str], float]) -> CounterMetricFamily:
+    """A counter family with one sample per key, in the order given: every label value is
+    exported, at zero too, so a query never finds a series missing."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key in keys:
+        family.add_metric([key], count(key))
+    return family
 
 
 def _version() -> str:
@@ -286,21 +296,15 @@ class ServerMetrics(Collector):
                                   "hello (a connection was created) or with a REJECT.", value=s["hs_started"])
         yield CounterMetricFamily("stcp_handshakes_completed", "Handshakes that reached ENCRYPTED (the client's "
                                   "first record authenticated under the new keys).", value=s["hs_completed"])
-        f = CounterMetricFamily("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
-                                "(rejected: bad version or cipher suite; otherwise the close reason).",
-                                labels=["reason"])
-        for r in HANDSHAKE_FAIL_REASONS:
-            f.add_metric([r], s["hs_failed"][r])
-        yield f
+        yield _counter_by("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
+                          "(rejected: bad version or cipher suite; otherwise the close reason).",
+                          "reason", HANDSHAKE_FAIL_REASONS, s["hs_failed"].__getitem__)
         yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
                                 "completed yet.", value=s["in_progress"])
-        rj = CounterMetricFamily("stcp_handshakes_rejected", "REJECTs sent, by code: version (a version this "
-                                 "server does not speak), suite (no common cipher suite), key (the client "
-                                 "named another server key), busy (max_connections or twice the half-open "
-                                 "cap reached).", labels=["code"])
-        for code in REJECT_CODES:
-            rj.add_metric([code], s["rejects"][code])
-        yield rj
+        yield _counter_by("stcp_handshakes_rejected", "REJECTs sent, by code: version (a version this server "
+                          "does not speak), suite (no common cipher suite), key (the client named another "
+                          "server key), busy (max_connections or twice the half-open cap reached).",
+                          "code", REJECT_CODES, s["rejects"].__getitem__)
         ep = s["endpoint"]
         yield CounterMetricFamily("stcp_cookies_sent", "COOKIE replies sent instead of a server hello, with "
                                   "no X25519 and no state: the server was past its hello budget or its "
@@ -327,11 +331,8 @@ class ServerMetrics(Collector):
                                 "or established).", value=s["active"])
         yield CounterMetricFamily("stcp_connections_opened", "Connections created (a server hello was sent).",
                                   value=s["opened"])
-        c = CounterMetricFamily("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
-                                labels=["reason"])
-        for r in CLOSE_REASONS:
-            c.add_metric([r], s["closed"][r])
-        yield c
+        yield _counter_by("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
+                          "reason", CLOSE_REASONS, s["closed"].__getitem__)
 
         # records and bytes
         rec = CounterMetricFamily("stcp_records", "Protected records: sealed and sent (tx), received and "
@@ -369,22 +370,17 @@ class ServerMetrics(Collector):
         yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
                                    "1024 of each), observed when the connection ends.")
 
-        dr = CounterMetricFamily("stcp_records_discarded", "Records that reached a connection and were "
-                                 "discarded without ending it, by reason: from an address not the peer's, "
-                                 "malformed, failing authentication or two key epochs ahead; handshake-class "
-                                 "records that are not a repeat of the connection's hello; longer than "
-                                 "max_datagram; opening a reassembly fragment beyond the cap (PROTOCOL.md 10.2).",
-                                 labels=["reason"])
-        for r in DISCARD_REASONS:
-            dr.add_metric([r], st["discarded:" + r])
-        yield dr
+        yield _counter_by("stcp_records_discarded", "Records that reached a connection and were discarded "
+                          "without ending it, by reason: from an address not the peer's, malformed, failing "
+                          "authentication or two key epochs ahead; handshake-class records that are not a "
+                          "repeat of the connection's hello; longer than max_datagram; opening a reassembly "
+                          "fragment beyond the cap (PROTOCOL.md 10.2).",
+                          "reason", DISCARD_REASONS, lambda r: st["discarded:" + r])
 
         # endpoint
-        d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
-                                "before any connection saw them, by reason.", labels=["reason"])
-        for r in ENDPOINT_DROP_REASONS:
-            d.add_metric([r], s["drops"][r])
-        yield d
+        yield _counter_by("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped before "
+                          "any connection saw them, by reason.", "reason", ENDPOINT_DROP_REASONS,
+                          s["drops"].__getitem__)
         mem = s["memory"]
         yield CounterMetricFamily("stcp_connections_migrated", "Connections moved to a new peer address by an "
                                   "authenticated record from it (NAT rebinding).", value=mem["migrations"])
