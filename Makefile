@@ -11,7 +11,6 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildca
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz]'
 	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash'  # the C extensions built (setup.py, stcp/_ext/)
-	sh scripts/link-system-python.sh $(PY)
 	touch $@
 
 # System packages for the kernel datapath (bcc, kernel headers, libxdp). Root only;

@@ -27,7 +27,7 @@ import os
 import resource
 import statistics
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 MODE_SINK = b"S"
 MODE_ECHO = b"E"
@@ -53,10 +53,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     s.add_argument("--listen", required=True, help="HOST:PORT (port 0 picks one)")
     s.add_argument("--cert")
     s.add_argument("--key")
+    s.add_argument("--client-ca", help="mutual TLS: the CA client certificates must chain to")
+    s.add_argument("--stcp-keys", metavar="DIR", help="STCP: the run's keys (bench.common.make_credentials)")
     c = sub.add_parser("client")
     c.add_argument("--connect", required=True, help="HOST:PORT")
     c.add_argument("--test", required=True, choices=["bulk", "bulk8", "handshake", "rtt"])
-    c.add_argument("--cafile", help="certificate to trust (the server's self-signed cert)")
+    c.add_argument("--cafile", help="the CA to trust (the run's throwaway CA, which signed the server's cert)")
+    c.add_argument("--client-cert", help="mutual TLS: the client's certificate")
+    c.add_argument("--client-key", help="mutual TLS: the client's private key")
+    c.add_argument("--stcp-keys", metavar="DIR", help="STCP: the run's keys (bench.common.make_credentials)")
     c.add_argument("--bytes", type=int, default=256 * 1024 * 1024, help="bulk: bytes to send")
     c.add_argument("--duration", type=float, default=10.0,
                    help="bulk: stop sending after this many seconds even if --bytes is not reached")
@@ -188,43 +193,100 @@ def rtt_messages(count: int, size: int = RTT_SIZE) -> list[bytes]:
 
 # ----------------------------------------------------------------------------- certs
 
-def make_self_signed(dirpath: str, name: str = "bench.stcp.test") -> tuple[str, str]:
-    """ECDSA P-256 self-signed certificate (the usual choice for TLS 1.3 / QUIC servers),
-    valid for `name`, localhost, 127.0.0.1 and ::1.  Clients verify the chain against this
-    certificate and check the name `SERVER_NAME` (not the address, which differs per run)."""
+def make_credentials(dirpath: str, name: str = "bench.stcp.test") -> "Credentials":
+    """Everything the peers authenticate with, made fresh for one run in dirpath:
+
+    - TLS / QUIC: a throwaway CA (ECDSA P-256, self-signed) and, signed by it, a server
+      certificate for `name`, localhost, 127.0.0.1 and ::1, and a client certificate (for
+      the mutual-TLS peer). Clients trust the CA alone, so every TLS handshake verifies a
+      real chain (the leaf's signature by the CA, the name, the validity, the key usage)
+      as a deployment would, and check the name `SERVER_NAME`.
+    - STCP: a server key and a client key (`stcp keygen` files), the server's public key
+      (clients pin it) and an allow list holding the client's (the client-auth peer).
+    """
     import ipaddress
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(path: str, data: bytes) -> str:
+        with open(os.path.join(dirpath, path), "wb") as f:
+            f.write(data)
+        return os.path.join(dirpath, path)
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "STCP bench throwaway CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                       crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn: str, usage, sans):
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return b.sign(ca_key, hashes.SHA256()), key
+
     sans: list[x509.GeneralName] = [x509.DNSName(name), x509.DNSName("localhost"),
                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                                     x509.IPAddress(ipaddress.ip_address("::1"))]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    server_cert, server_key = leaf(name, ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_cert, client_key = leaf("bench client", ExtendedKeyUsageOID.CLIENT_AUTH, None)
+    pem = serialization.Encoding.PEM
+
+    from stcp.identity import encode_key, generate_private_key, public_key, save_private_key
+    stcp_server, stcp_client = generate_private_key(), generate_private_key()
+    save_private_key(os.path.join(dirpath, "stcp-server.key"), stcp_server)
+    save_private_key(os.path.join(dirpath, "stcp-client.key"), stcp_client)
+    write("stcp-server.pub", (encode_key(public_key(stcp_server)) + "\n").encode())
+    write("stcp-clients", (encode_key(public_key(stcp_client)) + " bench client\n").encode())
+    return Credentials(
+        ca=write("ca.pem", ca.public_bytes(pem)),
+        cert=write("server.pem", server_cert.public_bytes(pem)),
+        key=write("server-key.pem", pem_key(server_key)),
+        client_cert=write("client.pem", client_cert.public_bytes(pem)),
+        client_key=write("client-key.pem", pem_key(client_key)),
+        stcp_keys=dirpath,
     )
-    cert_path = os.path.join(dirpath, "cert.pem")
-    key_path = os.path.join(dirpath, "key.pem")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cert_path, key_path
+
+
+class Credentials(NamedTuple):
+    ca: str                 # the CA certificate clients trust (and the mutual-TLS server)
+    cert: str               # the server's certificate, signed by the CA
+    key: str
+    client_cert: str        # the mutual-TLS client's certificate, signed by the CA
+    client_key: str
+    stcp_keys: str          # the directory of stcp-server.key, .pub, stcp-client.key, stcp-clients
+
+
+def stcp_keys(args) -> dict:
+    """The STCP keys of a run (--stcp-keys DIR, made by make_credentials): the server's
+    private key file, its public key (base64, what clients pin), the client's key file and
+    the allow list file holding the client's public key."""
+    d = getattr(args, "stcp_keys", None)
+    if not d:
+        raise SystemExit("the STCP peers need --stcp-keys DIR (bench.run makes one: bench.common.make_credentials)")
+    with open(os.path.join(d, "stcp-server.pub")) as f:
+        pub = f.read().strip()
+    return {"server_key": os.path.join(d, "stcp-server.key"), "server_public": pub,
+            "client_key": os.path.join(d, "stcp-client.key"), "allowed_clients": os.path.join(d, "stcp-clients")}
 
 
 SERVER_NAME = "bench.stcp.test"

@@ -29,8 +29,8 @@ class Hostile:
 
     def __init__(self, server_config: Config | None = None):
         self.now = 0.0
-        self.client = Connection.client(Config(), self.now)
         self.endpoint = ServerEndpoint(server_config or Config())
+        self.client = Connection.client(Config(server_key=self.endpoint.public_key), self.now)
         for d in self.client.datagrams_to_send(self.now):
             conn, _ = self.endpoint.receive(d, ADDR, self.now)
         self.server = conn

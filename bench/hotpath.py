@@ -21,8 +21,8 @@ WRITE = 256 << 10
 
 def transfer(total: int, profile: str = "") -> dict:
     now = 0.0
-    client = Connection.client(Config(), now)
     server = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=server.public_key), now)
     cpu = {"sender": 0.0, "receiver": 0.0}
     prof = cProfile.Profile() if profile else None
     received = 0

@@ -82,7 +82,8 @@ EMPTY = "int stcp_rp_empty(struct sk_reuseport_md *ctx) { return SK_PASS; }"
 
 def empty_program() -> int:
     """fd of an SK_REUSEPORT program that selects nothing."""
-    from bcc import BPF
+    from stcp.datapath.bcc_import import import_bcc
+    BPF = import_bcc()
     b = BPF(text=EMPTY.encode())
     return os.dup(b.load_func(b"stcp_rp_empty", BPF_PROG_TYPE_SK_REUSEPORT).fd)
 

@@ -38,14 +38,20 @@ RESULTS = REPO / "bench" / "results"
 PEERS = {
     "tls": "TLS 1.3 / TCP, Python ssl, blocking",
     "tls_asyncio": "TLS 1.3 / TCP, Python ssl, asyncio",
+    "tls_asyncio_mtls": "TLS 1.3 / TCP, Python ssl, asyncio, client certificates",
     "quic": "QUIC, aioquic (asyncio)",
     "stcp": "STCP socket datapath, asyncio API",
+    "stcp_cauth": "STCP socket datapath, asyncio API, client keys",
     "stcp_blocking": "STCP socket datapath, blocking client",
     "stcp_xdp": "STCP XDP datapath (socket server behind the XDP filter), asyncio API",
     "stcp_afxdp": "STCP AF_XDP datapath, asyncio API",
     "stcp_afxdp2": "STCP AF_XDP datapath, 2 worker processes, asyncio API",
 }
 ALIASES = {"aioquic": "quic", "tls_blocking": "tls", "stcp_asyncio": "stcp"}
+# Every TLS client verifies the server's certificate chain (a throwaway CA made at the start
+# of the run) and every STCP client pins the server's key: both authenticate the server.
+# The "best of" ratios compare these; the client-authenticating pair (stcp_cauth against
+# tls_asyncio_mtls) is compared on its own.
 TLS_PEERS = ("tls", "tls_asyncio")
 STCP_PEERS = ("stcp", "stcp_blocking", "stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 # Servers that report their receive counters per worker on SIGUSR1 (bench.common.stats_on_sigusr1);
@@ -237,17 +243,17 @@ def peer_available(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def server_proc(name: str, side: Side, port: int, cert: str, key: str, errpath: Path,
-                stats_dir: Path | None = None):
+def server_proc(name: str, side: Side, port: int, creds, errpath: Path, stats_dir: Path | None = None):
     argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "server",
-                      "--listen", f"{side.ip}:{port}", "--cert", cert, "--key", key])
+                      "--listen", f"{side.ip}:{port}", "--cert", creds.cert, "--key", creds.key,
+                      "--client-ca", creds.ca, "--stcp-keys", creds.stcp_keys])
     e = env()
     if stats_dir is not None:
         e["BENCH_STATS"] = str(stats_dir)
     with open(errpath, "w") as err:
         p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=e)
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90     # an XDP peer compiles its program first (bcc): slow on a busy machine
         line = ""
         while time.monotonic() < deadline:
             r, _, _ = select.select([p.stdout], [], [], 0.5)
@@ -278,12 +284,13 @@ def _tail(path: Path, n: int = 3) -> str:
 
 
 def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg: Config,
-               cafile: str, errpath: Path) -> dict:
+               creds, errpath: Path) -> dict:
     count = cfg.handshakes if test == "handshake" else cfg.rtts
     size = RTT_SIZES.get(test)
     argv = side.argv([sys.executable, "-m", f"bench.peers.{name}", "client",
                       "--connect", f"{server_ip}:{port}", "--test", "rtt" if size else test,
-                      "--cafile", cafile, "--bytes", str(cfg.bytes), "--duration", str(cfg.duration),
+                      "--cafile", creds.ca, "--client-cert", creds.client_cert, "--client-key", creds.client_key,
+                      "--stcp-keys", creds.stcp_keys, "--bytes", str(cfg.bytes), "--duration", str(cfg.duration),
                       "--count", str(count), "--time-limit", str(cfg.time_limit),
                       "--connections", str(cfg.connections), *(["--size", str(size)] if size else [])])
     timeout = (cfg.duration if test in BULK_TESTS else cfg.time_limit) + 60
@@ -387,13 +394,13 @@ def worker_deltas(a: dict | None, b: dict | None, seconds: float | None) -> list
 
 
 def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Config,
-            cert: str, cerr: Path, stats: ServerStats | None = None) -> dict:
+            creds, cerr: Path, stats: ServerStats | None = None) -> dict:
     """One client run against a live server, with CPU accounting around it."""
     st0 = stats.snapshot() if stats else None
     sn0 = softnet()
     c0, k0, ch0, b0 = tree_cpu(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
     t0 = time.monotonic()
-    r = run_client(name, cli, srv.ip, port, test, cfg, cert, cerr)
+    r = run_client(name, cli, srv.ip, port, test, cfg, creds, cerr)
     c1, k1, ch1, b1 = tree_cpu(proc.pid), kthreads_cpu(), children_cpu(), busy_seconds()
     wall = time.monotonic() - t0
     if stats:
@@ -411,6 +418,13 @@ def measure(name: str, proc, port: int, srv: Side, cli: Side, test: str, cfg: Co
         r["napi_kthreads_cpu_s"] = round(k1 - k0, 3)
         r["cpu_outside_peers_s"] = round(max(0.0, other), 3)
         r["cpu_outside_peers_share"] = round(max(0.0, other) / (wall * (os.cpu_count() or 1)), 3)
+    n = (r.get("latency") or {}).get("n")
+    if test == "handshake" and r.get("ok") and n and "server_cpu_s" in r:
+        # CPU per handshake (connect, handshake, close), both ends: the client's own count
+        # (getrusage, from its first connect) and the server process's (/proc, around the run)
+        client_us, server_us = r["client_cpu_s"] / n * 1e6, r["server_cpu_s"] / n * 1e6
+        r["cpu_us_per_handshake"] = round(client_us + server_us, 1)
+        r["cpu_us_per_handshake_split"] = {"client": round(client_us, 1), "server": round(server_us, 1)}
     if test in BULK_TESTS and r.get("ok") and r.get("bytes_received_by_server"):
         gb = r["bytes_received_by_server"] / 1e9
         r["cpu_s_per_gb"] = {"client": round(r["client_cpu_s"] / gb, 2),
@@ -438,7 +452,7 @@ def extra_pair(a, b, i: int, mtu: int, queues: int):
     return ha, hb
 
 
-def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, key: str,
+def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, creds,
                 logdir: Path, t_end: float, on_progress=lambda results: None,
                 sides: dict | None = None, tests: tuple = TESTS) -> dict:
     """All peers' servers run at once (idle ones cost nothing); the client runs go round
@@ -462,8 +476,7 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
                 stats_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"stcp-bench-{name}-")))
                 os.chmod(stats_dir, 0o777)
             try:
-                proc, port = stack.enter_context(server_proc(name, psrv, PORTS[name], cert, key, errpath,
-                                                             stats_dir))
+                proc, port = stack.enter_context(server_proc(name, psrv, PORTS[name], creds, errpath, stats_dir))
             except Exception as e:  # one peer failing must not end the run
                 res.reason = f"{type(e).__name__}: {e}"
                 log(f"[{name}] failed: {res.reason}")
@@ -478,7 +491,7 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, cert: str, 
                         runs[name][test].append({"test": test, "ok": False,
                                                  "error": "skipped: run time budget spent"})
                         continue
-                    r = measure(name, proc, port, psrv, pcli, test, cfg, cert,
+                    r = measure(name, proc, port, psrv, pcli, test, cfg, creds,
                                 logdir / f"{name}.client.log", stats)
                     runs[name][test].append(r)
                     log(f"[{name}] {test} #{i + 1}: " + brief(r, test))
@@ -509,7 +522,8 @@ def brief(r: dict, test: str) -> str:
                 f"{extra})")
     lat = r["latency"]
     if test == "handshake":
-        return f"{r['per_s']}/s p50 {lat['p50_us']} us p99 {lat['p99_us']} us"
+        cpu = f", {r['cpu_us_per_handshake']} us CPU each" if "cpu_us_per_handshake" in r else ""
+        return f"{r['per_s']}/s p50 {lat['p50_us']} us p99 {lat['p99_us']} us{cpu}"
     return f"p50 {lat['p50_us']} us p99 {lat['p99_us']} us"
 
 
@@ -555,6 +569,19 @@ def ratios(results: dict) -> list[dict]:
     for s, t, api in (("stcp", "tls_asyncio", "asyncio"), ("stcp_blocking", "tls", "blocking")):
         add(f"STCP handshakes/s ÷ TLS handshakes/s ({api} clients)", (s, figure(results, s, "handshake")),
             (t, figure(results, t, "handshake")), TARGETS["handshakes_vs_tls"], ">=", "like for like")
+        add(f"STCP CPU per handshake ÷ TLS CPU per handshake ({api} clients)",
+            (s, figure(results, s, "handshake", "cpu_us_per_handshake")),
+            (t, figure(results, t, "handshake", "cpu_us_per_handshake")), None, "",
+            "like for like, client + server CPU, informational")
+        if api == "asyncio":    # both ends authenticated: client keys against client certificates
+            add("STCP handshakes/s ÷ TLS handshakes/s, client authenticated (asyncio clients)",
+                ("stcp_cauth", figure(results, "stcp_cauth", "handshake")),
+                ("tls_asyncio_mtls", figure(results, "tls_asyncio_mtls", "handshake")),
+                TARGETS["handshakes_vs_tls"], ">=", "like for like")
+            add("STCP CPU per handshake ÷ TLS CPU per handshake, client authenticated (asyncio clients)",
+                ("stcp_cauth", figure(results, "stcp_cauth", "handshake", "cpu_us_per_handshake")),
+                ("tls_asyncio_mtls", figure(results, "tls_asyncio_mtls", "handshake", "cpu_us_per_handshake")),
+                None, "", "like for like, client + server CPU, informational")
         for test in RTT_SIZES:
             size = f"{RTT_SIZES[test] // 1024} KB" if RTT_SIZES[test] >= 1024 else f"{RTT_SIZES[test]} B"
             for key, pct, target in (("p50_us", "p50", "rtt_p50_vs_tls"), ("p99_us", "p99", "rtt_p99_vs_tls")):
@@ -580,6 +607,29 @@ def ratios(results: dict) -> list[dict]:
 
 def fmt(v, nd=1, scale=1.0):
     return "–" if v is None else f"{v * scale:,.{nd}f}"
+
+
+def handshake_table(doc: dict) -> list[str]:
+    """CPU per handshake of each peer, from the median handshake run."""
+    rows = []
+    for pr in doc["peers"].values():
+        s = (pr["tests"].get("handshake") or {}).get("summary") or {} if pr["available"] else {}
+        split = s.get("cpu_us_per_handshake_split")
+        if split:
+            lat = s["latency"]
+            rows.append(f"| {pr['label']} | {fmt(s['per_s'])} | {fmt(lat['p50_us'], 2, 1e-3)} / "
+                        f"{fmt(lat['p99_us'], 2, 1e-3)} | {fmt(split['client'], 0)} + "
+                        f"{fmt(split['server'], 0)} = {fmt(s['cpu_us_per_handshake'], 0)} |")
+    if not rows:
+        return []
+    return ["", "Handshakes, authenticated: every TLS client verifies the server's certificate chain (a throwaway "
+            "ECDSA P-256 CA made for the run signed the server's certificate), every STCP client pins the "
+            "server's key; the client-certificate and client-key peers authenticate the client too. CPU per "
+            "handshake = CPU time of the client process (from its first connect) and of the server process "
+            "during the run, ÷ handshakes (connect, handshake and close each; the median run by "
+            "handshakes/s).", "",
+            "| Peer | Handshakes/s | p50 / p99 ms | CPU µs per handshake, client + server |",
+            "|---|---:|---:|---:|", *rows]
 
 
 def worker_table(doc: dict) -> list[str]:
@@ -668,6 +718,7 @@ def markdown(doc: dict) -> str:
         if pr.get("reason"):
             cells[0] += f" (error: {pr['reason']})"
         out.append("| " + " | ".join(cells) + " |")
+    out.extend(handshake_table(doc))
     out.extend(worker_table(doc))
     out.append("")
     out.append("| Ratio | Value | Target | Met | Peers compared |")
@@ -775,7 +826,7 @@ def main(argv=None) -> int:
         PROFILE_DIR.mkdir(exist_ok=True)
 
     sys.path.insert(0, str(REPO))
-    from bench.common import make_self_signed
+    from bench.common import make_credentials
 
     ncpu = os.cpu_count() or 1
     srv_cpu, cli_cpu = (0, 1) if ncpu >= 2 else (None, None)
@@ -785,7 +836,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="stcp-bench-") as tmp:
         os.chmod(tmp, 0o755)
-        cert, key = make_self_signed(tmp)
+        creds = make_credentials(tmp)
         logdir = out / "logs"
         logdir.mkdir(exist_ok=True)
 
@@ -831,7 +882,7 @@ def main(argv=None) -> int:
                                  + " between the same namespaces, since an interface holds one XDP program")
             log(f"bench: {topology}")
             results = bench_peers(
-                names, srv, cli, cfg, cert, key, logdir, t_end,
+                names, srv, cli, cfg, creds, logdir, t_end,
                 lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False),
                 sides, tests)
 

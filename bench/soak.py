@@ -340,7 +340,7 @@ def soak(args) -> dict:
                 m = scrape(a.ns)
                 smp.update(active=m.get("stcp_connections_active", 0),
                            memory_used=m.get("stcp_memory_used_bytes", 0),
-                           cookies=m.get("stcp_cookies_sent_total", 0),
+                           cookies=m.get("stcp_handshake_cookies_sent_total", 0),
                            discarded=m.get("stcp_records_discarded_total", 0),
                            opened=m.get("stcp_connections_opened_total", 0))
             except OSError as e:

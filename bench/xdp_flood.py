@@ -154,7 +154,9 @@ def honest_transfer(b, addr: str, data_path: Path, size: int, digest: str, timeo
     """`stcp connect` echo of the file; goodput from the first to the last echoed byte. gso=False
     when the server's XDP runs in generic mode, which would see a same-host GSO buffer as one
     datagram (docs/OPERATIONS.md section 6)."""
-    argv = pinned(CLIENT_CPU, [sys.executable, "-m", "stcp.cli.main", "connect", addr])
+    from tests.support.procs import session_key
+    argv = pinned(CLIENT_CPU, [sys.executable, "-m", "stcp.cli.main", "connect", "--server-key", session_key()[1],
+                               addr])
     t0 = time.monotonic()
     with open(data_path, "rb") as f:
         p = subprocess.Popen(b.cmd(*argv), stdin=f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -200,7 +202,8 @@ def scenario(name: str, flood_exe: Path, xdp: bool, flood: bool, cfg: argparse.N
     res: dict = {"name": name, "xdp": xdp, "flood": flood}
     with veth_pair() as (a, b):
         addr = f"{a.ip4}:{PORT}"
-        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr]
+        from tests.support.procs import session_key
+        argv = [sys.executable, "-m", "stcp.cli.main", "serve", "--listen", addr, "--key", session_key()[0]]
         if xdp:
             argv += ["--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode]
         server = subprocess.Popen(a.cmd(*pinned(SERVER_CPU, argv)), stdin=subprocess.DEVNULL,
@@ -299,13 +302,13 @@ def prog_test_run(repeat: int = 1_000_000) -> dict:
     one crafted frame and reports the mean duration. A trivial XDP_DROP program is the floor."""
     import ctypes
 
-    from bcc import BPF
-
     from stcp.datapath import bpf, xdp_prog
+    from stcp.datapath.bcc_import import import_bcc
     from stcp.datapath.xdp import XdpDatapath
     from tests.support.packets import data_record, hello, udp_frame
     from tests.support.testrun import Opts
 
+    BPF = import_bcc()
     lib = bpf.libbpf()
     lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
 

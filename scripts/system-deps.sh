@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs the Debian packages the kernel datapath needs (and prometheus, whose server and
-# promtool the metrics tests use; clang for the fuzz build's coverage counters), once. Needs root and apt-get.
+# promtool the metrics tests use; clang and llvm build the XDP object, clang the fuzz build), once.
+# Needs root and apt-get.
 set -eu
-PKGS="python3-bpfcc libbpfcc linux-headers-amd64 libxdp-dev libbpf-dev xdp-tools bpftool iproute2 libssl-dev gcc python3-dev prometheus clang"
+PKGS="python3-bpfcc libbpfcc linux-headers-amd64 libxdp-dev libbpf-dev xdp-tools bpftool iproute2 libssl-dev gcc python3-dev prometheus clang llvm"
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "system-deps: not root or no apt-get; kernel datapath tests will skip (run 'sudo make system-deps')"
     exit 0

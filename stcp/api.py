@@ -1,20 +1,138 @@
 """The asyncio user API: `open_connection`, and the stream reader and writer a connection is
 used through (a server's handler gets them from stcp.server), shaped like their asyncio
-namesakes (the blocking `connect` is in stcp.blocking).
+namesakes (the blocking `connect` is in stcp.blocking); and how a client names the server
+key it accepts (`server_key=`, `stcp.UNAUTHENTICATED`) and its own key (`client_key=`).
 """
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Iterable, List, Optional, Tuple
+import copy
+import os
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
 from . import wire
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+from .errors import CloseCode, ConnectionTerminated, HandshakeFailed, HandshakeTimeout
+from .handshake import ServerKeyPolicy
+from .identity import KEY_LEN, decode_key, load_private_key, load_public_keys
 
 DEFAULT_PORT = 7443
 WRITE_HIGH_WATER = 4 << 20     # drain() waits while more than this is unacknowledged
+
+
+class Unauthenticated:
+    """stcp.UNAUTHENTICATED, as server_key=: accept any server key: an active attacker can
+    read and change everything.
+
+    The connection is still encrypted (a passive eavesdropper learns nothing), but nothing
+    says who is at the other end: a relay in the middle runs one handshake with you and one
+    with the server, and reads and rewrites what passes. Pin the server's public key instead
+    (`stcp serve` prints it; `server.public_key` in Python). There is one instance."""
+
+    _instance: Optional["Unauthenticated"] = None
+
+    def __new__(cls) -> "Unauthenticated":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "stcp.UNAUTHENTICATED"
+
+
+UNAUTHENTICATED = Unauthenticated()
+
+
+class Missing:
+    """The type of MISSING, the default of a required server_key= (a TypeError when left)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+MISSING = Missing()       # the default of a required server_key=: omitting it is a TypeError
+
+# What a client may pass as server_key=: the server's public key (32 raw bytes, or the base64
+# text `stcp serve` and `stcp keygen` print), a function deciding on the presented key (it may
+# raise stcp.handshake.ServerKeyRefused to say why not), or stcp.UNAUTHENTICATED.
+ServerKey = Union[bytes, str, Callable[[bytes], bool], Unauthenticated]
+# A private key: 32 raw bytes, or the path of a key file (`stcp keygen --out FILE`).
+PrivateKey = Union[bytes, str, "os.PathLike[str]"]
+# An allow list: public keys (32 raw bytes or base64 text), or the path of a file of them.
+PublicKeys = Union[Iterable[Union[bytes, str]], str, "os.PathLike[str]"]
+
+
+def server_key_policy(server_key: Union[ServerKey, Missing], where: str) -> ServerKeyPolicy:
+    """The Config.server_key of a server_key= argument (TypeError when it is missing)."""
+    if server_key is MISSING or server_key is None:
+        raise TypeError(f"{where}() needs server_key=: the server's public key (32 bytes, or the base64 "
+                        f"text `stcp serve` prints), or stcp.UNAUTHENTICATED to accept any server key "
+                        f"(then an active attacker can read and change everything)")
+    if isinstance(server_key, Unauthenticated):
+        return None
+    if isinstance(server_key, (bytes, bytearray, memoryview)):
+        key = bytes(server_key)
+        if len(key) != KEY_LEN:
+            raise ValueError(f"server_key is {len(key)} bytes; the server's public key is {KEY_LEN} "
+                             f"(or its base64 text)")
+        return key
+    if isinstance(server_key, str):
+        return decode_key(server_key, "server_key")
+    if callable(server_key):
+        return server_key
+    raise TypeError(f"server_key must be the server's public key (bytes or base64 text) or "
+                    f"stcp.UNAUTHENTICATED, not {type(server_key).__name__}")
+
+
+def private_key(key: PrivateKey, what: str) -> bytes:
+    """32 raw private-key bytes from a private key or a key file's path."""
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+        if len(raw) != KEY_LEN:
+            raise ValueError(f"{what} is {len(raw)} bytes; a private key is {KEY_LEN} (or a key file's path)")
+        return raw
+    if isinstance(key, (str, os.PathLike)):
+        return load_private_key(os.fspath(key))
+    raise TypeError(f"{what} must be a {KEY_LEN}-byte private key or a key file's path, not {type(key).__name__}")
+
+
+def public_keys(keys: PublicKeys, what: str) -> List[bytes]:
+    """Public keys from raw keys, base64 texts, or an allow list file's path."""
+    if isinstance(keys, (str, os.PathLike)):
+        return load_public_keys(os.fspath(keys))
+    out = []
+    for k in keys:
+        if isinstance(k, str):
+            out.append(decode_key(k, f"a key in {what}"))
+        elif isinstance(k, (bytes, bytearray, memoryview)) and len(k) == KEY_LEN:
+            out.append(bytes(k))
+        else:
+            raise ValueError(f"{what} must hold {KEY_LEN}-byte public keys or their base64 text")
+    return out
+
+
+def with_keys(config: Config, policy: ServerKeyPolicy, static: Optional[bytes]) -> Config:
+    """config with this server-key policy and static key (config itself when it has them
+    already: deriving a static key's public half costs an X25519 multiplication)."""
+    if config.server_key is policy and config.static_key == static:
+        return config
+    out = copy.copy(config)
+    out.server_key = policy
+    if static != config.static_key:
+        out.static_key = static
+        out.__post_init__()
+    return out
+
+
+def client_config(config: Optional[Config], cipher: Optional[str], server_key: Union[ServerKey, Missing],
+                  client_key: Optional[PrivateKey], where: str) -> Config:
+    """The Config of a client call: its server_key= and client_key= over config (or cipher)."""
+    policy = server_key_policy(server_key, where)
+    config = config or make_config(cipher)
+    static = private_key(client_key, "client_key") if client_key is not None else config.static_key
+    return with_keys(config, policy, static)
 
 
 def make_config(cipher: Optional[str] = None, **overrides: Any) -> Config:
@@ -31,6 +149,8 @@ def closed_error(info: ConnectionClosed) -> Optional[Exception]:
         return None
     if info.code == CloseCode.HANDSHAKE_TIMEOUT:
         return None    # reported by open_connection as HandshakeTimeout
+    if info.code == CloseCode.HANDSHAKE_FAILED and not info.by_peer:
+        return HandshakeFailed(info.reason)
     return ConnectionTerminated(info.code, info.reason, by_peer=info.by_peer)
 
 
@@ -266,6 +386,9 @@ class StreamWriter:
             raise exc
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """As asyncio's, plus "peer_key": the peer's proven static public key (on a client,
+        the server's; on a server, the client's, or None if it proved none), "cipher", "cid"
+        and "connection"."""
         conn = self._handle.conn
         driver = self._handle.driver
         if name == "peername":
@@ -284,6 +407,8 @@ class StreamWriter:
             return conn.local_cid
         if name == "connection":
             return conn
+        if name == "peer_key":
+            return conn.peer_static_key
         return default
 
 
@@ -294,11 +419,21 @@ def explain_unreachable(exc: HandshakeTimeout, host: str, port: int) -> None:
                 f"listening on {host}:{port}?)",)
 
 
-async def open_connection(host: str, port: int = DEFAULT_PORT, *, config: Optional[Config] = None,
+async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Union[ServerKey, Missing] = MISSING,
+                          client_key: Optional[PrivateKey] = None, config: Optional[Config] = None,
                           cipher: Optional[str] = None) -> Tuple[StreamReader, StreamWriter]:
-    """Handshake with an STCP server; return (reader, writer) once the connection is ENCRYPTED."""
+    """Handshake with an STCP server; return (reader, writer) once the connection is ENCRYPTED.
+
+    server_key (required): the server's public key, 32 bytes or the base64 text `stcp serve`
+      prints; only the holder of its private key gets past the handshake (anyone else, a
+      relay included, ends in a HandshakeFailed "expected server key ..., presented ..."
+      at the handshake timeout, before any byte of yours is sent). stcp.UNAUTHENTICATED:
+      accept any server key: an active attacker can read and change everything.
+    client_key: this client's private key (32 bytes, or a key file's path), proven to the
+      server (which may admit only listed keys); None proves none.
+    """
+    config = client_config(config, cipher, server_key, client_key, "open_connection")
     loop = asyncio.get_running_loop()
-    config = config or make_config(cipher)
     sock = connect_udp(host, port)
     conn = Connection.client(config, loop.time())
     driver = ClientDriver(loop, sock, conn)

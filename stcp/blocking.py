@@ -22,10 +22,19 @@ import socket
 import threading
 import warnings
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Hashable, List, Optional, Self, Tuple, Union
 
 from . import wire
-from .api import WRITE_HIGH_WATER, closed_error, explain_unreachable, make_config
+from .api import (
+    MISSING,
+    WRITE_HIGH_WATER,
+    Missing,
+    PrivateKey,
+    ServerKey,
+    client_config,
+    closed_error,
+    explain_unreachable,
+)
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import (
@@ -58,10 +67,11 @@ class BlockingConnection:
     timeout too (and at most Config.handshake_timeout), raising HandshakeTimeout.
     """
 
-    def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None,
-                 config: Optional[Config] = None):
+    def __init__(self, address: Tuple[str, int], timeout: Optional[float] = None, *,
+                 server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
+                 config: Optional[Config] = None, cipher: Optional[str] = None):
         host, port = address[0], address[1]
-        config = config or make_config()
+        config = client_config(config, cipher, server_key, client_key, "connect")
         if timeout is not None and 0 < timeout < config.handshake_timeout:
             config = dataclasses.replace(config, handshake_timeout=timeout)
         self.timeout = timeout
@@ -198,6 +208,12 @@ class BlockingConnection:
     def cipher(self) -> str:
         """The negotiated AEAD, as named in make_config (e.g. "aes-256-gcm")."""
         return {v: k for k, v in wire.SUITES.items()}[self._conn.suite]
+
+    def peer_key(self) -> bytes:
+        """The server's static public key, as it proved it in the handshake."""
+        key = self._conn.peer_static_key
+        assert key is not None          # a client is ENCRYPTED only with the server's key proven
+        return key
 
     @property
     def connection(self) -> Connection:
@@ -430,7 +446,13 @@ class BlockingConnection:
             os.close(self._wakeup)
 
 def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
+            server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,
             config: Optional[Config] = None, cipher: Optional[str] = None) -> BlockingConnection:
-    """Blocking client: `with stcp.connect(("127.0.0.1", 7443)) as c: c.sendall(b"hi")`.
-    Returns once the handshake is done (HandshakeTimeout if it is not within the timeout)."""
-    return BlockingConnection(address, timeout, config or make_config(cipher))
+    """Blocking client: `with stcp.connect(("127.0.0.1", 7443), server_key=KEY) as c: c.sendall(b"hi")`.
+    Returns once the handshake is done (HandshakeTimeout if it is not within the timeout).
+
+    server_key (required) and client_key are as for stcp.open_connection: the server's
+    public key (bytes or base64), or stcp.UNAUTHENTICATED: accept any server key: an active
+    attacker can read and change everything."""
+    return BlockingConnection(address, timeout, server_key=server_key, client_key=client_key, config=config,
+                              cipher=cipher)

@@ -49,7 +49,7 @@ class Stats:
     key_updates_sent: int = 0
     key_updates_received: int = 0
     handshake_hints_ignored: int = 0          # client: unverifiable replies during KEY_EXCHANGE
-    client_auth_missing: int = 0              # server with an allow list: records without CLIENT_AUTH
+    client_auth_missing: int = 0              # server with an allow list: a keyless client (ACCESS_DENIED)
     rtt_samples: List[float] = field(default_factory=list)
 
 
@@ -361,10 +361,12 @@ class Connection(ReceivePath, SendPath):
         self._cookie_resend_at = now + 0.1
         self._out.append(hs.hello_record)
 
-    def _server_confirms(self, plaintext: bytes) -> bool:
+    def _server_confirms(self, plaintext: bytes) -> None:
         """Server in KEY_EXCHANGE, the client's first authenticated record: check its
-        CLIENT_AUTH (PROTOCOL.md section 5.6). False: discard it unacknowledged (an allow list
-        and no CLIENT_AUTH first); raises for a bad proof or a key not on the list."""
+        CLIENT_AUTH (PROTOCOL.md section 5.6); raises for a bad proof, a key not on the allow
+        list, or no CLIENT_AUTH at a server with one. A client with a key starts every record
+        with CLIENT_AUTH until one is acknowledged, and nothing is acknowledged before this
+        point, so an authenticated record without it comes from a client that has no key."""
         allowed = self.config.allowed_clients
         if len(plaintext) >= wire.CLIENT_AUTH_FRAME_LEN and plaintext[0] == wire.FRAME_CLIENT_AUTH:
             frame = wire.decode_frames(plaintext[:wire.CLIENT_AUTH_FRAME_LEN])[0]
@@ -375,8 +377,7 @@ class Connection(ReceivePath, SendPath):
             self.peer_static_key = frame.static_key
         elif allowed is not None:
             self.stats.client_auth_missing += 1
-            return False
-        return True
+            raise AccessDenied("this server admits only listed client keys, and the client proved none")
 
     def _keys_confirmed(self, now: float) -> None:
         self._set_state(Event.KEYS_CONFIRMED)

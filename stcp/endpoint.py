@@ -89,7 +89,8 @@ class EndpointStats:
     rejected_busy: int = 0            # REJECT_BUSY: max_connections or the half-open hard cap
     cookies_sent: int = 0             # COOKIE replies: past the hello budget or half-open cap
     cookie_admitted: int = 0          # hellos served under load on the strength of a valid cookie
-    clients_not_allowed: int = 0      # connections ended ACCESS_DENIED (counted at remove())
+    clients_not_allowed: int = 0      # connections ended ACCESS_DENIED: a key not on the allow list
+    clients_without_key: int = 0      # ... ACCESS_DENIED: no key proven (both counted at remove())
     resets_sent: int = 0              # stateless RESETs for data records naming no connection
     resets_rate_limited: int = 0      # ... not sent: over the RESET budget
     migrations: int = 0               # connections moved to a new peer address (§10.2)
@@ -320,7 +321,10 @@ class ServerEndpoint:
     def remove(self, conn: Connection) -> None:
         if self.connections.pop(conn.local_cid, None) is conn and conn.close_info is not None \
                 and conn.close_info.code == CloseCode.ACCESS_DENIED and not conn.close_info.by_peer:
-            self.stats.clients_not_allowed += 1
+            if conn.stats.client_auth_missing:
+                self.stats.clients_without_key += 1
+            else:
+                self.stats.clients_not_allowed += 1
         self._half_open.pop(conn, None)
         self.peer_addr.pop(conn.local_cid, None)
         key = self._hello_key.pop(conn.local_cid, None)

@@ -78,6 +78,16 @@ class ConnectionTerminated(STCPError, ConnectionError):
         super().__init__(f"{who}: {name}" + (f" ({reason})" if reason else ""))
 
 
+class HandshakeFailed(ConnectionTerminated):
+    """The client's handshake ended without an acceptable server hello, having seen one it
+    refused or a REJECT: `reason` says what (e.g. "expected server key SHA256:..., presented
+    SHA256:..." when the server, or a relay, holds another key than the one pinned)."""
+
+    def __init__(self, reason: str):
+        super().__init__(CloseCode.HANDSHAKE_FAILED, reason)
+        self.args = (f"handshake failed: {reason}",)
+
+
 class HandshakeTimeout(STCPError, TimeoutError):
     def __init__(self, seconds: float):
         self.seconds = seconds

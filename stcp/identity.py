@@ -1,9 +1,11 @@
-"""Static X25519 identity keys: generation, key files, text form and fingerprints.
+"""Static X25519 identity keys: generation, key files, allow lists, text form and fingerprints.
 
 A server always has one (docs/PROTOCOL.md section 5); a client may have one to prove with
 CLIENT_AUTH. Key files are as WireGuard's: one line of base64 holding the 32-byte private
 key, mode 0600. Loading refuses a file others can read (as ssh does) and saving refuses
 to overwrite. A fingerprint is ssh's: "SHA256:" + unpadded base64 of SHA-256(public key).
+An allow list is a file of public keys, one per line. A server given no key keeps one in
+its state directory (state_dir_key), so it keeps its identity across restarts.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import binascii
 import hashlib
 import os
 import stat
+from typing import List, Optional, Tuple
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -20,7 +23,7 @@ from .errors import STCPError
 KEY_LEN = 32
 
 
-class InvalidKey(STCPError):
+class InvalidKey(STCPError, ValueError):
     """A key or key file that cannot be used; the message is one line that says what to do."""
 
 
@@ -101,3 +104,71 @@ class StaticKey:
 
     def private_bytes(self) -> bytes:
         return self.private.private_bytes_raw()
+
+
+def read_private_key(text: str, what: str = "private key") -> bytes:
+    """A private key from the text of a key file (as `stcp pubkey` reads it from stdin)."""
+    return decode_key(text, what)
+
+
+def key_file_lines(path: str, what: str, missing_ok: bool = False) -> List[Tuple[int, List[str]]]:
+    """(line number, whitespace-separated fields) of each line of a text file of keys (an
+    allow list, a known-hosts file) that is not blank or a '#' comment. A file that cannot
+    be read is an InvalidKey naming `what`; a missing one has no lines if missing_ok."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise InvalidKey(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidKey(f"cannot read {what} {path}: {exc.strerror}") from None
+    return [(n, line.split()) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def load_public_keys(path: str) -> List[bytes]:
+    """An allow list file: one base64 public key per line; blank lines, lines starting with
+    '#' and anything after a key and whitespace (a comment naming the client) are ignored.
+    A line that is not a key is an InvalidKey naming the file and line."""
+    return [decode_key(fields[0], f"allow list {path} line {n}") for n, fields in key_file_lines(path, "allow list")]
+
+
+# --- the server's key in its state directory ---------------------------------------
+SERVER_KEY_FILE = "server.key"
+
+
+def default_state_dir() -> str:
+    """Where `stcp serve` keeps the key it makes when given none: /var/lib/stcp for root,
+    else $XDG_STATE_HOME/stcp, else ~/.local/state/stcp."""
+    if os.geteuid() == 0:
+        return "/var/lib/stcp"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "stcp")
+
+
+def state_dir_key(state_dir: Optional[str]) -> Tuple[bytes, str, bool]:
+    """The server key kept in `state_dir` (None: default_state_dir(), created 0700 with its
+    parents if missing); one is made on first use. Returns (private key, path, made now).
+    A state directory named explicitly must exist: a typo must not scatter keys about."""
+    directory = state_dir or default_state_dir()
+    if state_dir is None:
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise InvalidKey(f"cannot create state directory {directory}: {exc.strerror} "
+                             f"(choose one with --state-dir DIR, or give the key with --key FILE)") from None
+    elif not os.path.isdir(directory):
+        raise InvalidKey(f"state directory {directory} does not exist: create it (mkdir -m 700 {directory}) "
+                         f"or give the key with --key FILE")
+    path = os.path.join(directory, SERVER_KEY_FILE)
+    if os.path.lexists(path):
+        return load_private_key(path), path, False
+    private = generate_private_key()
+    try:
+        save_private_key(path, private)
+    except InvalidKey:
+        if not os.path.lexists(path):
+            raise
+        return load_private_key(path), path, False     # another process made it meanwhile
+    return private, path, True

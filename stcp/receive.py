@@ -198,8 +198,8 @@ class ReceivePath(ConnectionFields):
     def _accept(self, plaintext: bytes, pn: int, epoch: int, record_len: int, now: float) -> bool:
         """Act on the frames of an authenticated record that is not a duplicate; True when it
         was taken (its pn marked received) and is the newest from the peer."""
-        if self.state == State.KEY_EXCHANGE and not self._server_confirms(plaintext):
-            return False              # neither acknowledged nor marked received
+        if self.state == State.KEY_EXCHANGE:
+            self._server_confirms(plaintext)        # raises unless the client may come in
         recv = self._recv
         if len(plaintext) >= wire.STREAM_FRAME_OVERHEAD and plaintext[0] == wire.FRAME_STREAM:
             # the bulk case, a record holding one STREAM frame and nothing else, without

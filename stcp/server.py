@@ -20,6 +20,7 @@ WorkerPool: a stcp.supervisor.Supervisor attaching the program and starting the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import socket
@@ -27,12 +28,23 @@ import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import privileges, wire
-from .api import DEFAULT_PORT, ConnectionHandle, StreamReader, StreamWriter, make_config
+from .api import (
+    DEFAULT_PORT,
+    ConnectionHandle,
+    PrivateKey,
+    PublicKeys,
+    StreamReader,
+    StreamWriter,
+    make_config,
+    private_key,
+    public_keys,
+)
 from .connection import Config, Connection
 from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
 from .errors import CloseCode, ConnectionTerminated
+from .identity import generate_private_key, public_key
 
 # The kernel datapaths (ctypes, libbpf, the worker supervisor) are imported when a server
 # asks for one: a client or a socket-datapath server does not load them.
@@ -77,6 +89,11 @@ class Server:
     @property
     def endpoint(self) -> ServerEndpoint:
         return self.driver.endpoint
+
+    @property
+    def public_key(self) -> bytes:
+        """The server's static public key (32 bytes): what its clients pin (server_key=)."""
+        return self.endpoint.public_key
 
     def _on_new(self, conn: Connection) -> None:
         handle = ConnectionHandle(self.driver, conn)
@@ -143,6 +160,21 @@ def cipher_name(config: Config) -> str:
     return {v: k for k, v in wire.SUITES.items()}[config.suite]
 
 
+def identity_config(config: Config, server_key: Optional[PrivateKey] = None,
+                    allowed_clients: Optional[PublicKeys] = None) -> Config:
+    """config with the server's identity: server_key (a private key or a key file's path;
+    None: config.static_key, else a fresh key, which a restarted server will not have) and
+    allowed_clients (None: config.allowed_clients)."""
+    changes: Dict[str, Any] = {}
+    if server_key is not None:
+        changes["static_key"] = private_key(server_key, "server_key")
+    elif config.static_key is None:
+        changes["static_key"] = generate_private_key()
+    if allowed_clients is not None:
+        changes["allowed_clients"] = public_keys(allowed_clients, "allowed_clients")
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_mode: str = "auto",
                   max_record_len: Optional[int] = None, xdp_limits: Optional[Mapping[str, int]] = None,
                   afxdp_tx: str = "socket", worker: Optional[WorkerRole] = None) -> Datapath:
@@ -170,9 +202,19 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
                 datapath: Union[str, Datapath] = "socket", iface: Optional[str] = None, xdp_mode: str = "auto",
                 xdp_limits: Optional[Mapping[str, int]] = None, afxdp_tx: str = "socket",
                 worker: Optional[WorkerRole] = None, config: Optional[Config] = None,
-                cipher: Optional[str] = None, metrics: Optional[str] = None, hooks: Sequence[object] = (),
-                max_connections: int = 100_000, drop_privileges: Union[bool, str] = False) -> Server:
+                cipher: Optional[str] = None, server_key: Optional[PrivateKey] = None,
+                allowed_clients: Optional[PublicKeys] = None, metrics: Optional[str] = None,
+                hooks: Sequence[object] = (), max_connections: int = 100_000,
+                drop_privileges: Union[bool, str] = False) -> Server:
     """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
+
+    server_key: the server's private key (32 bytes, or a key file's path, `stcp keygen
+      --out FILE`). None: config.static_key, else a fresh key for this server alone (a
+      restart gets another, and clients that pinned the old one refuse it). Clients pin
+      `server.public_key`. In a worker (below), the key the supervisor handed down.
+    allowed_clients: admit only clients that prove one of these public keys (32 bytes or
+      base64 text each, or an allow list file's path); the others end ACCESS_DENIED.
+      None: anyone; `writer.get_extra_info("peer_key")` tells a handler who proved what.
 
     datapath: "socket" (a UDP socket), "xdp" (the UDP socket behind the XDP program on
       `iface`, which drops what belongs to no live connection; an STCP program already
@@ -201,6 +243,11 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     """
     privileges.suppress_core_dumps()
     config = config or make_config(cipher)
+    if worker is not None and worker.static_key is not None:
+        if server_key is not None or config.static_key not in (None, worker.static_key):
+            raise ValueError("a worker serves under its pool's key (WorkerRole.static_key), not a key of its own")
+        server_key = worker.static_key
+    config = identity_config(config, server_key, allowed_clients)
     if worker is not None:
         if metrics:
             raise ValueError("a worker serves its metrics to its supervisor (WorkerRole.metrics_dir), "
@@ -250,10 +297,14 @@ def drop_to(dp: Datapath, user: Optional[str]) -> None:
 
 
 async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,
+                       server_key: Optional[PrivateKey] = None, allowed_clients: Optional[PublicKeys] = None,
                        config: Optional[Config] = None, cipher: Optional[str] = None,
                        sock: Optional[socket.socket] = None, hooks: Sequence[object] = (),
                        max_connections: int = 100_000, gro: bool = True) -> Server:
     """serve() on the UDP socket datapath, named like asyncio.start_server.
+
+    server_key, allowed_clients: the server's identity and whom it admits, as for serve();
+    clients pin `server.public_key`.
 
     sock: serve on this bound UDP socket instead of binding host:port.
     gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
@@ -261,7 +312,8 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
     coalesced datagrams as malformed records (serve(..., datapath="xdp") does this itself).
     """
     return await serve(handler, host, port, datapath=SocketDatapath(gro=gro, sock=sock), config=config,
-                       cipher=cipher, hooks=hooks, max_connections=max_connections)
+                       cipher=cipher, server_key=server_key, allowed_clients=allowed_clients, hooks=hooks,
+                       max_connections=max_connections)
 
 
 class WorkerPool:
@@ -276,15 +328,20 @@ class WorkerPool:
 
     spawn(w, n) says how to start worker w of n (a stcp.supervisor.WorkerCommand); the
     worker process calls serve(..., datapath="afxdp", worker=WorkerRole.from_env()).
-    xdp_limits and max_restarts are as for serve() and Supervisor.
+    xdp_limits and max_restarts are as for serve() and Supervisor. server_key is as for
+    serve(): the pool's one identity, loaded (or made) here once and handed to every worker,
+    replacements included; `public_key` is what clients pin.
     """
 
     def __init__(self, spawn: Spawn, port: int, *, iface: str, workers: int, xdp_mode: str = "auto",
                  xdp_limits: Optional[Mapping[str, int]] = None, config: Optional[Config] = None,
-                 metrics: Optional[str] = None, max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
+                 server_key: Optional[PrivateKey] = None, metrics: Optional[str] = None,
+                 max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
         from .datapath.afxdp import attach_program
         from .supervisor import MAX_RESTARTS, Supervisor
-        config = config or make_config()
+        config = identity_config(config or make_config(), server_key)
+        assert config.static_key is not None
+        self.public_key = public_key(config.static_key)
         self.iface = iface
         self.metrics_address = metrics
         self.cipher = cipher_name(config)
@@ -293,7 +350,8 @@ class WorkerPool:
         record_len = config.max_datagram - wire.HEADER_LEN
         self.supervisor = Supervisor(
             spawn, lambda n: attach_program(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {})),
-            workers, out=out, max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts)
+            workers, out=out, max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts,
+            static_key=config.static_key)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Start the exporter, attach the program and start every worker; on failure what

@@ -6,11 +6,16 @@ replaces the ones that die, and on close terminates them and detaches. Each work
 joins the program (stcp.server.serve(..., worker=WorkerRole.from_env())) and owns whole RX
 queues; see stcp/datapath/afxdp.py for how records reach the right worker.
 
-Between the two, the environment and a pipe: a worker learns its role from STCP_WORKER
+Between the two, the environment and pipes: a worker learns its role from STCP_WORKER
 ("W/N"), where to serve its metrics from STCP_WORKER_METRICS (a directory private to the
-supervisor) and says it is ready by writing "ready" to the pipe whose end is STCP_READY_FD.
-A worker that exits before writing it never became ready. Worker stderr is relayed line by
-line, prefixed with "[worker W]".
+supervisor), reads the pool's identity key from the pipe whose end is STCP_KEY_FD, and says
+it is ready by writing "ready" to the pipe whose end is STCP_READY_FD. A worker that exits
+before writing it never became ready. Worker stderr is relayed line by line, prefixed with
+"[worker W]".
+
+Every worker serves under the one key the supervisor holds (loaded or made once, before
+any worker starts): a client pins one key whichever worker answers, and a stateless RESET
+from any worker (or a replacement) carries the token the client was given.
 """
 from __future__ import annotations
 
@@ -21,15 +26,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, MutableMapping, NamedTuple, Optional, Sequence, TextIO
 
 from .datapath.afxdp import forget_worker_cids, remove_cid_lock, rx_queue_count
 from .datapath.xdp import XdpDatapath
 from .errors import STCPError
+from .identity import KEY_LEN, encode_key, fingerprint, public_key
 
 WORKER_ENV = "STCP_WORKER"                  # "W/N": this process is worker W of N
 READY_FD_ENV = "STCP_READY_FD"              # the fd to write READY to once serving
+KEY_FD_ENV = "STCP_KEY_FD"                  # the fd to read the pool's 32-byte private key from
 METRICS_DIR_ENV = "STCP_WORKER_METRICS"     # where the worker serves its metrics socket
 READY = b"ready\n"
 
@@ -73,6 +80,7 @@ class WorkerRole:
     count: int                            # N
     ready_fd: Optional[int] = None        # write READY here once serving
     metrics_dir: Optional[str] = None     # serve metrics at worker_socket_path(metrics_dir, W, pid)
+    static_key: Optional[bytes] = field(default=None, repr=False)    # the pool's identity key
 
     @classmethod
     def from_env(cls, environ: Optional[MutableMapping[str, str]] = None) -> Optional["WorkerRole"]:
@@ -82,12 +90,14 @@ class WorkerRole:
         spec = env.pop(WORKER_ENV, None)
         fd = env.pop(READY_FD_ENV, None)
         metrics_dir = env.pop(METRICS_DIR_ENV, None)
+        key_fd = env.pop(KEY_FD_ENV, None)
         if spec is None:
             return None
         w, _, n = spec.partition("/")
         if not (w.isdigit() and n.isdigit() and int(w) < int(n)):
             raise SupervisorError(f"bad {WORKER_ENV}={spec!r}: expected W/N with W < N")
-        return cls(int(w), int(n), int(fd) if fd and fd.isdigit() else None, metrics_dir or None)
+        key = _read_key(int(key_fd)) if key_fd and key_fd.isdigit() else None
+        return cls(int(w), int(n), int(fd) if fd and fd.isdigit() else None, metrics_dir or None, key)
 
     def notify_ready(self) -> None:
         """Tell the supervisor this worker serves (once; later calls do nothing)."""
@@ -100,6 +110,29 @@ class WorkerRole:
         finally:
             os.close(self.ready_fd)
             self.ready_fd = None
+
+
+def _read_key(fd: int) -> bytes:
+    """The pool's key from the supervisor's pipe (then closed)."""
+    data = b""
+    try:
+        while chunk := os.read(fd, 64):
+            data += chunk
+    finally:
+        os.close(fd)
+    if len(data) != KEY_LEN:
+        raise SupervisorError(f"the supervisor handed down {len(data)} key bytes, not {KEY_LEN}")
+    return data
+
+
+def _key_pipe(key: bytes) -> int:
+    """A pipe holding `key` for a worker to read: its read end (the write end is closed)."""
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, key)        # 32 bytes: far below the pipe's capacity, written at once
+    finally:
+        os.close(wfd)
+    return rfd
 
 
 def die_with_parent() -> None:
@@ -117,8 +150,9 @@ class Supervisor:
 
     def __init__(self, spawn: Spawn, attach: Attach, nworkers: int, *, metrics_dir: Optional[str] = None,
                  out: Optional[TextIO] = None, max_restarts: int = MAX_RESTARTS,
-                 restart_window: float = RESTART_WINDOW):
+                 restart_window: float = RESTART_WINDOW, static_key: Optional[bytes] = None):
         self.spawn = spawn
+        self.static_key = static_key          # handed to every worker (KEY_FD_ENV); None: each its own
         self.attach = attach
         self.n = nworkers
         self.out = out or sys.stderr
@@ -168,7 +202,11 @@ class Supervisor:
             raise SupervisorError(f"worker(s) {', '.join(map(str, gone))} exited before serving "
                                   "(see their lines above)")
         port = self.xdp.port if self.xdp is not None else 0
-        self.say(f"serving on port {port} (afxdp datapath, {self.n} workers)")
+        key = ""
+        if self.static_key is not None:
+            pub = public_key(self.static_key)
+            key = f"; server key {encode_key(pub)} ({fingerprint(pub)})"
+        self.say(f"serving on port {port} (afxdp datapath, {self.n} workers){key}")
         self._watchers = [asyncio.ensure_future(self._watch(w)) for w in range(self.n)]
 
     async def wait(self) -> None:
@@ -192,17 +230,22 @@ class Supervisor:
         cmd = self.spawn(w, self.n)
         rfd, wfd = os.pipe()
         env = {**os.environ, **cmd.env, WORKER_ENV: f"{w}/{self.n}", READY_FD_ENV: str(wfd)}
+        fds = [wfd]
+        if self.static_key is not None:
+            fds.append(_key_pipe(self.static_key))
+            env[KEY_FD_ENV] = str(fds[-1])
         if self.metrics_dir:
             env[METRICS_DIR_ENV] = self.metrics_dir
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, env=env, pass_fds=(wfd,))
+                stderr=asyncio.subprocess.PIPE, env=env, pass_fds=tuple(fds))
         except BaseException:
             os.close(rfd)
             raise
         finally:
-            os.close(wfd)                 # the worker holds the only write end now
+            for fd in fds:
+                os.close(fd)              # the worker holds the only ends now
         self.procs[w] = proc
         self.ready[w] = asyncio.Event()
         self.say(f"worker {w} started (pid {proc.pid})")

@@ -11,6 +11,7 @@ to end over loopback sockets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import os
 import socket
@@ -164,8 +165,8 @@ def test_the_batched_path_applies_the_same_rules():
 def _half_open(client_config: Config = None, server_config: Config = None):
     """A client hello accepted by an endpoint: the server connection is in KEY_EXCHANGE and the
     client holds the server hello, not yet delivered."""
-    client = Connection.client(client_config or Config(), 0.0)
     ep = ServerEndpoint(server_config or Config())
+    client = Connection.client(dataclasses.replace(client_config or Config(), server_key=ep.public_key), 0.0)
     [hello] = client.datagrams_to_send(0.0)
     server, new = ep.receive(hello, CLIENT_ADDR, 0.0)
     assert new and server.state == State.KEY_EXCHANGE
@@ -254,7 +255,7 @@ def test_an_unrelated_socket_cannot_end_a_transfer_end_to_end():
                 await asyncio.sleep(0.001)
 
         spraying = asyncio.create_task(spray())
-        echoed = await echo_transfer("127.0.0.1", port, data)
+        echoed = await echo_transfer("127.0.0.1", port, data, server.public_key)
         spraying.cancel()
         attacker.close()
         server.close()
@@ -304,7 +305,8 @@ def test_nat_rebinding_end_to_end():
         relay = _RebindingRelay(("127.0.0.1", port))
         await loop.create_datagram_endpoint(lambda: relay, local_addr=("127.0.0.1", 0))
         await relay.open_upstream()
-        reader, writer = await stcp.open_connection("127.0.0.1", relay.transport.get_extra_info("sockname")[1])
+        reader, writer = await stcp.open_connection("127.0.0.1", relay.transport.get_extra_info("sockname")[1],
+                                                    server_key=server.public_key)
         conn = next(iter(server.endpoint.connections.values()))
         first = server.endpoint.peer_addr[conn.local_cid]
         data = os.urandom(4 << 20)

@@ -33,9 +33,12 @@ from tests.support.procs import (
     client_results,
     clients,
     echo_all,
+    key_file,
+    pinned,
     read_all,
     serve_afxdp,
     serve_workers,
+    session_key,
     stop,
     wait_for_stderr_line,
     xdp_status,
@@ -238,7 +241,7 @@ def test_transfer_through_afxdp(fam, mode, tx, veth):
         assert any("AF_XDP on" in ln and f"XDP {mode} mode" in ln for ln in lines), lines
         data = os.urandom(SIZE)
         t0 = time.monotonic()
-        r = subprocess.run(b.cmd(*STCP, "connect", addr), input=data,
+        r = subprocess.run(b.cmd(*STCP, "connect", *pinned(), addr), input=data,
                            capture_output=True, timeout=120)
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
@@ -276,7 +279,8 @@ def test_transfer_through_afxdp(fam, mode, tx, veth):
 @pytest.mark.afxdp
 def test_setup_failures_are_one_line(veth):
     a, _b = veth()
-    base = [*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "afxdp"]
+    key = session_key()[0]
+    base = [*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "afxdp", "--key", key]
     r = a.run(*base, check=False, timeout=60)
     assert r.returncode == 2 and "--iface" in r.stderr, r.stderr
     r = a.run(*base, "--iface", "nosuch0", check=False, timeout=60)
@@ -284,7 +288,12 @@ def test_setup_failures_are_one_line(veth):
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert "nosuch0" in lines[0] and "--datapath xdp" in lines[0] and "--datapath socket" in lines[0]
     if shutil.which("setpriv"):
-        r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *base, "--iface", a.ifname,
+        nobody_key = os.path.join(os.path.dirname(key), "nobody.key")      # a key nobody (65534) can read
+        if not os.path.exists(nobody_key):
+            key_file(nobody_key)
+            os.chown(nobody_key, 65534, 65534)
+        unprivileged = [*base[:-1], nobody_key]
+        r = a.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *unprivileged, "--iface", a.ifname,
                   check=False, timeout=60, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.returncode == 1 and len(lines) == 1, r.stderr
@@ -299,7 +308,8 @@ def test_setup_failures_are_one_line(veth):
     # stcp._xsk missing (built without libxdp-dev): one line, nothing attached
     code = ("import sys; sys.modules['stcp._xsk'] = None\n"
             "from stcp.cli.main import main\n"
-            f"sys.exit(main(['serve', '--listen', '{a.ip4}:{PORT}', '--datapath', 'afxdp', '--iface', 'veth0']))")
+            f"sys.exit(main(['serve', '--listen', '{a.ip4}:{PORT}', '--datapath', 'afxdp', '--iface', 'veth0', "
+            f"'--key', '{key}']))")
     r = a.run(sys.executable, "-c", code, check=False, timeout=60)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 1 and len(lines) == 1, r.stderr

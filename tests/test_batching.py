@@ -9,6 +9,7 @@ application sees and what the counters say must be equal.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, List
 
@@ -28,8 +29,8 @@ def run_session(payload: bytes, batched: bool, mutate: Callable[[int, List[bytes
                 client_config: Config | None = None, rounds: int = 400, from_peer: bool = True) -> dict:
     """Client uploads payload to a server connection; returns what the server side saw."""
     now = 0.0
-    client = Connection.client(client_config or Config(), now)
     endpoint = ServerEndpoint(Config())
+    client = Connection.client(dataclasses.replace(client_config or Config(), server_key=endpoint.public_key), now)
     _touched, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
     server = new[0]
     for d in server.datagrams_to_send(now):
@@ -131,8 +132,8 @@ def test_bulk_goes_out_as_gso_runs():
     """Full records of new data leave as runs of equal-sized records with consecutive seqs,
     and each record of a run is what the receiver would take on its own."""
     now = 0.0
-    client = Connection.client(Config(), now)
     endpoint = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=endpoint.public_key), now)
     _, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
     server = new[0]
     for d in server.datagrams_to_send(now):

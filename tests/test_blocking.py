@@ -19,12 +19,15 @@ from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
 from tests.support.faults import Faults, FaultShim
 
+SERVER_KEY = stcp.generate_private_key()        # every server here holds it; every client pins it
+PINNED = stcp.public_key(SERVER_KEY)
+
 
 @contextlib.contextmanager
 def serving(handler, **kwargs):
-    """An STCP server on its own event-loop thread; yields (port, server)."""
+    """An STCP server (key SERVER_KEY) on its own event-loop thread; yields (port, server)."""
     loop = asyncio.new_event_loop()
-    server = loop.run_until_complete(stcp.start_server(handler, "127.0.0.1", 0, **kwargs))
+    server = loop.run_until_complete(stcp.start_server(handler, "127.0.0.1", 0, server_key=SERVER_KEY, **kwargs))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -50,7 +53,7 @@ def serving_through(faults: Faults, handler):
 
 def test_connect_returns_the_connection_itself_as_a_context_manager():
     with serving(echo_handler) as (port, _):
-        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn = stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10)
         with conn as entered:
             assert entered is conn and isinstance(conn, stcp.BlockingConnection)
             assert conn.cipher() == "aes-256-gcm"
@@ -65,7 +68,7 @@ def test_connect_returns_the_connection_itself_as_a_context_manager():
 
 def test_recv_times_out_and_the_connection_stays_usable():
     with serving(echo_handler) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=0.3) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=0.3) as conn:
             assert conn.gettimeout() == 0.3
             t0 = time.monotonic()
             with pytest.raises(socket.timeout):
@@ -85,7 +88,7 @@ def test_sendall_times_out_when_the_peer_stops_reading():
         await asyncio.sleep(3600)         # cancelled when the server closes
 
     with serving(never_read) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=1.0) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=1.0) as conn:
             t0 = time.monotonic()
             with pytest.raises(socket.timeout):
                 conn.sendall(os.urandom(40 << 20))
@@ -104,7 +107,7 @@ def test_half_close_delivers_everything_then_eof():
 
     payload = os.urandom(300_000)
     with serving(count_then_answer) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=30) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=30) as conn:
             conn.sendall(payload)
             conn.shutdown(socket.SHUT_WR)
             with pytest.raises(STCPError):
@@ -130,7 +133,7 @@ def test_close_ends_cleanly_at_both_ends():
             ended.append(exc)
 
     with serving(record_end) as (port, _):
-        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn = stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10)
         conn.sendall(b"bye")
         conn.close()
         info = conn.connection.close_info
@@ -157,7 +160,7 @@ def test_close_does_not_wait_for_a_peer_that_keeps_sending():
             ended.append((await reader.read(), writer.connection.close_info))
 
     with serving(talk_forever) as (port, _):
-        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn = stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10)
         conn.sendall(b"hello")
         assert conn.recv(10)
         t0 = time.monotonic()
@@ -180,7 +183,7 @@ def test_a_peer_abort_arrives_after_the_data_sent_before_it():
         writer.abort("no thanks")
 
     with serving(answer_then_abort) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=10) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10) as conn:
             conn.sendall(b"hello")
             got = b""
             with pytest.raises(ConnectionTerminated, match="no thanks") as info:
@@ -200,7 +203,7 @@ def test_handshake_timeout_against_a_silent_port():
     try:
         t0 = time.monotonic()
         with pytest.raises(HandshakeTimeout, match="0.5 s"):
-            stcp.connect(silent.getsockname(), timeout=0.5)
+            stcp.connect(silent.getsockname(), server_key=PINNED, timeout=0.5)
         assert 0.45 <= time.monotonic() - t0 < 3
         assert len(silent.recv(2048)) == wire.HANDSHAKE_RECORD_LEN     # it did hear a client hello
     finally:
@@ -213,7 +216,7 @@ def test_handshake_timeout_says_when_nothing_listens():
     port = probe.getsockname()[1]
     probe.close()                                       # nothing listens there now
     with pytest.raises(HandshakeTimeout, match="port unreachable"):
-        stcp.connect(("127.0.0.1", port), timeout=0.5)
+        stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=0.5)
 
 
 def test_a_long_pause_ends_in_an_idle_timeout_not_a_hang():
@@ -221,7 +224,7 @@ def test_a_long_pause_ends_in_an_idle_timeout_not_a_hang():
     is gone (the server has forgotten it too by then)."""
     with serving(echo_handler) as (port, _):
         config = stcp.make_config(idle_timeout=0.5, keepalive=0.2)
-        with stcp.connect(("127.0.0.1", port), timeout=10, config=config) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10, config=config) as conn:
             conn.sendall(b"x")
             assert conn.recv(10) == b"x"
             time.sleep(0.8)
@@ -234,7 +237,7 @@ def test_a_long_pause_ends_in_an_idle_timeout_not_a_hang():
 
 def test_stray_datagrams_from_the_server_address_are_dropped():
     with serving(echo_handler) as (port, server):
-        with stcp.connect(("127.0.0.1", port), timeout=10) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10) as conn:
             conn.sendall(b"one")
             assert conn.recv(10) == b"one"
             here = conn.getsockname()
@@ -295,7 +298,7 @@ def gso_runs(monkeypatch):
 def test_64_mib_upload(gso_runs):
     total: list = []
     with serving(_sink(total)) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=60) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=60) as conn:
             block = os.urandom(1 << 20)
             for _ in range(64):
                 conn.sendall(block)
@@ -311,7 +314,7 @@ def test_64_mib_upload(gso_runs):
 
 def test_64_mib_download():
     with serving(_source(64 << 20)) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=60) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=60) as conn:
             conn.sendall(b"go")
             digest = hashlib.sha256()
             n = 0
@@ -331,7 +334,7 @@ def test_64_mib_both_ways_at_once_from_two_threads():
     payload = os.urandom(64 << 20)
     errors: list = []
     with serving(echo_handler) as (port, _):
-        with stcp.connect(("127.0.0.1", port), timeout=60) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=60) as conn:
             def upload():
                 try:
                     view = memoryview(payload)
@@ -355,7 +358,7 @@ def test_64_mib_both_ways_at_once_from_two_threads():
 
 def test_close_from_another_thread_wakes_a_blocked_recv():
     with serving(echo_handler) as (port, _):
-        conn = stcp.connect(("127.0.0.1", port), timeout=None)
+        conn = stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=None)
         outcome: list = []
 
         def reader():
@@ -377,7 +380,7 @@ def test_close_from_another_thread_wakes_a_blocked_recv():
 def test_a_forgotten_connection_frees_its_descriptors():
     with serving(echo_handler) as (port, _):
         before = len(os.listdir("/proc/self/fd"))
-        conn = stcp.connect(("127.0.0.1", port), timeout=10)
+        conn = stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10)
         assert len(os.listdir("/proc/self/fd")) == before + 2       # its socket and eventfd
         with pytest.warns(ResourceWarning):
             del conn
@@ -394,7 +397,7 @@ def test_a_transfer_completes_through_loss(faults):
     from the caller's thread."""
     data = os.urandom(2 << 20)
     with serving_through(faults, echo_handler) as port:
-        with stcp.connect(("127.0.0.1", port), timeout=60) as conn:
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=60) as conn:
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             echoed = _recv_all(conn)

@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from tests.support.procs import announced_key, key_file, tcp_exchange
+
 STCP = [sys.executable, "-m", "stcp.cli.main"]
 
 
@@ -20,19 +22,31 @@ def free_port(kind=socket.SOCK_DGRAM) -> int:
     return port
 
 
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Every command runs with its own home: the known-hosts file and the state directory
+    live in the test's tmp_path, never in the real ones."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "home" / ".local" / "state"))
+    return tmp_path / "home"
+
+
 @pytest.fixture
-def server():
-    """An echo `stcp serve` on a free loopback port; yields the port."""
+def server(tmp_path):
+    """An echo `stcp serve` on a free loopback port, under a key of its own; yields the
+    port (start(...).key is the base64 public key it announced)."""
     procs = []
 
-    def start(*extra: str) -> int:
+    def start(*extra: str) -> "Port":
         port = free_port()
-        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", *extra],
+        key = key_file(tmp_path / f"server-{len(procs)}.key")[0]
+        proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--key", key, *extra],
                                 stderr=subprocess.PIPE, text=True)
         procs.append(proc)
         line = proc.stderr.readline()
         assert "serving on" in line, line
-        return port
+        return Port(port, announced_key(line))
 
     yield start
     for proc in procs:
@@ -40,8 +54,20 @@ def server():
         assert proc.wait(10) == 0          # SIGTERM is a clean shutdown
 
 
+class Port(int):
+    """A server's port that also knows the key it announced."""
+    key: str
+
+    def __new__(cls, port: int, key: str) -> "Port":
+        p = super().__new__(cls, port)
+        p.key = key
+        return p
+
+
 def connect(port: int, stdin: bytes, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([*STCP, "connect", f"127.0.0.1:{port}", *extra], input=stdin,
+    """`stcp connect` pinning the server's announced key (a Port), else trusting on first use."""
+    pin = ("--server-key", port.key) if isinstance(port, Port) else ()
+    return subprocess.run([*STCP, "connect", *pin, *extra, f"127.0.0.1:{port}"], input=stdin,
                           capture_output=True, timeout=timeout)
 
 
@@ -51,7 +77,7 @@ def test_connect_echo_is_byte_identical(server, size, tmp_path):
     data = os.urandom(size)
     (tmp_path / "in").write_bytes(data)
     with open(tmp_path / "in", "rb") as fin, open(tmp_path / "out", "wb") as fout:
-        rc = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], stdin=fin, stdout=fout,
+        rc = subprocess.run([*STCP, "connect", "--server-key", port.key, f"127.0.0.1:{port}"], stdin=fin, stdout=fout,
                             stderr=subprocess.PIPE, timeout=60).returncode
     assert rc == 0
     assert (tmp_path / "out").read_bytes() == data
@@ -62,7 +88,7 @@ def test_forward_relays_to_a_tcp_backend(server):
     backend.bind(("127.0.0.1", 0))
     backend.listen()
     port = server("--forward", f"127.0.0.1:{backend.getsockname()[1]}")
-    proc = subprocess.Popen([*STCP, "connect", f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([*STCP, "connect", "--server-key", port.key, f"127.0.0.1:{port}"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdin.write(b"request through the tunnel")
     proc.stdin.close()                              # half-close reaches the backend as EOF
@@ -83,18 +109,13 @@ def test_tunnel_carries_tcp_clients_over_stcp(server):
     stcp_port = server()
     tcp_port = free_port(socket.SOCK_STREAM)
     tunnel = subprocess.Popen([*STCP, "tunnel", "--listen", f"127.0.0.1:{tcp_port}", "--to",
-                               f"127.0.0.1:{stcp_port}"], stderr=subprocess.PIPE, text=True)
+                               f"127.0.0.1:{stcp_port}", "--server-key", stcp_port.key], stderr=subprocess.PIPE,
+                              text=True)
     try:
         assert "tunnel from" in tunnel.stderr.readline()
         for _ in range(2):                      # two clients, each over its own STCP connection
             data = os.urandom(200_000)
-            with socket.create_connection(("127.0.0.1", tcp_port), timeout=20) as c:
-                c.sendall(data)
-                c.shutdown(socket.SHUT_WR)
-                got = b""
-                while chunk := c.recv(65536):
-                    got += chunk
-            assert got == data
+            assert tcp_exchange(tcp_port, data) == data
     finally:
         tunnel.terminate()
         tunnel.wait(10)
@@ -120,10 +141,10 @@ def test_unreachable_port_says_timed_out_and_why():
     assert len(err) == 1 and err[0].startswith("stcp: handshake timed out after 1 s")
 
 
-def test_port_in_use(server):
+def test_port_in_use(server, tmp_path):
     port = server()
-    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}"], capture_output=True, text=True,
-                       timeout=20)
+    r = subprocess.run([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--key", key_file(tmp_path / "k")[0]],
+                       capture_output=True, text=True, timeout=20)
     assert r.returncode == 1
     assert r.stderr.strip() == f"stcp: cannot listen on 127.0.0.1:{port}: Address already in use"
 

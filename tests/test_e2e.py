@@ -16,6 +16,7 @@ from stcp.cli.serve import echo_handler
 from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, NotEncrypted
 from tests.support.faults import Faults, FaultShim
 from tests.support.poll import await_until
+from tests.support.procs import announced_key, key_file
 from tests.support.servers import echo_transfer
 
 
@@ -23,25 +24,26 @@ def run(coro, timeout: float = 120.0):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-def serve_subprocess(*extra: str) -> tuple[subprocess.Popen, int]:
-    """`stcp serve` in its own process (its own CPU), on a free port."""
+def serve_subprocess(key: str, *extra: str) -> tuple[subprocess.Popen, int, str]:
+    """`stcp serve --key KEY` in its own process (its own CPU), on a free port; with the
+    public key it announces."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()
     proc = subprocess.Popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
-                             *extra], stderr=subprocess.PIPE, text=True)
+                             "--key", key, *extra], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     assert "serving on" in line, line
-    return proc, port
+    return proc, port, announced_key(line)
 
 
 @pytest.mark.slow
-def test_64_mib_each_way_sha256_intact():
-    proc, port = serve_subprocess()
+def test_64_mib_each_way_sha256_intact(tmp_path):
+    proc, port, key = serve_subprocess(key_file(tmp_path / "server.key")[0])
     try:
         data = os.urandom(64 << 20)
-        echoed = run(echo_transfer("127.0.0.1", port, data))
+        echoed = run(echo_transfer("127.0.0.1", port, data, key))
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
     finally:
         proc.terminate()
@@ -56,7 +58,7 @@ def test_ipv6_loopback_round_trip():
         server = await stcp.start_server(echo_handler, "::1", 0)
         port = server.sockets[0].getsockname()[1]
         data = os.urandom(300_000)
-        assert await echo_transfer("::1", port, data) == data
+        assert await echo_transfer("::1", port, data, server.public_key) == data
         server.close()
 
     run(main())
@@ -67,7 +69,7 @@ def test_200_concurrent_connections():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         payloads = [os.urandom(32_768 + i) for i in range(200)]
-        results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p) for p in payloads))
+        results = await asyncio.gather(*(echo_transfer("127.0.0.1", port, p, server.public_key) for p in payloads))
         assert all(r == p for r, p in zip(results, payloads, strict=True))
         await await_until(lambda: not server.endpoint.connections, 10, "the drain periods to end")
         server.close()
@@ -87,7 +89,7 @@ def test_transfer_survives_a_hostile_network(faults):
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
         data = os.urandom(2 << 20)
-        echoed = await echo_transfer("127.0.0.1", shim.port, data)
+        echoed = await echo_transfer("127.0.0.1", shim.port, data, server.public_key)
         assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
         assert sum(faults.dropped.values()) > 0 or faults.duplicate or faults.reorder
         shim.close()
@@ -102,7 +104,7 @@ def test_forced_key_updates_keep_the_stream_intact():
     async def main():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0, config=config)
         port = server.sockets[0].getsockname()[1]
-        reader, writer = await stcp.open_connection("127.0.0.1", port, config=config)
+        reader, writer = await stcp.open_connection("127.0.0.1", port, server_key=server.public_key, config=config)
         data = os.urandom(2 << 20)
         writer.write(data)
         writer.write_eof()
@@ -134,8 +136,8 @@ def test_bit_flipped_record_ends_only_its_connection():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         shim = await FaultShim.start(("127.0.0.1", port), Faults(mutate=flip))
-        victim_r, victim_w = await stcp.open_connection("127.0.0.1", shim.port)
-        survivor = asyncio.create_task(echo_transfer("127.0.0.1", port, os.urandom(4 << 20)))
+        victim_r, victim_w = await stcp.open_connection("127.0.0.1", shim.port, server_key=server.public_key)
+        survivor = asyncio.create_task(echo_transfer("127.0.0.1", port, os.urandom(4 << 20), server.public_key))
         target["armed"] = True
         victim_w.write(os.urandom(100_000))
         with pytest.raises(ConnectionTerminated) as info:
@@ -157,7 +159,7 @@ def test_no_plaintext_on_the_wire():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
         data = marker * 5000
-        assert await echo_transfer("127.0.0.1", shim.port, data) == data
+        assert await echo_transfer("127.0.0.1", shim.port, data, server.public_key) == data
         shim.close()
         server.close()
 
@@ -173,7 +175,7 @@ def test_idle_timeout_frees_the_connection():
     async def main():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0, config=server_config)
         shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
-        reader, writer = await stcp.open_connection("127.0.0.1", shim.port)
+        reader, writer = await stcp.open_connection("127.0.0.1", shim.port, server_key=server.public_key)
         writer.write(b"ping")
         assert await reader.readexactly(4) == b"ping"
         assert len(server.endpoint.connections) == 1
@@ -198,7 +200,7 @@ def test_hello_retransmitted_after_the_first_is_lost():
     async def main():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]), faults)
-        reader, writer = await stcp.open_connection("127.0.0.1", shim.port)
+        reader, writer = await stcp.open_connection("127.0.0.1", shim.port, server_key=server.public_key)
         writer.write(b"hello")
         assert await reader.readexactly(5) == b"hello"
         assert faults.dropped["up"] == 1
@@ -219,7 +221,8 @@ def test_handshake_timeout_against_a_silent_server():
 
     async def main():
         with pytest.raises(HandshakeTimeout, match=r"handshake timed out after 0.5 s"):
-            await stcp.open_connection("127.0.0.1", port, config=stcp.Config(handshake_timeout=0.5))
+            await stcp.open_connection("127.0.0.1", port, server_key=stcp.UNAUTHENTICATED,
+                                       config=stcp.Config(handshake_timeout=0.5))
 
     try:
         run(main())
@@ -232,7 +235,7 @@ def test_data_is_refused_outside_encrypted():
     async def main():
         server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        _reader, writer = await stcp.open_connection("127.0.0.1", port)
+        _reader, writer = await stcp.open_connection("127.0.0.1", port, server_key=server.public_key)
         writer.abort("done")
         with pytest.raises(NotEncrypted):
             writer.write(b"too late")
@@ -244,7 +247,7 @@ def test_data_is_refused_outside_encrypted():
 def test_blocking_api_round_trip(stcp_server):
     data = os.urandom(500_000)
     server = stcp_server(echo_handler)
-    with stcp.connect(server.address, timeout=30) as conn:
+    with stcp.connect(server.address, timeout=30, server_key=server.public_key) as conn:
         conn.sendall(data)
         conn.shutdown(socket.SHUT_WR)
         received = bytearray()
@@ -267,7 +270,7 @@ def test_stray_datagrams_cannot_end_a_client_connection():
         shim = await FaultShim.start(("127.0.0.1", server.sockets[0].getsockname()[1]),
                                      Faults(mutate=inject))
         data = os.urandom(200_000)
-        assert await echo_transfer("127.0.0.1", shim.port, data) == data
+        assert await echo_transfer("127.0.0.1", shim.port, data, server.public_key) == data
         shim.close()
         server.close()
 
@@ -280,7 +283,8 @@ def test_blocking_api_surfaces_a_peer_abort(stcp_server):
         await reader.readexactly(5)
         writer.abort("no thanks")
 
-    conn = stcp.connect(stcp_server(abort_at_once).address, timeout=10)
+    server = stcp_server(abort_at_once)
+    conn = stcp.connect(server.address, timeout=10, server_key=server.public_key)
     conn.sendall(b"hello")
     with pytest.raises(ConnectionTerminated, match="no thanks"):
         conn.recv(100)
@@ -301,7 +305,7 @@ async def main():
     server = await stcp.start_server(echo_handler, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     data = os.urandom(3 << 20)
-    r, w = await stcp.open_connection("127.0.0.1", port)
+    r, w = await stcp.open_connection("127.0.0.1", port, server_key=server.public_key)
     w.write(data)
     w.write_eof()
     got = await r.read()

@@ -56,8 +56,11 @@ def test_make_run_without_xdp_headers(tmp_path):
     # Without the extension the afxdp datapath refuses with what to install, in one line.
     probe = subprocess.run([str(py), "-c", "import stcp._xsk"], cwd=clone, capture_output=True)
     assert probe.returncode != 0
+    key = subprocess.run([str(clone / ".venv" / "bin" / "stcp"), "keygen", "--out", str(tmp_path / "server.key")],
+                         capture_output=True, text=True, timeout=60)
+    assert key.returncode == 0, key.stderr
     cli = subprocess.run([str(clone / ".venv" / "bin" / "stcp"), "serve", "--datapath", "afxdp",
-                          "--iface", "lo", "--listen", "127.0.0.1:17443"],
+                          "--iface", "lo", "--listen", "127.0.0.1:17443", "--key", str(tmp_path / "server.key")],
                          capture_output=True, text=True, timeout=60)
     assert cli.returncode != 0
     assert "libxdp-dev" in cli.stderr and "Traceback" not in cli.stderr

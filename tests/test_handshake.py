@@ -399,18 +399,23 @@ def test_bad_client_proof_is_handshake_failed():
     assert client.close_info.code == CloseCode.HANDSHAKE_FAILED and client.close_info.by_peer
 
 
-def test_keyless_client_at_an_allow_list_server_gets_nothing():
-    """Records without CLIENT_AUTH first are discarded unacknowledged and counted; the server
-    never becomes ENCRYPTED and its handshake times out."""
+def test_keyless_client_at_an_allow_list_server_is_denied_at_once():
+    """The client's first authenticated record has no CLIENT_AUTH: the server ends the
+    connection ACCESS_DENIED (counted), delivers nothing, and the client learns why at once
+    instead of at its idle timeout."""
     _, listed = _client_key()
     p = Pair(Config(idle_timeout=60), Config(allowed_clients=[listed]))
     p.run(lambda: p.client.state == State.ENCRYPTED)
     p.client.send(b"let me in")
-    p.run(lambda: p.server_conns and p.server_conn.is_closed, max_time=20)
+    p.run(lambda: p.client.is_closed, max_time=5)
     server = p.server_conn
-    assert server.close_info.code == CloseCode.HANDSHAKE_TIMEOUT
-    assert server.stats.client_auth_missing >= 2 and server.stats.records_received == 0
+    assert server.close_info.code == CloseCode.ACCESS_DENIED and not server.close_info.by_peer
+    assert server.stats.client_auth_missing == 1 and server.stats.records_received == 0
+    assert p.closed["client"].code == CloseCode.ACCESS_DENIED and p.closed["client"].by_peer
+    assert p.now < 1.0                    # one round trip, not a timeout
     assert p.received["server"] == bytearray()
+    p.server.remove(server)
+    assert p.server.stats.clients_without_key == 1 and p.server.stats.clients_not_allowed == 0
 
 
 def test_client_auth_survives_loss_of_the_first_records():

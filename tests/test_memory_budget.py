@@ -7,10 +7,12 @@ progress, and an honest client's transfer completes intact alongside.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import os
 from typing import Dict, List, Optional
 
+from stcp import identity
 from stcp.budget import MemoryBudget, default_memory_budget
 from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, StreamFinished
 from stcp.endpoint import ServerEndpoint
@@ -19,6 +21,8 @@ from stcp.state import State
 
 DELAY = 0.005
 MiB = 1 << 20
+SERVER_KEY = identity.generate_private_key()          # the server's; every client pins it
+SERVER_PUBLIC = identity.public_key(SERVER_KEY)
 
 
 class EchoApp:
@@ -49,7 +53,8 @@ class EchoApp:
 class Client:
     def __init__(self, addr, data: bytes, reads: bool, now: float):
         # a stuck client advertises little: it is the server's memory that is at stake
-        self.conn = Connection.client(Config(recv_window=MiB if not reads else 16 * MiB), now)
+        self.conn = Connection.client(Config(recv_window=MiB if not reads else 16 * MiB, server_key=SERVER_PUBLIC),
+                                      now)
         self.addr = addr
         self.data = data
         self.reads = reads
@@ -74,7 +79,7 @@ class Client:
 class Network:
     def __init__(self, server_config: Config, shed_after: float = 1.0):
         self.now = 0.0
-        self.endpoint = ServerEndpoint(server_config, shed_after=shed_after)
+        self.endpoint = ServerEndpoint(dataclasses.replace(server_config, static_key=SERVER_KEY), shed_after=shed_after)
         self.clients: Dict[object, Client] = {}
         self.apps: Dict[Connection, EchoApp] = {}
         self.queue: list = []

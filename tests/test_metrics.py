@@ -20,9 +20,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import List, Set, Tuple
 
@@ -48,6 +45,7 @@ from tests.support.metrics import (
     ALLOWED_LABELS,
     DASHBOARDS,
     FakeXdp,
+    Prometheus,
     Scrape,
     alert_queries,
     ascrape,
@@ -59,7 +57,9 @@ from tests.support.metrics import (
     grafana_to_promql,
     load_dashboard,
     metric_names,
+    prom_query,
     promtool_check,
+    require_prometheus,
     scrape,
     url_of,
 )
@@ -138,7 +138,7 @@ async def _traffic_exact():
         assert s0.get("stcp_connections_active") == 0
 
         # one live connection: its stats are in the scrape before it ends
-        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key), 10)
         w.write(b"L" * 7000)
         assert await asyncio.wait_for(r.readexactly(7000), 10) == b"L" * 7000
         s1 = await ascrape(url)
@@ -157,7 +157,7 @@ async def _traffic_exact():
 
         sizes = [1, 5000, 300_000]
         for n in sizes:
-            await transfer(port, os.urandom(n))
+            await transfer(port, os.urandom(n), server.public_key)
         await quiet(server)
         s2 = await ascrape(url)
         total = 7000 + sum(sizes)
@@ -214,11 +214,11 @@ class RawClient:
     """A sans-IO client Connection driven by hand over a UDP socket, so the test decides
     exactly which datagrams the server gets (duplicates, then silence)."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, server_key: bytes):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
         self.sock.connect(("127.0.0.1", port))
-        self.conn = Connection.client(stcp.make_config(keepalive=None), time.monotonic())
+        self.conn = Connection.client(stcp.make_config(keepalive=None, server_key=server_key), time.monotonic())
         self.sent: List[bytes] = []
 
     def flush(self) -> List[bytes]:
@@ -269,16 +269,16 @@ async def _errors_exact():
         s0 = await ascrape(url)
 
         # the client aborts: peer_close
-        _r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        _r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         w.abort("bye")
         # the server's handler aborts: local_abort
-        r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         w.write(b"abort")
         with pytest.raises(ConnectionTerminated):
             await asyncio.wait_for(r.read(), 10)
         # a forged record with the server's CID from the client's own address: auth_failure,
         # and the auth failure counter (from any other address it is only discarded, below)
-        r, w = await asyncio.wait_for(stcp.open_connection(*addr), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection(*addr, server_key=server.public_key), 10)
         server_cid = w.connection.peer_cid
         forged = wire.pack_header(32, server_cid, wire.make_seq(0, 1000)) + os.urandom(32)
         raw.sendto(forged, addr)
@@ -288,7 +288,7 @@ async def _errors_exact():
             await asyncio.wait_for(r.read(), 10)
         # a hand-driven client: handshake, one record sent twice, the hello again, then
         # silence: two replays discarded, then idle_timeout
-        rc = RawClient(port)
+        rc = RawClient(port, server.public_key)
         rc.flush()
         await rc.recv()
         assert rc.conn.state.name == "ENCRYPTED"
@@ -322,7 +322,7 @@ async def _errors_exact():
         assert delta(s0, s1, "stcp_handshakes_completed_total") == 4
         assert delta(s0, s1, "stcp_auth_failures_total") == 1
         assert delta(s0, s1, "stcp_replays_discarded_total") == 2
-        assert delta(s0, s1, "stcp_handshakes_rejected_total", code="version") == 1
+        assert delta(s0, s1, "stcp_handshakes_rejected_total", reason="version") == 1
         assert s1.get("stcp_connections_active") == 0
         check_invariants(s1)
 
@@ -344,8 +344,8 @@ async def _errors_exact():
         got = {k: delta(before, after, "stcp_endpoint_dropped_datagrams_total", reason=k) for k in want}
         assert got == want
         # the two records for unknown CIDs were answered with stateless RESETs (or over budget)
-        assert delta(before, after, "stcp_resets_total", outcome="sent") + \
-            delta(before, after, "stcp_resets_total", outcome="rate_limited") == 2
+        assert delta(before, after, "stcp_stateless_resets_sent_total") + \
+            delta(before, after, "stcp_stateless_resets_rate_limited_total") == 2
         assert delta(before, after, "stcp_connections_opened_total") == 0
         promtool_check(after.text)
     finally:
@@ -369,15 +369,71 @@ async def _cookie_mode():
     try:
         s0 = await ascrape(url_of(metrics))
         for n in range(3):                       # the budget lets the first through
-            await transfer(port, os.urandom(100 + n))
+            await transfer(port, os.urandom(100 + n), server.public_key)
         await quiet(server)
         s1 = await ascrape(url_of(metrics))
-        assert delta(s0, s1, "stcp_cookies_sent_total") == 2
-        assert delta(s0, s1, "stcp_cookie_hellos_admitted_total") == 2
+        assert delta(s0, s1, "stcp_handshake_cookies_sent_total") == 2
+        assert delta(s0, s1, "stcp_handshake_cookies_admitted_total") == 2
         assert delta(s0, s1, "stcp_handshakes_completed_total") == 3
         check_invariants(s1)
         promtool_check(s1.text)
     finally:
+        metrics.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_refusals_cookies_and_resets_are_exact():
+    asyncio.run(_refusals_exact())
+
+
+async def _refusals_exact():
+    """An allow-list server with no hello budget (every hello is answered with a COOKIE
+    first): a listed client gets in, an unlisted one and a keyless one are refused, each
+    counted once by reason; a version-1 hello is a REJECT; a long record for an unknown
+    connection gets a stateless RESET."""
+    listed, stranger = stcp.generate_private_key(), stcp.generate_private_key()
+    cfg = stcp.make_config(hello_rate=0, hello_burst=0)
+    server = await stcp.start_server(echo, "127.0.0.1", 0, config=cfg, allowed_clients=[stcp.public_key(listed)])
+    port = server.sockets[0].getsockname()[1]
+    metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
+    url = url_of(metrics)
+    raw = udp_sender()
+    try:
+        s0 = await ascrape(url)
+        conn = await transfer(port, b"in", server.public_key, client_key=listed)
+        assert conn.peer_static_key == server.public_key
+        for key in (stranger, None):
+            r, _w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key,
+                                                                client_key=key), 10)
+            with pytest.raises(ConnectionTerminated) as info:
+                await asyncio.wait_for(r.read(), 10)
+            assert info.value.code == CloseCode.ACCESS_DENIED and info.value.by_peer
+        raw.sendto(wire.pack_header(80, 0, 0) + bytes([wire.HS_CLIENT_HELLO, 1]) + bytes(78), ("127.0.0.1", port))
+        raw.sendto(wire.pack_header(100, 0xFEED, wire.make_seq(0, 7)) + bytes(100), ("127.0.0.1", port))
+        await quiet(server)
+
+        async def counted():
+            s = await ascrape(url)
+            done = delta(s0, s, "stcp_handshakes_failed_total", reason="access_denied") == 2 and \
+                delta(s0, s, "stcp_stateless_resets_sent_total") == 1
+            return s if done else None
+        s1 = await await_until(counted, 5, "the refusals and the reset to be counted")
+        rejected = {k: delta(s0, s1, "stcp_handshakes_rejected_total", reason=k) for k in
+                    ("version", "suite", "key", "busy", "client_not_allowed", "client_key_missing")}
+        assert rejected == {"version": 1, "suite": 0, "key": 0, "busy": 0, "client_not_allowed": 1,
+                            "client_key_missing": 1}
+        assert delta(s0, s1, "stcp_handshakes_failed_total", reason="rejected") == 1
+        assert delta(s0, s1, "stcp_connections_closed_total", reason="access_denied") == 2
+        assert delta(s0, s1, "stcp_handshakes_completed_total") == 1
+        # no hello budget: each of the three connections was answered with a COOKIE first
+        assert delta(s0, s1, "stcp_handshake_cookies_sent_total") == 3
+        assert delta(s0, s1, "stcp_handshake_cookies_admitted_total") == 3
+        assert delta(s0, s1, "stcp_stateless_resets_rate_limited_total") == 0
+        check_invariants(s1)
+        promtool_check(s1.text)
+    finally:
+        raw.close()
         metrics.close()
         server.close()
         await server.wait_closed()
@@ -393,7 +449,7 @@ async def _shutdown():
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="chacha20-poly1305")
     url = url_of(metrics)
     try:
-        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port), 10)
+        r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server.public_key), 10)
         w.write(b"x")
         assert await asyncio.wait_for(r.readexactly(1), 10) == b"x"
         assert (await ascrape(url)).get("stcp_connections_active") == 1
@@ -452,7 +508,7 @@ async def _exporter_families() -> Tuple[Set[str], str]:
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
     metrics.registry.register(fake_xdp_collector())
     try:
-        await transfer(port, b"hello")
+        await transfer(port, b"hello", server.public_key)
         await quiet(server)
         s = await ascrape(url_of(metrics))
         with tempfile.TemporaryDirectory() as d:
@@ -507,7 +563,8 @@ def test_dashboard_json_is_valid_and_every_metric_exists():
     for fam in ("stcp_connections_closed", "stcp_handshake_duration_seconds", "stcp_xdp_packets",
                 "stcp_xdp_cpu_packets", "stcp_endpoint_dropped_datagrams", "stcp_auth_failures",
                 "stcp_replays_discarded", "stcp_rtt_seconds", "stcp_build_info", "stcp_xdp_attached",
-                "stcp_cookies_sent", "stcp_cookie_hellos_admitted", "stcp_handshakes_rejected", "stcp_resets",
+                "stcp_handshake_cookies_sent", "stcp_handshake_cookies_admitted", "stcp_handshakes_rejected",
+                "stcp_stateless_resets_sent", "stcp_stateless_resets_rate_limited",
                 "stcp_connections_shed", "stcp_memory_used_bytes", "stcp_memory_budget_bytes",
                 "stcp_records_discarded"):
         assert fam in shown, f"{fam} is on no dashboard panel"
@@ -533,26 +590,8 @@ def test_provisioning_and_scrape_config():
 
 # ---------------------------------------------------------------------------------------
 # a real Prometheus
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prom_query(base: str, expr: str) -> dict:
-    q = urllib.parse.urlencode({"query": expr})
-    try:
-        with urllib.request.urlopen(f"{base}/api/v1/query?{q}", timeout=5) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:          # 400 with the parse error in the body
-        return json.loads(e.read())
-
-
 def test_real_prometheus_scrapes_and_dashboard_queries_evaluate(tmp_path):
-    for tool in ("prometheus", "promtool"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (Debian package 'prometheus'; scripts/system-deps.sh "
-                        "installs it as root)")
+    require_prometheus()
     asyncio.run(_with_prometheus(tmp_path))
 
 
@@ -570,10 +609,10 @@ async def _with_prometheus(tmp_path: Path):
     # an AF_XDP worker pool's supervisor, with in-process workers
     (tmp_path / "workers").mkdir()
     workers, pool = await fake_pool_with_traffic(str(tmp_path / "workers"))
-    proc = None
+    prom = None
     try:
         for n in (10, 20000):
-            await transfer(port, os.urandom(n))
+            await transfer(port, os.urandom(n), server.public_key)
         await quiet(server)
         text = (await ascrape(url_of(metrics))).text
         promtool_check(text)
@@ -581,34 +620,14 @@ async def _with_prometheus(tmp_path: Path):
 
         targets = {"stcp-server": f"127.0.0.1:{metrics.address[1]}", "stcp-loader": f"127.0.0.1:{loader.address[1]}",
                    "stcp-workers": f"127.0.0.1:{workers.address[1]}"}
-        cfg = tmp_path / "prometheus.yml"
-        cfg.write_text("global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n" + "".join(
-            f"  - job_name: {job}\n    static_configs:\n      - targets: ['{t}']\n" for job, t in targets.items()))
-        web = f"127.0.0.1:{free_port()}"
-        base = f"http://{web}"
-        # opening the log and starting prometheus block the loop a moment, once, before any scrape
-        with open(tmp_path / "prometheus.log", "w") as log:  # noqa: ASYNC230
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                ["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                 f"--web.listen-address={web}", "--storage.tsdb.retention.time=1h"],
-                stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=1) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+        prom = await loop.run_in_executor(None, Prometheus.start, tmp_path, targets)
+        base = prom.base
 
         def have(expr: str, count: int = 1) -> bool:
             r = prom_query(base, expr)
             return r.get("status") == "success" and len(r["data"]["result"]) >= count
 
         deadline = time.monotonic() + 20
-        while not (await loop.run_in_executor(None, ready)):
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "prometheus did not become ready"
-            await asyncio.sleep(0.2)
         # at least 3 scrapes of both targets, so rate() over 10s has points
         want = 'count_over_time(up{job=~"stcp-.*"}[1m]) >= 3'
         while not (await loop.run_in_executor(None, have, want, 3)):
@@ -644,13 +663,8 @@ async def _with_prometheus(tmp_path: Path):
         r = await loop.run_in_executor(None, prom_query, base, 'min(stcp_worker_up{job="stcp-workers"})')
         assert float(r["data"]["result"][0]["value"][1]) == 1
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if prom is not None:
+            prom.close()
         loader.close()
         close_pool(workers, pool)
         metrics.close()

@@ -56,7 +56,7 @@ async def _pool():
             sizes = {0: [1000, 70_000], 1: [5]}
             for w, ns in sizes.items():
                 for n in ns:
-                    await transfer(pool.workers[w].port, os.urandom(n))
+                    await transfer(pool.workers[w].port, os.urandom(n), pool.public_key)
             for w in sizes:
                 await quiet(pool.workers[w].server)
             await asyncio.sleep(0.3)              # the clients' last datagrams (after the close)
@@ -89,7 +89,8 @@ async def _pool():
             assert floor <= tx <= floor + 2 * 3, (tx, floor)
 
             # worker 1 holds a live connection, is scraped, and dies
-            r, wr = await asyncio.wait_for(stcp.open_connection("127.0.0.1", pool.workers[1].port), 10)
+            r, wr = await asyncio.wait_for(stcp.open_connection("127.0.0.1", pool.workers[1].port,
+                                                                server_key=pool.public_key), 10)
             wr.write(b"abc")
             assert await asyncio.wait_for(r.readexactly(3), 10) == b"abc"
             s2 = await ascrape(url)
@@ -118,7 +119,7 @@ async def _pool():
                     assert s4.values[key] >= v, key
             # the replacement's counts add to the slot's
             before = s4.get("stcp_worker_connections_accepted_total", worker="1")
-            await transfer(pool.workers[1].port, b"after")
+            await transfer(pool.workers[1].port, b"after", pool.public_key)
             await quiet(pool.workers[1].server)
             s5 = await ascrape(url)
             assert s5.get("stcp_worker_connections_accepted_total", worker="1") == before + 1 == 3

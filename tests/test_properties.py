@@ -194,7 +194,7 @@ class World:
         self.endpoint = p.server
         self.client_a, self.server_a = p.client, p.server_conn
         assert self.server_a.recv_epoch >= 1 and self.client_a.recv_epoch >= 1
-        self.client_b = Connection.client(Config(), p.now)
+        self.client_b = Connection.client(Config(server_key=self.endpoint.public_key), p.now)
         up, down = [], []
         self.server_b = pump(self.client_b, self.endpoint, OTHER_ADDR, p.now, up, down)
         assert self.client_b.state == self.server_b.state == State.ENCRYPTED

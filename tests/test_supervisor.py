@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from stcp import identity
 from stcp.supervisor import (
     METRICS_DIR_ENV,
     READY_FD_ENV,
@@ -34,6 +35,8 @@ from stcp.supervisor import WorkerRole
 role = WorkerRole.from_env()
 print(f"stcp: role {role.index}/{role.count} metrics={role.metrics_dir} env_left={os.environ.get('STCP_WORKER')}",
       file=sys.stderr, flush=True)
+key = role.static_key.hex() if role.static_key else None
+print(f"stcp: key={key} key_fd_left={os.environ.get('STCP_KEY_FD')}", file=sys.stderr, flush=True)
 mode = os.environ.get("TEST_MODE", "ready")
 if mode == "exit":
     sys.exit(3)
@@ -125,6 +128,30 @@ def test_dead_worker_is_replaced_or_ends_the_pool():
     text = asyncio.run(main(2))
     assert text.count("worker 0 (pid") == 2 and text.count("died (exit code 4)") == 2
     assert text.count("stcp: worker 0 started") == 3
+
+
+def test_every_worker_and_replacement_gets_the_pools_key():
+    """The supervisor hands its one key to each worker through a pipe (not the environment
+    or the command line); a replacement gets the same key; the serving line names it."""
+    key = identity.generate_private_key()
+
+    async def main() -> str:
+        out = io.StringIO()
+        sup = Supervisor(spawn("die_after_ready"), no_attach, 2, out=out, max_restarts=1, static_key=key)
+        try:
+            await sup.start(ready_timeout=30)
+            with pytest.raises(SupervisorError, match="died 2 times"):
+                await asyncio.wait_for(sup.wait(), 30)
+        finally:
+            await sup.wait_closed()
+        return out.getvalue()
+
+    text = asyncio.run(main())
+    got = [line.split("key=")[1] for line in text.splitlines() if "] key=" in line]
+    assert len(got) >= 3, text                   # two workers and at least one replacement
+    assert set(got) == {f"{key.hex()} key_fd_left=None"}, got
+    assert f"server key {identity.encode_key(identity.public_key(key))}" in text
+    assert key.hex() not in "".join(os.environ.values())
 
 
 def test_notify_ready_writes_once_and_closes_its_end():

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from stcp.datapath.verdicts import Verdict
 from tests.support import frames as F, xdp_model as model
-from tests.support.testrun import MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support.testrun import BUILDS, MAX_FRAME, MIN_FRAME, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
 
 EXAMPLES = int(os.environ.get("STCP_XDP_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -53,10 +53,10 @@ MODES = {
 }
 
 
-@pytest.fixture(scope="module")
-def prog():
-    require_testrun()
-    p = LoadedProg()
+@pytest.fixture(scope="module", params=BUILDS)
+def prog(request):
+    require_testrun(request.param)
+    p = LoadedProg(request.param)
     try:
         yield p
     finally:

@@ -153,14 +153,28 @@ def test_bad_interface_and_namespace(pair):
 @pytest.mark.root
 @pytest.mark.xdp
 def test_missing_toolchain_is_one_line(pair, tmp_path):
+    """Without clang the program is built with bcc (and says it runs alone); without either,
+    one line names both and what to install. STCP_BCC_DIR hides the distribution's bcc."""
     a, _b = pair
     fake = tmp_path / "bcc"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('simulated: no libbcc')\n")
-    r = loader("--netns", a.ns, "attach", a.ifname, env={"PYTHONPATH": str(tmp_path)})
+    no_bcc = {"PYTHONPATH": str(tmp_path), "STCP_BCC_DIR": str(tmp_path / "none")}
+    no_clang = {"STCP_CLANG": str(tmp_path / "no-clang")}
+    r = loader("--netns", a.ns, "attach", a.ifname, env={**no_bcc, **no_clang})
     assert r.returncode == 2
     line = one_line_error(r)
-    assert "bcc is not available" in line and "system-deps" in line
+    assert "clang not found" in line and "bcc is not available" in line and "system-deps" in line
+    r = loader("--netns", a.ns, "attach", a.ifname, env={**no_bcc, "STCP_XDP_LOADER": "bcc"})
+    assert r.returncode == 2 and "bcc is not available" in one_line_error(r)
+    assert "prog/xdp" not in xdp_on_link(a)
+
+    r = loader("--netns", a.ns, "attach", a.ifname, "--port", str(PORT), env=no_clang)
+    assert r.returncode == 0, r.stderr
+    assert "loaded with bcc" in r.stdout and "clang and libxdp" in r.stdout
+    assert json.loads(loader("--netns", a.ns, "status", a.ifname, "--json").stdout)["interfaces"][0]["attached"]
+    assert loader("--netns", a.ns, "detach", a.ifname).returncode == 0
+
     empty = tmp_path / "nobpf"
     empty.mkdir()
     r = loader("--netns", a.ns, "attach", a.ifname, env={"STCP_BPF_DIR": str(empty)})
@@ -207,3 +221,24 @@ def test_loader_and_serve_default_to_one_port():
     assert attach.port == wire.DEFAULT_PORT
     assert common.parse_hostport(serve.listen) == ("127.0.0.1", wire.DEFAULT_PORT)
     assert common.parse_hostport("0.0.0.0", wire.DEFAULT_PORT) == ("0.0.0.0", 7443)
+
+
+def test_version_and_complete_help():
+    """`stcp-loader --version` answers like `stcp --version`; every option and argument of
+    every command says what it is for."""
+    import argparse
+
+    from stcp import __version__
+    from stcp.cli.loader import build_parser
+    r = loader("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"stcp-loader (stcp) {__version__}"
+    p = build_parser()
+    (sub,) = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == {"attach", "set", "detach", "status", "metrics", "doctor"}
+    for name, cmd in sub.choices.items():
+        assert cmd.description or any(c.dest == name and c.help for c in sub._choices_actions), name
+        for a in cmd._actions:
+            if not isinstance(a, argparse._HelpAction):
+                assert a.help and a.help != argparse.SUPPRESS, f"stcp-loader {name} {a.option_strings or a.dest}"
+    r = loader("set", "eth0")
+    assert r.returncode == 2 and "nothing to set" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.procs import STCP, stop, wait_for_stderr_line, xdp_status
+from tests.support.procs import STCP, pinned, session_key, stop, wait_for_stderr_line, xdp_status
 
 PORT = 4477
 SIZE = 4 << 20
@@ -25,7 +25,8 @@ def test_transfer_with_xdp_attached(fam, mode, netns_pair):
     a, b = netns_pair
     host = a.ip4 if fam == 4 else a.ip6
     addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
-    server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode],
+    server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode,
+                      "--key", session_key()[0]],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_stderr_line(server, "serving on", timeout=60)
@@ -38,7 +39,7 @@ def test_transfer_with_xdp_attached(fam, mode, netns_pair):
         # Generic XDP sees a GSO buffer from the veth peer as one datagram (docs/OPERATIONS.md):
         # a same-host client sends without GSO there; native mode makes the peer segment.
         env = dict(os.environ, STCP_GSO="0") if mode == "generic" else None
-        r = subprocess.run(b.cmd(*STCP, "connect", addr), input=data,
+        r = subprocess.run(b.cmd(*STCP, "connect", *pinned(), addr), input=data,
                            capture_output=True, timeout=120, env=env)
         took = time.monotonic() - t0
         assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]

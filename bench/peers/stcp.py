@@ -1,5 +1,7 @@
 """STCP on the socket datapath, through its asyncio-streams API:
-`stcp.start_server(handler, host, port)` and `stcp.open_connection(host, port)`.
+`stcp.start_server(handler, host, port, server_key=KEY)` and
+`stcp.open_connection(host, port, server_key=PUBLIC)`: the client pins the server's key,
+as the TLS clients verify the server's certificate chain.
 
 Same server handler and client tests as the asyncio TLS and aioquic peers
 (bench.peers.streams), so the comparison is transport against transport.
@@ -28,12 +30,15 @@ def free_udp_port(host: str) -> int:
         s.close()
 
 
-async def start_server(args, handler):
+async def start_server(args, handler, client_auth: bool = False):
+    """The server under the run's key; with client_auth, admitting only the run's client key."""
     stcp = import_stcp()
+    keys = C.stcp_keys(args)
     host, port = C.split_hostport(args.listen)
     if port == 0:
         port = free_udp_port(host)
-    srv = await stcp.start_server(handler, host, port)
+    srv = await stcp.start_server(handler, host, port, server_key=keys["server_key"],
+                                  allowed_clients=keys["allowed_clients"] if client_auth else None)
     return srv, port
 
 
@@ -60,9 +65,24 @@ class _Conn:
             pass
 
 
-async def connect(args):
+_client: dict = {}
+
+
+def client_config(args, client_auth: bool = False):
+    """(pinned server key, Config) of this client, made once: with client_auth the Config
+    holds the client's key, so its public half is derived once, not per connection."""
+    if client_auth not in _client:
+        stcp = import_stcp()
+        keys = C.stcp_keys(args)
+        static = stcp.api.private_key(keys["client_key"], "client key") if client_auth else None
+        _client[client_auth] = (keys["server_public"], stcp.make_config(static_key=static))
+    return _client[client_auth]
+
+
+async def connect(args, client_auth: bool = False):
     host, port = C.split_hostport(args.connect)
-    r, w = await import_stcp().open_connection(host, port)
+    server_key, config = client_config(args, client_auth)
+    r, w = await import_stcp().open_connection(host, port, server_key=server_key, config=config)
     return _Conn(r, w)
 
 

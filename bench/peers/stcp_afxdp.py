@@ -70,7 +70,8 @@ def run_server(args) -> None:
         C.stats_on_sigusr1(loop, lambda: driver_counters(box["srv"].driver, w, n) if box else {}, name=str(w))
         srv = box["srv"] = await serve(streams.handle, host, port, datapath="afxdp", iface=iface, xdp_mode="native",
                                        xdp_limits=XDP_LIMITS, afxdp_tx=os.environ.get("BENCH_AFXDP_TX", "socket"),
-                                       worker=role)
+                                       worker=role,     # a worker serves under the key its supervisor holds
+                                       server_key=None if role else C.stcp_keys(args)["server_key"])
         try:
             if role is None:
                 C.announce_ready(port)
@@ -109,7 +110,7 @@ def run_supervisor(args, nworkers: int) -> None:
 
     async def main():
         pool = WorkerPool(spawn, port, iface=iface, workers=nworkers, xdp_mode="native", xdp_limits=XDP_LIMITS,
-                          max_restarts=0)
+                          server_key=C.stcp_keys(args)["server_key"], max_restarts=0)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, pool.signal_workers, signal.SIGUSR1)
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,4 @@
-"""STCP on the socket datapath, client through the blocking API `stcp.connect((host, port))`
+"""STCP on the socket datapath, client through the blocking API `stcp.connect((host, port), server_key=...)`
 (stcp.blocking: sendall / recv / close, context manager, driven in the caller's thread); the
 server is the asyncio one of bench.peers.stcp (STCP has no blocking server API).  Same client
 tests as the blocking TLS peer."""
@@ -12,7 +12,8 @@ from bench.peers.tls import blocking_client
 def client(args) -> None:
     stcp = speer.import_stcp()
     addr = C.split_hostport(args.connect)
-    blocking_client(args, lambda: stcp.connect(addr))
+    server_key, config = speer.client_config(args)
+    blocking_client(args, lambda: stcp.connect(addr, server_key=server_key, config=config))
 
 
 def available() -> str | None:

@@ -27,7 +27,7 @@ def run_server(args) -> None:
         if iface == "lo":
             raise RuntimeError("the xdp peer needs a real interface (not available with --loopback)")
         srv = await serve(streams.handle, host, port, datapath="xdp", iface=iface, xdp_mode="native",
-                          xdp_limits=XDP_LIMITS)
+                          xdp_limits=XDP_LIMITS, server_key=C.stcp_keys(args)["server_key"])
         try:
             C.announce_ready(port)
             stop = asyncio.Event()

@@ -43,8 +43,8 @@ class _Conn:
             pass
 
 
-async def start_server(args, handler):
-    ctx = server_context(args)
+async def start_server(args, handler, ctx=None):
+    ctx = ctx or server_context(args)
     host, port = C.split_hostport(args.listen)
     async def tuned(r, w):
         tune(w)
@@ -54,15 +54,15 @@ async def start_server(args, handler):
     return srv, srv.sockets[0].getsockname()[1]
 
 
-_ctx = None
+_ctx: dict = {}
 
 
-async def connect(args):
-    global _ctx
-    if _ctx is None:
-        _ctx = client_context(args)
+async def connect(args, make_context=client_context):
+    """A connection; the client's SSLContext (from make_context) is made once per process."""
+    if make_context not in _ctx:
+        _ctx[make_context] = make_context(args)
     host, port = C.split_hostport(args.connect)
-    r, w = await asyncio.open_connection(host, port, ssl=_ctx, server_hostname=C.SERVER_NAME)
+    r, w = await asyncio.open_connection(host, port, ssl=_ctx[make_context], server_hostname=C.SERVER_NAME)
     return _Conn(r, w)
 
 

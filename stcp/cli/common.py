@@ -64,11 +64,14 @@ async def _pump(src: Any, dst: Any) -> None:
         dst.write_eof()
 
 
-async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer: Any) -> None:
-    """Relay both directions between an STCP stream and a TCP stream."""
+async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer: Any) -> Optional[Exception]:
+    """Relay both directions between an STCP stream and a TCP stream; the error that ended
+    the relay early (None when both sides finished), for the caller to report."""
+    error: Optional[Exception] = None
     try:
         await asyncio.gather(_pump(stcp_reader, tcp_writer), _pump(tcp_reader, stcp_writer))
     except (OSError, STCPError) as exc:
+        error = exc
         # the error's class only: the peer learns that the relay failed, not where it led
         stcp_writer.abort(f"relay failed: {type(exc).__name__}")
     finally:
@@ -77,3 +80,4 @@ async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer
         await stcp_writer.wait_closed()
     except STCPError:
         pass
+    return error

@@ -1,5 +1,6 @@
 """`stcp connect` (like ncat: stdin to the server, the server's stream to stdout) and
-`stcp tunnel` (each local TCP client over its own STCP connection)."""
+`stcp tunnel` (each local TCP client over its own STCP connection), each accepting only
+the server key pinned with --server-key, or else the one in the known-hosts file."""
 from __future__ import annotations
 
 import asyncio
@@ -7,12 +8,14 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Optional, Tuple
 
-from ..api import open_connection
-from ..errors import STCPError
+from ..api import StreamReader, StreamWriter, open_connection
+from ..connection import Config
+from ..errors import HandshakeFailed, STCPError
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, config_from_args, parse_hostport, splice
+from .identity import ServerCheck, client_key
 
 
 def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
@@ -35,10 +38,20 @@ def _stdin_chunks(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None
             return
 
 
+async def _open(check: ServerCheck, host: str, port: int, key: Optional[bytes],
+                config: Config) -> Tuple[StreamReader, StreamWriter]:
+    """open_connection under the command line's server-key policy; a first-used key is
+    recorded once connected."""
+    reader, writer = await open_connection(host, port, server_key=check.policy(), client_key=key, config=config)
+    check.connected(writer.get_extra_info("peer_key"))
+    return reader, writer
+
+
 async def connect(args: Any) -> int:
     host, port = parse_hostport(args.address, DEFAULT_PORT)
     config = config_from_args(args)
-    reader, writer = await open_connection(host, port, config=config)
+    check = ServerCheck(args, host, port)
+    reader, writer = await _open(check, host, port, client_key(args), config)
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=0)
     threading.Thread(target=_stdin_chunks, args=(loop, queue), daemon=True).start()
@@ -76,18 +89,30 @@ async def connect(args: Any) -> int:
 
 
 async def tunnel(args: Any) -> int:
+    """Listen for TCP clients; each gets its own STCP connection. A server that presents
+    another key than the pinned or recorded one (with no acceptable hello from the right
+    one within the handshake timeout) ends the tunnel: every later client would meet it too."""
     lhost, lport = parse_hostport(args.listen)
     target = parse_hostport(args.to, DEFAULT_PORT)
     config = config_from_args(args)
+    check = ServerCheck(args, *target)
+    key = client_key(args)
+    refused: asyncio.Future = asyncio.get_running_loop().create_future()
 
     async def on_client(tcp_reader: asyncio.StreamReader, tcp_writer: asyncio.StreamWriter) -> None:
         try:
-            reader, writer = await open_connection(*target, config=config)
+            reader, writer = await _open(check, *target, key, config)
         except (OSError, STCPError) as exc:
-            print(f"stcp: tunnel: {exc}", file=sys.stderr)
             tcp_writer.close()
+            if isinstance(exc, HandshakeFailed) and check.refused is not None:
+                if not refused.done():
+                    refused.set_exception(exc)
+            else:
+                print(f"stcp: tunnel: {exc}", file=sys.stderr)
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, STCPError):       # the STCP side ended it (e.g. ACCESS_DENIED): say why
+            print(f"stcp: tunnel: {error}", file=sys.stderr, flush=True)
 
     try:
         server = await asyncio.start_server(on_client, lhost, lport)
@@ -98,8 +123,10 @@ async def tunnel(args: Any) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.close)
     async with server:
-        try:
-            await server.serve_forever()
-        except asyncio.CancelledError:
-            pass
+        serving = asyncio.ensure_future(server.serve_forever())
+        await asyncio.wait({serving, refused}, return_when=asyncio.FIRST_COMPLETED)
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+    if refused.done():
+        raise refused.exception()        # type: ignore[misc]
     return 0

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from ..api import open_connection
+from ..identity import fingerprint
 from ..server import start_server
 from .common import config_from_args
 from .serve import echo_handler
@@ -19,18 +20,20 @@ async def demo(args: Any) -> int:
     config = config_from_args(args)
     server = await start_server(echo_handler, "127.0.0.1", 0, config=config)
     port = server.sockets[0].getsockname()[1]
-    print(f"server: listening on 127.0.0.1:{port} (echo, socket datapath)")
+    print(f"server: listening on 127.0.0.1:{port} (echo, socket datapath), server key "
+          f"{fingerprint(server.public_key)}")
     size = args.mib << 20
     payload = os.urandom(size)
     t0 = time.perf_counter()
-    _, first = await open_connection("127.0.0.1", port, config=config)
+    _, first = await open_connection("127.0.0.1", port, server_key=server.public_key, config=config)
     t1 = time.perf_counter()
     first.abort("demo: handshake timing only")
-    reader, writer = await open_connection("127.0.0.1", port, config=config)
+    reader, writer = await open_connection("127.0.0.1", port, server_key=server.public_key, config=config)
     t2 = time.perf_counter()
     conn = writer.connection
     print(f"client: handshakes done in {(t1 - t0) * 1e3:.2f} ms (first, with one-time setup) and "
-          f"{(t2 - t1) * 1e3:.2f} ms, cipher {writer.get_extra_info('cipher')}")
+          f"{(t2 - t1) * 1e3:.2f} ms, cipher {writer.get_extra_info('cipher')}, the server proved the "
+          f"pinned key")
     t1 = t2
 
     async def upload() -> None:

@@ -1,5 +1,6 @@
-"""`stcp`: serve, connect, tunnel and demo from the command line (the parser and entry
-point; each command lives in its module: serve.py, connect.py, demo.py).
+"""`stcp`: serve, connect, tunnel, demo and the key commands from the command line (the
+parser and entry point; each command lives in its module: serve.py, connect.py, demo.py,
+identity.py).
 
 Every failure a person can act on ends in one line on stderr and a non-zero exit:
 1 for runtime errors (timeout, refused address, peer termination), 2 for usage errors.
@@ -14,9 +15,11 @@ from typing import List, Optional
 from .. import __version__, wire
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
+from . import config_file
 from .common import UsageError
 from .connect import connect, tunnel
 from .demo import demo
+from .identity import keygen, known_hosts, pubkey
 from .serve import serve
 
 
@@ -26,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", metavar="FILE",
+                        help="read options from this TOML file (key = long option name); typed options win")
         sp.add_argument("--cipher", choices=sorted(wire.SUITES), default=None,
                         help="record protection (default aes-256-gcm)")
         sp.add_argument("--handshake-timeout", type=float, default=None, metavar="S",
@@ -50,16 +55,40 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     s.add_argument("--user", metavar="NAME", help="once set up, run as NAME with no capabilities (default: the "
                    "'stcp' account if it exists, else nobody; a process not allowed to change user stays itself)")
+    # identity (docs/OPERATIONS.md, "Keys")
+    s.add_argument("--key", metavar="FILE", help="the server's private key (stcp keygen --out FILE); default: "
+                   "the one in the state directory, made on first start")
+    s.add_argument("--state-dir", metavar="DIR", help="where the server keeps its key when --key is not given "
+                   "(default /var/lib/stcp for root, else $XDG_STATE_HOME/stcp or ~/.local/state/stcp)")
+    s.add_argument("--allow-clients", metavar="FILE", help="admit only clients proving one of these public "
+                   "keys (one base64 key per line, '#' comments)")
     common(s)
+
+    def client_keys(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--server-key", metavar="BASE64", help="accept only the server holding this key "
+                        "(its public key, as `stcp serve` prints it); default: the known-hosts file")
+        sp.add_argument("--known-hosts", metavar="FILE", help="trust on first use: the server keys seen before "
+                        "(default $XDG_CONFIG_HOME/stcp/known_hosts or ~/.config/stcp/known_hosts)")
+        sp.add_argument("--key", metavar="FILE", help="prove this client key to the server (stcp keygen)")
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
     c.add_argument("address", metavar="HOST:PORT")
+    client_keys(c)
     common(c)
 
     t = sub.add_parser("tunnel", help="carry each local TCP client over its own STCP connection")
     t.add_argument("--listen", required=True, metavar="HOST:PORT")
     t.add_argument("--to", required=True, metavar="HOST:PORT")
+    client_keys(t)
     common(t)
+
+    k = sub.add_parser("keygen", help="make an X25519 key file (mode 0600) and print its public key")
+    k.add_argument("--out", required=True, metavar="FILE", help="the new key file (never overwritten)")
+    sub.add_parser("pubkey", help="print the public key of the private key on stdin (stcp pubkey < FILE)")
+    h = sub.add_parser("known-hosts", help="the known-hosts file: list it, or forget a server's key")
+    h.add_argument("action", choices=["list", "remove"])
+    h.add_argument("address", nargs="?", metavar="HOST:PORT", help="remove: the server to forget")
+    h.add_argument("--known-hosts", metavar="FILE", help="the file (default as for connect)")
 
     d = sub.add_parser("demo", help="a server and a client on loopback, moving data both ways")
     d.add_argument("--mib", type=int, default=16, help="MiB to send (default 16)")
@@ -67,13 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo}
+COMMANDS = {"serve": serve, "connect": connect, "tunnel": tunnel, "demo": demo, "keygen": keygen, "pubkey": pubkey,
+            "known-hosts": known_hosts}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        argv = config_file.expand(parser, argv)
+    except UsageError as exc:
+        print(f"stcp: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.argv = argv
+    if args.command == "known-hosts" and args.action == "remove" and not args.address:
+        parser.error("known-hosts remove needs HOST:PORT")
     try:
         return asyncio.run(COMMANDS[args.command](args))
     except UsageError as exc:

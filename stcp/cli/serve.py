@@ -1,5 +1,6 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
-`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool).
+`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool),
+which loads (or makes) the server key once and hands it to every worker.
 
 Once set up, the server runs as an unprivileged user with no capabilities (--user; see
 stcp.privileges). The pool's supervisor keeps its privileges: it parses no datagram, and
@@ -8,6 +9,7 @@ own once it has joined."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -17,6 +19,7 @@ from .. import server as stcp_server
 from ..connection import Config
 from ..wire import DEFAULT_PORT
 from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .identity import allowed_clients, describe_key, server_identity
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -67,14 +70,23 @@ async def serve(args: Any) -> int:
         if args.workers < 1:
             raise UsageError("--workers must be at least 1")
         role = WorkerRole.from_env()          # set when our supervisor started this process
-        if args.workers > 1 and role is None:
-            return await _supervise(args, port, config)
+    if role is None or role.static_key is None:     # a worker serves under the key its supervisor holds
+        private, note = server_identity(args)
+        if note:
+            print(f"stcp: {note}", file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, static_key=private)
+    allowed = allowed_clients(args)
+    if role is None and args.datapath == "afxdp" and args.workers > 1:
+        return await _supervise(args, port, config)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, metrics=None if role else args.metrics,
+                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics,
                                      drop_privileges=args.user or True)
     dp = server.datapath
     try:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
+            loop.add_signal_handler(sig, server.close)
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
             assert isinstance(dp, AfxdpDatapath)
@@ -87,13 +99,11 @@ async def serve(args: Any) -> int:
             print(f"stcp: XDP program on {args.iface} ({dp.mode} mode)", file=sys.stderr)
         bound = server.sockets[0].getsockname()
         mode = f"forwarding to {args.forward}" if args.forward else "echo"
-        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath)", file=sys.stderr,
-              flush=True)
+        admits = f"; admitting {len(allowed)} client key(s) from {args.allow_clients}" if allowed is not None else ""
+        print(f"stcp: serving on {bound[0]}:{bound[1]} ({mode}, {args.datapath} datapath); server key "
+              f"{describe_key(server.public_key)}{admits}", file=sys.stderr, flush=True)
         if role is not None:
             role.notify_ready()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, server.close)
         await server.serve_forever()
     finally:
         server.close()

@@ -12,7 +12,7 @@ import ctypes.util
 import errno
 import os
 import threading
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .errors import XdpSetupError
 
@@ -54,6 +54,16 @@ class _BpfMapInfo(ctypes.Structure):
     ]
 
 
+class _BpfLinkInfo(ctypes.Structure):
+    # struct bpf_link_info: the union after prog_id is 8-byte aligned; its `tracing` member
+    # (freplace links too) starts with attach_type, target_obj_id, target_btf_id
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("prog_id", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32), ("attach_type", ctypes.c_uint32), ("target_obj_id", ctypes.c_uint32),
+                ("target_btf_id", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 100)]
+
+
+BPF_LINK_TYPE_TRACING = 2         # fentry/fexit and freplace (BPF_PROG_TYPE_EXT) links
+
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 
@@ -73,7 +83,8 @@ def libbpf() -> ctypes.CDLL:
             for fn, args in {
                 "bpf_obj_get": [cp], "bpf_obj_pin": [ctypes.c_int, cp],
                 "bpf_map_create": [ctypes.c_int, cp, u32, u32, u32, vp],
-                "bpf_prog_get_fd_by_id": [u32], "bpf_map_get_fd_by_id": [u32],
+                "bpf_prog_get_fd_by_id": [u32], "bpf_map_get_fd_by_id": [u32], "bpf_link_get_fd_by_id": [u32],
+                "bpf_link_get_next_id": [u32, ctypes.POINTER(u32)],
                 "bpf_obj_get_info_by_fd": [ctypes.c_int, vp, ctypes.POINTER(u32)],
                 "bpf_map_lookup_elem": [ctypes.c_int, vp, vp],
                 "bpf_map_update_elem": [ctypes.c_int, vp, vp, ctypes.c_uint64],
@@ -200,6 +211,27 @@ def map_keys(fd: int, key_size: int, limit: int) -> Iterator[bytes]:
             return
         yield nxt.raw
         prev = ctypes.create_string_buffer(nxt.raw, key_size)
+
+
+def freplace_links() -> Iterator[Tuple[int, int]]:
+    """(target program id, replacing program id) of every freplace link in the system: the
+    programs libxdp's dispatcher runs are linked to it this way."""
+    lib = libbpf()
+    cur, nxt = 0, ctypes.c_uint32()
+    while lib.bpf_link_get_next_id(cur, ctypes.byref(nxt)) == 0:
+        cur = nxt.value
+        try:
+            fd = check(lib.bpf_link_get_fd_by_id(cur), f"open BPF link id {cur}")
+        except OSError:
+            continue                              # gone meanwhile
+        try:
+            info = _BpfLinkInfo()
+            n = ctypes.c_uint32(ctypes.sizeof(info))
+            if lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)) == 0 \
+                    and info.type == BPF_LINK_TYPE_TRACING and info.target_obj_id:
+                yield info.target_obj_id, info.prog_id
+        finally:
+            os.close(fd)
 
 
 def possible_cpus() -> int:

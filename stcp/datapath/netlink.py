@@ -31,6 +31,11 @@ def off_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return fn(*args, **kw)
+    return in_thread("stcp-xdp-netlink", fn, *args, **kw)
+
+
+def in_thread(name: str, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+    """fn(*args, **kw) in a new thread, waited for: its result, or its exception re-raised here."""
     box: Dict[str, Any] = {}
 
     def run() -> None:
@@ -39,7 +44,7 @@ def off_loop(fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 
-    t = threading.Thread(target=run, name="stcp-xdp-netlink", daemon=True)
+    t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     t.join()
     if "error" in box:

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from ..errors import STCPError
 from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
 from . import bpf
+from .bcc_import import import_bcc
 from .errors import XdpSetupError
 from .verdicts import Named
 
@@ -127,10 +128,9 @@ def bpf_source() -> Path:
 def _compile(sockarray_fd: int) -> Tuple[int, int]:
     """(prog fd, counters map fd) of a freshly loaded program, bcc's copies released."""
     try:
-        from bcc import BPF  # Debian's python3-bpfcc; the venv sees it through a .pth
-    except Exception as e:  # ImportError, or libbcc.so missing (OSError)
-        raise ReuseportError(f"bcc is not available ({type(e).__name__}: {e}); install it with "
-                             "'sudo make system-deps'") from None
+        BPF = import_bcc()  # Debian's python3-bpfcc, found outside a venv too
+    except XdpSetupError as e:
+        raise ReuseportError(str(e)) from None
     src = bpf_source()
     cflags = [f"-I{src.parent}", f"-DSTCP_RP_SOCKARRAY_FD={sockarray_fd}"]
     try:

@@ -1,25 +1,36 @@
-"""The operator's view of the XDP program (`stcp-loader attach|detach|status`): attach it and
-leave it to the kernel, remove it, and report what is attached where, from any process.
+"""The operator's view of the XDP program (`stcp-loader attach|set|detach|status`): attach
+it and leave it to the kernel, change its limits in place, remove it, and report what is
+attached where, from any process.
 """
 from __future__ import annotations
 
 import os
 from typing import Any, Dict, List, Optional
 
-from .errors import XdpNotAttached
+from . import libxdp
+from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
 from .xdp_prog import (
     DEFAULT_MAX_RECORD_LEN,
     ProgHandles,
     count_cids,
+    dispatched_by,
     find_stcp,
     pin_dir,
+    prog_name,
     read_config,
     read_counters,
     remove_pins,
     require_privileges,
+    validate_limits,
+    write_config,
 )
+
+# What `stcp-loader set` may change in a live program: the hello limits, and the record
+# limit (raising it is always safe; lowering it drops live connections' larger records).
+SETTABLE = ("hs_rate", "hs_burst", "hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst",
+            "max_record_len")
 
 
 def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
@@ -29,6 +40,7 @@ def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFA
     try:
         st = status_of(iface, dp.mode, dp.handles, dp.pin_dir or pin_dir(iface, netns))
         st["private_pins"] = dp.private_pins
+        st["loader"] = dp.loader
         return st
     finally:
         dp.release()          # do not detach: the interface keeps the program
@@ -52,7 +64,10 @@ def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
             other = f"; another XDP program is attached ({state})" if state else ""
             raise XdpNotAttached(f"no STCP XDP program attached to {iface}{other}{extra}")
         try:
-            nl.clear_xdp(ifindex, mode or "")
+            if h.dispatcher_id is not None:     # the dispatcher's other programs stay
+                libxdp.detach(ifindex, iface, h.prog_id, mode, netns)
+            else:
+                nl.clear_xdp(ifindex, mode or "")
             result = {"iface": iface, "detached": True, "mode": mode, "prog_id": h.prog_id, "pin_dir": pins}
         finally:
             h.close()
@@ -60,12 +75,47 @@ def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
     return result
 
 
+def set_limits(iface: str, netns: Optional[str] = None, *, force: bool = False, **changes: int) -> Dict[str, Any]:
+    """Change limits (SETTABLE) in the config map of the STCP program on iface, which keeps
+    running with its connection table; returns its status. force=True allows lowering
+    max_record_len."""
+    return off_loop(_set_limits, iface, netns, force, changes)
+
+
+def _set_limits(iface: str, netns: Optional[str], force: bool, changes: Dict[str, int]) -> Dict[str, Any]:
+    unknown = set(changes) - set(SETTABLE)
+    if unknown:
+        raise XdpSetupError(f"cannot set {', '.join(sorted(unknown))} on a running program; re-attach for that")
+    if not changes:
+        raise XdpSetupError("nothing to set: name at least one limit (--hs-rate, --hs-burst, ...)")
+    dp = XdpDatapath.open(iface, netns=netns)
+    try:
+        cfg = read_config(dp.handles)
+        new = {k: cfg[k] for k in SETTABLE}
+        new.update(changes)
+        validate_limits(cfg["port"], "auto", **new)
+        if new["max_record_len"] < cfg["max_record_len"] and not force:
+            raise XdpAlreadyAttached(
+                f"lowering the record limit of {iface} from {cfg['max_record_len']} to {new['max_record_len']} "
+                f"drops every larger record of live connections; add --force if no client sends larger ones")
+        write_config(dp.handles, cfg["port"], new.pop("max_record_len"), new.pop("hs_rate"), new.pop("hs_burst"),
+                     cfg["nworkers"], **new)
+        return status_of(iface, dp.mode, dp.handles, pin_dir(iface, netns))
+    finally:
+        dp.release()
+
+
 def status_of(iface: str, mode: Optional[str], h: Optional[ProgHandles], pins: str) -> Dict[str, Any]:
     """One interface's status (what `stcp-loader status --json` prints per interface)."""
     if h is None:
         return {"iface": iface, "attached": False, "pin_dir": pins, "pinned": os.path.isdir(pins)}
+    beside = []
+    if h.dispatcher_id is not None:
+        beside = [{"prog_id": p, "name": prog_name(p)}
+                  for p in dispatched_by([h.dispatcher_id])[h.dispatcher_id] if p != h.prog_id]
     return {
         "iface": iface, "attached": True, "mode": mode, "prog_id": h.prog_id,
+        "dispatcher_id": h.dispatcher_id, "beside": beside,
         "map_ids": dict(h.map_ids), "config": read_config(h), "live_cids": count_cids(h),
         "pin_dir": pins, "pinned": os.path.exists(f"{pins}/prog"),
         "counters": {k: {"packets": p, "bytes": b} for k, (p, b) in read_counters(h).items()},

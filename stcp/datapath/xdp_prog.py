@@ -1,12 +1,14 @@
 """The STCP XDP program (bpf/stcp_xdp.c) as objects in the kernel: build it, find it, and
 read and write its maps.
 
-bcc compiles the C program at load time (sources are read from bpf/ as files). A loaded
-program is named by its id; open_prog() opens it and its maps by id (ProgHandles), so the
-same code serves the process that attached it, `stcp-loader status` in another process,
-and the metrics exporter. find_stcp() goes from an interface to the STCP program on it
-(netlink: interface -> XDP program id). The pins under /sys/fs/bpf/stcp/IFACE/ are for
-operators and other tools (bpftool map dump pinned ...).
+bcc compiles the C program at load time (sources are read from bpf/ as files); for
+attaching beside other programs, xdp_object.py compiles the same source with clang. A
+loaded program is named by its id; open_prog() opens it and its maps by id (ProgHandles),
+so the same code serves the process that attached it, `stcp-loader status` in another
+process, and the metrics exporter. find_stcp() goes from an interface to the STCP program
+on it (netlink: interface -> XDP program id; behind libxdp's dispatcher, the kernel's
+freplace links: dispatcher -> the programs it runs). The pins under
+/sys/fs/bpf/stcp/IFACE/ are for operators and other tools (bpftool map dump pinned ...).
 
 The layouts here mirror bpf/stcp_wire.h (tests/test_constants.py checks them).
 """
@@ -24,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..privileges import require_capabilities
 from ..wire import DEFAULT_MAX_DATAGRAM, HEADER_LEN
 from . import bpf
+from .bcc_import import import_bcc
 from .errors import XdpSetupError
 from .netlink import Netlink
 from .verdicts import Verdict
@@ -94,7 +97,7 @@ def require_privileges(what: str, datapath: str = "xdp") -> None:
     require_capabilities(datapath, what, XdpSetupError)
 
 
-def _mounted_fstype(path: str) -> Optional[str]:
+def mounted_fstype(path: str) -> Optional[str]:
     fstype = None
     try:
         with open("/proc/self/mounts") as f:
@@ -110,7 +113,7 @@ def _mounted_fstype(path: str) -> Optional[str]:
 def ensure_bpffs(root: str = BPFFS) -> bool:
     """Mount bpffs at /sys/fs/bpf if nothing is mounted there (as systemd would); True if
     this call mounted it."""
-    if _mounted_fstype(root) == "bpf":
+    if mounted_fstype(root) == "bpf":
         return False
     if not os.path.isdir(root):
         raise XdpSetupError(f"no bpffs: {root} does not exist (is sysfs mounted?); "
@@ -138,19 +141,9 @@ def current_netns_name() -> Optional[str]:
     return None
 
 
-def _import_bcc() -> Any:
-    try:
-        import bcc  # noqa: F401  (Debian's python3-bpfcc; the venv sees it through a .pth)
-        from bcc import BPF
-    except Exception as e:  # ImportError, or libbcc.so missing (OSError)
-        raise XdpSetupError(f"bcc is not available ({type(e).__name__}: {e}); install the toolchain with "
-                            "'sudo make system-deps' (python3-bpfcc libbpfcc linux-headers-amd64)") from None
-    return BPF
-
-
 def check_toolchain() -> None:
     """bcc importable and kernel headers where bcc looks for them."""
-    _import_bcc()
+    import_bcc()
     release = os.uname().release
     mods = Path("/lib/modules") / release
     if not (mods / "build" / "include").is_dir() or not (mods / "source" / "include" / "linux").is_dir():
@@ -179,17 +172,24 @@ def validate_limits(port: int, mode: str, max_record_len: int, hs_rate: int, hs_
 
 # --------------------------------------------------------------------------------------
 # build
+def prog_cflags(max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
+                afxdp: bool = False) -> List[str]:
+    """The -D flags of a build, the same for bcc and for clang (xdp_object.py)."""
+    flags = [f"-DSTCP_MAX_CIDS={max_cids}", f"-DSTCP_HS_SOURCES={hs_sources}"]
+    if afxdp:
+        flags += ["-DSTCP_AFXDP", f"-DSTCP_XSK_MAX={XSK_MAX}"]
+    return flags
+
+
 def compile_prog(max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
                  afxdp: bool = False) -> Tuple[Any, Any]:
     """Compile and load (not attach) bpf/stcp_xdp.c: (the bcc BPF object, the loaded
     function; its .fd is the program). afxdp=True builds the variant that redirects good
     records to its stcp_xsks XSKMAP. release_bcc() the BPF object once the program is
     held by an fd of ours (open_prog) or attached."""
-    BPF = _import_bcc()
+    BPF = import_bcc()
     src = bpf_source_dir()
-    cflags = [f"-I{src}", f"-DSTCP_MAX_CIDS={max_cids}", f"-DSTCP_HS_SOURCES={hs_sources}"]
-    if afxdp:
-        cflags += ["-DSTCP_AFXDP", f"-DSTCP_XSK_MAX={XSK_MAX}"]
+    cflags = [f"-I{src}", *prog_cflags(max_cids, hs_sources, afxdp)]
     try:
         b = BPF(src_file=str(src / "stcp_xdp.c").encode(), cflags=cflags)
         fn = b.load_func(PROG_NAME.encode(), BPF.XDP)
@@ -217,6 +217,7 @@ class ProgHandles:
     prog_fd: int
     maps: Dict[str, int]                  # our short name (MAP_NAMES) -> fd
     map_ids: Dict[str, int] = field(default_factory=dict)
+    dispatcher_id: Optional[int] = None   # the libxdp dispatcher running it, None if attached alone
 
     def close(self) -> None:
         for fd in [self.prog_fd, *self.maps.values()]:
@@ -280,14 +281,54 @@ def handles_of(b: Any, fn: Any, extra_maps: Tuple[str, ...] = ()) -> ProgHandles
     return ProgHandles(info["id"], pfd, maps, ids)
 
 
+def dispatched_by(dispatcher_ids: List[int]) -> Dict[int, List[int]]:
+    """dispatcher (or any freplace target) program id -> ids of the programs it runs."""
+    out: Dict[int, List[int]] = {d: [] for d in dispatcher_ids}
+    if dispatcher_ids:
+        for target, prog in bpf.freplace_links():
+            if target in out and prog not in out[target]:
+                out[target].append(prog)
+    return out
+
+
 def find_stcp(nl: Netlink, ifindex: int) -> Tuple[Optional[str], Optional[ProgHandles], Dict[str, int]]:
-    """(mode, handles) of the STCP program attached to the interface, and all XDP state."""
+    """(mode, handles) of the STCP program attached to the interface, alone or behind
+    libxdp's dispatcher (then handles.dispatcher_id is set), and all XDP state."""
     state = nl.xdp_state(ifindex)
     for mode, pid in state.items():
         h = open_prog(pid)
         if h:
             return mode, h, state
+    links = dispatched_by(list(state.values()))
+    for mode, pid in state.items():
+        for prog_id in links[pid]:
+            h = open_prog(prog_id)
+            if h:
+                h.dispatcher_id = pid
+                return mode, h, state
     return None, None, state
+
+
+def attached_ids(nl: Netlink, ifindex: int) -> List[int]:
+    """Ids of every XDP program that runs on the interface: attached ones and, behind a
+    dispatcher, the programs it runs."""
+    state = nl.xdp_state(ifindex)
+    ids = list(state.values())
+    for progs in dispatched_by(ids).values():
+        ids += progs
+    return ids
+
+
+def prog_name(prog_id: int) -> str:
+    """The kernel's name of a program ('?' if it cannot be opened)."""
+    try:
+        fd = bpf.prog_fd_by_id(prog_id)
+    except OSError:
+        return "?"
+    try:
+        return str(bpf.prog_info(fd)["name"])
+    finally:
+        os.close(fd)
 
 
 def read_config(h: ProgHandles) -> Dict[str, int]:

@@ -33,10 +33,11 @@ from .exporter import (
 )
 from .server import (
                        CLOSE_REASONS,
+                       ENDPOINT_COUNTERS,
                        ENDPOINT_DROP_REASONS,
                        HANDSHAKE_BUCKETS,
                        HANDSHAKE_FAIL_REASONS,
-                       REJECT_CODES,
+                       HANDSHAKE_REJECT_REASONS,
                        RTT_BUCKETS,
                        BuildInfo,
                        ServerMetrics,
@@ -56,9 +57,9 @@ from .workers import (
 )
 from .xdp import XdpCollector, discover_targets, read_xdp
 
-__all__ = ["CLOSE_REASONS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS", "REJECT_CODES",
-           "RTT_BUCKETS", "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN",
-           "BuildInfo",
+__all__ = ["CLOSE_REASONS", "ENDPOINT_COUNTERS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS",
+           "HANDSHAKE_REJECT_REASONS", "RTT_BUCKETS",
+           "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN", "BuildInfo",
            "MetricsHTTPServer", "PoolMetrics", "ServerMetrics", "UnixExporter", "WorkerCollector",
            "WorkerPoolCollector", "XdpCollector", "build_info", "close_reason", "discover_targets",
            "loader_registry", "parse_listen", "process_collectors", "read_unix", "read_xdp", "run_loader_metrics",

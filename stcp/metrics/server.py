@@ -40,6 +40,8 @@ CLOSE_REASONS: Tuple[str, ...] = (
     "state_error",
     "internal_error",
     "key_update_error",
+    "access_denied",        # the server's allow list refused the client (or it proved no key)
+    "stateless_reset",      # a client: the server had no state for it (never at a server)
     "worker_died",          # the AF_XDP worker process holding it died (counted by the supervisor)
     "other",                # a close code this version does not know
 )
@@ -52,16 +54,30 @@ ENDPOINT_DROP_REASONS: Dict[str, str] = {      # label -> EndpointStats field
     "over_capacity": "dropped_over_capacity",
 }
 
-REJECT_CODES: Dict[str, str] = {          # label -> EndpointStats field (REJECTs by code)
+# Why a handshake was refused: label -> EndpointStats field. The first four are REJECTs
+# answering a client hello (no connection made); the last two are connections the allow
+# list ended ACCESS_DENIED (a key not on it, or no key proven).
+HANDSHAKE_REJECT_REASONS: Dict[str, str] = {
     "version": "rejected_version",
     "suite": "rejected_suite",
     "key": "rejected_key",
     "busy": "rejected_busy",
+    "client_not_allowed": "clients_not_allowed",
+    "client_key_missing": "clients_without_key",
 }
 
-# EndpointStats fields of the handshake defences, exported one family each (below)
-_ENDPOINT_FIELDS: Tuple[str, ...] = ("cookies_sent", "cookie_admitted", "clients_not_allowed", "resets_sent",
-                                     "resets_rate_limited")
+# Single EndpointStats counters: metric name (without _total) -> (field, help)
+ENDPOINT_COUNTERS: Dict[str, Tuple[str, str]] = {
+    "stcp_handshake_cookies_sent": (
+        "cookies_sent", "COOKIE replies: client hellos past the hello budget or the half-open cap without a "
+        "valid cookie, answered with one and no state (PROTOCOL.md 4.5)."),
+    "stcp_handshake_cookies_admitted": (
+        "cookie_admitted", "Client hellos served under load on the strength of a valid cookie."),
+    "stcp_stateless_resets_sent": (
+        "resets_sent", "Stateless RESETs sent for data records naming no connection (PROTOCOL.md 5.7)."),
+    "stcp_stateless_resets_rate_limited": (
+        "resets_rate_limited", "RESETs not sent because the RESET budget was spent."),
+}
 
 # Connection.stats.discarded reasons, summed over ended + live connections as "discarded:<reason>"
 _DISCARD_KEYS: Tuple[str, ...] = tuple("discarded:" + r for r in DISCARD_REASONS)
@@ -166,10 +182,12 @@ class ServerMetrics(Collector):
     Invariants an operator (and the tests) can rely on:
       stcp_connections_opened_total - sum(stcp_connections_closed_total) == stcp_connections_active
       stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
-      sum(stcp_handshakes_rejected_total) == stcp_handshakes_failed_total{reason="rejected"}
-      stcp_cookies_sent_total counts COOKIE replies, stcp_cookie_hellos_admitted_total the hellos
-        that came back with a valid one and were served: their ratio is how many of the
-        clients told to wait were real (a spoofed source never sees its cookie)
+      sum(stcp_handshakes_rejected_total{reason=~"version|suite|key|busy"})
+        == stcp_handshakes_failed_total{reason="rejected"} (the REJECTs; the allow list's
+        refusals are connections, closed access_denied)
+      stcp_handshake_cookies_sent_total counts COOKIE replies, stcp_handshake_cookies_admitted_total
+        the hellos that came back with a valid one and were served: their ratio is how many of
+        the clients told to wait were real (a spoofed source never sees its cookie)
     """
 
     def __init__(self, endpoint: Optional[ServerEndpoint] = None, datapath: str = "socket",
@@ -261,20 +279,14 @@ class ServerMetrics(Collector):
             for r, n in st.discarded.items():
                 sums["discarded:" + r] += n
             in_progress += not established
-        drops = dict.fromkeys(ENDPOINT_DROP_REASONS, 0)
-        rejects = dict.fromkeys(REJECT_CODES, 0)
-        endpoint = dict.fromkeys(_ENDPOINT_FIELDS, 0)
-        rejected = 0
+        ep_stats = getattr(self.endpoint, "stats", None)
+        drops = {label: getattr(ep_stats, f, 0) for label, f in ENDPOINT_DROP_REASONS.items()}
+        rejects = {label: getattr(ep_stats, f, 0) for label, f in HANDSHAKE_REJECT_REASONS.items()}
+        counters = {name: getattr(ep_stats, f, 0) for name, (f, _) in ENDPOINT_COUNTERS.items()}
+        rejected = getattr(ep_stats, "handshakes_rejected", 0)
         memory = {"limit": 0, "used": 0, "shed": 0, "withheld": 0, "migrations": 0}
         ep = self.endpoint
         if ep is not None:
-            for label, field in ENDPOINT_DROP_REASONS.items():
-                drops[label] = getattr(ep.stats, field, 0)
-            for label, field in REJECT_CODES.items():
-                rejects[label] = getattr(ep.stats, field, 0)
-            for field in _ENDPOINT_FIELDS:
-                endpoint[field] = getattr(ep.stats, field, 0)
-            rejected = ep.stats.handshakes_rejected
             budget = ep.budget
             memory = {"limit": budget.limit, "used": budget.used, "shed": budget.shed,
                       "withheld": budget.credit_withheld, "migrations": ep.stats.migrations}
@@ -282,7 +294,7 @@ class ServerMetrics(Collector):
         return {"stats": sums, "active": len(live), "in_progress": in_progress,
                 "opened": created, "closed": closed, "hs_started": created + rejected,
                 "hs_completed": completed, "hs_failed": hs_failed, "hs_hist": hs_hist,
-                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": endpoint,
+                "rtt_hist": rtt_hist, "drops": drops, "rejects": rejects, "endpoint": counters,
                 "memory": memory}
 
     def collect(self) -> Iterator:
@@ -301,23 +313,6 @@ class ServerMetrics(Collector):
                           "reason", HANDSHAKE_FAIL_REASONS, s["hs_failed"].__getitem__)
         yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
                                 "completed yet.", value=s["in_progress"])
-        yield _counter_by("stcp_handshakes_rejected", "REJECTs sent, by code: version (a version this server "
-                          "does not speak), suite (no common cipher suite), key (the client named another "
-                          "server key), busy (max_connections or twice the half-open cap reached).",
-                          "code", REJECT_CODES, s["rejects"].__getitem__)
-        ep = s["endpoint"]
-        yield CounterMetricFamily("stcp_cookies_sent", "COOKIE replies sent instead of a server hello, with "
-                                  "no X25519 and no state: the server was past its hello budget or its "
-                                  "half-open cap (cookie mode; PROTOCOL.md, cookies).", value=ep["cookies_sent"])
-        yield CounterMetricFamily("stcp_cookie_hellos_admitted", "Hellos served while in cookie mode because "
-                                  "they carried a valid cookie.", value=ep["cookie_admitted"])
-        yield CounterMetricFamily("stcp_clients_not_allowed", "Connections ended ACCESS_DENIED: the client's "
-                                  "key is not on the server's allow list.", value=ep["clients_not_allowed"])
-        rs = CounterMetricFamily("stcp_resets", "Stateless RESETs for data records naming no connection: sent, "
-                                 "or not sent because over the RESET budget (rate_limited).", labels=["outcome"])
-        rs.add_metric(["sent"], ep["resets_sent"])
-        rs.add_metric(["rate_limited"], ep["resets_rate_limited"])
-        yield rs
         yield CounterMetricFamily("stcp_handshake_hints_ignored", "Handshake-time datagrams that could not be "
                                   "verified yet (no keys) and were ignored, not acted on.",
                                   value=st["handshake_hints_ignored"])
@@ -325,6 +320,13 @@ class ServerMetrics(Collector):
                                   "(CLIENT_AUTH) to a server with an allow list.", value=st["client_auth_missing"])
         yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
                                   "as seen by the server.")
+        yield _counter_by("stcp_handshakes_rejected", "Handshakes the server refused, by reason: a REJECT "
+                          "answering a client hello (version, suite, key, busy), or a connection its allow "
+                          "list ended ACCESS_DENIED (client_not_allowed: a key not on the list; "
+                          "client_key_missing: no key proven).", "reason", HANDSHAKE_REJECT_REASONS,
+                          s["rejects"].__getitem__)
+        for name, (_, doc) in ENDPOINT_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=s["endpoint"][name])
 
         # connections
         yield GaugeMetricFamily("stcp_connections_active", "Connections in the server's table (handshaking "

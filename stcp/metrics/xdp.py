@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..datapath import bpf, xdp_prog
+from ..datapath.errors import XdpSetupError
 from ..datapath.netlink import Netlink
 from ..datapath.verdicts import Verdict
 
@@ -120,8 +121,11 @@ class XdpCollector(Collector):
     """Verdict counters, attach mode and run time of STCP XDP programs, read at scrape time.
 
     targets: (iface, netns or None) pairs, or plain interface names; with none, every
-    STCP program found by discover_targets() at each scrape. `reader` replaces read_xdp
-    (tests feed it fixed data).
+    STCP program found by discover_targets() at each scrape, and every interface found at
+    an earlier scrape of this collector: once seen, an interface keeps its
+    stcp_xdp_attached series, at 0 with mode "none" after a detach (or once the interface
+    or its namespace is gone), so an alert on it can fire. `reader` replaces read_xdp and
+    `discover` discover_targets (tests feed them fixed data).
     """
 
     def __init__(self, targets: Sequence = (), *, netns: Optional[str] = None,
@@ -133,24 +137,39 @@ class XdpCollector(Collector):
         self._discover = discover or (lambda: discover_targets(netns))
         self._errors = 0
         self._warned: set = set()
+        self._seen: List[Target] = []     # discovered at some scrape, in order
         self._lock = threading.Lock()
 
     def read_all(self) -> List[Tuple[Target, dict]]:
-        targets = self.targets or self._discover()
+        targets = self.targets
+        found: List[Target] = []
+        if not targets:
+            found = self._discover()
+            with self._lock:
+                self._seen.extend(t for t in found if t not in self._seen)
+                targets = list(self._seen)
         out = []
         for iface, ns in targets:
             try:
                 snap = self._read(iface, ns)
+            except XdpSetupError as e:
+                if self.targets or (iface, ns) in found:
+                    snap = self._failed(iface, ns, e)
+                else:                     # seen before, now gone with its interface: detached
+                    snap = {"attached": False, "gone": str(e)}
             except Exception as e:  # one broken interface must not hide the others
-                with self._lock:
-                    self._errors += 1
-                    first = (iface, ns, str(e)) not in self._warned
-                    self._warned.add((iface, ns, str(e)))
-                log.log(logging.WARNING if first else logging.DEBUG, "reading the STCP XDP counters of %s%s "
-                        "failed: %s", iface, f" (netns {ns})" if ns else "", e)
-                snap = {"attached": False, "error": str(e)}
+                snap = self._failed(iface, ns, e)
             out.append(((iface, ns), snap))
         return out
+
+    def _failed(self, iface: str, ns: Optional[str], e: Exception) -> dict:
+        with self._lock:
+            self._errors += 1
+            first = (iface, ns, str(e)) not in self._warned
+            self._warned.add((iface, ns, str(e)))
+        log.log(logging.WARNING if first else logging.DEBUG, "reading the STCP XDP counters of %s%s "
+                "failed: %s", iface, f" (netns {ns})" if ns else "", e)
+        return {"attached": False, "error": str(e)}
 
     def collect(self) -> Iterator:
         rows = self.read_all()

@@ -41,6 +41,32 @@ def xdp_unavailable() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def dispatcher_unavailable() -> Optional[str]:
+    """libxdp's dispatcher can run several XDP programs on one interface here: the XDP
+    toolchain, clang, libxdp, xdp-loader, and a kernel that loads freplace programs."""
+    why = xdp_unavailable()
+    if why:
+        return why
+    import tempfile
+
+    from stcp.datapath import libxdp
+    from stcp.datapath.xdp import libxdp_unavailable
+    from stcp.datapath.xdp_object import build_object
+    from stcp.datapath.xdp_prog import PROG_NAME
+    why = libxdp_unavailable()
+    if why:
+        return f"the clang build through libxdp is unavailable: {why}"
+    if shutil.which("xdp-loader") is None:
+        return "needs xdp-loader (Debian package xdp-tools; scripts/system-deps.sh installs it)"
+    with tempfile.TemporaryDirectory(prefix="stcp-probe-") as d:
+        why = libxdp.freplace_refused(build_object(d), PROG_NAME)
+    if why:
+        return (f"this kernel refuses freplace programs (BPF_PROG_TYPE_EXT: {why}), which libxdp's dispatcher is "
+                "made of: libxdp and xdp-loader attach one program per interface here")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def xsk_unavailable() -> Optional[str]:
     """The stcp._xsk extension (AF_XDP sockets, frame parsing) was built."""
     try:

@@ -1,6 +1,7 @@
 """The stcp and stcp-loader commands as subprocesses, as an operator runs them: servers in a
-namespace, clients in the other, the loader's status, and reading what a server says on
-stderr."""
+namespace, clients in the other, the loader's status, reading what a server says on
+stderr, and the keys they run under (servers get --key, clients pin it with --server-key:
+authentication is on everywhere, and no test writes the real state directory)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,6 +17,47 @@ import time
 from pathlib import Path
 
 STCP = [sys.executable, "-m", "stcp.cli.main"]
+
+
+# ---------------------------------------------------------------------------------------
+# keys
+SERVER_KEY_RE = re.compile(r"server key ([A-Za-z0-9+/]{43}=) \(SHA256:")
+
+
+def announced_key(text: str) -> str:
+    """The public key (base64) a `stcp serve` startup line announces."""
+    m = SERVER_KEY_RE.search(text)
+    assert m, f"no server key announced in {text!r}"
+    return m.group(1)
+
+
+def key_file(path) -> tuple[str, str]:
+    """A new key file at path (0600); (its path, its public key in base64)."""
+    from stcp.identity import encode_key, generate_private_key, public_key, save_private_key
+    private = generate_private_key()
+    save_private_key(str(path), private)
+    return str(path), encode_key(public_key(private))
+
+
+_SESSION_KEY: list = []
+
+
+def session_key() -> tuple[str, str]:
+    """One server key for the test session's namespace servers: (key file, public key)."""
+    if not _SESSION_KEY:
+        import atexit
+        import shutil
+        import tempfile
+        d = tempfile.mkdtemp(prefix="stcp-test-key-")
+        os.chmod(d, 0o755)             # an unprivileged server (setpriv) may read a key of its own here
+        atexit.register(shutil.rmtree, d, True)
+        _SESSION_KEY.append(key_file(os.path.join(d, "server.key")))
+    return _SESSION_KEY[0]
+
+
+def pinned() -> tuple[str, str]:
+    """`connect` options pinning session_key()."""
+    return ("--server-key", session_key()[1])
 
 
 def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) -> list:
@@ -44,6 +86,19 @@ def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) ->
 
 # ---------------------------------------------------------------------------------------
 # stcp-loader
+def tcp_exchange(port: int, data: bytes, host: str = "127.0.0.1", timeout: float = 20) -> bytes:
+    """Send data over a TCP connection, half-close, and return all that comes back (a
+    tunnel's local side, say)."""
+    import socket
+    with socket.create_connection((host, port), timeout=timeout) as c:
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := c.recv(65536):
+            out += chunk
+        return out
+
+
 def loader_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "stcp-loader"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "stcp.cli.loader"]
@@ -71,7 +126,7 @@ WORKER_RE = re.compile(r"\[worker (\d+)\] AF_XDP: (\d+) datagrams received throu
 
 def serve_afxdp(host_ns, addr: str, mode: str = "native", *extra: str) -> subprocess.Popen:
     return host_ns.popen([*STCP, "serve", "--listen", addr, "--datapath", "afxdp",
-                          "--iface", host_ns.ifname, "--xdp-mode", mode, *extra],
+                          "--iface", host_ns.ifname, "--xdp-mode", mode, "--key", session_key()[0], *extra],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -99,7 +154,7 @@ def serve_workers(a, n: int, port: int = AFXDP_PORT) -> tuple:
 
 
 def clients(b, addr: str, count: int, *extra: str) -> list:
-    return [subprocess.Popen(b.cmd(*STCP, "connect", addr, *extra),
+    return [subprocess.Popen(b.cmd(*STCP, "connect", *pinned(), addr, *extra),
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(count)]
 

@@ -26,8 +26,8 @@ async def quiet(server, timeout: float = 5.0) -> None:
     await await_until(lambda: not server.endpoint.connections, timeout, "the server's connections to end")
 
 
-async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes:
-    reader, writer = await stcp.open_connection(host, port, config=config)
+async def echo_transfer(host: str, port: int, data: bytes, server_key, config=None) -> bytes:
+    reader, writer = await stcp.open_connection(host, port, server_key=server_key, config=config)
 
     async def upload():
         for i in range(0, len(data), 1 << 20):
@@ -42,8 +42,8 @@ async def echo_transfer(host: str, port: int, data: bytes, config=None) -> bytes
     return echoed
 
 
-async def transfer(port: int, payload: bytes, **kw) -> Connection:
-    r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, **kw), 10)
+async def transfer(port: int, payload: bytes, server_key, **kw) -> Connection:
+    r, w = await asyncio.wait_for(stcp.open_connection("127.0.0.1", port, server_key=server_key, **kw), 10)
     w.write(payload)
     w.write_eof()
     got = await asyncio.wait_for(r.read(), 20)
@@ -56,9 +56,11 @@ class ServerThread:
     """An STCP server on its own event-loop thread, until close(): a client in the test's
     thread (blocking API, or an asyncio loop of its own) talks to it over loopback."""
 
-    def __init__(self, handler=echo, host: str = "127.0.0.1", port: int = 0, config: Optional[object] = None):
+    def __init__(self, handler=echo, host: str = "127.0.0.1", port: int = 0, config: Optional[object] = None,
+                 server_key: Optional[bytes] = None):
         self.loop = asyncio.new_event_loop()
-        self.server = self.loop.run_until_complete(stcp.start_server(handler, host, port, config=config))
+        self.server = self.loop.run_until_complete(stcp.start_server(handler, host, port, config=config,
+                                                                     server_key=server_key))
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -69,6 +71,10 @@ class ServerThread:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def public_key(self) -> bytes:
+        return self.server.public_key
 
     def call(self, fn, *args):
         """fn(*args) on the server's loop (a coroutine function's result awaited); its result."""

@@ -7,6 +7,7 @@ import random
 from typing import Callable, List, Optional, Tuple
 
 from stcp import wire
+from stcp.api import with_keys
 from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, StreamFinished
 from stcp.endpoint import ServerEndpoint
 from stcp.state import State
@@ -46,11 +47,16 @@ class Link:
 
 
 class Pair:
+    """A client and a server endpoint on two Links; the client pins the server's key unless
+    its config names another policy."""
     def __init__(self, client_config: Config | None = None, server_config: Config | None = None,
                  up: Link | None = None, down: Link | None = None):
         self.now = 0.0
         self.server = ServerEndpoint(server_config or Config())
-        self.client = Connection.client(client_config or Config(), self.now)
+        client_config = client_config or Config()
+        if client_config.server_key is None:        # authentication on: the client pins the server's key
+            client_config = with_keys(client_config, self.server.public_key, client_config.static_key)
+        self.client = Connection.client(client_config, self.now)
         self.up, self.down = up or Link(), down or Link()
         self.server_conns: List[Connection] = []
         self.received = {"client": bytearray(), "server": bytearray()}
@@ -136,8 +142,8 @@ class Peer:
 
     def __init__(self, server_config: Config | None = None):
         self.now = 0.0
-        self.client = Connection.client(Config(), self.now)
         self.endpoint = ServerEndpoint(server_config or Config())
+        self.client = Connection.client(Config(server_key=self.endpoint.public_key), self.now)
         for d in self.client.datagrams_to_send(self.now):
             self.server, _ = self.endpoint.receive(d, CLIENT_ADDR, self.now)
         for d in self.server.datagrams_to_send(self.now):

@@ -1,8 +1,10 @@
 """The XDP program loaded but never attached, run on crafted frames with BPF_PROG_TEST_RUN.
 
 A program that is not attached runs only when a test runs it, so each run moves exactly one
-verdict counter: run() returns the XDP action and that verdict. Needs root, bcc and kernel
-headers; require_testrun() skips with the reason otherwise.
+verdict counter: run() returns the XDP action and that verdict. Either build of
+bpf/stcp_xdp.c: bcc's (as the AF_XDP datapath loads it) or clang's (the object libxdp
+attaches, stcp/datapath/xdp_object.py), loaded here as a plain XDP program with libbpf.
+Needs root and the build's toolchain; require_testrun() skips with the reason otherwise.
 """
 from __future__ import annotations
 
@@ -29,27 +31,65 @@ class Opts(ctypes.Structure):           # struct bpf_test_run_opts (libbpf)
                 ("batch_size", ctypes.c_uint32)]
 
 
-def require_testrun() -> None:
+BUILDS = ("bcc", "clang")
+
+
+def require_testrun(build: str = "bcc") -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to load BPF programs")
     try:
-        from stcp.datapath import bpf, xdp_prog
-        xdp_prog.check_toolchain()
+        from stcp.datapath import bpf, libxdp, xdp_prog
+        from stcp.datapath.xdp_object import find_clang
         bpf.libbpf()
+        if build == "bcc":
+            xdp_prog.check_toolchain()
+        elif find_clang() is None:
+            pytest.skip("the clang build needs clang (scripts/system-deps.sh installs it)")
+        else:
+            why = libxdp.available()
+            if why:
+                pytest.skip(why)
     except Exception as e:  # XdpSetupError with the reason
         pytest.skip(f"XDP toolchain unavailable: {e}")
 
 
-class LoadedProg:
-    """The plain (not afxdp) program with its maps; configure() writes stcp_config."""
+class _ClangBuild:
+    """bpf/stcp_xdp.c built by clang, loaded as a plain XDP program through libbpf."""
 
     def __init__(self):
+        from stcp.datapath import libxdp
+        from stcp.datapath.xdp_object import ObjectDir
+        from stcp.datapath.xdp_prog import PROG_NAME
+        _xdp, self.lib, _ = libxdp.libraries()
+        self.objdir = ObjectDir()
+        self.obj = self.lib.bpf_object__open_file(self.objdir.path.encode(), None)
+        assert self.obj, "libbpf could not open the clang build"
+        rc = self.lib.bpf_object__load(self.obj)
+        assert rc == 0, f"loading the clang build failed: {os.strerror(-rc)}"
+        self.fd = self.lib.bpf_program__fd(self.lib.bpf_object__find_program_by_name(self.obj, PROG_NAME.encode()))
+
+    def close(self) -> None:
+        self.lib.bpf_object__close(self.obj)
+        self.objdir.close()
+
+
+class LoadedProg:
+    """The plain (not afxdp) program with its maps, built by bcc or clang; configure()
+    writes stcp_config."""
+
+    def __init__(self, build: str = "bcc"):
         from stcp.datapath import bpf, xdp_prog
         from stcp.datapath.xdp import XdpDatapath
         self.xdp = xdp_prog
         self.bpf = bpf
-        self.b, fn = xdp_prog.compile_prog()
-        self.h = xdp_prog.open_prog(bpf.prog_info(fn.fd)["id"])
+        self.build = build
+        if build == "bcc":
+            self.b, fn = xdp_prog.compile_prog()
+            fd = fn.fd
+        else:
+            self.b = _ClangBuild()
+            fd = self.b.fd
+        self.h = xdp_prog.open_prog(bpf.prog_info(fd)["id"])
         self.dp = XdpDatapath("test", 0, "none", self.h, False, None, None)   # add_cid on these maps
         self.global_fd = self._map_fd("stcp_hs_global")
         self.lib = bpf.libbpf()
@@ -101,4 +141,7 @@ class LoadedProg:
     def close(self) -> None:
         os.close(self.global_fd)
         self.dp.close()
-        self.xdp.release_bcc(self.b)
+        if self.build == "bcc":
+            self.xdp.release_bcc(self.b)
+        else:
+            self.b.close()

@@ -40,12 +40,12 @@ class FakeWorker:
     """A server with the AF_XDP driver class and no AF_XDP socket, serving its metrics on
     a unix socket as a worker of `stcp serve --datapath afxdp --workers N --metrics ADDR` does."""
 
-    def __init__(self, directory: str, w: int, pid: int):
-        self.directory, self.w, self.pid = directory, w, pid
+    def __init__(self, directory: str, w: int, pid: int, key: bytes):
+        self.directory, self.w, self.pid, self.key = directory, w, pid, key
         self.server = self.metrics = None
 
     async def start(self) -> "FakeWorker":
-        srv = await stcp.serve(echo, "127.0.0.1", 0, datapath=NoXskDatapath())
+        srv = await stcp.serve(echo, "127.0.0.1", 0, datapath=NoXskDatapath(), server_key=self.key)
         self.server = srv
         self.metrics = serve_worker_metrics(srv, self.directory, self.w,
                                             path=os.path.join(self.directory, f"w{self.w}-{self.pid}.sock"))
@@ -78,10 +78,12 @@ class FakePool:
         self.restarts = {w: 0 for w in range(n)}
         self.n = n
         self._pid = 1000
+        self.key = stcp.generate_private_key()         # a pool's workers share one identity
+        self.public_key = stcp.public_key(self.key)
 
     async def spawn(self, w: int) -> FakeWorker:
         self._pid += 1
-        self.workers[w] = await FakeWorker(self.directory, w, self._pid).start()
+        self.workers[w] = await FakeWorker(self.directory, w, self._pid, self.key).start()
         self.alive[w] = True
         return self.workers[w]
 
@@ -102,7 +104,7 @@ async def fake_pool_with_traffic(directory: str, xdp: bool = False):
     for w in range(2):
         await pool.spawn(w)
     for w in range(2):
-        await transfer(pool.workers[w].port, os.urandom(3000 * (w + 1)))
+        await transfer(pool.workers[w].port, os.urandom(3000 * (w + 1)), pool.public_key)
         await quiet(pool.workers[w].server)
     return pool_exporter(pool, xdp=xdp), pool
 

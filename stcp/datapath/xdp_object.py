@@ -1,0 +1,118 @@
+"""The STCP XDP program as a libbpf object file, built with clang when it is attached.
+
+libxdp's dispatcher runs several XDP programs on one interface by loading each as a
+BPF_PROG_TYPE_EXT program that replaces one of its slots; the kernel checks the slot's
+and the program's BTF, so the program must come from an object file with BTF. bcc loads
+XDP programs as plain XDP from source it compiles in memory, which the dispatcher cannot
+take. So for attaching, bpf/stcp_xdp.c is compiled here with clang into such an object,
+as bcc compiles it at each attach: same source, same -D map sizes. bpf/stcp_clang.h
+supplies bcc's map declarations; the few bcc constructs a macro cannot reach are
+rewritten in a copy first (map method calls, BPF_TABLE's type string, the entry point's
+section), and any other bcc method call on a map is refused by name rather than
+mistranslated. bcc still builds the AF_XDP variant and the programs tests run with
+BPF_PROG_TEST_RUN (xdp_prog.compile_prog); tests/test_xdp_object.py runs both builds on
+the same frames.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import XdpSetupError
+from .xdp_prog import DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS, PROG_NAME, bpf_source_dir, prog_cflags
+
+CLANG_ENV = "STCP_CLANG"          # a clang binary other than the first `clang` on PATH
+_METHODS = {"lookup", "insert", "update", "delete", "redirect_map"}   # see bpf/stcp_clang.h
+_MAP_DECL = re.compile(r"\bBPF_(?:PERCPU_ARRAY|ARRAY|HASH|XSKMAP)\(\s*(\w+)")
+_TABLE_DECL = re.compile(r'\bBPF_TABLE\(\s*"(\w+)"\s*,([^;]*)\)\s*;')      # ("type", key, value, name, size)
+_ENTRY = re.compile(rf"^int\s+{PROG_NAME}\s*\(", re.M)
+
+
+def find_clang() -> Optional[str]:
+    """The clang binary to use ($STCP_CLANG, else `clang` on PATH), or None."""
+    return shutil.which(os.environ.get(CLANG_ENV) or "clang")
+
+
+def translate(source: str) -> str:
+    """bpf/stcp_xdp.c in bcc's dialect -> the same program for a clang build with
+    stcp_clang.h. XdpSetupError names any bcc construct it does not know."""
+    maps = set(_MAP_DECL.findall(source))
+
+    def table(m: re.Match) -> str:
+        args = [a.strip() for a in m.group(2).split(",")]
+        if len(args) != 4:
+            raise XdpSetupError(f"stcp_xdp.c: cannot read {m.group(0)!r} as BPF_TABLE(type, key, value, name, size)")
+        maps.add(args[2])
+        return f"BPF_TABLE_{m.group(1)}({', '.join(args)});"
+
+    out = _TABLE_DECL.sub(table, source)
+    if not maps:
+        raise XdpSetupError("the XDP source declares no maps: is STCP_BPF_DIR a bcc-style stcp_xdp.c?")
+    names = "|".join(sorted(maps, key=len, reverse=True))
+
+    def method(m: re.Match) -> str:
+        name, meth = m.group(1), m.group(2)
+        if meth not in _METHODS:
+            raise XdpSetupError(f"stcp_xdp.c calls bcc's {name}.{meth}(), which the clang build does not "
+                                f"translate: add it to bpf/stcp_clang.h and stcp/datapath/xdp_object.py")
+        return f"stcp_map_{meth}(&{name}, "
+
+    out = re.sub(rf"\b({names})\s*\.\s*(\w+)\s*\(", method, out)
+    out, n = _ENTRY.subn(f'SEC("xdp") int {PROG_NAME}(', out)
+    if n != 1:
+        raise XdpSetupError(f"stcp_xdp.c has no 'int {PROG_NAME}(...)' entry point at the start of a line")
+    return out
+
+
+def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES) -> str:
+    """Compile bpf/stcp_xdp.c into out_dir/stcp_xdp.o (BTF, section "xdp"); its path.
+    XdpSetupError with clang's first error line if it fails."""
+    clang = find_clang()
+    if clang is None:
+        raise XdpSetupError("clang not found: the XDP program is built with clang to run beside other XDP "
+                            "programs (libxdp's dispatcher); run 'sudo make system-deps' (installs clang)")
+    src = bpf_source_dir()
+    work = Path(out_dir)
+    (work / "uapi" / "linux").mkdir(parents=True, exist_ok=True)
+    (work / "uapi" / "linux" / "bpf.h").write_text("#include <linux/bpf.h>\n")   # bcc's include path
+    c_file = work / "stcp_xdp.c"
+    c_file.write_text(translate((src / "stcp_xdp.c").read_text()))
+    obj = work / "stcp_xdp.o"
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
+    cmd = [clang, "-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Wno-unused-function",
+           "-Wno-compare-distinct-pointer-types", f"-I{work}", f"-I{src}", f"-I/usr/include/{multiarch}",
+           "-include", str(src / "stcp_clang.h"), *prog_cflags(max_cids, hs_sources),
+           "-c", str(c_file), "-o", str(obj)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines() or ["(no output)"]
+        raise XdpSetupError(f"compiling {src / 'stcp_xdp.c'} with {clang} failed: {errors[0].strip()}; "
+                            "'sudo make system-deps' installs clang and libbpf-dev")
+    return str(obj)
+
+
+class ObjectDir:
+    """A temporary directory holding one build (removed by close() / the with block)."""
+
+    def __init__(self, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES):
+        self._dir = tempfile.mkdtemp(prefix="stcp-xdp-")
+        try:
+            self.path = build_object(self._dir, max_cids, hs_sources)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "ObjectDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
