@@ -8,21 +8,21 @@ process and any mount namespace (`ip netns exec` gives each process a private /s
 pins under /sys/fs/bpf/stcp/IFACE/ are made on attach and removed on detach.
 
 The pieces: stcp.datapath.bpf (libbpf through ctypes), stcp.datapath.netlink (pyroute2),
-stcp.datapath.xdp_prog (build, find, config, counters, pins), this module (XdpDatapath,
-what `stcp serve --datapath xdp` runs on) and stcp.datapath.xdp_admin (attach, detach,
-status of `stcp-loader`). Every setup failure raises XdpSetupError with a one-line message
+stcp.datapath.xdp_prog (build, find, config, counters, pins), stcp.datapath.xdp_attach
+(a fresh program onto the interface: alone by netlink or a BPF link, or through libxdp),
+this module (XdpDatapath, what `stcp serve --datapath xdp` runs on) and
+stcp.datapath.xdp_admin (attach, detach, status of `stcp-loader`). Every setup failure raises XdpSetupError with a one-line message
 that says what to do.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import struct
 import threading
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
@@ -30,10 +30,9 @@ from ..wire import MAX_CID_WORKERS
 from . import bpf, libxdp
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
-from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
+from .netlink import Netlink, off_loop
 from .socket import ServerDriver, bind_udp
-from .xdp_handover import plan
-from .xdp_object import ObjectDir, find_clang
+from .xdp_attach import attach_bcc, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
 from .xdp_prog import (
     CID,
     DEFAULT_HS_BURST,
@@ -52,83 +51,25 @@ from .xdp_prog import (
     attached_ids,
     check_toolchain,
     cid_filter_slot,
-    compile_prog,
     current_netns_name,
-    dispatched_by,
-    ensure_bpffs,
     find_stcp,
-    handles_of,
-    open_prog,
     pin_dir,
-    pin_prog,
     pinned_prog_id,
     prog_name,
     read_config,
     read_counters,
-    release_bcc,
     remove_pins,
     require_privileges,
     validate_limits,
     write_config,
 )
 
-__all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
+__all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES", "libxdp_unavailable",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
            "DEFAULT_HS_SOURCES", "DEFAULT_HS_PREFIX4", "DEFAULT_HS_PREFIX6", "DEFAULT_HS_GLOBAL_RATE",
            "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
 
 log = logging.getLogger("stcp.datapath.xdp")
-
-
-def libxdp_unavailable() -> Optional[str]:
-    """None if the plain program can be built with clang and attached through libxdp,
-    else why not. STCP_XDP_LOADER=bcc chooses bcc regardless."""
-    if os.environ.get("STCP_XDP_LOADER") == "bcc":
-        return "STCP_XDP_LOADER=bcc"
-    if find_clang() is None:
-        return "clang not found"
-    return libxdp.available()
-
-
-def _dispatcher_of(state: Dict[str, int]) -> Optional[Tuple[str, int]]:
-    """(mode, prog id) of the libxdp dispatcher attached to the interface, if there is one."""
-    for m, pid in state.items():
-        if prog_name(pid) == "xdp_dispatcher" or dispatched_by([pid])[pid]:
-            return m, pid
-    return None
-
-
-def _clear_direct(nl: Netlink, ifindex: int, state: Dict[str, int]) -> List[Tuple[str, int]]:
-    """Detach the programs in state (mode -> id); returns (mode, fd) of each, to restore."""
-    held = []
-    for m, pid in state.items():
-        try:
-            held.append((m, bpf.prog_fd_by_id(pid)))
-        except OSError:
-            pass                                   # gone already
-        nl.clear_xdp(ifindex, m)
-    return held
-
-
-def _restore(nl: Netlink, ifindex: int, held: List[Tuple[str, int]]) -> None:
-    for m, fd in held:
-        try:
-            nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS.get(m, 0))
-        except Exception as e:
-            log.error("could not put the replaced XDP program back on ifindex %d: %s", ifindex, e)
-    _close_fds(fd for _m, fd in held)
-
-
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _set_hint(iface: str) -> str:
-    return f"change limits with 'stcp-loader set {iface} --hs-rate N ...' instead"
 
 
 class XdpDatapath:
@@ -230,7 +171,7 @@ class XdpDatapath:
                         raise
                     raise XdpSetupError(f"cannot build the XDP program: clang with libxdp is not usable "
                                         f"({why_not}), and {e}") from None
-            mounted = cls._bpffs(iface)
+            mounted = bpffs_or_none(iface)
             old_mode, old, state = find_stcp(nl, ifindex)
             pins = pin_dir(iface, netns) if mounted is not None else None
 
@@ -243,8 +184,8 @@ class XdpDatapath:
                         f"STCP XDP program already attached to {iface} (prog id {old.prog_id}, {old_mode} mode); "
                         f"change its limits with 'stcp-loader set {iface} ...', or use --force to replace it "
                         f"(the connection table carries over)")
-                if state and not old and not force and not (via_libxdp and _dispatcher_of(state)):
-                    if link and _dispatcher_of(state):
+                if state and not old and not force and not (via_libxdp and dispatcher_of(state)):
+                    if link and dispatcher_of(state):
                         raise XdpAlreadyAttached(
                             f"{iface} runs XDP programs behind libxdp's dispatcher; a server attaches its own "
                             f"program alone, through a BPF link, so that it can drop its privileges: attach "
@@ -254,7 +195,7 @@ class XdpDatapath:
                     raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
                                              f"STCP cannot run beside (only programs behind libxdp's dispatcher "
                                              f"share an interface); use --force to replace it, or remove it first")
-                attach = cls._attach_libxdp if via_libxdp else cls._attach_bcc
+                attach = attach_libxdp if via_libxdp else attach_bcc
                 h, got, link_fd = attach(nl, ifindex, iface, mode, old, state, configure, netns,
                                          max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp,
                                          priority=priority, link=link)
@@ -263,7 +204,7 @@ class XdpDatapath:
                     old.close()
             try:
                 if pins:
-                    pins = cls._pin(h, pins)   # stale pins, or the replaced program's, go first
+                    pins = pin_or_none(h, pins)   # stale pins, or the replaced program's, go first
             except BaseException:
                 if link_fd >= 0:
                     os.close(link_fd)
@@ -279,146 +220,6 @@ class XdpDatapath:
             # our pins) goes away with the process. The program stays attached regardless.
             dp.private_pins = bool(mounted) and netns is None and current_netns_name() is not None
             return dp
-
-    @classmethod
-    def _attach_bcc(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                    state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                    max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                    link: bool) -> Tuple[ProgHandles, str, int]:
-        """bcc builds it, configured before it is attached alone: by netlink, or through a
-        BPF link (returned, else -1). A link's program is never opened by id (handles_of),
-        which would take CAP_SYS_ADMIN."""
-        if old:
-            plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
-        b, fn = compile_prog(max_cids, hs_sources, afxdp)
-        h = None
-        try:
-            if link:
-                h = handles_of(b, fn, ("stcp_xsks",) if afxdp else ())
-            else:
-                h = open_prog(bpf.prog_info(fn.fd)["id"])
-                if h is None:
-                    raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-            configure(h)
-            cleared = _clear_direct(nl, ifindex, state)     # force: what is there goes first
-            link_fd = -1
-            try:
-                if link:
-                    got, link_fd = cls._link_prog(ifindex, iface, h.prog_fd, mode)
-                else:
-                    got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
-            except BaseException:
-                _restore(nl, ifindex, cleared)
-                raise
-            _close_fds(fd for _m, fd in cleared)
-            return h, got, link_fd
-        except BaseException:
-            if h:
-                h.close()
-            raise
-        finally:
-            release_bcc(b)
-
-    @classmethod
-    def _attach_libxdp(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                       state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                       max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                       link: bool) -> Tuple[ProgHandles, str, int]:
-        """clang builds it and libxdp attaches it (taking over old's maps where they fit),
-        configured right after: until then its config reads port 0 and it passes
-        everything, as the interface did before. An old STCP program behind the dispatcher
-        leaves after the new one has joined; one attached alone leaves first (libxdp cannot
-        put a dispatcher in its place) and comes back if the new one fails."""
-        disp = _dispatcher_of(state)
-        if mode == "auto" and disp:
-            mode = disp[0]                              # join the dispatcher in its mode
-        with ObjectDir(max_cids, hs_sources) as obj:
-            reuse = plan(old, libxdp.object_maps(obj.path), iface, _set_hint(iface)) if old else {}
-            try:
-                if old is not None and old.dispatcher_id is not None:
-                    pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
-                                                     priority=priority, netns=netns)
-                    libxdp.detach(ifindex, iface, old.prog_id, got, netns)
-                else:
-                    cleared = _clear_direct(nl, ifindex, {} if disp else state)
-                    try:
-                        pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
-                                                         priority=priority, netns=netns)
-                    except BaseException:
-                        _restore(nl, ifindex, cleared)
-                        raise
-                    _close_fds(fd for _m, fd in cleared)
-            finally:
-                _close_fds(reuse.values())
-        got_mode, h, _state = find_stcp(nl, ifindex)
-        if h is None or h.prog_id != pid:
-            if h:
-                h.close()
-            raise XdpSetupError(f"libxdp attached prog {pid} to {iface} but it is not found there as STCP's")
-        try:
-            configure(h)
-        except BaseException:
-            h.close()
-            libxdp.detach(ifindex, iface, pid, got_mode or got, netns)
-            raise
-        return h, got_mode or got, -1
-
-    @staticmethod
-    def _bpffs(iface: str) -> Optional[bool]:
-        """ensure_bpffs(), or None (with a warning) where bpffs cannot be mounted: the pins
-        are for operators and other tools, and a server started with CAP_NET_ADMIN + CAP_BPF
-        alone (no CAP_SYS_ADMIN) serves without them."""
-        try:
-            return ensure_bpffs()
-        except XdpSetupError as e:
-            log.warning("not pinning the XDP program of %s: %s", iface, e)
-            return None
-
-    @staticmethod
-    def _pin(h: ProgHandles, pins: str) -> Optional[str]:
-        """Pin the program and its maps at pins; None (with a warning) where bpffs is not
-        writable to us (it is root's, mode 0700, and we may not be root)."""
-        try:
-            remove_pins(pins)              # stale pins of a program that is gone
-            pin_prog(h, pins)
-            return pins
-        except OSError as e:
-            if e.errno not in (errno.EACCES, errno.EPERM):
-                raise
-            remove_pins(pins)
-            log.warning("not pinning the XDP program at %s: %s", pins, e.strerror or e)
-            return None
-
-    @staticmethod
-    def _link_prog(ifindex: int, iface: str, fd: int, mode: str) -> Tuple[str, int]:
-        tries = ["native", "generic"] if mode == "auto" else [mode]
-        errors = []
-        for m in tries:
-            try:
-                return m, bpf.xdp_link_create(fd, ifindex, MODE_FLAGS[m])
-            except OSError as e:
-                errors.append(f"{m}: {e.strerror}")
-                if e.errno in (errno.EEXIST, errno.EBUSY):
-                    raise XdpAlreadyAttached(f"{iface} got another XDP program meanwhile ({e.strerror}); "
-                                             "use --force to replace it") from None
-        raise XdpSetupError(f"attaching XDP to {iface} failed ({'; '.join(errors)})"
-                            + ("; try --mode generic" if mode == "native" else ""))
-
-    @staticmethod
-    def _attach_prog(nl: Netlink, ifindex: int, iface: str, fd: int, mode: str) -> str:
-        tries = ["native", "generic"] if mode == "auto" else [mode]
-        errors = []
-        for m in tries:
-            try:
-                nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS[m])
-                return m
-            except Exception as e:  # NetlinkError
-                errors.append(f"{m}: {netlink_msg(e)}")
-                if getattr(e, "code", None) in (errno.EEXIST, errno.EBUSY):
-                    raise XdpAlreadyAttached(f"{iface} got another XDP program meanwhile ({netlink_msg(e)}); "
-                                             "use --force to replace it") from None
-        raise XdpSetupError(f"attaching XDP to {iface} failed ({'; '.join(errors)})"
-                            + ("; try --mode generic" if mode == "native" else ""))
 
     @classmethod
     def open(cls, iface: str, *, netns: Optional[str] = None) -> "XdpDatapath":
