@@ -25,7 +25,8 @@ import os
 import pwd
 import resource
 import threading
-from typing import Dict, FrozenSet, Optional, Type
+import time
+from typing import Dict, FrozenSet, List, Optional, Type
 
 from .errors import STCPError
 
@@ -158,15 +159,42 @@ def status() -> Dict[str, str]:
     return out
 
 
+def _alone_soon(timeout: float = 2.0) -> bool:
+    """True once this is the process's only thread, waiting up to timeout: a Python thread
+    that was joined (the netlink helper of off_loop) can still be leaving the kernel's
+    task list for a moment after join() returned."""
+    deadline = time.monotonic() + timeout
+    while len(os.listdir("/proc/self/task")) > 1:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _thread_names() -> List[str]:
+    """The process's other threads: threading's by name, a C library's by the kernel's."""
+    me = threading.current_thread()
+    names = [t.name for t in threading.enumerate() if t is not me]
+    known = {t.native_id for t in threading.enumerate()}
+    for tid in sorted(os.listdir("/proc/self/task")):
+        if int(tid) not in known:
+            try:
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    names.append(f"{f.read().strip()} (tid {tid})")
+            except OSError:
+                pass                      # it ended meanwhile
+    return names
+
+
 def drop_privileges(user: Optional[str] = None) -> pwd.struct_passwd:
     """Become `user` (None: account(None)) with no capabilities, no way back and no core
     dumps; returns the account. PrivilegeError if the process has threads besides this
     one, the user does not exist, switching to it is not allowed, or anything is left."""
     pw = account(user)
     name = pw.pw_name
-    if threading.active_count() > 1 or len(os.listdir("/proc/self/task")) > 1:
+    if threading.active_count() > 1 or not _alone_soon():
         raise PrivilegeError("dropping privileges with other threads running would leave them privileged "
-                             f"({', '.join(t.name for t in threading.enumerate())}); drop before starting them")
+                             f"({', '.join(_thread_names())}); drop before starting them")
     suppress_core_dumps()
     try:
         # the bounding set while CAP_SETPCAP, which dropping from it takes, is still in effect

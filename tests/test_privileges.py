@@ -110,6 +110,26 @@ def test_drop_refuses_while_other_threads_run():
     assert "other threads running" in r.stdout and "early" in r.stdout
 
 
+@pytest.mark.root
+def test_drop_right_after_a_joined_helper_thread():
+    """The XDP setup runs netlink in a helper thread it joins (netlink.off_loop); the drop
+    follows at once, while the kernel may still list that thread for a moment. The drop
+    waits for it to be gone rather than refuse."""
+    code = """if True:
+        import os, threading
+        from stcp import privileges
+        for _ in range(200):
+            t = threading.Thread(target=sum, args=([1, 2],))
+            t.start()
+            t.join()
+        privileges.drop_privileges("nobody")
+        print(os.getuid(), len(os.listdir("/proc/self/task")))
+    """
+    r = _py(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(NOBODY), "1"], r.stdout
+
+
 def test_an_unknown_user_is_one_line():
     with pytest.raises(privileges.PrivilegeError, match="no user 'no-such-stcp-user'"):
         privileges.account("no-such-stcp-user")

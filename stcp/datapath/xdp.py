@@ -11,8 +11,8 @@ The pieces: stcp.datapath.bpf (libbpf through ctypes), stcp.datapath.netlink (py
 stcp.datapath.xdp_prog (build, find, config, counters, pins), stcp.datapath.xdp_attach
 (a fresh program onto the interface: alone by netlink or a BPF link, or through libxdp),
 this module (XdpDatapath, what `stcp serve --datapath xdp` runs on) and
-stcp.datapath.xdp_admin (attach, detach, status of `stcp-loader`). Every setup failure raises XdpSetupError with a one-line message
-that says what to do.
+stcp.datapath.xdp_admin (attach, detach, status of `stcp-loader`). Every setup failure
+raises XdpSetupError with a one-line message that says what to do.
 """
 from __future__ import annotations
 
