@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -24,8 +25,10 @@ from tests.support.procs import (
     AFXDP_PORT,
     STCP,
     echo_all,
+    pinned,
     serve_afxdp,
     serve_workers,
+    session_key,
     stop,
     wait_for_stderr_line,
     xdp_status,
@@ -137,15 +140,17 @@ def test_an_unknown_user_is_one_line():
 
 # --------------------------------------------------------------------------------------
 # `stcp serve --datapath xdp` in a namespace, a client in the other
-def _serve(a, prefix, python_cmd, env, *extra):
+def _serve(a, prefix, python_cmd, env, *extra, key=None):
+    """The xdp server under prefix, with the session's server key (key: a copy its user can read)."""
     return subprocess.Popen(["ip", "netns", "exec", a.ns, *prefix, *python_cmd, "serve", "--listen",
-                             f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname, *extra],
+                             f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname,
+                             "--key", key or session_key()[0], *extra],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
 
 
 def _echo_checking(a, b, server, check) -> None:
     data = os.urandom(SIZE)
-    client = subprocess.Popen(b.cmd(*STCP, "connect", f"{a.ip4}:{PORT}"), stdin=subprocess.PIPE,
+    client = subprocess.Popen(b.cmd(*STCP, "connect", *pinned(), f"{a.ip4}:{PORT}"), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out: list = []
     reader = threading.Thread(target=lambda: out.append(client.stdout.read()), daemon=True)
@@ -192,10 +197,10 @@ def _after(a, server) -> None:
     assert "prog/xdp" not in link, f"the unprivileged server left its XDP program attached: {link}"
 
 
-def _serve_echo_check(a, b, prefix, python_cmd, env, metrics_port: int, *extra: str) -> None:
+def _serve_echo_check(a, b, prefix, python_cmd, env, metrics_port: int, *extra: str, key=None) -> None:
     """The xdp server under prefix: unprivileged while a client echoes through it, its CID
     table and metrics working, and gone without a trace after SIGTERM."""
-    server = _serve(a, prefix, python_cmd, env, "--metrics", f"127.0.0.1:{metrics_port}", *extra)
+    server = _serve(a, prefix, python_cmd, env, "--metrics", f"127.0.0.1:{metrics_port}", *extra, key=key)
     try:
         wait_for_stderr_line(server, "serving on", timeout=90)
         _echo_checking(a, b, server, _check_running(a, metrics_port))
@@ -237,27 +242,44 @@ def nobody_python(tmp_path_factory):
     return cmd, env
 
 
+@pytest.fixture(scope="module")
+def nobody_key():
+    """The session's server key, copied where nobody can read it (its own, mode 0600, in a
+    directory others may traverse): a server started as nobody reads its key before it
+    serves, and the clients pin the session key."""
+    d = tempfile.mkdtemp(prefix="stcp-nobody-key-")
+    try:
+        os.chmod(d, 0o711)
+        path = os.path.join(d, "server.key")
+        shutil.copyfile(session_key()[0], path)
+        os.chown(path, NOBODY, privileges.account("nobody").pw_gid)
+        os.chmod(path, 0o600)
+        yield path
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.mark.root
 @pytest.mark.xdp
-def test_xdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody_python):
+def test_xdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody_python, nobody_key):
     """`setpriv --reuid nobody --ambient-caps +net_admin,+bpf,+perfmon`: what a systemd unit
     with User=nobody and AmbientCapabilities= gives; the server loads, attaches, serves,
     clears those capabilities once set up, and detaches at exit."""
     a, b = netns_pair
     cmd, env = nobody_python
-    _serve_echo_check(a, b, _setpriv(CAPS), cmd, env, 9482)
+    _serve_echo_check(a, b, _setpriv(CAPS), cmd, env, 9482, key=nobody_key)
 
 
 @pytest.mark.root
 @pytest.mark.xdp
 @pytest.mark.parametrize("without", CAPS)
-def test_each_capability_is_needed(netns_pair, nobody_python, without):
+def test_each_capability_is_needed(netns_pair, nobody_python, nobody_key, without):
     """One fewer and the server refuses in one line that names it (CAP_PERFMON: the
     verifier refuses the program's packet-pointer arithmetic without it; see
     stcp/privileges.py)."""
     a, _b = netns_pair
     cmd, env = nobody_python
-    server = _serve(a, _setpriv([c for c in CAPS if c != without]), cmd, env)
+    server = _serve(a, _setpriv([c for c in CAPS if c != without]), cmd, env, key=nobody_key)
     _out, err = server.communicate(timeout=90)
     lines = [ln for ln in err.decode().splitlines() if ln.strip()]
     assert server.returncode == 1 and len(lines) == 1, err
@@ -280,7 +302,7 @@ AFXDP_CAPS = [*CAPS, "net_raw", "ipc_lock"]
 
 @pytest.mark.root
 @pytest.mark.afxdp
-def test_afxdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody_python):
+def test_afxdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobody_python, nobody_key):
     """The AF_XDP datapath as a systemd unit with User=nobody and the five capabilities of
     the OPERATIONS.md table would run it: it sets up, serves as nobody with none left, and
     detaches at exit."""
@@ -288,7 +310,8 @@ def test_afxdp_server_with_exactly_its_capabilities_and_no_root(netns_pair, nobo
     cmd, env = nobody_python
     addr = f"{a.ip4}:{AFXDP_PORT}"
     server = subprocess.Popen(["ip", "netns", "exec", a.ns, *_setpriv(AFXDP_CAPS), *cmd, "serve", "--listen", addr,
-                               "--datapath", "afxdp", "--iface", a.ifname, "--xdp-mode", "native"],
+                               "--datapath", "afxdp", "--iface", a.ifname, "--xdp-mode", "native",
+                               "--key", nobody_key],
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _afxdp_echo_check(a, b, addr, server)
 
@@ -331,19 +354,21 @@ def test_worker_pool_workers_drop_and_a_replacement_does_too(veth):
 
 
 @pytest.mark.root
-def test_an_unprivileged_user_still_serves_on_the_socket_datapath(nobody_python):
+def test_an_unprivileged_user_still_serves_on_the_socket_datapath(nobody_python, nobody_key):
     """`stcp serve` always gives up what it may: started without any privilege it stays
     who it is (changing user is not allowed it), sets no-new-privs and serves."""
     cmd, env = nobody_python
     port = 4484
     server = subprocess.Popen(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "--", *cmd,
-                               "serve", "--listen", f"127.0.0.1:{port}"], env=env, stdin=subprocess.DEVNULL,
+                               "serve", "--listen", f"127.0.0.1:{port}", "--key", nobody_key], env=env,
+                              stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_stderr_line(server, "serving on", timeout=60)
         _assert_unprivileged(server.pid)
         data = os.urandom(100_000)
-        r = subprocess.run([*STCP, "connect", f"127.0.0.1:{port}"], input=data, capture_output=True, timeout=60)
+        r = subprocess.run([*STCP, "connect", *pinned(), f"127.0.0.1:{port}"], input=data, capture_output=True,
+                           timeout=60)
         assert r.returncode == 0 and r.stdout == data, r.stderr
     finally:
         err = stop(server)
