@@ -172,16 +172,17 @@ def test_peer_termination_reason_reaches_the_user(server):
     assert "backend unavailable" in lines[0]
 
 
-def test_forward_never_tells_the_client_the_backend_address():
+def test_forward_never_tells_the_client_the_backend_address(tmp_path):
     """Finding 9: anyone who completes a handshake used to learn the backend's address from
     the abort reason. The client now hears "backend unavailable"; the server logs where."""
     closed_port = free_port(socket.SOCK_STREAM)
     port = free_port()
-    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--forward",
+    key, public = key_file(tmp_path / "server.key")
+    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--key", key, "--forward",
                              f"127.0.0.1:{closed_port}"], stderr=subprocess.PIPE, text=True)
     try:
         assert "serving on" in proc.stderr.readline()
-        r = connect(port, b"hello")
+        r = connect(Port(port, public), b"hello")
         log_line = proc.stderr.readline()
     finally:
         proc.terminate()
