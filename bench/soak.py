@@ -39,6 +39,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,12 +53,13 @@ STCP = [sys.executable, "-m", "stcp.cli.main"]
 
 # --------------------------------------------------------------------------------------
 # honest clients (run in the client namespace)
-async def _client_loop(host: str, port: int, deadline: float, stats: dict, rng: random.Random) -> None:
+async def _client_loop(host: str, port: int, server_key: str, deadline: float, stats: dict,
+                       rng: random.Random) -> None:
     import stcp
     while time.monotonic() < deadline:
         data = rng.randbytes(rng.randint(1024, 256 * 1024))
         try:
-            r, w = await asyncio.wait_for(stcp.open_connection(host, port), 30)
+            r, w = await asyncio.wait_for(stcp.open_connection(host, port, server_key=server_key), 30)
             w.write(data)
             w.write_eof()
             got = bytearray()
@@ -84,7 +86,7 @@ def run_clients(args) -> None:
     deadline = time.monotonic() + args.seconds
 
     async def main():
-        await asyncio.gather(*(_client_loop(host, int(port), deadline, stats, random.Random(i))
+        await asyncio.gather(*(_client_loop(host, int(port), args.server_key, deadline, stats, random.Random(i))
                                for i in range(args.clients)))
     asyncio.run(main())
     print(json.dumps({**stats, "errors": dict(stats["errors"])}), flush=True)
@@ -124,14 +126,14 @@ class Sniffer(threading.Thread):
 class AbusivePeer:
     """An authenticated connection of our own that sends what an honest peer never would."""
 
-    def __init__(self, addr):
-        from stcp.api import make_config
+    def __init__(self, addr, server_key: str):
+        from stcp.api import client_config
         from stcp.connection import Connection
         self.addr = addr
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.connect(addr)
         self.sock.settimeout(0.05)
-        self.conn = Connection.client(make_config(), time.monotonic())
+        self.conn = Connection.client(client_config(None, None, server_key, None, "bench.soak"), time.monotonic())
         self.pn = 0
         self.offset = 0
 
@@ -178,7 +180,7 @@ class AbusivePeer:
 
 def run_hostile(args) -> None:
     from stcp import wire
-    from stcp.api import make_config
+    from stcp.api import client_config
     from stcp.connection import Connection
 
     host, port = args.addr.rsplit(":", 1)
@@ -191,7 +193,8 @@ def run_hostile(args) -> None:
     for s in flooders:
         s.setblocking(False)
     # real client hellos, made once: each is a new connection from each port it is sent from
-    hellos = [Connection.client(make_config(), 0.0).datagrams_to_send(0.0)[0] for _ in range(args.hello_burst)]
+    config = client_config(None, None, args.server_key, None, "bench.soak")
+    hellos = [Connection.client(config, 0.0).datagrams_to_send(0.0)[0] for _ in range(args.hello_burst)]
     next_flood = time.monotonic() + 1.0
     bursts = 0
     sent = collections.Counter()
@@ -232,7 +235,7 @@ def run_hostile(args) -> None:
                 if peer is not None:
                     peer.close()
                     sent["abusive_reconnects"] += 1
-                peer = AbusivePeer(addr)
+                peer = AbusivePeer(addr, args.server_key)
                 if not peer.handshake():
                     errors["abusive peer: handshake did not complete"] += 1
                     peer.close()
@@ -311,19 +314,23 @@ def verdict(points: List[tuple], seconds: float, floor: float) -> dict:
 
 
 def soak(args) -> dict:
+    from stcp.identity import encode_key, generate_private_key, public_key, save_private_key
     from tests.support.netns import veth_pair
-    with veth_pair() as (a, b):
+    with tempfile.TemporaryDirectory(prefix="stcp-soak-") as keys, veth_pair() as (a, b):
         addr = f"{a.ip4}:{PORT}"
         extra = ["--iface", a.ifname] if args.datapath != "socket" else []
+        private = generate_private_key()           # the server's key for this run; the clients pin it
+        save_private_key(os.path.join(keys, "server.key"), private)
         server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", args.datapath, *extra,
-                          "--metrics", METRICS], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
+                          "--key", os.path.join(keys, "server.key"), "--metrics", METRICS],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = server.stderr.readline().decode()
         while "serving on" not in line:
             if not line:
                 raise SystemExit(f"soak: the server did not start: {server.stderr.read().decode()}")
             line = server.stderr.readline().decode()
-        me = [sys.executable, "-m", "bench.soak", "--addr", addr, "--seconds", str(args.seconds)]
+        me = [sys.executable, "-m", "bench.soak", "--addr", addr, "--seconds", str(args.seconds),
+              "--server-key", encode_key(public_key(private))]
         clients = b.popen([*me, "--role", "clients", "--clients", str(args.clients)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
         hostile = None
@@ -430,6 +437,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "SOAK.md")
     ap.add_argument("--role", choices=["soak", "clients", "hostile"], default="soak", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--server-key", help=argparse.SUPPRESS)
     ap.add_argument("--iface", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.role == "clients":
