@@ -221,3 +221,46 @@ def test_bad_metrics_address_is_a_usage_error():
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert r.stderr.startswith("stcp: bad --metrics address")
+
+
+def test_a_failed_relay_tells_the_client_neither_where_nor_the_error_text():
+    """splice() returns the error that ended the relay (tunnel prints it), but what reaches
+    the STCP peer names only the error's class: the backend's address or the text of an
+    OSError (asyncio quotes addresses in them) stays with the operator."""
+    import asyncio
+
+    from stcp.cli.common import splice
+
+    class StcpSide:
+        reason = None
+
+        async def read(self, n):
+            await asyncio.sleep(3600)             # the client sends nothing meanwhile
+
+        def write(self, data):
+            pass
+
+        async def drain(self):
+            pass
+
+        def can_write_eof(self):
+            return False
+
+        def abort(self, reason):
+            self.reason = reason
+
+        async def wait_closed(self):
+            pass
+
+    class TcpSide(StcpSide):
+        async def read(self, n):
+            raise ConnectionResetError(104, "Connection reset by peer at 10.9.8.7:5432")
+
+        def close(self):
+            pass
+
+    stcp_side, tcp_side = StcpSide(), TcpSide()
+    error = asyncio.run(asyncio.wait_for(splice(stcp_side, stcp_side, tcp_side, tcp_side), 10))
+    assert isinstance(error, ConnectionResetError)
+    assert stcp_side.reason is not None and stcp_side.reason.startswith("relay failed")
+    assert "10.9.8.7" not in stcp_side.reason and "5432" not in stcp_side.reason, stcp_side.reason
