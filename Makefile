@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildcard stcp/_ext/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz,uvloop]'
 	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash'  # the C extensions built (setup.py, stcp/_ext/)
 	touch $@
 

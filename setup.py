@@ -58,8 +58,9 @@ EXTENSIONS = [
     Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
               extra_compile_args=CFLAGS),
     Extension("stcp._siphash", sources=["stcp/_ext/siphash.c"], extra_compile_args=CFLAGS),
-    Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c"],
-              depends=["stcp/_ext/xsk_frame.h"], libraries=["xdp", "bpf"], extra_compile_args=CFLAGS),
+    Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c", "stcp/_ext/xsk_gro.c"],
+              depends=["stcp/_ext/xsk_frame.h", "stcp/_ext/xsk_gro.h"], libraries=["xdp", "bpf"],
+              extra_compile_args=CFLAGS),
 ]
 
 # tests/fuzz/build.py builds sanitizer copies of the same EXTENSIONS, importing this file

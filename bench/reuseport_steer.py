@@ -20,8 +20,8 @@ Needs CAP_BPF (root). Two measures:
             running any SK_REUSEPORT program, run-time accounting included
     steer   the program sends records to their CID's worker (pass_worker)
     hello   the program passes client hellos to the kernel's hash (pass_hello)
-    drop    the program drops records of an empty key (drop_no_worker); nothing to drain,
-            so its time is not comparable with the others, only its program time is
+    orphan  records of an empty key (a dead worker's): the program finds no socket and
+            leaves them to the kernel's hash (pass_orphan)
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     steer_id, empty_id = steering.prog_id, prog_id(empty_fd)
     scenarios = {"hash": (recs, plain, plain_dest, None), "empty": (recs, empty, empty_dest, empty_id),
                  "steer": (recs, steered, steered_dest, steer_id),
-                 "hello": (hellos, steered, steered_dest, steer_id), "drop": (dead, [], steered_dest, steer_id)}
+                 "hello": (hellos, steered, steered_dest, steer_id), "orphan": (dead, steered, steered_dest, steer_id)}
 
     def one_round(name: str, seconds: float) -> Dict[str, float]:
         datagrams, socks, dest, pid = scenarios[name]

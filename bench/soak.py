@@ -321,8 +321,10 @@ def soak(args) -> dict:
         extra = ["--iface", a.ifname] if args.datapath != "socket" else []
         private = generate_private_key()           # the server's key for this run; the clients pin it
         save_private_key(os.path.join(keys, "server.key"), private)
-        server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", args.datapath, *extra,
-                          "--key", os.path.join(keys, "server.key"), "--metrics", METRICS],
+        # one process (the samples are its RSS and descriptors); -q: no line per connection,
+        # which would fill the stderr pipe read only at the end
+        server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", args.datapath, *extra, "--workers", "1",
+                          "-q", "--key", os.path.join(keys, "server.key"), "--metrics", METRICS],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = server.stderr.readline().decode()
         while "serving on" not in line:

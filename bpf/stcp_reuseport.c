@@ -14,7 +14,9 @@
  *   client hello (cid 0, seq 0)  -> SK_PASS, no selection: the kernel hashes the 4-tuple
  *                                   over the group's sockets (the live workers)
  *   record with another cid/seq  -> the socket at key = top byte of the CID; none there
- *                                   (worker dead or restarting): SK_DROP, counted
+ *                                   (worker dead or restarting): SK_PASS by the kernel's
+ *                                   hash, so a live worker answers it with a stateless
+ *                                   RESET and the client learns at once
  *   not a 24-byte STCP header    -> SK_PASS by the kernel's hash (the worker drops it)
  *
  * Every path ends in count(), which bumps the per-CPU (packets, bytes) counter of its
@@ -39,7 +41,7 @@ enum stcp_rp_verdict {
 	STCP_RP_PASS_NOT_STCP     = 0,  /* not UDP, or payload under the 24-byte header */
 	STCP_RP_PASS_HELLO        = 1,  /* cid 0 and seq 0: the kernel's hash picks */
 	STCP_RP_PASS_WORKER       = 2,  /* record sent to its CID's worker socket */
-	STCP_RP_DROP_NO_WORKER    = 3,  /* no socket at the CID's worker key */
+	STCP_RP_PASS_ORPHAN       = 3,  /* no socket at the CID's worker key: the kernel's hash */
 	STCP_RP_DROP_WRONG_GROUP  = 4,  /* the key's socket is in another reuseport group */
 	STCP_RP_MAX               = 5,
 };
@@ -83,9 +85,9 @@ int stcp_reuseport(struct sk_reuseport_md *ctx)
 	err = bpf_sk_select_reuseport(ctx, (void *)bpf_pseudo_fd(1, STCP_RP_SOCKARRAY_FD), &worker, 0);
 	if (err == 0)
 		return count(STCP_RP_PASS_WORKER, len, SK_PASS);
-	/* Delivering by hash instead would hand the record to a worker that cannot know its
-	 * connection; its owner is gone, so is the connection. */
+	/* Its owner is gone, and so is the connection: any live worker may say so (it checks
+	 * that the key is still empty before it sends the RESET). */
 	if (err == -STCP_ENOENT)
-		return count(STCP_RP_DROP_NO_WORKER, len, SK_DROP);
+		return count(STCP_RP_PASS_ORPHAN, len, SK_PASS);
 	return count(STCP_RP_DROP_WRONG_GROUP, len, SK_DROP);
 }

@@ -24,7 +24,8 @@
 #define STCP_HS_CLIENT_HELLO       1
 #define STCP_HS_SERVER_HELLO       2
 #define STCP_HS_REJECT             3
-/* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, random below. */
+/* A steering server's CID: worker number in the top STCP_CID_WORKER_BITS, then the server
+ * id and random bits (docs/PROTOCOL.md section 3.1.1); the programs read only the worker. */
 #define STCP_CID_WORKER_BITS       8
 #define STCP_CID_WORKER_SHIFT      56    /* 64 - STCP_CID_WORKER_BITS */
 

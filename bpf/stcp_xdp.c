@@ -40,6 +40,7 @@
  * dropped as unparsed rather than let through unexamined. */
 #define IPV6_EXT_MAX 6
 #define BUCKET_CAS_TRIES 2      /* compare-and-swap attempts on a contended hello bucket */
+#define STCP_BATCH_MAX 64       /* records in one GSO/GRO batch, see batch_ok() */
 
 
 BPF_PERCPU_ARRAY(stcp_counters, struct stcp_counter, STCP_V_MAX);
@@ -388,6 +389,44 @@ static __always_inline int check_hello(struct xdp_md *ctx, struct stcp_config *c
 	return count(ctx, STCP_V_PASS_HANDSHAKE, deliver(ctx));
 }
 
+/* A datagram longer than its first record is a batch when it is back-to-back data records
+ * of the first record's size (the last may be shorter) naming the first record's CID: a
+ * UDP GSO buffer from a sender on this host, which generic XDP sees whole (it runs after
+ * the veth has passed the buffer on unsegmented), or a UDP GRO batch on a NIC in generic
+ * mode (GRO runs first). The socket takes it as such a batch and user space cuts it
+ * there (UDP_GRO), so each record is checked here as if it had come alone: its length
+ * field says where it ends, it is a data record, it names the same connection; the first
+ * record's checks below (length limits, live CID) then cover every record. At most
+ * STCP_BATCH_MAX records (a GSO buffer holds 64; STCP sends at most 64 per buffer).
+ * off: the payload's offset from ctx->data. */
+static __always_inline int batch_ok(struct xdp_md *ctx, __u32 off, __u32 plen, __u64 length, __u64 cid)
+{
+	__u32 seg, pos, rest;
+	struct stcp_hdr h;
+	int i;
+
+	if (length >= plen - STCP_HEADER_LEN)   /* longer than the datagram: no batch */
+		return 0;
+	seg = (__u32)length + STCP_HEADER_LEN;
+	pos = seg;
+	for (i = 1; i < STCP_BATCH_MAX; i++) {
+		if (pos >= plen)
+			return 1;
+		rest = plen - pos;
+		if (rest > seg)
+			rest = seg;
+		if (rest < STCP_HEADER_LEN + STCP_AEAD_TAG_LEN)
+			return 0;
+		/* a helper, not a cursor: the offset is only known at run time */
+		if (bpf_xdp_load_bytes(ctx, off + pos, &h, sizeof(h)))
+			return 0;
+		if (__builtin_bswap64(h.length) != rest - STCP_HEADER_LEN || h.cid != cid || h.seq == 0)
+			return 0;
+		pos += seg;
+	}
+	return pos >= plen;
+}
+
 int stcp_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -445,7 +484,8 @@ int stcp_xdp(struct xdp_md *ctx)
 		return count(ctx, STCP_V_DROP_SHORT_HEADER, XDP_DROP);
 
 	length = __builtin_bswap64(hdr->length);
-	if (length != plen - STCP_HEADER_LEN)
+	if (length != plen - STCP_HEADER_LEN &&
+	    (hdr->seq == 0 || !batch_ok(ctx, (long)hdr - (long)data, plen, length, hdr->cid)))
 		return count(ctx, STCP_V_DROP_BAD_LENGTH, XDP_DROP);
 
 	if (hdr->seq == 0)              /* handshake record; 0 is 0 in any byte order */

@@ -14,7 +14,7 @@ from . import wire
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
 from .datapath.socket import ClientDriver, Driver, connect_udp
-from .errors import CloseCode, ConnectionTerminated, HandshakeFailed, HandshakeTimeout
+from .errors import CloseCode, ConnectionTerminated, HandshakeFailed, HandshakeTimeout, PeerUnreachable
 from .handshake import ServerKeyPolicy
 from .identity import KEY_LEN, decode_key, load_private_key, load_public_keys
 
@@ -147,11 +147,20 @@ def closed_error(info: ConnectionClosed) -> Optional[Exception]:
     """The exception an application sees for how the connection ended, or None if it ended well."""
     if not info.error and info.code in (CloseCode.NO_ERROR,):
         return None
-    if info.code == CloseCode.HANDSHAKE_TIMEOUT:
-        return None    # reported by open_connection as HandshakeTimeout
+    if info.code in (CloseCode.HANDSHAKE_TIMEOUT, CloseCode.PORT_UNREACHABLE):
+        return None    # reported by open_connection (handshake_error)
     if info.code == CloseCode.HANDSHAKE_FAILED and not info.by_peer:
         return HandshakeFailed(info.reason)
     return ConnectionTerminated(info.code, info.reason, by_peer=info.by_peer)
+
+
+def handshake_error(info: ConnectionClosed, config: Config) -> Exception:
+    """The exception for a connection that ended before it was established."""
+    if info.code == CloseCode.HANDSHAKE_TIMEOUT:
+        return HandshakeTimeout(config.handshake_timeout)
+    if info.code == CloseCode.PORT_UNREACHABLE:
+        return PeerUnreachable()
+    return closed_error(info) or ConnectionTerminated(info.code, info.reason, info.by_peer)
 
 
 class ConnectionHandle:
@@ -186,10 +195,7 @@ class ConnectionHandle:
     def _on_closed(self, info: ConnectionClosed) -> None:
         exc = closed_error(info)
         if not self.established.done():
-            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
-                self.established.set_exception(HandshakeTimeout(self.conn.config.handshake_timeout))
-            else:
-                self.established.set_exception(exc or ConnectionTerminated(info.code, info.reason, info.by_peer))
+            self.established.set_exception(handshake_error(info, self.conn.config))
             self.established.exception()       # retrieved: no "never retrieved" noise
         if exc is not None:
             self.reader._set_exception(exc)
@@ -445,6 +451,9 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
         if driver.icmp_errors:
             explain_unreachable(exc, host, port)
         raise
+    except PeerUnreachable:
+        driver.close()
+        raise PeerUnreachable(f"{host}:{port}") from None
     except BaseException:
         if not conn.is_closed:
             conn.close(CloseCode.APPLICATION_ABORT, "cancelled")

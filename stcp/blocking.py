@@ -4,10 +4,18 @@ The sans-IO Connection runs on its own connected UDP socket. A call that has to 
 handshake, recv with nothing buffered, sendall past the write limit, close) polls the socket
 until a datagram arrives, the connection's timer is due or the call's timeout passes, as a
 blocking socket does; a call that need not wait makes no system call beyond the send it
-causes. There is no thread and no event loop, so between calls nothing runs: acks, window
-updates, retransmissions and keepalives go out only while the application is inside a call
-(or makes one). A connection left alone for longer than its idle timeout (Config.idle_timeout)
-is forgotten by the server; the next call here then raises ConnectionTerminated (IDLE_TIMEOUT).
+causes. There is no event loop and no thread per connection.
+
+Between calls one thread per process, the keeper (stcp/keeper.py), runs the timers of connections
+nobody is calling in: when a connection's timer is due and no call holds it, the keeper reads
+what has arrived, runs the timer and sends what it causes (keepalive PINGs, acks, probes,
+retransmissions). So a connection whose application simply does not call for a while stays
+open (Config.keepalive, 10 s by default, is well inside the idle timeout at both ends), and
+one that really went silent ends at its idle timeout by itself; the next call then raises
+ConnectionTerminated (IDLE_TIMEOUT). The keeper acts at timer deadlines only: data the peer
+sends while nobody calls waits in the socket until the next deadline or call. It never runs
+while a call is in progress, and calls never wait for it: a call finding the lock held by the
+keeper waits at most for one pass of its work.
 
 Two threads may share a connection as they may share a socket (one sending, one receiving):
 one of them at a time polls and acts on what arrives, the other waits for it to say so.
@@ -34,6 +42,7 @@ from .api import (
     client_config,
     closed_error,
     explain_unreachable,
+    handshake_error,
 )
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
@@ -48,12 +57,14 @@ from .datapath.socket import (
     send_datagrams,
     tune_socket,
 )
-from .errors import CloseCode, ConnectionTerminated, HandshakeTimeout
+from .errors import CloseCode, HandshakeTimeout, PeerUnreachable
+from .keeper import Keeper
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 CLOSE_TIMEOUT = 10.0      # close() waits this long for the peer's acknowledgement when no timeout is set
+KEEPER_RETRY = 0.005      # a due timer found while a call holds the connection: look again this soon
 
 _POLLIN = select.POLLIN
 _POLLOUT = select.POLLOUT
@@ -77,6 +88,7 @@ class BlockingConnection:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        self._call = _Call(self)          # `with self._call:` a public call (the lock, then the keeper told)
         self._waiting = 0               # threads waiting on _cond for the poller
         self._polling = False           # a thread is in poll(), without the lock
         self._poll_until: Optional[float] = None     # ... until then at the latest
@@ -104,18 +116,21 @@ class BlockingConnection:
             with self._lock:
                 self._flush(monotonic())
                 self._wait(self._is_open, None)
+            _keeper.add(self)
         except BaseException as exc:
             if isinstance(exc, HandshakeTimeout) and self.icmp_errors:
                 explain_unreachable(exc, host, port)
             with self._lock:
                 self._release()
+            if isinstance(exc, PeerUnreachable):
+                raise PeerUnreachable(f"{host}:{port}") from None
             raise
 
     # --- the socket-like API ------------------------------------------------
     def sendall(self, data: bytes) -> None:
         """Queue data and send what the congestion window allows; waits (up to the timeout)
         only while more than the write limit (4 MiB) is unacknowledged."""
-        with self._lock:
+        with self._call:
             conn = self._conn
             self._check_sendable()
             now = monotonic()
@@ -142,7 +157,7 @@ class BlockingConnection:
         """Up to bufsize bytes, one received piece at a time; b"" once the peer has finished and
         everything was read. Raises the connection's end if it ended abnormally (after the data
         that arrived before), socket.timeout if the timeout passes first."""
-        with self._lock:
+        with self._call:
             if self._released:
                 raise OSError(errno.EBADF, "the connection was closed")
             inbox = self._inbox
@@ -172,7 +187,7 @@ class BlockingConnection:
         """SHUT_WR (or SHUT_RDWR): finish sending; the peer reads EOF once it has every byte."""
         if how not in (socket.SHUT_WR, socket.SHUT_RDWR):
             return
-        with self._lock:
+        with self._call:
             conn = self._conn
             if self._closed_info is None and not conn.write_finished:
                 conn.shutdown_write()
@@ -192,6 +207,7 @@ class BlockingConnection:
                 self._finish()
             finally:
                 self._release()
+        _keeper.forget(self)
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self.timeout = timeout
@@ -324,6 +340,43 @@ class BlockingConnection:
         if self._outbox.entries or (timer is not None and (until is None or timer < until)):
             os.eventfd_write(self._wakeup, 1)
 
+    # --- the keeper's side -------------------------------------------------------
+    def _next_timer(self) -> Optional[float]:
+        """When the keeper should look at this connection next (the lock held)."""
+        return None if self._released else self._conn.get_timer()
+
+    def run_timers(self, now: float) -> Optional[float]:
+        """The keeper's pass (stcp/keeper.py) (its thread, never while a call runs): if the timer is due, take
+        what has arrived, run the timer, send what it causes. Returns when to look again,
+        None once released. While a call polls, the call runs the timers; the keeper still
+        sleeps until the timer (not forever), so the reminder at the end of every call of a
+        busy connection finds it asleep until then and need not wake it."""
+        if not self._lock.acquire(blocking=False):
+            return now + KEEPER_RETRY       # a call holds it, or is about to release it
+        try:
+            if self._released:
+                return None
+            conn = self._conn
+            timer = conn.get_timer()
+            if timer is None or timer > now:
+                return timer
+            if self._polling:               # due, and the polling call is about to run it
+                return now + KEEPER_RETRY
+            try:
+                self._receive(now)          # an ACK that arrived may make the timer moot
+                timer = conn.get_timer()
+                if timer is not None and timer <= now:
+                    conn.handle_timer(now)
+                self._flush(now)
+            except Exception as exc:        # the next call raises it; the keeper keeps the others
+                self._error = exc
+                return None
+            if self._waiting:
+                self._cond.notify_all()
+            return conn.get_timer()
+        finally:
+            self._lock.release()
+
     # --- datagrams in and out ------------------------------------------------
     def _receive(self, now: float) -> None:
         conn = self._conn
@@ -331,8 +384,9 @@ class BlockingConnection:
         for _ in range(RECV_ROUNDS):
             try:
                 batch = recv_batch(sock, gro)
-            except ConnectionRefusedError:       # ICMP port unreachable: the handshake says so
+            except ConnectionRefusedError:       # ICMP port unreachable: ends a handshake that heard nothing
                 self.icmp_errors += 1
+                conn.port_unreachable(now)
                 continue
             except OSError:
                 break
@@ -385,10 +439,7 @@ class BlockingConnection:
     def _on_closed(self, info: ConnectionClosed) -> None:
         self._closed_info = info
         if not self._established:
-            if info.code == CloseCode.HANDSHAKE_TIMEOUT:
-                self._error = HandshakeTimeout(self._conn.config.handshake_timeout)
-            else:
-                self._error = closed_error(info) or ConnectionTerminated(info.code, info.reason, info.by_peer)
+            self._error = handshake_error(info, self._conn.config)
             return
         self._error = closed_error(info)
         if self._error is None:
@@ -444,6 +495,30 @@ class BlockingConnection:
         self._sock.close()
         if hasattr(self, "_wakeup"):
             os.close(self._wakeup)
+
+class _Call:
+    """`with conn._call:` around a public call: the connection's lock, and after it the
+    keeper told of the connection's next timer (the call may have made it sooner)."""
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: BlockingConnection):
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        conn = self._conn
+        try:
+            timer = conn._next_timer()
+        finally:
+            conn._lock.release()
+        if timer is not None:
+            _keeper.remind(timer)
+
+
+_keeper = Keeper()
+
 
 def connect(address: Tuple[str, int], timeout: Optional[float] = None, *,
             server_key: Union[ServerKey, Missing] = MISSING, client_key: Optional[PrivateKey] = None,

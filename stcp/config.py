@@ -11,6 +11,7 @@ from dataclasses import InitVar, dataclass, field
 from typing import Collection, Optional, Tuple
 
 from . import wire
+from .cid_layout import check_server_id
 from .crypto import CONFIDENTIALITY_LIMIT, reset_key
 from .handshake import ServerKeyPolicy
 from .identity import KEY_LEN, StaticKey
@@ -27,8 +28,12 @@ class Config:
     keepalive: Optional[float] = 10.0      # ping after this much silence; None disables
     recv_window: int = 16 << 20
     key_update_interval: int = 1 << 22     # records sealed under one key before updating it
-    cid_prefix_bits: int = 0               # top CID bits naming the owning worker (AF_XDP steering)
+    cid_prefix_bits: int = 0               # top CID bits a datapath fixes (stcp.cid_layout.for_worker)
     cid_prefix: int = 0
+    # server: this host's id in its CIDs, for a CID-aware load balancer (stcp.cid_layout,
+    # PROTOCOL.md section 3.1.1); 0 bits: no server id
+    server_id: int = 0
+    server_id_bits: int = 0
     # server: bytes of stream buffers all connections together may hold (stcp.budget);
     # None: an eighth of the machine's memory, at most 1 GiB
     memory_budget: Optional[int] = None
@@ -76,6 +81,7 @@ class Config:
             raise ValueError("hello_rate, hello_burst and reset_rate cannot be negative")
         if self.max_half_open is not None and self.max_half_open < 1:
             raise ValueError("max_half_open must be at least 1 (or None for the default)")
+        check_server_id(self.server_id, self.server_id_bits)
         # derived once: the public key costs an X25519 base-point multiplication
         self.identity: Optional[StaticKey] = StaticKey(self.static_key) if self.static_key is not None else None
         self.reset_key: Optional[bytes] = reset_key(self.static_key) if self.static_key is not None else None

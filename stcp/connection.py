@@ -26,6 +26,8 @@ from .send import SendPath, skip_gap
 from .state import Event, State, transition
 from .stream import RecvStream, SendStream
 
+_ENCRYPTED = State.ENCRYPTED
+
 __all__ = ["Config", "Connection", "Stats", "ConnectionShed", "DISCARD_REASONS", "printable",
            "HandshakeCompleted", "DataReceived", "StreamFinished", "KeyUpdated", "ConnectionClosed"]
 
@@ -226,6 +228,19 @@ class Connection(ReceivePath, SendPath):
             self._out.append(self._seal_frames([wire.encode_frame(self._close_frame)], [], True, closing=True))
         self._finish(Event.ABORT, ConnectionClosed(int(code), reason, by_peer=False, error=False))
 
+    def port_unreachable(self, now: float) -> None:
+        """The network answered this client's hello with ICMP "port unreachable" (the socket
+        reported ECONNREFUSED). While the handshake has heard nothing from the server this ends
+        it at once, as TCP ends a connection attempt (RFC 1122 4.2.3.9: port unreachable is a
+        hard error): waiting out the handshake timeout tells the user nothing more. Once a
+        server has answered, or once ENCRYPTED, it is ignored: only authenticated records end
+        a connection that has a peer (PROTOCOL.md section 10.2)."""
+        hs = self._client_hs
+        if not self.is_client or self.state != State.KEY_EXCHANGE or hs is None or hs.hints:
+            return
+        self._finish(Event.FAILURE, ConnectionClosed(
+            CloseCode.PORT_UNREACHABLE, "the host answered 'port unreachable'", error=True))
+
     @property
     def send_buffered(self) -> int:
         """Bytes written but not yet acknowledged by the peer."""
@@ -399,21 +414,28 @@ class Connection(ReceivePath, SendPath):
 
     # --- timers ------------------------------------------------------------
     def get_timer(self) -> Optional[float]:
-        if self.state == State.CLOSED:
-            return None
-        if self.state != State.ENCRYPTED:
+        if self.state is not _ENCRYPTED:
+            if self.state == State.CLOSED:
+                return None
             candidates = (self._handshake_deadline, self._hello_next)
             return min((t for t in candidates if t is not None), default=None)
         # ENCRYPTED: the idle deadline always exists; the rest only sometimes
-        when = self._last_activity + self.config.idle_timeout
-        if self.config.keepalive and not self._recovery.ack_eliciting_in_flight:
-            when = min(when, self._last_activity + self.config.keepalive)
+        config = self.config
+        last = self._last_activity
+        when = last + config.idle_timeout
+        recovery = self._recovery
+        if config.keepalive and not recovery.ack_eliciting_in_flight and last + config.keepalive < when:
+            when = last + config.keepalive
+        t = self._ack_deadline
+        if t is not None and t < when:
+            when = t
+        t = self._draining_until
+        if t is None:
+            t = recovery.timer()
         # draining: nothing is probed (a lost CLOSE costs nothing, the peer finishes on its own
         # once it has our acks); only the peer's retransmissions are answered
-        recovery_timer = self._recovery.timer() if self._draining_until is None else None
-        for t in (self._ack_deadline, self._draining_until, recovery_timer):
-            if t is not None and t < when:
-                when = t
+        if t is not None and t < when:
+            when = t
         if self._credit_withheld:       # the memory budget postponed a grant: try again
             retry = self._credit_retry_at if self._credit_retry_at is not None else self._last_activity
             when = min(when, retry)

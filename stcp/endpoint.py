@@ -19,9 +19,9 @@ from __future__ import annotations
 import copy
 import struct
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple, cast
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple, cast
 
-from . import wire
+from . import cid_layout, wire
 from .budget import SHED_AFTER, SHED_INTERVAL, MemoryBudget, default_memory_budget
 from .connection import Config, Connection
 from .cookie import CookieSecrets
@@ -102,8 +102,12 @@ HALF_OPEN_DEFAULT = 4096
 
 
 class ServerEndpoint:
+    """worker_gone(w): whether no live process owns worker w's CIDs (a worker pool's
+    datapath knows; default: every sibling is presumed alive, so only our own worker byte
+    is answered)."""
+
     def __init__(self, config: Config, max_connections: int = 100_000, now: float = 0.0,
-                 shed_after: float = SHED_AFTER):
+                 shed_after: float = SHED_AFTER, worker_gone: Optional[Callable[[int], bool]] = None):
         if config.static_key is None:     # no identity given: a fresh one for this endpoint
             config = copy.copy(config)
             config.static_key = generate_private_key()
@@ -129,6 +133,7 @@ class ServerEndpoint:
         self._hello_budget = TokenBucket(config.hello_rate, config.hello_burst, now)
         self._reset_budget = TokenBucket(config.reset_rate, config.reset_rate, now)
         self.cookies = CookieSecrets(now)
+        self.worker_gone: Callable[[int], bool] = worker_gone or (lambda worker: False)
 
     @property
     def public_key(self) -> bytes:
@@ -300,18 +305,31 @@ class ServerEndpoint:
         self._half_open[conn] = None
         return conn, True
 
+    def _may_reset(self, cid: int) -> bool:
+        """Whether a RESET for `cid`, which names none of our connections, can end no live one
+        (PROTOCOL.md section 5.7): every server sharing our identity key derives the same
+        token, so we must not answer for a CID a live process still owns. Ours or our
+        predecessor's (our worker byte); another server's (its server id: the balancer sent
+        it here, away from that server); a sibling worker's only when that worker is gone."""
+        cfg = self.config
+        if not cfg.cid_prefix_bits:
+            return True                   # fully random CIDs: no siblings, nobody else to ask
+        if cfg.server_id_bits and cid_layout.server_id_of(cid, cfg.server_id_bits) != cfg.server_id:
+            return True
+        worker = cid_layout.worker_of(cid)
+        return worker == cfg.cid_prefix >> cfg.server_id_bits or self.worker_gone(worker)
+
     def _maybe_reset(self, data: bytes, addr: Hashable, now: float) -> None:
         """Answer a data record naming no connection with a stateless RESET (PROTOCOL.md
-        section 5.7): only a well-formed data record longer than a RESET, for a CID this
-        server could have issued, within the RESET budget."""
+        section 5.7): only a well-formed data record longer than a RESET, for a CID whose
+        owner is gone (_may_reset), within the RESET budget."""
         if len(data) <= wire.RESET_RECORD_LEN:
             return
         length, cid, seq = wire.HEADER_STRUCT.unpack_from(data)
         if not seq or not cid or length != len(data) - wire.HEADER_LEN:
             return
-        bits = self.config.cid_prefix_bits
-        if bits and cid >> (64 - bits) != self.config.cid_prefix:
-            return                        # another worker's CID: that worker answers, not us
+        if not self._may_reset(cid):
+            return
         if not self._reset_budget.take(now):
             self.stats.resets_rate_limited += 1
             return

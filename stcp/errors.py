@@ -20,6 +20,7 @@ class CloseCode(enum.IntEnum):
     IDLE_TIMEOUT = 0x100
     HANDSHAKE_TIMEOUT = 0x101
     STATELESS_RESET = 0x102     # the server answered with a valid RESET: it has no state for us
+    PORT_UNREACHABLE = 0x103    # ICMP port unreachable for the client's hello: no server listens there
 
 
 class STCPError(Exception):
@@ -78,6 +79,14 @@ class ConnectionTerminated(STCPError, ConnectionError):
         super().__init__(f"{who}: {name}" + (f" ({reason})" if reason else ""))
 
 
+class PeerUnreachable(STCPError, ConnectionRefusedError):
+    """The server's host answered the client hello with ICMP "port unreachable": nothing listens
+    on that UDP port (the handshake ends at once instead of at its timeout)."""
+
+    def __init__(self, address: str = ""):
+        self.address = address
+        super().__init__(f"nothing listens on UDP {address or 'the server port'}: the host answered "
+                         f"'port unreachable' (is the STCP server running?)")
 class HandshakeFailed(ConnectionTerminated):
     """The client's handshake ended without an acceptable server hello, having seen one it
     refused or a REJECT: `reason` says what (e.g. "expected server key SHA256:..., presented

@@ -63,6 +63,7 @@ class ConnectionFields:
     _peer_max_data: int
     _max_data_due: bool
     _ping_due: bool
+    _small_path: bool                  # the request/response fast paths on (tests turn them off)
     _probes_due: int
     _rx_event: Optional[DataReceived]
     _rx_chunks: List[bytes]

@@ -50,6 +50,8 @@ class Discard(STCPError):
 _UNAUTHENTICATED_REASON = {MalformedRecord: "malformed", AuthenticationFailure: "auth",
                            KeyUpdateError: "key_epoch"}
 _STREAM_HDR = wire.STREAM_HEADER_STRUCT
+_ENCRYPTED = State.ENCRYPTED
+_decode_ack = wire.decode_ack
 
 
 def printable(text: str) -> str:
@@ -214,6 +216,10 @@ class ReceivePath(ConnectionFields):
                 self._ack_eliciting_received(pn, now)
                 self._check_finished(now)
                 return newest
+        if plaintext and plaintext[0] == wire.FRAME_ACK and self.state is _ENCRYPTED and self._small_path:
+            verdict = self._accept_ack_first(plaintext, pn, record_len, now)
+            if verdict is not None:
+                return verdict
         frames = wire.decode_frames(plaintext)
         if recv.fragments + len(frames) > recv.max_fragments:
             opening = sum(1 for f in frames if type(f) is wire.StreamFrame
@@ -231,6 +237,34 @@ class ReceivePath(ConnectionFields):
             ack_eliciting |= verdict
         if ack_eliciting:
             self._ack_eliciting_received(pn, now)
+        self._check_finished(now)
+        return newest
+
+    def _accept_ack_first(self, plaintext: bytes, pn: int, record_len: int, now: float) -> Optional[bool]:
+        """The request/response case: a record holding an ACK alone, or an ACK and one STREAM
+        frame, acted on as _accept's general path would, without the frame list and the
+        dispatch; None for any other record (the general path takes it)."""
+        ack, pos = _decode_ack(plaintext)
+        end = len(plaintext)
+        if pos == end:
+            newest = self._mark_received(pn, record_len, now)
+            self._on_ack(ack, now)
+            self._check_finished(now)
+            return newest
+        if end - pos < wire.STREAM_FRAME_OVERHEAD or plaintext[pos] != wire.FRAME_STREAM:
+            return None
+        _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext, pos)
+        start = pos + wire.STREAM_FRAME_OVERHEAD
+        if start + length != end or flags > wire.STREAM_FLAG_FIN:
+            return None
+        recv = self._recv
+        if recv.held and recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + length):
+            self.stats.discarded["reassembly"] += 1
+            return False
+        newest = self._mark_received(pn, record_len, now)
+        self._on_ack(ack, now)
+        self._on_stream_data(offset, plaintext[start:], flags == wire.STREAM_FLAG_FIN)
+        self._ack_eliciting_received(pn, now)
         self._check_finished(now)
         return newest
 

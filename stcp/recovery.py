@@ -85,7 +85,7 @@ def _groups(pns: List[int], packets: List[SentPacket]) -> List[Group]:
 
 
 class RttEstimator:
-    __slots__ = ("latest", "smoothed", "rttvar", "min_rtt", "has_sample")
+    __slots__ = ("latest", "smoothed", "rttvar", "min_rtt", "has_sample", "pto_base")
 
     def __init__(self) -> None:
         self.latest = 0.0
@@ -93,6 +93,11 @@ class RttEstimator:
         self.rttvar = INITIAL_RTT / 2
         self.min_rtt = float("inf")
         self.has_sample = False
+        self.pto_base = self._pto_base()
+
+    def _pto_base(self) -> float:
+        """The probe timeout before backoff (RFC 9002 §6.2.1), kept with the estimate it follows."""
+        return self.smoothed + max(4 * self.rttvar, GRANULARITY) + MAX_ACK_DELAY
 
     def update(self, sample: float, ack_delay: float) -> None:
         self.latest = sample
@@ -100,11 +105,12 @@ class RttEstimator:
         if not self.has_sample:
             self.has_sample = True
             self.smoothed, self.rttvar = sample, sample / 2
-            return
-        if sample - ack_delay >= self.min_rtt:
-            sample -= min(ack_delay, MAX_ACK_DELAY)
-        self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.smoothed - sample)
-        self.smoothed = 0.875 * self.smoothed + 0.125 * sample
+        else:
+            if sample - ack_delay >= self.min_rtt:
+                sample -= min(ack_delay, MAX_ACK_DELAY)
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.smoothed - sample)
+            self.smoothed = 0.875 * self.smoothed + 0.125 * sample
+        self.pto_base = self._pto_base()
 
 
 class Recovery:
@@ -135,8 +141,9 @@ class Recovery:
         self.cc.on_sent(run.size * run.count)
 
     def pto_interval(self) -> float:
-        rtt = self.rtt
-        base = rtt.smoothed + max(4 * rtt.rttvar, GRANULARITY) + MAX_ACK_DELAY
+        base = self.rtt.pto_base
+        if not self.pto_count:
+            return base
         return min(base * (2 ** min(self.pto_count, 16)), max(base, MAX_PTO_INTERVAL))
 
     def timer(self) -> Optional[float]:
@@ -144,6 +151,8 @@ class Recovery:
             return self.loss_time
         if not self.ack_eliciting_in_flight or self.last_ack_eliciting_sent is None:
             return None
+        if not self.pto_count:
+            return self.last_ack_eliciting_sent + self.rtt.pto_base
         return self.last_ack_eliciting_sent + self.pto_interval()
 
     def on_ack(self, ranges: Sequence[Tuple[int, int]], ack_delay: float, now: float
@@ -151,6 +160,10 @@ class Recovery:
         """Process an ACK frame; return (newly acked, newly lost) packets as groups in pn order."""
         sent = self.sent
         largest = ranges[0][1]
+        if len(sent) == 1:          # request/response: the one record in flight, acknowledged or not
+            for pn in sent:
+                if ranges[0][0] <= pn <= largest:
+                    return self._on_ack_one(pn, largest, ack_delay, now)
         acked_pns: List[int] = []
         if sent:
             pns = list(sent)          # ascending: packet numbers are allocated in order
@@ -175,6 +188,24 @@ class Recovery:
         self.pto_count = 0
         lost = self.detect_lost(now)
         return acked, lost
+
+    def _on_ack_one(self, pn: int, largest: int, ack_delay: float, now: float) -> Tuple[List[Group], List[Group]]:
+        """on_ack when the only packet in flight, pn, is acknowledged: the same steps without
+        the bisections, the grouping and the loss scan of an empty flight."""
+        cc = self.cc
+        limited = cc.cwnd_limited()
+        p = self.sent.pop(pn)
+        if largest > self.largest_acked:
+            self.largest_acked = largest
+            if pn == largest and p.ack_eliciting:
+                self.rtt.update(now - p.time_sent, ack_delay)
+                cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
+        if p.ack_eliciting:
+            self.ack_eliciting_in_flight -= 1
+            cc.on_acked(p.size, p.time_sent, limited)
+        self.pto_count = 0
+        self.loss_time = None          # nothing left in flight to be lost
+        return [(pn, pn, p)], []
 
     def detect_lost(self, now: float) -> List[Group]:
         self.loss_time = None
@@ -206,8 +237,7 @@ class Recovery:
         eliciting = [p for _, _, p in lost if p.ack_eliciting]
         if sum(last - first + 1 for first, last, p in lost if p.ack_eliciting) < 2:
             return
-        duration = (self.rtt.smoothed + max(4 * self.rtt.rttvar, GRANULARITY) + MAX_ACK_DELAY) \
-            * PERSISTENT_CONGESTION_THRESHOLD
+        duration = self.rtt.pto_base * PERSISTENT_CONGESTION_THRESHOLD
         if eliciting[-1].time_sent - eliciting[0].time_sent >= duration:
             self.cc.on_persistent_congestion()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 from bisect import bisect_left
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from . import wire
 from .crypto import CONFIDENTIALITY_LIMIT, reset_token
@@ -28,6 +28,14 @@ from .recovery import (
     SentRun,
 )
 from .state import State
+
+_ENCRYPTED = State.ENCRYPTED
+_EPOCH_SHIFT = wire.EPOCH_SHIFT
+_STREAM_HDR = wire.STREAM_HEADER_STRUCT
+_STREAM_OVERHEAD = wire.STREAM_FRAME_OVERHEAD
+_RECORD_OVERHEAD = wire.HEADER_LEN + wire.AEAD_TAG_LEN
+_encode_ack = wire.encode_ack
+_PN_LAST = wire.PN_MASK - 2        # from here on the general path allocates (and says when they run out)
 
 # RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2
 # records on average (anywhere from 1 to SKIP_SPAN - 1 apart, so the next is unpredictable);
@@ -55,6 +63,8 @@ def skip_gap() -> int:
 
 
 class SendPath(ConnectionFields):
+    _small_path = True          # tests turn it off to compare _small_record with the general path
+
     def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
         ranges = frame.ranges
         if ranges[0][1] >= self._next_pn:
@@ -117,6 +127,10 @@ class SendPath(ConnectionFields):
         """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records
         of `segment size` bytes back to back (the last may be shorter), ready for one UDP GSO
         send; a single record comes as (record, len(record))."""
+        if self._small_path and not self._out and self.state is _ENCRYPTED:
+            record = self._small_record(now)
+            if record is not None:
+                return [(record, len(record))] if record else []
         out, self._out = self._out, []
         if self.state == State.ENCRYPTED:
             try:
@@ -175,6 +189,56 @@ class SendPath(ConnectionFields):
             if retransmit:
                 stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))
+
+    def _small_record(self, now: float) -> Optional[bytes]:
+        """The request/response case in one pass: b"" when nothing is due, else the one record
+        that is everything due (an ACK that is due, new stream data that fits one record, or
+        both), or None when anything else is due (control frames, retransmissions, FIN, more
+        than a record, a key update, probes): the general path (_build_packets) then runs.
+        It builds what _build_packets would, byte for byte (tests/test_small_path.py)."""
+        if self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
+                or self._probes_due or self._client_auth is not None or self._draining_until is not None \
+                or self._sealed_under_key + 1 >= self.config.key_update_interval or self._next_pn >= _PN_LAST:
+            return None
+        send = self._send
+        if send.retransmit or send.fin_requested:
+            return None
+        start, end = send.next_offset, send.end
+        deadline = self._ack_deadline
+        if start == end:                       # no data: an ACK alone if one is due
+            if deadline is None or deadline > now:
+                return b""
+            frames = _encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON))
+            descs: list = []
+            eliciting = False
+        else:
+            config = self.config
+            size = config.max_datagram
+            cc = self._recovery.cc
+            if end > self._peer_max_data or cc.bytes_in_flight + size > cc.cwnd:
+                return None
+            frames = _encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)) \
+                if deadline is not None else b""
+            n = end - start
+            if len(frames) + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
+                return None
+            frames += _STREAM_HDR.pack(wire.FRAME_STREAM, 0, start, n) + send.view(start, end)
+            send.next_offset = end
+            self.stats.stream_bytes_sent += n
+            descs = [(_STREAM, start, end, False)]
+            eliciting = True
+        if deadline is not None:
+            self._ack_deadline = None
+            self._ack_eliciting_unacked = 0
+        key = self._keys.send
+        pn = self._take_pns(1)
+        self._sealed_under_key += 1
+        record = key.seal(self.peer_cid, (key.epoch << _EPOCH_SHIFT) | pn, frames)
+        stats = self.stats
+        stats.records_sent += 1
+        stats.bytes_sent += len(record)
+        self._recovery.on_sent(SentPacket(pn, now, len(record), eliciting, descs, key.epoch))
+        return record
 
     def _send_stream_run(self, now: float, out: list) -> bool:
         """Bulk data: as many full records of new stream data as the congestion window, the

@@ -13,18 +13,21 @@ and, when asked, a Prometheus exporter (stcp.metrics). `handler(reader, writer)`
 each connection once it is ENCRYPTED. start_server() is serve() on the socket datapath with
 asyncio's argument names.
 
-A pool of AF_XDP worker processes (`stcp serve --datapath afxdp --workers N`) is a
-WorkerPool: a stcp.supervisor.Supervisor attaching the program and starting the workers
-(each of which calls serve(..., worker=WorkerRole.from_env())), plus the pool's exporter.
+A pool of worker processes on one port (`stcp serve --workers N` on the socket datapath,
+`--datapath afxdp --workers N`) is a WorkerPool: a stcp.supervisor.Supervisor setting up
+the kernel part (the reuseport steering, the afxdp program) and starting the workers (each
+of which calls serve(..., worker=WorkerRole.from_env())), plus the pool's exporter.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import socket
 import tempfile
+import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
 from . import privileges, wire
@@ -39,12 +42,13 @@ from .api import (
     private_key,
     public_keys,
 )
+from .budget import default_memory_budget
 from .connection import Config, Connection
 from .datapath.base import Datapath
 from .datapath.socket import ServerDriver, SocketDatapath
 from .endpoint import ServerEndpoint
 from .errors import CloseCode, ConnectionTerminated
-from .identity import generate_private_key, public_key
+from .identity import fingerprint, generate_private_key, public_key
 
 # The kernel datapaths (ctypes, libbpf, the worker supervisor) are imported when a server
 # asks for one: a client or a socket-datapath server does not load them.
@@ -53,6 +57,59 @@ if TYPE_CHECKING:
 
 Handler = Callable[[StreamReader, StreamWriter], Union[Awaitable[None], None]]
 DATAPATHS = ("socket", "xdp", "afxdp")
+# One record per connection at its end and one per backend failure, with their fields in
+# `record.fields`; where they go (stderr, text or JSON) is the CLI's choice (stcp.cli.logs).
+log = logging.getLogger("stcp.server")
+
+
+def format_address(addr: object) -> str:
+    """host:port, [v6host]:port, or the address as it is when it is not an IP socket address."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = str(addr[0])
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def connection_fields(conn: Connection, peer: object) -> Dict[str, Any]:
+    """What names a connection in a log record: the peer's address, the server CID's first
+    32 bits (as the CID appears, in hex), the client key's fingerprint once proven."""
+    fields: Dict[str, Any] = {"peer": format_address(peer), "cid": f"{conn.local_cid:016x}"[:8]}
+    if conn.peer_static_key is not None:
+        fields["key"] = fingerprint(conn.peer_static_key)
+    return fields
+
+
+class ConnectionLog:
+    """Server hooks logging one INFO record per established connection when it ends: peer,
+    CID prefix, stream bytes each way, duration, how it ended (`finished`, else the close
+    code's name; who closed; the reason). Handshakes that never completed are not logged: a flood of hellos must not
+    become a flood of log lines."""
+
+    def __init__(self, server: "Server"):
+        self._server = server
+        self._open: Dict[Connection, tuple[object, float]] = {}
+
+    def connection_established(self, conn: Connection, handshake_seconds: float) -> None:
+        self._open[conn] = (self._server.driver.peer_address(conn), time.monotonic() - handshake_seconds)
+
+    def connection_ended(self, conn: Connection) -> None:
+        entry = self._open.pop(conn, None)
+        if entry is None or not log.isEnabledFor(logging.INFO):
+            return
+        peer, started = entry
+        info, stats = conn.close_info, conn.stats
+        fields = connection_fields(conn, peer)
+        fields.update(sent=stats.stream_bytes_sent, received=stats.stream_bytes_received,
+                      duration=round(time.monotonic() - started, 3))
+        if info is not None:
+            try:
+                close = "finished" if info.code == CloseCode.NO_ERROR else CloseCode(info.code).name.lower()
+            except ValueError:
+                close = f"code_0x{info.code:x}"
+            fields.update(close=close, by="peer" if info.by_peer else "server")
+            if info.reason:
+                fields["reason"] = info.reason
+        log.info("connection closed", extra={"fields": fields})
 
 
 class Server:
@@ -182,6 +239,9 @@ def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_
     if datapath not in DATAPATHS:
         raise ValueError(f"datapath must be one of {', '.join(DATAPATHS)}, not {datapath!r}")
     if datapath == "socket":
+        if worker is not None:
+            from .datapath.socket_pool import SocketWorkerDatapath
+            return SocketWorkerDatapath.join(worker.fds, worker.index)
         return SocketDatapath()
     if not iface:
         raise ValueError(f"the {datapath} datapath needs an interface (iface=...)")
@@ -225,9 +285,11 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
       hs_burst, max_cids, hs_sources); the max record length follows config.max_datagram.
     afxdp_tx: "socket" (replies through the kernel UDP socket) or "afxdp" (the TX ring).
     worker: in a process a stcp.supervisor.Supervisor started (WorkerRole.from_env()): join
-      the program it attached, die with it and serve metrics to it. Call
-      worker.notify_ready() once the server is announced: the supervisor reports the pool
-      as serving when every worker has.
+      what it set up in the kernel ("socket": its reuseport steering, "afxdp": the program
+      it attached), serve on its port with its identity key and a 1/N share of the memory
+      budget, die with it and serve metrics to it. Call worker.notify_ready() once the server
+      is announced: the supervisor
+      reports the pool as serving when every worker has.
     config / cipher: the connections' Config (or just the cipher's name).
     metrics: "HOST:PORT" to export Prometheus metrics on (stcp.metrics.serve_metrics).
     hooks: more connection hooks (see Server), run after the datapath's.
@@ -254,6 +316,12 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
                              "not on an address of its own")
         from .supervisor import die_with_parent
         die_with_parent()
+        port = worker.port or port
+        # the memory budget is per process: the pool's is shared out among its workers
+        share = max(1, (config.memory_budget or default_memory_budget()) // worker.count)
+        config = dataclasses.replace(config, memory_budget=share)
+        if worker.static_key is not None:
+            config = dataclasses.replace(config, static_key=worker.static_key)
     if isinstance(datapath, str):
         dp = open_datapath(datapath, port, iface=iface, xdp_mode=xdp_mode,
                            max_record_len=config.max_datagram - wire.HEADER_LEN, xdp_limits=xdp_limits,
@@ -262,8 +330,10 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         dp = datapath
     loop = asyncio.get_running_loop()
     server = Server(loop, None, handler, [*dp.server_hooks(), *hooks], datapath=dp)
+    server.hooks.append(ConnectionLog(server))
     try:
-        endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections)
+        endpoint = ServerEndpoint(dp.server_config(config), max_connections=max_connections,
+                                  worker_gone=getattr(dp, "worker_gone", None))
         server.driver = dp.open_driver(loop, host, port, endpoint, server._on_new, server._on_ended)
         if worker is not None and worker.metrics_dir:
             from .metrics import serve_worker_metrics
@@ -307,9 +377,9 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
     clients pin `server.public_key`.
 
     sock: serve on this bound UDP socket instead of binding host:port.
-    gro: receive through UDP GRO (fewer, larger reads). Pass False when an XDP program in
-    generic (skb) mode guards the port: generic XDP runs after GRO and would drop the
-    coalesced datagrams as malformed records (serve(..., datapath="xdp") does this itself).
+    gro: receive through UDP GRO (fewer, larger reads). Pass False only when a filter that
+    runs after GRO (an XDP program in generic mode) cannot take coalesced datagrams; the
+    STCP program takes a batch of one connection's records whole (docs/OPERATIONS.md 6).
     """
     return await serve(handler, host, port, datapath=SocketDatapath(gro=gro, sock=sock), config=config,
                        cipher=cipher, server_key=server_key, allowed_clients=allowed_clients, hooks=hooks,
@@ -317,41 +387,57 @@ async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DE
 
 
 class WorkerPool:
-    """AF_XDP worker processes serving one port on one interface (`stcp serve --datapath
-    afxdp --workers N`): the supervisor and, with `metrics`, the pool's exporter (the
-    workers' counters summed and labelled, the XDP program's read once).
+    """Worker processes serving one port (`stcp serve --workers N`, `stcp serve --datapath
+    afxdp --iface IFACE --workers N`): the supervisor and, with `metrics`, the pool's
+    exporter (the workers' counters summed and labelled, the kernel part's read once).
 
-        pool = WorkerPool(spawn, port, iface="eth0", workers=4, metrics="127.0.0.1:9400")
-        await pool.start()             # attached, every worker serving
+        pool = WorkerPool(spawn, port, datapath="socket", host="0.0.0.0", workers=4,
+                          config=config, metrics="127.0.0.1:9400")
+        await pool.start()             # set up, every worker serving
         await pool.serve_forever()     # until close(); SupervisorError if workers keep dying
         pool.close(); await pool.wait_closed()
 
     spawn(w, n) says how to start worker w of n (a stcp.supervisor.WorkerCommand); the
-    worker process calls serve(..., datapath="afxdp", worker=WorkerRole.from_env()).
-    xdp_limits and max_restarts are as for serve() and Supervisor. server_key is as for
-    serve(): the pool's one identity, loaded (or made) here once and handed to every worker,
-    replacements included; `public_key` is what clients pin.
+    worker process calls serve(..., datapath=<the same>, worker=WorkerRole.from_env()).
+    datapath "socket": the workers bind host:port with SO_REUSEPORT, steered by connection
+    ID (stcp.datapath.socket_pool; setting up needs CAP_BPF, else start() raises
+    ReuseportError); port 0 picks a free port. "afxdp": on `iface`, one worker per RX
+    queue at most. xdp_limits and max_restarts are as for serve() and Supervisor.
+    server_key is as for serve(): the pool's one identity, loaded (or made) here once and
+    handed to every worker, replacements included; `public_key` is what clients pin.
     """
 
-    def __init__(self, spawn: Spawn, port: int, *, iface: str, workers: int, xdp_mode: str = "auto",
-                 xdp_limits: Optional[Mapping[str, int]] = None, config: Optional[Config] = None,
-                 server_key: Optional[PrivateKey] = None, metrics: Optional[str] = None,
-                 max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
-        from .datapath.afxdp import attach_program
-        from .supervisor import MAX_RESTARTS, Supervisor
+    def __init__(self, spawn: Spawn, port: int, *, workers: int, datapath: str = "afxdp", host: str = "0.0.0.0",
+                 iface: Optional[str] = None, xdp_mode: str = "auto", xdp_limits: Optional[Mapping[str, int]] = None,
+                 config: Optional[Config] = None, server_key: Optional[PrivateKey] = None,
+                 metrics: Optional[str] = None, max_restarts: Optional[int] = None, out: Optional[TextIO] = None):
+        from .supervisor import MAX_RESTARTS, PoolKernel, Supervisor
         config = identity_config(config or make_config(), server_key)
         assert config.static_key is not None
         self.public_key = public_key(config.static_key)
+        self.datapath = datapath
         self.iface = iface
         self.metrics_address = metrics
         self.cipher = cipher_name(config)
         self.metrics: Optional[Any] = None
         self.metrics_dir: Optional[str] = None
+        if datapath not in ("socket", "afxdp"):
+            raise ValueError(f"a worker pool runs the socket or the afxdp datapath, not {datapath!r}")
+        if datapath == "afxdp" and not iface:
+            raise ValueError("the afxdp datapath needs an interface (iface=...)")
         record_len = config.max_datagram - wire.HEADER_LEN
-        self.supervisor = Supervisor(
-            spawn, lambda n: attach_program(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {})),
-            workers, out=out, max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts,
-            static_key=config.static_key)
+
+        def setup(n: int) -> PoolKernel:
+            if datapath == "socket":
+                from .datapath.socket_pool import SocketPoolKernel
+                return SocketPoolKernel.load(host, port, n)
+            from .datapath.afxdp import AfxdpPoolKernel
+            assert iface is not None                          # checked above
+            return AfxdpPoolKernel.attach(iface, port, xdp_mode, n, record_len, dict(xdp_limits or {}))
+
+        self.supervisor = Supervisor(spawn, setup, workers, out=out,
+                                     max_restarts=MAX_RESTARTS if max_restarts is None else max_restarts,
+                                     static_key=config.static_key)
 
     async def start(self, ready_timeout: float = 60.0) -> None:
         """Start the exporter, attach the program and start every worker; on failure what
@@ -363,12 +449,16 @@ class WorkerPool:
                 self.metrics_dir = tempfile.mkdtemp(prefix="stcp-workers-",
                                                     dir="/run" if os.path.isdir("/run") else None)  # noqa: ASYNC240 - once, at start
                 self.supervisor.metrics_dir = self.metrics_dir
-                self.metrics = serve_pool_metrics(self.supervisor.worker_slots, self.metrics_address, "afxdp",
-                                                  self.cipher, iface=self.iface)
+                kernel = None
+                if self.datapath == "socket":
+                    from .metrics import ReuseportCollector
+                    kernel = ReuseportCollector(lambda: getattr(self.supervisor.kernel, "steering", None))
+                self.metrics = serve_pool_metrics(self.supervisor.worker_slots, self.metrics_address, self.datapath,
+                                                  self.cipher, iface=self.iface, kernel=kernel)
             self.supervisor.setup()
             if self.metrics is not None:
-                self.supervisor.say(f"metrics of {self.supervisor.n} workers and the XDP program on "
-                                    f"{self.metrics.http.url}")
+                what = "the steering program" if self.datapath == "socket" else "the XDP program"
+                self.supervisor.say(f"metrics of {self.supervisor.n} workers and {what} on {self.metrics.http.url}")
             await self.supervisor.start(ready_timeout)
         except BaseException:
             await self.wait_closed()
@@ -384,7 +474,7 @@ class WorkerPool:
         self.supervisor.signal_workers(sig)
 
     async def wait_closed(self) -> None:
-        """Terminate the workers, detach the program, stop the exporter."""
+        """Terminate the workers, release the kernel part, stop the exporter."""
         try:
             await self.supervisor.wait_closed()
         finally:

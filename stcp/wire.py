@@ -326,6 +326,9 @@ def encode_stream(offset: int, data: bytes, fin: bool = False) -> bytes:
 
 def encode_ack(ranges: Iterable[Tuple[int, int]], delay_us: int = 0) -> bytes:
     """ranges: (low, high) inclusive, highest first, non-overlapping, not adjacent."""
+    if type(ranges) is tuple and len(ranges) == 1:     # in-order traffic: one range, no list
+        low0, high0 = ranges[0]
+        return _ACK_HDR.pack(FRAME_ACK, high0, min(delay_us, 0xFFFFFFFF), 0, high0 - low0)
     ranges = list(ranges)[:MAX_ACK_RANGES]
     low0, high0 = ranges[0]
     out = [_ACK_HDR.pack(FRAME_ACK, high0, min(delay_us, 0xFFFFFFFF), len(ranges) - 1, high0 - low0)]
@@ -391,6 +394,15 @@ def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
             raise ProtocolViolation("ack range below packet number 0")
         ranges.append((low, high))
     return AckFrame(tuple(ranges), delay), pos
+
+
+def decode_ack(p: bytes, pos: int = 0) -> Tuple[AckFrame, int]:
+    """The ACK frame at p[pos] and the position after it (the receive path's fast path for a
+    record that starts with one); ProtocolViolation as decode_frames raises it."""
+    try:
+        return _decode_ack(p, pos, len(p))
+    except struct.error:
+        raise ProtocolViolation("frame truncated") from None
 
 
 def _decode_max_data(p: bytes, pos: int, end: int) -> Tuple[MaxDataFrame, int]:

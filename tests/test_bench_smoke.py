@@ -1,11 +1,13 @@
 """The benchmark harness works: a tiny loopback run (no namespaces, no root) of the TLS
 peers, and of aioquic when it is installed, through bench.run as `make bench` uses it; and,
 as root with the kernel datapath's toolchain, a tiny namespace run of the XDP and AF_XDP
-peers (each on its own veth pair, the 2-worker one reporting records per worker)."""
+peers (each on its own veth pair, the 2-worker one reporting records per worker), the
+XDP frame flooder of bench/xdp_flood.py, and bench.scaleout's socket pools and balancer."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -97,6 +99,9 @@ def test_bench_xdp_and_afxdp_workers_smoke(tmp_path):
     for name in ("tls_asyncio", "stcp_xdp", "stcp_afxdp2"):
         _check_peer(doc, name)
     assert "veth1" in doc["topology"] and "veth2" in doc["topology"]   # an XDP program each
+    rows = {r["ratio"]: r for r in doc["ratios"]}
+    for name in ("stcp_xdp", "stcp_afxdp2"):                 # each kernel datapath's own ratio
+        assert rows[f"{name} bulk ÷ TLS 1.3 asyncio bulk"]["value"] is not None, rows
     workers = doc["peers"]["stcp_afxdp2"]["tests"]["bulk8"]["summary"]["server_workers"]
     assert [w["worker"] for w in workers] == [0, 1], workers
     # every record of the run was counted by some worker; 8 connections, each in one worker
@@ -136,6 +141,79 @@ def test_soak_smoke(tmp_path):
     assert len(doc["samples"]) >= 10 and all(s["fds"] > 0 and s["rss_kib"] > 0 for s in doc["samples"])
     text = out.read_text()
     assert "## Verdict" in text and "Server RSS: slope" in text and "Open files: slope" in text
+
+
+@pytest.mark.xdp
+def test_xdp_flooder_frames_reach_the_peer(veth):
+    """bench/xdp_flooder.py (the NIC-like flood of bench/xdp_flood.py --flooder xdp): its XDP
+    frames cross the veth pair (or are counted as refused by the receiving ring, which a
+    burst overruns) as frames of the size asked for, at about the rate asked for, and carry
+    a different CID each."""
+    import socket
+
+    from bench.steering import steer
+    from tests.support.netns import ns_socket
+    a, b = veth()
+    steer(a, 0)        # GRO on the receiving end gives it the NAPI ring XDP frames land in
+    tap = ns_socket(a.ns, socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    tap.bind((a.ifname, 0))
+    tap.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)            # SO_RCVBUFFORCE: hold the burst
+    tap.settimeout(0.5)
+
+    def counts():            # received by a; sent but refused by a's full ring (counted by b)
+        return (int(a.run("cat", f"/sys/class/net/{a.ifname}/statistics/rx_packets").stdout),
+                int(b.run("cat", f"/sys/class/net/{b.ifname}/statistics/tx_dropped").stdout))
+
+    try:
+        before = counts()
+        out = subprocess.run(b.cmd(sys.executable, "-m", "bench.xdp_flooder", b.ifname, a.mac, a.ip4, "7551",
+                                   "--seconds", "1", "--rate", "20000"), cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        assert 10_000 <= doc["sent"] <= 30_000, doc
+        got, ring_full = (x - y for x, y in zip(counts(), before, strict=True))
+        assert got >= 1000 and got + ring_full >= doc["sent"] * 0.95, (got, ring_full, doc)
+        cids = set()
+        try:
+            while len(cids) < 1000:
+                frame = tap.recv(2048)
+                if frame[14 + 9] == 17 and struct.unpack_from("!H", frame, 14 + 22)[0] == 7551:
+                    assert len(frame) == 14 + 20 + 8 + 56, len(frame)
+                    cids.add(frame[14 + 28 + 8:14 + 28 + 16])
+        except socket.timeout:
+            pass
+        assert len(cids) >= 900, len(cids)
+    finally:
+        tap.close()
+
+
+@pytest.mark.root
+@pytest.mark.netns
+@pytest.mark.slow
+def test_bench_scaleout_smoke(tmp_path, xdp_toolchain):
+    """bench.scaleout end to end, tiny: both pools serve every load intact (the bench raises
+    on a short echo), the scaling table pairs them, and the balancer part times handshakes."""
+    from tests.support.balancer import nft_unavailable
+    why = nft_unavailable()
+    if why:
+        pytest.skip(why)
+    out = subprocess.run([sys.executable, "-m", "bench.scaleout", "--repeat", "1", "--bulk-total", str(1 << 20),
+                          "--requests", "160", "--handshakes", "32", "--nice", "0", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads((tmp_path / "scaleout.json").read_text())
+    assert sorted((r["workers"], r["test"], r["connections"]) for r in doc["pool"]) == \
+        [(w, t, c) for w in (1, 2) for t in ("bulk", "rr") for c in (8, 64)]
+    assert all(r["payload_bytes"] > 0 for r in doc["pool"]), doc["pool"]
+    # CPU time comes in clock ticks: a tiny run's rows may each be below one, not all of them
+    assert sum(r["server_cpu_s"] for r in doc["pool"]) > 0 and sum(r["client_cpu_s"] for r in doc["pool"]) > 0
+    assert [(s["test"], s["connections"]) for s in doc["scaling"]] == [("bulk", 8), ("bulk", 64), ("rr", 8), ("rr", 64)]
+    summary = doc["balancer"]["summary"]
+    assert summary["balancer"]["per_second_median"] > 0 and summary["direct"]["per_second_median"] > 0
+    assert all(r["handshakes"] == 32 and r["errors"] == 0 for runs in doc["balancer"]["runs"].values()
+               for r in runs)
+    assert "| balancer |" in (tmp_path / "SCALEOUT.md").read_text()
 
 
 def test_bench_authenticated_handshakes_loopback(tmp_path):

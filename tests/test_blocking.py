@@ -16,7 +16,7 @@ import pytest
 import stcp
 from stcp import blocking, wire
 from stcp.cli.serve import echo_handler
-from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, STCPError
+from stcp.errors import CloseCode, ConnectionTerminated, HandshakeTimeout, PeerUnreachable, STCPError
 from tests.support.faults import Faults, FaultShim
 
 SERVER_KEY = stcp.generate_private_key()        # every server here holds it; every client pins it
@@ -210,29 +210,63 @@ def test_handshake_timeout_against_a_silent_port():
         silent.close()
 
 
-def test_handshake_timeout_says_when_nothing_listens():
+def test_port_unreachable_ends_the_handshake_at_once():
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
     probe.close()                                       # nothing listens there now
-    with pytest.raises(HandshakeTimeout, match="port unreachable"):
-        stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(PeerUnreachable, match=f"nothing listens on UDP 127.0.0.1:{port}: .*'port unreachable'"):
+        stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10)
+    assert time.monotonic() - t0 < 2, "an ICMP port unreachable must not wait for the 10 s handshake timeout"
 
 
-def test_a_long_pause_ends_in_an_idle_timeout_not_a_hang():
-    """Nothing runs between calls: past the idle timeout the next call says the connection
-    is gone (the server has forgotten it too by then)."""
+def test_an_idle_connection_outlives_the_idle_timeout_at_both_ends():
+    """The application does not call for three idle timeouts: the keeper's PINGs keep the
+    connection open here and at the server, and it echoes afterwards as before."""
+    short = stcp.make_config(idle_timeout=0.5, keepalive=0.2)
+    with serving(echo_handler, config=short) as (port, _):
+        with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10, config=short) as conn:
+            conn.sendall(b"x")
+            assert conn.recv(10) == b"x"
+            pings = conn.connection.stats.records_sent
+            time.sleep(1.5)
+            assert not conn.connection.is_closed
+            assert conn.connection.stats.records_sent >= pings + 3     # keepalives went out meanwhile
+            conn.sendall(b"y")
+            assert conn.recv(10) == b"y"
+
+
+def test_a_silent_peer_ends_the_connection_at_the_idle_timeout_without_a_call():
+    """No keepalive, so nothing is sent and nothing comes back: the keeper runs the idle
+    timer, so the connection has ended by itself and the next call says why, at once."""
     with serving(echo_handler) as (port, _):
-        config = stcp.make_config(idle_timeout=0.5, keepalive=0.2)
+        config = stcp.make_config(idle_timeout=0.5, keepalive=None)
         with stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10, config=config) as conn:
             conn.sendall(b"x")
             assert conn.recv(10) == b"x"
             time.sleep(0.8)
+            assert conn.connection.is_closed
             t0 = time.monotonic()
             with pytest.raises(ConnectionTerminated) as info:
                 conn.sendall(b"y")
             assert info.value.code == CloseCode.IDLE_TIMEOUT
-            assert time.monotonic() - t0 < 1
+            assert time.monotonic() - t0 < 0.1
+
+
+def test_the_keeper_thread_ends_with_the_last_connection():
+    with serving(echo_handler) as (port, _):
+        conns = [stcp.connect(("127.0.0.1", port), server_key=PINNED, timeout=10) for _ in range(2)]
+        keepers = [t for t in threading.enumerate() if t.name == "stcp-keeper"]
+        assert len(keepers) == 1, keepers          # one for the process, not one per connection
+        keeper = keepers[0]
+        conns[0].close()
+        assert keeper.is_alive()
+        conns[1].sendall(b"z")
+        assert conns[1].recv(10) == b"z"
+        conns[1].close()
+        keeper.join(2)
+        assert not keeper.is_alive()
 
 
 def test_stray_datagrams_from_the_server_address_are_dropped():

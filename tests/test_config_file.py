@@ -68,7 +68,7 @@ def test_serve_listens_where_the_file_says(tmp_path):
     s.close()
     conf = tmp_path / "serve.toml"
     conf.write_text(f'listen = "127.0.0.1:{port}"\ncipher = "chacha20-poly1305"\nstate-dir = "{tmp_path}"\n')
-    proc = subprocess.Popen([*STCP, "serve", "--config", str(conf)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*STCP, "serve", "--workers", "1", "--config", str(conf)], stderr=subprocess.PIPE)
     try:
         said = wait_for_stderr_line(proc, "serving on", timeout=60)
         assert f"serving on 127.0.0.1:{port}" in said[-1], said

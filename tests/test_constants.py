@@ -104,15 +104,23 @@ def test_struct_layouts_match_c():
 
 
 def test_cid_worker_bits():
-    """The CID structure of PROTOCOL.md section 3.1: worker in the top bits, the rest random,
-    enough random bits against off-path guessing, and room for every RX queue's worker."""
+    """The CID structure of PROTOCOL.md section 3.1.1: worker in the top bits, then the
+    server id, the rest random, enough random bits against off-path guessing, and room for
+    every RX queue's worker; both kernel programs read the worker byte the same way."""
+    from stcp import cid_layout
     assert wire.CID_WORKER_SHIFT == 64 - wire.CID_WORKER_BITS
     assert wire.MAX_CID_WORKERS == 1 << wire.CID_WORKER_BITS >= xdp.XSK_MAX
-    assert 64 - wire.CID_WORKER_BITS >= 56
+    assert cid_layout.random_bits(cid_layout.MAX_SERVER_ID_BITS) == cid_layout.MIN_RANDOM_BITS >= 32
+    assert cid_layout.random_bits(0) == 64 - wire.CID_WORKER_BITS == 56
     src = (HEADER.parent / "stcp_xdp.c").read_text()
     assert "__builtin_bswap64(raw_cid) >> STCP_CID_WORKER_SHIFT" in src
+    assert "__builtin_bswap64(ids.cid) >> STCP_CID_WORKER_SHIFT" in (HEADER.parent / "stcp_reuseport.c").read_text()
     doc = (HEADER.parent.parent / "docs" / "PROTOCOL.md").read_text()
-    assert f"top {wire.CID_WORKER_BITS} bits" in doc
+    top = 63 - wire.CID_WORKER_BITS + 1
+    assert (f"cid = worker (bits 63..{top}, u8) || server id (B bits, 0 <= B <= {cid_layout.MAX_SERVER_ID_BITS}) "
+            f"|| random ({64 - wire.CID_WORKER_BITS} - B bits)") in doc
+    assert f"never fewer than {cid_layout.MIN_RANDOM_BITS}" in doc
+    assert f"default B = {cid_layout.DEFAULT_SERVER_ID_BITS}" in doc
 
 
 def test_steering_verdict_and_config_field():
@@ -150,14 +158,16 @@ def test_reuseport_socket_options_match_kernel_headers():
 
 def test_parse_limits_match_the_model():
     """The model the fuzz test checks the program against (tests/support/xdp_model.py) walks as far
-    as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds."""
+    as bpf/stcp_xdp.c does: the same VLAN depth, extension-header count and header kinds, and
+    the same longest GSO/GRO batch."""
     import socket
 
     from tests.support import xdp_model
     src = (HEADER.parent / "stcp_xdp.c").read_text()
-    limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX)\s+(\d+)", src, flags=re.M))
+    limits = dict(re.findall(r"^#define\s+(VLAN_MAX_DEPTH|IPV6_EXT_MAX|STCP_BATCH_MAX)\s+(\d+)", src, flags=re.M))
     assert {k: int(v) for k, v in limits.items()} == {"VLAN_MAX_DEPTH": xdp_model.VLAN_MAX_DEPTH,
-                                                      "IPV6_EXT_MAX": xdp_model.IPV6_EXT_MAX}
+                                                      "IPV6_EXT_MAX": xdp_model.IPV6_EXT_MAX,
+                                                      "STCP_BATCH_MAX": xdp_model.BATCH_MAX}
     body = re.search(r"int ipv6_walkable\(__u8 nexthdr\)\s*\{(.*?)\}", src, flags=re.S).group(1)
     walked = {getattr(socket, name) for name in re.findall(r"IPPROTO_\w+", body)}
     assert walked == set(xdp_model.WALKED)

@@ -32,7 +32,7 @@ def serve_subprocess(key: str, *extra: str) -> tuple[subprocess.Popen, int, str]
     port = probe.getsockname()[1]
     probe.close()
     proc = subprocess.Popen([sys.executable, "-m", "stcp.cli.main", "serve", "--listen", f"127.0.0.1:{port}",
-                             "--key", key, *extra], stderr=subprocess.PIPE, text=True)
+                             "--workers", "1", "--key", key, *extra], stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     assert "serving on" in line, line
     return proc, port, announced_key(line)

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from stcp import crypto, handshake, identity, wire
+from stcp import cid_layout as stcp_cid, crypto, handshake, identity, wire
 from stcp.connection import Config, Connection, DataReceived, HandshakeCompleted
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import AuthenticationFailure, CloseCode, HandshakeFailure
@@ -665,6 +665,29 @@ def test_no_reset_for_another_workers_cid():
     assert len(ep.replies) == 1
 
 
+def test_reset_for_a_dead_siblings_or_another_servers_cid():
+    """In a pool sharing one key, a RESET from any worker ends a connection: a worker answers
+    a sibling's CID only when no live process holds that sibling's slot, and a CID of another
+    server id always (the balancer routed it away from its server)."""
+    gone = {5}
+    ep = ServerEndpoint(stcp_cid.for_worker(Config(server_id=7, server_id_bits=8), 3),
+                        worker_gone=lambda w: w in gone)
+
+    def rec(worker: int, server_id: int) -> bytes:
+        return wire.pack_header(40, (worker << 56) | (server_id << 48) | 0x1234, 1) + bytes(40)
+
+    answered = []
+    for worker, server_id in ((3, 7), (4, 7), (5, 7), (4, 9), (3, 9)):
+        ep.replies.clear()
+        ep.receive(rec(worker, server_id), CLIENT_ADDR, 0.0)
+        answered.append(len(ep.replies))
+    assert answered == [1, 0, 1, 1, 1]
+    gone.clear()                                   # worker 5 restarted: its new CIDs are live
+    ep.replies.clear()
+    ep.receive(rec(5, 7), CLIENT_ADDR, 0.0)
+    assert ep.replies == []
+
+
 def test_reset_token_is_resent_when_lost():
     lost = []
 
@@ -763,3 +786,31 @@ def test_a_finished_handshake_answers_late_records_with_a_handshake_failure():
     sh.finish()
     with pytest.raises(HandshakeFailure, match="handshake is over"):
         sh.verify_client_auth(auth)
+
+
+# --- ICMP port unreachable ------------------------------------------------------------------------
+def test_port_unreachable_ends_a_handshake_that_heard_nothing():
+    client = Connection.client(Config(), 0.0)
+    client.datagrams_to_send(0.0)
+    client.port_unreachable(0.05)
+    assert client.is_closed
+    info = client.close_info
+    assert (info.code, info.by_peer, info.error) == (CloseCode.PORT_UNREACHABLE, False, True)
+    assert client.datagrams_to_send(0.1) == []
+
+
+def test_port_unreachable_is_ignored_once_a_server_answered_or_the_connection_is_up():
+    """A reply (even a mere hint such as a REJECT) shows a server listens: a later ICMP error,
+    which anyone who can guess the ports may forge, does not end the handshake; nor does it
+    end an ENCRYPTED connection; nor a server connection."""
+    client = Connection.client(Config(), 0.0)
+    hello = client.datagrams_to_send(0.0)[0]
+    h = wire.decode_hello(hello[24:])
+    client.receive_datagram(reject_record(h.sender_cid, h.suite, 1), 0.01)
+    client.port_unreachable(0.02)
+    assert client.state == State.KEY_EXCHANGE
+    p = Pair()
+    p.run(lambda: p.server_conns and p.server_conn.state == State.ENCRYPTED)
+    p.client.port_unreachable(p.now)
+    p.server_conn.port_unreachable(p.now)
+    assert p.client.state == State.ENCRYPTED and p.server_conn.state == State.ENCRYPTED

@@ -36,6 +36,7 @@ from stcp.metrics import (
     HANDSHAKE_FAIL_REASONS,
     WORKER_METRICS,
     MetricsHTTPServer,
+    ReuseportCollector,
     XdpCollector,
     close_reason,
     parse_listen,
@@ -52,6 +53,7 @@ from tests.support.metrics import (
     check_invariants,
     dashboard_panels,
     dashboard_queries,
+    fake_steering_collector,
     fake_xdp_collector,
     family_of,
     grafana_to_promql,
@@ -500,13 +502,15 @@ def test_fake_xdp_collector_shape():
 # ---------------------------------------------------------------------------------------
 # dashboards, provisioning, Prometheus config
 async def _exporter_families() -> Tuple[Set[str], str]:
-    """Family names of a server exporter (with traffic) plus a fake datapath collector, and
-    of an AF_XDP worker pool's supervisor (tests/test_metrics_workers.py's in-process pool)."""
+    """Family names of a server exporter (with traffic) plus a fake datapath collector and the
+    socket pool's steering collector, and of an AF_XDP worker pool's supervisor
+    (tests/test_metrics_workers.py's in-process pool)."""
     import tempfile
     server = await stcp.start_server(echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
     metrics.registry.register(fake_xdp_collector())
+    metrics.registry.register(ReuseportCollector(lambda: None))     # a socket pool's supervisor, before loading
     try:
         await transfer(port, b"hello", server.public_key)
         await quiet(server)
@@ -609,6 +613,7 @@ async def _with_prometheus(tmp_path: Path):
     # an AF_XDP worker pool's supervisor, with in-process workers
     (tmp_path / "workers").mkdir()
     workers, pool = await fake_pool_with_traffic(str(tmp_path / "workers"))
+    workers.registry.register(fake_steering_collector())    # as a socket pool's supervisor exports it
     prom = None
     try:
         for n in (10, 20000):

@@ -4,7 +4,8 @@ Worker processes (tests/reuseport_worker.py) each bind a SO_REUSEPORT UDP socket
 loopback port and join the steering with the fds they inherited, as a socket pool's
 workers would. A client sends records whose CID names a worker and client hellos from
 many source ports: every record must reach its worker and only it, hellos spread over all
-workers, and a dead worker's records are dropped and counted while the others carry on.
+workers, and a dead worker's records go by the kernel's hash to the live ones, counted,
+while the others carry on.
 
 Loading needs CAP_BPF, bcc and kernel headers; the tests skip with the reason otherwise.
 """
@@ -14,7 +15,6 @@ import json
 import os
 import random
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -33,6 +33,7 @@ from stcp.datapath.reuseport import (
     classify,
     socket_cookie,
 )
+from tests.support.procs import as_nobody, nobody_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = {4: "127.0.0.1", 6: "::1"}
@@ -160,7 +161,7 @@ def test_records_reach_their_worker_and_hellos_spread(steering, family):
     hellos = [g["hellos"] for g in got]
     assert sum(hellos) == 1024 and min(hellos) > 0, f"hellos over the workers: {hellos}"
     assert d["pass_worker"] == 4000 and d["pass_hello"] == 1024
-    assert d["drop_no_worker"] == d["drop_wrong_group"] == d["pass_not_stcp"] == 0
+    assert d["pass_orphan"] == d["drop_wrong_group"] == d["pass_not_stcp"] == 0
     assert steering.counters()["pass_worker"][1] - before["pass_worker"][1] == sum(8 + len(r) for r in recs)
 
 
@@ -182,7 +183,7 @@ def test_worker_restart_keeps_the_others(steering):
         send_all(socks, recs, dest)
         send_all(socks, [HELLO] * 256, dest)
         d = counted(steering, before, 1156)
-        assert d["drop_no_worker"] == 300, "records of the dead worker are dropped and counted"
+        assert d["pass_orphan"] == 300, "records of the dead worker go to the live ones, counted"
         assert d["pass_worker"] == 600 and d["pass_hello"] == 256
 
         workers[1] = Worker(steering, 1, dest[0], port)       # the supervisor restarts it
@@ -191,11 +192,13 @@ def test_worker_restart_keeps_the_others(steering):
         recs2 = [record(w) for w in (0, 1, 2) for _ in range(200)]
         send_all(socks, recs2, dest)
         d = counted(steering, before, 600)
-        assert d["pass_worker"] == 600 and d["drop_no_worker"] == 0
+        assert d["pass_worker"] == 600 and d["pass_orphan"] == 0
         reports = [workers[w].finish() for w in (0, 1, 2)]
     finally:
         for w in workers.values():
             w.kill()
+    orphans = [reports[w]["records"].pop("1", 0) for w in (0, 2)]
+    assert sum(orphans) == 300 and min(orphans) > 0, f"the dead worker's records by hash over the others: {orphans}"
     assert reports[0]["records"] == {"0": 500} and reports[2]["records"] == {"2": 500}
     assert reports[1]["records"] == {"1": 200}, "the restarted worker gets its key's records, only those"
     assert reports[0]["hellos"] + reports[2]["hellos"] == 256 and reports[1]["hellos"] == 0
@@ -229,7 +232,7 @@ def test_every_worker_restarts(steering):
 @pytest.mark.parametrize("family", [4, 6])
 def test_program_matches_python_reference(steering, family):
     """Each crafted datagram bumps the counter classify() predicts (PASS_WORKER turning
-    into DROP_NO_WORKER where the key is empty) and reaches the socket it says."""
+    into PASS_ORPHAN where the key is empty) and reaches the socket it says."""
     port = free_port(family)
     host = HOSTS[family]
     af = socket.AF_INET6 if family == 6 else socket.AF_INET
@@ -250,7 +253,7 @@ def test_program_matches_python_reference(steering, family):
         for payload in cases:
             verdict, w = classify(payload)
             if verdict == ReuseportVerdict.PASS_WORKER and w not in live:
-                verdict = ReuseportVerdict.DROP_NO_WORKER
+                verdict = ReuseportVerdict.PASS_ORPHAN
             before = steering.counters()
             client.sendto(payload, (host, port))
             d = counted(steering, before, 1)
@@ -316,23 +319,6 @@ def test_map_api(steering):
 
 
 # ---------------------------------------------------------------------------------------
-def _as_nobody(caps: str) -> List[str]:
-    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps={caps}",
-            f"--ambient-caps={caps}"]
-
-
-def _nobody_unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to switch to nobody"
-    if shutil.which("setpriv") is None:
-        return "needs util-linux's setpriv"
-    p = subprocess.run([*_as_nobody("-all"), sys.executable, "-c", "import stcp.datapath.reuseport"],
-                       cwd=ROOT, capture_output=True, text=True)
-    if p.returncode:
-        return f"user nobody cannot import stcp from {ROOT}: {p.stderr.strip().splitlines()[-1:]}"
-    return None
-
-
 LOAD = ("from stcp.datapath.reuseport import ReuseportSteering, ReuseportError\n"
         "try:\n    ReuseportSteering.load()\n    print('loaded')\n"
         "except ReuseportError as e:\n    print(e)\n")
@@ -341,19 +327,19 @@ LOAD = ("from stcp.datapath.reuseport import ReuseportSteering, ReuseportError\n
 @pytest.mark.root
 def test_privileges(steering):
     """Loading needs CAP_BPF, nothing else; a worker with the fds needs no capability."""
-    why = _nobody_unavailable()
+    why = nobody_unavailable()
     if why:
         pytest.skip(why)
-    no_caps = subprocess.run([*_as_nobody("-all"), sys.executable, "-c", LOAD], cwd=ROOT, capture_output=True,
+    no_caps = subprocess.run([*as_nobody("-all"), sys.executable, "-c", LOAD], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
     assert no_caps.stdout.strip().startswith("cannot create the reuseport socket map (Operation not permitted)")
     assert "CAP_BPF" in no_caps.stdout and len(no_caps.stdout.strip().splitlines()) == 1
-    cap_bpf = subprocess.run([*_as_nobody("-all,+bpf"), sys.executable, "-c", LOAD], cwd=ROOT,
+    cap_bpf = subprocess.run([*as_nobody("-all,+bpf"), sys.executable, "-c", LOAD], cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
     assert cap_bpf.stdout.strip() == "loaded", cap_bpf.stdout + cap_bpf.stderr[-2000:]
 
     port = free_port(4)
-    worker = Worker(steering, 3, "127.0.0.1", port, user=_as_nobody("-all"))
+    worker = Worker(steering, 3, "127.0.0.1", port, user=as_nobody("-all"))
     try:
         before = steering.counters()
         clients(4, 1)[0].sendto(record(3), ("127.0.0.1", port))
@@ -385,4 +371,4 @@ def test_bench_measures_what_it_says(steering, tmp_path):
     assert s["hash"]["prog_runs"] == 0 and s["empty"]["prog_runs"] == s["empty"]["datagrams"] > 0
     assert c["pass_worker"][0] == s["steer"]["datagrams"] == s["steer"]["prog_runs"] > 0
     assert c["pass_hello"][0] == s["hello"]["datagrams"] == s["hello"]["prog_runs"] > 0
-    assert c["drop_no_worker"][0] == s["drop"]["datagrams"] == s["drop"]["prog_runs"] > 0
+    assert c["pass_orphan"][0] == s["orphan"]["datagrams"] == s["orphan"]["prog_runs"] > 0

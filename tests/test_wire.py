@@ -257,6 +257,14 @@ def test_ack_encoder_limits():
     assert wire.encode_ack(((1, 1),), delay_us=1 << 40)[9:13] == b"\xff\xff\xff\xff"
 
 
+@pytest.mark.parametrize("low,high,delay", [(1, 1, 0), (1, 9, 250), (7, (1 << 48) - 2, 1 << 40)])
+def test_one_range_ack_encodes_as_the_general_encoder_does(low, high, delay):
+    """encode_ack's one-range shortcut (a tuple of one range) against the general loop (a list)."""
+    fast = wire.encode_ack(((low, high),), delay)
+    assert fast == wire.encode_ack([(low, high)], delay)
+    assert wire.decode_frames(fast) == [wire.AckFrame(((low, high),), min(delay, 0xFFFFFFFF))]
+
+
 def test_close_reason_is_cut_at_512_bytes():
     blob = wire.encode_frame(wire.CloseFrame(1, "x" * 600))
     assert struct.unpack_from("!BHH", blob) == (5, 1, 512) and len(blob) == 5 + 512

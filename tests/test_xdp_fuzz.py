@@ -4,9 +4,9 @@ Each frame runs through the loaded program (BPF_PROG_TEST_RUN, tests/support/tes
 through tests/support/xdp_model.py under the same configuration and map state; the verdict (the
 one counter that moved) and the XDP action must match the model's. Frames come from
 hypothesis: built layer by layer (VLAN stacks, IPv4 options and fragments, IPv6 extension
-chains and fragments, UDP length fields, STCP records of every kind, truncations) and
-mutated from the seed corpus in tests/corpus/xdp/ (bit flips, bytes and 16-bit fields set,
-inserts, deletes, cuts). The hello buckets depend on time, so each example picks a bucket
+chains and fragments, UDP length fields, STCP records of every kind, GSO/GRO batches of
+records, truncations) and mutated from the seed corpus in tests/corpus/xdp/ (bit flips,
+bytes and 16-bit fields set, inserts, deletes, cuts). The hello buckets depend on time, so each example picks a bucket
 setting whose answer does not: open, per-source burst 0, global burst 0, or port 0.
 
 A short run by default; STCP_XDP_FUZZ_EXAMPLES=N sets the examples per test (`make
@@ -131,7 +131,7 @@ def _pick(*values, weights=None):
     return st.sampled_from([v for v, w in zip(values, weights or [1] * len(values), strict=True) for _ in range(w)])
 
 
-S_KIND = _pick("hello", "data", "raw", weights=[2, 2, 1])
+S_KIND = _pick("hello", "data", "batch", "raw", weights=[2, 2, 2, 1])
 S_RAW = st.binary(max_size=120)
 S_HELLO_CID = _pick(0, 7, weights=[3, 1])
 S_HELLO_TYPE = _pick(1, 2, 3, 0, weights=[3, 1, 1, 1])
@@ -141,6 +141,10 @@ S_DATA_LEN = _pick(0, 15, 16, 17, 64, 99, 100, 101, 1428, 1429) | st.integers(0,
 S_CID = st.sampled_from(CID_POOL) | st.integers(0, 2**64 - 1)
 S_SEQ = _pick(1, 1 << 48, 2**64 - 1) | st.integers(0, 2**64 - 1)
 S_DATA_LEN_FIELD = _pick("right", "+1", "-1", "huge", weights=[6, 1, 1, 1])
+# a GSO/GRO batch: records of one size (the last shorter or not), some of them spoiled
+S_BATCH_LEN = _pick(16, 17, 40, 100, 1400) | st.integers(0, 200)
+S_BATCH_COUNT = _pick(2, 3, 63, 64, 65) | st.integers(1, 70)
+S_BATCH_FLAW = _pick(None, "cid", "seq", "length", "tail", weights=[6, 1, 1, 1, 1])
 S_FAM = _pick(4, 6, 0, weights=[1, 2, 1])
 S_DPORT = _pick(PORT, 53, weights=[3, 1]) | st.integers(0, 65535)
 S_ULEN = _pick(None, weights=[3]) | st.integers(0, 65535)
@@ -169,9 +173,36 @@ def _record(draw) -> bytes:
         body = (bytes([draw(S_HELLO_TYPE)]) + bytes(n - 1)) if n else b""
         length = draw(S_LEN_FIELD)
         return struct.pack("!QQQ", len(body) if length == "right" else length, draw(S_HELLO_CID), 0) + body
+    if kind == "batch":
+        return _batch(draw)
     n = draw(S_DATA_LEN)
     length = {"right": n, "+1": n + 1, "-1": max(n - 1, 0), "huge": 2**63}[draw(S_DATA_LEN_FIELD)]
     return struct.pack("!QQQ", length, draw(S_CID), draw(S_SEQ)) + bytes(n)
+
+
+def _batch(draw) -> bytes:
+    """Records of one CID and size back to back, as a GSO buffer carries them, the last
+    possibly shorter; with a flaw, one record names another CID, has seq 0, a length field
+    one off, or the last is longer than the first."""
+    n, count, cid = draw(S_BATCH_LEN), draw(S_BATCH_COUNT), draw(S_CID)
+    count = min(count, 2800 // (n + 24))
+    sizes = [n] * count
+    if count > 1 and draw(st.booleans()):
+        sizes[-1] = draw(st.integers(0, n))
+    flaw, at = draw(S_BATCH_FLAW), draw(st.integers(0, max(0, count - 1)))
+    if flaw == "tail":
+        sizes.append(n + 1)
+    out = b""
+    for i, size in enumerate(sizes):
+        length, c, seq = size, cid, 1 + i
+        if i == at and flaw == "cid":
+            c ^= 1
+        elif i == at and flaw == "seq":
+            seq = 0
+        elif i == at and flaw == "length":
+            length += draw(st.sampled_from([-1, 1]))
+        out += struct.pack("!QQQ", max(length, 0), c, seq) + bytes(size)
+    return out
 
 
 def _ipv6_exts(draw) -> list:

@@ -3,9 +3,10 @@ handler and client as the `stcp` peer: only the server's receive path differs (t
 program redirects good records to an AF_XDP socket per RX queue; replies leave through
 the UDP socket, or the AF_XDP TX ring with BENCH_AFXDP_TX=afxdp).
 
-The server finds its interface from the listen address, attaches the program in native
-mode with the per-source handshake limit lifted (the benchmark's handshakes all come from
-one client) and detaches it when it is stopped (SIGTERM). Needs root, bcc and stcp._xsk; not
+The server finds its interface from the listen address, attaches the program (in generic
+mode unless BENCH_XDP_MODE says native; bench.run --xdp-mode) with the per-source
+handshake limit lifted (the benchmark's handshakes all come from one client) and detaches
+it when it is stopped (SIGTERM). Needs root, bcc and stcp._xsk; not
 available on loopback.
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ def iface_of(host: str) -> str:
 # The program's hello limits (20/s per source, 1000/s in all by default) would rate the
 # benchmark's sequential handshakes from one client, not the datapath: lift them here.
 XDP_LIMITS = {"hs_rate": 1_000_000, "hs_burst": 1_000_000, "hs_global_rate": 0}
+# How the XDP peers attach (bench.run --xdp-mode sets it): generic by default, since on
+# veth native mode makes the client segment every GSO buffer (docs/OPERATIONS.md section 6).
+XDP_MODE = os.environ.get("BENCH_XDP_MODE", "generic")
 
 
 def driver_counters(driver, worker: int, nworkers: int) -> dict:
@@ -68,7 +72,7 @@ def run_server(args) -> None:
         box: dict = {}
         # installed before the server says it is ready: SIGUSR1 would otherwise kill
         C.stats_on_sigusr1(loop, lambda: driver_counters(box["srv"].driver, w, n) if box else {}, name=str(w))
-        srv = box["srv"] = await serve(streams.handle, host, port, datapath="afxdp", iface=iface, xdp_mode="native",
+        srv = box["srv"] = await serve(streams.handle, host, port, datapath="afxdp", iface=iface, xdp_mode=XDP_MODE,
                                        xdp_limits=XDP_LIMITS, afxdp_tx=os.environ.get("BENCH_AFXDP_TX", "socket"),
                                        worker=role,     # a worker serves under the key its supervisor holds
                                        server_key=None if role else C.stcp_keys(args)["server_key"])
@@ -109,7 +113,7 @@ def run_supervisor(args, nworkers: int) -> None:
                              {"BENCH_PROFILE_NAME": f"{me}-worker{w}"})
 
     async def main():
-        pool = WorkerPool(spawn, port, iface=iface, workers=nworkers, xdp_mode="native", xdp_limits=XDP_LIMITS,
+        pool = WorkerPool(spawn, port, iface=iface, workers=nworkers, xdp_mode=XDP_MODE, xdp_limits=XDP_LIMITS,
                           server_key=C.stcp_keys(args)["server_key"], max_restarts=0)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGUSR1, pool.signal_workers, signal.SIGUSR1)

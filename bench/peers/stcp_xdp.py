@@ -1,9 +1,10 @@
 """STCP on the XDP datapath (`stcp serve --datapath xdp`): the socket-datapath server
-(kernel UDP socket) with the STCP XDP program attached in native mode on the server's
-veth, dropping what does not belong to a live connection or a well-formed hello before
-the stack sees it: `stcp.serve(..., datapath="xdp")`. Same handler and client as the
-`stcp` peer. The per-source hello limit is lifted, as for stcp_afxdp (the benchmark's
-handshakes all come from one client). Root, bcc; not available on loopback.
+(kernel UDP socket) with the STCP XDP program attached on the server's veth (generic mode
+unless BENCH_XDP_MODE says native; bench.run --xdp-mode), dropping what does not belong to
+a live connection or a well-formed hello before the stack sees it:
+`stcp.serve(..., datapath="xdp")`. Same handler and client as the `stcp` peer. The
+per-source hello limit is lifted, as for stcp_afxdp (the benchmark's handshakes all come
+from one client). Root, bcc; not available on loopback.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 
 from bench import common as C
 from bench.peers import stcp as socket_peer, streams
-from bench.peers.stcp_afxdp import XDP_LIMITS, iface_of, kernel_datapath_available
+from bench.peers.stcp_afxdp import XDP_LIMITS, XDP_MODE, iface_of, kernel_datapath_available
 
 
 def run_server(args) -> None:
@@ -26,7 +27,7 @@ def run_server(args) -> None:
         iface = iface_of(host)
         if iface == "lo":
             raise RuntimeError("the xdp peer needs a real interface (not available with --loopback)")
-        srv = await serve(streams.handle, host, port, datapath="xdp", iface=iface, xdp_mode="native",
+        srv = await serve(streams.handle, host, port, datapath="xdp", iface=iface, xdp_mode=XDP_MODE,
                           xdp_limits=XDP_LIMITS, server_key=C.stcp_keys(args)["server_key"])
         try:
             C.announce_ready(port)

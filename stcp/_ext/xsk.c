@@ -12,10 +12,12 @@
  *
  * recv() takes up to max_n frames off the RX ring, parses each (xsk_frame.c: Ethernet,
  * one optional VLAN tag, IPv4 or IPv6, UDP, every read bounds-checked), copies the UDP
- * payload out and gives the frames straight back to the fill ring; with templates=True
- * each item also carries the headers of a reply to its sender (xsk_frame.c).  The UDP
- * checksum is not checked: on veth it is often still partial (checksum offload), and the
- * records carry an AEAD tag.
+ * payloads out, one flow's consecutive datagrams joined into one entry as UDP GRO joins
+ * them (xsk_gro.c), and gives the frames straight back to the fill ring; with
+ * templates=True it also returns the headers of a reply to each sender (xsk_frame.c).
+ * Bound with XDP_USE_SG, a packet longer than a frame (a GSO buffer that generic XDP
+ * passed whole) arrives in pieces, gathered here.  The UDP checksum is not checked: on
+ * veth it is often still partial (checksum offload), and the records carry an AEAD tag.
  *
  * send_udp() puts datagrams behind such a template on the TX ring, lengths and checksums
  * computed per datagram, and kicks the kernel; copy mode transmits 32 frames per kick, so
@@ -42,12 +44,24 @@
 #include <xdp/xsk.h>
 
 #include "xsk_frame.h"
+#include "xsk_gro.h"
 
 #ifndef SOL_XDP
 #define SOL_XDP 283
 #endif
+/* multi-buffer AF_XDP (kernel 6.6): a packet longer than a frame arrives in several, all
+ * but the last flagged XDP_PKT_CONTD (older UAPI headers lack both) */
+#ifndef XDP_USE_SG
+#define XDP_USE_SG (1 << 4)
+#endif
+#ifndef XDP_PKT_CONTD
+#define XDP_PKT_CONTD (1 << 0)
+#endif
 
 #define MAX_RECV_BATCH 1024
+/* The longest packet taken in pieces: a 64 KB GSO buffer with its headers; one that runs
+ * longer is dropped as malformed (the kernel makes at most MAX_SKB_FRAGS + 1 pieces). */
+#define CHAIN_MAX (65536 + 256)
 
 typedef struct {
     PyObject_HEAD
@@ -62,9 +76,13 @@ typedef struct {
     int fd;
     int zerocopy;
     int busy;                        /* a thread is inside a GIL-free section */
+    int sg;                          /* bound with XDP_USE_SG: packets may come in pieces */
+    uint8_t *chain;                  /* a packet in pieces, gathered (CHAIN_MAX bytes) */
+    uint32_t chain_len;
+    int chain_bad;                   /* it ran past CHAIN_MAX: dropped when it ends */
     uint64_t *free_frames;           /* frames not on the fill ring */
     uint32_t n_free;
-    unsigned long long rx_frames, rx_bytes, rx_malformed, wakeups, tx_frames, tx_kicks;
+    unsigned long long rx_frames, rx_bytes, rx_malformed, rx_chained, wakeups, tx_frames, tx_kicks;
     char ifname[IF_NAMESIZE];
 } XskSocket;
 
@@ -96,6 +114,9 @@ static void release_all(XskSocket *self) {
     if (self->area) { munmap(self->area, self->area_size); self->area = NULL; }
     PyMem_Free(self->free_frames);
     self->free_frames = NULL;
+    PyMem_Free(self->chain);
+    self->chain = NULL;
+    self->chain_len = 0;
     self->n_free = 0;
     self->fd = -1;
 }
@@ -108,10 +129,11 @@ static void Xsk_dealloc(XskSocket *self) {
 static int pow2(uint32_t v) { return v && !(v & (v - 1)); }
 
 static int Xsk_init(XskSocket *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"ifname", "queue_id", "frame_count", "frame_size", "ring_size", "zerocopy", NULL};
+    static char *kwlist[] = {"ifname", "queue_id", "frame_count", "frame_size", "ring_size", "zerocopy", "sg", NULL};
     const char *ifname;
     unsigned int queue_id, frame_count = 4096, frame_size = XSK_UMEM__DEFAULT_FRAME_SIZE, ring_size = 2048;
     int zc = -1;                      /* -1: whatever the driver offers, 0: copy, 1: zero-copy or fail */
+    int sg = 1;                       /* ask for packets in pieces; without, where refused */
     PyObject *zcobj = Py_None;
     struct xsk_umem_config ucfg;
     struct xsk_socket_config scfg;
@@ -121,8 +143,8 @@ static int Xsk_init(XskSocket *self, PyObject *args, PyObject *kw) {
     uint32_t i;
 
     if (self->xsk) { PyErr_SetString(PyExc_RuntimeError, "XskSocket already initialised"); return -1; }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "sI|IIIO:XskSocket", kwlist, &ifname, &queue_id, &frame_count,
-                                     &frame_size, &ring_size, &zcobj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "sI|IIIOp:XskSocket", kwlist, &ifname, &queue_id, &frame_count,
+                                     &frame_size, &ring_size, &zcobj, &sg))
         return -1;
     if (zcobj != Py_None) {
         zc = PyObject_IsTrue(zcobj);
@@ -172,28 +194,42 @@ static int Xsk_init(XskSocket *self, PyObject *args, PyObject *kw) {
     ucfg.comp_size = ring_size;
     ucfg.frame_size = frame_size;
     ucfg.frame_headroom = 0;
-    err = xsk_umem__create(&self->umem, self->area, self->area_size, &self->fq, &self->cq, &ucfg);
-    if (err) {
-        self->umem = NULL;
-        release_all(self);
-        errno = -err;
-        PyErr_Format(PyExc_OSError, "AF_XDP UMEM: %s", strerror(-err));
-        return -1;
-    }
     memset(&scfg, 0, sizeof(scfg));
     scfg.rx_size = ring_size;
     scfg.tx_size = ring_size;
     scfg.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD;
-    scfg.bind_flags = XDP_USE_NEED_WAKEUP | (zc == 0 ? XDP_COPY : zc == 1 ? XDP_ZEROCOPY : 0);
-    Py_BEGIN_ALLOW_THREADS
-    err = xsk_socket__create(&self->xsk, ifname, queue_id, self->umem, &self->rx, &self->tx, &scfg);
-    Py_END_ALLOW_THREADS
-    if (err) {
+    /* Generic XDP hands a GSO buffer from a same-host sender over whole (a batch of
+     * records, bpf/stcp_xdp.c batch_ok): with XDP_USE_SG it arrives in pieces instead of
+     * being dropped for not fitting a frame. A kernel or zero-copy driver without
+     * multi-buffer support refuses the flag: then UMEM and socket are made again without. */
+    for (;;) {
+        err = xsk_umem__create(&self->umem, self->area, self->area_size, &self->fq, &self->cq, &ucfg);
+        if (err) {
+            self->umem = NULL;
+            release_all(self);
+            errno = -err;
+            PyErr_Format(PyExc_OSError, "AF_XDP UMEM: %s", strerror(-err));
+            return -1;
+        }
+        scfg.bind_flags = XDP_USE_NEED_WAKEUP | (zc == 0 ? XDP_COPY : zc == 1 ? XDP_ZEROCOPY : 0) |
+                          (sg ? XDP_USE_SG : 0);
+        Py_BEGIN_ALLOW_THREADS
+        err = xsk_socket__create(&self->xsk, ifname, queue_id, self->umem, &self->rx, &self->tx, &scfg);
+        Py_END_ALLOW_THREADS
+        if (!err)
+            break;
         self->xsk = NULL;
-        release_all(self);
-        PyErr_Format(PyExc_OSError, "AF_XDP socket on %s queue %u: %s", ifname, queue_id, strerror(-err));
-        return -1;
+        xsk_umem__delete(self->umem);
+        self->umem = NULL;
+        if (!sg || (err != -EINVAL && err != -EOPNOTSUPP)) {
+            release_all(self);
+            PyErr_Format(PyExc_OSError, "AF_XDP socket on %s queue %u: %s", ifname, queue_id, strerror(-err));
+            return -1;
+        }
+        sg = 0;
     }
+    self->sg = sg;
+    if (sg && !(self->chain = PyMem_Malloc(CHAIN_MAX))) { release_all(self); PyErr_NoMemory(); return -1; }
     self->fd = xsk_socket__fd(self->xsk);
     memset(&opts, 0, sizeof(opts));
     if (getsockopt(self->fd, SOL_XDP, XDP_OPTIONS, &opts, &optlen) == 0)
@@ -220,77 +256,91 @@ static void wakeup_fill(XskSocket *self) {
     }
 }
 
-static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"max_n", "v4mapped", "templates", NULL};
-    int max_n = 64, v4mapped = 0, templates = 0;
-    uint32_t idx = 0, n, i;
-    PyObject *result, *last_addr = NULL, *last_tmpl = NULL;
-    struct parsed last_p;
+/* Gather one piece of a packet that arrives in several frames; returns the whole packet
+ * (in self->chain) once its last piece is in, else NULL. A packet longer than CHAIN_MAX
+ * is dropped as malformed when it ends. */
+static const uint8_t *gather(XskSocket *self, const uint8_t *piece, uint32_t len, int more, uint32_t *total) {
+    if (self->chain_bad || len > CHAIN_MAX - self->chain_len) {
+        self->chain_bad = 1;
+    } else {
+        memcpy(self->chain + self->chain_len, piece, len);
+        self->chain_len += len;
+    }
+    if (more) return NULL;
+    *total = self->chain_len;
+    self->chain_len = 0;
+    if (self->chain_bad) {
+        self->chain_bad = 0;
+        self->rx_malformed++;
+        return NULL;
+    }
+    self->rx_chained++;
+    return self->chain;
+}
 
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ipp:recv", kwlist, &max_n, &v4mapped, &templates)) return NULL;
+static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"max_n", "v4mapped", "templates", "gro", NULL};
+    int max_n = 64, v4mapped = 0, templates = 0, gro = 1, failed = 0;
+    uint32_t idx = 0, n, i;
+    rx_batch b;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ippp:recv", kwlist, &max_n, &v4mapped, &templates, &gro))
+        return NULL;
     if (xsk_closed(self)) return NULL;
     if (max_n < 1 || max_n > MAX_RECV_BATCH) {
         PyErr_Format(PyExc_ValueError, "max_n must be in 1..%d", MAX_RECV_BATCH);
         return NULL;
     }
-    result = PyList_New(0);
-    if (!result) return NULL;
+    rx_batch_init(&b, v4mapped, self->ifindex, templates, gro);
     n = xsk_ring_cons__peek(&self->rx, (uint32_t)max_n, &idx);
-    memset(&last_p, 0, sizeof(last_p));
     for (i = 0; i < n; i++) {
         const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + i);
         uint64_t base = xsk_umem__extract_addr(d->addr);
         uint64_t addr = xsk_umem__add_offset_to_addr(d->addr);
+        const uint8_t *frame;
+        uint32_t len = d->len;
+        int chained = self->chain_len > 0 || self->chain_bad || (d->options & XDP_PKT_CONTD);
         struct parsed p;
-        const char *why;
-        PyObject *payload, *a, *item;
 
-        /* give the frame back whatever happens to it below */
+        /* give the frame back whatever happens to it below: the fill ring gets it once
+         * this call is done with what it holds */
         if (self->n_free < self->frame_count)
             self->free_frames[self->n_free++] = base - (base % self->frame_size);
         if (addr >= self->area_size || d->len > self->area_size - addr) {
-            self->rx_malformed++;
+            if (chained && self->chain) {     /* spoils the packet it is a piece of */
+                self->chain_bad = 1;
+                gather(self, NULL, 0, (d->options & XDP_PKT_CONTD) != 0, &len);
+            } else {
+                self->rx_malformed++;
+            }
             continue;
         }
+        frame = (const uint8_t *)self->area + addr;
+        if (chained) {
+            if (!self->chain) {               /* pieces without XDP_USE_SG: cannot happen */
+                self->rx_malformed++;
+                continue;
+            }
+            frame = gather(self, frame, len, (d->options & XDP_PKT_CONTD) != 0, &len);
+            if (!frame) continue;
+        }
         memset(&p, 0, sizeof(p));
-        why = parse_frame_raw((const uint8_t *)self->area + addr, d->len, &p);
-        if (why) {
+        if (parse_frame_raw(frame, len, &p)) {
             self->rx_malformed++;
             continue;
         }
         self->rx_frames++;
         self->rx_bytes += p.payload_len;
-        if (result == NULL) continue;          /* an earlier allocation failed: just drain */
-        if (last_addr && p.family == last_p.family && p.sport == last_p.sport && p.dport == last_p.dport &&
-            memcmp(p.src, last_p.src, 16) == 0 && memcmp(p.dst, last_p.dst, 16) == 0 &&
-            p.vlan_tci == last_p.vlan_tci && p.vlan_proto == last_p.vlan_proto &&
-            memcmp(p.eth, last_p.eth, 12) == 0) {
-            a = Py_NewRef(last_addr);
-        } else {
-            a = make_addr(&p, v4mapped, self->ifindex);
-            if (!a) { Py_CLEAR(result); continue; }
-            Py_XSETREF(last_addr, Py_NewRef(a));
-            if (templates) {
-                PyObject *t = reply_template(&p);
-                if (!t) { Py_DECREF(a); Py_CLEAR(result); continue; }
-                Py_XSETREF(last_tmpl, t);
-            }
-            last_p = p;
+        if (failed) continue;                 /* an earlier allocation failed: just drain */
+        if (rx_batch_add(&b, &p, !chained) < 0) {
+            rx_batch_abort(&b);
+            failed = 1;
         }
-        payload = PyBytes_FromStringAndSize((const char *)p.payload, p.payload_len);
-        if (!payload) { Py_DECREF(a); Py_CLEAR(result); continue; }
-        item = templates ? PyTuple_Pack(3, payload, a, last_tmpl) : PyTuple_Pack(2, payload, a);
-        Py_DECREF(payload);
-        Py_DECREF(a);
-        if (!item || PyList_Append(result, item) < 0) Py_CLEAR(result);
-        Py_XDECREF(item);
     }
     if (n) xsk_ring_cons__release(&self->rx, n);
-    Py_XDECREF(last_addr);
-    Py_XDECREF(last_tmpl);
     refill(self);
     wakeup_fill(self);
-    return result;
+    return failed ? NULL : rx_batch_finish(&b);
 }
 
 /* Completed TX frames back to the free stack. */
@@ -482,10 +532,11 @@ static PyObject *Xsk_stats(XskSocket *self, PyObject *noargs) {
     if (xsk_closed(self)) return NULL;
     memset(&st, 0, sizeof(st));
     if (getsockopt(self->fd, SOL_XDP, XDP_STATISTICS, &st, &len) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}",
                          "tx_frames", self->tx_frames, "tx_kicks", self->tx_kicks,
                          "rx_frames", self->rx_frames, "rx_bytes", self->rx_bytes,
-                         "rx_malformed", self->rx_malformed, "fill_wakeups", self->wakeups,
+                         "rx_malformed", self->rx_malformed, "rx_chained", self->rx_chained,
+                         "fill_wakeups", self->wakeups,
                          "rx_dropped", (unsigned long long)st.rx_dropped,
                          "rx_invalid_descs", (unsigned long long)st.rx_invalid_descs,
                          "rx_ring_full", (unsigned long long)st.rx_ring_full,
@@ -506,6 +557,7 @@ static PyObject *Xsk_enter(XskSocket *self, PyObject *noargs) { return Py_NewRef
 static PyObject *Xsk_exit(XskSocket *self, PyObject *args) { return Xsk_close(self, NULL); }
 
 static PyObject *Xsk_get_zerocopy(XskSocket *self, void *c) { return PyBool_FromLong(self->zerocopy); }
+static PyObject *Xsk_get_sg(XskSocket *self, void *c) { return PyBool_FromLong(self->sg); }
 static PyObject *Xsk_get_queue(XskSocket *self, void *c) { return PyLong_FromUnsignedLong(self->queue_id); }
 static PyObject *Xsk_get_ifindex(XskSocket *self, void *c) { return PyLong_FromUnsignedLong(self->ifindex); }
 static PyObject *Xsk_get_closed(XskSocket *self, void *c) { return PyBool_FromLong(self->xsk == NULL); }
@@ -515,7 +567,9 @@ static PyMethodDef Xsk_methods[] = {
     {"fileno", (PyCFunction)Xsk_fileno, METH_NOARGS, "fileno() -> the AF_XDP socket's fd (for XSKMAP and add_reader)"},
     {"fd", (PyCFunction)Xsk_fileno, METH_NOARGS, "fd() -> the AF_XDP socket's fd (same as fileno())"},
     {"recv", (PyCFunction)(void (*)(void))Xsk_recv, METH_VARARGS | METH_KEYWORDS,
-     "recv(max_n=64, v4mapped=False) -> list[(payload, addr)]: up to max_n UDP payloads waiting on the RX ring"},
+     "recv(max_n=64, v4mapped=False, templates=False, gro=True) -> [(payload, addr) or (buffer, addr,\n"
+     "segment_size)]: the UDP payloads of up to max_n frames waiting on the RX ring, one flow's\n"
+     "consecutive datagrams joined as UDP GRO joins them; with templates, (entries, {addr: template})"},
     {"send", (PyCFunction)Xsk_send, METH_O,
      "send(frames) -> int: queue whole Ethernet frames on the TX ring and kick the kernel"},
     {"send_udp", (PyCFunction)Xsk_send_udp, METH_VARARGS,
@@ -530,6 +584,7 @@ static PyMethodDef Xsk_methods[] = {
 
 static PyGetSetDef Xsk_getset[] = {
     {"zerocopy", (getter)Xsk_get_zerocopy, NULL, "True if the kernel bound it in zero-copy mode", NULL},
+    {"sg", (getter)Xsk_get_sg, NULL, "True if bound with XDP_USE_SG (packets longer than a frame come in pieces)", NULL},
     {"queue_id", (getter)Xsk_get_queue, NULL, "the RX queue it is bound to", NULL},
     {"ifindex", (getter)Xsk_get_ifindex, NULL, "the interface index", NULL},
     {"ifname", (getter)Xsk_get_ifname, NULL, "the interface name", NULL},
@@ -542,7 +597,7 @@ static PyTypeObject XskSocketType = {
     .tp_name = "stcp._xsk.XskSocket",
     .tp_basicsize = sizeof(XskSocket),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "XskSocket(ifname, queue_id, frame_count=4096, frame_size=4096, ring_size=2048, zerocopy=None)\n\n"
+    .tp_doc = "XskSocket(ifname, queue_id, frame_count=4096, frame_size=4096, ring_size=2048, zerocopy=None, sg=True)\n\n"
               "An AF_XDP socket and its UMEM bound to one RX queue (no XDP program loaded).",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Xsk_init,
@@ -561,6 +616,7 @@ PyMODINIT_FUNC PyInit__xsk(void) {
     if (PyType_Ready(&XskSocketType) < 0) return NULL;
     m = PyModule_Create(&xsk_module);
     if (!m) return NULL;
+    if (PyModule_AddFunctions(m, xsk_gro_functions) < 0) { Py_DECREF(m); return NULL; }
     if (PyModule_AddObjectRef(m, "XskSocket", (PyObject *)&XskSocketType) < 0 ||
         PyModule_AddIntConstant(m, "MAX_RECV_BATCH", MAX_RECV_BATCH) < 0) {
         Py_DECREF(m);

@@ -28,6 +28,7 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
 
     if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
     out->eth = f;
+    memcpy(out->macs, f, 12);
     out->vlan_tci = -1;
     out->vlan_proto = 0;
     proto = rd16(f + 12);

@@ -27,6 +27,7 @@ struct parsed {
     uint8_t dst[16];
     uint16_t sport, dport;          /* host order */
     const uint8_t *eth;             /* the frame: MAC addresses */
+    uint8_t macs[12];               /* a copy of them, for comparing flows */
     int vlan_tci;                   /* -1: untagged */
     uint16_t vlan_proto;            /* the tag's protocol, 802.1Q or 802.1ad, written back in replies */
 };

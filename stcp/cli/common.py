@@ -3,9 +3,13 @@ errors, and the relay between an STCP stream and a TCP stream."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import struct
 from typing import Any, Optional, Tuple
 
 from ..api import make_config
+from ..cid_layout import DEFAULT_SERVER_ID_BITS
 from ..connection import Config
 from ..errors import STCPError
 
@@ -46,10 +50,15 @@ def config_from_args(args: Any) -> Config:
         overrides["max_datagram"] = args.max_datagram
     if getattr(args, "key_update_interval", None) is not None:
         overrides["key_update_interval"] = args.key_update_interval
+    if getattr(args, "server_id", None) is not None or getattr(args, "server_id_bits", None) is not None:
+        overrides["server_id"] = args.server_id or 0
+        overrides["server_id_bits"] = DEFAULT_SERVER_ID_BITS if args.server_id_bits is None else args.server_id_bits
     try:
         return make_config(args.cipher, **overrides)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        # Config names its fields; a person at the command line knows the flags
+        raise UsageError(str(exc).replace("server_id_bits", "--server-id-bits").replace("server_id", "--server-id")) \
+            from None
 
 
 async def _pump(src: Any, dst: Any) -> None:
@@ -64,17 +73,48 @@ async def _pump(src: Any, dst: Any) -> None:
         dst.write_eof()
 
 
+def describe(exc: OSError) -> str:
+    """What went wrong with a TCP connection, without its address (asyncio's connect errors
+    quote it): the relay's STCP peer learns what failed, never where."""
+    return os.strerror(exc.errno) if exc.errno else type(exc).__name__
+
+
+def reset_tcp(tcp_writer: asyncio.StreamWriter) -> None:
+    """Close a TCP connection with a reset (SO_LINGER 0), not a FIN: its peer must not take a
+    stream that was cut short for one that ended."""
+    sock = tcp_writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    tcp_writer.transport.abort()
+
+
 async def splice(stcp_reader: Any, stcp_writer: Any, tcp_reader: Any, tcp_writer: Any) -> Optional[Exception]:
-    """Relay both directions between an STCP stream and a TCP stream; the error that ended
-    the relay early (None when both sides finished), for the caller to report."""
+    """Relay both directions between an STCP stream and a TCP stream, and carry how each ended
+    to the other: a finish (FIN, or the STCP stream's end) as a finish, an abort of the STCP
+    connection as a TCP reset, a failed TCP connection as an STCP abort. Cancelled (the
+    command is stopping), it aborts both. Returns the error that ended the relay, if any."""
+    tasks = (asyncio.ensure_future(_pump(stcp_reader, tcp_writer)),
+             asyncio.ensure_future(_pump(tcp_reader, stcp_writer)))
     error: Optional[Exception] = None
     try:
-        await asyncio.gather(_pump(stcp_reader, tcp_writer), _pump(tcp_reader, stcp_writer))
-    except (OSError, STCPError) as exc:
+        await asyncio.gather(*tasks)
+    except STCPError as exc:              # first: ConnectionTerminated is an OSError too
         error = exc
-        # the error's class only: the peer learns that the relay failed, not where it led
-        stcp_writer.abort(f"relay failed: {type(exc).__name__}")
+        reset_tcp(tcp_writer)
+    except OSError as exc:                # the TCP side failed (reset by its peer, ...)
+        error = exc
+        stcp_writer.abort(f"relay failed: {describe(exc)}")
+    except asyncio.CancelledError:
+        stcp_writer.abort("relay stopped: the command was interrupted")
+        reset_tcp(tcp_writer)
+        raise
     finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         tcp_writer.close()
     try:
         await stcp_writer.wait_closed()

@@ -54,6 +54,11 @@ def tokens(parser: argparse.ArgumentParser, path: str) -> List[str]:
             known = ", ".join(sorted(options))
             raise UsageError(f"{path}: unknown key {raw_key!r} (known: {known})")
         flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else f"--{key}"
+        if isinstance(action, argparse._CountAction):  # -v / -q: how many times
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"{path}: {key} takes a count (0, 1, 2, ...)")
+            out += [flag] * value
+            continue
         if action.nargs == 0:  # store_true / store_false / store_const
             if not isinstance(value, bool):
                 raise UsageError(f"{path}: {key} takes true or false")

@@ -4,15 +4,18 @@ identity.py).
 
 Every failure a person can act on ends in one line on stderr and a non-zero exit:
 1 for runtime errors (timeout, refused address, peer termination), 2 for usage errors.
+`connect` exits 0 when both directions finished and 130 when SIGINT or SIGTERM cut it short
+(after aborting the connection, so the server knows); `serve` and `tunnel` exit 0 when
+stopped by either signal. Ctrl-C never prints a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from typing import List, Optional
 
-from .. import __version__, wire
+from .. import __version__, eventloop, wire
+from ..cid_layout import DEFAULT_SERVER_ID_BITS, MAX_SERVER_ID_BITS
 from ..errors import STCPError
 from ..wire import DEFAULT_PORT
 from . import config_file
@@ -48,13 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--datapath", choices=["socket", "xdp", "afxdp"], default="socket")
     s.add_argument("--iface", help="interface for the xdp and afxdp datapaths")
     s.add_argument("--xdp-mode", choices=["native", "generic", "auto"], default="auto")
-    s.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="afxdp: N worker processes, each owning whole RX queues (default 1: no workers)")
+    # scale-out: worker processes on one port, and the server id in the CIDs
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="N processes on the port, each record steered to its connection's by connection ID. "
+                        "socket: default one per CPU this process may use (1: one process, no steering); "
+                        "afxdp: each owns whole RX queues (default 1)")
+    s.add_argument("--server-id", type=int, default=None, metavar="ID",
+                   help="this host's id in its connection IDs, for a load balancer that routes by connection "
+                        "ID (docs/DEPLOY.md)")
+    s.add_argument("--server-id-bits", type=int, default=None, metavar="B",
+                   help=f"connection ID bits for --server-id (0-{MAX_SERVER_ID_BITS}, default "
+                        f"{DEFAULT_SERVER_ID_BITS}; 56-B bits stay random)")
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
     s.add_argument("--user", metavar="NAME", help="once set up, run as NAME with no capabilities (default: the "
                    "'stcp' account if it exists, else nobody; a process not allowed to change user stays itself)")
+    logs = s.add_argument_group("logging (to stderr: a line per connection at its end, one per backend failure)")
+    logs.add_argument("--log-format", choices=["text", "json"], default="text",
+                      help="text (timestamped key=value lines, the default) or one JSON object per line")
+    logs.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug)")
+    logs.add_argument("-q", "--quiet", action="count", default=0,
+                      help="no line per connection (-q), only errors (-qq)")
     # identity (docs/OPERATIONS.md, "Keys")
     s.add_argument("--key", metavar="FILE", help="the server's private key (stcp keygen --out FILE); default: "
                    "the one in the state directory, made on first start")
@@ -73,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("connect", help="like ncat: stdin to the server, the server's stream to stdout")
     c.add_argument("address", metavar="HOST:PORT")
+    c.add_argument("--progress", action="store_true",
+                   help="show bytes each way, the rate and the elapsed time on stderr (as pv does)")
     client_keys(c)
     common(c)
 
@@ -113,7 +133,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "known-hosts" and args.action == "remove" and not args.address:
         parser.error("known-hosts remove needs HOST:PORT")
     try:
-        return asyncio.run(COMMANDS[args.command](args))
+        return eventloop.run(COMMANDS[args.command](args))
     except UsageError as exc:
         print(f"stcp: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
-`--datapath afxdp --workers N`, the supervisor of N worker processes (stcp.server.WorkerPool),
+`--workers N` (N > 1; on the socket datapath one per CPU unless told) the supervisor of N
+worker processes on the port (stcp.server.WorkerPool), each running this same command line,
 which loads (or makes) the server key once and hands it to every worker.
 
 Once set up, the server runs as an unprivileged user with no capabilities (--user; see
@@ -17,9 +18,11 @@ from typing import Any, Awaitable, Callable, Tuple
 
 from .. import server as stcp_server
 from ..connection import Config
+from ..errors import STCPError
 from ..wire import DEFAULT_PORT
-from .common import CHUNK, UsageError, config_from_args, parse_hostport, splice
+from .common import CHUNK, UsageError, config_from_args, describe, parse_hostport, splice
 from .identity import allowed_clients, describe_key, server_identity
+from .logs import setup_logging
 
 
 async def echo_handler(reader: Any, writer: Any) -> None:
@@ -34,25 +37,32 @@ async def echo_handler(reader: Any, writer: Any) -> None:
 
 
 def forward_handler(target: Tuple[str, int]) -> Callable[[Any, Any], Awaitable[None]]:
-    """Relay each stream to the TCP backend at target. The backend's address is the
-    operator's business: a client (anyone who completes a handshake) is told only that the
-    backend is unavailable, and the server's log gets the one line that says where and why."""
+    """Relay each stream to the TCP backend at target. A backend failure is logged (with the
+    backend's address) and the client told only that the backend failed: the address of a
+    server's internal backend is not the client's business."""
+    backend = stcp_server.format_address(target)
+
+    def backend_failed(writer: Any, what: str, exc: OSError) -> None:
+        conn = writer.get_extra_info("connection")
+        fields = stcp_server.connection_fields(conn, writer.get_extra_info("peername"))
+        stcp_server.log.warning(f"backend {what}", extra={"fields": {
+            **fields, "backend": backend, "error": describe(exc)}})
+
     async def handler(reader: Any, writer: Any) -> None:
         try:
             tcp_reader, tcp_writer = await asyncio.open_connection(*target)
         except OSError as exc:
-            peer = writer.get_extra_info("peername")
-            client = f"{peer[0]}:{peer[1]}" if peer else "a client"
-            print(f"stcp: backend {target[0]}:{target[1]} unreachable for {client}: "
-                  f"{os.strerror(exc.errno) if exc.errno else exc}",
-                  file=sys.stderr, flush=True)
-            writer.abort("backend unavailable")
+            backend_failed(writer, "unreachable", exc)
+            writer.abort(f"backend unreachable: {describe(exc)}")
             return
-        await splice(reader, writer, tcp_reader, tcp_writer)
+        error = await splice(reader, writer, tcp_reader, tcp_writer)
+        if isinstance(error, OSError) and not isinstance(error, STCPError):
+            backend_failed(writer, "failed", error)
     return handler
 
 
 async def serve(args: Any) -> int:
+    setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
     handler = forward_handler(parse_hostport(args.forward)) if args.forward else echo_handler
@@ -64,11 +74,10 @@ async def serve(args: Any) -> int:
             raise UsageError(f"bad --metrics address: {exc}") from None
     if args.datapath in ("xdp", "afxdp") and not args.iface:
         raise UsageError(f"--datapath {args.datapath} needs --iface IFACE")
+    workers = worker_count(args)
     role = None
-    if args.datapath == "afxdp":
+    if args.datapath in ("socket", "afxdp"):
         from ..supervisor import WorkerRole
-        if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
         role = WorkerRole.from_env()          # set when our supervisor started this process
     if role is None or role.static_key is None:     # a worker serves under the key its supervisor holds
         private, note = server_identity(args)
@@ -76,8 +85,13 @@ async def serve(args: Any) -> int:
             print(f"stcp: {note}", file=sys.stderr, flush=True)
         config = dataclasses.replace(config, static_key=private)
     allowed = allowed_clients(args)
-    if role is None and args.datapath == "afxdp" and args.workers > 1:
-        return await _supervise(args, port, config)
+    if workers > 1 and role is None:
+        from ..datapath.reuseport import ReuseportError
+        try:
+            return await _supervise(args, host, port, config, workers)
+        except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
+            print(f"stcp: {workers} workers need the SO_REUSEPORT steering program: {exc}; serving with "
+                  "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
                                      config=config, allowed_clients=allowed, metrics=None if role else args.metrics,
@@ -123,20 +137,36 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           f"{d.rx_socket} through the UDP socket; sent {d.tx_xsk} through AF_XDP, {d.tx_socket} through the "
           f"UDP socket; {d.connections_accepted} connections, "
           f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
-          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}",
+          f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}; "
+          f"{st.get('rx_chained', 0)} packets came in pieces",
           file=sys.stderr, flush=True)
 
 
-async def _supervise(args: Any, port: int, config: Config) -> int:
-    """`serve --datapath afxdp --workers N`: the supervisor of N processes running this same
-    command line (and, with --metrics, the pool's exporter)."""
+def worker_count(args: Any) -> int:
+    """--workers, or its default: one per CPU this process may run on (socket), 1 (afxdp, xdp)."""
+    if args.workers is None:
+        if args.datapath != "socket":
+            return 1
+        from ..datapath.reuseport import MAX_WORKERS
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if args.workers > 1 and args.datapath == "xdp":
+        raise UsageError("--workers needs --datapath socket or afxdp: the xdp datapath serves from one process")
+    return int(args.workers)
+
+
+async def _supervise(args: Any, host: str, port: int, config: Config, workers: int) -> int:
+    """`serve --workers N`: the supervisor of N processes running this same command line (and,
+    with --metrics, the pool's exporter). ReuseportError before anything started where the
+    socket pool cannot steer."""
     from ..supervisor import WorkerCommand
 
     def spawn(w: int, n: int) -> WorkerCommand:
         return WorkerCommand([sys.executable, "-m", "stcp.cli.main", *args.argv])
 
-    pool = stcp_server.WorkerPool(spawn, port, iface=args.iface, workers=args.workers, xdp_mode=args.xdp_mode,
-                                  config=config, metrics=args.metrics)
+    pool = stcp_server.WorkerPool(spawn, port, datapath=args.datapath, host=host, iface=args.iface,
+                                  workers=workers, xdp_mode=args.xdp_mode, config=config, metrics=args.metrics)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, pool.close)

@@ -22,8 +22,9 @@ dies is reported and replaced; its connections are lost (their peers time out), 
 workers' carry on.
 
 Steering by connection ID: every server CID carries its worker's number in the top
-wire.CID_WORKER_BITS (8) bits, the other 56 random (docs/PROTOCOL.md 3.1.1); serving alone
-is worker 0 of 1. The loader writes N into stcp_config.nworkers. The kernel redirects a
+wire.CID_WORKER_BITS (8) bits, then the server id if it has one, the rest random
+(stcp.cid_layout, docs/PROTOCOL.md 3.1.1); serving alone is worker 0 of 1. The loader
+writes N into stcp_config.nworkers. The kernel redirects a
 frame only into the AF_XDP socket bound to the queue it arrived on, so the program cannot
 move a record to its worker; it checks instead. A client hello goes to its arrival
 queue's socket, and that queue's worker creates the connection and names itself in the
@@ -45,23 +46,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import glob
 import logging
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
-from ..wire import CID_WORKER_BITS, MAX_CID_WORKERS
+from ..wire import MAX_CID_WORKERS
 from . import bpf
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpSetupError
-from .socket import RECV_BATCH, RECV_ROUNDS, ServerDriver, bind_udp
+from .socket import RECV_ROUNDS, ServerDriver, bind_udp
 from .xdp import XdpDatapath
 from .xdp_prog import XSK_MAX, require_privileges
 
@@ -75,6 +75,11 @@ BPF_MAP_TYPE_XSKMAP = 17
 # Rings of 4096 (RX and fill) and 8192 4-KiB frames (32 MiB of UMEM per queue): a burst of
 # a full congestion window must fit, as SOCKET_BUFFER lets it fit in the UDP socket.
 XSK_DEFAULTS = {"ring_size": 4096, "frame_count": 8192}
+# Frames taken off an RX ring per recv(): one flow's consecutive datagrams become one entry
+# (stcp/_ext/xsk_gro.c), so the Python work per call is per connection, not per frame,
+# and a larger batch costs little more than a small one.
+XSK_RECV_BATCH = 256
+RX_GRO_MAX = 64                   # datagrams joined into one entry (RX_GRO_MAX in xsk_gro.h)
 FALLBACK = "use --datapath xdp (kernel UDP socket behind the XDP filter) or --datapath socket"
 TX_PATHS = ("socket", "afxdp")
 
@@ -224,7 +229,7 @@ class AfxdpDatapath:
     def server_config(self, config: Config) -> Config:
         # every CID this server picks names this worker in its top bits: the XDP program
         # delivers a connection's records only on the queues of the worker named there
-        return dataclasses.replace(config, cid_prefix_bits=CID_WORKER_BITS, cid_prefix=self.worker_index)
+        return cid_layout.for_worker(config, self.worker_index)
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
@@ -356,24 +361,26 @@ class AfxdpServerDriver(ServerDriver):
         self.rx_xsk_wakeups += 1
         for _ in range(RECV_ROUNDS):
             try:
-                batch = xsk.recv(RECV_BATCH, self._v4mapped, self.tx_afxdp)
+                got = xsk.recv(XSK_RECV_BATCH, self._v4mapped, self.tx_afxdp)
             except (OSError, ValueError):
                 break
+            if self.tx_afxdp:
+                batch, templates = got
+            else:
+                batch, templates = got, {}
             if not batch:
                 break
-            self.rx_xsk += len(batch)
-            self.rx_per_queue[xsk.queue_id] += len(batch)
+            records = entry_records(batch)
+            self.rx_xsk += records
+            self.rx_per_queue[xsk.queue_id] += records
             now = self.loop.time()
-            if self.tx_afxdp:
-                templates = {addr: tmpl for _, addr, tmpl in batch}
-                batch = [(data, addr) for data, addr, _ in batch]
             for conn in self.route_batch(batch, now):
                 self._dirty[conn] = None
                 if self.tx_afxdp:      # replies leave where the connection's records arrive
                     addr = self.endpoint.peer_addr.get(conn.local_cid)
                     if addr in templates:
                         self._routes[addr] = (xsk, templates[addr])
-            if len(batch) < RECV_BATCH:
+            if records < XSK_RECV_BATCH:
                 break
         self.flush()
 
@@ -409,6 +416,66 @@ class AfxdpServerDriver(ServerDriver):
         super().close()
         log.info("AF_XDP driver: %d datagrams through AF_XDP, %d through the UDP socket",
                  self.rx_xsk, self.rx_socket)
+
+
+def entry_records(entries: list) -> int:
+    """Records (datagrams on the wire) in recv() entries: (payload, addr) is one, (buffer,
+    addr, segment_size) one per segment."""
+    return sum(-(-len(e[0]) // e[2]) if len(e) == 3 else 1 for e in entries)
+
+
+def _batch_segment(payload: bytes) -> int:
+    """The segment size of a datagram holding several records back to back: its first
+    record's size, when shorter than the datagram and at least a header and a tag; else 0."""
+    if len(payload) < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+        return 0
+    length = int.from_bytes(payload[:8], "big")
+    if length >= len(payload) - wire.HEADER_LEN or length < wire.AEAD_TAG_LEN:
+        return 0
+    return length + wire.HEADER_LEN
+
+
+def rx_entries(frames: Iterable[bytes], v4mapped: bool = False, ifindex: int = 0, templates: bool = False,
+               gro: bool = True) -> Any:
+    """The pure-Python reference of what XskSocket.recv returns for these frames, in the
+    order the RX ring held them (stcp/_ext/xsk_gro.c; tests/test_afxdp.py compares): frames
+    that do not parse are skipped; one flow's consecutive datagrams (same link, IP and UDP
+    headers) are joined into (buffer, addr, segment_size) as UDP GRO joins them, every one
+    the size of the first but the last, which may be shorter and ends the entry, at most
+    RX_GRO_MAX of them and wire.MAX_UDP_PAYLOAD bytes; a single datagram is (payload, addr);
+    a datagram holding several records is an entry of its own, cut at its first record's
+    size. With templates, (entries, {addr: the reply template of its last frame})."""
+    xsk = load_xsk()
+    out: list = []
+    replies: dict = {}
+    run: list = []                # the open entry: [flow, addr, segment size, payloads, closed]
+
+    def flush() -> None:
+        if run:
+            _flow, addr, seg, pieces, _ = run
+            out.append((b"".join(pieces), addr, seg) if len(pieces) > 1 else (pieces[0], addr))
+            run.clear()
+
+    for frame in frames:
+        try:
+            payload, addr = xsk.parse_frame(frame, v4mapped, ifindex)
+        except ValueError:
+            continue
+        flow = xsk.reply_template(frame)      # every header field that makes a flow
+        replies[addr] = flow
+        seg = _batch_segment(payload)
+        if seg or not gro:
+            flush()
+            out.append((payload, addr, seg) if seg else (payload, addr))
+        elif (run and run[0] == flow and not run[4] and len(run[3]) < RX_GRO_MAX and len(payload) <= run[2]
+              and sum(map(len, run[3])) + len(payload) <= wire.MAX_UDP_PAYLOAD):
+            run[3].append(payload)
+            run[4] = len(payload) < run[2]
+        else:
+            flush()
+            run[:] = [flow, addr, len(payload), [payload], not payload]
+    flush()
+    return (out, replies) if templates else out
 
 
 # --------------------------------------------------------------------------------------
@@ -447,6 +514,38 @@ def forget_worker_cids(xdp: XdpDatapath, w: int) -> List[int]:
     finally:
         os.close(fd)                  # releases the lock
     return cids
+
+
+class AfxdpPoolKernel:
+    """The AF_XDP pool's part in the kernel (a stcp.supervisor.PoolKernel): the afxdp
+    program attach_program attached; a dead worker's CIDs leave its table."""
+
+    datapath = "afxdp"
+
+    def __init__(self, xdp: XdpDatapath):
+        self.xdp = xdp
+        self.port = xdp.port
+
+    @classmethod
+    def attach(cls, iface: str, port: int, mode: str, nworkers: int, max_record_len: Optional[int] = None,
+               xdp_kw: Optional[Dict[str, Any]] = None) -> "AfxdpPoolKernel":
+        return cls(attach_program(iface, port, mode, nworkers, max_record_len, xdp_kw))
+
+    def describe(self, nworkers: int) -> str:
+        return (f"AF_XDP supervisor on {self.xdp.iface}: {nworkers} workers over "
+                f"{rx_queue_count(self.xdp.iface)} RX queue(s), XDP {self.xdp.mode} mode")
+
+    def worker_fds(self) -> Tuple[int, ...]:
+        return ()                     # each worker opens the program by its interface
+
+    def worker_died(self, worker: int) -> Optional[str]:
+        cids = forget_worker_cids(self.xdp, worker)
+        return f"removed worker {worker}'s {len(cids)} connection ID(s) from the kernel table" if cids else None
+
+    def close(self) -> None:
+        prog_id = self.xdp.prog_id
+        self.xdp.close()
+        remove_cid_lock(prog_id)
 
 
 def _open_sockets(xsk_mod: Any, xdp: XdpDatapath, iface: str, queues: Any,

@@ -6,6 +6,10 @@ with server_config(config), open_driver() binds and returns the driver that move
 datagrams, server_hooks() run for each connection, and close() releases what the datapath
 holds once the driver is closed. Three implement it: SocketDatapath (stcp.datapath.socket),
 XdpDatapath (stcp.datapath.xdp) and AfxdpDatapath (stcp.datapath.afxdp).
+
+A datapath may also define worker_gone(w) -> bool: whether no live process owns the CIDs
+of worker w (stcp.cid_layout), so that the endpoint may answer them with a stateless RESET
+(ServerEndpoint). Without it only the server's own worker byte is answered.
 """
 from __future__ import annotations
 

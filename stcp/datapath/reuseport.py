@@ -3,8 +3,9 @@
 bpf/stcp_reuseport.c, a BPF_PROG_TYPE_SK_REUSEPORT program, picks the socket of a UDP
 reuseport group for each datagram: a record goes to the socket at key = its CID's worker
 bits (docs/PROTOCOL.md section 3.1.1) in a REUSEPORT_SOCKARRAY; a client hello (cid 0,
-seq 0) goes where the kernel's 4-tuple hash sends it, over the group's live sockets; a
-record whose worker has no socket is dropped and counted (its connection died with it).
+seq 0) goes where the kernel's 4-tuple hash sends it, over the group's live sockets; so
+does a record whose worker has no socket (its connection died with that worker, and
+whichever worker gets it says so with a stateless RESET).
 
 One ReuseportSteering serves one reuseport group, i.e. one bound address and port (an
 IPv4 and an IPv6 socket on the same port are two groups: two steerings, or one
@@ -27,8 +28,11 @@ dual-stack "::" group). Its pieces and who needs what:
   ones form a new group without a program, so each join attaches again (re-attaching the
   same program to a group that has it changes nothing).
 * A worker that exits or dies closes its socket; the kernel then removes it from the map
-  and the group. Its records are dropped (drop_no_worker) until a new process joins at
-  the same key; hellos spread over the remaining sockets. Other workers are untouched.
+  and the group. Until a new process joins at the same key, its records go where the
+  kernel's hash sends them (pass_orphan), to a live worker, which finds the key empty
+  (worker_gone) and answers with a stateless RESET: the dead worker's clients learn at
+  once that their connections are gone. Hellos spread over the remaining sockets. Other
+  workers are untouched.
 * counters() (anyone holding the fds): per-verdict (packets, bytes) over all CPUs.
 
 Workers must not connect() their sockets: a group with a connected socket is looked up by
@@ -84,7 +88,8 @@ class ReuseportVerdict(Named, enum.IntEnum):
     PASS_NOT_STCP = 0        # not UDP, or payload under the 24-byte header: the kernel's hash
     PASS_HELLO = 1           # cid 0 and seq 0: the kernel's hash picks a live worker
     PASS_WORKER = 2          # record sent to its CID's worker socket
-    DROP_NO_WORKER = 3       # no socket at the CID's worker key (worker dead or restarting)
+    PASS_ORPHAN = 3          # no socket at the CID's worker key (worker dead or restarting): the
+                             # kernel's hash picks a live worker, which answers with a RESET
     DROP_WRONG_GROUP = 4     # the key's socket belongs to another reuseport group
 
 
@@ -242,7 +247,7 @@ class ReuseportSteering:
         self.insert(worker, sock)
 
     def remove(self, worker: int) -> bool:
-        """Empty key worker (its records drop from now on); False if it was empty."""
+        """Empty key worker (its records go by the kernel's hash from now on); False if it was empty."""
         self._check_worker(worker)
         return bpf.map_delete(self.sockarray_fd, _KEY.pack(worker))
 
@@ -268,7 +273,7 @@ class ReuseportSteering:
 
     # -- counters ------------------------------------------------------------------------
     def counters(self) -> Dict[str, Tuple[int, int]]:
-        """verdict key ('pass_worker', 'drop_no_worker', ...) -> (packets, bytes), all CPUs.
+        """verdict key ('pass_worker', 'pass_orphan', ...) -> (packets, bytes), all CPUs.
         Bytes count the UDP header and payload."""
         ncpu = bpf.possible_cpus()
         out = {}

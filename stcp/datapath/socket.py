@@ -17,7 +17,7 @@ import socket
 from types import ModuleType
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Tuple, cast
 
-from .. import wire
+from .. import cid_layout, wire
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
@@ -165,8 +165,8 @@ class Outbox:
     (segment size 0 for a single datagram), sent with as few sendmmsg calls as they allow.
 
     gso: send bulk runs as UDP GSO buffers (turned off for good if the kernel refuses).
-    STCP_GSO=0 turns it off: an XDP program in generic mode on the peer's side of a veth pair
-    sees a GSO buffer from this host as one datagram, not as the records it holds."""
+    STCP_GSO=0 turns it off, to measure the per-datagram path a real link gives a receiver
+    (bench/xdp_flood.py): across a veth pair a GSO buffer stays whole."""
 
     def __init__(self, send_group: Callable[[List[bytes], Optional[Hashable], int], int]):
         self.entries: List[Tuple[bytes, Optional[Hashable], int]] = []
@@ -223,9 +223,9 @@ class Outbox:
 class Driver:
     """Runs connections over one UDP socket. Subclasses route received datagrams.
 
-    gro: receive through UDP GRO. Leave it off where an XDP program in generic (skb) mode
-    checks this socket's traffic: generic XDP runs after GRO and would see coalesced
-    datagrams, which are not single records."""
+    gro: receive through UDP GRO. Leave it off only where a filter after GRO (an XDP
+    program in generic mode) cannot take coalesced datagrams; the STCP program takes a
+    batch of one connection's records whole (docs/OPERATIONS.md section 6)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, gro: bool = False):
         self.loop = loop
@@ -249,7 +249,11 @@ class Driver:
             return recv_batch(self.sock, self.gro)
         except ConnectionRefusedError:
             self.icmp_errors += 1
+            self.port_unreachable()
             return []
+
+    def port_unreachable(self) -> None:
+        """The socket reported an ICMP port unreachable (only a connected client socket gets one)."""
 
     def _on_readable(self) -> None:
         for _ in range(RECV_ROUNDS):
@@ -397,6 +401,10 @@ class ClientDriver(Driver):
         self.conn.receive_datagrams(mine, now)
         return (self.conn,)
 
+    def port_unreachable(self) -> None:
+        self.conn.port_unreachable(self.loop.time())     # ends a handshake that heard nothing yet
+        self.touch(self.conn)
+
     def connection_ended(self, conn: Connection) -> None:
         self.loop.call_soon(self.close)
 
@@ -442,10 +450,10 @@ class SocketDatapath:
     """The plain UDP socket datapath (a stcp.datapath.base.Datapath): nothing in the kernel
     but the socket.
 
-    gro: receive through UDP GRO. Pass False when an XDP program in generic (skb) mode
-    guards the port (attached by stcp-loader): generic XDP runs after GRO and would drop the
-    coalesced datagrams as malformed records. sock: serve on this bound socket instead of
-    binding one."""
+    gro: receive through UDP GRO. Pass False only when a filter that runs after GRO (an
+    XDP program in generic mode) cannot take coalesced datagrams; the STCP program
+    (stcp-loader) takes a batch of one connection's records whole. sock: serve on this
+    bound socket instead of binding one."""
 
     name = "socket"
     iface: Optional[str] = None
@@ -455,7 +463,11 @@ class SocketDatapath:
         self.sock = sock
 
     def server_config(self, config: Config) -> Config:
-        return config
+        return cid_layout.for_worker(config, None)       # a server id, if it has one
+
+    def worker_gone(self, worker: int) -> bool:
+        """A lone process has no sibling: a CID naming another worker is nobody's."""
+        return True
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],

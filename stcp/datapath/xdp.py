@@ -24,6 +24,7 @@ import struct
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .. import cid_layout
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
 from ..wire import MAX_CID_WORKERS
@@ -270,13 +271,14 @@ class XdpDatapath:
 
     # -- a server's datapath (stcp.datapath.base.Datapath) --------------------------------
     def server_config(self, config: Config) -> Config:
-        return config
+        return cid_layout.for_worker(config, None)       # a server id, if it has one
 
     def open_driver(self, loop: asyncio.AbstractEventLoop, host: str, port: int, endpoint: ServerEndpoint,
                     on_new: Callable[[Connection], None],
                     on_ended: Optional[Callable[[Connection], None]]) -> ServerDriver:
-        # generic-mode XDP runs after GRO and must see single records
-        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=self.mode != "generic")
+        # UDP GRO in either mode: generic XDP runs after GRO and passes a batch of one live
+        # connection's records whole (batch_ok in bpf/stcp_xdp.c), native runs before it
+        return ServerDriver(loop, bind_udp(host, port), endpoint, on_new, on_ended, gro=True)
 
     def server_hooks(self) -> Tuple[object, ...]:
         return (LiveCidHooks(self),)

@@ -10,8 +10,9 @@ polling thread, nothing sampled in between), one module each:
 
 - stcp.metrics.server: `ServerMetrics`, the hook a server counts its connections through.
 - stcp.metrics.xdp: `XdpCollector`, the STCP XDP program's verdict counters.
-- stcp.metrics.workers: the AF_XDP worker pool: each worker's registry on a unix socket,
-  read, relabelled and summed by the supervisor's `WorkerPoolCollector`.
+- stcp.metrics.workers: a worker pool (socket or AF_XDP): each worker's registry on a unix
+  socket, read, relabelled and summed by the supervisor's `WorkerPoolCollector`.
+- stcp.metrics.reuseport: `ReuseportCollector`, the socket pool's steering program counters.
 - stcp.metrics.exporter: the HTTP exporter (`serve_metrics`) and `stcp-loader metrics`.
 
 Metrics observe: nothing in stcp's datapaths imports them; stcp.server and the CLI start
@@ -31,6 +32,7 @@ from .exporter import (
                        run_loader_metrics,
                        serve_metrics,
 )
+from .reuseport import ReuseportCollector
 from .server import (
                        CLOSE_REASONS,
                        ENDPOINT_COUNTERS,
@@ -60,7 +62,7 @@ from .xdp import XdpCollector, discover_targets, read_xdp
 __all__ = ["CLOSE_REASONS", "ENDPOINT_COUNTERS", "ENDPOINT_DROP_REASONS", "HANDSHAKE_BUCKETS", "HANDSHAKE_FAIL_REASONS",
            "HANDSHAKE_REJECT_REASONS", "RTT_BUCKETS",
            "WORKER_METRICS", "WORKER_PATHS", "DEFAULT_LOADER_LISTEN", "DEFAULT_SERVER_LISTEN", "BuildInfo",
-           "MetricsHTTPServer", "PoolMetrics", "ServerMetrics", "UnixExporter", "WorkerCollector",
+           "MetricsHTTPServer", "PoolMetrics", "ReuseportCollector", "ServerMetrics", "UnixExporter", "WorkerCollector",
            "WorkerPoolCollector", "XdpCollector", "build_info", "close_reason", "discover_targets",
            "loader_registry", "parse_listen", "process_collectors", "read_unix", "read_xdp", "run_loader_metrics",
            "serve_metrics", "serve_pool_metrics", "serve_worker_metrics"]

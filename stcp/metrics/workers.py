@@ -1,4 +1,5 @@
-"""The worker-pool collector (`stcp serve --datapath afxdp --workers N --metrics ADDR`).
+"""The worker-pool collector (`stcp serve --workers N --metrics ADDR`, on the socket or the
+afxdp datapath).
 
 Each worker process serves its own registry (ServerMetrics + WorkerCollector) on a unix
 socket in a directory private to the supervisor (0700, removed at exit): connect, read the
@@ -32,14 +33,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("stcp.metrics")
 
-# The AF_XDP worker pool (`stcp serve --datapath afxdp --workers N --metrics ADDR`): every
-# series carries `worker` (0..N-1, the worker slot, which keeps its number across restarts).
+# A worker pool (`stcp serve [--datapath afxdp] --workers N --metrics ADDR`): every series
+# carries `worker` (0..N-1, the worker slot, which keeps its number across restarts); the
+# pool's datapath is stcp_build_info's `datapath` label.
 # The first four come from the worker processes, the last two from the supervisor.
 WORKER_METRICS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
     "stcp_worker_records_received_total": (
         "counter", ("worker", "path"),
         "Datagrams (one STCP record each) a worker received: through its AF_XDP sockets (path=afxdp) or "
-        "its UDP socket (path=socket: queues without an AF_XDP socket, XDP fallback)."),
+        "its UDP socket (path=socket: every datagram of a socket pool; on AF_XDP, queues without an AF_XDP "
+        "socket, XDP fallback)."),
     "stcp_worker_records_sent_total": (
         "counter", ("worker", "path"),
         "Datagrams (one STCP record each) a worker sent: through an AF_XDP TX ring (path=afxdp, "
@@ -63,8 +66,8 @@ WORKER_PATHS: Tuple[str, ...] = ("afxdp", "socket")
 
 class WorkerCollector(Collector):
     """The stcp_worker_* series of one worker process, without the `worker` label (the
-    supervisor adds it). `driver` is the worker's AfxdpServerDriver, or a callable that
-    returns it (None before the server exists)."""
+    supervisor adds it). `driver` is the worker's AfxdpServerDriver or WorkerServerDriver
+    (stcp.datapath.socket_pool), or a callable that returns it (None before the server exists)."""
 
     def __init__(self, driver: object) -> None:
         self._driver: Callable[[], object] = driver if callable(driver) else (lambda: driver)
@@ -316,7 +319,7 @@ class WorkerPoolCollector(Collector):
 
 
 class PoolMetrics:
-    """The supervisor's exporter: build info, the worker pool, the XDP program, the process."""
+    """The supervisor's exporter: build info, the worker pool, the kernel part, the process."""
 
     def __init__(self, registry: CollectorRegistry, http: "MetricsHTTPServer", pool: WorkerPoolCollector):
         self.registry = registry
@@ -333,16 +336,16 @@ class PoolMetrics:
 
 def serve_pool_metrics(slots: Callable[[], Sequence[WorkerSlot]], listen: str, datapath: str = "afxdp",
                        cipher: str = "aes-256-gcm", iface: Optional[str] = None, *,
-                       netns: Optional[str] = None, xdp: Optional[Collector] = None) -> PoolMetrics:
+                       netns: Optional[str] = None, kernel: Optional[Collector] = None) -> PoolMetrics:
     """The supervisor's /metrics on LISTEN: stcp_build_info, a WorkerPoolCollector over
-    slots(), the XDP program's counters of `iface` (read once, here; `xdp` replaces that
-    collector, e.g. in tests) and the process collectors."""
+    slots(), the kernel part's counters read once, here (`kernel`: the socket pool's
+    ReuseportCollector; without it, the XDP program's of `iface`) and the process collectors."""
     registry = CollectorRegistry()
     registry.register(BuildInfo(datapath, cipher))
     pool = WorkerPoolCollector(slots)
     registry.register(pool)
-    if xdp is not None:
-        registry.register(xdp)
+    if kernel is not None:
+        registry.register(kernel)
     elif iface:
         registry.register(XdpCollector([(iface, netns)]))
     process_collectors(registry)

@@ -195,6 +195,25 @@ def fake_xdp_collector() -> XdpCollector:
     return XdpCollector([("eth0", None)], reader=FakeXdp())
 
 
+class FakeSteering:
+    """A socket pool's reuseport steering as ReuseportCollector reads it: counters grow by a
+    fixed step per read (the real one is in tests/test_socket_pool.py)."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def counters(self) -> Dict[str, Tuple[int, int]]:
+        from stcp.datapath.reuseport import ReuseportVerdict
+        self.reads += 1
+        return {v.key: ((int(v) + 1) * self.reads, (int(v) + 1) * self.reads * 1200) for v in ReuseportVerdict}
+
+
+def fake_steering_collector():
+    from stcp.metrics import ReuseportCollector
+    steering = FakeSteering()
+    return ReuseportCollector(lambda: steering)
+
+
 # ---------------------------------------------------------------------------------------
 # a real Prometheus (Debian's `prometheus`)
 def free_port() -> int:

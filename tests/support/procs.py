@@ -55,6 +55,15 @@ def session_key() -> tuple[str, str]:
     return _SESSION_KEY[0]
 
 
+def nobody_key() -> tuple[str, str]:
+    """A server key file user nobody (65534) owns, beside session_key(): (key file, public key)."""
+    path = os.path.join(os.path.dirname(session_key()[0]), "nobody-owned.key")
+    if len(_SESSION_KEY) == 1:
+        _SESSION_KEY.append(key_file(path))
+        os.chown(path, 65534, 65534)
+    return _SESSION_KEY[1]
+
+
 def pinned() -> tuple[str, str]:
     """`connect` options pinning session_key()."""
     return ("--server-key", session_key()[1])
@@ -198,3 +207,26 @@ def echo_all(b, addr: str, datas: list, timeout: float = 120) -> tuple:
     for t in readers:
         t.join(timeout=timeout)
     return client_results(procs, datas, outs, timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# an unprivileged user, for the tests of what needs which capability
+def as_nobody(caps: str) -> list[str]:
+    """The command prefix that runs as nobody with only `caps` (setpriv syntax: "-all", "-all,+bpf")."""
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps={caps}",
+            f"--ambient-caps={caps}"]
+
+
+def nobody_unavailable() -> str | None:
+    """Why as_nobody cannot be used here, or None."""
+    import shutil
+    if os.geteuid() != 0:
+        return "needs root to switch to nobody"
+    if shutil.which("setpriv") is None:
+        return "needs util-linux's setpriv"
+    root = Path(__file__).resolve().parent.parent.parent
+    p = subprocess.run([*as_nobody("-all"), sys.executable, "-c", "import stcp.datapath.reuseport"],
+                       cwd=root, capture_output=True, text=True)
+    if p.returncode:
+        return f"user nobody cannot import stcp from {root}: {p.stderr.strip().splitlines()[-1:]}"
+    return None

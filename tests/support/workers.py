@@ -94,7 +94,7 @@ class FakePool:
 
 def pool_exporter(pool: FakePool, xdp: bool = True):
     return serve_pool_metrics(pool.slots, "127.0.0.1:0", "afxdp", "aes-256-gcm",
-                              xdp=fake_xdp_collector() if xdp else None)
+                              kernel=fake_xdp_collector() if xdp else None)
 
 
 async def fake_pool_with_traffic(directory: str, xdp: bool = False):

@@ -21,6 +21,7 @@ from stcp.datapath.verdicts import Verdict
 
 VLAN_MAX_DEPTH = 2          # VLAN_MAX_DEPTH in bpf/stcp_xdp.c
 IPV6_EXT_MAX = 6            # IPV6_EXT_MAX in bpf/stcp_xdp.c
+BATCH_MAX = 64              # STCP_BATCH_MAX in bpf/stcp_xdp.c
 
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 VLAN_TPIDS = (0x8100, 0x88A8)
@@ -131,6 +132,26 @@ def _ipv6(frame: bytes, off: int):
     return _Udp(pos, first_fragment, src, False)
 
 
+def _batch(payload: bytes, length: int, cid: int) -> bool:
+    """A datagram longer than its first record (length) that is a GSO/GRO batch: at most
+    BATCH_MAX back-to-back data records of the first one's size (the last may be shorter),
+    each with a length field that fits its place, the first record's CID and a nonzero seq."""
+    seg = length + wire.HEADER_LEN
+    if seg >= len(payload):
+        return False
+    count = -(-len(payload) // seg)
+    if count > BATCH_MAX:
+        return False
+    for off in range(seg, len(payload), seg):
+        rest = min(seg, len(payload) - off)
+        if rest < wire.HEADER_LEN + wire.AEAD_TAG_LEN:
+            return False
+        n, c, s = struct.unpack_from("!QQQ", payload, off)
+        if n != rest - wire.HEADER_LEN or c != cid or s == 0:
+            return False
+    return True
+
+
 def verdict(frame: bytes, cfg: Config, state: State) -> Verdict:
     """What bpf/stcp_xdp.c (the plain variant) decides for frame."""
     if cfg.port == 0:
@@ -165,7 +186,7 @@ def verdict(frame: bytes, cfg: Config, state: State) -> Verdict:
     if len(payload) < wire.HEADER_LEN:
         return Verdict.DROP_SHORT_HEADER
     length, cid, seq = struct.unpack_from("!QQQ", payload)
-    if length != len(payload) - wire.HEADER_LEN:
+    if length != len(payload) - wire.HEADER_LEN and (seq == 0 or not _batch(payload, length, cid)):
         return Verdict.DROP_BAD_LENGTH
     if seq == 0:
         if length not in (wire.HANDSHAKE_PAYLOAD_LEN, wire.V1_HANDSHAKE_PAYLOAD_LEN) or cid != 0 \

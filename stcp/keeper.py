@@ -1,0 +1,88 @@
+"""The keeper: one thread per process that runs the timers of blocking connections between
+calls (stcp/blocking.py), so a connection whose application does not call for a while still
+sends its keepalives, acks and probes, and one whose peer went silent still ends on time.
+
+It sleeps until the earliest timer of what it keeps; a call that makes a timer sooner tells
+it (remind). It holds connections weakly and ends when it keeps none.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from time import monotonic
+from typing import Optional, Protocol
+
+
+class Kept(Protocol):
+    def run_timers(self, now: float) -> Optional[float]:
+        """Run what is due (never while a call runs); when to look again, None for not until reminded."""
+
+
+class Keeper:
+    """The one thread that runs the timers of blocking connections between calls. It sleeps
+    until the earliest timer of the connections it keeps (a call that makes one sooner wakes
+    it), holds them weakly (a forgotten connection is still freed by its __del__), and ends
+    when it keeps none; the next connection starts it again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._conns: weakref.WeakSet[Kept] = weakref.WeakSet()
+        self._wake_at = _AWAKE            # when it sleeps until; _AWAKE while it looks at connections
+        self._reminded = _NEVER           # the soonest timer a call reported while it was looking
+        self._rescan = False              # a connection came or went while it was looking
+        self.thread: Optional[threading.Thread] = None
+
+    def add(self, conn: Kept) -> None:
+        with self._lock:
+            self._conns.add(conn)
+            self._rescan = True
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="stcp-keeper", daemon=True)
+                self.thread.start()
+            else:
+                self._cond.notify()
+
+    def forget(self, conn: Kept) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+            self._rescan = True
+            self._cond.notify()
+
+    def remind(self, when: float) -> None:
+        """A connection's next timer, at the end of a call: wake the keeper if it sleeps past
+        it, or, while it is looking, have it sleep no longer than that. The unlocked first
+        test keeps the common case (it wakes sooner anyway) free of the lock."""
+        if when < self._wake_at or self._wake_at == _AWAKE:
+            with self._lock:
+                if self._wake_at == _AWAKE:
+                    self._reminded = min(self._reminded, when)
+                elif when < self._wake_at:
+                    self._wake_at = when
+                    self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                conns = list(self._conns)
+                if not conns:
+                    self.thread = None
+                    return
+                self._wake_at, self._reminded, self._rescan = _AWAKE, _NEVER, False
+            now = monotonic()
+            wake = _NEVER
+            for conn in conns:
+                when = conn.run_timers(now)
+                if when is not None and when < wake:
+                    wake = when
+            del conns, conn                 # no strong reference while asleep: __del__ stays possible
+            with self._lock:
+                if self._rescan:
+                    continue
+                self._wake_at = wake = min(wake, self._reminded)
+                self._cond.wait(None if wake == _NEVER else max(0.0, wake - monotonic()))
+
+
+_AWAKE = float("-inf")
+_NEVER = float("inf")
+

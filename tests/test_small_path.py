@@ -1,0 +1,106 @@
+"""The request/response fast paths of the sans-IO core act as the general paths do.
+
+A small message and its echo each take one record: the send side builds it in one pass
+(SendPath._small_record) and the receive side takes a record holding an ACK and a STREAM
+frame without the frame list (ReceivePath._accept_ack_first); an ACK of the one record in
+flight skips the bisections (Recovery._on_ack_one). The same request/response session is run
+with those paths on and off, with everything random made repeatable (connection IDs, the
+server's key, the packet numbers left out, the link's faults): every record sealed must
+have the same sequence number and plaintext, and both applications must see the same.
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from stcp import connection, crypto, send
+from stcp.connection import Config, Connection
+from tests.support.sim import Link, Pair
+
+SERVER_KEY = bytes(range(1, 33))
+_SEAL = crypto.RecordKey.seal
+
+
+def session(monkeypatch, small: bool, loss: float, sizes, pause_every: int = 0,
+            key_update_interval: int = 1 << 22) -> dict:
+    rng = random.Random(5)
+    monkeypatch.setattr(send, "skip_gap", lambda: 1 + rng.randrange(send.SKIP_SPAN - 1))
+    monkeypatch.setattr(connection, "skip_gap", send.skip_gap)
+    cids = itertools.count(0x1000)
+    monkeypatch.setattr(Config, "new_cid", lambda self: next(cids))
+    monkeypatch.setattr(Connection, "_small_path", small)
+    sealed = []
+    seal = _SEAL
+
+    def recording_seal(self, cid, seq, plaintext):
+        sealed.append((seq, bytes(plaintext)))
+        return seal(self, cid, seq, plaintext)
+
+    monkeypatch.setattr(crypto.RecordKey, "seal", recording_seal)
+    fault_rng = random.Random(9)
+
+    def fault(d):
+        return [] if fault_rng.random() < loss else [d]
+
+    p = Pair(client_config=Config(key_update_interval=key_update_interval),
+             server_config=Config(static_key=SERVER_KEY, key_update_interval=key_update_interval),
+             up=Link(0.001, fault, reorder=0.2, seed=3), down=Link(0.001, fault, reorder=0.2, seed=4))
+    p.on_server_data = lambda conn, data: conn.send(data)
+    p.run(lambda: p.server_conns and p.client.state.value == "ENCRYPTED"
+          and p.server_conn.state.value == "ENCRYPTED")
+    expected = 0
+    for i, size in enumerate(sizes):
+        msg = bytes([i % 251]) * size
+        p.client.send(msg)
+        expected += size
+        p.run(lambda want=expected: len(p.received["client"]) >= want)
+        if pause_every and i % pause_every == pause_every - 1:
+            p.now += 0.05                 # longer than the delayed-ACK timer: ACK-only records
+            p.step()
+    p.client.shutdown_write()
+    p.run(lambda: p.finished["server"])
+    p.server_conn.shutdown_write()
+    p.run(lambda: p.client.is_closed and p.server_conn.is_closed)
+    return {"sealed": sealed, "client": bytes(p.received["client"]), "server": bytes(p.received["server"]),
+            "client_stats": p.client.stats, "server_stats": p.server_conn.stats,
+            "closed": dict(p.closed)}
+
+
+@pytest.mark.parametrize("loss,pause_every,key_update_interval", [
+    (0.0, 0, 1 << 22),        # the common case: every message and echo in one record each
+    (0.0, 7, 1 << 22),        # pauses: the delayed ACK goes out alone
+    (0.15, 5, 40),            # loss and reordering: retransmissions, probes, key updates between
+])
+def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, loss, pause_every,
+                                                                key_update_interval):
+    sizes = [64, 1, 1024, 1300, 3000, 64, 16384, 200] * 12
+    fast = session(monkeypatch, True, loss, sizes, pause_every, key_update_interval)
+    general = session(monkeypatch, False, loss, sizes, pause_every, key_update_interval)
+    assert fast["client"] == general["client"] == b"".join(bytes([i % 251]) * s for i, s in enumerate(sizes))
+    assert len(fast["sealed"]) == len(general["sealed"])
+    for i, (a, b) in enumerate(zip(fast["sealed"], general["sealed"], strict=True)):
+        assert a == b, f"record {i} differs"
+    assert fast == general
+
+
+def test_small_paths_are_taken(monkeypatch):
+    """The equality above means something only if the fast paths run: count them."""
+    calls = {"small": 0, "ack_first": 0}
+    small, ack_first = send.SendPath._small_record, connection.Connection._accept_ack_first
+
+    def counting_small(self, now):
+        record = small(self, now)
+        calls["small"] += bool(record)
+        return record
+
+    def counting_ack_first(self, *a):
+        verdict = ack_first(self, *a)
+        calls["ack_first"] += verdict is not None
+        return verdict
+
+    monkeypatch.setattr(send.SendPath, "_small_record", counting_small)
+    monkeypatch.setattr(connection.Connection, "_accept_ack_first", counting_ack_first)
+    session(monkeypatch, True, 0.0, [64] * 50)
+    assert calls["small"] >= 100 and calls["ack_first"] >= 98
