@@ -373,3 +373,35 @@ def test_an_unprivileged_user_still_serves_on_the_socket_datapath(nobody_python,
     finally:
         err = stop(server)
     assert server.returncode == 0, err
+
+
+@pytest.mark.root
+def test_socket_pool_workers_drop_and_a_replacement_does_too(xdp_toolchain):
+    """`serve --workers 2` on the socket datapath: the supervisor keeps its privileges (it
+    loaded the steering and starts replacements); every worker, the replacement of a killed
+    one included, serves as nobody with no capabilities, and still steers and echoes."""
+    port = 4485
+    server = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "2",
+                               "--key", session_key()[0]],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lines = wait_for_stderr_line(server, "(socket datapath, 2 workers)", timeout=120)
+        pids = {int(m.group(1)): int(m.group(2)) for m in
+                (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+        assert len(pids) == 2, lines
+        assert proc_status(server.pid)["Uid"].split()[0] == "0"          # the supervisor
+        for pid in pids.values():
+            _assert_unprivileged(pid)
+        os.kill(pids[1], signal.SIGKILL)
+        lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=90)
+        new = [int(m.group(1)) for m in (re.search(r"worker 1 started \(pid (\d+)\)", ln) for ln in lines) if m]
+        assert new and new[-1] != pids[1], lines
+        _assert_unprivileged(new[-1])
+        for _ in range(4):                     # new connections land on either worker by the kernel's hash
+            data = os.urandom(200_000)
+            r = subprocess.run([*STCP, "connect", *pinned(), f"127.0.0.1:{port}"], input=data,
+                               capture_output=True, timeout=60)
+            assert r.returncode == 0 and r.stdout == data, r.stderr
+    finally:
+        err = stop(server)
+    assert server.returncode == 0, err
