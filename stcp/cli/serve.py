@@ -1,7 +1,12 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
 `--workers N` (N > 1; on the socket datapath one per CPU unless told) the supervisor of N
 worker processes on the port (stcp.server.WorkerPool), each running this same command line,
-which loads (or makes) the server key once and hands it to every worker."""
+which loads (or makes) the server key once and hands it to every worker.
+
+Once set up, the server runs as an unprivileged user with no capabilities (--user; see
+stcp.privileges). The pool's supervisor keeps its privileges: it parses no datagram, and
+it needs them to attach, detach and start replacement workers, each of which drops its
+own once it has joined."""
 from __future__ import annotations
 
 import asyncio
@@ -139,7 +144,8 @@ async def serve(args: Any) -> int:
                   "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
+                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics,
+                                     drop_privileges=args.user or True)
     dp = server.datapath
     watch = None
     try:
