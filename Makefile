@@ -4,12 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps clean fuzz-xdp
+.PHONY: run test lint bench system-deps clean fuzz fuzz-xdp
 
 $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildcard stcp/_ext/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,lint,uvloop]'
+	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz,uvloop]'
 	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash'  # the C extensions built (setup.py, stcp/_ext/)
 	touch $@
 
@@ -41,6 +41,15 @@ bench: system-deps $(STAMP)
 # frames than the suite's short run; root and bcc. STCP_XDP_FUZZ_EXAMPLES=N to change.
 fuzz-xdp: $(STAMP)
 	STCP_XDP_FUZZ_EXAMPLES=$${STCP_XDP_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q tests/test_xdp_fuzz.py
+
+# The C extensions built with ASAN and UBSan (build/fuzz/) and fuzzed with atheris against
+# their pure-Python references, FUZZ_SECONDS per target; new inputs go into tests/corpus/TARGET/
+# (commit the ones worth keeping), a failing input into build/fuzz/crashes/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= open_records seal_stream group_by_cid siphash xsk_frame
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz.build
+	for t in $(FUZZ_TARGETS); do $(PY) -m tests.fuzz $$t --seconds $(FUZZ_SECONDS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

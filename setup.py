@@ -7,7 +7,8 @@ cookie's SipHash-2-4-128) are plain C.
 stcp._xsk (the AF_XDP sockets of `--datapath afxdp`) links libxdp and libbpf (Debian:
 libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
 warning and everything else (the socket and xdp datapaths) still works.
-`pip install -e .` builds them in place.
+`pip install -e .` builds them in place; tests/fuzz/build.py builds sanitizer copies
+(`make fuzz`).
 """
 import sys
 
@@ -44,22 +45,24 @@ class optional_build_ext(build_ext):
                       "unavailable. Install libxdp-dev and libbpf-dev ('sudo make system-deps') "
                       "and reinstall to get it.", file=sys.stderr)
 
-setup(
-    cmdclass={"build_ext": optional_build_ext},
-    ext_modules=[
-        Extension(
-            "stcp._aead",
-            sources=["stcp/_ext/aead.c", "stcp/_ext/aead_send.c", "stcp/_ext/aead_receive.c"],
-            depends=["stcp/_ext/aead.h", "stcp/_ext/record.h", "stcp/_ext/scratch.h"],
-            libraries=["crypto"],
-            extra_compile_args=CFLAGS,
-        ),
-        Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
-                  extra_compile_args=CFLAGS),
-        Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
-                  extra_compile_args=CFLAGS),
-        Extension("stcp._siphash", sources=["stcp/_ext/siphash.c"], extra_compile_args=CFLAGS),
-        Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c", "stcp/_ext/xsk_gro.c"],
-                  depends=["stcp/_ext/xsk_frame.h", "stcp/_ext/xsk_gro.h"], libraries=["xdp", "bpf"], extra_compile_args=CFLAGS),
-    ],
-)
+EXTENSIONS = [
+    Extension(
+        "stcp._aead",
+        sources=["stcp/_ext/aead.c", "stcp/_ext/aead_send.c", "stcp/_ext/aead_receive.c"],
+        depends=["stcp/_ext/aead.h", "stcp/_ext/record.h", "stcp/_ext/scratch.h"],
+        libraries=["crypto"],
+        extra_compile_args=CFLAGS,
+    ),
+    Extension("stcp._udpio", sources=["stcp/_ext/udpio.c"], depends=["stcp/_ext/scratch.h"],
+              extra_compile_args=CFLAGS),
+    Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
+              extra_compile_args=CFLAGS),
+    Extension("stcp._siphash", sources=["stcp/_ext/siphash.c"], extra_compile_args=CFLAGS),
+    Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c", "stcp/_ext/xsk_gro.c"],
+              depends=["stcp/_ext/xsk_frame.h", "stcp/_ext/xsk_gro.h"], libraries=["xdp", "bpf"],
+              extra_compile_args=CFLAGS),
+]
+
+# tests/fuzz/build.py builds sanitizer copies of the same EXTENSIONS, importing this file
+if __name__ == "__main__":
+    setup(cmdclass={"build_ext": optional_build_ext}, ext_modules=EXTENSIONS)

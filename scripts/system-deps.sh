@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the Debian packages the kernel datapath needs (and prometheus, whose server and
-# promtool the metrics tests use; nftables, the load balancer of the scale-out test), once.
+# promtool the metrics tests use; clang and llvm build the XDP object, clang the fuzz build;
+# nftables, the load balancer of the scale-out test), once.
 # Needs root and apt-get.
 set -eu
 PKGS="python3-bpfcc libbpfcc linux-headers-amd64 libxdp-dev libbpf-dev xdp-tools bpftool iproute2 libssl-dev gcc python3-dev prometheus nftables clang llvm"

@@ -420,10 +420,19 @@ class StreamWriter:
 
 
 # --- client -----------------------------------------------------------------
-def explain_unreachable(exc: HandshakeTimeout, host: str, port: int) -> None:
-    """Say in a handshake timeout that the server's host answered "port unreachable"."""
-    exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
-                f"listening on {hostport(host, port)}?)",)
+def explain_timeout(exc: HandshakeTimeout, host: str, port: int, icmp_errors: int, not_stcp: int) -> None:
+    """Say in a handshake timeout what the server's address did answer: ICMP "port
+    unreachable", or datagrams that are not STCP (no record or handshake reply naming this
+    connection, no RESET: a UDP service of another protocol, an echo). Those cannot end the
+    handshake (they are unauthenticated: anyone can send them), but they explain its failure."""
+    address = hostport(host, port)
+    if icmp_errors:
+        exc.args = (f"{exc.args[0]} (the host answered 'port unreachable': is an STCP server "
+                    f"listening on {address}?)",)
+    elif not_stcp:
+        what = "datagram that is" if not_stcp == 1 else "datagrams that are"
+        exc.args = (f"{exc.args[0]}: {address} answered with {not_stcp} {what} not STCP "
+                    f"(is this an STCP server?)",)
 
 
 async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Union[ServerKey, Missing] = MISSING,
@@ -449,8 +458,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
     try:
         await handle.established
     except HandshakeTimeout as exc:
-        if driver.icmp_errors:
-            explain_unreachable(exc, host, port)
+        explain_timeout(exc, host, port, driver.icmp_errors, driver.dropped)
         raise
     except PeerUnreachable:
         driver.close()

@@ -42,7 +42,7 @@ from .api import (
     ServerKey,
     client_config,
     closed_error,
-    explain_unreachable,
+    explain_timeout,
     handshake_error,
 )
 from .chunks import ChunkBuffer
@@ -119,8 +119,8 @@ class BlockingConnection:
                 self._wait(self._is_open, None)
             _keeper.add(self)
         except BaseException as exc:
-            if isinstance(exc, HandshakeTimeout) and self.icmp_errors:
-                explain_unreachable(exc, host, port)
+            if isinstance(exc, HandshakeTimeout):
+                explain_timeout(exc, host, port, self.icmp_errors, self.dropped)
             with self._lock:
                 self._release()
             if isinstance(exc, PeerUnreachable):

@@ -35,6 +35,10 @@ _STREAM_HDR = wire.STREAM_HEADER_STRUCT
 _STREAM_OVERHEAD = wire.STREAM_FRAME_OVERHEAD
 _RECORD_OVERHEAD = wire.HEADER_LEN + wire.AEAD_TAG_LEN
 _encode_ack = wire.encode_ack
+# A record with a PING is padded to be longer than a stateless RESET: a server that lost our
+# state answers only longer records (no amplification), so an idle client learns of a restart
+# through its keepalive (PROTOCOL.md §5.7; RFC 9000 §10.3 pads for the same reason).
+_MIN_PING_PAYLOAD = wire.RESET_RECORD_LEN + 1 - _RECORD_OVERHEAD
 _PN_LAST = wire.PN_MASK - 2        # from here on the general path allocates (and says when they run out)
 
 # RFC 9000 §21.4: the sender leaves out one packet number at random, once per SKIP_SPAN / 2
@@ -162,6 +166,7 @@ class SendPath(ConnectionFields):
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)))
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
+            pinged = self._ping_due
             if self._max_data_due or self._key_update_frame_due or self._ping_due or self._reset_token_due or \
                     (self._close_frame is not None and self._draining_until is not None):
                 self._add_control_frames(frames, descs)
@@ -186,6 +191,10 @@ class SendPath(ConnectionFields):
                     self._probes_due -= 1
             if not frames:
                 return
+            if pinged and self._client_auth is None:
+                short = _MIN_PING_PAYLOAD - sum(map(len, frames))
+                if short > 0:
+                    frames.append(wire.encode_frame(wire.PaddingFrame(short)))
             if retransmit:
                 stats.retransmitted_records += 1
             out.append(self._seal_frames(frames, descs, bool(descs), now))

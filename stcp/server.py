@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, TextIO, Union
 
-from . import wire
+from . import privileges, wire
 from .address import hostport
 from .api import (
     DEFAULT_PORT,
@@ -253,7 +253,8 @@ def open_datapath(datapath: str, port: int, *, iface: Optional[str] = None, xdp_
         from .datapath.xdp import XdpDatapath
         if max_record_len is not None:
             limits["max_record_len"] = max_record_len
-        return XdpDatapath.attach_or_reuse(iface, port, mode=xdp_mode, max_connections=max_connections, **limits)
+        return XdpDatapath.attach_or_reuse(iface, port, mode=xdp_mode, max_connections=max_connections, link=True,
+                                           **limits)
     from .datapath.afxdp import AfxdpDatapath
     if worker is not None:
         return AfxdpDatapath.join(iface, port, worker.index, worker.count, tx=afxdp_tx)
@@ -271,7 +272,8 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
                 worker: Optional[WorkerRole] = None, config: Optional[Config] = None,
                 cipher: Optional[str] = None, server_key: Optional[PrivateKey] = None,
                 allowed_clients: Optional[PublicKeys] = None, metrics: Optional[str] = None,
-                hooks: Sequence[object] = (), max_connections: int = 100_000) -> Server:
+                hooks: Sequence[object] = (), max_connections: int = 100_000,
+                drop_privileges: Union[bool, str] = False) -> Server:
     """Serve STCP on host:port; `handler(reader, writer)` runs for each connection once ENCRYPTED.
 
     server_key: the server's private key (32 bytes, or a key file's path, `stcp keygen
@@ -302,10 +304,17 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
     config / cipher: the connections' Config (or just the cipher's name).
     metrics: "HOST:PORT" to export Prometheus metrics on (stcp.metrics.serve_metrics).
     hooks: more connection hooks (see Server), run after the datapath's.
+    drop_privileges: once the datapath and the sockets are open, become an unprivileged
+      user with no capabilities (stcp.privileges.drop_privileges): True for the default
+      account (`stcp` if it exists, else nobody; the current one where changing user is not
+      allowed), or an account's name. Everything after goes through descriptors already
+      open. `stcp serve` always does this; a library caller's process is its own, so the
+      default keeps its privileges. Core dumps are off either way (the keys live here).
 
     Returns the running Server; close() releases everything it made. Setup failures raise
     STCPError subclasses whose message is one line saying what to do.
     """
+    privileges.suppress_core_dumps()
     config = config or make_config(cipher)
     if worker is not None and worker.static_key is not None:
         if server_key is not None or config.static_key not in (None, worker.static_key):
@@ -339,8 +348,16 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         server.driver = dp.open_driver(loop, host, port, endpoint, server._on_new, server._on_ended)
         if worker is not None and worker.metrics_dir:
             from .metrics import serve_worker_metrics
+            # bound now, in the supervisor's private directory; serving once privileges are gone
             server.metrics = serve_worker_metrics(server, worker.metrics_dir, worker.index, dp.name,
-                                                  cipher_name(config))
+                                                  cipher_name(config), start=False)
+        if drop_privileges:
+            drop_to(dp, None if drop_privileges is True else drop_privileges)
+            if worker is not None:
+                from .supervisor import die_with_parent
+                die_with_parent()             # a change of user clears the parent-death signal
+        if server.metrics is not None:
+            server.metrics.http.start()
         elif metrics:
             from .metrics import serve_metrics
             server.metrics = serve_metrics(server, metrics, dp.name, cipher_name(config), iface=dp.iface)
@@ -348,6 +365,16 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_P
         server.close()
         raise
     return server
+
+
+def drop_to(dp: Datapath, user: Optional[str]) -> None:
+    """Give up the process's privileges for `user` (stcp.privileges.account) once `dp` is
+    set up, after the datapath made what its close() needs possible without them."""
+    pw = privileges.account(user)
+    hand_over = getattr(dp, "hand_over", None)
+    if hand_over is not None:
+        hand_over(pw.pw_uid, pw.pw_gid)
+    privileges.drop_privileges(pw.pw_name)
 
 
 async def start_server(handler: Handler, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *,

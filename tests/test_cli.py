@@ -178,6 +178,29 @@ def test_peer_termination_reason_reaches_the_user(server):
                      "Connection refused)"]            # what failed, never the backend's address
 
 
+def test_forward_never_tells_the_client_the_backend_address(tmp_path):
+    """Finding 9: anyone who completes a handshake used to learn the backend's address from
+    the abort reason. The client now hears what failed; only the server's log says where."""
+    closed_port = free_port(socket.SOCK_STREAM)
+    port = free_port()
+    key, public = key_file(tmp_path / "server.key")
+    proc = subprocess.Popen([*STCP, "serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--key", key,
+                             "--forward", f"127.0.0.1:{closed_port}"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving on" in proc.stderr.readline()
+        r = connect(Port(port, public), b"hello")
+        log_line = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    client_err = r.stderr.decode()
+    assert r.returncode == 1 and "backend unreachable: Connection refused" in client_err
+    assert str(closed_port) not in client_err and "127.0.0.1:" not in client_err
+    # the operator's one line: the backend, the client and the reason
+    assert " warning backend unreachable peer=127.0.0.1:" in log_line, log_line
+    assert f"backend=127.0.0.1:{closed_port} " in log_line and 'error="Connection refused"' in log_line, log_line
+
+
 def test_demo_runs():
     r = subprocess.run([*STCP, "demo", "--mib", "2"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -204,3 +227,46 @@ def test_bad_metrics_address_is_a_usage_error():
                        capture_output=True, text=True, timeout=20)
     assert r.returncode == 2
     assert r.stderr.startswith("stcp: bad --metrics address")
+
+
+def test_a_failed_relay_tells_the_client_what_failed_never_where():
+    """splice() returns the error that ended the relay (tunnel prints it), but what reaches
+    the STCP peer is the error's strerror (stcp.cli.common.describe), never the OSError's
+    text: asyncio quotes addresses in them, and the backend's address stays with the operator."""
+    import asyncio
+
+    from stcp.cli.common import splice
+
+    class StcpSide:
+        reason = None
+
+        async def read(self, n):
+            await asyncio.sleep(3600)             # the client sends nothing meanwhile
+
+        def write(self, data):
+            pass
+
+        async def drain(self):
+            pass
+
+        def can_write_eof(self):
+            return False
+
+        def abort(self, reason):
+            self.reason = reason
+
+        async def wait_closed(self):
+            pass
+
+    class TcpSide(StcpSide):
+        async def read(self, n):
+            raise ConnectionResetError(104, "Connection reset by peer at 10.9.8.7:5432")
+
+        def close(self):
+            pass
+
+    stcp_side, tcp_side = StcpSide(), TcpSide()
+    error = asyncio.run(asyncio.wait_for(splice(stcp_side, stcp_side, tcp_side, tcp_side), 10))
+    assert isinstance(error, ConnectionResetError)
+    assert stcp_side.reason is not None and stcp_side.reason.startswith("relay failed")
+    assert stcp_side.reason == "relay failed: Connection reset by peer", stcp_side.reason

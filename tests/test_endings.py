@@ -70,8 +70,8 @@ def command(*args: str, ready: str, **popen):
 
 
 def serve(*extra: str):
+    """One server process (--workers 1: its log lines are its own, not a pool's relayed ones)."""
     port = free_port()
-    # one process: these tests read its log lines (the pool has its own tests)
     return command("serve", "--listen", f"127.0.0.1:{port}", "--workers", "1", *SERVER_KEY, *extra,
                    ready="serving on"), port
 
@@ -176,6 +176,50 @@ def test_ctrl_c_on_serve_exits_0_without_a_traceback():
         srv.send_signal(signal.SIGINT)
         assert srv.wait(10) == 0
         assert "Traceback" not in stderr_of(srv)
+
+
+STARTING = "made a new server key"          # the last line `serve` prints before its datapath is set up
+
+
+@pytest.mark.parametrize("workers", ["1", "2"], ids=["one-process", "pool"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_serve_startup_ends_it_quietly(sig, workers, tmp_path):
+    """Signalled while it sets its datapath up (here just after it made its key), `serve`
+    finishes starting, releases what it set up and exits 0 without a traceback; a few tries,
+    the signal a little later each time. A pool (--workers 2) starts its workers meanwhile."""
+    for attempt, delay in enumerate((0, 0.002, 0.01)):
+        port = free_port()
+        (tmp_path / str(attempt)).mkdir()
+        with command("serve", "--listen", f"127.0.0.1:{port}", "--workers", workers,
+                     "--state-dir", str(tmp_path / str(attempt)),
+                     ready=STARTING) as srv:
+            time.sleep(delay)
+            srv.send_signal(sig)
+            assert srv.wait(20) == 0, f"try {attempt}: exit {srv.returncode}"
+            err = stderr_of(srv)
+            assert "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.root
+@pytest.mark.xdp
+def test_sigterm_while_the_xdp_program_compiles_ends_serve_quietly(xdp_toolchain, netns_pair, tmp_path):
+    """SIGTERM lands while the XDP program compiles (seconds): exit 0, no traceback, and the
+    interface is left without an XDP program, as it was found."""
+    a, _ = netns_pair
+    (tmp_path / "state").mkdir()
+    srv = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{free_port()}", "--datapath", "xdp", "--iface", a.ifname,
+                   "--state-dir", str(tmp_path / "state")], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_stderr_line(srv, STARTING, 20)
+        srv.send_signal(signal.SIGTERM)
+        assert srv.wait(120) == 0
+        err = stderr_of(srv)
+        assert "Traceback" not in err and "serving on" not in err, err
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+    assert "prog/xdp" not in a.run("ip", "-d", "link", "show", a.ifname).stdout
 
 
 def test_interrupt_during_the_handshake_exits_130():

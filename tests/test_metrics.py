@@ -324,6 +324,7 @@ async def _errors_exact():
         assert delta(s0, s1, "stcp_handshakes_completed_total") == 4
         assert delta(s0, s1, "stcp_auth_failures_total") == 1
         assert delta(s0, s1, "stcp_replays_discarded_total") == 2
+        assert delta(s0, s1, "stcp_handshakes_rejected_total", reason="version") == 1
         assert s1.get("stcp_connections_active") == 0
         check_invariants(s1)
 
@@ -331,8 +332,8 @@ async def _errors_exact():
         before = await ascrape(url)
         for _ in range(3):
             raw.sendto(b"\x00" * 10, addr)                                         # short
-        for cid in (0xDEAD, 0xBEEF):
-            raw.sendto(wire.pack_header(32, cid, wire.make_seq(0, 1)) + bytes(32), addr)   # unknown CID
+        for cid in (0xDEAD, 0xBEEF):       # unknown CID, longer than a RESET: answered with one
+            raw.sendto(wire.pack_header(64, cid, wire.make_seq(0, 1)) + bytes(64), addr)
         bad = bytearray(hello_record())
         bad[wire.HEADER_LEN] = wire.HS_SERVER_HELLO                                # not a client hello
         raw.sendto(bytes(bad), addr)
@@ -344,10 +345,41 @@ async def _errors_exact():
         after = await ascrape(url)
         got = {k: delta(before, after, "stcp_endpoint_dropped_datagrams_total", reason=k) for k in want}
         assert got == want
+        # the two records for unknown CIDs were answered with stateless RESETs (or over budget)
+        assert delta(before, after, "stcp_stateless_resets_sent_total") + \
+            delta(before, after, "stcp_stateless_resets_rate_limited_total") == 2
         assert delta(before, after, "stcp_connections_opened_total") == 0
         promtool_check(after.text)
     finally:
         raw.close()
+        metrics.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_cookie_mode_is_counted():
+    """Past its hello budget the server answers with COOKIEs; the clients come back with
+    them and are served: both counted exactly (the cookie-mode alert and panel read these)."""
+    asyncio.run(_cookie_mode())
+
+
+async def _cookie_mode():
+    cfg = stcp.make_config(hello_rate=0.001, hello_burst=1)
+    server = await stcp.start_server(echo, "127.0.0.1", 0, config=cfg)
+    port = server.sockets[0].getsockname()[1]
+    metrics = serve_metrics(server, "127.0.0.1:0", datapath="socket", cipher="aes-256-gcm")
+    try:
+        s0 = await ascrape(url_of(metrics))
+        for n in range(3):                       # the budget lets the first through
+            await transfer(port, os.urandom(100 + n), server.public_key)
+        await quiet(server)
+        s1 = await ascrape(url_of(metrics))
+        assert delta(s0, s1, "stcp_handshake_cookies_sent_total") == 2
+        assert delta(s0, s1, "stcp_handshake_cookies_admitted_total") == 2
+        assert delta(s0, s1, "stcp_handshakes_completed_total") == 3
+        check_invariants(s1)
+        promtool_check(s1.text)
+    finally:
         metrics.close()
         server.close()
         await server.wait_closed()
@@ -534,7 +566,11 @@ def test_dashboard_json_is_valid_and_every_metric_exists():
     shown = {family_of(n, families) for n in used}
     for fam in ("stcp_connections_closed", "stcp_handshake_duration_seconds", "stcp_xdp_packets",
                 "stcp_xdp_cpu_packets", "stcp_endpoint_dropped_datagrams", "stcp_auth_failures",
-                "stcp_replays_discarded", "stcp_rtt_seconds", "stcp_build_info", "stcp_xdp_attached"):
+                "stcp_replays_discarded", "stcp_rtt_seconds", "stcp_build_info", "stcp_xdp_attached",
+                "stcp_handshake_cookies_sent", "stcp_handshake_cookies_admitted", "stcp_handshakes_rejected",
+                "stcp_stateless_resets_sent", "stcp_stateless_resets_rate_limited",
+                "stcp_connections_shed", "stcp_memory_used_bytes", "stcp_memory_budget_bytes",
+                "stcp_records_discarded"):
         assert fam in shown, f"{fam} is on no dashboard panel"
 
 
@@ -550,7 +586,8 @@ def test_provisioning_and_scrape_config():
     assert targets == {"127.0.0.1:9400", "127.0.0.1:9401"}
     if shutil.which("promtool"):
         for args in (["check", "config", str(DASHBOARDS / "prometheus.yml")],
-                     ["check", "rules", str(DASHBOARDS / "stcp-alerts.yml")]):
+                     ["check", "rules", str(DASHBOARDS / "stcp-alerts.yml")],
+                     ["test", "rules", str(DASHBOARDS / "stcp-alerts.test.yml")]):   # the alerts fire when they should
             r = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stdout + r.stderr
 

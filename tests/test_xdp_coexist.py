@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import kernel
-from tests.support.procs import STCP, loader, stop, wait_for_stderr_line, xdp_status
+from tests.support.procs import STCP, loader, pinned, session_key, stop, wait_for_stderr_line, xdp_status
 
 PORT = 4563
 SOURCE = Path(__file__).resolve().parent / "bpf" / "xdp_icmp_count.c"
@@ -97,13 +97,15 @@ def test_stcp_runs_beside_another_xdp_program(other_prog):
     ping(b, a.ip4)
     assert icmp_count() >= n0 + 3, "the other program stopped counting"
 
-    server = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname],
+    server = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname,
+                      "--key", session_key()[0]],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_stderr_line(server, "serving on", timeout=60)
         base = {k: v["packets"] for k, v in xdp_status(a.ns)["counters"].items()}
         data = os.urandom(1 << 20)
-        r = subprocess.run(b.cmd(*STCP, "connect", f"{a.ip4}:{PORT}"), input=data, capture_output=True, timeout=120)
+        r = subprocess.run(b.cmd(*STCP, "connect", *pinned(), f"{a.ip4}:{PORT}"), input=data, capture_output=True,
+                           timeout=120)
         assert r.returncode == 0 and r.stdout == data, r.stderr.decode(errors="replace")[-1000:]
         d = {k: v["packets"] - base[k] for k, v in xdp_status(a.ns)["counters"].items()}
         assert d["pass_handshake"] >= 1 and d["pass_data"] >= len(data) // 1500, d

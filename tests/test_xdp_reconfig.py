@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.support.procs import STCP, loader, stop, wait_for_stderr_line, xdp_status
+from tests.support.procs import STCP, loader, pinned, session_key, stop, wait_for_stderr_line, xdp_status
 
 PORT = 4561
 CHUNK = 64 * 1024
@@ -23,7 +23,7 @@ class SlowClient:
     echo from the start (a full stdout pipe would stall it)."""
 
     def __init__(self, b, addr: str):
-        self.proc = subprocess.Popen(b.cmd(*STCP, "connect", addr), stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(b.cmd(*STCP, "connect", *pinned(), addr), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.sent = hashlib.sha256()
         self.nsent = 0
@@ -84,7 +84,8 @@ def served(xdp_toolchain, netns_pair):
     a, b = netns_pair
     r = loader("--netns", a.ns, "attach", a.ifname, "--port", str(PORT))
     assert r.returncode == 0, r.stderr
-    server = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname],
+    server = a.popen([*STCP, "serve", "--listen", f"{a.ip4}:{PORT}", "--datapath", "xdp", "--iface", a.ifname,
+                      "--key", session_key()[0]],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_stderr_line(server, "serving on", timeout=60)
@@ -139,7 +140,7 @@ def test_server_survives_set_and_forced_reattach(served):
 
         # a client that connects now is added to the table the new program reads
         fresh = os.urandom(256 * 1024)
-        r = subprocess.run(b.cmd(*STCP, "connect", addr), input=fresh, capture_output=True, timeout=60)
+        r = subprocess.run(b.cmd(*STCP, "connect", *pinned(), addr), input=fresh, capture_output=True, timeout=60)
         assert r.returncode == 0 and r.stdout == fresh, r.stderr.decode(errors="replace")[-1000:]
     finally:
         for c in clients:

@@ -103,20 +103,26 @@ PyObject *RecordCipher_open_records(RecordCipher *self, PyObject *const *args, P
             entry = PyTuple_GET_ITEM(entry, 0);
         }
         if (get_buffer(entry, &views[nviews], "datagram")) goto done;
-        n += segs[nviews] ? (views[nviews].len + segs[nviews] - 1) / segs[nviews] : 1;
+        /* records in the entry; no len + seg - 1, which overflows for a huge segment_size */
+        n += segs[nviews] ? views[nviews].len / segs[nviews] + (views[nviews].len % segs[nviews] != 0) : 1;
     }
     recs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(rx_record));
     if (!recs) { PyErr_NoMemory(); goto done; }
+    /* a datagram is one record, however short; a pair is as many as it has segments, so an
+     * empty pair is none (wire.expand_datagrams), exactly as many as counted above */
     for (Py_ssize_t e = 0, k = 0; e < m; e++) {
-        Py_ssize_t seg = segs[e] ? segs[e] : (views[e].len ? views[e].len : 1);
-        Py_ssize_t off = 0;
-        do {
+        Py_ssize_t len = views[e].len, seg = segs[e], off = 0;
+        if (!segs[e]) {
+            recs[k].buf = views[e].buf;
+            recs[k].len = len;
+            recs[k++].item = e;
+            continue;
+        }
+        for (; off < len; off = len - off > seg ? off + seg : len) {
             recs[k].buf = (const unsigned char *)views[e].buf + off;
-            recs[k].len = views[e].len - off < seg ? views[e].len - off : seg;
-            recs[k].item = e;
-            k++;
-            off += seg;
-        } while (off < views[e].len);
+            recs[k].len = len - off < seg ? len - off : seg;
+            recs[k++].item = e;
+        }
     }
     for (i = 0; i < n; i++) {
         const unsigned char *r = recs[i].buf;

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--afxdp-tx", choices=["socket", "afxdp"], default="socket",
                    help="afxdp: send replies through the kernel UDP socket (default) or the AF_XDP TX ring")
     s.add_argument("--metrics", metavar="HOST:PORT", help="expose Prometheus metrics at http://HOST:PORT/metrics")
+    s.add_argument("--user", metavar="NAME", help="once set up, run as NAME with no capabilities (default: the "
+                   "'stcp' account if it exists, else nobody; a process not allowed to change user stays itself)")
     logs = s.add_argument_group("logging (to stderr: a line per connection at its end, one per backend failure)")
     logs.add_argument("--log-format", choices=["text", "json"], default="text",
                       help="text (timestamped key=value lines, the default) or one JSON object per line")

@@ -1,7 +1,12 @@
 """`stcp serve`: echo each stream, or forward it to a TCP backend, on any datapath; with
 `--workers N` (N > 1; on the socket datapath one per CPU unless told) the supervisor of N
 worker processes on the port (stcp.server.WorkerPool), each running this same command line,
-which loads (or makes) the server key once and hands it to every worker."""
+which loads (or makes) the server key once and hands it to every worker.
+
+Once set up, the server runs as an unprivileged user with no capabilities (--user; see
+stcp.privileges). The pool's supervisor keeps its privileges: it parses no datagram, and
+it needs them to attach, detach and start replacement workers, each of which drops its
+own once it has joined."""
 from __future__ import annotations
 
 import asyncio
@@ -71,7 +76,32 @@ async def backend(text: str) -> Tuple[str, int]:
     return host, port
 
 
+class _Startup:
+    """SIGINT and SIGTERM while `serve` starts: remembered by a plain signal handler, which runs
+    even while a blocking call holds the event loop (the XDP program compiles for seconds), so
+    the startup finishes, releases what it set up and `serve` exits 0 as it would later."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._caught)
+
+    def _caught(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def hand_over(self, stop: Callable[[], None]) -> bool:
+        """From now on a signal calls stop (through the event loop); True if one came before."""
+        def stopping() -> None:
+            self.signalled = True
+            stop()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping)
+        return self.signalled
+
+
 async def serve(args: Any) -> int:
+    startup = _Startup()
     setup_logging(args.log_format, args.verbose - args.quiet)
     host, port = parse_hostport(args.listen, DEFAULT_PORT)
     config = config_from_args(args)
@@ -108,19 +138,19 @@ async def serve(args: Any) -> int:
         from ..datapath.socket import bind_udp
         bind_udp(host, port).close()      # a port in use: said once here, not once per worker
         try:
-            return await _supervise(args, host, port, config, workers)
+            return await _supervise(args, host, port, config, workers, startup)
         except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
             print(f"stcp: {workers} workers need the SO_REUSEPORT steering program: {exc}; serving with "
                   "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,
                                      xdp_mode=args.xdp_mode, afxdp_tx=args.afxdp_tx, worker=role,
-                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics)
+                                     config=config, allowed_clients=allowed, metrics=None if role else args.metrics,
+                                     drop_privileges=args.user or True)
     dp = server.datapath
     watch = None
     try:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):      # before the startup line: a SIGTERM after it is clean
-            loop.add_signal_handler(sig, server.close)
+        if startup.hand_over(server.close):     # before the startup line: a SIGTERM after it is clean
+            return 0                            # one came during startup: close what it set up
         if args.datapath == "afxdp":
             from ..datapath.afxdp import AfxdpDatapath
             assert isinstance(dp, AfxdpDatapath)
@@ -194,7 +224,7 @@ def worker_count(args: Any) -> int:
     return int(args.workers)
 
 
-async def _supervise(args: Any, host: str, port: int, config: Config, workers: int) -> int:
+async def _supervise(args: Any, host: str, port: int, config: Config, workers: int, startup: _Startup) -> int:
     """`serve --workers N`: the supervisor of N processes running this same command line (and,
     with --metrics, the pool's exporter). ReuseportError before anything started where the
     socket pool cannot steer."""
@@ -205,9 +235,8 @@ async def _supervise(args: Any, host: str, port: int, config: Config, workers: i
 
     pool = stcp_server.WorkerPool(spawn, port, datapath=args.datapath, host=host, iface=args.iface,
                                   workers=workers, xdp_mode=args.xdp_mode, config=config, metrics=args.metrics)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, pool.close)
+    if startup.hand_over(pool.close):
+        return 0
     try:
         await pool.start()
         await pool.serve_forever()

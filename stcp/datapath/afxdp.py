@@ -63,7 +63,7 @@ from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpSetupError
 from .socket import RECV_ROUNDS, ServerDriver, bind_udp
 from .xdp import XdpDatapath
-from .xdp_prog import XSK_MAX
+from .xdp_prog import XSK_MAX, require_privileges
 
 if TYPE_CHECKING:
     from .._xsk import XskSocket
@@ -105,14 +105,21 @@ def rx_queue_count(iface: str) -> int:
     return max(1, min(n, XSK_MAX))
 
 
+def require_afxdp_privileges(what: str) -> None:
+    """AfxdpSetupError unless this process has the capabilities of the afxdp datapath."""
+    try:
+        require_privileges(what, "afxdp")
+    except XdpSetupError as e:
+        raise AfxdpSetupError(f"{e}; or {FALLBACK}") from None
+
+
 def attach_program(iface: str, port: int, mode: str = "auto", nworkers: int = 1,
                    max_record_len: Optional[int] = None, xdp_kw: Optional[Dict[str, Any]] = None) -> XdpDatapath:
     """Attach the afxdp variant of the XDP program to iface, steering over nworkers workers
-    (each owning whole RX queues, so at most one per queue). xdp_kw goes to
-    XdpDatapath.attach (hs_rate, hs_burst, max_cids, ...). AfxdpSetupError says what to do."""
-    if os.geteuid() != 0:
-        raise AfxdpSetupError(f"the afxdp datapath needs root (CAP_NET_ADMIN, CAP_BPF) to attach XDP and "
-                              f"create AF_XDP sockets; run it with sudo, or {FALLBACK}")
+    (each owning whole RX queues, so at most one per queue), through a BPF link (see
+    XdpDatapath.attach). xdp_kw goes to XdpDatapath.attach (hs_rate, hs_burst, max_cids,
+    ...). AfxdpSetupError says what to do."""
+    require_afxdp_privileges("the afxdp datapath (attaching XDP, creating AF_XDP sockets)")
     load_xsk()
     if nworkers > 1:
         queues = rx_queue_count(iface)
@@ -125,7 +132,7 @@ def attach_program(iface: str, port: int, mode: str = "auto", nworkers: int = 1,
     if max_record_len is not None:
         kw["max_record_len"] = max_record_len
     try:
-        return XdpDatapath.attach(iface, port, mode, afxdp=True, nworkers=nworkers, **kw)
+        return XdpDatapath.attach(iface, port, mode, afxdp=True, nworkers=nworkers, link=True, **kw)
     except XdpAlreadyAttached as e:
         raise AfxdpSetupError(f"{e} (the afxdp datapath attaches its own program variant); "
                               f"or {FALLBACK}") from None
@@ -200,6 +207,7 @@ class AfxdpDatapath:
         if tx not in TX_PATHS:
             raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
         xsk_mod = load_xsk()
+        require_afxdp_privileges(f"worker {worker} of the afxdp datapath (joining XDP, creating AF_XDP sockets)")
         try:
             xdp = XdpDatapath.open(iface)
         except XdpSetupError as e:
@@ -266,6 +274,11 @@ class AfxdpDatapath:
     def counters(self) -> Dict[str, Tuple[int, int]]:
         return self.xdp.counters()
 
+    def hand_over(self, uid: int, gid: int) -> None:
+        """As XdpDatapath.hand_over: the AF_XDP sockets, their rings and the XSKMAP are
+        file descriptors already; the CID lock file is held open."""
+        self.xdp.hand_over(uid, gid)
+
     def stats(self) -> Dict[str, int]:
         """XSK counters summed over the queues (their last values once closed)."""
         if self._final_stats is not None:
@@ -302,7 +315,11 @@ class AfxdpDatapath:
 
 
 def find_xskmap(xdp: XdpDatapath) -> int:
-    """An fd of the attached program's stcp_xsks map."""
+    """An fd of the attached program's stcp_xsks map: the one we hold if we compiled it
+    (xdp_prog.handles_of), else opened by id."""
+    held = xdp.handles.maps.get(XSKMAP_NAME)
+    if held is not None:
+        return os.dup(held)
     for mid in bpf.prog_info(xdp.handles.prog_fd)["map_ids"]:
         fd = bpf.map_fd_by_id(mid)
         info = bpf.map_info(fd)

@@ -17,6 +17,12 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 from .errors import XdpSetupError
 
 BPF_NOEXIST = 1                   # map_update flag: fail if the key exists
+BPF_XDP = 37                      # enum bpf_attach_type: an XDP BPF link
+
+
+class _LinkCreateOpts(ctypes.Structure):
+    """struct bpf_link_create_opts up to `flags` (libbpf takes a shorter struct by its sz)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32)]
 
 
 class _BpfProgInfo(ctypes.Structure):
@@ -85,6 +91,7 @@ def libbpf() -> ctypes.CDLL:
                 "bpf_map_delete_elem": [ctypes.c_int, vp],
                 "bpf_map_get_next_key": [ctypes.c_int, vp, vp],
                 "libbpf_num_possible_cpus": [],
+                "bpf_link_create": [ctypes.c_int, ctypes.c_int, ctypes.c_int, vp],
             }.items():
                 f = getattr(lib, fn)
                 f.argtypes = args
@@ -122,6 +129,15 @@ def obj_get(path: str) -> int:
 
 def pin(fd: int, path: str) -> None:
     check(libbpf().bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def xdp_link_create(prog_fd: int, ifindex: int, flags: int) -> int:
+    """An fd of a new BPF link attaching the XDP program to the interface (flags: the
+    XDP_FLAGS_* mode). The program stays attached while the link fd is open and detaches
+    when the last one closes, with no privilege needed for that."""
+    opts = _LinkCreateOpts(ctypes.sizeof(_LinkCreateOpts), flags)
+    return check(libbpf().bpf_link_create(prog_fd, ifindex, BPF_XDP, ctypes.byref(opts)),
+                 f"attach XDP program (BPF link) to ifindex {ifindex}")
 
 
 def prog_info(fd: int) -> Dict[str, Any]:

@@ -8,32 +8,33 @@ process and any mount namespace (`ip netns exec` gives each process a private /s
 pins under /sys/fs/bpf/stcp/IFACE/ are made on attach and removed on detach.
 
 The pieces: stcp.datapath.bpf (libbpf through ctypes), stcp.datapath.netlink (pyroute2),
-stcp.datapath.xdp_prog (build, find, config, counters, pins), stcp.datapath.xdp_cids (the
-connection-ID tables), this module (XdpDatapath, what `stcp serve --datapath xdp` runs
-on) and stcp.datapath.xdp_admin (attach, detach, status of `stcp-loader`). Every setup
-failure raises XdpSetupError with a one-line message that says what to do.
+stcp.datapath.xdp_prog (build, find, config, counters, pins), stcp.datapath.xdp_attach
+(a fresh program onto the interface: alone by netlink or a BPF link, or through libxdp),
+stcp.datapath.xdp_cids (the connection-ID tables), this module (XdpDatapath, what `stcp
+serve --datapath xdp` runs on) and stcp.datapath.xdp_admin (attach, detach, status of
+`stcp-loader`). Every setup failure raises XdpSetupError with a one-line message that
+says what to do.
 """
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .. import cid_layout
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint
 from ..wire import MAX_CID_WORKERS
-from . import bpf, libxdp
+from . import libxdp
 from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
-from .netlink import MODE_FLAGS, XDP_FLAGS_UPDATE_IF_NOEXIST, Netlink, netlink_msg, off_loop
+from .netlink import Netlink, off_loop
 from .socket import ServerDriver, bind_udp
+from .xdp_attach import attach_bcc, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
 from .xdp_cids import CidTables
 from .xdp_cookie import KernelCookies
-from .xdp_handover import plan
-from .xdp_object import ObjectDir, find_clang
 from .xdp_prog import (
     DEFAULT_HALF_OPEN,
     DEFAULT_HS_BURST,
@@ -51,27 +52,21 @@ from .xdp_prog import (
     attached_ids,
     check_toolchain,
     cid_filter_slot,
-    compile_prog,
     current_netns_name,
-    dispatched_by,
-    ensure_bpffs,
     find_stcp,
-    open_prog,
     other_layout,
     pin_dir,
-    pin_prog,
     pinned_prog_id,
     prog_name,
     read_config,
     read_counters,
-    release_bcc,
     remove_pins,
-    require_root,
+    require_privileges,
     validate_limits,
     write_config,
 )
 
-__all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES",
+__all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES", "libxdp_unavailable",
            "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
            "DEFAULT_HS_SOURCES", "DEFAULT_HS_PREFIX4", "DEFAULT_HS_PREFIX6", "DEFAULT_HS_GLOBAL_RATE",
            "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
@@ -81,57 +76,6 @@ log = logging.getLogger("stcp.datapath.xdp")
 # the limits write_config takes beyond the per-source hello bucket (validate_limits checks them)
 LIMITS = ("hs_prefix4", "hs_prefix6", "hs_global_rate", "hs_global_burst", "ck_rate", "ck_burst", "uk_rate",
           "uk_burst")
-
-
-def libxdp_unavailable() -> Optional[str]:
-    """None if the plain program can be built with clang and attached through libxdp,
-    else why not. STCP_XDP_LOADER=bcc chooses bcc regardless."""
-    if os.environ.get("STCP_XDP_LOADER") == "bcc":
-        return "STCP_XDP_LOADER=bcc"
-    if find_clang() is None:
-        return "clang not found"
-    return libxdp.available()
-
-
-def _dispatcher_of(state: Dict[str, int]) -> Optional[Tuple[str, int]]:
-    """(mode, prog id) of the libxdp dispatcher attached to the interface, if there is one."""
-    for m, pid in state.items():
-        if prog_name(pid) == "xdp_dispatcher" or dispatched_by([pid])[pid]:
-            return m, pid
-    return None
-
-
-def _clear_direct(nl: Netlink, ifindex: int, state: Dict[str, int]) -> List[Tuple[str, int]]:
-    """Detach the programs in state (mode -> id); returns (mode, fd) of each, to restore."""
-    held = []
-    for m, pid in state.items():
-        try:
-            held.append((m, bpf.prog_fd_by_id(pid)))
-        except OSError:
-            pass                                   # gone already
-        nl.clear_xdp(ifindex, m)
-    return held
-
-
-def _restore(nl: Netlink, ifindex: int, held: List[Tuple[str, int]]) -> None:
-    for m, fd in held:
-        try:
-            nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS.get(m, 0))
-        except Exception as e:
-            log.error("could not put the replaced XDP program back on ifindex %d: %s", ifindex, e)
-    _close_fds(fd for _m, fd in held)
-
-
-def _close_fds(fds: Iterable[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def _set_hint(iface: str) -> str:
-    return f"change limits with 'stcp-loader set {iface} --hs-rate N ...' instead"
 
 
 class XdpDatapath(CidTables):
@@ -161,6 +105,8 @@ class XdpDatapath(CidTables):
         self._cookies: Optional[KernelCookies] = None
         self._driver: Optional[ServerDriver] = None
         self.loader = "bcc"               # what attached it: "libxdp" (clang build) or "bcc"
+        self._link_fd = -1                # the BPF link that attaches the program, when attach(link=True)
+        self._pin_dirfd = -1              # the pin directory, for unlinking the pins without privileges
         cfg = read_config(handles)
         self.port: int = cfg["port"]
         self.max_record_len: int = cfg["max_record_len"]
@@ -181,7 +127,7 @@ class XdpDatapath(CidTables):
                *, force: bool = False, netns: Optional[str] = None, hs_rate: int = DEFAULT_HS_RATE,
                hs_burst: int = DEFAULT_HS_BURST, max_cids: int = DEFAULT_MAX_CIDS,
                hs_sources: int = DEFAULT_HS_SOURCES, afxdp: bool = False, nworkers: int = 0,
-               half_open: int = DEFAULT_HALF_OPEN, priority: int = libxdp.DEFAULT_PRIORITY,
+               half_open: int = DEFAULT_HALF_OPEN, priority: int = libxdp.DEFAULT_PRIORITY, link: bool = False,
                **limits: int) -> "XdpDatapath":
         """Build and attach a fresh program. Raises XdpAlreadyAttached if STCP, or an XDP
         program it cannot run beside, is attached there, unless force=True, which replaces
@@ -196,19 +142,27 @@ class XdpDatapath(CidTables):
         stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
         their CID's worker bits (see bpf/stcp_xdp.c, steer()). max_cids and half_open size
         the live and half-open CID tables; limits are the other write_config() limits
-        (LIMITS)."""
+        (LIMITS).
+
+        link=True (a server's own program) builds with bcc and attaches alone, through a BPF
+        link that this object holds: the program detaches when the link closes (close(), or
+        the process ending however it ends), which takes no privilege, so a server that
+        dropped its privileges still detaches. Leaving libxdp's dispatcher, and opening a
+        program by id as the libxdp path does, both need privileges such a server no longer
+        has; to share the interface, `stcp-loader attach` first and the server reuses it.
+        Without link (`stcp-loader attach`) the attachment outlives the process."""
         unknown = set(limits) - set(LIMITS)
         if unknown:
             raise TypeError(f"unknown XDP limits: {', '.join(sorted(unknown))}")
         return off_loop(cls._attach, iface, port, mode, max_record_len, force, netns, hs_rate, hs_burst,
-                        max_cids, hs_sources, afxdp, nworkers, limits, half_open, priority)
+                        max_cids, hs_sources, afxdp, nworkers, limits, priority, link, half_open)
 
     @classmethod
     def _attach(cls, iface: str, port: int, mode: str, max_record_len: int, force: bool, netns: Optional[str],
                 hs_rate: int, hs_burst: int, max_cids: int, hs_sources: int, afxdp: bool = False,
                 nworkers: int = 0, hello: Optional[Dict[str, int]] = None,
-                half_open: int = DEFAULT_HALF_OPEN,
-                priority: int = libxdp.DEFAULT_PRIORITY) -> "XdpDatapath":
+                priority: int = libxdp.DEFAULT_PRIORITY, link: bool = False,
+                half_open: int = DEFAULT_HALF_OPEN) -> "XdpDatapath":
         hello = hello or {}
         validate_limits(port, mode, max_record_len, hs_rate, hs_burst, **hello)
         if not 0 <= nworkers <= MAX_CID_WORKERS:
@@ -216,22 +170,22 @@ class XdpDatapath(CidTables):
         if max_cids < 1 or half_open < 1:
             raise XdpSetupError(f"CID tables of {max_cids} live and {half_open} half-open entries: each needs "
                                 "room for at least 1")
-        require_root()
+        require_privileges("attaching the STCP XDP program")
         why_not = None if afxdp else libxdp_unavailable()
-        via_libxdp = not afxdp and why_not is None
+        via_libxdp = not afxdp and not link and why_not is None
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             if not via_libxdp:
                 try:
                     check_toolchain()
                 except XdpSetupError as e:
-                    if afxdp:
+                    if why_not is None:
                         raise
                     raise XdpSetupError(f"cannot build the XDP program: clang with libxdp is not usable "
                                         f"({why_not}), and {e}") from None
-            mounted = ensure_bpffs()
+            mounted = bpffs_or_none(iface)
             old_mode, old, state = find_stcp(nl, ifindex)
-            pins = pin_dir(iface, netns)
+            pins = pin_dir(iface, netns) if mounted is not None else None
 
             def configure(h: ProgHandles) -> None:
                 write_config(h, port, max_record_len, hs_rate, hs_burst, nworkers, **hello)
@@ -248,121 +202,42 @@ class XdpDatapath(CidTables):
                         f"STCP XDP program already attached to {iface} (prog id {old.prog_id}, {old_mode} mode); "
                         f"change its limits with 'stcp-loader set {iface} ...', or use --force to replace it "
                         f"(the connection table carries over)")
-                if state and not old and not force and not (via_libxdp and _dispatcher_of(state)):
+                if state and not old and not force and not (via_libxdp and dispatcher_of(state)):
+                    if link and dispatcher_of(state):
+                        raise XdpAlreadyAttached(
+                            f"{iface} runs XDP programs behind libxdp's dispatcher; a server attaches its own "
+                            f"program alone, through a BPF link, so that it can drop its privileges: attach "
+                            f"STCP beside them first (stcp-loader attach {iface} --port {port}), and the "
+                            f"server reuses it")
                     desc = ", ".join(f"{prog_name(p)}, id {p}, {m} mode" for m, p in state.items())
                     raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
                                              f"STCP cannot run beside (only programs behind libxdp's dispatcher "
                                              f"share an interface); use --force to replace it, or remove it first")
-                attach = cls._attach_libxdp if via_libxdp else cls._attach_bcc
-                h, got = attach(nl, ifindex, iface, mode, old, state, configure, netns, max_cids=max_cids,
-                                hs_sources=hs_sources, afxdp=afxdp, priority=priority, half_open=half_open)
+                attach = attach_libxdp if via_libxdp else attach_bcc
+                h, got, link_fd = attach(nl, ifindex, iface, mode, old, state, configure, netns,
+                                         max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp,
+                                         priority=priority, link=link, half_open=half_open)
             finally:
                 if old:
                     old.close()
             try:
-                remove_pins(pins)              # stale pins, or the replaced program's
-                pin_prog(h, pins)
+                if pins:
+                    pins = pin_or_none(h, pins)   # stale pins, or the replaced program's, go first
             except BaseException:
+                if link_fd >= 0:
+                    os.close(link_fd)
                 h.close()
                 raise
             log.info("attached STCP XDP prog %d to %s in %s mode%s", h.prog_id, iface, got,
-                     f" behind libxdp's dispatcher (prog {h.dispatcher_id})" if h.dispatcher_id else "")
+                     f" behind libxdp's dispatcher (prog {h.dispatcher_id})" if h.dispatcher_id
+                     else " (BPF link)" if link_fd >= 0 else "")
             dp = cls(iface, ifindex, got, h, True, netns, pins)
             dp.loader = "libxdp" if via_libxdp else "bcc"
+            dp._link_fd = link_fd
             # `ip netns exec` gives the process a private /sys: a bpffs mounted there (and
             # our pins) goes away with the process. The program stays attached regardless.
-            dp.private_pins = mounted and netns is None and current_netns_name() is not None
+            dp.private_pins = bool(mounted) and netns is None and current_netns_name() is not None
             return dp
-
-    @classmethod
-    def _attach_bcc(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                    state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                    max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                    half_open: int) -> Tuple[ProgHandles, str]:
-        """bcc builds it, configured before netlink attaches it alone."""
-        if old:
-            plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
-        b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
-        h = None
-        try:
-            h = open_prog(bpf.prog_info(fn.fd)["id"])
-            if h is None:
-                raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
-            configure(h)
-            cleared = _clear_direct(nl, ifindex, state)     # force: what is there goes first
-            try:
-                got = cls._attach_prog(nl, ifindex, iface, h.prog_fd, mode)
-            except BaseException:
-                _restore(nl, ifindex, cleared)
-                raise
-            _close_fds(fd for _m, fd in cleared)
-            return h, got
-        except BaseException:
-            if h:
-                h.close()
-            raise
-        finally:
-            release_bcc(b)
-
-    @classmethod
-    def _attach_libxdp(cls, nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                       state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                       max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                       half_open: int) -> Tuple[ProgHandles, str]:
-        """clang builds it and libxdp attaches it (taking over old's maps where they fit),
-        configured right after: until then its config reads port 0 and it passes
-        everything, as the interface did before. An old STCP program behind the dispatcher
-        leaves after the new one has joined; one attached alone leaves first (libxdp cannot
-        put a dispatcher in its place) and comes back if the new one fails."""
-        disp = _dispatcher_of(state)
-        if mode == "auto" and disp:
-            mode = disp[0]                              # join the dispatcher in its mode
-        with ObjectDir(max_cids, hs_sources, half_open) as obj:
-            reuse = plan(old, libxdp.object_maps(obj.path), iface, _set_hint(iface)) if old else {}
-            try:
-                if old is not None and old.dispatcher_id is not None:
-                    pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
-                                                     priority=priority, netns=netns)
-                    libxdp.detach(ifindex, iface, old.prog_id, got, netns)
-                else:
-                    cleared = _clear_direct(nl, ifindex, {} if disp else state)
-                    try:
-                        pid, got, _multi = libxdp.attach(obj.path, ifindex, iface, mode, reuse=reuse,
-                                                         priority=priority, netns=netns)
-                    except BaseException:
-                        _restore(nl, ifindex, cleared)
-                        raise
-                    _close_fds(fd for _m, fd in cleared)
-            finally:
-                _close_fds(reuse.values())
-        got_mode, h, _state = find_stcp(nl, ifindex)
-        if h is None or h.prog_id != pid:
-            if h:
-                h.close()
-            raise XdpSetupError(f"libxdp attached prog {pid} to {iface} but it is not found there as STCP's")
-        try:
-            configure(h)
-        except BaseException:
-            h.close()
-            libxdp.detach(ifindex, iface, pid, got_mode or got, netns)
-            raise
-        return h, got_mode or got
-
-    @staticmethod
-    def _attach_prog(nl: Netlink, ifindex: int, iface: str, fd: int, mode: str) -> str:
-        tries = ["native", "generic"] if mode == "auto" else [mode]
-        errors = []
-        for m in tries:
-            try:
-                nl.set_xdp(ifindex, fd, XDP_FLAGS_UPDATE_IF_NOEXIST | MODE_FLAGS[m])
-                return m
-            except Exception as e:  # NetlinkError
-                errors.append(f"{m}: {netlink_msg(e)}")
-                if getattr(e, "code", None) in (errno.EEXIST, errno.EBUSY):
-                    raise XdpAlreadyAttached(f"{iface} got another XDP program meanwhile ({netlink_msg(e)}); "
-                                             "use --force to replace it") from None
-        raise XdpSetupError(f"attaching XDP to {iface} failed ({'; '.join(errors)})"
-                            + ("; try --mode generic" if mode == "native" else ""))
 
     @classmethod
     def open(cls, iface: str, *, netns: Optional[str] = None) -> "XdpDatapath":
@@ -371,7 +246,7 @@ class XdpDatapath(CidTables):
 
     @classmethod
     def _open(cls, iface: str, netns: Optional[str]) -> "XdpDatapath":
-        require_root()
+        require_privileges("opening the STCP XDP program")
         with Netlink(netns) as nl:
             ifindex = nl.ifindex(iface)
             mode, h, _state = find_stcp(nl, ifindex)
@@ -484,6 +359,19 @@ class XdpDatapath(CidTables):
             self._cookies = None
         off_loop(self._close)
 
+    def hand_over(self, uid: int, gid: int) -> None:
+        """Before the process gives up its privileges for uid/gid: make what close() must do
+        then possible without them. Detaching is closing the BPF link (attach(link=True));
+        the pins are unlinked through a descriptor of their directory, given to uid (bpffs
+        is root's and mode 0700: no path into it is open to uid). An attachment by netlink
+        would need CAP_NET_ADMIN to undo: XdpSetupError."""
+        if self.attached and self._link_fd < 0:
+            raise XdpSetupError(f"the XDP program on {self.iface} was attached without a BPF link; detaching it "
+                                "needs privileges a server that drops them no longer has")
+        if self.attached and self.pin_dir and self._pin_dirfd < 0 and os.path.isdir(self.pin_dir):
+            os.chown(self.pin_dir, uid, gid)
+            self._pin_dirfd = os.open(self.pin_dir, os.O_PATH | os.O_DIRECTORY)
+
     def release(self) -> None:
         """Forget the program without touching it: it stays attached, with its pins and
         every CID in its table (`stcp-loader attach` leaves it to the kernel)."""
@@ -491,9 +379,18 @@ class XdpDatapath(CidTables):
 
     def _close(self) -> None:
         try:
-            if self.attached and self._is_attached():
-                self._detach()
-                if self.pin_dir and self._pins_are_ours(self.pin_dir):
+            if self.attached and self._link_fd >= 0:
+                os.close(self._link_fd)           # detaches (the last reference to the link)
+                self._link_fd = -1
+                ours = True
+            else:
+                ours = self.attached and self._is_attached()
+                if ours:
+                    self._detach()
+            if ours:
+                if self._pin_dirfd >= 0:
+                    self._unpin_at()
+                elif self.pin_dir and self._pins_are_ours(self.pin_dir):
                     remove_pins(self.pin_dir)
             else:
                 # not ours, or ours was replaced (`stcp-loader attach --force`) by a program
@@ -519,6 +416,20 @@ class XdpDatapath(CidTables):
                         nl.clear_xdp(self.ifindex, m)
         except Exception as e:   # interface or namespace gone: nothing left to detach
             log.info("detach from %s: %s", self.iface, e)
+
+    def _unpin_at(self) -> None:
+        """Unlink our pins through the directory's descriptor (hand_over()); the directory
+        itself stays, empty, where its parent is not ours to write (the next attach removes it)."""
+        for name in ["prog", *self._h.maps]:
+            try:
+                os.unlink(name, dir_fd=self._pin_dirfd)
+            except OSError:
+                pass
+        os.close(self._pin_dirfd)
+        self._pin_dirfd = -1
+        if self.pin_dir:
+            with contextlib.suppress(OSError):
+                remove_pins(self.pin_dir)     # the directory, where we may
 
     def _pins_are_ours(self, pins: str) -> bool:
         # nothing (readable) pinned: removing the directory is harmless

@@ -24,7 +24,7 @@ from .xdp_prog import (
     read_config,
     read_counters,
     remove_pins,
-    require_root,
+    require_privileges,
     validate_limits,
     write_config,
 )
@@ -56,7 +56,7 @@ def detach(iface: str, netns: Optional[str] = None) -> Dict[str, Any]:
 
 
 def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
-    require_root()
+    require_privileges("detaching the STCP XDP program")
     pins = pin_dir(iface, netns)
     with Netlink(netns) as nl:
         ifindex = nl.ifindex(iface)
@@ -147,7 +147,7 @@ def status(iface: Optional[str] = None, netns: Optional[str] = None) -> List[Dic
 
 
 def _status(iface: Optional[str], netns: Optional[str]) -> List[Dict[str, Any]]:
-    require_root()
+    require_privileges("reading the STCP XDP program's state")
     out = []
     with Netlink(netns) as nl:
         links = [(iface, nl.ifindex(iface))] if iface else nl.links()

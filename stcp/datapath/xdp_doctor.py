@@ -53,7 +53,7 @@ def checks() -> List[Check]:
     from . import bpf, libxdp
     from .bcc_import import bcc_origin
     from .errors import XdpSetupError
-    from .xdp import libxdp_unavailable
+    from .xdp_attach import libxdp_unavailable
     from .xdp_prog import BPFFS, check_toolchain, mounted_fstype
 
     out: List[Check] = [_privileges()]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..privileges import require_capabilities
 from ..wire import DEFAULT_MAX_DATAGRAM, HEADER_LEN
 from . import bpf
 from .bcc_import import import_bcc
@@ -102,10 +103,10 @@ def bpf_source_dir() -> Path:
 
 # --------------------------------------------------------------------------------------
 # environment checks
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise XdpSetupError("needs root: attaching XDP and reading BPF maps needs CAP_NET_ADMIN and CAP_BPF "
-                            "(run it with sudo)")
+def require_privileges(what: str, datapath: str = "xdp") -> None:
+    """XdpSetupError (one line naming the missing capabilities) unless this process may do
+    `what`: the capabilities of stcp.privileges.REQUIRED[datapath], root or not."""
+    require_capabilities(datapath, what, XdpSetupError)
 
 
 def mounted_fstype(path: str) -> Optional[str]:
@@ -275,6 +276,27 @@ def open_prog(prog_id: int) -> Optional[ProgHandles]:
     except Exception:
         os.close(pfd)
         raise
+
+
+def handles_of(b: Any, fn: Any, extra_maps: Tuple[str, ...] = ()) -> ProgHandles:
+    """Handles to a program we compiled (compile_prog()): its fd and its maps' fds taken
+    from bcc (duplicated, so they outlive release_bcc()), never opened by id, which takes
+    CAP_SYS_ADMIN (a server started with CAP_BPF alone cannot). extra_maps: more maps by
+    their names in the program ("stcp_xsks" of the afxdp variant), under those names."""
+    info = bpf.prog_info(fn.fd)
+    if info["name"] != PROG_NAME:
+        raise XdpSetupError(f"the compiled program is {info['name']!r}, not {PROG_NAME}; is bpf/ from this version?")
+    maps: Dict[str, int] = {}
+    ids: Dict[str, int] = {}
+    pfd = os.dup(fn.fd)
+    try:
+        for short, name in [*MAP_NAMES.items(), *((n, n) for n in extra_maps)]:
+            fd = os.dup(b.get_table(name).get_fd())
+            maps[short], ids[short] = fd, bpf.map_info(fd)["id"]
+    except BaseException:
+        ProgHandles(info["id"], pfd, maps).close()
+        raise
+    return ProgHandles(info["id"], pfd, maps, ids)
 
 
 def dispatched_by(dispatcher_ids: List[int]) -> Dict[int, List[int]]:

@@ -14,9 +14,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from ..address import listen_error
 from ..datapath.errors import XdpSetupError
-from ..datapath.xdp_prog import require_root
+from ..datapath.xdp_prog import require_privileges
 from .server import ServerMetrics
-from .xdp import XdpCollector
+from .xdp import XdpCollector, read_held
 
 if TYPE_CHECKING:
     from ..server import Server
@@ -77,13 +77,17 @@ def serve_metrics(server: Server, listen: str, datapath: str, cipher: str, iface
     Installs a ServerMetrics hook on server.hooks, registers it (plus an XdpCollector for
     `iface` when given, and the process collectors) on a dedicated CollectorRegistry and
     starts prometheus_client's HTTP exporter. Returns the ServerMetrics; close() it on
-    shutdown to stop the exporter.
+    shutdown to stop the exporter. The XDP counters of a server on a kernel datapath are
+    read through the descriptors its datapath holds (it may have dropped the privileges
+    that opening the program by id takes).
     """
     metrics = ServerMetrics.of(server, datapath, cipher)
     registry = CollectorRegistry()
     registry.register(metrics)
     if iface:
-        registry.register(XdpCollector([(iface, netns)]))
+        dp = getattr(server, "datapath", None)
+        held = getattr(dp, "xdp", None) or (dp if hasattr(dp, "handles") else None)
+        registry.register(XdpCollector([(iface, netns)], reader=(lambda _i, _n: read_held(held)) if held else None))
     process_collectors(registry)
     metrics.registry = registry
     metrics.http = MetricsHTTPServer(registry, listen)
@@ -107,7 +111,7 @@ def run_loader_metrics(ifaces: Sequence[str], listen: str, netns: Optional[str] 
         parse_listen(listen)
     except ValueError as e:
         raise XdpSetupError(str(e)) from None
-    require_root()
+    require_privileges("reading the STCP XDP program's counters")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="stcp-loader: %(message)s")
     registry = loader_registry(ifaces, netns)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -88,6 +88,7 @@ _STAT_FIELDS: Tuple[str, ...] = (
     "records_sent", "records_received", "bytes_sent", "bytes_received",
     "stream_bytes_sent", "stream_bytes_received", "retransmitted_records",
     "duplicates_discarded", "auth_failures", "key_updates_sent", "key_updates_received",
+    "stale_epoch_discarded", "handshake_hints_ignored", "client_auth_missing",
 )
 
 HANDSHAKE_BUCKETS: Tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -138,6 +139,16 @@ class _Histogram:
         return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=self.sum)
 
 
+def _counter_by(name: str, doc: str, label: str, keys: Iterable[str],
+                count: Callable[[str], float]) -> CounterMetricFamily:
+    """A counter family with one sample per key, in the order given: every label value is
+    exported, at zero too, so a query never finds a series missing."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key in keys:
+        family.add_metric([key], count(key))
+    return family
+
+
 def _version() -> str:
     try:
         from .. import __version__
@@ -172,6 +183,12 @@ class ServerMetrics(Collector):
     Invariants an operator (and the tests) can rely on:
       stcp_connections_opened_total - sum(stcp_connections_closed_total) == stcp_connections_active
       stcp_handshakes_started_total == completed + sum(failed) + stcp_handshakes_in_progress
+      sum(stcp_handshakes_rejected_total{reason=~"version|suite|key|busy"})
+        == stcp_handshakes_failed_total{reason="rejected"} (the REJECTs; the allow list's
+        refusals are connections, closed access_denied)
+      stcp_handshake_cookies_sent_total counts COOKIE replies, stcp_handshake_cookies_admitted_total
+        the hellos that came back with a valid one and were served: their ratio is how many of
+        the clients told to wait were real (a spoofed source never sees its cookie)
     """
 
     def __init__(self, endpoint: Optional[ServerEndpoint] = None, datapath: str = "socket",
@@ -292,23 +309,23 @@ class ServerMetrics(Collector):
                                   "hello (a connection was created) or with a REJECT.", value=s["hs_started"])
         yield CounterMetricFamily("stcp_handshakes_completed", "Handshakes that reached ENCRYPTED (the client's "
                                   "first record authenticated under the new keys).", value=s["hs_completed"])
-        f = CounterMetricFamily("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
-                                "(rejected: bad version or cipher suite; otherwise the close reason).",
-                                labels=["reason"])
-        for r in HANDSHAKE_FAIL_REASONS:
-            f.add_metric([r], s["hs_failed"][r])
-        yield f
+        yield _counter_by("stcp_handshakes_failed", "Handshakes that ended before ENCRYPTED, by reason "
+                          "(rejected: bad version or cipher suite; otherwise the close reason).",
+                          "reason", HANDSHAKE_FAIL_REASONS, s["hs_failed"].__getitem__)
         yield GaugeMetricFamily("stcp_handshakes_in_progress", "Connections created whose handshake has not "
                                 "completed yet.", value=s["in_progress"])
+        yield CounterMetricFamily("stcp_handshake_hints_ignored", "Handshake-time datagrams that could not be "
+                                  "verified yet (no keys) and were ignored, not acted on.",
+                                  value=st["handshake_hints_ignored"])
+        yield CounterMetricFamily("stcp_client_auth_missing", "Records from clients that did not authenticate "
+                                  "(CLIENT_AUTH) to a server with an allow list.", value=st["client_auth_missing"])
         yield s["hs_hist"].family("stcp_handshake_duration_seconds", "Time from the client hello to ENCRYPTED, "
                                   "as seen by the server.")
-        rj = CounterMetricFamily("stcp_handshakes_rejected", "Handshakes the server refused, by reason: a REJECT "
-                                 "answering a client hello (version, suite, key, busy), or a connection its "
-                                 "allow list ended ACCESS_DENIED (client_not_allowed: a key not on the list; "
-                                 "client_key_missing: no key proven).", labels=["reason"])
-        for r in HANDSHAKE_REJECT_REASONS:
-            rj.add_metric([r], s["rejects"][r])
-        yield rj
+        yield _counter_by("stcp_handshakes_rejected", "Handshakes the server refused, by reason: a REJECT "
+                          "answering a client hello (version, suite, key, busy), or a connection its allow "
+                          "list ended ACCESS_DENIED (client_not_allowed: a key not on the list; "
+                          "client_key_missing: no key proven).", "reason", HANDSHAKE_REJECT_REASONS,
+                          s["rejects"].__getitem__)
         for name, (_, doc) in ENDPOINT_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=s["endpoint"][name])
 
@@ -317,11 +334,8 @@ class ServerMetrics(Collector):
                                 "or established).", value=s["active"])
         yield CounterMetricFamily("stcp_connections_opened", "Connections created (a server hello was sent).",
                                   value=s["opened"])
-        c = CounterMetricFamily("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
-                                labels=["reason"])
-        for r in CLOSE_REASONS:
-            c.add_metric([r], s["closed"][r])
-        yield c
+        yield _counter_by("stcp_connections_closed", "Connections that reached CLOSED, by reason.",
+                          "reason", CLOSE_REASONS, s["closed"].__getitem__)
 
         # records and bytes
         rec = CounterMetricFamily("stcp_records", "Protected records: sealed and sent (tx), received and "
@@ -345,6 +359,9 @@ class ServerMetrics(Collector):
         yield CounterMetricFamily("stcp_replays_discarded", "Duplicate records (already accepted sequence "
                                   "numbers, repeated hellos) discarded without ending the connection.",
                                   value=st["duplicates_discarded"])
+        yield CounterMetricFamily("stcp_stale_epoch_discarded", "Records of a key epoch whose keys are gone "
+                                  "(late after a key update), discarded without ending the connection.",
+                                  value=st["stale_epoch_discarded"])
         yield CounterMetricFamily("stcp_auth_failures", "Records addressed to a connection that failed "
                                   "authentication or decryption (each ends its connection).",
                                   value=st["auth_failures"])
@@ -356,22 +373,17 @@ class ServerMetrics(Collector):
         yield s["rtt_hist"].family("stcp_rtt_seconds", "Round-trip time samples of ended connections (the last "
                                    "1024 of each), observed when the connection ends.")
 
-        dr = CounterMetricFamily("stcp_records_discarded", "Records that reached a connection and were "
-                                 "discarded without ending it, by reason: from an address not the peer's, "
-                                 "malformed, failing authentication or two key epochs ahead; handshake-class "
-                                 "records that are not a repeat of the connection's hello; longer than "
-                                 "max_datagram; opening a reassembly fragment beyond the cap (PROTOCOL.md 10.2).",
-                                 labels=["reason"])
-        for r in DISCARD_REASONS:
-            dr.add_metric([r], st["discarded:" + r])
-        yield dr
+        yield _counter_by("stcp_records_discarded", "Records that reached a connection and were discarded "
+                          "without ending it, by reason: from an address not the peer's, malformed, failing "
+                          "authentication or two key epochs ahead; handshake-class records that are not a "
+                          "repeat of the connection's hello; longer than max_datagram; opening a reassembly "
+                          "fragment beyond the cap (PROTOCOL.md 10.2).",
+                          "reason", DISCARD_REASONS, lambda r: st["discarded:" + r])
 
         # endpoint
-        d = CounterMetricFamily("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped "
-                                "before any connection saw them, by reason.", labels=["reason"])
-        for r in ENDPOINT_DROP_REASONS:
-            d.add_metric([r], s["drops"][r])
-        yield d
+        yield _counter_by("stcp_endpoint_dropped_datagrams", "Datagrams the server endpoint dropped before "
+                          "any connection saw them, by reason.", "reason", ENDPOINT_DROP_REASONS,
+                          s["drops"].__getitem__)
         mem = s["memory"]
         yield CounterMetricFamily("stcp_connections_migrated", "Connections moved to a new peer address by an "
                                   "authenticated record from it (NAT rebinding).", value=mem["migrations"])

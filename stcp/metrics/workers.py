@@ -94,9 +94,12 @@ class WorkerCollector(Collector):
 
 class UnixExporter:
     """Serves a registry's text exposition on a unix stream socket: each connection gets
-    one generate_latest() and EOF. For a supervisor on the same host (read_unix)."""
+    one generate_latest() and EOF. For a supervisor on the same host (read_unix).
+    start=False binds the socket but serves only from start(): a worker binds in the
+    supervisor's private directory while it may, and starts the thread once it has dropped
+    its privileges (capabilities are per thread: none may be started before)."""
 
-    def __init__(self, registry: CollectorRegistry, path: str):
+    def __init__(self, registry: CollectorRegistry, path: str, start: bool = True):
         import socketserver
 
         class Handler(socketserver.BaseRequestHandler):
@@ -114,13 +117,21 @@ class UnixExporter:
         self.path = path
         self.server = Server(path, Handler)
         os.chmod(path, 0o600)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="stcp-worker-metrics", daemon=True)
-        self.thread.start()
+        self.thread: Optional[threading.Thread] = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.server.serve_forever, name="stcp-worker-metrics",
+                                           daemon=True)
+            self.thread.start()
 
     def close(self) -> None:
-        self.server.shutdown()
+        if self.thread is not None:
+            self.server.shutdown()
+            self.thread.join(timeout=5)
         self.server.server_close()
-        self.thread.join(timeout=5)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
@@ -143,16 +154,19 @@ def read_unix(path: str, timeout: float = 2.0) -> str:
 
 
 def serve_worker_metrics(server: Server, directory: str, worker: int, datapath: str = "afxdp",
-                         cipher: str = "aes-256-gcm", *, path: Optional[str] = None) -> ServerMetrics:
+                         cipher: str = "aes-256-gcm", *, path: Optional[str] = None,
+                         start: bool = True) -> ServerMetrics:
     """In a worker process: install a ServerMetrics hook on `server` and serve it plus the
     worker's WorkerCollector at worker_socket_path(directory, worker, os.getpid()) (or
-    `path`). close() the result on shutdown."""
+    `path`); start=False: bound, serving from result.http.start(). close() the result on
+    shutdown."""
     metrics = ServerMetrics.of(server, datapath, cipher)
     registry = CollectorRegistry()
     registry.register(metrics)
     registry.register(WorkerCollector(lambda: getattr(server, "driver", None)))
     metrics.registry = registry
-    metrics.http = UnixExporter(registry, path or worker_socket_path(directory, worker, os.getpid()))  # type: ignore[assignment]
+    metrics.http = UnixExporter(registry, path or worker_socket_path(directory, worker, os.getpid()),  # type: ignore[assignment]
+                                start=start)
     server.hooks.append(metrics)
     return metrics
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -20,6 +20,9 @@ from ..datapath.errors import XdpSetupError
 from ..datapath.netlink import Netlink
 from ..datapath.verdicts import Verdict
 from ..datapath.xdp_cookie import cookie_keys_live
+
+if TYPE_CHECKING:
+    from ..datapath.xdp import XdpDatapath
 
 log = logging.getLogger("stcp.metrics")
 
@@ -47,13 +50,26 @@ def read_xdp(iface: str, netns: Optional[str] = None) -> dict:
     if h is None:
         return {"attached": False}
     try:
-        info = bpf.prog_info(h.prog_fd)
-        return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
-                "live_cids": xdp_prog.count_cids(h), "half_open_cids": xdp_prog.count_cids(h, "half_open"),
-                "cookie_keys": int(cookie_keys_live(h.maps["cookie"])),
-                "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
+        return _read(h, mode)
     finally:
         h.close()
+
+
+def read_held(xdp: XdpDatapath) -> dict:
+    """read_xdp() through the descriptors a server's XdpDatapath holds (`xdp`): a server that
+    dropped its privileges can no longer open the program by id, but reads what it holds."""
+    h = xdp.handles
+    if h.prog_fd < 0 or not xdp.is_attached():
+        return {"attached": False}
+    return _read(h, xdp.mode)
+
+
+def _read(h: xdp_prog.ProgHandles, mode: Optional[str]) -> dict:
+    info = bpf.prog_info(h.prog_fd)
+    return {"attached": True, "mode": mode, "prog_id": h.prog_id, "per_cpu": xdp_prog.read_counters_per_cpu(h),
+            "live_cids": xdp_prog.count_cids(h), "half_open_cids": xdp_prog.count_cids(h, "half_open"),
+            "cookie_keys": int(cookie_keys_live(h.maps["cookie"])),
+            "run_time_ns": info["run_time_ns"], "run_cnt": info["run_cnt"]}
 
 
 def _unquote_pin(name: str) -> str:

@@ -36,7 +36,8 @@ Key = Tuple[str, FrozenSet[Tuple[str, str]]]
 # Label names the exporters may use: small fixed value sets only (python_info's come from
 # prometheus_client's PlatformCollector). Never an address or a connection ID.
 ALLOWED_LABELS = {"reason", "direction", "le", "version", "datapath", "cipher", "iface", "netns", "mode",
-                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path"}
+                  "verdict", "cpu", "implementation", "major", "minor", "patchlevel", "worker", "path", "code",
+                  "outcome"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,6 +107,9 @@ def check_invariants(s: Scrape) -> None:
     assert set(s.by("stcp_handshakes_failed_total", "reason")) == set(HANDSHAKE_FAIL_REASONS)
     assert set(s.by("stcp_endpoint_dropped_datagrams_total", "reason")) == set(ENDPOINT_DROP_REASONS)
     assert set(s.by("stcp_handshakes_rejected_total", "reason")) == set(HANDSHAKE_REJECT_REASONS)
+    # the REJECTs answering a hello; the allow list's refusals are connections (access_denied)
+    assert sum(s.get("stcp_handshakes_rejected_total", reason=r) for r in ("version", "suite", "key", "busy")) \
+        == s.get("stcp_handshakes_failed_total", reason="rejected")
     assert s.label_names() <= ALLOWED_LABELS, s.label_names() - ALLOWED_LABELS
 
 
