@@ -165,11 +165,13 @@ def handshake_error(info: ConnectionClosed, config: Config) -> Exception:
 
 
 class ConnectionHandle:
-    """Glue between one sans-IO Connection and its reader/writer."""
+    """Glue between one sans-IO Connection and its reader/writer. owns_driver: the driver
+    (and its socket) is this connection's alone (a client's), released when it ends."""
 
-    def __init__(self, driver: Driver, conn: Connection):
+    def __init__(self, driver: Driver, conn: Connection, owns_driver: bool = False):
         self.driver = driver
         self.conn = conn
+        self.owns_driver = owns_driver
         self.loop = driver.loop
         self.reader = StreamReader(self)
         self.writer = StreamWriter(self)
@@ -387,7 +389,13 @@ class StreamWriter:
         return conn.is_closed or conn.write_finished
 
     async def wait_closed(self) -> None:
-        info = await asyncio.shield(self._handle.closed)
+        """Until the connection has ended and, on a client, its socket is closed (after a
+        graceful end the connection lingers a few round trips to re-acknowledge the peer's
+        last records, as TCP's TIME_WAIT): then no descriptor of it is left open."""
+        handle = self._handle
+        info = await asyncio.shield(handle.closed)
+        if handle.owns_driver:
+            await asyncio.shield(handle.driver.released)
         exc = closed_error(info)
         if exc is not None:
             raise exc
@@ -453,7 +461,7 @@ async def open_connection(host: str, port: int = DEFAULT_PORT, *, server_key: Un
     sock = connect_udp(host, port)
     conn = Connection.client(config, loop.time())
     driver = ClientDriver(loop, sock, conn)
-    handle = ConnectionHandle(driver, conn)
+    handle = ConnectionHandle(driver, conn, owns_driver=True)
     driver.touch(conn)
     try:
         await handle.established

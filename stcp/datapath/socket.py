@@ -242,6 +242,7 @@ class Driver:
         self._flush_scheduled = False
         self.icmp_errors = 0
         self.closed = False
+        self.released: "asyncio.Future[None]" = loop.create_future()     # done once close() has closed the socket
         loop.add_reader(self.fd, self._on_readable)
 
     # --- receive -----------------------------------------------------------
@@ -258,6 +259,8 @@ class Driver:
 
     def _on_readable(self) -> None:
         for _ in range(RECV_ROUNDS):
+            if self.closed:               # the last connection ended in this callback
+                break
             try:
                 batch = self._recv_batch()
             except OSError:
@@ -328,6 +331,8 @@ class Driver:
         self.outbox.gso = on
 
     def _send_backlog(self) -> None:
+        if self.closed:
+            return
         if not self.outbox.send():       # socket buffer full: wait until it drains
             self.loop.add_writer(self.fd, self._on_writable)
 
@@ -380,9 +385,13 @@ class Driver:
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        self.loop.remove_reader(self.fd)
-        self.loop.remove_writer(self.fd)
+        self.outbox.entries.clear()
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
         self.sock.close()
+        if not self.released.done() and not self.loop.is_closed():
+            self.released.set_result(None)
 
 
 class ClientDriver(Driver):
@@ -407,7 +416,14 @@ class ClientDriver(Driver):
         self.touch(self.conn)
 
     def connection_ended(self, conn: Connection) -> None:
-        self.loop.call_soon(self.close)
+        # The socket is this connection's alone: send its last datagrams (they are queued
+        # already) and release the socket now, not on a later loop pass that a loop about to
+        # stop may never run (the descriptor would then wait for the garbage collector).
+        try:
+            self.outbox.send()
+        except OSError:
+            pass                  # the peer learns of the end from its idle timeout instead
+        self.close()
 
 
 class ServerDriver(Driver):
