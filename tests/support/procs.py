@@ -193,6 +193,9 @@ def client_results(procs: list, datas: list, outs: list, timeout: float = 120) -
             ok += 1
         else:
             failed.append([ln for ln in p.stderr.read().decode(errors="replace").splitlines() if ln.strip()])
+        for pipe in (p.stdin, p.stdout, p.stderr):   # now, not when the garbage collector finds them
+            if pipe is not None:
+                pipe.close()
     return ok, failed
 
 
