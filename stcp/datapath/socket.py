@@ -312,7 +312,7 @@ class Driver:
         batches = conn.datagram_batches(now)
         if batches:
             self.outbox.add(batches, self.peer_address(conn))
-        if hooks is not None:
+        if hooks is not None and conn.events:       # what sending raised (a failure's close)
             hooks.process_events()
         if conn.is_closed:
             self._forget(conn)
