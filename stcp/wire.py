@@ -6,10 +6,12 @@ Everything here is pure encoding: no keys, no state.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
+from types import ModuleType
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
@@ -405,6 +407,66 @@ def decode_ack(p: bytes, pos: int = 0) -> Tuple[AckFrame, int]:
         raise ProtocolViolation("frame truncated") from None
 
 
+_BAD_RANGES = ("ack ranges must be (low, high) pairs in 0..2^64-1, highest first, "
+               "neither overlapping nor adjacent")
+_U64 = 1 << 64
+AckStream = Tuple[Optional[Tuple[Tuple[int, int], ...]], int, int, Optional[bytes], bool]
+
+
+def encode_ack_stream_ref(ranges: Optional[Sequence[Tuple[int, int]]], delay_us: int, offset: int,
+                          data: Optional[bytes]) -> bytes:
+    """The plaintext of a request/response record: an ACK of `ranges` (none when empty or
+    None; the first MAX_ACK_RANGES, as encode_ack keeps them), then a STREAM frame of `data`
+    at `offset` without FIN (none when data is None): encode_ack(ranges, delay_us) +
+    encode_stream(offset, data). ValueError for values no frame can carry. The reference of
+    stcp._frames.encode_ack_stream."""
+    out = b""
+    if ranges:
+        ranges = list(ranges)[:MAX_ACK_RANGES]
+        prev_low = None
+        for pair in ranges:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise ValueError(_BAD_RANGES)
+            low, high = pair
+            if not (0 <= low <= high < _U64) or (prev_low is not None and high > prev_low - 2):
+                raise ValueError(_BAD_RANGES)
+            prev_low = low
+    if delay_us < 0:
+        raise ValueError("ack delay must not be negative")
+    if ranges:
+        out = encode_ack(tuple(ranges), delay_us)
+    if data is not None:
+        if not 0 <= offset < _U64:
+            raise ValueError("stream offset must be in 0..2^64-1")
+        if len(data) > 0xFFFF:
+            raise ValueError("stream frame data longer than 65535 bytes")
+        out += _STREAM_HDR.pack(FRAME_STREAM, 0, offset, len(data)) + bytes(data)
+    return out
+
+
+def decode_ack_stream_ref(plaintext: bytes) -> Optional[AckStream]:
+    """(ack ranges or None, delay_us, offset, data or None, fin) of a plaintext that is an ACK,
+    a STREAM frame filling the rest, or an ACK then such a STREAM frame, the records a small
+    message and its echo take; None for any other plaintext (decode_frames takes it).
+    ProtocolViolation as decode_frames raises it for a malformed ACK. The reference of
+    stcp._frames.decode_ack_stream."""
+    pos, end = 0, len(plaintext)
+    ranges: Optional[Tuple[Tuple[int, int], ...]] = None
+    delay = 0
+    if end and plaintext[0] == FRAME_ACK:
+        ack, pos = decode_ack(plaintext)
+        ranges, delay = ack.ranges, ack.delay_us
+        if pos == end:
+            return ranges, delay, 0, None, False
+    if end - pos < STREAM_FRAME_OVERHEAD or plaintext[pos] != FRAME_STREAM:
+        return None
+    _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext, pos)
+    start = pos + STREAM_FRAME_OVERHEAD
+    if flags > STREAM_FLAG_FIN or start + length != end:
+        return None
+    return ranges, delay, offset, bytes(plaintext[start:]), bool(flags)
+
+
 def _decode_max_data(p: bytes, pos: int, end: int) -> Tuple[MaxDataFrame, int]:
     return MaxDataFrame(_MAX_DATA.unpack_from(p, pos)[1]), pos + _MAX_DATA.size
 
@@ -485,3 +547,17 @@ def decode_frames(plaintext: bytes) -> List[Frame]:
     except struct.error:
         raise ProtocolViolation("frame truncated") from None
     return frames
+
+
+# stcp._frames (stcp/_ext/frames.c); STCP_PURE_PYTHON=1 keeps the references, as in stcp.crypto.
+_c: Optional[ModuleType] = None
+if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _frames as _c
+    except ImportError:
+        _c = None
+FRAMES_ACCELERATED = _c is not None
+encode_ack_stream: Callable[[Optional[Sequence[Tuple[int, int]]], int, int, Optional[bytes]], bytes] = \
+    _c.encode_ack_stream if _c is not None else encode_ack_stream_ref
+decode_ack_stream: Callable[[bytes], Optional[AckStream]] = \
+    _c.decode_ack_stream if _c is not None else decode_ack_stream_ref
