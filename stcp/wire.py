@@ -115,6 +115,8 @@ CLIENT_AUTH_FRAME_LEN = 1 + PUBLIC_KEY_LEN + PROOF_LEN
 RESET_TOKEN_FRAME_LEN = 1 + RESET_TOKEN_LEN
 
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
+ACK_HEADER_LEN = _ACK_HDR.size                 # an ACK frame is this plus ACK_RANGE_LEN per range after the first
+ACK_RANGE_LEN = _ACK_RANGE.size
 
 # An entry of a datagram batch: one datagram, or (buffer, segment_size) for datagrams of that
 # size back to back (UDP GRO on receive, a GSO run on send; the last may be shorter).
