@@ -16,7 +16,7 @@ import random
 
 import pytest
 
-from stcp import connection, crypto, receive, send
+from stcp import connection, crypto, receive, send, wire
 from stcp.connection import Config, Connection
 from tests.support.sim import Link, Pair
 
@@ -69,12 +69,24 @@ def session(monkeypatch, small: bool, loss: float, sizes, pause_every: int = 0,
             "closed": dict(p.closed)}
 
 
+@pytest.fixture(params=["c", "reference"])
+def codec(request, monkeypatch):
+    """The small paths with stcp._frames (when built) and with the wire references, the
+    fallback a build without the C module runs."""
+    if request.param == "reference":
+        monkeypatch.setattr(send, "_encode_ack_stream", wire.encode_ack_stream_ref)
+        monkeypatch.setattr(receive, "_decode_ack_stream", wire.decode_ack_stream_ref)
+    elif not wire.FRAMES_ACCELERATED:
+        pytest.skip("stcp._frames is not built")
+    return request.param
+
+
 @pytest.mark.parametrize("loss,pause_every,key_update_interval", [
     (0.0, 0, 1 << 22),        # the common case: every message and echo in one record each
     (0.0, 7, 1 << 22),        # pauses: the delayed ACK goes out alone
     (0.15, 5, 40),            # loss and reordering: retransmissions, probes, key updates between
 ])
-def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, loss, pause_every,
+def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, codec, loss, pause_every,
                                                                 key_update_interval):
     sizes = [64, 1, 1024, 1300, 3000, 64, 16384, 200] * 12
     fast = session(monkeypatch, True, loss, sizes, pause_every, key_update_interval)
