@@ -50,7 +50,6 @@ class Discard(STCPError):
 _UNAUTHENTICATED_REASON = {MalformedRecord: "malformed", AuthenticationFailure: "auth",
                            KeyUpdateError: "key_epoch"}
 _ENCRYPTED = State.ENCRYPTED
-_decode_ack_stream = wire.decode_ack_stream
 
 
 def printable(text: str) -> str:
@@ -202,7 +201,7 @@ class ReceivePath(ConnectionFields):
         if self.state == State.KEY_EXCHANGE:
             self._server_confirms(plaintext)        # raises unless the client may come in
         recv = self._recv
-        small = _decode_ack_stream(plaintext) if self._small_path else None
+        small = wire.decode_ack_stream(plaintext) if self._small_path else None
         if small is not None and (small[0] is None or self.state is _ENCRYPTED):
             # the common records, an ACK, a STREAM frame or an ACK then a STREAM frame (a small
             # message and its echo; bulk data), parsed in one call (stcp._frames) and acted on

@@ -33,7 +33,6 @@ _ENCRYPTED = State.ENCRYPTED
 _EPOCH_SHIFT = wire.EPOCH_SHIFT
 _STREAM_OVERHEAD = wire.STREAM_FRAME_OVERHEAD
 _RECORD_OVERHEAD = wire.HEADER_LEN + wire.AEAD_TAG_LEN
-_encode_ack_stream = wire.encode_ack_stream
 _ACK_HEADER_LEN = wire.ACK_HEADER_LEN
 _ACK_RANGE_LEN = wire.ACK_RANGE_LEN
 # A record with a PING is padded to be longer than a stateless RESET: a server that lost our
@@ -217,7 +216,7 @@ class SendPath(ConnectionFields):
         if start == end:                       # no data: an ACK alone if one is due
             if deadline is None or deadline > now:
                 return b""
-            frames = _encode_ack_stream(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON), 0, 0, None)
+            frames = wire.encode_ack_stream(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON), 0, 0, None)
             descs: list = []
             eliciting = False
         else:
@@ -231,7 +230,7 @@ class SendPath(ConnectionFields):
             ack_len = _ACK_HEADER_LEN + (len(ranges) - 1) * _ACK_RANGE_LEN if ranges else 0
             if ack_len + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
                 return None
-            frames = _encode_ack_stream(ranges, 0, start, send.view(start, end))
+            frames = wire.encode_ack_stream(ranges, 0, start, send.view(start, end))
             send.next_offset = end
             self.stats.stream_bytes_sent += n
             descs = [(_STREAM, start, end, False)]

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import re
 import struct
-from types import ModuleType
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
@@ -380,7 +380,7 @@ def _decode_stream(p: bytes, pos: int, end: int) -> Tuple[StreamFrame, int]:
     return StreamFrame(offset, bytes(p[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)), pos + length
 
 
-def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
+def _decode_ack(p: _Buffer, pos: int, end: int) -> Tuple[AckFrame, int]:
     _, largest, delay, count, first = _ACK_HDR.unpack_from(p, pos)
     pos += _ACK_HDR.size
     if count >= MAX_ACK_RANGES:
@@ -400,7 +400,7 @@ def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
     return AckFrame(tuple(ranges), delay), pos
 
 
-def decode_ack(p: bytes, pos: int = 0) -> Tuple[AckFrame, int]:
+def decode_ack(p: _Buffer, pos: int = 0) -> Tuple[AckFrame, int]:
     """The ACK frame at p[pos] and the position after it (the receive path's fast path for a
     record that starts with one); ProtocolViolation as decode_frames raises it."""
     try:
@@ -413,10 +413,11 @@ _BAD_RANGES = ("ack ranges must be (low, high) pairs in 0..2^64-1, highest first
                "neither overlapping nor adjacent")
 _U64 = 1 << 64
 AckStream = Tuple[Optional[Tuple[Tuple[int, int], ...]], int, int, Optional[bytes], bool]
+_Buffer = Union[bytes, bytearray, memoryview]
 
 
 def encode_ack_stream_ref(ranges: Optional[Sequence[Tuple[int, int]]], delay_us: int, offset: int,
-                          data: Optional[bytes]) -> bytes:
+                          data: Optional[_Buffer]) -> bytes:
     """The plaintext of a request/response record: an ACK of `ranges` (none when empty or
     None; the first MAX_ACK_RANGES, as encode_ack keeps them), then a STREAM frame of `data`
     at `offset` without FIN (none when data is None): encode_ack(ranges, delay_us) +
@@ -446,7 +447,7 @@ def encode_ack_stream_ref(ranges: Optional[Sequence[Tuple[int, int]]], delay_us:
     return out
 
 
-def decode_ack_stream_ref(plaintext: bytes) -> Optional[AckStream]:
+def decode_ack_stream_ref(plaintext: _Buffer) -> Optional[AckStream]:
     """(ack ranges or None, delay_us, offset, data or None, fin) of a plaintext that is an ACK,
     a STREAM frame filling the rest, or an ACK then such a STREAM frame, the records a small
     message and its echo take; None for any other plaintext (decode_frames takes it).
@@ -559,7 +560,7 @@ if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
     except ImportError:
         _c = None
 FRAMES_ACCELERATED = _c is not None
-encode_ack_stream: Callable[[Optional[Sequence[Tuple[int, int]]], int, int, Optional[bytes]], bytes] = \
+encode_ack_stream: Callable[[Optional[Sequence[Tuple[int, int]]], int, int, Optional[_Buffer]], bytes] = \
     _c.encode_ack_stream if _c is not None else encode_ack_stream_ref
-decode_ack_stream: Callable[[bytes], Optional[AckStream]] = \
+decode_ack_stream: Callable[[_Buffer], Optional[AckStream]] = \
     _c.decode_ack_stream if _c is not None else decode_ack_stream_ref

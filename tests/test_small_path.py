@@ -16,7 +16,7 @@ import random
 
 import pytest
 
-from stcp import connection, crypto, receive, send, wire
+from stcp import connection, crypto, send, wire
 from stcp.connection import Config, Connection
 from tests.support.sim import Link, Pair
 
@@ -74,10 +74,10 @@ def codec(request, monkeypatch):
     """The small paths with stcp._frames (when built) and with the wire references, the
     fallback a build without the C module runs."""
     if request.param == "reference":
-        monkeypatch.setattr(send, "_encode_ack_stream", wire.encode_ack_stream_ref)
-        monkeypatch.setattr(receive, "_decode_ack_stream", wire.decode_ack_stream_ref)
+        monkeypatch.setattr(wire, "encode_ack_stream", wire.encode_ack_stream_ref)
+        monkeypatch.setattr(wire, "decode_ack_stream", wire.decode_ack_stream_ref)
     elif not wire.FRAMES_ACCELERATED:
-        pytest.skip("stcp._frames is not built")
+        pytest.skip("the C frame codec is not built (pip install -e .)")
     return request.param
 
 
@@ -101,7 +101,7 @@ def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, cod
 def test_small_paths_are_taken(monkeypatch):
     """The equality above means something only if the fast paths run: count them."""
     calls = {"small": 0, "ack_first": 0}
-    small, decode = send.SendPath._small_record, receive._decode_ack_stream
+    small, decode = send.SendPath._small_record, wire.decode_ack_stream
 
     def counting_small(self, now):
         record = small(self, now)
@@ -114,6 +114,6 @@ def test_small_paths_are_taken(monkeypatch):
         return parsed
 
     monkeypatch.setattr(send.SendPath, "_small_record", counting_small)
-    monkeypatch.setattr(receive, "_decode_ack_stream", counting_decode)
+    monkeypatch.setattr(wire, "decode_ack_stream", counting_decode)
     session(monkeypatch, True, 0.0, [64] * 50)
     assert calls["small"] >= 100 and calls["ack_first"] >= 98

@@ -181,7 +181,7 @@ static PyObject *encode_ack_stream(PyObject *self, PyObject *args) {
             n = MAX_ACK_RANGES;        /* the newest MAX_ACK_RANGES, as encode_ack keeps them */
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
-            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
                 PyErr_SetString(PyExc_ValueError, BAD_RANGES);
                 Py_DECREF(seq);
                 return NULL;
