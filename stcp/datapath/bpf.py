@@ -127,19 +127,21 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
                  f"create BPF map {name}")
 
 
-def prog_load(prog_type: int, name: str, insns: bytes, license: str = "Apache-2.0") -> int:
+def prog_load(prog_type: int, name: str, insns: bytes) -> int:
     """An fd of a new program of BPF_PROG_TYPE_* prog_type from raw instructions (struct
     bpf_insn, 8 bytes each). A refusal by the verifier raises OSError whose message ends
-    with the verifier's last line, the one that says why."""
+    with the verifier's last line, the one that says why. Under the project's license: a
+    program calling a GPL-only helper would be refused, and none here needs one."""
     lib = libbpf()
-    rc = lib.bpf_prog_load(prog_type, name.encode(), license.encode(), insns, len(insns) // 8, None)
+    lic = b"Apache-2.0"
+    rc = lib.bpf_prog_load(prog_type, name.encode(), lic, insns, len(insns) // 8, None)
     if rc >= 0:
         return rc
     err = -rc if rc != -1 else (ctypes.get_errno() or 1)
     log = ctypes.create_string_buffer(1 << 16)
     opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=len(log),
                          log_buf=ctypes.cast(log, ctypes.c_char_p))
-    rc = lib.bpf_prog_load(prog_type, name.encode(), license.encode(), insns, len(insns) // 8, ctypes.byref(opts))
+    rc = lib.bpf_prog_load(prog_type, name.encode(), lic, insns, len(insns) // 8, ctypes.byref(opts))
     if rc >= 0:                                   # it loaded the second time: keep it
         return rc
     lines = [ln for ln in log.value.decode(errors="replace").splitlines()

@@ -81,7 +81,7 @@ class ReuseportError(STCPError):
 def classify(payload: bytes) -> Tuple[ReuseportVerdict, Optional[int]]:
     """What the program decides for a UDP payload before it looks at the map: (PASS_WORKER,
     worker) for a record, else (PASS_NOT_STCP or PASS_HELLO, None). The Python reference of
-    bpf/stcp_reuseport.c, tested against it."""
+    stcp/datapath/reuseport_prog.py, tested against it."""
     if len(payload) < HEADER_LEN:
         return ReuseportVerdict.PASS_NOT_STCP, None
     cid, seq = struct.unpack_from("!QQ", payload, 8)

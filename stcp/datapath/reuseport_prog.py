@@ -95,9 +95,8 @@ class _Asm:
 
     def code(self) -> bytes:
         out = bytearray()
-        for pc, (op, dst, src, off, imm) in enumerate(self.insns):
-            if isinstance(off, str):
-                off = self.labels[off] - pc - 1
+        for pc, (op, dst, src, target, imm) in enumerate(self.insns):
+            off = self.labels[target] - pc - 1 if isinstance(target, str) else target
             assert isinstance(off, int)
             regs = dst | src << 4 if sys.byteorder == "little" else dst << 4 | src
             out += struct.pack("=BBhi", op, regs, off, imm)
