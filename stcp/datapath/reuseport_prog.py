@@ -1,4 +1,4 @@
-"""The SO_REUSEPORT steering program, as the 30-odd BPF instructions it is.
+"""The SO_REUSEPORT steering program, as the 50 BPF instructions it is.
 
 A BPF_PROG_TYPE_SK_REUSEPORT program picking the socket of a UDP reuseport group by the
 worker bits of the record's connection ID (docs/PROTOCOL.md section 3.1.1). The kernel
@@ -24,8 +24,8 @@ millisecond and needs only libbpf. What it does, in C:
 count() bumps the per-CPU (packets, bytes) counter of its verdict (bytes: ctx->len, the
 UDP header and payload) and returns the action. bpf_skb_load_bytes rather than direct
 access: the header may lie past the skb's linear part, where data_end stops. The
-verdicts are ReuseportVerdict's values (below), the shift and header length stcp/wire.py's; the
-Python reference is reuseport.classify(), and tests/test_reuseport.py sends datagrams
+verdicts are ReuseportVerdict's values (below), the shift and header length stcp/wire.py's;
+the Python reference is reuseport.classify(), and tests/test_reuseport.py sends datagrams
 through the loaded program to check the two agree.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ _LDX_W, _LDX_DW, _STX_W, _STX_DW = 0x61, 0x79, 0x63, 0x7B
 _MOV_K, _MOV_X, _ADD_K, _ADD_X, _OR_X, _RSH_K = 0xB7, 0xBF, 0x07, 0x0F, 0x4F, 0x77
 _TO_BE = 0xDC                 # BPF_ALU | BPF_END | BPF_TO_BE: a no-op on big-endian hosts
 _LD_IMM64 = 0x18
-_JA, _JEQ_K, _JNE_K, _JLT_K, _JSLT_K = 0x05, 0x15, 0x55, 0xA5, 0xC5
+_JEQ_K, _JNE_K, _JLT_K, _JSLT_K = 0x15, 0x55, 0xA5, 0xC5
 _CALL, _EXIT = 0x85, 0x95
 _R0, _R1, _R2, _R3, _R4, _R6, _R7, _R8, _R9, _FP = 0, 1, 2, 3, 4, 6, 7, 8, 9, 10
 _IDS, _WORKER, _KEY = -16, -20, -4    # stack offsets: cid+seq (16 bytes), u32 worker, u32 counter key
