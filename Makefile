@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml $(wildcard setup.py) $(wildcard stcp/_ext/*.c) $(wildca
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench,lint,fuzz,uvloop]'
-	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash'  # the C extensions built (setup.py, stcp/_ext/)
+	$(PY) -c 'import stcp._aead, stcp._udpio, stcp._demux, stcp._siphash, stcp._frames'  # the C extensions built (setup.py, stcp/_ext/)
 	touch $@
 
 # System packages for the kernel datapath (bcc, kernel headers, libxdp). Root only;

@@ -3,7 +3,8 @@
 stcp._aead links OpenSSL's libcrypto (Debian: libssl-dev, installed by
 scripts/system-deps.sh); stcp._udpio is plain Linux (sendmmsg/recvmmsg, UDP GSO/GRO);
 stcp._demux (a receive batch grouped by connection ID) and stcp._siphash (the handshake
-cookie's SipHash-2-4-128) are plain C.
+cookie's SipHash-2-4-128) and stcp._frames (the ACK and STREAM frames of a request/response
+record) are plain C.
 stcp._xsk (the AF_XDP sockets of `--datapath afxdp`) links libxdp and libbpf (Debian:
 libxdp-dev, libbpf-dev); it is optional: without those headers the build skips it with a
 warning and everything else (the socket and xdp datapaths) still works.
@@ -58,6 +59,7 @@ EXTENSIONS = [
     Extension("stcp._demux", sources=["stcp/_ext/demux.c"], depends=["stcp/_ext/record.h"],
               extra_compile_args=CFLAGS),
     Extension("stcp._siphash", sources=["stcp/_ext/siphash.c"], extra_compile_args=CFLAGS),
+    Extension("stcp._frames", sources=["stcp/_ext/frames.c"], extra_compile_args=CFLAGS),
     Extension("stcp._xsk", sources=["stcp/_ext/xsk.c", "stcp/_ext/xsk_frame.c", "stcp/_ext/xsk_gro.c"],
               depends=["stcp/_ext/xsk_frame.h", "stcp/_ext/xsk_gro.h"], libraries=["xdp", "bpf"],
               extra_compile_args=CFLAGS),

@@ -16,6 +16,9 @@ On each connection (or stream) the first byte names what the client wants:
         no half-close; every peer uses the same framing so the application work is equal.
   b"E"  echo: everything after the mode byte is sent back until end of stream.
 Handshake-only connections send nothing and close right after the handshake.
+
+The flood benches (bench.xdp_flood, bench.hello_flood) share the last section: building
+their C sender and writing the report.
 """
 from __future__ import annotations
 
@@ -25,10 +28,15 @@ import datetime
 import json
 import math
 import os
+import platform
 import resource
+import shutil
 import statistics
+import subprocess
 import sys
-from typing import Callable, NamedTuple, Sequence
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence
 
 MODE_SINK = b"S"
 MODE_ECHO = b"E"
@@ -423,3 +431,49 @@ def stats_on_sigusr1(loop, provider: Callable[[], dict], name: str = "0") -> Non
         os.replace(tmp, os.path.join(path, f"{name}.json"))
 
     loop.add_signal_handler(signal.SIGUSR1, dump)
+
+
+# ----------------------------------------------------------------------------- flood benches
+REPO = Path(__file__).resolve().parent.parent
+
+
+def xdp_unavailable() -> Optional[str]:
+    """Why the XDP program cannot be built here (check_toolchain's one line), or None."""
+    sys.path.insert(0, str(REPO))
+    from stcp.datapath.errors import XdpSetupError
+    from stcp.datapath.xdp_prog import check_toolchain
+    try:
+        check_toolchain()
+    except XdpSetupError as e:
+        return str(e)
+    return None
+
+
+def build_c(source: str, exe: Path, who: str) -> Path:
+    """Compile bench/<source> (and the headers beside it) into exe with the system's cc."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise SystemExit(f"{who}: needs a C compiler (cc) for bench/{source}")
+    subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(REPO / "bench" / source)], check=True)
+    return exe
+
+
+def run_facts() -> dict:
+    """Where and when a report was made: kernel, CPUs, Python, date, load, commit."""
+    try:
+        loadavg = Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        loadavg = ""
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": loadavg,
+            "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                         capture_output=True, text=True).stdout.strip()}
+
+
+def write_report(out: Path, stem: str, doc: dict, markdown: Callable[[dict], str], who: str) -> None:
+    """out/<stem>.json and out/<STEM>.md, said on stderr; the markdown also on stdout."""
+    md = out / f"{stem.upper()}.md"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md.write_text(markdown(doc))
+    print(f"{who}: wrote {md} and {out / f'{stem}.json'}", file=sys.stderr, flush=True)
+    print(markdown(doc))

@@ -15,33 +15,14 @@
  *   bad-length   records whose length field disagrees with the datagram
  *   hello        client hellos from one source address (rate-limited per source)
  */
-#define _GNU_SOURCE
+#include "flood_common.h"      /* first: it defines _GNU_SOURCE, for sendmmsg */
+
 #include <arpa/inet.h>
-#include <errno.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
 #define HEADER_LEN 24
 #define HELLO_LEN 80
-#define MAX_BATCH 256
 #define MAX_SIZE 1472
-
-static volatile sig_atomic_t stop;
-
-static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static void put_be64(uint8_t *p, uint64_t v)
 {
@@ -51,13 +32,13 @@ static void put_be64(uint8_t *p, uint64_t v)
 	}
 }
 
-static uint64_t xorshift(uint64_t *s)
+static uint8_t bufs[MAX_BATCH][MAX_SIZE];
+
+/* a fresh random CID per datagram */
+static void new_cids(int n, void *rng)
 {
-	uint64_t x = *s;
-	x ^= x << 13;
-	x ^= x >> 7;
-	x ^= x << 17;
-	return *s = x;
+	for (int i = 0; i < n; i++)
+		put_be64(bufs[i] + 8, xorshift(rng));
 }
 
 static void usage(void)
@@ -125,10 +106,9 @@ int main(int argc, char **argv)
 	}
 	if (connect(fd, (struct sockaddr *)&ss, sslen) < 0) { perror("flood: connect"); return 1; }
 
-	static uint8_t bufs[MAX_BATCH][MAX_SIZE];
 	struct mmsghdr msgs[MAX_BATCH];
 	struct iovec iov[MAX_BATCH];
-	uint64_t rng = 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid() ^ (uint64_t)(now() * 1e9);
+	uint64_t rng = rng_seed();
 	memset(msgs, 0, sizeof(msgs));
 	for (int i = 0; i < batch; i++) {
 		uint8_t *p = bufs[i];
@@ -147,45 +127,11 @@ int main(int argc, char **argv)
 		msgs[i].msg_hdr.msg_iovlen = 1;
 	}
 
-	signal(SIGINT, on_signal);
-	signal(SIGTERM, on_signal);
-	long sent = 0, errors = 0, calls = 0;
-	double t0 = now(), t = t0, deadline = t0 + seconds;
-	while (!stop && sent < count) {
-		int n = batch;
-		if (count - sent < n) n = (int)(count - sent);
-		if (strcmp(kind, "hello")) {
-			for (int i = 0; i < n; i++)        /* a fresh random CID per datagram */
-				put_be64(bufs[i] + 8, xorshift(&rng));
-		}
-		int r = sendmmsg(fd, msgs, n, 0);
-		calls++;
-		if (r < 0) {
-			if (errno == EINTR) continue;
-			if (errno == ENOBUFS || errno == EAGAIN || errno == ECONNREFUSED) { errors++; continue; }
-			perror("flood: sendmmsg");
-			break;
-		}
-		sent += r;
-		t = now();
-		if (t >= deadline) break;
-		if (rate > 0) {                        /* pace: wait until this many are due */
-			double due = t0 + sent / rate;
-			while (t < due && t < deadline && !stop) {
-				double gap = due - t;
-				if (gap > 0.0002) {
-					struct timespec ts = { 0, (long)((gap - 0.0001) * 1e9) };
-					nanosleep(&ts, NULL);
-				}
-				t = now();
-			}
-		}
-	}
-	t = now();
-	double el = t - t0;
+	struct flood_result r = flood(fd, msgs, batch, count, seconds, rate, strcmp(kind, "hello") ? new_cids : NULL,
+				      &rng, "flood");
 	printf("{\"sent\": %ld, \"seconds\": %.6f, \"pps\": %.1f, \"errors\": %ld, \"kind\": \"%s\", "
-	       "\"size\": %ld, \"batch\": %ld, \"rate\": %.0f}\n", sent, el, el > 0 ? sent / el : 0.0, errors, kind,
-	       size, batch, rate);
+	       "\"size\": %ld, \"batch\": %ld, \"rate\": %.0f}\n", r.sent, r.seconds,
+	       r.seconds > 0 ? r.sent / r.seconds : 0.0, r.errors, kind, size, batch, rate);
 	close(fd);
 	return 0;
 }

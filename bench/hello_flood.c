@@ -15,44 +15,16 @@
  * Bounded by --count (default 1e9) and --seconds (default 10); SIGINT/SIGTERM stop it.
  * Prints one JSON line: {"sent": N, "seconds": S, "pps": R, ...}.
  */
-#define _GNU_SOURCE
+#include "flood_common.h"      /* first: it defines _GNU_SOURCE, for sendmmsg */
+
 #include <arpa/inet.h>
-#include <errno.h>
 #include <linux/if_packet.h>
 #include <net/ethernet.h>
 #include <net/if.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <time.h>
-#include <unistd.h>
 
 #define RECORD_LEN 136              /* header 24 + v2 hello payload 112 */
 #define FRAME_LEN (14 + 20 + 8 + RECORD_LEN)
-#define MAX_BATCH 256
-
-static volatile sig_atomic_t stop;
-
-static void on_signal(int sig) { (void)sig; stop = 1; }
-
-static double now(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static uint64_t xorshift(uint64_t *s)
-{
-	uint64_t x = *s;
-	x ^= x << 13;
-	x ^= x >> 7;
-	x ^= x << 17;
-	return *s = x;
-}
 
 static int parse_mac(const char *s, uint8_t *mac)
 {
@@ -100,6 +72,21 @@ static void randomize(uint8_t *p, uint32_t net, uint32_t hostmask, uint64_t *rng
 	}
 }
 
+static uint8_t frames[MAX_BATCH][FRAME_LEN];
+
+struct sources {
+	uint32_t net, hostmask;
+	uint64_t rng;
+};
+
+/* every frame a new client */
+static void new_clients(int n, void *arg)
+{
+	struct sources *s = arg;
+	for (int i = 0; i < n; i++)
+		randomize(frames[i], s->net, s->hostmask, &s->rng);
+}
+
 int main(int argc, char **argv)
 {
 	const char *pos[6];
@@ -145,10 +132,9 @@ int main(int argc, char **argv)
 	if (!sll.sll_ifindex) { fprintf(stderr, "hello_flood: no interface %s\n", pos[0]); return 2; }
 	if (bind(fd, (struct sockaddr *)&sll, sizeof(sll)) < 0) { perror("hello_flood: bind"); return 1; }
 
-	static uint8_t frames[MAX_BATCH][FRAME_LEN];
 	struct mmsghdr msgs[MAX_BATCH];
 	struct iovec iov[MAX_BATCH];
-	uint64_t rng = 0x9E3779B97F4A7C15ULL ^ (uint64_t)getpid() ^ (uint64_t)(now() * 1e9);
+	struct sources src = { netv, hostmask, rng_seed() };
 	memset(msgs, 0, sizeof(msgs));
 	for (int i = 0; i < batch; i++) {
 		uint8_t *p = frames[i], *ip = p + 14, *udp = ip + 20, *rec = udp + 8;
@@ -168,47 +154,17 @@ int main(int argc, char **argv)
 		rec[24] = 1;                        /* CLIENT_HELLO */
 		rec[25] = 2;                        /* version 2 */
 		rec[26] = 1;                        /* AES-256-GCM */
-		randomize(p, netv, hostmask, &rng);
+		randomize(p, netv, hostmask, &src.rng);
 		iov[i].iov_base = p;
 		iov[i].iov_len = FRAME_LEN;
 		msgs[i].msg_hdr.msg_iov = &iov[i];
 		msgs[i].msg_hdr.msg_iovlen = 1;
 	}
 
-	signal(SIGINT, on_signal);
-	signal(SIGTERM, on_signal);
-	long sent = 0, errors = 0;
-	double t0 = now(), t = t0, deadline = t0 + seconds;
-	while (!stop && sent < count) {
-		int n = batch;
-		if (count - sent < n) n = (int)(count - sent);
-		for (int i = 0; i < n; i++)
-			randomize(frames[i], netv, hostmask, &rng);
-		int r = sendmmsg(fd, msgs, n, 0);
-		if (r < 0) {
-			if (errno == EINTR) continue;
-			if (errno == ENOBUFS || errno == EAGAIN) { errors++; continue; }
-			perror("hello_flood: sendmmsg");
-			break;
-		}
-		sent += r;
-		t = now();
-		if (t >= deadline) break;
-		if (rate > 0) {                     /* pace: wait until this many are due */
-			double due = t0 + sent / rate;
-			while (t < due && t < deadline && !stop) {
-				double gap = due - t;
-				if (gap > 0.0002) {
-					struct timespec ts = { 0, (long)((gap - 0.0001) * 1e9) };
-					nanosleep(&ts, NULL);
-				}
-				t = now();
-			}
-		}
-	}
-	double el = now() - t0;
+	struct flood_result r = flood(fd, msgs, batch, count, seconds, rate, new_clients, &src, "hello_flood");
 	printf("{\"sent\": %ld, \"seconds\": %.6f, \"pps\": %.1f, \"errors\": %ld, \"batch\": %ld, \"rate\": %.0f, "
-	       "\"prefix\": \"%s/%ld\"}\n", sent, el, el > 0 ? sent / el : 0.0, errors, batch, rate, prefix, plen);
+	       "\"prefix\": \"%s/%ld\"}\n", r.sent, r.seconds, r.seconds > 0 ? r.sent / r.seconds : 0.0, r.errors,
+	       batch, rate, prefix, plen);
 	close(fd);
 	return 0;
 }

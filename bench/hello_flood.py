@@ -38,8 +38,6 @@ import asyncio
 import hashlib
 import json
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.xdp_flood import REPO, RESULTS, cpu_jiffies, env, loader_status, pinned, proc_cpu, steer_both, wait_line
+from bench.common import REPO, build_c, run_facts, write_report, xdp_unavailable
+from bench.xdp_flood import RESULTS, cpu_jiffies, env, loader_status, pinned, proc_cpu, steer_both, wait_line
 
 PORT = 7560
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -220,15 +219,6 @@ class Sink:
         self.nl.clear_xdp(self.idx, "native")
         self.nl.close()
         self.b.cleanup()
-
-
-def build(outdir: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise SystemExit("hello_flood: needs a C compiler (cc) for bench/hello_flood.c")
-    exe = outdir / "stcp-hello-flood"
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(REPO / "bench" / "hello_flood.c")], check=True)
-    return exe
 
 
 def _pct(xs: list, q: float):
@@ -447,13 +437,9 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         log("needs root (network namespaces, XDP, AF_PACKET); skipping")
         return 0
-    sys.path.insert(0, str(REPO))
-    from stcp.datapath.errors import XdpSetupError
-    from stcp.datapath.xdp_prog import check_toolchain
-    try:
-        check_toolchain()
-    except XdpSetupError as e:
-        log(f"XDP unavailable, skipping: {e}")
+    why = xdp_unavailable()
+    if why:
+        log(f"XDP unavailable, skipping: {why}")
         return 0
     args.handshakes = args.handshakes or (50 if args.quick else 200)
     args.handshake_budget = 15 if args.quick else 30
@@ -469,16 +455,13 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     runs: dict = {}
     with tempfile.TemporaryDirectory(prefix="stcp-hello-flood-") as tmp:
-        exe = build(Path(tmp))
+        exe = build_c("hello_flood.c", Path(tmp) / "stcp-hello-flood", "hello_flood")
         for _ in range(repeat):
             for n in names:
                 for flood in (False, True):
                     runs.setdefault((n, flood), []).append(scenario(n, flood, exe, args))
     doc = {
-        "facts": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": Path("/proc/loadavg").read_text().strip(),
-                  "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                               capture_output=True, text=True).stdout.strip()},
+        "facts": run_facts(),
         "config": {"spoof_prefix": SPOOF_PREFIX, "handshakes": args.handshakes,
                    "handshake_budget": args.handshake_budget, "handshake_timeout": HANDSHAKE_TIMEOUT,
                    "bytes": args.bytes, "repeat": repeat, "warmup_s": args.warmup,
@@ -487,10 +470,7 @@ def main(argv=None) -> int:
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     doc["verdict"] = verdicts(doc)
-    (out / "hello_flood.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "HELLO_FLOOD.md").write_text(markdown(doc))
-    log(f"wrote {out / 'HELLO_FLOOD.md'} and {out / 'hello_flood.json'}")
-    print(markdown(doc))
+    write_report(out, "hello_flood", doc, markdown, "hello_flood")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""What SO_REUSEPORT steering by CID (bpf/stcp_reuseport.c) costs per datagram, on loopback.
+"""What SO_REUSEPORT steering by CID (stcp/datapath/reuseport_prog.py) costs per datagram, on loopback.
 
     .venv/bin/python -m bench.reuseport_steer [--seconds 6] [--workers 4] [--size 1200] [--family 4|6]
                                               [--out bench/results/reuseport_steer.json]
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from stcp import _udpio
-from stcp.datapath.bpf import libbpf
+from stcp.datapath.bpf import libbpf, prog_load
 from stcp.datapath.reuseport import (
     BPF_PROG_TYPE_SK_REUSEPORT,
     SO_ATTACH_REUSEPORT_EBPF,
@@ -77,15 +77,12 @@ def run_stats(prog_id: int) -> tuple:
     return doc.get("run_cnt", 0), doc.get("run_time_ns", 0)
 
 
-EMPTY = "int stcp_rp_empty(struct sk_reuseport_md *ctx) { return SK_PASS; }"
+EMPTY = struct.pack("=BBhiBBhi", 0xB7, 0, 0, 1, 0x95, 0, 0, 0)     # r0 = SK_PASS; exit
 
 
 def empty_program() -> int:
     """fd of an SK_REUSEPORT program that selects nothing."""
-    from stcp.datapath.bcc_import import import_bcc
-    BPF = import_bcc()
-    b = BPF(text=EMPTY.encode())
-    return os.dup(b.load_func(b"stcp_rp_empty", BPF_PROG_TYPE_SK_REUSEPORT).fd)
+    return prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "stcp_rp_empty", EMPTY)
 
 
 def prog_id(fd: int) -> int:

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import select
 import shutil
 import signal
@@ -37,7 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO, build_c, run_facts, write_report, xdp_unavailable
+
 RESULTS = REPO / "bench" / "results"
 PORT = 7550
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -62,15 +62,6 @@ def _read(path: str) -> str:
         return Path(path).read_text()
     except OSError:
         return ""
-
-
-def build_flood(outdir: Path) -> Path:
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise SystemExit("xdp_flood: needs a C compiler (cc) for bench/flood.c")
-    exe = outdir / "stcp-flood"
-    subprocess.run([cc, "-O2", "-Wall", "-o", str(exe), str(REPO / "bench" / "flood.c")], check=True)
-    return exe
 
 
 def pinned(cpu: int, argv: list[str], nice: int = 0) -> list[str]:
@@ -532,20 +523,16 @@ def main(argv=None) -> int:
     args.transfer_timeout = 15 if args.quick else 45
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(REPO))
-    from stcp.datapath.errors import XdpSetupError
-    from stcp.datapath.xdp_prog import check_toolchain
-    try:
-        check_toolchain()
-    except XdpSetupError as e:
-        log(f"XDP unavailable, skipping: {e}")
+    why = xdp_unavailable()
+    if why:
+        log(f"XDP unavailable, skipping: {why}")
         return 0
     modes = [m for m in args.modes.split(",") if m]
     names = ["baseline", "flood", *[f"flood+xdp-{m}" for m in modes], *[f"baseline+xdp-{m}" for m in modes]]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     with tempfile.TemporaryDirectory(prefix="stcp-xdp-flood-") as tmp:
-        exe = build_flood(Path(tmp))
+        exe = build_c("flood.c", Path(tmp) / "stcp-flood", "xdp_flood")
         data = Path(tmp) / "data"
         blob = os.urandom(args.bytes)
         data.write_bytes(blob)
@@ -563,10 +550,7 @@ def main(argv=None) -> int:
             test_run = {"error": str(e)}
         log(f"BPF_PROG_TEST_RUN: {test_run}")
     doc = {
-        "facts": {"kernel": platform.release(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": _read("/proc/loadavg").strip(),
-                  "git_commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                                               capture_output=True, text=True).stdout.strip()},
+        "facts": run_facts(),
         "config": {"bytes": args.bytes, "kind": args.kind, "flooder": args.flooder, "napi_fifo": args.napi_fifo,
                    "modes": modes, "flood_pps": args.flood_pps, "flood_seconds_max": args.flood_seconds,
                    "repeat": args.repeat or (1 if args.quick else 3),
@@ -577,10 +561,7 @@ def main(argv=None) -> int:
         "elapsed_s": round(time.monotonic() - t0, 1),
     }
     doc["verdict"] = verdicts(doc)
-    (out / "xdp_flood.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "XDP_FLOOD.md").write_text(markdown(doc))
-    log(f"wrote {out / 'XDP_FLOOD.md'} and {out / 'xdp_flood.json'}")
-    print(markdown(doc))
+    write_report(out, "xdp_flood", doc, markdown, "xdp_flood")
     return 0
 
 

@@ -17,7 +17,7 @@ from .config import Config
 from .crypto import RecordKey
 from .errors import AccessDenied, CloseCode, NotEncrypted, STCPError
 from .events import ConnectionClosed, DataReceived, HandshakeCompleted, KeyUpdated, StreamFinished
-from .handshake import ClientHandshake, ServerHandshake
+from .handshake import ClientHandshake, KeySource, ServerHandshake
 from .identity import fingerprint
 from .receive import DISCARD_REASONS, Discard, ReceivePath, printable
 from .recovery import STREAM as _STREAM, Recovery
@@ -134,15 +134,17 @@ class Connection(ReceivePath, SendPath):
         return conn
 
     @classmethod
-    def server(cls, config: Config, hello_record: bytes, hello: wire.Hello, now: float) -> "Connection":
-        """Accept a client hello; raises handshake.Rejected if it cannot be served."""
+    def server(cls, config: Config, hello_record: bytes, hello: wire.Hello, now: float,
+               take_key: Optional[KeySource] = None) -> "Connection":
+        """Accept a client hello; raises handshake.Rejected if it cannot be served. take_key:
+        the ephemeral key's source (ServerEndpoint passes its stcp.keypool's)."""
         if config.identity is None:
             raise ValueError("a server connection needs its static key (Config.static_key)")
         conn = cls(config, False, now)
         conn.suite = hello.suite
         conn.peer_cid = hello.sender_cid
         hs = conn._server_hs = ServerHandshake(config.identity, hello_record, hello, conn.local_cid,
-                                               config.accepted_suites)
+                                               config.accepted_suites, take_key)
         conn._server_hello, conn._keys = hs.record, hs.keys
         conn._hello_record = wire.client_hello_transcript_form(hello_record)
         conn._reset_token_due = True

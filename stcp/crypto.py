@@ -97,7 +97,7 @@ class HandshakeSecrets:
         self.client_secret = hkdf_expand(prk, b"c2s", transcript, 32)
         self.server_secret = hkdf_expand(prk, b"s2c", transcript, 32)
         confirm_key = hkdf_expand(prk, b"confirm", transcript, 32)
-        self.confirm_tag = hmac.new(confirm_key, transcript, hashlib.sha256).digest()
+        self.confirm_tag = hmac.digest(confirm_key, transcript, "sha256")     # one-shot: no HMAC object
 
     def check_confirmation(self, tag: bytes) -> None:
         if not hmac.compare_digest(self.confirm_tag, tag):

@@ -29,6 +29,7 @@ from .crypto import reset_token
 from .errors import CloseCode, MalformedRecord
 from .handshake import Rejected, cookie_record, reject_record
 from .identity import StaticKey, generate_private_key
+from .keypool import EphemeralKeys
 from .ratelimit import TokenBucket
 from .state import State
 
@@ -134,6 +135,8 @@ class ServerEndpoint:
         self._hello_budget = TokenBucket(config.hello_rate, config.hello_burst, now)
         self._reset_budget = TokenBucket(config.reset_rate, config.reset_rate, now)
         self.cookies = CookieSecrets(now)
+        # server hello keys made ahead of need (the datapath refills the pool when idle)
+        self.ephemeral_keys = EphemeralKeys()
         self.worker_gone: Callable[[int], bool] = worker_gone or (lambda worker: False)
         # a kernel datapath's: False while its live-CID table has no room for another
         # connection (new hellos then get REJECT_BUSY)
@@ -299,7 +302,7 @@ class ServerEndpoint:
             self._reject(hello.sender_cid, hello.suite, wire.REJECT_BUSY, addr)
             return None, False
         try:
-            conn = Connection.server(self.config, data, hello, now)
+            conn = Connection.server(self.config, data, hello, now, self.ephemeral_keys.take)
         except Rejected as exc:
             self._reject(hello.sender_cid, hello.suite, exc.reject_code, addr)
             return None, False

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Tuple, Union
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
@@ -30,6 +30,9 @@ from .identity import StaticKey, fingerprint
 # The client's server-key policy: a pinned public key, a callable deciding on a presented
 # key (a known-hosts lookup that records a new host), or None to accept any key.
 ServerKeyPolicy = Union[bytes, Callable[[bytes], bool], None]
+# Where a server hello's ephemeral key pair comes from: a pair made ahead of need, or None
+# when none is ready (stcp.keypool.EphemeralKeys.take).
+KeySource = Callable[[], Optional[Tuple[X25519PrivateKey, bytes]]]
 
 
 class Rejected(HandshakeFailure):
@@ -171,13 +174,16 @@ class ServerHandshake:
     authenticated record (which may carry CLIENT_AUTH, checked with f and TH kept until then)."""
 
     def __init__(self, static: StaticKey, client_record: bytes, hello: wire.Hello, server_cid: int,
-                 suites: Iterable[int]):
-        """Raises Rejected (the endpoint answers with a REJECT record) if the hello cannot be served."""
+                 suites: Iterable[int], take_key: Optional[KeySource] = None):
+        """Raises Rejected (the endpoint answers with a REJECT record) if the hello cannot be served.
+        take_key: a fresh ephemeral key pair made ahead of need (a server's stcp.keypool), or None
+        when it has none ready (then one is made here); asked only once the version and suite
+        are acceptable."""
         if hello.version != wire.PROTOCOL_VERSION:
             raise Rejected(wire.REJECT_VERSION, f"client speaks version {hello.version}")
         if hello.suite not in suites:
             raise Rejected(wire.REJECT_SUITE, f"client asked for cipher suite 0x{hello.suite:02x}")
-        private, public = generate_keypair()
+        private, public = (take_key() if take_key is not None else None) or generate_keypair()
         try:
             client_key = X25519PublicKey.from_public_bytes(hello.public_key)    # once for ee and es
             ee = shared_secret(private, client_key)

@@ -49,9 +49,7 @@ class Discard(STCPError):
 
 _UNAUTHENTICATED_REASON = {MalformedRecord: "malformed", AuthenticationFailure: "auth",
                            KeyUpdateError: "key_epoch"}
-_STREAM_HDR = wire.STREAM_HEADER_STRUCT
 _ENCRYPTED = State.ENCRYPTED
-_decode_ack = wire.decode_ack
 
 
 def printable(text: str) -> str:
@@ -203,23 +201,24 @@ class ReceivePath(ConnectionFields):
         if self.state == State.KEY_EXCHANGE:
             self._server_confirms(plaintext)        # raises unless the client may come in
         recv = self._recv
-        if len(plaintext) >= wire.STREAM_FRAME_OVERHEAD and plaintext[0] == wire.FRAME_STREAM:
-            # the bulk case, a record holding one STREAM frame and nothing else, without
-            # building frame objects
-            _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext)
-            if length == len(plaintext) - wire.STREAM_FRAME_OVERHEAD and flags <= wire.STREAM_FLAG_FIN:
-                if recv.held and recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + length):
-                    self.stats.discarded["reassembly"] += 1
-                    return False
-                newest = self._mark_received(pn, record_len, now)
-                self._on_stream_data(offset, plaintext[wire.STREAM_FRAME_OVERHEAD:], flags == wire.STREAM_FLAG_FIN)
+        small = wire.decode_ack_stream(plaintext) if self._small_path else None
+        if small is not None and (small[0] is None or self.state is _ENCRYPTED):
+            # the common records, an ACK, a STREAM frame or an ACK then a STREAM frame (a small
+            # message and its echo; bulk data), parsed in one call (stcp._frames) and acted on
+            # as the general path below would, without frame objects and the dispatch
+            ranges, delay_us, offset, data, fin = small
+            if data is not None and recv.held and recv.fragments >= recv.max_fragments \
+                    and recv.opens_fragment(offset, offset + len(data)):
+                self.stats.discarded["reassembly"] += 1
+                return False
+            newest = self._mark_received(pn, record_len, now)
+            if ranges is not None:
+                self._on_ack(ranges, delay_us, now)
+            if data is not None:
+                self._on_stream_data(offset, data, fin)
                 self._ack_eliciting_received(pn, now)
-                self._check_finished(now)
-                return newest
-        if plaintext and plaintext[0] == wire.FRAME_ACK and self.state is _ENCRYPTED and self._small_path:
-            verdict = self._accept_ack_first(plaintext, pn, record_len, now)
-            if verdict is not None:
-                return verdict
+            self._check_finished(now)
+            return newest
         frames = wire.decode_frames(plaintext)
         if recv.fragments + len(frames) > recv.max_fragments:
             opening = sum(1 for f in frames if type(f) is wire.StreamFrame
@@ -240,34 +239,6 @@ class ReceivePath(ConnectionFields):
         self._check_finished(now)
         return newest
 
-    def _accept_ack_first(self, plaintext: bytes, pn: int, record_len: int, now: float) -> Optional[bool]:
-        """The request/response case: a record holding an ACK alone, or an ACK and one STREAM
-        frame, acted on as _accept's general path would, without the frame list and the
-        dispatch; None for any other record (the general path takes it)."""
-        ack, pos = _decode_ack(plaintext)
-        end = len(plaintext)
-        if pos == end:
-            newest = self._mark_received(pn, record_len, now)
-            self._on_ack(ack, now)
-            self._check_finished(now)
-            return newest
-        if end - pos < wire.STREAM_FRAME_OVERHEAD or plaintext[pos] != wire.FRAME_STREAM:
-            return None
-        _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext, pos)
-        start = pos + wire.STREAM_FRAME_OVERHEAD
-        if start + length != end or flags > wire.STREAM_FLAG_FIN:
-            return None
-        recv = self._recv
-        if recv.held and recv.fragments >= recv.max_fragments and recv.opens_fragment(offset, offset + length):
-            self.stats.discarded["reassembly"] += 1
-            return False
-        newest = self._mark_received(pn, record_len, now)
-        self._on_ack(ack, now)
-        self._on_stream_data(offset, plaintext[start:], flags == wire.STREAM_FLAG_FIN)
-        self._ack_eliciting_received(pn, now)
-        self._check_finished(now)
-        return newest
-
     def _mark_received(self, pn: int, record_len: int, now: float) -> bool:
         """Count the record as received; True when its pn is the largest received."""
         newest = self._received.add(pn)
@@ -284,7 +255,7 @@ class ReceivePath(ConnectionFields):
         return True
 
     def _frame_ack(self, frame: wire.AckFrame, epoch: int, now: float) -> Optional[bool]:
-        self._on_ack(frame, now)
+        self._on_ack(frame.ranges, frame.delay_us, now)
         return False
 
     def _frame_max_data(self, frame: wire.MaxDataFrame, epoch: int, now: float) -> Optional[bool]:

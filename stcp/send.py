@@ -31,10 +31,10 @@ from .state import State
 
 _ENCRYPTED = State.ENCRYPTED
 _EPOCH_SHIFT = wire.EPOCH_SHIFT
-_STREAM_HDR = wire.STREAM_HEADER_STRUCT
 _STREAM_OVERHEAD = wire.STREAM_FRAME_OVERHEAD
 _RECORD_OVERHEAD = wire.HEADER_LEN + wire.AEAD_TAG_LEN
-_encode_ack = wire.encode_ack
+_ACK_HEADER_LEN = wire.ACK_HEADER_LEN
+_ACK_RANGE_LEN = wire.ACK_RANGE_LEN
 # A record with a PING is padded to be longer than a stateless RESET: a server that lost our
 # state answers only longer records (no amplification), so an idle client learns of a restart
 # through its keepalive (PROTOCOL.md §5.7; RFC 9000 §10.3 pads for the same reason).
@@ -69,8 +69,7 @@ def skip_gap() -> int:
 class SendPath(ConnectionFields):
     _small_path = True          # tests turn it off to compare _small_record with the general path
 
-    def _on_ack(self, frame: wire.AckFrame, now: float) -> None:
-        ranges = frame.ranges
+    def _on_ack(self, ranges: Tuple[Tuple[int, int], ...], delay_us: int, now: float) -> None:
         if ranges[0][1] >= self._next_pn:
             raise ProtocolViolation(f"ack of packet {ranges[0][1]} that was never sent")
         skipped = self._skipped
@@ -80,7 +79,7 @@ class SendPath(ConnectionFields):
                 if i < len(skipped) and skipped[i] <= high:
                     raise ProtocolViolation(f"ack of packet {skipped[i]}, a packet number never sent "
                                             f"(acknowledging what was not received)")
-        acked, lost = self._recovery.on_ack(frame.ranges, frame.delay_us / 1e6, now)
+        acked, lost = self._recovery.on_ack(ranges, delay_us / 1e6, now)
         send_epoch = self._keys.send.epoch
         on_acked = self._send.on_acked
         start = end = -1                  # adjacent acknowledged stream ranges, merged
@@ -217,7 +216,7 @@ class SendPath(ConnectionFields):
         if start == end:                       # no data: an ACK alone if one is due
             if deadline is None or deadline > now:
                 return b""
-            frames = _encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON))
+            frames = wire.encode_ack_stream(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON), 0, 0, None)
             descs: list = []
             eliciting = False
         else:
@@ -226,12 +225,12 @@ class SendPath(ConnectionFields):
             cc = self._recovery.cc
             if end > self._peer_max_data or cc.bytes_in_flight + size > cc.cwnd:
                 return None
-            frames = _encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)) \
-                if deadline is not None else b""
+            ranges = self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON) if deadline is not None else None
             n = end - start
-            if len(frames) + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
+            ack_len = _ACK_HEADER_LEN + (len(ranges) - 1) * _ACK_RANGE_LEN if ranges else 0
+            if ack_len + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
                 return None
-            frames += _STREAM_HDR.pack(wire.FRAME_STREAM, 0, start, n) + send.view(start, end)
+            frames = wire.encode_ack_stream(ranges, 0, start, send.view(start, end))
             send.next_offset = end
             self.stats.stream_bytes_sent += n
             descs = [(_STREAM, start, end, False)]

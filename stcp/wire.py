@@ -6,10 +6,12 @@ Everything here is pure encoding: no keys, no state.
 """
 from __future__ import annotations
 
+import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from types import ModuleType
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import MalformedRecord, ProtocolViolation
 
@@ -113,6 +115,8 @@ CLIENT_AUTH_FRAME_LEN = 1 + PUBLIC_KEY_LEN + PROOF_LEN
 RESET_TOKEN_FRAME_LEN = 1 + RESET_TOKEN_LEN
 
 STREAM_FRAME_OVERHEAD = _STREAM_HDR.size
+ACK_HEADER_LEN = _ACK_HDR.size                 # an ACK frame is this plus ACK_RANGE_LEN per range after the first
+ACK_RANGE_LEN = _ACK_RANGE.size
 
 # An entry of a datagram batch: one datagram, or (buffer, segment_size) for datagrams of that
 # size back to back (UDP GRO on receive, a GSO run on send; the last may be shorter).
@@ -376,7 +380,7 @@ def _decode_stream(p: bytes, pos: int, end: int) -> Tuple[StreamFrame, int]:
     return StreamFrame(offset, bytes(p[pos:pos + length]), bool(flags & STREAM_FLAG_FIN)), pos + length
 
 
-def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
+def _decode_ack(p: _Buffer, pos: int, end: int) -> Tuple[AckFrame, int]:
     _, largest, delay, count, first = _ACK_HDR.unpack_from(p, pos)
     pos += _ACK_HDR.size
     if count >= MAX_ACK_RANGES:
@@ -396,13 +400,74 @@ def _decode_ack(p: bytes, pos: int, end: int) -> Tuple[AckFrame, int]:
     return AckFrame(tuple(ranges), delay), pos
 
 
-def decode_ack(p: bytes, pos: int = 0) -> Tuple[AckFrame, int]:
+def decode_ack(p: _Buffer, pos: int = 0) -> Tuple[AckFrame, int]:
     """The ACK frame at p[pos] and the position after it (the receive path's fast path for a
     record that starts with one); ProtocolViolation as decode_frames raises it."""
     try:
         return _decode_ack(p, pos, len(p))
     except struct.error:
         raise ProtocolViolation("frame truncated") from None
+
+
+_BAD_RANGES = ("ack ranges must be (low, high) pairs in 0..2^64-1, highest first, "
+               "neither overlapping nor adjacent")
+_U64 = 1 << 64
+AckStream = Tuple[Optional[Tuple[Tuple[int, int], ...]], int, int, Optional[bytes], bool]
+_Buffer = Union[bytes, bytearray, memoryview]
+
+
+def encode_ack_stream_ref(ranges: Optional[Sequence[Tuple[int, int]]], delay_us: int, offset: int,
+                          data: Optional[_Buffer]) -> bytes:
+    """The plaintext of a request/response record: an ACK of `ranges` (none when empty or
+    None; the first MAX_ACK_RANGES, as encode_ack keeps them), then a STREAM frame of `data`
+    at `offset` without FIN (none when data is None): encode_ack(ranges, delay_us) +
+    encode_stream(offset, data). ValueError for values no frame can carry. The reference of
+    stcp._frames.encode_ack_stream."""
+    out = b""
+    if ranges:
+        ranges = list(ranges)[:MAX_ACK_RANGES]
+        prev_low = None
+        for pair in ranges:
+            if type(pair) is not tuple or len(pair) != 2:
+                raise ValueError(_BAD_RANGES)
+            low, high = pair
+            if not (0 <= low <= high < _U64) or (prev_low is not None and high > prev_low - 2):
+                raise ValueError(_BAD_RANGES)
+            prev_low = low
+    if delay_us < 0:
+        raise ValueError("ack delay must not be negative")
+    if ranges:
+        out = encode_ack(tuple(ranges), delay_us)
+    if data is not None:
+        if not 0 <= offset < _U64:
+            raise ValueError("stream offset must be in 0..2^64-1")
+        if len(data) > 0xFFFF:
+            raise ValueError("stream frame data longer than 65535 bytes")
+        out += _STREAM_HDR.pack(FRAME_STREAM, 0, offset, len(data)) + bytes(data)
+    return out
+
+
+def decode_ack_stream_ref(plaintext: _Buffer) -> Optional[AckStream]:
+    """(ack ranges or None, delay_us, offset, data or None, fin) of a plaintext that is an ACK,
+    a STREAM frame filling the rest, or an ACK then such a STREAM frame, the records a small
+    message and its echo take; None for any other plaintext (decode_frames takes it).
+    ProtocolViolation as decode_frames raises it for a malformed ACK. The reference of
+    stcp._frames.decode_ack_stream."""
+    pos, end = 0, len(plaintext)
+    ranges: Optional[Tuple[Tuple[int, int], ...]] = None
+    delay = 0
+    if end and plaintext[0] == FRAME_ACK:
+        ack, pos = decode_ack(plaintext)
+        ranges, delay = ack.ranges, ack.delay_us
+        if pos == end:
+            return ranges, delay, 0, None, False
+    if end - pos < STREAM_FRAME_OVERHEAD or plaintext[pos] != FRAME_STREAM:
+        return None
+    _, flags, offset, length = _STREAM_HDR.unpack_from(plaintext, pos)
+    start = pos + STREAM_FRAME_OVERHEAD
+    if flags > STREAM_FLAG_FIN or start + length != end:
+        return None
+    return ranges, delay, offset, bytes(plaintext[start:]), bool(flags)
 
 
 def _decode_max_data(p: bytes, pos: int, end: int) -> Tuple[MaxDataFrame, int]:
@@ -485,3 +550,17 @@ def decode_frames(plaintext: bytes) -> List[Frame]:
     except struct.error:
         raise ProtocolViolation("frame truncated") from None
     return frames
+
+
+# stcp._frames (stcp/_ext/frames.c); STCP_PURE_PYTHON=1 keeps the references, as in stcp.crypto.
+_c: Optional[ModuleType] = None
+if os.environ.get("STCP_PURE_PYTHON", "") in ("", "0"):
+    try:
+        from . import _frames as _c
+    except ImportError:
+        _c = None
+FRAMES_ACCELERATED = _c is not None
+encode_ack_stream: Callable[[Optional[Sequence[Tuple[int, int]]], int, int, Optional[_Buffer]], bytes] = \
+    _c.encode_ack_stream if _c is not None else encode_ack_stream_ref
+decode_ack_stream: Callable[[_Buffer], Optional[AckStream]] = \
+    _c.decode_ack_stream if _c is not None else decode_ack_stream_ref

@@ -120,5 +120,5 @@ def test_a_skip_never_splits_a_bulk_run():
                     hi = s - 1
             ranges.append((1, hi))
             frame = wire.AckFrame(tuple(r for r in ranges if r[0] <= r[1])[:wire.MAX_ACK_RANGES])
-            c._on_ack(frame, now)
+            c._on_ack(frame.ranges, frame.delay_us, now)
     assert c.state == State.ENCRYPTED and gaps == len(c._skipped) >= 5

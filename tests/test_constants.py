@@ -125,7 +125,8 @@ def test_struct_layouts_match_c():
 def test_cid_worker_bits():
     """The CID structure of PROTOCOL.md section 3.1.1: worker in the top bits, then the
     server id, the rest random, enough random bits against off-path guessing, and room for
-    every RX queue's worker; both kernel programs read the worker byte the same way."""
+    every RX queue's worker; the XDP program reads the worker byte by the shared shift (the
+    reuseport program, stcp/datapath/reuseport_prog.py, takes it from stcp/wire.py)."""
     from stcp import cid_layout
     assert wire.CID_WORKER_SHIFT == 64 - wire.CID_WORKER_BITS
     assert wire.MAX_CID_WORKERS == 1 << wire.CID_WORKER_BITS >= xdp.XSK_MAX
@@ -133,7 +134,6 @@ def test_cid_worker_bits():
     assert cid_layout.random_bits(0) == 64 - wire.CID_WORKER_BITS == 56
     src = (HEADER.parent / "stcp_xdp.c").read_text()
     assert "__builtin_bswap64(raw_cid) >> STCP_CID_WORKER_SHIFT" in src
-    assert "__builtin_bswap64(ids.cid) >> STCP_CID_WORKER_SHIFT" in (HEADER.parent / "stcp_reuseport.c").read_text()
     doc = (HEADER.parent.parent / "docs" / "PROTOCOL.md").read_text()
     top = 63 - wire.CID_WORKER_BITS + 1
     assert (f"cid = worker (bits 63..{top}, u8) || server id (B bits, 0 <= B <= {cid_layout.MAX_SERVER_ID_BITS}) "
@@ -148,23 +148,6 @@ def test_steering_verdict_and_config_field():
     assert re.search(r"__u32\s+nworkers;", cfg), "struct stcp_config lacks nworkers"
 
 
-def test_reuseport_verdicts_match_python():
-    """enum stcp_rp_verdict in bpf/stcp_reuseport.c vs ReuseportVerdict; the program takes
-    the wire constants from bpf/stcp_wire.h rather than its own copies."""
-    from stcp.datapath import reuseport
-    src = (HEADER.parent / "stcp_reuseport.c").read_text()
-    body = re.sub(r"/\*.*?\*/", "", src, flags=re.S)
-    m = re.search(r"enum\s+stcp_rp_verdict\s*\{(.*?)\}", body, flags=re.S)
-    assert m, "enum stcp_rp_verdict not found in bpf/stcp_reuseport.c"
-    c = {name: int(value) for name, value in re.findall(r"(STCP_RP_\w+)\s*=\s*(\d+)", m.group(1))}
-    py = {f"STCP_RP_{v.name}": int(v) for v in reuseport.ReuseportVerdict}
-    py["STCP_RP_MAX"] = reuseport.VERDICT_MAX
-    assert c == py
-    assert sorted(int(v) for v in reuseport.ReuseportVerdict) == list(range(reuseport.VERDICT_MAX))
-    assert '#include "stcp_wire.h"' in body and "STCP_CID_WORKER_SHIFT" in body and "STCP_HEADER_LEN" in body
-    assert not re.search(r"#define\s+STCP_(?!RP_|ENOENT)", body), "wire constants belong in stcp_wire.h"
-
-
 def test_reuseport_socket_options_match_kernel_headers():
     from stcp.datapath import reuseport
     header = Path("/usr/include/asm-generic/socket.h")
@@ -173,6 +156,34 @@ def test_reuseport_socket_options_match_kernel_headers():
     defs = dict(re.findall(r"#define\s+(SO_\w+)\s+(\d+)", header.read_text()))
     for name in ("SO_ATTACH_REUSEPORT_EBPF", "SO_DETACH_REUSEPORT_BPF", "SO_COOKIE"):
         assert int(defs[name]) == getattr(reuseport, name), name
+
+
+def test_reuseport_program_matches_kernel_headers():
+    """The steering program is raw instructions: its helper ids, map-fd marker and context
+    offsets are the kernel's (linux/bpf.h: helpers numbered by their place in the mapper)."""
+    from stcp.datapath import reuseport_prog as rp
+    header = Path("/usr/include/linux/bpf.h")
+    if not header.is_file():
+        pytest.skip(f"{header} not installed (linux-libc-dev)")
+    src = header.read_text()
+    mapper = src[src.index("#define __BPF_FUNC_MAPPER(FN)"):]
+    helpers = re.findall(r"FN\((\w+)", mapper)
+    for name, value in (("map_lookup_elem", rp.MAP_LOOKUP_ELEM), ("skb_load_bytes", rp.SKB_LOAD_BYTES),
+                        ("sk_select_reuseport", rp.SK_SELECT_REUSEPORT)):
+        assert helpers.index(name) == value, name
+    assert re.search(rf"#define\s+BPF_PSEUDO_MAP_FD\s+{rp.BPF_PSEUDO_MAP_FD}\b", src)
+    md = re.search(r"struct sk_reuseport_md \{(.*?)\n\};", src, flags=re.S).group(1)
+    md = re.sub(r"/\*.*?\*/", "", md, flags=re.S)
+    off, offsets = 0, {}
+    for m in re.finditer(r"__bpf_md_ptr\([^,]+,\s*(\w+)\)|__u32\s+(\w+);", md):
+        if m.group(1):
+            off = (off + 7) // 8 * 8
+            offsets[m.group(1)] = off
+            off += 8
+        else:
+            offsets[m.group(2)] = off
+            off += 4
+    assert (offsets["len"], offsets["ip_protocol"]) == (rp.CTX_LEN, rp.CTX_IP_PROTOCOL)
 
 
 def test_parse_limits_match_the_model():

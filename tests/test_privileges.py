@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,12 +23,14 @@ from tests.support.procs import (
     AFXDP_PORT,
     STCP,
     echo_all,
+    kill_worker,
     pinned,
     serve_afxdp,
     serve_workers,
     session_key,
     stop,
     wait_for_stderr_line,
+    worker_pids,
     xdp_status,
 )
 from tests.support.unprivileged import proc_status, python_as, threads_status
@@ -340,11 +340,7 @@ def test_worker_pool_workers_drop_and_a_replacement_does_too(veth):
         assert proc_status(server.pid)["Uid"].split()[0] == "0"          # the supervisor
         for pid in pids.values():
             _assert_unprivileged(pid)
-        os.kill(pids[1], signal.SIGKILL)
-        lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=90)
-        new = [int(m.group(1)) for m in (re.search(r"worker 1 started \(pid (\d+)\)", ln) for ln in lines) if m]
-        assert new and new[-1] != pids[1], lines
-        _assert_unprivileged(new[-1])
+        _assert_unprivileged(kill_worker(server, 1, pids[1]))
         ok, failed = echo_all(b, f"{a.ip4}:{AFXDP_PORT}", [os.urandom(256 << 10) for _ in range(6)])
         assert ok == 6, failed
     finally:
@@ -386,17 +382,12 @@ def test_socket_pool_workers_drop_and_a_replacement_does_too(xdp_toolchain):
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         lines = wait_for_stderr_line(server, "(socket datapath, 2 workers)", timeout=120)
-        pids = {int(m.group(1)): int(m.group(2)) for m in
-                (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+        pids = worker_pids(lines)
         assert len(pids) == 2, lines
         assert proc_status(server.pid)["Uid"].split()[0] == "0"          # the supervisor
         for pid in pids.values():
             _assert_unprivileged(pid)
-        os.kill(pids[1], signal.SIGKILL)
-        lines = wait_for_stderr_line(server, "[worker 1] serving on", timeout=90)
-        new = [int(m.group(1)) for m in (re.search(r"worker 1 started \(pid (\d+)\)", ln) for ln in lines) if m]
-        assert new and new[-1] != pids[1], lines
-        _assert_unprivileged(new[-1])
+        _assert_unprivileged(kill_worker(server, 1, pids[1]))
         for _ in range(4):                     # new connections land on either worker by the kernel's hash
             data = os.urandom(200_000)
             r = subprocess.run([*STCP, "connect", *pinned(), f"127.0.0.1:{port}"], input=data,

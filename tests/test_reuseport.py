@@ -1,4 +1,4 @@
-"""SO_REUSEPORT steering by connection ID (bpf/stcp_reuseport.c, stcp/datapath/reuseport.py).
+"""SO_REUSEPORT steering by connection ID (stcp/datapath/reuseport_prog.py, stcp/datapath/reuseport.py).
 
 Worker processes (tests/reuseport_worker.py) each bind a SO_REUSEPORT UDP socket on one
 loopback port and join the steering with the fds they inherited, as a socket pool's
@@ -7,7 +7,7 @@ many source ports: every record must reach its worker and only it, hellos spread
 workers, and a dead worker's records go by the kernel's hash to the live ones, counted,
 while the others carry on.
 
-Loading needs CAP_BPF, bcc and kernel headers; the tests skip with the reason otherwise.
+Loading needs CAP_BPF and libbpf; the tests skip with the reason otherwise.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _load_error: List[str] = []
 
 @pytest.fixture(scope="module")
 def steering():
-    """One program and map for the module (bcc takes seconds to compile); tests compare
+    """One program and map for the module; tests compare
     counters before and after and use their own ports."""
     if _load_error:
         pytest.skip(_load_error[0])

@@ -1,9 +1,10 @@
 """The request/response fast paths of the sans-IO core act as the general paths do.
 
 A small message and its echo each take one record: the send side builds it in one pass
-(SendPath._small_record) and the receive side takes a record holding an ACK and a STREAM
-frame without the frame list (ReceivePath._accept_ack_first); an ACK of the one record in
-flight skips the bisections (Recovery._on_ack_one). The same request/response session is run
+(SendPath._small_record, its frames from wire.encode_ack_stream) and the receive side takes
+a record holding an ACK, a STREAM frame or both without the frame list
+(wire.decode_ack_stream); both are stcp._frames when it is built. An ACK of the one record
+in flight skips the bisections (Recovery._on_ack_one). The same request/response session is run
 with those paths on and off, with everything random made repeatable (connection IDs, the
 server's key, the packet numbers left out, the link's faults): every record sealed must
 have the same sequence number and plaintext, and both applications must see the same.
@@ -15,7 +16,7 @@ import random
 
 import pytest
 
-from stcp import connection, crypto, send
+from stcp import connection, crypto, send, wire
 from stcp.connection import Config, Connection
 from tests.support.sim import Link, Pair
 
@@ -68,12 +69,24 @@ def session(monkeypatch, small: bool, loss: float, sizes, pause_every: int = 0,
             "closed": dict(p.closed)}
 
 
+@pytest.fixture(params=["c", "reference"])
+def codec(request, monkeypatch):
+    """The small paths with stcp._frames (when built) and with the wire references, the
+    fallback a build without the C module runs."""
+    if request.param == "reference":
+        monkeypatch.setattr(wire, "encode_ack_stream", wire.encode_ack_stream_ref)
+        monkeypatch.setattr(wire, "decode_ack_stream", wire.decode_ack_stream_ref)
+    elif not wire.FRAMES_ACCELERATED:
+        pytest.skip("the C frame codec is not built (pip install -e .)")
+    return request.param
+
+
 @pytest.mark.parametrize("loss,pause_every,key_update_interval", [
     (0.0, 0, 1 << 22),        # the common case: every message and echo in one record each
     (0.0, 7, 1 << 22),        # pauses: the delayed ACK goes out alone
     (0.15, 5, 40),            # loss and reordering: retransmissions, probes, key updates between
 ])
-def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, loss, pause_every,
+def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, codec, loss, pause_every,
                                                                 key_update_interval):
     sizes = [64, 1, 1024, 1300, 3000, 64, 16384, 200] * 12
     fast = session(monkeypatch, True, loss, sizes, pause_every, key_update_interval)
@@ -88,19 +101,19 @@ def test_small_paths_seal_and_deliver_what_the_general_paths_do(monkeypatch, los
 def test_small_paths_are_taken(monkeypatch):
     """The equality above means something only if the fast paths run: count them."""
     calls = {"small": 0, "ack_first": 0}
-    small, ack_first = send.SendPath._small_record, connection.Connection._accept_ack_first
+    small, decode = send.SendPath._small_record, wire.decode_ack_stream
 
     def counting_small(self, now):
         record = small(self, now)
         calls["small"] += bool(record)
         return record
 
-    def counting_ack_first(self, *a):
-        verdict = ack_first(self, *a)
-        calls["ack_first"] += verdict is not None
-        return verdict
+    def counting_decode(plaintext):
+        parsed = decode(plaintext)
+        calls["ack_first"] += parsed is not None and parsed[0] is not None
+        return parsed
 
     monkeypatch.setattr(send.SendPath, "_small_record", counting_small)
-    monkeypatch.setattr(connection.Connection, "_accept_ack_first", counting_ack_first)
+    monkeypatch.setattr(wire, "decode_ack_stream", counting_decode)
     session(monkeypatch, True, 0.0, [64] * 50)
     assert calls["small"] >= 100 and calls["ack_first"] >= 98

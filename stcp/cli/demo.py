@@ -2,13 +2,13 @@
 data both ways."""
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import time
 from typing import Any
 
 from ..api import open_connection
+from ..exchange import exchange
 from ..identity import fingerprint
 from ..server import start_server
 from .common import config_from_args
@@ -35,17 +35,7 @@ async def demo(args: Any) -> int:
           f"{(t2 - t1) * 1e3:.2f} ms, cipher {writer.get_extra_info('cipher')}, the server proved the "
           f"pinned key")
     t1 = t2
-
-    async def upload() -> None:
-        for i in range(0, size, 1 << 20):
-            writer.write(payload[i:i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    up = asyncio.create_task(upload())
-    echoed = await reader.read()
-    await up
-    await writer.wait_closed()
+    echoed = await exchange(reader, writer, payload)
     t2 = time.perf_counter()
     ok = hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     print(f"client: sent {size >> 20} MiB, got {len(echoed) >> 20} MiB back in {t2 - t1:.2f} s "

@@ -139,7 +139,7 @@ async def serve(args: Any) -> int:
         bind_udp(host, port).close()      # a port in use: said once here, not once per worker
         try:
             return await _supervise(args, host, port, config, workers, startup)
-        except ReuseportError as exc:         # socket pool without CAP_BPF or bcc: nothing was started
+        except ReuseportError as exc:         # socket pool without CAP_BPF or libbpf: nothing was started
             print(f"stcp: {workers} workers need the SO_REUSEPORT steering program: {exc}; serving with "
                   "one worker", file=sys.stderr, flush=True)
     server = await stcp_server.serve(handler, host, port, datapath=args.datapath, iface=args.iface,

@@ -25,6 +25,18 @@ class _LinkCreateOpts(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32)]
 
 
+class _ProgLoadOpts(ctypes.Structure):
+    """struct bpf_prog_load_opts up to log_buf (libbpf takes a shorter struct by its sz)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("attempts", ctypes.c_int), ("expected_attach_type", ctypes.c_uint32),
+                ("prog_btf_fd", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+                ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+                ("fd_array", ctypes.c_void_p), ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_void_p),
+                ("line_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_char_p)]
+
+
 class _BpfProgInfo(ctypes.Structure):
     _fields_ = [
         ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
@@ -92,6 +104,7 @@ def libbpf() -> ctypes.CDLL:
                 "bpf_map_get_next_key": [ctypes.c_int, vp, vp],
                 "libbpf_num_possible_cpus": [],
                 "bpf_link_create": [ctypes.c_int, ctypes.c_int, ctypes.c_int, vp],
+                "bpf_prog_load": [ctypes.c_int, cp, cp, cp, ctypes.c_size_t, vp],
             }.items():
                 f = getattr(lib, fn)
                 f.argtypes = args
@@ -112,6 +125,28 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     """An fd of a new map (BPF_MAP_TYPE_* map_type; bcc cannot declare every type)."""
     return check(libbpf().bpf_map_create(map_type, name.encode(), key_size, value_size, max_entries, None),
                  f"create BPF map {name}")
+
+
+def prog_load(prog_type: int, name: str, insns: bytes) -> int:
+    """An fd of a new program of BPF_PROG_TYPE_* prog_type from raw instructions (struct
+    bpf_insn, 8 bytes each). A refusal by the verifier raises OSError whose message ends
+    with the verifier's last line, the one that says why. Under the project's license: a
+    program calling a GPL-only helper would be refused, and none here needs one."""
+    lib = libbpf()
+    lic = b"Apache-2.0"
+    rc = lib.bpf_prog_load(prog_type, name.encode(), lic, insns, len(insns) // 8, None)
+    if rc >= 0:
+        return rc
+    err = -rc if rc != -1 else (ctypes.get_errno() or 1)
+    log = ctypes.create_string_buffer(1 << 16)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), log_level=1, log_size=len(log),
+                         log_buf=ctypes.cast(log, ctypes.c_char_p))
+    rc = lib.bpf_prog_load(prog_type, name.encode(), lic, insns, len(insns) // 8, ctypes.byref(opts))
+    if rc >= 0:                                   # it loaded the second time: keep it
+        return rc
+    lines = [ln for ln in log.value.decode(errors="replace").splitlines()
+             if ln.strip() and not ln.startswith(("processed ", "verification time"))]
+    raise OSError(err, f"load BPF program {name}: {os.strerror(err)}" + (f" (verifier: {lines[-1]})" if lines else ""))
 
 
 def prog_fd_by_id(prog_id: int) -> int:

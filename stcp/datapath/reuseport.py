@@ -1,6 +1,6 @@
 """SO_REUSEPORT steering by connection ID: N worker processes on one UDP port.
 
-bpf/stcp_reuseport.c, a BPF_PROG_TYPE_SK_REUSEPORT program, picks the socket of a UDP
+A BPF_PROG_TYPE_SK_REUSEPORT program (stcp/datapath/reuseport_prog.py) picks the socket of a UDP
 reuseport group for each datagram: a record goes to the socket at key = its CID's worker
 bits (docs/PROTOCOL.md section 3.1.1) in a REUSEPORT_SOCKARRAY; a client hello (cid 0,
 seq 0) goes where the kernel's 4-tuple hash sends it, over the group's live sockets; so
@@ -11,9 +11,9 @@ One ReuseportSteering serves one reuseport group, i.e. one bound address and por
 IPv4 and an IPv6 socket on the same port are two groups: two steerings, or one
 dual-stack "::" group). Its pieces and who needs what:
 
-* load() (the supervisor, once): creates the socket map through the bpf syscall (bcc 0.26
-  cannot declare that map type), compiles the program with bcc with the map's fd baked in
-  (bpf_pseudo_fd), loads it. Needs CAP_BPF (root has it): the kernel allows neither a
+* load() (the supervisor, once): creates the socket map and the counters through the bpf
+  syscall and loads the program's instructions with the maps' fds in them (no compiler:
+  it takes a millisecond). Needs CAP_BPF (root has it): the kernel allows neither a
   REUSEPORT_SOCKARRAY nor an SK_REUSEPORT program without it, whatever
   kernel.unprivileged_bpf_disabled says. Any failure is a ReuseportError with one line
   saying why; the server then runs one worker.
@@ -43,24 +43,19 @@ The bpf(2) calls go through stcp/datapath/bpf.py, the binding the XDP datapath u
 """
 from __future__ import annotations
 
-import atexit
-import enum
 import errno
 import os
 import socket
 import struct
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from ..errors import STCPError
 from ..wire import CID_WORKER_SHIFT, HANDSHAKE_SEQ, HEADER_LEN, MAX_CID_WORKERS
 from . import bpf
-from .bcc_import import import_bcc
 from .errors import XdpSetupError
-from .verdicts import Named
+from .reuseport_prog import VERDICT_MAX, ReuseportVerdict, instructions
 
 PROG_NAME = "stcp_reuseport"
-SOURCE = "stcp_reuseport.c"
 MAX_WORKERS = MAX_CID_WORKERS            # keys of the socket map: every value of the worker bits
 
 # linux/bpf.h and asm-generic/socket.h
@@ -83,23 +78,10 @@ class ReuseportError(STCPError):
     """Steering cannot be set up; str() is one line saying why and what to do."""
 
 
-class ReuseportVerdict(Named, enum.IntEnum):
-    """enum stcp_rp_verdict in bpf/stcp_reuseport.c: one per-CPU counter each. Append only."""
-    PASS_NOT_STCP = 0        # not UDP, or payload under the 24-byte header: the kernel's hash
-    PASS_HELLO = 1           # cid 0 and seq 0: the kernel's hash picks a live worker
-    PASS_WORKER = 2          # record sent to its CID's worker socket
-    PASS_ORPHAN = 3          # no socket at the CID's worker key (worker dead or restarting): the
-                             # kernel's hash picks a live worker, which answers with a RESET
-    DROP_WRONG_GROUP = 4     # the key's socket belongs to another reuseport group
-
-
-VERDICT_MAX = len(ReuseportVerdict)      # == STCP_RP_MAX
-
-
 def classify(payload: bytes) -> Tuple[ReuseportVerdict, Optional[int]]:
     """What the program decides for a UDP payload before it looks at the map: (PASS_WORKER,
     worker) for a record, else (PASS_NOT_STCP or PASS_HELLO, None). The Python reference of
-    bpf/stcp_reuseport.c, tested against it."""
+    stcp/datapath/reuseport_prog.py, tested against it."""
     if len(payload) < HEADER_LEN:
         return ReuseportVerdict.PASS_NOT_STCP, None
     cid, seq = struct.unpack_from("!QQ", payload, 8)
@@ -117,44 +99,17 @@ def _info(read: Callable[[int], Dict[str, Any]], fd: int) -> Optional[Dict[str, 
 
 
 # --------------------------------------------------------------------------------------
-def bpf_source() -> Path:
-    """bpf/stcp_reuseport.c of a checkout or editable install, else the packaged copy
-    (stcp/bpf/); $STCP_BPF_DIR overrides both."""
-    override = os.environ.get("STCP_BPF_DIR")
-    pkg = Path(__file__).resolve().parent.parent
-    dirs = [Path(override)] if override else [pkg / "bpf", pkg.parent / "bpf"]
-    for d in dirs:
-        if (d / SOURCE).is_file():
-            return (d / SOURCE).resolve()
-    raise ReuseportError(f"{SOURCE} not found in {', '.join(map(str, dirs))}; set STCP_BPF_DIR to the "
-                         "repository's bpf/ directory")
-
-
-def _compile(sockarray_fd: int) -> Tuple[int, int]:
-    """(prog fd, counters map fd) of a freshly loaded program, bcc's copies released."""
+def _load_program(sockarray_fd: int) -> Tuple[int, int]:
+    """(prog fd, counters map fd) of a freshly loaded program using the socket map."""
+    counters_fd = bpf.map_create(BPF_MAP_TYPE_PERCPU_ARRAY, "stcp_rp_counters", _KEY.size, _COUNTER.size,
+                                 VERDICT_MAX)
     try:
-        BPF = import_bcc()  # Debian's python3-bpfcc, found outside a venv too
-    except XdpSetupError as e:
-        raise ReuseportError(str(e)) from None
-    src = bpf_source()
-    cflags = [f"-I{src.parent}", f"-DSTCP_RP_SOCKARRAY_FD={sockarray_fd}"]
-    try:
-        b = BPF(src_file=str(src).encode(), cflags=cflags)
-    except Exception as e:
-        raise ReuseportError(f"compiling {src} failed ({e}); 'sudo make system-deps' installs bcc and the "
-                             "kernel headers") from None
-    try:
-        try:
-            fn = b.load_func(PROG_NAME.encode(), BPF_PROG_TYPE_SK_REUSEPORT)
-        except Exception as e:
-            hint = f"; {_CAP_HINT}" if "ermission" in str(e) else " (verifier output above)"
-            raise ReuseportError(f"loading {PROG_NAME} failed ({e}){hint}") from None
-        return os.dup(fn.fd), os.dup(b[b"stcp_rp_counters"].map_fd)
-    finally:
-        try:
-            b.cleanup()
-        finally:
-            atexit.unregister(b.cleanup)
+        return bpf.prog_load(BPF_PROG_TYPE_SK_REUSEPORT, PROG_NAME, instructions(sockarray_fd, counters_fd)), \
+            counters_fd
+    except OSError as e:
+        os.close(counters_fd)
+        hint = f"; {_CAP_HINT}" if e.errno == errno.EPERM else ""
+        raise ReuseportError(f"loading {PROG_NAME} failed ({e.strerror}){hint}") from None
 
 
 def socket_cookie(sock: socket.socket) -> int:
@@ -188,7 +143,7 @@ class ReuseportSteering:
             raise ReuseportError(f"cannot create the reuseport socket map ({os.strerror(e.errno or 0)}); "
                                  f"{hint}") from None
         try:
-            prog_fd, counters_fd = _compile(fd)
+            prog_fd, counters_fd = _load_program(fd)
         except BaseException:
             os.close(fd)
             raise

@@ -315,7 +315,7 @@ class Driver:
         batches = conn.datagram_batches(now)
         if batches:
             self.outbox.add(batches, self.peer_address(conn))
-        if hooks is not None:
+        if hooks is not None and conn.events:       # what sending raised (a failure's close)
             hooks.process_events()
         if conn.is_closed:
             self._forget(conn)
@@ -436,6 +436,8 @@ class ServerDriver(Driver):
         self.endpoint = endpoint
         self._on_new = on_new
         self._on_ended = on_ended
+        self._refill_scheduled = False
+        self._schedule_refill()
 
     def route_batch(self, batch: list, now: float) -> Iterable[Connection]:
         touched, new = self.endpoint.receive_batch(batch, now)
@@ -444,7 +446,22 @@ class ServerDriver(Driver):
             self.endpoint.replies.clear()
         for conn in new:
             self._on_new(conn)
+        if new and not self._refill_scheduled:
+            self._schedule_refill()
         return touched
+
+    def _schedule_refill(self) -> None:
+        """Make server hello keys ahead of need (stcp.keypool), a few per loop pass after the
+        datagrams already waiting, so a hello finds its key made and waits for no key generation."""
+        if not self.closed and self.endpoint.ephemeral_keys.wanted:
+            self._refill_scheduled = True
+            self.loop.call_soon(self._refill_keys)
+
+    def _refill_keys(self) -> None:
+        self._refill_scheduled = False
+        if not self.closed:
+            self.endpoint.ephemeral_keys.refill()
+            self._schedule_refill()
 
     def peer_address(self, conn: Connection) -> Optional[Hashable]:
         return self.endpoint.peer_addr.get(conn.local_cid)
@@ -460,6 +477,7 @@ class ServerDriver(Driver):
                 conn.close(reason="server shutting down")
                 self._service(conn, self.loop.time())
         self._send_backlog()
+        self.endpoint.ephemeral_keys.clear()
         super().close()
 
 

@@ -38,20 +38,14 @@ from .xdp_cookie import KernelCookies
 from .xdp_prog import (
     DEFAULT_HALF_OPEN,
     DEFAULT_HS_BURST,
-    DEFAULT_HS_GLOBAL_BURST,
-    DEFAULT_HS_GLOBAL_RATE,
-    DEFAULT_HS_PREFIX4,
-    DEFAULT_HS_PREFIX6,
     DEFAULT_HS_RATE,
     DEFAULT_HS_SOURCES,
     DEFAULT_MAX_CIDS,
     DEFAULT_MAX_RECORD_LEN,
     MAP_ABI,
-    MODES,
     ProgHandles,
     attached_ids,
     check_toolchain,
-    cid_filter_slot,
     current_netns_name,
     find_stcp,
     other_layout,
@@ -65,11 +59,6 @@ from .xdp_prog import (
     validate_limits,
     write_config,
 )
-
-__all__ = ["XdpDatapath", "XdpSetupError", "XdpAlreadyAttached", "XdpNotAttached", "MODES", "libxdp_unavailable",
-           "DEFAULT_MAX_RECORD_LEN", "DEFAULT_HS_RATE", "DEFAULT_HS_BURST", "DEFAULT_MAX_CIDS",
-           "DEFAULT_HS_SOURCES", "DEFAULT_HS_PREFIX4", "DEFAULT_HS_PREFIX6", "DEFAULT_HS_GLOBAL_RATE",
-           "DEFAULT_HS_GLOBAL_BURST", "cid_filter_slot"]
 
 log = logging.getLogger("stcp.datapath.xdp")
 

@@ -7,27 +7,11 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import libxdp
+from . import libxdp, xdp_prog
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .xdp import XdpDatapath
 from .xdp_cookie import cookie_keys_live
-from .xdp_prog import (
-    DEFAULT_MAX_RECORD_LEN,
-    ProgHandles,
-    count_cids,
-    dispatched_by,
-    find_stcp,
-    other_layout,
-    pin_dir,
-    prog_name,
-    read_config,
-    read_counters,
-    remove_pins,
-    require_privileges,
-    validate_limits,
-    write_config,
-)
 
 # What `stcp-loader set` may change in a live program: the hello, COOKIE-reply and
 # unknown-CID limits, and the record limit (raising it is always safe; lowering it drops
@@ -36,12 +20,12 @@ SETTABLE = ("hs_rate", "hs_burst", "hs_prefix4", "hs_prefix6", "hs_global_rate",
             "ck_rate", "ck_burst", "uk_rate", "uk_burst", "max_record_len")
 
 
-def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = DEFAULT_MAX_RECORD_LEN,
+def attach(iface: str, port: int, mode: str = "auto", max_record_len: int = xdp_prog.DEFAULT_MAX_RECORD_LEN,
            force: bool = False, netns: Optional[str] = None, **kw: Any) -> Dict[str, Any]:
     """Attach and leave the program running (the kernel keeps it); return its status."""
     dp = XdpDatapath.attach(iface, port, mode, max_record_len, force=force, netns=netns, **kw)
     try:
-        st = status_of(iface, dp.mode, dp.handles, dp.pin_dir or pin_dir(iface, netns))
+        st = status_of(iface, dp.mode, dp.handles, dp.pin_dir or xdp_prog.pin_dir(iface, netns))
         st["private_pins"] = dp.private_pins
         st["loader"] = dp.loader
         return st
@@ -56,15 +40,15 @@ def detach(iface: str, netns: Optional[str] = None) -> Dict[str, Any]:
 
 
 def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
-    require_privileges("detaching the STCP XDP program")
-    pins = pin_dir(iface, netns)
+    xdp_prog.require_privileges("detaching the STCP XDP program")
+    pins = xdp_prog.pin_dir(iface, netns)
     with Netlink(netns) as nl:
         ifindex = nl.ifindex(iface)
-        mode, h, state = find_stcp(nl, ifindex)
-        if not h and (foreign := other_layout(state)):
+        mode, h, state = xdp_prog.find_stcp(nl, ifindex)
+        if not h and (foreign := xdp_prog.other_layout(state)):
             return _detach_other(nl, ifindex, iface, foreign, pins, netns)
         if not h:
-            stale = remove_pins(pins) if os.path.isdir(pins) else False
+            stale = xdp_prog.remove_pins(pins) if os.path.isdir(pins) else False
             extra = f" (removed stale pins at {pins})" if stale else ""
             other = f"; another XDP program is attached ({state})" if state else ""
             raise XdpNotAttached(f"no STCP XDP program attached to {iface}{other}{extra}")
@@ -76,7 +60,7 @@ def _detach(iface: str, netns: Optional[str]) -> Dict[str, Any]:
             result = {"iface": iface, "detached": True, "mode": mode, "prog_id": h.prog_id, "pin_dir": pins}
         finally:
             h.close()
-    remove_pins(pins)
+    xdp_prog.remove_pins(pins)
     return result
 
 
@@ -89,7 +73,7 @@ def _detach_other(nl: Netlink, ifindex: int, iface: str, other: Tuple[str, int, 
         libxdp.detach(ifindex, iface, prog_id, mode, netns)
     else:
         nl.clear_xdp(ifindex, mode)
-    remove_pins(pins)
+    xdp_prog.remove_pins(pins)
     return {"iface": iface, "detached": True, "mode": mode, "prog_id": prog_id, "pin_dir": pins}
 
 
@@ -108,36 +92,36 @@ def _set_limits(iface: str, netns: Optional[str], force: bool, changes: Dict[str
         raise XdpSetupError("nothing to set: name at least one limit (--hs-rate, --hs-burst, ...)")
     dp = XdpDatapath.open(iface, netns=netns)
     try:
-        cfg = read_config(dp.handles)
+        cfg = xdp_prog.read_config(dp.handles)
         new = {k: cfg[k] for k in SETTABLE}
         new.update(changes)
-        validate_limits(cfg["port"], "auto", **new)
+        xdp_prog.validate_limits(cfg["port"], "auto", **new)
         if new["max_record_len"] < cfg["max_record_len"] and not force:
             raise XdpAlreadyAttached(
                 f"lowering the record limit of {iface} from {cfg['max_record_len']} to {new['max_record_len']} "
                 f"drops every larger record of live connections; add --force if no client sends larger ones")
-        write_config(dp.handles, cfg["port"], new.pop("max_record_len"), new.pop("hs_rate"), new.pop("hs_burst"),
-                     cfg["nworkers"], **new)
-        return status_of(iface, dp.mode, dp.handles, pin_dir(iface, netns))
+        xdp_prog.write_config(dp.handles, cfg["port"], new.pop("max_record_len"), new.pop("hs_rate"),
+                              new.pop("hs_burst"), cfg["nworkers"], **new)
+        return status_of(iface, dp.mode, dp.handles, xdp_prog.pin_dir(iface, netns))
     finally:
         dp.release()
 
 
-def status_of(iface: str, mode: Optional[str], h: Optional[ProgHandles], pins: str) -> Dict[str, Any]:
+def status_of(iface: str, mode: Optional[str], h: Optional[xdp_prog.ProgHandles], pins: str) -> Dict[str, Any]:
     """One interface's status (what `stcp-loader status --json` prints per interface)."""
     if h is None:
         return {"iface": iface, "attached": False, "pin_dir": pins, "pinned": os.path.isdir(pins)}
     beside = []
     if h.dispatcher_id is not None:
-        beside = [{"prog_id": p, "name": prog_name(p)}
-                  for p in dispatched_by([h.dispatcher_id])[h.dispatcher_id] if p != h.prog_id]
+        beside = [{"prog_id": p, "name": xdp_prog.prog_name(p)}
+                  for p in xdp_prog.dispatched_by([h.dispatcher_id])[h.dispatcher_id] if p != h.prog_id]
     return {
         "iface": iface, "attached": True, "mode": mode, "prog_id": h.prog_id,
         "dispatcher_id": h.dispatcher_id, "beside": beside,
-        "map_ids": dict(h.map_ids), "config": read_config(h), "live_cids": count_cids(h),
-        "half_open_cids": count_cids(h, "half_open"), "cookie_keys": cookie_keys_live(h.maps["cookie"]),
+        "map_ids": dict(h.map_ids), "config": xdp_prog.read_config(h), "live_cids": xdp_prog.count_cids(h),
+        "half_open_cids": xdp_prog.count_cids(h, "half_open"), "cookie_keys": cookie_keys_live(h.maps["cookie"]),
         "pin_dir": pins, "pinned": os.path.exists(f"{pins}/prog"),
-        "counters": {k: {"packets": p, "bytes": b} for k, (p, b) in read_counters(h).items()},
+        "counters": {k: {"packets": p, "bytes": b} for k, (p, b) in xdp_prog.read_counters(h).items()},
     }
 
 
@@ -147,16 +131,16 @@ def status(iface: Optional[str] = None, netns: Optional[str] = None) -> List[Dic
 
 
 def _status(iface: Optional[str], netns: Optional[str]) -> List[Dict[str, Any]]:
-    require_privileges("reading the STCP XDP program's state")
+    xdp_prog.require_privileges("reading the STCP XDP program's state")
     out = []
     with Netlink(netns) as nl:
         links = [(iface, nl.ifindex(iface))] if iface else nl.links()
         for name, idx in links:
-            mode, h, _state = find_stcp(nl, idx)
+            mode, h, _state = xdp_prog.find_stcp(nl, idx)
             if h is None and not iface:
                 continue
             try:
-                out.append(status_of(name, mode, h, pin_dir(name, netns)))
+                out.append(status_of(name, mode, h, xdp_prog.pin_dir(name, netns)))
             finally:
                 if h:
                     h.close()

@@ -32,6 +32,7 @@ _METHODS = {"lookup", "insert", "update", "delete", "redirect_map"}   # see bpf/
 _MAP_DECL = re.compile(r"\bBPF_(?:PERCPU_ARRAY|ARRAY|HASH|XSKMAP)\(\s*(\w+)")
 # BPF_TABLE("type", key, value, name, size) and BPF_F_TABLE("type", key, value, name, size, flags)
 _TABLE_DECL = re.compile(r'\bBPF_(F_)?TABLE\(\s*"(\w+)"\s*,([^;]*)\)\s*;')
+_UAPI_INCLUDE = re.compile(r"^#include <uapi/linux/(\w+\.h)>", re.M)
 _ENTRY = re.compile(rf"^int\s+{PROG_NAME}\s*\(", re.M)
 
 
@@ -84,9 +85,11 @@ def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int
     src = bpf_source_dir()
     work = Path(out_dir)
     (work / "uapi" / "linux").mkdir(parents=True, exist_ok=True)
-    (work / "uapi" / "linux" / "bpf.h").write_text("#include <linux/bpf.h>\n")   # bcc's include path
+    source = (src / "stcp_xdp.c").read_text()
+    for name in set(_UAPI_INCLUDE.findall(source)):    # bcc's include path -> /usr/include's
+        (work / "uapi" / "linux" / name).write_text(f"#include <linux/{name}>\n")
     c_file = work / "stcp_xdp.c"
-    c_file.write_text(translate((src / "stcp_xdp.c").read_text()))
+    c_file.write_text(translate(source))
     obj = work / "stcp_xdp.o"
     multiarch = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
     cmd = [clang, "-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Wno-unused-function",

@@ -1,5 +1,5 @@
 """The socket pool's steering collector: the reuseport program's verdict counters
-(bpf/stcp_reuseport.c), read by the pool's supervisor at scrape time from the steering it
+(stcp/datapath/reuseport_prog.py), read by the pool's supervisor at scrape time from the steering it
 loaded, once for all workers."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Run a fuzz target against the sanitizer build.
 
-    python -m tests.fuzz TARGET [--seconds N] [--out DIR]    coverage-guided, with atheris
+    python -m tests.fuzz TARGET [--seconds N] [--out DIR] [--rng-seed N]    coverage-guided, with atheris
     python -m tests.fuzz TARGET --replay                      every corpus input once, no atheris
     python -m tests.fuzz TARGET --seed                        add the target's hand-made seeds to its corpus
     python -m tests.fuzz --list
@@ -57,7 +57,7 @@ def seed(target: str) -> int:
     return 0
 
 
-def fuzz(target: str, seconds: int, out: Path) -> int:
+def fuzz(target: str, seconds: int, out: Path, rng_seed: int | None = None) -> int:
     import atheris
 
     from tests.fuzz.targets import MODULES, TARGETS, load
@@ -68,7 +68,8 @@ def fuzz(target: str, seconds: int, out: Path) -> int:
     seeds = corpus_dir(target)
     dirs = [str(out)] + ([str(seeds)] if seeds.resolve() != out.resolve() and seeds.is_dir() else [])
     argv = [sys.argv[0], f"-max_total_time={seconds}", f"-max_len={MAX_LEN}", "-timeout=20",
-            "-rss_limit_mb=4096", f"-artifact_prefix={CRASHES}/{target}-", "-print_final_stats=1", *dirs]
+            "-rss_limit_mb=4096", f"-artifact_prefix={CRASHES}/{target}-", "-print_final_stats=1",
+            *([f"-seed={rng_seed}"] if rng_seed is not None else []), *dirs]
     atheris.Setup(argv, fn)
     atheris.Fuzz()
     return 0                                   # not reached: libFuzzer exits
@@ -80,6 +81,7 @@ def main() -> int:
     ap.add_argument("target", nargs="?", choices=sorted(TARGETS))
     ap.add_argument("--seconds", type=int, default=60, help="how long to fuzz (default 60)")
     ap.add_argument("--out", type=Path, help="where new inputs go (default: the target's corpus)")
+    ap.add_argument("--rng-seed", type=int, help="libFuzzer's random seed, so a run can be repeated (default: random)")
     ap.add_argument("--replay", action="store_true", help="run the corpus once instead of fuzzing")
     ap.add_argument("--seed", action="store_true", help="write the target's hand-made seeds into its corpus")
     ap.add_argument("--list", action="store_true", help="name the targets")
@@ -98,7 +100,7 @@ def main() -> int:
         os.execve(sys.executable, [sys.executable, "-m", "tests.fuzz", *sys.argv[1:]], build.sanitizer_env())
     if args.replay:
         return replay(args.target)
-    return fuzz(args.target, args.seconds, args.out or corpus_dir(args.target))
+    return fuzz(args.target, args.seconds, args.out or corpus_dir(args.target), args.rng_seed)
 
 
 if __name__ == "__main__":

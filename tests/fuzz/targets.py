@@ -13,6 +13,7 @@ the time, so the fuzzer reaches the paths that only authentic records reach.
     group_by_cid   stcp._demux.group_by_cid              vs  stcp.endpoint.group_by_cid_ref
     siphash        stcp._siphash.siphash128              vs  stcp.siphash.siphash128_ref
     xsk_frame      stcp._xsk parse_frame, reply_template, udp_frame  vs  tests/support/xsk_frames.py
+    frames         stcp._frames decode_ack_stream, encode_ack_stream  vs  stcp.wire *_ref
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Callable, Dict, List, Sequence
 
 from stcp import crypto, wire
 from stcp.endpoint import group_by_cid_ref
+from stcp.errors import ProtocolViolation
 from stcp.siphash import siphash128_ref
 from tests.fuzz import build
 from tests.support import xsk_frames
@@ -262,14 +264,15 @@ def siphash(data: bytes) -> None:
 # --------------------------------------------------------------------------------------
 # the AF_XDP frame parser
 def _same(c_call: Callable, ref_call: Callable):
-    """Both return the same value, or both raise ValueError with the same message."""
+    """Both return the same value, or both raise ValueError (ProtocolViolation where the
+    reference is a stcp.wire decoder) of one class with the same message."""
     try:
         want = ref_call()
-    except ValueError as exc:
+    except (ValueError, ProtocolViolation) as exc:
         try:
             got = c_call()
-        except ValueError as c_exc:
-            assert str(c_exc) == str(exc), (str(c_exc), str(exc))
+        except (ValueError, ProtocolViolation) as c_exc:
+            assert type(c_exc) is type(exc) and str(c_exc) == str(exc), (repr(c_exc), repr(exc))
             return None
         raise AssertionError(f"C accepted what the reference refuses ({exc}): {got!r}") from None
     got = c_call()
@@ -309,7 +312,52 @@ def xsk_frame_seeds() -> List[bytes]:
     return [bytes([flags]) + shape for shape in shapes for flags in (0x00, 0x01, 0x21, 0x50)]
 
 
-SEEDS: Dict[str, Callable[[], List[bytes]]] = {"xsk_frame": xsk_frame_seeds}
+# --------------------------------------------------------------------------------------
+# the ACK and STREAM frames of a small record
+def frames(data: bytes) -> None:
+    """Flags byte 1: decode the rest as a plaintext. Flags byte 0: encode the call the rest
+    spells (range count, ranges as u64 pairs, delay, offset, data length, data), then decode
+    what both encoded."""
+    inp = Input(data)
+    codec = load("_frames")
+    if inp.int(1) & 1:
+        plaintext = inp.rest()
+        _same(lambda: codec.decode_ack_stream(plaintext), lambda: wire.decode_ack_stream_ref(plaintext))
+        return
+    count = inp.int(1) % 72
+    ranges = None if count == 71 else tuple((inp.int(8), inp.int(8)) for _ in range(count))
+    delay = inp.int(5) - 16                             # negative now and then
+    offset = inp.int(9) - 256                           # out of u64 both ways now and then
+    data_len = inp.int(2)
+    payload = None if data_len == 0xFFFF else inp.bytes(data_len % 1400)
+    out = _same(lambda: codec.encode_ack_stream(ranges, delay, offset, payload),
+                lambda: wire.encode_ack_stream_ref(ranges, delay, offset, payload))
+    if out is not None:
+        _same(lambda: codec.decode_ack_stream(out), lambda: wire.decode_ack_stream_ref(out))
+
+
+def frames_seeds() -> List[bytes]:
+    """Plaintexts of every frame type and of ACK then STREAM (decode), and encode calls with
+    one, several and MAX_ACK_RANGES ranges."""
+    every = [wire.encode_stream(5, b"hello", True), wire.encode_ack([(40, 50), (20, 30), (0, 3)], 9),
+             wire.encode_frame(wire.MaxDataFrame(1 << 30)), wire.encode_frame(wire.PingFrame()),
+             wire.encode_frame(wire.CloseFrame(1, "x")), wire.encode_frame(wire.KeyUpdateFrame(1)), bytes(3),
+             wire.encode_frame(wire.ClientAuthFrame(bytes(32), bytes(32))),
+             wire.encode_frame(wire.ResetTokenFrame(bytes(16)))]
+    seeds = [b"\x01" + f for f in every]
+    seeds += [b"\x01" + wire.encode_ack([(9, 12)]) + wire.encode_stream(100, bytes(64)),
+              b"\x01" + wire.encode_ack([(200 - 3 * i, 200 - 3 * i) for i in range(64)])]
+
+    def call(ranges, delay, offset, payload):
+        head = bytes([0, len(ranges)]) + b"".join(lo.to_bytes(8, "big") + hi.to_bytes(8, "big") for lo, hi in ranges)
+        return head + (delay + 16).to_bytes(5, "big") + (offset + 256).to_bytes(9, "big") \
+            + len(payload).to_bytes(2, "big") + payload
+    seeds += [call([(1, 1)], 0, 0, bytes(64)), call([(30, 40), (10, 20), (0, 5)], 25, 1 << 40, b"echo"),
+              call([(500 - 4 * i, 501 - 4 * i) for i in range(64)], 0, 7, b"")]
+    return seeds
+
+
+SEEDS: Dict[str, Callable[[], List[bytes]]] = {"xsk_frame": xsk_frame_seeds, "frames": frames_seeds}
 
 TARGETS: Dict[str, Callable[[bytes], None]] = {
     "open_records": open_records,
@@ -317,6 +365,7 @@ TARGETS: Dict[str, Callable[[bytes], None]] = {
     "group_by_cid": group_by_cid,
     "siphash": siphash,
     "xsk_frame": xsk_frame,
+    "frames": frames,
 }
 MODULES = {"open_records": "_aead", "seal_stream": "_aead", "group_by_cid": "_demux", "siphash": "_siphash",
-           "xsk_frame": "_xsk"}
+           "xsk_frame": "_xsk", "frames": "_frames"}

@@ -152,14 +152,28 @@ def stop(proc: subprocess.Popen) -> str:
     return err.decode(errors="replace")
 
 
+def worker_pids(lines: list) -> dict:
+    """{worker: pid} from a pool's "worker N started (pid P)" lines (the last start wins)."""
+    return {int(m.group(1)): int(m.group(2)) for m in
+            (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+
+
 def serve_workers(a, n: int, port: int = AFXDP_PORT) -> tuple:
     """An afxdp server with n workers on a's veth, ready; (process, {worker: pid})."""
     server = serve_afxdp(a, f"{a.ip4}:{port}", "native", "--workers", str(n))
     lines = wait_for_stderr_line(server, f"afxdp datapath, {n} workers", timeout=90)
-    pids = {int(m.group(1)): int(m.group(2)) for m in
-            (re.search(r"worker (\d+) started \(pid (\d+)\)", ln) for ln in lines) if m}
+    pids = worker_pids(lines)
     assert len(pids) == n, lines
     return server, pids
+
+
+def kill_worker(server: subprocess.Popen, worker: int, pid: int, timeout: float = 90) -> int:
+    """SIGKILL a pool's worker and wait until the supervisor's replacement serves; its pid."""
+    os.kill(pid, signal.SIGKILL)
+    lines = wait_for_stderr_line(server, f"[worker {worker}] serving on", timeout=timeout)
+    new = worker_pids(lines).get(worker)
+    assert new is not None and new != pid, lines
+    return new
 
 
 def clients(b, addr: str, count: int, *extra: str) -> list:

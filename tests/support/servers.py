@@ -9,6 +9,7 @@ from typing import Optional
 
 import stcp
 from stcp.connection import Connection
+from stcp.exchange import exchange
 from tests.support.poll import await_until
 
 
@@ -28,18 +29,7 @@ async def quiet(server, timeout: float = 5.0) -> None:
 
 async def echo_transfer(host: str, port: int, data: bytes, server_key, config=None) -> bytes:
     reader, writer = await stcp.open_connection(host, port, server_key=server_key, config=config)
-
-    async def upload():
-        for i in range(0, len(data), 1 << 20):
-            writer.write(data[i:i + (1 << 20)])
-            await writer.drain()
-        writer.write_eof()
-
-    up = asyncio.create_task(upload())
-    echoed = await reader.read()
-    await up
-    await writer.wait_closed()
-    return echoed
+    return await exchange(reader, writer, data)
 
 
 async def transfer(port: int, payload: bytes, server_key, **kw) -> Connection:

@@ -53,16 +53,30 @@ def require_testrun(build: str = "bcc") -> None:
         pytest.skip(f"XDP toolchain unavailable: {e}")
 
 
+_OBJECT: list = []          # the clang build's ObjectDir, made once per test process
+
+
+def _clang_object() -> str:
+    """The path of bpf/stcp_xdp.c built by clang with the default sizes, built on first use:
+    an object file is only read, and each load of it makes maps of its own, so one build
+    serves every module (removed when the process exits)."""
+    if not _OBJECT:
+        import atexit
+
+        from stcp.datapath.xdp_object import ObjectDir
+        _OBJECT.append(ObjectDir())
+        atexit.register(_OBJECT[0].close)
+    return _OBJECT[0].path
+
+
 class _ClangBuild:
     """bpf/stcp_xdp.c built by clang, loaded as a plain XDP program through libbpf."""
 
     def __init__(self):
         from stcp.datapath import libxdp
-        from stcp.datapath.xdp_object import ObjectDir
         from stcp.datapath.xdp_prog import PROG_NAME
         _xdp, self.lib, _ = libxdp.libraries()
-        self.objdir = ObjectDir()
-        self.obj = self.lib.bpf_object__open_file(self.objdir.path.encode(), None)
+        self.obj = self.lib.bpf_object__open_file(_clang_object().encode(), None)
         assert self.obj, "libbpf could not open the clang build"
         rc = self.lib.bpf_object__load(self.obj)
         assert rc == 0, f"loading the clang build failed: {os.strerror(-rc)}"
@@ -70,7 +84,6 @@ class _ClangBuild:
 
     def close(self) -> None:
         self.lib.bpf_object__close(self.obj)
-        self.objdir.close()
 
 
 class LoadedProg:

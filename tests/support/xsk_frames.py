@@ -172,7 +172,7 @@ def udp_frame(template: bytes, payload: bytes) -> bytes:
     ulen = 8 + len(payload)
     struct.pack_into("!H", f, udp_off + 4, ulen & 0xFFFF)
     if proto == ETH_P_IP:
-        struct.pack_into("!HH", f, off + 2, (20 + ulen) & 0xFFFF, 0)
+        struct.pack_into("!H", f, off + 2, (20 + ulen) & 0xFFFF)     # the template's ID stays
         struct.pack_into("!H", f, off + 10, 0)
         struct.pack_into("!H", f, off + 10, csum(bytes(f[off:off + 20])))
         pseudo = bytes(f[off + 12:off + 20])
