@@ -90,9 +90,12 @@ def test_server_key_from_a_key_file_and_allowed_clients_from_a_file(tmp_path):
             w.write(b"alice")
             w.write_eof()
             assert await r.read() == b"alice"
+            await w.wait_closed()
             r, w = await stcp.open_connection("127.0.0.1", port, server_key=server.public_key)
             with pytest.raises(stcp.ConnectionTerminated, match="ACCESS_DENIED"):
                 await r.read()
+            with pytest.raises(stcp.ConnectionTerminated, match="ACCESS_DENIED"):
+                await w.wait_closed()
         finally:
             server.close()
     run(main())
