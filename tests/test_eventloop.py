@@ -67,3 +67,59 @@ def test_echo_both_ways_on_each_loop(choice):
         return back
 
     assert eventloop.run(main(), choice) == big
+
+
+class _Forwarder(asyncio.DatagramProtocol):
+    """A UDP hop between client and server that can be taken away and put back, so the
+    client's connected socket meets an ICMP port unreachable in the middle of a connection."""
+
+    def __init__(self, server: tuple):
+        self.server = server
+        self.client = None
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        if addr == self.server:
+            if self.client is not None:
+                self.transport.sendto(data, self.client)
+        else:
+            self.client = addr
+            self.transport.sendto(data, self.server)
+
+
+@pytest.mark.parametrize("choice", ["asyncio", pytest.param("uvloop", marks=needs_uvloop)])
+def test_a_client_keeps_reading_after_a_port_unreachable(choice):
+    """A server that restarts leaves a gap in which the client's keepalive or data draws ICMP
+    port unreachable. Ignored once ENCRYPTED (only authenticated records end a connection),
+    the error must not stop the socket being read either: libuv stops polling a descriptor
+    that reports an error, so on uvloop the client went deaf to everything after it, the
+    RESET that would have told it of the restart included."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        key = stcp.generate_private_key()
+        server = await stcp.start_server(echo_handler, "127.0.0.1", 0, server_key=key)
+        hop = _Forwarder(("127.0.0.1", server.sockets[0].getsockname()[1]))
+        transport, _ = await loop.create_datagram_endpoint(lambda: hop, local_addr=("127.0.0.1", 0))
+        hop_addr = transport.get_extra_info("sockname")
+        reader, writer = await stcp.open_connection(*hop_addr, server_key=stcp.public_key(key))
+        writer.write(b"before")
+        assert await asyncio.wait_for(reader.readexactly(6), 30) == b"before"
+        transport.close()                       # the hop's port is closed: the write draws ICMP
+        writer.write(b"during")
+        await asyncio.sleep(0.5)
+        hop.transport = None
+        transport, _ = await loop.create_datagram_endpoint(lambda: hop, local_addr=hop_addr)
+        try:
+            # the write is retransmitted through the hop once it is back; its echo must be read
+            got = await asyncio.wait_for(reader.readexactly(6), 30)
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            transport.close()
+            server.close()
+        return got
+
+    assert eventloop.run(main(), choice) == b"during"

@@ -251,6 +251,11 @@ class Driver:
             return recv_batch(self.sock, self.gro)
         except ConnectionRefusedError:
             self.icmp_errors += 1
+            # libuv (uvloop) stops polling a descriptor that reported an error: poll it again,
+            # or a connection that outlives the error (an ENCRYPTED one ignores it) goes deaf
+            if not self.closed and not self.loop.is_closed():
+                self.loop.remove_reader(self.fd)
+                self.loop.add_reader(self.fd, self._on_readable)
             self.port_unreachable()
             return []
 
