@@ -64,6 +64,34 @@ def test_discovered_interface_stays_at_zero_after_detach():
         assert s.sum("stcp_xdp_packets_total") == 0
 
 
+def test_a_detach_racing_a_scrape_is_no_read_error():
+    """`stcp-loader detach` between a scrape's discovery and its read of the pins: the
+    interface is reported detached, not as a read error. A read that fails while discovery
+    still finds the program is one."""
+    pins = {"eth0": True}
+
+    def discover():
+        return [("eth0", None)] if pins["eth0"] else []
+
+    def reader(iface, netns):
+        pins["eth0"] = False                       # detached under the scrape
+        raise XdpSetupError(f"no STCP XDP program pinned for '{iface}'")
+
+    reg = CollectorRegistry()
+    reg.register(XdpCollector(discover=discover, reader=reader))
+    s = Scrape(generate_latest(reg).decode())
+    assert s.by("stcp_xdp_attached", "mode", iface="eth0") == {"none": 0}
+    assert s.get("stcp_xdp_read_errors_total") == 0
+
+    def broken(iface, netns):
+        raise XdpSetupError("reading the counters map failed: Operation not permitted")
+
+    reg = CollectorRegistry()
+    reg.register(XdpCollector(discover=lambda: [("eth0", None)], reader=broken))
+    s = Scrape(generate_latest(reg).decode())
+    assert s.get("stcp_xdp_read_errors_total") == 1
+
+
 def promtool_case(before: Scrape, after: Scrape, job: str, instance: str) -> dict:
     """A promtool test from two real scrapes: every stcp_xdp_attached series of `before`
     for a minute, then those of `after`; it expects STCPXdpDetached for each of after's

@@ -157,10 +157,12 @@ class XdpCollector(Collector):
             try:
                 snap = self._read(iface, ns)
             except XdpSetupError as e:
-                if self.targets or (iface, ns) in found:
-                    snap = self._failed(iface, ns, e)
-                else:                     # seen before, now gone with its interface: detached
+                # seen before and gone now, or found at this scrape and detached while it was
+                # read (stcp-loader detach racing a scrape): detached, not a read error
+                if not self.targets and ((iface, ns) not in found or (iface, ns) not in self._discover()):
                     snap = {"attached": False, "gone": str(e)}
+                else:
+                    snap = self._failed(iface, ns, e)
             except Exception as e:  # one broken interface must not hide the others
                 snap = self._failed(iface, ns, e)
             out.append(((iface, ns), snap))
