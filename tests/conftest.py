@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import compileall
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -78,6 +79,26 @@ def _require(unavailable) -> None:
 
 # ---------------------------------------------------------------------------------------
 # namespaces and the kernel datapath
+# The user's configuration directory as the session found it: what runs pip (fresh installs,
+# wheels) still needs its pip.conf when a test moves the rest aside.
+_REAL_CONFIG = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """Every test's commands get a configuration and state directory of their own, so a
+    client's known-hosts file never holds what an earlier test or run recorded (two servers
+    with different keys on one test address would otherwise look like an attack). A module
+    that tests the defaults themselves defines its own `home`."""
+    config = tmp_path / "home" / ".config"
+    config.mkdir(parents=True)
+    if (_REAL_CONFIG / "pip").is_dir():
+        (config / "pip").symlink_to(_REAL_CONFIG / "pip")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "home" / ".local" / "state"))
+    return tmp_path / "home"
+
+
 @pytest.fixture
 def veth():
     """veth(mtu=1500, queues=1) -> (a, b): two namespaces joined by a veth pair

@@ -164,7 +164,7 @@ def test_cid_table_add_remove(env, fam):
 
 def _colliding_cid(cid: int) -> int:
     """Another CID in the same prefilter slot (flip the same bit in both folded halves)."""
-    from stcp.datapath.xdp import cid_filter_slot
+    from stcp.datapath.xdp_prog import cid_filter_slot
     other = cid ^ ((1 << 7) | (1 << 39))       # wire bytes 7 and 3: same bit of each 32-bit half
     assert other != cid and cid_filter_slot(other) == cid_filter_slot(cid)
     return other
