@@ -71,26 +71,32 @@ def pinned() -> tuple[str, str]:
 
 def wait_for_stderr_line(proc: subprocess.Popen, needle: str, timeout: float) -> list:
     """proc's stderr lines up to and including the first that contains needle; on timeout or
-    exit, an AssertionError quoting what it said so far."""
+    exit, an AssertionError quoting what it said so far. Lines read past that one (a read
+    takes what is there: two processes of a pool may have spoken at once) are kept for the
+    next call, not lost."""
+    held: list = proc.__dict__.setdefault("_stderr_held", [[], b""])     # [lines read ahead, partial line]
     seen: list = []
+    while held[0]:
+        seen.append(held[0].pop(0))
+        if needle in seen[-1]:
+            return seen
     deadline = time.monotonic() + timeout
     fd = proc.stderr.fileno()
-    buf = b""
     while time.monotonic() < deadline:
         r, _, _ = select.select([fd], [], [], 0.2)
         if r:
             chunk = os.read(fd, 4096)
             if not chunk:
                 break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for ln in lines:
-                seen.append(ln.decode(errors="replace"))
+            *lines, held[1] = (held[1] + chunk).split(b"\n")
+            held[0] = [ln.decode(errors="replace") for ln in lines]
+            while held[0]:
+                seen.append(held[0].pop(0))
                 if needle in seen[-1]:
                     return seen
         if proc.poll() is not None:
             break
-    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [buf.decode(errors='replace')]}")
+    raise AssertionError(f"server did not say {needle!r}; stderr so far: {seen + [held[1].decode(errors='replace')]}")
 
 
 # ---------------------------------------------------------------------------------------
