@@ -178,30 +178,23 @@ class Outbox:
         """Queue what Connection.datagram_batches gave, for addr (None: a connected socket)."""
         if not self.gso:
             batches = [(d, len(d)) for d in wire.expand_datagrams(batches)]
+        if len(batches) == 1:             # the request/response case: no generator per call
+            buf, size = batches[0]
+            self.entries.append((buf, addr, size if size < len(buf) else 0))
+            return
         self.entries.extend((buf, addr, size if size < len(buf) else 0) for buf, size in batches)
 
     def send(self) -> bool:
         """Send from the front; False when the socket buffer filled first (the rest waits)."""
         entries = self.entries
         while entries:
-            # one sendmmsg per stretch to one address whose GSO buffers share a segment size
-            # (single datagrams no longer than it ride along unsegmented)
-            addr, seg, longest, n = entries[0][1], 0, 0, 0
-            while n < len(entries) and n < 1024:
-                buf, a, size = entries[n]
-                if a != addr:
-                    break
-                if size:
-                    if (seg and size != seg) or longest > size:
-                        break
-                    seg = size
-                else:
-                    if seg and len(buf) > seg:
-                        break
-                    longest = max(longest, len(buf))
-                n += 1
+            if len(entries) == 1:         # the request/response case: nothing to group
+                buf, addr, seg = entries[0]
+                datagrams, n = [buf], 1
+            else:
+                datagrams, addr, seg, n = self._next_group()
             try:
-                sent = self._send_group([d for d, _, _ in entries[:n]], addr, seg)
+                sent = self._send_group(datagrams, addr, seg)
             except OSError as exc:
                 if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     sent = n          # the datagrams are lost; recovery will resend what matters
@@ -214,6 +207,27 @@ class Outbox:
             if sent < n:
                 return False
         return True
+
+    def _next_group(self) -> Tuple[List[bytes], Optional[Hashable], int, int]:
+        """The front stretch one sendmmsg takes: (datagrams, address, segment size, count).
+        A stretch goes to one address, its GSO buffers sharing a segment size (single
+        datagrams no longer than it ride along unsegmented)."""
+        entries = self.entries
+        addr, seg, longest, n = entries[0][1], 0, 0, 0
+        while n < len(entries) and n < 1024:
+            buf, a, size = entries[n]
+            if a != addr:
+                break
+            if size:
+                if (seg and size != seg) or longest > size:
+                    break
+                seg = size
+            else:
+                if seg and len(buf) > seg:
+                    break
+                longest = max(longest, len(buf))
+            n += 1
+        return [d for d, _, _ in entries[:n]], addr, seg, n
 
     def _stop_gso(self) -> None:
         self.gso = False
@@ -273,11 +287,12 @@ class Driver:
             if not batch:
                 break
             now = self.loop.time()
+            dirty = self._dirty
             for conn in self.route_batch(batch, now):
-                self._dirty[conn] = None
+                dirty[conn] = None
             # Answer (acks, window updates) after every batch, not once per readiness callback:
             # a sender waiting on acks should not wait for the whole backlog to be read.
-            self.flush()
+            self.flush(now)
             if len(batch) < RECV_BATCH:
                 break
 
@@ -304,9 +319,12 @@ class Driver:
         self._service(conn, self.loop.time())
         self._send_backlog()
 
-    def flush(self) -> None:
+    def flush(self, now: Optional[float] = None) -> None:
+        """Service every connection marked dirty, then send; now: the loop time, when the
+        caller has just read it."""
         self._flush_scheduled = False
-        now = self.loop.time()
+        if now is None:
+            now = self.loop.time()
         while self._dirty:
             dirty, self._dirty = self._dirty, {}
             for conn in dirty:
@@ -336,7 +354,7 @@ class Driver:
         self.outbox.gso = on
 
     def _send_backlog(self) -> None:
-        if self.closed:
+        if self.closed or not self.outbox.entries:
             return
         if not self.outbox.send():       # socket buffer full: wait until it drains
             self.loop.add_writer(self.fd, self._on_writable)
@@ -371,7 +389,7 @@ class Driver:
         if when is not None and when <= now:
             conn.handle_timer(now)
         self._dirty[conn] = None
-        self.flush()
+        self.flush(now)
 
     def _forget(self, conn: Connection) -> None:
         entry = self._timers.pop(conn, None)
