@@ -172,11 +172,21 @@ class ServerEndpoint:
         """Route datagrams [(data, source)] (or, from UDP GRO, [(buffer, source, segment_size)]),
         each connection getting its own from each source address in one receive_datagrams call,
         in arrival order; return (connections that got any, new ones)."""
+        groups = group_by_cid(batch)
+        connections = self.connections
+        if len(groups) == 1 and groups[0][0] > 0:
+            # one connection's records from one address (a request, a GSO run): no bookkeeping
+            cid, addr, datagrams = groups[0]
+            conn = connections.get(cid)
+            if conn is not None:
+                self._deliver_one(conn, addr, datagrams, now)
+                if self.budget.used > self.budget.limit:
+                    return list(dict.fromkeys([conn, *self.shed(now)])), []
+                return [conn], []
         pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]] = {}
         touched: Dict[Connection, None] = {}
         new: List[Connection] = []
-        connections = self.connections
-        for cid, addr, datagrams in group_by_cid(batch):
+        for cid, addr, datagrams in groups:
             if cid > 0:
                 conn = connections.get(cid)
                 if conn is None:
@@ -206,12 +216,15 @@ class ServerEndpoint:
         return list(touched), new
 
     def _deliver(self, pending: Dict[Tuple[Connection, Hashable], List[wire.DatagramEntry]], now: float) -> None:
-        peer_addr = self.peer_addr
         for (conn, addr), records in pending.items():
-            from_peer = addr == peer_addr.get(conn.local_cid)
-            if conn.receive_datagrams(records, now, from_peer) and not from_peer:
-                self._migrate(conn, addr)
-            self._check_half_open(conn)
+            self._deliver_one(conn, addr, records, now)
+
+    def _deliver_one(self, conn: Connection, addr: Hashable, records: List[wire.DatagramEntry], now: float) -> None:
+        from_peer = addr == self.peer_addr.get(conn.local_cid)
+        if conn.receive_datagrams(records, now, from_peer) and not from_peer:
+            self._migrate(conn, addr)
+        if conn.state is not State.KEY_EXCHANGE:      # _check_half_open, inline: once per batch
+            self._half_open.pop(conn, None)
 
     def shed(self, now: float) -> List[Connection]:
         """Over the memory budget: end the connections holding the most that made no progress
