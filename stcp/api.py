@@ -182,7 +182,9 @@ class ConnectionHandle:
 
     def process_events(self) -> None:
         conn = self.conn
-        while (ev := conn.next_event()) is not None:
+        events = conn.events
+        while events:
+            ev = events.popleft()
             if isinstance(ev, DataReceived):
                 self.reader._feed(ev.data)
             elif isinstance(ev, StreamFinished):
@@ -342,8 +344,9 @@ class StreamWriter:
     def write(self, data: bytes) -> None:
         if data:
             handle = self._handle
-            handle.conn.send(bytes(data))
-            handle.driver.flush_now(handle.conn)
+            conn = handle.conn
+            conn.send(data if type(data) is bytes else bytes(data))
+            handle.driver.flush_now(conn)
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:

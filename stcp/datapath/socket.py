@@ -22,6 +22,7 @@ from ..address import hostport, listen_error
 from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
+from ..state import State
 
 _udpio: Optional[ModuleType]
 try:
@@ -33,6 +34,7 @@ RECV_BATCH = 64
 RECV_ROUNDS = 16          # batches per readiness callback before yielding to the loop
 SOCKET_BUFFER = 32 << 20
 GSO = os.environ.get("STCP_GSO", "1") != "0"
+_CLOSED = State.CLOSED
 
 
 class ConnectionHooks(Protocol):
@@ -262,6 +264,8 @@ class Driver:
     # --- receive -----------------------------------------------------------
     def _recv_batch(self) -> list:
         try:
+            if _udpio is not None:        # recv_batch without its lookups: once per readiness
+                return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, self.gro)
             return recv_batch(self.sock, self.gro)
         except ConnectionRefusedError:
             self.icmp_errors += 1
@@ -340,7 +344,7 @@ class Driver:
             self.outbox.add(batches, self.peer_address(conn))
         if hooks is not None and conn.events:       # what sending raised (a failure's close)
             hooks.process_events()
-        if conn.is_closed:
+        if conn.state is _CLOSED:
             self._forget(conn)
         else:
             self._arm_timer(conn)
@@ -361,6 +365,8 @@ class Driver:
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         """Send datagrams (GSO buffers when segment_size is set); return how many went."""
+        if _udpio is not None:            # send_datagrams without its lookups: once per flush
+            return _udpio.sendmmsg(self.fd, datagrams, addr, segment_size)
         return send_datagrams(self.sock, datagrams, addr, segment_size)
 
     def _on_writable(self) -> None:
