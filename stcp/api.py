@@ -279,13 +279,15 @@ class StreamReader:
                 if not chunk:
                     return b"".join(chunks)
                 chunks.append(chunk)
-        while not self._buffer and not self._eof:
-            await self._wait()
-        if not self._buffer and self._exception is not None:
-            raise self._exception
-        if not self._buffer:
-            return b""
-        data = self._buffer.take_some(n)
+        buffer = self._buffer
+        if not buffer.size:               # (.size, not len(): read runs once per message)
+            while not buffer.size and not self._eof:
+                await self._wait()
+            if not buffer.size:
+                if self._exception is not None:
+                    raise self._exception
+                return b""
+        data = buffer.take_some(n)
         self._consumed(len(data))
         return data
 
