@@ -115,7 +115,7 @@ class Config:
     connections: int = 8           # bulk8
     repeat: int = 3
     time_limit: float = 30.0
-    budget: float = 720.0          # whole run, seconds; later tests are skipped past it
+    budget: float = 1500.0         # whole run, seconds; later tests are skipped past it
     capacity_clients: int = 32     # capacity: concurrent connect + echo 32 B + close loops
     load_clients: int = 64         # load: concurrent connections sending requests
     load_seconds: float = 5.0      # capacity and load: how long the clients run
