@@ -115,7 +115,7 @@ class Config:
     connections: int = 8           # bulk8
     repeat: int = 3
     time_limit: float = 30.0
-    budget: float = 720.0          # whole run, seconds; later tests are skipped past it
+    budget: float = 1500.0         # whole run, seconds; later tests are skipped past it
     capacity_clients: int = 32     # capacity: concurrent connect + echo 32 B + close loops
     load_clients: int = 64         # load: concurrent connections sending requests
     load_seconds: float = 5.0      # capacity and load: how long the clients run
@@ -281,11 +281,12 @@ def peer_available(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def server_proc(name: str, side: Side, port: int, creds, errpath: Path, stats_dir: Path | None = None):
+def server_proc(name: str, side: Side, port: int, creds, errpath: Path, stats_dir: Path | None = None,
+                extra_env: dict | None = None):
     argv = side.argv([sys.executable, "-m", f"bench.peers.{module(name)}", "server",
                       "--listen", f"{side.ip}:{port}", "--cert", creds.cert, "--key", creds.key,
                       "--client-ca", creds.ca, "--stcp-keys", creds.stcp_keys])
-    e = peer_env(name)
+    e = {**peer_env(name), **(extra_env or {})}
     if stats_dir is not None:
         e["BENCH_STATS"] = str(stats_dir)
     with open(errpath, "w") as err:
@@ -322,12 +323,14 @@ def _tail(path: Path, n: int = 3) -> str:
 
 
 def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg: Config,
-               creds, errpath: Path) -> dict:
+               creds, errpath: Path, extra_env: dict | None = None, wrap: tuple = ()) -> dict:
+    """One client run; `wrap` goes before the interpreter (perf record), `extra_env` on top of
+    the peer's environment (the profile pass)."""
     count = cfg.handshakes if test == "handshake" else cfg.rtts
     size = RTT_SIZES.get(test) or (cfg.load_size if test == "load" else None)
     duration = cfg.load_seconds if test in LOAD_TESTS else cfg.duration
     clients = cfg.capacity_clients if test == "capacity" else cfg.load_clients
-    argv = side.argv([sys.executable, "-m", f"bench.peers.{module(name)}", "client",
+    argv = side.argv([*wrap, sys.executable, "-m", f"bench.peers.{module(name)}", "client",
                       "--connect", f"{server_ip}:{port}", "--test", "rtt" if test in RTT_SIZES else test,
                       "--cafile", creds.ca, "--client-cert", creds.client_cert, "--client-key", creds.client_key,
                       "--stcp-keys", creds.stcp_keys, "--bytes", str(cfg.bytes), "--duration", str(duration),
@@ -338,7 +341,7 @@ def run_client(name: str, side: Side, server_ip: str, port: int, test: str, cfg:
     try:
         with open(errpath, "a") as err:
             out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True,
-                                 timeout=timeout, cwd=REPO, env=peer_env(name))
+                                 timeout=timeout, cwd=REPO, env={**peer_env(name), **(extra_env or {})})
     except subprocess.TimeoutExpired:
         return {"test": test, "ok": False, "error": f"client timed out after {timeout:.0f} s"}
     for line in reversed(out.stdout.strip().splitlines()):
@@ -555,6 +558,54 @@ def bench_peers(names: list[str], srv: Side, cli: Side, cfg: Config, creds,
                                        for t in TESTS if runs[name][t]}
             on_progress(results)
     return results
+
+
+def breakdown_pass(names: list[str], srv: Side, cli: Side, cfg: Config, creds, logdir: Path,
+                   sides: dict, out: Path) -> dict:
+    """bench.breakdown's profile pass: each (peer, test) of BREAKDOWN_RUNS once more, under
+    cProfile (server and client), then unprofiled under `perf record` when perf is here.
+    One fresh server per case, so its profile holds that case only (and its start-up,
+    which bench.breakdown leaves out)."""
+    from bench import breakdown as B
+    perf_why = B.perf_available()
+    cases = []
+    for peer, test in B.BREAKDOWN_RUNS:
+        if peer not in names or peer_available(peer):
+            continue
+        psrv, pcli = sides.get(peer, (srv, cli))
+        d = out / "profiles" / f"{peer}.{test}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        case: dict = {"peer": peer, "test": test}
+        slog, clog = logdir / f"{peer}.breakdown.server.log", logdir / f"{peer}.breakdown.client.log"
+        try:
+            prof = {"BENCH_PROFILE": str(d)}
+            with server_proc(peer, psrv, PORTS[peer], creds, slog, extra_env=prof) as (_p, port):
+                r = run_client(peer, pcli, psrv.ip, port, test, cfg, creds, clog, extra_env=prof)
+            case["ops"] = (r.get("latency") or {}).get("n")
+            for side, pattern in (("server", "*.server.prof"), ("client", "*.client.*.prof")):
+                found = sorted(d.glob(pattern))
+                if found:
+                    case[f"{side}_layers"] = B.shares(B.profile_layers(found[0]))
+            if perf_why is None:
+                with server_proc(peer, psrv, PORTS[peer], creds, slog) as (p, port):
+                    rec = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-p", str(p.pid),
+                                            "-o", str(d / "server.perf.data")],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    time.sleep(0.5)             # perf attached before the client starts
+                    run_client(peer, pcli, psrv.ip, port, test, cfg, creds, clog,
+                               wrap=("perf", "record", "-q", "-F", "999", "-o", str(d / "client.perf.data"), "--"))
+                    rec.send_signal(signal.SIGINT)
+                    rec.wait(60)
+                for side in ("server", "client"):
+                    case[f"{side}_perf"] = B.perf_dsos(d / f"{side}.perf.data")
+        except Exception as e:  # a failed case is reported, the run goes on
+            case["error"] = f"{type(e).__name__}: {e}"
+        log(f"[{peer}] breakdown {test}: " + ("; ".join(f"{k[:30]} {100 * v:.0f}%" for k, v in
+                                                      list((case.get('server_layers') or {}).items())[:3])
+                                              or case.get("error", "no profile")))
+        cases.append(case)
+    return {"cases": cases, "perf": perf_why or "perf: yes"}
 
 
 def _sigterm(*_):
@@ -874,6 +925,8 @@ def markdown(doc: dict) -> str:
                "spent in the server, the client or the pinned napi kthreads: receive softirq work "
                "not charged to a process plus anything else running on the machine; a high figure "
                "means the run was disturbed. Raw runs: results.json.")
+    from bench.breakdown import section
+    out.extend(section(doc))
     out.append("")
     return "\n".join(out)
 
@@ -901,6 +954,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="run every peer under cProfile; .prof and top-function .txt files land in "
                         "<out>/profiles/ (figures are slower under the profiler)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the runs, profile the request/response cases once more (cProfile, and "
+                        "perf when installed) for RESULTS.md's 'Where the time goes' (default: on in a "
+                        "full run, off with --quick or --only/--tests)")
     p.add_argument("--xdp-mode", choices=["generic", "native"], default="generic",
                    help="how the XDP peers attach their program (default generic: on veth native mode "
                         "makes the client segment every GSO buffer and turns each datagram into an XDP "
@@ -1023,9 +1080,14 @@ def main(argv=None) -> int:
                 names, srv, cli, cfg, creds, logdir, cfg.budget,
                 lambda res: write(out, document(args, machine, topology, steering, cfg, res, t_start), md=False),
                 sides, tests)
+            breakdown = None
+            if args.breakdown or (args.breakdown is None and not args.quick and not args.only
+                                  and tests == TESTS):
+                breakdown = breakdown_pass(names, srv, cli, cfg, creds, logdir, sides, out)
 
     machine["loadavg_end"] = _read("/proc/loadavg")
     doc = document(args, machine, topology, steering, cfg, results, t_start)
+    doc["breakdown"] = breakdown
     write(out, doc)
     print(markdown(doc))
     log(f"bench: wrote {out / 'RESULTS.md'} and {out / 'results.json'} in {doc['elapsed_s']} s")

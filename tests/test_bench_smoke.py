@@ -73,7 +73,8 @@ def test_bench_harness_loopback_smoke(tmp_path):
 def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
     """The blocking peers (TLS and stcp.connect) through `--tests handshake,rtt`, the part of
     the bench's like-for-like latency targets are read from."""
-    doc = _run(tmp_path, "tls,stcp_blocking", "--loopback", "--nice", "0", "--tests", "handshake,rtt")
+    doc = _run(tmp_path, "tls,stcp_blocking", "--loopback", "--nice", "0", "--tests", "handshake,rtt",
+               "--breakdown", timeout=180)
     for name in ("tls", "stcp_blocking"):
         peer = _check_tests(doc, name, ("handshake",) + RTT_TESTS)
         assert set(peer["tests"]) == {"handshake", *RTT_TESTS}          # nothing else ran
@@ -82,6 +83,49 @@ def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
                  "RTT p99 ÷ TLS RTT p99, 1 KB", "RTT p50 ÷ TLS RTT p50, 16 KB"):
         row = rows[f"STCP {what} (blocking clients)"]
         assert row["value"] is not None and row["met"] is not None, row
+    # the profile pass behind "Where the time goes": both cases of the blocking peer, each
+    # side's CPU split by layer (waiting and start-up left out), perf's split where perf runs
+    sys.path.insert(0, str(REPO))
+    from bench import breakdown
+    cases = {(c["peer"], c["test"]): c for c in doc["breakdown"]["cases"]}
+    assert set(cases) == {("stcp_blocking", "rtt"), ("stcp_blocking", "handshake")}
+    for case in cases.values():
+        assert "error" not in case, case["error"]
+        for side in ("client", "server"):
+            layers = case[f"{side}_layers"]
+            assert abs(sum(layers.values()) - 1) < 1e-6
+            assert layers["protocol core (Python)"] > 0.05, layers
+            assert breakdown.WAITING not in layers and breakdown.START_UP not in layers
+            if breakdown.perf_available() is None:
+                assert case[f"{side}_perf"]["Python interpreter"] > 0.1, case[f"{side}_perf"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Where the time goes" in md
+    assert "| RTT 64 B (per round trip) | stcp_blocking |" in md and "**stcp_blocking, handshake**" in md
+
+
+def test_breakdown_sorts_profile_entries_and_perf_objects_into_layers():
+    sys.path.insert(0, str(REPO))
+    from bench import breakdown as B
+    assert B._layer(("~", 0, "<method 'poll' of 'select.poll' objects>")) == B.WAITING
+    assert B._layer(("/r/stcp/receive.py", 79, "receive_datagrams")) == "protocol core (Python)"
+    assert B._layer(("/r/stcp/datapath/socket.py", 300, "flush_now")) == "driver + API glue"
+    assert B._layer(("~", 0, "<built-in method stcp._udpio.sendmmsg>")) == "socket syscalls"
+    assert B._layer(("~", 0, "<method 'open_records' of 'stcp._aead.RecordCipher' objects>")) == "crypto (C)"
+    assert B._layer(("/py/asyncio/base_events.py", 1845, "_run_once")) == "event loop"
+    got = B.shares({B.WAITING: 5.0, B.START_UP: 1.0, "protocol core (Python)": 3.0, "crypto (C)": 1.0})
+    assert got == {"protocol core (Python)": 0.75, "crypto (C)": 0.25}
+    report = """# Samples: 3K of event 'cpu-clock:ppp'
+#
+    69.62%  libpython3.11.so.1.0
+    19.30%  [kernel.kallsyms]
+     5.57%  libc.so.6
+     3.46%  libcrypto.so.3
+     0.41%  _aead.cpython-311-x86_64-linux-gnu.so
+"""
+    g = B.dso_groups(report)
+    assert g is not None
+    assert round(g["Python interpreter"], 4) == 0.6962 and round(g["kernel"], 4) == 0.193
+    assert round(g["OpenSSL"], 4) == 0.0346 and round(g["STCP C extensions"], 4) == 0.0041
 
 
 def _kernel_peers_unavailable() -> str | None:
