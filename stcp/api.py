@@ -282,13 +282,18 @@ class StreamReader:
         buffer = self._buffer
         if not buffer.size:               # (.size, not len(): read runs once per message)
             while not buffer.size and not self._eof:
-                await self._wait()
+                if self._exception is not None:
+                    raise self._exception
+                # _wait inline: one coroutine fewer to create and resume per message
+                self._waiter = waiter = self._handle.loop.create_future()
+                await waiter
             if not buffer.size:
                 if self._exception is not None:
                     raise self._exception
                 return b""
         data = buffer.take_some(n)
-        self._consumed(len(data))
+        if self._handle.conn.consume(len(data)):     # _consumed, inline
+            self._handle.touch()
         return data
 
     async def readexactly(self, n: int) -> bytes:
