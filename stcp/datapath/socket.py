@@ -320,7 +320,9 @@ class Driver:
         """Send what conn has to say right away (the application just wrote): as asyncio's own
         transports do, a write goes out without waiting for the next loop pass."""
         self._dirty.pop(conn, None)
-        self._service(conn, self.loop.time())
+        # a write raises no event and, adding to what is unacknowledged, wakes no drain()
+        # waiter: the hooks need a look first only if the connection has events pending
+        self._service(conn, self.loop.time(), events_first=bool(conn.events))
         self._send_backlog()
 
     def flush(self, now: Optional[float] = None) -> None:
@@ -335,9 +337,9 @@ class Driver:
                 self._service(conn, now)
         self._send_backlog()
 
-    def _service(self, conn: Connection, now: float) -> None:
+    def _service(self, conn: Connection, now: float, events_first: bool = True) -> None:
         hooks = self.hooks.get(conn)
-        if hooks is not None:
+        if hooks is not None and events_first:
             hooks.process_events()
         batches = conn.datagram_batches(now)
         if batches:
