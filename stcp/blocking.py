@@ -117,7 +117,7 @@ class BlockingConnection:
             with self._lock:
                 self._flush(monotonic())
                 self._wait(self._is_open, None)
-            _keeper.add(self)
+            _keeper.add(self, self._conn.get_timer())
         except BaseException as exc:
             if isinstance(exc, HandshakeTimeout):
                 explain_timeout(exc, host, port, self.icmp_errors, self.dropped)

@@ -50,21 +50,27 @@ class Keeper:
         self._active = False              # a call reminded it since its last pass
         self.thread: Optional[threading.Thread] = None
 
-    def add(self, conn: Kept) -> None:
+    def add(self, conn: Kept, when: Optional[float]) -> None:
+        """Keep conn, whose next timer is `when`: the keeper is woken only if it sleeps past it
+        (it reads its connections afresh at every pass)."""
         with self._lock:
             self._conns.add(conn)
             self._rescan = True
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="stcp-keeper", daemon=True)
                 self.thread.start()
-            else:
+            elif when is not None and self._wake_at != _AWAKE and when < self._wake_at - SLACK:
+                self._wake_at = when
                 self._cond.notify()
 
     def forget(self, conn: Kept) -> None:
+        """Keep conn no longer. The keeper is not woken for it, unless it was the last one and
+        the keeper sleeps past GRACE (it is to end GRACE after the last connection)."""
         with self._lock:
             self._conns.discard(conn)
             self._rescan = True
-            self._cond.notify()
+            if not self._conns and self._wake_at != _AWAKE and self._wake_at > monotonic() + GRACE:
+                self._cond.notify()
 
     def remind(self, when: float) -> None:
         """A connection's next timer, at the end of a call: wake the keeper if it sleeps past
@@ -80,16 +86,24 @@ class Keeper:
                     self._cond.notify()
 
     def _run(self) -> None:
+        empty_since: Optional[float] = None
         while True:
             with self._lock:
                 conns = list(self._conns)
                 if not conns:
-                    self._wake_at, self._rescan = _NEVER, False
-                    self._cond.wait(GRACE)
-                    if self._conns or self._rescan:
-                        continue
-                    self.thread = None
-                    return
+                    # none kept: wait GRACE for the next one (looking every TICK, so that a
+                    # connection added meanwhile needs no wake-up), then end
+                    now = monotonic()
+                    if empty_since is None:
+                        empty_since = now
+                    if now >= empty_since + GRACE:
+                        self.thread = None
+                        self._wake_at = _AWAKE
+                        return
+                    self._wake_at, self._rescan = min(now + TICK, empty_since + GRACE), False
+                    self._cond.wait(self._wake_at - now)
+                    continue
+                empty_since = None
                 self._wake_at, self._reminded, self._rescan = _AWAKE, _NEVER, False
             now = monotonic()
             wake = _NEVER
