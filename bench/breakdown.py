@@ -62,7 +62,7 @@ LAYER_LEGEND = (
     "Waiting in poll/epoll and interpreter start-up are left out.")
 
 
-def _layer(key: tuple) -> str:
+def layer(key: tuple) -> str:
     filename, _, func = key
     text = f"{filename}:{func}"
     for name, needles in LAYERS:
@@ -76,7 +76,7 @@ def profile_layers(path: Path) -> dict[str, float]:
     st = pstats.Stats(str(path))
     out: dict[str, float] = {}
     for key, (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
-        name = _layer(key)
+        name = layer(key)
         out[name] = out.get(name, 0.0) + tt
     return out
 

@@ -117,7 +117,7 @@ class BlockingConnection:
             with self._lock:
                 self._flush(monotonic())
                 self._wait(self._is_open, None)
-            _keeper.add(self)
+            _keeper.add(self, self._conn.get_timer())
         except BaseException as exc:
             if isinstance(exc, HandshakeTimeout):
                 explain_timeout(exc, host, port, self.icmp_errors, self.dropped)
@@ -162,9 +162,9 @@ class BlockingConnection:
             if self._released:
                 raise OSError(errno.EBADF, "the connection was closed")
             inbox = self._inbox
-            if not inbox and not self._eof and self._error is None:
+            if not inbox.size and not self._eof and self._error is None:
                 self._wait(self._readable, self._deadline())
-            if inbox:
+            if inbox.size:
                 if bufsize <= 0:
                     return b""
                 data = inbox.take_some(bufsize)
@@ -259,7 +259,7 @@ class BlockingConnection:
         return self._established
 
     def _readable(self) -> bool:
-        return bool(self._inbox) or self._eof or self._error is not None
+        return self._inbox.size > 0 or self._eof or self._error is not None
 
     def _can_write(self) -> bool:
         return self._conn.send_buffered <= WRITE_HIGH_WATER or self._error is not None
@@ -342,10 +342,6 @@ class BlockingConnection:
             os.eventfd_write(self._wakeup, 1)
 
     # --- the keeper's side -------------------------------------------------------
-    def _next_timer(self) -> Optional[float]:
-        """When the keeper should look at this connection next (the lock held)."""
-        return None if self._released else self._conn.get_timer()
-
     def run_timers(self, now: float) -> Optional[float]:
         """The keeper's pass (stcp/keeper.py) (its thread, never while a call runs): if the timer is due, take
         what has arrived, run the timer, send what it causes. Returns when to look again,
@@ -511,7 +507,7 @@ class _Call:
     def __exit__(self, *exc: object) -> None:
         conn = self._conn
         try:
-            timer = conn._next_timer()
+            timer = None if conn._released else conn._conn.get_timer()    # when the keeper should look next
         finally:
             conn._lock.release()
         if timer is not None:

@@ -158,7 +158,8 @@ class Connection(ReceivePath, SendPath):
         if self._close_frame is not None or self._draining_until is not None:
             raise NotEncrypted("the connection is closing; no more data can be sent")
         self._send.write(data)
-        self._account()
+        if self.budget is not None:       # a server's connection (a client has no budget)
+            self._account()
 
     def shutdown_write(self) -> None:
         """Finish the sending direction (half-close); data already written is still delivered."""
@@ -170,7 +171,8 @@ class Connection(ReceivePath, SendPath):
         True when it is due now (the connection has a MAX_DATA to send)."""
         self._recv.on_consumed(n)
         due = self._grant_credit()
-        self._account()
+        if self.budget is not None:
+            self._account()
         return due
 
     def shed(self, reason: str, now: float) -> None:

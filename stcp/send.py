@@ -106,7 +106,8 @@ class SendPath(ConnectionFields):
             self.stats.rtt_samples.append(self._recovery.rtt.latest)
             if len(self.stats.rtt_samples) > 1024:
                 del self.stats.rtt_samples[:512]
-        self._on_lost(lost)
+        if lost:
+            self._on_lost(lost)
 
     def _on_lost(self, lost: List[Group]) -> None:
         for first, last, p in lost:

@@ -106,12 +106,12 @@ def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
 def test_breakdown_sorts_profile_entries_and_perf_objects_into_layers():
     sys.path.insert(0, str(REPO))
     from bench import breakdown as B
-    assert B._layer(("~", 0, "<method 'poll' of 'select.poll' objects>")) == B.WAITING
-    assert B._layer(("/r/stcp/receive.py", 79, "receive_datagrams")) == "protocol core (Python)"
-    assert B._layer(("/r/stcp/datapath/socket.py", 300, "flush_now")) == "driver + API glue"
-    assert B._layer(("~", 0, "<built-in method stcp._udpio.sendmmsg>")) == "socket syscalls"
-    assert B._layer(("~", 0, "<method 'open_records' of 'stcp._aead.RecordCipher' objects>")) == "crypto (C)"
-    assert B._layer(("/py/asyncio/base_events.py", 1845, "_run_once")) == "event loop"
+    assert B.layer(("~", 0, "<method 'poll' of 'select.poll' objects>")) == B.WAITING
+    assert B.layer(("/r/stcp/receive.py", 79, "receive_datagrams")) == "protocol core (Python)"
+    assert B.layer(("/r/stcp/datapath/socket.py", 300, "flush_now")) == "driver + API glue"
+    assert B.layer(("~", 0, "<built-in method stcp._udpio.sendmmsg>")) == "socket syscalls"
+    assert B.layer(("~", 0, "<method 'open_records' of 'stcp._aead.RecordCipher' objects>")) == "crypto (C)"
+    assert B.layer(("/py/asyncio/base_events.py", 1845, "_run_once")) == "event loop"
     got = B.shares({B.WAITING: 5.0, B.START_UP: 1.0, "protocol core (Python)": 3.0, "crypto (C)": 1.0})
     assert got == {"protocol core (Python)": 0.75, "crypto (C)": 0.25}
     report = """# Samples: 3K of event 'cpu-clock:ppp'
