@@ -117,7 +117,9 @@ def public_keys(keys: PublicKeys, what: str) -> List[bytes]:
 def with_keys(config: Config, policy: ServerKeyPolicy, static: Optional[bytes]) -> Config:
     """config with this server-key policy and static key (config itself when it has them
     already: deriving a static key's public half costs an X25519 multiplication)."""
-    if config.server_key is policy and config.static_key == static:
+    # equal, not identical: a server_key= given as base64 text decodes to new bytes on each
+    # call, and a copy per connect is most of a client_config's cost (public values only)
+    if config.server_key == policy and config.static_key == static:
         return config
     out = copy.copy(config)
     out.server_key = policy
@@ -127,13 +129,28 @@ def with_keys(config: Config, policy: ServerKeyPolicy, static: Optional[bytes]) 
     return out
 
 
+# client_config's last answer: (config given, a copy of its fields, policy, static, cipher,
+# result). Sequential connects with the same arguments reuse the Config instead of building
+# and copying one per connect (the fields are compared, so a config changed since is seen).
+# Only public values and the caller's own long-term key are kept; every connection still
+# makes its own ephemeral key and secrets.
+_last_client: Optional[tuple] = None
+
+
 def client_config(config: Optional[Config], cipher: Optional[str], server_key: Union[ServerKey, Missing],
                   client_key: Optional[PrivateKey], where: str) -> Config:
     """The Config of a client call: its server_key= and client_key= over config (or cipher)."""
+    global _last_client
     policy = server_key_policy(server_key, where)
-    config = config or make_config(cipher)
-    static = private_key(client_key, "client_key") if client_key is not None else config.static_key
-    return with_keys(config, policy, static)
+    static = private_key(client_key, "client_key") if client_key is not None else None
+    last = _last_client
+    if (last is not None and last[0] is config and last[2] == policy and last[3] == static
+            and last[4] == cipher and (config is None or last[1] == config.__dict__)):
+        return last[5]
+    base = config or make_config(cipher)
+    out = with_keys(base, policy, static if client_key is not None else base.static_key)
+    _last_client = (config, None if config is None else dict(config.__dict__), policy, static, cipher, out)
+    return out
 
 
 def make_config(cipher: Optional[str] = None, **overrides: Any) -> Config:

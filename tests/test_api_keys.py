@@ -4,6 +4,7 @@ allow list; both ends see the peer's proven key."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 
 import pytest
@@ -121,3 +122,22 @@ def test_a_client_key_file_others_can_read_is_refused(tmp_path):
         await stcp.open_connection("127.0.0.1", 9, server_key=stcp.UNAUTHENTICATED, client_key=path)
     with pytest.raises(stcp.InvalidKey, match="chmod 600"):
         run(main())
+
+
+def test_client_config_follows_each_calls_arguments():
+    """client_config reuses its last Config for repeated arguments, but never answers a
+    call with another call's keys or with a config as it was before the caller changed it."""
+    from stcp.api import client_config, make_config
+    key_a, key_b, mine = os.urandom(32), os.urandom(32), os.urandom(32)
+    config = make_config()
+    first = client_config(config, None, key_a, None, "connect")
+    assert first.server_key == key_a and client_config(config, None, key_a, None, "connect") is first
+    assert client_config(config, None, key_b, None, "connect").server_key == key_b
+    config.handshake_timeout = 3.0
+    changed = client_config(config, None, key_b, None, "connect")
+    assert changed.handshake_timeout == 3.0 and changed.server_key == key_b
+    with_mine = client_config(config, None, key_b, mine, "connect")
+    assert with_mine.static_key == mine
+    assert client_config(config, None, key_b, None, "connect").static_key is None
+    assert client_config(None, "chacha20-poly1305", key_a, None, "connect").suite != \
+        client_config(None, None, key_a, None, "connect").suite
