@@ -88,7 +88,9 @@ class BlockingConnection:
             config = dataclasses.replace(config, handshake_timeout=timeout)
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        # made on first use (a second thread waiting, under the lock): most connections have
+        # one thread, and a Condition costs ~10 us of a ~1 ms handshake
+        self._cond_made: Optional[threading.Condition] = None
         self._call = _Call(self)          # `with self._call:` a public call (the lock, then the keeper told)
         self._waiting = 0               # threads waiting on _cond for the poller
         self._polling = False           # a thread is in poll(), without the lock
@@ -126,6 +128,13 @@ class BlockingConnection:
             if isinstance(exc, PeerUnreachable):
                 raise PeerUnreachable(hostport(host, port)) from None
             raise
+
+    def _cond(self) -> threading.Condition:
+        """The Condition of threads waiting for the poller (call with the lock held)."""
+        cond = self._cond_made
+        if cond is None:
+            cond = self._cond_made = threading.Condition(self._lock)
+        return cond
 
     # --- the socket-like API ------------------------------------------------
     def sendall(self, data: bytes) -> None:
@@ -283,7 +292,7 @@ class BlockingConnection:
             if self._polling:
                 self._waiting += 1
                 try:
-                    self._cond.wait(None if deadline is None else max(0.0, deadline - monotonic()))
+                    self._cond().wait(None if deadline is None else max(0.0, deadline - monotonic()))
                 finally:
                     self._waiting -= 1
             else:
@@ -310,7 +319,7 @@ class BlockingConnection:
             self._polling = False
         if self._released:                # closed by another thread meanwhile
             if self._waiting:
-                self._cond.notify_all()
+                self._cond().notify_all()
             return
         now = monotonic()
         readable = False
@@ -331,7 +340,7 @@ class BlockingConnection:
         else:
             self._flush(now)
         if self._waiting:
-            self._cond.notify_all()
+            self._cond().notify_all()
 
     def _nudge(self) -> None:
         """Another thread polls: wake it if what this call did needs it sooner (a timer now due
@@ -369,7 +378,7 @@ class BlockingConnection:
                 self._error = exc
                 return None
             if self._waiting:
-                self._cond.notify_all()
+                self._cond().notify_all()
             return conn.get_timer()
         finally:
             self._lock.release()
@@ -486,7 +495,7 @@ class BlockingConnection:
             os.eventfd_write(self._wakeup, 1)
             self._waiting += 1
             try:
-                self._cond.wait()
+                self._cond().wait()
             finally:
                 self._waiting -= 1
         self._sock.close()
