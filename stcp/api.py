@@ -201,15 +201,15 @@ class ConnectionHandle:
         conn = self.conn
         events = conn.events
         while events:
-            ev = events.popleft()
-            if isinstance(ev, DataReceived):
+            ev = events.popleft()     # stcp.events classes have no subclasses: `type() is`, not isinstance
+            if type(ev) is DataReceived:
                 self.reader._feed(ev.data)
-            elif isinstance(ev, StreamFinished):
+            elif type(ev) is StreamFinished:
                 self.reader._feed_eof()
-            elif isinstance(ev, HandshakeCompleted):
+            elif type(ev) is HandshakeCompleted:
                 if not self.established.done():
                     self.established.set_result(ev)
-            elif isinstance(ev, ConnectionClosed):
+            elif type(ev) is ConnectionClosed:
                 self._on_closed(ev)
         if self._drain_waiters and conn.send_buffered <= WRITE_HIGH_WATER:
             self._wake_drainers(None)

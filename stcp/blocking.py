@@ -429,17 +429,17 @@ class BlockingConnection:
             outbox.send()         # what does not fit the socket buffer waits for POLLOUT
         events = conn.events
         while events:
-            ev = events.popleft()
-            if isinstance(ev, DataReceived):
+            ev = events.popleft()     # stcp.events classes have no subclasses: `type() is`, not isinstance
+            if type(ev) is DataReceived:
                 if self._discard:
                     conn.consume(len(ev.data))
                 else:
                     self._inbox.append(ev.data)
-            elif isinstance(ev, StreamFinished):
+            elif type(ev) is StreamFinished:
                 self._eof = True
-            elif isinstance(ev, HandshakeCompleted):
+            elif type(ev) is HandshakeCompleted:
                 self._established = True
-            elif isinstance(ev, ConnectionClosed):
+            elif type(ev) is ConnectionClosed:
                 self._on_closed(ev)
 
     def _on_closed(self, info: ConnectionClosed) -> None:
