@@ -211,13 +211,27 @@ class ReceivePath(ConnectionFields):
                     and recv.opens_fragment(offset, offset + len(data)):
                 self.stats.discarded["reassembly"] += 1
                 return False
-            newest = self._mark_received(pn, record_len, now)
+            if self.state is _ENCRYPTED:     # _mark_received, inline (no handshake to confirm)
+                newest = self._received.add(pn)
+                stats = self.stats
+                stats.records_received += 1
+                stats.bytes_received += record_len
+                self._last_activity = now
+            else:
+                newest = self._mark_received(pn, record_len, now)
             if ranges is not None:
                 self._on_ack(ranges, delay_us, now)
             if data is not None:
                 self._on_stream_data(offset, data, fin)
-                self._ack_eliciting_received(pn, now)
-            self._check_finished(now)
+                if newest and not self._ack_eliciting_unacked and not recv.fin_delivered:
+                    # _ack_eliciting_received, inline for the newest record (pn is the largest)
+                    self._ack_eliciting_unacked = 1
+                    if self._ack_deadline is None:
+                        self._ack_deadline = now + MAX_ACK_DELAY
+                else:
+                    self._ack_eliciting_received(pn, now)
+            if recv.fin_offset is not None:      # _check_finished needs the stream finished
+                self._check_finished(now)
             return newest
         frames = wire.decode_frames(plaintext)
         if recv.fragments + len(frames) > recv.max_fragments:
