@@ -154,7 +154,8 @@ class Connection(ReceivePath, SendPath):
 
     # --- application side --------------------------------------------------
     def send(self, data: bytes) -> None:
-        self._require_encrypted("send data")
+        if self.state is not _ENCRYPTED:
+            self._require_encrypted("send data")
         if self._close_frame is not None or self._draining_until is not None:
             raise NotEncrypted("the connection is closing; no more data can be sent")
         send = self._send

@@ -95,7 +95,9 @@ class ReceivePath(ConnectionFields):
         epoch = key.epoch
         received = self._received
         recv = self._recv
-        for item in key.open_records(datagrams, self.local_cid, epoch, received.largest, recv.max_data,
+        ranges = received.ranges           # received.largest, inline
+        for item in key.open_records(datagrams, self.local_cid, epoch, ranges[-1][1] if ranges else -1,
+                                     recv.max_data,
                                      self.config.max_datagram):
             if self.state == State.CLOSED:  # type: ignore[comparison-overlap]  # a CLOSE frame ends it here
                 break
@@ -125,9 +127,12 @@ class ReceivePath(ConnectionFields):
                 self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
-        self._finish_rx_event()
+        if self._rx_event is not None:
+            self._finish_rx_event()
         if self.budget is not None:
-            self._after_receive()
+            if self._credit_withheld:
+                self._grant_credit()
+            self._account()
         return newest
 
     def _after_receive(self) -> None:
@@ -342,11 +347,13 @@ class ReceivePath(ConnectionFields):
             if events and events[-1] is self._rx_event:      # nothing else happened since: extend it
                 self._rx_chunks.append(data)
             else:
-                self._finish_rx_event()
+                if self._rx_event is not None:
+                    self._finish_rx_event()
                 self._rx_event = DataReceived(data)
                 self._rx_chunks = [data]
                 events.append(self._rx_event)
-        if self._recv.finished and not self._recv.fin_delivered:
+        recv = self._recv
+        if recv.fin_offset is not None and not recv.fin_delivered and recv.finished:
             self._recv.fin_delivered = True
             self.events.append(StreamFinished())
 
