@@ -127,8 +127,12 @@ class ReceivePath(ConnectionFields):
                 self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
-        if self._rx_event is not None:
-            self._finish_rx_event()
+        event = self._rx_event
+        if event is not None:               # _finish_rx_event, inline
+            if len(self._rx_chunks) > 1:
+                event.data = b"".join(self._rx_chunks)
+            self._rx_event = None
+            self._rx_chunks = []
         if self.budget is not None:
             if self._credit_withheld:
                 self._grant_credit()
@@ -217,7 +221,12 @@ class ReceivePath(ConnectionFields):
                 self.stats.discarded["reassembly"] += 1
                 return False
             if self.state is _ENCRYPTED:     # _mark_received, inline (no handshake to confirm)
-                newest = self._received.add(pn)
+                ranges_seen = self._received.ranges
+                if ranges_seen and pn == ranges_seen[-1][1] + 1:     # received.add's in-order case
+                    ranges_seen[-1][1] = pn
+                    newest = True
+                else:
+                    newest = self._received.add(pn)
                 stats = self.stats
                 stats.records_received += 1
                 stats.bytes_received += record_len

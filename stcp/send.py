@@ -86,7 +86,8 @@ class SendPath(ConnectionFields):
         for first, last, p in acked:
             if p.epoch == send_epoch:
                 self._key_update_allowed = True
-            for desc in p.frames_between(first, last):
+            # a single record's frames as they are (frames_between is for runs)
+            for desc in p.frames if type(p) is SentPacket else p.frames_between(first, last):
                 if desc[0] == _STREAM:
                     if desc[3]:
                         on_acked(desc[1], desc[2], True)
