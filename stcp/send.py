@@ -245,7 +245,11 @@ class SendPath(ConnectionFields):
             self._ack_deadline = None
             self._ack_eliciting_unacked = 0
         key = self._keys.send
-        pn = self._take_pns(1)
+        pn = self._next_pn
+        if pn < self._skip_at:           # _take_pns(1) when no skip is due (the guard kept pn low)
+            self._next_pn = pn + 1
+        else:
+            pn = self._take_pns(1)
         self._sealed_under_key += 1
         record = key.seal(self.peer_cid, (key.epoch << _EPOCH_SHIFT) | pn, frames)
         stats = self.stats
