@@ -74,9 +74,10 @@ class SendPath(ConnectionFields):
             raise ProtocolViolation(f"ack of packet {ranges[0][1]} that was never sent")
         skipped = self._skipped
         if skipped and ranges[-1][0] <= skipped[-1]:
+            kept = len(skipped)
             for low, high in ranges:
                 i = bisect_left(skipped, low)
-                if i < len(skipped) and skipped[i] <= high:
+                if i < kept and skipped[i] <= high:
                     raise ProtocolViolation(f"ack of packet {skipped[i]}, a packet number never sent "
                                             f"(acknowledging what was not received)")
         acked, lost = self._recovery.on_ack(ranges, delay_us / 1e6, now)
