@@ -235,7 +235,8 @@ class SendPath(ConnectionFields):
             ranges = self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON) if deadline is not None else None
             n = end - start
             ack_len = _ACK_HEADER_LEN + (len(ranges) - 1) * _ACK_RANGE_LEN if ranges else 0
-            if ack_len + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
+            if ack_len + _STREAM_OVERHEAD + (n if n > _MIN_STREAM_CHUNK else _MIN_STREAM_CHUNK) \
+                    > size - _RECORD_OVERHEAD:
                 return None
             frames = wire.encode_ack_stream(ranges, 0, start, send.view(start, end))
             send.next_offset = end
@@ -255,8 +256,9 @@ class SendPath(ConnectionFields):
         record = key.seal(self.peer_cid, (key.epoch << _EPOCH_SHIFT) | pn, frames)
         stats = self.stats
         stats.records_sent += 1
-        stats.bytes_sent += len(record)
-        self._recovery.on_sent(SentPacket(pn, now, len(record), eliciting, descs, key.epoch))
+        record_len = len(record)
+        stats.bytes_sent += record_len
+        self._recovery.on_sent(SentPacket(pn, now, record_len, eliciting, descs, key.epoch))
         return record
 
     def _send_stream_run(self, now: float, out: list) -> bool:
