@@ -154,12 +154,19 @@ class Connection(ReceivePath, SendPath):
 
     # --- application side --------------------------------------------------
     def send(self, data: bytes) -> None:
-        self._require_encrypted("send data")
+        if self.state is not _ENCRYPTED:
+            self._require_encrypted("send data")
         if self._close_frame is not None or self._draining_until is not None:
             raise NotEncrypted("the connection is closing; no more data can be sent")
-        self._send.write(data)
-        if self.budget is not None:       # a server's connection (a client has no budget)
-            self._account()
+        send = self._send
+        end = send.end
+        send.write(data)
+        budget = self.budget
+        if budget is not None:       # a server's connection (a client has no budget)
+            # _account, incrementally: every public call leaves _charged equal to what the
+            # connection holds, and a write adds exactly what it appended to the send buffer
+            budget.used += send.end - end
+            self._charged += send.end - end
 
     def shutdown_write(self) -> None:
         """Finish the sending direction (half-close); data already written is still delivered."""
@@ -169,10 +176,17 @@ class Connection(ReceivePath, SendPath):
     def consume(self, n: int) -> bool:
         """The application has read n delivered bytes: flow-control credit may be returned.
         True when it is due now (the connection has a MAX_DATA to send)."""
-        self._recv.on_consumed(n)
-        due = self._grant_credit()
-        if self.budget is not None:
-            self._account()
+        recv = self._recv
+        recv.on_consumed(n)
+        if recv.credit_due():
+            due = self._grant_credit()
+        else:                          # the common case: _grant_credit's first step, inline
+            self._credit_withheld = due = False
+        budget = self.budget
+        if budget is not None and self.state is not State.CLOSED:
+            # _account, incrementally (see send): reading frees exactly n delivered bytes
+            budget.used -= n
+            self._charged -= n
         return due
 
     def shed(self, reason: str, now: float) -> None:

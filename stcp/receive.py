@@ -95,7 +95,9 @@ class ReceivePath(ConnectionFields):
         epoch = key.epoch
         received = self._received
         recv = self._recv
-        for item in key.open_records(datagrams, self.local_cid, epoch, received.largest, recv.max_data,
+        ranges = received.ranges           # received.largest, inline
+        for item in key.open_records(datagrams, self.local_cid, epoch, ranges[-1][1] if ranges else -1,
+                                     recv.max_data,
                                      self.config.max_datagram):
             if self.state == State.CLOSED:  # type: ignore[comparison-overlap]  # a CLOSE frame ends it here
                 break
@@ -125,9 +127,16 @@ class ReceivePath(ConnectionFields):
                 self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
-        self._finish_rx_event()
+        event = self._rx_event
+        if event is not None:               # _finish_rx_event, inline
+            if len(self._rx_chunks) > 1:
+                event.data = b"".join(self._rx_chunks)
+            self._rx_event = None
+            self._rx_chunks = []
         if self.budget is not None:
-            self._after_receive()
+            if self._credit_withheld:
+                self._grant_credit()
+            self._account()
         return newest
 
     def _after_receive(self) -> None:
@@ -211,13 +220,32 @@ class ReceivePath(ConnectionFields):
                     and recv.opens_fragment(offset, offset + len(data)):
                 self.stats.discarded["reassembly"] += 1
                 return False
-            newest = self._mark_received(pn, record_len, now)
+            if self.state is _ENCRYPTED:     # _mark_received, inline (no handshake to confirm)
+                ranges_seen = self._received.ranges
+                if ranges_seen and pn == ranges_seen[-1][1] + 1:     # received.add's in-order case
+                    ranges_seen[-1][1] = pn
+                    newest = True
+                else:
+                    newest = self._received.add(pn)
+                stats = self.stats
+                stats.records_received += 1
+                stats.bytes_received += record_len
+                self._last_activity = now
+            else:
+                newest = self._mark_received(pn, record_len, now)
             if ranges is not None:
                 self._on_ack(ranges, delay_us, now)
             if data is not None:
                 self._on_stream_data(offset, data, fin)
-                self._ack_eliciting_received(pn, now)
-            self._check_finished(now)
+                if newest and not self._ack_eliciting_unacked and not recv.fin_delivered:
+                    # _ack_eliciting_received, inline for the newest record (pn is the largest)
+                    self._ack_eliciting_unacked = 1
+                    if self._ack_deadline is None:
+                        self._ack_deadline = now + MAX_ACK_DELAY
+                else:
+                    self._ack_eliciting_received(pn, now)
+            if recv.fin_offset is not None:      # _check_finished needs the stream finished
+                self._check_finished(now)
             return newest
         frames = wire.decode_frames(plaintext)
         if recv.fragments + len(frames) > recv.max_fragments:
@@ -328,11 +356,13 @@ class ReceivePath(ConnectionFields):
             if events and events[-1] is self._rx_event:      # nothing else happened since: extend it
                 self._rx_chunks.append(data)
             else:
-                self._finish_rx_event()
+                if self._rx_event is not None:
+                    self._finish_rx_event()
                 self._rx_event = DataReceived(data)
                 self._rx_chunks = [data]
                 events.append(self._rx_event)
-        if self._recv.finished and not self._recv.fin_delivered:
+        recv = self._recv
+        if recv.fin_offset is not None and not recv.fin_delivered and recv.finished:
             self._recv.fin_delivered = True
             self.events.append(StreamFinished())
 

@@ -163,7 +163,22 @@ class Recovery:
         if len(sent) == 1:          # request/response: the one record in flight, acknowledged or not
             for pn in sent:
                 if ranges[0][0] <= pn <= largest:
-                    return self._on_ack_one(pn, largest, ack_delay, now)
+                    # the steps below without the bisections, the grouping and the loss scan
+                    # of an empty flight
+                    cc = self.cc
+                    limited = cc.cwnd_limited()
+                    p = sent.pop(pn)
+                    if largest > self.largest_acked:
+                        self.largest_acked = largest
+                        if pn == largest and p.ack_eliciting:
+                            self.rtt.update(now - p.time_sent, ack_delay)
+                            cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
+                    if p.ack_eliciting:
+                        self.ack_eliciting_in_flight -= 1
+                        cc.on_acked(p.size, p.time_sent, limited)
+                    self.pto_count = 0
+                    self.loss_time = None          # nothing left in flight to be lost
+                    return [(pn, pn, p)], []
         acked_pns: List[int] = []
         if sent:
             pns = list(sent)          # ascending: packet numbers are allocated in order
@@ -188,24 +203,6 @@ class Recovery:
         self.pto_count = 0
         lost = self.detect_lost(now)
         return acked, lost
-
-    def _on_ack_one(self, pn: int, largest: int, ack_delay: float, now: float) -> Tuple[List[Group], List[Group]]:
-        """on_ack when the only packet in flight, pn, is acknowledged: the same steps without
-        the bisections, the grouping and the loss scan of an empty flight."""
-        cc = self.cc
-        limited = cc.cwnd_limited()
-        p = self.sent.pop(pn)
-        if largest > self.largest_acked:
-            self.largest_acked = largest
-            if pn == largest and p.ack_eliciting:
-                self.rtt.update(now - p.time_sent, ack_delay)
-                cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
-        if p.ack_eliciting:
-            self.ack_eliciting_in_flight -= 1
-            cc.on_acked(p.size, p.time_sent, limited)
-        self.pto_count = 0
-        self.loss_time = None          # nothing left in flight to be lost
-        return [(pn, pn, p)], []
 
     def detect_lost(self, now: float) -> List[Group]:
         self.loss_time = None

@@ -74,9 +74,10 @@ class SendPath(ConnectionFields):
             raise ProtocolViolation(f"ack of packet {ranges[0][1]} that was never sent")
         skipped = self._skipped
         if skipped and ranges[-1][0] <= skipped[-1]:
+            kept = len(skipped)
             for low, high in ranges:
                 i = bisect_left(skipped, low)
-                if i < len(skipped) and skipped[i] <= high:
+                if i < kept and skipped[i] <= high:
                     raise ProtocolViolation(f"ack of packet {skipped[i]}, a packet number never sent "
                                             f"(acknowledging what was not received)")
         acked, lost = self._recovery.on_ack(ranges, delay_us / 1e6, now)
@@ -86,7 +87,8 @@ class SendPath(ConnectionFields):
         for first, last, p in acked:
             if p.epoch == send_epoch:
                 self._key_update_allowed = True
-            for desc in p.frames_between(first, last):
+            # a single record's frames as they are (frames_between is for runs)
+            for desc in p.frames if type(p) is SentPacket else p.frames_between(first, last):
                 if desc[0] == _STREAM:
                     if desc[3]:
                         on_acked(desc[1], desc[2], True)
@@ -131,10 +133,21 @@ class SendPath(ConnectionFields):
         """What datagrams_to_send gives, as (buffer, segment size) pairs: a buffer holds records
         of `segment size` bytes back to back (the last may be shorter), ready for one UDP GSO
         send; a single record comes as (record, len(record))."""
-        if self._small_path and not self._out and self.state is _ENCRYPTED:
-            record = self._small_record(now)
-            if record is not None:
-                return [(record, len(record))] if record else []
+        # The small path's precondition (_small_record), then its commonest case first: a
+        # driver asks after every datagram in and out, and mostly nothing is due yet.
+        if self._small_path and not self._out and self.state is _ENCRYPTED \
+                and not (self._max_data_due or self._ping_due or self._key_update_frame_due
+                         or self._reset_token_due or self._probes_due or self._client_auth is not None
+                         or self._draining_until is not None or self._next_pn >= _PN_LAST
+                         or self._sealed_under_key + 1 >= self.config.key_update_interval):
+            send = self._send
+            if not send.retransmit and not send.fin_requested:
+                deadline = self._ack_deadline
+                if send.next_offset == send.end and (deadline is None or deadline > now):
+                    return []            # nothing due
+                record = self._small_record(now)
+                if record is not None:
+                    return [(record, len(record))]
         out, self._out = self._out, []
         if self.state == State.ENCRYPTED:
             try:
@@ -200,23 +213,16 @@ class SendPath(ConnectionFields):
             out.append(self._seal_frames(frames, descs, bool(descs), now))
 
     def _small_record(self, now: float) -> Optional[bytes]:
-        """The request/response case in one pass: b"" when nothing is due, else the one record
-        that is everything due (an ACK that is due, new stream data that fits one record, or
-        both), or None when anything else is due (control frames, retransmissions, FIN, more
-        than a record, a key update, probes): the general path (_build_packets) then runs.
+        """The request/response case in one pass, once datagram_batches has found something
+        due and no control frame, retransmission, FIN, probe or key update pending: the one
+        record that is everything due (an ACK that is due, new stream data that fits one
+        record, or both), or None when more is due (more than a record, the congestion window
+        or the peer's limit in the way): the general path (_build_packets) then runs.
         It builds what _build_packets would, byte for byte (tests/test_small_path.py)."""
-        if self._max_data_due or self._ping_due or self._key_update_frame_due or self._reset_token_due \
-                or self._probes_due or self._client_auth is not None or self._draining_until is not None \
-                or self._sealed_under_key + 1 >= self.config.key_update_interval or self._next_pn >= _PN_LAST:
-            return None
         send = self._send
-        if send.retransmit or send.fin_requested:
-            return None
         start, end = send.next_offset, send.end
         deadline = self._ack_deadline
-        if start == end:                       # no data: an ACK alone if one is due
-            if deadline is None or deadline > now:
-                return b""
+        if start == end:                       # no data: the ACK that is due, alone
             frames = wire.encode_ack_stream(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON), 0, 0, None)
             descs: list = []
             eliciting = False
@@ -229,7 +235,8 @@ class SendPath(ConnectionFields):
             ranges = self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON) if deadline is not None else None
             n = end - start
             ack_len = _ACK_HEADER_LEN + (len(ranges) - 1) * _ACK_RANGE_LEN if ranges else 0
-            if ack_len + _STREAM_OVERHEAD + max(n, _MIN_STREAM_CHUNK) > size - _RECORD_OVERHEAD:
+            if ack_len + _STREAM_OVERHEAD + (n if n > _MIN_STREAM_CHUNK else _MIN_STREAM_CHUNK) \
+                    > size - _RECORD_OVERHEAD:
                 return None
             frames = wire.encode_ack_stream(ranges, 0, start, send.view(start, end))
             send.next_offset = end
@@ -240,13 +247,18 @@ class SendPath(ConnectionFields):
             self._ack_deadline = None
             self._ack_eliciting_unacked = 0
         key = self._keys.send
-        pn = self._take_pns(1)
+        pn = self._next_pn
+        if pn < self._skip_at:           # _take_pns(1) when no skip is due (the guard kept pn low)
+            self._next_pn = pn + 1
+        else:
+            pn = self._take_pns(1)
         self._sealed_under_key += 1
         record = key.seal(self.peer_cid, (key.epoch << _EPOCH_SHIFT) | pn, frames)
         stats = self.stats
         stats.records_sent += 1
-        stats.bytes_sent += len(record)
-        self._recovery.on_sent(SentPacket(pn, now, len(record), eliciting, descs, key.epoch))
+        record_len = len(record)
+        stats.bytes_sent += record_len
+        self._recovery.on_sent(SentPacket(pn, now, record_len, eliciting, descs, key.epoch))
         return record
 
     def _send_stream_run(self, now: float, out: list) -> bool:

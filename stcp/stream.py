@@ -117,11 +117,11 @@ class SendStream:
         above = self.acked_above
         while above and above[0][0] <= self.acked_to:
             self.acked_to = max(self.acked_to, above.pop(0)[1])
+        # drop the chunks wholly acknowledged: they lie back to back from starts[0], so those
+        # are all of them, or the ones before the chunk holding acked_to
         chunks, starts = self._chunks, self._starts
-        n = 0
-        while n < len(chunks) and starts[n] + len(chunks[n]) <= self.acked_to:
-            n += 1
-        if n:
+        n = len(chunks) if self.acked_to >= self.end else bisect_right(starts, self.acked_to) - 1
+        if n > 0:
             del chunks[:n], starts[:n]
 
     def _add_acked_above(self, start: int, end: int) -> None:

@@ -191,3 +191,52 @@ def test_default_budget_is_an_eighth_of_memory_capped_at_a_gib():
     assert default_memory_budget() == max(64 * MiB, min(1 << 30, ram // 8))
     assert ServerEndpoint(Config()).budget.limit == default_memory_budget()
     assert ServerEndpoint(Config(memory_budget=5 * MiB)).budget.limit == 5 * MiB
+
+
+def test_the_charge_follows_every_write_read_and_ack():
+    """send() and consume() charge the budget by what they add or free, receiving by what
+    changed: after every call the endpoint's total is exactly what the connection holds."""
+    now = 0.0
+    addr = ("10.0.3.1", 4000)
+    ep = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=ep.public_key), now)
+    touched, _ = ep.receive_batch([(d, addr) for d in client.datagrams_to_send(now)], now)
+    conn = touched[0]
+    for d in conn.datagrams_to_send(now):
+        client.receive_datagram(d, now)
+    for d in client.datagrams_to_send(now):
+        conn.receive_datagram(d, now)
+    assert conn.state is State.ENCRYPTED
+
+    def check():
+        assert ep.budget.used == conn.footprint
+
+    for size in (64, 1, 3000, 0, 70_000):
+        now += 0.001
+        client.send(os.urandom(size))
+        conn.receive_datagrams(client.datagrams_to_send(now), now)
+        check()
+        got = b"".join(ev.data for ev in iter(conn.next_event, None) if isinstance(ev, DataReceived))
+        half = len(got) // 2
+        conn.consume(half)                   # read in two steps, answering in between
+        check()
+        conn.send(got[:half])
+        check()
+        conn.consume(len(got) - half)
+        check()
+        conn.send(got[half:])
+        check()
+        for _ in range(50):                  # until every byte of the echo is acknowledged
+            out = conn.datagrams_to_send(now)
+            if not out and not conn.send_buffered:
+                break
+            now += 0.001
+            client.receive_datagrams(out, now)
+            for ev in iter(client.next_event, None):
+                if isinstance(ev, DataReceived):
+                    client.consume(len(ev.data))
+            conn.receive_datagrams(client.datagrams_to_send(now), now)
+            check()
+        assert conn.send_buffered == 0
+    conn.close()
+    assert ep.budget.used == 0

@@ -4,9 +4,10 @@ A small message and its echo each take one record: the send side builds it in on
 (SendPath._small_record, its frames from wire.encode_ack_stream) and the receive side takes
 a record holding an ACK, a STREAM frame or both without the frame list
 (wire.decode_ack_stream); both are stcp._frames when it is built. An ACK of the one record
-in flight skips the bisections (Recovery._on_ack_one). The same request/response session is run
-with those paths on and off, with everything random made repeatable (connection IDs, the
-server's key, the packet numbers left out, the link's faults): every record sealed must
+in flight skips the bisections (Recovery.on_ack's one-in-flight case). The same
+request/response session is run with those paths on and off, with everything random made
+repeatable (connection IDs, the server's key, the packet numbers left out, the link's
+faults): every record sealed must
 have the same sequence number and plaintext, and both applications must see the same.
 """
 from __future__ import annotations
