@@ -196,6 +196,10 @@ def drop_privileges(user: Optional[str] = None) -> pwd.struct_passwd:
         raise PrivilegeError("dropping privileges with other threads running would leave them privileged "
                              f"({', '.join(_thread_names())}); drop before starting them")
     suppress_core_dumps()
+    # What the process will import later must be importable now: as `user` it may not read
+    # the interpreter's own library (a Python under /root). socket.getaddrinfo loads the
+    # idna codec on its first call, which the metrics exporter makes after the drop.
+    import encodings.idna  # noqa: F401
     try:
         # the bounding set while CAP_SETPCAP, which dropping from it takes, is still in effect
         if "CAP_SETPCAP" in effective_capabilities():
