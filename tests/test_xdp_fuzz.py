@@ -169,6 +169,19 @@ def test_corpus(harness):
     assert seen == {v.key for v in Verdict} - unreachable, seen
 
 
+@pytest.mark.root
+def test_unknown_cid_sample_is_decided_by_the_first_record(harness):
+    """A GSO batch of records too short to be answered with a RESET is dropped even while
+    the unknown-CID budget lets records through: the server answers record by record, so
+    what counts is the record's size, not the datagram's (found by the fuzz: the model
+    once looked at the datagram)."""
+    batch = SEEDS["pass_data--gso-batch-of-short-records"]
+    cfg, state = harness.setup("open", 1428, 0, 0, set(), set(), keys="both", unknown="open")
+    assert harness.check(batch, cfg, state).key == "drop_unknown_cid"
+    cfg, state = harness.setup("open", 16, 0, 0, set(), set(), keys="both", unknown="open")
+    assert harness.check(batch, cfg, state).key == "drop_unknown_cid"
+
+
 # ---------------------------------------------------------------------------------------
 # frames built layer by layer (strategies made once: hypothesis is slow to build them)
 def _pick(*values, weights=None):

@@ -229,7 +229,9 @@ def _verdict(frame: bytes, cfg: Config, state: State):
         return Verdict.PASS_DATA
     if cid in state.half_open:
         return Verdict.PASS_HALF_OPEN
-    if len(payload) > wire.RESET_RECORD_LEN and state.unknown_ok():
+    # each record of a batch has the first one's size (the last may be shorter), and a
+    # RESET must be shorter than the record it answers: the first record decides
+    if length + wire.HEADER_LEN > wire.RESET_RECORD_LEN and state.unknown_ok():
         return Verdict.PASS_UNKNOWN_CID_SAMPLED
     return Verdict.DROP_UNKNOWN_CID
 
