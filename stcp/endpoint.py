@@ -223,8 +223,7 @@ class ServerEndpoint:
         from_peer = addr == self.peer_addr.get(conn.local_cid)
         if conn.receive_datagrams(records, now, from_peer) and not from_peer:
             self._migrate(conn, addr)
-        if conn.state is not State.KEY_EXCHANGE:      # _check_half_open, inline: once per batch
-            self._half_open.pop(conn, None)
+        self._check_half_open(conn)
 
     def shed(self, now: float) -> List[Connection]:
         """Over the memory budget: end the connections holding the most that made no progress

@@ -127,16 +127,10 @@ class ReceivePath(ConnectionFields):
                 self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
-        event = self._rx_event
-        if event is not None:               # _finish_rx_event, inline
-            if len(self._rx_chunks) > 1:
-                event.data = b"".join(self._rx_chunks)
-            self._rx_event = None
-            self._rx_chunks = []
+        if self._rx_event is not None:
+            self._finish_rx_event()
         if self.budget is not None:
-            if self._credit_withheld:
-                self._grant_credit()
-            self._account()
+            self._after_receive()
         return newest
 
     def _after_receive(self) -> None:

@@ -18,6 +18,7 @@ from stcp.connection import Config, Connection, ConnectionClosed, DataReceived, 
 from stcp.endpoint import ServerEndpoint
 from stcp.errors import CloseCode
 from stcp.state import State
+from tests.support.sim import Peer
 
 DELAY = 0.005
 MiB = 1 << 20
@@ -196,17 +197,8 @@ def test_default_budget_is_an_eighth_of_memory_capped_at_a_gib():
 def test_the_charge_follows_every_write_read_and_ack():
     """send() and consume() charge the budget by what they add or free, receiving by what
     changed: after every call the endpoint's total is exactly what the connection holds."""
-    now = 0.0
-    addr = ("10.0.3.1", 4000)
-    ep = ServerEndpoint(Config())
-    client = Connection.client(Config(server_key=ep.public_key), now)
-    touched, _ = ep.receive_batch([(d, addr) for d in client.datagrams_to_send(now)], now)
-    conn = touched[0]
-    for d in conn.datagrams_to_send(now):
-        client.receive_datagram(d, now)
-    for d in client.datagrams_to_send(now):
-        conn.receive_datagram(d, now)
-    assert conn.state is State.ENCRYPTED
+    pair = Peer()                            # an established pair, no network between
+    now, ep, client, conn = pair.now, pair.endpoint, pair.client, pair.server
 
     def check():
         assert ep.budget.used == conn.footprint
