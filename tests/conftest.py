@@ -14,8 +14,9 @@ and is skipped, with the reason, where it is missing, never silently passed:
 Fixtures: `veth` (a factory of namespace pairs joined by veth, torn down after the test)
 and `netns_pair` (one such pair); `xdp_toolchain` and `afxdp_toolchain` (session-wide:
 ready, or the test skips with the reason); `xdp_prog` (the XDP program loaded for
-BPF_PROG_TEST_RUN, one per test module and build); `stcp_server` (a factory of loopback STCP
-servers, each on its own event-loop thread for the test's duration).
+BPF_PROG_TEST_RUN, one load per build for the session, its maps emptied for each module);
+`stcp_server` (a factory of loopback STCP servers, each on its own event-loop thread for the
+test's duration).
 """
 from __future__ import annotations
 
@@ -126,10 +127,11 @@ def afxdp_toolchain(xdp_toolchain) -> None:
     _require(kernel.xsk_unavailable)
 
 
-@pytest.fixture(scope="module", params=BUILDS)
-def xdp_prog(request):
-    """tests.support.testrun.LoadedProg, shared by a module's tests (configure() resets its
-    limits), once per build (bcc's and clang's, testrun.BUILDS), or the test skips saying why."""
+@pytest.fixture(scope="session", params=BUILDS)
+def _loaded_prog(request):
+    """One LoadedProg per build for the whole session: a bcc compile costs several seconds
+    on this 2-CPU machine, and the modules that run the program differ only in what its
+    maps hold, which xdp_prog resets."""
     from tests.support.testrun import LoadedProg, require_testrun
     require_testrun(request.param)
     p = LoadedProg(request.param)
@@ -137,6 +139,15 @@ def xdp_prog(request):
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def xdp_prog(_loaded_prog):
+    """tests.support.testrun.LoadedProg, shared by a module's tests (configure() resets its
+    limits), once per build (bcc's and clang's, testrun.BUILDS), or the test skips saying why.
+    Each module starts from maps as a fresh load leaves them (LoadedProg.reset())."""
+    _loaded_prog.reset()
+    return _loaded_prog
 
 
 # ---------------------------------------------------------------------------------------

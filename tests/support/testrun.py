@@ -32,6 +32,9 @@ class Opts(ctypes.Structure):           # struct bpf_test_run_opts (libbpf)
 
 
 BUILDS = ("bcc", "clang")
+# map types (include/uapi/linux/bpf.h) whose entries always exist: reset() zeroes them
+_ARRAYS = {2, 6}            # BPF_MAP_TYPE_ARRAY, BPF_MAP_TYPE_PERCPU_ARRAY
+_PERCPU = {6}
 
 
 def require_testrun(build: str = "bcc") -> None:
@@ -108,6 +111,35 @@ class LoadedProg:
         self.lib = bpf.libbpf()
         self.lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(Opts)]
         self._counts = self.counts()
+        self.out = b""
+
+    def reset(self) -> None:
+        """Every map as a fresh load leaves it (hash maps empty, arrays zeroed: the config,
+        the counters, the CID filter, the buckets) and a new XdpDatapath over them, so one
+        load serves many modules as if each had loaded its own: the program's code does not
+        change between loads, only its maps' contents do."""
+        from stcp.datapath.xdp import XdpDatapath
+        b = self.bpf
+        ncpus = b.possible_cpus()
+        for mid in b.prog_info(self.h.prog_fd)["map_ids"]:
+            fd = b.map_fd_by_id(mid)
+            try:
+                info = b.map_info(fd)
+                if info["type"] in _ARRAYS:
+                    size = info["value_size"]
+                    if info["type"] in _PERCPU:
+                        size = (size + 7) // 8 * 8 * ncpus
+                    for i in range(info["max_entries"]):
+                        b.map_update(fd, struct.pack("=I", i), bytes(size))
+                else:
+                    for k in list(b.map_keys(fd, info["key_size"], 1 << 24)):
+                        b.map_delete(fd, k)
+                    assert next(b.map_keys(fd, info["key_size"], 1), None) is None, info["name"]
+            finally:
+                os.close(fd)
+        self.dp = XdpDatapath("test", 0, "none", self.h, False, None, None)
+        self._counts = self.counts()
+        assert not any(self._counts.values()), self._counts
         self.out = b""
 
     def _map_fd(self, name: str) -> int:
