@@ -27,7 +27,7 @@ from tests.support import frames as F
 from tests.support.netns import veth_pair
 from tests.support.packets import data_record, hello
 from tests.support.procs import loader
-from tests.support.testrun import BUILDS, PORT, XDP_DROP, XDP_PASS, LoadedProg, require_testrun
+from tests.support.testrun import PORT, XDP_DROP, XDP_PASS
 from tests.support.xdpenv import Env, expect_verdicts
 
 pytestmark = pytest.mark.xdp
@@ -35,15 +35,11 @@ pytestmark = pytest.mark.xdp
 KNOWN_CID = 0x1122334455667788
 
 
-@pytest.fixture(scope="module", params=BUILDS)
-def prog(request):
-    require_testrun(request.param)
-    p = LoadedProg(request.param)
-    try:
-        p.dp.add_cid(KNOWN_CID)
-        yield p
-    finally:
-        p.close()
+@pytest.fixture(scope="module")
+def prog(xdp_prog):
+    """conftest's program of each build, its maps as a fresh load leaves them, with one live CID."""
+    xdp_prog.dp.add_cid(KNOWN_CID)
+    return xdp_prog
 
 
 @pytest.fixture
