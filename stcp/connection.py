@@ -84,6 +84,7 @@ class Connection(ReceivePath, SendPath):
         self._recv_next: Optional[RecordKey] = None
         self._next_pn = 1
         self._skip_at = 1 + skip_gap()            # the next packet number to leave out
+        self._pn_plain_below = self._skip_at       # SendPath._take_pns says what it means
         self._skipped: List[int] = []              # packet numbers left out, ascending
         self._sealed_under_key = 0
         self._key_update_allowed = False

@@ -42,6 +42,7 @@ class ConnectionFields:
     _recv_next: Optional[RecordKey]
     _next_pn: int
     _skip_at: int
+    _pn_plain_below: int
     _skipped: List[int]
     _sealed_under_key: int
     _key_update_allowed: bool

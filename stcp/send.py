@@ -248,7 +248,7 @@ class SendPath(ConnectionFields):
             self._ack_eliciting_unacked = 0
         key = self._keys.send
         pn = self._next_pn
-        if pn < self._skip_at:           # _take_pns(1) when no skip is due (the guard kept pn low)
+        if pn < self._pn_plain_below:    # _take_pns(1) would hand out pn and do nothing else
             self._next_pn = pn + 1
         else:
             pn = self._take_pns(1)
@@ -344,7 +344,10 @@ class SendPath(ConnectionFields):
     def _take_pns(self, n: int, closing: bool = False) -> int:
         """The first of n consecutive packet numbers for records about to be sealed. A skip
         happens only here, between records or runs, so a bulk run costs nothing extra. The
-        last packet number, 2^48 - 1, is kept for the CLOSE that says they ran out."""
+        last packet number, 2^48 - 1, is kept for the CLOSE that says they ran out.
+        _pn_plain_below, written with _skip_at, is where this rule next does more than hand out
+        _next_pn for one record (a skip or the end): _small_record takes numbers below it
+        itself, without a call, and comes here for the rest."""
         pn = self._next_pn
         if pn >= self._skip_at and not closing:
             self._skipped.append(pn)
@@ -352,6 +355,7 @@ class SendPath(ConnectionFields):
                 del self._skipped[0]
             pn += 1
             self._skip_at = pn + skip_gap()
+            self._pn_plain_below = min(self._skip_at, wire.PN_MASK)
         if pn + n - 1 > (wire.PN_MASK if closing else wire.PN_MASK - 1):
             raise PacketNumbersExhausted(f"packet numbers exhausted: the next record would need packet "
                                          f"number {pn + n - 1}, above 2^48 - 1")
