@@ -135,6 +135,12 @@ class SendPath(ConnectionFields):
         send; a single record comes as (record, len(record))."""
         # The small path's precondition (_small_record), then its commonest case first: a
         # driver asks after every datagram in and out, and mostly nothing is due yet.
+        # It is read here whole, not kept as a flag by the fields' writers: _next_pn and
+        # _sealed_under_key change with every record and retransmit/fin_requested live in the
+        # SendStream, so a flag could stand only for the rest, whose twenty-odd writers (in
+        # connection.py and this file: handshake, timers, ACKs, losses, close) would each have to
+        # keep it; one that forgot would let the small path send past a due control frame or
+        # while draining. Read here, the condition cannot go out of date.
         if self._small_path and not self._out and self.state is _ENCRYPTED \
                 and not (self._max_data_due or self._ping_due or self._key_update_frame_due
                          or self._reset_token_due or self._probes_due or self._client_auth is not None
