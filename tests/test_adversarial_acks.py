@@ -14,8 +14,7 @@ from stcp.congestion import NewReno
 from stcp.errors import CloseCode
 from stcp.recovery import STREAM, Recovery, SentPacket
 from stcp.replay import ReceivedPackets
-from stcp.send import ACK_HORIZON
-from stcp.send import SKIP_SPAN as _SKIP_SPAN
+from stcp.send import ACK_HORIZON, SKIP_SPAN as _SKIP_SPAN
 from stcp.state import State
 from tests.support.sim import Link, Pair, Peer
 
