@@ -434,9 +434,11 @@ class BlockingConnection:
             ev = events.popleft()     # stcp.events classes have no subclasses: `type() is`, not isinstance
             if type(ev) is DataReceived:
                 if self._discard:
-                    conn.consume(len(ev.data))
+                    conn.consume(ev.size)
                 else:
-                    self._inbox.append(ev.data)
+                    inbox = self._inbox
+                    for data in ev.chunks:
+                        inbox.append(data)
             elif type(ev) is StreamFinished:
                 self._eof = True
             elif type(ev) is HandshakeCompleted:

@@ -112,7 +112,6 @@ class Connection(ReceivePath, SendPath):
         self._hello_next = None
         self._hello_interval = config.hello_retransmit
         self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
-        self._rx_chunks: List[bytes] = []
         self._client_hs: Optional[ClientHandshake] = None
         self._server_hs: Optional[ServerHandshake] = None
         self._hello_record = b""       # client: the accepted server hello; server: CH' of the client hello

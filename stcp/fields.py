@@ -67,7 +67,6 @@ class ConnectionFields:
     _small_path: bool                  # the request/response fast paths on (tests turn them off)
     _probes_due: int
     _rx_event: Optional[DataReceived]
-    _rx_chunks: List[bytes]
     # handshake and ending
     _close_frame: Optional[wire.CloseFrame]
     _draining_until: Optional[float]

@@ -48,8 +48,8 @@ _PN_LAST = wire.PN_MASK - 2        # from here on the general path allocates (an
 SKIP_SPAN = 384
 _SKIPPED_KEPT = 64
 # An ACK reports no range lying entirely more than this many packet numbers below the largest
-# received: older ranges were reported many times already, and the gaps skipping leaves would
-# otherwise fill every ACK with stale ranges.
+# received once an earlier ACK has reported it: the gaps skipping leaves would otherwise fill
+# every ACK with stale ranges (ReceivedPackets.ack_ranges keeps the "once" promise).
 ACK_HORIZON = 256
 _MIN_STREAM_CHUNK = 64
 # A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
@@ -183,6 +183,7 @@ class SendPath(ConnectionFields):
             descs: list = []
             if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)))
+                self._received.mark_reported()
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
             pinged = self._ping_due
@@ -250,6 +251,7 @@ class SendPath(ConnectionFields):
             descs = [(_STREAM, start, end, False)]
             eliciting = True
         if deadline is not None:
+            self._received.mark_reported()
             self._ack_deadline = None
             self._ack_eliciting_unacked = 0
         key = self._keys.send
