@@ -203,7 +203,7 @@ class ConnectionHandle:
         while events:
             ev = events.popleft()     # stcp.events classes have no subclasses: `type() is`, not isinstance
             if type(ev) is DataReceived:
-                self.reader._feed(ev.data)
+                self.reader._feed(ev.chunks)
             elif type(ev) is StreamFinished:
                 self.reader._feed_eof()
             elif type(ev) is HandshakeCompleted:
@@ -250,8 +250,10 @@ class StreamReader:
         self._exception: Optional[Exception] = None
         self._waiter: Optional[asyncio.Future] = None
 
-    def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
+    def _feed(self, chunks: List[bytes]) -> None:
+        buffer = self._buffer
+        for data in chunks:
+            buffer.append(data)
         self._wake()
 
     def _feed_eof(self) -> None:

@@ -105,6 +105,7 @@ class BlockingConnection:
         self.icmp_errors = 0
         self.dropped = 0                # datagrams that named no record of this connection
         sock = self._sock = connect_udp(host, port)
+        self._fd = sock.fileno()        # -1 once released, as sock.fileno() then says
         try:
             tune_socket(sock)
             self._gro = enable_gro(sock)
@@ -113,7 +114,7 @@ class BlockingConnection:
             self._wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._poller = select.poll()
             self._poll_mask = _POLLIN
-            self._poller.register(sock.fileno(), _POLLIN)
+            self._poller.register(self._fd, _POLLIN)
             self._poller.register(self._wakeup, _POLLIN)
             self._conn = Connection.client(config, monotonic())
             with self._lock:
@@ -254,6 +255,7 @@ class BlockingConnection:
         if not getattr(self, "_released", True):
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
             self._released = True
+            self._fd = -1
             self._sock.close()
             if hasattr(self, "_wakeup"):
                 os.close(self._wakeup)
@@ -308,7 +310,7 @@ class BlockingConnection:
             wake = deadline
         mask = _POLLIN | _POLLOUT if self._outbox.entries else _POLLIN
         if mask != self._poll_mask:
-            self._poller.modify(self._sock.fileno(), mask)
+            self._poller.modify(self._fd, mask)
             self._poll_mask = mask
         self._polling, self._poll_until = True, wake
         self._lock.release()
@@ -386,10 +388,10 @@ class BlockingConnection:
     # --- datagrams in and out ------------------------------------------------
     def _receive(self, now: float) -> None:
         conn = self._conn
-        sock, gro, cid = self._sock, self._gro, conn.local_cid
+        fd, gro, cid = self._fd, self._gro, conn.local_cid
         for _ in range(RECV_ROUNDS):
             try:
-                batch = recv_batch(sock, gro)
+                batch = recv_batch(fd, gro)
             except ConnectionRefusedError:       # ICMP port unreachable: ends a handshake that heard nothing
                 self.icmp_errors += 1
                 conn.port_unreachable(now)
@@ -409,7 +411,7 @@ class BlockingConnection:
         self._flush(now)
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
-        return send_datagrams(self._sock, datagrams, addr, segment_size)
+        return send_datagrams(self._fd, datagrams, addr, segment_size)
 
     def _flush(self, now: float) -> None:
         """Send what the connection has to say, then take its events."""
@@ -419,7 +421,7 @@ class BlockingConnection:
         if len(batches) == 1 and not outbox.entries and batches[0][1] >= len(batches[0][0]):
             # the small-message case, one record: straight out, without the Outbox's grouping
             try:
-                if send_datagrams(self._sock, [batches[0][0]], None):
+                if send_datagrams(self._fd, [batches[0][0]], None):
                     batches = []
             except OSError:
                 pass              # the Outbox knows which errors lose a datagram and which fail
@@ -432,9 +434,11 @@ class BlockingConnection:
             ev = events.popleft()     # stcp.events classes have no subclasses: `type() is`, not isinstance
             if type(ev) is DataReceived:
                 if self._discard:
-                    conn.consume(len(ev.data))
+                    conn.consume(ev.size)
                 else:
-                    self._inbox.append(ev.data)
+                    inbox = self._inbox
+                    for data in ev.chunks:
+                        inbox.append(data)
             elif type(ev) is StreamFinished:
                 self._eof = True
             elif type(ev) is HandshakeCompleted:
@@ -498,6 +502,7 @@ class BlockingConnection:
                 self._cond().wait()
             finally:
                 self._waiting -= 1
+        self._fd = -1                   # the number may name another file once closed
         self._sock.close()
         if hasattr(self, "_wakeup"):
             os.close(self._wakeup)

@@ -84,6 +84,7 @@ class Connection(ReceivePath, SendPath):
         self._recv_next: Optional[RecordKey] = None
         self._next_pn = 1
         self._skip_at = 1 + skip_gap()            # the next packet number to leave out
+        self._pn_plain_below = self._skip_at       # SendPath._take_pns says what it means
         self._skipped: List[int] = []              # packet numbers left out, ascending
         self._sealed_under_key = 0
         self._key_update_allowed = False
@@ -111,7 +112,6 @@ class Connection(ReceivePath, SendPath):
         self._hello_next = None
         self._hello_interval = config.hello_retransmit
         self._rx_event: Optional[DataReceived] = None   # the DataReceived still being added to
-        self._rx_chunks: List[bytes] = []
         self._client_hs: Optional[ClientHandshake] = None
         self._server_hs: Optional[ServerHandshake] = None
         self._hello_record = b""       # client: the accepted server hello; server: CH' of the client hello

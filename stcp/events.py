@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 
 @dataclass
@@ -12,9 +12,36 @@ class HandshakeCompleted:
     peer_key: Optional[bytes] = None   # the peer's proven static key: the server's, or the client's if it sent one
 
 
-@dataclass
 class DataReceived:
-    data: bytes
+    """Stream bytes delivered in order. `chunks` are the pieces as they were decrypted (the
+    APIs buffer them as they are); `data` is the same bytes joined, on first use. One receive
+    call that delivers many records makes one event: joining them up front copied every byte
+    of a bulk transfer once more."""
+
+    __slots__ = ("chunks", "size")
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.chunks: List[bytes] = [data]
+        self.size = len(data)
+
+    def add(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    @property
+    def data(self) -> bytes:
+        chunks = self.chunks
+        if len(chunks) != 1:
+            self.chunks = chunks = [b"".join(chunks)]
+        return chunks[0]
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DataReceived and other.data == self.data
+
+    __hash__ = None     # type: ignore[assignment]   # mutable, like the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"DataReceived(data={self.data!r})"
 
 
 @dataclass

@@ -42,6 +42,7 @@ class ConnectionFields:
     _recv_next: Optional[RecordKey]
     _next_pn: int
     _skip_at: int
+    _pn_plain_below: int
     _skipped: List[int]
     _sealed_under_key: int
     _key_update_allowed: bool
@@ -66,7 +67,6 @@ class ConnectionFields:
     _small_path: bool                  # the request/response fast paths on (tests turn them off)
     _probes_due: int
     _rx_event: Optional[DataReceived]
-    _rx_chunks: List[bytes]
     # handshake and ending
     _close_frame: Optional[wire.CloseFrame]
     _draining_until: Optional[float]

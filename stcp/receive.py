@@ -347,13 +347,11 @@ class ReceivePath(ConnectionFields):
         if data:
             self.stats.stream_bytes_received += len(data)
             events = self.events
-            if events and events[-1] is self._rx_event:      # nothing else happened since: extend it
-                self._rx_chunks.append(data)
+            rx_event = self._rx_event
+            if rx_event is not None and events and events[-1] is rx_event:   # nothing else since: extend it
+                rx_event.add(data)
             else:
-                if self._rx_event is not None:
-                    self._finish_rx_event()
                 self._rx_event = DataReceived(data)
-                self._rx_chunks = [data]
                 events.append(self._rx_event)
         recv = self._recv
         if recv.fin_offset is not None and not recv.fin_delivered and recv.finished:
@@ -361,12 +359,8 @@ class ReceivePath(ConnectionFields):
             self.events.append(StreamFinished())
 
     def _finish_rx_event(self) -> None:
-        """Join the data of the DataReceived built up during one receive call."""
-        if self._rx_event is not None:
-            if len(self._rx_chunks) > 1:
-                self._rx_event.data = b"".join(self._rx_chunks)
-            self._rx_event = None
-            self._rx_chunks = []
+        """End the DataReceived built up during one receive call: the next call starts its own."""
+        self._rx_event = None
 
     def _on_close(self, frame: wire.CloseFrame) -> None:
         reason = printable(frame.reason)

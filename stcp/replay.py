@@ -3,6 +3,10 @@
 Ranges are kept ascending as [low, high] pairs. Only the newest MAX_RANGES ranges are
 remembered; anything below the oldest remembered range counts as already seen, so a
 replayed or very late record is discarded instead of being processed twice.
+
+An ACK leaves out old ranges (the horizon), but never one that no ACK has reported yet:
+a receiver that reads a large batch before it sends covers the whole batch with one ACK,
+and a range the sender never hears of is a range it retransmits and counts as a loss.
 """
 from __future__ import annotations
 
@@ -13,11 +17,12 @@ MAX_RANGES = 256
 
 
 class ReceivedPackets:
-    __slots__ = ("ranges", "floor")
+    __slots__ = ("ranges", "floor", "reported")
 
     def __init__(self) -> None:
         self.ranges: List[List[int]] = []
         self.floor = 0   # every pn below this counts as seen
+        self.reported = -1   # the largest pn when the last ACK was sent (mark_reported)
 
     def is_duplicate(self, pn: int) -> bool:
         if pn < self.floor:
@@ -74,17 +79,28 @@ class ReceivedPackets:
 
     def ack_ranges(self, limit: int, horizon: Optional[int] = None) -> Tuple[Tuple[int, int], ...]:
         """The newest `limit` ranges, highest first, as an AckFrame wants them, leaving out
-        ranges that lie wholly more than `horizon` packet numbers below the largest."""
+        ranges that lie wholly more than `horizon` packet numbers below the largest and
+        wholly at or below the largest of the last ACK sent (every range goes out once)."""
         ranges = self.ranges[-limit:] if limit > 0 else []
         if not ranges:
             return ()
-        floor = ranges[-1][1] - horizon if horizon is not None else -1
+        if horizon is None:
+            floor = -1
+        else:
+            floor = ranges[-1][1] - horizon
+            if floor > self.reported:
+                floor = self.reported + 1
         out = []
         for lo, hi in reversed(ranges):
             if hi < floor:
                 break
             out.append((lo, hi))
         return tuple(out)
+
+    def mark_reported(self) -> None:
+        """An ACK built from ack_ranges() was sent: what it covered may now pass the horizon."""
+        if self.ranges:
+            self.reported = self.ranges[-1][1]
 
     @property
     def largest(self) -> int:

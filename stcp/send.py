@@ -48,8 +48,8 @@ _PN_LAST = wire.PN_MASK - 2        # from here on the general path allocates (an
 SKIP_SPAN = 384
 _SKIPPED_KEPT = 64
 # An ACK reports no range lying entirely more than this many packet numbers below the largest
-# received: older ranges were reported many times already, and the gaps skipping leaves would
-# otherwise fill every ACK with stale ranges.
+# received once an earlier ACK has reported it: the gaps skipping leaves would otherwise fill
+# every ACK with stale ranges (ReceivedPackets.ack_ranges keeps the "once" promise).
 ACK_HORIZON = 256
 _MIN_STREAM_CHUNK = 64
 # A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
@@ -135,6 +135,12 @@ class SendPath(ConnectionFields):
         send; a single record comes as (record, len(record))."""
         # The small path's precondition (_small_record), then its commonest case first: a
         # driver asks after every datagram in and out, and mostly nothing is due yet.
+        # It is read here whole, not kept as a flag by the fields' writers: _next_pn and
+        # _sealed_under_key change with every record and retransmit/fin_requested live in the
+        # SendStream, so a flag could stand only for the rest, whose twenty-odd writers (in
+        # connection.py and this file: handshake, timers, ACKs, losses, close) would each have to
+        # keep it; one that forgot would let the small path send past a due control frame or
+        # while draining. Read here, the condition cannot go out of date.
         if self._small_path and not self._out and self.state is _ENCRYPTED \
                 and not (self._max_data_due or self._ping_due or self._key_update_frame_due
                          or self._reset_token_due or self._probes_due or self._client_auth is not None
@@ -177,6 +183,7 @@ class SendPath(ConnectionFields):
             descs: list = []
             if self._ack_deadline is not None and (self._ack_deadline <= now or self._ack_can_ride()):
                 frames.append(wire.encode_ack(self._received.ack_ranges(wire.MAX_ACK_RANGES, ACK_HORIZON)))
+                self._received.mark_reported()
                 self._ack_deadline = None
                 self._ack_eliciting_unacked = 0
             pinged = self._ping_due
@@ -244,11 +251,12 @@ class SendPath(ConnectionFields):
             descs = [(_STREAM, start, end, False)]
             eliciting = True
         if deadline is not None:
+            self._received.mark_reported()
             self._ack_deadline = None
             self._ack_eliciting_unacked = 0
         key = self._keys.send
         pn = self._next_pn
-        if pn < self._skip_at:           # _take_pns(1) when no skip is due (the guard kept pn low)
+        if pn < self._pn_plain_below:    # _take_pns(1) would hand out pn and do nothing else
             self._next_pn = pn + 1
         else:
             pn = self._take_pns(1)
@@ -344,7 +352,10 @@ class SendPath(ConnectionFields):
     def _take_pns(self, n: int, closing: bool = False) -> int:
         """The first of n consecutive packet numbers for records about to be sealed. A skip
         happens only here, between records or runs, so a bulk run costs nothing extra. The
-        last packet number, 2^48 - 1, is kept for the CLOSE that says they ran out."""
+        last packet number, 2^48 - 1, is kept for the CLOSE that says they ran out.
+        _pn_plain_below, written with _skip_at, is where this rule next does more than hand out
+        _next_pn for one record (a skip or the end): _small_record takes numbers below it
+        itself, without a call, and comes here for the rest."""
         pn = self._next_pn
         if pn >= self._skip_at and not closing:
             self._skipped.append(pn)
@@ -352,6 +363,7 @@ class SendPath(ConnectionFields):
                 del self._skipped[0]
             pn += 1
             self._skip_at = pn + skip_gap()
+            self._pn_plain_below = min(self._skip_at, wire.PN_MASK)
         if pn + n - 1 > (wire.PN_MASK if closing else wire.PN_MASK - 1):
             raise PacketNumbersExhausted(f"packet numbers exhausted: the next record would need packet "
                                          f"number {pn + n - 1}, above 2^48 - 1")

@@ -339,8 +339,8 @@ def gso_runs(monkeypatch):
     counts = {"gso": 0, "all": 0}
     real = blocking.send_datagrams
 
-    def counting(sock, datagrams, addr, segment_size=0):
-        sent = real(sock, datagrams, addr, segment_size)
+    def counting(fd, datagrams, addr, segment_size=0):
+        sent = real(fd, datagrams, addr, segment_size)
         counts["all"] += 1
         counts["gso"] += bool(segment_size) and sent > 0
         return sent

@@ -127,41 +127,51 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
-def recv_batch(sock: socket.socket, gro: bool = False) -> list:
-    """Up to RECV_BATCH datagrams waiting on a non-blocking socket, [] if none: (datagram,
-    source) pairs, or with gro (buffer, source, segment size) from UDP GRO.
-    ConnectionRefusedError when an ICMP "port unreachable" is the first thing waiting."""
+def recv_batch(fd: int, gro: bool = False) -> list:
+    """Up to RECV_BATCH datagrams waiting on a non-blocking socket's descriptor fd, [] if none:
+    (datagram, source) pairs, or with gro (buffer, source, segment size) from UDP GRO.
+    ConnectionRefusedError when an ICMP "port unreachable" is the first thing waiting.
+    Callers pass the descriptor they keep, sparing a fileno() call per batch."""
     if _udpio is not None:
-        return _udpio.recvmmsg(sock.fileno(), RECV_BATCH, 65536, gro)
+        return _udpio.recvmmsg(fd, RECV_BATCH, 65536, gro)
     batch: list = []
-    for _ in range(RECV_BATCH):
-        try:
-            batch.append(sock.recvfrom(65536))
-        except (BlockingIOError, InterruptedError):
-            break
-        except ConnectionRefusedError:
-            if not batch:
-                raise
-            break
+    sock = socket.socket(fileno=fd)     # a view of the caller's socket: detached, never closed
+    try:
+        for _ in range(RECV_BATCH):
+            try:
+                batch.append(sock.recvfrom(65536))
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionRefusedError:
+                if not batch:
+                    raise
+                break
+    finally:
+        sock.detach()
     return batch
 
 
-def send_datagrams(sock: socket.socket, datagrams: List[bytes], addr: Optional[Hashable],
+def send_datagrams(fd: int, datagrams: List[bytes], addr: Optional[Hashable],
                    segment_size: int = 0) -> int:
-    """Send datagrams on a non-blocking socket (GSO buffers when segment_size is set; addr None
-    on a connected socket); return how many went (fewer when the socket buffer is full)."""
+    """Send datagrams on a non-blocking socket's descriptor fd (GSO buffers when segment_size
+    is set; addr None on a connected socket); return how many went (fewer when the socket
+    buffer is full)."""
     if _udpio is not None:
-        return _udpio.sendmmsg(sock.fileno(), datagrams, addr, segment_size)
+        return _udpio.sendmmsg(fd, datagrams, addr, segment_size)
     sent = 0
-    for d in datagrams:
-        try:
-            if addr is None:
-                sock.send(d)
-            else:                       # the core keeps addresses opaque; here they are the socket's
-                sock.sendto(d, cast(Tuple[Any, ...], addr))
-        except (BlockingIOError, InterruptedError):
-            break
-        sent += 1
+    sock = socket.socket(fileno=fd)     # a view of the caller's socket: detached, never closed
+    try:
+        for d in datagrams:
+            try:
+                if addr is None:
+                    sock.send(d)
+                else:                   # the core keeps addresses opaque; here they are the socket's
+                    sock.sendto(d, cast(Tuple[Any, ...], addr))
+            except (BlockingIOError, InterruptedError):
+                break
+            sent += 1
+    finally:
+        sock.detach()
     return sent
 
 
@@ -285,9 +295,7 @@ class Driver:
     # --- receive -----------------------------------------------------------
     def _recv_batch(self) -> list:
         try:
-            if _udpio is not None:        # recv_batch without its lookups: once per readiness
-                return _udpio.recvmmsg(self.fd, RECV_BATCH, 65536, self.gro)
-            return recv_batch(self.sock, self.gro)
+            return recv_batch(self.fd, self.gro)
         except ConnectionRefusedError:
             self.icmp_errors += 1
             # libuv (uvloop) stops polling a descriptor that reported an error: poll it again,
@@ -388,9 +396,7 @@ class Driver:
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         """Send datagrams (GSO buffers when segment_size is set); return how many went."""
-        if _udpio is not None:            # send_datagrams without its lookups: once per flush
-            return _udpio.sendmmsg(self.fd, datagrams, addr, segment_size)
-        return send_datagrams(self.sock, datagrams, addr, segment_size)
+        return send_datagrams(self.fd, datagrams, addr, segment_size)
 
     def _on_writable(self) -> None:
         self.loop.remove_writer(self.fd)

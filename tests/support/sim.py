@@ -50,8 +50,11 @@ class Pair:
     """A client and a server endpoint on two Links; the client pins the server's key unless
     its config names another policy."""
     def __init__(self, client_config: Config | None = None, server_config: Config | None = None,
-                 up: Link | None = None, down: Link | None = None):
+                 up: Link | None = None, down: Link | None = None, batched: bool = False):
         self.now = 0.0
+        # batched: the server endpoint takes everything that arrives at one instant in one
+        # receive_batch call before it sends, as a server reading a recvmmsg/GRO batch does
+        self.batched = batched
         self.server = ServerEndpoint(server_config or Config())
         client_config = client_config or Config()
         if client_config.server_key is None:        # authentication on: the client pins the server's key
@@ -106,6 +109,12 @@ class Pair:
         arrivals = [(d, self.client_addr) for d in self.up.due(self.now)]
         arrivals += [(d, addr) for t, d, addr in self.injected if t <= self.now]
         self.injected = [x for x in self.injected if x[0] > self.now]
+        if self.batched and arrivals:
+            touched, new = self.server.receive_batch(arrivals, self.now)
+            self.server_conns.extend(new)
+            for conn in touched:
+                self._drain("server", conn)
+            arrivals = []
         for d, addr in arrivals:
             conn, new = self.server.receive(d, addr, self.now)
             if new:
