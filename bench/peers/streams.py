@@ -76,8 +76,10 @@ def _cipher(conn) -> str | None:
 
 def _retransmitted(conn) -> int | None:
     """Records the client sent again (loss, or a late ack taken for loss); None if unknown."""
-    stats = getattr(getattr(conn, "conn", None), "stats", None)
-    return getattr(stats, "retransmitted_records", None)
+    try:
+        return int(conn.writer.get_extra_info("connection").stats.retransmitted_records)
+    except Exception:  # informational only
+        return None
 
 
 async def _sink(conn, writer, reader, share: int, deadline: float, framed: bytes) -> tuple[int, int]:
