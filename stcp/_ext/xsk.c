@@ -16,7 +16,10 @@
  * them (xsk_gro.c), and gives the frames straight back to the fill ring; with
  * templates=True it also returns the headers of a reply to each sender (xsk_frame.c).
  * Bound with XDP_USE_SG, a packet longer than a frame (a GSO buffer that generic XDP
- * passed whole) arrives in pieces, gathered here.  The UDP checksum is not checked: on
+ * passed whole) arrives in pieces: its headers are parsed in the first and its payload
+ * copied from the pieces straight into the bytes object recv() returns (take_pieces); a
+ * packet whose pieces a recv() sees only in part is left on the ring for the next call,
+ * or, when it is the first thing on the ring, gathered into one buffer before parsing.  The UDP checksum is not checked: on
  * veth it is often still partial (checksum offload), and the records carry an AEAD tag.
  *
  * send_udp() puts datagrams behind such a template on the TX ring, lengths and checksums
@@ -82,7 +85,7 @@ typedef struct {
     int chain_bad;                   /* it ran past CHAIN_MAX: dropped when it ends */
     uint64_t *free_frames;           /* frames not on the fill ring */
     uint32_t n_free;
-    unsigned long long rx_frames, rx_bytes, rx_malformed, rx_chained, wakeups, tx_frames, tx_kicks;
+    unsigned long long rx_frames, rx_bytes, rx_malformed, rx_chained, rx_gathered, wakeups, tx_frames, tx_kicks;
     char ifname[IF_NAMESIZE];
 } XskSocket;
 
@@ -275,7 +278,68 @@ static const uint8_t *gather(XskSocket *self, const uint8_t *piece, uint32_t len
         return NULL;
     }
     self->rx_chained++;
+    self->rx_gathered++;
     return self->chain;
+}
+
+/* A packet in pieces whose pieces are all among descriptors [i, n) of this peek: its UDP
+ * payload copied from the pieces straight into one bytes object, the headers parsed in the
+ * first piece (gather() copies the packet once more before that).  Returns the
+ * descriptors taken, their frames given back; PIECES_LATER when its last piece is not among
+ * them (the caller leaves it on the ring for its next call); 0 to leave the packet to
+ * gather() (a piece lies outside the UMEM, it runs past CHAIN_MAX, its headers are not all
+ * in the first piece); -1 when allocating failed (exception set). */
+#define PIECES_LATER (-2)
+static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx_batch *b, int failed) {
+    const struct xdp_desc *first = xsk_ring_cons__rx_desc(&self->rx, idx + i);
+    const uint8_t *head;
+    uint64_t total = 0;
+    uint32_t j, k, skip, left;
+    struct parsed p;
+    PyObject *payload;
+    uint8_t *dst;
+
+    for (j = i; j < n; j++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + j);
+        uint64_t addr = xsk_umem__add_offset_to_addr(d->addr);
+        if (addr >= self->area_size || d->len > self->area_size - addr) return 0;
+        total += d->len;
+        if (!(d->options & XDP_PKT_CONTD)) break;
+    }
+    if (j == n) return PIECES_LATER;
+    if (total > CHAIN_MAX) return 0;
+    head = (const uint8_t *)self->area + xsk_umem__add_offset_to_addr(first->addr);
+    memset(&p, 0, sizeof(p));
+    if (parse_frame_head(head, first->len, (size_t)total, &p) || p.payload < head ||
+        (size_t)(p.payload - head) > first->len)
+        return 0;                                 /* gather() decides, as for any packet */
+    for (k = i; k <= j; k++) {                    /* the frames go back, as in recv() */
+        uint64_t base = xsk_umem__extract_addr(xsk_ring_cons__rx_desc(&self->rx, idx + k)->addr);
+        if (self->n_free < self->frame_count)
+            self->free_frames[self->n_free++] = base - (base % self->frame_size);
+    }
+    self->rx_frames++;
+    self->rx_bytes += p.payload_len;
+    self->rx_chained++;
+    if (failed) return (int)(j - i + 1);
+    payload = PyBytes_FromStringAndSize(NULL, p.payload_len);
+    if (!payload) return -1;
+    dst = (uint8_t *)PyBytes_AS_STRING(payload);
+    skip = (uint32_t)(p.payload - head);
+    left = p.payload_len;
+    for (k = i; k <= j && left; k++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + k);
+        const uint8_t *piece = (const uint8_t *)self->area + xsk_umem__add_offset_to_addr(d->addr);
+        uint32_t c;
+        if (skip >= d->len) { skip -= d->len; continue; }
+        c = d->len - skip < left ? d->len - skip : left;
+        memcpy(dst, piece + skip, c);
+        dst += c;
+        left -= c;
+        skip = 0;
+    }
+    if (rx_batch_add_payload(b, &p, payload) < 0) return -1;
+    return (int)(j - i + 1);
 }
 
 static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
@@ -301,6 +365,24 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
         uint32_t len = d->len;
         int chained = self->chain_len > 0 || self->chain_bad || (d->options & XDP_PKT_CONTD);
         struct parsed p;
+
+        /* the first piece of a packet in pieces: copied once if all of it is here */
+        if (chained && self->chain && !self->chain_len && !self->chain_bad) {
+            int took = take_pieces(self, idx, i, n, &b, failed);
+            if (took == PIECES_LATER && i > 0) {
+                /* the next call peeks again from its first piece */
+                xsk_ring_cons__cancel(&self->rx, n - i);
+                n = i;
+                break;
+            }
+            if (took == -1) {                 /* drained below, as after any failed allocation */
+                rx_batch_abort(&b);
+                failed = 1;
+            } else if (took > 0) {
+                i += (uint32_t)took - 1;
+                continue;
+            }
+        }
 
         /* give the frame back whatever happens to it below: the fill ring gets it once
          * this call is done with what it holds */
@@ -532,10 +614,11 @@ static PyObject *Xsk_stats(XskSocket *self, PyObject *noargs) {
     if (xsk_closed(self)) return NULL;
     memset(&st, 0, sizeof(st));
     if (getsockopt(self->fd, SOL_XDP, XDP_STATISTICS, &st, &len) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}",
                          "tx_frames", self->tx_frames, "tx_kicks", self->tx_kicks,
                          "rx_frames", self->rx_frames, "rx_bytes", self->rx_bytes,
                          "rx_malformed", self->rx_malformed, "rx_chained", self->rx_chained,
+                         "rx_gathered", self->rx_gathered,
                          "fill_wakeups", self->wakeups,
                          "rx_dropped", (unsigned long long)st.rx_dropped,
                          "rx_invalid_descs", (unsigned long long)st.rx_invalid_descs,

@@ -36,6 +36,10 @@ void rx_batch_init(rx_batch *b, int v4mapped, unsigned int ifindex, int template
  * with an exception set (then rx_batch_abort). */
 int rx_batch_add(rx_batch *b, const struct parsed *p, int stable);
 
+/* Add one datagram whose payload the caller has copied out already (a packet that came in
+ * pieces): an entry of its own, as rx_batch_add with stable 0. Steals payload (bytes). */
+int rx_batch_add_payload(rx_batch *b, const struct parsed *p, PyObject *payload);
+
 /* The entries (with templates: (entries, {addr: template})); NULL with an exception set. */
 PyObject *rx_batch_finish(rx_batch *b);
 
