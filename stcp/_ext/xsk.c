@@ -291,29 +291,25 @@ static const uint8_t *gather(XskSocket *self, const uint8_t *piece, uint32_t len
  * in the first piece); -1 when allocating failed (exception set). */
 #define PIECES_LATER (-2)
 static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx_batch *b, int failed) {
-    const struct xdp_desc *first = xsk_ring_cons__rx_desc(&self->rx, idx + i);
-    const uint8_t *head;
+    const uint8_t *piece[RX_PIECES_MAX];
+    uint32_t len[RX_PIECES_MAX], count = 0, k;
     uint64_t total = 0;
-    uint32_t j, k, skip, left;
     struct parsed p;
-    PyObject *payload;
-    uint8_t *dst;
 
-    for (j = i; j < n; j++) {
-        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + j);
+    for (k = i; k < n; k++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + k);
         uint64_t addr = xsk_umem__add_offset_to_addr(d->addr);
-        if (addr >= self->area_size || d->len > self->area_size - addr) return 0;
+        if (addr >= self->area_size || d->len > self->area_size - addr || count == RX_PIECES_MAX) return 0;
+        piece[count] = (const uint8_t *)self->area + addr;
+        len[count++] = d->len;
         total += d->len;
         if (!(d->options & XDP_PKT_CONTD)) break;
     }
-    if (j == n) return PIECES_LATER;
-    if (total > CHAIN_MAX) return 0;
-    head = (const uint8_t *)self->area + xsk_umem__add_offset_to_addr(first->addr);
+    if (k == n) return PIECES_LATER;
     memset(&p, 0, sizeof(p));
-    if (parse_frame_head(head, first->len, (size_t)total, &p) || p.payload < head ||
-        (size_t)(p.payload - head) > first->len)
+    if (total > CHAIN_MAX || parse_frame_head(piece[0], len[0], (size_t)total, &p))
         return 0;                                 /* gather() decides, as for any packet */
-    for (k = i; k <= j; k++) {                    /* the frames go back, as in recv() */
+    for (k = i; k < i + count; k++) {             /* the frames go back, as in recv() */
         uint64_t base = xsk_umem__extract_addr(xsk_ring_cons__rx_desc(&self->rx, idx + k)->addr);
         if (self->n_free < self->frame_count)
             self->free_frames[self->n_free++] = base - (base % self->frame_size);
@@ -321,25 +317,9 @@ static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx
     self->rx_frames++;
     self->rx_bytes += p.payload_len;
     self->rx_chained++;
-    if (failed) return (int)(j - i + 1);
-    payload = PyBytes_FromStringAndSize(NULL, p.payload_len);
-    if (!payload) return -1;
-    dst = (uint8_t *)PyBytes_AS_STRING(payload);
-    skip = (uint32_t)(p.payload - head);
-    left = p.payload_len;
-    for (k = i; k <= j && left; k++) {
-        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + k);
-        const uint8_t *piece = (const uint8_t *)self->area + xsk_umem__add_offset_to_addr(d->addr);
-        uint32_t c;
-        if (skip >= d->len) { skip -= d->len; continue; }
-        c = d->len - skip < left ? d->len - skip : left;
-        memcpy(dst, piece + skip, c);
-        dst += c;
-        left -= c;
-        skip = 0;
-    }
-    if (rx_batch_add_payload(b, &p, payload) < 0) return -1;
-    return (int)(j - i + 1);
+    if (!failed && rx_batch_add_pieces(b, &p, piece, len, count, (uint32_t)(p.payload - piece[0])) < 0)
+        return -1;
+    return (int)count;
 }
 
 static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {

@@ -135,14 +135,27 @@ static int start(rx_batch *b) {
     return 0;
 }
 
-int rx_batch_add_payload(rx_batch *b, const struct parsed *p, PyObject *payload) {
-    PyObject *addr;
-    if (start(b) < 0 || !(addr = address(b, p)) || flush(b) < 0) {
-        Py_DECREF(payload);
-        return -1;
+int rx_batch_add_pieces(rx_batch *b, const struct parsed *p, const uint8_t *const *piece, const uint32_t *len,
+                        uint32_t count, uint32_t skip) {
+    PyObject *addr, *payload;
+    uint8_t *dst;
+    uint32_t k, left = p->payload_len;
+    if (start(b) < 0 || !(addr = address(b, p)) || flush(b) < 0) return -1;
+    payload = PyBytes_FromStringAndSize(NULL, p->payload_len);
+    if (!payload) return -1;
+    dst = (uint8_t *)PyBytes_AS_STRING(payload);
+    for (k = 0; k < count && left; k++) {
+        uint32_t c;
+        if (skip >= len[k]) { skip -= len[k]; continue; }
+        c = len[k] - skip < left ? len[k] - skip : left;
+        memcpy(dst, piece[k] + skip, c);
+        dst += c;
+        left -= c;
+        skip = 0;
     }
+    if (left) memset(dst, 0, left);       /* the parser saw to it that the pieces hold it all */
     return emit_bytes(b, addr, payload, batch_segment((const uint8_t *)PyBytes_AS_STRING(payload),
-                                                      (uint32_t)PyBytes_GET_SIZE(payload)));
+                                                      p->payload_len));
 }
 
 int rx_batch_add(rx_batch *b, const struct parsed *p, int stable) {

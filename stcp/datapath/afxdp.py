@@ -396,10 +396,12 @@ class AfxdpServerDriver(ServerDriver):
                     addr = self.endpoint.peer_addr.get(conn.local_cid)
                     if addr in templates:
                         self._routes[addr] = (xsk, templates[addr])
+            # answer (acks, credit) after every batch, as the socket datapath does: a sender
+            # waiting on acks should not wait for the whole backlog to be read
+            self.rx_xsk_flushes += 1
+            self.flush(now)
             if records < XSK_RECV_BATCH:
                 break
-        self.rx_xsk_flushes += 1
-        self.flush()
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         route = self._routes.get(addr) if self.tx_afxdp else None
