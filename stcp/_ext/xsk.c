@@ -288,9 +288,10 @@ static const uint8_t *gather(XskSocket *self, const uint8_t *piece, uint32_t len
  * descriptors taken, their frames given back; PIECES_LATER when its last piece is not among
  * them (the caller leaves it on the ring for its next call); 0 to leave the packet to
  * gather() (a piece lies outside the UMEM, it runs past CHAIN_MAX, its headers are not all
- * in the first piece); -1 when allocating failed (exception set). */
+ * in the first piece). *alloc_failed is set when allocating failed (exception set). */
 #define PIECES_LATER (-2)
-static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx_batch *b, int failed) {
+static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx_batch *b, int failed,
+                       int *alloc_failed) {
     const uint8_t *piece[RX_PIECES_MAX];
     uint32_t len[RX_PIECES_MAX], count = 0, k;
     uint64_t total = 0;
@@ -318,7 +319,7 @@ static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx
     self->rx_bytes += p.payload_len;
     self->rx_chained++;
     if (!failed && rx_batch_add_pieces(b, &p, piece, len, count, (uint32_t)(p.payload - piece[0])) < 0)
-        return -1;
+        *alloc_failed = 1;                        /* the frames are back all the same */
     return (int)count;
 }
 
@@ -348,17 +349,18 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
 
         /* the first piece of a packet in pieces: copied once if all of it is here */
         if (chained && self->chain && !self->chain_len && !self->chain_bad) {
-            int took = take_pieces(self, idx, i, n, &b, failed);
+            int alloc_failed = 0, took = take_pieces(self, idx, i, n, &b, failed, &alloc_failed);
             if (took == PIECES_LATER && i > 0) {
                 /* the next call peeks again from its first piece */
                 xsk_ring_cons__cancel(&self->rx, n - i);
                 n = i;
                 break;
             }
-            if (took == -1) {                 /* drained below, as after any failed allocation */
+            if (alloc_failed) {               /* the rest is drained, as after any failed allocation */
                 rx_batch_abort(&b);
                 failed = 1;
-            } else if (took > 0) {
+            }
+            if (took > 0) {
                 i += (uint32_t)took - 1;
                 continue;
             }
