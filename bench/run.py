@@ -433,6 +433,7 @@ def worker_deltas(a: dict | None, b: dict | None, seconds: float | None) -> list
             "rx_per_queue": {q: n - x["rx_per_queue"].get(q, 0) for q, n in y["rx_per_queue"].items()},
             "connections_accepted": y["connections_accepted"] - x["connections_accepted"],
             "cpu_s": cpu,
+            "counts": {k: v - x.get("counts", {}).get(k, 0) for k, v in y.get("counts", {}).items()},
         })
     return rows
 

@@ -66,7 +66,8 @@ class XskSocket:
         """True when frames are waiting; waits at most timeout_ms (-1: 60 s)."""
     def stats(self) -> Dict[str, int]:
         """tx_frames, tx_kicks, rx_frames, rx_bytes, rx_malformed, rx_chained (packets that came in
-        pieces), fill_wakeups (user space) and the kernel's
+        pieces), rx_gathered (those of them copied twice: gathered before parsing, because
+        they did not all come in one recv()), fill_wakeups (user space) and the kernel's
         XDP_STATISTICS: rx_dropped, rx_invalid_descs, rx_ring_full, rx_fill_ring_empty_descs."""
     def close(self) -> None: ...
     def __enter__(self) -> "XskSocket": ...

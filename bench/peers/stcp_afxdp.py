@@ -50,7 +50,21 @@ def driver_counters(driver, worker: int, nworkers: int) -> dict:
         "tx_xsk": driver.tx_xsk,
         "tx_socket": driver.tx_socket,
         "connections_accepted": driver.connections_accepted,
+        # deterministic costs of the receive path: wake-ups, batches and entries per record,
+        # and the AF_XDP sockets' own counters (ring full, fill ring empty, packets in pieces)
+        "counts": {"wakeups": driver.rx_xsk_wakeups, "batches": driver.rx_xsk_batches,
+                   "entries": driver.rx_xsk_entries, "flushes": driver.rx_xsk_flushes, **xsk_stats(driver)},
     }
+
+
+def xsk_stats(driver) -> dict:
+    """The AF_XDP sockets' counters, summed over the driver's queues."""
+    out: dict = {}
+    for x in driver.xsks:
+        if not x.closed:
+            for k, v in x.stats().items():
+                out[k] = out.get(k, 0) + v
+    return out
 
 
 def run_server(args) -> None:

@@ -74,6 +74,22 @@ def _cipher(conn) -> str | None:
         return None
 
 
+def _retransmitted(conn) -> int | None:
+    """Records the client sent again (loss, or a late ack taken for loss); None if unknown."""
+    try:
+        return int(conn.writer.get_extra_info("connection").stats.retransmitted_records)
+    except Exception:  # informational only
+        return None
+
+
+def _received(conn) -> int | None:
+    """Records the client received in a one-way bulk: the server's acks and credit updates."""
+    try:
+        return int(conn.writer.get_extra_info("connection").stats.records_received)
+    except Exception:  # informational only
+        return None
+
+
 async def _sink(conn, writer, reader, share: int, deadline: float, framed: bytes) -> tuple[int, int]:
     """Send `share` bytes (or until `deadline`) as sink frames after the mode byte; return
     (sent, the server's count)."""
@@ -112,9 +128,11 @@ async def client(args, connect) -> dict:
         sent, got = await _sink(conn, writer, reader, args.bytes, t0 + args.duration, framed)
         elapsed = time.perf_counter() - t0
         cipher = _cipher(conn)
+        retransmitted, acks = _retransmitted(conn), _received(conn)
         await conn.close()
         await conn.wait_closed()
-        return C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher)
+        return C.bulk_result(sent, got, elapsed, C.cpu_seconds() - cpu0, cipher=cipher,
+                             retransmitted_records=retransmitted, records_received=acks)
     if args.test == "bulk8":
         # N connections from this one process, each opened (handshake and mode byte) before
         # the clock starts, then all sending their share of --bytes at once until the

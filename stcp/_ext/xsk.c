@@ -16,7 +16,10 @@
  * them (xsk_gro.c), and gives the frames straight back to the fill ring; with
  * templates=True it also returns the headers of a reply to each sender (xsk_frame.c).
  * Bound with XDP_USE_SG, a packet longer than a frame (a GSO buffer that generic XDP
- * passed whole) arrives in pieces, gathered here.  The UDP checksum is not checked: on
+ * passed whole) arrives in pieces: its headers are parsed in the first and its payload
+ * copied from the pieces straight into the bytes object recv() returns (take_pieces); a
+ * packet whose pieces a recv() sees only in part is left on the ring for the next call,
+ * or, when it is the first thing on the ring, gathered into one buffer before parsing.  The UDP checksum is not checked: on
  * veth it is often still partial (checksum offload), and the records carry an AEAD tag.
  *
  * send_udp() puts datagrams behind such a template on the TX ring, lengths and checksums
@@ -82,7 +85,7 @@ typedef struct {
     int chain_bad;                   /* it ran past CHAIN_MAX: dropped when it ends */
     uint64_t *free_frames;           /* frames not on the fill ring */
     uint32_t n_free;
-    unsigned long long rx_frames, rx_bytes, rx_malformed, rx_chained, wakeups, tx_frames, tx_kicks;
+    unsigned long long rx_frames, rx_bytes, rx_malformed, rx_chained, rx_gathered, wakeups, tx_frames, tx_kicks;
     char ifname[IF_NAMESIZE];
 } XskSocket;
 
@@ -275,7 +278,49 @@ static const uint8_t *gather(XskSocket *self, const uint8_t *piece, uint32_t len
         return NULL;
     }
     self->rx_chained++;
+    self->rx_gathered++;
     return self->chain;
+}
+
+/* A packet in pieces whose pieces are all among descriptors [i, n) of this peek: its UDP
+ * payload copied from the pieces straight into one bytes object, the headers parsed in the
+ * first piece (gather() copies the packet once more before that).  Returns the
+ * descriptors taken, their frames given back; PIECES_LATER when its last piece is not among
+ * them (the caller leaves it on the ring for its next call); 0 to leave the packet to
+ * gather() (a piece lies outside the UMEM, it runs past CHAIN_MAX, its headers are not all
+ * in the first piece). *alloc_failed is set when allocating failed (exception set). */
+#define PIECES_LATER (-2)
+static int take_pieces(XskSocket *self, uint32_t idx, uint32_t i, uint32_t n, rx_batch *b, int failed,
+                       int *alloc_failed) {
+    const uint8_t *piece[RX_PIECES_MAX];
+    uint32_t len[RX_PIECES_MAX], count = 0, k;
+    uint64_t total = 0;
+    struct parsed p;
+
+    for (k = i; k < n; k++) {
+        const struct xdp_desc *d = xsk_ring_cons__rx_desc(&self->rx, idx + k);
+        uint64_t addr = xsk_umem__add_offset_to_addr(d->addr);
+        if (addr >= self->area_size || d->len > self->area_size - addr || count == RX_PIECES_MAX) return 0;
+        piece[count] = (const uint8_t *)self->area + addr;
+        len[count++] = d->len;
+        total += d->len;
+        if (!(d->options & XDP_PKT_CONTD)) break;
+    }
+    if (k == n) return PIECES_LATER;
+    memset(&p, 0, sizeof(p));
+    if (total > CHAIN_MAX || parse_frame_head(piece[0], len[0], (size_t)total, &p))
+        return 0;                                 /* gather() decides, as for any packet */
+    for (k = i; k < i + count; k++) {             /* the frames go back, as in recv() */
+        uint64_t base = xsk_umem__extract_addr(xsk_ring_cons__rx_desc(&self->rx, idx + k)->addr);
+        if (self->n_free < self->frame_count)
+            self->free_frames[self->n_free++] = base - (base % self->frame_size);
+    }
+    self->rx_frames++;
+    self->rx_bytes += p.payload_len;
+    self->rx_chained++;
+    if (!failed && rx_batch_add_pieces(b, &p, piece, len, count, (uint32_t)(p.payload - piece[0])) < 0)
+        *alloc_failed = 1;                        /* the frames are back all the same */
+    return (int)count;
 }
 
 static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
@@ -301,6 +346,25 @@ static PyObject *Xsk_recv(XskSocket *self, PyObject *args, PyObject *kw) {
         uint32_t len = d->len;
         int chained = self->chain_len > 0 || self->chain_bad || (d->options & XDP_PKT_CONTD);
         struct parsed p;
+
+        /* the first piece of a packet in pieces: copied once if all of it is here */
+        if (chained && self->chain && !self->chain_len && !self->chain_bad) {
+            int alloc_failed = 0, took = take_pieces(self, idx, i, n, &b, failed, &alloc_failed);
+            if (took == PIECES_LATER && i > 0) {
+                /* the next call peeks again from its first piece */
+                xsk_ring_cons__cancel(&self->rx, n - i);
+                n = i;
+                break;
+            }
+            if (alloc_failed) {               /* the rest is drained, as after any failed allocation */
+                rx_batch_abort(&b);
+                failed = 1;
+            }
+            if (took > 0) {
+                i += (uint32_t)took - 1;
+                continue;
+            }
+        }
 
         /* give the frame back whatever happens to it below: the fill ring gets it once
          * this call is done with what it holds */
@@ -532,10 +596,11 @@ static PyObject *Xsk_stats(XskSocket *self, PyObject *noargs) {
     if (xsk_closed(self)) return NULL;
     memset(&st, 0, sizeof(st));
     if (getsockopt(self->fd, SOL_XDP, XDP_STATISTICS, &st, &len) != 0) return PyErr_SetFromErrno(PyExc_OSError);
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsK}",
                          "tx_frames", self->tx_frames, "tx_kicks", self->tx_kicks,
                          "rx_frames", self->rx_frames, "rx_bytes", self->rx_bytes,
                          "rx_malformed", self->rx_malformed, "rx_chained", self->rx_chained,
+                         "rx_gathered", self->rx_gathered,
                          "fill_wakeups", self->wakeups,
                          "rx_dropped", (unsigned long long)st.rx_dropped,
                          "rx_invalid_descs", (unsigned long long)st.rx_invalid_descs,

@@ -21,19 +21,26 @@ static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | 
 
 /* 0 on success, else a static reason. */
 const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
+    return parse_frame_head(f, len, len, out);
+}
+
+/* The headers are read from f[0..head), each read checked against head; the lengths they
+ * claim are checked against len, the whole packet's (head <= len). */
+const char *parse_frame_head(const uint8_t *f, size_t head, size_t len, struct parsed *out) {
     size_t off = ETH_HLEN_;
     uint16_t proto;
     const uint8_t *udp;
     size_t l4;
 
-    if (len < ETH_HLEN_) return "frame shorter than an Ethernet header";
+    if (head > len) head = len;
+    if (head < ETH_HLEN_) return "frame shorter than an Ethernet header";
     out->eth = f;
     memcpy(out->macs, f, 12);
     out->vlan_tci = -1;
     out->vlan_proto = 0;
     proto = rd16(f + 12);
     if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_) {
-        if (len < off + 4) return "truncated VLAN tag";
+        if (head < off + 4) return "truncated VLAN tag";
         out->vlan_tci = rd16(f + off);
         out->vlan_proto = proto;
         proto = rd16(f + off + 2);
@@ -42,11 +49,11 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
     if (proto == ETH_P_IP_) {
         const uint8_t *ip = f + off;
         size_t ihl, tot;
-        if (len < off + 20) return "truncated IPv4 header";
+        if (head < off + 20) return "truncated IPv4 header";
         if ((ip[0] >> 4) != 4) return "IPv4 header with another version";
         ihl = (size_t)(ip[0] & 0x0F) * 4;
         if (ihl < 20) return "IPv4 header length below 20";
-        if (len < off + ihl) return "truncated IPv4 options";
+        if (head < off + ihl) return "truncated IPv4 options";
         tot = rd16(ip + 2);
         if (tot < ihl || len < off + tot) return "IPv4 total length outside the frame";
         if (ip[9] != IPPROTO_UDP_) return "not UDP";
@@ -56,16 +63,18 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
         memcpy(out->dst, ip + 16, 4);
         l4 = off + ihl;
         len = off + tot;            /* Ethernet padding beyond the IP packet is not ours */
+        if (head > len) head = len;
     } else if (proto == ETH_P_IPV6_) {
         const uint8_t *ip = f + off;
         uint8_t next;
         size_t plen;
         int i;
-        if (len < off + 40) return "truncated IPv6 header";
+        if (head < off + 40) return "truncated IPv6 header";
         if ((ip[0] >> 4) != 6) return "IPv6 header with another version";
         plen = rd16(ip + 4);
         if (len < off + 40 + plen) return "IPv6 payload length outside the frame";
         len = off + 40 + plen;
+        if (head > len) head = len;
         out->family = 6;
         memcpy(out->src, ip + 8, 16);
         memcpy(out->dst, ip + 24, 16);
@@ -73,7 +82,7 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
         l4 = off + 40;
         for (i = 0; i < IPV6_EXT_MAX && next != IPPROTO_UDP_; i++) {
             if (next == 0 || next == 43 || next == 60) {     /* hop-by-hop, routing, dst opts */
-                if (len < l4 + 2) return "truncated IPv6 extension header";
+                if (head < l4 + 2) return "truncated IPv6 extension header";
                 next = f[l4];
                 l4 += ((size_t)f[l4 + 1] + 1) * 8;
                 if (l4 > len) return "IPv6 extension header outside the frame";
@@ -87,7 +96,7 @@ const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out) {
     } else {
         return "neither IPv4 nor IPv6";
     }
-    if (len < l4 + 8) return "truncated UDP header";
+    if (head < l4 + 8) return "truncated UDP header";
     udp = f + l4;
     {
         size_t ulen = rd16(udp + 4);

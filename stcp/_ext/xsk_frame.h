@@ -36,6 +36,12 @@ struct parsed {
  * NULL on success, else a static reason. No Python calls. */
 const char *parse_frame_raw(const uint8_t *f, size_t len, struct parsed *out);
 
+/* The same for a packet of len bytes of which only f[0..head) is at hand (the first piece
+ * of a packet that arrived in several frames): every header read checked against head,
+ * the lengths the headers claim against len. out->payload points into f, and only its
+ * first head - (out->payload - f) bytes (which may be none) are there to read. */
+const char *parse_frame_head(const uint8_t *f, size_t head, size_t len, struct parsed *out);
+
 /* The sender's address as the socket module would give it: (host, port) for IPv4;
  * (host, port, 0, scope_id) for IPv6, or for IPv4 as ::ffff:a.b.c.d when v4mapped. */
 PyObject *make_addr(const struct parsed *p, int v4mapped, unsigned int ifindex);

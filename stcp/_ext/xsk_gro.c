@@ -37,11 +37,11 @@ static uint64_t be64(const uint8_t *p) {
 /* The segment size of a datagram that holds several records back to back: its first
  * record's size when that is shorter than the datagram (and at least a header and a tag);
  * 0 for anything else. */
-static uint32_t batch_segment(const struct parsed *p) {
+static uint32_t batch_segment(const uint8_t *payload, uint32_t payload_len) {
     uint64_t length;
-    if (p->payload_len < RECORD_MIN) return 0;
-    length = be64(p->payload);
-    if (length >= (uint64_t)p->payload_len - RECORD_HEADER) return 0;
+    if (payload_len < RECORD_MIN) return 0;
+    length = be64(payload);
+    if (length >= (uint64_t)payload_len - RECORD_HEADER) return 0;
     if (length + RECORD_HEADER < RECORD_MIN) return 0;
     return (uint32_t)length + RECORD_HEADER;
 }
@@ -71,9 +71,18 @@ void rx_batch_abort(rx_batch *b) {
     b->count = 0;
 }
 
+/* Append the entry (buf, addr[, seg]); steals buf. */
+static int emit_bytes(rx_batch *b, PyObject *addr, PyObject *buf, uint32_t seg) {
+    PyObject *item = seg ? Py_BuildValue("(NOI)", buf, addr, seg) : Py_BuildValue("(NO)", buf, addr);
+    if (!item) return -1;
+    if (PyList_Append(b->result, item) < 0) { Py_DECREF(item); return -1; }
+    Py_DECREF(item);
+    return 0;
+}
+
 /* Append one entry: the open entry's pieces, or (when pieces is NULL) one payload. */
 static int emit(rx_batch *b, PyObject *addr, const uint8_t *one, uint32_t one_len, uint32_t seg) {
-    PyObject *buf, *item;
+    PyObject *buf;
     if (one) {
         buf = PyBytes_FromStringAndSize((const char *)one, one_len);
     } else {
@@ -88,11 +97,7 @@ static int emit(rx_batch *b, PyObject *addr, const uint8_t *one, uint32_t one_le
         }
     }
     if (!buf) return -1;
-    item = seg ? Py_BuildValue("(NOI)", buf, addr, seg) : Py_BuildValue("(NO)", buf, addr);
-    if (!item) return -1;
-    if (PyList_Append(b->result, item) < 0) { Py_DECREF(item); return -1; }
-    Py_DECREF(item);
-    return 0;
+    return emit_bytes(b, addr, buf, seg);
 }
 
 /* Close the open entry, if any. */
@@ -121,17 +126,45 @@ static PyObject *address(rx_batch *b, const struct parsed *p) {
     return b->last_addr;
 }
 
-int rx_batch_add(rx_batch *b, const struct parsed *p, int stable) {
-    PyObject *addr;
-    uint32_t seg;
+static int start(rx_batch *b) {
     if (!b->result) {
         b->result = PyList_New(0);
         if (!b->result) return -1;
         if (b->want_templates && !(b->templates = PyDict_New())) return -1;
     }
+    return 0;
+}
+
+int rx_batch_add_pieces(rx_batch *b, const struct parsed *p, const uint8_t *const *piece, const uint32_t *len,
+                        uint32_t count, uint32_t skip) {
+    PyObject *addr, *payload;
+    uint8_t *dst;
+    uint32_t k, left = p->payload_len;
+    if (start(b) < 0 || !(addr = address(b, p)) || flush(b) < 0) return -1;
+    payload = PyBytes_FromStringAndSize(NULL, p->payload_len);
+    if (!payload) return -1;
+    dst = (uint8_t *)PyBytes_AS_STRING(payload);
+    for (k = 0; k < count && left; k++) {
+        uint32_t c;
+        if (skip >= len[k]) { skip -= len[k]; continue; }
+        c = len[k] - skip < left ? len[k] - skip : left;
+        memcpy(dst, piece[k] + skip, c);
+        dst += c;
+        left -= c;
+        skip = 0;
+    }
+    if (left) memset(dst, 0, left);       /* the parser saw to it that the pieces hold it all */
+    return emit_bytes(b, addr, payload, batch_segment((const uint8_t *)PyBytes_AS_STRING(payload),
+                                                      p->payload_len));
+}
+
+int rx_batch_add(rx_batch *b, const struct parsed *p, int stable) {
+    PyObject *addr;
+    uint32_t seg;
+    if (start(b) < 0) return -1;
     addr = address(b, p);
     if (!addr) return -1;
-    seg = batch_segment(p);
+    seg = batch_segment(p->payload, p->payload_len);
     if (seg || !stable || !b->gro) {      /* an entry of its own */
         if (flush(b) < 0) return -1;
         return emit(b, addr, p->payload, p->payload_len, seg);

@@ -36,6 +36,14 @@ void rx_batch_init(rx_batch *b, int v4mapped, unsigned int ifindex, int template
  * with an exception set (then rx_batch_abort). */
 int rx_batch_add(rx_batch *b, const struct parsed *p, int stable);
 
+#define RX_PIECES_MAX 64            /* frames of one packet rx_batch_add_pieces takes */
+
+/* Add one datagram of a packet that came in count pieces (piece[k], len[k] bytes each), p
+ * parsed from the first, its payload starting skip bytes into it: the payload copied from
+ * the pieces into one bytes object, an entry of its own, as rx_batch_add with stable 0. */
+int rx_batch_add_pieces(rx_batch *b, const struct parsed *p, const uint8_t *const *piece, const uint32_t *len,
+                        uint32_t count, uint32_t skip);
+
 /* The entries (with templates: (entries, {addr: template})); NULL with an exception set. */
 PyObject *rx_batch_finish(rx_batch *b);
 

@@ -206,7 +206,7 @@ def _report_afxdp(server: stcp_server.Server) -> None:
           f"UDP socket; {d.connections_accepted} connections, "
           f"{d.endpoint.stats.dropped_unknown_cid} datagrams for unknown ones; kernel dropped "
           f"{st.get('rx_dropped', 0)}, fill ring empty {st.get('rx_fill_ring_empty_descs', 0)}; "
-          f"{st.get('rx_chained', 0)} packets came in pieces",
+          f"{st.get('rx_chained', 0)} packets came in pieces ({st.get('rx_gathered', 0)} gathered before parsing)",
           file=sys.stderr, flush=True)
 
 

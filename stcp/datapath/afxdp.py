@@ -349,6 +349,9 @@ class AfxdpServerDriver(ServerDriver):
         self._v4mapped = sock.family == socket.AF_INET6
         self.rx_xsk = 0
         self.rx_xsk_wakeups = 0           # readiness callbacks on the AF_XDP sockets
+        self.rx_xsk_batches = 0           # recv() calls that returned entries
+        self.rx_xsk_entries = 0           # ... and the entries they returned
+        self.rx_xsk_flushes = 0           # flush() calls after AF_XDP batches
         self.rx_per_queue: Dict[int, int] = {x.queue_id: 0 for x in self.xsks}
         if tx not in ("socket", "afxdp"):
             raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
@@ -382,6 +385,8 @@ class AfxdpServerDriver(ServerDriver):
             if not batch:
                 break
             records = entry_records(batch)
+            self.rx_xsk_batches += 1
+            self.rx_xsk_entries += len(batch)
             self.rx_xsk += records
             self.rx_per_queue[xsk.queue_id] += records
             now = self.loop.time()
@@ -391,9 +396,12 @@ class AfxdpServerDriver(ServerDriver):
                     addr = self.endpoint.peer_addr.get(conn.local_cid)
                     if addr in templates:
                         self._routes[addr] = (xsk, templates[addr])
+            # answer (acks, credit) after every batch, as the socket datapath does: a sender
+            # waiting on acks should not wait for the whole backlog to be read
+            self.rx_xsk_flushes += 1
+            self.flush(now)
             if records < XSK_RECV_BATCH:
                 break
-        self.flush()
 
     def _send_group(self, datagrams: List[bytes], addr: Optional[Hashable], segment_size: int = 0) -> int:
         route = self._routes.get(addr) if self.tx_afxdp else None
