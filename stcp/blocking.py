@@ -47,6 +47,7 @@ from .api import (
 )
 from .chunks import ChunkBuffer
 from .connection import Config, Connection, ConnectionClosed, DataReceived, HandshakeCompleted, StreamFinished
+from .datapath.heap import tune_heap
 from .datapath.socket import (
     RECV_BATCH,
     RECV_ROUNDS,
@@ -108,6 +109,7 @@ class BlockingConnection:
         self._fd = sock.fileno()        # -1 once released, as sock.fileno() then says
         try:
             tune_socket(sock)
+            tune_heap()
             self._gro = enable_gro(sock)
             self._outbox = Outbox(self._send_group)
             # another thread's call wakes a poller through this (a new timer, output waiting)

@@ -23,6 +23,7 @@ from ..connection import Config, Connection
 from ..endpoint import ServerEndpoint, group_by_cid
 from ..errors import STCPError
 from ..state import State
+from .heap import tune_heap
 
 _udpio: Optional[ModuleType]
 try:
@@ -281,6 +282,7 @@ class Driver:
         self.fd = sock.fileno()
         sock.setblocking(False)
         tune_socket(sock)
+        tune_heap()
         self.gro = gro and enable_gro(sock)
         self.outbox = Outbox(self._send_group)
         self.hooks: Dict[Connection, ConnectionHooks] = {}
