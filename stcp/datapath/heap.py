@@ -5,9 +5,10 @@ datagrams of up to 64 KiB from recvmmsg, then one plaintext buffer of the whole 
 RecordCipher.open_records. With glibc's defaults (a buffer over 128 KiB is mmapped, and
 freed memory at the top of the heap above twice that is given back), those buffers came
 from fresh pages on most batches: a bulk transfer through a server took one page fault per
-4 KiB received (65,000 per 256 MiB, measured with `perf stat`), about a third of the
+4 KiB received at worst (28,000-94,000 per 256 MiB, `perf stat`), about a quarter of the
 server's CPU. Keeping buffers up to a whole batch on the heap, and up to two batches of
-freed memory in the process, makes that a few dozen.
+freed memory in the process, leaves a few thousand in a process's first transfer and
+under a few dozen after.
 
 Process-wide, so applied when the first datapath driver starts, not at import; never when
 the operator has set glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (that is
