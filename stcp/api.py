@@ -251,9 +251,7 @@ class StreamReader:
         self._waiter: Optional[asyncio.Future] = None
 
     def _feed(self, chunks: List[bytes]) -> None:
-        buffer = self._buffer
-        for data in chunks:
-            buffer.append(data)
+        self._buffer.extend(chunks)
         self._wake()
 
     def _feed_eof(self) -> None:

@@ -438,9 +438,7 @@ class BlockingConnection:
                 if self._discard:
                     conn.consume(ev.size)
                 else:
-                    inbox = self._inbox
-                    for data in ev.chunks:
-                        inbox.append(data)
+                    self._inbox.extend(ev.chunks)
             elif type(ev) is StreamFinished:
                 self._eof = True
             elif type(ev) is HandshakeCompleted:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque
+from typing import Deque, Iterable
 
 
 class ChunkBuffer:
@@ -23,6 +23,12 @@ class ChunkBuffer:
         if data:
             self.chunks.append(data)
             self.size += len(data)
+
+    def extend(self, pieces: Iterable[bytes]) -> None:
+        for data in pieces:
+            if data:
+                self.chunks.append(data)
+                self.size += len(data)
 
     def take_some(self, n: int) -> bytes:
         """Up to n bytes from the first chunk, removed (at least one byte if any is buffered)."""

@@ -71,7 +71,7 @@ class ReceivePath(ConnectionFields):
     def receive_datagram(self, data: bytes, now: float, from_peer: bool = True) -> bool:
         """Process one UDP datagram addressed to this connection. Never raises for bad input."""
         newest = self._receive_one(data, now, from_peer)
-        self._finish_rx_event()
+        self._rx_event = None          # the next receive call starts its own DataReceived
         if self.budget is not None:
             self._after_receive()
         return newest
@@ -87,7 +87,7 @@ class ReceivePath(ConnectionFields):
         if self.state != State.ENCRYPTED:
             for data in wire.expand_datagrams(datagrams):
                 newest |= self._receive_one(data, now, from_peer)
-            self._finish_rx_event()
+            self._rx_event = None
             if self.budget is not None:
                 self._after_receive()
             return newest
@@ -127,8 +127,7 @@ class ReceivePath(ConnectionFields):
                 self._check_finished(now)
             except STCPError as exc:
                 self._on_receive_error(exc, now)
-        if self._rx_event is not None:
-            self._finish_rx_event()
+        self._rx_event = None
         if self.budget is not None:
             self._after_receive()
         return newest
@@ -357,10 +356,6 @@ class ReceivePath(ConnectionFields):
         if recv.fin_offset is not None and not recv.fin_delivered and recv.finished:
             self._recv.fin_delivered = True
             self.events.append(StreamFinished())
-
-    def _finish_rx_event(self) -> None:
-        """End the DataReceived built up during one receive call: the next call starts its own."""
-        self._rx_event = None
 
     def _on_close(self, frame: wire.CloseFrame) -> None:
         reason = printable(frame.reason)

@@ -53,7 +53,7 @@ def driver_counters(driver, worker: int, nworkers: int) -> dict:
         # deterministic costs of the receive path: wake-ups, batches and entries per record,
         # and the AF_XDP sockets' own counters (ring full, fill ring empty, packets in pieces)
         "counts": {"wakeups": driver.rx_xsk_wakeups, "batches": driver.rx_xsk_batches,
-                   "entries": driver.rx_xsk_entries, "flushes": driver.rx_xsk_flushes, **xsk_stats(driver)},
+                   "entries": driver.rx_xsk_entries, **xsk_stats(driver)},
     }
 
 

@@ -349,9 +349,8 @@ class AfxdpServerDriver(ServerDriver):
         self._v4mapped = sock.family == socket.AF_INET6
         self.rx_xsk = 0
         self.rx_xsk_wakeups = 0           # readiness callbacks on the AF_XDP sockets
-        self.rx_xsk_batches = 0           # recv() calls that returned entries
+        self.rx_xsk_batches = 0           # recv() calls that returned entries (each one flushed)
         self.rx_xsk_entries = 0           # ... and the entries they returned
-        self.rx_xsk_flushes = 0           # flush() calls after AF_XDP batches
         self.rx_per_queue: Dict[int, int] = {x.queue_id: 0 for x in self.xsks}
         if tx not in ("socket", "afxdp"):
             raise ValueError(f"tx must be 'socket' or 'afxdp', not {tx!r}")
@@ -398,7 +397,6 @@ class AfxdpServerDriver(ServerDriver):
                         self._routes[addr] = (xsk, templates[addr])
             # answer (acks, credit) after every batch, as the socket datapath does: a sender
             # waiting on acks should not wait for the whole backlog to be read
-            self.rx_xsk_flushes += 1
             self.flush(now)
             if records < XSK_RECV_BATCH:
                 break

@@ -30,21 +30,18 @@ TRIM_THRESHOLD = 8 << 20     # freed memory kept before it is given back: two su
 OPT_OUT_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _lock = threading.Lock()
-_done = False
 applied: Optional[bool] = None     # None until tried; then whether the thresholds were set
 
 
 def tune_heap() -> bool:
     """Set the thresholds above, once per process; True if they are in force from this call
     or an earlier one."""
-    global _done, applied
-    if _done:
-        return bool(applied)
-    with _lock:
-        if not _done:
-            applied = _apply()
-            _done = True
-    return bool(applied)
+    global applied
+    if applied is None:
+        with _lock:
+            if applied is None:
+                applied = _apply()
+    return applied
 
 
 def _apply() -> bool:
