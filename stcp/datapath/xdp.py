@@ -32,7 +32,7 @@ from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .socket import ServerDriver, bind_udp
-from .xdp_attach import attach_bcc, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
+from .xdp_attach import attach_alone, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
 from .xdp_cids import CidTables
 from .xdp_cookie import KernelCookies
 from .xdp_prog import (
@@ -202,7 +202,7 @@ class XdpDatapath(CidTables):
                     raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
                                              f"STCP cannot run beside (only programs behind libxdp's dispatcher "
                                              f"share an interface); use --force to replace it, or remove it first")
-                attach = attach_libxdp if via_libxdp else attach_bcc
+                attach = attach_libxdp if via_libxdp else attach_alone
                 h, got, link_fd = attach(nl, ifindex, iface, mode, old, state, configure, netns,
                                          max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp,
                                          priority=priority, link=link, half_open=half_open)
