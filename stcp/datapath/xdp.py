@@ -127,14 +127,15 @@ class XdpDatapath(CidTables):
         dispatcher when the kernel can run one (priority orders the programs there, lower
         first; see libxdp.py), which needs clang and libxdp (`loader` says "libxdp"); without
         them, bcc builds it and netlink attaches it alone ("bcc"). afxdp=True builds the
-        variant that redirects good records to its stcp_xsks XSKMAP (-DSTCP_AFXDP, always bcc;
-        stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
+        variant that redirects good records to its stcp_xsks XSKMAP (-DSTCP_AFXDP, attached
+        alone; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
         their CID's worker bits (see bpf/stcp_xdp.c, steer()). max_cids and half_open size
         the live and half-open CID tables; limits are the other write_config() limits
         (LIMITS).
 
-        link=True (a server's own program) builds with bcc and attaches alone, through a BPF
-        link that this object holds: the program detaches when the link closes (close(), or
+        link=True (a server's own program) loads clang's build (cached) with libbpf where
+        clang and libxdp are usable, else bcc's, and attaches alone, through a BPF link
+        that this object holds: the program detaches when the link closes (close(), or
         the process ending however it ends), which takes no privilege, so a server that
         dropped its privileges still detaches. Leaving libxdp's dispatcher, and opening a
         program by id as the libxdp path does, both need privileges such a server no longer

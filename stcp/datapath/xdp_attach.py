@@ -4,7 +4,7 @@ Two ways. It is attached alone (attach_alone): by netlink (`stcp-loader attach` 
 clang or libxdp, the afxdp variant of the loader), built by bcc; or through a BPF link that
 a server holds (link=True), which it can close with no privilege once it has dropped them,
 built by clang (from the build cache) and loaded by libbpf where both are there, else by
-bcc. Or clang builds it and libxdp attaches it, behind libxdp's dispatcher where
+bcc (either variant). Or clang builds it and libxdp attaches it, behind libxdp's dispatcher where
 the kernel can run one (attach_libxdp; OPERATIONS.md, "Sharing the interface"). Both
 return the program's handles, configured, and the mode it got. Every failure raises
 XdpSetupError (or XdpAlreadyAttached) with a one-line message that says what to do.
@@ -99,15 +99,15 @@ def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional
                 link: bool, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[ProgHandles, str, int]:
     """Built, and configured before it is attached alone: by netlink, or through a BPF
     link (returned, else -1). A link's program is never opened by id (handles_of), which
-    would take CAP_SYS_ADMIN. The plain program for a link is clang's build (cached,
+    would take CAP_SYS_ADMIN. The program for a link is clang's build (cached,
     xdp_object.py) loaded by libbpf where libxdp_unavailable() allows it: a server's
     start then costs no compile; otherwise bcc builds it."""
     if old:
         plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
     b: Any = None
     h: Optional[ProgHandles] = None
-    if link and not afxdp and libxdp_unavailable() is None:
-        h = _load_clang_build(max_cids, hs_sources, half_open)
+    if link and libxdp_unavailable() is None:
+        h = _load_clang_build(max_cids, hs_sources, half_open, afxdp)
     else:
         b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
     try:
@@ -139,13 +139,15 @@ def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional
             release_bcc(b)
 
 
-def _load_clang_build(max_cids: int, hs_sources: int, half_open: int) -> ProgHandles:
-    """The plain program built by clang (from the build cache where it is there), loaded
-    with its maps by libbpf and not attached: its handles."""
-    with ObjectDir(max_cids, hs_sources, half_open) as obj:
-        prog_fd, fds = libxdp.load(obj.path, PROG_NAME, MAP_NAMES.values())
-    by_name = {name: short for short, name in MAP_NAMES.items()}
-    return handles_of_fds(prog_fd, {by_name[name]: fd for name, fd in fds.items()})
+def _load_clang_build(max_cids: int, hs_sources: int, half_open: int, afxdp: bool) -> ProgHandles:
+    """The program built by clang (from the build cache where it is there), loaded with
+    its maps by libbpf and not attached: its handles, with the afxdp variant's XSKMAP
+    under its own name (stcp_xsks) as handles_of() gives it."""
+    extra = ["stcp_xsks"] if afxdp else []
+    with ObjectDir(max_cids, hs_sources, half_open, afxdp) as obj:
+        prog_fd, fds = libxdp.load(obj.path, PROG_NAME, [*MAP_NAMES.values(), *extra])
+    short = {name: short for short, name in MAP_NAMES.items()}
+    return handles_of_fds(prog_fd, {short.get(name, name): fd for name, fd in fds.items()})
 
 
 def attach_libxdp(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],

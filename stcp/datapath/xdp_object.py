@@ -79,8 +79,9 @@ def translate(source: str) -> str:
 
 
 def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
-                 half_open: int = DEFAULT_HALF_OPEN) -> str:
+                 half_open: int = DEFAULT_HALF_OPEN, afxdp: bool = False) -> str:
     """Compile bpf/stcp_xdp.c into out_dir/stcp_xdp.o (BTF, section "xdp"); its path.
+    afxdp=True: the AF_XDP variant (-DSTCP_AFXDP), as compile_prog builds it.
     XdpSetupError with clang's first error line if it fails."""
     clang = find_clang()
     if clang is None:
@@ -99,7 +100,7 @@ def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int
     flags = ["-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Wno-unused-function",
              "-Wno-compare-distinct-pointer-types",
              f"-ffile-prefix-map={work}=stcp-build", f"-I{work}", f"-I{src}", f"-I/usr/include/{multiarch}",
-             "-include", str(src / "stcp_clang.h"), *prog_cflags(max_cids, hs_sources, half_open=half_open)]
+             "-include", str(src / "stcp_clang.h"), *prog_cflags(max_cids, hs_sources, afxdp, half_open)]
     key = _cache_key(clang, flags, work, c_file)
     cached = build_cache.load(key, ".o") if key else None
     if cached is not None:
@@ -135,10 +136,10 @@ class ObjectDir:
     """A temporary directory holding one build (removed by close() / the with block)."""
 
     def __init__(self, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
-                 half_open: int = DEFAULT_HALF_OPEN):
+                 half_open: int = DEFAULT_HALF_OPEN, afxdp: bool = False):
         self._dir = tempfile.mkdtemp(prefix="stcp-xdp-")
         try:
-            self.path = build_object(self._dir, max_cids, hs_sources, half_open)
+            self.path = build_object(self._dir, max_cids, hs_sources, half_open, afxdp)
         except BaseException:
             self.close()
             raise
