@@ -42,7 +42,8 @@ def cache_dir() -> Path:
 def _warn_once(what: str) -> None:
     if what not in _warned:
         _warned.add(what)
-        log.warning("%s; building without the cache", what)
+        log.warning("%s; building without the cache (set %s to a directory of this user's; under "
+                    "systemd, CacheDirectory=stcp)", what, CACHE_ENV)
 
 
 def _usable(d: Path, create: bool) -> bool:
@@ -59,7 +60,7 @@ def _usable(d: Path, create: bool) -> bool:
         return False
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         _warn_once(f"not using the build cache {d}: it must be a directory owned by uid {os.geteuid()} "
-                   f"that only its owner may write to (chmod go-w, or set {CACHE_ENV})")
+                   "that only its owner may write to")
         return False
     return True
 
