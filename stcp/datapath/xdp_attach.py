@@ -4,10 +4,11 @@ Two ways. It is attached alone (attach_alone): by netlink (`stcp-loader attach` 
 clang or libxdp, the afxdp variant of the loader), built by bcc; or through a BPF link that
 a server holds (link=True), which it can close with no privilege once it has dropped them,
 built by clang (from the build cache) and loaded by libbpf where both are there, else by
-bcc (either variant). Or clang builds it and libxdp attaches it, behind libxdp's dispatcher where
-the kernel can run one (attach_libxdp; OPERATIONS.md, "Sharing the interface"). Both
-return the program's handles, configured, and the mode it got. Every failure raises
-XdpSetupError (or XdpAlreadyAttached) with a one-line message that says what to do.
+bcc (either variant). Or clang builds it and libxdp attaches it, behind libxdp's
+dispatcher where the kernel can run one (attach_libxdp; OPERATIONS.md, "Sharing the
+interface"). Both return the program's handles, configured, and the mode it got. Every
+failure raises XdpSetupError (or XdpAlreadyAttached) with a one-line message that says
+what to do.
 """
 from __future__ import annotations
 
@@ -94,9 +95,9 @@ def _set_hint(iface: str) -> str:
 
 
 def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                link: bool, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[ProgHandles, str, int]:
+                 state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
+                 max_cids: int, hs_sources: int, afxdp: bool, priority: int,
+                 link: bool, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[ProgHandles, str, int]:
     """Built, and configured before it is attached alone: by netlink, or through a BPF
     link (returned, else -1). A link's program is never opened by id (handles_of), which
     would take CAP_SYS_ADMIN. The program for a link is clang's build (cached,
