@@ -26,7 +26,7 @@ from pathlib import Path
 PAIRS = (("stcp_blocking", "tls"), ("stcp", "tls_asyncio"), ("stcp_uvloop", "tls_asyncio_uvloop"))
 # (peer, test) pairs the profile pass runs: the request/response cases behind the targets
 BREAKDOWN_RUNS = (("stcp_blocking", "rtt"), ("stcp", "rtt"), ("stcp_blocking", "handshake"),
-                  ("stcp", "handshake"), ("stcp_blocking", "bulk"), ("stcp", "bulk"))
+                  ("stcp", "handshake"), ("stcp", "capacity"), ("stcp_blocking", "bulk"), ("stcp", "bulk"))
 BULK_PROFILE_BYTES = 1 << 30   # a bulk case's transfer (or the run's time limit, whichever first)
 HOT_SYMBOLS = 6                # hottest functions per process shown from perf
 RTT_WARMUP = 50            # bench.common.RTT_WARMUP: the client's CPU covers these round trips too
@@ -303,8 +303,36 @@ def section(doc: dict) -> list[str]:
                    "means taking the per-record path of a small message (receive, ack bookkeeping, the "
                    "reply's send, the wake-up of the caller) out of the interpreter, as the bulk path already "
                    "is (stcp._aead seal_stream/open_records, stcp._udpio).")
+    out += _capacity_left(doc, [c for c in bd.get("cases", []) if c.get("test") == "capacity"])
     out += _bulk_left(peers, [c for c in bd.get("cases", []) if c.get("test") == "bulk"])
     return out
+
+
+CAPACITY_ROW = "STCP server CPU ms per handshake, concurrent clients (asyncio loop)"
+
+
+def _capacity_left(doc: dict, cases: list[dict]) -> list[str]:
+    """What the server's profile under concurrent handshakes says, in numbers from this run."""
+    s = ((doc["peers"].get("stcp") or {}).get("tests", {}).get("capacity") or {}).get("summary") or {}
+    case = next((c for c in cases if c.get("server_layers")), None)
+    layers = case and case["server_layers"]
+    if not s.get("server_cpu_us_per_op") or not layers:
+        return []
+    cpu = s["server_cpu_us_per_op"]
+    crypto = layers.get("crypto (C)", 0.0)
+    row = next((r for r in doc.get("ratios", []) if r.get("ratio") == CAPACITY_ROW), {})
+    target = f" (target {row['target'].replace('<= ', '≤ ')} ms)" if row.get("target") else ""
+    ossl = (case.get("server_perf") or {}).get("OpenSSL")
+    openssl = f" (perf: OpenSSL {100 * ossl:.0f} % of the unprofiled server, {ossl * cpu:,.0f} µs)" if ossl else ""
+    python = sum(v for k, v in layers.items() if k not in ("crypto (C)", "socket syscalls", "other STCP C"))
+    return ["", f"What is left on handshakes: at capacity the server spends {cpu:,.0f} µs of CPU per handshake"
+            f"{target}. Its profile under that load puts {100 * crypto:.0f} % in crypto (C), about "
+            f"{crypto * cpu:,.0f} µs{openssl}: an X25519 key generation and two exchanges (a fresh ephemeral key per "
+            f"connection stays a must), HKDF expansions and HMACs; and "
+            f"{100 * python:.0f} % in Python: the hello's parsing and checks, a Connection with its "
+            "recovery, streams and keys per handshake, and the event loop's pass for each of the handshake's "
+            "datagrams. Reaching the target needs that per-hello path in C, with only the accepted "
+            "connection built in Python."]
 
 
 def _bulk_left(peers: dict, cases: list[dict]) -> list[str]:
