@@ -84,6 +84,21 @@ def test_a_run_spanning_the_ack_horizon_is_acknowledged_once_and_only_its_hole_i
     assert rec.ack_eliciting_in_flight == 0 and rec.cc.bytes_in_flight == 0
 
 
+def test_the_loss_timer_follows_the_oldest_record_still_waiting():
+    rec = Recovery(MSS)
+    run = _run(rec, 0, 10, 0.0)                          # pns 0..9
+    single = SentPacket(10, 0.0005, 100, True, [(STREAM, 0, 1, False)], 0)
+    rec.on_sent(single)
+    _run(rec, 11, 2, 0.001)                              # pns 11, 12
+    acked, lost = rec.on_ack([(12, 12)], 0.0, 0.0012)
+    assert _spans(lost) == [(0, 9)]                       # 3 or more below 12
+    assert rec.sent == [(10, 10, single), (11, 11, rec.sent[1][2])]
+    delay = max(9 / 8 * max(rec.rtt.latest, rec.rtt.smoothed), 0.001)
+    assert rec.loss_time == 0.0005 + delay               # pn 10's, not pn 11's
+    assert rec.detect_lost(0.0005 + delay) == [(10, 10, single)]
+    assert rec.loss_time == 0.001 + delay
+
+
 def _groups(pns, objs):
     """Maximal runs of consecutive pns sent in one object: the packet-by-packet account."""
     out = []
