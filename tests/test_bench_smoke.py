@@ -96,8 +96,11 @@ def test_bench_blocking_clients_rtt_and_handshakes_loopback(tmp_path):
             assert abs(sum(layers.values()) - 1) < 1e-6
             assert layers["protocol core (Python)"] > 0.05, layers
             assert breakdown.WAITING not in layers and breakdown.START_UP not in layers
+            top = case[f"{side}_top"]                   # the functions behind the layers
+            assert top and all(0 < share <= 1 for _where, share in top), top
             if breakdown.perf_available() is None:
                 assert case[f"{side}_perf"]["Python interpreter"] > 0.1, case[f"{side}_perf"]
+                assert case[f"{side}_hot"], case
     md = (tmp_path / "RESULTS.md").read_text()
     assert "## Where the time goes" in md
     assert "| RTT 64 B (per round trip) | stcp_blocking |" in md and "**stcp_blocking, handshake**" in md
@@ -126,6 +129,49 @@ def test_breakdown_sorts_profile_entries_and_perf_objects_into_layers():
     assert g is not None
     assert round(g["Python interpreter"], 4) == 0.6962 and round(g["kernel"], 4) == 0.193
     assert round(g["OpenSSL"], 4) == 0.0346 and round(g["STCP C extensions"], 4) == 0.0041
+    hot = B.hot_symbols("""# Overhead  Shared Object  Symbol
+#
+    18.22%  libpython3.11.so.1.0  [.] _PyEval_EvalFrameDefault
+     6.10%  libcrypto.so.3        [.] EVP_CIPHER_CTX_ctrl
+     3.04%  [kernel.kallsyms]     [k] copy_user_generic
+""", n=2)
+    assert hot == [("_PyEval_EvalFrameDefault", "Python interpreter", 0.1822),
+                   ("EVP_CIPHER_CTX_ctrl", "OpenSSL", 0.061)]
+
+
+def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
+    """The bulk and capacity parts of "Where the time goes": CPU per GB of both ends beside
+    TLS, the sender's profile, the server's CPU per handshake split, from the run's figures."""
+    sys.path.insert(0, str(REPO))
+    from bench import breakdown as B
+
+    def bulk(mb_per_s, client, server):
+        return {"tests": {"bulk": {"summary": {"ok": True, "bytes_received_by_server": 2 * 10**9,
+                                                "mb_per_s": mb_per_s, "client_cpu_s": client,
+                                                "server_cpu_s": server}}}}
+    doc = {"peers": {"stcp_blocking": bulk(380, 5.0, 4.0), "tls": bulk(650, 2.5, 3.0),
+                     "stcp": {"tests": {"capacity": {"summary": {"server_cpu_us_per_op": 1300.0}}}}},
+           "ratios": [{"ratio": B.CAPACITY_ROW, "target": "<= 0.2"}],
+           "breakdown": {"perf": "perf: yes", "cases": [
+               {"peer": "stcp_blocking", "test": "bulk", "mib": 1024.0,
+                "client_layers": {"protocol core (Python)": 0.6, "crypto (C)": 0.4},
+                "client_perf": {"Python interpreter": 0.47, "OpenSSL": 0.32, "kernel": 0.13},
+                "client_top": [("recovery.py:120(on_ack)", 0.12)],
+                "client_hot": [("EVP_CIPHER_CTX_ctrl", "OpenSSL", 0.06)]},
+               {"peer": "stcp", "test": "capacity", "ops": 2000,
+                "server_layers": {"protocol core (Python)": 0.7, "crypto (C)": 0.2, "socket syscalls": 0.1},
+                "server_perf": {"Python interpreter": 0.6, "OpenSSL": 0.25}}]}}
+    md = "\n".join(B.section(doc))
+    assert "| stcp_blocking | 2.50 + 2.00 | 380 | tls | 1.25 + 1.50 | 650 | +1.25 |" in md
+    assert "**stcp_blocking, bulk** (1,024 MiB sent)" in md
+    assert "`recovery.py:120(on_ack)` 12 %" in md and "`EVP_CIPHER_CTX_ctrl` (OpenSSL) 6.0 %" in md
+    assert "stcp_blocking spends 2.50 CPU s per GB on the sender and 2.00 on the receiver, against 1.25 " \
+        "and 1.50 for tls; the larger gap is the sender's" in md
+    assert "Python interpreter 47 %, OpenSSL 32 %" in md
+    # the handshake capacity target: the server's CPU per handshake split into crypto and the rest
+    assert "at capacity the server spends 1,300 µs of CPU per handshake (target ≤ 0.2 ms)" in md
+    assert "20 % in crypto (C), about 260 µs (perf: OpenSSL 25 % of the unprofiled server, 325 µs)" in md
+    assert "70 % in Python" in md
 
 
 def _kernel_peers_unavailable() -> str | None:
