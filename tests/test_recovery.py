@@ -86,11 +86,11 @@ def test_a_run_spanning_the_ack_horizon_is_acknowledged_once_and_only_its_hole_i
 
 def test_the_loss_timer_follows_the_oldest_record_still_waiting():
     rec = Recovery(MSS)
-    run = _run(rec, 0, 10, 0.0)                          # pns 0..9
+    _run(rec, 0, 10, 0.0)                                # pns 0..9
     single = SentPacket(10, 0.0005, 100, True, [(STREAM, 0, 1, False)], 0)
     rec.on_sent(single)
     _run(rec, 11, 2, 0.001)                              # pns 11, 12
-    acked, lost = rec.on_ack([(12, 12)], 0.0, 0.0012)
+    _, lost = rec.on_ack([(12, 12)], 0.0, 0.0012)
     assert _spans(lost) == [(0, 9)]                       # 3 or more below 12
     assert rec.sent == [(10, 10, single), (11, 11, rec.sent[1][2])]
     delay = max(9 / 8 * max(rec.rtt.latest, rec.rtt.smoothed), 0.001)
@@ -102,7 +102,7 @@ def test_the_loss_timer_follows_the_oldest_record_still_waiting():
 def _groups(pns, objs):
     """Maximal runs of consecutive pns sent in one object: the packet-by-packet account."""
     out = []
-    for pn, p in zip(pns, objs):
+    for pn, p in zip(pns, objs, strict=True):
         if out and out[-1][2] is p and out[-1][1] + 1 == pn:
             out[-1] = (out[-1][0], pn, p)
         else:
@@ -169,7 +169,7 @@ def test_segments_agree_with_a_packet_by_packet_account_under_random_acks():
             assert rec.loss_time == (waiting[0] + delay if waiting else None)
             expanded = [n for lo, hi, _ in rec.sent for n in range(lo, hi + 1)]
             assert expanded == list(flight)
-            assert all(a[1] + 1 < b[0] or a[2] is not b[2] for a, b in zip(rec.sent, rec.sent[1:]))
+            assert all(a[1] + 1 < b[0] or a[2] is not b[2] for a, b in zip(rec.sent, rec.sent[1:], strict=False))
             assert rec.ack_eliciting_in_flight == sum(e for _, e, _ in flight.values())
             assert rec.cc.bytes_in_flight == sum((MSS if isinstance(p, SentRun) else 100)
                                                  for _, e, p in flight.values() if e)
