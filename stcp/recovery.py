@@ -1,14 +1,17 @@
 """Loss detection and RTT estimation (RFC 9002 §5-6), driven by time passed in.
 
-Sent packets are tracked by packet number; an ACK's ranges mark them acknowledged,
-then packet and time thresholds declare older ones lost. The probe timeout (PTO)
+Sent packets are tracked as segments: (first pn, last pn, the packet object they share),
+a single record or the still-unacknowledged part of a bulk run, ascending and disjoint.
+An ACK's ranges mark them acknowledged, then packet and time thresholds declare older
+ones lost. An ACK costs O(ranges * log segments + segments it touches), not O(packets in
+flight): a run's records are never listed one by one. The probe timeout (PTO)
 fires when nothing is acknowledged for too long.
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
-from itertools import repeat
-from typing import Dict, List, Optional, Sequence, Tuple
+from bisect import bisect_left
+from operator import itemgetter
+from typing import List, Optional, Sequence, Tuple
 
 from .congestion import PERSISTENT_CONGESTION_THRESHOLD, NewReno
 
@@ -49,8 +52,8 @@ class SentPacket:
 class SentRun(SentPacket):
     """One bulk run (Connection._send_stream_run): `count` ack-eliciting records of `size`
     bytes with consecutive pns from `pn`, record i carrying stream bytes
-    [offset + i*chunk, offset + (i+1)*chunk), the last one FIN if `fin`. The one object
-    stands in the slot of each of its pns, so a run costs one object, not one per record."""
+    [offset + i*chunk, offset + (i+1)*chunk), the last one FIN if `fin`. A run costs one
+    object and one entry in Recovery.sent, not one per record."""
     __slots__ = ("count", "offset", "chunk", "fin")
 
     def __init__(self, pn: int, time_sent: float, size: int, epoch: int, count: int, offset: int, chunk: int,
@@ -67,21 +70,7 @@ class SentRun(SentPacket):
         return [(STREAM, start, end, self.fin and last == self.pn + self.count - 1)]
 
 
-def _groups(pns: List[int], packets: List[SentPacket]) -> List[Group]:
-    """Consecutive pns that share one packet object (a run) as one group, in order."""
-    out: List[Group] = []
-    prev = None
-    first = last = 0
-    for pn, p in zip(pns, packets, strict=True):
-        if p is prev and pn == last + 1:
-            last = pn
-            continue
-        if prev is not None:
-            out.append((first, last, prev))
-        prev, first, last = p, pn, pn
-    if prev is not None:
-        out.append((first, last, prev))
-    return out
+_last_pn = itemgetter(1)
 
 
 class RttEstimator:
@@ -115,7 +104,9 @@ class RttEstimator:
 
 class Recovery:
     def __init__(self, max_datagram: int):
-        self.sent: Dict[int, SentPacket] = {}      # unacknowledged, in send order
+        # unacknowledged packets as segments (first pn, last pn, packet object), ascending and
+        # disjoint; two segments of one object are never adjacent (what lay between was acked)
+        self.sent: List[Group] = []
         self.rtt = RttEstimator()
         self.cc = NewReno(max_datagram)
         self.largest_acked = -1
@@ -126,7 +117,7 @@ class Recovery:
         self.largest_sent = -1
 
     def on_sent(self, pkt: SentPacket) -> None:
-        self.sent[pkt.pn] = pkt
+        self.sent.append((pkt.pn, pkt.pn, pkt))
         self.largest_sent = pkt.pn
         if pkt.ack_eliciting:
             self.ack_eliciting_in_flight += 1
@@ -134,8 +125,9 @@ class Recovery:
             self.cc.on_sent(pkt.size)
 
     def on_sent_run(self, run: SentRun) -> None:
-        self.sent.update(zip(range(run.pn, run.pn + run.count), repeat(run)))
-        self.largest_sent = run.pn + run.count - 1
+        last = run.pn + run.count - 1
+        self.sent.append((run.pn, last, run))
+        self.largest_sent = last
         self.ack_eliciting_in_flight += run.count
         self.last_ack_eliciting_sent = run.time_sent
         self.cc.on_sent(run.size * run.count)
@@ -161,38 +153,56 @@ class Recovery:
         sent = self.sent
         largest = ranges[0][1]
         if len(sent) == 1:          # request/response: the one record in flight, acknowledged or not
-            for pn in sent:
-                if ranges[0][0] <= pn <= largest:
-                    # the steps below without the bisections, the grouping and the loss scan
-                    # of an empty flight
-                    cc = self.cc
-                    limited = cc.cwnd_limited()
-                    p = sent.pop(pn)
-                    if largest > self.largest_acked:
-                        self.largest_acked = largest
-                        if pn == largest and p.ack_eliciting:
-                            self.rtt.update(now - p.time_sent, ack_delay)
-                            cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
-                    if p.ack_eliciting:
-                        self.ack_eliciting_in_flight -= 1
-                        cc.on_acked(p.size, p.time_sent, limited)
-                    self.pto_count = 0
-                    self.loss_time = None          # nothing left in flight to be lost
-                    return [(pn, pn, p)], []
-        acked_pns: List[int] = []
-        if sent:
-            pns = list(sent)          # ascending: packet numbers are allocated in order
-            for low, high in reversed(ranges):     # ascending, so the groups come out in pn order
-                acked_pns += pns[bisect_left(pns, low):bisect_right(pns, high)]
-        if not acked_pns:
+            pn, last, p = group = sent[0]
+            if pn == last and ranges[0][0] <= pn <= largest:
+                # the steps below without the bisection and the loss scan of an empty flight
+                cc = self.cc
+                limited = cc.cwnd_limited()
+                sent.clear()
+                if largest > self.largest_acked:
+                    self.largest_acked = largest
+                    if pn == largest and p.ack_eliciting:
+                        self.rtt.update(now - p.time_sent, ack_delay)
+                        cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
+                if p.ack_eliciting:
+                    self.ack_eliciting_in_flight -= 1
+                    cc.on_acked(p.size, p.time_sent, limited)
+                self.pto_count = 0
+                self.loss_time = None          # nothing left in flight to be lost
+                return [group], []
+        acked: List[Group] = []
+        for low, high in reversed(ranges):     # ascending, so the groups come out in pn order
+            i = j = bisect_left(sent, low, key=_last_pn)     # the first segment ending at or after low
+            end = len(sent)
+            rest: List[Group] = []             # what segments i..j-1 keep: a head, a tail
+            while j < end:
+                group = sent[j]
+                first, last, p = group
+                if first > high:
+                    break
+                j += 1
+                if first < low:
+                    rest.append((first, low - 1, p))
+                    first = low
+                if last > high:
+                    rest.append((high + 1, last, p))
+                    last = high
+                if acked and acked[-1][2] is p and acked[-1][1] + 1 == first:    # adjacent ranges
+                    acked[-1] = (acked[-1][0], last, p)
+                elif first != group[0] or last != group[1]:
+                    acked.append((first, last, p))
+                else:
+                    acked.append(group)
+            if j > i:
+                sent[i:j] = rest
+        if not acked:
             return [], []
         cc = self.cc
         limited = cc.cwnd_limited()          # before this ACK takes anything out of flight
-        acked = _groups(acked_pns, list(map(sent.pop, acked_pns)))
-        newest = acked[-1][2]
+        _, newest_pn, newest = acked[-1]
         if largest > self.largest_acked:
             self.largest_acked = largest
-            if acked_pns[-1] == largest and newest.ack_eliciting:
+            if newest_pn == largest and newest.ack_eliciting:
                 self.rtt.update(now - newest.time_sent, ack_delay)
                 self.cc.on_rtt_sample(self.rtt.latest, largest, self.largest_sent)
         for first, last, p in acked:
@@ -205,21 +215,41 @@ class Recovery:
         return acked, lost
 
     def detect_lost(self, now: float) -> List[Group]:
+        """Declare lost each packet at or below the largest acknowledged that is PACKET_THRESHOLD
+        below it or sent loss_delay ago; loss_time is when the oldest other one will be. Only
+        the segments below the largest acknowledged (the holes an ACK left) are visited."""
         self.loss_time = None
         rtt = self.rtt
         loss_delay = max(TIME_THRESHOLD * max(rtt.latest, rtt.smoothed), GRANULARITY)
-        lost_pns: List[int] = []
         largest = self.largest_acked
-        for pn, p in self.sent.items():
-            if pn > largest:
+        by_count = largest - PACKET_THRESHOLD      # lost by the packet threshold at or below this
+        sent = self.sent
+        lost: List[Group] = []
+        kept: List[Group] = []
+        k = 0
+        for group in sent:
+            first, last, p = group
+            if first > largest:
                 break
-            if largest - pn >= PACKET_THRESHOLD or p.time_sent + loss_delay <= now:
-                lost_pns.append(pn)
-            elif self.loss_time is None:
-                self.loss_time = p.time_sent + loss_delay
-        if not lost_pns:
+            k += 1
+            top = last if last < largest else largest
+            if p.time_sent + loss_delay <= now:
+                cut = top
+            else:
+                # within a segment (one time_sent) the lost pns are a prefix: up to by_count
+                cut = by_count if by_count < top else top
+                if cut < top and self.loss_time is None:
+                    self.loss_time = p.time_sent + loss_delay
+            if cut < first:
+                kept.append(group)
+            elif cut == last:
+                lost.append(group)
+            else:
+                lost.append((first, cut, p))
+                kept.append((cut + 1, last, p))
+        if not lost:
             return []
-        lost = _groups(lost_pns, list(map(self.sent.pop, lost_pns)))
+        sent[:k] = kept
         for first, last, p in lost:
             if p.ack_eliciting:
                 n = last - first + 1
@@ -240,15 +270,15 @@ class Recovery:
 
     def oldest_ack_eliciting(self) -> Optional[Group]:
         """The oldest ack-eliciting packet still in flight, as a one-packet group."""
-        return next(((pn, pn, p) for pn, p in self.sent.items() if p.ack_eliciting), None)
+        return next(((pn, pn, p) for pn, _, p in self.sent if p.ack_eliciting), None)
 
     def on_pto(self) -> None:
         self.pto_count += 1
 
     def forget_all(self) -> None:
-        for p in self.sent.values():
+        for first, last, p in self.sent:
             if p.ack_eliciting:
-                self.cc.on_forgotten(p.size)
+                self.cc.on_forgotten(p.size * (last - first + 1))
         self.sent.clear()
         self.ack_eliciting_in_flight = 0
         self.loss_time = None

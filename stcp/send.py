@@ -52,10 +52,13 @@ _SKIPPED_KEPT = 64
 # every ACK with stale ranges (ReceivedPackets.ack_ranges keeps the "once" promise).
 ACK_HORIZON = 256
 _MIN_STREAM_CHUNK = 64
-# A run of bulk records goes to the kernel as one UDP GSO buffer: at most 64 segments, and
-# the whole buffer must fit one UDP datagram's length.
+# Bulk records go to the kernel as UDP GSO buffers: at most 64 segments each, and the whole
+# buffer must fit one UDP datagram's length.
 _MAX_RUN_RECORDS = 64
 _MAX_RUN_BYTES = 65000
+# A run (one _send_stream_run: one packet-number allocation, one recovery entry) may fill
+# this many GSO buffers: the Python cost per run is then shared by up to ~180 records.
+_MAX_RUN_BUFFERS = 4
 
 
 class PacketNumbersExhausted(STCPError):
@@ -271,37 +274,51 @@ class SendPath(ConnectionFields):
 
     def _send_stream_run(self, now: float, out: list) -> bool:
         """Bulk data: as many full records of new stream data as the congestion window, the
-        peer's flow-control limit and the key allow, sealed in one call into one GSO buffer.
-        False (nothing sent) when fewer than two such records can go: the general path then
-        builds the next record."""
+        peer's flow-control limit and the key allow, up to _MAX_RUN_BUFFERS GSO buffers, each
+        sealed in one call. One run, however many buffers: one allocation of packet numbers and
+        one entry in recovery. False (nothing sent) when fewer than two such records can go:
+        the general path then builds the next record."""
         send = self._send
         if send.retransmit or self._probes_due:
             return False
         size = self.config.max_datagram
         chunk = size - wire.HEADER_LEN - wire.AEAD_TAG_LEN - wire.STREAM_FRAME_OVERHEAD
+        per_buffer = min(_MAX_RUN_RECORDS, _MAX_RUN_BYTES // size)
         cc = self._recovery.cc
         start = send.next_offset
-        n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_RECORDS, _MAX_RUN_BYTES // size,
+        n = min((cc.cwnd - cc.bytes_in_flight) // size, _MAX_RUN_BUFFERS * per_buffer,
                 self.config.key_update_interval - self._sealed_under_key,
                 (min(send.end, self._peer_max_data) - start) // chunk,
                 wire.PN_MASK - 1 - self._next_pn)      # near the last packet number: one by one
         if n < 2:
             return False
+        if n > per_buffer:
+            # a skip falls between runs (_take_pns): a run of several buffers ends where the
+            # next skip is due, so skips come no later than with runs of one buffer
+            n = max(per_buffer, min(n, self._skip_at - self._next_pn))
         stop = start + n * chunk
         fin = send.fin_requested and stop == send.end
         key = self._keys.send
         pn = self._take_pns(n)
-        buf = key.seal_stream(self.peer_cid, wire.make_seq(key.epoch, pn), send.view(start, stop), start, chunk, fin)
+        seq = wire.make_seq(key.epoch, pn)
+        cid = self.peer_cid
+        step = per_buffer * chunk
+        sent = 0
+        for first in range(start, stop, step):
+            last = first + step if first + step < stop else stop
+            buf = key.seal_stream(cid, seq, send.view(first, last), first, chunk, fin and last == stop)
+            seq += per_buffer
+            sent += len(buf)
+            out.append((buf, size))
         send.next_offset = stop
         if fin:
             send.fin_sent = True
         self._sealed_under_key += n
         stats = self.stats
         stats.records_sent += n
-        stats.bytes_sent += len(buf)
+        stats.bytes_sent += sent
         stats.stream_bytes_sent += n * chunk
         self._recovery.on_sent_run(SentRun(pn, now, size, key.epoch, n, start, chunk, fin))
-        out.append((buf, size))
         return True
 
     def _add_control_frames(self, frames: List[bytes], descs: list) -> None:

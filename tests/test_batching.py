@@ -18,6 +18,7 @@ import pytest
 from stcp import wire
 from stcp.connection import Config, Connection, ConnectionClosed, DataReceived
 from stcp.endpoint import ServerEndpoint
+from stcp.recovery import STREAM, SentRun
 from stcp.state import State
 
 ADDR = ("192.0.2.7", 4000)
@@ -148,6 +149,48 @@ def test_bulk_goes_out_as_gso_runs():
         for i in range(0, len(buf), size):
             server.receive_datagram(buf[i:i + size], now)
     assert server.state == State.ENCRYPTED and server.stats.auth_failures == 0
+
+
+def _established_client():
+    now = 0.0
+    endpoint = ServerEndpoint(Config())
+    client = Connection.client(Config(server_key=endpoint.public_key), now)
+    _, new = endpoint.receive_batch([(d, ADDR) for d in client.datagrams_to_send(now)], now)
+    for d in new[0].datagrams_to_send(now):
+        client.receive_datagram(d, now)
+    client._peer_max_data = 1 << 40          # as if the server's MAX_DATA had arrived
+    client._recovery.cc.cwnd = 1 << 30
+    return client
+
+
+def _seqs(buf, size):
+    return [wire.parse_header(buf[i:i + size])[2] & wire.PN_MASK for i in range(0, len(buf), size)]
+
+
+@pytest.mark.parametrize("skip_in", [10_000, 100])
+def test_a_run_of_several_gso_buffers_is_one_recovery_entry_and_ends_at_a_skip(skip_in):
+    """With the window open, one run fills several GSO buffers (each within the kernel's
+    limits) with consecutive packet numbers and is one entry in recovery; a skip that falls
+    due inside it ends it, so runs of several buffers skip no later than runs of one."""
+    client = _established_client()
+    skip_at = client._skip_at = client._next_pn + skip_in
+    client.send(bytes(2 << 20))
+    size = client.config.max_datagram
+    batches = [(buf, seg) for buf, seg in client.datagram_batches(0.0) if seg < len(buf)]
+    runs = [g for g in client._recovery.sent if isinstance(g[2], SentRun)]
+    first_pn, last_pn, run = runs[0]
+    in_run = [b for b in batches if _seqs(*b)[0] <= last_pn]
+    assert len(in_run) > 1 and run.count == last_pn - first_pn + 1
+    assert all(len(buf) <= 65000 and len(buf) // seg <= 64 for buf, seg in batches)
+    pns = [pn for b in in_run for pn in _seqs(*b)]
+    assert pns == list(range(first_pn, last_pn + 1))
+    if skip_in == 100:
+        assert last_pn == skip_at - 1 and skip_at in client._skipped and runs[1][0] == skip_at + 1
+    else:
+        assert run.count == 4 * (65000 // size)
+    end = run.offset + run.count * run.chunk
+    assert run.frames_between(first_pn, last_pn) == [(STREAM, run.offset, end, False)]
+    assert runs[1][2].offset == end                   # the next run goes on where this one ended
 
 
 @pytest.mark.parametrize("cut", [1, 23, 60])

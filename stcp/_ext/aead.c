@@ -7,7 +7,8 @@
  *
  * The cipher is OpenSSL's EVP (AES-256-GCM or ChaCha20-Poly1305); no cryptography is
  * done here beyond calling it.  Each RecordCipher keeps one EVP_CIPHER_CTX for sealing
- * and one for opening, initialised once with the key; per record only the IV is set.
+ * and one for opening, initialised once with the key; per record only the IV is set
+ * (EVP_EncryptInit_ex with no cipher and no key) and the tag read or set.
  * A context is used by one thread at a time (a lock per context), so one RecordCipher may
  * be shared between threads.
  *
@@ -23,6 +24,10 @@
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
 #include <openssl/opensslv.h>
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/core_names.h>
+#include <openssl/params.h>
+#endif
 
 #include "aead.h"
 
@@ -43,6 +48,19 @@ static inline void make_nonce(const unsigned char *iv, uint64_t seq, unsigned ch
     for (int i = 0; i < 8; i++) nonce[4 + i] = iv[4 + i] ^ s[i];
 }
 
+/* Read the tag of the record just sealed (set 0) or set the tag of the record about to be
+ * opened (set 1). Through the provider's parameters on OpenSSL 3: EVP_CIPHER_CTX_ctrl
+ * builds this same OSSL_PARAM on every call after a dispatch of its own. */
+static inline int aead_tag(EVP_CIPHER_CTX *ctx, unsigned char *tag, int set) {
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    OSSL_PARAM params[2] = {OSSL_PARAM_construct_octet_string(OSSL_CIPHER_PARAM_AEAD_TAG, tag, TAG_LEN),
+                            OSSL_PARAM_construct_end()};
+    return set ? EVP_CIPHER_CTX_set_params(ctx, params) : EVP_CIPHER_CTX_get_params(ctx, params);
+#else
+    return EVP_CIPHER_CTX_ctrl(ctx, set ? EVP_CTRL_AEAD_SET_TAG : EVP_CTRL_AEAD_GET_TAG, TAG_LEN, tag);
+#endif
+}
+
 int seal_record(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint64_t seq,
                 const unsigned char *a, Py_ssize_t alen, const unsigned char *b, Py_ssize_t blen,
                 unsigned char *out) {
@@ -60,7 +78,7 @@ int seal_record(EVP_CIPHER_CTX *ctx, const unsigned char *iv, uint64_t cid, uint
     if (blen > 0 && EVP_EncryptUpdate(ctx, out + HEADER_LEN + outl, &outl2, b, (int)blen) != 1) return -1;
     if (EVP_EncryptFinal_ex(ctx, out + HEADER_LEN + outl + outl2, &finl) != 1) return -1;
     if ((Py_ssize_t)outl + outl2 + finl != ptlen) return -1;
-    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_LEN, out + HEADER_LEN + ptlen) != 1) return -1;
+    if (aead_tag(ctx, out + HEADER_LEN + ptlen, 0) != 1) return -1;
     return 0;
 }
 
@@ -75,7 +93,7 @@ int open_record(EVP_CIPHER_CTX *ctx, const unsigned char *iv, const unsigned cha
     if (EVP_DecryptUpdate(ctx, NULL, &outl, rec, HEADER_LEN) != 1) return -1;
     outl = 0;
     if (ctlen > 0 && EVP_DecryptUpdate(ctx, out, &outl, rec + HEADER_LEN, (int)ctlen) != 1) return -1;
-    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_LEN, tag) != 1) return -1;
+    if (aead_tag(ctx, tag, 1) != 1) return -1;
     if (EVP_DecryptFinal_ex(ctx, out + outl, &finl) != 1) {
         OPENSSL_cleanse(out, (size_t)ctlen);
         return 1;
