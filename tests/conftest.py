@@ -58,6 +58,17 @@ def pytest_sessionstart(session) -> None:
             compileall.compile_dir(root / package, quiet=2)   # a read-only tree: as before
 
 
+@pytest.fixture(autouse=True, scope="session")
+def build_cache(tmp_path_factory):
+    """One build cache (stcp/datapath/build_cache.py) for the session and every process it
+    starts, never the machine's /var/cache/stcp: the clang build of the XDP program is
+    compiled once per set of flags, as on a server that restarts, and a run leaves nothing
+    behind. tests/test_build_cache.py tests the cache itself."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STCP_CACHE_DIR", str(tmp_path_factory.mktemp("build-cache")))
+        yield
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list) -> None:
     """A skip mark with the reason on each selected test whose requirement is missing, so

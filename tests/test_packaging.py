@@ -86,6 +86,7 @@ def fresh_venv(dist, tmp_path_factory) -> Path:
 def test_wheel_in_a_fresh_venv_attaches_xdp(fresh_venv, netns_pair, tmp_path):
     a, _b = netns_pair
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "STCP_"))}
+    env["STCP_CACHE_DIR"] = str(tmp_path / "cache")     # root's default is the host's /var/cache/stcp
 
     def run(*args: str, extra: dict | None = None) -> subprocess.CompletedProcess:
         # from an empty directory: nothing of the repository is importable
@@ -105,6 +106,7 @@ def test_wheel_in_a_fresh_venv_attaches_xdp(fresh_venv, netns_pair, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ok       bcc: /usr/lib/python3/dist-packages/bcc (the distribution's)" in r.stdout, r.stdout
     assert "attach can work" in r.stdout
+    assert list((tmp_path / "cache").glob("stcp_xdp-*.o")), "doctor's clang build is not in the build cache"
 
     for how, extra in (("libxdp", {}), ("bcc", {"STCP_XDP_LOADER": "bcc"})):
         r = run(loader, "--netns", a.ns, "attach", a.ifname, "--port", str(PORT), extra=extra)

@@ -46,18 +46,20 @@ def test_refuses_what_it_cannot_translate():
 
 
 @pytest.mark.root
-def test_both_builds_define_the_same_maps(tmp_path):
+@pytest.mark.parametrize("afxdp", [False, True], ids=["plain", "afxdp"])
+def test_both_builds_define_the_same_maps(tmp_path, afxdp):
     """The object's maps (as libbpf will create them) against the maps of bcc's build,
     loaded: same names, types, key and value sizes, capacities and flags (a map handed over
-    must match in all of them), the table sizes taken from the build flags."""
+    must match in all of them), the table sizes taken from the build flags. Either variant:
+    a server loads clang's build of each where clang and libxdp are there."""
     from tests.support.testrun import require_testrun
     require_testrun("bcc")
     require_testrun("clang")
     from stcp.datapath import bpf, libxdp, xdp_prog
     from stcp.datapath.xdp_object import build_object
 
-    clang = libxdp.object_maps(build_object(str(tmp_path), max_cids=4096, half_open=512))
-    b, fn = xdp_prog.compile_prog(max_cids=4096, half_open=512)
+    clang = libxdp.object_maps(build_object(str(tmp_path), max_cids=4096, half_open=512, afxdp=afxdp))
+    b, fn = xdp_prog.compile_prog(max_cids=4096, half_open=512, afxdp=afxdp)
     try:
         bcc = {}
         for mid in bpf.prog_info(fn.fd)["map_ids"]:
@@ -73,3 +75,4 @@ def test_both_builds_define_the_same_maps(tmp_path):
     assert set(clang) >= set(MAP_NAMES.values())
     assert clang[MAP_NAMES["cids"]][3] == 4096 and clang[MAP_NAMES["half_open"]][3] == 512
     assert clang[MAP_NAMES["cookie"]][4] == 1       # BPF_F_NO_PREALLOC
+    assert ("stcp_xsks" in clang) == afxdp

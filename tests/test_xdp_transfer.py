@@ -20,14 +20,18 @@ SIZE = 4 << 20
 @pytest.mark.root
 @pytest.mark.xdp
 @pytest.mark.slow
-@pytest.mark.parametrize("fam,mode", [(4, "native"), (6, "native"), (4, "generic"), (6, "generic")])
-def test_transfer_with_xdp_attached(fam, mode, netns_pair):
+@pytest.mark.parametrize("fam,mode,build", [(4, "native", "clang"), (6, "native", "clang"), (4, "generic", "clang"),
+                                            (6, "generic", "clang"), (4, "native", "bcc")])
+def test_transfer_with_xdp_attached(fam, mode, build, netns_pair):
+    """build: the server loads clang's build where it can, bcc's where clang or libxdp is
+    missing (STCP_XDP_LOADER=bcc stands in for that here)."""
     a, b = netns_pair
     host = a.ip4 if fam == 4 else a.ip6
     addr = f"{host}:{PORT}" if fam == 4 else f"[{host}]:{PORT}"
     server = a.popen([*STCP, "serve", "--listen", addr, "--datapath", "xdp", "--iface", a.ifname, "--xdp-mode", mode,
                       "--key", session_key()[0]],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     env={**os.environ, "STCP_XDP_LOADER": "bcc"} if build == "bcc" else None)
     try:
         wait_for_stderr_line(server, "serving on", timeout=60)
         st = xdp_status(a.ns)

@@ -21,7 +21,7 @@ import errno
 import os
 import platform
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from .errors import XdpAlreadyAttached, XdpSetupError
 from .netlink import in_thread
@@ -78,6 +78,7 @@ def libraries() -> Tuple[ctypes.CDLL, ctypes.CDLL, ctypes.CDLL]:
                 (bpf, "bpf_object__load", i, [vp]),
                 (bpf, "bpf_object__find_program_by_name", vp, [vp, cp]),
                 (bpf, "bpf_program__fd", i, [vp]),
+                (bpf, "bpf_map__fd", i, [vp]),
                 (bpf, "bpf_program__set_type", i, [vp, i]),
                 (bpf, "bpf_program__set_expected_attach_type", i, [vp, i]),
                 (bpf, "bpf_program__set_attach_target", i, [vp, i, cp]),
@@ -165,6 +166,39 @@ def object_maps(obj_path: str) -> Dict[str, Tuple[int, int, int, int, int]]:
         return out
     finally:
         bpf.bpf_object__close(obj)
+
+
+def load(obj_path: str, prog_name: str, map_names: Iterable[str]) -> Tuple[int, Dict[str, int]]:
+    """Load the object's program and maps with libbpf, attaching nothing: (the program's
+    fd, map name -> fd), descriptors of the caller's that outlive the object (closed here)."""
+    _xdp, bpf, _ = libraries()
+    with _Messages() as msgs:
+        obj = bpf.bpf_object__open_file(obj_path.encode(), None)
+        if not obj or _err(obj):
+            raise XdpSetupError(f"libbpf cannot open {obj_path}: {msgs.reason()}")
+        fds: List[int] = []
+        try:
+            rc = bpf.bpf_object__load(obj)
+            if rc < 0:
+                raise XdpSetupError(f"loading {obj_path} failed ({os.strerror(-rc)}): {msgs.reason()}")
+            prog = bpf.bpf_object__find_program_by_name(obj, prog_name.encode())
+            if not prog:
+                raise XdpSetupError(f"{obj_path} has no program {prog_name}; is bpf/ from this version?")
+            fds.append(os.dup(bpf.bpf_program__fd(prog)))
+            maps = {}
+            for name in map_names:
+                m = bpf.bpf_object__find_map_by_name(obj, name.encode())
+                if not m:
+                    raise XdpSetupError(f"{obj_path} has no map {name}; is bpf/ from this version?")
+                fds.append(os.dup(bpf.bpf_map__fd(m)))
+                maps[name] = fds[-1]
+            return fds[0], maps
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        finally:
+            bpf.bpf_object__close(obj)
 
 
 def freplace_refused(obj_path: str, prog_name: str) -> Optional[str]:

@@ -32,7 +32,7 @@ from .base import LiveCidHooks
 from .errors import XdpAlreadyAttached, XdpNotAttached, XdpSetupError
 from .netlink import Netlink, off_loop
 from .socket import ServerDriver, bind_udp
-from .xdp_attach import attach_bcc, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
+from .xdp_attach import attach_alone, attach_libxdp, bpffs_or_none, dispatcher_of, libxdp_unavailable, pin_or_none
 from .xdp_cids import CidTables
 from .xdp_cookie import KernelCookies
 from .xdp_prog import (
@@ -127,14 +127,15 @@ class XdpDatapath(CidTables):
         dispatcher when the kernel can run one (priority orders the programs there, lower
         first; see libxdp.py), which needs clang and libxdp (`loader` says "libxdp"); without
         them, bcc builds it and netlink attaches it alone ("bcc"). afxdp=True builds the
-        variant that redirects good records to its stcp_xsks XSKMAP (-DSTCP_AFXDP, always bcc;
-        stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
+        variant that redirects good records to its stcp_xsks XSKMAP (-DSTCP_AFXDP, attached
+        alone; stcp/datapath/afxdp.py fills the map); nworkers > 0 makes it steer data records by
         their CID's worker bits (see bpf/stcp_xdp.c, steer()). max_cids and half_open size
         the live and half-open CID tables; limits are the other write_config() limits
         (LIMITS).
 
-        link=True (a server's own program) builds with bcc and attaches alone, through a BPF
-        link that this object holds: the program detaches when the link closes (close(), or
+        link=True (a server's own program) loads clang's build (cached) with libbpf where
+        clang and libxdp are usable, else bcc's, and attaches alone, through a BPF link
+        that this object holds: the program detaches when the link closes (close(), or
         the process ending however it ends), which takes no privilege, so a server that
         dropped its privileges still detaches. Leaving libxdp's dispatcher, and opening a
         program by id as the libxdp path does, both need privileges such a server no longer
@@ -202,7 +203,7 @@ class XdpDatapath(CidTables):
                     raise XdpAlreadyAttached(f"{iface} already has an XDP program attached alone ({desc}), which "
                                              f"STCP cannot run beside (only programs behind libxdp's dispatcher "
                                              f"share an interface); use --force to replace it, or remove it first")
-                attach = attach_libxdp if via_libxdp else attach_bcc
+                attach = attach_libxdp if via_libxdp else attach_alone
                 h, got, link_fd = attach(nl, ifindex, iface, mode, old, state, configure, netns,
                                          max_cids=max_cids, hs_sources=hs_sources, afxdp=afxdp,
                                          priority=priority, link=link, half_open=half_open)

@@ -1,19 +1,21 @@
 """How a freshly built STCP XDP program gets onto an interface (XdpDatapath.attach).
 
-Two ways. bcc builds it and it is attached alone: by netlink (`stcp-loader attach`
-without clang or libxdp, the afxdp variant of the loader), or through a BPF link that a
-server holds (attach_bcc(link=True)), which it can close with no privilege once it has
-dropped them. Or clang builds it and libxdp attaches it, behind libxdp's dispatcher where
-the kernel can run one (attach_libxdp; OPERATIONS.md, "Sharing the interface"). Both
-return the program's handles, configured, and the mode it got. Every failure raises
-XdpSetupError (or XdpAlreadyAttached) with a one-line message that says what to do.
+Two ways. It is attached alone (attach_alone): by netlink (`stcp-loader attach` without
+clang or libxdp, the afxdp variant of the loader), built by bcc; or through a BPF link that
+a server holds (link=True), which it can close with no privilege once it has dropped them,
+built by clang (from the build cache) and loaded by libbpf where both are there, else by
+bcc (either variant). Or clang builds it and libxdp attaches it, behind libxdp's
+dispatcher where the kernel can run one (attach_libxdp; OPERATIONS.md, "Sharing the
+interface"). Both return the program's handles, configured, and the mode it got. Every
+failure raises XdpSetupError (or XdpAlreadyAttached) with a one-line message that says
+what to do.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import bpf, libxdp
 from .errors import XdpAlreadyAttached, XdpSetupError
@@ -22,12 +24,15 @@ from .xdp_handover import plan
 from .xdp_object import ObjectDir, find_clang
 from .xdp_prog import (
     DEFAULT_HALF_OPEN,
+    MAP_NAMES,
+    PROG_NAME,
     ProgHandles,
     compile_prog,
     dispatched_by,
     ensure_bpffs,
     find_stcp,
     handles_of,
+    handles_of_fds,
     open_prog,
     pin_prog,
     prog_name,
@@ -89,21 +94,27 @@ def _set_hint(iface: str) -> str:
     return f"change limits with 'stcp-loader set {iface} --hs-rate N ...' instead"
 
 
-def attach_bcc(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
-                state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
-                max_cids: int, hs_sources: int, afxdp: bool, priority: int,
-                link: bool, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[ProgHandles, str, int]:
-    """bcc builds it, configured before it is attached alone: by netlink, or through a
-    BPF link (returned, else -1). A link's program is never opened by id (handles_of),
-    which would take CAP_SYS_ADMIN."""
+def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
+                 state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,
+                 max_cids: int, hs_sources: int, afxdp: bool, priority: int,
+                 link: bool, half_open: int = DEFAULT_HALF_OPEN) -> Tuple[ProgHandles, str, int]:
+    """Built, and configured before it is attached alone: by netlink, or through a BPF
+    link (returned, else -1). A link's program is never opened by id (handles_of), which
+    would take CAP_SYS_ADMIN. The program for a link is clang's build (cached,
+    xdp_object.py) loaded by libbpf where libxdp_unavailable() allows it: a server's
+    start then costs no compile; otherwise bcc builds it."""
     if old:
         plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
-    b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
-    h = None
+    b: Any = None
+    h: Optional[ProgHandles] = None
+    if link and libxdp_unavailable() is None:
+        h = _load_clang_build(max_cids, hs_sources, half_open, afxdp)
+    else:
+        b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
     try:
-        if link:
+        if h is None and link:
             h = handles_of(b, fn, ("stcp_xsks",) if afxdp else ())
-        else:
+        elif h is None:
             h = open_prog(bpf.prog_info(fn.fd)["id"])
             if h is None:
                 raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
@@ -125,7 +136,20 @@ def attach_bcc(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[P
             h.close()
         raise
     finally:
-        release_bcc(b)
+        if b is not None:
+            release_bcc(b)
+
+
+def _load_clang_build(max_cids: int, hs_sources: int, half_open: int, afxdp: bool) -> ProgHandles:
+    """The program built by clang (from the build cache where it is there), loaded with
+    its maps by libbpf and not attached: its handles, with the afxdp variant's XSKMAP
+    under its own name (stcp_xsks) as handles_of() gives it."""
+    extra = ["stcp_xsks"] if afxdp else []
+    with ObjectDir(max_cids, hs_sources, half_open, afxdp) as obj:
+        prog_fd, fds = libxdp.load(obj.path, PROG_NAME, [*MAP_NAMES.values(), *extra])
+    short = {name: short for short, name in MAP_NAMES.items()}
+    return handles_of_fds(prog_fd, {short.get(name, name): fd for name, fd in fds.items()})
+
 
 def attach_libxdp(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional[ProgHandles],
                    state: Dict[str, int], configure: Callable[[ProgHandles], None], netns: Optional[str], *,

@@ -4,8 +4,10 @@ libxdp's dispatcher runs several XDP programs on one interface by loading each a
 BPF_PROG_TYPE_EXT program that replaces one of its slots; the kernel checks the slot's
 and the program's BTF, so the program must come from an object file with BTF. bcc loads
 XDP programs as plain XDP from source it compiles in memory, which the dispatcher cannot
-take. So for attaching, bpf/stcp_xdp.c is compiled here with clang into such an object,
-as bcc compiles it at each attach: same source, same -D map sizes. bpf/stcp_clang.h
+take. So for attaching, bpf/stcp_xdp.c is compiled here with clang into such an object:
+same source, same -D map sizes as bcc's build. A build is kept in the build cache
+(build_cache.py) under a hash of the compiler, the flags and the preprocessed source, so
+an attach builds only what changed since the last. bpf/stcp_clang.h
 supplies bcc's map declarations; the few bcc constructs a macro cannot reach are
 rewritten in a copy first (map method calls, BPF_TABLE's type string, the entry point's
 section), and any other bcc method call on a map is refused by name rather than
@@ -15,6 +17,7 @@ the same frames.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -22,8 +25,9 @@ import subprocess
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
+from . import build_cache
 from .errors import XdpSetupError
 from .xdp_prog import DEFAULT_HALF_OPEN, DEFAULT_HS_SOURCES, DEFAULT_MAX_CIDS, PROG_NAME, bpf_source_dir, prog_cflags
 
@@ -75,8 +79,9 @@ def translate(source: str) -> str:
 
 
 def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
-                 half_open: int = DEFAULT_HALF_OPEN) -> str:
+                 half_open: int = DEFAULT_HALF_OPEN, afxdp: bool = False) -> str:
     """Compile bpf/stcp_xdp.c into out_dir/stcp_xdp.o (BTF, section "xdp"); its path.
+    afxdp=True: the AF_XDP variant (-DSTCP_AFXDP), as compile_prog builds it.
     XdpSetupError with clang's first error line if it fails."""
     clang = find_clang()
     if clang is None:
@@ -92,26 +97,49 @@ def build_object(out_dir: str, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int
     c_file.write_text(translate(source))
     obj = work / "stcp_xdp.o"
     multiarch = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
-    cmd = [clang, "-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Wno-unused-function",
-           "-Wno-compare-distinct-pointer-types", f"-I{work}", f"-I{src}", f"-I/usr/include/{multiarch}",
-           "-include", str(src / "stcp_clang.h"), *prog_cflags(max_cids, hs_sources, half_open=half_open),
-           "-c", str(c_file), "-o", str(obj)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    flags = ["-target", "bpf", "-O2", "-g", "-mcpu=v3", "-Wall", "-Wno-unused-function",
+             "-Wno-compare-distinct-pointer-types",
+             f"-ffile-prefix-map={work}=stcp-build", f"-I{work}", f"-I{src}", f"-I/usr/include/{multiarch}",
+             "-include", str(src / "stcp_clang.h"), *prog_cflags(max_cids, hs_sources, afxdp, half_open)]
+    key = _cache_key(clang, flags, work, c_file)
+    cached = build_cache.load(key, ".o") if key else None
+    if cached is not None:
+        obj.write_bytes(cached)
+        return str(obj)
+    r = subprocess.run([clang, *flags, "-c", str(c_file), "-o", str(obj)], capture_output=True, text=True)
     if r.returncode != 0:
         errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines() or ["(no output)"]
         raise XdpSetupError(f"compiling {src / 'stcp_xdp.c'} with {clang} failed: {errors[0].strip()}; "
                             "'sudo make system-deps' installs clang and libbpf-dev")
+    if key:
+        build_cache.store(key, obj.read_bytes(), ".o")
     return str(obj)
+
+
+def _cache_key(clang: str, flags: List[str], work: Path, c_file: Path) -> Optional[str]:
+    """The build's name in the cache: a hash of the compiler (its path and --version), the
+    flags (-D map sizes included), the translated source and what the preprocessor makes
+    of it with every header it includes, so that a change to any of them builds anew.
+    None (build without the cache) if the preprocessor fails: the compile then says why."""
+    version = subprocess.run([clang, "--version"], capture_output=True)
+    pre = subprocess.run([clang, *flags, "-E", "-P", str(c_file)], capture_output=True)
+    if version.returncode != 0 or pre.returncode != 0:
+        return None
+    h = hashlib.sha256()
+    for part in (clang.encode(), version.stdout, "\0".join(flags).replace(str(work), "@WORK@").encode(),
+                 c_file.read_bytes(), pre.stdout):
+        h.update(len(part).to_bytes(8, "little") + part)
+    return f"stcp_xdp-{h.hexdigest()}"
 
 
 class ObjectDir:
     """A temporary directory holding one build (removed by close() / the with block)."""
 
     def __init__(self, max_cids: int = DEFAULT_MAX_CIDS, hs_sources: int = DEFAULT_HS_SOURCES,
-                 half_open: int = DEFAULT_HALF_OPEN):
+                 half_open: int = DEFAULT_HALF_OPEN, afxdp: bool = False):
         self._dir = tempfile.mkdtemp(prefix="stcp-xdp-")
         try:
-            self.path = build_object(self._dir, max_cids, hs_sources, half_open)
+            self.path = build_object(self._dir, max_cids, hs_sources, half_open, afxdp)
         except BaseException:
             self.close()
             raise

@@ -283,20 +283,32 @@ def handles_of(b: Any, fn: Any, extra_maps: Tuple[str, ...] = ()) -> ProgHandles
     from bcc (duplicated, so they outlive release_bcc()), never opened by id, which takes
     CAP_SYS_ADMIN (a server started with CAP_BPF alone cannot). extra_maps: more maps by
     their names in the program ("stcp_xsks" of the afxdp variant), under those names."""
-    info = bpf.prog_info(fn.fd)
-    if info["name"] != PROG_NAME:
-        raise XdpSetupError(f"the compiled program is {info['name']!r}, not {PROG_NAME}; is bpf/ from this version?")
-    maps: Dict[str, int] = {}
-    ids: Dict[str, int] = {}
     pfd = os.dup(fn.fd)
+    maps: Dict[str, int] = {}
     try:
         for short, name in [*MAP_NAMES.items(), *((n, n) for n in extra_maps)]:
-            fd = os.dup(b.get_table(name).get_fd())
-            maps[short], ids[short] = fd, bpf.map_info(fd)["id"]
+            maps[short] = os.dup(b.get_table(name).get_fd())
     except BaseException:
-        ProgHandles(info["id"], pfd, maps).close()
+        ProgHandles(0, pfd, maps).close()
         raise
-    return ProgHandles(info["id"], pfd, maps, ids)
+    return handles_of_fds(pfd, maps)
+
+
+def handles_of_fds(prog_fd: int, maps: Dict[str, int]) -> ProgHandles:
+    """Handles owning these fds of a program we loaded and of its maps (short name -> fd),
+    as handles_of() makes them; closes them all if the program is not STCP's."""
+    h = ProgHandles(0, prog_fd, maps)
+    try:
+        info = bpf.prog_info(prog_fd)
+        if info["name"] != PROG_NAME:
+            raise XdpSetupError(f"the compiled program is {info['name']!r}, not {PROG_NAME}; "
+                                "is bpf/ from this version?")
+        h.prog_id = info["id"]
+        h.map_ids = {short: bpf.map_info(fd)["id"] for short, fd in maps.items()}
+    except BaseException:
+        h.close()
+        raise
+    return h
 
 
 def dispatched_by(dispatcher_ids: List[int]) -> Dict[int, List[int]]:
