@@ -26,7 +26,10 @@ from pathlib import Path
 PAIRS = (("stcp_blocking", "tls"), ("stcp", "tls_asyncio"), ("stcp_uvloop", "tls_asyncio_uvloop"))
 # (peer, test) pairs the profile pass runs: the request/response cases behind the targets
 BREAKDOWN_RUNS = (("stcp_blocking", "rtt"), ("stcp", "rtt"), ("stcp_blocking", "handshake"),
-                  ("stcp", "handshake"), ("stcp", "capacity"), ("stcp_blocking", "bulk"), ("stcp", "bulk"))
+                  ("stcp", "handshake"), ("stcp", "capacity"), ("stcp_blocking", "bulk"), ("stcp", "bulk"),
+                  ("stcp_afxdp", "bulk"))
+# the kernel datapaths' bulk is compared with the socket datapath's (same client, same veth)
+KERNEL_PEERS = ("stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
 BULK_PROFILE_BYTES = 1 << 30   # a bulk case's transfer (or the run's time limit, whichever first)
 HOT_SYMBOLS = 6                # hottest functions per process shown from perf
 RTT_WARMUP = 50            # bench.common.RTT_WARMUP: the client's CPU covers these round trips too
@@ -304,7 +307,37 @@ def section(doc: dict) -> list[str]:
                    "reply's send, the wake-up of the caller) out of the interpreter, as the bulk path already "
                    "is (stcp._aead seal_stream/open_records, stcp._udpio).")
     out += _capacity_left(doc, [c for c in bd.get("cases", []) if c.get("test") == "capacity"])
-    out += _bulk_left(peers, [c for c in bd.get("cases", []) if c.get("test") == "bulk"])
+    out += _bulk_left(peers, [c for c in bd.get("cases", []) if c.get("test") == "bulk"
+                              and c["peer"] not in KERNEL_PEERS])
+    out += _kernel_left(peers, [c for c in bd.get("cases", []) if c.get("test") == "bulk"
+                                and c["peer"] in KERNEL_PEERS])
+    return out
+
+
+def _kernel_left(peers: dict, cases: list[dict]) -> list[str]:
+    """The kernel datapaths' bulk against the socket datapath's: the receiving server's CPU
+    per GB, and where the profiled one spends it."""
+    base = cpu_per_gb(peers, "stcp")
+    figures = [(name, cpu_per_gb(peers, name)) for name in KERNEL_PEERS]
+    figures = [(name, f) for name, f in figures if f]
+    if not base or not figures:
+        return []
+    each = "; ".join(f"{name} {f['mb_per_s']:,.0f} MB/s, server {f['server_s']:.2f} s/GB" for name, f in figures)
+    out = ["", f"Kernel datapaths on bulk: the socket datapath (stcp) moved {base['mb_per_s']:,.0f} MB/s with its "
+           f"server at {base['server_s']:.2f} CPU s per GB received; {each} (same client, its own identical veth "
+           "pair)."]
+    for case in cases:
+        layers, perf, top = case.get("server_layers"), case.get("server_perf"), case.get("server_top")
+        if not layers:
+            continue
+        where = "; ".join(f"{k} {100 * v:.0f} %" for k, v in list(layers.items())[:4])
+        objs = "; ".join(f"{k} {100 * v:.0f} %" for k, v in sorted((perf or {}).items(), key=lambda kv: -kv[1])[:4])
+        own = f"; most own time in `{top[0][0]}`" if top else ""
+        out[-1] += (f" The {case['peer']} server's profile (above): {where}" + (f"; perf: {objs}" if objs else "")
+                    + own + ". An AF_XDP socket gets one frame per datagram, where the socket datapath's "
+                    "server gets GRO's 64 KB buffers from the kernel; the frames of a batch are joined in C "
+                    "before Python sees them, so the gap is the per-frame ring, copy and open work GRO saves "
+                    "the socket path.")
     return out
 
 

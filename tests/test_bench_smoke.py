@@ -150,7 +150,9 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
                                                 "mb_per_s": mb_per_s, "client_cpu_s": client,
                                                 "server_cpu_s": server}}}}
     doc = {"peers": {"stcp_blocking": bulk(380, 5.0, 4.0), "tls": bulk(650, 2.5, 3.0),
-                     "stcp": {"tests": {"capacity": {"summary": {"server_cpu_us_per_op": 1300.0}}}}},
+                     "stcp": {"tests": {"capacity": {"summary": {"server_cpu_us_per_op": 1300.0}},
+                                        **bulk(700, 3.0, 2.4)["tests"]}},
+                     "stcp_afxdp": bulk(550, 3.2, 3.0)},
            "ratios": [{"ratio": B.CAPACITY_ROW, "target": "<= 0.2"}],
            "breakdown": {"perf": "perf: yes", "cases": [
                {"peer": "stcp_blocking", "test": "bulk", "mib": 1024.0,
@@ -158,6 +160,9 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
                 "client_perf": {"Python interpreter": 0.47, "OpenSSL": 0.32, "kernel": 0.13},
                 "client_top": [("recovery.py:120(on_ack)", 0.12)],
                 "client_hot": [("EVP_CIPHER_CTX_ctrl", "OpenSSL", 0.06)]},
+               {"peer": "stcp_afxdp", "test": "bulk", "mib": 1024.0,
+                "server_layers": {"crypto (C)": 0.5, "other STCP C": 0.2},
+                "server_perf": {"OpenSSL": 0.4, "kernel": 0.3}, "server_top": [("recv_batch", 0.2)]},
                {"peer": "stcp", "test": "capacity", "ops": 2000,
                 "server_layers": {"protocol core (Python)": 0.7, "crypto (C)": 0.2, "socket syscalls": 0.1},
                 "server_perf": {"Python interpreter": 0.6, "OpenSSL": 0.25}}]}}
@@ -172,6 +177,13 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
     assert "at capacity the server spends 1,300 µs of CPU per handshake (target ≤ 0.2 ms)" in md
     assert "20 % in crypto (C), about 260 µs (perf: OpenSSL 25 % of the unprofiled server, 325 µs)" in md
     assert "70 % in Python" in md
+    # the kernel datapaths beside the socket datapath, with the AF_XDP server's profile
+    assert "the socket datapath (stcp) moved 700 MB/s with its server at 1.20 CPU s per GB received; " \
+        "stcp_afxdp 550 MB/s, server 1.50 s/GB" in md
+    assert "The stcp_afxdp server's profile (above): crypto (C) 50 %; other STCP C 20 %; perf: OpenSSL 40 %; " \
+        "kernel 30 %; most own time in `recv_batch`" in md
+    # the sender paragraph compares the socket peers, not the kernel ones
+    assert md.count("What is left on bulk") == 1 and "stcp_blocking spends" in md
 
 
 def _kernel_peers_unavailable() -> str | None:
