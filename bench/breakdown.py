@@ -30,6 +30,8 @@ BREAKDOWN_RUNS = (("stcp_blocking", "rtt"), ("stcp", "rtt"), ("stcp_blocking", "
                   ("stcp_afxdp", "bulk"))
 # the kernel datapaths' bulk is compared with the socket datapath's (same client, same veth)
 KERNEL_PEERS = ("stcp_xdp", "stcp_afxdp", "stcp_afxdp2")
+# the bulk targets compare the asyncio peers (bench.run TARGETS bulk_vs_tls_asyncio)
+BULK_PAIRS = (("stcp", "tls_asyncio"),)
 BULK_PROFILE_BYTES = 1 << 30   # a bulk case's transfer (or the run's time limit, whichever first)
 HOT_SYMBOLS = 6                # hottest functions per process shown from perf
 RTT_WARMUP = 50            # bench.common.RTT_WARMUP: the client's CPU covers these round trips too
@@ -38,7 +40,7 @@ WAITING, START_UP = "waiting", "start-up"
 # Python layers of a profile, by the file a function is in; checked in this order
 # (LAYER_LEGEND says the same in words, under the tables)
 LAYERS = (
-    (WAITING, ("method 'poll' of", "method 'select' of", "method 'control' of",
+    (WAITING, ("method 'poll' of", "method 'select' of", "method 'control' of", "'acquire' of '_thread",
                                          "run_once' of 'uvloop", "method 'run_forever' of 'uvloop")),
     (START_UP, ("<frozen importlib", "marshal.loads", "_imp.create_dynamic", "_imp.exec_dynamic",
                             "builtins.__build_class__", "builtins.exec")),
@@ -64,9 +66,9 @@ LAYER_LEGEND = (
     "keeper.py, endpoint.py, server.py, eventloop.py, stcp/datapath/; event loop = asyncio, selectors, "
     "uvloop; socket syscalls = sendmmsg/recvmmsg and the kernel work under them (UDP, veth, the peer's "
     "wake-up); crypto (C) = stcp._aead (OpenSSL EVP), X25519, HKDF, HMAC; other STCP C = stcp._frames, "
-    "_udpio, _demux, _siphash; threading locks count as glue; builtins, stdlib = everything else "
-    "(list, dict, int methods). "
-    "Waiting in poll/epoll and interpreter start-up are left out.")
+    "_udpio, _demux, _siphash; builtins, stdlib = everything else (list, dict, int methods). "
+    "Waiting in poll/epoll or on a thread's lock (cProfile's clock runs while a call blocks) and "
+    "interpreter start-up are left out.")
 
 
 def layer(key: tuple) -> str:
@@ -201,30 +203,39 @@ def cpu_per_op(peers: dict, name: str, test: str) -> dict | None:
             "p50_us": s["latency"]["p50_us"]}
 
 
-def cpu_per_gb(peers: dict, name: str) -> dict | None:
-    """Client (sender) and server (receiver) CPU seconds per GB of a peer's median bulk run."""
-    s = ((peers.get(name) or {}).get("tests", {}).get("bulk") or {}).get("summary")
+def cpu_per_gb(peers: dict, name: str, test: str = "bulk") -> dict | None:
+    """Client (sender) and server (receiver) CPU seconds per GB of a peer's median bulk or
+    bulk8 run, and how busy the sender was (its CPU time over the transfer's time)."""
+    s = ((peers.get(name) or {}).get("tests", {}).get(test) or {}).get("summary")
     if not s or not s.get("ok") or "server_cpu_s" not in s or not s.get("bytes_received_by_server"):
         return None
     gb = s["bytes_received_by_server"] / 1e9
-    return {"client_s": s["client_cpu_s"] / gb, "server_s": s["server_cpu_s"] / gb, "mb_per_s": s["mb_per_s"]}
+    busy = s["client_cpu_s"] / s["seconds"] if s.get("seconds") else None
+    return {"client_s": s["client_cpu_s"] / gb, "server_s": s["server_cpu_s"] / gb, "mb_per_s": s["mb_per_s"],
+            "busy": busy}
 
 
 def _bulk_table(peers: dict) -> list[str]:
     out = ["", "One-way bulk: CPU seconds per GB sent, client (the sender) + server (the receiver), from the median "
-           "bulk run. The sender's CPU bounds the rate: at 1 s/GB a sender saturates its CPU at 1,000 MB/s.", "",
-           "| STCP peer | CPU s/GB client + server | MB/s | TLS peer | CPU s/GB client + server | MB/s | "
-           "extra sender CPU s/GB |", "|---|---:|---:|---|---:|---:|---:|"]
+           "run; sender busy = the sender's CPU time ÷ the transfer's time (1.00: one CPU saturated, the rate is "
+           "then 1 ÷ its CPU per GB).", "",
+           "| Test | STCP peer | CPU s/GB client + server | sender busy | MB/s | TLS peer | CPU s/GB client + server "
+           "| sender busy | MB/s |", "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     rows = 0
-    for s, t in PAIRS:
-        a, b = cpu_per_gb(peers, s), cpu_per_gb(peers, t)
-        if not a or not b:
-            continue
-        rows += 1
-        out.append(f"| {s} | {a['client_s']:.2f} + {a['server_s']:.2f} | {a['mb_per_s']:,.0f} | {t} | "
-                   f"{b['client_s']:.2f} + {b['server_s']:.2f} | {b['mb_per_s']:,.0f} | "
-                   f"{a['client_s'] - b['client_s']:+.2f} |")
+    for test, what in (("bulk", "bulk"), ("bulk8", "bulk ×8")):
+        for s, t in PAIRS:
+            a, b = cpu_per_gb(peers, s, test), cpu_per_gb(peers, t, test)
+            if not a or not b:
+                continue
+            rows += 1
+            out.append(f"| {what} | {s} | {a['client_s']:.2f} + {a['server_s']:.2f} | {_busy(a)} | "
+                       f"{a['mb_per_s']:,.0f} | {t} | {b['client_s']:.2f} + {b['server_s']:.2f} | {_busy(b)} | "
+                       f"{b['mb_per_s']:,.0f} |")
     return out if rows else []
+
+
+def _busy(f: dict) -> str:
+    return "–" if f.get("busy") is None else f"{f['busy']:.2f}"
 
 
 def _f(v: float | None) -> str:
@@ -370,7 +381,8 @@ def _capacity_left(doc: dict, cases: list[dict]) -> list[str]:
 
 def _bulk_left(peers: dict, cases: list[dict]) -> list[str]:
     """What the bulk profile says, in numbers from this run."""
-    pair = next(((cpu_per_gb(peers, s), cpu_per_gb(peers, t), s, t) for s, t in PAIRS
+    order = BULK_PAIRS + PAIRS      # the pair the bulk targets compare first
+    pair = next(((cpu_per_gb(peers, s), cpu_per_gb(peers, t), s, t) for s, t in order
                  if cpu_per_gb(peers, s) and cpu_per_gb(peers, t)), None)
     sender = [(c["peer"], c["client_perf"]) for c in cases if c.get("client_perf")]
     if not pair or not sender:
@@ -379,13 +391,24 @@ def _bulk_left(peers: dict, cases: list[dict]) -> list[str]:
     shares = "; ".join(f"{peer}: Python interpreter {100 * perf.get('Python interpreter', 0):.0f} %, "
                        f"OpenSSL {100 * perf.get('OpenSSL', 0):.0f} %, kernel {100 * perf.get('kernel', 0):.0f} %"
                        for peer, perf in sender)
-    side = "sender" if a["client_s"] - b["client_s"] >= a["server_s"] - b["server_s"] else "receiver"
-    return ["", f"What is left on bulk: {s} spends {a['client_s']:.2f} CPU s per GB on the sender and "
-            f"{a['server_s']:.2f} on the receiver, against {b['client_s']:.2f} and {b['server_s']:.2f} for {t}; "
-            f"the larger gap is the {side}'s. perf on the sender: {shares}. Two costs TLS 1.3 over TCP does not "
-            "have: STCP seals one record per datagram (about 1.4 KB at MTU 1500) where TLS seals 16 KB records, "
-            "so it pays the AEAD's per-record set-up (nonce, tag) about 11 times as often per byte; and its "
-            "acknowledgements, loss detection and congestion control run per record in Python, where TCP's "
-            "run in the kernel. Sealing and opening are already one C call per batch (stcp._aead "
-            "seal_stream/open_records) and sending one sendmmsg with GSO per 64 KB; the cProfile rows above "
-            "name the Python functions that hold the rest, which is what remains to take into C."]
+    bound = all(f.get("busy") is not None and f["busy"] >= 0.85 for f in (a, b))
+    head = (f"both senders are bound by their CPU (busy {a['busy']:.2f} and {b['busy']:.2f}), so the rate ratio "
+            f"is about the inverse ratio of their CPU per GB: {s} {a['client_s']:.2f} s/GB, {t} "
+            f"{b['client_s']:.2f}" if bound else
+            f"{s}'s sender spends {a['client_s']:.2f} CPU s per GB, {t}'s {b['client_s']:.2f}")
+    b8 = [(cpu_per_gb(peers, x, "bulk8"), cpu_per_gb(peers, y, "bulk8"), x, y) for x, y in order]
+    b8 = [(p, q, x, y) for p, q, x, y in b8 if p and q]
+    eight = ""
+    if b8:
+        p, q, x, y = b8[0]
+        eight = (f" With 8 connections from one process, {x}'s sender spends {p['client_s']:.2f} s/GB against "
+                 f"{y}'s {q['client_s']:.2f}: eight STCP connections each run their own pacing, ACK processing "
+                 "and loss bookkeeping in Python, where eight TCP connections share the kernel's.")
+    return ["", f"What is left on bulk: {head}; the receivers spend {a['server_s']:.2f} and {b['server_s']:.2f}. "
+            f"perf on the sender: {shares}. STCP's sender still pays two costs TLS 1.3 over TCP does not: it "
+            "seals one record per datagram (about 1.4 KB at MTU 1500) where TLS seals 16 KB records, so the "
+            "AEAD's per-record set-up (nonce, tag) comes about 11 times as often per byte; and its "
+            "acknowledgements, loss detection and congestion control run in Python, where TCP's run in the "
+            "kernel. Sealing and opening are one C call per batch (stcp._aead seal_stream/open_records) and "
+            "sending one sendmmsg with GSO per 64 KB; the cProfile rows above name the Python functions that "
+            f"hold the rest.{eight}"]

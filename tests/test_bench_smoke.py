@@ -145,11 +145,14 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
     sys.path.insert(0, str(REPO))
     from bench import breakdown as B
 
-    def bulk(mb_per_s, client, server):
-        return {"tests": {"bulk": {"summary": {"ok": True, "bytes_received_by_server": 2 * 10**9,
-                                                "mb_per_s": mb_per_s, "client_cpu_s": client,
-                                                "server_cpu_s": server}}}}
-    doc = {"peers": {"stcp_blocking": bulk(380, 5.0, 4.0), "tls": bulk(650, 2.5, 3.0),
+    def bulk(mb_per_s, client, server, seconds=None, test="bulk"):
+        return {"tests": {test: {"summary": {"ok": True, "bytes_received_by_server": 2 * 10**9,
+                                              "mb_per_s": mb_per_s, "client_cpu_s": client,
+                                              "server_cpu_s": server, "seconds": seconds}}}}
+    stcp_blocking, tls = bulk(900, 2.0, 2.0, 2.2), bulk(700, 2.5, 3.0, 2.8)     # both senders CPU-bound
+    stcp_blocking["tests"].update(bulk(600, 3.0, 2.4, 3.3, "bulk8")["tests"])
+    tls["tests"].update(bulk(800, 2.2, 2.4, 2.5, "bulk8")["tests"])
+    doc = {"peers": {"stcp_blocking": stcp_blocking, "tls": tls,
                      "stcp": {"tests": {"capacity": {"summary": {"server_cpu_us_per_op": 1300.0}},
                                         **bulk(700, 3.0, 2.4)["tests"]}},
                      "stcp_afxdp": bulk(550, 3.2, 3.0)},
@@ -167,11 +170,13 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
                 "server_layers": {"protocol core (Python)": 0.7, "crypto (C)": 0.2, "socket syscalls": 0.1},
                 "server_perf": {"Python interpreter": 0.6, "OpenSSL": 0.25}}]}}
     md = "\n".join(B.section(doc))
-    assert "| stcp_blocking | 2.50 + 2.00 | 380 | tls | 1.25 + 1.50 | 650 | +1.25 |" in md
+    assert "| bulk | stcp_blocking | 1.00 + 1.00 | 0.91 | 900 | tls | 1.25 + 1.50 | 0.89 | 700 |" in md
+    assert "| bulk ×8 | stcp_blocking | 1.50 + 1.20 | 0.91 | 600 | tls | 1.10 + 1.20 | 0.88 | 800 |" in md
     assert "**stcp_blocking, bulk** (1,024 MiB sent)" in md
     assert "`recovery.py:120(on_ack)` 12 %" in md and "`EVP_CIPHER_CTX_ctrl` (OpenSSL) 6.0 %" in md
-    assert "stcp_blocking spends 2.50 CPU s per GB on the sender and 2.00 on the receiver, against 1.25 " \
-        "and 1.50 for tls; the larger gap is the sender's" in md
+    assert "both senders are bound by their CPU (busy 0.91 and 0.89), so the rate ratio is about the inverse " \
+        "ratio of their CPU per GB: stcp_blocking 1.00 s/GB, tls 1.25; the receivers spend 1.00 and 1.50" in md
+    assert "With 8 connections from one process, stcp_blocking's sender spends 1.50 s/GB against tls's 1.10" in md
     assert "Python interpreter 47 %, OpenSSL 32 %" in md
     # the handshake capacity target: the server's CPU per handshake split into crypto and the rest
     assert "at capacity the server spends 1,300 µs of CPU per handshake (target ≤ 0.2 ms)" in md
@@ -183,7 +188,7 @@ def test_breakdown_explains_bulk_and_capacity_from_the_runs_figures():
     assert "The stcp_afxdp server's profile (above): crypto (C) 50 %; other STCP C 20 %; perf: OpenSSL 40 %; " \
         "kernel 30 %; most own time in `recv_batch`" in md
     # the sender paragraph compares the socket peers, not the kernel ones
-    assert md.count("What is left on bulk") == 1 and "stcp_blocking spends" in md
+    assert md.count("What is left on bulk") == 1 and "stcp_afxdp's sender" not in md
 
 
 def _kernel_peers_unavailable() -> str | None:
