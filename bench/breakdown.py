@@ -379,11 +379,19 @@ def _capacity_left(doc: dict, cases: list[dict]) -> list[str]:
             "connection built in Python."]
 
 
+def _first_pair(peers: dict, test: str) -> tuple | None:
+    """(STCP figures, TLS figures, STCP peer, TLS peer) per GB of the first pair both measured,
+    the pair the bulk targets compare first."""
+    for s, t in BULK_PAIRS + PAIRS:
+        a, b = cpu_per_gb(peers, s, test), cpu_per_gb(peers, t, test)
+        if a and b:
+            return a, b, s, t
+    return None
+
+
 def _bulk_left(peers: dict, cases: list[dict]) -> list[str]:
     """What the bulk profile says, in numbers from this run."""
-    order = BULK_PAIRS + PAIRS      # the pair the bulk targets compare first
-    pair = next(((cpu_per_gb(peers, s), cpu_per_gb(peers, t), s, t) for s, t in order
-                 if cpu_per_gb(peers, s) and cpu_per_gb(peers, t)), None)
+    pair = _first_pair(peers, "bulk")
     sender = [(c["peer"], c["client_perf"]) for c in cases if c.get("client_perf")]
     if not pair or not sender:
         return []
@@ -396,11 +404,10 @@ def _bulk_left(peers: dict, cases: list[dict]) -> list[str]:
             f"is about the inverse ratio of their CPU per GB: {s} {a['client_s']:.2f} s/GB, {t} "
             f"{b['client_s']:.2f}" if bound else
             f"{s}'s sender spends {a['client_s']:.2f} CPU s per GB, {t}'s {b['client_s']:.2f}")
-    b8 = [(cpu_per_gb(peers, x, "bulk8"), cpu_per_gb(peers, y, "bulk8"), x, y) for x, y in order]
-    b8 = [(p, q, x, y) for p, q, x, y in b8 if p and q]
+    b8 = _first_pair(peers, "bulk8")
     eight = ""
     if b8:
-        p, q, x, y = b8[0]
+        p, q, x, y = b8
         eight = (f" With 8 connections from one process, {x}'s sender spends {p['client_s']:.2f} s/GB against "
                  f"{y}'s {q['client_s']:.2f}: eight STCP connections each run their own pacing, ACK processing "
                  "and loss bookkeeping in Python, where eight TCP connections share the kernel's.")

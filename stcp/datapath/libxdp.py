@@ -147,14 +147,20 @@ class _Messages:
         return any(text in t for _lvl, t in self.lines)
 
 
+def _open_object(bpf: ctypes.CDLL, msgs: _Messages, obj_path: str) -> int:
+    """libbpf's bpf_object for obj_path (the caller closes it), or XdpSetupError with libbpf's reason."""
+    obj = bpf.bpf_object__open_file(obj_path.encode(), None)
+    if not obj or _err(obj):
+        raise XdpSetupError(f"libbpf cannot open {obj_path}: {msgs.reason()}")
+    return obj
+
+
 def object_maps(obj_path: str) -> Dict[str, Tuple[int, int, int, int, int]]:
     """map name -> (type, key size, value size, max entries, flags) as the object file declares
     them, without loading anything."""
     _xdp, bpf, _ = libraries()
     with _Messages() as msgs:
-        obj = bpf.bpf_object__open_file(obj_path.encode(), None)
-        if not obj or _err(obj):
-            raise XdpSetupError(f"libbpf cannot open {obj_path}: {msgs.reason()}")
+        obj = _open_object(bpf, msgs, obj_path)
     try:
         out = {}
         m = bpf.bpf_object__next_map(obj, None)
@@ -173,9 +179,7 @@ def load(obj_path: str, prog_name: str, map_names: Iterable[str]) -> Tuple[int, 
     fd, map name -> fd), descriptors of the caller's that outlive the object (closed here)."""
     _xdp, bpf, _ = libraries()
     with _Messages() as msgs:
-        obj = bpf.bpf_object__open_file(obj_path.encode(), None)
-        if not obj or _err(obj):
-            raise XdpSetupError(f"libbpf cannot open {obj_path}: {msgs.reason()}")
+        obj = _open_object(bpf, msgs, obj_path)
         fds: List[int] = []
         try:
             rc = bpf.bpf_object__load(obj)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import bpf, libxdp
 from .errors import XdpAlreadyAttached, XdpSetupError
@@ -105,19 +105,8 @@ def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional
     start then costs no compile; otherwise bcc builds it."""
     if old:
         plan(old, None, iface, _set_hint(iface))       # refuses if a server needs the maps
-    b: Any = None
-    h: Optional[ProgHandles] = None
-    if link and libxdp_unavailable() is None:
-        h = _load_clang_build(max_cids, hs_sources, half_open, afxdp)
-    else:
-        b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
+    h = _load_alone(link, max_cids, hs_sources, half_open, afxdp)
     try:
-        if h is None and link:
-            h = handles_of(b, fn, ("stcp_xsks",) if afxdp else ())
-        elif h is None:
-            h = open_prog(bpf.prog_info(fn.fd)["id"])
-            if h is None:
-                raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
         configure(h)
         cleared = _clear_direct(nl, ifindex, state)     # force: what is there goes first
         link_fd = -1
@@ -132,12 +121,26 @@ def attach_alone(nl: Netlink, ifindex: int, iface: str, mode: str, old: Optional
         _close_fds(fd for _m, fd in cleared)
         return h, got, link_fd
     except BaseException:
-        if h:
-            h.close()
+        h.close()
         raise
+
+
+def _load_alone(link: bool, max_cids: int, hs_sources: int, half_open: int, afxdp: bool) -> ProgHandles:
+    """The program loaded, not attached, as attach_alone takes it: for a link clang's build
+    where libxdp_unavailable() allows it, else bcc's, whose own references are dropped
+    here (the handles hold fds of their own)."""
+    if link and libxdp_unavailable() is None:
+        return _load_clang_build(max_cids, hs_sources, half_open, afxdp)
+    b, fn = compile_prog(max_cids, hs_sources, afxdp, half_open)
+    try:
+        if link:
+            return handles_of(b, fn, ("stcp_xsks",) if afxdp else ())
+        h = open_prog(bpf.prog_info(fn.fd)["id"])
+        if h is None:
+            raise XdpSetupError("the compiled program has unexpected maps; is bpf/ from this version?")
+        return h
     finally:
-        if b is not None:
-            release_bcc(b)
+        release_bcc(b)
 
 
 def _load_clang_build(max_cids: int, hs_sources: int, half_open: int, afxdp: bool) -> ProgHandles:
